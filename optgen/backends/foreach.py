@@ -1,0 +1,95 @@
+"""The foreach backend: torch's multi-tensor ``_foreach_*`` ops over all tensors of a group.
+
+Per flag variant, a function shaped like torch's ``_multi_tensor_adam``; every name is a list
+(one entry per tensor of one device and dtype), scalars that differ per tensor are Python lists::
+
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    bias_correction1s = [1 - beta1 ** step for step in steps]
+
+A lazily created state (SGD's momentum buffer) takes the multi-tensor path once every tensor has
+it, and a per-tensor loop (the for-loop backend's code) on the step that creates it.
+"""
+from __future__ import annotations
+
+import sympy
+
+from optgen.backends.forloop import ForLoopRenderer, plural
+from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
+from optgen.ir.ops import Step, TensorOp
+
+_SPECIAL = {
+    "alias": "{out} = {self}",
+    "clone": "{out} = torch._foreach_clone({self})",
+    "fill_": "for t, value in zip({self}, {args}):\n    t.fill_(value)",
+}
+
+
+class ForeachRenderer(PythonRenderer):
+    name = "foreach"
+
+    def var(self, name: str) -> str:
+        return plural(name)
+
+    def is_per_tensor(self, expr) -> bool:
+        names = {s.name for s in sympy.sympify(expr).free_symbols}
+        return bool(names & (self.per_tensor | set(self.program.counters)))
+
+    def scalar_arg(self, expr) -> str:
+        """A scalar argument: a number, or a list with one number per tensor."""
+        expr = sympy.sympify(expr)
+        if not self.is_per_tensor(expr):
+            return self.scalar(expr)
+        names = sorted(s.name for s in expr.free_symbols
+                       if s.name in self.per_tensor or s.name in self.program.counters)
+        if expr.is_Symbol:
+            return plural(expr.name)
+        if len(names) == 1:
+            return f"[{self.scalar(expr)} for {names[0]} in {plural(names[0])}]"
+        return f"[{self.scalar(expr)} for {', '.join(names)} in zip({', '.join(map(plural, names))})]"
+
+    def op(self, op: TensorOp) -> str:
+        tensors = [plural(a) if isinstance(a, str) else self.scalar_arg(a) for a in op.args]
+        kwargs = dict(op.kwargs)
+        out, receiver = plural(op.out), plural(op.self_)
+        if op.fn in _SPECIAL:
+            return _SPECIAL[op.fn].format(out=out, self=receiver, args=", ".join(tensors))
+        alpha = kwargs.pop("alpha", None)
+        if alpha is not None and self.is_per_tensor(alpha):
+            # _foreach_add has no per-tensor alpha: scale the addend first.
+            tensors[0] = f"torch._foreach_mul({tensors[0]}, {self.scalar_arg(alpha)})"
+        elif alpha is not None:
+            kwargs["alpha"] = alpha
+        if "value" in kwargs:  # addcmul/addcdiv take the scalar (or scalar list) positionally
+            tensors.append(self.scalar_arg(kwargs.pop("value")))
+        args = ", ".join([receiver, *tensors, *(f"{k}={self.scalar(v)}" for k, v in kwargs.items())])
+        if op.in_place:
+            return f"torch._foreach_{op.fn}({args})"
+        return f"{out} = torch._foreach_{op.fn}({args})"
+
+    def scalar_step(self, step: Step) -> list[str]:
+        if step.per_tensor:
+            return [f"{plural(step.target)} = {self.scalar_arg(step.expr)}"]
+        return [f"{step.target} = {self.scalar(step.expr)}"]
+
+    def counter_read(self, name: str) -> str:
+        return f"{plural(name)} = [t.item() for t in {plural(name + '_t')}]"
+
+    def lazy_state(self, step: Step) -> list[str]:
+        states = plural(step.target)
+        per_tensor = ForLoopRenderer(self.program, index="i")
+        fallback = per_tensor.lazy_state(step)
+        return [f"if all(t is not None for t in {states}):",
+                *("    " + line for line in self.chain(step.ops)),
+                "else:  # the step that creates them: tensor by tensor",
+                "    for i in range(len(params)):",
+                *("        " + line for line in fallback)]
+
+
+class ForeachBackend(PythonKernelBackend):
+    name = "foreach"
+    renderer = ForeachRenderer
+
+
+BACKEND = ForeachBackend()

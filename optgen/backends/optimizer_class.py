@@ -1,0 +1,92 @@
+"""The optimizer class module: constructor (signature, validation, defaults) and state layout.
+
+It is the part of a generated optimizer users import (``optgen.Adam``); the update itself lives
+in the kernel modules of the other backends, which the class's runtime base dispatches to.
+"""
+from __future__ import annotations
+
+import sympy
+
+from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
+from optgen.backends.forloop import plural
+from optgen.backends.printing import PythonScalarPrinter
+from optgen.passes import Compiled
+from optgen.spec.model import RUNTIME_OPTIONS
+
+
+class OptimizerClassBackend(Backend):
+    name = "optimizer"
+
+    def __init__(self, kernel_backends: tuple[str, ...]):
+        self.kernel_backends = kernel_backends
+
+    def render(self, compiled: Compiled) -> str:
+        spec = compiled.spec
+        hyper = spec.hyperparameters
+        sig = kernel_signature(compiled)
+
+        def default(name: str) -> str:
+            return repr(hyper[name].default if name in hyper else RUNTIME_OPTIONS[name])
+
+        signature = [a if a == "*" else f"{a}={default(a)}" for a in spec.signature]
+        group_defaults = [(k, k if k in spec.signature else default(k)) for k in spec.group_keys]
+        fixed = [(h.name, repr(h.default)) for h in hyper.values() if h.fixed]
+        # Checkpoints from older versions may lack flags and options; torch fills them in the same way.
+        setstate = [(k, default(k)) for k in spec.group_keys
+                    if k not in dict(fixed) and (k in RUNTIME_OPTIONS or (k in hyper and hyper[k].is_flag))]
+
+        # Where each scalar of the kernels comes from in a param group.
+        sources = {}
+        for h in hyper.values():
+            for i, n in enumerate(h.names):
+                sources[n] = (h.name, i)
+            if not h.names:
+                sources[h.name] = (h.name, None)
+        scalars = [(s, repr(sources[s])) for s in sig.scalars]
+
+        group_value = PythonScalarPrinter(lambda n: _group_read(sources, n))
+        init_state = []
+        for s in spec.state.values():
+            if s.init == "first":
+                continue  # created by the kernel on its first step
+            when = s.when
+            line = f'state["{s.key}"] = {_initialiser(s, group_value, spec.complex_params)}'
+            if when == sympy.true:
+                init_state.append(line)
+            else:
+                init_state += [f"if {group_value(when)}:", f"    {line}"]
+
+        checks = []
+        for c in spec.checks:
+            condition = f"not ({c.ok})" if c.when is None else f"{c.when} and not ({c.ok})"
+            message = f"f{c.message!r}" if "{" in c.message else repr(c.message)
+            checks.append(dict(condition=condition, kind=c.kind, message=message))
+        kernel_modules = [module_name(spec.name, b) for b in self.kernel_backends]
+        return environment().get_template("optimizer/class.py.j2").render(
+            header=header(compiled), name=spec.name, paper=spec.paper, doc=spec.doc, path=spec.path,
+            rule=spec.rule_text.strip("\n").splitlines(), torch_name=f"torch.optim.{spec.torch_name or spec.name}",
+            kernel_modules=kernel_modules, kernels=list(zip(self.kernel_backends, kernel_modules)),
+            flags=repr(tuple(h.name for h in spec.flags)),
+            tensor_state=repr(tuple((plural(s.name), s.key) for s in spec.state.values() if not s.is_scalar)),
+            counter_state=repr(tuple((plural(s.name + "_t"), s.key) for s in spec.state.values() if s.is_scalar)),
+            lazy_state=repr(tuple(s.key for s in spec.state.values() if s.init == "first")),
+            scalars=scalars, complex_as_real=spec.complex_params, signature=signature, checks=checks,
+            group_defaults=group_defaults, setstate_defaults=setstate, fixed=fixed,
+            eager_state=spec.eager_state, init_state=init_state,
+        )
+
+
+def _group_read(sources: dict, name: str) -> str:
+    key, index = sources.get(name, (name, None))
+    return f'group["{key}"]' + (f"[{index}]" if index is not None else "")
+
+
+def _initialiser(state, group_value, complex_params: bool) -> str:
+    if state.init == "zeros":
+        return "torch.zeros_like(param, memory_format=torch.preserve_format)"
+    if state.init == "scalar":
+        return f"torch.tensor({float(state.init_value)!r}, dtype=scalar_dtype())"
+    value = group_value(state.init_value)
+    if complex_params:  # a complex parameter's state is filled with value + value·i, as torch does
+        value = f"complex({value}, {value}) if param.is_complex() else {value}"
+    return f"torch.full_like(param, {value}, memory_format=torch.preserve_format)"

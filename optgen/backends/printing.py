@@ -1,0 +1,101 @@
+"""Printing sympy scalars as Python source that reads like hand-written code.
+
+``sympy``'s own printers produce ``-lr*weight_decay + 1``; optimizers are read by people, so this
+printer writes ``1 - lr * weight_decay``: spaces around binary operators, constants first in a sum
+when that lets the rest be subtracted, and divisions kept as divisions.  Unknown nodes fail loudly
+at build time rather than producing wrong code.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import sympy
+from sympy.printing.precedence import PRECEDENCE, precedence
+
+_FUNCTIONS = {sympy.exp: "math.exp", sympy.log: "math.log", sympy.Abs: "abs"}
+
+
+class PythonScalarPrinter:
+    """Scalar expressions on the host, as Python.  ``rename`` maps a symbol to the code that reads it."""
+
+    def __init__(self, rename: Callable[[str], str] = lambda name: name):
+        self.rename = rename
+
+    def __call__(self, expr: sympy.Expr) -> str:
+        return self.print(sympy.sympify(expr))
+
+    def paren(self, expr, level: int, strict: bool = False) -> str:
+        text = self.print(expr)
+        p = precedence(expr)
+        if p < level or (strict and p == level) or (text.startswith("-") and level > PRECEDENCE["Add"]):
+            return f"({text})"
+        return text
+
+    def print(self, expr: sympy.Expr) -> str:
+        if expr.is_Symbol:
+            return self.rename(expr.name)
+        if expr.is_Integer:
+            return str(int(expr))
+        if expr.is_Rational:
+            return f"{float(expr)!r}"
+        if expr.is_Float:
+            return repr(float(expr))
+        if isinstance(expr, sympy.Add):
+            return self.print_add(expr)
+        if isinstance(expr, sympy.Mul):
+            return self.print_mul(expr)
+        if expr.is_Pow:
+            if expr.exp == sympy.S.Half:
+                return f"math.sqrt({self.print(expr.base)})"
+            if expr.exp == -1:
+                return f"1 / {self.paren(expr.base, PRECEDENCE['Mul'], strict=True)}"
+            return f"{self.paren(expr.base, PRECEDENCE['Pow'], strict=True)} ** {self.paren(expr.exp, PRECEDENCE['Pow'])}"
+        if expr.func in _FUNCTIONS:
+            return f"{_FUNCTIONS[expr.func]}({self.print(expr.args[0])})"
+        if isinstance(expr, sympy.core.relational.Relational):
+            return f"{self.print(expr.lhs)} {expr.rel_op} {self.print(expr.rhs)}"
+        if isinstance(expr, sympy.And):
+            return " and ".join(self.paren_bool(a) for a in expr.args)
+        if isinstance(expr, sympy.Or):
+            return " or ".join(self.paren_bool(a) for a in expr.args)
+        if isinstance(expr, sympy.Not):
+            return f"not {self.paren_bool(expr.args[0])}"
+        raise NotImplementedError(f"no Python form for {type(expr).__name__}: {expr}")
+
+    def paren_bool(self, expr) -> str:
+        text = self.print(expr)
+        return f"({text})" if isinstance(expr, (sympy.And, sympy.Or)) else text
+
+    def print_add(self, expr: sympy.Add) -> str:
+        terms = list(expr.args)
+        # A leading positive term reads better than a leading minus: 1 - x rather than -x + 1.
+        terms.sort(key=lambda t: _is_negative(t))
+        out = self.paren(terms[0], PRECEDENCE["Add"])
+        for t in terms[1:]:
+            if _is_negative(t):
+                out += f" - {self.paren(-t, PRECEDENCE['Add'], strict=True)}"
+            else:
+                out += f" + {self.paren(t, PRECEDENCE['Add'])}"
+        return out
+
+    def print_mul(self, expr: sympy.Mul) -> str:
+        if _is_negative(expr):
+            return f"-{self.paren(-expr, PRECEDENCE['Mul'])}"
+        num, den = [], []
+        for f in expr.as_ordered_factors():
+            if f.is_Pow and f.exp.is_negative and f.exp.is_Rational:
+                den.append(f.base if f.exp == -1 else f.base ** -f.exp)
+            elif f.is_Rational and f.q != 1:
+                if f.p != 1:
+                    num.append(sympy.Integer(f.p))
+                den.append(sympy.Integer(f.q))
+            else:
+                num.append(f)
+        text = " * ".join(self.paren(f, PRECEDENCE["Mul"]) for f in num) if num else "1"
+        for d in den:
+            text += f" / {self.paren(d, PRECEDENCE['Mul'], strict=True)}"
+        return text
+
+
+def _is_negative(term: sympy.Expr) -> bool:
+    return term.could_extract_minus_sign() and not term.is_Add

@@ -1,0 +1,135 @@
+"""What the two Python backends share: walking an :class:`OpProgram` into lines of code.
+
+A backend subclass says how to print one op, how to name a variable, and how to print a scalar
+that may differ per tensor; everything else — guards as ``if`` blocks, the spec statement as a
+comment above its code, fluent chains ``x.mul_(a).add_(b)``, lazily created state — is here.
+"""
+from __future__ import annotations
+
+import itertools
+
+import sympy
+
+from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
+from optgen.backends.printing import PythonScalarPrinter
+from optgen.ir.ops import OpProgram, Step, TensorOp
+from optgen.passes import Compiled
+
+
+class PythonRenderer:
+    name: str            # backend name: "forloop" / "foreach"
+    indent = "    "
+
+    def __init__(self, program: OpProgram):
+        self.program = program
+        self.per_tensor = {s.target for s in program.steps if s.per_tensor}
+
+    # -- hooks for subclasses --------------------------------------------------------------------
+    def var(self, name: str) -> str:
+        raise NotImplementedError
+
+    def op(self, op: TensorOp) -> str:
+        raise NotImplementedError
+
+    def scalar_step(self, step: Step) -> list[str]:
+        raise NotImplementedError
+
+    def counter_read(self, name: str) -> str:
+        raise NotImplementedError
+
+    def lazy_state(self, step: Step) -> list[str]:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------
+    def scalar(self, expr) -> str:
+        return PythonScalarPrinter(self.scalar_name)(expr)
+
+    def scalar_name(self, name: str) -> str:
+        """How code reads the scalar ``name`` (a list element in foreach's per-tensor fallback)."""
+        return name
+
+    def chain(self, ops: tuple[TensorOp, ...]) -> list[str]:
+        """Ops as statements, continuing ``a.f_(...)`` chains where each op mutates the last result."""
+        lines: list[str] = []
+        previous: TensorOp | None = None
+        for op in ops:
+            text = self.op(op)
+            fluent = self.fluent(op)
+            if previous is not None and lines and fluent and op.self_ == previous.out \
+                    and self.chainable(previous):
+                lines[-1] += fluent
+            else:
+                lines.append(text)
+            previous = op
+        return lines
+
+    def fluent(self, op: TensorOp) -> str | None:
+        """``.f_(args)`` if this op can continue a chain (backends that chain override it)."""
+        return None
+
+    def chainable(self, op: TensorOp) -> bool:
+        return False
+
+    def step_lines(self, step: Step) -> list[str]:
+        if step.kind == "scalar":
+            return self.scalar_step(step)
+        if step.first_ops is not None:
+            return self.lazy_state(step)
+        lines = self.chain(step.ops)
+        if step.kind == "counter":
+            lines.append(self.counter_read(step.target))
+        return lines
+
+    def body(self) -> list[str]:
+        """The per-step code: consecutive statements under one guard share an ``if`` block, and
+        each statement is preceded by its spec line as a comment."""
+        lines: list[str] = []
+        for guard, steps in itertools.groupby(self.program.steps, key=lambda s: s.guard):
+            block: list[str] = []
+            for step in steps:
+                code = self.step_lines(step)
+                if code:
+                    block += [f"# {step.text}", *code]
+            if guard == sympy.true:
+                lines += block
+            elif block:
+                lines += [f"if {self.scalar(guard)}:", *(self.indent + line for line in block)]
+        return lines
+
+    def preamble(self) -> list[str]:
+        return [f"{s.target} = {self.scalar(s.expr)}" for s in self.program.preamble]
+
+
+
+class PythonKernelBackend(Backend):
+    """A backend whose output is a module of Python kernel functions, one per flag variant."""
+
+    renderer: type[PythonRenderer]
+    list_annotation = "list[Tensor]"
+
+    def render(self, compiled: Compiled) -> str:
+        from optgen.backends.forloop import plural
+
+        sig = kernel_signature(compiled)
+        signature = [f"{plural(t)}: {self.list_annotation if t not in sig.lazy else 'list[Tensor | None]'},"
+                     for t in sig.tensors]
+        signature += [f"{plural(c + '_t')}: list[Tensor]," for c in sig.counters]
+        signature += ["*", *(f"{s}: float," for s in sig.scalars)]
+        signature = [line if line != "*" else "*," for line in signature]
+        variants = []
+        for v in compiled.variants:
+            r = self.renderer(v.ops)
+            flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "none"
+            variants.append(dict(
+                function=f"{module_name(compiled.spec.name)}_{v.ops.name}",
+                key=repr(tuple(val for _, val in v.flags)),
+                doc=f"{compiled.spec.name} step with {flags}.",
+                preamble=r.preamble(), body=r.body(),
+                loop_header=r.loop_header() if hasattr(r, "loop_header") else [],
+            ))
+        text_lines = [line for v in variants for line in (*v["preamble"], *v["body"])]
+        return environment().get_template(f"{self.name}/kernels.py.j2").render(
+            header=header(compiled), name=compiled.spec.name, variants=variants, signature=signature,
+            flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
+            uses_math=any("math." in line for line in text_lines),
+        )

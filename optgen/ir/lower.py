@@ -1,0 +1,99 @@
+"""Spec → IR: flatten the update rule's ``if`` blocks into guards and give every name a role."""
+from __future__ import annotations
+
+import ast
+
+import sympy
+
+from optgen.errors import Location, SpecError
+from optgen.ir.nodes import Assign, Program, Role
+from optgen.spec.expressions import MathBuilder, node_location, symbol
+from optgen.spec.model import Spec
+
+
+def base_roles(spec: Spec) -> dict[str, Role]:
+    roles: dict[str, Role] = {"param": Role.PARAM, "grad": Role.GRAD}
+    for h in spec.hyperparameters.values():
+        if h.is_flag:
+            roles[h.name] = Role.FLAG
+        else:
+            roles.update({n: Role.HYPER for n in (h.names or (h.name,))})
+    for s in spec.state.values():
+        roles[s.name] = Role.COUNTER if s.is_scalar else Role.STATE
+    return roles
+
+
+def lower(spec: Spec) -> Program:
+    """The spec's update rule as a flat, guarded :class:`Program` (flags still symbolic)."""
+    roles = base_roles(spec)
+    lowering = _Lowering(spec, roles)
+    lowering.block(spec.rule.body, sympy.true)
+    state_when = {s.name: s.when for s in spec.state.values()}
+    return Program(spec=spec, roles=roles, body=tuple(lowering.body), state_when=state_when)
+
+
+class _Lowering:
+    def __init__(self, spec: Spec, roles: dict[str, Role]):
+        self.spec = spec
+        self.roles = roles
+        self.body: list[Assign] = []
+        self.lines = spec.rule_source_lines() if hasattr(spec, "rule_source_lines") else None
+
+    def loc(self, node: ast.AST) -> Location:
+        return node_location(self.spec.rule_loc, node)
+
+    def names(self) -> dict[str, str]:
+        return {name: role.value for name, role in self.roles.items()}
+
+    def block(self, statements: list[ast.stmt], guard: sympy.Basic) -> None:
+        for stmt in statements:
+            if isinstance(stmt, ast.If):
+                cond = MathBuilder(self.spec.rule_loc, self.names(), "a condition").condition(stmt.test)
+                self._check_host_condition(cond, stmt.test)
+                self.block(stmt.body, sympy.And(guard, cond))
+                if stmt.orelse:
+                    self.block(stmt.orelse, sympy.And(guard, sympy.Not(cond)))
+            elif isinstance(stmt, (ast.Assign, ast.AugAssign)):
+                self.assign(stmt, guard)
+            elif isinstance(stmt, ast.Pass):
+                continue
+            else:
+                raise SpecError(self.loc(stmt), f"'{ast.unparse(stmt).splitlines()[0]}' is not allowed in an "
+                                                "update rule: write assignments 'name = expression' and "
+                                                "'if condition:' blocks")
+
+    def _check_host_condition(self, cond: sympy.Basic, node: ast.AST) -> None:
+        for s in cond.free_symbols:
+            if self.roles.get(s.name) not in (Role.FLAG, Role.HYPER):
+                raise SpecError(self.loc(node), f"'if' may only test flags and hyperparameters, not "
+                                                f"'{s.name}' (a {self.roles[s.name].value}); for a per-element "
+                                                "choice use an expression")
+
+    def assign(self, stmt: ast.Assign | ast.AugAssign, guard: sympy.Basic) -> None:
+        if isinstance(stmt, ast.Assign):
+            if len(stmt.targets) != 1 or not isinstance(stmt.targets[0], ast.Name):
+                raise SpecError(self.loc(stmt), "assign to exactly one plain name, e.g. 'exp_avg = ...'")
+            target, value_node = stmt.targets[0].id, stmt.value
+        else:
+            if not isinstance(stmt.target, ast.Name):
+                raise SpecError(self.loc(stmt), "assign to exactly one plain name")
+            target = stmt.target.id
+            value_node = ast.BinOp(left=ast.Name(id=target, ctx=ast.Load()), op=stmt.op, right=stmt.value)
+            ast.copy_location(value_node, stmt.value)
+            ast.copy_location(value_node.left, stmt.target)
+        value = MathBuilder(self.spec.rule_loc, self.names(), "an update rule").math(value_node)
+        role = self.roles.get(target)
+        if role in (Role.FLAG, Role.HYPER):
+            raise SpecError(self.loc(stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target),
+                            f"cannot assign to '{target}': it is a {role.value}, fixed during a step; "
+                            "assign to a new name instead")
+        value_is_tensor = any(self.roles[s.name].is_tensor for s in value.free_symbols)
+        if role is None:
+            self.roles[target] = Role.TENSOR if value_is_tensor else Role.SCALAR
+        elif role in (Role.SCALAR, Role.COUNTER) and value_is_tensor:
+            raise SpecError(self.loc(stmt), f"'{target}' is a scalar ({role.value}) but this value is a tensor")
+        state = self.spec.state.get(target)
+        first = None
+        if state is not None and state.init == "first" and not any(a.target == target for a in self.body):
+            first = state.init_value
+        self.body.append(Assign(target, value, guard, self.loc(stmt), ast.unparse(stmt), first))

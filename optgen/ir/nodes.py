@@ -1,0 +1,105 @@
+"""The IR: an optimizer's update as typed, guarded assignments over sympy expressions.
+
+Note [IR shape]
+~~~~~~~~~~~~~~~
+A :class:`Program` is straight-line code: every ``if`` of the spec has been flattened into the
+``guard`` of the assignments under it.  Guards are *host* conditions — flags (booleans fixed when
+a variant is generated) and comparisons of hyperparameters (``weight_decay != 0``) — never
+per-element conditions (those are ``where(...)`` inside an expression).  Every name has a
+:class:`Role`; an assignment's value is a sympy expression over real symbols named after the spec.
+
+After flag specialisation (:func:`optgen.passes.specialize.specialize`) no flag is left in any
+guard, and the backends see one straight-line program per flag combination.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import sympy
+
+from optgen.errors import Location
+from optgen.spec.model import Spec
+
+
+class Role(enum.Enum):
+    FLAG = "flag"              # bool hyperparameter: specialised away at generation time
+    HYPER = "hyperparameter"   # scalar hyperparameter, read from the param group each step
+    PARAM = "param"            # the parameter tensor (updated in place)
+    GRAD = "grad"              # the gradient (read-only for the optimizer: reassigning makes a copy)
+    STATE = "state"            # persistent per-parameter tensor, like the parameter's shape
+    COUNTER = "counter"        # persistent per-parameter 0-dim tensor (torch's `step`)
+    TENSOR = "tensor"          # local tensor temporary
+    SCALAR = "scalar"          # local scalar computed on the host
+
+    @property
+    def is_tensor(self) -> bool:
+        return self in (Role.PARAM, Role.GRAD, Role.STATE, Role.TENSOR)
+
+    @property
+    def is_persistent(self) -> bool:
+        return self in (Role.PARAM, Role.STATE, Role.COUNTER)
+
+
+@dataclass(frozen=True)
+class Assign:
+    """``target = value`` when ``guard`` holds.
+
+    ``first`` is set on the first assignment of a state declared with ``first = ...``: on the step
+    that creates the state, the statement stores ``first`` instead of ``value``.
+    """
+
+    target: str
+    value: sympy.Expr
+    guard: sympy.Basic
+    loc: Location
+    text: str
+    first: sympy.Expr | None = None
+
+    def reads(self) -> set[str]:
+        names = {s.name for s in self.value.free_symbols}
+        if self.first is not None:
+            names |= {s.name for s in self.first.free_symbols}
+        return names | {s.name for s in self.guard.free_symbols}
+
+
+@dataclass(frozen=True)
+class Program:
+    """One optimizer update (or one flag-specialised variant of it)."""
+
+    spec: Spec
+    roles: Mapping[str, Role]
+    body: tuple[Assign, ...]
+    flags: tuple[tuple[str, bool], ...] = ()        # the specialisation, () before it
+    per_tensor: frozenset[str] = field(default_factory=frozenset)  # scalars that differ per tensor
+    preamble: tuple[Assign, ...] = ()               # group-level scalars, hoisted out of the loop
+    state_when: Mapping[str, sympy.Basic] = field(default_factory=dict)
+
+    def with_body(self, body, **changes) -> "Program":
+        return replace(self, body=tuple(body), **changes)
+
+    def role(self, name: str) -> Role:
+        return self.roles[name]
+
+    @property
+    def variant_name(self) -> str:
+        on = [name for name, value in self.flags if value]
+        return "_".join(on) if on else "default"
+
+    def describe(self) -> str:
+        """A readable dump (`optgen show`, `--dump-ir`)."""
+        lines = [f"# {self.spec.name}" + (f" [{', '.join(f'{k}={v}' for k, v in self.flags)}]" if self.flags else "")]
+        roles: dict[str, list[str]] = {}
+        for name, role in self.roles.items():
+            roles.setdefault(role.value, []).append(name)
+        for role, names in roles.items():
+            lines.append(f"#   {role}: {', '.join(names)}")
+        for a in self.preamble:
+            lines.append(f"{a.target} = {a.value}    # hoisted")
+        for a in self.body:
+            guard = "" if a.guard == sympy.true else f"if {a.guard}: "
+            first = f"    (first step: {a.first})" if a.first is not None else ""
+            kind = "per-tensor" if a.target in self.per_tensor else ""
+            lines.append(f"{guard}{a.target} = {a.value}{first}" + (f"    # {kind}" if kind else ""))
+        return "\n".join(lines)

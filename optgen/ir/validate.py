@@ -1,0 +1,57 @@
+"""Validity rules for an IR program, kept apart from lowering and from the passes.
+
+- every name read is declared (hyperparameter, state, param, grad) or assigned before, on every
+  path the read can take (guards are compared with sympy's SAT solver);
+- a state declared with ``when = ...`` is only touched where that condition holds;
+- every state is written by the rule (otherwise it is dead weight in every checkpoint).
+"""
+from __future__ import annotations
+
+import sympy
+from sympy.logic.inference import satisfiable
+
+from optgen.errors import SpecError
+from optgen.ir.nodes import Program, Role
+
+
+def _as_propositional(expr: sympy.Basic, atoms: dict) -> sympy.Basic:
+    """Relations such as ``Ne(weight_decay, 0)`` become boolean atoms so SAT can reason about them."""
+    if isinstance(expr, sympy.core.relational.Relational):
+        key = expr
+        negated = {sympy.Ne: sympy.Eq, sympy.Eq: sympy.Ne}.get(type(expr))
+        if negated is not None and negated(*expr.args) in atoms:
+            return sympy.Not(atoms[negated(*expr.args)])
+        return atoms.setdefault(key, sympy.Symbol(f"_rel{len(atoms)}"))
+    if expr.args and isinstance(expr, sympy.logic.boolalg.Boolean):
+        return expr.func(*(_as_propositional(a, atoms) for a in expr.args))
+    return expr
+
+
+def implies(a: sympy.Basic, b: sympy.Basic) -> bool:
+    atoms: dict = {}
+    return not satisfiable(sympy.And(_as_propositional(a, atoms), sympy.Not(_as_propositional(b, atoms))))
+
+
+def validate(program: Program) -> Program:
+    defined: dict[str, list[sympy.Basic]] = {}  # local name → guards it was assigned under
+    for a in program.body:
+        for name in sorted(a.reads() - {s.name for s in a.guard.free_symbols}):
+            role = program.roles[name]
+            if role is Role.TENSOR or role is Role.SCALAR:
+                guards = defined.get(name, [])
+                if not guards or not implies(a.guard, sympy.Or(*guards)):
+                    raise SpecError(a.loc, f"'{name}' is read here but not assigned before it on every path "
+                                           "that reaches this line")
+            when = program.state_when.get(name)
+            if when is not None and when != sympy.true and not implies(a.guard, when):
+                raise SpecError(a.loc, f"state '{name}' only exists when {when}, but this line can run "
+                                       f"without that; put it under 'if {when}:'")
+        when = program.state_when.get(a.target)
+        if when is not None and when != sympy.true and not implies(a.guard, when):
+            raise SpecError(a.loc, f"state '{a.target}' only exists when {when}, but this line can run "
+                                   f"without that; put it under 'if {when}:'")
+        defined.setdefault(a.target, []).append(a.guard)
+    for state in program.spec.state.values():
+        if state.name not in defined:
+            raise SpecError(state.loc, f"state '{state.name}' is declared but never assigned by the update rule")
+    return program

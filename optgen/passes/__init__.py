@@ -1,0 +1,79 @@
+"""The compiler pipeline: one function listing the passes in order.
+
+    spec ─lower─▶ Program ─validate─▶ ─specialize(flags)─▶ ─cse─▶ ─hoist_scalars─▶
+         ─select_ops─▶ OpProgram ─reuse_buffers─▶ backends
+
+``optgen show NAME --dump-ir PASS`` prints the program after any of these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optgen.ir.lower import lower
+from optgen.ir.nodes import Program
+from optgen.ir.ops import OpProgram
+from optgen.ir.validate import validate
+from optgen.passes.cse import cse
+from optgen.passes.hoist_scalars import hoist_scalars
+from optgen.passes.reuse_buffers import reuse_buffers
+from optgen.passes.select_ops import select_ops
+from optgen.passes.specialize import flag_combinations, specialize
+from optgen.spec.model import Spec
+
+#: the passes after flag specialisation, in order (name, Program → Program)
+PROGRAM_PASSES = (("cse", cse), ("hoist_scalars", hoist_scalars))
+PASS_NAMES = ("lower", "specialize", *(n for n, _ in PROGRAM_PASSES), "select_ops", "reuse_buffers")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One flag combination of a spec, through every pass."""
+
+    flags: tuple[tuple[str, bool], ...]
+    program: Program       # after the program passes (what the interpreter and Triton/C read)
+    ops: OpProgram         # after op selection and buffer reuse (what the Python backends print)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    spec: Spec
+    program: Program       # lowered and validated, flags still symbolic
+    variants: tuple[Variant, ...]
+
+    def variant(self, flags: dict[str, bool]) -> Variant:
+        for v in self.variants:
+            if all(flags.get(k, False) == val for k, val in v.flags):
+                return v
+        raise KeyError(flags)
+
+
+def compile_variant(program: Program, flags) -> Variant:
+    p = specialize(program, flags)
+    for _, run in PROGRAM_PASSES:
+        p = run(p)
+    return Variant(tuple(flags), p, reuse_buffers(select_ops(p)))
+
+
+def compile_spec(spec: Spec) -> Compiled:
+    program = validate(lower(spec))
+    return Compiled(spec, program, tuple(compile_variant(program, f) for f in flag_combinations(program)))
+
+
+def dump(spec: Spec, flags, after: str) -> str:
+    """The IR of one variant after the pass named ``after`` (for `optgen show --dump-ir`)."""
+    if after not in PASS_NAMES:
+        raise ValueError(f"unknown pass '{after}'; passes: {', '.join(PASS_NAMES)}")
+    program = validate(lower(spec))
+    if after == "lower":
+        return program.describe()
+    p = specialize(program, flags)
+    for name, run in (("specialize", lambda x: x), *PROGRAM_PASSES):
+        p = run(p)
+        if name == after:
+            return p.describe()
+    ops = select_ops(p)
+    if after == "reuse_buffers":
+        ops = reuse_buffers(ops)
+    from optgen.backends.forloop import describe_ops
+
+    return describe_ops(ops)

@@ -1,0 +1,89 @@
+"""Common-subexpression elimination over straight-line runs of statements.
+
+Statements reassign names (``grad = grad + ...``), so before handing expressions to
+:func:`sympy.cse` each write gets a fresh version of its name (SSA); repeated subexpressions come
+back as new temporaries, inserted just before their first use and named ``common0``, ``common1``…
+(a subexpression equal to a statement the spec already named is not repeated: sympy finds it as
+that statement's symbol).  Runs are split at guard changes, because a temporary computed under one
+guard must not be used under another.  Only *tensor* subexpressions are worth a temporary: a
+repeated scalar costs one Python operation.
+"""
+from __future__ import annotations
+
+import itertools
+
+import sympy
+
+from optgen.ir.nodes import Assign, Program, Role
+from optgen.spec.expressions import symbol
+
+
+def _runs(body):
+    """Consecutive statements with the same guard and no lazily-created state."""
+    for _, group in itertools.groupby(body, key=lambda a: (a.guard, a.first is not None)):
+        yield list(group)
+
+
+def cse(program: Program) -> Program:
+    roles = dict(program.roles)
+    counter = itertools.count()
+    body: list[Assign] = []
+    for run in _runs(program.body):
+        if len(run) < 2 and not _has_repeats(run[0].value):
+            body.extend(run)
+            continue
+        versions: dict[str, sympy.Symbol] = {}
+        renamed = []
+        for a in run:
+            value = a.value.xreplace({s: versions.get(s.name, s) for s in a.value.free_symbols})
+            renamed.append(value)
+            versions[a.target] = sympy.Dummy(a.target, real=True)
+        tensor_symbols = {s for s in versions.values()} | {symbol(n) for n, r in roles.items() if r.is_tensor}
+        replacements, reduced = sympy.cse(renamed, symbols=(sympy.Dummy(f"c{i}") for i in itertools.count()),
+                                          optimizations=None, order="none")
+        names: dict[sympy.Symbol, sympy.Symbol] = {}
+        pending = []
+        for sub, expr in replacements:
+            expr = expr.xreplace(names)
+            if expr.free_symbols & (tensor_symbols | set(names.values())) and _worth_a_temporary(expr):
+                name = f"common{next(counter)}"
+                roles[name] = Role.TENSOR
+                names[sub] = symbol(name)
+                pending.append((names[sub], expr))
+            else:
+                names[sub] = expr
+        inverse = {v: symbol(v.name) for v in versions.values()}
+        emitted: set = set()
+        for a, value in zip(run, reduced):
+            value = value.xreplace(names)
+            for sym, expr in pending:
+                if sym not in emitted and sym in value.free_symbols | _needed(pending, value):
+                    body.append(Assign(sym.name, expr.xreplace(inverse), a.guard, a.loc,
+                                       f"{sym.name} = {expr.xreplace(inverse)}"))
+                    emitted.add(sym)
+            body.append(Assign(a.target, value.xreplace(inverse), a.guard, a.loc, a.text, a.first))
+    return program.with_body(body, roles=roles)
+
+
+def _needed(pending, value) -> set:
+    """Temporaries a value needs, including those other temporaries need."""
+    need = set(value.free_symbols)
+    for sym, expr in reversed(pending):
+        if sym in need:
+            need |= expr.free_symbols
+    return need
+
+
+def _has_repeats(expr: sympy.Expr) -> bool:
+    seen = set()
+    for sub in sympy.preorder_traversal(expr):
+        if sub.args and _worth_a_temporary(sub):
+            if sub in seen:
+                return True
+            seen.add(sub)
+    return False
+
+
+def _worth_a_temporary(expr: sympy.Expr) -> bool:
+    # x**2 is printed as x * x by every backend: no temporary needed for it.
+    return not (expr.is_Pow and expr.exp == 2) and not (expr.is_Mul and len(expr.args) == 2 and expr.args[0] == -1)

@@ -1,0 +1,256 @@
+"""Op selection: sympy assignments → torch-shaped tensor ops (see Note [Tensor ops]).
+
+The patterns recognised are the ones torch's hand-written optimizers use, so the generated code
+performs the same floating-point operations in the same order:
+
+    target = lerp(target, x, w)            →  target.lerp_(x, w)
+    target = maximum(target, x)            →  torch.maximum(target, x, out=target)
+    target = c0 * target + c1 * x          →  target.mul_(c0).add_(x, alpha=c1)
+             + c2 * x * y                  →            .addcmul_(x, y, value=c2)
+             + c3 * x / y                  →            .addcdiv_(x, y, value=c3)
+    target = c * target * x / y            →  target.mul_(c).mul_(x).div_(y)
+
+Persistent targets (param, state, counters) are always updated in place.  Other targets (grad,
+temporaries) are computed out of place first — the user's ``.grad`` is never written — and
+subsequent ops on a tensor this step created run in place, which keeps foreach's temporary memory
+at one buffer per live temporary (see :mod:`optgen.passes.reuse_buffers`).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import sympy
+
+from optgen.ir.nodes import Program, Role
+from optgen.ir.ops import OpProgram, Step, TensorOp
+from optgen.spec.expressions import Lerp, Maximum, Minimum, symbol
+
+_UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs", sympy.sign: "sign"}
+
+
+@dataclass
+class _Value:
+    name: str
+    owned: bool  # a tensor this step created (may be mutated in place)
+
+
+class _Selector:
+    def __init__(self, program: Program):
+        self.program = program
+        self.fresh = (f"_t{i}" for i in itertools.count())
+        self.counter: str | None = None  # the counter being updated: a tensor for that statement
+
+    def is_tensor(self, expr: sympy.Expr) -> bool:
+        return any(self.program.roles[s.name].is_tensor or s.name == self.counter
+                   for s in expr.free_symbols if s.name in self.program.roles)
+
+    # -- splitting products and sums -------------------------------------------------------------
+    def split_product(self, expr: sympy.Expr):
+        """``c * n1 * n2 / d1`` → (scalar c, [tensor numerators], [tensor denominators])."""
+        coeff, nums, dens = sympy.Integer(1), [], []
+        for factor in sympy.Mul.make_args(expr):
+            if not self.is_tensor(factor):
+                coeff *= factor
+            elif factor.is_Pow and factor.exp == -1:
+                dens.append(factor.base)
+            elif factor.is_Pow and factor.exp == 2:
+                nums += [factor.base, factor.base]
+            else:
+                nums.append(factor)
+        return coeff, nums, dens
+
+    def ordered_terms(self, expr: sympy.Expr, first: sympy.Expr | None = None) -> list[sympy.Expr]:
+        terms = list(sympy.Add.make_args(expr))
+        # Scalars last: torch adds eps after the tensor arithmetic.
+        return sorted(terms, key=lambda t: (first is not None and not t.has(first), not self.is_tensor(t)))
+
+    # -- materialising an expression as a new tensor -------------------------------------------
+    def materialize(self, expr: sympy.Expr, ops: list[TensorOp]) -> _Value:
+        if expr.is_Symbol:
+            return _Value(expr.name, False)
+        if isinstance(expr, sympy.Add):
+            return self.materialize_sum(expr, ops)
+        if isinstance(expr, sympy.Mul):
+            coeff, nums, dens = self.split_product(expr)
+            if coeff == -1 and len(nums) == 1 and not dens:
+                return self.apply(self.materialize(nums[0], ops), "neg", (), ops)
+            value = self.materialize(nums[0], ops) if nums else None
+            if value is None:  # 1 / tensor
+                value = self.apply(self.materialize(dens.pop(0), ops), "reciprocal", (), ops)
+            for n in nums[1:]:
+                value = self.apply(value, "mul", (self.operand(n, ops),), ops)
+            return self.scale(value, coeff, dens, ops)
+        if expr.is_Pow:
+            base = self.materialize(expr.base, ops)
+            method = {sympy.S.Half: "sqrt", -sympy.S.Half: "rsqrt", -1: "reciprocal"}.get(expr.exp)
+            if expr.exp == 2:
+                return self.apply(base, "mul", (base.name,), ops)
+            if method:
+                return self.apply(base, method, (), ops)
+            return self.apply(base, "pow", (expr.exp,), ops)
+        if isinstance(expr, Lerp):
+            a, b, w = expr.args
+            return self.apply(self.materialize(a, ops), "lerp", (self.operand(b, ops), w), ops)
+        if isinstance(expr, (Maximum, Minimum)):
+            a, b = expr.args
+            fn = "maximum" if isinstance(expr, Maximum) else "minimum"
+            return self.apply(self.materialize(a, ops), fn, (self.operand(b, ops),), ops)
+        if expr.func in _UNARY:
+            return self.apply(self.materialize(expr.args[0], ops), _UNARY[expr.func], (), ops)
+        raise NotImplementedError(f"no tensor op for {expr}")
+
+    def materialize_sum(self, expr: sympy.Expr, ops: list[TensorOp]) -> _Value:
+        terms = self.ordered_terms(expr)
+        # The base: a bare tensor (grad + wd * param → grad.add(param, alpha=wd)), else a compound term.
+        bare = [t for t in terms if t.is_Symbol and self.is_tensor(t)]
+        base = bare[0] if bare else next(t for t in terms if self.is_tensor(t))
+        value = self.materialize(base, ops)
+        for term in terms:
+            if term is not base:
+                value = self.accumulate(value, term, ops)
+        return value
+
+    def operand(self, expr: sympy.Expr, ops: list[TensorOp]) -> str:
+        return self.materialize(expr, ops).name
+
+    def apply(self, value: _Value, fn: str, args: tuple, ops: list[TensorOp], kwargs=()) -> _Value:
+        """``fn`` on ``value``: in place when value is ours, else into a new temporary."""
+        if value.owned:
+            ops.append(TensorOp(value.name, fn + "_", value.name, args, kwargs))
+            return value
+        out = next(self.fresh)
+        ops.append(TensorOp(out, fn, value.name, args, kwargs))
+        return _Value(out, True)
+
+    def scale(self, value: _Value, coeff: sympy.Expr, dens: list, ops: list[TensorOp]) -> _Value:
+        num, den = sympy.fraction(coeff)
+        if num == -1 and den == 1:
+            return self.apply(value, "neg", (), ops)
+        if num != 1:
+            value = self.apply(value, "mul", (num,), ops)
+        if den != 1:
+            value = self.apply(value, "div", (den,), ops)
+        for d in dens:
+            value = self.apply(value, "div", (self.operand(d, ops),), ops)
+        return value
+
+    def accumulate(self, value: _Value, term: sympy.Expr, ops: list[TensorOp]) -> _Value:
+        """``value + term`` with the fused op torch would use."""
+        if not self.is_tensor(term):
+            return self.apply(value, "add", (term,), ops)
+        coeff, nums, dens = self.split_product(term)
+        alpha = () if coeff == 1 else (("alpha", coeff),)
+        value_kw = () if coeff == 1 else (("value", coeff),)
+        if len(nums) == 1 and not dens:
+            return self.apply(value, "add", (self.operand(nums[0], ops),), ops, alpha)
+        if len(nums) == 2 and not dens:
+            return self.apply(value, "addcmul", (self.operand(nums[0], ops), self.operand(nums[1], ops)),
+                              ops, value_kw)
+        if len(nums) == 1 and len(dens) == 1:
+            return self.apply(value, "addcdiv", (self.operand(nums[0], ops), self.operand(dens[0], ops)),
+                              ops, value_kw)
+        return self.apply(value, "add", (self.operand(term, ops),), ops)
+
+    # -- statements ------------------------------------------------------------------------------
+    def update_in_place(self, target: str, expr: sympy.Expr) -> list[TensorOp]:
+        """Ops that leave ``expr`` in the persistent tensor ``target``."""
+        ops: list[TensorOp] = []
+        me = symbol(target)
+        mine = _Value(target, True)
+        if expr == me:
+            return ops
+        if isinstance(expr, Lerp) and expr.args[0] == me:
+            self.apply(mine, "lerp", (self.operand(expr.args[1], ops), expr.args[2]), ops)
+            return ops
+        if isinstance(expr, (Maximum, Minimum)) and me in expr.args:
+            other = expr.args[1] if expr.args[0] == me else expr.args[0]
+            fn = "maximum" if isinstance(expr, Maximum) else "minimum"
+            self.apply(mine, fn, (self.operand(other, ops),), ops)
+            return ops
+        terms = self.ordered_terms(expr, first=me)
+        coeff, nums, dens = self.split_product(terms[0])
+        if me in nums and not any(t.has(me) for t in terms[1:]) and not any(n.has(me) for n in nums if n != me):
+            nums.remove(me)
+            for n in nums:
+                self.apply(mine, "mul", (self.operand(n, ops),), ops)
+            self.scale(mine, coeff, dens, ops)
+            for term in terms[1:]:
+                self.accumulate(mine, term, ops)
+            return ops
+        if not self.is_tensor(expr):  # a counter set from scalars
+            ops.append(TensorOp(target, "fill_", target, (expr,)))
+            return ops
+        value = self.materialize(expr, ops)
+        ops.append(TensorOp(target, "copy_", target, (value.name,)))
+        return ops
+
+    def compute(self, target: str, expr: sympy.Expr) -> list[TensorOp]:
+        """Ops that bind the local (or grad) ``target`` to ``expr``."""
+        ops: list[TensorOp] = []
+        value = self.materialize(expr, ops)
+        if not ops:
+            ops.append(TensorOp(target, "alias", value.name))
+        else:
+            ops = _rename(ops, value.name, target)
+        return ops
+
+    def create_state(self, target: str, expr: sympy.Expr) -> list[TensorOp]:
+        """A lazily created state's first value: always a tensor of its own (torch clones grad)."""
+        ops: list[TensorOp] = []
+        value = self.materialize(expr, ops)
+        if not value.owned:
+            ops.append(TensorOp(target, "clone", value.name))
+            return ops
+        return _rename(ops, value.name, target)
+
+
+def _rename(ops: list[TensorOp], old: str, new: str) -> list[TensorOp]:
+    """Gives the temporary ``old`` the name ``new`` — unless ``new`` is still read after ``old``
+    is created (``grad = grad * grad + grad``), where a final ``new = old`` keeps them apart."""
+    created = next((i for i, o in enumerate(ops) if o.out == old), 0)
+    if any(new in o.reads() for o in ops[created + 1:]):
+        return ops + [TensorOp(new, "alias", old)]
+
+    def r(x):
+        return new if x == old else x
+
+    return [TensorOp(r(o.out), o.fn, r(o.self_), tuple(r(a) if isinstance(a, str) else a for a in o.args), o.kwargs)
+            for o in ops]
+
+
+def select_ops(program: Program) -> OpProgram:
+    selector = _Selector(program)
+    roles = program.roles
+    steps = []
+    for a in program.body:
+        role = roles[a.target]
+        common = dict(target=a.target, guard=a.guard, text=a.text, loc=a.loc)
+        if role is Role.SCALAR:
+            steps.append(Step("scalar", expr=a.value, per_tensor=a.target in program.per_tensor, **common))
+        elif role is Role.COUNTER:
+            # The counter lives in a 0-dim tensor `<name>_t` (torch's state["step"]); the update
+            # runs on that tensor, then `<name>` is read back as a Python number.
+            selector.counter = a.target
+            ops = _rename(selector.update_in_place(a.target, a.value), a.target, f"{a.target}_t")
+            selector.counter = None
+            steps.append(Step("counter", ops=tuple(ops), **common))
+        elif role.is_persistent:
+            ops = selector.update_in_place(a.target, a.value)
+            first = tuple(selector.create_state(a.target, a.first)) if a.first is not None else None
+            steps.append(Step("tensor", ops=tuple(ops), first_ops=first, **common))
+        else:
+            steps.append(Step("tensor", ops=tuple(selector.compute(a.target, a.value)), **common))
+    spec = program.spec
+    states = [s.name for s in spec.state.values() if s.name in roles and roles[s.name] is Role.STATE
+              and program.state_when.get(s.name) != sympy.false]
+    counters = [s.name for s in spec.state.values() if s.name in roles and roles[s.name] is Role.COUNTER]
+    scalars = sorted({s.name for a in (*program.preamble, *program.body) for s in a.value.free_symbols
+                      | a.guard.free_symbols | (a.first.free_symbols if a.first is not None else set())
+                      if roles.get(s.name) is Role.HYPER}, key=list(roles).index)
+    preamble = tuple(Step("scalar", a.target, a.guard, a.text, a.loc, expr=a.value) for a in program.preamble)
+    return OpProgram(
+        name=program.variant_name, flags=program.flags, preamble=preamble, steps=tuple(steps),
+        tensors=("param", "grad", *states), counters=tuple(counters), scalars=tuple(scalars),
+        lazy_states=tuple(s.name for s in spec.state.values() if s.init == "first" and s.name in states),
+    )

@@ -1,0 +1,142 @@
+"""The runtime side of a generated optimizer: gather a group's tensors, call the generated kernel.
+
+A generated class (generated/<name>.py) subclasses :class:`GeneratedOptimizer` and supplies data
+and small generated methods:
+
+- ``_flags``: the names of its flag hyperparameters, in the order its kernels' ``VARIANTS`` use;
+- ``_kernels``: implementation name → generated kernel module, whose ``VARIANTS`` maps flag
+  values to a function and whose ``MULTI_TENSOR`` says if it takes one (device, dtype) group;
+- ``_tensor_state`` / ``_counter_state``: (rule name, state key) pairs in kernel argument order;
+- ``_lazy_state``: state keys created by the kernel itself on their first step;
+- ``_scalars``: kernel keyword → (group key, tuple index or None);
+- ``_init_state(param, group)``: creates ``self.state[param]`` (generated from the spec);
+- ``_complex_as_real``: view complex tensors as real before calling the kernel.
+
+Everything here is the same for every spec, so it is written once, by hand, and tested once.
+"""
+from __future__ import annotations
+
+import torch
+
+from optgen.runtime import dispatch
+from optgen.runtime.optimizer import Optimizer
+
+
+def scalar_dtype() -> torch.dtype:
+    """torch's dtype for a `step` counter (float64 only under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def to_number(value):
+    """A hyperparameter as a Python number (1-element Tensor learning rates included)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+class GeneratedOptimizer(Optimizer):
+    _flags: tuple[str, ...] = ()
+    _kernels: dict = {}
+    _tensor_state: tuple[tuple[str, str], ...] = ()
+    _counter_state: tuple[tuple[str, str], ...] = ()
+    _lazy_state: tuple[str, ...] = ()
+    _scalars: dict[str, tuple[str, int | None]] = {}
+    _complex_as_real = False
+
+    #: force one implementation for every group (None: choose like torch; see runtime/dispatch.py)
+    implementation: str | None = None
+
+    @property
+    def implementations(self) -> tuple[str, ...]:
+        return tuple(self._kernels)
+
+    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
+        """The state a parameter starts with (generated from the spec's [state] table)."""
+        raise NotImplementedError
+
+    def _step_group(self, group: dict) -> None:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params.append(p)
+            grads.append(p.grad)
+        if not params:
+            return
+        states = []
+        for p in params:
+            # Only touch self.state[p] when there is state to keep: torch's SGD without momentum
+            # has an empty state dict, and so must ours.
+            state = self.state.get(p)
+            if not state:
+                initial = self._init_state(p, group)
+                if initial:
+                    self.state[p].update(initial)
+                state = self.state.get(p, {})
+            states.append(state)
+        tensors = {"params": params, "grads": grads}
+        for name, key in self._tensor_state:
+            tensors[name] = [s.get(key) for s in states]
+        for name, key in self._counter_state:
+            tensors[name] = [s[key] for s in states]
+        created = {key: [s.get(key) is None for s in states] for key in self._lazy_state}
+        if self._complex_as_real and any(p.is_complex() for p in params):
+            tensors = _view_complex_as_real(tensors)
+        module = self._kernels[dispatch.choose(self, group, params)]
+        kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]
+        scalars = {kw: to_number(group[key] if index is None else group[key][index])
+                   for kw, (key, index) in self._scalars.items()}
+        if module.MULTI_TENSOR:
+            for sub in _group_by_device_and_dtype(tensors):
+                kernel(**sub, **scalars)
+        else:
+            kernel(**tensors, **scalars)
+        # Lazily created state comes back from the kernel in its list.
+        for name, key in self._tensor_state:
+            if key in created:
+                for p, value, is_new in zip(params, tensors[name], created[key]):
+                    if is_new and value is not None:
+                        as_complex = p.is_complex() and not value.is_complex()
+                        self.state[p][key] = torch.view_as_complex(value) if as_complex else value
+
+
+def _view_complex_as_real(tensors: dict[str, list]) -> dict[str, list]:
+    out = {name: list(values) for name, values in tensors.items()}
+    for i, p in enumerate(tensors["params"]):
+        if p.is_complex():
+            for name, values in out.items():
+                if values[i] is not None and values[i].is_complex():
+                    values[i] = torch.view_as_real(values[i])
+    return out
+
+
+def _group_by_device_and_dtype(tensors: dict[str, list]) -> list[dict[str, list]]:
+    """Splits every list by the (device, dtype) of its param: foreach ops need uniform lists.
+
+    Lists that the kernel fills in (lazily created state) are written back into ``tensors``
+    after the call by aliasing: each sub-list is a view of indices we copy back."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(tensors["params"]):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    if len(groups) == 1:
+        return [tensors]
+    return [_SubLists(tensors, idx) for idx in groups.values()]
+
+
+class _SubLists(dict):
+    """The lists of one (device, dtype) group; values the kernel stores are copied back."""
+
+    def __init__(self, tensors: dict[str, list], indices: list[int]):
+        super().__init__({name: _Slice(values, indices) for name, values in tensors.items()})
+
+
+class _Slice(list):
+    """A list of some items of ``base`` that writes assignments through to ``base``."""
+
+    def __init__(self, base: list, indices: list[int]):
+        super().__init__(base[i] for i in indices)
+        self.base, self.indices = base, indices
+
+    def __setitem__(self, i, value):
+        super().__setitem__(i, value)
+        self.base[self.indices[i]] = value

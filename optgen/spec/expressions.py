@@ -1,0 +1,199 @@
+"""Spec expressions: Python-syntax text → sympy, without ever executing the text.
+
+Text is parsed with :mod:`ast`; only an allow-list of node types, names and functions is turned
+into sympy.  Anything else is a :class:`SpecError` at the offending column.  Three grammars:
+
+- **math** (update rules, state `first` values): numbers, declared names, ``+ - * / **``, unary
+  minus and the functions in :data:`FUNCTIONS`.
+- **condition** (``if`` in update rules, state ``when``): flags, comparisons of hyperparameters
+  with numbers, ``and`` / ``or`` / ``not``.
+- **check** (constructor validation): comparisons, ``and``/``or``/``not``, subscripts such as
+  ``betas[0]``, and the calls in :data:`CHECK_CALLS`; checks are printed back as Python (they run
+  on user input at construction time, before any tensor exists), not converted to sympy.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Callable
+
+import sympy
+
+from optgen.errors import Location, SpecError
+
+
+class Lerp(sympy.Function):
+    """``lerp(a, b, w) = a + w * (b - a)``, kept whole so backends can emit ``lerp_``."""
+
+    nargs = 3
+
+
+class Maximum(sympy.Function):
+    """Elementwise maximum of two tensors (``torch.maximum``)."""
+
+    nargs = 2
+
+
+class Minimum(sympy.Function):
+    """Elementwise minimum of two tensors (``torch.minimum``)."""
+
+    nargs = 2
+
+
+def _conj(x):
+    # Complex parameters are handled as real views (torch.view_as_real), so conj is the identity
+    # on everything the update sees; accepted so specs can be written as in the papers.
+    return sympy.conjugate(x)
+
+
+#: name in a spec → (arity, sympy constructor)
+FUNCTIONS: dict[str, tuple[int, Callable]] = {
+    "sqrt": (1, sympy.sqrt),
+    "abs": (1, sympy.Abs),
+    "sign": (1, sympy.sign),
+    "exp": (1, sympy.exp),
+    "log": (1, sympy.log),
+    "conj": (1, _conj),
+    "lerp": (3, Lerp),
+    "maximum": (2, Maximum),
+    "minimum": (2, Minimum),
+}
+
+#: calls a constructor check may make, with their arity
+CHECK_CALLS = {"isinstance": 2, "numel": 1, "len": 1, "float": 1, "int": 1}
+CHECK_TYPES = {"Tensor", "float", "int", "bool", "tuple", "list"}
+
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+_COMPARE = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge,
+            ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne}
+
+
+def symbol(name: str) -> sympy.Symbol:
+    """Every spec name is one real sympy symbol (complex tensors are viewed as real)."""
+    return sympy.Symbol(name, real=True)
+
+
+def node_location(base: Location, node: ast.AST) -> Location:
+    """Location of an ast node parsed from text that starts at ``base``."""
+    line = getattr(node, "lineno", 1)
+    col = getattr(node, "col_offset", 0)
+    if line == 1:
+        return Location(base.path, base.line, base.col + col)
+    return Location(base.path, base.line + line - 1, col + 1)
+
+
+def parse_python(text: str, loc: Location, mode: str = "eval") -> ast.AST:
+    try:
+        return ast.parse(text, mode=mode)
+    except SyntaxError as e:
+        where = node_location(loc, _SyntaxPos(e.lineno or 1, (e.offset or 1) - 1))
+        raise SpecError(where, f"syntax error: {e.msg} (expected a Python-syntax expression)") from None
+
+
+class _SyntaxPos:
+    def __init__(self, lineno, col_offset):
+        self.lineno, self.col_offset = lineno, col_offset
+
+
+class MathBuilder:
+    """Turns ast expressions into sympy, resolving names through ``names``."""
+
+    def __init__(self, base: Location, names: dict[str, str], what: str):
+        self.base = base
+        self.names = names  # allowed name → its role, for error messages
+        self.what = what
+
+    def error(self, node: ast.AST, message: str) -> SpecError:
+        return SpecError(node_location(self.base, node), message)
+
+    def math(self, node: ast.AST) -> sympy.Expr:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return sympy.Integer(node.value) if isinstance(node.value, int) else sympy.Float(node.value)
+        if isinstance(node, ast.Constant):
+            raise self.error(node, f"{node.value!r} is not a number; {self.what} takes numbers and names")
+        if isinstance(node, ast.Name):
+            if node.id not in self.names:
+                known = ", ".join(sorted(self.names)) or "none"
+                raise self.error(node, f"unknown name '{node.id}' in {self.what}; known names: {known}")
+            return symbol(node.id)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](self.math(node.left), self.math(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            value = self.math(node.operand)
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
+                name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
+                raise self.error(node, f"unknown function '{name}'; available: {', '.join(sorted(FUNCTIONS))}")
+            arity, make = FUNCTIONS[node.func.id]
+            if node.keywords or len(node.args) != arity:
+                raise self.error(node, f"{node.func.id}() takes {arity} positional argument(s)")
+            return make(*(self.math(a) for a in node.args))
+        raise self.error(node, f"'{ast.unparse(node)}' is not allowed in {self.what}: "
+                               "use numbers, names, + - * / **, and functions such as sqrt, lerp")
+
+    def condition(self, node: ast.AST) -> sympy.Basic:
+        if isinstance(node, ast.BoolOp):
+            parts = [self.condition(v) for v in node.values]
+            return sympy.And(*parts) if isinstance(node.op, ast.And) else sympy.Or(*parts)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return sympy.Not(self.condition(node.operand))
+        if isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            return sympy.true if node.value else sympy.false
+        if isinstance(node, ast.Name):
+            if self.names.get(node.id) != "flag":
+                raise self.error(node, f"'{node.id}' is not a flag; a condition names a flag "
+                                       f"(a boolean hyperparameter) or compares a hyperparameter")
+            return symbol(node.id)
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
+            return _COMPARE[type(node.ops[0])](self.math(node.left), self.math(node.comparators[0]))
+        raise self.error(node, f"'{ast.unparse(node)}' is not a condition: expected a flag, a comparison "
+                               "such as 'weight_decay != 0', or and/or/not of those")
+
+
+def parse_math(text: str, loc: Location, names: dict[str, str], what: str) -> sympy.Expr:
+    tree = parse_python(text.strip(), loc)
+    return MathBuilder(loc, names, what).math(tree.body)
+
+
+def parse_condition(text: str, loc: Location, names: dict[str, str], what: str) -> sympy.Basic:
+    tree = parse_python(text.strip(), loc)
+    return MathBuilder(loc, names, what).condition(tree.body)
+
+
+def parse_check(text: str, loc: Location, names: set[str]) -> str:
+    """Validates a constructor check against the allow-list; returns it as normalised Python."""
+    tree = parse_python(text.strip(), loc)
+    allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub,
+               ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Is, ast.IsNot,
+               ast.Constant, ast.Name, ast.Load, ast.Subscript, ast.Call, ast.BinOp, ast.Add,
+               ast.Sub, ast.Mult, ast.Div)
+    for node in ast.walk(tree):
+        if not isinstance(node, allowed):
+            raise SpecError(node_location(loc, node), f"'{ast.unparse(node)}' is not allowed in a check")
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in CHECK_CALLS
+                    and len(node.args) == CHECK_CALLS[node.func.id] and not node.keywords):
+                raise SpecError(node_location(loc, node),
+                                f"'{ast.unparse(node)}': a check may call only "
+                                + ", ".join(f"{n}() with {a} argument(s)" for n, a in CHECK_CALLS.items()))
+        if isinstance(node, ast.Name) and node.id not in names and node.id not in CHECK_TYPES \
+                and node.id not in CHECK_CALLS and node.id != "None":
+            raise SpecError(node_location(loc, node),
+                            f"unknown name '{node.id}' in check; known names: {', '.join(sorted(names))}")
+    return ast.unparse(_NumelAsMethod().visit(tree.body))
+
+
+class _NumelAsMethod(ast.NodeTransformer):
+    """``numel(x)`` in a spec check is printed as ``x.numel()`` in the generated constructor."""
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id == "numel":
+            return ast.Call(func=ast.Attribute(value=node.args[0], attr="numel", ctx=ast.Load()), args=[], keywords=[])
+        return node
+
+
+def parse_rule(text: str, loc: Location) -> ast.Module:
+    """An update rule: a block of Python-syntax statements (parsed, never run)."""
+    return parse_python(text, loc, mode="exec")

@@ -1,0 +1,371 @@
+"""Spec files (TOML) → :class:`~optgen.spec.model.Spec`.
+
+TOML is read by the standard library's ``tomllib``; positions come from
+:mod:`optgen.spec.toml_locations`.  This module checks the *shape* of a spec — sections, keys,
+types, the signature — and parses every expression (never executing it).  Whether the update
+rule makes sense (names declared, state written before read, …) is checked when it is lowered to
+IR (:mod:`optgen.ir.lower`).
+"""
+from __future__ import annotations
+
+import ast
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sympy
+
+from optgen.errors import Location, SpecError
+from optgen.spec import expressions
+from optgen.spec.model import RUNTIME_OPTIONS, Check, Hyperparameter, Spec, StateVar
+from optgen.spec.toml_locations import locate
+
+SECTIONS = {
+    "optimizer": {"name", "doc", "paper", "extends", "signature", "group_keys", "complex",
+                  "state_init", "torch"},
+    "hyperparameters": None,  # free names
+    "check": {"assert", "error", "type", "when"},
+    "state": None,
+    "update": {"rule"},
+}
+HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor"}
+STATE_KEYS = {"init", "first", "when", "key"}
+ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError"}
+
+
+@dataclass
+class _Source:
+    """One file's text and the positions of its keys."""
+
+    path: str
+    text: str
+    positions: dict
+    value_positions: dict
+
+    def key_loc(self, path: tuple) -> Location:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.positions:
+                return Location(self.path, *self.positions[path[:n]])
+        return Location(self.path, 1, 1)
+
+    def value_loc(self, path: tuple) -> Location:
+        if path in self.value_positions:
+            return Location(self.path, *self.value_positions[path])
+        return self.key_loc(path)
+
+
+def _read(path: Path) -> tuple[dict, _Source]:
+    shown = _display_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(None, f"{shown}: cannot read spec: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib says "... (at line L, column C)"; move the position to the front.
+        message, line, col = str(e), 1, 1
+        if "(at line " in message:
+            message, _, where = message.rpartition(" (at line ")
+            line_s, _, col_s = where.rstrip(")").partition(", column ")
+            line, col = int(line_s), int(col_s or 1)
+        elif "(at end of document)" in message:
+            message = message.replace(" (at end of document)", "")
+            line = text.count("\n") + 1
+        raise SpecError(Location(shown, line, col), f"TOML syntax error: {message}") from None
+    positions, value_positions = locate(text)
+    return data, _Source(shown, text, positions, value_positions)
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _reject_unknown(table: dict, allowed: set[str], src: _Source, path: tuple, what: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise SpecError(src.key_loc(path + (key,)),
+                            f"unknown key '{key}' in {what}; allowed keys: {', '.join(sorted(allowed))}")
+
+
+def _expect(value: Any, types: type | tuple, src: _Source, path: tuple, what: str) -> Any:
+    if not isinstance(value, types) or (types in (int, float, (int, float)) and isinstance(value, bool)):
+        names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+        raise SpecError(src.value_loc(path), f"{what} must be a {names}, not {type(value).__name__}")
+    return value
+
+
+class _Merged:
+    """A spec's tables after `extends`, each entry remembering the file it came from."""
+
+    def __init__(self):
+        self.optimizer: dict[str, tuple[Any, _Source]] = {}
+        self.hyperparameters: dict[str, tuple[Any, _Source]] = {}
+        self.state: dict[str, tuple[Any, _Source]] = {}
+        self.checks: list[tuple[dict, _Source, int]] = []
+        self.rule: tuple[str, _Source] | None = None
+
+
+def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tuple[_Merged, _Source]:
+    data, src = _read(path)
+    for section, value in data.items():
+        if section not in SECTIONS:
+            raise SpecError(src.key_loc((section,)),
+                            f"unknown section [{section}]; allowed sections: {', '.join(SECTIONS)}")
+        if section == "check":
+            if not isinstance(value, list):
+                raise SpecError(src.key_loc((section,)), "checks are written as [[check]] tables")
+        elif not isinstance(value, dict):
+            raise SpecError(src.key_loc((section,)), f"'{section}' must be a table: [{section}]")
+        allowed = SECTIONS[section]
+        if allowed is not None and section != "check":
+            _reject_unknown(value, allowed, src, (section,), f"[{section}]")
+
+    optimizer = data.get("optimizer")
+    if optimizer is None:
+        raise SpecError(Location(src.path, 1, 1), "missing [optimizer] section (with at least name = \"...\")")
+    merged = _Merged()
+    base_name = optimizer.get("extends")
+    if base_name is not None:
+        _expect(base_name, str, src, ("optimizer", "extends"), "extends")
+        base_path = search_dir / f"{base_name.lower()}.toml"
+        if base_name in seen or not base_path.is_file():
+            why = "extends itself in a cycle" if base_name in seen else f"no spec file {base_path.name} next to it"
+            raise SpecError(src.value_loc(("optimizer", "extends")), f"cannot extend '{base_name}': {why}")
+        merged, _ = _merge_file(base_path, search_dir, seen + (base_name,))
+        merged.optimizer.pop("torch", None)  # the oracle is per spec, never inherited
+        merged.optimizer.pop("doc", None)
+    for key, value in optimizer.items():
+        merged.optimizer[key] = (value, src)
+    for key, value in data.get("hyperparameters", {}).items():
+        merged.hyperparameters[key] = (value, src)
+    for key, value in data.get("state", {}).items():
+        merged.state[key] = (value, src)
+    if "check" in data:
+        merged.checks = [(c, src, i) for i, c in enumerate(data["check"])]
+    if "update" in data:
+        if "rule" not in data["update"]:
+            raise SpecError(src.key_loc(("update",)), "[update] needs rule = \"\"\"...\"\"\"")
+        merged.rule = (data["update"]["rule"], src)
+    return merged, src
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Reads, merges (`extends`) and validates one spec file; raises SpecError with file:line:col."""
+    path = Path(path)
+    merged, src = _merge_file(path, path.parent)
+    opt = merged.optimizer
+
+    def opt_value(key, types, default=None, required=False):
+        if key not in opt:
+            if required:
+                raise SpecError(src.key_loc(("optimizer",)), f"[optimizer] needs '{key}'")
+            return default
+        value, vsrc = opt[key]
+        return _expect(value, types, vsrc, ("optimizer", key), f"optimizer.{key}")
+
+    name = opt_value("name", str, required=True)
+    if not name.isidentifier():
+        raise SpecError(src.value_loc(("optimizer", "name")), f"optimizer name '{name}' is not a Python identifier")
+    hyper = _hyperparameters(merged)
+    checks = _checks(merged, hyper)
+    signature, group_keys = _signature(merged, hyper, opt_value)
+    names = {"param": "tensor", "grad": "tensor"}
+    for h in hyper.values():
+        names.update({n: "hyperparameter" for n in h.names} if h.names else
+                     {h.name: "flag" if h.is_flag else "hyperparameter"})
+    state = _state(merged, names)
+    if merged.rule is None:
+        raise SpecError(src.key_loc(("optimizer",)), "missing [update] section with rule = \"\"\"...\"\"\"")
+    rule_text, rule_src = merged.rule
+    if not isinstance(rule_text, str):
+        raise SpecError(rule_src.value_loc(("update", "rule")), "rule must be a string of statements")
+    rule_loc = rule_src.value_loc(("update", "rule"))
+    rule = expressions.parse_rule(rule_text, rule_loc)
+    complex_mode = opt_value("complex", str)
+    if complex_mode not in (None, "view_as_real"):
+        raise SpecError(src.value_loc(("optimizer", "complex")), "complex must be \"view_as_real\" (or left out)")
+    state_init = opt_value("state_init", str, "lazy")
+    if state_init not in ("lazy", "eager"):
+        raise SpecError(src.value_loc(("optimizer", "state_init")), "state_init must be \"lazy\" or \"eager\"")
+    return Spec(
+        name=name, path=src.path, source=_combined_source(merged, src), doc=opt_value("doc", str, ""),
+        paper=opt_value("paper", str, ""), signature=signature, group_keys=group_keys,
+        hyperparameters=hyper, checks=checks, state=state, rule=rule, rule_text=rule_text, rule_loc=rule_loc,
+        complex_params=complex_mode == "view_as_real", eager_state=state_init == "eager",
+        torch_name=opt_value("torch", str), extends=opt_value("extends", str),
+    )
+
+
+def _combined_source(merged: _Merged, src: _Source) -> str:
+    """The text a spec's hash covers: its own file and every file it extends."""
+    files = {s.path: s.text for _, s in merged.optimizer.values()}
+    files.update({s.path: s.text for _, s in merged.hyperparameters.values()})
+    files[src.path] = src.text
+    return "".join(files[p] for p in sorted(files))
+
+
+def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
+    out: dict[str, Hyperparameter] = {}
+    for name, (raw, src) in merged.hyperparameters.items():
+        path = ("hyperparameters", name)
+        loc = src.key_loc(path)
+        if not name.isidentifier():
+            raise SpecError(loc, f"hyperparameter name '{name}' is not a Python identifier")
+        if name in RUNTIME_OPTIONS:
+            raise SpecError(loc, f"'{name}' is a runtime option every optimizer has; list it in "
+                                 "optimizer.signature instead of declaring it")
+        table = raw if isinstance(raw, dict) else {"default": raw}
+        if isinstance(raw, dict):
+            _reject_unknown(raw, HYPERPARAMETER_KEYS, src, path, f"hyperparameter '{name}'")
+            if "default" not in raw:
+                raise SpecError(loc, f"hyperparameter '{name}' needs a default")
+        default = table["default"]
+        dpath = path + ("default",) if isinstance(raw, dict) else path
+        names: tuple[str, ...] = ()
+        if isinstance(default, list):
+            for i, item in enumerate(default):
+                _expect(item, (int, float), src, dpath + (i,), f"{name}[{i}]")
+            names = tuple(_expect(table.get("names"), list, src, path + ("names",), f"{name}.names")
+                          if "names" in table else ())
+            if len(names) != len(default):
+                raise SpecError(src.key_loc(path), f"tuple hyperparameter '{name}' needs names = [...] "
+                                                   f"with one name per item ({len(default)})")
+            for i, n in enumerate(names):
+                if not isinstance(n, str) or not n.isidentifier():
+                    raise SpecError(src.value_loc(path + ("names", i)), f"'{n}' is not a valid name")
+            default = tuple(default)
+        elif not isinstance(default, (bool, int, float)):
+            raise SpecError(src.value_loc(dpath), f"default of '{name}' must be a number, a bool or a list "
+                                                  f"of numbers, not {type(default).__name__}")
+        elif "names" in table:
+            raise SpecError(src.key_loc(path + ("names",)), "names = [...] is only for tuple hyperparameters")
+        fixed = _expect(table.get("fixed", False), bool, src, path + ("fixed",), "fixed")
+        tensor = _expect(table.get("tensor", False), bool, src, path + ("tensor",), "tensor")
+        out[name] = Hyperparameter(name, default, loc, names, fixed, tensor)
+    return out
+
+
+def _checks(merged: _Merged, hyper: dict[str, Hyperparameter]) -> tuple[Check, ...]:
+    names = set(hyper) | set(RUNTIME_OPTIONS)
+    out = []
+    for raw, src, i in merged.checks:
+        path = ("check", i)
+        _reject_unknown(raw, SECTIONS["check"], src, path, "[[check]]")
+        for key in ("assert", "error"):
+            if key not in raw:
+                raise SpecError(src.key_loc(path), f"[[check]] needs '{key}'")
+            _expect(raw[key], str, src, path + (key,), f"check.{key}")
+        kind = raw.get("type", "ValueError")
+        if kind not in ERROR_TYPES:
+            raise SpecError(src.value_loc(path + ("type",)),
+                            f"unknown error type '{kind}'; use one of {', '.join(sorted(ERROR_TYPES))}")
+        ok = expressions.parse_check(raw["assert"], src.value_loc(path + ("assert",)), names)
+        when = None
+        if "when" in raw:
+            when = expressions.parse_check(_expect(raw["when"], str, src, path + ("when",), "check.when"),
+                                           src.value_loc(path + ("when",)), names)
+        _check_message(raw["error"], src.value_loc(path + ("error",)), names)
+        out.append(Check(ok, raw["error"], kind, when, src.key_loc(path)))
+    return tuple(out)
+
+
+def _check_message(message: str, loc: Location, names: set[str]) -> None:
+    """Error messages are f-string bodies; every {field} must be a checked value."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(message) if f is not None]
+    except ValueError as e:
+        raise SpecError(loc, f"bad error message template: {e}") from None
+    for f in fields:
+        base = f.split("[")[0]
+        if base not in names:
+            raise SpecError(loc, f"error message refers to '{{{f}}}', which is not a hyperparameter")
+
+
+def _signature(merged: _Merged, hyper, opt_value) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    text = opt_value("signature", str, required=True)
+    value, vsrc = merged.optimizer["signature"]
+    loc = vsrc.value_loc(("optimizer", "signature"))
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    params = [s for s in items if s != "*"]
+    if items.count("*") > 1:
+        raise SpecError(loc, "signature has more than one '*'")
+    for s in params:
+        if s not in RUNTIME_OPTIONS and (s not in hyper or hyper[s].fixed):
+            raise SpecError(loc, f"signature names '{s}', which is neither a (non-fixed) hyperparameter "
+                                 f"nor a runtime option ({', '.join(RUNTIME_OPTIONS)})")
+    if len(set(params)) != len(params):
+        raise SpecError(loc, "signature names an argument twice")
+    missing = [h.name for h in hyper.values() if not h.fixed and h.name not in params]
+    if missing:
+        raise SpecError(loc, f"signature leaves out hyperparameter(s) {', '.join(missing)}")
+    keys = params + [h.name for h in hyper.values() if h.fixed]
+    group_text = opt_value("group_keys", str)
+    if group_text is None:
+        return items, tuple(keys)
+    group = tuple(s.strip() for s in group_text.split(",") if s.strip())
+    if sorted(group) != sorted(keys):
+        gvalue, gsrc = merged.optimizer["group_keys"]
+        raise SpecError(gsrc.value_loc(("optimizer", "group_keys")),
+                        f"group_keys must list exactly the signature's arguments and fixed "
+                        f"hyperparameters: {', '.join(sorted(keys))}")
+    return items, group
+
+
+def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
+    out: dict[str, StateVar] = {}
+    for name, (raw, src) in merged.state.items():
+        path = ("state", name)
+        loc = src.key_loc(path)
+        if not name.isidentifier() or name in names:
+            raise SpecError(loc, f"state name '{name}' is not a Python identifier or is already used "
+                                 "by a hyperparameter / param / grad")
+        table = raw if isinstance(raw, dict) else {"init": raw}
+        if isinstance(raw, dict):
+            _reject_unknown(raw, STATE_KEYS, src, path, f"state '{name}'")
+        if ("init" in table) == ("first" in table):
+            raise SpecError(loc, f"state '{name}' needs exactly one of init = \"zeros_like(param)\" / "
+                                 "\"full_like(param, x)\" / \"0\", or first = \"<expression>\"")
+        when = sympy.true
+        if "when" in table:
+            text = _expect(table["when"], str, src, path + ("when",), "when")
+            when = expressions.parse_condition(text, src.value_loc(path + ("when",)), names, "a state condition")
+        key = _expect(table.get("key", name), str, src, path + ("key",), "key")
+        if "first" in table:
+            text = _expect(table["first"], str, src, path + ("first",), "first")
+            value = expressions.parse_math(text, src.value_loc(path + ("first",)),
+                                           {**names, name: "state"}, "a state's first value")
+            out[name] = StateVar(name, key, "first", value, when, loc)
+            continue
+        raw_init = table["init"]
+        ipath = path + ("init",) if isinstance(raw, dict) else path
+        if isinstance(raw_init, (int, float)) and not isinstance(raw_init, bool):
+            raw_init = repr(raw_init)
+        text = _expect(raw_init, str, src, ipath, "init")
+        kind, value = _parse_init(text, src.value_loc(ipath), names)
+        out[name] = StateVar(name, key, kind, value, when, loc)
+    return out
+
+
+def _parse_init(text: str, loc: Location, names: dict[str, str]) -> tuple[str, sympy.Expr | None]:
+    """``zeros_like(param)`` | ``full_like(param, <scalar>)`` | ``<number>`` (a 0-dim counter)."""
+    tree = expressions.parse_python(text.strip(), loc).body
+    builder = expressions.MathBuilder(loc, {k: v for k, v in names.items() if v == "hyperparameter"},
+                                      "a state initialiser")
+    if isinstance(tree, ast.Constant) and type(tree.value) in (int, float):
+        return "scalar", sympy.Float(tree.value)
+    if isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and not tree.keywords:
+        args = tree.args
+        is_param = bool(args) and isinstance(args[0], ast.Name) and args[0].id == "param"
+        if tree.func.id == "zeros_like" and len(args) == 1 and is_param:
+            return "zeros", None
+        if tree.func.id == "full_like" and len(args) == 2 and is_param:
+            return "full", builder.math(args[1])
+    raise SpecError(loc, f"bad initialiser '{text.strip()}': expected zeros_like(param), "
+                         "full_like(param, <hyperparameter expression>) or a number (a 0-dim counter)")

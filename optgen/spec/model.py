@@ -1,0 +1,102 @@
+"""What a spec file says, validated and located: immutable records, no behaviour.
+
+Each record carries the :class:`Location` of the text it came from, so every later stage can
+point back at the spec when something is wrong.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from optgen.errors import Location
+
+#: constructor arguments every optimizer may take that steer the runtime, not the math
+RUNTIME_OPTIONS: dict[str, Any] = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A constructor argument of the math: a scalar, a flag (bool) or a tuple of scalars."""
+
+    name: str
+    default: Any                 # the Python default, exactly as torch has it (0 stays int)
+    loc: Location
+    names: tuple[str, ...] = ()  # for tuples: the scalar names its items go by in the rule
+    fixed: bool = False          # not a constructor argument; always `default` (AdamW's decoupling)
+    tensor: bool = False         # may be given as a 1-element Tensor (converted to a number per step)
+
+    @property
+    def is_flag(self) -> bool:
+        return isinstance(self.default, bool)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A constructor validation: ``if when and not (ok): raise kind(message)``."""
+
+    ok: str                      # Python text (allow-listed), e.g. "0.0 <= lr"
+    message: str                 # f-string body, e.g. "Invalid learning rate: {lr}"
+    kind: str                    # exception class name, e.g. "ValueError"
+    when: str | None
+    loc: Location
+
+
+@dataclass(frozen=True)
+class StateVar:
+    """A per-parameter state entry."""
+
+    name: str                    # the name in the update rule
+    key: str                     # the key in optimizer.state[p] / state_dict (torch's name)
+    init: str                    # "zeros" | "full" | "scalar" | "first"
+    init_value: sympy.Expr | None  # fill value for "full" / "scalar"; the value for "first"
+    when: sympy.Basic            # condition (flags, hyperparameters) under which it exists
+    loc: Location
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.init == "scalar"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One optimizer spec file, parsed and checked for shape (not yet lowered)."""
+
+    name: str
+    path: str
+    source: str                  # the file's text (its hash goes into generated headers)
+    doc: str
+    paper: str
+    signature: tuple[str, ...]   # constructor arguments after `params`, '*' marking keyword-only
+    group_keys: tuple[str, ...]  # order of keys in each param group (torch's defaults order)
+    hyperparameters: dict[str, Hyperparameter]
+    checks: tuple[Check, ...]
+    state: dict[str, StateVar]
+    rule: ast.Module             # the update rule, parsed, never executed
+    rule_text: str               # ... and as written (for docstrings)
+    rule_loc: Location           # where the rule's first line is in the file
+    complex_params: bool         # complex parameters handled as real views
+    eager_state: bool            # state created in the constructor (Adagrad) instead of lazily
+    torch_name: str | None       # the torch.optim class this spec reproduces (test oracle)
+    extends: str | None = None
+    locs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def flags(self) -> list[Hyperparameter]:
+        return [h for h in self.hyperparameters.values() if h.is_flag]
+
+    def scalar_names(self) -> dict[str, str]:
+        """Every name the update rule may read, with its role."""
+        names: dict[str, str] = {"param": "tensor", "grad": "tensor"}
+        for h in self.hyperparameters.values():
+            if h.is_flag:
+                names[h.name] = "flag"
+            elif h.names:
+                names.update({n: "hyperparameter" for n in h.names})
+            else:
+                names[h.name] = "hyperparameter"
+        for s in self.state.values():
+            names[s.name] = "state"
+        return names
