@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from optgen.errors import SpecError
 from optgen.ir.lower import lower
 from optgen.ir.nodes import Program
 from optgen.ir.ops import OpProgram
@@ -62,7 +63,7 @@ def compile_spec(spec: Spec) -> Compiled:
 def dump(spec: Spec, flags, after: str) -> str:
     """The IR of one variant after the pass named ``after`` (for `optgen show --dump-ir`)."""
     if after not in PASS_NAMES:
-        raise ValueError(f"unknown pass '{after}'; passes: {', '.join(PASS_NAMES)}")
+        raise SpecError(None, f"unknown pass '{after}'; passes: {', '.join(PASS_NAMES)}")
     program = validate(lower(spec))
     if after == "lower":
         return program.describe()

@@ -22,14 +22,14 @@ from itertools import chain
 from typing import Any, TypeAlias
 
 import torch
-import torch.optim.optimizer as _torch_optimizer_module
+import torch.optim.optimizer as _torch_optimizer_module  # global step-hook registries
+from torch.optim.optimizer import required  # re-exported: see the note below
 from torch.utils.hooks import RemovableHandle
 
 from optgen.runtime.hooks import add_hook, run_step_post_hooks, run_step_pre_hooks
 
-# torch's sentinel for hyperparameters without a default; shared (not copied) so that
-# ``default is required`` holds whichever module a subclass imported it from.
-from torch.optim.optimizer import required  # noqa: F401  (re-exported)
+# ``required`` is torch's sentinel for hyperparameters without a default. It is shared,
+# not copied, so ``default is required`` holds whichever module a subclass imported it from.
 
 __all__ = ["Optimizer", "required"]
 
@@ -371,7 +371,7 @@ class Optimizer(torch.optim.Optimizer):
                         p.grad.detach_()
                     else:
                         p.grad.requires_grad_(False)
-                    if False:
+                    if not foreach or p.grad.is_sparse:
                         p.grad.zero_()
                     else:
                         to_zero.append(p.grad)

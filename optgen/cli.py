@@ -1,0 +1,183 @@
+"""The `optgen` command: build, check, list, show, new, verify, bench.
+
+User mistakes (a bad spec, an unknown name) print one line to stderr and exit 1 — never a
+traceback.  Tracebacks are for bugs in optgen itself.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from optgen.errors import SpecError
+
+SPEC_TEMPLATE = '''# {name}: describe the algorithm in one line.
+[optimizer]
+name = "{name}"
+paper = ""
+signature = "lr, weight_decay, *, maximize, foreach, differentiable, fused"
+
+[hyperparameters]
+lr = 1e-3
+weight_decay = 0
+maximize = false
+
+[[check]]
+assert = "0.0 <= lr"
+error = "Invalid learning rate: {{lr}}"
+
+[state]
+step = "0"
+exp_avg = "zeros_like(param)"
+
+[update]
+rule = """
+if maximize:
+    grad = -grad
+step = step + 1
+if weight_decay != 0:
+    grad = grad + weight_decay * param
+exp_avg = lerp(exp_avg, grad, 0.1)
+param = param - lr * exp_avg
+"""
+'''
+
+
+def _find_spec(name: str):
+    from optgen.build import spec_paths
+    from optgen.spec.load import load_spec
+
+    for path in spec_paths():
+        if path.stem == name.lower():
+            return load_spec(path)
+    known = ", ".join(p.stem for p in spec_paths())
+    raise SpecError(None, f"no spec named '{name}' in specs/optimizers/ (have: {known})")
+
+
+def cmd_build(args) -> int:
+    from optgen.build import build
+
+    result = build(check=args.check)
+    if args.check:
+        if result:
+            print("generated/ is stale; run `optgen build`. Stale files:", file=sys.stderr)
+            for name in result:
+                print(f"  generated/{name}", file=sys.stderr)
+            return 1
+        print("generated/ is up to date")
+        return 0
+    print(f"optgen build: {len(result.written)} written, {len(result.removed)} removed, "
+          f"{len(result.unchanged)} unchanged")
+    for name in result.written:
+        print(f"  wrote generated/{name}")
+    for name in result.removed:
+        print(f"  removed generated/{name}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from optgen.build import compile_all
+
+    for c in compile_all():
+        flags = ", ".join(h.name for h in c.spec.flags)
+        print(f"{c.spec.name:<10} {len(c.variants):>2} variants  flags: {flags or '-':<45} {c.spec.path}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from optgen.build import KERNEL_BACKENDS
+    from optgen.backends.optimizer_class import OptimizerClassBackend
+    from optgen.passes import compile_spec, dump
+
+    spec = _find_spec(args.name)
+    flags = _parse_flags(args.flags, spec)
+    if args.dump_ir:
+        print(dump(spec, tuple(flags.items()), args.dump_ir))
+        return 0
+    compiled = compile_spec(spec)
+    sections = [("spec", spec.path, Path(spec.path).read_text() if Path(spec.path).is_file() else spec.source),
+                ("IR after passes", ", ".join(f"{k}={v}" for k, v in flags.items()) or "default flags",
+                 compiled.variant(flags).program.describe())]
+    backends = [OptimizerClassBackend(tuple(b.name for b in KERNEL_BACKENDS)), *KERNEL_BACKENDS]
+    for backend in backends:
+        if args.backend in (None, backend.name):
+            sections.append((f"{backend.name} code", "", backend.render(compiled)))
+    for title, sub, text in sections:
+        print(f"==== {title}" + (f" ({sub})" if sub else "") + " " + "=" * 20)
+        print(text.rstrip("\n"))
+        print()
+    return 0
+
+
+def _parse_flags(text: str | None, spec) -> dict[str, bool]:
+    flags = {h.name: h.default for h in spec.flags}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in flags:
+            raise SpecError(None, f"{spec.name} has no flag '{name}' (flags: {', '.join(flags) or 'none'})")
+        flags[name] = value.strip().lower() in ("1", "true", "yes", "")
+    return flags
+
+
+def cmd_new(args) -> int:
+    from optgen.build import ROOT
+
+    if not args.name.isidentifier():
+        raise SpecError(None, f"'{args.name}' is not a valid class name")
+    path = ROOT / "specs" / "optimizers" / f"{args.name.lower()}.toml"
+    if path.exists():
+        raise SpecError(None, f"{path} already exists")
+    path.write_text(SPEC_TEMPLATE.format(name=args.name))
+    print(f"wrote {path.relative_to(ROOT)}; edit it, then run `optgen build`")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from optgen.verify import verify_all
+
+    return 0 if verify_all(steps=args.steps) else 1
+
+
+def cmd_bench(args) -> int:
+    from optgen.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optgen", description="PyTorch optimizers compiled from specs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="regenerate generated/ from specs/ and templates/")
+    p.add_argument("--check", action="store_true", help="fail (exit 1) if generated/ is stale; write nothing")
+    p.set_defaults(run=cmd_build)
+    sub.add_parser("list", help="list the specs").set_defaults(run=cmd_list)
+    p = sub.add_parser("show", help="a spec, its IR after the passes, and the code of each backend")
+    p.add_argument("name")
+    p.add_argument("--backend", help="only this backend's code (optimizer, forloop, foreach)")
+    p.add_argument("--flags", help="the variant to show the IR of, e.g. amsgrad=true,maximize=false")
+    p.add_argument("--dump-ir", metavar="PASS", help="print the IR after this pass (lower, specialize, cse, "
+                                                     "hoist_scalars, select_ops, reuse_buffers)")
+    p.set_defaults(run=cmd_show)
+    p = sub.add_parser("new", help="scaffold specs/optimizers/<name>.toml")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_new)
+    p = sub.add_parser("verify", help="cross-check every backend of every spec against the reference interpreter")
+    p.add_argument("--steps", type=int, default=10)
+    p.set_defaults(run=cmd_verify)
+    p = sub.add_parser("bench", help="time every backend against torch.optim (writes a Markdown table)")
+    p.add_argument("--params", type=float, default=60e6, help="total parameters (default 60M)")
+    p.add_argument("--tensors", type=int, default=200, help="number of tensors (default 200)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--only", help="comma-separated optimizer names")
+    p.add_argument("--output", help="append the Markdown table to this file")
+    p.set_defaults(run=cmd_bench)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SpecError as e:
+        print(f"optgen: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
