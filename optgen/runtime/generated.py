@@ -53,14 +53,9 @@ class GeneratedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _step_group(self, group: dict) -> None:
-        params, grads = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
+        params, grads = self._params_with_grad(group)
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if not params:
             return
         states = []
@@ -87,7 +82,7 @@ class GeneratedOptimizer(Optimizer):
         scalars = {kw: to_number(group[key] if index is None else group[key][index])
                    for kw, (key, index) in self._scalars.items()}
         if module.MULTI_TENSOR:
-            for sub in _group_by_device_and_dtype(tensors):
+            for sub in _split_by_device_and_dtype(self, tensors):
                 kernel(**sub, **scalars)
         else:
             kernel(**tensors, **scalars)
@@ -110,17 +105,15 @@ def _view_complex_as_real(tensors: dict[str, list]) -> dict[str, list]:
     return out
 
 
-def _group_by_device_and_dtype(tensors: dict[str, list]) -> list[dict[str, list]]:
+def _split_by_device_and_dtype(optimizer: Optimizer, tensors: dict[str, list]) -> list[dict[str, list]]:
     """Splits every list by the (device, dtype) of its param: foreach ops need uniform lists.
 
-    Lists that the kernel fills in (lazily created state) are written back into ``tensors``
-    after the call by aliasing: each sub-list is a view of indices we copy back."""
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(tensors["params"]):
-        groups.setdefault((p.device, p.dtype), []).append(i)
+    A kernel stores lazily created state into its lists; each sub-list writes such assignments
+    through to the full list, from which the caller saves them."""
+    groups = optimizer._group_by_device_and_dtype([tensors["params"]])
     if len(groups) == 1:
         return [tensors]
-    return [_SubLists(tensors, idx) for idx in groups.values()]
+    return [_SubLists(tensors, indices) for _, indices in groups.values()]
 
 
 class _SubLists(dict):

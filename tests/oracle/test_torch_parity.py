@@ -1,0 +1,200 @@
+"""Built-in specs against torch.optim itself: trajectories, state, checkpoints, errors."""
+import copy
+
+import pytest
+import torch
+
+import optgen
+from tests.registry import CASES, IMPLEMENTATIONS, STEPS, TOLERANCES, case_id
+
+SHAPES = [(8, 5), (5,), (3, 2, 4), (1,)]
+
+
+def make_params(dtype, complex_=False):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for s in SHAPES:
+        p = torch.randn(s, generator=g, dtype=torch.float64)
+        if complex_:
+            p = torch.complex(p, torch.randn(s, generator=g, dtype=torch.float64))
+        out.append(p.to(dtype if not complex_ else torch.complex128 if dtype == torch.float64 else torch.complex64))
+    return out
+
+
+def param_groups(params, kwargs):
+    """Two param groups: the second with its own learning rate, as users write them."""
+    lr = kwargs.get("lr", 0.01)
+    return [{"params": params[:2]}, {"params": params[2:], "lr": lr * 0.5}]
+
+
+def set_grads(step, *param_lists):
+    g = torch.Generator().manual_seed(100 + step)
+    for i in range(len(param_lists[0])):
+        ref = param_lists[0][i]
+        grad = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.dtype)
+        if ref.is_complex():
+            grad = grad + 0.5j * torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.dtype)
+        for params in param_lists:
+            params[i].grad = grad + 0.1 * params[i].detach()
+
+
+def assert_same_state(ours, theirs, dtype):
+    tol = TOLERANCES[dtype]
+    assert len(ours.state) == len(theirs.state)
+    for group_o, group_t in zip(ours.param_groups, theirs.param_groups):
+        for p_o, p_t in zip(group_o["params"], group_t["params"]):
+            torch.testing.assert_close(p_o, p_t, **tol)
+            s_o, s_t = ours.state[p_o], theirs.state[p_t]
+            assert list(s_o) == list(s_t)
+            for key in s_t:
+                torch.testing.assert_close(s_o[key], s_t[key], **tol)
+                assert s_o[key].dtype == s_t[key].dtype and s_o[key].shape == s_t[key].shape
+
+
+def run_pair(name, kwargs, implementation, dtype, steps=STEPS, complex_=False):
+    p_ours = [p.clone().requires_grad_() for p in make_params(dtype, complex_)]
+    p_torch = [p.clone().requires_grad_() for p in make_params(dtype, complex_)]
+    ours = getattr(optgen, name)(param_groups(p_ours, kwargs), **kwargs)
+    ours.implementation = implementation
+    theirs = getattr(torch.optim, name)(param_groups(p_torch, kwargs), **kwargs)
+    for k in range(steps):
+        set_grads(k, p_ours, p_torch)
+        ours.step()
+        theirs.step()
+    return ours, theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_trajectory_and_state_match_torch(case, implementation, dtype):
+    name, kwargs = case
+    ours, theirs = run_pair(name, kwargs, implementation, dtype)
+    assert_same_state(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name,kwargs", [("Adam", dict(lr=0.01, amsgrad=True)), ("AdamW", {}),
+                                         ("Adagrad", dict(lr=0.05)), ("SGD", dict(lr=0.05, momentum=0.9))])
+def test_complex_parameters_match_torch(name, kwargs, implementation):
+    ours, theirs = run_pair(name, kwargs, implementation, torch.float64, steps=10, complex_=True)
+    assert_same_state(ours, theirs, torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_state_dict_layout_is_torchs(case):
+    name, kwargs = case
+    ours, theirs = run_pair(name, kwargs, "forloop", torch.float32, steps=2)
+    sd_o, sd_t = ours.state_dict(), theirs.state_dict()
+    assert [list(g) for g in sd_o["param_groups"]] == [list(g) for g in sd_t["param_groups"]]
+    assert sd_o["param_groups"] == sd_t["param_groups"]
+    assert {k: list(v) for k, v in sd_o["state"].items()} == {k: list(v) for k, v in sd_t["state"].items()}
+    for k, v in sd_t["state"].items():
+        for key, value in v.items():
+            assert sd_o["state"][k][key].dtype == value.dtype
+            assert sd_o["state"][k][key].device == value.device
+
+
+@pytest.mark.parametrize("direction", ["torch_to_optgen", "optgen_to_torch"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[1]], ids=case_id)
+def test_checkpoint_moves_between_torch_and_optgen_mid_training(case, direction):
+    """Train 10 steps with one library, load its state_dict into the other, train 10 more: the
+    result equals 20 steps with torch alone."""
+    name, kwargs = case
+    dtype = torch.float64
+    params_a = [p.clone().requires_grad_() for p in make_params(dtype)]
+    params_b = [p.clone().requires_grad_() for p in make_params(dtype)]
+    params_ref = [p.clone().requires_grad_() for p in make_params(dtype)]
+    first_cls, second_cls = ((getattr(torch.optim, name), getattr(optgen, name)) if direction == "torch_to_optgen"
+                             else (getattr(optgen, name), getattr(torch.optim, name)))
+    first = first_cls(param_groups(params_a, kwargs), **kwargs)
+    reference = getattr(torch.optim, name)(param_groups(params_ref, kwargs), **kwargs)
+    for k in range(10):
+        set_grads(k, params_a, params_ref)
+        first.step()
+        reference.step()
+    with torch.no_grad():
+        for a, b in zip(params_a, params_b):
+            b.copy_(a)
+    second = second_cls(param_groups(params_b, kwargs), **kwargs)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    for k in range(10, 20):
+        set_grads(k, params_b, params_ref)
+        second.step()
+        reference.step()
+    assert_same_state(second, reference, dtype)
+
+
+def test_optimizers_are_torch_optimizers_and_drive_torch_schedulers():
+    params = [torch.zeros(3, requires_grad=True)]
+    opt = optgen.AdamW(params, lr=0.1)
+    assert isinstance(opt, torch.optim.Optimizer)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    lrs = []
+    for _ in range(5):
+        params[0].grad = torch.ones(3)
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == [0.1, 0.05, 0.05, 0.025, 0.025]
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the point is to compare whatever is raised
+        return type(e), str(e)
+    return None
+
+
+BAD_ARGUMENTS = [
+    ("SGD", dict(lr=-0.1)), ("SGD", dict(momentum=-0.5)), ("SGD", dict(weight_decay=-1.0)),
+    ("SGD", dict(nesterov=True)), ("SGD", dict(nesterov=True, momentum=0.9, dampening=0.1)),
+    ("SGD", dict(lr=torch.tensor([0.1, 0.2]))),
+    ("Adam", dict(lr=-1.0)), ("Adam", dict(eps=-1e-8)), ("Adam", dict(betas=(1.0, 0.999))),
+    ("Adam", dict(betas=(0.9, -0.1))), ("Adam", dict(weight_decay=-0.1)),
+    ("Adam", dict(lr=torch.tensor(0.01), foreach=True)), ("Adam", dict(lr=torch.tensor([0.1, 0.2]))),
+    ("Adam", dict(fused=True, foreach=True)), ("Adam", dict(fused=True, differentiable=True)),
+    ("AdamW", dict(lr=-1.0)), ("AdamW", dict(betas=(0.9, 1.5))), ("AdamW", dict(eps=-1.0)),
+    ("Adagrad", dict(lr=-1.0)), ("Adagrad", dict(lr_decay=-1.0)), ("Adagrad", dict(weight_decay=-1.0)),
+    ("Adagrad", dict(initial_accumulator_value=-1.0)), ("Adagrad", dict(eps=-1.0)),
+    ("Adagrad", dict(fused=True, foreach=True)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", BAD_ARGUMENTS, ids=lambda x: str(x))
+def test_constructor_errors_are_torchs(name, kwargs):
+    expected = _error(lambda: getattr(torch.optim, name)([torch.zeros(2, requires_grad=True)], **kwargs))
+    assert expected is not None
+    assert _error(lambda: getattr(optgen, name)([torch.zeros(2, requires_grad=True)], **kwargs)) == expected
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad"])
+def test_signature_and_defaults_are_torchs(name):
+    import inspect
+
+    ours = inspect.signature(getattr(optgen, name).__init__)
+    theirs = inspect.signature(getattr(torch.optim, name).__init__)
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad"])
+def test_param_without_grad_is_skipped_like_torch(name):
+    p_o = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+    p_t = [p.detach().clone().requires_grad_() for p in p_o]
+    ours, theirs = getattr(optgen, name)(p_o, lr=0.1), getattr(torch.optim, name)(p_t, lr=0.1)
+    for params, opt in ((p_o, ours), (p_t, theirs)):
+        params[0].grad = torch.full((3,), 0.5)
+        opt.step()
+    torch.testing.assert_close(p_o, p_t, rtol=0, atol=0)
+    assert len(ours.state_dict()["state"]) == len(theirs.state_dict()["state"])
+
+
+def test_default_implementation_on_cpu_is_the_for_loop(monkeypatch):
+    import optgen.runtime.dispatch as dispatch
+
+    opt = optgen.Adam([torch.zeros(2, requires_grad=True)])
+    assert dispatch.choose(opt, opt.param_groups[0], opt.param_groups[0]["params"]) == "forloop"
+    opt = optgen.Adam([torch.zeros(2, requires_grad=True)], foreach=True)
+    assert dispatch.choose(opt, opt.param_groups[0], opt.param_groups[0]["params"]) == "foreach"

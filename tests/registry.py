@@ -1,0 +1,36 @@
+"""The one table that drives the numeric tests against torch.optim.
+
+Each entry is (optimizer name, constructor kwargs); every entry runs for every implementation and
+dtype below.  STEPS = 25: enough for bias corrections to move far from their first-step values
+(beta2 ** 25 is still 0.975, but beta1 ** 25 = 0.07) and for momentum and amsgrad's running max to
+matter, while keeping the whole table under a few seconds.
+"""
+import torch
+
+STEPS = 25
+
+CASES = [
+    ("SGD", {}),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.05, maximize=True)),
+    ("Adam", {}),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    ("Adam", dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, maximize=True)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True)),
+    ("AdamW", {}),
+    ("AdamW", dict(lr=0.01, weight_decay=0.3, amsgrad=True, maximize=True)),
+    ("Adagrad", {}),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1, eps=1e-8)),
+    ("Adagrad", dict(maximize=True)),
+]
+
+IMPLEMENTATIONS = ("forloop", "foreach")
+
+# Declared once: float64 must agree to rounding; float32 to a few ulps of accumulated rounding.
+TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=2e-6, atol=1e-7)}
+
+
+def case_id(case):
+    name, kwargs = case
+    return name + ("-" + "-".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")
