@@ -32,13 +32,15 @@ def cse(program: Program) -> Program:
         if len(run) < 2 and not _has_repeats(run[0].value):
             body.extend(run)
             continue
-        versions: dict[str, sympy.Symbol] = {}
+        versions: dict[str, sympy.Symbol] = {}   # name → its current version
+        inverse: dict[sympy.Symbol, sympy.Symbol] = {}  # every version → the plain name
         renamed = []
         for a in run:
             value = a.value.xreplace({s: versions.get(s.name, s) for s in a.value.free_symbols})
             renamed.append(value)
             versions[a.target] = sympy.Dummy(a.target, real=True)
-        tensor_symbols = {s for s in versions.values()} | {symbol(n) for n, r in roles.items() if r.is_tensor}
+            inverse[versions[a.target]] = symbol(a.target)
+        tensor_symbols = set(inverse) | {symbol(n) for n, r in roles.items() if r.is_tensor}
         replacements, reduced = sympy.cse(renamed, symbols=(sympy.Dummy(f"c{i}") for i in itertools.count()),
                                           optimizations=None, order="none")
         names: dict[sympy.Symbol, sympy.Symbol] = {}
@@ -52,7 +54,6 @@ def cse(program: Program) -> Program:
                 pending.append((names[sub], expr))
             else:
                 names[sub] = expr
-        inverse = {v: symbol(v.name) for v in versions.values()}
         emitted: set = set()
         for a, value in zip(run, reduced):
             value = value.xreplace(names)

@@ -82,12 +82,21 @@ def node_location(base: Location, node: ast.AST) -> Location:
     return Location(base.path, base.line + line - 1, col + 1)
 
 
+def strip_located(text: str, loc: Location) -> tuple[Location, str]:
+    """``text.strip()`` and the location of its first character (so columns stay exact)."""
+    lead = text[: len(text) - len(text.lstrip())]
+    if "\n" in lead:
+        return Location(loc.path, loc.line + lead.count("\n"), len(lead) - lead.rfind("\n")), text.strip()
+    return Location(loc.path, loc.line, loc.col + len(lead)), text.strip()
+
+
 def parse_python(text: str, loc: Location, mode: str = "eval") -> ast.AST:
     try:
         return ast.parse(text, mode=mode)
     except SyntaxError as e:
         where = node_location(loc, _SyntaxPos(e.lineno or 1, (e.offset or 1) - 1))
-        raise SpecError(where, f"syntax error: {e.msg} (expected a Python-syntax expression)") from None
+        expected = "Python-syntax statements" if mode == "exec" else "a Python-syntax expression"
+        raise SpecError(where, f"syntax error: {e.msg} (expected {expected})") from None
 
 
 class _SyntaxPos:
@@ -152,18 +161,21 @@ class MathBuilder:
 
 
 def parse_math(text: str, loc: Location, names: dict[str, str], what: str) -> sympy.Expr:
-    tree = parse_python(text.strip(), loc)
+    loc, text = strip_located(text, loc)
+    tree = parse_python(text, loc)
     return MathBuilder(loc, names, what).math(tree.body)
 
 
 def parse_condition(text: str, loc: Location, names: dict[str, str], what: str) -> sympy.Basic:
-    tree = parse_python(text.strip(), loc)
+    loc, text = strip_located(text, loc)
+    tree = parse_python(text, loc)
     return MathBuilder(loc, names, what).condition(tree.body)
 
 
 def parse_check(text: str, loc: Location, names: set[str]) -> str:
     """Validates a constructor check against the allow-list; returns it as normalised Python."""
-    tree = parse_python(text.strip(), loc)
+    loc, text = strip_located(text, loc)
+    tree = parse_python(text, loc)
     allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub,
                ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Is, ast.IsNot,
                ast.Constant, ast.Name, ast.Load, ast.Subscript, ast.Call, ast.BinOp, ast.Add,

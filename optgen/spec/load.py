@@ -9,6 +9,7 @@ IR (:mod:`optgen.ir.lower`).
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +79,18 @@ def _read(path: Path) -> tuple[dict, _Source]:
     return data, _Source(shown, text, positions, value_positions)
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
 def _display_path(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+    """Paths in messages and generated headers: relative to the project (so a build's output does
+    not depend on the directory it ran from), else to the working directory."""
+    for base in (PROJECT_ROOT, Path.cwd().resolve()):
+        try:
+            return str(path.resolve().relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _reject_unknown(table: dict, allowed: set[str], src: _Source, path: tuple, what: str) -> None:
@@ -279,13 +287,17 @@ def _check_message(message: str, loc: Location, names: set[str]) -> None:
     import string
 
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(message) if f is not None]
+        fields = [(f, spec) for _, f, spec, _ in string.Formatter().parse(message) if f is not None]
     except ValueError as e:
         raise SpecError(loc, f"bad error message template: {e}") from None
-    for f in fields:
-        base = f.split("[")[0]
-        if base not in names:
-            raise SpecError(loc, f"error message refers to '{{{f}}}', which is not a hyperparameter")
+    for f, spec in fields:
+        # The message is emitted as an f-string: a field must be a plain name or name[<int>], and
+        # a format spec must not nest another field, or spec text would run in the generated code.
+        match = re.fullmatch(r"([A-Za-z_]\w*)(\[[0-9]+\])?", f)
+        if match is None or match.group(1) not in names or "{" in (spec or ""):
+            shown = f"{f}:{spec}" if spec else f
+            raise SpecError(loc, f"error message refers to '{{{shown}}}'; a field must be a hyperparameter, "
+                                 "optionally indexed by a number, e.g. {lr} or {betas[0]}")
 
 
 def _signature(merged: _Merged, hyper, opt_value) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -337,6 +349,9 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
             text = _expect(table["when"], str, src, path + ("when",), "when")
             when = expressions.parse_condition(text, src.value_loc(path + ("when",)), names, "a state condition")
         key = _expect(table.get("key", name), str, src, path + ("key",), "key")
+        if not key.isidentifier():  # it is printed into generated code as state["<key>"]
+            raise SpecError(src.value_loc(path + ("key",)), f"state key '{key}' must be a Python identifier, "
+                                                            "like torch's 'exp_avg' or 'sum'")
         if "first" in table:
             text = _expect(table["first"], str, src, path + ("first",), "first")
             value = expressions.parse_math(text, src.value_loc(path + ("first",)),
@@ -355,7 +370,8 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
 
 def _parse_init(text: str, loc: Location, names: dict[str, str]) -> tuple[str, sympy.Expr | None]:
     """``zeros_like(param)`` | ``full_like(param, <scalar>)`` | ``<number>`` (a 0-dim counter)."""
-    tree = expressions.parse_python(text.strip(), loc).body
+    loc, text = expressions.strip_located(text, loc)
+    tree = expressions.parse_python(text, loc).body
     builder = expressions.MathBuilder(loc, {k: v for k, v in names.items() if v == "hyperparameter"},
                                       "a state initialiser")
     if isinstance(tree, ast.Constant) and type(tree.value) in (int, float):

@@ -1,0 +1,75 @@
+"""The `optgen` command as a user runs it (a subprocess, so exit codes and streams are real)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def optgen(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "optgen.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generated_package_is_up_to_date():
+    result = optgen("build", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
+
+
+def test_show_prints_spec_ir_and_readable_code():
+    result = optgen("show", "Adam")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for section in ("==== spec", "==== IR after passes", "==== forloop code", "==== foreach code", "==== optimizer code"):
+        assert section in out
+    assert "exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)" in out
+    assert "torch._foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size in step_sizes])" in out
+    assert "# exp_avg = lerp(exp_avg, grad, 1 - beta1)" in out  # the spec line above its code
+
+
+def test_show_dump_ir_and_flags():
+    result = optgen("show", "Adam", "--flags", "amsgrad=true", "--dump-ir", "hoist_scalars")
+    assert result.returncode == 0, result.stderr
+    assert "Maximum(max_exp_avg_sq, exp_avg_sq)" in result.stdout
+
+
+def test_list_names_every_spec():
+    result = optgen("list")
+    assert result.returncode == 0
+    for name in ("SGD", "Adam", "AdamW", "Adagrad"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("show", "NoSuchOptimizer"), "no spec named 'NoSuchOptimizer'"),
+    (("show", "Adam", "--flags", "bogus=1"), "Adam has no flag 'bogus'"),
+    (("show", "Adam", "--dump-ir", "nopass"), "unknown pass 'nopass'"),
+])
+def test_user_mistakes_are_one_line_errors_without_traceback(args, message):
+    result = optgen(*args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_build_is_byte_identical_when_rerun(tmp_path):
+    from optgen.build import compile_all, render_all
+
+    assert render_all(compile_all()) == render_all(compile_all())
+
+
+def test_new_scaffold_compiles(tmp_path, monkeypatch):
+    import shutil
+
+    from optgen import cli
+    from optgen.build import build
+
+    for folder in ("specs", "generated"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    monkeypatch.setattr("optgen.build.ROOT", tmp_path)
+    assert cli.main(["new", "Toy"]) == 0
+    result = build(root=tmp_path)
+    assert "toy.py" in result.written and "toy_forloop.py" in result.written

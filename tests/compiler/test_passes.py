@@ -1,0 +1,192 @@
+"""Unit tests per compiler stage: each pass on small inline specs."""
+import textwrap
+
+import pytest
+import sympy
+
+from optgen.backends.forloop import describe_ops
+from optgen.backends.printing import PythonScalarPrinter
+from optgen.ir.lower import lower
+from optgen.ir.validate import implies, validate
+from optgen.passes import compile_spec, dump
+from optgen.passes.cse import cse
+from optgen.passes.hoist_scalars import hoist_scalars
+from optgen.passes.specialize import specialize
+from optgen.spec.expressions import symbol
+from optgen.spec.load import load_spec
+from optgen.spec.toml_locations import locate
+
+HEADER = """
+[optimizer]
+name = "Toy"
+signature = "lr, beta, weight_decay, flag, *, foreach"
+
+[hyperparameters]
+lr = 1e-3
+beta = 0.9
+weight_decay = 0
+flag = false
+
+[state]
+step = "0"
+buf = "zeros_like(param)"
+"""
+
+
+def toy(tmp_path, rule: str):
+    path = tmp_path / "toy.toml"
+    path.write_text(HEADER + '\n[update]\nrule = """\n' + textwrap.dedent(rule).strip() + '\n"""\n')
+    return load_spec(path)
+
+
+def ops_text(spec, **flags):
+    compiled = compile_spec(spec)
+    return describe_ops(compiled.variant(flags).ops)
+
+
+def test_locations_cover_keys_inline_tables_arrays_and_multiline_strings():
+    text = 'a = 1\n[t]\nx = { default = [1, 2], names = ["p", "q"] }\n[[c]]\ny = "s"\n[u]\nrule = """\nz = 1\n"""\n'
+    keys, values = locate(text)
+    assert keys[("a",)] == (1, 1)
+    assert keys[("t", "x", "names")] == (3, 25)
+    assert values[("t", "x", "default", 1)] == (3, 21)
+    assert keys[("c", 0, "y")] == (5, 1) and values[("c", 0, "y")] == (5, 6)
+    assert values[("u", "rule")] == (8, 1)  # the newline after """ is not part of the string
+
+
+def test_recognises_torch_fused_ops(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = beta * buf + (1 - beta) * grad * grad
+        denom = sqrt(buf) + 1e-8
+        param = param - lr * grad / denom
+    """)
+    text = ops_text(spec)
+    assert "step_t.add_(1)" in text
+    assert "buf.mul_(beta).addcmul_(grad, grad, value=1 - beta)" in text
+    assert "denom = buf.sqrt().add_(1e-08)" in text
+    assert "param.addcdiv_(grad, denom, value=-lr)" in text
+
+
+def test_lerp_and_maximum_update_in_place(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = lerp(buf, grad, 1 - beta)
+        buf = maximum(buf, grad)
+        param = param - lr * buf
+    """)
+    text = ops_text(spec)
+    assert "buf.lerp_(grad, 1 - beta)" in text
+    assert "torch.maximum(buf, grad, out=buf)" in text
+
+
+def test_grad_is_never_written_in_place_unless_we_own_it(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        if flag:
+            grad = -grad
+        grad = grad + weight_decay * param
+        buf = buf + grad
+        param = param - lr * buf
+    """)
+    assert "grad = grad.add(param, alpha=weight_decay)" in ops_text(spec, flag=False)
+    # after `grad = -grad` the buffer is ours: reuse_buffers makes the add in place
+    assert "grad.add_(param, alpha=weight_decay)" in ops_text(spec, flag=True)
+
+
+def test_reuse_does_not_cross_a_runtime_guard(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        if weight_decay != 0:
+            grad = grad * 2
+        grad = grad + param
+        buf = buf + grad
+        param = param - lr * buf
+    """)
+    text = ops_text(spec)
+    # grad is ours only when the guarded line ran, so the next statement must copy
+    assert "grad = grad.add(param)" in text
+
+
+def test_cse_names_repeated_tensor_subexpressions(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = buf + sqrt(grad * grad + 1) * lr
+        param = param - sqrt(grad * grad + 1) * buf
+    """)
+    program = cse(specialize(validate(lower(spec)), (("flag", False),)))
+    targets = [a.target for a in program.body]
+    assert targets.count("common0") == 1 and targets.index("common0") < targets.index("buf")
+    assert symbol("common0") in program.body[-1].value.free_symbols
+
+
+def test_cse_respects_reassignment(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = buf + sqrt(grad + 1)
+        grad = grad * 2
+        param = param - sqrt(grad + 1) * buf
+    """)
+    program = cse(specialize(validate(lower(spec)), (("flag", False),)))
+    assert not any(a.target.startswith("common") for a in program.body)
+
+
+def test_hoisting_moves_step_independent_scalars_out_of_the_loop(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        one_minus_beta = 1 - beta
+        bias = 1 - beta ** step
+        buf = lerp(buf, grad, one_minus_beta)
+        param = param - lr / bias * buf
+    """)
+    program = hoist_scalars(specialize(validate(lower(spec)), (("flag", False),)))
+    assert [a.target for a in program.preamble] == ["one_minus_beta"]
+    assert program.per_tensor == {"bias"}
+
+
+def test_specialisation_drops_dead_branches(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        if flag:
+            buf = buf + grad
+        else:
+            buf = buf - grad
+        param = param - lr * buf
+    """)
+    on = specialize(validate(lower(spec)), (("flag", True),))
+    assert [str(a.value) for a in on.body if a.target == "buf"] == ["buf + grad"]
+    assert all(a.guard == sympy.true for a in on.body)
+
+
+def test_implies_reasons_about_relations():
+    wd, m = symbol("weight_decay"), symbol("momentum")
+    assert implies(sympy.And(sympy.Ne(wd, 0), sympy.Ne(m, 0)), sympy.Ne(m, 0))
+    assert not implies(sympy.Ne(wd, 0), sympy.Ne(m, 0))
+    assert not implies(sympy.Eq(m, 0), sympy.Ne(m, 0))
+
+
+@pytest.mark.parametrize("expr,text", [
+    ("1 - lr * weight_decay", "1 - lr * weight_decay"),
+    ("lr / (1 + (step - 1) * beta)", "lr / (1 + beta * (step - 1))"),
+    ("sqrt(1 - beta ** step)", "math.sqrt(1 - beta ** step)"),
+    ("-lr / (1 - beta)", "-lr / (1 - beta)"),
+    ("beta ** (step + 1)", "beta ** (1 + step)"),
+])
+def test_scalar_printer_reads_like_hand_written_python(expr, text):
+    from optgen.spec.expressions import parse_math
+    from optgen.errors import Location
+
+    names = {n: "hyperparameter" for n in ("lr", "weight_decay", "beta", "step")}
+    value = parse_math(expr, Location("x", 1), names, "test")
+    printed = PythonScalarPrinter()(value)
+    assert printed == text
+    env = {"lr": 0.3, "weight_decay": 0.2, "beta": 0.7, "step": 3.0}
+    import math
+
+    assert eval(printed, {"math": math}, env) == pytest.approx(eval(expr.replace("sqrt", "math.sqrt"), {"math": math}, env))
+
+
+def test_dump_ir_after_each_pass(tmp_path):
+    spec = toy(tmp_path, "step = step + 1\nbuf = buf + grad\nparam = param - lr * buf")
+    for name in ("lower", "specialize", "cse", "hoist_scalars", "select_ops", "reuse_buffers"):
+        assert "buf" in dump(spec, (("flag", False),), name)
