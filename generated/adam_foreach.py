@@ -40,6 +40,7 @@ def adam_default(
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step
@@ -126,6 +127,7 @@ def adam_maximize(
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step
@@ -170,6 +172,7 @@ def adam_maximize_decoupled_weight_decay(
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step
@@ -212,6 +215,7 @@ def adam_amsgrad(
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step
@@ -302,6 +306,7 @@ def adam_amsgrad_maximize(
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step
@@ -348,6 +353,7 @@ def adam_amsgrad_maximize_decoupled_weight_decay(
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step

@@ -84,6 +84,7 @@ def adamw_maximize_decoupled_weight_decay(
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step
@@ -172,6 +173,7 @@ def adamw_amsgrad_maximize_decoupled_weight_decay(
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step

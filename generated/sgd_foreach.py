@@ -101,6 +101,10 @@ def sgd_nesterov(
                     momentum_buffers[i] = grads[i].clone()
                 else:
                     momentum_buffers[i].mul_(momentum).add_(grads[i], alpha=1 - dampening)
+    if momentum != 0 and weight_decay != 0:
+        # grad = grad + momentum * momentum_buffer
+        torch._foreach_add_(grads, momentum_buffers, alpha=momentum)
+    if weight_decay == 0 and momentum != 0:
         # grad = grad + momentum * momentum_buffer
         grads = torch._foreach_add(grads, momentum_buffers, alpha=momentum)
     # param = param - lr * grad

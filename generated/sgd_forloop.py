@@ -97,6 +97,10 @@ def sgd_nesterov(
                 momentum_buffers[i] = momentum_buffer
             else:
                 momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+        if momentum != 0 and weight_decay != 0:
+            # grad = grad + momentum * momentum_buffer
+            grad.add_(momentum_buffer, alpha=momentum)
+        if weight_decay == 0 and momentum != 0:
             # grad = grad + momentum * momentum_buffer
             grad = grad.add(momentum_buffer, alpha=momentum)
         # param = param - lr * grad

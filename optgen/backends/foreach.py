@@ -73,6 +73,9 @@ class ForeachRenderer(PythonRenderer):
             return [f"{plural(step.target)} = {self.scalar_arg(step.expr)}"]
         return [f"{step.target} = {self.scalar(step.expr)}"]
 
+    def release(self, name: str) -> list[str]:
+        return [f"del {plural(name)}  # free the temporary before the next allocation"]
+
     def counter_read(self, name: str) -> str:
         return f"{plural(name)} = [t.item() for t in {plural(name + '_t')}]"
 

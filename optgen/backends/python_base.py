@@ -70,7 +70,13 @@ class PythonRenderer:
     def chainable(self, op: TensorOp) -> bool:
         return False
 
+    def release(self, name: str) -> list[str]:
+        """Freeing a temporary early (foreach); a for-loop iteration's temporaries are small."""
+        return []
+
     def step_lines(self, step: Step) -> list[str]:
+        if step.kind == "release":
+            return self.release(step.target)
         if step.kind == "scalar":
             return self.scalar_step(step)
         if step.first_ops is not None:
@@ -88,7 +94,9 @@ class PythonRenderer:
             block: list[str] = []
             for step in steps:
                 code = self.step_lines(step)
-                if code:
+                if code and step.kind == "release":
+                    block += code
+                elif code:
                     block += [f"# {step.text}", *code]
             if guard == sympy.true:
                 lines += block

@@ -1,46 +1,126 @@
-"""Temporary-buffer reuse: ``x = x.f(...)`` on a tensor this step already owns becomes ``x.f_(...)``.
+"""Temporary-buffer reuse: never hold two buffers where torch's hand-written code holds one.
 
-Within one statement :mod:`~optgen.passes.select_ops` already mutates the temporaries it creates.
-Across statements this pass does the same: after ``grad = grad.neg()`` (maximize) the name
-``grad`` holds a buffer of our own, so the weight-decay statement becomes
-``grad.add_(param, alpha=weight_decay)`` instead of allocating a second copy — the same trick
-torch's foreach Adam plays by hand.  Ownership is lost when a tensor is aliased (``grad =
-momentum_buffer``) and is only kept past a guarded statement if it held before it, too.
+Three rules, each a place torch's foreach optimizers save memory by hand:
+
+1. **In place on what we own.**  After ``grad = -grad`` (maximize) the name ``grad`` holds a
+   buffer of our own, so the weight-decay statement becomes ``grad.add_(param, ...)`` instead of
+   allocating a second copy.  Ownership is tracked as a *condition*: after
+   ``if weight_decay != 0: grad = grad + weight_decay * param`` the buffer is ours exactly when
+   ``weight_decay != 0``.  An out-of-place update of a name owned under some conditions only is
+   split in two: in place under them, a copy otherwise (``grad`` is the user's ``.grad``, which an
+   optimizer must never write).
+2. **Aliases are not owned.**  ``grad = momentum_buffer`` binds without a copy; writing through
+   either name would change the state, so neither is owned afterwards.
+3. **Free temporaries after their last use.**  A ``release`` step (``del grads`` in foreach code)
+   follows the last read of a temporary when more allocations come after it — torch's
+   ``del device_grads`` in ``_multi_tensor_adam``.
 """
 from __future__ import annotations
 
 import sympy
 
 from optgen.ir.ops import OpProgram, Step, TensorOp
+from optgen.ir.validate import implies
 
 
-def _reuse(ops: tuple[TensorOp, ...], owned: set[str]) -> tuple[tuple[TensorOp, ...], set[str]]:
-    owned = set(owned)
+def _conflicting(step: Step, owned: dict[str, sympy.Basic]) -> str | None:
+    """A name this step rewrites out of place whose ownership is uncertain under its guard."""
+    for op in step.ops:
+        if not op.in_place and op.out == op.self_ and op.fn not in ("clone", "alias"):
+            cond = owned.get(op.self_, sympy.false)
+            if cond != sympy.false and not implies(step.guard, cond) \
+                    and not implies(step.guard, sympy.Not(cond)):
+                return op.self_
+    return None
+
+
+def _rewrite(ops: tuple[TensorOp, ...], guard, owned: dict[str, sympy.Basic]):
+    """The step's ops with in-place forms where the buffer is surely ours; the new ownership."""
+    owned = dict(owned)
     out = []
     for op in ops:
         if op.fn == "alias":
-            owned.discard(op.out)
-            owned.discard(op.self_)
-        elif not op.in_place and op.out == op.self_ and op.self_ in owned and op.fn not in ("clone",):
+            owned[op.out] = sympy.false
+            owned[op.self_] = sympy.false
+        elif not op.in_place and op.out == op.self_ and op.fn != "clone" \
+                and implies(guard, owned.get(op.self_, sympy.false)):
             op = op.with_fn(op.fn + "_")
         elif not op.in_place:
-            owned.add(op.out)
+            owned[op.out] = sympy.true
         out.append(op)
     return tuple(out), owned
 
 
-def reuse_buffers(program: OpProgram) -> OpProgram:
-    owned: set[str] = set()
-    steps = []
-    for step in program.steps:
+def _merge(before: dict, after: dict, guard) -> dict:
+    """Ownership after a step that ran only when ``guard`` held."""
+    names = set(before) | set(after)
+    merged = {}
+    for n in names:
+        b, a = before.get(n, sympy.false), after.get(n, sympy.false)
+        merged[n] = a if guard == sympy.true else sympy.simplify_logic(sympy.Or(sympy.And(guard, a),
+                                                                                sympy.And(sympy.Not(guard), b)))
+    return merged
+
+
+def _with(step: Step, **changes) -> Step:
+    fields = dict(kind=step.kind, target=step.target, guard=step.guard, text=step.text, loc=step.loc,
+                  ops=step.ops, expr=step.expr, first_ops=step.first_ops, per_tensor=step.per_tensor)
+    fields.update(changes)
+    return Step(**fields)
+
+
+def _reuse(steps: tuple[Step, ...]) -> list[Step]:
+    owned: dict[str, sympy.Basic] = {}
+    out: list[Step] = []
+    pending = list(steps)
+    while pending:
+        step = pending.pop(0)
         if step.kind != "tensor" or step.first_ops is not None:
-            steps.append(step)
+            out.append(step)
             continue
-        ops, after = _reuse(step.ops, owned)
-        owned = after if step.guard == sympy.true else owned & after
-        if step.target not in after:
-            owned.discard(step.target)
-        steps.append(Step(step.kind, step.target, step.guard, step.text, step.loc, ops, step.expr,
-                          step.first_ops, step.per_tensor))
+        name = _conflicting(step, owned)
+        if name is not None:  # split on whether the buffer is ours (rule 1)
+            cond = owned[name]
+            pending[:0] = [_with(step, guard=sympy.And(step.guard, cond)),
+                           _with(step, guard=sympy.And(step.guard, sympy.Not(cond)))]
+            continue
+        ops, after = _rewrite(step.ops, step.guard, owned)
+        owned = _merge(owned, after, step.guard)
+        out.append(_with(step, ops=ops))
+    return out
+
+
+def _releases(steps: list[Step], may_own: set[str]) -> list[Step]:
+    """``release`` steps after the last read of each temporary that later allocations outlive."""
+    def reads(step: Step) -> set[str]:
+        names = set()
+        for op in (*step.ops, *(step.first_ops or ())):
+            names |= op.reads()
+        return names
+
+    def allocates(step: Step) -> bool:
+        return any(not op.in_place and op.fn != "alias" for op in step.ops)
+
+    last_read = {}
+    for i, step in enumerate(steps):
+        for name in reads(step) & may_own:
+            last_read[name] = i
+    out: list[Step] = []
+    for i, step in enumerate(steps):
+        out.append(step)
+        for name, last in sorted(last_read.items()):
+            if last == i and any(allocates(s) for s in steps[i + 1:]):
+                out.append(Step("release", name, sympy.true, f"{name} is not needed any more", step.loc))
+    return out
+
+
+def reuse_buffers(program: OpProgram) -> OpProgram:
+    steps = _reuse(program.steps)
+    # Temporaries a release may free: grad (a copy, when we made one) and locals bound on every path.
+    assigned_unguarded = {s.target for s in steps if s.kind == "tensor" and s.guard == sympy.true}
+    may_own = {op.out for s in steps for op in s.ops if not op.in_place and op.fn != "alias"}
+    may_own &= assigned_unguarded | {"grad"}
+    may_own -= set(program.tensors) - {"grad"}
+    steps = _releases(steps, may_own)
     return OpProgram(program.name, program.flags, program.preamble, tuple(steps), program.tensors,
                      program.counters, program.scalars, program.lazy_states)

@@ -1,0 +1,160 @@
+"""`optgen bench`: step time of every implementation against torch.optim, interleaved.
+
+This machine's memory bandwidth drifts (up to 2× between runs, see shared PERF-NOTES), so every
+repeat times each implementation back to back and we report the median over repeats of the
+per-repeat ratio to torch's for-loop, plus each one's median time and the fraction of the
+bandwidth roofline it reaches.  The roofline is measured in the same run: an in-place
+``a.add_(b)`` over as many elements (12 bytes per element) gives the achievable GB/s; an ideal
+optimizer step moves (3 + 2·S)·4 bytes per fp32 parameter (read param, grad, S states; write
+param and S states).
+
+Peak temporary memory is measured by watching every tensor the step allocates (a
+TorchDispatchMode), so it counts optgen's and torch's foreach intermediates the same way.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Workloads: (optimizer, kwargs, torch fused available on CPU)
+WORKLOADS = [
+    ("Adam", dict(lr=1e-3), True),
+    ("AdamW", dict(lr=1e-3, weight_decay=0.01), True),
+    ("SGD", dict(lr=1e-3, momentum=0.9), True),
+    ("Adagrad", dict(lr=1e-3), True),
+]
+
+
+def shapes(total: int, count: int) -> list[tuple[int, ...]]:
+    """``count`` tensors summing to about ``total`` elements, shaped like a network's: half large
+    weight matrices, half small bias/norm vectors."""
+    matrices = count // 2
+    vector = 1024
+    per_matrix = max(1, (total - (count - matrices) * vector) // matrices)
+    cols = 1024
+    return [(max(1, per_matrix // cols), cols)] * matrices + [(vector,)] * (count - matrices)
+
+
+class _TemporaryBytes(TorchDispatchMode):
+    """Peak bytes of tensors created during a step that are not kept by the optimizer."""
+
+    def __init__(self, existing: set[int]):
+        super().__init__()
+        self.existing = existing
+        self.live = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (list, tuple)) else [out]):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.existing:
+                ptr = t.untyped_storage().data_ptr()
+                self.existing.add(ptr)
+                size = t.untyped_storage().nbytes()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, ptr, size)
+        return out
+
+    def _free(self, ptr, size):
+        self.live -= size
+        self.existing.discard(ptr)
+
+
+def peak_temporary_bytes(optimizer, params) -> int:
+    existing = {p.untyped_storage().data_ptr() for p in params}
+    existing |= {p.grad.untyped_storage().data_ptr() for p in params}
+    for state in optimizer.state.values():
+        existing |= {v.untyped_storage().data_ptr() for v in state.values() if isinstance(v, torch.Tensor)}
+    mode = _TemporaryBytes(existing)
+    with mode:
+        optimizer.step()
+    return mode.peak
+
+
+def _implementations(name, kwargs, fused_ok):
+    import optgen
+
+    impls = {
+        "torch forloop": lambda ps: getattr(torch.optim, name)(ps, foreach=False, **kwargs),
+        "torch foreach": lambda ps: getattr(torch.optim, name)(ps, foreach=True, **kwargs),
+    }
+    if fused_ok:
+        impls["torch fused"] = lambda ps: getattr(torch.optim, name)(ps, fused=True, **kwargs)
+    for impl in ("forloop", "foreach"):
+        def make(ps, impl=impl):
+            opt = getattr(optgen, name)(ps, **kwargs)
+            opt.implementation = impl
+            return opt
+        impls[f"optgen {impl}"] = make
+    return impls
+
+
+def stream_gbps(n: int, repeats: int) -> float:
+    a, b = torch.ones(n), torch.ones(n)
+    best = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.add_(b)
+        best.append(time.perf_counter() - t)
+    return 12 * n / statistics.median(best) / 1e9
+
+
+def bench_one(name, kwargs, fused_ok, params_total, tensors, repeats):
+    torch.manual_seed(0)
+    params = [torch.randn(s) * 0.1 for s in shapes(params_total, tensors)]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.randn_like(p) * 0.01
+    n = sum(p.numel() for p in params)
+    impls = {label: make(params) for label, make in _implementations(name, kwargs, fused_ok).items()}
+    for opt in impls.values():  # warm-up: creates state, first-call overheads
+        opt.step()
+    times = {label: [] for label in impls}
+    gbps = []
+    for _ in range(repeats):
+        gbps.append(stream_gbps(n, 1))
+        for label, opt in impls.items():
+            t = time.perf_counter()
+            opt.step()
+            times[label].append(time.perf_counter() - t)
+    state_tensors = sum(1 for v in next(iter(impls["torch forloop"].state.values())).values()
+                        if isinstance(v, torch.Tensor) and v.dim() > 0)
+    bytes_per_step = (3 + 2 * state_tensors) * 4 * n
+    peak = {label: peak_temporary_bytes(opt, params) for label, opt in impls.items()}
+    base = times["torch forloop"]
+    rows = []
+    for label, ts in times.items():
+        ratio = statistics.median(b / t for b, t in zip(base, ts))
+        ms = statistics.median(ts) * 1e3
+        roofline = bytes_per_step / statistics.median(gbps) / 1e9 * 1e3
+        rows.append((label, ms, ratio, roofline / ms, peak[label] / 2**20))
+    return n, statistics.median(gbps), rows
+
+
+def main(args) -> int:
+    total, tensors = int(args.params), args.tensors
+    only = set(args.only.split(",")) if args.only else None
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {total / 1e6:.1f}M fp32 parameters "
+             f"in {tensors} tensors, {args.repeats} interleaved repeats; speed-up = median over repeats of "
+             "torch-forloop time / this time (higher is better).", ""]
+    for name, kwargs, fused_ok in WORKLOADS:
+        if only and name not in only:
+            continue
+        n, gbps, rows = bench_one(name, kwargs, fused_ok, total, tensors, args.repeats)
+        kw = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        lines += [f"### {name}({kw}) — {n / 1e6:.1f}M params, stream bandwidth {gbps:.1f} GB/s", "",
+                  "| implementation | ms / step | speed-up vs torch forloop | % of roofline | peak temporaries (MiB) |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, ms, ratio, frac, mib in rows:
+            lines.append(f"| {label} | {ms:.1f} | {ratio:.2f}× | {100 * frac:.0f}% | {mib:.0f} |")
+        lines.append("")
+        print("\n".join(lines[-(len(rows) + 5):]), flush=True)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
