@@ -8,10 +8,14 @@ Per flag variant, a function shaped like torch's ``_multi_tensor_adam``; every n
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     bias_correction1s = [1 - beta1 ** step for step in steps]
 
-A lazily created state (SGD's momentum buffer) takes the multi-tensor path once every tensor has
-it, and a per-tensor loop (the for-loop backend's code) on the step that creates it.
+What has no multi-tensor form runs tensor by tensor, printed by the for-loop backend — as torch's
+own foreach optimizers do: an op torch has no ``_foreach_`` kernel for (``where``, ``clamp``), a
+statement under a per-tensor condition (RAdam's ``if rho_t > 5``), and the step that creates a
+lazily created state (SGD's momentum buffer).
 """
 from __future__ import annotations
+
+import itertools
 
 import sympy
 
@@ -19,15 +23,22 @@ from optgen.backends.forloop import ForLoopRenderer, plural
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import Step, TensorOp
 
+#: ops with a torch._foreach_ kernel (in-place forms add "_")
+FOREACH_OPS = {"add", "mul", "div", "addcmul", "addcdiv", "lerp", "maximum", "minimum", "sqrt", "rsqrt",
+               "reciprocal", "neg", "abs", "sign", "exp", "log", "pow", "copy_", "clone"}
+
 _SPECIAL = {
     "alias": "{out} = {self}",
-    "clone": "{out} = torch._foreach_clone({self})",
     "fill_": "for t, value in zip({self}, {args}):\n    t.fill_(value)",
 }
 
 
 class ForeachRenderer(PythonRenderer):
     name = "foreach"
+
+    def __init__(self, program):
+        super().__init__(program)
+        self.per_tensor_code = ForLoopRenderer(program, index="i")
 
     def var(self, name: str) -> str:
         return plural(name)
@@ -50,6 +61,8 @@ class ForeachRenderer(PythonRenderer):
         return f"[{self.scalar(expr)} for {', '.join(names)} in zip({', '.join(map(plural, names))})]"
 
     def op(self, op: TensorOp) -> str:
+        if op.fn.rstrip("_") not in FOREACH_OPS and op.fn not in _SPECIAL:
+            return self.tensor_by_tensor(op)
         tensors = [plural(a) if isinstance(a, str) else self.scalar_arg(a) for a in op.args]
         kwargs = dict(op.kwargs)
         out, receiver = plural(op.out), plural(op.self_)
@@ -68,6 +81,14 @@ class ForeachRenderer(PythonRenderer):
             return f"torch._foreach_{op.fn}({args})"
         return f"{out} = torch._foreach_{op.fn}({args})"
 
+    def tensor_by_tensor(self, op: TensorOp) -> str:
+        """An op with no multi-tensor kernel, as a loop or list comprehension of the for-loop op."""
+        code = self.per_tensor_code.op(op)
+        if op.in_place:
+            return f"for i in range(len(params)):\n    {code}"
+        target, _, value = code.partition(" = ")
+        return f"{plural(op.out)} = [{value} for i in range(len(params))]"
+
     def scalar_step(self, step: Step) -> list[str]:
         if step.per_tensor:
             return [f"{plural(step.target)} = {self.scalar_arg(step.expr)}"]
@@ -81,13 +102,35 @@ class ForeachRenderer(PythonRenderer):
 
     def lazy_state(self, step: Step) -> list[str]:
         states = plural(step.target)
-        per_tensor = ForLoopRenderer(self.program, index="i")
-        fallback = per_tensor.lazy_state(step)
+        fallback = self.per_tensor_code.lazy_state(step)
         return [f"if all(t is not None for t in {states}):",
                 *("    " + line for line in self.chain(step.ops)),
                 "else:  # the step that creates them: tensor by tensor",
                 "    for i in range(len(params)):",
                 *("        " + line for line in fallback)]
+
+    # -- statements under per-tensor conditions ------------------------------------------------
+    def per_tensor_guard(self, step: Step) -> bool:
+        return step.kind != "release" and self.is_per_tensor(step.guard)
+
+    def body(self) -> list[str]:
+        """As the base class, but runs of statements under per-tensor conditions become one loop."""
+        lines: list[str] = []
+        steps = list(self.program.steps)
+        defined = {*self.program.tensors, *self.program.counters}
+        for per_tensor, run in itertools.groupby(steps, key=self.per_tensor_guard):
+            run = list(run)
+            if not per_tensor:
+                lines += self.guarded_blocks(run, self)
+            else:
+                # Lists first filled inside the loop must exist before it.
+                for name in dict.fromkeys(s.target for s in run if s.kind != "release"):
+                    if name not in defined:
+                        lines.append(f"{plural(name)} = [None] * len(params)")
+                lines.append("for i in range(len(params)):")
+                lines += ["    " + line for line in self.guarded_blocks(run, self.per_tensor_code)]
+            defined |= {s.target for s in run}
+        return lines
 
 
 class ForeachBackend(PythonKernelBackend):

@@ -24,6 +24,7 @@ _SPECIAL = {
     "neg": "{out} = -{self}",
     "maximum_": "torch.maximum({self}, {args}, out={self})",
     "minimum_": "torch.minimum({self}, {args}, out={self})",
+    "where": "{out} = torch.where({self}, {args})",
 }
 
 
@@ -43,14 +44,13 @@ class ForLoopRenderer(PythonRenderer):
         self.index = index
 
     def var(self, name: str) -> str:
-        return f"{plural(name)}[{self.index}]" if self.index and name in self.loop_names() else name
+        # Indexed, every tensor of a statement is an element of its list — except the statement's
+        # own intermediates (_t0, ...), which live for one iteration.
+        return f"{plural(name)}[{self.index}]" if self.index and not name.startswith("_t") else name
 
     def scalar_name(self, name: str) -> str:
         per_tensor = self.per_tensor | set(self.program.counters)
         return f"{plural(name)}[{self.index}]" if self.index and name in per_tensor else name
-
-    def loop_names(self) -> set[str]:
-        return {*self.program.tensors, *(f"{c}_t" for c in self.program.counters)}
 
     def args(self, op: TensorOp) -> str:
         parts = [self.var(a) if isinstance(a, str) else self.scalar(a) for a in op.args]
@@ -74,10 +74,11 @@ class ForLoopRenderer(PythonRenderer):
         return op.fn not in _SPECIAL or op.fn == "clone"
 
     def scalar_step(self, step: Step) -> list[str]:
-        return [f"{step.target} = {self.scalar(step.expr)}"]
+        target = self.scalar_name(step.target) if step.per_tensor else step.target
+        return [f"{target} = {self.scalar(step.expr)}"]
 
     def counter_read(self, name: str) -> str:
-        return f"{name} = {self.var(name + '_t')}.item()"
+        return f"{self.scalar_name(name)} = {self.var(name + '_t')}.item()"
 
     def lazy_state(self, step: Step) -> list[str]:
         name = step.target

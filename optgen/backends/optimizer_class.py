@@ -85,7 +85,9 @@ def _initialiser(state, group_value, complex_params: bool) -> str:
     if state.init == "zeros":
         return "torch.zeros_like(param, memory_format=torch.preserve_format)"
     if state.init == "scalar":
-        return f"torch.tensor({float(state.init_value)!r}, dtype=scalar_dtype())"
+        value = state.init_value
+        text = repr(float(value)) if value.is_Number else f"float({group_value(value)})"
+        return f"torch.tensor({text}, dtype=scalar_dtype())"
     value = group_value(state.init_value)
     if complex_params:  # a complex parameter's state is filled with value + value·i, as torch does
         value = f"complex({value}, {value}) if param.is_complex() else {value}"

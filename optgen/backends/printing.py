@@ -12,6 +12,8 @@ from typing import Callable
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 
+from optgen.spec.expressions import Clamp, Maximum, Minimum, Where
+
 _FUNCTIONS = {sympy.exp: "math.exp", sympy.log: "math.log", sympy.Abs: "abs"}
 
 
@@ -50,6 +52,14 @@ class PythonScalarPrinter:
             if expr.exp == -1:
                 return f"1 / {self.paren(expr.base, PRECEDENCE['Mul'], strict=True)}"
             return f"{self.paren(expr.base, PRECEDENCE['Pow'], strict=True)} ** {self.paren(expr.exp, PRECEDENCE['Pow'])}"
+        if isinstance(expr, (Maximum, Minimum)):
+            return f"{'max' if isinstance(expr, Maximum) else 'min'}({self.print(expr.args[0])}, {self.print(expr.args[1])})"
+        if isinstance(expr, Where):
+            cond, a, b = expr.args
+            return f"({self.print(a)} if {self.print(cond)} else {self.print(b)})"
+        if isinstance(expr, Clamp):
+            x, low, high = (self.print(a) for a in expr.args)
+            return f"min(max({x}, {low}), {high})"
         if expr.func in _FUNCTIONS:
             return f"{_FUNCTIONS[expr.func]}({self.print(expr.args[0])})"
         if isinstance(expr, sympy.core.relational.Relational):

@@ -56,10 +56,10 @@ class PythonRenderer:
             text = self.op(op)
             fluent = self.fluent(op)
             if previous is not None and lines and fluent and op.self_ == previous.out \
-                    and self.chainable(previous):
+                    and self.chainable(previous) and "\n" not in lines[-1]:
                 lines[-1] += fluent
             else:
-                lines.append(text)
+                lines += text.split("\n")
             previous = op
         return lines
 
@@ -77,6 +77,8 @@ class PythonRenderer:
     def step_lines(self, step: Step) -> list[str]:
         if step.kind == "release":
             return self.release(step.target)
+        if step.kind == "read":
+            return [self.counter_read(step.target)]
         if step.kind == "scalar":
             return self.scalar_step(step)
         if step.first_ops is not None:
@@ -89,11 +91,15 @@ class PythonRenderer:
     def body(self) -> list[str]:
         """The per-step code: consecutive statements under one guard share an ``if`` block, and
         each statement is preceded by its spec line as a comment."""
+        return self.guarded_blocks(self.program.steps, self)
+
+    @staticmethod
+    def guarded_blocks(steps, renderer: "PythonRenderer") -> list[str]:
         lines: list[str] = []
-        for guard, steps in itertools.groupby(self.program.steps, key=lambda s: s.guard):
+        for guard, group in itertools.groupby(steps, key=lambda s: s.guard):
             block: list[str] = []
-            for step in steps:
-                code = self.step_lines(step)
+            for step in group:
+                code = renderer.step_lines(step)
                 if code and step.kind == "release":
                     block += code
                 elif code:
@@ -101,7 +107,7 @@ class PythonRenderer:
             if guard == sympy.true:
                 lines += block
             elif block:
-                lines += [f"if {self.scalar(guard)}:", *(self.indent + line for line in block)]
+                lines += [f"if {renderer.scalar(guard)}:", *(renderer.indent + line for line in block)]
         return lines
 
     def preamble(self) -> list[str]:

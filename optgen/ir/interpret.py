@@ -16,7 +16,7 @@ import sympy
 import torch
 
 from optgen.ir.nodes import Program
-from optgen.spec.expressions import Lerp, Maximum, Minimum
+from optgen.spec.expressions import Clamp, Lerp, Maximum, Minimum, Where
 
 
 def _evaluate(expr: sympy.Expr, env: dict):
@@ -44,9 +44,25 @@ def _evaluate(expr: sympy.Expr, env: dict):
         a, b, w = args
         return a + w * (b - a)
     if isinstance(expr, (Maximum, Minimum)):
+        a, b = args
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            return max(a, b) if isinstance(expr, Maximum) else min(a, b)
         pick = torch.maximum if isinstance(expr, Maximum) else torch.minimum
-        a, b = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64) for x in args)
+        a, b = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64) for x in (a, b))
         return pick(a, b)
+    if isinstance(expr, Where):
+        cond, a, b = args
+        if not isinstance(cond, torch.Tensor):
+            return a if cond else b
+        as_tensor = [x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64) for x in (a, b)]
+        return torch.where(cond, *as_tensor)
+    if isinstance(expr, Clamp):
+        x, low, high = args
+        return x.clamp(low, high) if isinstance(x, torch.Tensor) else min(max(x, low), high)
+    if isinstance(expr, sympy.core.relational.Relational):
+        ops = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+               ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+        return ops[expr.rel_op](*args)
     unary = {sympy.exp: (torch.exp, math.exp), sympy.log: (torch.log, math.log),
              sympy.Abs: (torch.abs, abs), sympy.sign: (torch.sign, lambda x: float((x > 0) - (x < 0)))}
     if expr.func in unary:
@@ -60,6 +76,12 @@ def _evaluate(expr: sympy.Expr, env: dict):
 def _holds(guard: sympy.Basic, env: dict) -> bool:
     if guard in (sympy.true, sympy.false):
         return bool(guard)
+    if isinstance(guard, sympy.core.relational.Relational):
+        return bool(_evaluate(guard, env))
+    if isinstance(guard, (sympy.And, sympy.Or, sympy.Not)):
+        parts = [_holds(a, env) for a in guard.args]
+        return all(parts) if isinstance(guard, sympy.And) else any(parts) if isinstance(guard, sympy.Or) \
+            else not parts[0]
     values = {s: env[s.name] for s in guard.free_symbols}
     return bool(guard.subs({s: (sympy.true if v is True else sympy.false if v is False else v)
                             for s, v in values.items()}))
@@ -101,7 +123,7 @@ def initial_state(program: Program, param: torch.Tensor, hyper: dict) -> dict:
         elif s.init == "full":
             state[s.name] = torch.full_like(param, float(_evaluate(s.init_value, hyper)))
         elif s.init == "scalar":
-            state[s.name] = float(s.init_value)
+            state[s.name] = float(_evaluate(s.init_value, hyper))
         else:
             state[s.name] = None
     return state

@@ -63,11 +63,13 @@ class _Lowering:
                                                 "'if condition:' blocks")
 
     def _check_host_condition(self, cond: sympy.Basic, node: ast.AST) -> None:
+        # Host conditions only: flags and hyperparameters (one branch per param group), counters
+        # and scalars (one branch per tensor, like RAdam's rectification) — never tensors.
         for s in cond.free_symbols:
-            if self.roles.get(s.name) not in (Role.FLAG, Role.HYPER):
-                raise SpecError(self.loc(node), f"'if' may only test flags and hyperparameters, not "
+            if self.roles.get(s.name) not in (Role.FLAG, Role.HYPER, Role.COUNTER, Role.SCALAR):
+                raise SpecError(self.loc(node), f"'if' may only test flags, hyperparameters and scalars, not "
                                                 f"'{s.name}' (a {self.roles[s.name].value}); for a per-element "
-                                                "choice use an expression")
+                                                "choice use where(condition, a, b)")
 
     def assign(self, stmt: ast.Assign | ast.AugAssign, guard: sympy.Basic) -> None:
         if isinstance(stmt, ast.Assign):

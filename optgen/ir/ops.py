@@ -49,7 +49,8 @@ class Step:
     """The ops of one spec statement, with the statement kept for the comment above them.
 
     kind: ``"tensor"`` (ops), ``"scalar"`` (``target = expr`` on the host), ``"counter"`` (ops on
-    a 0-dim state tensor, then its value read back as ``target``).
+    a 0-dim state tensor, then its value read back as ``target``), ``"read"`` (a counter's value
+    read before its update), ``"release"`` (a temporary freed after its last use).
     ``first_ops`` (lazily created state): what runs instead of ``ops`` on the step that creates it.
     """
 

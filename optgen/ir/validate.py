@@ -17,10 +17,10 @@ from optgen.ir.nodes import Program, Role
 def _as_propositional(expr: sympy.Basic, atoms: dict) -> sympy.Basic:
     """Relations such as ``Ne(weight_decay, 0)`` become boolean atoms so SAT can reason about them."""
     if isinstance(expr, sympy.core.relational.Relational):
-        key = expr
-        negated = {sympy.Ne: sympy.Eq, sympy.Eq: sympy.Ne}.get(type(expr))
-        if negated is not None and negated(*expr.args) in atoms:
-            return sympy.Not(atoms[negated(*expr.args)])
+        # sympy rewrites Not(eps > 1) as eps <= 1: one atom for a relation and its negation.
+        key, negated = expr.canonical, expr.negated.canonical
+        if negated in atoms:
+            return sympy.Not(atoms[negated])
         return atoms.setdefault(key, sympy.Symbol(f"_rel{len(atoms)}"))
     if expr.args and isinstance(expr, sympy.logic.boolalg.Boolean):
         return expr.func(*(_as_propositional(a, atoms) for a in expr.args))

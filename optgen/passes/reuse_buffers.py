@@ -22,6 +22,8 @@ import sympy
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.ir.validate import implies
 
+MASKS = {"gt", "lt", "ge", "le", "eq", "ne"}  # ops whose result is a boolean mask
+
 
 def _conflicting(step: Step, owned: dict[str, sympy.Basic]) -> str | None:
     """A name this step rewrites out of place whose ownership is uncertain under its guard."""
@@ -46,7 +48,7 @@ def _rewrite(ops: tuple[TensorOp, ...], guard, owned: dict[str, sympy.Basic]):
                 and implies(guard, owned.get(op.self_, sympy.false)):
             op = op.with_fn(op.fn + "_")
         elif not op.in_place:
-            owned[op.out] = sympy.true
+            owned[op.out] = sympy.false if op.fn in MASKS else sympy.true
         out.append(op)
     return tuple(out), owned
 

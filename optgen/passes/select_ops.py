@@ -24,9 +24,10 @@ import sympy
 
 from optgen.ir.nodes import Program, Role
 from optgen.ir.ops import OpProgram, Step, TensorOp
-from optgen.spec.expressions import Lerp, Maximum, Minimum, symbol
+from optgen.spec.expressions import Clamp, Lerp, Maximum, Minimum, Where, symbol
 
 _UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs", sympy.sign: "sign"}
+_COMPARE = {">": "gt", "<": "lt", ">=": "ge", "<=": "le", "==": "eq", "!=": "ne"}
 
 
 @dataclass
@@ -75,12 +76,17 @@ class _Selector:
             coeff, nums, dens = self.split_product(expr)
             if coeff == -1 and len(nums) == 1 and not dens:
                 return self.apply(self.materialize(nums[0], ops), "neg", (), ops)
+            # A compound factor first (it gives a buffer of our own to work in), then divisions,
+            # then the other factors: torch's order in e.g. Adadelta's delta.div_(std).mul_(grad).
+            nums.sort(key=lambda n: n.is_Symbol)
             value = self.materialize(nums[0], ops) if nums else None
             if value is None:  # 1 / tensor
                 value = self.apply(self.materialize(dens.pop(0), ops), "reciprocal", (), ops)
+            for d in dens:
+                value = self.apply(value, "div", (self.operand(d, ops),), ops)
             for n in nums[1:]:
                 value = self.apply(value, "mul", (self.operand(n, ops),), ops)
-            return self.scale(value, coeff, dens, ops)
+            return self.scale(value, coeff, [], ops)
         if expr.is_Pow:
             base = self.materialize(expr.base, ops)
             method = {sympy.S.Half: "sqrt", -sympy.S.Half: "rsqrt", -1: "reciprocal"}.get(expr.exp)
@@ -98,7 +104,29 @@ class _Selector:
             return self.apply(self.materialize(a, ops), fn, (self.operand(b, ops),), ops)
         if expr.func in _UNARY:
             return self.apply(self.materialize(expr.args[0], ops), _UNARY[expr.func], (), ops)
+        if isinstance(expr, Clamp):
+            x, low, high = expr.args
+            return self.apply(self.materialize(x, ops), "clamp", (low, high), ops)
+        if isinstance(expr, Where):
+            cond, a, b = expr.args
+            mask = self.compare(cond, ops)
+            branches = tuple(self.operand(x, ops) if self.is_tensor(x) else x for x in (a, b))
+            out = next(self.fresh)
+            ops.append(TensorOp(out, "where", mask, branches))
+            return _Value(out, True)
         raise NotImplementedError(f"no tensor op for {expr}")
+
+    def compare(self, cond: sympy.Basic, ops: list[TensorOp]) -> str:
+        """A boolean mask; never reused in place (it is not a float buffer)."""
+        lhs, rhs = cond.lhs, cond.rhs
+        if not self.is_tensor(lhs):
+            lhs, rhs = rhs, lhs
+            cond = cond.reversed
+        left = self.materialize(lhs, ops)
+        other = self.operand(rhs, ops) if self.is_tensor(rhs) else rhs
+        out = next(self.fresh)
+        ops.append(TensorOp(out, _COMPARE[cond.rel_op], left.name, (other,)))
+        return out
 
     def materialize_sum(self, expr: sympy.Expr, ops: list[TensorOp]) -> _Value:
         terms = self.ordered_terms(expr)
@@ -163,10 +191,17 @@ class _Selector:
         if isinstance(expr, Lerp) and expr.args[0] == me:
             self.apply(mine, "lerp", (self.operand(expr.args[1], ops), expr.args[2]), ops)
             return ops
-        if isinstance(expr, (Maximum, Minimum)) and me in expr.args:
-            other = expr.args[1] if expr.args[0] == me else expr.args[0]
+        if isinstance(expr, (Maximum, Minimum)) and any(a.has(me) for a in expr.args) \
+                and not all(a.has(me) for a in expr.args):
+            # maximum(beta2 * exp_inf, x): update exp_inf in place to beta2 * exp_inf, then take the max
+            inner, other = expr.args if expr.args[0].has(me) else expr.args[::-1]
+            ops += self.update_in_place(target, inner)
             fn = "maximum" if isinstance(expr, Maximum) else "minimum"
             self.apply(mine, fn, (self.operand(other, ops),), ops)
+            return ops
+        if isinstance(expr, Clamp) and expr.args[0].has(me) and not any(a.has(me) for a in expr.args[1:]):
+            ops += self.update_in_place(target, expr.args[0])
+            self.apply(mine, "clamp", expr.args[1:], ops)
             return ops
         terms = self.ordered_terms(expr, first=me)
         coeff, nums, dens = self.split_product(terms[0])
@@ -223,9 +258,16 @@ def select_ops(program: Program) -> OpProgram:
     selector = _Selector(program)
     roles = program.roles
     steps = []
+    counters_read: set[str] = set()  # counters whose value has been read back from their tensor
     for a in program.body:
         role = roles[a.target]
         common = dict(target=a.target, guard=a.guard, text=a.text, loc=a.loc)
+        for name in sorted(a.reads()):
+            if roles.get(name) is Role.COUNTER and name not in counters_read and name != a.target:
+                steps.append(Step("read", name, sympy.true, f"{name} (before this step's update)", a.loc))
+                counters_read.add(name)
+        if role is Role.COUNTER:
+            counters_read.add(a.target)
         if role is Role.SCALAR:
             steps.append(Step("scalar", expr=a.value, per_tensor=a.target in program.per_tensor, **common))
         elif role is Role.COUNTER:

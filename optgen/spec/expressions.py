@@ -39,6 +39,18 @@ class Minimum(sympy.Function):
     nargs = 2
 
 
+class Where(sympy.Function):
+    """``where(condition, a, b)``: per element, ``a`` where the comparison holds, else ``b``."""
+
+    nargs = 3
+
+
+class Clamp(sympy.Function):
+    """``clamp(x, low, high)`` elementwise (``Tensor.clamp``)."""
+
+    nargs = 3
+
+
 def _conj(x):
     # Complex parameters are handled as real views (torch.view_as_real), so conj is the identity
     # on everything the update sees; accepted so specs can be written as in the papers.
@@ -56,6 +68,8 @@ FUNCTIONS: dict[str, tuple[int, Callable]] = {
     "lerp": (3, Lerp),
     "maximum": (2, Maximum),
     "minimum": (2, Minimum),
+    "clamp": (3, Clamp),
+    "where": (3, Where),
 }
 
 #: calls a constructor check may make, with their arity
@@ -137,9 +151,19 @@ class MathBuilder:
             arity, make = FUNCTIONS[node.func.id]
             if node.keywords or len(node.args) != arity:
                 raise self.error(node, f"{node.func.id}() takes {arity} positional argument(s)")
+            if node.func.id == "where":
+                return make(self.comparison(node.args[0]), self.math(node.args[1]), self.math(node.args[2]))
             return make(*(self.math(a) for a in node.args))
         raise self.error(node, f"'{ast.unparse(node)}' is not allowed in {self.what}: "
                                "use numbers, names, + - * / **, and functions such as sqrt, lerp")
+
+    def comparison(self, node: ast.AST) -> sympy.Basic:
+        """The first argument of where(): one comparison of two math expressions."""
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
+            return _COMPARE[type(node.ops[0])](self.math(node.left), self.math(node.comparators[0]),
+                                               evaluate=False)
+        raise self.error(node, f"'{ast.unparse(node)}' is not a comparison: where() takes one, e.g. "
+                               "where(grad * prev > 0, a, b)")
 
     def condition(self, node: ast.AST) -> sympy.Basic:
         if isinstance(node, ast.BoolOp):
@@ -180,9 +204,14 @@ def parse_check(text: str, loc: Location, names: set[str]) -> str:
                ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Is, ast.IsNot,
                ast.Constant, ast.Name, ast.Load, ast.Subscript, ast.Call, ast.BinOp, ast.Add,
                ast.Sub, ast.Mult, ast.Div)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree):
         if not isinstance(node, allowed):
-            raise SpecError(node_location(loc, node), f"'{ast.unparse(node)}' is not allowed in a check")
+            while not hasattr(node, "lineno") and node in parents:  # an operator: show its expression
+                node = parents[node]
+            raise SpecError(node_location(loc, node), f"'{ast.unparse(node)}' is not allowed in a check: use "
+                                                      "comparisons, and/or/not, + - * /, subscripts and calls "
+                                                      f"of {', '.join(CHECK_CALLS)}")
         if isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in CHECK_CALLS
                     and len(node.args) == CHECK_CALLS[node.func.id] and not node.keywords):

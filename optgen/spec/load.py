@@ -374,8 +374,8 @@ def _parse_init(text: str, loc: Location, names: dict[str, str]) -> tuple[str, s
     tree = expressions.parse_python(text, loc).body
     builder = expressions.MathBuilder(loc, {k: v for k, v in names.items() if v == "hyperparameter"},
                                       "a state initialiser")
-    if isinstance(tree, ast.Constant) and type(tree.value) in (int, float):
-        return "scalar", sympy.Float(tree.value)
+    if isinstance(tree, ast.Constant) and type(tree.value) in (int, float) or isinstance(tree, (ast.Name, ast.BinOp)):
+        return "scalar", sympy.sympify(builder.math(tree))  # a 0-dim counter: a number or e.g. `lr`
     if isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and not tree.keywords:
         args = tree.args
         is_param = bool(args) and isinstance(args[0], ast.Name) and args[0].id == "param"
@@ -384,4 +384,5 @@ def _parse_init(text: str, loc: Location, names: dict[str, str]) -> tuple[str, s
         if tree.func.id == "full_like" and len(args) == 2 and is_param:
             return "full", builder.math(args[1])
     raise SpecError(loc, f"bad initialiser '{text.strip()}': expected zeros_like(param), "
-                         "full_like(param, <hyperparameter expression>) or a number (a 0-dim counter)")
+                         "full_like(param, <hyperparameter expression>), or a number or hyperparameter "
+                         "expression (a 0-dim counter)")
