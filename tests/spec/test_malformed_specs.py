@@ -77,6 +77,36 @@ def test_malformed_spec(path: Path, at_root):
     assert 1 <= error.loc.col <= len(lines[error.loc.line - 1]) + 1
 
 
+BRANCHES = """\
+if amsgrad:
+    max_exp_avg = maximum(max_exp_avg, abs(exp_avg))
+    denom = max_exp_avg + eps
+else:
+    denom = abs(exp_avg) + eps
+"""
+ELSE_OF_A_COMPARISON = """\
+if amsgrad:
+    max_exp_avg = maximum(max_exp_avg, abs(exp_avg))
+if {cond}:
+    denom = abs(exp_avg) + eps
+elif amsgrad:
+    denom = max_exp_avg + eps
+else:
+    denom = abs(exp_avg) + 2 * eps
+"""
+
+
+@pytest.mark.parametrize("cond", ["eps > 1", "not eps <= 1", "1 < eps", "eps >= lr", "eps != 1"])
+def test_else_of_a_comparison_is_its_negation(cond, tmp_path):
+    """No false alarm: sympy turns ``not (eps > 1)`` into ``eps <= 1``; ``denom`` is still
+    assigned on every path."""
+    base = MINIMAL.read_text()
+    assert base.count(BRANCHES) == 1
+    spec = tmp_path / "mini.toml"
+    spec.write_text(base.replace(BRANCHES, ELSE_OF_A_COMPARISON.format(cond=cond)))
+    compile_spec(load_spec(spec))
+
+
 # --------------------------------------------------------------------------- specs are never run
 
 PAYLOAD = "__import__('os').system('touch {marker}')"
