@@ -64,7 +64,7 @@ class OptimizerClassBackend(Backend):
         kernel_modules = [module_name(spec.name, b) for b in self.kernel_backends]
         return environment().get_template("optimizer/class.py.j2").render(
             header=header(compiled), name=spec.name, paper=spec.paper, doc=spec.doc, path=spec.path,
-            rule=spec.rule_text.strip("\n").splitlines(), torch_name=f"torch.optim.{spec.torch_name or spec.name}",
+            rule=_docstring_safe(spec.rule_text).strip("\n").splitlines(), torch_name=f"torch.optim.{spec.torch_name or spec.name}",
             kernel_modules=kernel_modules, kernels=list(zip(self.kernel_backends, kernel_modules)),
             flags=repr(tuple(h.name for h in spec.flags)),
             tensor_state=repr(tuple((plural(s.name), s.key) for s in spec.state.values() if not s.is_scalar)),
@@ -74,6 +74,11 @@ class OptimizerClassBackend(Backend):
             group_defaults=group_defaults, setstate_defaults=setstate, fixed=fixed,
             eager_state=spec.eager_state, init_state=init_state,
         )
+
+
+def _docstring_safe(text: str) -> str:
+    """Spec text (comments included) inside a generated docstring cannot close it."""
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
 
 
 def _group_read(sources: dict, name: str) -> str:

@@ -6,7 +6,7 @@ import ast
 import sympy
 
 from optgen.errors import Location, SpecError
-from optgen.ir.nodes import Assign, Program, Role
+from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 from optgen.spec.expressions import MathBuilder, node_location, symbol
 from optgen.spec.model import Spec
 
@@ -65,11 +65,11 @@ class _Lowering:
     def _check_host_condition(self, cond: sympy.Basic, node: ast.AST) -> None:
         # Host conditions only: flags and hyperparameters (one branch per param group), counters
         # and scalars (one branch per tensor, like RAdam's rectification) — never tensors.
-        for s in cond.free_symbols:
-            if self.roles.get(s.name) not in (Role.FLAG, Role.HYPER, Role.COUNTER, Role.SCALAR):
-                raise SpecError(self.loc(node), f"'if' may only test flags, hyperparameters and scalars, not "
-                                                f"'{s.name}' (a {self.roles[s.name].value}); for a per-element "
-                                                "choice use where(condition, a, b)")
+        if is_tensor_valued(cond, self.roles):
+            s = next(s for s in cond.free_symbols if self.roles[s.name].is_tensor)
+            raise SpecError(self.loc(node), f"'if' may only test flags, hyperparameters and scalars, not "
+                                            f"'{s.name}' (a {self.roles[s.name].value}); for a per-element "
+                                            "choice use where(condition, a, b)")
 
     def assign(self, stmt: ast.Assign | ast.AugAssign, guard: sympy.Basic) -> None:
         if isinstance(stmt, ast.Assign):
@@ -89,7 +89,7 @@ class _Lowering:
             raise SpecError(self.loc(stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target),
                             f"cannot assign to '{target}': it is a {role.value}, fixed during a step; "
                             "assign to a new name instead")
-        value_is_tensor = any(self.roles[s.name].is_tensor for s in value.free_symbols)
+        value_is_tensor = is_tensor_valued(value, self.roles)
         if role is None:
             self.roles[target] = Role.TENSOR if value_is_tensor else Role.SCALAR
         elif role in (Role.SCALAR, Role.COUNTER) and value_is_tensor:

@@ -20,6 +20,7 @@ from typing import Mapping
 import sympy
 
 from optgen.errors import Location
+from optgen.spec.expressions import SCALAR_OF_TENSOR
 from optgen.spec.model import Spec
 
 
@@ -40,6 +41,17 @@ class Role(enum.Enum):
     @property
     def is_persistent(self) -> bool:
         return self in (Role.PARAM, Role.STATE, Role.COUNTER)
+
+
+def is_tensor_valued(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> bool:
+    """Whether an expression is a tensor (else a scalar on the host): it reads a tensor outside
+    the scalar-valued reductions (norm, numel, ndim, size, machine_eps)."""
+    if expr.is_Symbol:
+        role = roles.get(expr.name)
+        return role is not None and role.is_tensor
+    if isinstance(expr, SCALAR_OF_TENSOR):
+        return False
+    return any(is_tensor_valued(a, roles) for a in expr.args)
 
 
 @dataclass(frozen=True)

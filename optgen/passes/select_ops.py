@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from optgen.ir.nodes import Program, Role
+from optgen.ir.nodes import Program, Role, is_tensor_valued
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.spec.expressions import Clamp, Lerp, Maximum, Minimum, Where, symbol
 
@@ -43,8 +43,9 @@ class _Selector:
         self.counter: str | None = None  # the counter being updated: a tensor for that statement
 
     def is_tensor(self, expr: sympy.Expr) -> bool:
-        return any(self.program.roles[s.name].is_tensor or s.name == self.counter
-                   for s in expr.free_symbols if s.name in self.program.roles)
+        if self.counter is not None and expr.has(symbol(self.counter)):
+            return True
+        return is_tensor_valued(expr, self.program.roles)
 
     # -- splitting products and sums -------------------------------------------------------------
     def split_product(self, expr: sympy.Expr):

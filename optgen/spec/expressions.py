@@ -51,6 +51,65 @@ class Clamp(sympy.Function):
     nargs = 3
 
 
+class Norm(sympy.Function):
+    """``norm(x)``: the 2-norm of a whole tensor, a per-tensor scalar (read on the host)."""
+
+    nargs = 1
+
+
+class Numel(sympy.Function):
+    """``numel(x)``: number of elements, a per-tensor scalar."""
+
+    nargs = 1
+
+
+class Ndim(sympy.Function):
+    """``ndim(x)``: number of dimensions, a per-tensor scalar (for shape-dependent branches)."""
+
+    nargs = 1
+
+
+class Size(sympy.Function):
+    """``size(x, d)``: length of dimension ``d`` (an integer literal, may be negative)."""
+
+    nargs = 2
+
+
+class MachineEps(sympy.Function):
+    """``machine_eps(x)``: ``torch.finfo(x.dtype).eps``."""
+
+    nargs = 1
+
+
+class IfNone(sympy.Function):
+    """``if_none(h, fallback)``: a hyperparameter whose default is None, else the fallback."""
+
+    nargs = 2
+
+
+class NormDim(sympy.Function):
+    """``norm_dim(x, d)``: 2-norm over dimension ``d``, keeping it (size 1): a tensor."""
+
+    nargs = 2
+
+
+class MeanDim(sympy.Function):
+    """``mean_dim(x, d)``: mean over dimension ``d``, keeping it (size 1): a tensor."""
+
+    nargs = 2
+
+
+class NewtonSchulz(sympy.Function):
+    """``newton_schulz(x, a, b, c, steps, eps)``: Muon's orthogonalisation of a 2-D tensor (an
+    intrinsic: the backends call optgen.runtime.intrinsics.newton_schulz)."""
+
+    nargs = 6
+
+
+#: functions whose value is a per-tensor *scalar* even though they read tensors
+SCALAR_OF_TENSOR = (Norm, Numel, Ndim, Size, MachineEps)
+
+
 def _conj(x):
     # Complex parameters are handled as real views (torch.view_as_real), so conj is the identity
     # on everything the update sees; accepted so specs can be written as in the papers.
@@ -70,6 +129,15 @@ FUNCTIONS: dict[str, tuple[int, Callable]] = {
     "minimum": (2, Minimum),
     "clamp": (3, Clamp),
     "where": (3, Where),
+    "norm": (1, Norm),
+    "numel": (1, Numel),
+    "ndim": (1, Ndim),
+    "size": (2, Size),
+    "machine_eps": (1, MachineEps),
+    "if_none": (2, IfNone),
+    "norm_dim": (2, NormDim),
+    "mean_dim": (2, MeanDim),
+    "newton_schulz": (6, NewtonSchulz),
 }
 
 #: calls a constructor check may make, with their arity

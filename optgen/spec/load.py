@@ -176,6 +176,13 @@ def load_spec(path: str | Path) -> Spec:
         value, vsrc = opt[key]
         return _expect(value, types, vsrc, ("optimizer", key), f"optimizer.{key}")
 
+    for key in ("doc", "paper"):  # they go into docstrings: no way out of the quotes
+        if key in opt and isinstance(opt[key][0], str) and ('"""' in opt[key][0] or "\\" in opt[key][0]):
+            raise SpecError(opt[key][1].value_loc(("optimizer", key)),
+                            f'optimizer.{key} may not contain \"\"\" or backslashes (it becomes a docstring)')
+    torch_name = opt_value("torch", str)
+    if torch_name is not None and not torch_name.isidentifier():
+        raise SpecError(src.value_loc(("optimizer", "torch")), f"optimizer.torch '{torch_name}' is not a class name")
     name = opt_value("name", str, required=True)
     if not name.isidentifier():
         raise SpecError(src.value_loc(("optimizer", "name")), f"optimizer name '{name}' is not a Python identifier")

@@ -190,3 +190,22 @@ def test_dump_ir_after_each_pass(tmp_path):
     spec = toy(tmp_path, "step = step + 1\nbuf = buf + grad\nparam = param - lr * buf")
     for name in ("lower", "specialize", "cse", "hoist_scalars", "select_ops", "reuse_buffers"):
         assert "buf" in dump(spec, (("flag", False),), name)
+
+
+def test_spec_text_cannot_escape_generated_docstrings(tmp_path):
+    import ast
+
+    from optgen.backends.optimizer_class import OptimizerClassBackend
+    from optgen.errors import SpecError
+
+    path = tmp_path / "toy.toml"
+    path.write_text(HEADER + "\n[update]\nrule = '''\nstep = step + 1  # \"\"\" + __import__(\"os\") \\\n"
+                    "buf = buf + grad\nparam = param - lr * buf\n'''\n")
+    spec = load_spec(path)
+    text = OptimizerClassBackend(("forloop",)).render(compile_spec(spec))
+    module = ast.parse(text)  # still valid Python, and the comment stayed inside the docstring
+    assert '__import__' in ast.get_docstring(module)
+    bad = tmp_path / "bad.toml"
+    bad.write_text((tmp_path / "toy.toml").read_text().replace('name = "Toy"', "name = \"Toy\"\ndoc = 'x \"\"\" y'"))
+    with pytest.raises(SpecError, match="may not contain"):
+        load_spec(bad)
