@@ -13,7 +13,19 @@ import torch
 from optgen.ir.interpret import hyperparameter_values, initial_state, reference_step
 from optgen.passes import Compiled
 
-SHAPES = [(7, 5), (13,), (3, 4, 2), (1,)]
+SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (4, 9)]
+
+
+def shapes_for(cls) -> list[tuple[int, ...]]:
+    """The SHAPES an optimizer accepts (Muon takes only matrices)."""
+    out = []
+    for shape in SHAPES:
+        try:
+            cls([torch.zeros(shape, requires_grad=True)])
+        except ValueError:
+            continue
+        out.append(shape)
+    return out
 
 
 def configurations(compiled: Compiled, flags: dict[str, bool]) -> list[dict]:
@@ -35,7 +47,7 @@ def configurations(compiled: Compiled, flags: dict[str, bool]) -> list[dict]:
     valid = []
     for kwargs in candidates:
         try:
-            cls([torch.zeros(1, requires_grad=True)], **kwargs)
+            cls([torch.zeros(3, 2, requires_grad=True)], **kwargs)
         except ValueError:
             continue
         if kwargs not in valid:
@@ -56,15 +68,16 @@ def gradients(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
             for p in params]
 
 
-def initial_params(dtype=torch.float64) -> list[torch.Tensor]:
+def initial_params(cls, dtype=torch.float64) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in SHAPES]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes_for(cls)]
 
 
 def run_backend(compiled: Compiled, implementation: str, kwargs: dict, steps: int, dtype=torch.float64):
     """Params and state (by rule name) after ``steps`` steps of the generated optimizer."""
-    params = [p.clone().requires_grad_() for p in initial_params(dtype)]
-    opt = _optimizer_class(compiled.spec.name)(params, **kwargs)
+    cls = _optimizer_class(compiled.spec.name)
+    params = [p.clone().requires_grad_() for p in initial_params(cls, dtype)]
+    opt = cls(params, **kwargs)
     opt.implementation = implementation
     for k in range(steps):
         for p, g in zip(params, gradients(k, params)):
@@ -83,9 +96,9 @@ def _counters(compiled: Compiled) -> set[str]:
 def run_reference(compiled: Compiled, kwargs: dict, steps: int):
     """The same run through the interpreter, in float64."""
     cls = _optimizer_class(compiled.spec.name)
-    group = cls([torch.zeros(1, requires_grad=True)], **kwargs).param_groups[0]
+    group = cls([torch.zeros(3, 2, requires_grad=True)], **kwargs).param_groups[0]
     hyper = hyperparameter_values(compiled.program, group)
-    params = initial_params()
+    params = initial_params(cls)
     states = [initial_state(compiled.program, p, hyper) for p in params]
     for k in range(steps):
         grads = gradients(k, params)

@@ -38,14 +38,15 @@ class ForeachRenderer(PythonRenderer):
 
     def __init__(self, program):
         super().__init__(program)
-        self.per_tensor_code = ForLoopRenderer(program, index="i")
+        self.per_tensor_code = ForLoopRenderer(program, index="i")  # inside `for i in ...:` blocks
+        self.per_op_code = ForLoopRenderer(program, index="i", loop_locals=False)  # one op, all lists
 
     def var(self, name: str) -> str:
         return plural(name)
 
     def is_per_tensor(self, expr) -> bool:
-        names = {s.name for s in sympy.sympify(expr).free_symbols}
-        return bool(names & (self.per_tensor | set(self.program.counters)))
+        return any(s.name not in self.program.group_scalars and not s.name.startswith('"')
+                   for s in sympy.sympify(expr).free_symbols)
 
     def scalar_arg(self, expr) -> str:
         """A scalar argument: a number, or a list with one number per tensor."""
@@ -53,7 +54,7 @@ class ForeachRenderer(PythonRenderer):
         if not self.is_per_tensor(expr):
             return self.scalar(expr)
         names = sorted(s.name for s in expr.free_symbols
-                       if s.name in self.per_tensor or s.name in self.program.counters)
+                       if s.name not in self.program.group_scalars and not s.name.startswith('"'))
         if expr.is_Symbol:
             return plural(expr.name)
         if len(names) == 1:
@@ -70,9 +71,10 @@ class ForeachRenderer(PythonRenderer):
             return _SPECIAL[op.fn].format(out=out, self=receiver, args=", ".join(tensors))
         alpha = kwargs.pop("alpha", None)
         if alpha is not None and self.is_per_tensor(alpha):
-            # _foreach_add has no per-tensor alpha: scale the addend first.
-            tensors[0] = f"torch._foreach_mul({tensors[0]}, {self.scalar_arg(alpha)})"
-        elif alpha is not None:
+            # _foreach_add has no per-tensor alpha, and scaling the addend first would round it
+            # in its own (maybe lower) precision: tensor by tensor, as torch.
+            return self.tensor_by_tensor(op)
+        if alpha is not None:
             kwargs["alpha"] = alpha
         if "value" in kwargs:  # addcmul/addcdiv take the scalar (or scalar list) positionally
             tensors.append(self.scalar_arg(kwargs.pop("value")))
@@ -83,7 +85,7 @@ class ForeachRenderer(PythonRenderer):
 
     def tensor_by_tensor(self, op: TensorOp) -> str:
         """An op with no multi-tensor kernel, as a loop or list comprehension of the for-loop op."""
-        code = self.per_tensor_code.op(op)
+        code = self.per_op_code.op(op)
         if op.in_place:
             return f"for i in range(len(params)):\n    {code}"
         target, _, value = code.partition(" = ")

@@ -25,6 +25,7 @@ _SPECIAL = {
     "maximum_": "torch.maximum({self}, {args}, out={self})",
     "minimum_": "torch.minimum({self}, {args}, out={self})",
     "where": "{out} = torch.where({self}, {args})",
+    "newton_schulz": "{out} = newton_schulz({self}, {args})",
 }
 
 
@@ -38,19 +39,22 @@ def plural(name: str) -> str:
 class ForLoopRenderer(PythonRenderer):
     name = "forloop"
 
-    def __init__(self, program: OpProgram, index: str | None = None):
+    def __init__(self, program: OpProgram, index: str | None = None, loop_locals: bool = True):
         super().__init__(program)
-        # With ``index`` set (foreach's per-tensor fallback), variables are list elements.
+        # With ``index`` set (foreach's per-tensor code), variables are list elements; a
+        # statement's own intermediates (_t0, ...) are too, unless the code runs inside one loop
+        # iteration (``loop_locals``) where they live for that iteration only.
         self.index = index
+        self.loop_locals = loop_locals
 
     def var(self, name: str) -> str:
-        # Indexed, every tensor of a statement is an element of its list — except the statement's
-        # own intermediates (_t0, ...), which live for one iteration.
-        return f"{plural(name)}[{self.index}]" if self.index and not name.startswith("_t") else name
+        if not self.index or (self.loop_locals and name.startswith("_t")):
+            return name
+        return f"{plural(name)}[{self.index}]"
 
     def scalar_name(self, name: str) -> str:
-        per_tensor = self.per_tensor | set(self.program.counters)
-        return f"{plural(name)}[{self.index}]" if self.index and name in per_tensor else name
+        per_tensor = name not in self.program.group_scalars and not name.startswith('"')
+        return f"{plural(name)}[{self.index}]" if self.index and per_tensor else name
 
     def args(self, op: TensorOp) -> str:
         parts = [self.var(a) if isinstance(a, str) else self.scalar(a) for a in op.args]

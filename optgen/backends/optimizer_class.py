@@ -56,11 +56,11 @@ class OptimizerClassBackend(Backend):
             else:
                 init_state += [f"if {group_value(when)}:", f"    {line}"]
 
-        checks = []
+        checks, param_checks = [], []
         for c in spec.checks:
             condition = f"not ({c.ok})" if c.when is None else f"{c.when} and not ({c.ok})"
             message = f"f{c.message!r}" if "{" in c.message else repr(c.message)
-            checks.append(dict(condition=condition, kind=c.kind, message=message))
+            (param_checks if c.each_param else checks).append(dict(condition=condition, kind=c.kind, message=message))
         kernel_modules = [module_name(spec.name, b) for b in self.kernel_backends]
         return environment().get_template("optimizer/class.py.j2").render(
             header=header(compiled), name=spec.name, paper=spec.paper, doc=spec.doc, path=spec.path,
@@ -71,6 +71,8 @@ class OptimizerClassBackend(Backend):
             counter_state=repr(tuple((plural(s.name + "_t"), s.key) for s in spec.state.values() if s.is_scalar)),
             lazy_state=repr(tuple(s.key for s in spec.state.values() if s.init == "first")),
             scalars=scalars, complex_as_real=spec.complex_params, signature=signature, checks=checks,
+            param_checks=param_checks,
+            uses_reduced_shape=any(s.init == "zeros_reduced" for s in spec.state.values()),
             group_defaults=group_defaults, setstate_defaults=setstate, fixed=fixed,
             eager_state=spec.eager_state, init_state=init_state,
         )
@@ -82,6 +84,8 @@ def _docstring_safe(text: str) -> str:
 
 
 def _group_read(sources: dict, name: str) -> str:
+    if name == "param":  # a state's condition may test the parameter itself (its shape)
+        return "param"
     key, index = sources.get(name, (name, None))
     return f'group["{key}"]' + (f"[{index}]" if index is not None else "")
 
@@ -89,6 +93,8 @@ def _group_read(sources: dict, name: str) -> str:
 def _initialiser(state, group_value, complex_params: bool) -> str:
     if state.init == "zeros":
         return "torch.zeros_like(param, memory_format=torch.preserve_format)"
+    if state.init == "zeros_reduced":
+        return f"param.new_zeros(reduced_shape(param.shape, {int(state.init_value)}))"
     if state.init == "scalar":
         value = state.init_value
         text = repr(float(value)) if value.is_Number else f"float({group_value(value)})"

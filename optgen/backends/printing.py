@@ -12,7 +12,8 @@ from typing import Callable
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 
-from optgen.spec.expressions import Clamp, Maximum, Minimum, Where
+from optgen.spec.expressions import (SCALAR_OF_TENSOR, Clamp, IfNone, MachineEps, Maximum, Minimum, Ndim, Norm,
+                                     Numel, Size, Where)
 
 _FUNCTIONS = {sympy.exp: "math.exp", sympy.log: "math.log", sympy.Abs: "abs"}
 
@@ -36,6 +37,8 @@ class PythonScalarPrinter:
     def print(self, expr: sympy.Expr) -> str:
         if expr.is_Symbol:
             return self.rename(expr.name)
+        if expr in (sympy.true, sympy.false):
+            return str(bool(expr))
         if expr.is_Integer:
             return str(int(expr))
         if expr.is_Rational:
@@ -51,19 +54,31 @@ class PythonScalarPrinter:
                 return f"math.sqrt({self.print(expr.base)})"
             if expr.exp == -1:
                 return f"1 / {self.paren(expr.base, PRECEDENCE['Mul'], strict=True)}"
+            if expr.exp == -sympy.S.Half:
+                return f"1 / math.sqrt({self.print(expr.base)})"
             return f"{self.paren(expr.base, PRECEDENCE['Pow'], strict=True)} ** {self.paren(expr.exp, PRECEDENCE['Pow'])}"
+        if isinstance(expr, SCALAR_OF_TENSOR) or isinstance(expr, IfNone):
+            return self.print_reduction(expr)
         if isinstance(expr, (Maximum, Minimum)):
             return f"{'max' if isinstance(expr, Maximum) else 'min'}({self.print(expr.args[0])}, {self.print(expr.args[1])})"
         if isinstance(expr, Where):
             cond, a, b = expr.args
             return f"({self.print(a)} if {self.print(cond)} else {self.print(b)})"
         if isinstance(expr, Clamp):
-            x, low, high = (self.print(a) for a in expr.args)
-            return f"min(max({x}, {low}), {high})"
+            x, low, high = expr.args
+            text = self.print(x)
+            if low != -sympy.oo:
+                text = f"max({text}, {self.print(low)})"
+            if high != sympy.oo:
+                text = f"min({text}, {self.print(high)})"
+            return text
         if expr.func in _FUNCTIONS:
             return f"{_FUNCTIONS[expr.func]}({self.print(expr.args[0])})"
         if isinstance(expr, sympy.core.relational.Relational):
-            return f"{self.print(expr.lhs)} {expr.rel_op} {self.print(expr.rhs)}"
+            lhs, rhs = expr.lhs, expr.rhs
+            if lhs.is_Symbol and lhs.name.startswith('"'):  # adjust_lr_fn == "original", not the reverse
+                lhs, rhs = rhs, lhs
+            return f"{self.print(lhs)} {expr.rel_op} {self.print(rhs)}"
         if isinstance(expr, sympy.And):
             return " and ".join(self.paren_bool(a) for a in expr.args)
         if isinstance(expr, sympy.Or):
@@ -71,6 +86,21 @@ class PythonScalarPrinter:
         if isinstance(expr, sympy.Not):
             return f"not {self.paren_bool(expr.args[0])}"
         raise NotImplementedError(f"no Python form for {type(expr).__name__}: {expr}")
+
+    def print_reduction(self, expr) -> str:
+        x = self.print(expr.args[0])
+        if isinstance(expr, Norm):
+            return f"{x}.norm().item()"
+        if isinstance(expr, Numel):
+            return f"{x}.numel()"
+        if isinstance(expr, Ndim):
+            return f"{x}.dim()"
+        if isinstance(expr, Size):
+            return f"{x}.size({int(expr.args[1])})"
+        if isinstance(expr, MachineEps):
+            return f"torch.finfo({x}.dtype).eps"
+        fallback = self.print(expr.args[1])
+        return f"({x} if {x} is not None else {fallback})"
 
     def paren_bool(self, expr) -> str:
         text = self.print(expr)
@@ -93,7 +123,8 @@ class PythonScalarPrinter:
             return f"-{self.paren(-expr, PRECEDENCE['Mul'])}"
         num, den = [], []
         for f in expr.as_ordered_factors():
-            if f.is_Pow and f.exp.is_negative and f.exp.is_Rational:
+            # x ** -1 and x ** -alpha (sympy's form of 1 / x ** alpha) divide
+            if f.is_Pow and (f.exp.is_negative and f.exp.is_Rational or _is_negative(f.exp)):
                 den.append(f.base if f.exp == -1 else f.base ** -f.exp)
             elif f.is_Rational and f.q != 1:
                 if f.p != 1:
@@ -102,8 +133,10 @@ class PythonScalarPrinter:
             else:
                 num.append(f)
         text = " * ".join(self.paren(f, PRECEDENCE["Mul"]) for f in num) if num else "1"
-        for d in den:
-            text += f" / {self.paren(d, PRECEDENCE['Mul'], strict=True)}"
+        if len(den) == 1:
+            text += f" / {self.paren(den[0], PRECEDENCE['Mul'], strict=True)}"
+        elif den:  # x / (a * b): one division, as people (and torch) write it
+            text += f" / ({' * '.join(self.paren(d, PRECEDENCE['Mul']) for d in den)})"
         return text
 
 

@@ -96,6 +96,7 @@ class PythonRenderer:
     @staticmethod
     def guarded_blocks(steps, renderer: "PythonRenderer") -> list[str]:
         lines: list[str] = []
+        previous = None
         for guard, group in itertools.groupby(steps, key=lambda s: s.guard):
             block: list[str] = []
             for step in group:
@@ -107,12 +108,37 @@ class PythonRenderer:
             if guard == sympy.true:
                 lines += block
             elif block:
-                lines += [f"if {renderer.scalar(guard)}:", *(renderer.indent + line for line in block)]
+                # The second half of a spec's if/else prints as `else:`, not as a negated `if`.
+                is_else = previous is not None and sympy.simplify_logic(sympy.Not(previous)) == guard
+                header = "else:" if is_else and lines and lines[-1].startswith(renderer.indent) else \
+                    f"if {renderer.scalar(guard)}:"
+                lines += [header, *(renderer.indent + line for line in block)]
+            previous = guard if block else None
         return lines
 
     def preamble(self) -> list[str]:
         return [f"{s.target} = {self.scalar(s.expr)}" for s in self.program.preamble]
 
+
+
+def _annotation(spec, name: str) -> str:
+    """The Python type of a kernel's scalar argument, from its hyperparameter's default."""
+    for h in spec.hyperparameters.values():
+        if h.choices and h.name == name:
+            return "str | None"
+        values = dict(zip(h.names, h.default)) if h.names else {h.name: h.default}
+        if name in values:
+            value = values[name]
+            if value is None:
+                return "float | None"
+            # torch writes float defaults such as weight_decay=0 as ints; a counting argument is
+            # an int with a non-zero default (ns_steps=5, max_iter=20).
+            return "int" if type(value) is int and value != 0 else "float"
+    return "float"
+
+
+#: runtime functions a kernel may call (optgen.runtime.intrinsics)
+INTRINSICS = ("newton_schulz",)
 
 
 class PythonKernelBackend(Backend):
@@ -128,7 +154,7 @@ class PythonKernelBackend(Backend):
         signature = [f"{plural(t)}: {self.list_annotation if t not in sig.lazy else 'list[Tensor | None]'},"
                      for t in sig.tensors]
         signature += [f"{plural(c + '_t')}: list[Tensor]," for c in sig.counters]
-        signature += ["*", *(f"{s}: float," for s in sig.scalars)]
+        signature += ["*", *(f"{s}: {_annotation(compiled.spec, s)}," for s in sig.scalars)]
         signature = [line if line != "*" else "*," for line in signature]
         variants = []
         for v in compiled.variants:
@@ -146,4 +172,5 @@ class PythonKernelBackend(Backend):
             header=header(compiled), name=compiled.spec.name, variants=variants, signature=signature,
             flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
             uses_math=any("math." in line for line in text_lines),
+            intrinsics=sorted(name for name in INTRINSICS if any(f"{name}(" in line for line in text_lines)),
         )

@@ -5,6 +5,10 @@ Every backend of every spec is tested against this interpreter (tests/backends/)
 shows up as a difference, and it evaluates each sympy node with the plainest torch arithmetic
 (``a + w * (b - a)`` for lerp), not the fused ops the backends pick.
 
+Counters (``step``, ASGD's ``eta``, NAdam's ``mu_product``) are the one exception to float64:
+torch stores them in 0-dim tensors of its step dtype (float32 unless the default dtype is float64),
+so a counter's value is rounded to that dtype whenever it is stored, here as in the runtime.
+
 It cannot tell whether a spec is *right* — only whether the generated code does what the spec
 says; tests/oracle/ compares built-in specs with torch.optim for that.
 """
@@ -15,12 +19,17 @@ import math
 import sympy
 import torch
 
-from optgen.ir.nodes import Program
-from optgen.spec.expressions import Clamp, Lerp, Maximum, Minimum, Where
+from optgen.ir.nodes import Program, Role
+from optgen.runtime.generated import scalar_dtype
+from optgen.runtime import intrinsics
+from optgen.spec.expressions import (Clamp, IfNone, Lerp, MachineEps, Maximum, MeanDim, Minimum, Ndim, NewtonSchulz,
+                                     Norm, NormDim, Numel, Size, Where)
 
 
 def _evaluate(expr: sympy.Expr, env: dict):
     if expr.is_Symbol:
+        if expr.name.startswith('"'):  # a choice's value, e.g. "match_rms_adamw"
+            return expr.name.strip('"')
         return env[expr.name]
     if expr.is_Number:
         return float(expr)
@@ -56,6 +65,24 @@ def _evaluate(expr: sympy.Expr, env: dict):
             return a if cond else b
         as_tensor = [x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64) for x in (a, b)]
         return torch.where(cond, *as_tensor)
+    if isinstance(expr, Norm):
+        return torch.linalg.vector_norm(args[0]).item()
+    if isinstance(expr, Numel):
+        return args[0].numel()
+    if isinstance(expr, Ndim):
+        return args[0].dim()
+    if isinstance(expr, Size):
+        return args[0].size(int(args[1]))
+    if isinstance(expr, MachineEps):
+        return torch.finfo(args[0].dtype).eps
+    if isinstance(expr, IfNone):
+        return args[0] if args[0] is not None else args[1]
+    if isinstance(expr, NormDim):
+        return torch.linalg.vector_norm(args[0], dim=int(args[1]), keepdim=True)
+    if isinstance(expr, MeanDim):
+        return args[0].mean(dim=int(args[1]), keepdim=True)
+    if isinstance(expr, NewtonSchulz):
+        return intrinsics.newton_schulz(*args).to(args[0].dtype)
     if isinstance(expr, Clamp):
         x, low, high = args
         return x.clamp(low, high) if isinstance(x, torch.Tensor) else min(max(x, low), high)
@@ -87,6 +114,21 @@ def _holds(guard: sympy.Basic, env: dict) -> bool:
                             for s, v in values.items()}))
 
 
+def _as_counter(value) -> float:
+    """A value as a counter's 0-dim state tensor holds it (see the module docstring)."""
+    return torch.tensor(float(value), dtype=scalar_dtype()).item()
+
+
+def _counter_update(a, env: dict) -> float:
+    """A counter's new value.  An update that reads the counter runs on its 0-dim tensor, in its
+    dtype (``mu_product *= mu`` multiplies in float32); any other is computed on the host and
+    stored."""
+    if a.target not in {s.name for s in a.value.free_symbols}:
+        return _as_counter(_evaluate(a.value, env))
+    counter = torch.tensor(env[a.target], dtype=scalar_dtype())
+    return float(_evaluate(a.value, {**env, a.target: counter}))
+
+
 def reference_step(program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict,
                    hyper: dict) -> tuple[torch.Tensor, dict]:
     """One step for one parameter, functionally: returns the new parameter and state.
@@ -105,6 +147,9 @@ def reference_step(program: Program, param: torch.Tensor, grad: torch.Tensor, st
             env[a.target] = _evaluate(a.first, env)
             created.add(a.target)
             continue
+        if program.roles.get(a.target) is Role.COUNTER:
+            env[a.target] = _counter_update(a, env)
+            continue
         env[a.target] = _evaluate(a.value, env)
     new_state = {name: env[name] for name in state}
     for name in created:
@@ -115,15 +160,20 @@ def reference_step(program: Program, param: torch.Tensor, grad: torch.Tensor, st
 def initial_state(program: Program, param: torch.Tensor, hyper: dict) -> dict:
     """A parameter's state before its first step, by rule name (from the spec's [state] table)."""
     state = {}
+    env = {**hyper, "param": param}
     for s in program.spec.state.values():
-        if not _holds(s.when, hyper):
+        if not _holds(s.when, env):
             continue
         if s.init == "zeros":
             state[s.name] = torch.zeros_like(param)
+        elif s.init == "zeros_reduced":
+            shape = list(param.shape)
+            shape[int(s.init_value)] = 1
+            state[s.name] = param.new_zeros(shape)
         elif s.init == "full":
             state[s.name] = torch.full_like(param, float(_evaluate(s.init_value, hyper)))
         elif s.init == "scalar":
-            state[s.name] = float(_evaluate(s.init_value, hyper))
+            state[s.name] = _as_counter(_evaluate(s.init_value, hyper))
         else:
             state[s.name] = None
     return state

@@ -37,7 +37,10 @@ class _Lowering:
         self.spec = spec
         self.roles = roles
         self.body: list[Assign] = []
-        self.lines = spec.rule_source_lines() if hasattr(spec, "rule_source_lines") else None
+
+    @property
+    def choices(self) -> dict[str, tuple[str, ...]]:
+        return {h.name: h.choices for h in self.spec.hyperparameters.values() if h.choices}
 
     def loc(self, node: ast.AST) -> Location:
         return node_location(self.spec.rule_loc, node)
@@ -48,7 +51,7 @@ class _Lowering:
     def block(self, statements: list[ast.stmt], guard: sympy.Basic) -> None:
         for stmt in statements:
             if isinstance(stmt, ast.If):
-                cond = MathBuilder(self.spec.rule_loc, self.names(), "a condition").condition(stmt.test)
+                cond = MathBuilder(self.spec.rule_loc, self.names(), "a condition", self.choices).condition(stmt.test)
                 self._check_host_condition(cond, stmt.test)
                 self.block(stmt.body, sympy.And(guard, cond))
                 if stmt.orelse:
@@ -83,7 +86,8 @@ class _Lowering:
             value_node = ast.BinOp(left=ast.Name(id=target, ctx=ast.Load()), op=stmt.op, right=stmt.value)
             ast.copy_location(value_node, stmt.value)
             ast.copy_location(value_node.left, stmt.target)
-        value = MathBuilder(self.spec.rule_loc, self.names(), "an update rule").math(value_node)
+        builder = MathBuilder(self.spec.rule_loc, self.names(), "an update rule")
+        value = builder.math(value_node)
         role = self.roles.get(target)
         if role in (Role.FLAG, Role.HYPER):
             raise SpecError(self.loc(stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target),
@@ -98,4 +102,5 @@ class _Lowering:
         first = None
         if state is not None and state.init == "first" and not any(a.target == target for a in self.body):
             first = state.init_value
-        self.body.append(Assign(target, value, guard, self.loc(stmt), ast.unparse(stmt), first))
+        self.body.append(Assign(target, value, guard, self.loc(stmt), ast.unparse(stmt), first,
+                                tuple(builder.products)))

@@ -68,12 +68,14 @@ class Assign:
     loc: Location
     text: str
     first: sympy.Expr | None = None
+    products: tuple = ()   # product chains as written: ((op, factor), ...) — the order to compute them in
 
     def reads(self) -> set[str]:
         names = {s.name for s in self.value.free_symbols}
         if self.first is not None:
             names |= {s.name for s in self.first.free_symbols}
-        return names | {s.name for s in self.guard.free_symbols}
+        names |= {s.name for s in self.guard.free_symbols}
+        return {n for n in names if not n.startswith('"')}  # a choice's quoted value is not a name
 
 
 @dataclass(frozen=True)

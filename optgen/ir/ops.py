@@ -29,6 +29,7 @@ class TensorOp:
     self_: str
     args: tuple = ()
     kwargs: tuple[tuple[str, sympy.Expr], ...] = ()
+    in_place_ok: bool = True   # False when an operand broadcasts self to a larger shape
 
     @property
     def in_place(self) -> bool:
@@ -77,3 +78,5 @@ class OpProgram:
     counters: tuple[str, ...]
     scalars: tuple[str, ...]          # hyperparameters the kernel takes
     lazy_states: tuple[str, ...]      # states created on their first step (may be None on entry)
+    group_scalars: frozenset[str] = frozenset()  # names with one value per param group; all
+                                                 # others (tensors, counters, ...) vary per tensor

@@ -10,6 +10,7 @@ repeated scalar costs one Python operation.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import sympy
@@ -62,7 +63,7 @@ def cse(program: Program) -> Program:
                     body.append(Assign(sym.name, expr.xreplace(inverse), a.guard, a.loc,
                                        f"{sym.name} = {expr.xreplace(inverse)}"))
                     emitted.add(sym)
-            body.append(Assign(a.target, value.xreplace(inverse), a.guard, a.loc, a.text, a.first))
+            body.append(dataclasses.replace(a, value=value.xreplace(inverse)))
     return program.with_body(body, roles=roles)
 
 

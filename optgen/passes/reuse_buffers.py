@@ -17,18 +17,22 @@ Three rules, each a place torch's foreach optimizers save memory by hand:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import sympy
 
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.ir.validate import implies
 
 MASKS = {"gt", "lt", "ge", "le", "eq", "ne"}  # ops whose result is a boolean mask
+#: ops with no in-place form: masks, shape-changing reductions, intrinsics, binding and copying
+NO_IN_PLACE = MASKS | {"norm", "mean", "where", "newton_schulz", "clone", "alias"}
 
 
 def _conflicting(step: Step, owned: dict[str, sympy.Basic]) -> str | None:
     """A name this step rewrites out of place whose ownership is uncertain under its guard."""
     for op in step.ops:
-        if not op.in_place and op.out == op.self_ and op.fn not in ("clone", "alias"):
+        if not op.in_place and op.out == op.self_ and op.fn not in NO_IN_PLACE and op.in_place_ok:
             cond = owned.get(op.self_, sympy.false)
             if cond != sympy.false and not implies(step.guard, cond) \
                     and not implies(step.guard, sympy.Not(cond)):
@@ -44,7 +48,7 @@ def _rewrite(ops: tuple[TensorOp, ...], guard, owned: dict[str, sympy.Basic]):
         if op.fn == "alias":
             owned[op.out] = sympy.false
             owned[op.self_] = sympy.false
-        elif not op.in_place and op.out == op.self_ and op.fn != "clone" \
+        elif not op.in_place and op.out == op.self_ and op.fn not in NO_IN_PLACE and op.in_place_ok \
                 and implies(guard, owned.get(op.self_, sympy.false)):
             op = op.with_fn(op.fn + "_")
         elif not op.in_place:
@@ -124,5 +128,4 @@ def reuse_buffers(program: OpProgram) -> OpProgram:
     may_own &= assigned_unguarded | {"grad"}
     may_own -= set(program.tensors) - {"grad"}
     steps = _releases(steps, may_own)
-    return OpProgram(program.name, program.flags, program.preamble, tuple(steps), program.tensors,
-                     program.counters, program.scalars, program.lazy_states)
+    return dataclasses.replace(program, steps=tuple(steps))

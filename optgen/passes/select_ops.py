@@ -24,16 +24,25 @@ import sympy
 
 from optgen.ir.nodes import Program, Role, is_tensor_valued
 from optgen.ir.ops import OpProgram, Step, TensorOp
-from optgen.spec.expressions import Clamp, Lerp, Maximum, Minimum, Where, symbol
+from optgen.spec.expressions import Clamp, Lerp, Maximum, MeanDim, Minimum, NewtonSchulz, NormDim, Where, symbol
 
 _UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs", sympy.sign: "sign"}
 _COMPARE = {">": "gt", "<": "lt", ">=": "ge", "<=": "le", "==": "eq", "!=": "ne"}
+
+
+# Note [Shapes]
+# Tensors are the parameter's shape except reductions that keep a dimension (Adafactor's row and
+# column moments, norm_dim/mean_dim results).  A shape is the set of dimensions reduced to size 1
+# (frozenset() = the parameter's full shape).  Broadcasting a ∘ b gives the dims reduced in both,
+# so an op may run in place on `a` only if every dim reduced in `a` is reduced in the operands too.
+FULL = frozenset()
 
 
 @dataclass
 class _Value:
     name: str
     owned: bool  # a tensor this step created (may be mutated in place)
+    shape: frozenset = FULL
 
 
 class _Selector:
@@ -41,6 +50,13 @@ class _Selector:
         self.program = program
         self.fresh = (f"_t{i}" for i in itertools.count())
         self.counter: str | None = None  # the counter being updated: a tensor for that statement
+        self.products: tuple = ()        # the current statement's product chains, as written
+        # Note [Shapes]: reduced states from their initialiser; temporaries as they are created.
+        self.shapes: dict[str, frozenset] = {
+            s.name: frozenset({int(s.init_value)}) for s in program.spec.state.values() if s.init == "zeros_reduced"}
+
+    def shape(self, name: str) -> frozenset:
+        return self.shapes.get(name, FULL)
 
     def is_tensor(self, expr: sympy.Expr) -> bool:
         if self.counter is not None and expr.has(symbol(self.counter)):
@@ -70,15 +86,20 @@ class _Selector:
     # -- materialising an expression as a new tensor -------------------------------------------
     def materialize(self, expr: sympy.Expr, ops: list[TensorOp]) -> _Value:
         if expr.is_Symbol:
-            return _Value(expr.name, False)
+            return _Value(expr.name, False, self.shape(expr.name))
         if isinstance(expr, sympy.Add):
             return self.materialize_sum(expr, ops)
         if isinstance(expr, sympy.Mul):
             coeff, nums, dens = self.split_product(expr)
             if coeff == -1 and len(nums) == 1 and not dens:
                 return self.apply(self.materialize(nums[0], ops), "neg", (), ops)
-            # A compound factor first (it gives a buffer of our own to work in), then divisions,
-            # then the other factors: torch's order in e.g. Adadelta's delta.div_(std).mul_(grad).
+            if len(nums) == 2 and nums[0] == nums[1] and not dens:  # x ** 2: computed once, squared
+                return self.scale(self.apply(self.materialize(nums[0], ops), "square", (), ops), coeff, [], ops)
+            written = self.written_order(expr, ops)
+            if written is not None:
+                return written
+            # Not written as one chain: a compound factor first (a buffer of our own to work in),
+            # then divisions, then the other factors.
             nums.sort(key=lambda n: n.is_Symbol)
             value = self.materialize(nums[0], ops) if nums else None
             if value is None:  # 1 / tensor
@@ -92,7 +113,7 @@ class _Selector:
             base = self.materialize(expr.base, ops)
             method = {sympy.S.Half: "sqrt", -sympy.S.Half: "rsqrt", -1: "reciprocal"}.get(expr.exp)
             if expr.exp == 2:
-                return self.apply(base, "mul", (base.name,), ops)
+                return self.apply(base, "square", (), ops)
             if method:
                 return self.apply(base, method, (), ops)
             return self.apply(base, "pow", (expr.exp,), ops)
@@ -105,9 +126,21 @@ class _Selector:
             return self.apply(self.materialize(a, ops), fn, (self.operand(b, ops),), ops)
         if expr.func in _UNARY:
             return self.apply(self.materialize(expr.args[0], ops), _UNARY[expr.func], (), ops)
+        if isinstance(expr, (NormDim, MeanDim)):
+            x, dim = expr.args
+            fn = "norm" if isinstance(expr, NormDim) else "mean"
+            value = self.materialize(x, ops)
+            out = next(self.fresh)
+            ops.append(TensorOp(out, fn, value.name, (), (("dim", dim), ("keepdim", sympy.true))))
+            self.shapes[out] = value.shape | {int(dim)}
+            return _Value(out, True, self.shapes[out])
+        if isinstance(expr, NewtonSchulz):
+            x, *scalars = expr.args
+            out = next(self.fresh)
+            ops.append(TensorOp(out, "newton_schulz", self.operand(x, ops), tuple(scalars)))
+            return _Value(out, True)
         if isinstance(expr, Clamp):
-            x, low, high = expr.args
-            return self.apply(self.materialize(x, ops), "clamp", (low, high), ops)
+            return self.apply(self.materialize(expr.args[0], ops), "clamp", (), ops, _clamp_bounds(expr))
         if isinstance(expr, Where):
             cond, a, b = expr.args
             mask = self.compare(cond, ops)
@@ -129,6 +162,25 @@ class _Selector:
         ops.append(TensorOp(out, _COMPARE[cond.rel_op], left.name, (other,)))
         return out
 
+    def written_order(self, expr: sympy.Expr, ops: list[TensorOp]) -> _Value | None:
+        """The product computed in the order its spec statement writes it (``row_var * col_var /
+        x`` multiplies first, ``a / std * grad`` divides first), when it was written as one chain."""
+        for chain in self.products:
+            value = sympy.Integer(1)
+            for op, f in chain:
+                value = value * f if op == "*" else value / f
+            if value != expr:
+                continue
+            tensors = [(op, f) for op, f in chain if self.is_tensor(f)]
+            if not tensors or tensors[0][0] != "*":
+                return None
+            coeff = sympy.Mul(*[f if op == "*" else 1 / f for op, f in chain if not self.is_tensor(f)])
+            result = self.materialize(tensors[0][1], ops)
+            for op, f in tensors[1:]:
+                result = self.apply(result, "mul" if op == "*" else "div", (self.operand(f, ops),), ops)
+            return self.scale(result, coeff, [], ops)
+        return None
+
     def materialize_sum(self, expr: sympy.Expr, ops: list[TensorOp]) -> _Value:
         terms = self.ordered_terms(expr)
         # The base: a bare tensor (grad + wd * param → grad.add(param, alpha=wd)), else a compound term.
@@ -144,13 +196,20 @@ class _Selector:
         return self.materialize(expr, ops).name
 
     def apply(self, value: _Value, fn: str, args: tuple, ops: list[TensorOp], kwargs=()) -> _Value:
-        """``fn`` on ``value``: in place when value is ours, else into a new temporary."""
-        if value.owned:
+        """``fn`` on ``value``: in place when value is ours (and keeps its shape), else into a new
+        temporary."""
+        shape = value.shape
+        for a in args:
+            if isinstance(a, str):
+                shape = shape & self.shape(a)
+        fits = shape == value.shape  # Note [Shapes]
+        if value.owned and fits:
             ops.append(TensorOp(value.name, fn + "_", value.name, args, kwargs))
             return value
         out = next(self.fresh)
-        ops.append(TensorOp(out, fn, value.name, args, kwargs))
-        return _Value(out, True)
+        ops.append(TensorOp(out, fn, value.name, args, kwargs, in_place_ok=fits))
+        self.shapes[out] = shape
+        return _Value(out, True, shape)
 
     def scale(self, value: _Value, coeff: sympy.Expr, dens: list, ops: list[TensorOp]) -> _Value:
         num, den = sympy.fraction(coeff)
@@ -202,7 +261,7 @@ class _Selector:
             return ops
         if isinstance(expr, Clamp) and expr.args[0].has(me) and not any(a.has(me) for a in expr.args[1:]):
             ops += self.update_in_place(target, expr.args[0])
-            self.apply(mine, "clamp", expr.args[1:], ops)
+            self.apply(mine, "clamp", (), ops, _clamp_bounds(expr))
             return ops
         terms = self.ordered_terms(expr, first=me)
         coeff, nums, dens = self.split_product(terms[0])
@@ -225,6 +284,7 @@ class _Selector:
         """Ops that bind the local (or grad) ``target`` to ``expr``."""
         ops: list[TensorOp] = []
         value = self.materialize(expr, ops)
+        self.shapes[target] = value.shape
         if not ops:
             ops.append(TensorOp(target, "alias", value.name))
         else:
@@ -241,6 +301,12 @@ class _Selector:
         return _rename(ops, value.name, target)
 
 
+def _clamp_bounds(expr: Clamp) -> tuple:
+    """clamp's keyword bounds, leaving out an infinite one (clamp_min / clamp_max in a spec)."""
+    _, low, high = expr.args
+    return tuple((k, v) for k, v in (("min", low), ("max", high)) if v not in (sympy.oo, -sympy.oo))
+
+
 def _rename(ops: list[TensorOp], old: str, new: str) -> list[TensorOp]:
     """Gives the temporary ``old`` the name ``new`` — unless ``new`` is still read after ``old``
     is created (``grad = grad * grad + grad``), where a final ``new = old`` keeps them apart."""
@@ -251,8 +317,8 @@ def _rename(ops: list[TensorOp], old: str, new: str) -> list[TensorOp]:
     def r(x):
         return new if x == old else x
 
-    return [TensorOp(r(o.out), o.fn, r(o.self_), tuple(r(a) if isinstance(a, str) else a for a in o.args), o.kwargs)
-            for o in ops]
+    return [TensorOp(r(o.out), o.fn, r(o.self_), tuple(r(a) if isinstance(a, str) else a for a in o.args), o.kwargs,
+                     o.in_place_ok) for o in ops]
 
 
 def select_ops(program: Program) -> OpProgram:
@@ -262,6 +328,7 @@ def select_ops(program: Program) -> OpProgram:
     counters_read: set[str] = set()  # counters whose value has been read back from their tensor
     for a in program.body:
         role = roles[a.target]
+        selector.products = a.products
         common = dict(target=a.target, guard=a.guard, text=a.text, loc=a.loc)
         for name in sorted(a.reads()):
             if roles.get(name) is Role.COUNTER and name not in counters_read and name != a.target:
@@ -296,4 +363,6 @@ def select_ops(program: Program) -> OpProgram:
         name=program.variant_name, flags=program.flags, preamble=preamble, steps=tuple(steps),
         tensors=("param", "grad", *states), counters=tuple(counters), scalars=tuple(scalars),
         lazy_states=tuple(s.name for s in spec.state.values() if s.init == "first" and s.name in states),
+        group_scalars=frozenset({n for n, r in roles.items() if r is Role.HYPER}
+                                | {a.target for a in program.preamble}),
     )

@@ -1,6 +1,7 @@
 """Flag specialisation: fix every flag to a value, drop the statements that can no longer run."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import sympy
@@ -26,7 +27,7 @@ def specialize(program: Program, flags: tuple[tuple[str, bool], ...]) -> Program
         guard = sympy.simplify_logic(a.guard.subs(values)) if a.guard.free_symbols else a.guard
         if guard == sympy.false:
             continue
-        body.append(type(a)(a.target, a.value, guard, a.loc, a.text, a.first))
+        body.append(dataclasses.replace(a, guard=guard))
     state_when = {name: sympy.simplify_logic(w.subs(values)) if w.free_symbols else w
                   for name, w in program.state_when.items()}
     roles = {name: role for name, role in program.roles.items() if role is not Role.FLAG}

@@ -75,7 +75,9 @@ class GeneratedOptimizer(Optimizer):
         for name, key in self._counter_state:
             tensors[name] = [s[key] for s in states]
         created = {key: [s.get(key) is None for s in states] for key in self._lazy_state}
-        if self._complex_as_real and any(p.is_complex() for p in params):
+        if any(p.is_complex() for p in params):
+            if not self._complex_as_real:
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
             tensors = _view_complex_as_real(tensors)
         module = self._kernels[dispatch.choose(self, group, params)]
         kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]

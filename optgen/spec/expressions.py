@@ -128,6 +128,8 @@ FUNCTIONS: dict[str, tuple[int, Callable]] = {
     "maximum": (2, Maximum),
     "minimum": (2, Minimum),
     "clamp": (3, Clamp),
+    "clamp_min": (2, lambda x, low: Clamp(x, low, sympy.oo)),
+    "clamp_max": (2, lambda x, high: Clamp(x, -sympy.oo, high)),
     "where": (3, Where),
     "norm": (1, Norm),
     "numel": (1, Numel),
@@ -141,7 +143,7 @@ FUNCTIONS: dict[str, tuple[int, Callable]] = {
 }
 
 #: calls a constructor check may make, with their arity
-CHECK_CALLS = {"isinstance": 2, "numel": 1, "len": 1, "float": 1, "int": 1}
+CHECK_CALLS = {"isinstance": 2, "numel": 1, "ndim": 1, "len": 1, "float": 1, "int": 1}
 CHECK_TYPES = {"Tensor", "float", "int", "bool", "tuple", "list"}
 
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
@@ -189,8 +191,11 @@ class _SyntaxPos:
 class MathBuilder:
     """Turns ast expressions into sympy, resolving names through ``names``."""
 
-    def __init__(self, base: Location, names: dict[str, str], what: str):
+    def __init__(self, base: Location, names: dict[str, str], what: str,
+                 choices: dict[str, tuple[str, ...]] | None = None):
         self.base = base
+        self.choices = choices or {}
+        self.products: list[tuple] = []  # every product chain as written (see product())
         self.names = names  # allowed name → its role, for error messages
         self.what = what
 
@@ -208,6 +213,8 @@ class MathBuilder:
                 raise self.error(node, f"unknown name '{node.id}' in {self.what}; known names: {known}")
             return symbol(node.id)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            if isinstance(node.op, (ast.Mult, ast.Div)):
+                return self.product(node)
             return _BINOPS[type(node.op)](self.math(node.left), self.math(node.right))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             value = self.math(node.operand)
@@ -224,6 +231,34 @@ class MathBuilder:
             return make(*(self.math(a) for a in node.args))
         raise self.error(node, f"'{ast.unparse(node)}' is not allowed in {self.what}: "
                                "use numbers, names, + - * / **, and functions such as sqrt, lerp")
+
+    def product(self, node: ast.BinOp) -> sympy.Expr:
+        """A chain ``a * b / c * d``; its factors are recorded in written order (``self.products``),
+        because sympy reorders them and the order of floating-point operations is the author's."""
+        chain = []
+        while isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)):
+            chain.append(("*" if isinstance(node.op, ast.Mult) else "/", node.right))
+            node = node.left
+        chain.append(("*", node))
+        factors = tuple((op, self.math(n)) for op, n in reversed(chain))
+        value = sympy.Integer(1)
+        for op, f in factors:
+            value = value * f if op == "*" else value / f
+        self.products.append(factors)
+        return value
+
+    def choice_test(self, node: ast.Compare) -> sympy.Basic:
+        """``adjust_lr_fn == "original"``: a choice hyperparameter against one of its values."""
+        value = node.comparators[0].value
+        choices = self.choices.get(node.left.id) if isinstance(node.left, ast.Name) else None
+        if choices is None:
+            raise self.error(node, f"'{ast.unparse(node.left)}' is not a choice hyperparameter; only those "
+                                   "compare with strings")
+        if value not in choices:
+            raise self.error(node.comparators[0], f"'{value}' is not one of {', '.join(choices)}")
+        # The value is a symbol named with its quotes, so printers write it as a string literal.
+        test = sympy.Eq(symbol(node.left.id), sympy.Symbol(f'"{value}"'), evaluate=False)
+        return test if isinstance(node.ops[0], ast.Eq) else sympy.Not(test)
 
     def comparison(self, node: ast.AST) -> sympy.Basic:
         """The first argument of where(): one comparison of two math expressions."""
@@ -246,6 +281,9 @@ class MathBuilder:
                 raise self.error(node, f"'{node.id}' is not a flag; a condition names a flag "
                                        f"(a boolean hyperparameter) or compares a hyperparameter")
             return symbol(node.id)
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.Eq, ast.NotEq)) \
+                and isinstance(node.comparators[0], ast.Constant) and isinstance(node.comparators[0].value, str):
+            return self.choice_test(node)
         if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
             return _COMPARE[type(node.ops[0])](self.math(node.left), self.math(node.comparators[0]))
         raise self.error(node, f"'{ast.unparse(node)}' is not a condition: expected a flag, a comparison "
@@ -271,7 +309,7 @@ def parse_check(text: str, loc: Location, names: set[str]) -> str:
     allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub,
                ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Is, ast.IsNot,
                ast.Constant, ast.Name, ast.Load, ast.Subscript, ast.Call, ast.BinOp, ast.Add,
-               ast.Sub, ast.Mult, ast.Div)
+               ast.Sub, ast.Mult, ast.Div, ast.In, ast.NotIn, ast.List, ast.Tuple)
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree):
         if not isinstance(node, allowed):
@@ -298,8 +336,10 @@ class _NumelAsMethod(ast.NodeTransformer):
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
-        if isinstance(node.func, ast.Name) and node.func.id == "numel":
-            return ast.Call(func=ast.Attribute(value=node.args[0], attr="numel", ctx=ast.Load()), args=[], keywords=[])
+        methods = {"numel": "numel", "ndim": "dim"}
+        if isinstance(node.func, ast.Name) and node.func.id in methods:
+            method = ast.Attribute(value=node.args[0], attr=methods[node.func.id], ctx=ast.Load())
+            return ast.Call(func=method, args=[], keywords=[])
         return node
 
 

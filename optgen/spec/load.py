@@ -26,11 +26,12 @@ SECTIONS = {
     "optimizer": {"name", "doc", "paper", "extends", "signature", "group_keys", "complex",
                   "state_init", "torch"},
     "hyperparameters": None,  # free names
-    "check": {"assert", "error", "type", "when"},
+    "check": {"assert", "error", "type", "when", "each"},
     "state": None,
     "update": {"rule"},
 }
-HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor"}
+HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor", "choices"}
+NONE = "None"  # TOML has no null: the string "None" in a default stands for Python's None
 STATE_KEYS = {"init", "first", "when", "key"}
 ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError"}
 
@@ -242,9 +243,20 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
         default = table["default"]
         dpath = path + ("default",) if isinstance(raw, dict) else path
         names: tuple[str, ...] = ()
+        choices: tuple[str, ...] = ()
+        if "choices" in table:
+            choices = tuple(_expect(table["choices"], list, src, path + ("choices",), f"{name}.choices"))
+            if not choices or not all(isinstance(c, str) and c.isidentifier() for c in choices):
+                raise SpecError(src.value_loc(path + ("choices",)), "choices must be a list of identifiers")
+            if default != NONE and default not in choices:
+                raise SpecError(src.value_loc(dpath), f"default of '{name}' must be \"None\" or one of the choices")
+            out[name] = Hyperparameter(name, None if default == NONE else default, loc, choices=choices)
+            continue
         if isinstance(default, list):
             for i, item in enumerate(default):
-                _expect(item, (int, float), src, dpath + (i,), f"{name}[{i}]")
+                if item != NONE:
+                    _expect(item, (int, float), src, dpath + (i,), f"{name}[{i}]")
+            default = [None if item == NONE else item for item in default]
             names = tuple(_expect(table.get("names"), list, src, path + ("names",), f"{name}.names")
                           if "names" in table else ())
             if len(names) != len(default):
@@ -256,7 +268,7 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
             default = tuple(default)
         elif not isinstance(default, (bool, int, float)):
             raise SpecError(src.value_loc(dpath), f"default of '{name}' must be a number, a bool or a list "
-                                                  f"of numbers, not {type(default).__name__}")
+                                                  f"of numbers (\"None\" for None), not {type(default).__name__}")
         elif "names" in table:
             raise SpecError(src.key_loc(path + ("names",)), "names = [...] is only for tuple hyperparameters")
         fixed = _expect(table.get("fixed", False), bool, src, path + ("fixed",), "fixed")
@@ -279,17 +291,26 @@ def _checks(merged: _Merged, hyper: dict[str, Hyperparameter]) -> tuple[Check, .
         if kind not in ERROR_TYPES:
             raise SpecError(src.value_loc(path + ("type",)),
                             f"unknown error type '{kind}'; use one of {', '.join(sorted(ERROR_TYPES))}")
-        ok = expressions.parse_check(raw["assert"], src.value_loc(path + ("assert",)), names)
+        each = raw.get("each")
+        if each not in (None, "param"):
+            raise SpecError(src.value_loc(path + ("each",)), 'each must be "param" (a check run on every parameter)')
+        scope = names | {"param"} if each else names
+        ok = expressions.parse_check(raw["assert"], src.value_loc(path + ("assert",)), scope)
         when = None
         if "when" in raw:
             when = expressions.parse_check(_expect(raw["when"], str, src, path + ("when",), "check.when"),
-                                           src.value_loc(path + ("when",)), names)
-        _check_message(raw["error"], src.value_loc(path + ("error",)), names)
-        out.append(Check(ok, raw["error"], kind, when, src.key_loc(path)))
+                                           src.value_loc(path + ("when",)), scope)
+        _check_message(raw["error"], src.value_loc(path + ("error",)), names,
+                       extra=PARAM_FIELDS if each else ())
+        out.append(Check(ok, raw["error"], kind, when, src.key_loc(path), each_param=bool(each)))
     return tuple(out)
 
 
-def _check_message(message: str, loc: Location, names: set[str]) -> None:
+#: what a per-parameter check's message may show of the parameter
+PARAM_FIELDS = ("param.size()", "param.dim()", "param.dtype")
+
+
+def _check_message(message: str, loc: Location, names: set[str], extra: tuple[str, ...] = ()) -> None:
     """Error messages are f-string bodies; every {field} must be a checked value."""
     import string
 
@@ -300,6 +321,8 @@ def _check_message(message: str, loc: Location, names: set[str]) -> None:
     for f, spec in fields:
         # The message is emitted as an f-string: a field must be a plain name or name[<int>], and
         # a format spec must not nest another field, or spec text would run in the generated code.
+        if f in extra and not spec:
+            continue
         match = re.fullmatch(r"([A-Za-z_]\w*)(\[[0-9]+\])?", f)
         if match is None or match.group(1) not in names or "{" in (spec or ""):
             shown = f"{f}:{spec}" if spec else f
@@ -354,7 +377,8 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
         when = sympy.true
         if "when" in table:
             text = _expect(table["when"], str, src, path + ("when",), "when")
-            when = expressions.parse_condition(text, src.value_loc(path + ("when",)), names, "a state condition")
+            when = expressions.parse_condition(text, src.value_loc(path + ("when",)), names,
+                                               "a state condition")
         key = _expect(table.get("key", name), str, src, path + ("key",), "key")
         if not key.isidentifier():  # it is printed into generated code as state["<key>"]
             raise SpecError(src.value_loc(path + ("key",)), f"state key '{key}' must be a Python identifier, "
@@ -388,8 +412,10 @@ def _parse_init(text: str, loc: Location, names: dict[str, str]) -> tuple[str, s
         is_param = bool(args) and isinstance(args[0], ast.Name) and args[0].id == "param"
         if tree.func.id == "zeros_like" and len(args) == 1 and is_param:
             return "zeros", None
+        if tree.func.id == "zeros_reduced" and len(args) == 2 and is_param and isinstance(args[1], ast.UnaryOp | ast.Constant):
+            return "zeros_reduced", builder.math(args[1])  # zeros of param's shape with dim d of size 1
         if tree.func.id == "full_like" and len(args) == 2 and is_param:
             return "full", builder.math(args[1])
-    raise SpecError(loc, f"bad initialiser '{text.strip()}': expected zeros_like(param), "
+    raise SpecError(loc, f"bad initialiser '{text.strip()}': expected zeros_like(param), zeros_reduced(param, dim), "
                          "full_like(param, <hyperparameter expression>), or a number or hyperparameter "
                          "expression (a 0-dim counter)")

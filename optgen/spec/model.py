@@ -27,10 +27,11 @@ class Hyperparameter:
     names: tuple[str, ...] = ()  # for tuples: the scalar names its items go by in the rule
     fixed: bool = False          # not a constructor argument; always `default` (AdamW's decoupling)
     tensor: bool = False         # may be given as a 1-element Tensor (converted to a number per step)
+    choices: tuple[str, ...] = ()  # a string option (default may be None); rules compare it: x == "a"
 
     @property
     def is_flag(self) -> bool:
-        return isinstance(self.default, bool)
+        return isinstance(self.default, bool) and not self.choices
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Check:
     kind: str                    # exception class name, e.g. "ValueError"
     when: str | None
     loc: Location
+    each_param: bool = False     # run on every parameter after the param groups exist (Muon's 2-D check)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,482 @@
+"""The Triton backend: one fused multi-tensor kernel per flag variant, launched once per step.
+
+Per variant it emits a ``@triton.jit`` kernel and a host function with the foreach backend's
+signature (lists of one (device, dtype) group, hyperparameters as keywords, plus GradScaler's
+``grad_scale`` / ``found_inf``).  The host function hands the lists to
+:func:`optgen.runtime.triton_launch.launch`, which builds (and caches) the launch tables and
+launches the kernel once for the whole group.  A kernel reads like this (Adam, abridged)::
+
+    step = tl.load(step_ptr).to(tl.float64)            # per-tensor scalars, in float64
+    step = step + 1
+    bias_correction1 = 1 - tl.exp(step * tl.log(beta1))
+    ...
+    for block in range(start, end, BLOCK):            # this program's chunk of its tensor
+        offsets = block + tl.arange(0, BLOCK)
+        in_bounds = offsets < end
+        param = tl.load(param_ptr + offsets, mask=in_bounds).to(COMPUTE)
+        ...
+        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        ...
+        tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
+
+Note [Triton kernel layout]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The kernel body is printed from ``Variant.program`` (after specialize, cse and hoist_scalars), in
+three sections:
+
+1. **Scalars**, once per program, in float64: hyperparameters, the per-tensor counters (loaded
+   from the tensor's own 0-dim ``step``), and every scalar statement in program order — bias
+   corrections included.  Computing them in the kernel (not on the host) is what makes the step
+   free of host synchronisation, so ``capturable=True`` and CUDA graphs work, and float64 keeps
+   them as exact as the foreach backend's Python floats.  Scalar subexpressions of tensor
+   statements (``1 - beta1``) are computed here too, and a scalar that a later scalar statement
+   reassigns is snapshotted (``eta_0``) where a tensor statement reads it — so hoisting the
+   scalars above the elementwise loop keeps the spec's order of effects.  Then each scalar the
+   loop reads is cast once to ``COMPUTE`` (float32; float64 for float64 parameters), the
+   precision torch's fused kernels compute in.
+2. **Counters** are written back by the last program of each tensor to arrive (an atomic
+   ``arrivals`` count per tensor, reset by that program): every program of a tensor reads the
+   old ``step`` first, so one launch can both read and increment it without a race.
+3. **The elementwise loop** over this program's chunk: load param, grad and each state once,
+   the tensor statements in order, store param and each written state once.
+
+Guards on hyperparameters (``weight_decay != 0``) become ``tl.constexpr`` arguments, evaluated on
+the host: each combination compiles once and the kernel has no runtime branch for them.  Guards
+on per-tensor values (``if rho_t > 5``) are evaluated in the kernel and select with ``tl.where``.
+A lazily created state (SGD's ``momentum_buffer = { first = "grad" }``) is allocated on the host
+before the launch; a per-tensor flag in the launch tables tells the kernel to store ``first``
+instead of the update (``tl.where(momentum_buffer_is_new, grad, ...)``) on that step.
+
+What cannot be one elementwise pass — reductions over a tensor (``norm``), factored states of
+another shape, intrinsics — makes :meth:`TritonBackend.unsupported` return the reason; such a
+spec gets no triton module and ``optgen show`` prints the reason instead.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+
+import sympy
+
+from optgen.backends.base import Backend, KernelSignature, environment, header, kernel_signature, module_name
+from optgen.backends.forloop import plural
+from optgen.backends.printing import PythonScalarPrinter
+from optgen.backends.triton_printer import TritonPrinter, Unsupported
+from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
+from optgen.passes import Compiled
+
+#: names the kernel skeleton (templates/triton/kernels.py.j2) defines; spec names that collide
+#: with them get a trailing underscore
+RESERVED = frozenset({
+    "addresses", "counter_addresses", "numels", "first_step", "chunk_tensors", "chunk_indices",
+    "arrivals", "num_tensors", "grad_scale", "found_inf", "pid", "tensor", "chunk", "numel",
+    "applies", "arrived", "last", "start", "end", "block", "offsets", "in_bounds", "inv_scale",
+    "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK",
+    "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float",
+})
+
+#: state initialisers whose tensor is shaped like the parameter (so a flat chunk covers it)
+_ELEMENTWISE_STATE = ("zeros", "full", "first")
+
+
+def _identifier(text: str) -> str:
+    """A readable identifier from a condition or expression: ``weight_decay != 0`` → ``weight_decay_ne_0``."""
+    words = {"!=": " ne ", "==": " eq ", "<=": " le ", ">=": " ge ", "<": " lt ", ">": " gt ",
+             "**": " pow ", "*": " times ", "/": " over ", "+": " plus ", " - ": " minus ", "-": " neg "}
+    for op, word in words.items():
+        text = text.replace(op, word)
+    text = re.sub(r"math\.|\(|\)|\"|'", " ", text).replace(".", "_")
+    text = re.sub(r"[^0-9A-Za-z_]+", "_", text.strip()).strip("_")
+    return re.sub(r"_+", "_", text)
+
+
+@dataclass
+class Kernel:
+    """One variant's kernel and host function, as pre-printed lines for the template."""
+
+    kernel: str                                   # the @triton.jit function's name
+    function: str                                 # the host function's name (in VARIANTS)
+    key: str                                      # repr of the flag values
+    doc: str
+    tensors: list[tuple[str, str]]                # (list name, presence guard as Python) in table order
+    counters: list[str]                           # counter list names in table order
+    lazy: list[tuple[int, str, str]]              # (list index, state name, creation condition as Python)
+    hyperparameters: list[str]                    # scalar arguments (float64)
+    tensor_hyperparameters: list[str]             # those that may be a 1-element tensor on the device
+    guards: list[tuple[str, str]]                 # (constexpr name, Python condition) evaluated on the host
+    prologue: list[str] = field(default_factory=list)   # kernel lines before the loop
+    loop: list[str] = field(default_factory=list)       # kernel lines inside the loop
+
+
+class _KernelBuilder:
+    """Walks one specialised :class:`Program` into a :class:`Kernel` (see Note [Triton kernel layout])."""
+
+    def __init__(self, program: Program, sig: KernelSignature, spec_name: str):
+        self.program = program
+        self.sig = sig
+        self.roles = program.roles
+        self.spec = program.spec
+        self.statements: list[Assign] = [*program.preamble, *program.body]
+        self.host_guards: dict[sympy.Basic, str] = {}      # condition → constexpr name
+        self.names: set[str] = set()                       # identifiers taken in the kernel
+        self.spec_name = spec_name
+        self.check()
+
+    # -- names -------------------------------------------------------------------------------------
+    def kname(self, name: str) -> str:
+        """The kernel variable for an IR name."""
+        return name + "_" if name in RESERVED else name
+
+    def fresh(self, base: str) -> str:
+        if base[:2] in ("1_", "2_"):
+            base = {"1": "one", "2": "two"}[base[0]] + base[1:]
+        base = base if base and not base[0].isdigit() else f"s_{base}"
+        name, n = base, 1
+        while name in self.names or name in RESERVED or name in self.roles:
+            name, n = f"{base}_{n}", n + 1
+        self.names.add(name)
+        return name
+
+    def printer(self, rename=None) -> TritonPrinter:
+        return TritonPrinter(rename or self.kname)
+
+    # -- checks -------------------------------------------------------------------------------------
+    def check(self) -> None:
+        for name, role in self.roles.items():
+            if role is Role.STATE and any(name in a.reads() or a.target == name for a in self.statements):
+                init = self.spec.state[name].init
+                if init not in _ELEMENTWISE_STATE:
+                    raise Unsupported(f"state '{name}' is not shaped like the parameter ({init}), so one "
+                                      "flat chunk of the parameter does not cover it")
+
+    # -- guards --------------------------------------------------------------------------------------
+    def is_host(self, expr: sympy.Basic) -> bool:
+        names = {s.name for s in expr.free_symbols if not s.name.startswith('"')}
+        return all(self.roles.get(n) is Role.HYPER for n in names)
+
+    def split_guard(self, guard: sympy.Basic) -> tuple[sympy.Basic, sympy.Basic]:
+        """(host part, per-tensor part) of a statement's guard."""
+        if guard == sympy.true:
+            return sympy.true, sympy.true
+        terms = guard.args if isinstance(guard, sympy.And) else (guard,)
+        host = [t for t in terms if self.is_host(t)]
+        dynamic = [t for t in terms if not self.is_host(t)]
+        for t in dynamic:
+            if any(s.name.startswith('"') for s in t.free_symbols):
+                raise Unsupported(f"the condition '{t}' mixes a choice with per-tensor values")
+        return sympy.And(*host), sympy.And(*dynamic)
+
+    def host_guard(self, condition: sympy.Basic) -> str | None:
+        """The constexpr name of a host condition (None for `true`)."""
+        condition = sympy.simplify_logic(condition) if condition not in (sympy.true, sympy.false) else condition
+        if condition == sympy.true:
+            return None
+        if condition not in self.host_guards:
+            text = PythonScalarPrinter()(condition) if condition != sympy.false else "False"
+            self.host_guards[condition] = self.fresh(_identifier(text).upper() or "GUARD")
+        return self.host_guards[condition]
+
+    # -- the kernel --------------------------------------------------------------------------------
+    def build(self, kernel: str, function: str, key: str, doc: str) -> Kernel:
+        roles, program = self.roles, self.program
+        touched = {n for a in self.statements for n in a.reads() | {a.target}}
+        in_kernel = set()  # names the kernel computes with (host guards are evaluated on the host)
+        for a in self.statements:
+            exprs = [a.value, self.split_guard(a.guard)[1]] + ([a.first] if a.first is not None else [])
+            in_kernel |= {s.name for e in exprs for s in e.free_symbols}
+        hypers = [n for n, r in roles.items() if r is Role.HYPER and n in in_kernel]
+        tensor_hypers = [n for n in hypers if self._tensor_capable(n)]
+        counters = [c for c in self.sig.counters if c in touched]
+        states = [t for t in self.sig.tensors if t not in ("param", "grad") and t in touched]
+        lists = ["param", "grad", *states]
+        self.names |= {self.kname(n) for n in roles} | {f"{self.kname(t)}_ptr" for t in [*lists, *counters]}
+        tensor_names = {n for n, r in roles.items() if r.is_tensor}
+
+        # -- presence of each tensor list: the host guards of the statements that touch it --------
+        presence: dict[str, sympy.Basic] = {}
+        written: dict[str, sympy.Basic] = {}
+        read: set[str] = set()
+        defined = {"param", "grad"}
+        for a in self.statements:
+            host, dynamic = self.split_guard(a.guard)
+            for n in a.reads():
+                if n in lists:
+                    presence[n] = sympy.Or(presence.get(n, sympy.false), host)
+                    if n not in defined:
+                        read.add(n)
+            if a.target in lists:
+                presence[a.target] = sympy.Or(presence.get(a.target, sympy.false), host)
+                written[a.target] = sympy.Or(written.get(a.target, sympy.false), host)
+                if dynamic != sympy.true or a.first is not None:
+                    read.add(a.target)
+                defined.add(a.target)
+        presence["param"] = presence["grad"] = sympy.true
+        read |= {"param", "grad"}
+
+        lazy_names = [t for t in states if t in self.sig.lazy]
+        lazy = []
+        for t in lazy_names:
+            when = program.state_when.get(t, sympy.true)
+            if any(s.name == "param" for s in when.free_symbols):
+                raise Unsupported(f"state '{t}' is created depending on the parameter's shape")
+            lazy.append((lists.index(t), t, PythonScalarPrinter()(when) if when != sympy.true else "True"))
+
+        prologue: list[str] = []
+        loop: list[str] = []
+
+        # -- hyperparameters, as float64 scalars --------------------------------------------------
+        if hypers:
+            prologue.append("# hyperparameters, as float64 scalars (exact in the interpreter too)")
+        for h in hypers:
+            k = self.kname(h)
+            if h in tensor_hypers:
+                prologue += [f"if {self.is_tensor_flag(h)}:",
+                             f"    {k} = tl.load({k}_ptr).to(tl.float64)",
+                             "else:",
+                             f"    {k} = tl.full((), {k}, tl.float64)"]
+            else:
+                prologue.append(f"{k} = tl.full((), {k}, tl.float64)")
+
+        # -- counters -----------------------------------------------------------------------------
+        written_counters = [c for c in counters if any(a.target == c for a in self.statements)]
+        if counters:
+            prologue.append("# counters: every program of a tensor reads them; the last to arrive writes them")
+        for i, c in enumerate(counters):
+            k = self.kname(c)
+            offset = f"{i} * num_tensors + tensor" if i else "tensor"
+            prologue += [f"{k}_ptr = tl.load(counter_addresses + {offset}).to(tl.pointer_type(COUNTER_DTYPE))",
+                         f"{k} = tl.load({k}_ptr).to(tl.float64)"]
+        if written_counters:
+            prologue += ['arrived = tl.atomic_add(arrivals + tensor, 1, sem="acq_rel")',
+                         "last = arrived == tl.maximum((numel + CHUNK - 1) // CHUNK, 1) - 1"]
+        for i, (index, t, _) in enumerate(lazy):
+            offset = f"{i} * num_tensors + tensor" if i else "tensor"
+            prologue.append(f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0  # created this step")
+
+        # -- scalar statements, and what the tensor statements need from them ------------------------
+        scalar_defined = {n for n, r in roles.items() if r in (Role.HYPER, Role.COUNTER)}
+        later_scalar_defs = self._later_scalar_definitions()
+        cast: dict[str, sympy.Basic] = {}             # kernel scalar → host guard it exists under
+        for h in hypers:
+            cast[self.kname(h)] = sympy.true
+        for c in counters:
+            cast[self.kname(c)] = sympy.true
+        scalar_lines: list[str] = []
+        tensor_code: list[tuple[sympy.Basic, list[str]]] = []   # (host guard, lines) per statement
+        conditions: dict[tuple, str] = {}
+        versions = {n: 0 for n in roles}
+
+        for i, a in enumerate(self.statements):
+            host, dynamic = self.split_guard(a.guard)
+            role = roles[a.target]
+            condition = None
+            if dynamic != sympy.true:
+                key = (dynamic, tuple(sorted((s.name, versions.get(s.name, 0)) for s in dynamic.free_symbols)))
+                if key not in conditions:
+                    conditions[key] = self.fresh(_identifier(PythonScalarPrinter()(dynamic)).lower() or "condition")
+                    scalar_lines += self._guarded(host, [f"{conditions[key]} = {self.printer()(dynamic)}"])
+                condition = conditions[key]
+            if not role.is_tensor:
+                value = self.printer()(a.value)
+                k = self.kname(a.target)
+                code = f"{k} = {value}" if condition is None or a.target not in scalar_defined \
+                    else f"{k} = tl.where({condition}, {value}, {k})"
+                scalar_lines += self._guarded(host, [f"# {a.text}", code])
+                scalar_defined.add(a.target)
+                versions[a.target] = versions.get(a.target, 0) + 1
+                cast.setdefault(k, sympy.false)
+                cast[k] = sympy.Or(cast[k], host)
+                continue
+            # A tensor statement: its scalar subexpressions become float64 scalars computed here.
+            later = later_scalar_defs[i]
+            replaced, snapshot_lines = self._scalar_operands(a, host, later, tensor_names, cast)
+            scalar_lines += self._guarded(host, snapshot_lines)
+            value = self.printer()(replaced["value"])
+            if not is_tensor_valued(a.value, roles):
+                value = f"tl.full((BLOCK,), {value}, COMPUTE)"
+            k = self.kname(a.target)
+            if a.first is not None:
+                value = f"tl.where({k}_is_new, {self.printer()(replaced['first'])}, {value})"
+            if condition is not None and a.target in defined_before(self.statements, i, lists):
+                value = f"tl.where({condition}, {value}, {k})"
+            tensor_code.append((host, [f"# {a.text}", f"{k} = {value}"]))
+
+        if scalar_lines:
+            prologue += ["# scalars (float64), in the order the spec computes them", *scalar_lines]
+        if written_counters:
+            prologue.append("# the last program of each tensor writes its counters back (unless GradScaler skips)")
+            for c in written_counters:
+                k = self.kname(c)
+                prologue.append(f"tl.store({k}_ptr, {k}.to(COUNTER_DTYPE), mask=last & applies)")
+            prologue.append("tl.store(arrivals + tensor, 0, mask=last)")
+
+        casts = [(k, g) for k, g in cast.items() if k in self._loop_scalars(tensor_code)]
+        if casts:
+            prologue.append("# the scalars the elementwise update reads, in its compute dtype")
+            for guard, group in itertools.groupby(casts, key=lambda kg: kg[1]):
+                prologue += self._guarded(guard, [f"{k} = {k}.to(COMPUTE)" for k, _ in group])
+
+        # -- tensor addresses ----------------------------------------------------------------------
+        prologue.append("# this program's tensors")
+        for i, t in enumerate(lists):
+            k = self.kname(t)
+            offset = f"{i} * num_tensors + tensor" if i else "tensor"
+            prologue += self._guarded(presence.get(t, sympy.true),
+                                      [f"{k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(DTYPE))"])
+
+        # -- the loop body ---------------------------------------------------------------------------
+        for t in lists:
+            if t not in read:
+                continue
+            k = self.kname(t)
+            mask = f"in_bounds & ~{k}_is_new" if t in lazy_names else "in_bounds"
+            load = [f"{k} = tl.load({k}_ptr + offsets, mask={mask}, other=0.0).to(COMPUTE)"]
+            if t == "grad":
+                load += ["if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do",
+                         "    grad = grad * inv_scale",
+                         "    tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)"]
+            loop += self._guarded(presence.get(t, sympy.true), load)
+        for guard, group in itertools.groupby(tensor_code, key=lambda gl: gl[0]):
+            loop += self._guarded(guard, [line for _, lines in group for line in lines])
+        for t in lists:
+            if t in written and t != "grad":  # grad is read-only: reassigning it made a local copy
+                k = self.kname(t)
+                loop += self._guarded(written[t], [f"tl.store({k}_ptr + offsets, {k}.to(DTYPE), mask=in_bounds)"])
+
+        tensors = []
+        for t in lists:
+            guard = sympy.simplify_logic(presence.get(t, sympy.true))
+            tensors.append((plural(t), "True" if guard == sympy.true else f'guards["{self.host_guard(guard)}"]'))
+        guards = [(name, PythonScalarPrinter()(cond) if cond != sympy.false else "False")
+                  for cond, name in self.host_guards.items()]
+        return Kernel(kernel=kernel, function=function, key=key, doc=doc, tensors=tensors,
+                      counters=[plural(c + "_t") for c in counters], lazy=lazy, hyperparameters=hypers,
+                      tensor_hyperparameters=tensor_hypers, guards=guards, prologue=prologue, loop=loop)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def is_tensor_flag(self, h: str) -> str:
+        return f"{h.upper()}_IS_TENSOR"
+
+    def _tensor_capable(self, name: str) -> bool:
+        return any(h.tensor and (h.name == name or name in h.names) for h in self.spec.hyperparameters.values())
+
+    def _guarded(self, guard: sympy.Basic, lines: list[str]) -> list[str]:
+        if not lines:
+            return []
+        name = self.host_guard(guard)
+        if name is None:
+            return list(lines)
+        return [f"if {name}:", *("    " + line for line in lines)]
+
+    def _later_scalar_definitions(self) -> list[set[str]]:
+        """For each statement, the scalars some later statement assigns."""
+        out, later = [], set()
+        for a in reversed(self.statements):
+            out.append(set(later))
+            if not self.roles[a.target].is_tensor:
+                later.add(a.target)
+        return out[::-1]
+
+    def _scalar_operands(self, a: Assign, host, later: set[str], tensor_names: set[str], cast: dict):
+        """Replaces each maximal scalar subexpression of a tensor statement with a float64 scalar
+        computed in the scalar section; returns the new expressions and the lines computing them."""
+        lines: list[str] = []
+        memo: dict[sympy.Basic, sympy.Symbol] = {}
+
+        def scalar_name(expr: sympy.Basic) -> sympy.Symbol:
+            if expr in memo:
+                return memo[expr]
+            if expr.is_Symbol:
+                name = self.fresh(f"{self.kname(expr.name)}_0")
+            else:
+                text = _identifier(PythonScalarPrinter()(expr)) if _python_printable(expr) else ""
+                name = self.fresh(text if 0 < len(text) <= 40 else "scalar")
+            lines.append(f"{name} = {self.printer()(expr)}")
+            cast[name] = sympy.Or(cast.get(name, sympy.false), host)
+            memo[expr] = sympy.Symbol(name, real=True)
+            return memo[expr]
+
+        def walk(expr: sympy.Basic) -> sympy.Basic:
+            if expr.is_Number:
+                return expr
+            if not is_tensor_valued(expr, self.roles) and not isinstance(expr, sympy.logic.boolalg.Boolean):
+                if expr.is_Symbol and expr.name not in later:
+                    return expr  # read directly (cast to the compute dtype once)
+                if expr.is_Pow and expr.exp.is_Integer and expr.exp < 0 and expr.base.is_Symbol:
+                    return sympy.Pow(walk(expr.base), expr.exp, evaluate=False)  # x / scalar stays a division
+                return scalar_name(expr)
+            if not expr.args:
+                return expr
+            return expr.func(*(walk(x) for x in expr.args), evaluate=False) \
+                if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*(walk(x) for x in expr.args))
+
+        out = {"value": walk(a.value)}
+        if a.first is not None:
+            out["first"] = walk(a.first)
+        return out, lines
+
+    def _loop_scalars(self, tensor_code) -> set[str]:
+        text = "\n".join(line for _, lines in tensor_code for line in lines if not line.lstrip().startswith("#"))
+        return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+
+
+def defined_before(statements: list[Assign], index: int, lists: list[str]) -> set[str]:
+    """Tensor names that hold a value before statement ``index`` (loaded or assigned)."""
+    names = set(lists)
+    for a in statements[:index]:
+        names.add(a.target)
+    return names
+
+
+def _python_printable(expr) -> bool:
+    try:
+        PythonScalarPrinter()(expr)
+        return True
+    except Exception:  # noqa: BLE001 — only used to pick a readable name
+        return False
+
+
+class TritonBackend(Backend):
+    """generated/<spec>_triton.py: fused multi-tensor kernels (see Note [Triton kernel layout])."""
+
+    name = "triton"
+    #: the optimizer class names the module as a string and imports it on first use, so that
+    #: ``import optgen`` never imports triton
+    lazy = True
+
+    def kernels(self, compiled: Compiled) -> list[Kernel]:
+        sig = kernel_signature(compiled)
+        out = []
+        for v in compiled.variants:
+            base = f"{module_name(compiled.spec.name)}_{v.program.variant_name}"
+            flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "no flags"
+            builder = _KernelBuilder(v.program, sig, compiled.spec.name)
+            out.append(builder.build(kernel=f"_{base}_kernel", function=base,
+                                     key=repr(tuple(val for _, val in v.flags)),
+                                     doc=f"{compiled.spec.name} step with {flags}"))
+        return out
+
+    def unsupported(self, compiled: Compiled) -> str | None:
+        """Why this spec has no fused kernel (None when it has one)."""
+        try:
+            self.kernels(compiled)
+        except Unsupported as e:
+            return str(e)
+        return None
+
+    def render(self, compiled: Compiled) -> str:
+        sig = kernel_signature(compiled)
+        signature = [f"{plural(t)}: list[Tensor | None]," if t in sig.lazy else f"{plural(t)}: list[Tensor],"
+                     for t in sig.tensors]
+        signature += [f"{plural(c + '_t')}: list[Tensor]," for c in sig.counters]
+        signature += ["*,", *(f"{s}," for s in sig.scalars),
+                      "grad_scale: Tensor | None = None,", "found_inf: Tensor | None = None,"]
+        return environment().get_template("triton/kernels.py.j2").render(
+            header=header(compiled), name=compiled.spec.name, kernels=self.kernels(compiled),
+            signature=signature, flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
+        )
+
+
+BACKEND = TritonBackend()

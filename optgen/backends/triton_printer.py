@@ -1,0 +1,259 @@
+"""Printing IR expressions as elementwise code for the fused backends (Triton now, C later).
+
+One sympy :class:`~sympy.printing.printer.Printer` subclass per language, sharing
+:class:`InfixPrinter`: infix arithmetic that reads like hand-written code (``1 - beta1``,
+``step_size * exp_avg / denom``), with the language's differences in tables and a few hooks
+(how to write a power, a select, a NaN-propagating maximum).  A C printer sets
+``FUNCTIONS = {sympy.sqrt: "sqrtf({0})", ...}`` and ``power`` / ``select`` and inherits the rest.
+
+Anything a language cannot express raises :class:`Unsupported` with a sentence saying why — at
+build time, never as wrong code — and the backend turns that into its fallback message in
+``optgen show`` (see optgen/backends/triton.py).
+
+Note [Powers in fused kernels]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+``x ** 2`` prints as ``x * x`` and ``x ** 0.5`` as a square root.  A power with a non-integer or
+symbolic exponent (``beta1 ** step``, ``0.96 ** (step * momentum_decay)``) prints as
+``exp(e * log(b))``, which is exact in float64 — where the Triton kernel computes every scalar,
+bias corrections included — and holds for the bases optimizers use (b > 0; b = 0 gives
+exp(-inf) = 0).  A constant base has its logarithm folded at build time, so no float32
+constant is ever rounded on the way.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import sympy
+from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.printer import Printer
+
+
+
+class Unsupported(Exception):
+    """An expression this language (or this backend) cannot print; the message says why."""
+
+
+def _is_negative(term: sympy.Expr) -> bool:
+    return term.could_extract_minus_sign() and not term.is_Add
+
+
+#: spec functions that are not elementwise, and why a one-pass elementwise kernel cannot run them
+NOT_ELEMENTWISE = {
+    "Norm": "norm() reduces a whole tensor to a scalar before the update can use it",
+    "NormDim": "norm_dim() reduces over a dimension (a factored second moment)",
+    "MeanDim": "mean_dim() reduces over a dimension (a factored second moment)",
+    "NewtonSchulz": "newton_schulz() is a matrix iteration (an intrinsic), not elementwise",
+    "Size": "size() depends on the tensor's shape, which the flat multi-tensor kernel does not see",
+    "Ndim": "ndim() depends on the tensor's shape, which the flat multi-tensor kernel does not see",
+    "MachineEps": "machine_eps() is not available inside the kernel yet",
+    "IfNone": "if_none() reads a hyperparameter that may be None, which a kernel argument cannot be",
+}
+
+
+class InfixPrinter(Printer):
+    """Arithmetic in infix form with C-family precedence; subclasses fill the tables.
+
+    ``rename`` maps an IR name to the variable that holds it in the generated code.
+    """
+
+    printmethod = "_optgen_infix"
+    #: sympy function class → format string over the printed arguments, e.g. "tl.exp({0})"
+    FUNCTIONS: dict = {}
+    #: relational operator → its text
+    RELATIONS = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+    def __init__(self, rename: Callable[[str], str] = lambda name: name):
+        super().__init__()
+        self.rename = rename
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def sqrt(self, x: str) -> str:
+        raise NotImplementedError
+
+    def power(self, base: sympy.Expr, exponent: sympy.Expr) -> str:
+        """``base ** exponent`` for a non-integer or symbolic exponent."""
+        raise NotImplementedError
+
+    def select(self, condition: str, a: str, b: str) -> str:
+        raise NotImplementedError
+
+    def maximum(self, a: str, b: str) -> str:
+        raise NotImplementedError
+
+    def minimum(self, a: str, b: str) -> str:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------
+    def __call__(self, expr) -> str:
+        return self.doprint(sympy.sympify(expr))
+
+    def emptyPrinter(self, expr):
+        name = type(expr).__name__
+        if name in NOT_ELEMENTWISE:
+            raise Unsupported(NOT_ELEMENTWISE[name])
+        raise Unsupported(f"no {type(self).__name__} rule for {name} ({expr})")
+
+    def paren(self, expr, level: int, strict: bool = False) -> str:
+        text = self._print(expr)
+        p = precedence(expr)
+        if p < level or (strict and p == level) or (text.startswith("-") and level > PRECEDENCE["Add"]):
+            return f"({text})"
+        return text
+
+    def _print_Symbol(self, expr):
+        if expr.name.startswith('"'):
+            raise Unsupported(f"the choice {expr.name} can only be tested on the host")
+        return self.rename(expr.name)
+
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    def _print_Rational(self, expr):
+        return repr(float(expr))
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Half(self, expr):
+        return "0.5"
+
+    def _print_NegativeOne(self, expr):
+        return "-1"
+
+    def _print_Infinity(self, expr):
+        return 'float("inf")'
+
+    def _print_NegativeInfinity(self, expr):
+        return '-float("inf")'
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+    def _print_Add(self, expr):
+        # step + 1 and 1 - x, not 1 + step and -x + 1
+        terms = sorted(expr.args, key=lambda t: (_is_negative(t), t.is_Number and not any(map(_is_negative, expr.args))))
+        out = self.paren(terms[0], PRECEDENCE["Add"])
+        for t in terms[1:]:
+            if _is_negative(t):
+                out += f" - {self.paren(-t, PRECEDENCE['Add'], strict=True)}"
+            else:
+                out += f" + {self.paren(t, PRECEDENCE['Add'])}"
+        return out
+
+    def _print_Mul(self, expr):
+        if _is_negative(expr):
+            return f"-{self.paren(-expr, PRECEDENCE['Mul'])}"
+        num, den = [], []
+        for f in expr.as_ordered_factors():
+            if f.is_Pow and f.exp.is_Rational and f.exp.is_negative:
+                den.append(f.base if f.exp == -1 else f.base ** -f.exp)
+            elif f.is_Rational and f.q != 1:
+                if f.p != 1:
+                    num.append(sympy.Integer(f.p))
+                den.append(sympy.Integer(f.q))
+            else:
+                num.append(f)
+        text = " * ".join(self.paren(f, PRECEDENCE["Mul"]) for f in num) if num else "1"
+        for d in den:
+            text += f" / {self.paren(d, PRECEDENCE['Mul'], strict=True)}"
+        return text
+
+    def _print_Pow(self, expr):
+        base, exponent = expr.base, expr.exp
+        if exponent == sympy.S.Half:
+            return self.sqrt(self._print(base))
+        if exponent == -sympy.S.Half:
+            return f"1 / {self.sqrt(self._print(base))}"
+        if exponent.is_Integer and 1 <= abs(int(exponent)) <= 4:
+            factors = " * ".join([self.paren(base, PRECEDENCE["Mul"], strict=True)] * abs(int(exponent)))
+            return factors if exponent > 0 else f"1 / ({factors})" if abs(int(exponent)) > 1 else f"1 / {factors}"
+        return self.power(base, exponent)
+
+    def _print_Relational(self, expr):
+        lhs = self.paren(expr.lhs, PRECEDENCE["Add"])
+        rhs = self.paren(expr.rhs, PRECEDENCE["Add"])
+        return f"{lhs} {self.RELATIONS[expr.rel_op]} {rhs}"
+
+    def _print_And(self, expr):
+        return " & ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return " | ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Not(self, expr):
+        return f"~({self._print(expr.args[0])})"
+
+    def _print_conjugate(self, expr):
+        # Complex tensors reach the kernels as real views (torch.view_as_real): conj is the identity.
+        return self._print(expr.args[0])
+
+    def _print_Lerp(self, expr):
+        a, b, w = expr.args
+        return (f"{self.paren(a, PRECEDENCE['Add'])} + {self.paren(w, PRECEDENCE['Mul'])} * "
+                f"({self._print(b)} - {self.paren(a, PRECEDENCE['Add'], strict=True)})")
+
+    def _print_Maximum(self, expr):
+        return self.maximum(self._print(expr.args[0]), self._print(expr.args[1]))
+
+    def _print_Minimum(self, expr):
+        return self.minimum(self._print(expr.args[0]), self._print(expr.args[1]))
+
+    def _print_Clamp(self, expr):
+        x, low, high = (self._print(a) for a in expr.args)
+        return self.minimum(self.maximum(x, low), high)
+
+    def _print_Where(self, expr):
+        condition, a, b = expr.args
+        return self.select(self._print(condition), self._print(a), self._print(b))
+
+    def _print_sign(self, expr):
+        x = self.paren(expr.args[0], PRECEDENCE["Add"])
+        return self.select(f"{x} > 0", "1.0", self.select(f"{x} < 0", "-1.0", "0.0"))
+
+    def _print_Function(self, expr):
+        template = self.FUNCTIONS.get(type(expr))
+        if template is None:
+            return self.emptyPrinter(expr)
+        return template.format(*(self._print(a) for a in expr.args))
+
+
+class TritonPrinter(InfixPrinter):
+    """Triton (``triton.language as tl``) expressions over loaded blocks and scalars.
+
+    Square roots are ``tl.sqrt`` (on NVIDIA GPUs float32 ``sqrt.approx``, about 1 ulp; float64 is
+    correctly rounded); maximum/minimum propagate NaN as torch's do.
+    """
+
+    FUNCTIONS = {sympy.exp: "tl.exp({0})", sympy.log: "tl.log({0})", sympy.Abs: "tl.abs({0})"}
+
+    def __init__(self, rename: Callable[[str], str] = lambda name: name, numel: str = "numel"):
+        super().__init__(rename)
+        self.numel = numel
+
+    def sqrt(self, x: str) -> str:
+        return f"tl.sqrt({x})"
+
+    def power(self, base, exponent) -> str:  # see Note [Powers in fused kernels]
+        if base.is_Number:
+            if base <= 0:
+                raise Unsupported(f"{base} ** {exponent}: a power of a non-positive constant")
+            log = sympy.Float(sympy.log(base).evalf(17), 17)
+            return f"tl.exp({self.paren(exponent * log, PRECEDENCE['Mul'])})"
+        return f"tl.exp({self.paren(exponent, PRECEDENCE['Mul'])} * tl.log({self._print(base)}))"
+
+    def select(self, condition: str, a: str, b: str) -> str:
+        return f"tl.where({condition}, {a}, {b})"
+
+    def maximum(self, a: str, b: str) -> str:
+        return f"tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"
+
+    def minimum(self, a: str, b: str) -> str:
+        return f"tl.minimum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"
+
+    def _print_Numel(self, expr):
+        # Every tensor an elementwise kernel touches has the parameter's number of elements.
+        return self.numel
+
