@@ -81,10 +81,11 @@ def run_backend(compiled: Compiled, implementation: str, kwargs: dict, steps: in
     opt.implementation = implementation
     for k in range(steps):
         for p, g in zip(params, gradients(k, params)):
-            p.grad = g
+            # A sparse-gradient spec gets every element as a sparse gradient: same update as dense.
+            p.grad = g.to_sparse() if opt._sparse_gradients else g
         opt.step()
     keys = {s.key: s.name for s in compiled.spec.state.values()}
-    states = [{keys[k]: (v.item() if v.dim() == 0 and keys[k] in _counters(compiled) else v)
+    states = [{keys[k]: (float(v) if keys[k] in _counters(compiled) else v)
                for k, v in opt.state[p].items()} for p in params]
     return [p.detach() for p in params], states
 

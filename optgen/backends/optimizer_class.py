@@ -71,7 +71,8 @@ class OptimizerClassBackend(Backend):
             counter_state=repr(tuple((plural(s.name + "_t"), s.key) for s in spec.state.values() if s.is_scalar)),
             lazy_state=repr(tuple(s.key for s in spec.state.values() if s.init == "first")),
             scalars=scalars, complex_as_real=spec.complex_params, signature=signature, checks=checks,
-            param_checks=param_checks,
+            param_checks=param_checks, sparse_gradients=spec.sparse_gradients,
+            host_counters=repr(tuple(s.key for s in spec.state.values() if s.host)),
             uses_reduced_shape=any(s.init == "zeros_reduced" for s in spec.state.values()),
             group_defaults=group_defaults, setstate_defaults=setstate, fixed=fixed,
             eager_state=spec.eager_state, init_state=init_state,
@@ -95,6 +96,8 @@ def _initialiser(state, group_value, complex_params: bool) -> str:
         return "torch.zeros_like(param, memory_format=torch.preserve_format)"
     if state.init == "zeros_reduced":
         return f"param.new_zeros(reduced_shape(param.shape, {int(state.init_value)}))"
+    if state.init == "scalar" and state.host:
+        return repr(int(state.init_value) if state.init_value.is_Integer else float(state.init_value))
     if state.init == "scalar":
         value = state.init_value
         text = repr(float(value)) if value.is_Number else f"float({group_value(value)})"

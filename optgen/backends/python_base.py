@@ -16,6 +16,14 @@ from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
 
 
+def _names_read(step: Step) -> set[str]:
+    """The host names a step reads: its guard, its scalar expression, its ops' scalar arguments."""
+    exprs = [step.guard, *([step.expr] if step.expr is not None else [])]
+    for op in (*step.ops, *(step.first_ops or ())):
+        exprs += [a for a in op.args if not isinstance(a, str)] + [v for _, v in op.kwargs]
+    return {s.name for e in exprs for s in sympy.sympify(e).free_symbols}
+
+
 class PythonRenderer:
     name: str            # backend name: "forloop" / "foreach"
     indent = "    "
@@ -23,6 +31,10 @@ class PythonRenderer:
     def __init__(self, program: OpProgram):
         self.program = program
         self.per_tensor = {s.target for s in program.steps if s.per_tensor}
+        # Counter updates whose new value nothing reads: no `.item()` (a device sync on CUDA).
+        steps = program.steps
+        self.unread_counters = {id(s) for i, s in enumerate(steps) if s.kind == "counter"
+                                and not any(s.target in _names_read(later) for later in steps[i + 1:])}
 
     # -- hooks for subclasses --------------------------------------------------------------------
     def var(self, name: str) -> str:
@@ -84,7 +96,7 @@ class PythonRenderer:
         if step.first_ops is not None:
             return self.lazy_state(step)
         lines = self.chain(step.ops)
-        if step.kind == "counter":
+        if step.kind == "counter" and id(step) not in self.unread_counters:
             lines.append(self.counter_read(step.target))
         return lines
 

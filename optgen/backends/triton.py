@@ -253,7 +253,8 @@ class _KernelBuilder:
                          "last = arrived == tl.maximum((numel + CHUNK - 1) // CHUNK, 1) - 1"]
         for i, (index, t, _) in enumerate(lazy):
             offset = f"{i} * num_tensors + tensor" if i else "tensor"
-            prologue.append(f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0  # created this step")
+            prologue += [f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0  # created this step: store its `first`",
+                         f"{self.kname(t)}_exists = tl.load(first_step + {offset}) == 0"]
 
         # -- scalar statements, and what the tensor statements need from them ------------------------
         scalar_defined = {n for n, r in roles.items() if r in (Role.HYPER, Role.COUNTER)}
@@ -273,11 +274,11 @@ class _KernelBuilder:
             role = roles[a.target]
             condition = None
             if dynamic != sympy.true:
-                key = (dynamic, tuple(sorted((s.name, versions.get(s.name, 0)) for s in dynamic.free_symbols)))
-                if key not in conditions:
-                    conditions[key] = self.fresh(_identifier(PythonScalarPrinter()(dynamic)).lower() or "condition")
-                    scalar_lines += self._guarded(host, [f"{conditions[key]} = {self.printer()(dynamic)}"])
-                condition = conditions[key]
+                at = (dynamic, tuple(sorted((s.name, versions.get(s.name, 0)) for s in dynamic.free_symbols)))
+                if at not in conditions:
+                    conditions[at] = self.fresh(_identifier(PythonScalarPrinter()(dynamic)).lower() or "condition")
+                    scalar_lines += self._guarded(host, [f"{conditions[at]} = {self.printer()(dynamic)}"])
+                condition = conditions[at]
             if not role.is_tensor:
                 value = self.printer()(a.value)
                 k = self.kname(a.target)
@@ -331,7 +332,7 @@ class _KernelBuilder:
             if t not in read:
                 continue
             k = self.kname(t)
-            mask = f"in_bounds & ~{k}_is_new" if t in lazy_names else "in_bounds"
+            mask = f"in_bounds & {k}_exists" if t in lazy_names else "in_bounds"
             load = [f"{k} = tl.load({k}_ptr + offsets, mask={mask}, other=0.0).to(COMPUTE)"]
             if t == "grad":
                 load += ["if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do",

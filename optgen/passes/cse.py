@@ -48,7 +48,8 @@ def cse(program: Program) -> Program:
         pending = []
         for sub, expr in replacements:
             expr = expr.xreplace(names)
-            if expr.free_symbols & (tensor_symbols | set(names.values())) and _worth_a_temporary(expr):
+            if expr.free_symbols & (tensor_symbols | set(names.values())) \
+                    and _worth_a_temporary(expr, tensor_symbols | set(names.values())):
                 name = f"common{next(counter)}"
                 roles[name] = Role.TENSOR
                 names[sub] = symbol(name)
@@ -86,6 +87,16 @@ def _has_repeats(expr: sympy.Expr) -> bool:
     return False
 
 
-def _worth_a_temporary(expr: sympy.Expr) -> bool:
+def _worth_a_temporary(expr: sympy.Expr, tensors: set | None = None) -> bool:
     # x**2 is printed as x * x by every backend: no temporary needed for it.
-    return not (expr.is_Pow and expr.exp == 2) and not (expr.is_Mul and len(expr.args) == 2 and expr.args[0] == -1)
+    if (expr.is_Pow and expr.exp == 2) or (expr.is_Mul and len(expr.args) == 2 and expr.args[0] == -1):
+        return False
+    # Scalars times at most two tensor names or their reciprocals (NAdam's lr / denom in two
+    # statements) fold into the op that uses them — add's alpha, addcmul, addcdiv — so a temporary
+    # would cost a buffer and an op, and round differently from torch.
+    if tensors is not None:
+        factors = [f for f in sympy.Mul.make_args(expr) if f.free_symbols & tensors]
+        plain = all(f in tensors or (f.is_Pow and f.exp == -1 and f.base in tensors) for f in factors)
+        if plain and len(factors) <= 2:
+            return False
+    return True

@@ -144,6 +144,8 @@ class _Selector:
         if isinstance(expr, Where):
             cond, a, b = expr.args
             mask = self.compare(cond, ops)
+            if not self.is_tensor(a) and self.is_tensor(b):  # torch's `x[mask] = a`, without indexing
+                return self.apply(self.materialize(b, ops), "masked_fill", (mask, a), ops)
             branches = tuple(self.operand(x, ops) if self.is_tensor(x) else x for x in (a, b))
             out = next(self.fresh)
             ops.append(TensorOp(out, "where", mask, branches))
@@ -230,8 +232,11 @@ class _Selector:
         coeff, nums, dens = self.split_product(term)
         alpha = () if coeff == 1 else (("alpha", coeff),)
         value_kw = () if coeff == 1 else (("value", coeff),)
+        if len(nums) == 1 and not dens and coeff == -1:
+            return self.apply(value, "sub", (self.operand(nums[0], ops),), ops)
         if len(nums) == 1 and not dens:
             return self.apply(value, "add", (self.operand(nums[0], ops),), ops, alpha)
+        nums.sort(key=lambda n: n.is_Symbol)  # a compound factor first: addcmul_(grad.sign(), step_size)
         if len(nums) == 2 and not dens:
             return self.apply(value, "addcmul", (self.operand(nums[0], ops), self.operand(nums[1], ops)),
                               ops, value_kw)
@@ -272,6 +277,23 @@ class _Selector:
             self.scale(mine, coeff, dens, ops)
             for term in terms[1:]:
                 self.accumulate(mine, term, ops)
+            return ops
+        if me in terms and self.is_tensor(expr):
+            # ax + (param - ax) * mu: terms that read the old value are computed before it changes
+            early = {t: self.operand(t, ops) for t in terms if t != me and t.has(me)}
+            for term in terms:
+                if term in early:
+                    self.apply(mine, "add", (early[term],), ops)
+                elif term != me:
+                    self.accumulate(mine, term, ops)
+            return ops
+        if isinstance(expr, Where) and not self.is_tensor(expr.args[1]) and expr.args[2].is_Symbol \
+                and (expr.args[2] == me or not expr.args[0].has(me)):
+            # where(c, s, x): x stored, then filled with s where c holds (Rprop's prev)
+            cond, fill, x = expr.args
+            if x != me:
+                ops.append(TensorOp(target, "copy_", target, (x.name,)))
+            self.apply(mine, "masked_fill", (self.compare(cond, ops), fill), ops)
             return ops
         if not self.is_tensor(expr):  # a counter set from scalars
             ops.append(TensorOp(target, "fill_", target, (expr,)))

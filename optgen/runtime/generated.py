@@ -40,6 +40,8 @@ class GeneratedOptimizer(Optimizer):
     _lazy_state: tuple[str, ...] = ()
     _scalars: dict[str, tuple[str, int | None]] = {}
     _complex_as_real = False
+    _sparse_gradients = False  # the update runs on the rows a sparse gradient touches (SparseAdam)
+    _host_counters: tuple[str, ...] = ()  # counters kept as Python numbers in the state
 
     #: force one implementation for every group (None: choose like torch; see runtime/dispatch.py)
     implementation: str | None = None
@@ -54,7 +56,9 @@ class GeneratedOptimizer(Optimizer):
 
     def _step_group(self, group: dict) -> None:
         params, grads = self._params_with_grad(group)
-        if any(g.is_sparse for g in grads):
+        if self._sparse_gradients and not all(g.is_sparse for g in grads):
+            raise RuntimeError(f"{type(self).__name__} does not support dense gradients, please consider Adam instead")
+        if not self._sparse_gradients and any(g.is_sparse for g in grads):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if not params:
             return
@@ -73,12 +77,16 @@ class GeneratedOptimizer(Optimizer):
         for name, key in self._tensor_state:
             tensors[name] = [s.get(key) for s in states]
         for name, key in self._counter_state:
-            tensors[name] = [s[key] for s in states]
+            # A counter torch keeps as a Python number (SparseAdam's step) runs as a 0-dim tensor.
+            tensors[name] = [torch.tensor(float(s[key]), dtype=torch.float64) if key in self._host_counters
+                             else s[key] for s in states]
         created = {key: [s.get(key) is None for s in states] for key in self._lazy_state}
         if any(p.is_complex() for p in params):
             if not self._complex_as_real:
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
             tensors = _view_complex_as_real(tensors)
+        if self._sparse_gradients:
+            tensors, scatter = _gather_rows(tensors)
         module = self._kernels[dispatch.choose(self, group, params)]
         kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]
         scalars = {kw: to_number(group[key] if index is None else group[key][index])
@@ -88,6 +96,12 @@ class GeneratedOptimizer(Optimizer):
                 kernel(**sub, **scalars)
         else:
             kernel(**tensors, **scalars)
+        if self._sparse_gradients:
+            scatter()
+        for name, key in self._counter_state:
+            if key in self._host_counters:
+                for s, t in zip(states, tensors[name]):
+                    s[key] = type(s[key])(t.item())
         # Lazily created state comes back from the kernel in its list.
         for name, key in self._tensor_state:
             if key in created:
@@ -95,6 +109,29 @@ class GeneratedOptimizer(Optimizer):
                     if is_new and value is not None:
                         as_complex = p.is_complex() and not value.is_complex()
                         self.state[p][key] = torch.view_as_complex(value) if as_complex else value
+
+
+def _gather_rows(tensors: dict[str, list]):
+    """Note [Sparse gradients]: for each parameter, the elements its (coalesced) sparse gradient
+    touches, gathered from the parameter and every state tensor into dense value tensors; the
+    update runs on those, then ``scatter()`` writes the new values back at the same indices.
+    Writing the new value equals torch's ``add_`` of a sparse update: indices are unique."""
+    grads = [g.coalesce() for g in tensors["grads"]]
+    gathered = {"grads": [g._values() for g in grads]}
+    for name, values in tensors.items():
+        if name != "grads":
+            gathered[name] = [v.sparse_mask(g)._values() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                              for v, g in zip(values, grads)]
+
+    def scatter():
+        for name, values in tensors.items():
+            if name == "grads":
+                continue
+            for full, new, g in zip(values, gathered[name], grads):
+                if isinstance(full, torch.Tensor) and full.dim() > 0:
+                    full[tuple(g._indices())] = new
+
+    return gathered, scatter
 
 
 def _view_complex_as_real(tensors: dict[str, list]) -> dict[str, list]:

@@ -701,11 +701,6 @@ class WarmRestartsBase(LRScheduler):
     T_cur: float
     T_i: float
 
-    def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
-        self.T_i = self.T_0
-        self.T_cur = last_epoch
-        super().__init__(optimizer, last_epoch)
-
     def step(self, epoch: float | None = None) -> None:
         """Steps by one (restarting when a cycle ends), or jumps to a possibly fractional ``epoch``."""
         if epoch is None and self.last_epoch < 0:

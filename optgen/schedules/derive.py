@@ -155,11 +155,15 @@ def _is_zero(expr) -> bool:
 
 
 def _simplify(expr: sympy.Expr) -> sympy.Expr:
+    """The shortest of the expression, its simplification and its factorisation (as written wins ties)."""
     expr = _count_rewrite(sympy.piecewise_fold(expr))
     simplified = _count_rewrite(sympy.simplify(expr))
     if simplified.has(Piecewise):
         simplified = sympy.piecewise_fold(simplified)
-    return simplified if sympy.count_ops(simplified) <= sympy.count_ops(expr) else expr
+    candidates = [expr, simplified]
+    if not expr.has(Piecewise):
+        candidates.append(sympy.factor(simplified))
+    return min(candidates, key=sympy.count_ops)
 
 
 def _count_rewrite(expr: sympy.Expr) -> sympy.Expr:

@@ -26,7 +26,7 @@ from optgen.spec.toml_locations import locate
 
 SECTIONS = {
     "scheduler": {"name", "doc", "paper", "torch", "signature", "base", "base_init", "chainable",
-                  "initial_step", "counter"},
+                  "closed_form", "initial_step", "counter"},
     "hyperparameters": None,
     "check": {"assert", "error", "type", "when", "at"},
     "per_group": None,
@@ -41,7 +41,9 @@ FUNCTION_KEYS = {"args", "value"}
 ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError", "KeyError"}
 BASES = {"LRScheduler", "CyclicLRBase", "OneCycleLRBase", "WarmRestartsBase"}
 CONVERTERS = {"Counter"}
-RESERVED = {"t", "base_lr", "lr", "momentum", "pi", "self", "group", "optimizer", "math"}
+# names the generated code uses for itself (locals of get_lr, modules, the loop variables)
+RESERVED = {"t", "base_lr", "lr", "momentum", "pi", "self", "group", "optimizer", "math", "ratio",
+            "denominator", "value", "lrs"}
 # An annotation is printed into the signature: identifiers, brackets, commas, |, dots and quotes only.
 _ANNOTATION = re.compile(r"[A-Za-z_][\w\[\], |.\"']*")
 
@@ -189,10 +191,14 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
     functions = _functions(data.get("functions", {}), src, builder)
     definitions, lr, momentum = _schedule(data.get("schedule"), src, builder)
     chainable = option("chainable", bool, True)
+    closed_form = option("closed_form", bool, chainable)
+    if closed_form and not chainable:
+        raise SpecError(src.key_loc(("scheduler", "closed_form")),
+                        "closed_form = true needs chainable = true (otherwise get_lr is the closed form already)")
     return ScheduleSpec(
         name=name, path=src.path, source=src.text, doc=option("doc", str, ""), paper=option("paper", str, ""),
         torch_name=option("torch", str), signature=signature, hyperparameters=hyper, checks=checks,
-        step_checks=step_checks, base=base, base_init=base_init, chainable=chainable,
+        step_checks=step_checks, base=base, base_init=base_init, chainable=chainable, closed_form=closed_form,
         initial_step=option("initial_step", str, "keep", choices={"keep", "recursive"}),
         counter=option("counter", str, "last_epoch", choices={"last_epoch", "step_count"}),
         per_group=per_group, attributes=attributes, state=state, functions=functions,

@@ -113,6 +113,7 @@ class ScheduleSpec:
     base: str                    # the runtime base class (optgen.runtime.lr_scheduler)
     base_init: bool              # the base's constructor takes every argument (CyclicLR, OneCycleLR)
     chainable: bool              # get_lr is the derived recursion (else the closed form itself)
+    closed_form: bool            # has _get_closed_form_lr (torch: the chainable ones but SWALR)
     initial_step: str            # "keep" | "recursive": the constructor's step when resuming
     counter: str                 # "last_epoch" | "step_count": what t is
     per_group: dict[str, PerGroup]
@@ -123,8 +124,3 @@ class ScheduleSpec:
     lr: Definition
     momentum: Definition | None
     choices: dict[str, tuple[str, str]] = field(default_factory=dict)  # boolean symbol → (name, value)
-
-    @property
-    def closed_form_method(self) -> bool:
-        """torch has ``_get_closed_form_lr`` exactly where get_lr is the chainable form."""
-        return self.chainable

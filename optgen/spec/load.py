@@ -24,7 +24,7 @@ from optgen.spec.toml_locations import locate
 
 SECTIONS = {
     "optimizer": {"name", "doc", "paper", "extends", "signature", "group_keys", "complex",
-                  "state_init", "torch"},
+                  "state_init", "torch", "gradients"},
     "hyperparameters": None,  # free names
     "check": {"assert", "error", "type", "when", "each"},
     "state": None,
@@ -32,7 +32,7 @@ SECTIONS = {
 }
 HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor", "choices"}
 NONE = "None"  # TOML has no null: the string "None" in a default stands for Python's None
-STATE_KEYS = {"init", "first", "when", "key"}
+STATE_KEYS = {"init", "first", "when", "key", "host"}
 ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError"}
 
 
@@ -205,6 +205,9 @@ def load_spec(path: str | Path) -> Spec:
     complex_mode = opt_value("complex", str)
     if complex_mode not in (None, "view_as_real"):
         raise SpecError(src.value_loc(("optimizer", "complex")), "complex must be \"view_as_real\" (or left out)")
+    gradients = opt_value("gradients", str, "dense")
+    if gradients not in ("dense", "sparse"):
+        raise SpecError(src.value_loc(("optimizer", "gradients")), 'gradients must be "dense" or "sparse"')
     state_init = opt_value("state_init", str, "lazy")
     if state_init not in ("lazy", "eager"):
         raise SpecError(src.value_loc(("optimizer", "state_init")), "state_init must be \"lazy\" or \"eager\"")
@@ -214,6 +217,7 @@ def load_spec(path: str | Path) -> Spec:
         hyperparameters=hyper, checks=checks, state=state, rule=rule, rule_text=rule_text, rule_loc=rule_loc,
         complex_params=complex_mode == "view_as_real", eager_state=state_init == "eager",
         torch_name=opt_value("torch", str), extends=opt_value("extends", str),
+        sparse_gradients=gradients == "sparse",
     )
 
 
@@ -395,7 +399,10 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
             raw_init = repr(raw_init)
         text = _expect(raw_init, str, src, ipath, "init")
         kind, value = _parse_init(text, src.value_loc(ipath), names)
-        out[name] = StateVar(name, key, kind, value, when, loc)
+        host = _expect(table.get("host", False), bool, src, path + ("host",), "host")
+        if host and kind != "scalar":
+            raise SpecError(src.key_loc(path + ("host",)), "host = true is only for counters (init = a number)")
+        out[name] = StateVar(name, key, kind, value, when, loc, host=host)
     return out
 
 

@@ -56,6 +56,7 @@ class StateVar:
     init_value: sympy.Expr | None  # fill value for "full" / "scalar"; the value for "first"
     when: sympy.Basic            # condition (flags, hyperparameters) under which it exists
     loc: Location
+    host: bool = False           # a counter kept as a Python number in the state (SparseAdam's step)
 
     @property
     def is_scalar(self) -> bool:
@@ -83,6 +84,7 @@ class Spec:
     eager_state: bool            # state created in the constructor (Adagrad) instead of lazily
     torch_name: str | None       # the torch.optim class this spec reproduces (test oracle)
     extends: str | None = None
+    sparse_gradients: bool = False  # gradients are sparse; the update runs on the rows they touch
     locs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property

@@ -1,0 +1,230 @@
+"""Launching a generated Triton kernel once for all tensors of a (device, dtype) group.
+
+The generated modules (generated/<spec>_triton.py) call :func:`launch` from a host function
+with the foreach backend's signature; everything here is the same for every spec, so it is
+written once, by hand.  This module imports triton; optgen imports it only when a triton
+implementation is first used (the optimizer classes name their triton module as a string).
+
+Note [Launch tables]
+~~~~~~~~~~~~~~~~~~~~
+Like torch's ``multi_tensor_apply`` and apex, one launch covers every tensor: program ``pid``
+finds its tensor and its chunk of it in tables.  Unlike them, the tables are not rebuilt per
+launch: :func:`launch` packs, once per param set, one int64 tensor on the device::
+
+    addresses      [lists, T]     data_ptr() of every tensor of every list (0 where unused)
+    counter_addrs  [counters, T]  data_ptr() of every 0-dim counter (``step``)
+    numels         [T]            elements per tensor
+    first_step     [lazy, T]      1 where a lazily created state is new this step
+    chunk_tensors  [P]            for each program: its tensor ...
+    chunk_indices  [P]            ... and its chunk (CHUNK elements); an empty tensor gets one
+                                  program, which still updates its counters
+    arrivals       [T]            zeros: the kernel's per-tensor arrival counts (see Note
+                                  [Triton kernel layout] in optgen/backends/triton.py)
+
+and caches it under every address, numel and first-step flag.  While the tensors stay the same —
+every step of a training run after the first — a step costs one ``data_ptr()`` call per tensor
+to check the key and one kernel launch: no table copy to the device and no synchronisation, so
+the step can be captured in a CUDA graph.  A new parameter, a reloaded state dict or a newly
+created state changes an address and builds a new table (the only host→device copy).
+
+Each section starts on a 16-byte boundary, so Triton's pointer-alignment specialisation is the
+same for every table and a kernel compiles once per (variant, dtype, guards).
+
+On CPU tensors the kernel runs in Triton's interpreter (``triton.runtime.interpreter``) — the
+same kernel, the same tables, numpy instead of a GPU — which is how the tests run it without a
+GPU.  ``TRITON_INTERPRET=1`` (set before triton is imported) interprets every kernel; real GPUs
+then need it unset.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl  # the first use of a triton implementation imports triton here
+
+#: Untuned defaults (no GPU was available when they were chosen): BLOCK elements per loop
+#: iteration, CHUNK elements per program, warps per program.  `optgen bench --device cuda`
+#: is where to tune them (see PERF-NOTES: register pressure and occupancy decide fused kernels).
+CONFIG = {"BLOCK": 1024, "CHUNK": 16 * 1024, "num_warps": 4}
+
+DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+          torch.float64: tl.float64}
+
+_MAX_PLANS = 32
+_PLANS: OrderedDict[tuple, "_Plan"] = OrderedDict()
+_INTERPRETED: dict = {}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The launch tables of one param set (see Note [Launch tables])."""
+
+    table: torch.Tensor          # the one int64 device tensor holding every section
+    sections: tuple              # (addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals)
+    num_tensors: int
+    programs: int
+
+
+def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards,
+           grad_scale=None, found_inf=None) -> None:
+    """Runs ``kernel`` once over every tensor of one (device, dtype) group.
+
+    tensors: ``(list, used)`` pairs in the kernel's table order (param, grad, states); ``used`` is
+        False for a state the kernel does not touch under these hyperparameters (its entries may
+        be None).
+    counters: lists of 0-dim counters (``step``), on the parameters' device.
+    lazy: list index → whether that state is created now: its None entries are allocated here
+        (and stored into the caller's list, which saves them in the optimizer state).
+    hyperparameters: float64 kernel arguments; those named in ``tensor_hyperparameters`` may be
+        1-element tensors, read in the kernel when on the parameters' device (no synchronisation).
+    guards: the kernel's constexpr conditions, evaluated on the host.
+    grad_scale, found_inf: GradScaler's tensors (None when not scaling).
+    """
+    params = tensors[0][0]
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in DTYPES:
+        raise RuntimeError(f"optgen's triton kernels support {', '.join(map(str, DTYPES))} parameters, "
+                           f"not {dtype}; use foreach=True")
+    new: list[list[int]] = []
+    for index, create in lazy.items():
+        values = tensors[index][0]
+        flags = [0] * len(params)
+        if create:
+            for i, t in enumerate(values):
+                if t is None:
+                    values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+                    flags[i] = 1
+        new.append(flags)
+    plan = _plan(device, dtype, tensors, counters, new)
+    addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals = plan.sections
+
+    dummy = plan.table  # any device tensor: the pointer argument of a disabled feature
+    kwargs = {}
+    for name, value in hyperparameters.items():
+        on_device = isinstance(value, torch.Tensor) and value.device == device
+        if name in tensor_hyperparameters:
+            kwargs[f"{name}_ptr"] = value if on_device else dummy
+            kwargs[f"{name.upper()}_IS_TENSOR"] = on_device
+            kwargs[name] = 0.0 if on_device else _number(value)
+        else:
+            kwargs[name] = _number(value)
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device, non_blocking=True)
+    if found_inf is not None:
+        found_inf = found_inf.to(device, non_blocking=True)
+    counter_dtype = counters[0][0].dtype if counters and counters[0] else torch.float32
+    run = _runner(kernel, device)
+    with _on(device):
+        run[(plan.programs,)](
+            addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
+            plan.num_tensors,
+            **kwargs,
+            grad_scale=dummy if grad_scale is None else grad_scale,
+            found_inf=dummy if found_inf is None else found_inf,
+            **guards,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            DTYPE=DTYPES[dtype],
+            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+            COUNTER_DTYPE=DTYPES.get(counter_dtype, tl.float32),
+            CHUNK=CONFIG["CHUNK"],
+            BLOCK=CONFIG["BLOCK"],
+            num_warps=CONFIG["num_warps"],
+        )
+
+
+def _number(value) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _plan(device, dtype, tensors, counters, new) -> _Plan:
+    """The cached launch tables for these tensors, built on a miss (see Note [Launch tables])."""
+    params = tensors[0][0]
+    addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in tensors]
+    counter_addresses = [[t.data_ptr() for t in values] for values in counters]
+    key = (device, dtype, CONFIG["CHUNK"], tuple(map(tuple, addresses)), tuple(map(tuple, counter_addresses)),
+           tuple(p.numel() for p in params), tuple(map(tuple, new)))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    _check(device, dtype, tensors, counters)
+    numels = [p.numel() for p in params]
+    chunk_tensors, chunk_indices = [], []
+    for i, n in enumerate(numels):
+        chunks = max(1, -(-n // CONFIG["CHUNK"]))
+        chunk_tensors += [i] * chunks
+        chunk_indices += range(chunks)
+    sections = [sum(addresses, []), sum(counter_addresses, []), numels, sum(new, []), chunk_tensors,
+                chunk_indices, [0] * len(params)]
+    flat, bounds = [], []
+    for values in sections:
+        start = len(flat)
+        flat += values
+        bounds.append((start, len(flat)))
+        flat += [0] * (len(flat) % 2)  # 16-byte aligned sections
+    table = torch.tensor(flat, dtype=torch.int64).to(device)
+    plan = _Plan(table, tuple(table[a:b] for a, b in bounds), len(params), len(chunk_tensors))
+    _PLANS[key] = plan
+    if len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _check(device, dtype, tensors, counters) -> None:
+    params = tensors[0][0]
+    names = ("param", "grad")
+    for k, (values, used) in enumerate(tensors):
+        if not used:
+            continue
+        what = names[k] if k < 2 else f"state list {k - 2}"
+        for i, t in enumerate(values):
+            if t is None:
+                raise RuntimeError(f"optgen triton launch: {what} of parameter {i} is missing")
+            if t.device != device or t.dtype != dtype or t.numel() != params[i].numel():
+                raise RuntimeError(f"optgen's triton kernel needs every tensor of a group on one device and dtype, "
+                                   f"shaped like its parameter: {what} of parameter {i} is {t.dtype} "
+                                   f"{tuple(t.shape)} on {t.device}, the parameter {params[i].dtype} "
+                                   f"{tuple(params[i].shape)} on {device}")
+            if not t.is_contiguous():
+                raise RuntimeError(f"optgen's triton kernel needs contiguous tensors; {what} of parameter {i} is "
+                                   "not (use foreach=True for such parameters)")
+    for values in counters:
+        for i, t in enumerate(values):
+            if t.device != device or t.numel() != 1 or t.dtype != values[0].dtype:
+                raise RuntimeError(f"optgen's triton kernel needs its counters (step) as 1-element tensors on the "
+                                   f"parameters' device ({device}); parameter {i}'s is {t.dtype} on {t.device}")
+
+
+def _runner(kernel, device):
+    """The kernel itself on a GPU; its interpreted form on CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if device.type != "cpu":
+        if isinstance(kernel, InterpretedFunction):
+            raise RuntimeError("TRITON_INTERPRET=1 interprets kernels on CPU tensors only; unset it to run "
+                               f"optgen's triton kernels on {device}")
+        return kernel
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    if kernel not in _INTERPRETED:
+        _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
+    return _INTERPRETED[kernel]
+
+
+class _on:
+    """The device context a launch needs (Triton launches on the current CUDA device)."""
+
+    def __init__(self, device: torch.device):
+        self.context = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.context is not None:
+            self.context.__enter__()
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
