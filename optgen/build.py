@@ -22,6 +22,7 @@ from optgen.backends.forloop import BACKEND as FORLOOP
 from optgen.backends.optimizer_class import OptimizerClassBackend
 from optgen.errors import SpecError
 from optgen.passes import Compiled, compile_spec
+from optgen.schedules.build import render_schedules
 from optgen.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,8 @@ def render_all(compiled: list[Compiled]) -> dict[str, str]:
         raise SpecError(None, f"two specs define the same optimizer name: {sorted(names)}")
     files["__init__.py"] = environment().get_template("package/__init__.py.j2").render(
         count=len(compiled), optimizers=[(module_name(c.spec.name), c.spec.name) for c in compiled])
+    # Schedulers (specs/schedulers/) and the weight-averaging kernels (specs/averaging/).
+    files.update(render_schedules())
     return files
 
 

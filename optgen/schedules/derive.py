@@ -75,8 +75,9 @@ class Step:
                  (self.c0_prev, other.c0_prev), (self.delta, other.delta)]
         return all((a is None) == (b is None) and (a is None or _is_zero(a - b)) for a, b in pairs)
 
-    def describe(self) -> str:
+    def describe(self, show=None) -> str:
         """The step as an equation, for docstrings and `optgen schedule --explain`."""
+        _pretty = show or _default_show
         if self.kind == "keep":
             return "lr(t) = lr(t-1)"
         if self.kind == "scale":
@@ -87,7 +88,7 @@ class Step:
         if self.kind == "general":
             return f"lr(t) = {_pretty(self.c0)} + {_pretty(self.ratio)} * (lr(t-1) - {_pretty(self.c0_prev)})"
         if self.kind == "set":
-            return f"lr(0) = {_pretty(self.delta)}  (lr: the group's lr before the scheduler)"
+            return f"lr(0) = {_pretty(self.delta)}, where lr is the group's lr before the scheduler"
         return f"lr(t) = lr(t-1) + {_pretty(self.delta)}"
 
 
@@ -98,7 +99,10 @@ class Interval:
     lowers: frozenset
     uppers: frozenset
 
-    def describe(self) -> str:
+    def describe(self, show=None) -> str:
+        _pretty = show or _default_show
+        if len(self.lowers) == 1 and self.lowers == self.uppers:
+            return f"t == {_pretty(next(iter(self.lowers)))}"
         parts = [f"{_pretty(lo)} <= t" for lo in self.lowers] + [f"t <= {_pretty(hi)}" for hi in self.uppers]
         return " and ".join(parts) or "always"
 
@@ -120,25 +124,27 @@ class Derivation:
     prev_definitions: frozenset        # names of definitions the steps read at t - 1 (as <name>_prev)
     why_not: str | None = None         # when no recursion exists: why
 
-    def describe(self) -> list[str]:
+    def describe(self, show=None) -> list[str]:
+        """The recursion as equations, one line per case; ``show`` prints an expression."""
         if self.why_not:
             return [f"no chainable form: {self.why_not}"]
-        lines = [f"t = 0: {self.initial.describe()}"]
+        lines = [f"t == 0: {self.initial.describe(show)}"]
         for i, b in enumerate(self.branches):
-            where = "otherwise" if i == len(self.branches) - 1 and len(self.branches) > 1 else _where(b)
-            lines.append(f"{where}: {b.step.describe()}")
+            where = "otherwise" if i == len(self.branches) - 1 and len(self.branches) > 1 else _where(b, show)
+            lines.append(f"{where}: {b.step.describe(show)}")
         return lines
 
 
-def _where(b: Branch) -> str:
-    parts = [] if b.interval.describe() == "always" else [b.interval.describe()]
+def _where(b: Branch, show) -> str:
+    shown = b.interval.describe(show)
+    parts = [] if shown == "always" else [shown]
     if b.extra != sympy.true:
-        parts.append(_pretty(b.extra))
+        parts.append((show or _default_show)(b.extra))
     return " and ".join(parts) or "t >= 1"
 
 
-def _pretty(expr) -> str:
-    return str(expr).replace("**", "^")
+def _default_show(expr) -> str:
+    return str(expr)
 
 
 # -- sympy helpers ----------------------------------------------------------------------------------

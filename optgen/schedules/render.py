@@ -326,8 +326,10 @@ class ClassRenderer:
         formula = [f"{x.name} = {x.text}" for x in spec.definitions] + [f"lr = {spec.lr.text}"]
         if spec.momentum:
             formula.append(f"momentum = {spec.momentum.text}")
-        explain = d.describe() if spec.chainable else [
-            f"not used: {line}" if not d.why_not else line for line in d.describe()]
+        show = SchedulePrinter(lambda n: n, spec.choices, lambda n: n, lambda n: n).print
+        explain = d.describe(show)
+        if not spec.chainable and not d.why_not:
+            explain = ["(exists, but torch's get_lr is the closed form, so this class uses that)", *explain]
         return dict(
             name=spec.name, base=spec.base, doc=spec.doc, paper=spec.paper, path=spec.path,
             hash=spec_hash(spec), torch_name=torch_name, signature=self.signature(), init=self.init_body(),
