@@ -14,15 +14,14 @@ optimizers as well as optgen's, and their state_dicts load into torch's schedule
 """
 from __future__ import annotations
 
+import importlib
+
 from optgen import _generated
 from optgen.runtime.lr_scheduler import (ChainedScheduler, LambdaLR, LRScheduler, MultiplicativeLR,
                                          ReduceLROnPlateau, SequentialLR)
 
-_generated_schedulers = _generated.load().lr_scheduler if hasattr(_generated.load(), "lr_scheduler") else None
-if _generated_schedulers is None:
-    import importlib
-
-    _generated_schedulers = importlib.import_module(f"{_generated.NAME}.lr_scheduler")
+_generated.load()  # the generated package (in-tree or installed), then its scheduler module
+_generated_schedulers = importlib.import_module(f"{_generated.NAME}.lr_scheduler")
 
 #: every scheduler class generated from specs/schedulers/, by name (SWALR is in optgen.swa_utils)
 GENERATED = {name: getattr(_generated_schedulers, name) for name in _generated_schedulers.__all__}

@@ -398,6 +398,10 @@ def derive(spec: ScheduleSpec) -> Derivation:
     def impossible(why: str) -> Derivation:
         return Derivation(closed, initial, (), frozenset(), why)
 
+    if not closed.has(T) and not (closed.free_symbols & set(prev)):
+        state = ", ".join(sorted(s.name for s in closed.free_symbols if s.name in spec.attributes)) or "none"
+        return impossible(f"lr is not a function of t: it reads the scheduler's state ({state}), "
+                          "which its step() advances")
     if not _is_zero(sympy.diff(closed, BASE_LR, 2)):
         return impossible("lr is not affine in base_lr, so base_lr cannot be recovered from the previous lr")
     if _is_zero(sympy.diff(closed, BASE_LR)):

@@ -168,7 +168,7 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
     methods: dict[str, int] = {}
     if not base_init:
         for h in hyper.values():
-            if h.attribute is None:
+            if h.attribute is None or h.name == "base_lr":
                 continue
             role, symbol = _hyper_role(h)
             names[h.name], symbols[h.name] = role, symbol
@@ -225,7 +225,8 @@ def _hyperparameters(table: dict, src: _Source) -> dict[str, Hyperparameter]:
     for name, raw in table.items():
         path = ("hyperparameters", name)
         loc = src.key_loc(path)
-        if not name.isidentifier() or name in RESERVED or name in RUNTIME_OPTIONS:
+        # base_lr may be a constructor argument (CyclicLR's); formulas then read it per group.
+        if not name.isidentifier() or name in RESERVED - {"base_lr"} or name in RUNTIME_OPTIONS:
             raise SpecError(loc, f"'{name}' cannot be a hyperparameter name (not an identifier, or reserved: "
                                  f"{', '.join(sorted(RESERVED | set(RUNTIME_OPTIONS)))})")
         entry = raw if isinstance(raw, dict) else {"default": raw}
@@ -305,13 +306,15 @@ def _message(message: str, loc: Location, names: set[str], rename=None) -> str:
         out.append(literal.replace("{", "{{").replace("}", "}}"))
         if field is None:
             continue
-        match = re.fullmatch(r"([A-Za-z_]\w*)(\[[0-9]+\])?", field)
-        if match is None or match.group(1) not in names or "{" in (spec or ""):
+        # a field is a name, name[<int>] or type(name) (torch's CosineAnnealingWarmRestarts message)
+        match = re.fullmatch(r"(type\()?([A-Za-z_]\w*)(\))?(\[[0-9]+\])?", field)
+        if (match is None or match.group(2) not in names or "{" in (spec or "")
+                or bool(match.group(1)) != bool(match.group(3)) or (match.group(1) and match.group(4))):
             raise SpecError(loc, f"error message refers to '{{{field}}}'; a field must be one of "
-                                 f"{', '.join(sorted(names))}, optionally indexed by a number")
-        head = rename(match.group(1)) if rename else match.group(1)
-        out.append("{" + head + (match.group(2) or "") + (f"!{conversion}" if conversion else "")
-                   + (f":{spec}" if spec else "") + "}")
+                                 f"{', '.join(sorted(names))}, optionally indexed by a number, or type(<name>)")
+        head = rename(match.group(2)) if rename else match.group(2)
+        head = f"type({head})" if match.group(1) else head + (match.group(4) or "")
+        out.append("{" + head + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
     return "".join(out)
 
 

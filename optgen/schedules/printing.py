@@ -16,6 +16,7 @@ from sympy.printing.precedence import PRECEDENCE
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.schedules.expressions import CountEQ, CountLE
 
+_FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 _MATH = {sympy.cos: "math.cos", sympy.sin: "math.sin", sympy.floor: "math.floor", sympy.ceiling: "math.ceil",
          sympy.exp: "math.exp", sympy.log: "math.log"}
 
@@ -25,8 +26,9 @@ class SchedulePrinter(PythonScalarPrinter):
     ``name == 'value'`` to (name, value); ``call`` maps a helper/method name to the callee's code."""
 
     def __init__(self, rename: Callable[[str], str], choices: dict[str, tuple[str, str]],
-                 call: Callable[[str], str], counter: Callable[[str], str]):
+                 call: Callable[[str], str], counter: Callable[[str], str], first: frozenset = frozenset()):
         super().__init__(rename)
+        self.first = first  # names a comparison prints on its left (the spec's definitions)
         self.choices = choices
         self.call = call
         self.counter = counter  # a Counter hyperparameter's attribute
@@ -66,11 +68,16 @@ class SchedulePrinter(PythonScalarPrinter):
             return f"{self.counter(expr.args[0].name)}[{self.print(expr.args[1])}]"
         if isinstance(expr, sympy.core.function.AppliedUndef):
             return f"{self.call(expr.func.__name__)}({', '.join(self.print(a) for a in expr.args)})"
-        if isinstance(expr, sympy.Eq):
-            return f"{self.print(expr.lhs)} == {self.print(expr.rhs)}"
-        if isinstance(expr, sympy.Ne):
-            return f"{self.print(expr.lhs)} != {self.print(expr.rhs)}"
+        if isinstance(expr, sympy.core.relational.Relational):
+            lhs, op, rhs = expr.lhs, expr.rel_op, expr.rhs
+            if self.reads_first(rhs) and not self.reads_first(lhs):  # t <= end_up, not end_up >= t
+                lhs, op, rhs = rhs, _FLIPPED[op], lhs
+            return f"{self.print(lhs)} {op} {self.print(rhs)}"
         return super().print(expr)
+
+    def reads_first(self, expr) -> bool:
+        """Whether a comparison reads better with this side first: the step count or a local value."""
+        return expr.has(sympy.Symbol("t", integer=True)) or (expr.is_Symbol and expr.name in self.first)
 
     def conditional(self, expr: sympy.Piecewise) -> str:
         """``a if c else b`` (nested for more cases); the last case must be unconditional."""
@@ -91,8 +98,19 @@ def _ordered(args):
     return sorted(args, key=lambda a: (not a.is_number, sympy.default_sort_key(a)))
 
 
+def flatten(expr):
+    """A where() nested in the last case of another is one more ``elif`` of it."""
+    if not isinstance(expr, sympy.Piecewise):
+        return expr
+    cases = list(expr.args)
+    while isinstance(cases[-1][0], sympy.Piecewise) and cases[-1][1] is sympy.true:
+        cases = cases[:-1] + list(cases[-1][0].args)
+    return sympy.Piecewise(*cases, evaluate=False)
+
+
 def statements(name: str, expr, printer: SchedulePrinter) -> list[str]:
-    """``name = expr`` as Python lines; a top-level where() becomes an if/else block."""
+    """``name = expr`` as Python lines; a top-level where() becomes an if/elif/else block."""
+    expr = flatten(expr)
     if isinstance(expr, sympy.Piecewise) and len(expr.args) > 1:
         lines = []
         for i, (value, cond) in enumerate(expr.args):

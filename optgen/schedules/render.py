@@ -46,7 +46,8 @@ class ClassRenderer:
         self.spec = spec
         self.uses = uses
         self.derivation: Derivation = derive(spec)  # also for non-chainable specs: the docstring says why
-        self.printer = SchedulePrinter(self.rename, spec.choices, self.callee, self.counter)
+        self.printer = SchedulePrinter(self.rename, spec.choices, self.callee, self.counter,
+                                       frozenset(d.name for d in spec.definitions))
 
     # -- names -------------------------------------------------------------------------------------
     def rename(self, name: str) -> str:
@@ -164,9 +165,23 @@ class ClassRenderer:
         spec = self.spec
         exprs = [spec.lr.expr] + ([spec.momentum.expr] if momentum and spec.momentum else [])
         now, _ = self.prelude(exprs, with_prev=False)
-        lines = [self.t_line(), *self.step_checks(), *now]
+        reads_t = any(T in sympy.sympify(e).free_symbols for e in exprs) or any(
+            T in d.expr.free_symbols for d in spec.definitions if d.name in self.needed(exprs)[1])
+        lines = [self.t_line()] if reads_t or spec.step_checks else []
+        lines += [*self.step_checks(), *now]
         free = _free(spec.lr.expr)
-        if not (momentum and spec.momentum):
+        with_momentum = bool(momentum and spec.momentum)
+        if isinstance(spec.lr.expr, sympy.Piecewise):  # phases: a loop with if/elif per group
+            free |= _free(spec.momentum.expr) | {"lr"} if with_momentum else set()
+            lines += ["lrs = []", f"{self.targets(free)}:",
+                      *("    " + x for x in statements("lr", spec.lr.expr, self)), "    lrs.append(lr)"]
+            if with_momentum:
+                self.uses.names.add("_set_momentum")
+                lines += ["    if self.cycle_momentum:",
+                          *("        " + x for x in statements("momentum", spec.momentum.expr, self)),
+                          "        _set_momentum(self, group, momentum)"]
+            return lines + ["return lrs"]
+        if not with_momentum:
             return lines + [f"return {self.loop(spec.lr.expr, free)}"]
         lines.append(f"lrs = {self.loop(spec.lr.expr, free)}")
         mfree = _free(spec.momentum.expr) | {"lr"}
