@@ -4,17 +4,35 @@
     opt = optgen.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)   # as torch.optim.AdamW
 
 Every optimizer class here is generated from specs/optimizers/*.toml into generated/ by
-`optgen build`; ``optgen.Optimizer`` is the runtime base they share.  Importing optgen loads only
-that generated Python code: no compiler, no Triton, no C toolchain.
+`optgen build`; ``optgen.Optimizer`` is the runtime base they share.  The generated package is
+loaded on first use of one of its names, so the compiler (`optgen build`) never depends on the
+code it is about to regenerate, and importing optgen loads no compiler, Triton or C toolchain.
 """
 from __future__ import annotations
 
-from optgen import _generated
 from optgen.runtime.optimizer import Optimizer
 
-_package = _generated.load()
-OPTIMIZERS = _package.OPTIMIZERS
-globals().update(OPTIMIZERS)
-
-__all__ = ["Optimizer", "OPTIMIZERS", *OPTIMIZERS]
 __version__ = "0.1.0"
+
+
+def _optimizers() -> dict:
+    import importlib
+
+    return importlib.import_module("optgen._generated").load().OPTIMIZERS
+
+
+def __getattr__(name: str):
+    if name == "__all__":
+        return ["Optimizer", "OPTIMIZERS", *_optimizers()]
+    if name.startswith("_"):  # submodules and dunders resolve through the import system
+        raise AttributeError(f"module 'optgen' has no attribute {name!r}")
+    if name == "OPTIMIZERS":
+        return _optimizers()
+    optimizers = _optimizers()
+    if name in optimizers:
+        return optimizers[name]
+    raise AttributeError(f"module 'optgen' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), "OPTIMIZERS", *_optimizers()})

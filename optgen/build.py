@@ -20,13 +20,14 @@ from optgen.backends.base import environment, module_name
 from optgen.backends.foreach import BACKEND as FOREACH
 from optgen.backends.forloop import BACKEND as FORLOOP
 from optgen.backends.optimizer_class import OptimizerClassBackend
+from optgen.backends.triton import BACKEND as TRITON
 from optgen.errors import SpecError
 from optgen.passes import Compiled, compile_spec
 from optgen.schedules.build import render_schedules
 from optgen.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_BACKENDS = (FORLOOP, FOREACH)
+KERNEL_BACKENDS = (FORLOOP, FOREACH, TRITON)
 
 
 def spec_paths(root: Path = ROOT) -> list[Path]:
@@ -38,13 +39,23 @@ def compile_all(root: Path = ROOT) -> list[Compiled]:
     return [compile_spec(load_spec(p)) for p in spec_paths(root)]
 
 
+def kernel_backends(compiled: Compiled) -> tuple:
+    """The kernel backends that generate code for a spec: one may decline a spec it cannot express
+    (the Triton backend declines reductions and intrinsics; `optgen show` prints why)."""
+    return tuple(b for b in KERNEL_BACKENDS if getattr(b, "unsupported", lambda c: None)(compiled) is None)
+
+
 def render_all(compiled: list[Compiled]) -> dict[str, str]:
     """Relative path under generated/ → file text."""
     files: dict[str, str] = {}
-    class_backend = OptimizerClassBackend(tuple(b.name for b in KERNEL_BACKENDS))
     for c in compiled:
+        backends = kernel_backends(c)
+        class_backend = OptimizerClassBackend(tuple(b.name for b in backends),
+                                              lazy=tuple(b.name for b in backends if getattr(b, "lazy", False)))
         files[f"{module_name(c.spec.name)}.py"] = class_backend.render(c)
-        for backend in KERNEL_BACKENDS:
+        if c.spec.algorithm:  # an intrinsic step: no kernels to generate
+            continue
+        for backend in backends:
             files[f"{module_name(c.spec.name, backend.name)}.py"] = backend.render(c)
     names = [c.spec.name for c in compiled]
     if len(set(n.lower() for n in names)) != len(names):

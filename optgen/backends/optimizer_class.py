@@ -17,8 +17,9 @@ from optgen.spec.model import RUNTIME_OPTIONS
 class OptimizerClassBackend(Backend):
     name = "optimizer"
 
-    def __init__(self, kernel_backends: tuple[str, ...]):
+    def __init__(self, kernel_backends: tuple[str, ...], lazy: tuple[str, ...] = ()):
         self.kernel_backends = kernel_backends
+        self.lazy = lazy  # backends whose module the class names as a string, imported on first use
 
     def render(self, compiled: Compiled) -> str:
         spec = compiled.spec
@@ -61,17 +62,21 @@ class OptimizerClassBackend(Backend):
             condition = f"not ({c.ok})" if c.when is None else f"{c.when} and not ({c.ok})"
             message = f"f{c.message!r}" if "{" in c.message else repr(c.message)
             (param_checks if c.each_param else checks).append(dict(condition=condition, kind=c.kind, message=message))
-        kernel_modules = [module_name(spec.name, b) for b in self.kernel_backends]
+        names = [] if spec.algorithm else [module_name(spec.name, b) for b in self.kernel_backends]
+        kernel_modules = [m for b, m in zip(self.kernel_backends, names) if b not in self.lazy]
+        kernels = [(b, f'"{m}"' if b in self.lazy else m) for b, m in zip(self.kernel_backends, names)]
+        derived = [(h.name, h.derive) for h in hyper.values() if h.derive]
         return environment().get_template("optimizer/class.py.j2").render(
             header=header(compiled), name=spec.name, paper=spec.paper, doc=spec.doc, path=spec.path,
             rule=_docstring_safe(spec.rule_text).strip("\n").splitlines(), torch_name=f"torch.optim.{spec.torch_name or spec.name}",
-            kernel_modules=kernel_modules, kernels=list(zip(self.kernel_backends, kernel_modules)),
+            kernel_modules=kernel_modules, kernels=kernels,
             flags=repr(tuple(h.name for h in spec.flags)),
             tensor_state=repr(tuple((plural(s.name), s.key) for s in spec.state.values() if not s.is_scalar)),
             counter_state=repr(tuple((plural(s.name + "_t"), s.key) for s in spec.state.values() if s.is_scalar)),
             lazy_state=repr(tuple(s.key for s in spec.state.values() if s.init == "first")),
             scalars=scalars, complex_as_real=spec.complex_params, signature=signature, checks=checks,
-            param_checks=param_checks, sparse_gradients=spec.sparse_gradients,
+            param_checks=param_checks, sparse_gradients=spec.sparse_gradients, algorithm=spec.algorithm,
+            derived=derived,
             host_counters=repr(tuple(s.key for s in spec.state.values() if s.host)),
             uses_reduced_shape=any(s.init == "zeros_reduced" for s in spec.state.values()),
             group_defaults=group_defaults, setstate_defaults=setstate, fixed=fixed,

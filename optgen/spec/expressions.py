@@ -309,7 +309,7 @@ def parse_check(text: str, loc: Location, names: set[str]) -> str:
     allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub,
                ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Is, ast.IsNot,
                ast.Constant, ast.Name, ast.Load, ast.Subscript, ast.Call, ast.BinOp, ast.Add,
-               ast.Sub, ast.Mult, ast.Div, ast.In, ast.NotIn, ast.List, ast.Tuple)
+               ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.In, ast.NotIn, ast.List, ast.Tuple)
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree):
         if not isinstance(node, allowed):

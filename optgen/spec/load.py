@@ -24,13 +24,15 @@ from optgen.spec.toml_locations import locate
 
 SECTIONS = {
     "optimizer": {"name", "doc", "paper", "extends", "signature", "group_keys", "complex",
-                  "state_init", "torch", "gradients"},
+                  "state_init", "torch", "gradients", "algorithm"},
     "hyperparameters": None,  # free names
     "check": {"assert", "error", "type", "when", "each"},
     "state": None,
     "update": {"rule"},
 }
-HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor", "choices"}
+HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor", "choices", "derive"}
+#: algorithms whose step is an intrinsic of optgen/runtime/ rather than an update rule
+ALGORITHMS = {"lbfgs"}
 NONE = "None"  # TOML has no null: the string "None" in a default stands for Python's None
 STATE_KEYS = {"init", "first", "when", "key", "host"}
 ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError"}
@@ -195,9 +197,13 @@ def load_spec(path: str | Path) -> Spec:
         names.update({n: "hyperparameter" for n in h.names} if h.names else
                      {h.name: "flag" if h.is_flag else "hyperparameter"})
     state = _state(merged, names)
-    if merged.rule is None:
+    algorithm = opt_value("algorithm", str)
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise SpecError(src.value_loc(("optimizer", "algorithm")),
+                        f"unknown algorithm '{algorithm}'; available: {', '.join(sorted(ALGORITHMS))}")
+    if merged.rule is None and algorithm is None:
         raise SpecError(src.key_loc(("optimizer",)), "missing [update] section with rule = \"\"\"...\"\"\"")
-    rule_text, rule_src = merged.rule
+    rule_text, rule_src = merged.rule or ("", src)
     if not isinstance(rule_text, str):
         raise SpecError(rule_src.value_loc(("update", "rule")), "rule must be a string of statements")
     rule_loc = rule_src.value_loc(("update", "rule"))
@@ -217,7 +223,7 @@ def load_spec(path: str | Path) -> Spec:
         hyperparameters=hyper, checks=checks, state=state, rule=rule, rule_text=rule_text, rule_loc=rule_loc,
         complex_params=complex_mode == "view_as_real", eager_state=state_init == "eager",
         torch_name=opt_value("torch", str), extends=opt_value("extends", str),
-        sparse_gradients=gradients == "sparse",
+        sparse_gradients=gradients == "sparse", algorithm=algorithm,
     )
 
 
@@ -255,6 +261,14 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
             if default != NONE and default not in choices:
                 raise SpecError(src.value_loc(dpath), f"default of '{name}' must be \"None\" or one of the choices")
             out[name] = Hyperparameter(name, None if default == NONE else default, loc, choices=choices)
+            continue
+        if "derive" in table:  # a None default computed from others, e.g. LBFGS's max_eval
+            if default != NONE:
+                raise SpecError(src.key_loc(path + ("derive",)), 'derive = "..." needs default = "None"')
+            text = _expect(table["derive"], str, src, path + ("derive",), "derive")
+            names = set(merged.hyperparameters)
+            derive = expressions.parse_check(text, src.value_loc(path + ("derive",)), names)
+            out[name] = Hyperparameter(name, None, loc, derive=derive)
             continue
         if isinstance(default, list):
             for i, item in enumerate(default):

@@ -28,6 +28,7 @@ class Hyperparameter:
     fixed: bool = False          # not a constructor argument; always `default` (AdamW's decoupling)
     tensor: bool = False         # may be given as a 1-element Tensor (converted to a number per step)
     choices: tuple[str, ...] = ()  # a string option (default may be None); rules compare it: x == "a"
+    derive: str | None = None    # Python text computing the value when None is given (max_iter * 5 // 4)
 
     @property
     def is_flag(self) -> bool:
@@ -85,6 +86,7 @@ class Spec:
     torch_name: str | None       # the torch.optim class this spec reproduces (test oracle)
     extends: str | None = None
     sparse_gradients: bool = False  # gradients are sparse; the update runs on the rows they touch
+    algorithm: str | None = None    # an intrinsic step (optgen/runtime/<algorithm>.py) instead of a rule
     locs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property

@@ -11,7 +11,8 @@ from optgen.verify import configurations, max_difference, run_backend, run_refer
 
 COMPILED = compile_all()
 STEPS = 12  # several steps so state feeds back into the update; float64, so rounding stays ~1e-14
-CASES = [(c, v) for c in COMPILED for v in c.variants]
+# Specs whose step is an intrinsic algorithm (LBFGS) generate no kernels: tests/oracle covers them.
+CASES = [(c, v) for c in COMPILED if not c.spec.algorithm for v in c.variants]
 
 
 def _id(case):
