@@ -73,3 +73,17 @@ def test_new_scaffold_compiles(tmp_path, monkeypatch):
     assert cli.main(["new", "Toy"]) == 0
     result = build(root=tmp_path)
     assert "toy.py" in result.written and "toy_forloop.py" in result.written
+
+
+def test_import_optgen_is_light():
+    """`import optgen` loads no compiler, Triton or C toolchain, and using an optimizer loads no
+    compiler (constructing any torch optimizer imports torch._dynamo, hence sympy and triton,
+    so those are only checked at import)."""
+    code = ("import sys, torch, optgen; a = sorted(m for m in ('triton', 'sympy', 'jinja2', 'optgen.spec', "
+            "'optgen.passes', 'optgen.generated') if m in sys.modules); "
+            "p = torch.zeros(2, requires_grad=True); p.grad = torch.ones(2); optgen.Adam([p]).step(); "
+            "b = sorted(m for m in ('jinja2', 'optgen.spec', 'optgen.passes', 'optgen.backends') if m in sys.modules); "
+            "print(a, b)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[] []"
