@@ -88,7 +88,9 @@ class Step:
         if self.kind == "general":
             return f"lr(t) = {_pretty(self.c0)} + {_pretty(self.ratio)} * (lr(t-1) - {_pretty(self.c0_prev)})"
         if self.kind == "set":
-            return f"lr(0) = {_pretty(self.delta)}, where lr is the group's lr before the scheduler"
+            if self.delta.has(CURRENT_LR):
+                return f"lr(0) = {_pretty(self.delta)}, where lr is the group's lr before the scheduler"
+            return f"lr(t) = {_pretty(self.delta)}"
         return f"lr(t) = lr(t-1) + {_pretty(self.delta)}"
 
 
@@ -149,21 +151,59 @@ def _default_show(expr) -> str:
 
 # -- sympy helpers ----------------------------------------------------------------------------------
 def _is_zero(expr) -> bool:
+    """Provably zero, under the spec's assumptions (used for decisions, never for printed text)."""
     if expr is None:
         return False
     expr = sympy.sympify(expr)
     if expr.is_zero:
         return True
+    assumed = _positive_t(expr.subs(_ASSUMED[-1]))
+    if _nonzero_somewhere(assumed):  # cheap and conclusive: skips most symbolic simplifications
+        return False
     try:
-        return sympy.simplify(expr) == 0
+        return any(sympy.simplify(e) == 0 for e in (expr, assumed))
     except (TypeError, ValueError):  # pragma: no cover - sympy corner cases
         return False
+
+
+def _nonzero_somewhere(expr) -> bool:
+    """True if the expression is nonzero at some sample point (so not identically zero); False
+    when every sample is (near) zero or cannot be evaluated — then sympy decides."""
+    symbols = sorted(expr.free_symbols, key=lambda x: x.name)
+    if expr.atoms(sympy.core.function.AppliedUndef):
+        return False
+    for seed in (0, 1):
+        values = {}
+        for i, x in enumerate(symbols):
+            if x.is_integer:
+                values[x] = 3 + 2 * i + 5 * seed + (0 if x.is_nonnegative or x.is_positive else 0)
+            else:
+                values[x] = sympy.Rational(3 + i + 2 * seed, 11 + 2 * i + seed)
+        try:
+            value = complex(sympy.N(expr.xreplace(values), 15))
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if value == value and abs(value) != float("inf") and abs(value) > 1e-9:
+            return True
+    return False
+
+
+#: inside the recursion t >= 1: simplifications may use it (sqrt(1/t) / sqrt(1/(t-1)) = sqrt((t-1)/t))
+_T_POSITIVE = sympy.Symbol("t", integer=True, positive=True)
+
+
+def _positive_t(expr):
+    return sympy.sympify(expr).xreplace({T: _T_POSITIVE})
+
+
+def _as_t(expr):
+    return sympy.sympify(expr).xreplace({_T_POSITIVE: T})
 
 
 def _simplify(expr: sympy.Expr) -> sympy.Expr:
     """The shortest of the expression, its simplification and its factorisation (as written wins ties)."""
     expr = _count_rewrite(sympy.piecewise_fold(expr))
-    simplified = _count_rewrite(sympy.simplify(expr))
+    simplified = _count_rewrite(_as_t(sympy.simplify(_positive_t(expr))))
     if simplified.has(Piecewise):
         simplified = sympy.piecewise_fold(simplified)
     candidates = [expr, simplified]
@@ -260,8 +300,12 @@ def _bound(rel) -> Interval:
     raise _NotLinear
 
 
+#: substitutions that encode the spec's `assume` relations (set by derive, read by _known_nonneg)
+_ASSUMED: list[dict] = [{}]
+
+
 def _known_nonneg(expr) -> bool | None:
-    expr = sympy.simplify(expr)
+    expr = sympy.simplify(sympy.sympify(expr).subs(_ASSUMED[-1]))
     if expr.is_nonnegative:
         return True
     if expr.is_negative:
@@ -353,6 +397,8 @@ def _step(now: sympy.Expr, before: sympy.Expr) -> Step:
         delta = _simplify(now - before)
         return Step("keep") if _is_zero(delta) else Step("additive", delta=delta)
     ratio = _simplify(c1 / c1p)
+    if _is_zero(ratio):  # the lr no longer depends on base_lr: it is c0, whatever came before
+        return Step("set", delta=_simplify(c0))
     guard = None
     denominator = sympy.fraction(sympy.together(ratio))[1]
     # Only a denominator that changes with t can vanish at some steps and not others; one that
@@ -407,26 +453,40 @@ def derive(spec: ScheduleSpec) -> Derivation:
     if _is_zero(sympy.diff(closed, BASE_LR)):
         return impossible("lr does not depend on base_lr (the schedule sets absolute values), "
                           "so there is no factor to chain")
+    _ASSUMED.append(_assumptions(spec))
+    try:
+        return _derive_pieces(spec, closed, prev, initial)
+    finally:
+        _ASSUMED.pop()
+
+
+def _assumptions(spec: ScheduleSpec) -> dict:
+    """``a > b`` / ``a >= b`` between integer hyperparameters, as a := b + (1 +) s with s >= 0: a
+    substitution under which sympy can decide which pieces of the line are empty."""
+    out = {}
+    for rel in spec.assumptions:
+        big, small = (rel.lhs, rel.rhs) if rel.rel_op in (">", ">=") else (rel.rhs, rel.lhs)
+        gap = sympy.Dummy(f"{big}_minus_{small}", integer=True, nonnegative=True)
+        out[big] = small + gap + (1 if rel.rel_op in (">", "<") else 0)
+    return out
+
+
+def _derive_pieces(spec, closed, prev, initial) -> Derivation:
     pieces = _pieces(closed)
     branches: list[Branch] = []
     for interval, value in pieces:
-        inner = Interval(frozenset(lo + 1 for lo in interval.lowers), interval.uppers)
-        interior = _step(value, _shift(value, prev))
-        start = None
-        if len(interval.lowers) == 1:  # the piece's first step: t - 1 lies in the piece before it
-            (lo,) = interval.lowers
-            before = [v for iv, v in pieces if any(_is_zero(hi - (lo - 1)) for hi in iv.uppers)]
-            previous = before[0] if len(before) == 1 else closed
-            start = _step(value.subs(T, lo), _shift(previous, prev).subs(T, lo))
-            merged = _step(value.subs(T, lo), _shift(value, prev).subs(T, lo))
-            if start.same(merged) and _step_at(interior, lo).same(start):
-                inner, start = interval, None  # the interior formula holds at the boundary too
-        tidy = _tidy(inner)
-        if tidy is not None:
-            branches += _lift(tidy, interior)
-        if start is not None:
-            (lo,) = interval.lowers
-            branches += _lift(Interval(frozenset([lo]), frozenset([lo])), start)
+        # inside the piece (t and t - 1 both in it): the step from this piece's formula alone
+        inner = _tidy(Interval(frozenset(lo + 1 for lo in interval.lowers), interval.uppers))
+        if inner is not None:
+            branches += [(b, False) for b in _lift(inner, _step(value, _shift(value, prev)))]
+        # the piece's first step (t - 1 before it): from the whole closed form at t - 1, which
+        # sympy resolves to the previous piece's formula where it can
+        for lo in interval.lowers:
+            at = _tidy(Interval(interval.lowers | {lo}, interval.uppers | {lo}))
+            if at is not None:
+                step = _step(value.subs(T, lo), _shift(closed, prev).subs(T, lo))
+                branches += [(b, True) for b in _lift(at, step)]
+    branches = _absorb_boundaries(branches)
     branches = _merge(branches)
     used_prev = set()
     for b in branches:
@@ -441,6 +501,36 @@ def _step_at(step: Step, point) -> Step:
     sub = {k: (getattr(step, k).subs(T, point) if getattr(step, k) is not None else None)
            for k in ("ratio", "anchor", "c0", "c0_prev", "delta")}
     return Step(step.kind, **sub)
+
+
+def _absorb_boundaries(tagged: list[tuple[Branch, bool]]) -> list[Branch]:
+    """A piece's first step that another piece's formula also gives joins that piece's branch
+    (LinearLR: the ratio of the ramp holds at t = total_iters too, so one branch says t <= total_iters)."""
+    inner = [b for b, boundary in tagged if not boundary]
+    out_boundaries = []
+    for b, boundary in tagged:
+        if not boundary:
+            continue
+        (point,) = b.interval.uppers & b.interval.lowers or {None}
+        absorbed = False
+        for i, other in enumerate(inner):
+            if point is None or other.extra != b.extra or not other.interval.uppers:
+                continue
+            ends = [u for u in other.interval.uppers if _is_zero(u - (point - 1))]
+            if ends and _step_at(other.step, point).same(_step_at(b.step, point)):
+                uppers = (other.interval.uppers - set(ends)) | {point}
+                inner[i] = Branch(Interval(other.interval.lowers, frozenset(uppers)), other.extra, other.step)
+                absorbed = True
+                break
+            starts = [lo for lo in other.interval.lowers if _is_zero(lo - (point + 1))]
+            if starts and _step_at(other.step, point).same(_step_at(b.step, point)):
+                lowers = (other.interval.lowers - set(starts)) | {point}
+                inner[i] = Branch(Interval(frozenset(lowers), other.interval.uppers), other.extra, other.step)
+                absorbed = True
+                break
+        if not absorbed:
+            out_boundaries.append(b)
+    return inner + out_boundaries
 
 
 def _merge(branches: list[Branch]) -> list[Branch]:

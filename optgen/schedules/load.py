@@ -26,7 +26,7 @@ from optgen.spec.toml_locations import locate
 
 SECTIONS = {
     "scheduler": {"name", "doc", "paper", "torch", "signature", "base", "base_init", "chainable",
-                  "closed_form", "initial_step", "counter"},
+                  "closed_form", "initial_step", "counter", "assume"},
     "hyperparameters": None,
     "check": {"assert", "error", "type", "when", "at"},
     "per_group": None,
@@ -45,7 +45,7 @@ CONVERTERS = {"Counter"}
 RESERVED = {"t", "base_lr", "lr", "momentum", "pi", "self", "group", "optimizer", "math", "ratio",
             "denominator", "value", "lrs"}
 # An annotation is printed into the signature: identifiers, brackets, commas, |, dots and quotes only.
-_ANNOTATION = re.compile(r"[A-Za-z_][\w\[\], |.\"']*")
+_ANNOTATION = re.compile(r"[A-Za-z_][\w\[\], |.]*(\[(\"[\w -]*\"(, )?)+\])?\]*")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -190,6 +190,7 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
                    choice_values=choice_values, counters=counters)
     functions = _functions(data.get("functions", {}), src, builder)
     definitions, lr, momentum = _schedule(data.get("schedule"), src, builder)
+    assumptions = _assume(head.get("assume", []), src, builder)
     chainable = option("chainable", bool, True)
     closed_form = option("closed_form", bool, chainable)
     if closed_form and not chainable:
@@ -202,7 +203,7 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
         initial_step=option("initial_step", str, "keep", choices={"keep", "recursive"}),
         counter=option("counter", str, "last_epoch", choices={"last_epoch", "step_count"}),
         per_group=per_group, attributes=attributes, state=state, functions=functions,
-        definitions=definitions, lr=lr, momentum=momentum, choices=choices,
+        definitions=definitions, lr=lr, momentum=momentum, choices=choices, assumptions=assumptions,
     )
 
 
@@ -421,6 +422,24 @@ def _attribute_python(text: str, loc: Location) -> str:
         if not n.isidentifier():
             raise SpecError(loc, f"'{n}' is not an attribute name")
     return expressions.parse_python_check(text, loc, names, "an attribute", lambda n: f"self.{n}")
+
+
+def _assume(raw: Any, src: _Source, builder: dict) -> tuple:
+    """[scheduler] assume = ["total_steps > warmup_steps", …]: relations between integer
+    hyperparameters that the checks guarantee; the derivation uses them to drop impossible phases."""
+    path = ("scheduler", "assume")
+    out = []
+    for i, text in enumerate(_expect(raw, list, src, path, "scheduler.assume")):
+        loc = src.value_loc(path + (i,))
+        text = _expect(text, str, src, path + (i,), "an assumption")
+        loc_, stripped = strip_located(text, loc)
+        tree = parse_python(stripped, loc_).body
+        rel = expressions.FormulaBuilder(loc_, what="an assumption", **builder).condition(tree)
+        ok = isinstance(rel, (sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan))
+        if not ok or not all(s.is_Symbol and s.is_integer for s in (rel.lhs, rel.rhs)):
+            raise SpecError(loc, "an assumption compares two integer hyperparameters: \"a > b\" or \"a >= b\"")
+        out.append(rel)
+    return tuple(out)
 
 
 def _functions(table: dict, src: _Source, builder: dict) -> dict[str, Function]:

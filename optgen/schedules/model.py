@@ -124,3 +124,4 @@ class ScheduleSpec:
     lr: Definition
     momentum: Definition | None
     choices: dict[str, tuple[str, str]] = field(default_factory=dict)  # boolean symbol → (name, value)
+    assumptions: tuple = ()      # relations the checks guarantee (sympy relationals), for the derivation

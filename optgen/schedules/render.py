@@ -255,8 +255,7 @@ class ClassRenderer:
             text = f'{a} + (group["lr"] - {self.p(step.anchor)}) * {self.printer.paren(factor, PRECEDENCE["Mul"])}'
         else:  # general
             element = step.c0 + factor * (lr - step.c0_prev)
-            text = (f'{self.printer.paren(step.c0, PRECEDENCE["Add"])} + {self.printer.paren(factor, PRECEDENCE["Mul"])}'
-                    f' * (group["lr"] - {self.p(step.c0_prev)})')
+            text = self.p(element)
         free = (_free(element) | {"lr"}) - {"ratio"}
         return lines + [f"return {self.loop(text, free)}"]
 
