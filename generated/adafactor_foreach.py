@@ -47,6 +47,7 @@ def adafactor_default(
     row_means = [None] * len(params)
     col_means = [None] * len(params)
     var_estimates = [None] * len(params)
+    updates = [None] * len(params)
     for i in range(len(params)):
         if params[i].dim() > 1:
             # row_mean = norm_dim(grad, -1) ** 2 / size(grad, -1)
@@ -59,18 +60,19 @@ def adafactor_default(
             col_vars[i].lerp_(col_means[i], state_one_minus_beta2s[i])
             # var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1)
             var_estimates[i] = row_vars[i].mul(col_vars[i])
-            _t3 = row_vars[i].mean(dim=-2, keepdim=True).clamp_(min=epsilon1s[i])
-            var_estimates[i].div_(_t3)
+            var_estimates[i].div_(row_vars[i].mean(dim=-2, keepdim=True).clamp_(min=epsilon1s[i]))
         else:
             # variance = lerp(variance, grad * grad, one_minus_beta2_t)
-            _t4 = grads[i].square()
-            variances[i].lerp_(_t4, state_one_minus_beta2s[i])
+            variances[i].lerp_(grads[i].square(), state_one_minus_beta2s[i])
             # var_estimate = variance
             var_estimates[i] = variances[i]
-    # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
-    _t5s = [var_estimates[i].clamp(min=epsilon1s[i] ** 2) for i in range(len(params))]
-    torch._foreach_sqrt_(_t5s)
-    updates = torch._foreach_div(grads, _t5s)
+        if params[i].dim() > 1:
+            # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
+            var_estimates[i].clamp_(min=epsilon1s[i] ** 2).sqrt_()
+            updates[i] = grads[i].div(var_estimates[i])
+        else:
+            # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
+            updates[i] = grads[i].div(var_estimates[i].clamp(min=epsilon1s[i] ** 2).sqrt_())
     # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
     denoms = [max(1.0, update.norm().item() / (d * math.sqrt(update.numel()))) for update in updates]
     # param = param - alpha / denom * update
@@ -113,6 +115,7 @@ def adafactor_maximize(
     row_means = [None] * len(params)
     col_means = [None] * len(params)
     var_estimates = [None] * len(params)
+    updates = [None] * len(params)
     for i in range(len(params)):
         if params[i].dim() > 1:
             # row_mean = norm_dim(grad, -1) ** 2 / size(grad, -1)
@@ -125,18 +128,19 @@ def adafactor_maximize(
             col_vars[i].lerp_(col_means[i], state_one_minus_beta2s[i])
             # var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1)
             var_estimates[i] = row_vars[i].mul(col_vars[i])
-            _t4 = row_vars[i].mean(dim=-2, keepdim=True).clamp_(min=epsilon1s[i])
-            var_estimates[i].div_(_t4)
+            var_estimates[i].div_(row_vars[i].mean(dim=-2, keepdim=True).clamp_(min=epsilon1s[i]))
         else:
             # variance = lerp(variance, grad * grad, one_minus_beta2_t)
-            _t5 = grads[i].square()
-            variances[i].lerp_(_t5, state_one_minus_beta2s[i])
+            variances[i].lerp_(grads[i].square(), state_one_minus_beta2s[i])
             # var_estimate = variance
             var_estimates[i] = variances[i]
-    # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
-    _t6s = [var_estimates[i].clamp(min=epsilon1s[i] ** 2) for i in range(len(params))]
-    torch._foreach_sqrt_(_t6s)
-    updates = torch._foreach_div(grads, _t6s)
+        if params[i].dim() > 1:
+            # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
+            var_estimates[i].clamp_(min=epsilon1s[i] ** 2).sqrt_()
+            updates[i] = grads[i].div(var_estimates[i])
+        else:
+            # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
+            updates[i] = grads[i].div(var_estimates[i].clamp(min=epsilon1s[i] ** 2).sqrt_())
     # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
     denoms = [max(1.0, update.norm().item() / (d * math.sqrt(update.numel()))) for update in updates]
     # param = param - alpha / denom * update

@@ -60,17 +60,19 @@ def adafactor_default(
             col_var.lerp_(col_mean, one_minus_beta2_t)
             # var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1)
             var_estimate = row_var.mul(col_var)
-            _t3 = row_var.mean(dim=-2, keepdim=True).clamp_(min=epsilon1)
-            var_estimate.div_(_t3)
+            var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=epsilon1))
         else:
             # variance = lerp(variance, grad * grad, one_minus_beta2_t)
-            _t4 = grad.square()
-            variance.lerp_(_t4, one_minus_beta2_t)
+            variance.lerp_(grad.square(), one_minus_beta2_t)
             # var_estimate = variance
             var_estimate = variance
-        # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
-        _t5 = var_estimate.clamp(min=epsilon1 ** 2).sqrt_()
-        update = grad.div(_t5)
+        if param.dim() > 1:
+            # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
+            var_estimate.clamp_(min=epsilon1 ** 2).sqrt_()
+            update = grad.div(var_estimate)
+        else:
+            # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
+            update = grad.div(var_estimate.clamp(min=epsilon1 ** 2).sqrt_())
         # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
         denom = max(1.0, update.norm().item() / (d * math.sqrt(update.numel())))
         # param = param - alpha / denom * update
@@ -126,17 +128,19 @@ def adafactor_maximize(
             col_var.lerp_(col_mean, one_minus_beta2_t)
             # var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1)
             var_estimate = row_var.mul(col_var)
-            _t4 = row_var.mean(dim=-2, keepdim=True).clamp_(min=epsilon1)
-            var_estimate.div_(_t4)
+            var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=epsilon1))
         else:
             # variance = lerp(variance, grad * grad, one_minus_beta2_t)
-            _t5 = grad.square()
-            variance.lerp_(_t5, one_minus_beta2_t)
+            variance.lerp_(grad.square(), one_minus_beta2_t)
             # var_estimate = variance
             var_estimate = variance
-        # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
-        _t6 = var_estimate.clamp(min=epsilon1 ** 2).sqrt_()
-        update = grad.div(_t6)
+        if param.dim() > 1:
+            # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
+            var_estimate.clamp_(min=epsilon1 ** 2).sqrt_()
+            update = grad.div(var_estimate)
+        else:
+            # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
+            update = grad.div(var_estimate.clamp(min=epsilon1 ** 2).sqrt_())
         # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
         denom = max(1.0, update.norm().item() / (d * math.sqrt(update.numel())))
         # param = param - alpha / denom * update

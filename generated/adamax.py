@@ -33,7 +33,7 @@ class Adamax(GeneratedOptimizer):
     """Adamax, generated from specs/optimizers/adamax.toml; a drop-in for torch.optim.Adamax."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": adamax_forloop, "foreach": adamax_foreach}
+    _kernels = {"forloop": adamax_forloop, "foreach": adamax_foreach, "triton": "adamax_triton"}
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_infs', 'exp_inf'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

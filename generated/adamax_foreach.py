@@ -34,11 +34,18 @@ def adamax_default(
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
-    torch._foreach_mul_(exp_infs, beta2)
-    _t1s = torch._foreach_abs(grads)
-    torch._foreach_add_(_t1s, eps)
-    torch._foreach_maximum_(exp_infs, _t1s)
+    if weight_decay != 0:
+        # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
+        torch._foreach_mul_(exp_infs, beta2)
+        torch._foreach_abs_(grads)
+        torch._foreach_add_(grads, eps)
+        torch._foreach_maximum_(exp_infs, grads)
+    else:
+        # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
+        torch._foreach_mul_(exp_infs, beta2)
+        _t1s = torch._foreach_abs(grads)
+        torch._foreach_add_(_t1s, eps)
+        torch._foreach_maximum_(exp_infs, _t1s)
     # bias_correction = 1 - beta1 ** step
     bias_corrections = [1 - beta1 ** step for step in steps]
     # clr = lr / bias_correction
@@ -73,9 +80,9 @@ def adamax_maximize(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
     torch._foreach_mul_(exp_infs, beta2)
-    _t2s = torch._foreach_abs(grads)
-    torch._foreach_add_(_t2s, eps)
-    torch._foreach_maximum_(exp_infs, _t2s)
+    torch._foreach_abs_(grads)
+    torch._foreach_add_(grads, eps)
+    torch._foreach_maximum_(exp_infs, grads)
     # bias_correction = 1 - beta1 ** step
     bias_corrections = [1 - beta1 ** step for step in steps]
     # clr = lr / bias_correction

@@ -38,10 +38,15 @@ def adamax_default(
             grad = grad.add(param, alpha=weight_decay)
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg.lerp_(grad, 1 - beta1)
-        # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
-        exp_inf.mul_(beta2)
-        _t1 = grad.abs().add_(eps)
-        torch.maximum(exp_inf, _t1, out=exp_inf)
+        if weight_decay != 0:
+            # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
+            exp_inf.mul_(beta2)
+            grad.abs_().add_(eps)
+            torch.maximum(exp_inf, grad, out=exp_inf)
+        else:
+            # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
+            exp_inf.mul_(beta2)
+            torch.maximum(exp_inf, grad.abs().add_(eps), out=exp_inf)
         # bias_correction = 1 - beta1 ** step
         bias_correction = 1 - beta1 ** step
         # clr = lr / bias_correction
@@ -81,8 +86,8 @@ def adamax_maximize(
         exp_avg.lerp_(grad, 1 - beta1)
         # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
         exp_inf.mul_(beta2)
-        _t2 = grad.abs().add_(eps)
-        torch.maximum(exp_inf, _t2, out=exp_inf)
+        grad.abs_().add_(eps)
+        torch.maximum(exp_inf, grad, out=exp_inf)
         # bias_correction = 1 - beta1 ** step
         bias_correction = 1 - beta1 ** step
         # clr = lr / bias_correction

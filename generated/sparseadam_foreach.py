@@ -31,16 +31,15 @@ def sparseadam_default(
     torch._foreach_add_(state_steps, 1)
     steps = [t.item() for t in state_steps]
     # exp_avg_update = (grad - exp_avg) * (1 - beta1)
-    exp_avg_updates = [grads[i].sub(exp_avgs[i]) for i in range(len(params))]
+    exp_avg_updates = torch._foreach_sub(grads, exp_avgs)
     torch._foreach_mul_(exp_avg_updates, 1 - beta1)
     # exp_avg = exp_avg + exp_avg_update
     torch._foreach_add_(exp_avgs, exp_avg_updates)
     del exp_avg_updates  # free the temporary before the next allocation
-    # exp_avg_sq_update = (grad * grad - exp_avg_sq) * (1 - beta2)
-    exp_avg_sq_updates = [grads[i].square() for i in range(len(params))]
+    exp_avg_sq_updates = [None] * len(params)
     for i in range(len(params)):
-        exp_avg_sq_updates[i].sub_(exp_avg_sqs[i])
-    torch._foreach_mul_(exp_avg_sq_updates, 1 - beta2)
+        # exp_avg_sq_update = (grad * grad - exp_avg_sq) * (1 - beta2)
+        exp_avg_sq_updates[i] = grads[i].square().sub_(exp_avg_sqs[i]).mul_(1 - beta2)
     # exp_avg_sq = exp_avg_sq + exp_avg_sq_update
     torch._foreach_add_(exp_avg_sqs, exp_avg_sq_updates)
     del exp_avg_sq_updates  # free the temporary before the next allocation
@@ -79,16 +78,15 @@ def sparseadam_maximize(
     # grad = -grad
     grads = torch._foreach_neg(grads)
     # exp_avg_update = (grad - exp_avg) * (1 - beta1)
-    exp_avg_updates = [grads[i].sub(exp_avgs[i]) for i in range(len(params))]
+    exp_avg_updates = torch._foreach_sub(grads, exp_avgs)
     torch._foreach_mul_(exp_avg_updates, 1 - beta1)
     # exp_avg = exp_avg + exp_avg_update
     torch._foreach_add_(exp_avgs, exp_avg_updates)
     del exp_avg_updates  # free the temporary before the next allocation
-    # exp_avg_sq_update = (grad * grad - exp_avg_sq) * (1 - beta2)
-    exp_avg_sq_updates = [grads[i].square() for i in range(len(params))]
+    exp_avg_sq_updates = [None] * len(params)
     for i in range(len(params)):
-        exp_avg_sq_updates[i].sub_(exp_avg_sqs[i])
-    torch._foreach_mul_(exp_avg_sq_updates, 1 - beta2)
+        # exp_avg_sq_update = (grad * grad - exp_avg_sq) * (1 - beta2)
+        exp_avg_sq_updates[i] = grads[i].square().sub_(exp_avg_sqs[i]).mul_(1 - beta2)
     del grads  # free the temporary before the next allocation
     # exp_avg_sq = exp_avg_sq + exp_avg_sq_update
     torch._foreach_add_(exp_avg_sqs, exp_avg_sq_updates)

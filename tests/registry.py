@@ -23,6 +23,32 @@ CASES = [
     ("Adagrad", {}),
     ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1, eps=1e-8)),
     ("Adagrad", dict(maximize=True)),
+    ("Adadelta", {}),
+    ("Adadelta", dict(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.1)),
+    ("Adadelta", dict(weight_decay=0.05, maximize=True)),
+    ("Adamax", {}),
+    ("Adamax", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)),
+    ("Adamax", dict(lr=0.01, eps=1e-6, maximize=True)),
+    # t0=5 and t0=10: averaging (mu < 1) starts within the 25 steps; by default it never does
+    ("ASGD", {}),
+    ("ASGD", dict(lr=0.05, lambd=1e-3, alpha=0.6, t0=5, weight_decay=0.1)),
+    ("ASGD", dict(lr=0.02, t0=10, maximize=True)),
+    ("NAdam", {}),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("NAdam", dict(betas=(0.8, 0.99), eps=1e-6, maximize=True)),
+    # RAdam takes the unrectified branch for its first steps (5 with the default betas)
+    ("RAdam", {}),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("RAdam", dict(betas=(0.8, 0.99), eps=1e-6)),
+    ("RMSprop", {}),
+    ("RMSprop", dict(momentum=0.9, weight_decay=0.1)),
+    ("RMSprop", dict(alpha=0.9, centered=True, maximize=True)),
+    ("RMSprop", dict(momentum=0.5, centered=True, eps=1e-6)),
+    ("Rprop", {}),
+    ("Rprop", dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-4, 0.1))),
+    ("Rprop", dict(maximize=True)),
 ]
 
 IMPLEMENTATIONS = ("forloop", "foreach")

@@ -25,11 +25,12 @@ from optgen.ir.ops import Step, TensorOp
 
 #: ops with a torch._foreach_ kernel (in-place forms add "_")
 FOREACH_OPS = {"add", "mul", "div", "addcmul", "addcdiv", "lerp", "maximum", "minimum", "sqrt", "rsqrt",
-               "reciprocal", "neg", "abs", "sign", "exp", "log", "pow", "copy_", "clone"}
+               "reciprocal", "neg", "abs", "sign", "exp", "log", "pow", "copy_", "clone", "sub", "clamp"}
 
 _SPECIAL = {
     "alias": "{out} = {self}",
-    "fill_": "for t, value in zip({self}, {args}):\n    t.fill_(value)",
+    # Note [Counters set from host values] in forloop.py
+    "fill_": "for t, value in zip({self}, {args}):\n    t.copy_(torch.as_tensor(value))",
 }
 
 
@@ -69,6 +70,8 @@ class ForeachRenderer(PythonRenderer):
         out, receiver = plural(op.out), plural(op.self_)
         if op.fn in _SPECIAL:
             return _SPECIAL[op.fn].format(out=out, self=receiver, args=", ".join(tensors))
+        if op.fn.rstrip("_") == "clamp":  # no _foreach_clamp: clamp(x, lo, hi) = min(max(x, lo), hi)
+            return self.clamp(op)
         alpha = kwargs.pop("alpha", None)
         if alpha is not None and self.is_per_tensor(alpha):
             # _foreach_add has no per-tensor alpha, and scaling the addend first would round it
@@ -82,6 +85,18 @@ class ForeachRenderer(PythonRenderer):
         if op.in_place:
             return f"torch._foreach_{op.fn}({args})"
         return f"{out} = torch._foreach_{op.fn}({args})"
+
+    def clamp(self, op: TensorOp) -> str:
+        bounds = dict(op.kwargs)
+        out, lines = plural(op.self_), []
+        for i, (bound, fn) in enumerate((b, f) for b, f in (("min", "clamp_min"), ("max", "clamp_max")) if b in bounds):
+            value = self.scalar_arg(bounds[bound])
+            if i == 0 and not op.in_place:
+                out = plural(op.out)
+                lines.append(f"{out} = torch._foreach_{fn}({plural(op.self_)}, {value})")
+            else:
+                lines.append(f"torch._foreach_{fn}_({out}, {value})")
+        return "\n".join(lines)
 
     def tensor_by_tensor(self, op: TensorOp) -> str:
         """An op with no multi-tensor kernel, as a loop or list comprehension of the for-loop op."""
@@ -113,13 +128,24 @@ class ForeachRenderer(PythonRenderer):
 
     # -- statements under per-tensor conditions ------------------------------------------------
     def per_tensor_guard(self, step: Step) -> bool:
-        return step.kind != "release" and self.is_per_tensor(step.guard)
+        """Runs tensor by tensor: under a per-tensor condition, or a statement of several ops one
+        of which has no multi-tensor kernel (Rprop's masked_fill_), whose temporaries (masks) then
+        live for one tensor, not for all at once."""
+        if step.kind == "release":
+            return False
+        no_kernel = step.kind == "tensor" and step.first_ops is None and len(step.ops) > 1 and any(
+            op.fn.rstrip("_") not in FOREACH_OPS and op.fn not in _SPECIAL for op in step.ops)
+        return no_kernel or self.is_per_tensor(step.guard)
 
     def body(self) -> list[str]:
         """As the base class, but runs of statements under per-tensor conditions become one loop."""
         lines: list[str] = []
         steps = list(self.program.steps)
         defined = {*self.program.tensors, *self.program.counters}
+        persistent = set(self.program.tensors) - {"grad"}
+
+        def rebound(run) -> set[str]:  # names the loop assigns new tensors (`xs[i] = ...`)
+            return {op.out for s in run for op in s.ops if op.out == s.target and not op.in_place}
         for per_tensor, run in itertools.groupby(steps, key=self.per_tensor_guard):
             run = list(run)
             if not per_tensor:
@@ -129,6 +155,9 @@ class ForeachRenderer(PythonRenderer):
                 for name in dict.fromkeys(s.target for s in run if s.kind != "release"):
                     if name not in defined:
                         lines.append(f"{plural(name)} = [None] * len(params)")
+                    elif name in rebound(run) and name not in persistent:
+                        # a list of our own: it may be another name's (`update = momentum_buffer`)
+                        lines.append(f"{plural(name)} = list({plural(name)})")
                 lines.append("for i in range(len(params)):")
                 lines += ["    " + line for line in self.guarded_blocks(run, self.per_tensor_code)]
             defined |= {s.target for s in run}

@@ -25,8 +25,17 @@ _SPECIAL = {
     "maximum_": "torch.maximum({self}, {args}, out={self})",
     "minimum_": "torch.minimum({self}, {args}, out={self})",
     "where": "{out} = torch.where({self}, {args})",
+    "fill_": "{self}.copy_(torch.as_tensor({args}))",  # Note [Counters set from host values]
     "newton_schulz": "{out} = newton_schulz({self}, {args})",
 }
+
+
+# Note [Counters set from host values]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A counter assigned a host value (ASGD's eta and mu) is stored as torch stores it:
+# ``eta.copy_(torch.as_tensor(value))``, which rounds to the default dtype on the way.  After
+# load_state_dict has cast such a counter to a float64 parameter's dtype, fill_(value) would keep
+# more digits than torch does, and a torch checkpoint would not continue bit for bit.
 
 
 def plural(name: str) -> str:
@@ -46,8 +55,11 @@ class ForLoopRenderer(PythonRenderer):
         # iteration (``loop_locals``) where they live for that iteration only.
         self.index = index
         self.loop_locals = loop_locals
+        self.inlined: dict[str, str] = {}  # temporary → the expression written in its place
 
     def var(self, name: str) -> str:
+        if name in self.inlined:
+            return self.inlined[name]
         if not self.index or (self.loop_locals and name.startswith("_t")):
             return name
         return f"{plural(name)}[{self.index}]"
@@ -68,6 +80,40 @@ class ForLoopRenderer(PythonRenderer):
         if op.in_place:
             return "{self}.{fn}({args})".format(fn=op.fn, **fields)
         return "{out} = {self}.{fn}({args})".format(fn=op.fn, **fields)
+
+    def chain(self, ops: tuple[TensorOp, ...]) -> list[str]:
+        """As the base class, and a temporary that only the next line's first op reads is written
+        into it, as people write it: ``torch.maximum(exp_inf, grad.abs().add_(eps), out=exp_inf)``,
+        ``sign.masked_fill_(sign.gt(0), etaplus)``."""
+        units: list[list[TensorOp]] = []  # the ops of one line: an op, then the ops chained to it
+        for op in ops:
+            last = units[-1][-1] if units else None
+            if last is not None and self.fluent(op) and op.self_ == last.out and self.chainable(last):
+                units[-1].append(op)
+            else:
+                units.append([op])
+        lines: list[str] = []
+        for k, unit in enumerate(units):
+            temp = self._inlinable(units, k)
+            if temp is not None:
+                self.inlined[temp] = lines.pop().partition(" = ")[2]
+            text = self.op(unit[0]) + "".join(self.fluent(op) for op in unit[1:])
+            self.inlined.pop(temp, None)
+            lines += text.split("\n")
+        return lines
+
+    def _inlinable(self, units: list[list[TensorOp]], k: int) -> str | None:
+        """The temporary the line before ``units[k]`` creates, if ``units[k]``'s first op is its only
+        reader (and reads it as an argument, so moving it there keeps the order of evaluation)."""
+        if k == 0 or self.loop_locals is False and self.index:
+            return None
+        before, first = units[k - 1], units[k][0]
+        temp = before[0].out
+        if not temp.startswith("_t") or before[0].in_place or before[0].fn in _SPECIAL \
+                or any(op.out != temp for op in before) or first.self_ == temp:
+            return None
+        readers = [op for unit in units[k:] for op in unit for name in (op.self_, *op.tensor_args()) if name == temp]
+        return temp if readers == [first] else None
 
     def fluent(self, op: TensorOp) -> str | None:
         if op.in_place and op.fn not in _SPECIAL:

@@ -122,10 +122,11 @@ class PythonRenderer:
             elif block:
                 # The second half of a spec's if/else prints as `else:`, not as a negated `if`.
                 is_else = previous is not None and sympy.simplify_logic(sympy.Not(previous)) == guard
-                header = "else:" if is_else and lines and lines[-1].startswith(renderer.indent) else \
-                    f"if {renderer.scalar(guard)}:"
+                is_else = is_else and bool(lines) and lines[-1].startswith(renderer.indent)
+                header = "else:" if is_else else f"if {renderer.scalar(guard)}:"
                 lines += [header, *(renderer.indent + line for line in block)]
-            previous = guard if block else None
+            # an `else:` closes its if/else: the block after it starts a new `if`
+            previous = guard if block and not (guard != sympy.true and is_else) else None
         return lines
 
     def preamble(self) -> list[str]:

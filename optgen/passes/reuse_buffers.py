@@ -1,6 +1,6 @@
 """Temporary-buffer reuse: never hold two buffers where torch's hand-written code holds one.
 
-Three rules, each a place torch's foreach optimizers save memory by hand:
+Four rules, each a place torch's foreach optimizers save memory by hand:
 
 1. **In place on what we own.**  After ``grad = -grad`` (maximize) the name ``grad`` holds a
    buffer of our own, so the weight-decay statement becomes ``grad.add_(param, ...)`` instead of
@@ -14,6 +14,11 @@ Three rules, each a place torch's foreach optimizers save memory by hand:
 3. **Free temporaries after their last use.**  A ``release`` step (``del grads`` in foreach code)
    follows the last read of a temporary when more allocations come after it — torch's
    ``del device_grads`` in ``_multi_tensor_adam``.
+4. **The last reader of a buffer of ours may work in it.**  In Adamax's
+   ``maximum(beta2 * exp_inf, abs(grad) + eps)`` nothing reads ``grad`` afterwards, so when it is
+   our copy (maximize, weight decay) ``abs`` runs in place on it — torch's
+   ``torch._foreach_abs_(grouped_grads)`` — instead of allocating another buffer.  Uncertain
+   ownership splits the statement as in rule 1.
 """
 from __future__ import annotations
 
@@ -29,10 +34,23 @@ MASKS = {"gt", "lt", "ge", "le", "eq", "ne"}  # ops whose result is a boolean ma
 NO_IN_PLACE = MASKS | {"norm", "mean", "where", "newton_schulz", "clone", "alias"}
 
 
-def _conflicting(step: Step, owned: dict[str, sympy.Basic]) -> str | None:
+def _takeovers(step: Step, later: set[str]) -> dict[int, str]:
+    """Rule 4: op index → the name whose buffer that op may work in, as its last reader."""
+    found = {}
+    for i, op in enumerate(step.ops):
+        if not op.in_place and op.out != op.self_ and op.out.startswith("_t") and op.fn not in NO_IN_PLACE \
+                and op.in_place_ok and op.self_ not in later \
+                and not any(op.self_ in o.reads() for o in step.ops[i + 1:]):
+            found[i] = op.self_
+    return found
+
+
+def _conflicting(step: Step, owned: dict[str, sympy.Basic], later: set[str] = frozenset()) -> str | None:
     """A name this step rewrites out of place whose ownership is uncertain under its guard."""
-    for op in step.ops:
-        if not op.in_place and op.out == op.self_ and op.fn not in NO_IN_PLACE and op.in_place_ok:
+    takeovers = _takeovers(step, later)
+    for i, op in enumerate(step.ops):
+        if (not op.in_place and op.out == op.self_ or i in takeovers) and op.fn not in NO_IN_PLACE \
+                and op.in_place_ok:
             cond = owned.get(op.self_, sympy.false)
             if cond != sympy.false and not implies(step.guard, cond) \
                     and not implies(step.guard, sympy.Not(cond)):
@@ -40,11 +58,18 @@ def _conflicting(step: Step, owned: dict[str, sympy.Basic]) -> str | None:
     return None
 
 
-def _rewrite(ops: tuple[TensorOp, ...], guard, owned: dict[str, sympy.Basic]):
+def _rewrite(ops: tuple[TensorOp, ...], guard, owned: dict[str, sympy.Basic], takeovers: dict[int, str] = {}):
     """The step's ops with in-place forms where the buffer is surely ours; the new ownership."""
     owned = dict(owned)
     out = []
-    for op in ops:
+    renamed: dict[str, str] = {}  # rule 4: a temporary now living in the buffer it was computed from
+    for i, op in enumerate(ops):
+        if renamed:
+            op = _renamed(op, renamed)
+        if i in takeovers and implies(guard, owned.get(op.self_, sympy.false)):
+            renamed[op.out] = op.self_
+            out.append(dataclasses.replace(op, out=op.self_, fn=op.fn + "_"))
+            continue
         if op.fn == "alias":
             owned[op.out] = sympy.false
             owned[op.self_] = sympy.false
@@ -55,6 +80,13 @@ def _rewrite(ops: tuple[TensorOp, ...], guard, owned: dict[str, sympy.Basic]):
             owned[op.out] = sympy.false if op.fn in MASKS else sympy.true
         out.append(op)
     return tuple(out), owned
+
+
+def _renamed(op: TensorOp, names: dict[str, str]) -> TensorOp:
+    def r(x):
+        return names.get(x, x) if isinstance(x, str) else x
+
+    return dataclasses.replace(op, out=r(op.out), self_=r(op.self_), args=tuple(r(a) for a in op.args))
 
 
 def _merge(before: dict, after: dict, guard) -> dict:
@@ -78,22 +110,27 @@ def _with(step: Step, **changes) -> Step:
 def _reuse(steps: tuple[Step, ...]) -> list[Step]:
     owned: dict[str, sympy.Basic] = {}
     out: list[Step] = []
-    pending = list(steps)
+    # every step with the names the steps after it read (rule 4)
+    pending = [(step, set().union(*(_reads(s) for s in steps[i + 1:]))) for i, step in enumerate(steps)]
     while pending:
-        step = pending.pop(0)
+        step, later = pending.pop(0)
         if step.kind != "tensor" or step.first_ops is not None:
             out.append(step)
             continue
-        name = _conflicting(step, owned)
-        if name is not None:  # split on whether the buffer is ours (rule 1)
+        name = _conflicting(step, owned, later)
+        if name is not None:  # split on whether the buffer is ours (rules 1 and 4)
             cond = owned[name]
-            pending[:0] = [_with(step, guard=sympy.And(step.guard, cond)),
-                           _with(step, guard=sympy.And(step.guard, sympy.Not(cond)))]
+            pending[:0] = [(_with(step, guard=sympy.And(step.guard, cond)), later),
+                           (_with(step, guard=sympy.And(step.guard, sympy.Not(cond))), later)]
             continue
-        ops, after = _rewrite(step.ops, step.guard, owned)
+        ops, after = _rewrite(step.ops, step.guard, owned, _takeovers(step, later))
         owned = _merge(owned, after, step.guard)
         out.append(_with(step, ops=ops))
     return out
+
+
+def _reads(step: Step) -> set[str]:
+    return {name for op in (*step.ops, *(step.first_ops or ())) for name in op.reads()}
 
 
 def _releases(steps: list[Step], may_own: set[str]) -> list[Step]:

@@ -209,3 +209,141 @@ def test_spec_text_cannot_escape_generated_docstrings(tmp_path):
     bad.write_text((tmp_path / "toy.toml").read_text().replace('name = "Toy"', "name = \"Toy\"\ndoc = 'x \"\"\" y'"))
     with pytest.raises(SpecError, match="may not contain"):
         load_spec(bad)
+
+
+# -- patterns of the rest of torch.optim (Adadelta ... Rprop) ------------------------------------
+
+def foreach_text(spec, **flags):
+    from optgen.backends.foreach import ForeachRenderer
+
+    compiled = compile_spec(spec)
+    return "\n".join(ForeachRenderer(compiled.variant(flags).ops).body())
+
+
+def test_cse_leaves_products_that_fused_ops_absorb(tmp_path):
+    # NAdam's two addcdiv_ share lr / denom: a temporary for it would cost a buffer and round
+    # differently from torch's param.addcdiv_(grad, denom, value=...)
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = beta * buf + grad
+        denom = sqrt(buf) + 1e-8
+        param = param - lr * (1 - beta) * grad / denom
+        param = param - lr * beta * buf / denom
+    """)
+    text = ops_text(spec)
+    assert "common" not in text
+    assert "param.addcdiv_(grad, denom, value=-lr * (1 - beta))" in text
+    assert "param.addcdiv_(buf, denom, value=-beta * lr)" in text
+
+
+def test_update_reading_its_old_value_in_another_term(tmp_path):
+    # ASGD's averaging: torch's ax.add_(param.sub(ax).mul_(mu)), the temporary written in place
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = buf + (param - buf) * beta
+        param = param - lr * buf
+    """)
+    assert "buf.add_(param.sub(buf).mul_(beta))" in ops_text(spec)
+
+
+def test_where_with_a_number_is_a_masked_fill(tmp_path):
+    # Rprop's sign[sign.gt(0)] = etaplus, and prev = grad with zeros where the sign flipped
+    spec = toy(tmp_path, """
+        step = step + 1
+        s = sign(grad * buf)
+        s = where(s > 0, beta, s)
+        buf = where(s < 0, 0, grad)
+        param = param - sign(buf) * lr
+    """)
+    text = ops_text(spec)
+    assert "s = grad.mul(buf).sign_()" in text
+    assert "s.masked_fill_(s.gt(0), beta)" in text
+    assert "buf.copy_(grad)\nbuf.masked_fill_(s.lt(0), 0)" in text
+    assert "param.add_(buf.sign(), alpha=-lr)" in text or "param.addcmul_(buf.sign()" in text
+    # foreach: the statements of several ops without a multi-tensor kernel run tensor by tensor,
+    # so each mask lives for one tensor
+    text = foreach_text(spec)
+    assert "for i in range(len(params)):\n    # s = where(s > 0, beta, s)\n    ss[i].masked_fill_(ss[i].gt(0), beta)" in text
+
+
+def test_last_reader_of_an_owned_buffer_works_in_it(tmp_path):
+    # Adamax: after weight decay (grad is our copy) |grad| + eps is computed in grad's buffer,
+    # torch's _foreach_abs_(grouped_grads); without it grad is the user's and is not written
+    spec = toy(tmp_path, """
+        step = step + 1
+        if weight_decay != 0:
+            grad = grad + weight_decay * param
+        buf = maximum(beta * buf, abs(grad) + 1e-8)
+        param = param - lr * buf
+    """)
+    text = ops_text(spec)
+    assert "    grad = grad.add(param, alpha=weight_decay)\n    # buf = maximum" in text
+    assert "grad.abs_().add_(1e-08)\n    torch.maximum(buf, grad, out=buf)\nelse:" in text
+    assert "    buf.mul_(beta)\n    torch.maximum(buf, grad.abs().add_(1e-08), out=buf)" in text
+    assert "torch._foreach_abs_(grads)" in foreach_text(spec)
+
+
+def test_counter_value_is_read_back_only_when_used(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = beta * buf + grad
+        param = param - lr * buf
+    """)
+    assert ".item()" not in ops_text(spec)
+    assert ".item()" not in foreach_text(spec)
+
+
+def test_foreach_clamp_is_clamp_min_then_clamp_max(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = clamp(buf * grad, lr, beta)
+        param = param - buf
+    """)
+    assert "buf.mul_(grad).clamp_(min=lr, max=beta)" in ops_text(spec)
+    text = foreach_text(spec)
+    assert "torch._foreach_clamp_min_(bufs, lr)\ntorch._foreach_clamp_max_(bufs, beta)" in text
+
+
+def test_counter_set_from_a_host_value_goes_through_the_default_dtype(tmp_path):
+    # ASGD's eta: torch stores eta.copy_(torch.as_tensor(value)) — see Note [Counters set from host values]
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = buf + grad
+        param = param - lr * buf
+        step = lr / (1 + beta * lr) ** weight_decay
+    """)
+    assert "step_t.copy_(torch.as_tensor(lr / (1 + beta * lr) ** weight_decay))" in ops_text(spec)
+
+
+def test_else_after_else_starts_a_new_if(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        if step > 2:
+            buf = buf + grad
+        else:
+            buf = buf - grad
+        if step > 2:
+            param = param - lr * buf
+        else:
+            param = param + lr * buf
+    """)
+    text = ops_text(spec)
+    assert text.count("else:") == 2 and text.count("if step > 2:") == 2
+
+
+def test_interpreter_stores_counters_in_their_dtype(tmp_path):
+    # NAdam's mu_product *= mu multiplies in the counter's float32, as torch does
+    import torch
+
+    from optgen.ir.interpret import reference_step
+
+    spec = toy(tmp_path, """
+        step = step * (1 + beta)
+        buf = buf + grad
+        param = param - lr * buf
+    """)
+    program = validate(lower(spec))
+    hyper = {"lr": 0.1, "beta": 0.1, "weight_decay": 0, "flag": False}
+    z = torch.zeros(2, dtype=torch.float64)
+    _, state = reference_step(program, z, z, {"step": 1.0, "buf": z}, hyper)
+    assert state["step"] == (torch.tensor(1.0) * (1 + 0.1)).item() != 1.1
