@@ -21,7 +21,15 @@ def _optimizers() -> dict:
     return importlib.import_module("optgen._generated").load().OPTIMIZERS
 
 
+#: submodules importable as attributes: optgen.lr_scheduler.StepLR, optgen.swa_utils.AveragedModel
+_SUBMODULES = ("lr_scheduler", "swa_utils")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:  # imported on first use, like the optimizers
+        import importlib
+
+        return importlib.import_module(f"optgen.{name}")
     if name == "__all__":
         return ["Optimizer", "OPTIMIZERS", *_optimizers()]
     if name.startswith("_"):  # submodules and dunders resolve through the import system
