@@ -773,7 +773,7 @@ class WarmupStableDecayLR(LRScheduler):
         t == 0: lr(0) = lr * warmup_start_factor if warmup_steps > 0 else eta_min + cooldown * (lr - eta_min), where lr is the group's lr before the scheduler
         t <= warmup_steps - 1: lr(t) = lr(t-1) * (warmup_start_factor + t * (1 - warmup_start_factor) / warmup_steps) / (warmup_start_factor + (1 - warmup_start_factor) * (t - 1) / warmup_steps)
         1 + warmup_steps <= t: lr(t) = eta_min + (lr(t-1) - eta_min) * cooldown / cooldown_prev
-        otherwise: lr(t) = eta_min - cooldown * eta_min + cooldown * warmup_steps / (warmup_start_factor + warmup_steps - 1) * (lr(t-1) - 0)
+        otherwise: lr(t) = eta_min + cooldown * lr(t-1) * warmup_steps / (warmup_start_factor + warmup_steps - 1) - cooldown * eta_min
     """
 
     def __init__(

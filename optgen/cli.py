@@ -138,6 +138,12 @@ def cmd_verify(args) -> int:
     return 0 if verify_all(steps=args.steps) else 1
 
 
+def cmd_schedule(args) -> int:
+    from optgen.schedules.show import main as schedule_main
+
+    return schedule_main(args)
+
+
 def cmd_bench(args) -> int:
     from optgen.bench import main as bench_main
 
@@ -171,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated optimizer names")
     p.add_argument("--output", help="append the Markdown table to this file")
     p.set_defaults(run=cmd_bench)
+    p = sub.add_parser("schedule", help="plot a learning-rate schedule (terminal chart, or a PNG with -o)",
+                       description="optgen schedule NAME [key=value ...] [--steps N] [--lr LR] [-o lr.png] [--explain]")
+    p.add_argument("name", help="a scheduler of optgen.lr_scheduler (or SWALR)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="key=value constructor arguments and the options above")
+    p.set_defaults(run=cmd_schedule)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

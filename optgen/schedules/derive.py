@@ -86,7 +86,8 @@ class Step:
             a = _pretty(self.anchor)
             return f"lr(t) = {a} + (lr(t-1) - {a}) * {_pretty(self.ratio)}"
         if self.kind == "general":
-            return f"lr(t) = {_pretty(self.c0)} + {_pretty(self.ratio)} * (lr(t-1) - {_pretty(self.c0_prev)})"
+            previous = sympy.Symbol("lr(t-1)", real=True)
+            return f"lr(t) = {_pretty(self.c0 + self.ratio * (previous - self.c0_prev))}"
         if self.kind == "set":
             if self.delta.has(CURRENT_LR):
                 return f"lr(0) = {_pretty(self.delta)}, where lr is the group's lr before the scheduler"
