@@ -75,7 +75,11 @@ def test_trajectory_and_state_match_torch(case, implementation, dtype):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name,kwargs", [("Adam", dict(lr=0.01, amsgrad=True)), ("AdamW", {}),
-                                         ("Adagrad", dict(lr=0.05)), ("SGD", dict(lr=0.05, momentum=0.9))])
+                                         ("Adagrad", dict(lr=0.05)), ("SGD", dict(lr=0.05, momentum=0.9)),
+                                         ("Adadelta", dict(weight_decay=0.1)), ("Adamax", dict(lr=0.01)),
+                                         ("ASGD", dict(lr=0.05, t0=3)), ("NAdam", dict(lr=0.01)),
+                                         ("RAdam", dict(lr=0.01, betas=(0.8, 0.9))),
+                                         ("RMSprop", dict(centered=True, momentum=0.5)), ("Rprop", dict(lr=0.05))])
 def test_complex_parameters_match_torch(name, kwargs, implementation):
     ours, theirs = run_pair(name, kwargs, implementation, torch.float64, steps=10, complex_=True)
     assert_same_state(ours, theirs, torch.float64)
