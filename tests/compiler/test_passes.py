@@ -347,3 +347,18 @@ def test_interpreter_stores_counters_in_their_dtype(tmp_path):
     z = torch.zeros(2, dtype=torch.float64)
     _, state = reference_step(program, z, z, {"step": 1.0, "buf": z}, hyper)
     assert state["step"] == (torch.tensor(1.0) * (1 + 0.1)).item() != 1.1
+
+
+def test_foreach_loop_rebinding_an_alias_copies_the_list(tmp_path):
+    # `upd = buf` binds the state's list; a tensor-by-tensor statement that rebinds upd[i] must not
+    # write into the list of buf (the runtime reads state back from it)
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = beta * buf + grad
+        upd = buf
+        upd = where(upd > 0, lr, upd) * 2
+        param = param - upd
+    """)
+    text = foreach_text(spec)
+    assert "upds = bufs\nupds = list(upds)\nfor i in range(len(params)):" in text
+    assert "    upds[i] = upds[i].masked_fill(upds[i].gt(0), lr).mul_(2)" in text
