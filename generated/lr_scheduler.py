@@ -78,7 +78,7 @@ class ConstantLR(LRScheduler):
         return [base_lr * (self.factor if t < self.total_iters else 1) for base_lr in self.base_lrs]
 
 
-# From specs/schedulers/cosineannealinglr.toml (spec sha256 539f11ad4cb93c0d).
+# From specs/schedulers/cosineannealinglr.toml (spec sha256 f001099c3f3ad61e).
 class CosineAnnealingLR(LRScheduler):
     """Anneals the learning rate of each parameter group along a cosine from its initial value to eta_min over T_max epochs.
 
@@ -110,7 +110,7 @@ class CosineAnnealingLR(LRScheduler):
         """The chainable form, derived from the closed form: steps each group's current lr."""
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
-        if t == 0 or self._is_initial:  # the constructor's step (also when resuming) keeps the lr
+        if self._is_initial:  # the constructor's step (also when resuming) keeps the lr
             return _param_groups_val_list(self.optimizer, "lr")
         denominator = 1 + math.cos(math.pi * (t - 1) / self.T_max)
         if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
@@ -238,7 +238,7 @@ class CyclicLR(CyclicLRBase):
         return lrs
 
 
-# From specs/schedulers/exponentiallr.toml (spec sha256 ade9dd7c71de6e7f).
+# From specs/schedulers/exponentiallr.toml (spec sha256 69a759f01a16cd4d).
 class ExponentialLR(LRScheduler):
     """Decays the learning rate of each parameter group by gamma every epoch.
 
@@ -267,7 +267,7 @@ class ExponentialLR(LRScheduler):
         """The chainable form, derived from the closed form: steps each group's current lr."""
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
-        if t == 0 or self._is_initial:  # the constructor's step (also when resuming) keeps the lr
+        if self._is_initial:  # the constructor's step (also when resuming) keeps the lr
             return _param_groups_val_list(self.optimizer, "lr")
         return [group["lr"] * self.gamma for group in self.optimizer.param_groups]
 
@@ -392,7 +392,7 @@ class LinearLR(LRScheduler):
         return [base_lr * (self.start_factor + (self.end_factor - self.start_factor) * min(t, self.total_iters) / self.total_iters) for base_lr in self.base_lrs]
 
 
-# From specs/schedulers/multisteplr.toml (spec sha256 1006fad9eb42687f).
+# From specs/schedulers/multisteplr.toml (spec sha256 9d945d3a2f73dc21).
 class MultiStepLR(LRScheduler):
     """Decays the learning rate of each parameter group by gamma once the epoch reaches one of the milestones.
 
@@ -423,8 +423,6 @@ class MultiStepLR(LRScheduler):
         """The chainable form, derived from the closed form: steps each group's current lr."""
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
-        if t == 0:
-            return [self.gamma ** bisect_right(sorted(self.milestones.elements()), 0) * group["lr"] for group in self.optimizer.param_groups]
         ratio = self.gamma ** self.milestones[t]
         return [group["lr"] * ratio for group in self.optimizer.param_groups]
 
@@ -514,7 +512,7 @@ where(t <= end_down, anneal(base_momentum, max_momentum, (t - end_up) / (end_dow
         return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2 if anneal_strategy == "cos" else start + pct * (end - start)
 
 
-# From specs/schedulers/polynomiallr.toml (spec sha256 1ede5104560d827e).
+# From specs/schedulers/polynomiallr.toml (spec sha256 d4cf42b0fbef4598).
 class PolynomialLR(LRScheduler):
     """Decays the learning rate of each parameter group with a polynomial of the given power, reaching zero at total_iters.
 
@@ -546,7 +544,7 @@ class PolynomialLR(LRScheduler):
         """The chainable form, derived from the closed form: steps each group's current lr."""
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
-        if t == 0 or self._is_initial:  # the constructor's step (also when resuming) keeps the lr
+        if self._is_initial:  # the constructor's step (also when resuming) keeps the lr
             return _param_groups_val_list(self.optimizer, "lr")
         if t <= self.total_iters:
             denominator = (1 + self.total_iters - t) ** self.power

@@ -26,7 +26,7 @@ from optgen.spec.toml_locations import locate
 
 SECTIONS = {
     "scheduler": {"name", "doc", "paper", "torch", "signature", "base", "base_init", "chainable",
-                  "closed_form", "initial_step", "counter", "assume"},
+                  "closed_form", "initial_step", "epoch_zero", "counter", "assume"},
     "hyperparameters": None,
     "check": {"assert", "error", "type", "when", "at"},
     "per_group": None,
@@ -201,6 +201,7 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
         torch_name=option("torch", str), signature=signature, hyperparameters=hyper, checks=checks,
         step_checks=step_checks, base=base, base_init=base_init, chainable=chainable, closed_form=closed_form,
         initial_step=option("initial_step", str, "keep", choices={"keep", "recursive"}),
+        epoch_zero=option("epoch_zero", str, "closed", choices={"closed", "recursive"}),
         counter=option("counter", str, "last_epoch", choices={"last_epoch", "step_count"}),
         per_group=per_group, attributes=attributes, state=state, functions=functions,
         definitions=definitions, lr=lr, momentum=momentum, choices=choices, assumptions=assumptions,

@@ -115,6 +115,7 @@ class ScheduleSpec:
     chainable: bool              # get_lr is the derived recursion (else the closed form itself)
     closed_form: bool            # has _get_closed_form_lr (torch: the chainable ones but SWALR)
     initial_step: str            # "keep" | "recursive": the constructor's step when resuming
+    epoch_zero: str              # "closed" | "recursive": get_lr at t = 0 outside the constructor
     counter: str                 # "last_epoch" | "step_count": what t is
     per_group: dict[str, PerGroup]
     attributes: dict[str, Attribute]

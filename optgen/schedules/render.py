@@ -201,7 +201,11 @@ class ClassRenderer:
         lines = [self.t_line(), *self.step_checks(), *now]
         initial = self.step_lines(d.initial)
         keep_initial = self.spec.initial_step == "keep"
-        if initial == [KEEP] and keep_initial:
+        if self.spec.epoch_zero == "recursive":  # t = 0 takes the recursion like any step (torch's quirk)
+            if keep_initial:
+                lines += ["if self._is_initial:  # the constructor's step (also when resuming) keeps the lr",
+                          f"    {KEEP}"]
+        elif initial == [KEEP] and keep_initial:
             lines += ["if t == 0 or self._is_initial:  # the constructor's step (also when resuming) keeps the lr",
                       f"    {KEEP}"]
         else:
