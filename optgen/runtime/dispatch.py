@@ -44,3 +44,56 @@ def check_options(optimizer, defaults: dict) -> None:
             raise RuntimeError("`fused` does not support `differentiable`")
         if defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def place_counters(state: dict, param: torch.Tensor, group: dict) -> dict:
+    """A new state, with its 0-dim counters where torch keeps them: next to the parameter when the
+    group is ``capturable`` (float32 when ``fused``), on the CPU otherwise."""
+    if not (group.get("capturable") or group.get("fused")):
+        return state
+    dtype = torch.float32 if group.get("fused") else None
+    return {key: value.to(device=param.device, dtype=dtype or value.dtype)
+            if isinstance(value, torch.Tensor) and value.dim() == 0 else value for key, value in state.items()}
+
+
+#: implementations made of ``_foreach_*`` ops, which torch refuses to differentiate through
+FOREACH_IMPLEMENTATIONS = {"foreach"}
+#: torch's foreach paths that do run under ``differentiable=True`` (torch's ``_multi_tensor_sgd``
+#: has no such check)
+FOREACH_DIFFERENTIABLE = {"SGD"}
+
+#: torch's wording of its ``capturable`` device check where it differs from the usual
+#: "params and state_steps", and whether its device list ends with "xla" (for-loop paths mostly
+#: do, foreach paths mostly don't): (optimizer, implementation) → (lists named, xla)
+CAPTURABLE_WORDING = {
+    ("ASGD", "forloop"): ("params, mus, etas, and state_steps", True),
+    ("ASGD", "foreach"): ("params, mus, etas, and state_steps", False),
+    ("NAdam", "forloop"): ("params, mu_products and state_steps", True),
+    ("NAdam", "foreach"): ("params, mu_products, and state_steps", False),
+    ("Adadelta", "forloop"): ("params and state_steps", False),
+    ("RMSprop", "foreach"): ("params and state_steps", True),
+    ("Rprop", "foreach"): ("params and state_steps", True),
+}
+
+
+def capturable_devices(xla: bool) -> list[str]:
+    """Device types whose tensors a captured (CUDA-graph-style) step may touch, as torch lists them."""
+    return ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name()] + (["xla"] if xla else [])
+
+
+def check_step(optimizer, group: dict, implementation: str, params: list[torch.Tensor], tensors: dict) -> None:
+    """torch's errors at ``step()`` for the runtime options, raised before anything is updated
+    (state the step creates already exists, as in torch)."""
+    name = type(optimizer).__name__
+    if group.get("differentiable") and implementation in FOREACH_IMPLEMENTATIONS \
+            and name not in FOREACH_DIFFERENTIABLE:
+        raise AssertionError("_foreach ops don't support autograd")
+    if group.get("capturable") and not torch.compiler.is_compiling():
+        lists, xla = CAPTURABLE_WORDING.get((name, implementation),
+                                            ("params and state_steps", implementation != "foreach"))
+        devices = capturable_devices(xla)
+        counters = [tensors[list_name] for list_name, _ in optimizer._counter_state]
+        for i, p in enumerate(params):
+            if p.device.type not in devices or any(
+                    isinstance(c[i], torch.Tensor) and c[i].device.type != p.device.type for c in counters):
+                raise AssertionError(f"If capturable=True, {lists} must be on supported devices: {devices}.")

@@ -68,9 +68,9 @@ class GeneratedOptimizer(Optimizer):
             # has an empty state dict, and so must ours.
             state = self.state.get(p)
             if not state:
-                initial = self._init_state(p, group)
+                initial = self._init_state(p, _numbers(group))
                 if initial:
-                    self.state[p].update(initial)
+                    self.state[p].update(dispatch.place_counters(initial, p, group))
                 state = self.state.get(p, {})
             states.append(state)
         tensors = {"params": params, "grads": grads}
@@ -87,28 +87,87 @@ class GeneratedOptimizer(Optimizer):
             tensors = _view_complex_as_real(tensors)
         if self._sparse_gradients:
             tensors, scatter = _gather_rows(tensors)
-        module = self._kernels[dispatch.choose(self, group, params)]
+        implementation = dispatch.choose(self, group, params)
+        dispatch.check_step(self, group, implementation, params, tensors)
+        module = self._kernels[implementation]
         kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]
         scalars = {kw: to_number(group[key] if index is None else group[key][index])
                    for kw, (key, index) in self._scalars.items()}
+        run = _run_differentiable if group.get("differentiable") else _run
         if module.MULTI_TENSOR:
             for sub in _split_by_device_and_dtype(self, tensors):
-                kernel(**sub, **scalars)
+                run(kernel, sub, scalars)
         else:
-            kernel(**tensors, **scalars)
+            run(kernel, tensors, scalars)
         if self._sparse_gradients:
             scatter()
         for name, key in self._counter_state:
             if key in self._host_counters:
                 for s, t in zip(states, tensors[name]):
                     s[key] = type(s[key])(t.item())
-        # Lazily created state comes back from the kernel in its list.
-        for name, key in self._tensor_state:
-            if key in created:
-                for p, value, is_new in zip(params, tensors[name], created[key]):
-                    if is_new and value is not None:
-                        as_complex = p.is_complex() and not value.is_complex()
+        # Lazily created state comes back from the kernel in its list; a differentiable step
+        # replaces every state tensor (Note [differentiable=True]).
+        replaced = bool(group.get("differentiable"))
+        for name, key in self._tensor_state + self._counter_state:
+            if key in created or (replaced and key not in self._host_counters):
+                for p, value, is_new in zip(params, tensors[name], created.get(key, [True] * len(params))):
+                    if (is_new or replaced) and value is not None:
+                        as_complex = p.is_complex() and not value.is_complex() and value.dim() > 0
                         self.state[p][key] = torch.view_as_complex(value) if as_complex else value
+
+
+def _numbers(group: dict) -> dict:
+    """The group with its 1-element Tensor hyperparameters as numbers, for ``_init_state``: torch
+    fills state from a Tensor ``lr`` (Rprop's ``step_size``) through the same number."""
+    return {k: to_number(v) if k != "params" and isinstance(v, torch.Tensor) else v for k, v in group.items()}
+
+
+def _run(kernel, tensors: dict[str, list], scalars: dict) -> None:
+    kernel(**tensors, **scalars)
+
+
+def _run_differentiable(kernel, tensors: dict[str, list], scalars: dict) -> None:
+    """Note [differentiable=True]: run ``kernel`` so that autograd can differentiate through it.
+
+    The generated kernels update in place, and to save memory they also update their own
+    temporaries in place (``exp_avg_sq.sqrt().div_(...)``) and write through ``out=``
+    (``torch.maximum(a, b, out=a)``).  Autograd refuses both: sqrt saved the output that
+    ``div_`` overwrites, and ``out=`` ops are not differentiable.  ``torch.func.functionalize``
+    runs the kernel with every mutation turned into its out-of-place op (the same ops on the same
+    numbers).  Two choices keep the graph valid across steps, as torch's differentiable path does
+    with its ``.clone()``s:
+
+    - the state is cloned inside, so its old tensors are never written (ops may have saved them),
+      and the new values *replace* the state tensors (the caller stores every list entry back);
+    - the parameter is the one input written in place (``param.copy_(new_param)``, which
+      functionalize does for a mutated input), so the user's tensor is updated, as in torch.
+
+    Only ``differentiable`` groups pay for this."""
+    def pure(lists):
+        lists = {name: [v.clone() if name != "params" and isinstance(v, torch.Tensor) else v for v in values]
+                 for name, values in lists.items()}
+        kernel(**lists, **scalars)
+        return lists
+
+    with _DifferentiableCopy():
+        updated = torch.func.functionalize(pure)({name: list(values) for name, values in tensors.items()})
+    for name, values in tensors.items():
+        if name not in ("params", "grads"):
+            for i, value in enumerate(updated[name]):
+                values[i] = value
+
+
+class _DifferentiableCopy(torch.overrides.TorchFunctionMode):
+    """Under functionalize, ``dst.copy_(src)`` becomes ``aten::copy``, which has no derivative in
+    torch 2.13; a ``masked_scatter_`` of every element writes the same values and has one.  (Every
+    ``copy_`` of the kernel is rewritten: inside functionalize a tensor does not say whether it
+    requires grad.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_ and isinstance(args[1], torch.Tensor):
+            dst, src = args[0], args[1]
+            return dst.masked_scatter_(torch.ones_like(dst, dtype=torch.bool), src.to(dst.dtype).expand_as(dst))
+        return func(*args, **(kwargs or {}))
 
 
 def _gather_rows(tensors: dict[str, list]):
