@@ -1,5 +1,5 @@
 """Built-in specs against torch.optim itself: trajectories, state, checkpoints, errors."""
-import copy
+import io
 
 import pytest
 import torch
@@ -99,37 +99,50 @@ def test_state_dict_layout_is_torchs(case):
             assert sd_o["state"][k][key].device == value.device
 
 
-@pytest.mark.parametrize("direction", ["torch_to_optgen", "optgen_to_torch"])
+def saved_and_loaded(state_dict):
+    """A state dict through a checkpoint file: torch.save, then torch.load (weights_only)."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("chain", ["torch,optgen", "optgen,torch", "torch,optgen,torch"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[1]], ids=case_id)
-def test_checkpoint_moves_between_torch_and_optgen_mid_training(case, direction):
-    """Train 10 steps with one library, load its state_dict into the other, train 10 more: the
-    result equals the same round trip with torch alone.  (Not always 20 uninterrupted steps:
-    loading casts state such as NAdam's mu_product and ASGD's eta to the parameter's dtype.)"""
+def test_checkpoint_moves_between_torch_and_optgen_mid_training(case, chain, implementation):
+    """Train 7 steps with each library of the chain in turn, moving through a checkpoint file
+    (state_dict, torch.save, torch.load, load_state_dict) between them: the result equals the
+    same checkpoints with torch alone, for each of optgen's implementations.  (Not the same as
+    uninterrupted training: loading casts state such as NAdam's mu_product and ASGD's eta to the
+    parameter's dtype.)"""
     name, kwargs = case
     dtype = torch.float64
-    torch_cls, optgen_cls = getattr(torch.optim, name), getattr(optgen, name)
-    first_cls, second_cls = (torch_cls, optgen_cls) if direction == "torch_to_optgen" else (optgen_cls, torch_cls)
-    params_a, params_b, params_ref, params_ref2 = ([p.clone().requires_grad_() for p in make_params(dtype)]
-                                                   for _ in range(4))
-    first = first_cls(param_groups(params_a, kwargs), **kwargs)
-    reference = torch_cls(param_groups(params_ref, kwargs), **kwargs)
-    for k in range(10):
-        set_grads(k, params_a, params_ref)
-        first.step()
-        reference.step()
-    second = second_cls(param_groups(params_b, kwargs), **kwargs)
-    reference2 = torch_cls(param_groups(params_ref2, kwargs), **kwargs)
-    with torch.no_grad():
-        for a, b, r, r2 in zip(params_a, params_b, params_ref, params_ref2):
-            b.copy_(a)
-            r2.copy_(r)
-    second.load_state_dict(copy.deepcopy(first.state_dict()))
-    reference2.load_state_dict(copy.deepcopy(reference.state_dict()))
-    for k in range(10, 20):
-        set_grads(k, params_b, params_ref2)
-        second.step()
-        reference2.step()
-    assert_same_state(second, reference2, dtype)
+
+    def make(library, params):
+        if library == "torch":
+            return getattr(torch.optim, name)(param_groups(params, kwargs), **kwargs)
+        opt = getattr(optgen, name)(param_groups(params, kwargs), **kwargs)
+        opt.implementation = implementation
+        return opt
+
+    params, params_ref = ([p.clone().requires_grad_() for p in make_params(dtype)] for _ in range(2))
+    opt = reference = None
+    for segment, library in enumerate(chain.split(",")):
+        with torch.no_grad():  # a fresh model, loaded from the checkpoint's weights
+            params = [p.detach().clone().requires_grad_() for p in params]
+            params_ref = [p.detach().clone().requires_grad_() for p in params_ref]
+        new, new_reference = make(library, params), make("torch", params_ref)
+        if opt is not None:
+            new.load_state_dict(saved_and_loaded(opt.state_dict()))
+            new_reference.load_state_dict(saved_and_loaded(reference.state_dict()))
+        opt, reference = new, new_reference
+        for k in range(7 * segment, 7 * segment + 7):
+            set_grads(k, params, params_ref)
+            opt.step()
+            reference.step()
+    assert_same_state(opt, reference, dtype)
+    assert opt.state_dict()["param_groups"] == reference.state_dict()["param_groups"]
 
 
 def test_optimizers_are_torch_optimizers_and_drive_torch_schedulers():
