@@ -8,9 +8,10 @@
 :class:`SWALR` is generated from specs/schedulers/swalr.toml.  The averaging update itself —
 SWA's running mean and EMA are both ``avg = lerp(avg, model, weight)`` — is the spec
 specs/averaging/weight_average.toml, compiled by the optimizer pipeline into a for-loop and a
-foreach kernel (generated/weightaverage_forloop.py, _foreach.py).  Like torch, the default picks
-per device: the for-loop on CPU (in place, no temporaries: torch's CPU path allocates three
-per tensor), foreach elsewhere.  There is no fused (Triton / C) averaging kernel yet.
+foreach kernel (generated/weightaverage_forloop.py, _foreach.py).  The foreach kernel runs by
+default on every device (``lerp_`` takes ``implementation="forloop"`` too); it updates in place,
+where torch's default CPU path allocates three temporaries per tensor.  There is no fused
+(Triton / C) averaging kernel yet.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ KERNELS = {
 
 
 def _implementation(tensors: PARAM_LIST) -> str:
-    """As optgen's optimizers choose: the for-loop on CPU, foreach on accelerators."""
-    return "forloop" if tensors[0].device.type == "cpu" else "foreach"
+    """foreach on every device: the update is one op per tensor, so the for-loop's cache locality
+    (why optgen's optimizers prefer it on CPU) buys nothing here; the two measure the same on CPU."""
+    return "foreach"
 
 
 def lerp_(averaged: PARAM_LIST, current: PARAM_LIST, weight: float | Tensor, implementation: str | None = None) -> None:
