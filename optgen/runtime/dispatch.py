@@ -62,6 +62,16 @@ FOREACH_IMPLEMENTATIONS = {"foreach"}
 #: has no such check)
 FOREACH_DIFFERENTIABLE = {"SGD"}
 
+#: torch's message for a sparse gradient where it is not the usual "<name> does not support sparse
+#: gradients" (torch's AdamW runs Adam's checks, message included)
+SPARSE_GRADIENT_ERRORS = {
+    "Adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
+    "AdamW": "Adam does not support sparse gradients, please consider SparseAdam instead",
+}
+
+#: optimizers whose torch class refuses a ``step`` counter that requires grad in differentiable mode
+STEP_MUST_NOT_REQUIRE_GRAD = {"Adam", "AdamW"}
+
 #: torch's wording of its ``capturable`` device check where it differs from the usual
 #: "params and state_steps", and whether its device list ends with "xla" (for-loop paths mostly
 #: do, foreach paths mostly don't): (optimizer, implementation) → (lists named, xla)
@@ -85,6 +95,10 @@ def check_step(optimizer, group: dict, implementation: str, params: list[torch.T
     """torch's errors at ``step()`` for the runtime options, raised before anything is updated
     (state the step creates already exists, as in torch)."""
     name = type(optimizer).__name__
+    if group.get("differentiable") and name in STEP_MUST_NOT_REQUIRE_GRAD:
+        steps = tensors[dict((key, list_name) for list_name, key in optimizer._counter_state)["step"]]
+        if any(isinstance(s, torch.Tensor) and s.requires_grad for s in steps):
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
     if group.get("differentiable") and implementation in FOREACH_IMPLEMENTATIONS \
             and name not in FOREACH_DIFFERENTIABLE:
         raise AssertionError("_foreach ops don't support autograd")

@@ -59,7 +59,8 @@ class GeneratedOptimizer(Optimizer):
         if self._sparse_gradients and not all(g.is_sparse for g in grads):
             raise RuntimeError(f"{type(self).__name__} does not support dense gradients, please consider Adam instead")
         if not self._sparse_gradients and any(g.is_sparse for g in grads):
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            raise RuntimeError(dispatch.SPARSE_GRADIENT_ERRORS.get(
+                type(self).__name__, f"{type(self).__name__} does not support sparse gradients"))
         if not params:
             return
         states = []

@@ -23,6 +23,8 @@ import optgen
 from tests.oracle.test_torch_parity import assert_same_state
 from tests.registry import CASES, IMPLEMENTATIONS, TOLERANCES, case_id
 
+pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+
 # Edge cases need fewer steps than the trajectory table: they test that the step runs and agrees,
 # with state created, used and carried over (10 steps: several bias-correction values, momentum).
 STEPS = 10
@@ -276,6 +278,49 @@ def test_differentiable_gradcheck_sgd_and_adam_like_torchs_test():
         assert torch.autograd.gradcheck(fn, (p, grad, *state.values()))
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RAdam"])
+def test_differentiable_step_counter_requiring_grad_like_torch(name):
+    """torch's Adam and AdamW refuse a ``step`` that requires grad in differentiable mode; the
+    others step (their counter is not differentiated)."""
+    results = []
+    for lib in (torch.optim, optgen):
+        p = torch.ones(3, dtype=torch.float64, requires_grad=True).clone()
+        opt = getattr(lib, name)([p], differentiable=True)
+        opt.step()  # no grad yet: nothing happens
+        p.grad = torch.full_like(p, 0.5)
+        opt.state[p]["step"] = torch.tensor(3.0, dtype=torch.float64, requires_grad=True).clone()
+        for key, value in warm_state(name, {}, p).items():
+            opt.state[p].setdefault(key, value.clone())
+        results.append(outcome(lambda: opt.step() or p.detach().clone()))
+    assert results[1][0] == results[0][0]
+    if results[0][0] == "error":
+        assert results[1] == results[0]
+    else:
+        torch.testing.assert_close(results[1][1], results[0][1])
+
+
+@pytest.mark.xfail(strict=True, reason="compiler: kernels read counters with .item(), so no gradient "
+                   "flows through a floating counter that requires grad (NAdam's mu_product, as torch's "
+                   "own test_nadam sets it); torch keeps it a tensor in the differentiable path")
+def test_differentiable_gradient_through_nadam_mu_product_like_torch():
+    results = []
+    for lib in (torch.optim, optgen):
+        g = torch.Generator().manual_seed(0)
+        p, grad = (torch.rand(10, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+        mu_product = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        state = {"step": torch.tensor(10.0, dtype=torch.float64),
+                 "exp_avg": torch.rand(10, dtype=torch.float64, generator=g),
+                 "exp_avg_sq": torch.rand(10, dtype=torch.float64, generator=g), "mu_product": mu_product}
+        q = p.clone()
+        q.grad = grad.clone()
+        opt = lib.NAdam([q], lr=0.9, differentiable=True)
+        opt.state[q].update({k: v.clone() for k, v in state.items()})
+        opt.step()
+        results.append(torch.autograd.grad(q.sum(), mu_product, allow_unused=True)[0])
+    assert results[1] is not None
+    torch.testing.assert_close(results[1], results[0])
+
+
 @pytest.mark.xfail(strict=True, reason="compiler: kernels take hyperparameters as Python numbers "
                    "(GeneratedOptimizer turns a Tensor lr into lr.item()), so no gradient reaches a "
                    "Tensor lr that requires grad; torch 2.13's Adam/AdamW/SGD differentiate w.r.t. it")
@@ -297,16 +342,19 @@ def test_differentiable_tensor_lr_gets_a_gradient_like_torch():
 CAPTURABLE = sorted({c[0] for c in CASES if "capturable" in signature(c[0])})
 
 
+@pytest.mark.parametrize("lr", ["float", "Tensor"])
 @pytest.mark.parametrize("foreach", [None, False, True])
 @pytest.mark.parametrize("name", CAPTURABLE)
-def test_capturable_on_cpu_params_fails_at_step_like_torch(name, foreach):
-    """torch accepts ``capturable=True`` at construction and raises an AssertionError at the
-    first step naming its supported devices (the wording differs per optimizer and path); the
-    state that step created stays, with counters on the parameter's device."""
+def test_capturable_on_cpu_params_fails_at_step_like_torch(name, foreach, lr):
+    """torch accepts ``capturable=True`` at construction (a Tensor lr with ``foreach=True`` too)
+    and raises an AssertionError at the first step naming its supported devices (the wording
+    differs per optimizer and path); the state that step created stays, with counters on the
+    parameter's device."""
     results, optimizers = [], []
     for lib in (torch.optim, optgen):
         p = torch.ones(3, requires_grad=True)
-        opt = getattr(lib, name)([p], capturable=True, foreach=foreach)
+        opt = getattr(lib, name)([p], capturable=True, foreach=foreach,
+                                 lr=torch.tensor(0.01) if lr == "Tensor" else 0.01)
         p.grad = torch.full_like(p, 0.5)
         results.append(outcome(opt.step))
         optimizers.append((opt, p))
@@ -521,6 +569,40 @@ def test_complex_params_like_torch(case, implementation):
         for value in ours.state[p].values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 assert value.is_complex() == p.is_complex()
+
+
+#: torch runs these on sparse gradients (SGD: the same update; Adagrad: its own sparse algorithm)
+TORCH_SPARSE = {"SGD", "Adagrad"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="compiler/spec: torch's SGD and Adagrad accept "
+                                            "sparse gradients; optgen runs sparse gradients only for a spec "
+                                            "with gradients = 'sparse' (SparseAdam)"))
+    if n in TORCH_SPARSE else n for n in sorted({c[0] for c in CASES})])
+def test_sparse_gradients_like_torch(name):
+    """A sparse gradient: torch's error (its wording), or torch's update."""
+    results = []
+    for lib in (torch.optim, optgen):
+        p = torch.ones(4, 3, dtype=torch.float64, requires_grad=True)
+        opt = getattr(lib, name)([p], lr=0.1)
+        p.grad = torch.zeros(4, 3, dtype=torch.float64).index_fill_(0, torch.tensor([1, 3]), 0.5).to_sparse()
+        results.append(outcome(lambda: opt.step() or p.detach().clone()))
+    assert results[1][0] == results[0][0]
+    if results[0][0] == "error":
+        assert results[1] == results[0]
+    else:
+        torch.testing.assert_close(results[1][1], results[0][1])
+
+
+@pytest.mark.xfail(strict=True, reason="spec/compiler: torch's SparseAdam rejects complex (and sparse) params "
+                   "in its constructor with a ValueError listing their [group, index] positions; optgen "
+                   "raises a RuntimeError at step")
+def test_sparse_adam_rejects_complex_params_at_construction_like_torch():
+    params = lambda: [torch.ones(2, requires_grad=True), torch.ones(2, dtype=torch.complex64, requires_grad=True)]  # noqa: E731
+    expected = outcome(lambda: torch.optim.SparseAdam(params()))
+    assert expected[0] == "error"
+    assert outcome(lambda: optgen.SparseAdam(params())) == expected
 
 
 def test_adagrad_state_of_added_groups_uses_the_group_initial_accumulator_value():
