@@ -106,7 +106,7 @@ class Interval:
         _pretty = show or _default_show
         if len(self.lowers) == 1 and self.lowers == self.uppers:
             return f"t == {_pretty(next(iter(self.lowers)))}"
-        parts = [f"{_pretty(lo)} <= t" for lo in self.lowers] + [f"t <= {_pretty(hi)}" for hi in self.uppers]
+        parts = [f"{_pretty(lo)} <= t" for lo in _sorted(self.lowers)] + [f"t <= {_pretty(hi)}" for hi in _sorted(self.uppers)]
         return " and ".join(parts) or "always"
 
 
@@ -339,6 +339,11 @@ def _tidy(iv: Interval) -> Interval | None:
     return Interval(lowers, uppers)
 
 
+def _sorted(bounds) -> list:
+    """Bounds in a fixed order (sets iterate in hash order; generated code must not)."""
+    return sorted(bounds, key=sympy.default_sort_key)
+
+
 def _intersect(a: Interval, b: Interval) -> Interval | None:
     return _tidy(Interval(a.lowers | b.lowers, a.uppers | b.uppers))
 
@@ -362,8 +367,8 @@ def _condition(cond) -> list[Interval]:
 def _complement(ivs: list[Interval]) -> list[Interval]:
     out = [Interval(frozenset(), frozenset())]
     for iv in ivs:
-        pieces = [Interval(frozenset(), frozenset([lo - 1])) for lo in iv.lowers]
-        pieces += [Interval(frozenset([hi + 1]), frozenset()) for hi in iv.uppers]
+        pieces = [Interval(frozenset(), frozenset([lo - 1])) for lo in _sorted(iv.lowers)]
+        pieces += [Interval(frozenset([hi + 1]), frozenset()) for hi in _sorted(iv.uppers)]
         out = [x for a in out for p in pieces for x in [_intersect(a, p)] if x is not None]
     return out
 
@@ -482,7 +487,7 @@ def _derive_pieces(spec, closed, prev, initial) -> Derivation:
             branches += [(b, False) for b in _lift(inner, _step(value, _shift(value, prev)))]
         # the piece's first step (t - 1 before it): from the whole closed form at t - 1, which
         # sympy resolves to the previous piece's formula where it can
-        for lo in interval.lowers:
+        for lo in _sorted(interval.lowers):
             at = _tidy(Interval(interval.lowers | {lo}, interval.uppers | {lo}))
             if at is not None:
                 step = _step(value.subs(T, lo), _shift(closed, prev).subs(T, lo))
