@@ -32,7 +32,7 @@ class Adagrad(GeneratedOptimizer):
     """Adagrad, generated from specs/optimizers/adagrad.toml; a drop-in for torch.optim.Adagrad."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": adagrad_forloop, "foreach": adagrad_foreach}
+    _kernels = {"forloop": adagrad_forloop, "foreach": adagrad_foreach, "triton": "adagrad_triton"}
     _tensor_state = (('state_sums', 'sum'),)
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

@@ -43,7 +43,7 @@ class Adam(GeneratedOptimizer):
     """Adam, generated from specs/optimizers/adam.toml; a drop-in for torch.optim.Adam."""
 
     _flags = ('amsgrad', 'maximize', 'decoupled_weight_decay')
-    _kernels = {"forloop": adam_forloop, "foreach": adam_foreach}
+    _kernels = {"forloop": adam_forloop, "foreach": adam_foreach, "triton": "adam_triton"}
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'), ('max_exp_avg_sqs', 'max_exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

@@ -43,7 +43,7 @@ class AdamW(GeneratedOptimizer):
     """AdamW, generated from specs/optimizers/adamw.toml; a drop-in for torch.optim.AdamW."""
 
     _flags = ('amsgrad', 'maximize', 'decoupled_weight_decay')
-    _kernels = {"forloop": adamw_forloop, "foreach": adamw_foreach}
+    _kernels = {"forloop": adamw_forloop, "foreach": adamw_foreach, "triton": "adamw_triton"}
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'), ('max_exp_avg_sqs', 'max_exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

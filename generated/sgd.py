@@ -34,7 +34,7 @@ class SGD(GeneratedOptimizer):
     """SGD, generated from specs/optimizers/sgd.toml; a drop-in for torch.optim.SGD."""
 
     _flags = ('nesterov', 'maximize')
-    _kernels = {"forloop": sgd_forloop, "foreach": sgd_foreach}
+    _kernels = {"forloop": sgd_forloop, "foreach": sgd_foreach, "triton": "sgd_triton"}
     _tensor_state = (('momentum_buffers', 'momentum_buffer'),)
     _counter_state = ()
     _lazy_state = ('momentum_buffer',)

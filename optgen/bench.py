@@ -137,6 +137,10 @@ def bench_one(name, kwargs, fused_ok, params_total, tensors, repeats):
 
 
 def main(args) -> int:
+    if getattr(args, "device", "cpu") == "cuda":  # the GPU bench: optgen/bench_cuda.py
+        from optgen.bench_cuda import main as cuda_main
+
+        return cuda_main(args)
     total, tensors = int(args.params), args.tensors
     only = set(args.only.split(",")) if args.only else None
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {total / 1e6:.1f}M fp32 parameters "

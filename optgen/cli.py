@@ -85,7 +85,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from optgen.build import KERNEL_BACKENDS
+    from optgen.build import KERNEL_BACKENDS, kernel_backends
     from optgen.backends.optimizer_class import OptimizerClassBackend
     from optgen.passes import compile_spec, dump
 
@@ -98,9 +98,18 @@ def cmd_show(args) -> int:
     sections = [("spec", spec.path, Path(spec.path).read_text() if Path(spec.path).is_file() else spec.source),
                 ("IR after passes", ", ".join(f"{k}={v}" for k, v in flags.items()) or "default flags",
                  compiled.variant(flags).program.describe())]
-    backends = [OptimizerClassBackend(tuple(b.name for b in KERNEL_BACKENDS)), *KERNEL_BACKENDS]
+    available = kernel_backends(compiled)
+    backends = [OptimizerClassBackend(tuple(b.name for b in available),
+                                      lazy=tuple(b.name for b in available if getattr(b, "lazy", False))),
+                *KERNEL_BACKENDS]
     for backend in backends:
         if args.backend in (None, backend.name):
+            reason = getattr(backend, "unsupported", lambda c: None)(compiled)
+            if reason is not None:  # e.g. the Triton backend and a reduction: the others run it
+                sections.append((f"{backend.name} code", "not generated",
+                                 f"{spec.name} has no {backend.name} implementation: {reason}.\n"
+                                 f"fused=True is refused for it; its other implementations run instead."))
+                continue
             sections.append((f"{backend.name} code", "", backend.render(compiled)))
     for title, sub, text in sections:
         print(f"==== {title}" + (f" ({sub})" if sub else "") + " " + "=" * 20)
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the specs").set_defaults(run=cmd_list)
     p = sub.add_parser("show", help="a spec, its IR after the passes, and the code of each backend")
     p.add_argument("name")
-    p.add_argument("--backend", help="only this backend's code (optimizer, forloop, foreach)")
+    p.add_argument("--backend", help="only this backend's code (optimizer, forloop, foreach, triton)")
     p.add_argument("--flags", help="the variant to show the IR of, e.g. amsgrad=true,maximize=false")
     p.add_argument("--dump-ir", metavar="PASS", help="print the IR after this pass (lower, specialize, cse, "
                                                      "hoist_scalars, select_ops, reuse_buffers)")
@@ -176,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--only", help="comma-separated optimizer names")
     p.add_argument("--output", help="append the Markdown table to this file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the Triton kernels against torch fused/foreach/forloop/compile (optgen/bench_cuda.py)")
+    p.add_argument("--sizes", help="with --device cuda: total parameters to run, e.g. 1e6,1e7,1e8 (the default)")
     p.set_defaults(run=cmd_bench)
     p = sub.add_parser("schedule", help="plot a learning-rate schedule (terminal chart, or a PNG with -o)",
                        description="optgen schedule NAME [key=value ...] [--steps N] [--lr LR] [-o lr.png] [--explain]")

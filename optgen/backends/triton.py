@@ -70,7 +70,7 @@ from optgen.passes import Compiled
 #: names the kernel skeleton (templates/triton/kernels.py.j2) defines; spec names that collide
 #: with them get a trailing underscore
 RESERVED = frozenset({
-    "addresses", "counter_addresses", "numels", "first_step", "chunk_tensors", "chunk_indices",
+    "addresses", "grad_addresses", "counter_addresses", "numels", "first_step", "chunk_tensors", "chunk_indices",
     "arrivals", "num_tensors", "grad_scale", "found_inf", "pid", "tensor", "chunk", "numel",
     "applies", "arrived", "last", "start", "end", "block", "offsets", "in_bounds", "inv_scale",
     "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK",
@@ -253,8 +253,7 @@ class _KernelBuilder:
                          "last = arrived == tl.maximum((numel + CHUNK - 1) // CHUNK, 1) - 1"]
         for i, (index, t, _) in enumerate(lazy):
             offset = f"{i} * num_tensors + tensor" if i else "tensor"
-            prologue += [f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0  # created this step: store its `first`",
-                         f"{self.kname(t)}_exists = tl.load(first_step + {offset}) == 0"]
+            prologue.append(f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0  # created this step: store `first`")
 
         # -- scalar statements, and what the tensor statements need from them ------------------------
         scalar_defined = {n for n, r in roles.items() if r in (Role.HYPER, Role.COUNTER)}
@@ -282,6 +281,8 @@ class _KernelBuilder:
             if not role.is_tensor:
                 value = self.printer()(a.value)
                 k = self.kname(a.target)
+                if role is Role.COUNTER:  # held exactly as its 0-dim tensor (torch's `step`) holds it
+                    value = self._counter_value(a)
                 code = f"{k} = {value}" if condition is None or a.target not in scalar_defined \
                     else f"{k} = tl.where({condition}, {value}, {k})"
                 scalar_lines += self._guarded(host, [f"# {a.text}", code])
@@ -321,19 +322,21 @@ class _KernelBuilder:
 
         # -- tensor addresses ----------------------------------------------------------------------
         prologue.append("# this program's tensors")
-        for i, t in enumerate(lists):
+        for i, t in enumerate(t for t in lists if t != "grad"):
             k = self.kname(t)
             offset = f"{i} * num_tensors + tensor" if i else "tensor"
             prologue += self._guarded(presence.get(t, sympy.true),
                                       [f"{k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(DTYPE))"])
+            if t == "param":
+                prologue.append("grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))")
 
         # -- the loop body ---------------------------------------------------------------------------
         for t in lists:
             if t not in read:
                 continue
             k = self.kname(t)
-            mask = f"in_bounds & {k}_exists" if t in lazy_names else "in_bounds"
-            load = [f"{k} = tl.load({k}_ptr + offsets, mask={mask}, other=0.0).to(COMPUTE)"]
+            # (a state created this step holds garbage until the store: tl.where never selects it)
+            load = [f"{k} = tl.load({k}_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)"]
             if t == "grad":
                 load += ["if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do",
                          "    grad = grad * inv_scale",
@@ -357,6 +360,15 @@ class _KernelBuilder:
                       tensor_hyperparameters=tensor_hypers, guards=guards, prologue=prologue, loop=loop)
 
     # -- helpers -------------------------------------------------------------------------------------
+    def _counter_value(self, a: Assign) -> str:
+        """A counter's new value, rounded as torch rounds it: an update that reads the counter runs
+        on its 0-dim tensor, in the counter's dtype (``mu_product *= mu`` multiplies in float32);
+        any other is computed in float64 and rounded when stored (as optgen.ir.interpret does)."""
+        if a.target in {s.name for s in a.value.free_symbols}:
+            in_dtype = self.printer(lambda n: f"{self.kname(n)}.to(COUNTER_DTYPE)")(a.value)
+            return f"({in_dtype}).to(tl.float64)"
+        return f"({self.printer()(a.value)}).to(COUNTER_DTYPE).to(tl.float64)"
+
     def is_tensor_flag(self, h: str) -> str:
         return f"{h.upper()}_IS_TENSOR"
 
@@ -402,7 +414,7 @@ class _KernelBuilder:
         def walk(expr: sympy.Basic) -> sympy.Basic:
             if expr.is_Number:
                 return expr
-            if not is_tensor_valued(expr, self.roles) and not isinstance(expr, sympy.logic.boolalg.Boolean):
+            if not is_tensor_valued(expr, self.roles) and not _is_condition(expr):
                 if expr.is_Symbol and expr.name not in later:
                     return expr  # read directly (cast to the compute dtype once)
                 if expr.is_Pow and expr.exp.is_Integer and expr.exp < 0 and expr.base.is_Symbol:
@@ -431,6 +443,11 @@ def defined_before(statements: list[Assign], index: int, lists: list[str]) -> se
     return names
 
 
+def _is_condition(expr) -> bool:
+    # (sympy's Symbol is a Boolean too, so test for the condition node types themselves)
+    return isinstance(expr, (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction))
+
+
 def _python_printable(expr) -> bool:
     try:
         PythonScalarPrinter()(expr)
@@ -448,6 +465,11 @@ class TritonBackend(Backend):
     lazy = True
 
     def kernels(self, compiled: Compiled) -> list[Kernel]:
+        spec = compiled.spec
+        if getattr(spec, "algorithm", None):
+            raise Unsupported(f"{spec.name}'s step is an intrinsic ({spec.algorithm}), not an elementwise rule")
+        if getattr(spec, "sparse_gradients", False):
+            raise Unsupported("sparse gradients: the update runs on the rows a gradient touches, not on whole tensors")
         sig = kernel_signature(compiled)
         out = []
         for v in compiled.variants:

@@ -202,8 +202,13 @@ class InfixPrinter(Printer):
         return self.minimum(self._print(expr.args[0]), self._print(expr.args[1]))
 
     def _print_Clamp(self, expr):
-        x, low, high = (self._print(a) for a in expr.args)
-        return self.minimum(self.maximum(x, low), high)
+        x, low, high = expr.args
+        out = self._print(x)
+        if low != -sympy.oo:
+            out = self.maximum(out, self._print(low))
+        if high != sympy.oo:
+            out = self.minimum(out, self._print(high))
+        return out
 
     def _print_Where(self, expr):
         condition, a, b = expr.args

@@ -7,6 +7,11 @@ Like ``torch.optim``, ``foreach=None`` and ``fused=None`` mean "pick the fastest
   every tensor through the cache once.
 - CUDA and other foreach-capable devices: foreach.
 
+``fused=True`` selects the fused Triton kernels (one launch per step per (device, dtype) group)
+on CUDA parameters — and on CPU parameters under ``TRITON_INTERPRET=1``, where Triton's
+interpreter runs them (tests).  ``foreach=None, fused=None`` on CUDA picks foreach unless
+:data:`FASTEST_ON_CUDA` names an implementation ``optgen bench --device cuda`` measured faster.
+
 ``foreach=True`` / ``fused=True`` force one.  ``optimizer.implementation = "forloop"`` (or any
 name in the class's ``implementations``) overrides the choice for every group; tests and
 ``optgen bench`` use it to reach each backend by name.
@@ -18,6 +23,27 @@ import torch
 #: device types where torch's foreach kernels are real multi-tensor kernels
 FOREACH_DEVICES = {"cuda", "xpu", "hpu", "mtia"}
 
+#: parameter dtypes the fused Triton kernels update (complex ones as real views)
+TRITON_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
+
+#: optimizer name → the implementation to use by default on CUDA, where `optgen bench --device cuda`
+#: measured it faster than foreach.  Empty: no GPU measurement has been made yet (none was
+#: available when the Triton backend was written), so CUDA defaults to foreach as torch does.
+FASTEST_ON_CUDA: dict[str, str] = {}
+
+
+def triton_applies(params: list[torch.Tensor]) -> bool:
+    """Whether the fused Triton kernels can update these parameters: floating CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1 (Triton's interpreter), with triton installed."""
+    import importlib.util
+    import os
+
+    if not params or any(p.dtype not in TRITON_DTYPES for p in params):
+        return False
+    on_cuda = all(p.device.type == "cuda" for p in params)
+    interpreted = all(p.device.type == "cpu" for p in params) and os.environ.get("TRITON_INTERPRET") == "1"
+    return (on_cuda or interpreted) and importlib.util.find_spec("triton") is not None
+
 
 def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     forced = getattr(optimizer, "implementation", None)
@@ -27,12 +53,17 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
                              f"available: {', '.join(optimizer.implementations)}")
         return forced
     if group.get("fused"):
+        if "triton" in optimizer.implementations and triton_applies(params):
+            return "triton"
         raise RuntimeError(f"optgen.{type(optimizer).__name__} has no fused implementation for these "
                            "parameters yet; use foreach=True, or fused=None to pick automatically")
     if group.get("foreach"):
         return "foreach"
     if group.get("foreach") is None and not group.get("differentiable") and params \
             and all(p.device.type in FOREACH_DEVICES for p in params):
+        fastest = FASTEST_ON_CUDA.get(type(optimizer).__name__)
+        if fastest in optimizer.implementations and (fastest != "triton" or triton_applies(params)):
+            return fastest
         return "foreach"
     return "forloop"
 
@@ -44,6 +75,9 @@ def check_options(optimizer, defaults: dict) -> None:
             raise RuntimeError("`fused` does not support `differentiable`")
         if defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        # As torch's fused optimizers: GradScaler passes grad_scale / found_inf instead of
+        # unscaling (the fused kernel applies them; see runtime/generated.py for the others).
+        optimizer._step_supports_amp_scaling = True
 
 
 def place_counters(state: dict, param: torch.Tensor, group: dict) -> dict:

@@ -6,6 +6,9 @@ and small generated methods:
 - ``_flags``: the names of its flag hyperparameters, in the order its kernels' ``VARIANTS`` use;
 - ``_kernels``: implementation name → generated kernel module, whose ``VARIANTS`` maps flag
   values to a function and whose ``MULTI_TENSOR`` says if it takes one (device, dtype) group;
+  a module named by a string (the triton one) is imported on first use, so importing optgen
+  never imports triton; a ``FUSED`` module also takes Tensor hyperparameters and GradScaler's
+  ``grad_scale`` / ``found_inf``;
 - ``_tensor_state`` / ``_counter_state``: (rule name, state key) pairs in kernel argument order;
 - ``_lazy_state``: state keys created by the kernel itself on their first step;
 - ``_scalars``: kernel keyword → (group key, tuple index or None);
@@ -90,10 +93,15 @@ class GeneratedOptimizer(Optimizer):
             tensors, scatter = _gather_rows(tensors)
         implementation = dispatch.choose(self, group, params)
         dispatch.check_step(self, group, implementation, params, tensors)
-        module = self._kernels[implementation]
+        module = self._kernel_module(implementation)
         kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]
-        scalars = {kw: to_number(group[key] if index is None else group[key][index])
+        fused = getattr(module, "FUSED", False)  # reads Tensor hyperparameters on the device itself
+        scalars = {kw: (_raw if fused else to_number)(group[key] if index is None else group[key][index])
                    for kw, (key, index) in self._scalars.items()}
+        if fused:
+            scalars.update(grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
+        elif _unscale_or_skip(self, grads):
+            return
         run = _run_differentiable if group.get("differentiable") else _run
         if module.MULTI_TENSOR:
             for sub in _split_by_device_and_dtype(self, tensors):
@@ -115,6 +123,40 @@ class GeneratedOptimizer(Optimizer):
                     if (is_new or replaced) and value is not None:
                         as_complex = p.is_complex() and not value.is_complex() and value.dim() > 0
                         self.state[p][key] = torch.view_as_complex(value) if as_complex else value
+
+    def _kernel_module(self, implementation: str):
+        """The kernel module of an implementation, imported on first use if named by a string."""
+        module = self._kernels[implementation]
+        if isinstance(module, str):
+            import importlib
+
+            package = type(self).__module__.rpartition(".")[0]
+            try:
+                module = importlib.import_module(f"{package}.{module}")
+            except ImportError as e:
+                raise RuntimeError(f"optgen's {implementation} implementation needs the {e.name} package "
+                                   "(pip install 'optgen[cuda]')") from e
+            type(self)._kernels = {**type(self)._kernels, implementation: module}
+        return module
+
+
+def _raw(value):
+    return value
+
+
+def _unscale_or_skip(optimizer, grads: list[torch.Tensor]) -> bool:
+    """GradScaler hands an optimizer that says ``_step_supports_amp_scaling`` (``fused=True``) its
+    ``grad_scale`` and ``found_inf`` instead of unscaling itself; a fused kernel applies them in
+    the kernel, any other implementation here: True means skip the step (an inf/NaN gradient)."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is not None and found_inf.item():
+        return True
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    if grad_scale is not None:
+        inv_scale = grad_scale.double().reciprocal().float()  # GradScaler.unscale_'s rounding
+        for g in grads:
+            g.mul_(inv_scale.to(g.device))
+    return False
 
 
 def _numbers(group: dict) -> dict:

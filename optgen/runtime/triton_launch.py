@@ -11,7 +11,7 @@ Like torch's ``multi_tensor_apply`` and apex, one launch covers every tensor: pr
 finds its tensor and its chunk of it in tables.  Unlike them, the tables are not rebuilt per
 launch: :func:`launch` packs, once per param set, one int64 tensor on the device::
 
-    addresses      [lists, T]     data_ptr() of every tensor of every list (0 where unused)
+    addresses      [lists, T]     data_ptr() of every param and state tensor (0 where unused)
     counter_addrs  [counters, T]  data_ptr() of every 0-dim counter (``step``)
     numels         [T]            elements per tensor
     first_step     [lazy, T]      1 where a lazily created state is new this step
@@ -21,14 +21,17 @@ launch: :func:`launch` packs, once per param set, one int64 tensor on the device
     arrivals       [T]            zeros: the kernel's per-tensor arrival counts (see Note
                                   [Triton kernel layout] in optgen/backends/triton.py)
 
-and caches it under every address, numel and first-step flag.  While the tensors stay the same —
-every step of a training run after the first — a step costs one ``data_ptr()`` call per tensor
-to check the key and one kernel launch: no table copy to the device and no synchronisation, so
-the step can be captured in a CUDA graph.  A new parameter, a reloaded state dict or a newly
-created state changes an address and builds a new table (the only host→device copy).
-
-Each section starts on a 16-byte boundary, so Triton's pointer-alignment specialisation is the
-same for every table and a kernel compiles once per (variant, dtype, guards).
+and caches it under every address, numel and first-step flag.  The gradients' addresses are a
+table of their own (``grad_addresses`` [T]), kept with the plan and replaced when they change:
+``zero_grad(set_to_none=True)`` frees the gradients every step, and although the caching
+allocator usually hands the same blocks back, a new address must cost no more than one small
+non-blocking copy.  While the tensors stay the same — every step of a training run after the
+first — a step costs one ``data_ptr()`` call per tensor to check the keys and one kernel launch:
+no table copy and no synchronisation, so the step can be captured in a CUDA graph (whose
+gradients are static).  A new parameter, a reloaded state dict or a newly created state builds a
+new table.  Each section starts on a 16-byte boundary, so Triton's pointer-alignment
+specialisation is the same for every table and a kernel compiles once per (variant, dtype,
+guards).
 
 On CPU tensors the kernel runs in Triton's interpreter (``triton.runtime.interpreter``) — the
 same kernel, the same tables, numpy instead of a GPU — which is how the tests run it without a
@@ -37,16 +40,17 @@ then need it unset.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 import triton.language as tl  # the first use of a triton implementation imports triton here
 
 #: Untuned defaults (no GPU was available when they were chosen): BLOCK elements per loop
 #: iteration, CHUNK elements per program, warps per program.  `optgen bench --device cuda`
-#: is where to tune them (see PERF-NOTES: register pressure and occupancy decide fused kernels).
-CONFIG = {"BLOCK": 1024, "CHUNK": 16 * 1024, "num_warps": 4}
+#: is where to tune them (see PERF-NOTES: register pressure and occupancy decide fused kernels;
+#: compiled offline for sm_90, Adam's kernel needs 40 registers at BLOCK=512, 118 at 1024).
+CONFIG = {"BLOCK": 512, "CHUNK": 16 * 1024, "num_warps": 4}
 
 DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
           torch.float64: tl.float64}
@@ -56,32 +60,35 @@ _PLANS: OrderedDict[tuple, "_Plan"] = OrderedDict()
 _INTERPRETED: dict = {}
 
 
-@dataclass(frozen=True)
 class _Plan:
     """The launch tables of one param set (see Note [Launch tables])."""
 
-    table: torch.Tensor          # the one int64 device tensor holding every section
-    sections: tuple              # (addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals)
-    num_tensors: int
-    programs: int
+    def __init__(self, table: torch.Tensor, sections: tuple, num_tensors: int, programs: int):
+        self.table = table            # the one int64 device tensor holding every section
+        self.sections = sections      # (addresses, counter_addresses, numels, first_step, chunk_tensors,
+        #                                chunk_indices, arrivals): views of `table`
+        self.num_tensors = num_tensors
+        self.programs = programs
+        self.grad_key: tuple | None = None
+        self.grad_addresses: torch.Tensor | None = None
 
 
 def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards,
            grad_scale=None, found_inf=None) -> None:
     """Runs ``kernel`` once over every tensor of one (device, dtype) group.
 
-    tensors: ``(list, used)`` pairs in the kernel's table order (param, grad, states); ``used`` is
+    tensors: ``(list, used)`` pairs in the kernel's order — params, grads, then states; ``used`` is
         False for a state the kernel does not touch under these hyperparameters (its entries may
         be None).
     counters: lists of 0-dim counters (``step``), on the parameters' device.
-    lazy: list index → whether that state is created now: its None entries are allocated here
-        (and stored into the caller's list, which saves them in the optimizer state).
+    lazy: index into ``tensors`` → whether that state is created now: its None entries are
+        allocated here (and stored into the caller's list, which saves them in the state).
     hyperparameters: float64 kernel arguments; those named in ``tensor_hyperparameters`` may be
         1-element tensors, read in the kernel when on the parameters' device (no synchronisation).
     guards: the kernel's constexpr conditions, evaluated on the host.
     grad_scale, found_inf: GradScaler's tensors (None when not scaling).
     """
-    params = tensors[0][0]
+    params, grads = tensors[0][0], tensors[1][0]
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
@@ -94,11 +101,16 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
         flags = [0] * len(params)
         if create:
             for i, t in enumerate(values):
-                if t is None:
+                if t is None:  # never read before the kernel stores `first` into it
                     values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
                     flags[i] = 1
         new.append(flags)
     plan = _plan(device, dtype, tensors, counters, new)
+    grad_key = tuple(g.data_ptr() for g in grads)
+    if grad_key != plan.grad_key:
+        _check(device, dtype, params, [(grads, True, "grad")], [])
+        plan.grad_addresses = _to_device(list(grad_key), device)
+        plan.grad_key = grad_key
     addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals = plan.sections
 
     dummy = plan.table  # any device tensor: the pointer argument of a disabled feature
@@ -117,10 +129,10 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
         found_inf = found_inf.to(device, non_blocking=True)
     counter_dtype = counters[0][0].dtype if counters and counters[0] else torch.float32
     run = _runner(kernel, device)
-    with _on(device):
+    with _on(device), _quiet(device):
         run[(plan.programs,)](
-            addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
-            plan.num_tensors,
+            addresses, plan.grad_addresses, counter_addresses, numels, first_step, chunk_tensors,
+            chunk_indices, arrivals, plan.num_tensors,
             **kwargs,
             grad_scale=dummy if grad_scale is None else grad_scale,
             found_inf=dummy if found_inf is None else found_inf,
@@ -133,6 +145,7 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
             CHUNK=CONFIG["CHUNK"],
             BLOCK=CONFIG["BLOCK"],
             num_warps=CONFIG["num_warps"],
+            enable_fp_fusion=True,  # a * b + c as one FMA, as nvcc compiles torch's fused kernels
         )
 
 
@@ -143,16 +156,18 @@ def _number(value) -> float:
 def _plan(device, dtype, tensors, counters, new) -> _Plan:
     """The cached launch tables for these tensors, built on a miss (see Note [Launch tables])."""
     params = tensors[0][0]
-    addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in tensors]
+    rows = [tensors[0], *tensors[2:]]  # params and states; the grads have their own table
+    addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in rows]
     counter_addresses = [[t.data_ptr() for t in values] for values in counters]
+    numels = [p.numel() for p in params]
     key = (device, dtype, CONFIG["CHUNK"], tuple(map(tuple, addresses)), tuple(map(tuple, counter_addresses)),
-           tuple(p.numel() for p in params), tuple(map(tuple, new)))
+           tuple(numels), tuple(map(tuple, new)))
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan
-    _check(device, dtype, tensors, counters)
-    numels = [p.numel() for p in params]
+    names = ["param", *(f"state {k}" for k in range(1, len(rows)))]
+    _check(device, dtype, params, [(values, used, name) for (values, used), name in zip(rows, names)], counters)
     chunk_tensors, chunk_indices = [], []
     for i, n in enumerate(numels):
         chunks = max(1, -(-n // CONFIG["CHUNK"]))
@@ -166,7 +181,7 @@ def _plan(device, dtype, tensors, counters, new) -> _Plan:
         flat += values
         bounds.append((start, len(flat)))
         flat += [0] * (len(flat) % 2)  # 16-byte aligned sections
-    table = torch.tensor(flat, dtype=torch.int64).to(device)
+    table = _to_device(flat, device)
     plan = _Plan(table, tuple(table[a:b] for a, b in bounds), len(params), len(chunk_tensors))
     _PLANS[key] = plan
     if len(_PLANS) > _MAX_PLANS:
@@ -174,29 +189,38 @@ def _plan(device, dtype, tensors, counters, new) -> _Plan:
     return plan
 
 
-def _check(device, dtype, tensors, counters) -> None:
-    params = tensors[0][0]
-    names = ("param", "grad")
-    for k, (values, used) in enumerate(tensors):
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 table on the device: one host→device copy, non-blocking from pinned memory."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _check(device, dtype, params, lists, counters) -> None:
+    """Every tensor the kernel will address is there, on the group's device and dtype, shaped like
+    its parameter and contiguous (the kernel walks it as one flat array); every counter is one
+    element on the device (run only when a table is built, not every step)."""
+    for values, used, what in lists:
         if not used:
             continue
-        what = names[k] if k < 2 else f"state list {k - 2}"
         for i, t in enumerate(values):
             if t is None:
-                raise RuntimeError(f"optgen triton launch: {what} of parameter {i} is missing")
+                raise RuntimeError(f"optgen triton launch: the {what} of parameter {i} is missing")
             if t.device != device or t.dtype != dtype or t.numel() != params[i].numel():
                 raise RuntimeError(f"optgen's triton kernel needs every tensor of a group on one device and dtype, "
-                                   f"shaped like its parameter: {what} of parameter {i} is {t.dtype} "
+                                   f"shaped like its parameter: the {what} of parameter {i} is {t.dtype} "
                                    f"{tuple(t.shape)} on {t.device}, the parameter {params[i].dtype} "
                                    f"{tuple(params[i].shape)} on {device}")
             if not t.is_contiguous():
-                raise RuntimeError(f"optgen's triton kernel needs contiguous tensors; {what} of parameter {i} is "
-                                   "not (use foreach=True for such parameters)")
+                raise RuntimeError(f"optgen's triton kernel needs contiguous tensors; the {what} of parameter {i} "
+                                   "is not (use foreach=True for such parameters)")
     for values in counters:
         for i, t in enumerate(values):
             if t.device != device or t.numel() != 1 or t.dtype != values[0].dtype:
-                raise RuntimeError(f"optgen's triton kernel needs its counters (step) as 1-element tensors on the "
-                                   f"parameters' device ({device}); parameter {i}'s is {t.dtype} on {t.device}")
+                raise RuntimeError(f"optgen's triton kernel reads its counters (step) on the parameters' device "
+                                   f"({device}); parameter {i}'s is {t.dtype} on {t.device}: create the optimizer "
+                                   "with fused=True (or capturable=True), which keeps them there as torch does")
 
 
 def _runner(kernel, device):
@@ -215,16 +239,16 @@ def _runner(kernel, device):
     return _INTERPRETED[kernel]
 
 
-class _on:
-    """The device context a launch needs (Triton launches on the current CUDA device)."""
+def _quiet(device: torch.device):
+    """The interpreter computes with numpy, which warns where a kernel computes a value it then
+    does not select (``tl.where`` over sqrt of a negative, a state created this step): silence it."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    import numpy as np
 
-    def __init__(self, device: torch.device):
-        self.context = torch.cuda.device(device) if device.type == "cuda" else None
+    return np.errstate(all="ignore")
 
-    def __enter__(self):
-        if self.context is not None:
-            self.context.__enter__()
 
-    def __exit__(self, *exc):
-        if self.context is not None:
-            self.context.__exit__(*exc)
+def _on(device: torch.device):
+    """The device a launch needs current (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
