@@ -8,14 +8,16 @@
 :class:`SWALR` is generated from specs/schedulers/swalr.toml.  The averaging update itself —
 SWA's running mean and EMA are both ``avg = lerp(avg, model, weight)`` — is the spec
 specs/averaging/weight_average.toml, compiled by the optimizer pipeline into a for-loop and a
-foreach kernel (generated/weightaverage_forloop.py, _foreach.py).  The foreach kernel runs by
-default on every device (``lerp_`` takes ``implementation="forloop"`` too); it updates in place,
-where torch's default CPU path allocates three temporaries per tensor.  There is no fused
-(Triton / C) averaging kernel yet.
+foreach kernel and a fused Triton kernel (generated/weightaverage_{forloop,foreach,triton}.py).
+The default is the Triton kernel on CUDA (one launch for every tensor; Triton is imported only
+then) and foreach elsewhere; ``lerp_(..., implementation=...)`` picks one.  All update in place,
+where torch's default CPU path allocates three temporaries per tensor.  There is no fused CPU (C)
+averaging kernel.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 from collections.abc import Callable, Iterable
 from copy import deepcopy
@@ -34,22 +36,41 @@ PARAM_LIST = tuple[Tensor, ...] | list[Tensor]
 
 _generated.load()
 SWALR = importlib.import_module(f"{_generated.NAME}.lr_scheduler").SWALR
-#: implementation name → the generated averaging kernel (avg, model, *, weight)
-KERNELS = {
-    impl: importlib.import_module(f"{_generated.NAME}.weightaverage_{impl}").VARIANTS[()]
-    for impl in ("forloop", "foreach")
-}
+IMPLEMENTATIONS = ("forloop", "foreach", "triton")
+_KERNELS: dict = {}
+
+
+def kernel(implementation: str) -> Callable:
+    """The generated averaging kernel ``(averaged, current, *, weight)`` of one implementation;
+    the Triton one is imported on first use only (importing optgen never loads Triton)."""
+    if implementation not in _KERNELS:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+        module = importlib.import_module(f"{_generated.NAME}.weightaverage_{implementation}")
+        _KERNELS[implementation] = module.VARIANTS[()]
+    return _KERNELS[implementation]
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _implementation(tensors: PARAM_LIST) -> str:
-    """foreach on every device: the update is one op per tensor, so the for-loop's cache locality
-    (why optgen's optimizers prefer it on CPU) buys nothing here; the two measure the same on CPU."""
+    """The fused Triton kernel on GPUs (one launch for all tensors) where Triton is installed and the
+    dtype is one it handles; foreach otherwise.  On CPU foreach: the update is one op per tensor,
+    so the for-loop's cache locality (why optgen's optimizers prefer it there) buys nothing."""
+    first = tensors[0]
+    if first.device.type == "cuda" and first.dtype in _TRITON_DTYPES and _triton_available():
+        return "triton"
     return "foreach"
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def lerp_(averaged: PARAM_LIST, current: PARAM_LIST, weight: float | Tensor, implementation: str | None = None) -> None:
     """``averaged[i] += weight * (current[i] - averaged[i])`` in place, through a generated kernel."""
-    KERNELS[implementation or _implementation(averaged)](list(averaged), list(current), weight=weight)
+    kernel(implementation or _implementation(averaged))(list(averaged), list(current), weight=weight)
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[PARAM_LIST, PARAM_LIST, Any], None]:

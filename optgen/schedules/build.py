@@ -1,8 +1,8 @@
 """The scheduler and weight-averaging outputs of `optgen build` (called from optgen/build.py).
 
 - specs/schedulers/*.toml → generated/lr_scheduler.py (one class per spec, optgen.schedules.render);
-- specs/averaging/*.toml  → generated/<name>_forloop.py and _foreach.py: the averaging update of
-  optgen.swa_utils, compiled by the optimizer pipeline and rendered by its kernel backends.
+- specs/averaging/*.toml  → generated/<name>_forloop.py, _foreach.py and _triton.py: the averaging
+  update of optgen.swa_utils, compiled by the optimizer pipeline and rendered by its kernel backends.
 
 Everything is rendered to memory; optgen/build.py's FileManager writes it with the rest.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from optgen.backends.base import module_name
 from optgen.backends.foreach import BACKEND as FOREACH
 from optgen.backends.forloop import BACKEND as FORLOOP
+from optgen.backends.triton import BACKEND as TRITON
 from optgen.errors import SpecError
 from optgen.passes import compile_spec
 from optgen.schedules.load import load_schedule
@@ -21,7 +22,7 @@ from optgen.schedules.render import render_module
 from optgen.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-AVERAGING_BACKENDS = (FORLOOP, FOREACH)
+AVERAGING_BACKENDS = (FORLOOP, FOREACH, TRITON)
 
 
 def schedule_paths(root: Path = ROOT) -> list[Path]:
