@@ -284,9 +284,7 @@ class InverseSqrtLR(LRScheduler):
 
     Closed form, from specs/schedulers/inversesqrtlr.toml (t = last_epoch)::
 
-        lr = base_lr * where(t < warmup_steps,
-                warmup_start_factor + (1 - warmup_start_factor) * t / warmup_steps,
-                sqrt(warmup_steps / t))
+        lr = base_lr * where(t < warmup_steps, warmup_start_factor + (1 - warmup_start_factor) * t / warmup_steps, sqrt(warmup_steps / t))
 
     Chainable form, derived by optgen::
 
@@ -441,14 +439,8 @@ class OneCycleLR(OneCycleLRBase):
 
     Closed form, from specs/schedulers/onecyclelr.toml (t = last_epoch)::
 
-        lr = where(t <= end_up, anneal(initial_lr, max_lr, t / end_up),
-where(not three_phase, anneal(max_lr, min_lr, (t - end_up) / (end_last - end_up)),
-where(t <= end_down, anneal(max_lr, initial_lr, (t - end_up) / (end_down - end_up)),
-      anneal(initial_lr, min_lr, (t - end_down) / (end_last - end_down)))))
-        momentum = where(t <= end_up, anneal(max_momentum, base_momentum, t / end_up),
-where(not three_phase, anneal(base_momentum, max_momentum, (t - end_up) / (end_last - end_up)),
-where(t <= end_down, anneal(base_momentum, max_momentum, (t - end_up) / (end_down - end_up)),
-      anneal(max_momentum, max_momentum, (t - end_down) / (end_last - end_down)))))
+        lr = where(t <= end_up, anneal(initial_lr, max_lr, t / end_up), where(not three_phase, anneal(max_lr, min_lr, (t - end_up) / (end_last - end_up)), where(t <= end_down, anneal(max_lr, initial_lr, (t - end_up) / (end_down - end_up)), anneal(initial_lr, min_lr, (t - end_down) / (end_last - end_down)))))
+        momentum = where(t <= end_up, anneal(max_momentum, base_momentum, t / end_up), where(not three_phase, anneal(base_momentum, max_momentum, (t - end_up) / (end_last - end_up)), where(t <= end_down, anneal(base_momentum, max_momentum, (t - end_up) / (end_down - end_up)), anneal(max_momentum, max_momentum, (t - end_down) / (end_last - end_down)))))
 
     Chainable form, derived by optgen::
 
@@ -684,10 +676,7 @@ class WarmupCosineLR(LRScheduler):
 
     Closed form, from specs/schedulers/warmupcosinelr.toml (t = last_epoch)::
 
-        lr = where(t < warmup_steps,
-      base_lr * (warmup_start_factor + (1 - warmup_start_factor) * t / warmup_steps),
-      eta_min + (base_lr - eta_min)
-                * (1 + cos(pi * min(t - warmup_steps, total_steps - warmup_steps) / (total_steps - warmup_steps))) / 2)
+        lr = where(t < warmup_steps, base_lr * (warmup_start_factor + (1 - warmup_start_factor) * t / warmup_steps), eta_min + (base_lr - eta_min) * (1 + cos(pi * min(t - warmup_steps, total_steps - warmup_steps) / (total_steps - warmup_steps))) / 2)
 
     Chainable form, derived by optgen::
 
@@ -762,9 +751,7 @@ class WarmupStableDecayLR(LRScheduler):
 
         progress = min(1, max(0, (t - (total_steps - decay_steps)) / decay_steps))
         cooldown = where(decay_shape == 'linear', 1 - progress, where(decay_shape == 'cosine', (1 + cos(pi * progress)) / 2, 1 - sqrt(progress)))
-        lr = where(t < warmup_steps,
-      base_lr * (warmup_start_factor + (1 - warmup_start_factor) * t / warmup_steps),
-      eta_min + (base_lr - eta_min) * cooldown)
+        lr = where(t < warmup_steps, base_lr * (warmup_start_factor + (1 - warmup_start_factor) * t / warmup_steps), eta_min + (base_lr - eta_min) * cooldown)
 
     Chainable form, derived by optgen::
 

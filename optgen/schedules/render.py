@@ -341,9 +341,12 @@ class ClassRenderer:
             get_lr = self.closed_form_body(momentum=True)
             get_lr_doc = "The closed form at the current step (this scheduler is not chainable, as in torch)."
         closed = self.closed_form_body(momentum=False) if spec.closed_form else None
-        formula = [f"{x.name} = {x.text}" for x in spec.definitions] + [f"lr = {spec.lr.text}"]
+        def one_line(text: str) -> str:  # a multi-line formula, as one line of the docstring
+            return " ".join(text.replace("( ", "(").split()).replace("( ", "(")
+
+        formula = [f"{x.name} = {one_line(x.text)}" for x in spec.definitions] + [f"lr = {one_line(spec.lr.text)}"]
         if spec.momentum:
-            formula.append(f"momentum = {spec.momentum.text}")
+            formula.append(f"momentum = {one_line(spec.momentum.text)}")
         show = SchedulePrinter(lambda n: n, spec.choices, lambda n: n, lambda n: n).print
         explain = d.describe(show)
         if not spec.chainable and not d.why_not:
