@@ -139,7 +139,7 @@ def adadelta_default(
 ) -> None:
     """Adadelta step with maximize=False: one launch of `_adadelta_default_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adadelta_default_kernel,
@@ -276,7 +276,7 @@ def adadelta_maximize(
 ) -> None:
     """Adadelta step with maximize=True: one launch of `_adadelta_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adadelta_maximize_kernel,

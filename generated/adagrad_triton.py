@@ -128,7 +128,7 @@ def adagrad_default(
 ) -> None:
     """Adagrad step with maximize=False: one launch of `_adagrad_default_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adagrad_default_kernel,
@@ -254,7 +254,7 @@ def adagrad_maximize(
 ) -> None:
     """Adagrad step with maximize=True: one launch of `_adagrad_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adagrad_maximize_kernel,

@@ -150,7 +150,7 @@ def adam_default(
 ) -> None:
     """Adam step with amsgrad=False, maximize=False, decoupled_weight_decay=False: one launch of `_adam_default_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adam_default_kernel,
@@ -299,7 +299,7 @@ def adam_decoupled_weight_decay(
 ) -> None:
     """Adam step with amsgrad=False, maximize=False, decoupled_weight_decay=True: one launch of `_adam_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adam_decoupled_weight_decay_kernel,
@@ -447,7 +447,7 @@ def adam_maximize(
 ) -> None:
     """Adam step with amsgrad=False, maximize=True, decoupled_weight_decay=False: one launch of `_adam_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adam_maximize_kernel,
@@ -598,7 +598,7 @@ def adam_maximize_decoupled_weight_decay(
 ) -> None:
     """Adam step with amsgrad=False, maximize=True, decoupled_weight_decay=True: one launch of `_adam_maximize_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adam_maximize_decoupled_weight_decay_kernel,
@@ -749,7 +749,7 @@ def adam_amsgrad(
 ) -> None:
     """Adam step with amsgrad=True, maximize=False, decoupled_weight_decay=False: one launch of `_adam_amsgrad_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adam_amsgrad_kernel,
@@ -903,7 +903,7 @@ def adam_amsgrad_decoupled_weight_decay(
 ) -> None:
     """Adam step with amsgrad=True, maximize=False, decoupled_weight_decay=True: one launch of `_adam_amsgrad_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adam_amsgrad_decoupled_weight_decay_kernel,
@@ -1056,7 +1056,7 @@ def adam_amsgrad_maximize(
 ) -> None:
     """Adam step with amsgrad=True, maximize=True, decoupled_weight_decay=False: one launch of `_adam_amsgrad_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adam_amsgrad_maximize_kernel,
@@ -1212,7 +1212,7 @@ def adam_amsgrad_maximize_decoupled_weight_decay(
 ) -> None:
     """Adam step with amsgrad=True, maximize=True, decoupled_weight_decay=True: one launch of `_adam_amsgrad_maximize_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adam_amsgrad_maximize_decoupled_weight_decay_kernel,

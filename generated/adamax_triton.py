@@ -140,7 +140,7 @@ def adamax_default(
 ) -> None:
     """Adamax step with maximize=False: one launch of `_adamax_default_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adamax_default_kernel,
@@ -278,7 +278,7 @@ def adamax_maximize(
 ) -> None:
     """Adamax step with maximize=True: one launch of `_adamax_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adamax_maximize_kernel,

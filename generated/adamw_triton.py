@@ -153,7 +153,7 @@ def adamw_decoupled_weight_decay(
 ) -> None:
     """AdamW step with amsgrad=False, maximize=False, decoupled_weight_decay=True: one launch of `_adamw_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adamw_decoupled_weight_decay_kernel,
@@ -304,7 +304,7 @@ def adamw_maximize_decoupled_weight_decay(
 ) -> None:
     """AdamW step with amsgrad=False, maximize=True, decoupled_weight_decay=True: one launch of `_adamw_maximize_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adamw_maximize_decoupled_weight_decay_kernel,
@@ -458,7 +458,7 @@ def adamw_amsgrad_decoupled_weight_decay(
 ) -> None:
     """AdamW step with amsgrad=True, maximize=False, decoupled_weight_decay=True: one launch of `_adamw_amsgrad_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adamw_amsgrad_decoupled_weight_decay_kernel,
@@ -614,7 +614,7 @@ def adamw_amsgrad_maximize_decoupled_weight_decay(
 ) -> None:
     """AdamW step with amsgrad=True, maximize=True, decoupled_weight_decay=True: one launch of `_adamw_amsgrad_maximize_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _adamw_amsgrad_maximize_decoupled_weight_decay_kernel,

@@ -149,7 +149,7 @@ def asgd_default(
 ) -> None:
     """ASGD step with maximize=False: one launch of `_asgd_default_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _asgd_default_kernel,
@@ -296,7 +296,7 @@ def asgd_maximize(
 ) -> None:
     """ASGD step with maximize=True: one launch of `_asgd_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _asgd_maximize_kernel,

@@ -167,7 +167,7 @@ def nadam_default(
 ) -> None:
     """NAdam step with decoupled_weight_decay=False, maximize=False: one launch of `_nadam_default_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _nadam_default_kernel,
@@ -332,7 +332,7 @@ def nadam_maximize(
 ) -> None:
     """NAdam step with decoupled_weight_decay=False, maximize=True: one launch of `_nadam_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _nadam_maximize_kernel,
@@ -498,7 +498,7 @@ def nadam_decoupled_weight_decay(
 ) -> None:
     """NAdam step with decoupled_weight_decay=True, maximize=False: one launch of `_nadam_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _nadam_decoupled_weight_decay_kernel,
@@ -666,7 +666,7 @@ def nadam_decoupled_weight_decay_maximize(
 ) -> None:
     """NAdam step with decoupled_weight_decay=True, maximize=True: one launch of `_nadam_decoupled_weight_decay_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _nadam_decoupled_weight_decay_maximize_kernel,

@@ -162,7 +162,7 @@ def radam_default(
 ) -> None:
     """RAdam step with decoupled_weight_decay=False, maximize=False: one launch of `_radam_default_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _radam_default_kernel,
@@ -322,7 +322,7 @@ def radam_maximize(
 ) -> None:
     """RAdam step with decoupled_weight_decay=False, maximize=True: one launch of `_radam_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _radam_maximize_kernel,
@@ -483,7 +483,7 @@ def radam_decoupled_weight_decay(
 ) -> None:
     """RAdam step with decoupled_weight_decay=True, maximize=False: one launch of `_radam_decoupled_weight_decay_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _radam_decoupled_weight_decay_kernel,
@@ -646,7 +646,7 @@ def radam_decoupled_weight_decay_maximize(
 ) -> None:
     """RAdam step with decoupled_weight_decay=True, maximize=True: one launch of `_radam_decoupled_weight_decay_maximize_kernel` for the whole group."""
     guards = {
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _radam_decoupled_weight_decay_maximize_kernel,

@@ -149,9 +149,9 @@ def rmsprop_default(
 ) -> None:
     """RMSprop step with centered=False, maximize=False: one launch of `_rmsprop_default_kernel` for the whole group."""
     guards = {
-        "MOMENTUM_GT_0": momentum > 0,
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
-        "MOMENTUM_LE_0": momentum <= 0,
+        "MOMENTUM_GT_0": bool(momentum > 0),
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
+        "MOMENTUM_LE_0": bool(momentum <= 0),
     }
     launch(
         _rmsprop_default_kernel,
@@ -298,9 +298,9 @@ def rmsprop_maximize(
 ) -> None:
     """RMSprop step with centered=False, maximize=True: one launch of `_rmsprop_maximize_kernel` for the whole group."""
     guards = {
-        "MOMENTUM_GT_0": momentum > 0,
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
-        "MOMENTUM_LE_0": momentum <= 0,
+        "MOMENTUM_GT_0": bool(momentum > 0),
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
+        "MOMENTUM_LE_0": bool(momentum <= 0),
     }
     launch(
         _rmsprop_maximize_kernel,
@@ -452,9 +452,9 @@ def rmsprop_centered(
 ) -> None:
     """RMSprop step with centered=True, maximize=False: one launch of `_rmsprop_centered_kernel` for the whole group."""
     guards = {
-        "MOMENTUM_GT_0": momentum > 0,
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
-        "MOMENTUM_LE_0": momentum <= 0,
+        "MOMENTUM_GT_0": bool(momentum > 0),
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
+        "MOMENTUM_LE_0": bool(momentum <= 0),
     }
     launch(
         _rmsprop_centered_kernel,
@@ -608,9 +608,9 @@ def rmsprop_centered_maximize(
 ) -> None:
     """RMSprop step with centered=True, maximize=True: one launch of `_rmsprop_centered_maximize_kernel` for the whole group."""
     guards = {
-        "MOMENTUM_GT_0": momentum > 0,
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
-        "MOMENTUM_LE_0": momentum <= 0,
+        "MOMENTUM_GT_0": bool(momentum > 0),
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
+        "MOMENTUM_LE_0": bool(momentum <= 0),
     }
     launch(
         _rmsprop_centered_maximize_kernel,

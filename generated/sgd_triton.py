@@ -125,8 +125,8 @@ def sgd_default(
 ) -> None:
     """SGD step with nesterov=False, maximize=False: one launch of `_sgd_default_kernel` for the whole group."""
     guards = {
-        "MOMENTUM_NE_0": momentum != 0,
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "MOMENTUM_NE_0": bool(momentum != 0),
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _sgd_default_kernel,
@@ -249,8 +249,8 @@ def sgd_maximize(
 ) -> None:
     """SGD step with nesterov=False, maximize=True: one launch of `_sgd_maximize_kernel` for the whole group."""
     guards = {
-        "MOMENTUM_NE_0": momentum != 0,
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "MOMENTUM_NE_0": bool(momentum != 0),
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _sgd_maximize_kernel,
@@ -371,8 +371,8 @@ def sgd_nesterov(
 ) -> None:
     """SGD step with nesterov=True, maximize=False: one launch of `_sgd_nesterov_kernel` for the whole group."""
     guards = {
-        "MOMENTUM_NE_0": momentum != 0,
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "MOMENTUM_NE_0": bool(momentum != 0),
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _sgd_nesterov_kernel,
@@ -495,8 +495,8 @@ def sgd_nesterov_maximize(
 ) -> None:
     """SGD step with nesterov=True, maximize=True: one launch of `_sgd_nesterov_maximize_kernel` for the whole group."""
     guards = {
-        "MOMENTUM_NE_0": momentum != 0,
-        "WEIGHT_DECAY_NE_0": weight_decay != 0,
+        "MOMENTUM_NE_0": bool(momentum != 0),
+        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
     }
     launch(
         _sgd_nesterov_maximize_kernel,

@@ -7,7 +7,7 @@ signature (lists of one (device, dtype) group, hyperparameters as keywords, plus
 launches the kernel once for the whole group.  A kernel reads like this (Adam, abridged)::
 
     step = tl.load(step_ptr).to(tl.float64)            # per-tensor scalars, in float64
-    step = step + 1
+    step = (step.to(COUNTER_DTYPE) + 1).to(tl.float64)  # rounded as torch's float32 `step` is
     bias_correction1 = 1 - tl.exp(step * tl.log(beta1))
     ...
     for block in range(start, end, BLOCK):            # this program's chunk of its tensor
@@ -113,7 +113,7 @@ class Kernel:
 class _KernelBuilder:
     """Walks one specialised :class:`Program` into a :class:`Kernel` (see Note [Triton kernel layout])."""
 
-    def __init__(self, program: Program, sig: KernelSignature, spec_name: str):
+    def __init__(self, program: Program, sig: KernelSignature):
         self.program = program
         self.sig = sig
         self.roles = program.roles
@@ -121,7 +121,6 @@ class _KernelBuilder:
         self.statements: list[Assign] = [*program.preamble, *program.body]
         self.host_guards: dict[sympy.Basic, str] = {}      # condition → constexpr name
         self.names: set[str] = set()                       # identifiers taken in the kernel
-        self.spec_name = spec_name
         self.check()
 
     # -- names -------------------------------------------------------------------------------------
@@ -192,7 +191,6 @@ class _KernelBuilder:
         states = [t for t in self.sig.tensors if t not in ("param", "grad") and t in touched]
         lists = ["param", "grad", *states]
         self.names |= {self.kname(n) for n in roles} | {f"{self.kname(t)}_ptr" for t in [*lists, *counters]}
-        tensor_names = {n for n, r in roles.items() if r.is_tensor}
 
         # -- presence of each tensor list: the host guards of the statements that touch it --------
         presence: dict[str, sympy.Basic] = {}
@@ -293,7 +291,7 @@ class _KernelBuilder:
                 continue
             # A tensor statement: its scalar subexpressions become float64 scalars computed here.
             later = later_scalar_defs[i]
-            replaced, snapshot_lines = self._scalar_operands(a, host, later, tensor_names, cast)
+            replaced, snapshot_lines = self._scalar_operands(a, host, later, cast)
             scalar_lines += self._guarded(host, snapshot_lines)
             value = self.printer()(replaced["value"])
             if not is_tensor_valued(a.value, roles):
@@ -392,7 +390,7 @@ class _KernelBuilder:
                 later.add(a.target)
         return out[::-1]
 
-    def _scalar_operands(self, a: Assign, host, later: set[str], tensor_names: set[str], cast: dict):
+    def _scalar_operands(self, a: Assign, host, later: set[str], cast: dict):
         """Replaces each maximal scalar subexpression of a tensor statement with a float64 scalar
         computed in the scalar section; returns the new expressions and the lines computing them."""
         lines: list[str] = []
@@ -475,7 +473,7 @@ class TritonBackend(Backend):
         for v in compiled.variants:
             base = f"{module_name(compiled.spec.name)}_{v.program.variant_name}"
             flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "no flags"
-            builder = _KernelBuilder(v.program, sig, compiled.spec.name)
+            builder = _KernelBuilder(v.program, sig)
             out.append(builder.build(kernel=f"_{base}_kernel", function=base,
                                      key=repr(tuple(val for _, val in v.flags)),
                                      doc=f"{compiled.spec.name} step with {flags}"))

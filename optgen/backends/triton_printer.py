@@ -260,5 +260,5 @@ class TritonPrinter(InfixPrinter):
 
     def _print_Numel(self, expr):
         # Every tensor an elementwise kernel touches has the parameter's number of elements.
-        return self.numel
+        return f"{self.numel}.to(tl.float64)"
 
