@@ -7,7 +7,7 @@ import sympy
 
 from optgen.errors import Location, SpecError
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
-from optgen.spec.expressions import MathBuilder, node_location, symbol
+from optgen.spec.expressions import MathBuilder, node_location
 from optgen.spec.model import Spec
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 import re
 import string
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from optgen.schedules import expressions
 from optgen.schedules.model import (BASE_LR, REQUIRED, RUNTIME_OPTIONS, T, Attribute, Check, Definition,
                                     Function, Hyperparameter, PerGroup, ScheduleSpec)
 from optgen.spec.expressions import parse_python, strip_located
-from optgen.spec.toml_locations import locate
+from optgen.spec.toml_source import Source, expect, read, reject_unknown
 
 SECTIONS = {
     "scheduler": {"name", "doc", "paper", "torch", "signature", "base", "base_init", "chainable",
@@ -47,72 +45,7 @@ RESERVED = {"t", "base_lr", "lr", "momentum", "pi", "self", "group", "optimizer"
 # An annotation is printed into the signature: identifiers, brackets, commas, |, dots and quotes only.
 _ANNOTATION = re.compile(r"[A-Za-z_][\w\[\], |.]*(\[(\"[\w -]*\"(, )?)+\])?\]*")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-@dataclass
-class _Source:
-    path: str
-    text: str
-    positions: dict
-    value_positions: dict
-
-    def key_loc(self, path: tuple) -> Location:
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.positions:
-                return Location(self.path, *self.positions[path[:n]])
-        return Location(self.path, 1, 1)
-
-    def value_loc(self, path: tuple) -> Location:
-        if path in self.value_positions:
-            return Location(self.path, *self.value_positions[path])
-        return self.key_loc(path)
-
-
-def _display_path(path: Path) -> str:
-    for base in (PROJECT_ROOT, Path.cwd().resolve()):
-        try:
-            return str(path.resolve().relative_to(base))
-        except ValueError:
-            continue
-    return str(path)
-
-
-def _read(path: Path) -> tuple[dict, _Source]:
-    shown = _display_path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError(None, f"{shown}: cannot read spec: {e.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        message, line, col = str(e), 1, 1
-        if "(at line " in message:
-            message, _, where = message.rpartition(" (at line ")
-            line_s, _, col_s = where.rstrip(")").partition(", column ")
-            line, col = int(line_s), int(col_s or 1)
-        raise SpecError(Location(shown, line, col), f"TOML syntax error: {message}") from None
-    positions, value_positions = locate(text)
-    return data, _Source(shown, text, positions, value_positions)
-
-
-def _reject_unknown(table: dict, allowed: set[str], src: _Source, path: tuple, what: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise SpecError(src.key_loc(path + (key,)),
-                            f"unknown key '{key}' in {what}; allowed keys: {', '.join(sorted(allowed))}")
-
-
-def _expect(value: Any, types: type | tuple, src: _Source, path: tuple, what: str) -> Any:
-    if not isinstance(value, types) or (bool not in (types if isinstance(types, tuple) else (types,))
-                                        and isinstance(value, bool)):
-        names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
-        raise SpecError(src.value_loc(path), f"{what} must be a {names}, not {type(value).__name__}")
-    return value
-
-
-def _table(raw: Any, src: _Source, path: tuple, what: str) -> dict:
+def _table(raw: Any, src: Source, path: tuple, what: str) -> dict:
     if not isinstance(raw, dict):
         raise SpecError(src.key_loc(path), f"{what} must be a table")
     return raw
@@ -120,7 +53,7 @@ def _table(raw: Any, src: _Source, path: tuple, what: str) -> dict:
 
 def load_schedule(path: str | Path) -> ScheduleSpec:
     """Reads and validates one schedule spec; raises SpecError with file:line:col."""
-    data, src = _read(Path(path))
+    data, src = read(Path(path))
     for section, value in data.items():
         if section not in SECTIONS:
             raise SpecError(src.key_loc((section,)),
@@ -131,7 +64,7 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
         elif not isinstance(value, dict):
             raise SpecError(src.key_loc((section,)), f"'{section}' must be a table: [{section}]")
         elif SECTIONS[section] is not None:
-            _reject_unknown(value, SECTIONS[section], src, (section,), f"[{section}]")
+            reject_unknown(value, SECTIONS[section], src, (section,), f"[{section}]")
     if "scheduler" not in data:
         raise SpecError(Location(src.path, 1, 1), "missing [scheduler] section (with at least name = \"...\")")
     head = data["scheduler"]
@@ -141,7 +74,7 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
             if required:
                 raise SpecError(src.key_loc(("scheduler",)), f"[scheduler] needs '{key}'")
             return default
-        value = _expect(head[key], types, src, ("scheduler", key), f"scheduler.{key}")
+        value = expect(head[key], types, src, ("scheduler", key), f"scheduler.{key}")
         if choices is not None and value not in choices:
             raise SpecError(src.value_loc(("scheduler", key)),
                             f"scheduler.{key} must be one of {', '.join(map(repr, sorted(choices)))}")
@@ -222,7 +155,7 @@ def _hyper_role(h: Hyperparameter) -> tuple[str, sympy.Symbol]:
     return "hyper", sympy.Symbol(h.name, **assumptions)
 
 
-def _hyperparameters(table: dict, src: _Source) -> dict[str, Hyperparameter]:
+def _hyperparameters(table: dict, src: Source) -> dict[str, Hyperparameter]:
     out: dict[str, Hyperparameter] = {}
     for name, raw in table.items():
         path = ("hyperparameters", name)
@@ -233,14 +166,14 @@ def _hyperparameters(table: dict, src: _Source) -> dict[str, Hyperparameter]:
                                  f"{', '.join(sorted(RESERVED | set(RUNTIME_OPTIONS)))})")
         entry = raw if isinstance(raw, dict) else {"default": raw}
         if isinstance(raw, dict):
-            _reject_unknown(raw, HYPERPARAMETER_KEYS, src, path, f"hyperparameter '{name}'")
+            reject_unknown(raw, HYPERPARAMETER_KEYS, src, path, f"hyperparameter '{name}'")
         given = [k for k in ("default", "required", "optional") if k in entry]
         if len(given) != 1:
             raise SpecError(loc, f"hyperparameter '{name}' needs exactly one of default = <value>, "
                                  "required = true (no default) or optional = true (default None)")
         if "required" in entry or "optional" in entry:
             key = given[0]
-            if _expect(entry[key], bool, src, path + (key,), key) is not True:
+            if expect(entry[key], bool, src, path + (key,), key) is not True:
                 raise SpecError(src.value_loc(path + (key,)), f"write {key} = true, or leave it out")
             default = REQUIRED if key == "required" else None
         else:
@@ -249,7 +182,7 @@ def _hyperparameters(table: dict, src: _Source) -> dict[str, Hyperparameter]:
             if not isinstance(default, (bool, int, float, str)):
                 raise SpecError(src.value_loc(dpath), f"default of '{name}' must be a number, a bool or a string, "
                                                       f"not {type(default).__name__}")
-        choices = tuple(_expect(entry.get("choices", []), list, src, path + ("choices",), "choices"))
+        choices = tuple(expect(entry.get("choices", []), list, src, path + ("choices",), "choices"))
         if any(not isinstance(c, str) for c in choices):
             raise SpecError(src.value_loc(path + ("choices",)), "choices must be a list of strings")
         annotation = entry.get("type")
@@ -259,7 +192,7 @@ def _hyperparameters(table: dict, src: _Source) -> dict[str, Hyperparameter]:
                                      "give type = \"...\" (e.g. \"int\", \"float | list[float]\")")
             annotation = ("Literal[" + ", ".join(f'"{c}"' for c in choices) + "]" if choices
                           else type(default).__name__)
-        _expect(annotation, str, src, path + ("type",), "type")
+        expect(annotation, str, src, path + ("type",), "type")
         if not _ANNOTATION.fullmatch(annotation):
             raise SpecError(src.value_loc(path + ("type",)), f"type '{annotation}' is not a type annotation")
         attribute = entry.get("attribute", name)
@@ -270,12 +203,12 @@ def _hyperparameters(table: dict, src: _Source) -> dict[str, Hyperparameter]:
         convert = entry.get("convert")
         if convert is not None and convert not in CONVERTERS:
             raise SpecError(src.value_loc(path + ("convert",)), f"convert must be one of {', '.join(CONVERTERS)}")
-        positive = _expect(entry.get("positive", False), bool, src, path + ("positive",), "positive")
+        positive = expect(entry.get("positive", False), bool, src, path + ("positive",), "positive")
         out[name] = Hyperparameter(name, default, annotation, attribute, convert, choices, positive, loc)
     return out
 
 
-def _signature(text: str, hyper: dict[str, Hyperparameter], src: _Source) -> tuple[str, ...]:
+def _signature(text: str, hyper: dict[str, Hyperparameter], src: Source) -> tuple[str, ...]:
     loc = src.value_loc(("scheduler", "signature"))
     items = tuple(s.strip() for s in text.split(",") if s.strip())
     params = [s for s in items if s != "*"]
@@ -320,7 +253,7 @@ def _message(message: str, loc: Location, names: set[str], rename=None) -> str:
     return "".join(out)
 
 
-def _checks(raw_checks: list, src: _Source, hyper: dict[str, Hyperparameter],
+def _checks(raw_checks: list, src: Source, hyper: dict[str, Hyperparameter],
             signature: tuple[str, ...]) -> tuple[tuple[Check, ...], tuple[Check, ...]]:
     init_names = {s for s in signature if s != "*"}
     step_names = {"t"} | {h.name for h in hyper.values() if h.attribute}
@@ -331,11 +264,11 @@ def _checks(raw_checks: list, src: _Source, hyper: dict[str, Hyperparameter],
     init, step = [], []
     for i, raw in enumerate(raw_checks):
         path = ("check", i)
-        _reject_unknown(raw, SECTIONS["check"], src, path, "[[check]]")
+        reject_unknown(raw, SECTIONS["check"], src, path, "[[check]]")
         for key in ("assert", "error"):
             if key not in raw:
                 raise SpecError(src.key_loc(path), f"[[check]] needs '{key}'")
-            _expect(raw[key], str, src, path + (key,), f"check.{key}")
+            expect(raw[key], str, src, path + (key,), f"check.{key}")
         kind = raw.get("type", "ValueError")
         if kind not in ERROR_TYPES:
             raise SpecError(src.value_loc(path + ("type",)),
@@ -348,44 +281,44 @@ def _checks(raw_checks: list, src: _Source, hyper: dict[str, Hyperparameter],
         ok = expressions.parse_python_check(raw["assert"], src.value_loc(path + ("assert",)), names, what, rename)
         when = None
         if "when" in raw:
-            when = expressions.parse_python_check(_expect(raw["when"], str, src, path + ("when",), "check.when"),
+            when = expressions.parse_python_check(expect(raw["when"], str, src, path + ("when",), "check.when"),
                                                   src.value_loc(path + ("when",)), names, what, rename)
         message = _message(raw["error"], src.value_loc(path + ("error",)), names, rename)
         (init if at == "init" else step).append(Check(ok, message, kind, when, src.key_loc(path)))
     return tuple(init), tuple(step)
 
 
-def _state(table: dict, src: _Source, args: set[str]) -> dict[str, str]:
+def _state(table: dict, src: Source, args: set[str]) -> dict[str, str]:
     out = {}
     for name, raw in table.items():
         path = ("state", name)
         if not name.isidentifier() or name in RESERVED:
             raise SpecError(src.key_loc(path), f"state name '{name}' is not a valid attribute name")
-        text = _expect(raw, str, src, path, f"state.{name}")
+        text = expect(raw, str, src, path, f"state.{name}")
         out[name] = expressions.parse_python_check(text, src.value_loc(path), args - {"*"}, "a state initialiser")
     return out
 
 
-def _per_group(table: dict, src: _Source, names: dict[str, str]) -> dict:
+def _per_group(table: dict, src: Source, names: dict[str, str]) -> dict:
     out = {}
     for name, raw in table.items():
         path = ("per_group", name)
         entry = _table(raw, src, path, f"per_group.{name}")
         if not name.isidentifier() or name in RESERVED:
             raise SpecError(src.key_loc(path), f"'{name}' cannot be a per-group name")
-        _reject_unknown(entry, {"group", "list"}, src, path, f"per_group.{name}")
+        reject_unknown(entry, {"group", "list"}, src, path, f"per_group.{name}")
         if len(entry) != 1:
             raise SpecError(src.key_loc(path), f"per_group.{name} needs one of group = \"<param group key>\" "
                                                "or list = \"<scheduler list attribute>\"")
         (kind, where), = entry.items()
-        _expect(where, str, src, path + (kind,), f"per_group.{name}.{kind}")
+        expect(where, str, src, path + (kind,), f"per_group.{name}.{kind}")
         if not where.isidentifier():
             raise SpecError(src.value_loc(path + (kind,)), f"'{where}' is not an identifier")
         out[name] = PerGroup(name, kind, where, src.key_loc(path))
     return out
 
 
-def _attributes(table: dict, src: _Source, names: dict, symbols: dict, methods: dict) -> dict[str, Attribute]:
+def _attributes(table: dict, src: Source, names: dict, symbols: dict, methods: dict) -> dict[str, Attribute]:
     out = {}
     for name, raw in table.items():
         path = ("attributes", name)
@@ -396,16 +329,16 @@ def _attributes(table: dict, src: _Source, names: dict, symbols: dict, methods: 
             raise SpecError(loc, f"'{name}' is already a per-group name")
         entry = raw if isinstance(raw, dict) else {"value": raw}
         if isinstance(raw, dict):
-            _reject_unknown(raw, ATTRIBUTE_KEYS, src, path, f"attribute '{name}'")
+            reject_unknown(raw, ATTRIBUTE_KEYS, src, path, f"attribute '{name}'")
         vpath = path + ("value",) if isinstance(raw, dict) else path
-        text = _expect(entry.get("value", name), str, src, vpath, f"attributes.{name}")
+        text = expect(entry.get("value", name), str, src, vpath, f"attributes.{name}")
         python = _attribute_python(text, src.value_loc(vpath))
         kind = entry.get("type", "number")
         if kind not in ("number", "bool", "str"):
             raise SpecError(src.value_loc(path + ("type",)), "type must be \"number\", \"bool\" or \"str\"")
         call = entry.get("call")
         if call is not None:
-            methods[name] = _expect(call, int, src, path + ("call",), "call")
+            methods[name] = expect(call, int, src, path + ("call",), "call")
             names.pop(name, None)
         else:
             names[name] = {"number": "attribute", "bool": "flag", "str": "choice"}[kind]
@@ -425,14 +358,14 @@ def _attribute_python(text: str, loc: Location) -> str:
     return expressions.parse_python_check(text, loc, names, "an attribute", lambda n: f"self.{n}")
 
 
-def _assume(raw: Any, src: _Source, builder: dict) -> tuple:
+def _assume(raw: Any, src: Source, builder: dict) -> tuple:
     """[scheduler] assume = ["total_steps > warmup_steps", …]: relations between integer
     hyperparameters that the checks guarantee; the derivation uses them to drop impossible phases."""
     path = ("scheduler", "assume")
     out = []
-    for i, text in enumerate(_expect(raw, list, src, path, "scheduler.assume")):
+    for i, text in enumerate(expect(raw, list, src, path, "scheduler.assume")):
         loc = src.value_loc(path + (i,))
-        text = _expect(text, str, src, path + (i,), "an assumption")
+        text = expect(text, str, src, path + (i,), "an assumption")
         loc_, stripped = strip_located(text, loc)
         tree = parse_python(stripped, loc_).body
         rel = expressions.FormulaBuilder(loc_, what="an assumption", **builder).condition(tree)
@@ -443,24 +376,24 @@ def _assume(raw: Any, src: _Source, builder: dict) -> tuple:
     return tuple(out)
 
 
-def _functions(table: dict, src: _Source, builder: dict) -> dict[str, Function]:
+def _functions(table: dict, src: Source, builder: dict) -> dict[str, Function]:
     out = {}
     for name, raw in table.items():
         path = ("functions", name)
         entry = _table(raw, src, path, f"functions.{name}")
-        _reject_unknown(entry, FUNCTION_KEYS, src, path, f"function '{name}'")
+        reject_unknown(entry, FUNCTION_KEYS, src, path, f"function '{name}'")
         if not name.isidentifier() or name in RESERVED or name in builder["names"] or name in expressions.FUNCTIONS:
             raise SpecError(src.key_loc(path), f"'{name}' cannot be a function name (taken or reserved)")
         for key in FUNCTION_KEYS:
             if key not in entry:
                 raise SpecError(src.key_loc(path), f"function '{name}' needs args = \"a, b\" and value = \"...\"")
-        args = [a.strip() for a in _expect(entry["args"], str, src, path + ("args",), "args").split(",") if a.strip()]
+        args = [a.strip() for a in expect(entry["args"], str, src, path + ("args",), "args").split(",") if a.strip()]
         if not args or any(not a.isidentifier() or a in RESERVED for a in args) or len(set(args)) != len(args):
             raise SpecError(src.value_loc(path + ("args",)), "args must be distinct identifiers, e.g. \"start, end, pct\"")
         local = dict(builder)
         local["names"] = {**builder["names"], **{a: "argument" for a in args}}
         local["symbols"] = {**builder["symbols"], **{a: sympy.Symbol(a, real=True) for a in args}}
-        body = expressions.parse_formula(_expect(entry["value"], str, src, path + ("value",), "value"),
+        body = expressions.parse_formula(expect(entry["value"], str, src, path + ("value",), "value"),
                                          src.value_loc(path + ("value",)), local, f"function {name}")
         symbols_used = {s.name for s in body.free_symbols}
         if "t" in symbols_used or "base_lr" in symbols_used:
@@ -471,14 +404,14 @@ def _functions(table: dict, src: _Source, builder: dict) -> dict[str, Function]:
     return out
 
 
-def _schedule(table: dict | None, src: _Source, builder: dict):
+def _schedule(table: dict | None, src: Source, builder: dict):
     if table is None:
         raise SpecError(Location(src.path, 1, 1), "missing [schedule] section with lr = \"<formula of t and base_lr>\"")
     definitions, lr, momentum = [], None, None
     for name, raw in table.items():
         path = ("schedule", name)
         loc = src.key_loc(path)
-        text = _expect(raw, str, src, path, f"schedule.{name}")
+        text = expect(raw, str, src, path, f"schedule.{name}")
         if name not in ("lr", "momentum") and (not name.isidentifier() or name in RESERVED
                                                or name in builder["names"] or name in builder["functions"]):
             raise SpecError(loc, f"'{name}' cannot be defined here: it is reserved or already a name")

@@ -22,7 +22,7 @@ from sympy.printing.precedence import PRECEDENCE
 from optgen.backends.base import environment
 from optgen.errors import SpecError
 from optgen.schedules.derive import Branch, Derivation, Interval, Step, derive
-from optgen.schedules.model import BASE_LR, CURRENT_LR, REQUIRED, T, ScheduleSpec
+from optgen.schedules.model import CURRENT_LR, REQUIRED, T, ScheduleSpec
 from optgen.schedules.printing import SchedulePrinter, statements
 
 KEEP = 'return _param_groups_val_list(self.optimizer, "lr")'

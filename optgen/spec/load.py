@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import sympy
 from optgen.errors import Location, SpecError
 from optgen.spec import expressions
 from optgen.spec.model import RUNTIME_OPTIONS, Check, Hyperparameter, Spec, StateVar
-from optgen.spec.toml_locations import locate
+from optgen.spec.toml_source import Source, expect, read, reject_unknown
 
 SECTIONS = {
     "optimizer": {"name", "doc", "paper", "extends", "signature", "group_keys", "complex",
@@ -38,91 +36,19 @@ STATE_KEYS = {"init", "first", "when", "key", "host"}
 ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError"}
 
 
-@dataclass
-class _Source:
-    """One file's text and the positions of its keys."""
-
-    path: str
-    text: str
-    positions: dict
-    value_positions: dict
-
-    def key_loc(self, path: tuple) -> Location:
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.positions:
-                return Location(self.path, *self.positions[path[:n]])
-        return Location(self.path, 1, 1)
-
-    def value_loc(self, path: tuple) -> Location:
-        if path in self.value_positions:
-            return Location(self.path, *self.value_positions[path])
-        return self.key_loc(path)
-
-
-def _read(path: Path) -> tuple[dict, _Source]:
-    shown = _display_path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError(None, f"{shown}: cannot read spec: {e.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        # tomllib says "... (at line L, column C)"; move the position to the front.
-        message, line, col = str(e), 1, 1
-        if "(at line " in message:
-            message, _, where = message.rpartition(" (at line ")
-            line_s, _, col_s = where.rstrip(")").partition(", column ")
-            line, col = int(line_s), int(col_s or 1)
-        elif "(at end of document)" in message:
-            message = message.replace(" (at end of document)", "")
-            line = text.count("\n") + 1
-        raise SpecError(Location(shown, line, col), f"TOML syntax error: {message}") from None
-    positions, value_positions = locate(text)
-    return data, _Source(shown, text, positions, value_positions)
-
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def _display_path(path: Path) -> str:
-    """Paths in messages and generated headers: relative to the project (so a build's output does
-    not depend on the directory it ran from), else to the working directory."""
-    for base in (PROJECT_ROOT, Path.cwd().resolve()):
-        try:
-            return str(path.resolve().relative_to(base))
-        except ValueError:
-            continue
-    return str(path)
-
-
-def _reject_unknown(table: dict, allowed: set[str], src: _Source, path: tuple, what: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise SpecError(src.key_loc(path + (key,)),
-                            f"unknown key '{key}' in {what}; allowed keys: {', '.join(sorted(allowed))}")
-
-
-def _expect(value: Any, types: type | tuple, src: _Source, path: tuple, what: str) -> Any:
-    if not isinstance(value, types) or (types in (int, float, (int, float)) and isinstance(value, bool)):
-        names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
-        raise SpecError(src.value_loc(path), f"{what} must be a {names}, not {type(value).__name__}")
-    return value
-
-
 class _Merged:
     """A spec's tables after `extends`, each entry remembering the file it came from."""
 
     def __init__(self):
-        self.optimizer: dict[str, tuple[Any, _Source]] = {}
-        self.hyperparameters: dict[str, tuple[Any, _Source]] = {}
-        self.state: dict[str, tuple[Any, _Source]] = {}
-        self.checks: list[tuple[dict, _Source, int]] = []
-        self.rule: tuple[str, _Source] | None = None
+        self.optimizer: dict[str, tuple[Any, Source]] = {}
+        self.hyperparameters: dict[str, tuple[Any, Source]] = {}
+        self.state: dict[str, tuple[Any, Source]] = {}
+        self.checks: list[tuple[dict, Source, int]] = []
+        self.rule: tuple[str, Source] | None = None
 
 
-def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tuple[_Merged, _Source]:
-    data, src = _read(path)
+def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tuple[_Merged, Source]:
+    data, src = read(path)
     for section, value in data.items():
         if section not in SECTIONS:
             raise SpecError(src.key_loc((section,)),
@@ -134,7 +60,7 @@ def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tup
             raise SpecError(src.key_loc((section,)), f"'{section}' must be a table: [{section}]")
         allowed = SECTIONS[section]
         if allowed is not None and section != "check":
-            _reject_unknown(value, allowed, src, (section,), f"[{section}]")
+            reject_unknown(value, allowed, src, (section,), f"[{section}]")
 
     optimizer = data.get("optimizer")
     if optimizer is None:
@@ -142,7 +68,7 @@ def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tup
     merged = _Merged()
     base_name = optimizer.get("extends")
     if base_name is not None:
-        _expect(base_name, str, src, ("optimizer", "extends"), "extends")
+        expect(base_name, str, src, ("optimizer", "extends"), "extends")
         base_path = search_dir / f"{base_name.lower()}.toml"
         if base_name in seen or not base_path.is_file():
             why = "extends itself in a cycle" if base_name in seen else f"no spec file {base_path.name} next to it"
@@ -177,7 +103,7 @@ def load_spec(path: str | Path) -> Spec:
                 raise SpecError(src.key_loc(("optimizer",)), f"[optimizer] needs '{key}'")
             return default
         value, vsrc = opt[key]
-        return _expect(value, types, vsrc, ("optimizer", key), f"optimizer.{key}")
+        return expect(value, types, vsrc, ("optimizer", key), f"optimizer.{key}")
 
     for key in ("doc", "paper"):  # they go into docstrings: no way out of the quotes
         if key in opt and isinstance(opt[key][0], str) and ('"""' in opt[key][0] or "\\" in opt[key][0]):
@@ -227,7 +153,7 @@ def load_spec(path: str | Path) -> Spec:
     )
 
 
-def _combined_source(merged: _Merged, src: _Source) -> str:
+def _combined_source(merged: _Merged, src: Source) -> str:
     """The text a spec's hash covers: its own file and every file it extends."""
     files = {s.path: s.text for _, s in merged.optimizer.values()}
     files.update({s.path: s.text for _, s in merged.hyperparameters.values()})
@@ -247,7 +173,7 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
                                  "optimizer.signature instead of declaring it")
         table = raw if isinstance(raw, dict) else {"default": raw}
         if isinstance(raw, dict):
-            _reject_unknown(raw, HYPERPARAMETER_KEYS, src, path, f"hyperparameter '{name}'")
+            reject_unknown(raw, HYPERPARAMETER_KEYS, src, path, f"hyperparameter '{name}'")
             if "default" not in raw:
                 raise SpecError(loc, f"hyperparameter '{name}' needs a default")
         default = table["default"]
@@ -255,7 +181,7 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
         names: tuple[str, ...] = ()
         choices: tuple[str, ...] = ()
         if "choices" in table:
-            choices = tuple(_expect(table["choices"], list, src, path + ("choices",), f"{name}.choices"))
+            choices = tuple(expect(table["choices"], list, src, path + ("choices",), f"{name}.choices"))
             if not choices or not all(isinstance(c, str) and c.isidentifier() for c in choices):
                 raise SpecError(src.value_loc(path + ("choices",)), "choices must be a list of identifiers")
             if default != NONE and default not in choices:
@@ -265,7 +191,7 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
         if "derive" in table:  # a None default computed from others, e.g. LBFGS's max_eval
             if default != NONE:
                 raise SpecError(src.key_loc(path + ("derive",)), 'derive = "..." needs default = "None"')
-            text = _expect(table["derive"], str, src, path + ("derive",), "derive")
+            text = expect(table["derive"], str, src, path + ("derive",), "derive")
             names = set(merged.hyperparameters)
             derive = expressions.parse_check(text, src.value_loc(path + ("derive",)), names)
             out[name] = Hyperparameter(name, None, loc, derive=derive)
@@ -273,9 +199,9 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
         if isinstance(default, list):
             for i, item in enumerate(default):
                 if item != NONE:
-                    _expect(item, (int, float), src, dpath + (i,), f"{name}[{i}]")
+                    expect(item, (int, float), src, dpath + (i,), f"{name}[{i}]")
             default = [None if item == NONE else item for item in default]
-            names = tuple(_expect(table.get("names"), list, src, path + ("names",), f"{name}.names")
+            names = tuple(expect(table.get("names"), list, src, path + ("names",), f"{name}.names")
                           if "names" in table else ())
             if len(names) != len(default):
                 raise SpecError(src.key_loc(path), f"tuple hyperparameter '{name}' needs names = [...] "
@@ -289,8 +215,8 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
                                                   f"of numbers (\"None\" for None), not {type(default).__name__}")
         elif "names" in table:
             raise SpecError(src.key_loc(path + ("names",)), "names = [...] is only for tuple hyperparameters")
-        fixed = _expect(table.get("fixed", False), bool, src, path + ("fixed",), "fixed")
-        tensor = _expect(table.get("tensor", False), bool, src, path + ("tensor",), "tensor")
+        fixed = expect(table.get("fixed", False), bool, src, path + ("fixed",), "fixed")
+        tensor = expect(table.get("tensor", False), bool, src, path + ("tensor",), "tensor")
         out[name] = Hyperparameter(name, default, loc, names, fixed, tensor)
     return out
 
@@ -300,11 +226,11 @@ def _checks(merged: _Merged, hyper: dict[str, Hyperparameter]) -> tuple[Check, .
     out = []
     for raw, src, i in merged.checks:
         path = ("check", i)
-        _reject_unknown(raw, SECTIONS["check"], src, path, "[[check]]")
+        reject_unknown(raw, SECTIONS["check"], src, path, "[[check]]")
         for key in ("assert", "error"):
             if key not in raw:
                 raise SpecError(src.key_loc(path), f"[[check]] needs '{key}'")
-            _expect(raw[key], str, src, path + (key,), f"check.{key}")
+            expect(raw[key], str, src, path + (key,), f"check.{key}")
         kind = raw.get("type", "ValueError")
         if kind not in ERROR_TYPES:
             raise SpecError(src.value_loc(path + ("type",)),
@@ -316,7 +242,7 @@ def _checks(merged: _Merged, hyper: dict[str, Hyperparameter]) -> tuple[Check, .
         ok = expressions.parse_check(raw["assert"], src.value_loc(path + ("assert",)), scope)
         when = None
         if "when" in raw:
-            when = expressions.parse_check(_expect(raw["when"], str, src, path + ("when",), "check.when"),
+            when = expressions.parse_check(expect(raw["when"], str, src, path + ("when",), "check.when"),
                                            src.value_loc(path + ("when",)), scope)
         _check_message(raw["error"], src.value_loc(path + ("error",)), names,
                        extra=PARAM_FIELDS if each else ())
@@ -388,21 +314,21 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
                                  "by a hyperparameter / param / grad")
         table = raw if isinstance(raw, dict) else {"init": raw}
         if isinstance(raw, dict):
-            _reject_unknown(raw, STATE_KEYS, src, path, f"state '{name}'")
+            reject_unknown(raw, STATE_KEYS, src, path, f"state '{name}'")
         if ("init" in table) == ("first" in table):
             raise SpecError(loc, f"state '{name}' needs exactly one of init = \"zeros_like(param)\" / "
                                  "\"full_like(param, x)\" / \"0\", or first = \"<expression>\"")
         when = sympy.true
         if "when" in table:
-            text = _expect(table["when"], str, src, path + ("when",), "when")
+            text = expect(table["when"], str, src, path + ("when",), "when")
             when = expressions.parse_condition(text, src.value_loc(path + ("when",)), names,
                                                "a state condition")
-        key = _expect(table.get("key", name), str, src, path + ("key",), "key")
+        key = expect(table.get("key", name), str, src, path + ("key",), "key")
         if not key.isidentifier():  # it is printed into generated code as state["<key>"]
             raise SpecError(src.value_loc(path + ("key",)), f"state key '{key}' must be a Python identifier, "
                                                             "like torch's 'exp_avg' or 'sum'")
         if "first" in table:
-            text = _expect(table["first"], str, src, path + ("first",), "first")
+            text = expect(table["first"], str, src, path + ("first",), "first")
             value = expressions.parse_math(text, src.value_loc(path + ("first",)),
                                            {**names, name: "state"}, "a state's first value")
             out[name] = StateVar(name, key, "first", value, when, loc)
@@ -411,9 +337,9 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
         ipath = path + ("init",) if isinstance(raw, dict) else path
         if isinstance(raw_init, (int, float)) and not isinstance(raw_init, bool):
             raw_init = repr(raw_init)
-        text = _expect(raw_init, str, src, ipath, "init")
+        text = expect(raw_init, str, src, ipath, "init")
         kind, value = _parse_init(text, src.value_loc(ipath), names)
-        host = _expect(table.get("host", False), bool, src, path + ("host",), "host")
+        host = expect(table.get("host", False), bool, src, path + ("host",), "host")
         if host and kind != "scalar":
             raise SpecError(src.key_loc(path + ("host",)), "host = true is only for counters (init = a number)")
         out[name] = StateVar(name, key, kind, value, when, loc, host=host)
