@@ -6,7 +6,8 @@ under Triton's interpreter).  Run it on the first GPU machine and check it befor
 For every optimizer with a triton implementation, at 1M / 10M / 100M parameters spread over
 about 200 tensors (``optgen.bench.shapes``), fp32, it times one ``step()`` of:
 
-- optgen triton (``fused=True``), optgen foreach, optgen forloop;
+- optgen triton (``fused=True`` where the signature has it, else ``implementation = "triton"``),
+  optgen foreach, optgen forloop;
 - torch forloop, foreach, fused (Adam, AdamW, SGD, Adagrad have one), and
   ``torch.compile(opt.step)`` with a Tensor lr (so a changing lr does not recompile), whose
   compile time is reported apart.
@@ -20,6 +21,7 @@ of copy bandwidth, and at least 3× torch foreach where torch has no fused kerne
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 
@@ -54,9 +56,10 @@ def implementations(name: str, kwargs: dict) -> dict:
 
     cls, theirs = optgen.OPTIMIZERS[name], getattr(torch.optim, name, None)
     out = {}
+    takes_fused = "fused" in inspect.signature(cls).parameters  # as in torch: Adam, AdamW, SGD, Adagrad
     for impl in ("triton", "foreach", "forloop"):
         def make(ps, impl=impl):
-            opt = cls(ps, fused=True, **kwargs) if impl == "triton" else cls(ps, **kwargs)
+            opt = cls(ps, fused=True, **kwargs) if impl == "triton" and takes_fused else cls(ps, **kwargs)
             opt.implementation = impl
             return opt.step, opt
         out[f"optgen {impl}"] = make

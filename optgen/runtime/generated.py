@@ -100,6 +100,7 @@ class GeneratedOptimizer(Optimizer):
                    for kw, (key, index) in self._scalars.items()}
         if fused:
             scalars.update(grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
+            _counters_on_device(self, params, states, tensors)
         elif _unscale_or_skip(self, grads):
             return
         run = _run_differentiable if group.get("differentiable") else _run
@@ -142,6 +143,19 @@ class GeneratedOptimizer(Optimizer):
 
 def _raw(value):
     return value
+
+
+def _counters_on_device(optimizer, params, states, tensors) -> None:
+    """A fused kernel reads the counters (``step``) on the parameters' device.  State made where
+    torch keeps counters on the CPU (no ``fused`` / ``capturable``: another implementation, or an
+    optimizer whose signature has no ``fused``) moves there once, as float32, as torch's fused
+    optimizers keep it."""
+    for name, key in optimizer._counter_state:
+        values = tensors[name]
+        for i, (p, s) in enumerate(zip(params, states)):
+            t = values[i]
+            if isinstance(t, torch.Tensor) and t.device != p.device:
+                s[key] = values[i] = t.to(device=p.device, dtype=torch.float32)
 
 
 def _unscale_or_skip(optimizer, grads: list[torch.Tensor]) -> bool:

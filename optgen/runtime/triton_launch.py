@@ -218,9 +218,9 @@ def _check(device, dtype, params, lists, counters) -> None:
     for values in counters:
         for i, t in enumerate(values):
             if t.device != device or t.numel() != 1 or t.dtype != values[0].dtype:
-                raise RuntimeError(f"optgen's triton kernel reads its counters (step) on the parameters' device "
-                                   f"({device}); parameter {i}'s is {t.dtype} on {t.device}: create the optimizer "
-                                   "with fused=True (or capturable=True), which keeps them there as torch does")
+                raise RuntimeError(f"optgen's triton kernel reads its counters (step) as 1-element tensors on the "
+                                   f"parameters' device ({device}); parameter {i}'s is {t.dtype} {tuple(t.shape)} "
+                                   f"on {t.device}")
 
 
 def _runner(kernel, device):

@@ -4,6 +4,7 @@ NOTE: written without a GPU (none was available when the Triton backend was buil
 have only been run with no CUDA device, where they are skipped.  On CPU the same kernels run in
 Triton's interpreter (the other test files), and test_triton_compile.py compiles them for sm_90.
 """
+import inspect
 import os
 
 import pytest
@@ -38,11 +39,25 @@ def _run(make, steps=5, dtype=torch.float32):
     return params, opt
 
 
+def _fused(name, kwargs):
+    """optgen's triton implementation: ``fused=True`` where torch's signature has it (Adam, AdamW,
+    SGD, Adagrad), else chosen by name (its counters then move to the GPU on the first step)."""
+    cls = optgen.OPTIMIZERS[name]
+
+    def make(params):
+        if "fused" in inspect.signature(cls).parameters:
+            return cls(params, fused=True, **kwargs)
+        opt = cls(params, **kwargs)
+        opt.implementation = "triton"
+        return opt
+    return make
+
+
 @pytest.mark.parametrize("name,kwargs", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_fused_matches_torch(name, kwargs):
     if name not in optgen.OPTIMIZERS or "triton" not in optgen.OPTIMIZERS[name]([torch.zeros(1)]).implementations:
         pytest.skip(f"{name} has no triton implementation here")
-    ours, opt = _run(lambda ps: getattr(optgen, name)(ps, fused=True, **kwargs))
+    ours, opt = _run(_fused(name, kwargs))
     theirs, _ = _run(lambda ps: getattr(torch.optim, name)(ps, foreach=True, **kwargs))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert all(s["step"].device.type == "cuda" for s in opt.state.values() if "step" in s)
