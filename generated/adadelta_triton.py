@@ -41,6 +41,7 @@ def _adadelta_default_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -90,12 +91,43 @@ def _adadelta_default_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     acc_delta_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        square_avg_ptr = tl.multiple_of(square_avg_ptr, 16)
+        acc_delta_ptr = tl.multiple_of(acc_delta_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        square_avg = tl.load(square_avg_ptr + offsets).to(COMPUTE)
+        acc_delta = tl.load(acc_delta_ptr + offsets).to(COMPUTE)
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        # square_avg = rho * square_avg + (1 - rho) * grad * grad
+        square_avg = rho * square_avg + grad * grad * one_minus_rho
+        # std = sqrt(square_avg + eps)
+        std = tl.sqrt(eps + square_avg)
+        # delta = sqrt(acc_delta + eps) / std * grad
+        delta = grad * tl.sqrt(acc_delta + eps) / std
+        # acc_delta = rho * acc_delta + (1 - rho) * delta * delta
+        acc_delta = acc_delta * rho + delta * delta * one_minus_rho_1
+        # param = param - lr * delta
+        param = param - delta * lr
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE))
+        tl.store(acc_delta_ptr + offsets, acc_delta.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -176,6 +208,7 @@ def _adadelta_maximize_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -225,12 +258,45 @@ def _adadelta_maximize_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     acc_delta_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        square_avg_ptr = tl.multiple_of(square_avg_ptr, 16)
+        acc_delta_ptr = tl.multiple_of(acc_delta_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        square_avg = tl.load(square_avg_ptr + offsets).to(COMPUTE)
+        acc_delta = tl.load(acc_delta_ptr + offsets).to(COMPUTE)
+        # grad = -grad
+        grad = -grad
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        # square_avg = rho * square_avg + (1 - rho) * grad * grad
+        square_avg = rho * square_avg + grad * grad * one_minus_rho
+        # std = sqrt(square_avg + eps)
+        std = tl.sqrt(eps + square_avg)
+        # delta = sqrt(acc_delta + eps) / std * grad
+        delta = grad * tl.sqrt(acc_delta + eps) / std
+        # acc_delta = rho * acc_delta + (1 - rho) * delta * delta
+        acc_delta = acc_delta * rho + delta * delta * one_minus_rho_1
+        # param = param - lr * delta
+        param = param - delta * lr
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE))
+        tl.store(acc_delta_ptr + offsets, acc_delta.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)

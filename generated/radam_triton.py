@@ -42,6 +42,7 @@ def _radam_default_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -108,12 +109,47 @@ def _radam_default_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        exp_avg = tl.load(exp_avg_ptr + offsets).to(COMPUTE)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets).to(COMPUTE)
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        exp_avg_sq = beta2 * exp_avg_sq + grad * grad * one_minus_beta2
+        # bias_corrected_exp_avg = exp_avg / bias_correction1
+        bias_corrected_exp_avg = exp_avg / bias_correction1
+        # exp_avg_sq_sqrt = sqrt(exp_avg_sq) + eps
+        exp_avg_sq_sqrt = eps + tl.sqrt(exp_avg_sq)
+        # adaptive_lr = sqrt(bias_correction2) / exp_avg_sq_sqrt
+        adaptive_lr = sqrt_bias_correction2 / exp_avg_sq_sqrt
+        # param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+        param = tl.where(rho_t_gt_5, param - adaptive_lr * bias_corrected_exp_avg * lr * rect, param)
+        # param = param - bias_corrected_exp_avg * lr
+        param = tl.where(rho_t_le_5, param - bias_corrected_exp_avg * lr, param)
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE))
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -200,6 +236,7 @@ def _radam_maximize_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -266,12 +303,49 @@ def _radam_maximize_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        exp_avg = tl.load(exp_avg_ptr + offsets).to(COMPUTE)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets).to(COMPUTE)
+        # grad = -grad
+        grad = -grad
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        exp_avg_sq = beta2 * exp_avg_sq + grad * grad * one_minus_beta2
+        # bias_corrected_exp_avg = exp_avg / bias_correction1
+        bias_corrected_exp_avg = exp_avg / bias_correction1
+        # exp_avg_sq_sqrt = sqrt(exp_avg_sq) + eps
+        exp_avg_sq_sqrt = eps + tl.sqrt(exp_avg_sq)
+        # adaptive_lr = sqrt(bias_correction2) / exp_avg_sq_sqrt
+        adaptive_lr = sqrt_bias_correction2 / exp_avg_sq_sqrt
+        # param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+        param = tl.where(rho_t_gt_5, param - adaptive_lr * bias_corrected_exp_avg * lr * rect, param)
+        # param = param - bias_corrected_exp_avg * lr
+        param = tl.where(rho_t_le_5, param - bias_corrected_exp_avg * lr, param)
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE))
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -360,6 +434,7 @@ def _radam_decoupled_weight_decay_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -429,12 +504,47 @@ def _radam_decoupled_weight_decay_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        exp_avg = tl.load(exp_avg_ptr + offsets).to(COMPUTE)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets).to(COMPUTE)
+        if WEIGHT_DECAY_NE_0:
+            # param = param * (1 - lr * weight_decay)
+            param = one_minus_lr_times_weight_decay * param
+        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        exp_avg_sq = beta2 * exp_avg_sq + grad * grad * one_minus_beta2
+        # bias_corrected_exp_avg = exp_avg / bias_correction1
+        bias_corrected_exp_avg = exp_avg / bias_correction1
+        # exp_avg_sq_sqrt = sqrt(exp_avg_sq) + eps
+        exp_avg_sq_sqrt = eps + tl.sqrt(exp_avg_sq)
+        # adaptive_lr = sqrt(bias_correction2) / exp_avg_sq_sqrt
+        adaptive_lr = sqrt_bias_correction2 / exp_avg_sq_sqrt
+        # param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+        param = tl.where(rho_t_gt_5, param - adaptive_lr * bias_corrected_exp_avg * lr * rect, param)
+        # param = param - bias_corrected_exp_avg * lr
+        param = tl.where(rho_t_le_5, param - bias_corrected_exp_avg * lr, param)
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE))
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -521,6 +631,7 @@ def _radam_decoupled_weight_decay_maximize_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -590,12 +701,49 @@ def _radam_decoupled_weight_decay_maximize_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        exp_avg = tl.load(exp_avg_ptr + offsets).to(COMPUTE)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets).to(COMPUTE)
+        # grad = -grad
+        grad = -grad
+        if WEIGHT_DECAY_NE_0:
+            # param = param * (1 - lr * weight_decay)
+            param = one_minus_lr_times_weight_decay * param
+        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        exp_avg_sq = beta2 * exp_avg_sq + grad * grad * one_minus_beta2
+        # bias_corrected_exp_avg = exp_avg / bias_correction1
+        bias_corrected_exp_avg = exp_avg / bias_correction1
+        # exp_avg_sq_sqrt = sqrt(exp_avg_sq) + eps
+        exp_avg_sq_sqrt = eps + tl.sqrt(exp_avg_sq)
+        # adaptive_lr = sqrt(bias_correction2) / exp_avg_sq_sqrt
+        adaptive_lr = sqrt_bias_correction2 / exp_avg_sq_sqrt
+        # param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+        param = tl.where(rho_t_gt_5, param - adaptive_lr * bias_corrected_exp_avg * lr * rect, param)
+        # param = param - bias_corrected_exp_avg * lr
+        param = tl.where(rho_t_le_5, param - bias_corrected_exp_avg * lr, param)
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE))
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)

@@ -44,6 +44,7 @@ def _rmsprop_default_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -94,12 +95,48 @@ def _rmsprop_default_kernel(
     square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_GT_0:
         momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        square_avg_ptr = tl.multiple_of(square_avg_ptr, 16)
+        if MOMENTUM_GT_0:
+            momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        square_avg = tl.load(square_avg_ptr + offsets).to(COMPUTE)
+        if MOMENTUM_GT_0:
+            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+        square_avg = alpha * square_avg + grad * grad * one_minus_alpha
+        # avg = sqrt(square_avg) + eps
+        avg = eps + tl.sqrt(square_avg)
+        if MOMENTUM_GT_0:
+            # momentum_buffer = momentum * momentum_buffer + grad / avg
+            momentum_buffer = grad / avg + momentum * momentum_buffer
+            # param = param - lr * momentum_buffer
+            param = param - lr * momentum_buffer
+        if MOMENTUM_LE_0:
+            # param = param - lr * grad / avg
+            param = param - grad * lr / avg
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE))
+        if MOMENTUM_GT_0:
+            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -191,6 +228,7 @@ def _rmsprop_maximize_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -241,12 +279,50 @@ def _rmsprop_maximize_kernel(
     square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_GT_0:
         momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        square_avg_ptr = tl.multiple_of(square_avg_ptr, 16)
+        if MOMENTUM_GT_0:
+            momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        square_avg = tl.load(square_avg_ptr + offsets).to(COMPUTE)
+        if MOMENTUM_GT_0:
+            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
+        # grad = -grad
+        grad = -grad
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+        square_avg = alpha * square_avg + grad * grad * one_minus_alpha
+        # avg = sqrt(square_avg) + eps
+        avg = eps + tl.sqrt(square_avg)
+        if MOMENTUM_GT_0:
+            # momentum_buffer = momentum * momentum_buffer + grad / avg
+            momentum_buffer = grad / avg + momentum * momentum_buffer
+            # param = param - lr * momentum_buffer
+            param = param - lr * momentum_buffer
+        if MOMENTUM_LE_0:
+            # param = param - lr * grad / avg
+            param = param - grad * lr / avg
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE))
+        if MOMENTUM_GT_0:
+            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -340,6 +416,7 @@ def _rmsprop_centered_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -393,12 +470,53 @@ def _rmsprop_centered_kernel(
     if MOMENTUM_GT_0:
         momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     grad_avg_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        square_avg_ptr = tl.multiple_of(square_avg_ptr, 16)
+        if MOMENTUM_GT_0:
+            momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+        grad_avg_ptr = tl.multiple_of(grad_avg_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        square_avg = tl.load(square_avg_ptr + offsets).to(COMPUTE)
+        if MOMENTUM_GT_0:
+            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
+        grad_avg = tl.load(grad_avg_ptr + offsets).to(COMPUTE)
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+        square_avg = alpha * square_avg + grad * grad * one_minus_alpha
+        # grad_avg = lerp(grad_avg, grad, 1 - alpha)
+        grad_avg = grad_avg + one_minus_alpha_1 * (grad - grad_avg)
+        # avg = sqrt(square_avg - grad_avg * grad_avg) + eps
+        avg = eps + tl.sqrt(square_avg - grad_avg * grad_avg)
+        if MOMENTUM_GT_0:
+            # momentum_buffer = momentum * momentum_buffer + grad / avg
+            momentum_buffer = grad / avg + momentum * momentum_buffer
+            # param = param - lr * momentum_buffer
+            param = param - lr * momentum_buffer
+        if MOMENTUM_LE_0:
+            # param = param - lr * grad / avg
+            param = param - grad * lr / avg
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE))
+        if MOMENTUM_GT_0:
+            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
+        tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -494,6 +612,7 @@ def _rmsprop_centered_maximize_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -547,12 +666,55 @@ def _rmsprop_centered_maximize_kernel(
     if MOMENTUM_GT_0:
         momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     grad_avg_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        square_avg_ptr = tl.multiple_of(square_avg_ptr, 16)
+        if MOMENTUM_GT_0:
+            momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+        grad_avg_ptr = tl.multiple_of(grad_avg_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        square_avg = tl.load(square_avg_ptr + offsets).to(COMPUTE)
+        if MOMENTUM_GT_0:
+            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
+        grad_avg = tl.load(grad_avg_ptr + offsets).to(COMPUTE)
+        # grad = -grad
+        grad = -grad
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+        square_avg = alpha * square_avg + grad * grad * one_minus_alpha
+        # grad_avg = lerp(grad_avg, grad, 1 - alpha)
+        grad_avg = grad_avg + one_minus_alpha_1 * (grad - grad_avg)
+        # avg = sqrt(square_avg - grad_avg * grad_avg) + eps
+        avg = eps + tl.sqrt(square_avg - grad_avg * grad_avg)
+        if MOMENTUM_GT_0:
+            # momentum_buffer = momentum * momentum_buffer + grad / avg
+            momentum_buffer = grad / avg + momentum * momentum_buffer
+            # param = param - lr * momentum_buffer
+            param = param - lr * momentum_buffer
+        if MOMENTUM_LE_0:
+            # param = param - lr * grad / avg
+            param = param - grad * lr / avg
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE))
+        if MOMENTUM_GT_0:
+            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
+        tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)

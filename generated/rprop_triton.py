@@ -38,6 +38,7 @@ def _rprop_default_kernel(
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -80,12 +81,44 @@ def _rprop_default_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     prev_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     step_size_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        prev_ptr = tl.multiple_of(prev_ptr, 16)
+        step_size_ptr = tl.multiple_of(step_size_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        prev = tl.load(prev_ptr + offsets).to(COMPUTE)
+        step_size = tl.load(step_size_ptr + offsets).to(COMPUTE)
+        # sign = sign(grad * prev)
+        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0))
+        # sign = where(sign > 0, etaplus, sign)
+        sign = tl.where(sign > 0, etaplus, sign)
+        # sign = where(sign < 0, etaminus, sign)
+        sign = tl.where(sign < 0, etaminus, sign)
+        # sign = where(sign == 0, 1, sign)
+        sign = tl.where(sign == 0, 1, sign)
+        # step_size = clamp(step_size * sign, step_size_min, step_size_max)
+        step_size = tl.minimum(tl.maximum(sign * step_size, step_size_min, propagate_nan=tl.PropagateNan.ALL), step_size_max, propagate_nan=tl.PropagateNan.ALL)
+        # prev = where(sign == etaminus, 0, grad)
+        prev = tl.where(sign == etaminus, 0, grad)
+        # param = param - sign(prev) * step_size
+        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0))
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(prev_ptr + offsets, prev.to(DTYPE))
+        tl.store(step_size_ptr + offsets, step_size.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -163,6 +196,7 @@ def _rprop_maximize_kernel(
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -205,12 +239,48 @@ def _rprop_maximize_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     prev_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     step_size_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        prev_ptr = tl.multiple_of(prev_ptr, 16)
+        step_size_ptr = tl.multiple_of(step_size_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        prev = tl.load(prev_ptr + offsets).to(COMPUTE)
+        step_size = tl.load(step_size_ptr + offsets).to(COMPUTE)
+        # sign = sign(grad * prev)
+        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0))
+        # sign = -sign
+        sign = -sign
+        # sign = where(sign > 0, etaplus, sign)
+        sign = tl.where(sign > 0, etaplus, sign)
+        # sign = where(sign < 0, etaminus, sign)
+        sign = tl.where(sign < 0, etaminus, sign)
+        # sign = where(sign == 0, 1, sign)
+        sign = tl.where(sign == 0, 1, sign)
+        # step_size = clamp(step_size * sign, step_size_min, step_size_max)
+        step_size = tl.minimum(tl.maximum(sign * step_size, step_size_min, propagate_nan=tl.PropagateNan.ALL), step_size_max, propagate_nan=tl.PropagateNan.ALL)
+        # prev = where(sign == etaminus, 0, grad)
+        prev = tl.where(sign == etaminus, 0, grad)
+        # prev = -prev
+        prev = -prev
+        # param = param - sign(prev) * step_size
+        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0))
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        tl.store(prev_ptr + offsets, prev.to(DTYPE))
+        tl.store(step_size_ptr + offsets, step_size.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)

@@ -42,6 +42,7 @@ def _sgd_default_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -81,12 +82,40 @@ def _sgd_default_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_NE_0:
         momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        if MOMENTUM_NE_0:
+            momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        if MOMENTUM_NE_0:
+            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        if MOMENTUM_NE_0:
+            # momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
+            momentum_buffer = tl.where(momentum_buffer_is_new, grad, grad * one_minus_dampening + momentum * momentum_buffer)
+            # grad = momentum_buffer
+            grad = momentum_buffer
+        # param = param - lr * grad
+        param = param - grad * lr
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        if MOMENTUM_NE_0:
+            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -164,6 +193,7 @@ def _sgd_maximize_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -203,12 +233,42 @@ def _sgd_maximize_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_NE_0:
         momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        if MOMENTUM_NE_0:
+            momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        if MOMENTUM_NE_0:
+            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
+        # grad = -grad
+        grad = -grad
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        if MOMENTUM_NE_0:
+            # momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
+            momentum_buffer = tl.where(momentum_buffer_is_new, grad, grad * one_minus_dampening + momentum * momentum_buffer)
+            # grad = momentum_buffer
+            grad = momentum_buffer
+        # param = param - lr * grad
+        param = param - grad * lr
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        if MOMENTUM_NE_0:
+            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -288,6 +348,7 @@ def _sgd_nesterov_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -327,12 +388,40 @@ def _sgd_nesterov_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_NE_0:
         momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        if MOMENTUM_NE_0:
+            momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        if MOMENTUM_NE_0:
+            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        if MOMENTUM_NE_0:
+            # momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
+            momentum_buffer = tl.where(momentum_buffer_is_new, grad, grad * one_minus_dampening + momentum * momentum_buffer)
+            # grad = grad + momentum * momentum_buffer
+            grad = grad + momentum * momentum_buffer
+        # param = param - lr * grad
+        param = param - grad * lr
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        if MOMENTUM_NE_0:
+            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -410,6 +499,7 @@ def _sgd_nesterov_maximize_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
     DTYPE: tl.constexpr,          # element type of param, grad and states
     COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
     COUNTER_DTYPE: tl.constexpr,  # element type of the counters
@@ -449,12 +539,42 @@ def _sgd_nesterov_maximize_kernel(
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_NE_0:
         momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    # the elementwise update of this program's chunk
+    if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        if MOMENTUM_NE_0:
+            momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+    # the elementwise update of this program's chunk: whole blocks, then the partial last one
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
-    for block in range(start, end, BLOCK):
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block in range(start, whole_end, BLOCK):
+        offsets = block + tl.arange(0, BLOCK)
+        param = tl.load(param_ptr + offsets).to(COMPUTE)
+        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
+        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+            grad = grad * inv_scale
+            tl.store(grad_ptr + offsets, grad.to(DTYPE))
+        if MOMENTUM_NE_0:
+            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
+        # grad = -grad
+        grad = -grad
+        if WEIGHT_DECAY_NE_0:
+            # grad = grad + weight_decay * param
+            grad = grad + param * weight_decay
+        if MOMENTUM_NE_0:
+            # momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
+            momentum_buffer = tl.where(momentum_buffer_is_new, grad, grad * one_minus_dampening + momentum * momentum_buffer)
+            # grad = grad + momentum * momentum_buffer
+            grad = grad + momentum * momentum_buffer
+        # param = param - lr * grad
+        param = param - grad * lr
+        tl.store(param_ptr + offsets, param.to(DTYPE))
+        if MOMENTUM_NE_0:
+            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
+    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
         offsets = block + tl.arange(0, BLOCK)
         in_bounds = offsets < end
         param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)

@@ -72,8 +72,8 @@ from optgen.passes import Compiled
 RESERVED = frozenset({
     "addresses", "grad_addresses", "counter_addresses", "numels", "first_step", "chunk_tensors", "chunk_indices",
     "arrivals", "num_tensors", "grad_scale", "found_inf", "pid", "tensor", "chunk", "numel",
-    "applies", "arrived", "last", "start", "end", "block", "offsets", "in_bounds", "inv_scale",
-    "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK",
+    "applies", "arrived", "last", "start", "end", "whole_end", "block", "offsets", "in_bounds", "inv_scale",
+    "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK", "ALIGNED",
     "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float",
 })
 
@@ -106,8 +106,9 @@ class Kernel:
     hyperparameters: list[str]                    # scalar arguments (float64)
     tensor_hyperparameters: list[str]             # those that may be a 1-element tensor on the device
     guards: list[tuple[str, str]]                 # (constexpr name, Python condition) evaluated on the host
-    prologue: list[str] = field(default_factory=list)   # kernel lines before the loop
-    loop: list[str] = field(default_factory=list)       # kernel lines inside the loop
+    prologue: list[str] = field(default_factory=list)       # kernel lines before the loops
+    whole_blocks: list[str] = field(default_factory=list)   # the loop over whole blocks (no mask)
+    last_block: list[str] = field(default_factory=list)     # the partial last block (masked)
 
 
 class _KernelBuilder:
@@ -222,7 +223,6 @@ class _KernelBuilder:
             lazy.append((lists.index(t), t, PythonScalarPrinter()(when) if when != sympy.true else "True"))
 
         prologue: list[str] = []
-        loop: list[str] = []
 
         # -- hyperparameters, as float64 scalars --------------------------------------------------
         if hypers:
@@ -320,33 +320,43 @@ class _KernelBuilder:
 
         # -- tensor addresses ----------------------------------------------------------------------
         prologue.append("# this program's tensors")
+        aligned = []
         for i, t in enumerate(t for t in lists if t != "grad"):
             k = self.kname(t)
             offset = f"{i} * num_tensors + tensor" if i else "tensor"
-            prologue += self._guarded(presence.get(t, sympy.true),
-                                      [f"{k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(DTYPE))"])
+            pointer = [f"{k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(DTYPE))"]
+            prologue += self._guarded(presence.get(t, sympy.true), pointer)
+            aligned += self._guarded(presence.get(t, sympy.true), [f"{k}_ptr = tl.multiple_of({k}_ptr, 16)"])
             if t == "param":
                 prologue.append("grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))")
+                aligned.append("grad_ptr = tl.multiple_of(grad_ptr, 16)")
+        prologue += ["if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads",
+                     *("    " + line for line in aligned)]
 
-        # -- the loop body ---------------------------------------------------------------------------
-        for t in lists:
-            if t not in read:
-                continue
-            k = self.kname(t)
-            # (a state created this step holds garbage until the store: tl.where never selects it)
-            load = [f"{k} = tl.load({k}_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)"]
-            if t == "grad":
-                load += ["if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do",
-                         "    grad = grad * inv_scale",
-                         "    tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)"]
-            loop += self._guarded(presence.get(t, sympy.true), load)
-        for guard, group in itertools.groupby(tensor_code, key=lambda gl: gl[0]):
-            loop += self._guarded(guard, [line for _, lines in group for line in lines])
-        for t in lists:
-            if t in written and t != "grad":  # grad is read-only: reassigning it made a local copy
+        # -- the loop body, for whole blocks (no mask) and for the partial last block ----------------
+        def body(masked: bool) -> list[str]:
+            mask, other = (", mask=in_bounds", ", mask=in_bounds, other=0.0") if masked else ("", "")
+            lines: list[str] = []
+            for t in lists:
+                if t not in read:
+                    continue
                 k = self.kname(t)
-                loop += self._guarded(written[t], [f"tl.store({k}_ptr + offsets, {k}.to(DTYPE), mask=in_bounds)"])
+                # (a state created this step holds garbage until the store: tl.where never selects it)
+                load = [f"{k} = tl.load({k}_ptr + offsets{other}).to(COMPUTE)"]
+                if t == "grad":
+                    load += ["if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do",
+                             "    grad = grad * inv_scale",
+                             f"    tl.store(grad_ptr + offsets, grad.to(DTYPE){mask})"]
+                lines += self._guarded(presence.get(t, sympy.true), load)
+            for guard, group in itertools.groupby(tensor_code, key=lambda gl: gl[0]):
+                lines += self._guarded(guard, [line for _, code in group for line in code])
+            for t in lists:
+                if t in written and t != "grad":  # grad is read-only: reassigning it made a local copy
+                    k = self.kname(t)
+                    lines += self._guarded(written[t], [f"tl.store({k}_ptr + offsets, {k}.to(DTYPE){mask})"])
+            return lines
 
+        whole_blocks, last_block = body(masked=False), body(masked=True)  # (registers their guards)
         tensors = []
         for t in lists:
             guard = sympy.simplify_logic(presence.get(t, sympy.true))
@@ -355,7 +365,8 @@ class _KernelBuilder:
                   for cond, name in self.host_guards.items()]
         return Kernel(kernel=kernel, function=function, key=key, doc=doc, tensors=tensors,
                       counters=[plural(c + "_t") for c in counters], lazy=lazy, hyperparameters=hypers,
-                      tensor_hyperparameters=tensor_hypers, guards=guards, prologue=prologue, loop=loop)
+                      tensor_hyperparameters=tensor_hypers, guards=guards, prologue=prologue,
+                      whole_blocks=whole_blocks, last_block=last_block)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _counter_value(self, a: Assign) -> str:

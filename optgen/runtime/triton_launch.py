@@ -46,11 +46,13 @@ from collections import OrderedDict
 import torch
 import triton.language as tl  # the first use of a triton implementation imports triton here
 
-#: Untuned defaults (no GPU was available when they were chosen): BLOCK elements per loop
-#: iteration, CHUNK elements per program, warps per program.  `optgen bench --device cuda`
-#: is where to tune them (see PERF-NOTES: register pressure and occupancy decide fused kernels;
-#: compiled offline for sm_90, Adam's kernel needs 40 registers at BLOCK=512, 118 at 1024).
-CONFIG = {"BLOCK": 512, "CHUNK": 16 * 1024, "num_warps": 4}
+#: Untuned defaults (no GPU was available when they were chosen): CHUNK elements per program,
+#: warps per program, and BLOCK elements per loop iteration — None: 16 bytes per thread and
+#: tensor (one 128-bit load each: 512 float32, 1024 bfloat16 with 4 warps).  `optgen bench
+#: --device cuda` is where to tune them (PERF-NOTES: register pressure and occupancy decide
+#: fused kernels).  Whole blocks of 16-byte-aligned tensors load and store unmasked as 128-bit
+#: vectors (checked in the sm_90 PTX); the last, partial block of a chunk is masked.
+CONFIG = {"BLOCK": None, "CHUNK": 16 * 1024, "num_warps": 4}
 
 DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
           torch.float64: tl.float64}
@@ -69,8 +71,10 @@ class _Plan:
         #                                chunk_indices, arrivals): views of `table`
         self.num_tensors = num_tensors
         self.programs = programs
+        self.aligned = False          # every param and state address a multiple of 16 bytes
         self.grad_key: tuple | None = None
         self.grad_addresses: torch.Tensor | None = None
+        self.grads_aligned = False
 
 
 def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards,
@@ -111,6 +115,7 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
         _check(device, dtype, params, [(grads, True, "grad")], [])
         plan.grad_addresses = _to_device(list(grad_key), device)
         plan.grad_key = grad_key
+        plan.grads_aligned = all(a % 16 == 0 for a in grad_key)
     addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals = plan.sections
 
     dummy = plan.table  # any device tensor: the pointer argument of a disabled feature
@@ -139,11 +144,12 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
             **guards,
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=plan.aligned and plan.grads_aligned,
             DTYPE=DTYPES[dtype],
             COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
             COUNTER_DTYPE=DTYPES.get(counter_dtype, tl.float32),
             CHUNK=CONFIG["CHUNK"],
-            BLOCK=CONFIG["BLOCK"],
+            BLOCK=CONFIG["BLOCK"] or 32 * CONFIG["num_warps"] * 16 // params[0].element_size(),
             num_warps=CONFIG["num_warps"],
             enable_fp_fusion=True,  # a * b + c as one FMA, as nvcc compiles torch's fused kernels
         )
@@ -183,6 +189,7 @@ def _plan(device, dtype, tensors, counters, new) -> _Plan:
         flat += [0] * (len(flat) % 2)  # 16-byte aligned sections
     table = _to_device(flat, device)
     plan = _Plan(table, tuple(table[a:b] for a, b in bounds), len(params), len(chunk_tensors))
+    plan.aligned = all(a % 16 == 0 for row in addresses for a in row)
     _PLANS[key] = plan
     if len(_PLANS) > _MAX_PLANS:
         _PLANS.popitem(last=False)

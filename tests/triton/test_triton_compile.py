@@ -30,7 +30,8 @@ def signature(kernel, dtype, everything_on: bool):
         if p.is_constexpr:
             types[p.name] = "constexpr"
             constants[p.name] = {"DTYPE": dtype, "COMPUTE": tl.float64 if dtype == tl.float64 else tl.float32,
-                                 "COUNTER_DTYPE": tl.float32, "CHUNK": 16384, "BLOCK": 512}.get(p.name, everything_on)
+                                 "COUNTER_DTYPE": tl.float32, "CHUNK": 16384,
+                                 "BLOCK": 32 * 4 * 16 // (dtype.primitive_bitwidth // 8)}.get(p.name, everything_on)
         elif p.name == "num_tensors":
             types[p.name] = "i32"
         elif p.annotation_type:  # the float64 hyperparameters
@@ -54,6 +55,21 @@ def test_kernels_compile_for_sm90(module_name):
         types, constants = signature(kernel, tl.bfloat16, True)
         compiled = triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS)
         assert compiled.asm["cubin"], kernel.fn.__name__
+
+
+def test_whole_blocks_load_and_store_128_bit_vectors():
+    """The loop over whole blocks of 16-byte-aligned tensors is unmasked, so Triton emits one
+    128-bit load or store per tensor and thread (PTX ld.global.v4 / st.global.v4): the shape a
+    memory-bound kernel needs to approach copy bandwidth."""
+    import re
+
+    for dtype in (tl.float32, tl.bfloat16):
+        kernel = next(k for k in kernels("adam") if k.fn.__name__ == "_adam_default_kernel")
+        types, constants = signature(kernel, dtype, False)
+        constants["ALIGNED"] = True
+        ptx = triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS).asm["ptx"]
+        assert len(re.findall(r"ld\.global(\.[a-z0-9:_]+)*\.v4", ptx)) >= 4  # param, grad, exp_avg, exp_avg_sq
+        assert len(re.findall(r"st\.global(\.[a-z0-9:_]+)*\.v4", ptx)) >= 3  # param, exp_avg, exp_avg_sq
 
 
 def test_plain_float32_and_float64_kernels_compile():
