@@ -26,7 +26,17 @@ WORKLOADS = [
     ("AdamW", dict(lr=1e-3, weight_decay=0.01), True),
     ("SGD", dict(lr=1e-3, momentum=0.9), True),
     ("Adagrad", dict(lr=1e-3), True),
+    ("Adadelta", dict(), False),
+    ("Adamax", dict(lr=1e-3), False),
+    ("ASGD", dict(lr=1e-3), False),
+    ("NAdam", dict(lr=1e-3), False),
+    ("RAdam", dict(lr=1e-3), False),
+    ("RMSprop", dict(lr=1e-3), False),
+    ("Rprop", dict(lr=1e-3), False),
+    ("Adafactor", dict(lr=1e-3), False),
 ]
+# Not here: Muon (2-D parameters only; its time is the Newton–Schulz matmuls, not memory),
+# SparseAdam (sparse gradients) and LBFGS (a closure-driven step).
 
 
 def shapes(total: int, count: int) -> list[tuple[int, ...]]:
