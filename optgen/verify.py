@@ -82,7 +82,7 @@ def run_backend(compiled: Compiled, implementation: str, kwargs: dict, steps: in
     for k in range(steps):
         for p, g in zip(params, gradients(k, params)):
             # A sparse-gradient spec gets every element as a sparse gradient: same update as dense.
-            p.grad = g.to_sparse() if opt._sparse_gradients else g
+            p.grad = g.to_sparse() if opt._gradients == "sparse" else g
         opt.step()
     keys = {s.key: s.name for s in compiled.spec.state.values()}
     states = [{keys[k]: (float(v) if keys[k] in _counters(compiled) else v)

@@ -5,6 +5,8 @@ in the kernel modules of the other backends, which the class's runtime base disp
 """
 from __future__ import annotations
 
+import re
+
 import sympy
 
 from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
@@ -57,11 +59,16 @@ class OptimizerClassBackend(Backend):
             else:
                 init_state += [f"if {group_value(when)}:", f"    {line}"]
 
-        checks, param_checks = [], []
+        checks, param_checks, collect_checks, sparse_checks = [], [], [], []
         for c in spec.checks:
             condition = f"not ({c.ok})" if c.when is None else f"{c.when} and not ({c.ok})"
             message = f"f{c.message!r}" if "{" in c.message else repr(c.message)
-            (param_checks if c.each_param else checks).append(dict(condition=condition, kind=c.kind, message=message))
+            check = dict(condition=condition, kind=c.kind, message=message)
+            if c.sparse_step:  # reads the group's values: bind the names it uses
+                used = set(re.findall(r"[A-Za-z_]\w*", f"{c.ok} {c.when or ''} {c.message}"))
+                check["reads"] = [k for k in spec.group_keys if k in used]
+            (collect_checks if c.collect else param_checks if c.each_param else
+             sparse_checks if c.sparse_step else checks).append(check)
         names = [] if spec.algorithm else [module_name(spec.name, b) for b in self.kernel_backends]
         kernel_modules = [m for b, m in zip(self.kernel_backends, names) if b not in self.lazy]
         kernels = [(b, f'"{m}"' if b in self.lazy else m) for b, m in zip(self.kernel_backends, names)]
@@ -75,7 +82,8 @@ class OptimizerClassBackend(Backend):
             counter_state=repr(tuple((plural(s.name + "_t"), s.key) for s in spec.state.values() if s.is_scalar)),
             lazy_state=repr(tuple(s.key for s in spec.state.values() if s.init == "first")),
             scalars=scalars, complex_as_real=spec.complex_params, signature=signature, checks=checks,
-            param_checks=param_checks, sparse_gradients=spec.sparse_gradients, algorithm=spec.algorithm,
+            param_checks=param_checks, collect_checks=collect_checks, sparse_checks=sparse_checks,
+            gradients=spec.gradients, algorithm=spec.algorithm,
             derived=derived,
             host_counters=repr(tuple(s.key for s in spec.state.values() if s.host)),
             uses_reduced_shape=any(s.init == "zeros_reduced" for s in spec.state.values()),

@@ -103,6 +103,20 @@ SPARSE_GRADIENT_ERRORS = {
     "AdamW": "Adam does not support sparse gradients, please consider SparseAdam instead",
 }
 
+#: torch's error for ``fused=True`` with a sparse gradient, where its class accepts sparse gradients
+SPARSE_FUSED_ERRORS = {
+    "SGD": "`_fused_sgd` does not support sparse gradients",
+    "Adagrad": "`fused` does not support sparse grad or complex param",
+}
+
+
+def check_sparse_fused(optimizer, group: dict) -> None:
+    """torch has no fused step for a sparse gradient (Note [Sparse gradients])."""
+    if group.get("fused"):
+        name = type(optimizer).__name__
+        raise RuntimeError(SPARSE_FUSED_ERRORS.get(name, "`fused` does not support sparse gradients"))
+
+
 #: optimizers whose torch class refuses a ``step`` counter that requires grad in differentiable mode
 STEP_MUST_NOT_REQUIRE_GRAD = {"Adam", "AdamW"}
 

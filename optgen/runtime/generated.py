@@ -43,7 +43,9 @@ class GeneratedOptimizer(Optimizer):
     _lazy_state: tuple[str, ...] = ()
     _scalars: dict[str, tuple[str, int | None]] = {}
     _complex_as_real = False
-    _sparse_gradients = False  # the update runs on the rows a sparse gradient touches (SparseAdam)
+    #: which gradients a step takes: "dense" (a sparse one is an error), "sparse" (only sparse ones,
+    #: SparseAdam), "dense_or_sparse" (SGD), "dense_or_gathered" (Adagrad); Note [Sparse gradients]
+    _gradients = "dense"
     _host_counters: tuple[str, ...] = ()  # counters kept as Python numbers in the state
 
     #: force one implementation for every group (None: choose like torch; see runtime/dispatch.py)
@@ -59,11 +61,18 @@ class GeneratedOptimizer(Optimizer):
 
     def _step_group(self, group: dict) -> None:
         params, grads = self._params_with_grad(group)
-        if self._sparse_gradients and not all(g.is_sparse for g in grads):
+        has_sparse = any(g.is_sparse for g in grads)
+        if self._gradients == "sparse" and not all(g.is_sparse for g in grads):
             raise RuntimeError(f"{type(self).__name__} does not support dense gradients, please consider Adam instead")
-        if not self._sparse_gradients and any(g.is_sparse for g in grads):
+        if self._gradients == "dense" and has_sparse:
             raise RuntimeError(dispatch.SPARSE_GRADIENT_ERRORS.get(
                 type(self).__name__, f"{type(self).__name__} does not support sparse gradients"))
+        # A group with a sparse gradient where dense ones are the rule runs one parameter at a
+        # time, as torch's single-tensor path does (Note [Sparse gradients]).
+        single_sparse = has_sparse and self._gradients != "sparse"
+        if single_sparse:
+            dispatch.check_sparse_fused(self, group)
+            self._check_sparse_step(group)
         if not params:
             return
         states = []
@@ -89,9 +98,10 @@ class GeneratedOptimizer(Optimizer):
             if not self._complex_as_real:
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
             tensors = _view_complex_as_real(tensors)
-        if self._sparse_gradients:
+        gathered = self._gradients == "sparse" or (has_sparse and self._gradients == "dense_or_gathered")
+        if gathered:
             tensors, scatter = _gather_rows(tensors)
-        implementation = dispatch.choose(self, group, params)
+        implementation = "forloop" if single_sparse else dispatch.choose(self, group, params)
         dispatch.check_step(self, group, implementation, params, tensors)
         module = self._kernel_module(implementation)
         kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]
@@ -109,7 +119,7 @@ class GeneratedOptimizer(Optimizer):
                 run(kernel, sub, scalars)
         else:
             run(kernel, tensors, scalars)
-        if self._sparse_gradients:
+        if gathered:
             scatter()
         for name, key in self._counter_state:
             if key in self._host_counters:
@@ -124,6 +134,10 @@ class GeneratedOptimizer(Optimizer):
                     if (is_new or replaced) and value is not None:
                         as_complex = p.is_complex() and not value.is_complex() and value.dim() > 0
                         self.state[p][key] = torch.view_as_complex(value) if as_complex else value
+
+    def _check_sparse_step(self, group: dict) -> None:
+        """torch's errors for a step with a sparse gradient (generated from the spec's
+        ``each = "sparse_step"`` checks, if any)."""
 
     def _kernel_module(self, implementation: str):
         """The kernel module of an implementation, imported on first use if named by a string."""
@@ -228,23 +242,41 @@ class _DifferentiableCopy(torch.overrides.TorchFunctionMode):
 
 
 def _gather_rows(tensors: dict[str, list]):
-    """Note [Sparse gradients]: for each parameter, the elements its (coalesced) sparse gradient
-    touches, gathered from the parameter and every state tensor into dense value tensors; the
-    update runs on those, then ``scatter()`` writes the new values back at the same indices.
-    Writing the new value equals torch's ``add_`` of a sparse update: indices are unique."""
-    grads = [g.coalesce() for g in tensors["grads"]]
-    gathered = {"grads": [g._values() for g in grads]}
+    """Note [Sparse gradients]: a spec says which gradients its step takes (``optimizer.gradients``):
+
+    - ``"dense"``: a sparse gradient is torch's error;
+    - ``"dense_or_sparse"`` (SGD): a sparse gradient goes to the for-loop kernel unchanged; the
+      kernel's torch ops accept it (``grad.add(param)`` is dense, ``grad.clone()`` a sparse
+      momentum buffer, ``param.add_(grad, alpha=-lr)``), as in torch's single-tensor SGD;
+    - ``"sparse"`` (SparseAdam: every gradient sparse) and ``"dense_or_gathered"`` (Adagrad: a
+      sparse gradient takes this path, a dense one the usual one): the rule runs on *gathered
+      rows*, here.
+
+    For each parameter with a sparse gradient: the elements its coalesced gradient touches,
+    gathered from the parameter and every state tensor into dense value tensors; the update runs
+    on those (the spec's own elementwise rule, so Adagrad's sparse step is its dense rule on the
+    touched elements, as torch's sparse branch computes it), then ``scatter()`` writes the new
+    values back at the same indices.  Writing the new value equals torch's ``add_`` of a sparse
+    update: indices are unique.  A parameter with a dense gradient, and every counter, passes
+    through whole.
+
+    A group with a sparse gradient under ``dense_or_*`` runs the for-loop kernel (torch runs its
+    single-tensor path for it; ``fused=True`` is torch's error), after the spec's
+    ``each = "sparse_step"`` checks (Adagrad's "weight_decay option is not compatible with sparse
+    gradients")."""
+    grads = [g.coalesce() if g.is_sparse else None for g in tensors["grads"]]
+    gathered = {"grads": [g._values() if g is not None else d for g, d in zip(grads, tensors["grads"])]}
     for name, values in tensors.items():
         if name != "grads":
-            gathered[name] = [v.sparse_mask(g)._values() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                              for v, g in zip(values, grads)]
+            gathered[name] = [v.sparse_mask(g)._values() if g is not None and isinstance(v, torch.Tensor)
+                              and v.dim() > 0 else v for v, g in zip(values, grads)]
 
     def scatter():
         for name, values in tensors.items():
             if name == "grads":
                 continue
             for full, new, g in zip(values, gathered[name], grads):
-                if isinstance(full, torch.Tensor) and full.dim() > 0:
+                if g is not None and isinstance(full, torch.Tensor) and full.dim() > 0:
                     full[tuple(g._indices())] = new
 
     return gathered, scatter

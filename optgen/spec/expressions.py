@@ -143,7 +143,8 @@ FUNCTIONS: dict[str, tuple[int, Callable]] = {
 }
 
 #: calls a constructor check may make, with their arity
-CHECK_CALLS = {"isinstance": 2, "numel": 1, "ndim": 1, "len": 1, "float": 1, "int": 1}
+CHECK_CALLS = {"isinstance": 2, "numel": 1, "ndim": 1, "len": 1, "float": 1, "int": 1, "is_complex": 1,
+               "is_sparse": 1}
 CHECK_TYPES = {"Tensor", "float", "int", "bool", "tuple", "list"}
 
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
@@ -336,7 +337,9 @@ class _NumelAsMethod(ast.NodeTransformer):
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
-        methods = {"numel": "numel", "ndim": "dim"}
+        methods = {"numel": "numel", "ndim": "dim", "is_complex": "is_complex"}
+        if isinstance(node.func, ast.Name) and node.func.id == "is_sparse":  # an attribute in torch
+            return ast.Attribute(value=node.args[0], attr="is_sparse", ctx=ast.Load())
         if isinstance(node.func, ast.Name) and node.func.id in methods:
             method = ast.Attribute(value=node.args[0], attr=methods[node.func.id], ctx=ast.Load())
             return ast.Call(func=method, args=[], keywords=[])

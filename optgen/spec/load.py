@@ -24,7 +24,7 @@ SECTIONS = {
     "optimizer": {"name", "doc", "paper", "extends", "signature", "group_keys", "complex",
                   "state_init", "torch", "gradients", "algorithm"},
     "hyperparameters": None,  # free names
-    "check": {"assert", "error", "type", "when", "each"},
+    "check": {"assert", "error", "type", "when", "each", "collect"},
     "state": None,
     "update": {"rule"},
 }
@@ -34,6 +34,8 @@ ALGORITHMS = {"lbfgs"}
 NONE = "None"  # TOML has no null: the string "None" in a default stands for Python's None
 STATE_KEYS = {"init", "first", "when", "key", "host"}
 ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError"}
+#: optimizer.gradients (Note [Sparse gradients] in optgen/runtime/generated.py)
+GRADIENTS = ("dense", "sparse", "dense_or_sparse", "dense_or_gathered")
 
 
 class _Merged:
@@ -138,8 +140,13 @@ def load_spec(path: str | Path) -> Spec:
     if complex_mode not in (None, "view_as_real"):
         raise SpecError(src.value_loc(("optimizer", "complex")), "complex must be \"view_as_real\" (or left out)")
     gradients = opt_value("gradients", str, "dense")
-    if gradients not in ("dense", "sparse"):
-        raise SpecError(src.value_loc(("optimizer", "gradients")), 'gradients must be "dense" or "sparse"')
+    if gradients not in GRADIENTS:
+        raise SpecError(src.value_loc(("optimizer", "gradients")),
+                        "gradients must be one of " + ", ".join(f'"{g}"' for g in GRADIENTS))
+    if not gradients.startswith("dense_or_"):
+        for c in checks:
+            if c.sparse_step:
+                raise SpecError(c.loc, 'each = "sparse_step" needs gradients = "dense_or_sparse" or "dense_or_gathered"')
     state_init = opt_value("state_init", str, "lazy")
     if state_init not in ("lazy", "eager"):
         raise SpecError(src.value_loc(("optimizer", "state_init")), "state_init must be \"lazy\" or \"eager\"")
@@ -149,7 +156,7 @@ def load_spec(path: str | Path) -> Spec:
         hyperparameters=hyper, checks=checks, state=state, rule=rule, rule_text=rule_text, rule_loc=rule_loc,
         complex_params=complex_mode == "view_as_real", eager_state=state_init == "eager",
         torch_name=opt_value("torch", str), extends=opt_value("extends", str),
-        sparse_gradients=gradients == "sparse", algorithm=algorithm,
+        gradients=gradients, algorithm=algorithm,
     )
 
 
@@ -236,17 +243,22 @@ def _checks(merged: _Merged, hyper: dict[str, Hyperparameter]) -> tuple[Check, .
             raise SpecError(src.value_loc(path + ("type",)),
                             f"unknown error type '{kind}'; use one of {', '.join(sorted(ERROR_TYPES))}")
         each = raw.get("each")
-        if each not in (None, "param"):
-            raise SpecError(src.value_loc(path + ("each",)), 'each must be "param" (a check run on every parameter)')
-        scope = names | {"param"} if each else names
+        if each not in (None, "param", "sparse_step"):
+            raise SpecError(src.value_loc(path + ("each",)), 'each must be "param" (a check run on every parameter) '
+                                                              'or "sparse_step" (run at a step with a sparse gradient)')
+        collect = expect(raw.get("collect", False), bool, src, path + ("collect",), "check.collect")
+        if collect and each != "param":
+            raise SpecError(src.key_loc(path + ("collect",)), 'collect = true needs each = "param"')
+        scope = names | {"param"} if each == "param" else names
         ok = expressions.parse_check(raw["assert"], src.value_loc(path + ("assert",)), scope)
         when = None
         if "when" in raw:
             when = expressions.parse_check(expect(raw["when"], str, src, path + ("when",), "check.when"),
                                            src.value_loc(path + ("when",)), scope)
         _check_message(raw["error"], src.value_loc(path + ("error",)), names,
-                       extra=PARAM_FIELDS if each else ())
-        out.append(Check(ok, raw["error"], kind, when, src.key_loc(path), each_param=bool(each)))
+                       extra=("indices",) if collect else PARAM_FIELDS if each == "param" else ())
+        out.append(Check(ok, raw["error"], kind, when, src.key_loc(path), each_param=each == "param",
+                         collect=collect, sparse_step=each == "sparse_step"))
     return tuple(out)
 
 

@@ -45,6 +45,8 @@ class Check:
     when: str | None
     loc: Location
     each_param: bool = False     # run on every parameter after the param groups exist (Muon's 2-D check)
+    collect: bool = False        # each_param: one error listing every failing [group, index] ({indices})
+    sparse_step: bool = False    # run at a step, on a group with a sparse gradient (Adagrad's weight_decay)
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,15 @@ class Spec:
     eager_state: bool            # state created in the constructor (Adagrad) instead of lazily
     torch_name: str | None       # the torch.optim class this spec reproduces (test oracle)
     extends: str | None = None
-    sparse_gradients: bool = False  # gradients are sparse; the update runs on the rows they touch
+    #: "dense" | "sparse" | "dense_or_sparse" | "dense_or_gathered" (Note [Sparse gradients])
+    gradients: str = "dense"
     algorithm: str | None = None    # an intrinsic step (optgen/runtime/<algorithm>.py) instead of a rule
     locs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def sparse_gradients(self) -> bool:
+        """Gradients must be sparse (SparseAdam): no whole-tensor kernel applies."""
+        return self.gradients == "sparse"
 
     @property
     def flags(self) -> list[Hyperparameter]:

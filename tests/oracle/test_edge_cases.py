@@ -577,11 +577,7 @@ def test_complex_params_like_torch(case, implementation):
 TORCH_SPARSE = {"SGD", "Adagrad"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="compiler/spec: torch's SGD and Adagrad accept "
-                                            "sparse gradients; optgen runs sparse gradients only for a spec "
-                                            "with gradients = 'sparse' (SparseAdam)"))
-    if n in TORCH_SPARSE else n for n in sorted({c[0] for c in CASES})])
+@pytest.mark.parametrize("name", sorted({c[0] for c in CASES}))
 def test_sparse_gradients_like_torch(name):
     """A sparse gradient: torch's error (its wording), or torch's update."""
     results = []
@@ -597,9 +593,45 @@ def test_sparse_gradients_like_torch(name):
         torch.testing.assert_close(results[1][1], results[0][1])
 
 
-@pytest.mark.xfail(strict=True, reason="spec/compiler: torch's SparseAdam rejects complex (and sparse) params "
-                   "in its constructor with a ValueError listing their [group, index] positions; optgen "
-                   "raises a RuntimeError at step")
+@pytest.mark.parametrize("case", [
+    ("SGD", {"momentum": 0.9}), ("SGD", {"momentum": 0.9, "nesterov": True}),
+    ("SGD", {"momentum": 0.5, "dampening": 0.2, "maximize": True}), ("SGD", {"momentum": 0.9, "foreach": True}),
+    ("SGD", {"weight_decay": 0.1}), ("SGD", {"fused": True}),
+    ("Adagrad", {"lr_decay": 0.1, "eps": 1e-3, "initial_accumulator_value": 0.2}), ("Adagrad", {"maximize": True}),
+    ("Adagrad", {"foreach": True}), ("Adagrad", {"weight_decay": 0.1}), ("Adagrad", {"fused": True}),
+], ids=case_id)
+def test_sparse_gradient_options_like_torch(case):
+    """SGD and Adagrad with sparse gradients (uncoalesced, next to a dense one) over several steps:
+    torch's parameters and state (layouts included), or torch's error."""
+    name, kwargs = case
+    results = []
+    for lib in (torch.optim, optgen):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True),
+                  torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)]
+        opt = getattr(lib, name)(params, lr=0.1, **kwargs)
+
+        def steps():
+            for k in range(3):
+                gen = torch.Generator().manual_seed(k + 1)
+                indices = torch.tensor([[0, 2, 2, 3], [1, 0, 0, 2]])  # a repeated index: uncoalesced
+                params[0].grad = torch.sparse_coo_tensor(indices, torch.randn(4, generator=gen, dtype=torch.float64), (4, 3))
+                params[1].grad = torch.randn(5, generator=gen, dtype=torch.float64)
+                opt.step()
+            return [(p.detach().clone(), {k: v for k, v in opt.state[p].items()}) for p in params]
+        results.append(outcome(steps))
+    assert results[1][0] == results[0][0]
+    if results[0][0] == "error":
+        assert results[1] == results[0]
+        return
+    for (p_ours, s_ours), (p_theirs, s_theirs) in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(p_ours, p_theirs)
+        assert s_ours.keys() == s_theirs.keys()
+        for key, value in s_theirs.items():
+            assert s_ours[key].layout == value.layout
+            torch.testing.assert_close(s_ours[key].to_dense(), value.to_dense())
+
+
 def test_sparse_adam_rejects_complex_params_at_construction_like_torch():
     params = lambda: [torch.ones(2, requires_grad=True), torch.ones(2, dtype=torch.complex64, requires_grad=True)]  # noqa: E731
     expected = outcome(lambda: torch.optim.SparseAdam(params()))
