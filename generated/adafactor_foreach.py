@@ -36,43 +36,40 @@ def adafactor_default(
     torch._foreach_add_(state_steps, 1)
     steps = [t.item() for t in state_steps]
     # one_minus_beta2_t = step ** beta2_decay
-    state_one_minus_beta2s = [step ** beta2_decay for step in steps]
+    one_minus_beta2_ts = [step ** beta2_decay for step in steps]
     # rho_t = minimum(lr, 1 / sqrt(step))
-    state_rhos = [min(lr, 1 / math.sqrt(step)) for step in steps]
+    rho_ts = [min(lr, 1 / math.sqrt(step)) for step in steps]
     # alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t
-    alphas = [rho_t * max(eps2, param.norm().item() / math.sqrt(param.numel())) for param, rho_t in zip(params, state_rhos)]
+    alphas = [rho_t * max(eps2, param.norm().item() / math.sqrt(param.numel())) for param, rho_t in zip(params, rho_ts)]
     if weight_decay != 0:
         # param = param * (1 - lr * weight_decay)
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    row_means = [None] * len(params)
-    col_means = [None] * len(params)
-    var_estimates = [None] * len(params)
     updates = [None] * len(params)
     for i in range(len(params)):
         if params[i].dim() > 1:
             # row_mean = norm_dim(grad, -1) ** 2 / size(grad, -1)
-            row_means[i] = grads[i].norm(dim=-1, keepdim=True).square_().div_(grads[i].size(-1))
+            row_mean = grads[i].norm(dim=-1, keepdim=True).square_().div_(grads[i].size(-1))
             # row_var = lerp(row_var, row_mean, one_minus_beta2_t)
-            row_vars[i].lerp_(row_means[i], state_one_minus_beta2s[i])
+            row_vars[i].lerp_(row_mean, one_minus_beta2_ts[i])
             # col_mean = norm_dim(grad, -2) ** 2 / size(grad, -2)
-            col_means[i] = grads[i].norm(dim=-2, keepdim=True).square_().div_(grads[i].size(-2))
+            col_mean = grads[i].norm(dim=-2, keepdim=True).square_().div_(grads[i].size(-2))
             # col_var = lerp(col_var, col_mean, one_minus_beta2_t)
-            col_vars[i].lerp_(col_means[i], state_one_minus_beta2s[i])
+            col_vars[i].lerp_(col_mean, one_minus_beta2_ts[i])
             # var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1)
-            var_estimates[i] = row_vars[i].mul(col_vars[i])
-            var_estimates[i].div_(row_vars[i].mean(dim=-2, keepdim=True).clamp_(min=epsilon1s[i]))
+            var_estimate = row_vars[i].mul(col_vars[i])
+            var_estimate.div_(row_vars[i].mean(dim=-2, keepdim=True).clamp_(min=epsilon1s[i]))
         else:
             # variance = lerp(variance, grad * grad, one_minus_beta2_t)
-            variances[i].lerp_(grads[i].square(), state_one_minus_beta2s[i])
+            variances[i].lerp_(grads[i].square(), one_minus_beta2_ts[i])
             # var_estimate = variance
-            var_estimates[i] = variances[i]
+            var_estimate = variances[i]
         if params[i].dim() > 1:
             # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
-            var_estimates[i].clamp_(min=epsilon1s[i] ** 2).sqrt_()
-            updates[i] = grads[i].div(var_estimates[i])
+            var_estimate.clamp_(min=epsilon1s[i] ** 2).sqrt_()
+            updates[i] = grads[i].div(var_estimate)
         else:
             # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
-            updates[i] = grads[i].div(var_estimates[i].clamp(min=epsilon1s[i] ** 2).sqrt_())
+            updates[i] = grads[i].div(var_estimate.clamp(min=epsilon1s[i] ** 2).sqrt_())
     # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
     denoms = [max(1.0, update.norm().item() / (d * math.sqrt(update.numel()))) for update in updates]
     # param = param - alpha / denom * update
@@ -104,43 +101,40 @@ def adafactor_maximize(
     torch._foreach_add_(state_steps, 1)
     steps = [t.item() for t in state_steps]
     # one_minus_beta2_t = step ** beta2_decay
-    state_one_minus_beta2s = [step ** beta2_decay for step in steps]
+    one_minus_beta2_ts = [step ** beta2_decay for step in steps]
     # rho_t = minimum(lr, 1 / sqrt(step))
-    state_rhos = [min(lr, 1 / math.sqrt(step)) for step in steps]
+    rho_ts = [min(lr, 1 / math.sqrt(step)) for step in steps]
     # alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t
-    alphas = [rho_t * max(eps2, param.norm().item() / math.sqrt(param.numel())) for param, rho_t in zip(params, state_rhos)]
+    alphas = [rho_t * max(eps2, param.norm().item() / math.sqrt(param.numel())) for param, rho_t in zip(params, rho_ts)]
     if weight_decay != 0:
         # param = param * (1 - lr * weight_decay)
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    row_means = [None] * len(params)
-    col_means = [None] * len(params)
-    var_estimates = [None] * len(params)
     updates = [None] * len(params)
     for i in range(len(params)):
         if params[i].dim() > 1:
             # row_mean = norm_dim(grad, -1) ** 2 / size(grad, -1)
-            row_means[i] = grads[i].norm(dim=-1, keepdim=True).square_().div_(grads[i].size(-1))
+            row_mean = grads[i].norm(dim=-1, keepdim=True).square_().div_(grads[i].size(-1))
             # row_var = lerp(row_var, row_mean, one_minus_beta2_t)
-            row_vars[i].lerp_(row_means[i], state_one_minus_beta2s[i])
+            row_vars[i].lerp_(row_mean, one_minus_beta2_ts[i])
             # col_mean = norm_dim(grad, -2) ** 2 / size(grad, -2)
-            col_means[i] = grads[i].norm(dim=-2, keepdim=True).square_().div_(grads[i].size(-2))
+            col_mean = grads[i].norm(dim=-2, keepdim=True).square_().div_(grads[i].size(-2))
             # col_var = lerp(col_var, col_mean, one_minus_beta2_t)
-            col_vars[i].lerp_(col_means[i], state_one_minus_beta2s[i])
+            col_vars[i].lerp_(col_mean, one_minus_beta2_ts[i])
             # var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1)
-            var_estimates[i] = row_vars[i].mul(col_vars[i])
-            var_estimates[i].div_(row_vars[i].mean(dim=-2, keepdim=True).clamp_(min=epsilon1s[i]))
+            var_estimate = row_vars[i].mul(col_vars[i])
+            var_estimate.div_(row_vars[i].mean(dim=-2, keepdim=True).clamp_(min=epsilon1s[i]))
         else:
             # variance = lerp(variance, grad * grad, one_minus_beta2_t)
-            variances[i].lerp_(grads[i].square(), state_one_minus_beta2s[i])
+            variances[i].lerp_(grads[i].square(), one_minus_beta2_ts[i])
             # var_estimate = variance
-            var_estimates[i] = variances[i]
+            var_estimate = variances[i]
         if params[i].dim() > 1:
             # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
-            var_estimates[i].clamp_(min=epsilon1s[i] ** 2).sqrt_()
-            updates[i] = grads[i].div(var_estimates[i])
+            var_estimate.clamp_(min=epsilon1s[i] ** 2).sqrt_()
+            updates[i] = grads[i].div(var_estimate)
         else:
             # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
-            updates[i] = grads[i].div(var_estimates[i].clamp(min=epsilon1s[i] ** 2).sqrt_())
+            updates[i] = grads[i].div(var_estimate.clamp(min=epsilon1s[i] ** 2).sqrt_())
     # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
     denoms = [max(1.0, update.norm().item() / (d * math.sqrt(update.numel()))) for update in updates]
     # param = param - alpha / denom * update

@@ -19,7 +19,7 @@ import itertools
 
 import sympy
 
-from optgen.backends.forloop import ForLoopRenderer, plural
+from optgen.backends.forloop import ForLoopRenderer, counter_list, plural
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import Step, TensorOp
 
@@ -43,7 +43,7 @@ class ForeachRenderer(PythonRenderer):
         self.per_op_code = ForLoopRenderer(program, index="i", loop_locals=False)  # one op, all lists
 
     def var(self, name: str) -> str:
-        return plural(name)
+        return self.list_name(name)
 
     def is_per_tensor(self, expr) -> bool:
         return any(s.name not in self.program.group_scalars and not s.name.startswith('"')
@@ -57,17 +57,17 @@ class ForeachRenderer(PythonRenderer):
         names = sorted(s.name for s in expr.free_symbols
                        if s.name not in self.program.group_scalars and not s.name.startswith('"'))
         if expr.is_Symbol:
-            return plural(expr.name)
+            return self.list_name(expr.name)
         if len(names) == 1:
-            return f"[{self.scalar(expr)} for {names[0]} in {plural(names[0])}]"
+            return f"[{self.scalar(expr)} for {names[0]} in {self.list_name(names[0])}]"
         return f"[{self.scalar(expr)} for {', '.join(names)} in zip({', '.join(map(plural, names))})]"
 
     def op(self, op: TensorOp) -> str:
         if op.fn.rstrip("_") not in FOREACH_OPS and op.fn not in _SPECIAL:
             return self.tensor_by_tensor(op)
-        tensors = [plural(a) if isinstance(a, str) else self.scalar_arg(a) for a in op.args]
+        tensors = [self.list_name(a) if isinstance(a, str) else self.scalar_arg(a) for a in op.args]
         kwargs = dict(op.kwargs)
-        out, receiver = plural(op.out), plural(op.self_)
+        out, receiver = self.list_name(op.out), self.list_name(op.self_)
         if op.fn in _SPECIAL:
             return _SPECIAL[op.fn].format(out=out, self=receiver, args=", ".join(tensors))
         if op.fn.rstrip("_") == "clamp":  # no _foreach_clamp: clamp(x, lo, hi) = min(max(x, lo), hi)
@@ -88,12 +88,12 @@ class ForeachRenderer(PythonRenderer):
 
     def clamp(self, op: TensorOp) -> str:
         bounds = dict(op.kwargs)
-        out, lines = plural(op.self_), []
+        out, lines = self.list_name(op.self_), []
         for i, (bound, fn) in enumerate((b, f) for b, f in (("min", "clamp_min"), ("max", "clamp_max")) if b in bounds):
             value = self.scalar_arg(bounds[bound])
             if i == 0 and not op.in_place:
-                out = plural(op.out)
-                lines.append(f"{out} = torch._foreach_{fn}({plural(op.self_)}, {value})")
+                out = self.list_name(op.out)
+                lines.append(f"{out} = torch._foreach_{fn}({self.list_name(op.self_)}, {value})")
             else:
                 lines.append(f"torch._foreach_{fn}_({out}, {value})")
         return "\n".join(lines)
@@ -104,21 +104,21 @@ class ForeachRenderer(PythonRenderer):
         if op.in_place:
             return f"for i in range(len(params)):\n    {code}"
         target, _, value = code.partition(" = ")
-        return f"{plural(op.out)} = [{value} for i in range(len(params))]"
+        return f"{self.list_name(op.out)} = [{value} for i in range(len(params))]"
 
     def scalar_step(self, step: Step) -> list[str]:
         if step.per_tensor:
-            return [f"{plural(step.target)} = {self.scalar_arg(step.expr)}"]
+            return [f"{self.list_name(step.target)} = {self.scalar_arg(step.expr)}"]
         return [f"{step.target} = {self.scalar(step.expr)}"]
 
     def release(self, name: str) -> list[str]:
-        return [f"del {plural(name)}  # free the temporary before the next allocation"]
+        return [f"del {self.list_name(name)}  # free the temporary before the next allocation"]
 
     def counter_read(self, name: str) -> str:
-        return f"{plural(name)} = [t.item() for t in {plural(name + '_t')}]"
+        return f"{self.list_name(name)} = [t.item() for t in {counter_list(name)}]"
 
     def lazy_state(self, step: Step) -> list[str]:
-        states = plural(step.target)
+        states = self.list_name(step.target)
         fallback = self.per_tensor_code.lazy_state(step)
         return [f"if all(t is not None for t in {states}):",
                 *("    " + line for line in self.chain(step.ops)),
@@ -146,22 +146,44 @@ class ForeachRenderer(PythonRenderer):
 
         def rebound(run) -> set[str]:  # names the loop assigns new tensors (`xs[i] = ...`)
             return {op.out for s in run for op in s.ops if op.out == s.target and not op.in_place}
-        for per_tensor, run in itertools.groupby(steps, key=self.per_tensor_guard):
-            run = list(run)
+        runs = [(per_tensor, list(run)) for per_tensor, run in itertools.groupby(steps, key=self.per_tensor_guard)]
+        for position, (per_tensor, run) in enumerate(runs):
             if not per_tensor:
                 lines += self.guarded_blocks(run, self)
             else:
+                # What the loop computes and nothing after it reads lives for one iteration
+                # (RAdam's adaptive_lr): a list of them would hold every tensor's at once.
+                later = [s for _, r in runs[position + 1:] for s in r]
+                local = frozenset(s.target for s in run if s.kind in ("tensor", "scalar")
+                                  and s.target not in defined and s.target not in _reads(later))
+                renderer = ForLoopRenderer(self.program, index="i", local_names=local)
                 # Lists first filled inside the loop must exist before it.
-                for name in dict.fromkeys(s.target for s in run if s.kind != "release"):
+                for name in dict.fromkeys(s.target for s in run if s.kind != "release" and s.target not in local):
                     if name not in defined:
-                        lines.append(f"{plural(name)} = [None] * len(params)")
+                        lines.append(f"{self.list_name(name)} = [None] * len(params)")
                     elif name in rebound(run) and name not in persistent:
                         # a list of our own: it may be another name's (`update = momentum_buffer`)
-                        lines.append(f"{plural(name)} = list({plural(name)})")
+                        lines.append(f"{self.list_name(name)} = list({self.list_name(name)})")
                 lines.append("for i in range(len(params)):")
-                lines += ["    " + line for line in self.guarded_blocks(run, self.per_tensor_code)]
+                lines += ["    " + line for line in self.guarded_blocks(run, renderer)]
             defined |= {s.target for s in run}
         return lines
+
+
+def _reads(steps) -> set[str]:
+    """Every name some step reads: op operands, scalar expressions and guards."""
+    names: set[str] = set()
+    for step in steps:
+        for op in (*step.ops, *(step.first_ops or ())):
+            names |= op.reads()
+            names |= {s.name for a in (*op.args, *(v for _, v in op.kwargs)) if not isinstance(a, str)
+                      for s in getattr(a, "free_symbols", ())}
+        if step.expr is not None:
+            names |= {s.name for s in step.expr.free_symbols}
+        names |= {s.name for s in step.guard.free_symbols}
+        if step.kind in ("release", "read"):
+            names.add(step.target)
+    return names
 
 
 class ForeachBackend(PythonKernelBackend):

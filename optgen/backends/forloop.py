@@ -39,17 +39,22 @@ _SPECIAL = {
 
 
 def plural(name: str) -> str:
-    """The list holding one ``name`` per tensor: grad → grads, step_t → state_steps."""
-    if name.endswith("_t"):
-        return f"state_{name[:-2]}s"
+    """The list holding one ``name`` per tensor: grad → grads, denom → denoms."""
     return name + "s"
+
+
+def counter_list(counter: str) -> str:
+    """The list of a counter's 0-dim state tensors, named as torch names them: step → state_steps."""
+    return f"state_{counter}s"
 
 
 class ForLoopRenderer(PythonRenderer):
     name = "forloop"
 
-    def __init__(self, program: OpProgram, index: str | None = None, loop_locals: bool = True):
+    def __init__(self, program: OpProgram, index: str | None = None, loop_locals: bool = True,
+                 local_names: frozenset = frozenset()):
         super().__init__(program)
+        self.local_names = local_names  # names that live for one iteration of the caller's loop
         # With ``index`` set (foreach's per-tensor code), variables are list elements; a
         # statement's own intermediates (_t0, ...) are too, unless the code runs inside one loop
         # iteration (``loop_locals``) where they live for that iteration only.
@@ -60,13 +65,14 @@ class ForLoopRenderer(PythonRenderer):
     def var(self, name: str) -> str:
         if name in self.inlined:
             return self.inlined[name]
-        if not self.index or (self.loop_locals and name.startswith("_t")):
+        if not self.index or (self.loop_locals and name.startswith("_t")) or name in self.local_names:
             return name
-        return f"{plural(name)}[{self.index}]"
+        return f"{self.list_name(name)}[{self.index}]"
 
     def scalar_name(self, name: str) -> str:
-        per_tensor = name not in self.program.group_scalars and not name.startswith('"')
-        return f"{plural(name)}[{self.index}]" if self.index and per_tensor else name
+        per_tensor = name not in self.program.group_scalars and not name.startswith('"') \
+            and name not in self.local_names
+        return f"{self.list_name(name)}[{self.index}]" if self.index and per_tensor else name
 
     def args(self, op: TensorOp) -> str:
         parts = [self.var(a) if isinstance(a, str) else self.scalar(a) for a in op.args]
@@ -134,7 +140,7 @@ class ForLoopRenderer(PythonRenderer):
         name = step.target
         first = self.chain(step.first_ops)
         if not self.index:  # a new tensor: hand it back to the caller, which stores it in the state
-            first.append(f"{plural(name)}[i] = {name}")
+            first.append(f"{self.list_name(name)}[i] = {name}")
         update = self.chain(step.ops)
         return [f"if {self.var(name)} is None:", *("    " + line for line in first),
                 "else:", *("    " + line for line in update)]
@@ -143,7 +149,7 @@ class ForLoopRenderer(PythonRenderer):
     def loop_header(self) -> list[str]:
         """Binding each tensor of this iteration to its name (torch's `exp_avg = exp_avgs[i]`)."""
         lines = [f"{t} = {plural(t)}[i]" for t in self.program.tensors if t != "param"]
-        lines += [f"{c}_t = {plural(c + '_t')}[i]" for c in self.program.counters]
+        lines += [f"{c}_t = {counter_list(c)}[i]" for c in self.program.counters]
         return lines
 
 

@@ -10,7 +10,7 @@ import re
 import sympy
 
 from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
-from optgen.backends.forloop import plural
+from optgen.backends.forloop import counter_list, plural
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.passes import Compiled
 from optgen.spec.model import RUNTIME_OPTIONS
@@ -79,7 +79,7 @@ class OptimizerClassBackend(Backend):
             kernel_modules=kernel_modules, kernels=kernels,
             flags=repr(tuple(h.name for h in spec.flags)),
             tensor_state=repr(tuple((plural(s.name), s.key) for s in spec.state.values() if not s.is_scalar)),
-            counter_state=repr(tuple((plural(s.name + "_t"), s.key) for s in spec.state.values() if s.is_scalar)),
+            counter_state=repr(tuple((counter_list(s.name), s.key) for s in spec.state.values() if s.is_scalar)),
             lazy_state=repr(tuple(s.key for s in spec.state.values() if s.init == "first")),
             scalars=scalars, complex_as_real=spec.complex_params, signature=signature, checks=checks,
             param_checks=param_checks, collect_checks=collect_checks, sparse_checks=sparse_checks,

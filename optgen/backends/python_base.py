@@ -53,6 +53,14 @@ class PythonRenderer:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------
+    def list_name(self, name: str) -> str:
+        """The per-tensor list of a name: a counter's tensors (``step_t``) are ``state_steps``."""
+        from optgen.backends.forloop import counter_list, plural
+
+        if name.endswith("_t") and name[:-2] in self.program.counters:
+            return counter_list(name[:-2])
+        return plural(name)
+
     def scalar(self, expr) -> str:
         return PythonScalarPrinter(self.scalar_name)(expr)
 
@@ -161,12 +169,12 @@ class PythonKernelBackend(Backend):
     list_annotation = "list[Tensor]"
 
     def render(self, compiled: Compiled) -> str:
-        from optgen.backends.forloop import plural
+        from optgen.backends.forloop import counter_list, plural
 
         sig = kernel_signature(compiled)
         signature = [f"{plural(t)}: {self.list_annotation if t not in sig.lazy else 'list[Tensor | None]'},"
                      for t in sig.tensors]
-        signature += [f"{plural(c + '_t')}: list[Tensor]," for c in sig.counters]
+        signature += [f"{counter_list(c)}: list[Tensor]," for c in sig.counters]
         signature += ["*", *(f"{s}: {_annotation(compiled.spec, s)}," for s in sig.scalars)]
         signature = [line if line != "*" else "*," for line in signature]
         variants = []

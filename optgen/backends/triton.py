@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from optgen.backends.base import Backend, KernelSignature, environment, header, kernel_signature, module_name
-from optgen.backends.forloop import plural
+from optgen.backends.forloop import counter_list, plural
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.triton_printer import TritonPrinter, Unsupported
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
@@ -364,7 +364,7 @@ class _KernelBuilder:
         guards = [(name, PythonScalarPrinter()(cond) if cond != sympy.false else "False")
                   for cond, name in self.host_guards.items()]
         return Kernel(kernel=kernel, function=function, key=key, doc=doc, tensors=tensors,
-                      counters=[plural(c + "_t") for c in counters], lazy=lazy, hyperparameters=hypers,
+                      counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
                       tensor_hyperparameters=tensor_hypers, guards=guards, prologue=prologue,
                       whole_blocks=whole_blocks, last_block=last_block)
 
@@ -502,7 +502,7 @@ class TritonBackend(Backend):
         sig = kernel_signature(compiled)
         signature = [f"{plural(t)}: list[Tensor | None]," if t in sig.lazy else f"{plural(t)}: list[Tensor],"
                      for t in sig.tensors]
-        signature += [f"{plural(c + '_t')}: list[Tensor]," for c in sig.counters]
+        signature += [f"{counter_list(c)}: list[Tensor]," for c in sig.counters]
         signature += ["*,", *(f"{s}," for s in sig.scalars),
                       "grad_scale: Tensor | None = None,", "found_inf: Tensor | None = None,"]
         return environment().get_template("triton/kernels.py.j2").render(

@@ -17,7 +17,7 @@ def _peak(opt_cls, kwargs, implementation=None):
     opt = opt_cls(params, foreach=True, **kwargs) if implementation is None else opt_cls(params, **kwargs)
     if implementation:
         opt.implementation = implementation
-    for _ in range(2):  # the second step is the steady state (state exists)
+    for _ in range(8):  # steady state: state exists, and step-dependent branches (RAdam's rho_t > 5) are taken
         for p in params:
             p.grad = torch.randn_like(p)
         peak = peak_temporary_bytes(opt, params)
