@@ -60,45 +60,16 @@ class GeneratedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _step_group(self, group: dict) -> None:
+        """One step for one param group: gather the kernel's lists, pick and call the kernel,
+        store what it created."""
         params, grads = self._params_with_grad(group)
-        has_sparse = any(g.is_sparse for g in grads)
-        if self._gradients == "sparse" and not all(g.is_sparse for g in grads):
-            raise RuntimeError(f"{type(self).__name__} does not support dense gradients, please consider Adam instead")
-        if self._gradients == "dense" and has_sparse:
-            raise RuntimeError(dispatch.SPARSE_GRADIENT_ERRORS.get(
-                type(self).__name__, f"{type(self).__name__} does not support sparse gradients"))
-        # A group with a sparse gradient where dense ones are the rule runs one parameter at a
-        # time, as torch's single-tensor path does (Note [Sparse gradients]).
-        single_sparse = has_sparse and self._gradients != "sparse"
-        if single_sparse:
-            dispatch.check_sparse_fused(self, group)
-            self._check_sparse_step(group)
+        single_sparse = self._check_gradients(group, grads)
         if not params:
             return
-        states = []
-        for p in params:
-            # Only touch self.state[p] when there is state to keep: torch's SGD without momentum
-            # has an empty state dict, and so must ours.
-            state = self.state.get(p)
-            if not state:
-                initial = self._init_state(p, _numbers(group))
-                if initial:
-                    self.state[p].update(dispatch.place_counters(initial, p, group))
-                state = self.state.get(p, {})
-            states.append(state)
-        tensors = {"params": params, "grads": grads}
-        for name, key in self._tensor_state:
-            tensors[name] = [s.get(key) for s in states]
-        for name, key in self._counter_state:
-            # A counter torch keeps as a Python number (SparseAdam's step) runs as a 0-dim tensor.
-            tensors[name] = [torch.tensor(float(s[key]), dtype=torch.float64) if key in self._host_counters
-                             else s[key] for s in states]
-        created = {key: [s.get(key) is None for s in states] for key in self._lazy_state}
-        if any(p.is_complex() for p in params):
-            if not self._complex_as_real:
-                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-            tensors = _view_complex_as_real(tensors)
-        gathered = self._gradients == "sparse" or (has_sparse and self._gradients == "dense_or_gathered")
+        states = [self._state_of(p, group) for p in params]
+        tensors, created = self._kernel_lists(params, grads, states)
+        gathered = self._gradients == "sparse" or (self._gradients == "dense_or_gathered"
+                                                   and any(g.is_sparse for g in grads))
         if gathered:
             tensors, scatter = _gather_rows(tensors)
         implementation = "forloop" if single_sparse else dispatch.choose(self, group, params)
@@ -121,12 +92,59 @@ class GeneratedOptimizer(Optimizer):
             run(kernel, tensors, scalars)
         if gathered:
             scatter()
+        self._store_results(group, params, states, tensors, created)
+
+    def _check_gradients(self, group: dict, grads: list[torch.Tensor]) -> bool:
+        """torch's errors for gradients the spec does not take; True when this group has a sparse
+        gradient where dense ones are the rule: it then runs one parameter at a time, as torch's
+        single-tensor path does (Note [Sparse gradients])."""
+        has_sparse = any(g.is_sparse for g in grads)
+        if self._gradients == "sparse" and not all(g.is_sparse for g in grads):
+            raise RuntimeError(f"{type(self).__name__} does not support dense gradients, please consider Adam instead")
+        if self._gradients == "dense" and has_sparse:
+            raise RuntimeError(dispatch.SPARSE_GRADIENT_ERRORS.get(
+                type(self).__name__, f"{type(self).__name__} does not support sparse gradients"))
+        single_sparse = has_sparse and self._gradients != "sparse"
+        if single_sparse:
+            dispatch.check_sparse_fused(self, group)
+            self._check_sparse_step(group)
+        return single_sparse
+
+    def _state_of(self, param: torch.Tensor, group: dict) -> dict:
+        """The parameter's state, created on its first step.  self.state[param] is only touched
+        when there is state to keep: torch's SGD without momentum has an empty state dict."""
+        state = self.state.get(param)
+        if not state:
+            initial = self._init_state(param, _numbers(group))
+            if initial:
+                self.state[param].update(dispatch.place_counters(initial, param, group))
+            state = self.state.get(param, {})
+        return state
+
+    def _kernel_lists(self, params, grads, states) -> tuple[dict[str, list], dict[str, list[bool]]]:
+        """The kernel's per-tensor lists by argument name (complex tensors as real views), and
+        for each lazily created state which entries do not exist yet."""
+        tensors = {"params": params, "grads": grads}
+        for name, key in self._tensor_state:
+            tensors[name] = [s.get(key) for s in states]
+        for name, key in self._counter_state:
+            # A counter torch keeps as a Python number (SparseAdam's step) runs as a 0-dim tensor.
+            tensors[name] = [torch.tensor(float(s[key]), dtype=torch.float64) if key in self._host_counters
+                             else s[key] for s in states]
+        created = {key: [s.get(key) is None for s in states] for key in self._lazy_state}
+        if any(p.is_complex() for p in params):
+            if not self._complex_as_real:
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            tensors = _view_complex_as_real(tensors)
+        return tensors, created
+
+    def _store_results(self, group, params, states, tensors, created) -> None:
+        """Back into self.state: host counters as numbers, lazily created state from the kernel's
+        lists, and — a differentiable step replaces them (Note [differentiable=True]) — every state."""
         for name, key in self._counter_state:
             if key in self._host_counters:
                 for s, t in zip(states, tensors[name]):
                     s[key] = type(s[key])(t.item())
-        # Lazily created state comes back from the kernel in its list; a differentiable step
-        # replaces every state tensor (Note [differentiable=True]).
         replaced = bool(group.get("differentiable"))
         for name, key in self._tensor_state + self._counter_state:
             if key in created or (replaced and key not in self._host_counters):
