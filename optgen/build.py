@@ -53,7 +53,7 @@ def render_all(compiled: list[Compiled]) -> dict[str, str]:
         class_backend = OptimizerClassBackend(tuple(b.name for b in backends),
                                               lazy=tuple(b.name for b in backends if getattr(b, "lazy", False)))
         files[f"{module_name(c.spec.name)}.py"] = class_backend.render(c)
-        if c.spec.algorithm:  # an intrinsic step: no kernels to generate
+        if c.spec.algorithm or c.spec.kernels_from:  # an intrinsic step, or its parent's kernels
             continue
         for backend in backends:
             files[f"{module_name(c.spec.name, backend.name)}.py"] = backend.render(c)

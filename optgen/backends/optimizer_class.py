@@ -69,7 +69,8 @@ class OptimizerClassBackend(Backend):
                 check["reads"] = [k for k in spec.group_keys if k in used]
             (collect_checks if c.collect else param_checks if c.each_param else
              sparse_checks if c.sparse_step else checks).append(check)
-        names = [] if spec.algorithm else [module_name(spec.name, b) for b in self.kernel_backends]
+        owner = spec.kernels_from or spec.name  # AdamW runs Adam's kernels (same rule, see load.py)
+        names = [] if spec.algorithm else [module_name(owner, b) for b in self.kernel_backends]
         kernel_modules = [m for b, m in zip(self.kernel_backends, names) if b not in self.lazy]
         kernels = [(b, f'"{m}"' if b in self.lazy else m) for b, m in zip(self.kernel_backends, names)]
         derived = [(h.name, h.derive) for h in hyper.values() if h.derive]

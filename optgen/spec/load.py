@@ -47,6 +47,9 @@ class _Merged:
         self.state: dict[str, tuple[Any, Source]] = {}
         self.checks: list[tuple[dict, Source, int]] = []
         self.rule: tuple[str, Source] | None = None
+        # The spec extended, when this file changes nothing its kernels depend on (no rule, no
+        # state, no new hyperparameter): its kernels are then the parent's (AdamW's are Adam's).
+        self.kernels_from: str | None = None
 
 
 def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tuple[_Merged, Source]:
@@ -78,6 +81,9 @@ def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tup
         merged, _ = _merge_file(base_path, search_dir, seen + (base_name,))
         merged.optimizer.pop("torch", None)  # the oracle is per spec, never inherited
         merged.optimizer.pop("doc", None)
+        same_kernels = "update" not in data and "state" not in data \
+            and set(data.get("hyperparameters", {})) <= set(merged.hyperparameters)
+        merged.kernels_from = (merged.kernels_from or merged.optimizer["name"][0]) if same_kernels else None
     for key, value in optimizer.items():
         merged.optimizer[key] = (value, src)
     for key, value in data.get("hyperparameters", {}).items():
@@ -155,7 +161,7 @@ def load_spec(path: str | Path) -> Spec:
         paper=opt_value("paper", str, ""), signature=signature, group_keys=group_keys,
         hyperparameters=hyper, checks=checks, state=state, rule=rule, rule_text=rule_text, rule_loc=rule_loc,
         complex_params=complex_mode == "view_as_real", eager_state=state_init == "eager",
-        torch_name=opt_value("torch", str), extends=opt_value("extends", str),
+        torch_name=opt_value("torch", str), extends=opt_value("extends", str), kernels_from=merged.kernels_from,
         gradients=gradients, algorithm=algorithm,
     )
 

@@ -87,6 +87,7 @@ class Spec:
     eager_state: bool            # state created in the constructor (Adagrad) instead of lazily
     torch_name: str | None       # the torch.optim class this spec reproduces (test oracle)
     extends: str | None = None
+    kernels_from: str | None = None  # a spec whose kernels this one shares (it extends it, same rule)
     #: "dense" | "sparse" | "dense_or_sparse" | "dense_or_gathered" (Note [Sparse gradients])
     gradients: str = "dense"
     algorithm: str | None = None    # an intrinsic step (optgen/runtime/<algorithm>.py) instead of a rule

@@ -362,3 +362,22 @@ def test_foreach_loop_rebinding_an_alias_copies_the_list(tmp_path):
     text = foreach_text(spec)
     assert "upds = bufs\nupds = list(upds)\nfor i in range(len(params)):" in text
     assert "    upds[i] = upds[i].masked_fill(upds[i].gt(0), lr).mul_(2)" in text
+
+
+def test_a_spec_extending_another_without_changing_its_kernels_shares_them(tmp_path):
+    """AdamW (extends Adam: other defaults, decoupling fixed on) runs Adam's generated kernels;
+    a child that brings its own rule gets kernels of its own."""
+    import optgen
+    from optgen.build import ROOT
+
+    adamw = load_spec(ROOT / "specs" / "optimizers" / "adamw.toml")
+    assert adamw.kernels_from == "Adam"
+    assert optgen.AdamW._kernels["forloop"] is optgen.OPTIMIZERS["Adam"]._kernels["forloop"]
+    parent = tmp_path / "toy.toml"
+    parent.write_text(HEADER + '\n[update]\nrule = """\nstep = step + 1\nbuf = buf + grad\nparam = param - lr * buf\n"""\n')
+    child = tmp_path / "child.toml"
+    child.write_text('[optimizer]\nname = "Child"\nextends = "Toy"\n[update]\nrule = """\n'
+                     'step = step + 1\nbuf = buf - grad\nparam = param - lr * buf\n"""\n')
+    assert load_spec(child).kernels_from is None
+    child.write_text('[optimizer]\nname = "Child"\nextends = "Toy"\n[hyperparameters]\nlr = 0.5\n')
+    assert load_spec(child).kernels_from == "Toy"
