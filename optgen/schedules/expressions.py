@@ -22,7 +22,7 @@ from typing import Callable
 import sympy
 
 from optgen.errors import Location, SpecError
-from optgen.spec.expressions import node_location, parse_python, strip_located
+from optgen.spec.expressions import node_location, parse_python, strip_located, validate_check
 
 
 class CountLE(sympy.Function):
@@ -232,22 +232,8 @@ def parse_python_check(text: str, loc: Location, names: set[str], what: str = "a
     """
     loc, text = strip_located(text, loc)
     tree = parse_python(text, loc)
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    for node in ast.walk(tree):
-        if not isinstance(node, _CHECK_NODES):
-            while not hasattr(node, "lineno") and node in parents:  # an operator: show its expression
-                node = parents[node]
-            raise SpecError(node_location(loc, node), f"'{ast.unparse(node)}' is not allowed in {what}: use "
-                                                      "comparisons, and/or/not, + - * /, subscripts, literals and "
-                                                      f"calls of {', '.join(CHECK_CALLS)}")
-        if isinstance(node, ast.Call):
-            if not (isinstance(node.func, ast.Name) and node.func.id in CHECK_CALLS
-                    and len(node.args) == CHECK_CALLS[node.func.id] and not node.keywords):
-                raise SpecError(node_location(loc, node), f"'{ast.unparse(node)}': {what} may call only "
-                                + ", ".join(f"{n}() with {a} argument(s)" for n, a in CHECK_CALLS.items()))
-        if isinstance(node, ast.Name) and node.id not in names | CHECK_TYPES | set(CHECK_CALLS):
-            raise SpecError(node_location(loc, node),
-                            f"unknown name '{node.id}' in {what}; known names: {', '.join(sorted(names))}")
+    validate_check(tree, loc, names, calls=CHECK_CALLS, types=CHECK_TYPES, nodes=_CHECK_NODES, what=what,
+                   name_scope=what, constructs="subscripts, literals")
     if rename is not None:
         tree = _Rename(names, rename).visit(tree)
     return ast.unparse(tree.body)

@@ -303,32 +303,41 @@ def parse_condition(text: str, loc: Location, names: dict[str, str], what: str) 
     return MathBuilder(loc, names, what).condition(tree.body)
 
 
+_CHECK_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub,
+                ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Is, ast.IsNot,
+                ast.Constant, ast.Name, ast.Load, ast.Subscript, ast.Call, ast.BinOp, ast.Add,
+                ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.In, ast.NotIn, ast.List, ast.Tuple)
+
+
+def validate_check(tree: ast.AST, loc: Location, names: set[str], *, calls: dict[str, int], types: set[str],
+                   nodes: tuple, what: str = "a check", name_scope: str = "check",
+                   constructs: str = "subscripts") -> None:
+    """The allow-list of Python checks (constructor validation, scheduler checks): only ``nodes``,
+    the given names and type names, and ``calls`` with their arities.  Errors point at the node."""
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        if not isinstance(node, nodes):
+            while not hasattr(node, "lineno") and node in parents:  # an operator: show its expression
+                node = parents[node]
+            raise SpecError(node_location(loc, node), f"'{ast.unparse(node)}' is not allowed in {what}: use "
+                                                      f"comparisons, and/or/not, + - * /, {constructs} and calls "
+                                                      f"of {', '.join(calls)}")
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in calls
+                    and len(node.args) == calls[node.func.id] and not node.keywords):
+                raise SpecError(node_location(loc, node),
+                                f"'{ast.unparse(node)}': {what} may call only "
+                                + ", ".join(f"{n}() with {a} argument(s)" for n, a in calls.items()))
+        if isinstance(node, ast.Name) and node.id not in names | types | set(calls):
+            raise SpecError(node_location(loc, node),
+                            f"unknown name '{node.id}' in {name_scope}; known names: {', '.join(sorted(names))}")
+
+
 def parse_check(text: str, loc: Location, names: set[str]) -> str:
     """Validates a constructor check against the allow-list; returns it as normalised Python."""
     loc, text = strip_located(text, loc)
     tree = parse_python(text, loc)
-    allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub,
-               ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Is, ast.IsNot,
-               ast.Constant, ast.Name, ast.Load, ast.Subscript, ast.Call, ast.BinOp, ast.Add,
-               ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.In, ast.NotIn, ast.List, ast.Tuple)
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    for node in ast.walk(tree):
-        if not isinstance(node, allowed):
-            while not hasattr(node, "lineno") and node in parents:  # an operator: show its expression
-                node = parents[node]
-            raise SpecError(node_location(loc, node), f"'{ast.unparse(node)}' is not allowed in a check: use "
-                                                      "comparisons, and/or/not, + - * /, subscripts and calls "
-                                                      f"of {', '.join(CHECK_CALLS)}")
-        if isinstance(node, ast.Call):
-            if not (isinstance(node.func, ast.Name) and node.func.id in CHECK_CALLS
-                    and len(node.args) == CHECK_CALLS[node.func.id] and not node.keywords):
-                raise SpecError(node_location(loc, node),
-                                f"'{ast.unparse(node)}': a check may call only "
-                                + ", ".join(f"{n}() with {a} argument(s)" for n, a in CHECK_CALLS.items()))
-        if isinstance(node, ast.Name) and node.id not in names and node.id not in CHECK_TYPES \
-                and node.id not in CHECK_CALLS and node.id != "None":
-            raise SpecError(node_location(loc, node),
-                            f"unknown name '{node.id}' in check; known names: {', '.join(sorted(names))}")
+    validate_check(tree, loc, names, calls=CHECK_CALLS, types=CHECK_TYPES | {"None"}, nodes=_CHECK_NODES)
     return ast.unparse(_NumelAsMethod().visit(tree.body))
 
 
