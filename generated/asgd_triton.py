@@ -86,7 +86,7 @@ def _asgd_default_kernel(
     mu_0 = mu
     mu_eq_1 = mu == 1
     # eta = lr / (1 + lambd * lr * step) ** alpha
-    eta = (lr * tl.exp((-alpha) * tl.log(lambd * lr * step + 1))).to(COUNTER_DTYPE).to(tl.float64)
+    eta = (lr / tl.exp(alpha * tl.log(lambd * lr * step + 1))).to(COUNTER_DTYPE).to(tl.float64)
     # mu = 1 / maximum(1, step - t0)
     mu = (1 / tl.maximum(1, step - t0, propagate_nan=tl.PropagateNan.ALL)).to(COUNTER_DTYPE).to(tl.float64)
     # the last program of each tensor writes its counters back (unless GradScaler skips)
@@ -258,7 +258,7 @@ def _asgd_maximize_kernel(
     mu_0 = mu
     mu_eq_1 = mu == 1
     # eta = lr / (1 + lambd * lr * step) ** alpha
-    eta = (lr * tl.exp((-alpha) * tl.log(lambd * lr * step + 1))).to(COUNTER_DTYPE).to(tl.float64)
+    eta = (lr / tl.exp(alpha * tl.log(lambd * lr * step + 1))).to(COUNTER_DTYPE).to(tl.float64)
     # mu = 1 / maximum(1, step - t0)
     mu = (1 / tl.maximum(1, step - t0, propagate_nan=tl.PropagateNan.ALL)).to(COUNTER_DTYPE).to(tl.float64)
     # the last program of each tensor writes its counters back (unless GradScaler skips)

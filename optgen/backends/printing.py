@@ -121,23 +121,29 @@ class PythonScalarPrinter:
     def print_mul(self, expr: sympy.Mul) -> str:
         if _is_negative(expr):
             return f"-{self.paren(-expr, PRECEDENCE['Mul'])}"
-        num, den = [], []
-        for f in expr.as_ordered_factors():
-            # x ** -1 and x ** -alpha (sympy's form of 1 / x ** alpha) divide
-            if f.is_Pow and (f.exp.is_negative and f.exp.is_Rational or _is_negative(f.exp)):
-                den.append(f.base if f.exp == -1 else f.base ** -f.exp)
-            elif f.is_Rational and f.q != 1:
-                if f.p != 1:
-                    num.append(sympy.Integer(f.p))
-                den.append(sympy.Integer(f.q))
-            else:
-                num.append(f)
+        num, den = split_fraction(expr)
         text = " * ".join(self.paren(f, PRECEDENCE["Mul"]) for f in num) if num else "1"
         if len(den) == 1:
             text += f" / {self.paren(den[0], PRECEDENCE['Mul'], strict=True)}"
         elif den:  # x / (a * b): one division, as people (and torch) write it
             text += f" / ({' * '.join(self.paren(d, PRECEDENCE['Mul']) for d in den)})"
         return text
+
+
+def split_fraction(expr: sympy.Mul) -> tuple[list, list]:
+    """A product's factors as written numerators and denominators: x ** -1, x ** -alpha (sympy's
+    form of 1 / x ** alpha) and the denominator of a rational divide."""
+    num, den = [], []
+    for f in expr.as_ordered_factors():
+        if f.is_Pow and (f.exp.is_negative and f.exp.is_Rational or _is_negative(f.exp)):
+            den.append(f.base if f.exp == -1 else f.base ** -f.exp)
+        elif f.is_Rational and f.q != 1:
+            if f.p != 1:
+                num.append(sympy.Integer(f.p))
+            den.append(sympy.Integer(f.q))
+        else:
+            num.append(f)
+    return num, den
 
 
 def _is_negative(term: sympy.Expr) -> bool:

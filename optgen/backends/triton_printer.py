@@ -27,6 +27,8 @@ import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.printer import Printer
 
+from optgen.backends.printing import split_fraction
+
 
 
 class Unsupported(Exception):
@@ -146,16 +148,7 @@ class InfixPrinter(Printer):
     def _print_Mul(self, expr):
         if _is_negative(expr):
             return f"-{self.paren(-expr, PRECEDENCE['Mul'])}"
-        num, den = [], []
-        for f in expr.as_ordered_factors():
-            if f.is_Pow and f.exp.is_Rational and f.exp.is_negative:
-                den.append(f.base if f.exp == -1 else f.base ** -f.exp)
-            elif f.is_Rational and f.q != 1:
-                if f.p != 1:
-                    num.append(sympy.Integer(f.p))
-                den.append(sympy.Integer(f.q))
-            else:
-                num.append(f)
+        num, den = split_fraction(expr)
         text = " * ".join(self.paren(f, PRECEDENCE["Mul"]) for f in num) if num else "1"
         for d in den:
             text += f" / {self.paren(d, PRECEDENCE['Mul'], strict=True)}"
