@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import adadelta_forloop, adadelta_foreach
+from . import adadelta_forloop, adadelta_foreach, adadelta_differentiable
 
 __all__ = ["Adadelta"]
 
@@ -33,7 +33,7 @@ class Adadelta(GeneratedOptimizer):
     """Adadelta, generated from specs/optimizers/adadelta.toml; a drop-in for torch.optim.Adadelta."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": adadelta_forloop, "foreach": adadelta_foreach, "triton": "adadelta_triton"}
+    _kernels = {"forloop": adadelta_forloop, "foreach": adadelta_foreach, "differentiable": adadelta_differentiable, "triton": "adadelta_triton"}
     _tensor_state = (('square_avgs', 'square_avg'), ('acc_deltas', 'acc_delta'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import adagrad_forloop, adagrad_foreach
+from . import adagrad_forloop, adagrad_foreach, adagrad_differentiable
 
 __all__ = ["Adagrad"]
 
@@ -32,7 +32,7 @@ class Adagrad(GeneratedOptimizer):
     """Adagrad, generated from specs/optimizers/adagrad.toml; a drop-in for torch.optim.Adagrad."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": adagrad_forloop, "foreach": adagrad_foreach, "triton": "adagrad_triton"}
+    _kernels = {"forloop": adagrad_forloop, "foreach": adagrad_foreach, "differentiable": adagrad_differentiable, "triton": "adagrad_triton"}
     _tensor_state = (('state_sums', 'sum'),)
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
@@ -106,5 +106,5 @@ class Adagrad(GeneratedOptimizer):
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-        state["sum"] = torch.full_like(param, complex(group["initial_accumulator_value"], group["initial_accumulator_value"]) if param.is_complex() else group["initial_accumulator_value"], memory_format=torch.preserve_format)
+        state["sum"] = filled_like(param, group["initial_accumulator_value"], complex_pair=True)
         return state

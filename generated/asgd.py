@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import asgd_forloop, asgd_foreach
+from . import asgd_forloop, asgd_foreach, asgd_differentiable
 
 __all__ = ["ASGD"]
 
@@ -36,7 +36,7 @@ class ASGD(GeneratedOptimizer):
     """ASGD, generated from specs/optimizers/asgd.toml; a drop-in for torch.optim.ASGD."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": asgd_forloop, "foreach": asgd_foreach, "triton": "asgd_triton"}
+    _kernels = {"forloop": asgd_forloop, "foreach": asgd_foreach, "differentiable": asgd_differentiable, "triton": "asgd_triton"}
     _tensor_state = (('axs', 'ax'),)
     _counter_state = (('state_steps', 'step'), ('state_etas', 'eta'), ('state_mus', 'mu'))
     _lazy_state = ()
@@ -93,7 +93,7 @@ class ASGD(GeneratedOptimizer):
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-        state["eta"] = torch.tensor(float(group["lr"]), dtype=scalar_dtype())
+        state["eta"] = counter_from(group["lr"])
         state["mu"] = torch.tensor(1.0, dtype=scalar_dtype())
         state["ax"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import rprop_forloop, rprop_foreach
+from . import rprop_forloop, rprop_foreach, rprop_differentiable
 
 __all__ = ["Rprop"]
 
@@ -39,7 +39,7 @@ class Rprop(GeneratedOptimizer):
     """Rprop, generated from specs/optimizers/rprop.toml; a drop-in for torch.optim.Rprop."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": rprop_forloop, "foreach": rprop_foreach, "triton": "rprop_triton"}
+    _kernels = {"forloop": rprop_forloop, "foreach": rprop_foreach, "differentiable": rprop_differentiable, "triton": "rprop_triton"}
     _tensor_state = (('prevs', 'prev'), ('step_sizes', 'step_size'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
@@ -93,5 +93,5 @@ class Rprop(GeneratedOptimizer):
         state = {}
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
         state["prev"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["step_size"] = torch.full_like(param, complex(group["lr"], group["lr"]) if param.is_complex() else group["lr"], memory_format=torch.preserve_format)
+        state["step_size"] = filled_like(param, group["lr"], complex_pair=True)
         return state

@@ -188,6 +188,7 @@ def _reads(steps) -> set[str]:
 
 class ForeachBackend(PythonKernelBackend):
     name = "foreach"
+    summary = "foreach implementation: torch `_foreach_*` ops over every tensor of one device and dtype"
     renderer = ForeachRenderer
 
 

@@ -50,6 +50,9 @@ def counter_list(counter: str) -> str:
 
 class ForLoopRenderer(PythonRenderer):
     name = "forloop"
+    #: a lazily created state tensor is handed back in its list as it is created (the
+    #: differentiable renderer stores every state at the end of the iteration instead)
+    stores_created_state = True
 
     def __init__(self, program: OpProgram, index: str | None = None, loop_locals: bool = True,
                  local_names: frozenset = frozenset()):
@@ -139,7 +142,7 @@ class ForLoopRenderer(PythonRenderer):
     def lazy_state(self, step: Step) -> list[str]:
         name = step.target
         first = self.chain(step.first_ops)
-        if not self.index:  # a new tensor: hand it back to the caller, which stores it in the state
+        if not self.index and self.stores_created_state:  # a new tensor: the caller stores it in the state
             first.append(f"{self.list_name(name)}[i] = {name}")
         update = self.chain(step.ops)
         return [f"if {self.var(name)} is None:", *("    " + line for line in first),
@@ -161,6 +164,7 @@ def describe_ops(program: OpProgram) -> str:
 
 class ForLoopBackend(PythonKernelBackend):
     name = "forloop"
+    summary = "for-loop implementation: one parameter at a time, torch ops, in place"
     renderer = ForLoopRenderer
 
 

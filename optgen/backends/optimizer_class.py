@@ -112,11 +112,9 @@ def _initialiser(state, group_value, complex_params: bool) -> str:
         return f"param.new_zeros(reduced_shape(param.shape, {int(state.init_value)}))"
     if state.init == "scalar" and state.host:
         return repr(int(state.init_value) if state.init_value.is_Integer else float(state.init_value))
-    if state.init == "scalar":
-        value = state.init_value
-        text = repr(float(value)) if value.is_Number else f"float({group_value(value)})"
-        return f"torch.tensor({text}, dtype=scalar_dtype())"
+    if state.init == "scalar" and state.init_value.is_Number:
+        return f"torch.tensor({float(state.init_value)!r}, dtype=scalar_dtype())"
+    if state.init == "scalar":  # from a hyperparameter (ASGD's eta = lr), which may be a Tensor
+        return f"counter_from({group_value(state.init_value)})"
     value = group_value(state.init_value)
-    if complex_params:  # a complex parameter's state is filled with value + value·i, as torch does
-        value = f"complex({value}, {value}) if param.is_complex() else {value}"
-    return f"torch.full_like(param, {value}, memory_format=torch.preserve_format)"
+    return f"filled_like(param, {value}{', complex_pair=True' if complex_params else ''})"

@@ -7,6 +7,7 @@ comment above its code, fluent chains ``x.mul_(a).add_(b)``, lazily created stat
 from __future__ import annotations
 
 import itertools
+import re
 
 import sympy
 
@@ -160,6 +161,9 @@ def _annotation(spec, name: str) -> str:
 
 #: runtime functions a kernel may call (optgen.runtime.intrinsics)
 INTRINSICS = ("newton_schulz",)
+#: functions whose scalar may be a number or a 0-dim tensor (optgen.runtime.tensor_scalars;
+#: differentiable kernels)
+TENSOR_SCALAR_FUNCTIONS = ("add", "addcdiv", "addcmul", "exp", "log", "sqrt")
 
 
 class PythonKernelBackend(Backend):
@@ -167,6 +171,15 @@ class PythonKernelBackend(Backend):
 
     renderer: type[PythonRenderer]
     list_annotation = "list[Tensor]"
+    template: str | None = None  # the template folder, if not the backend's name
+    summary: str                 # the generated module's docstring, after "<Name>, "
+
+    def renderer_for(self, compiled: Compiled, program: OpProgram) -> PythonRenderer:
+        return self.renderer(program)
+
+    def tensor_scalars(self, compiled: Compiled) -> tuple[str, ...]:
+        """Scalars the kernels take as given, Tensor or number (others arrive as numbers)."""
+        return ()
 
     def render(self, compiled: Compiled) -> str:
         from optgen.backends.forloop import counter_list, plural
@@ -179,7 +192,7 @@ class PythonKernelBackend(Backend):
         signature = [line if line != "*" else "*," for line in signature]
         variants = []
         for v in compiled.variants:
-            r = self.renderer(v.ops)
+            r = self.renderer_for(compiled, v.ops)
             flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "none"
             variants.append(dict(
                 function=f"{module_name(compiled.spec.name)}_{v.ops.name}",
@@ -187,11 +200,16 @@ class PythonKernelBackend(Backend):
                 doc=f"{compiled.spec.name} step with {flags}.",
                 preamble=r.preamble(), body=r.body(),
                 loop_header=r.loop_header() if hasattr(r, "loop_header") else [],
+                loop_footer=r.loop_footer() if hasattr(r, "loop_footer") else [],
             ))
         text_lines = [line for v in variants for line in (*v["preamble"], *v["body"])]
-        return environment().get_template(f"{self.name}/kernels.py.j2").render(
-            header=header(compiled), name=compiled.spec.name, variants=variants, signature=signature,
+        code_lines = [line for line in text_lines if not line.lstrip().startswith("#")]
+        return environment().get_template(f"{self.template or self.name}/kernels.py.j2").render(
+            header=header(compiled), name=compiled.spec.name, summary=self.summary, variants=variants,
+            tensor_scalars=self.tensor_scalars(compiled), signature=signature,
             flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
             uses_math=any("math." in line for line in text_lines),
             intrinsics=sorted(name for name in INTRINSICS if any(f"{name}(" in line for line in text_lines)),
+            scalar_functions=sorted(name for name in TENSOR_SCALAR_FUNCTIONS
+                                    if any(re.search(rf"(?<![\w.]){name}\(", line) for line in code_lines)),
         )

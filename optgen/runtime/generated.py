@@ -8,7 +8,8 @@ and small generated methods:
   values to a function and whose ``MULTI_TENSOR`` says if it takes one (device, dtype) group;
   a module named by a string (the triton one) is imported on first use, so importing optgen
   never imports triton; a ``FUSED`` module also takes Tensor hyperparameters and GradScaler's
-  ``grad_scale`` / ``found_inf``;
+  ``grad_scale`` / ``found_inf``, a module's ``TENSOR_SCALARS`` it takes as given; a
+  ``differentiable=True`` group runs the ``"differentiable"`` module (Note [differentiable=True]);
 - ``_tensor_state`` / ``_counter_state``: (rule name, state key) pairs in kernel argument order;
 - ``_lazy_state``: state keys created by the kernel itself on their first step;
 - ``_scalars``: kernel keyword → (group key, tuple index or None);
@@ -28,6 +29,24 @@ from optgen.runtime.optimizer import Optimizer
 def scalar_dtype() -> torch.dtype:
     """torch's dtype for a `step` counter (float64 only under a float64 default dtype)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def counter_from(value) -> torch.Tensor:
+    """A 0-dim counter state filled from a hyperparameter (ASGD's ``eta = lr``): a number, or in a
+    differentiable group a Tensor, whose autograd graph the state keeps."""
+    if isinstance(value, torch.Tensor):
+        return value.to(scalar_dtype(), copy=True).reshape(())
+    return torch.tensor(float(value), dtype=scalar_dtype())
+
+
+def filled_like(param: torch.Tensor, value, complex_pair: bool = False) -> torch.Tensor:
+    """A state tensor like ``param`` filled with a hyperparameter (Rprop's ``step_size = lr``); a
+    complex parameter's with ``value + value·i`` where the spec says so, as torch fills it."""
+    if complex_pair and param.is_complex():
+        value = value * (1 + 1j) if isinstance(value, torch.Tensor) else complex(value, value)
+    if isinstance(value, torch.Tensor):  # a differentiable group's Tensor lr: keep its graph
+        return torch.zeros_like(param, memory_format=torch.preserve_format).add_(value)
+    return torch.full_like(param, value, memory_format=torch.preserve_format)
 
 
 def to_number(value):
@@ -74,25 +93,28 @@ class GeneratedOptimizer(Optimizer):
             tensors, scatter = _gather_rows(tensors)
         implementation = "forloop" if single_sparse else dispatch.choose(self, group, params)
         dispatch.check_step(self, group, implementation, params, tensors)
+        if group.get("differentiable") and "differentiable" in self._kernels:
+            implementation = "differentiable"  # Note [differentiable=True] (backends/differentiable.py)
         module = self._kernel_module(implementation)
         kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]
         fused = getattr(module, "FUSED", False)  # reads Tensor hyperparameters on the device itself
-        scalars = {kw: (_raw if fused else to_number)(group[key] if index is None else group[key][index])
+        as_given = getattr(module, "TENSOR_SCALARS", ())  # a Tensor lr keeps its autograd graph
+        scalars = {kw: (_raw if fused or kw in as_given else to_number)(group[key] if index is None else group[key][index])
                    for kw, (key, index) in self._scalars.items()}
         if fused:
             scalars.update(grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
             _counters_on_device(self, params, states, tensors)
         elif _unscale_or_skip(self, grads):
             return
-        run = _run_differentiable if group.get("differentiable") else _run
         if module.MULTI_TENSOR:
             for sub in _split_by_device_and_dtype(self, tensors):
-                run(kernel, sub, scalars)
+                kernel(**sub, **scalars)
         else:
-            run(kernel, tensors, scalars)
+            kernel(**tensors, **scalars)
         if gathered:
             scatter()
-        self._store_results(group, params, states, tensors, created)
+        # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).
+        self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
 
     def _check_gradients(self, group: dict, grads: list[torch.Tensor]) -> bool:
         """torch's errors for gradients the spec does not take; True when this group has a sparse
@@ -115,7 +137,8 @@ class GeneratedOptimizer(Optimizer):
         when there is state to keep: torch's SGD without momentum has an empty state dict."""
         state = self.state.get(param)
         if not state:
-            initial = self._init_state(param, _numbers(group))
+            # A differentiable group's Tensor hyperparameters stay tensors (Note [differentiable=True]).
+            initial = self._init_state(param, group if group.get("differentiable") else _numbers(group))
             if initial:
                 self.state[param].update(dispatch.place_counters(initial, param, group))
             state = self.state.get(param, {})
@@ -138,14 +161,13 @@ class GeneratedOptimizer(Optimizer):
             tensors = _view_complex_as_real(tensors)
         return tensors, created
 
-    def _store_results(self, group, params, states, tensors, created) -> None:
+    def _store_results(self, params, states, tensors, created, replaced: bool) -> None:
         """Back into self.state: host counters as numbers, lazily created state from the kernel's
         lists, and — a differentiable step replaces them (Note [differentiable=True]) — every state."""
         for name, key in self._counter_state:
             if key in self._host_counters:
                 for s, t in zip(states, tensors[name]):
                     s[key] = type(s[key])(t.item())
-        replaced = bool(group.get("differentiable"))
         for name, key in self._tensor_state + self._counter_state:
             if key in created or (replaced and key not in self._host_counters):
                 for p, value, is_new in zip(params, tensors[name], created.get(key, [True] * len(params))):
@@ -209,54 +231,6 @@ def _numbers(group: dict) -> dict:
     """The group with its 1-element Tensor hyperparameters as numbers, for ``_init_state``: torch
     fills state from a Tensor ``lr`` (Rprop's ``step_size``) through the same number."""
     return {k: to_number(v) if k != "params" and isinstance(v, torch.Tensor) else v for k, v in group.items()}
-
-
-def _run(kernel, tensors: dict[str, list], scalars: dict) -> None:
-    kernel(**tensors, **scalars)
-
-
-def _run_differentiable(kernel, tensors: dict[str, list], scalars: dict) -> None:
-    """Note [differentiable=True]: run ``kernel`` so that autograd can differentiate through it.
-
-    The generated kernels update in place, and to save memory they also update their own
-    temporaries in place (``exp_avg_sq.sqrt().div_(...)``) and write through ``out=``
-    (``torch.maximum(a, b, out=a)``).  Autograd refuses both: sqrt saved the output that
-    ``div_`` overwrites, and ``out=`` ops are not differentiable.  ``torch.func.functionalize``
-    runs the kernel with every mutation turned into its out-of-place op (the same ops on the same
-    numbers).  Two choices keep the graph valid across steps, as torch's differentiable path does
-    with its ``.clone()``s:
-
-    - the state is cloned inside, so its old tensors are never written (ops may have saved them),
-      and the new values *replace* the state tensors (the caller stores every list entry back);
-    - the parameter is the one input written in place (``param.copy_(new_param)``, which
-      functionalize does for a mutated input), so the user's tensor is updated, as in torch.
-
-    Only ``differentiable`` groups pay for this."""
-    def pure(lists):
-        lists = {name: [v.clone() if name != "params" and isinstance(v, torch.Tensor) else v for v in values]
-                 for name, values in lists.items()}
-        kernel(**lists, **scalars)
-        return lists
-
-    with _DifferentiableCopy():
-        updated = torch.func.functionalize(pure)({name: list(values) for name, values in tensors.items()})
-    for name, values in tensors.items():
-        if name not in ("params", "grads"):
-            for i, value in enumerate(updated[name]):
-                values[i] = value
-
-
-class _DifferentiableCopy(torch.overrides.TorchFunctionMode):
-    """Under functionalize, ``dst.copy_(src)`` becomes ``aten::copy``, which has no derivative in
-    torch 2.13; a ``masked_scatter_`` of every element writes the same values and has one.  (Every
-    ``copy_`` of the kernel is rewritten: inside functionalize a tensor does not say whether it
-    requires grad.)"""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.copy_ and isinstance(args[1], torch.Tensor):
-            dst, src = args[0], args[1]
-            return dst.masked_scatter_(torch.ones_like(dst, dtype=torch.bool), src.to(dst.dtype).expand_as(dst))
-        return func(*args, **(kwargs or {}))
 
 
 def _gather_rows(tensors: dict[str, list]):

@@ -1,0 +1,170 @@
+"""The differentiable backend: the for-loop kernel, out of place, for ``differentiable=True``.
+
+Note [differentiable=True]
+~~~~~~~~~~~~~~~~~~~~~~~~~~
+With ``differentiable=True`` autograd records the step, so a loss computed from the updated
+parameters can be differentiated w.r.t. the parameters, gradients and state before it (and a
+Tensor ``lr``).  The for-loop kernel cannot be recorded as it is: it updates its own temporaries
+in place (``exp_avg_sq.sqrt().div_(...)`` overwrites what ``sqrt`` saved for backward), writes
+through ``out=`` and reads counters as numbers (``step_t.item()``).  This backend prints the same
+op program, op for op, with three changes:
+
+- every op runs out of place (``exp_avg = exp_avg.lerp(grad, 1 - beta1)``), so the numbers are
+  the for-loop kernel's — a differentiable step moves the parameters exactly as a plain one —
+  and at the end of each iteration the new state tensors *replace* the old ones in the lists
+  (which the runtime stores back), while the parameter, the one tensor the user holds, is
+  read as a copy and written in place at the end (``params[i].copy_(param)``), as torch's
+  ``param.addcdiv_`` writes it;
+- a counter that carries a value rather than a count (NAdam's ``mu_product``, ASGD's ``eta``)
+  stays a 0-dim tensor, so gradients flow through it (read in float64, as ``.item()`` reads
+  it); a counter that only counts (``step``: every update is ``+ 1``) is read as a number, as
+  torch's single-tensor paths read it;
+- a hyperparameter that may be a Tensor (``tensor = true`` in the spec: ``lr``) arrives as given,
+  and so do the scalars computed from it or from a tensor counter.  Such a scalar cannot be the
+  ``alpha=``/``value=`` of ``add``/``addcmul``/``addcdiv`` (torch takes a number there), so those
+  ops call optgen.runtime.tensor_scalars' functions of the same name (the fused op for a number,
+  separate recorded ops for a tensor), as ``sqrt``/``exp``/``log`` of a scalar do.
+
+torch's Adam/AdamW differentiable path computes step-derived scalars as tensors of the step's
+dtype (float32 by default: its capturable algebra); this kernel computes them as the plain step
+does, in float64 — see README "Optimizers and implementations".
+"""
+from __future__ import annotations
+
+import sympy
+
+from optgen.backends.base import kernel_signature
+from optgen.backends.forloop import _SPECIAL, ForLoopRenderer, counter_list, plural
+from optgen.backends.printing import PythonScalarPrinter
+from optgen.backends.python_base import PythonKernelBackend
+from optgen.ir.ops import OpProgram, TensorOp
+from optgen.passes import Compiled
+from optgen.spec.expressions import Norm
+
+_OUT_OF_PLACE = {
+    "maximum_": "{self} = torch.maximum({self}, {args})",
+    "minimum_": "{self} = torch.minimum({self}, {args})",
+    # Note [Counters set from host values]: rounded through the default dtype, as torch stores it;
+    # copy=True: a Tensor lr stored as ASGD's eta is a new tensor, never the user's lr itself.
+    "fill_": "{self} = torch.as_tensor({args}).to({self}.dtype, copy=True)",
+    "copy_": "{self} = {args}.to({self}.dtype, copy=True)",
+}
+
+#: ops whose scalar keyword torch only takes as a number: where it may be a tensor, the function
+#: of optgen.runtime.tensor_scalars of the same name (the fused op for a number)
+TENSOR_SCALAR_OPS = ("add", "addcmul", "addcdiv")
+
+
+class ScalarPrinter(PythonScalarPrinter):
+    """Host scalars that may be 0-dim tensors: functions from optgen.runtime.scalars (a number
+    or a tensor), and a norm stays a tensor (no ``.item()``)."""
+
+    FUNCTIONS = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs"}
+
+    def print(self, expr):
+        if expr.is_Pow and expr.exp in (sympy.S.Half, -sympy.S.Half):
+            text = f"sqrt({self.print(expr.base)})"
+            return text if expr.exp > 0 else f"1 / {text}"
+        if expr.func in self.FUNCTIONS:
+            return f"{self.FUNCTIONS[expr.func]}({self.print(expr.args[0])})"
+        return super().print(expr)
+
+    def print_reduction(self, expr) -> str:
+        if isinstance(expr, Norm):
+            return f"{self.print(expr.args[0])}.norm()"
+        return super().print_reduction(expr)
+
+
+def is_count(program: OpProgram, counter: str) -> bool:
+    """A counter every update of which adds a constant to it (``step_t.add_(1)``)."""
+    ops = [op for s in program.steps if s.kind == "counter" and s.target == counter for op in s.ops]
+    return bool(ops) and all(op.fn == "add_" and not op.kwargs and len(op.args) == 1
+                             and sympy.sympify(op.args[0]).is_number for op in ops)
+
+
+class DifferentiableRenderer(ForLoopRenderer):
+    name = "differentiable"
+    stores_created_state = False  # loop_footer stores every state
+
+    def __init__(self, program: OpProgram, tensor_hypers: frozenset[str]):
+        super().__init__(program)
+        self.tensor_counters = {c for c in program.counters if not is_count(program, c)}
+        # Names that may hold a 0-dim tensor at run time, in program order.
+        self.maybe_tensor = set(tensor_hypers) | self.tensor_counters | {f"{c}_t" for c in program.counters}
+        for step in (*program.preamble, *program.steps):
+            if step.kind == "scalar" and self._reads_tensor(step.expr):
+                self.maybe_tensor.add(step.target)
+
+    def _reads_tensor(self, expr) -> bool:
+        expr = sympy.sympify(expr)
+        return any(s.name in self.maybe_tensor for s in expr.free_symbols) \
+            or any(isinstance(e, Norm) for e in sympy.preorder_traversal(expr))
+
+    def scalar(self, expr) -> str:
+        return ScalarPrinter(self.scalar_name)(expr)
+
+    def op(self, op: TensorOp) -> str:
+        fields = dict(out=self.var(op.out), self=self.var(op.self_), args=self.args(op))
+        if op.fn in _OUT_OF_PLACE:
+            return _OUT_OF_PLACE[op.fn].format(**fields)
+        if op.fn in _SPECIAL:
+            return _SPECIAL[op.fn].format(**fields)
+        if self.tensor_scalar(op):
+            tensors = ", ".join(self.var(a) for a in op.tensor_args())
+            return f"{fields['out']} = {op.fn.rstrip('_')}({fields['self']}, {tensors}, {self.scalar(op.kwargs[0][1])})"
+        return "{out} = {self}.{fn}({args})".format(fn=op.fn.rstrip("_"), **fields)
+
+    def tensor_scalar(self, op: TensorOp) -> bool:
+        """Whether the op's ``alpha=``/``value=`` may be a tensor (see TENSOR_SCALAR_OPS)."""
+        return op.fn.rstrip("_") in TENSOR_SCALAR_OPS and len(op.kwargs) == 1 \
+            and op.kwargs[0][0] in ("alpha", "value") and self._reads_tensor(op.kwargs[0][1])
+
+    def fluent(self, op: TensorOp) -> str | None:
+        # An op on the result of the op before it continues the line: x = x.mul(b).add(y)
+        if op.in_place and op.fn not in _SPECIAL and op.fn not in _OUT_OF_PLACE and not self.tensor_scalar(op):
+            return f".{op.fn.rstrip('_')}({self.args(op)})"
+        return None
+
+    def chainable(self, op: TensorOp) -> bool:
+        return op.fn not in _OUT_OF_PLACE and super().chainable(op)
+
+    def counter_read(self, name: str) -> str:
+        if name in self.tensor_counters:  # in float64, as the plain kernel's .item() reads it
+            return f"{name} = {name}_t.double()"
+        return super().counter_read(name)
+
+    def loop_header(self) -> list[str]:
+        """As the for-loop's, reading a copy of the parameter: ops that save it for backward
+        (``param.mul(1 - lr * weight_decay)`` with a Tensor lr) keep it unchanged when the user's
+        tensor is written at the end (torch's differentiable paths clone for the same reason)."""
+        return ["param = param.clone()", *super().loop_header()]
+
+    def loop_footer(self) -> list[str]:
+        """The new state replaces the old in the lists; the parameter is written in place."""
+        states = [t for t in self.program.tensors if t not in ("param", "grad")]
+        lines = [f"{plural(t)}[i] = {t}" for t in states]
+        lines += [f"{counter_list(c)}[i] = {c}_t" for c in self.program.counters]
+        return [*lines, "params[i].copy_(param)"]
+
+
+class DifferentiableBackend(PythonKernelBackend):
+    name = "differentiable"
+    template = "forloop"
+    summary = "for-loop implementation for differentiable=True: out of place, so autograd records the step"
+
+    def tensor_scalars(self, compiled: Compiled) -> tuple[str, ...]:
+        """The hyperparameters a spec lets users give as a Tensor (``tensor = true``)."""
+        used = set(kernel_signature(compiled).scalars)
+        return tuple(n for h in compiled.spec.hyperparameters.values() if h.tensor
+                     for n in (h.names or (h.name,)) if n in used)
+
+    def renderer_for(self, compiled: Compiled, program: OpProgram) -> DifferentiableRenderer:
+        return DifferentiableRenderer(program, frozenset(self.tensor_scalars(compiled)))
+
+    def unsupported(self, compiled: Compiled) -> str | None:
+        if "differentiable" not in compiled.spec.group_keys:
+            return f"{compiled.spec.name} has no differentiable option"
+        return None
+
+
+BACKEND = DifferentiableBackend()
