@@ -377,6 +377,22 @@ def test_differentiable_tensor_lr_gets_a_gradient_like_torch(name, float64_count
         assert torch.autograd.gradcheck(lambda lr: run(optgen, lr), (lr,))
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_differentiable_tensor_betas_get_gradients_like_torch(name, float64_counters):
+    """Adam's betas may be Tensors (``tensor = true`` in its spec): torch differentiates w.r.t.
+    them in its differentiable path, and so does optgen's, over two steps."""
+    results = []
+    for lib in (torch.optim, optgen):
+        betas = (torch.tensor(0.9, requires_grad=True), torch.tensor(0.99, requires_grad=True))
+        p = torch.linspace(0.5, 1.5, 3, requires_grad=True).clone()
+        opt = getattr(lib, name)([p], lr=0.01, betas=betas, weight_decay=0.1, differentiable=True)
+        for k in range(2):
+            p.grad = torch.linspace(-0.3, 0.5, 3) * (k + 1)
+            opt.step()
+        results.append(torch.autograd.grad(p.sum(), betas))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=0)
+
+
 # ------------------------------------------------------------------------------- capturable
 
 CAPTURABLE = sorted({c[0] for c in CASES if "capturable" in signature(c[0])})
