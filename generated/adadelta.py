@@ -24,7 +24,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import adadelta_forloop, adadelta_foreach, adadelta_differentiable
+from . import adadelta_forloop, adadelta_foreach, adadelta_differentiable, adadelta_c
 
 __all__ = ["Adadelta"]
 
@@ -33,7 +33,7 @@ class Adadelta(GeneratedOptimizer):
     """Adadelta, generated from specs/optimizers/adadelta.toml; a drop-in for torch.optim.Adadelta."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": adadelta_forloop, "foreach": adadelta_foreach, "differentiable": adadelta_differentiable, "triton": "adadelta_triton"}
+    _kernels = {"forloop": adadelta_forloop, "foreach": adadelta_foreach, "differentiable": adadelta_differentiable, "triton": "adadelta_triton", "c": adadelta_c}
     _tensor_state = (('square_avgs', 'square_avg'), ('acc_deltas', 'acc_delta'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

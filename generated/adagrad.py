@@ -23,7 +23,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import adagrad_forloop, adagrad_foreach, adagrad_differentiable
+from . import adagrad_forloop, adagrad_foreach, adagrad_differentiable, adagrad_c
 
 __all__ = ["Adagrad"]
 
@@ -32,7 +32,7 @@ class Adagrad(GeneratedOptimizer):
     """Adagrad, generated from specs/optimizers/adagrad.toml; a drop-in for torch.optim.Adagrad."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": adagrad_forloop, "foreach": adagrad_foreach, "differentiable": adagrad_differentiable, "triton": "adagrad_triton"}
+    _kernels = {"forloop": adagrad_forloop, "foreach": adagrad_foreach, "differentiable": adagrad_differentiable, "triton": "adagrad_triton", "c": adagrad_c}
     _tensor_state = (('state_sums', 'sum'),)
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

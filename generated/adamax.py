@@ -24,7 +24,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import adamax_forloop, adamax_foreach, adamax_differentiable
+from . import adamax_forloop, adamax_foreach, adamax_differentiable, adamax_c
 
 __all__ = ["Adamax"]
 
@@ -33,7 +33,7 @@ class Adamax(GeneratedOptimizer):
     """Adamax, generated from specs/optimizers/adamax.toml; a drop-in for torch.optim.Adamax."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": adamax_forloop, "foreach": adamax_foreach, "differentiable": adamax_differentiable, "triton": "adamax_triton"}
+    _kernels = {"forloop": adamax_forloop, "foreach": adamax_foreach, "differentiable": adamax_differentiable, "triton": "adamax_triton", "c": adamax_c}
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_infs', 'exp_inf'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

@@ -34,7 +34,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import adam_forloop, adam_foreach, adam_differentiable
+from . import adam_forloop, adam_foreach, adam_differentiable, adam_c
 
 __all__ = ["AdamW"]
 
@@ -43,7 +43,7 @@ class AdamW(GeneratedOptimizer):
     """AdamW, generated from specs/optimizers/adamw.toml; a drop-in for torch.optim.AdamW."""
 
     _flags = ('amsgrad', 'maximize', 'decoupled_weight_decay')
-    _kernels = {"forloop": adam_forloop, "foreach": adam_foreach, "differentiable": adam_differentiable, "triton": "adam_triton"}
+    _kernels = {"forloop": adam_forloop, "foreach": adam_foreach, "differentiable": adam_differentiable, "triton": "adam_triton", "c": adam_c}
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'), ('max_exp_avg_sqs', 'max_exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

@@ -27,7 +27,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import asgd_forloop, asgd_foreach, asgd_differentiable
+from . import asgd_forloop, asgd_foreach, asgd_differentiable, asgd_c
 
 __all__ = ["ASGD"]
 
@@ -36,7 +36,7 @@ class ASGD(GeneratedOptimizer):
     """ASGD, generated from specs/optimizers/asgd.toml; a drop-in for torch.optim.ASGD."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": asgd_forloop, "foreach": asgd_foreach, "differentiable": asgd_differentiable, "triton": "asgd_triton"}
+    _kernels = {"forloop": asgd_forloop, "foreach": asgd_foreach, "differentiable": asgd_differentiable, "triton": "asgd_triton", "c": asgd_c}
     _tensor_state = (('axs', 'ax'),)
     _counter_state = (('state_steps', 'step'), ('state_etas', 'eta'), ('state_mus', 'mu'))
     _lazy_state = ()

@@ -33,7 +33,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import nadam_forloop, nadam_foreach, nadam_differentiable
+from . import nadam_forloop, nadam_foreach, nadam_differentiable, nadam_c
 
 __all__ = ["NAdam"]
 
@@ -42,7 +42,7 @@ class NAdam(GeneratedOptimizer):
     """NAdam, generated from specs/optimizers/nadam.toml; a drop-in for torch.optim.NAdam."""
 
     _flags = ('decoupled_weight_decay', 'maximize')
-    _kernels = {"forloop": nadam_forloop, "foreach": nadam_foreach, "differentiable": nadam_differentiable, "triton": "nadam_triton"}
+    _kernels = {"forloop": nadam_forloop, "foreach": nadam_foreach, "differentiable": nadam_differentiable, "triton": "nadam_triton", "c": nadam_c}
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'), ('state_mu_products', 'mu_product'))
     _lazy_state = ()

@@ -38,7 +38,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import radam_forloop, radam_foreach, radam_differentiable
+from . import radam_forloop, radam_foreach, radam_differentiable, radam_c
 
 __all__ = ["RAdam"]
 
@@ -47,7 +47,7 @@ class RAdam(GeneratedOptimizer):
     """RAdam, generated from specs/optimizers/radam.toml; a drop-in for torch.optim.RAdam."""
 
     _flags = ('decoupled_weight_decay', 'maximize')
-    _kernels = {"forloop": radam_forloop, "foreach": radam_foreach, "differentiable": radam_differentiable, "triton": "radam_triton"}
+    _kernels = {"forloop": radam_forloop, "foreach": radam_foreach, "differentiable": radam_differentiable, "triton": "radam_triton", "c": radam_c}
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

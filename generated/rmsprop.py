@@ -30,7 +30,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import rmsprop_forloop, rmsprop_foreach, rmsprop_differentiable
+from . import rmsprop_forloop, rmsprop_foreach, rmsprop_differentiable, rmsprop_c
 
 __all__ = ["RMSprop"]
 
@@ -39,7 +39,7 @@ class RMSprop(GeneratedOptimizer):
     """RMSprop, generated from specs/optimizers/rmsprop.toml; a drop-in for torch.optim.RMSprop."""
 
     _flags = ('centered', 'maximize')
-    _kernels = {"forloop": rmsprop_forloop, "foreach": rmsprop_foreach, "differentiable": rmsprop_differentiable, "triton": "rmsprop_triton"}
+    _kernels = {"forloop": rmsprop_forloop, "foreach": rmsprop_foreach, "differentiable": rmsprop_differentiable, "triton": "rmsprop_triton", "c": rmsprop_c}
     _tensor_state = (('square_avgs', 'square_avg'), ('momentum_buffers', 'momentum_buffer'), ('grad_avgs', 'grad_avg'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

@@ -30,7 +30,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import rprop_forloop, rprop_foreach, rprop_differentiable
+from . import rprop_forloop, rprop_foreach, rprop_differentiable, rprop_c
 
 __all__ = ["Rprop"]
 
@@ -39,7 +39,7 @@ class Rprop(GeneratedOptimizer):
     """Rprop, generated from specs/optimizers/rprop.toml; a drop-in for torch.optim.Rprop."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": rprop_forloop, "foreach": rprop_foreach, "differentiable": rprop_differentiable, "triton": "rprop_triton"}
+    _kernels = {"forloop": rprop_forloop, "foreach": rprop_foreach, "differentiable": rprop_differentiable, "triton": "rprop_triton", "c": rprop_c}
     _tensor_state = (('prevs', 'prev'), ('step_sizes', 'step_size'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

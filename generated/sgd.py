@@ -25,7 +25,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import sgd_forloop, sgd_foreach, sgd_differentiable
+from . import sgd_forloop, sgd_foreach, sgd_differentiable, sgd_c
 
 __all__ = ["SGD"]
 
@@ -34,7 +34,7 @@ class SGD(GeneratedOptimizer):
     """SGD, generated from specs/optimizers/sgd.toml; a drop-in for torch.optim.SGD."""
 
     _flags = ('nesterov', 'maximize')
-    _kernels = {"forloop": sgd_forloop, "foreach": sgd_foreach, "differentiable": sgd_differentiable, "triton": "sgd_triton"}
+    _kernels = {"forloop": sgd_forloop, "foreach": sgd_foreach, "differentiable": sgd_differentiable, "triton": "sgd_triton", "c": sgd_c}
     _tensor_state = (('momentum_buffers', 'momentum_buffer'),)
     _counter_state = ()
     _lazy_state = ('momentum_buffer',)

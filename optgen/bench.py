@@ -95,7 +95,10 @@ def _implementations(name, kwargs, fused_ok):
     }
     if fused_ok:
         impls["torch fused"] = lambda ps: getattr(torch.optim, name)(ps, fused=True, **kwargs)
-    for impl in ("forloop", "foreach"):
+    from optgen.runtime import c_launch
+
+    ours = ("forloop", "foreach") + (("c",) if "c" in optgen.OPTIMIZERS[name]._kernels and c_launch.available() else ())
+    for impl in ours:
         def make(ps, impl=impl):
             opt = getattr(optgen, name)(ps, **kwargs)
             opt.implementation = impl

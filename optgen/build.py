@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optgen.backends.base import environment, module_name
+from optgen.backends.c import BACKEND as C
 from optgen.backends.differentiable import BACKEND as DIFFERENTIABLE
 from optgen.backends.foreach import BACKEND as FOREACH
 from optgen.backends.forloop import BACKEND as FORLOOP
@@ -28,7 +29,7 @@ from optgen.schedules.build import render_schedules
 from optgen.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_BACKENDS = (FORLOOP, FOREACH, DIFFERENTIABLE, TRITON)
+KERNEL_BACKENDS = (FORLOOP, FOREACH, DIFFERENTIABLE, TRITON, C)
 
 
 def spec_paths(root: Path = ROOT) -> list[Path]:

@@ -9,7 +9,8 @@ Like ``torch.optim``, ``foreach=None`` and ``fused=None`` mean "pick the fastest
 
 ``fused=True`` selects the fused Triton kernels (one launch per step per (device, dtype) group)
 on CUDA parameters — and on CPU parameters under ``TRITON_INTERPRET=1``, where Triton's
-interpreter runs them (tests).  ``foreach=None, fused=None`` on CUDA picks foreach unless
+interpreter runs them (tests) — and the fused C kernels (one pass over each tensor, compiled on
+first use) on other CPU parameters.  ``foreach=None, fused=None`` on CUDA picks foreach unless
 :data:`FASTEST_ON_CUDA` names an implementation ``optgen bench --device cuda`` measured faster.
 
 ``foreach=True`` / ``fused=True`` force one.  ``optimizer.implementation = "forloop"`` (or any
@@ -45,6 +46,19 @@ def triton_applies(params: list[torch.Tensor]) -> bool:
     return (on_cuda or interpreted) and importlib.util.find_spec("triton") is not None
 
 
+#: parameter dtypes the fused C kernels update (complex ones as real views)
+C_DTYPES = {torch.float32, torch.float64, torch.complex64, torch.complex128}
+
+
+def c_applies(params: list[torch.Tensor]) -> bool:
+    """Whether the fused C kernels can update these parameters: float32/float64 (or complex) CPU
+    tensors, with a C compiler on the machine."""
+    from optgen.runtime import c_launch
+
+    return bool(params) and all(p.device.type == "cpu" and p.dtype in C_DTYPES for p in params) \
+        and c_launch.available()
+
+
 def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     forced = getattr(optimizer, "implementation", None)
     if forced is not None:
@@ -55,6 +69,8 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     if group.get("fused"):
         if "triton" in optimizer.implementations and triton_applies(params):
             return "triton"
+        if "c" in optimizer.implementations and c_applies(params):
+            return "c"
         raise RuntimeError(f"optgen.{type(optimizer).__name__} has no fused implementation for these "
                            "parameters yet; use foreach=True, or fused=None to pick automatically")
     if group.get("foreach"):
@@ -80,14 +96,15 @@ def check_options(optimizer, defaults: dict) -> None:
         optimizer._step_supports_amp_scaling = True
 
 
-def place_counters(state: dict, param: torch.Tensor, group: dict) -> dict:
-    """A new state, with its 0-dim counters where torch keeps them: next to the parameter when the
-    group is ``capturable`` (float32 when ``fused``), on the CPU otherwise."""
+def place_counters(state: dict, param: torch.Tensor, group: dict, counters: set[str]) -> dict:
+    """A new state, with its counters (the keys in ``counters``) where torch keeps them: next to
+    the parameter when the group is ``capturable`` (float32 when ``fused``), on the CPU otherwise.
+    (A 0-dim parameter's state tensors are 0-dim too: they stay as they are.)"""
     if not (group.get("capturable") or group.get("fused")):
         return state
     dtype = torch.float32 if group.get("fused") else None
     return {key: value.to(device=param.device, dtype=dtype or value.dtype)
-            if isinstance(value, torch.Tensor) and value.dim() == 0 else value for key, value in state.items()}
+            if key in counters and isinstance(value, torch.Tensor) else value for key, value in state.items()}
 
 
 #: implementations made of ``_foreach_*`` ops, which torch refuses to differentiate through

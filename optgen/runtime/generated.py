@@ -140,7 +140,8 @@ class GeneratedOptimizer(Optimizer):
             # A differentiable group's Tensor hyperparameters stay tensors (Note [differentiable=True]).
             initial = self._init_state(param, group if group.get("differentiable") else _numbers(group))
             if initial:
-                self.state[param].update(dispatch.place_counters(initial, param, group))
+                counters = {key for _, key in self._counter_state}
+                self.state[param].update(dispatch.place_counters(initial, param, group, counters))
             state = self.state.get(param, {})
         return state
 

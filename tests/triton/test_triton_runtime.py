@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="the Triton backend's tests need triton (pi
 import torch
 
 import optgen
-from optgen.runtime import dispatch, triton_launch
+from optgen.runtime import c_launch, dispatch, triton_launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -238,8 +238,13 @@ def test_counters_advance_once_per_step_over_many_chunks(small_chunks):
 def test_fused_true_selects_triton_where_it_applies(monkeypatch):
     params = _params()
     opt = optgen.Adam(params, fused=True)
+    # CPU tensors, no interpreter: the fused C kernels (tests/c/), or none without a compiler
+    monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(RuntimeError, match="no fused implementation"):
-        dispatch.choose(opt, opt.param_groups[0], params)  # CPU tensors, no interpreter
+        dispatch.choose(opt, opt.param_groups[0], params)
+    monkeypatch.delenv("CC")
+    if c_launch.available():
+        assert dispatch.choose(opt, opt.param_groups[0], params) == "c"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.choose(opt, opt.param_groups[0], params) == "triton"
     assert dispatch.choose(optgen.Adam(params), opt.param_groups[0] | {"fused": None}, params) == "forloop"

@@ -1,0 +1,285 @@
+"""The C backend: one fused CPU kernel per flag variant, compiled on first use.
+
+Note [C kernel layout]
+~~~~~~~~~~~~~~~~~~~~~~
+torch's fused CPU optimizers (Adam, AdamW, SGD, Adagrad) walk each tensor once, in parallel
+chunks, with vectorised math; optgen's for-loop and foreach kernels walk it once per op.  This
+backend prints every elementwise spec as such a kernel, in C (PERF-NOTES: a plain C loop with
+``restrict`` pointers, OpenMP over the elements and ``-O3 -march=native -fno-math-errno`` is level
+with torch's fused Adam).  Per variant, one function over every tensor of a (dtype) group::
+
+    void adam_default(int64_t n, void **tensors, void **grads, void **counters,
+                      const int64_t *numels, const uint8_t *first_step,
+                      const double *hyper, int counters_f64)
+    {
+        const double lr = hyper[0]; ...                  // hyperparameters (double)
+        for (int64_t t = 0; t < n; ++t) {
+            double step = load_counter(counters[t], counters_f64);
+            step = round_counter(step + 1, counters_f64); // as the 0-dim float32 tensor holds it
+            const double bias_correction1 = 1 - pow(beta1, step);
+            ...                                           // every scalar statement, in order, double
+            const scalar_t s_1 = (scalar_t)(1 - beta1);   // what the loop reads, in scalar_t
+            #pragma omp parallel for if (numel >= PARALLEL_MIN)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t param = param_p[i], grad = grad_p[i], exp_avg = exp_avg_p[i];
+                exp_avg = exp_avg + s_1 * (grad - exp_avg);
+                ...
+                param_p[i] = param; exp_avg_p[i] = exp_avg;
+            }
+            store_counter(counters[t], step, counters_f64);
+        }
+    }
+
+Scalars are computed per tensor in ``double``, in the spec's order, as the for-loop kernel's
+Python floats are: each assignment is a new C variable (``eta``, ``eta_1``), so a tensor statement
+reads the value its position in the spec sees.  Every condition is a per-tensor scalar (a
+hyperparameter comparison, ``rho_t > 5``), computed once before the loop; per-element choices are
+``where(...)`` inside an expression.  The elementwise loop loads each tensor once, runs the tensor
+statements in ``scalar_t`` (the parameters' ``float`` or ``double``: the source compiles once per
+dtype), and stores each written tensor once.  A lazily created state is allocated before the
+call and flagged in ``first_step`` (its ``first`` value is stored on that step).
+
+What is not one elementwise pass (reductions, factored states, intrinsics, sparse rows) makes
+:meth:`CBackend.unsupported` say why, as the Triton backend does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
+from optgen.backends.c_printer import CElementPrinter, CScalarPrinter
+from optgen.backends.forloop import counter_list, plural
+from optgen.backends.printing import PythonScalarPrinter
+from optgen.backends.triton import _identifier, _is_condition
+from optgen.backends.triton_printer import Unsupported
+from optgen.ir.nodes import Program, Role, is_tensor_valued
+from optgen.passes import Compiled
+
+#: C keywords and the kernel skeleton's names; an IR name among them gets a trailing underscore
+RESERVED = frozenset({
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern",
+    "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed",
+    "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
+    "n", "t", "i", "numel", "tensors", "grads", "counters", "numels", "first_step", "hyper", "counters_f64",
+    "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
+})
+
+_ELEMENTWISE_STATE = ("zeros", "full", "first")
+
+
+@dataclass
+class CKernel:
+    """One variant: its C function and what the host function passes it."""
+
+    function: str                       # the C function's name, and the Python host function's
+    key: str                            # repr of the flag values
+    doc: str
+    tensors: list[str]                  # state list names in table order (after params)
+    counters: list[str]                 # counter list names in table order
+    lazy: list[tuple[int, str]]         # (index into tensors incl. params, creation condition as Python)
+    hyperparameters: list[str]          # in the order of `hyper`
+    source: list[str]                   # the C function
+
+
+class _CBuilder:
+    """Walks one specialised :class:`Program` into a :class:`CKernel` (Note [C kernel layout])."""
+
+    def __init__(self, program: Program, signature):
+        self.program, self.sig, self.roles = program, signature, program.roles
+        self.statements = [*program.preamble, *program.body]
+        self.current: dict[str, str] = {}   # IR scalar name → the C variable holding its value now
+        self.taken: set[str] = set()
+        for name, role in self.roles.items():
+            if role is Role.STATE and any(name in a.reads() or a.target == name for a in self.statements):
+                init = program.spec.state[name].init
+                if init not in _ELEMENTWISE_STATE:
+                    raise Unsupported(f"state '{name}' is not shaped like the parameter ({init})")
+
+    def cname(self, name: str) -> str:
+        return name + "_" if name in RESERVED else name
+
+    def fresh(self, base: str) -> str:
+        base, name, k = self.cname(base), self.cname(base), 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+    def scalar(self, expr) -> str:
+        return CScalarPrinter(lambda n: self.current.get(n, self.cname(n)))(expr)
+
+    def build(self, function: str, key: str, doc: str) -> CKernel:
+        roles = self.roles
+        touched = {n for a in self.statements for n in a.reads() | {a.target}}
+        hypers = [n for n, r in roles.items() if r is Role.HYPER and n in touched]
+        counters = [c for c in self.sig.counters if c in touched]
+        states = [t for t in self.sig.tensors if t not in ("param", "grad") and t in touched]
+        lists = ["param", *states]
+        lazy_states = [t for t in states if t in self.sig.lazy]
+        lazy = []
+        for t in lazy_states:
+            when = self.program.state_when.get(t, sympy.true)
+            if any(s.name == "param" for s in when.free_symbols):
+                raise Unsupported(f"state '{t}' is created depending on the parameter's shape")
+            lazy.append((lists.index(t), PythonScalarPrinter()(when) if when != sympy.true else "True"))
+        # hyperparameters, counters (their value on entry) and tensors keep their names; a scalar
+        # statement's first assignment takes its own, a later one a numbered version
+        self.taken |= {self.cname(n) for n, r in roles.items() if r is not Role.SCALAR}
+        self.taken |= {f"{self.cname(t)}_p" for t in ["grad", *lists]}
+
+        head = [f"const double {self.cname(h)} = hyper[{i}];" for i, h in enumerate(hypers)]
+        for h in hypers:
+            self.current[h] = self.cname(h)
+        per_tensor: list[str] = ["const int64_t numel = numels[t];"]
+        for i, c in enumerate(counters):
+            self.current[c] = self.cname(c)
+            per_tensor.append(f"double {self.cname(c)} = load_counter(counters[{i} * n + t], counters_f64);")
+        for k, t in enumerate(lazy_states):
+            per_tensor.append(f"const int {self.cname(t)}_is_new = first_step[{k} * n + t];")
+
+        loop: list[str] = []         # statements of the elementwise loop
+        written: set[str] = set()    # tensors the loop stores
+        element_locals: list[str] = []
+        loaded: set[str] = set()     # tensors whose stored value the loop reads
+        assigned: set[str] = set()   # tensor names that hold a value at this point of the loop
+        hoisted: dict[str, str] = {}
+        for a in self.statements:
+            role = roles[a.target]
+            guard = self.scalar(a.guard) if a.guard != sympy.true else None
+            if not role.is_tensor:  # a scalar or counter: double, before the loop
+                value = self.scalar(a.value)
+                if role is Role.COUNTER and a.target in {x.name for x in a.value.free_symbols}:
+                    # an update of the 0-dim tensor itself (mu_product *= mu) computes in its dtype
+                    value = CScalarPrinter(lambda x: f"round_counter({self.current.get(x, self.cname(x))}, "
+                                                     "counters_f64)")(a.value)
+                if role is Role.COUNTER:  # held as its 0-dim tensor holds it (float32 by default)
+                    value = f"round_counter({value}, counters_f64)"
+                previous = self.current.get(a.target)
+                name = self.fresh(a.target)
+                code = f"const double {name} = {value};" if guard is None else \
+                    f"const double {name} = ({guard}) ? {value} : {previous or 0};"
+                per_tensor += [f"/* {a.text} */", code]
+                self.current[a.target] = name
+                continue
+            # A tensor statement: in the loop, its scalar operands hoisted into scalar_t constants.
+            reads = {n for n in a.reads() if roles[n].is_tensor}
+            if guard is not None:  # the old value stays where the condition is false
+                reads.add(a.target)
+            for n in sorted(reads | {a.target}):
+                if n not in element_locals:
+                    element_locals.append(n)
+            loaded |= {n for n in reads if n in ("param", "grad", *lists) and n not in assigned}
+            if guard is not None:
+                cond = self.fresh("cond")
+                per_tensor.append(f"const int {cond} = {guard};")
+            else:
+                assigned.add(a.target)
+            value = self.element(a.value, per_tensor, hoisted)
+            if a.first is not None:
+                value = f"{self.cname(a.target)}_is_new ? {self.element(a.first, per_tensor, hoisted)} : {value}"
+            code = f"{self.cname(a.target)} = {value};"
+            loop += [f"/* {a.text} */", code if guard is None else f"if ({cond}) {code}"]
+            if a.target in lists:
+                written.add(a.target)
+
+        # A state that may not exist under these hyperparameters (SGD's momentum_buffer when
+        # momentum == 0) has a NULL address: the statements using it do not run, but the loop
+        # still loads and stores around them.
+        optional = {t for t in states if self.program.state_when.get(t, sympy.true) != sympy.true}
+        pointers = [f"const scalar_t *restrict grad_p = (const scalar_t *)grads[t];"]
+        for i, t in enumerate(lists):
+            if t in loaded or t in written:
+                pointers.append(f"scalar_t *restrict {self.cname(t)}_p = (scalar_t *)tensors[{i} * n + t];")
+        def load(n: str) -> str:
+            c = self.cname(n)
+            if n not in loaded:
+                return f"scalar_t {c};"
+            return f"scalar_t {c} = {c}_p ? {c}_p[i] : 0;" if n in optional else f"scalar_t {c} = {c}_p[i];"
+
+        loads = [load(n) for n in element_locals]
+        stores = [(f"if ({self.cname(t)}_p) " if t in optional else "") + f"{self.cname(t)}_p[i] = {self.cname(t)};"
+                  for t in lists if t in written]
+        tail = [f"store_counter(counters[{i} * n + t], {self.current[c]}, counters_f64);"
+                for i, c in enumerate(counters) if self.current[c] != self.cname(c)]
+        body = [*per_tensor, *pointers, "#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)",
+                "for (int64_t i = 0; i < numel; ++i) {", *("    " + x for x in [*loads, *loop, *stores]), "}", *tail]
+        source = [f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
+                  "        const uint8_t *first_step, const double *hyper, int counters_f64)",
+                  "{", *("    " + x for x in head), "    for (int64_t t = 0; t < n; ++t) {",
+                  *("        " + x if not x.startswith("#") else x for x in body), "    }", "}"]
+        return CKernel(function=function, key=key, doc=doc, tensors=[plural(t) for t in states],
+                       counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
+                       source=source)
+
+    def element(self, expr, per_tensor: list[str], hoisted: dict[str, str]) -> str:
+        """``expr`` for one element, its scalar subexpressions computed before the loop as
+        ``scalar_t`` constants (the value each has at this point of the spec)."""
+        def walk(e):
+            if e.is_Integer or e in (sympy.oo, -sympy.oo, sympy.S.Half, -sympy.S.Half) \
+                    or not e.free_symbols and not e.is_Number:
+                return e  # (x ** 0.5 prints as a square root)
+            scalar = not is_tensor_valued(e, self.roles) and not _is_condition(e)
+            if scalar and e.is_Pow and e.exp == -1:
+                return sympy.Pow(walk(e.base), -1, evaluate=False)  # x / scalar stays a division
+            if scalar or e.is_Number:
+                text = self.scalar(e)
+                if text not in hoisted:
+                    ident = _identifier(text)
+                    name = self.fresh(f"c_{ident}" if 0 < len(ident) <= 32 else "c_scalar")
+                    per_tensor.append(f"const scalar_t {name} = (scalar_t)({text});")
+                    hoisted[text] = name
+                return sympy.Symbol(f"@{hoisted[text]}", real=True)
+            if not e.args:
+                return e
+            return e.func(*(walk(x) for x in e.args), evaluate=False) \
+                if isinstance(e, (sympy.Add, sympy.Mul, sympy.Pow)) else e.func(*(walk(x) for x in e.args))
+
+        def rename(n: str) -> str:
+            return n[1:] if n.startswith("@") else self.cname(n)
+
+        return CElementPrinter(rename)(walk(sympy.sympify(expr)))
+
+
+class CBackend(Backend):
+    """generated/<spec>_c.py: the C source of fused CPU kernels and their host functions."""
+
+    name = "c"
+
+    def kernels(self, compiled: Compiled) -> list[CKernel]:
+        spec = compiled.spec
+        if spec.algorithm:
+            raise Unsupported(f"{spec.name}'s step is an intrinsic ({spec.algorithm}), not an elementwise rule")
+        if spec.sparse_gradients:
+            raise Unsupported("sparse gradients: the update runs on the rows a gradient touches, not on whole tensors")
+        sig = kernel_signature(compiled)
+        out = []
+        for v in compiled.variants:
+            function = f"{module_name(spec.name)}_{v.program.variant_name}"
+            flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "no flags"
+            out.append(_CBuilder(v.program, sig).build(function, repr(tuple(val for _, val in v.flags)),
+                                                        f"{spec.name} step with {flags}"))
+        return out
+
+    def unsupported(self, compiled: Compiled) -> str | None:
+        try:
+            self.kernels(compiled)
+        except Unsupported as e:
+            return str(e)
+        return None
+
+    def render(self, compiled: Compiled) -> str:
+        sig = kernel_signature(compiled)
+        signature = [f"{plural(t)}: list[Tensor | None]," if t in sig.lazy else f"{plural(t)}: list[Tensor],"
+                     for t in sig.tensors]
+        signature += [f"{counter_list(c)}: list[Tensor]," for c in sig.counters]
+        signature += ["*,", *(f"{s}," for s in sig.scalars)]
+        return environment().get_template("c/kernels.py.j2").render(
+            header=header(compiled), name=compiled.spec.name, kernels=self.kernels(compiled),
+            signature=signature, flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
+        )
+
+
+BACKEND = CBackend()

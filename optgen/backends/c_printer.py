@@ -1,0 +1,105 @@
+"""Printing IR expressions as C for the fused CPU backend (optgen/backends/c.py).
+
+Two printers share :class:`~optgen.backends.triton_printer.InfixPrinter`'s arithmetic:
+
+- :class:`CScalarPrinter`: per-tensor scalars in ``double`` before the elementwise loop — bias
+  corrections and the like, computed with C's ``pow``/``sqrt``/``exp`` as Python's float
+  arithmetic computes them in the for-loop kernel;
+- :class:`CElementPrinter`: the elementwise update in ``scalar_t`` (``float`` or ``double``, the
+  parameters' dtype, one compile each): ``SQRT``/``EXP``/... are the macros of that type, so a
+  float32 update never widens to double, and maximum/minimum propagate NaN as torch's do.
+"""
+from __future__ import annotations
+
+import sympy
+
+from optgen.backends.triton_printer import InfixPrinter, Unsupported
+
+
+class _CPrinter(InfixPrinter):
+    RELATIONS = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+    def select(self, condition: str, a: str, b: str) -> str:
+        return f"({condition} ? {a} : {b})"
+
+    def _print_And(self, expr):
+        return " && ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return " || ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Not(self, expr):
+        return f"!({self._print(expr.args[0])})"
+
+    def _print_BooleanTrue(self, expr):
+        return "1"
+
+    def _print_BooleanFalse(self, expr):
+        return "0"
+
+    def _print_Infinity(self, expr):
+        return "INFINITY"
+
+    def _print_NegativeInfinity(self, expr):
+        return "-INFINITY"
+
+    def _print_Numel(self, expr):
+        return "(double)numel"
+
+
+class CScalarPrinter(_CPrinter):
+    """``double`` expressions: what Python's float arithmetic computes (C's libm, as CPython's)."""
+
+    FUNCTIONS = {sympy.exp: "exp({0})", sympy.log: "log({0})", sympy.Abs: "fabs({0})"}
+
+    def sqrt(self, x: str) -> str:
+        return f"sqrt({x})"
+
+    def power(self, base, exponent) -> str:
+        return f"pow({self._print(base)}, {self._print(exponent)})"
+
+    def maximum(self, a: str, b: str) -> str:
+        return f"fmax({a}, {b})"  # Python's max() of two numbers (NaN-free host scalars)
+
+    def minimum(self, a: str, b: str) -> str:
+        return f"fmin({a}, {b})"
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Rational(self, expr):
+        return repr(float(expr))
+
+
+class CElementPrinter(_CPrinter):
+    """``scalar_t`` expressions over one element of each tensor.  Non-integer constants never
+    appear here: the backend hoists every scalar subexpression into a ``scalar_t`` before the loop."""
+
+    FUNCTIONS = {sympy.exp: "EXP({0})", sympy.log: "LOG({0})", sympy.Abs: "FABS({0})"}
+
+    def sqrt(self, x: str) -> str:
+        return f"SQRT({x})"
+
+    def power(self, base, exponent) -> str:
+        return f"POW({self._print(base)}, {self._print(exponent)})"
+
+    def maximum(self, a: str, b: str) -> str:
+        return f"max_nan({a}, {b})"
+
+    def minimum(self, a: str, b: str) -> str:
+        return f"min_nan({a}, {b})"
+
+    def _print_Float(self, expr):
+        return f"(scalar_t){float(expr)!r}"
+
+    def _print_Rational(self, expr):
+        return f"(scalar_t){float(expr)!r}"
+
+    def _print_Half(self, expr):
+        return "(scalar_t)0.5"
+
+    def _print_sign(self, expr):
+        return f"sign_of({self._print(expr.args[0])})"
+
+
+__all__ = ["CElementPrinter", "CScalarPrinter", "Unsupported"]

@@ -1,0 +1,183 @@
+"""Compiling and calling the generated C kernels (generated/<spec>_c.py).
+
+Each generated module holds its C source (``SOURCE``) and a :class:`Library` for it.  On the first
+call for a parameter dtype the source is compiled, with :data:`PRELUDE` in front, into a shared
+library under the cache directory (``$OPTGEN_CACHE_DIR``, else ``~/.cache/optgen``), named by a
+hash of everything that goes into it, and loaded with ctypes; later processes load the cached
+file.  The compiler is ``$CC`` or ``cc``, with ``-O3 -march=native -fopenmp -fno-math-errno``
+(PERF-NOTES: without ``-fno-math-errno`` ``sqrtf`` does not vectorise); no ``-ffast-math``, which
+would break NaN propagation and the order of operations.
+
+:func:`launch` passes a group's tensors as tables of addresses (params and states, grads,
+counters), their sizes, the first-step flags of lazily created state, and the hyperparameters as
+doubles; the kernel does the rest (Note [C kernel layout] in optgen/backends/c.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+#: the C every kernel source is compiled after: the element type and its math, counter access
+PRELUDE = r"""
+#include <math.h>
+#include <stdint.h>
+
+typedef SCALAR_T scalar_t;
+#if SCALAR_IS_FLOAT
+#define SQRT sqrtf
+#define EXP expf
+#define LOG logf
+#define FABS fabsf
+#define POW powf
+#else
+#define SQRT sqrt
+#define EXP exp
+#define LOG log
+#define FABS fabs
+#define POW pow
+#endif
+
+/* tensors smaller than this run on one thread: starting the team costs more than it saves */
+#define PARALLEL_MIN 65536
+
+/* 0-dim counters (torch's `step`) are float32 unless the default dtype is float64 */
+static inline double load_counter(void *p, int f64) { return f64 ? *(double *)p : (double)*(float *)p; }
+static inline void store_counter(void *p, double v, int f64)
+{
+    if (f64) *(double *)p = v; else *(float *)p = (float)v;
+}
+static inline double round_counter(double v, int f64) { return f64 ? v : (double)(float)v; }
+
+/* torch.maximum / torch.minimum: NaN if either is NaN */
+static inline scalar_t max_nan(scalar_t a, scalar_t b) { return (a != a || a > b) ? a : b; }
+static inline scalar_t min_nan(scalar_t a, scalar_t b) { return (a != a || a < b) ? a : b; }
+static inline scalar_t sign_of(scalar_t x) { return x > 0 ? (scalar_t)1 : (x < 0 ? (scalar_t)-1 : x); }
+"""
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
+C_TYPES = {torch.float32: ("float", 1), torch.float64: ("double", 0)}
+_ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 6, ctypes.c_int]
+
+
+def compiler() -> str | None:
+    """The C compiler to use, or None when there is none."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def available() -> bool:
+    return compiler() is not None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OPTGEN_CACHE_DIR") or Path.home() / ".cache" / "optgen") / "c"
+
+
+class Library:
+    """The C source of one generated module, compiled per dtype on first use."""
+
+    def __init__(self, name: str, source: str):
+        self.name, self.source = name, source
+        self._loaded: dict[torch.dtype, ctypes.CDLL] = {}
+
+    def function(self, dtype: torch.dtype, name: str):
+        lib = self._loaded.get(dtype)
+        if lib is None:
+            lib = self._loaded[dtype] = ctypes.CDLL(str(self._compile(dtype)))
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = _ARGTYPES, None
+        return fn
+
+    def _compile(self, dtype: torch.dtype) -> Path:
+        ctype, is_float = C_TYPES[dtype]
+        cc = compiler()
+        if cc is None:
+            raise RuntimeError("optgen's fused CPU kernels need a C compiler (cc, or $CC); none was found")
+        defines = (f"-DSCALAR_T={ctype}", f"-DSCALAR_IS_FLOAT={is_float}")
+        text = PRELUDE + self.source
+        key = hashlib.sha256("\0".join([text, cc, *FLAGS, *defines, platform.machine(), platform.node()])
+                             .encode()).hexdigest()[:20]
+        target = cache_dir() / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            source = Path(tmp) / "kernels.c"
+            source.write_text(text)
+            out = Path(tmp) / "kernels.so"
+            result = subprocess.run([cc, *FLAGS, *defines, "-o", str(out), str(source)], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed:\n{result.stderr}")
+            os.replace(out, target)  # atomic: a concurrent process loads a whole file or compiles its own
+        return target
+
+
+def launch(library: Library, function: str, *, tensors, grads, counters, lazy, hyperparameters) -> None:
+    """Calls ``function`` of ``library`` once for every tensor of one dtype group.
+
+    tensors: lists in the kernel's order — params, then the states it touches (entries of a state
+        the hyperparameters leave unused may be None: the kernel never touches them).
+    counters: lists of 0-dim counters (``step``) on the CPU.
+    lazy: index into ``tensors`` → whether that state is created now: its None entries are
+        allocated here (and stored into the caller's list, which saves them in the state).
+    hyperparameters: numbers, in the kernel's order.
+    """
+    params = tensors[0]
+    if not params:
+        return
+    dtype = params[0].dtype
+    if dtype not in C_TYPES:
+        raise RuntimeError(f"optgen's fused CPU kernels support float32 and float64 parameters, not {dtype}; "
+                           "use foreach=True or fused=None")
+    n = len(params)
+    first = []
+    for index, create in lazy.items():
+        values, flags = tensors[index], [0] * n
+        if create:
+            for i, t in enumerate(values):
+                if t is None:  # never read before the kernel stores `first` into it
+                    values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+                    flags[i] = 1
+        first += flags
+    _check(params, tensors, grads, counters)
+    addresses = torch.tensor([t.data_ptr() if t is not None else 0 for values in tensors for t in values],
+                             dtype=torch.int64)
+    grad_addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    counter_addresses = torch.tensor([c.data_ptr() for values in counters for c in values], dtype=torch.int64)
+    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    first_step = torch.tensor(first or [0], dtype=torch.uint8)
+    hyper = torch.tensor([float(h) for h in hyperparameters] or [0.0], dtype=torch.float64)
+    counters_f64 = int(bool(counters) and counters[0][0].dtype == torch.float64)
+    library.function(dtype, function)(n, addresses.data_ptr(), grad_addresses.data_ptr(),
+                                      counter_addresses.data_ptr(), numels.data_ptr(), first_step.data_ptr(),
+                                      hyper.data_ptr(), counters_f64)
+
+
+def _check(params, tensors, grads, counters) -> None:
+    """Every tensor the kernel addresses is a contiguous CPU tensor of the group's dtype, shaped
+    like its parameter; every counter a 1-element float32 or float64 CPU tensor, all alike."""
+    dtype = params[0].dtype
+    for what, values in (("parameter", params), ("gradient", grads), *(("state", v) for v in tensors[1:])):
+        for i, t in enumerate(values):
+            if t is None:
+                continue
+            if t.device.type != "cpu" or t.dtype != dtype or t.numel() != params[i].numel() or not t.is_contiguous():
+                raise RuntimeError(f"optgen's fused CPU kernel needs contiguous CPU tensors of one dtype, shaped "
+                                   f"like their parameter: the {what} of parameter {i} is {t.dtype} "
+                                   f"{tuple(t.shape)} on {t.device}"
+                                   + ("" if t.is_contiguous() else ", not contiguous"))
+    kinds = {c.dtype for values in counters for c in values}
+    for values in counters:
+        for i, c in enumerate(values):
+            if c.device.type != "cpu" or c.numel() != 1 or c.dtype not in (torch.float32, torch.float64) \
+                    or len(kinds) > 1:
+                raise RuntimeError(f"optgen's fused CPU kernel reads counters (step) as 1-element float32 or "
+                                   f"float64 CPU tensors, all of one dtype; parameter {i}'s is {c.dtype} "
+                                   f"{tuple(c.shape)} on {c.device}")

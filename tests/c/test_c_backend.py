@@ -1,0 +1,151 @@
+"""The fused C (CPU) backend: generated/<spec>_c.py, run through optgen.runtime.c_launch.
+
+Every spec × variant × implementation is also checked against the float64 reference interpreter
+by tests/backends/test_against_reference.py (the "c" implementation is one of each class's
+``_kernels``); here: float32 against torch, torch's own fused CPU kernels, ``fused=True``, the
+cases a flat multi-tensor kernel must get right, and the compile cache.
+"""
+import pytest
+import torch
+
+import optgen
+from optgen.runtime import c_launch
+from tests.registry import CASES, STEPS, case_id
+
+pytestmark = pytest.mark.skipif(not c_launch.available(), reason="no C compiler on this machine")
+
+C_CASES = [c for c in CASES if "c" in optgen.OPTIMIZERS[c[0]]._kernels]
+#: shapes with a tensor above the kernel's PARALLEL_MIN (65536: OpenMP threads share it), an
+#: empty one, a 0-dim one and odd sizes (no vector-width assumption)
+SHAPES = ((300, 257), (0,), (), (7,), (3, 5))
+#: float32 after 25 steps of updates computed in another order (one expression per element
+#: instead of torch's op-by-op rounding): a few ulps, accumulated
+FLOAT32 = dict(rtol=2e-5, atol=1e-6)
+
+
+def params_like(dtype, shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def run(make, params, steps=STEPS):
+    opt = make(params)
+    for k in range(steps):
+        g = torch.Generator().manual_seed(100 + k)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        opt.step()
+    return opt
+
+
+def close(a, b, rtol, atol):
+    """assert_close with ``atol`` relative to the tensor's largest magnitude (at least 1): float32
+    rounding errors scale with the values an element is computed from, and an element that
+    cancels to near zero inside a tensor of large values keeps their absolute error."""
+    scale = max(1.0, b.detach().abs().max().item()) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, check_device=False)
+
+
+def assert_same_state(ours, theirs, **tol):
+    for p, q in zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"]):
+        close(p.detach(), q.detach(), **tol)
+        assert ours.state[p].keys() == theirs.state[q].keys()
+        for key, value in theirs.state[q].items():
+            close(ours.state[p][key], value, **tol)
+
+
+@pytest.mark.parametrize("case", C_CASES, ids=case_id)
+def test_c_kernel_matches_torch_float32(case):
+    """25 float32 steps of optgen's C kernel against torch's for-loop step (params and state)."""
+    name, kwargs = case
+
+    def ours(ps):
+        opt = getattr(optgen, name)(ps, **kwargs)
+        opt.implementation = "c"
+        return opt
+
+    mine = run(ours, params_like(torch.float32))
+    theirs = run(lambda ps: getattr(torch.optim, name)(ps, foreach=False, **kwargs), params_like(torch.float32))
+    assert_same_state(mine, theirs, **FLOAT32)
+
+
+@pytest.mark.parametrize("case", [c for c in C_CASES if "fused" in optgen.OPTIMIZERS[c[0]].__init__.__code__.co_varnames],
+                         ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fused_true_on_cpu_runs_the_c_kernel_like_torchs_fused(case, dtype):
+    """``fused=True`` on CPU parameters: torch runs its fused CPU kernel, optgen its C kernel;
+    same parameters, same state (counters included: float32 on the parameters' device)."""
+    name, kwargs = case
+    tol = FLOAT32 if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    mine = run(lambda ps: getattr(optgen, name)(ps, fused=True, **kwargs), params_like(dtype))
+    theirs = run(lambda ps: getattr(torch.optim, name)(ps, fused=True, **kwargs), params_like(dtype))
+    assert_same_state(mine, theirs, **tol)
+    assert optgen.runtime.dispatch.choose(mine, mine.param_groups[0], mine.param_groups[0]["params"]) == "c"
+
+
+def test_one_call_covers_groups_of_mixed_dtypes_and_complex_params():
+    """A group of float32, float64 and complex64 parameters: one call per dtype (complex as real
+    views), each equal to the for-loop kernel."""
+    shapes = ((70000,), (5,))
+    params = [*params_like(torch.float32, shapes), *params_like(torch.float64, shapes, seed=1),
+              *params_like(torch.complex64, shapes, seed=2)]
+    reference = [p.detach().clone().requires_grad_() for p in params]
+
+    def make(implementation):
+        def build(ps):
+            opt = optgen.Adam(ps, lr=0.01, weight_decay=0.1)
+            opt.implementation = implementation
+            return opt
+        return build
+
+    ours, forloop = run(make("c"), params, steps=5), run(make("forloop"), reference, steps=5)
+    for p, q in zip(params, reference):
+        tol = dict(rtol=1e-12, atol=1e-14) if p.dtype == torch.float64 else FLOAT32
+        torch.testing.assert_close(p, q, **tol)
+        torch.testing.assert_close(ours.state[p]["exp_avg_sq"], forloop.state[q]["exp_avg_sq"], **tol)
+
+
+def test_lazily_created_state_and_state_left_out():
+    """SGD's momentum buffer is created by the kernel on its first step (``first = grad``); without
+    momentum there is no state at all, as in torch."""
+    for kwargs in (dict(lr=0.1, momentum=0.9), dict(lr=0.1)):
+        mine = run(lambda ps: optgen.SGD(ps, fused=True, **kwargs), params_like(torch.float32), steps=3)
+        theirs = run(lambda ps: torch.optim.SGD(ps, foreach=False, **kwargs), params_like(torch.float32), steps=3)
+        assert_same_state(mine, theirs, **FLOAT32)
+        assert any(mine.state.values()) == ("momentum" in kwargs)
+
+
+def test_unsupported_tensors_get_a_clear_error():
+    p = torch.zeros(4, 4, requires_grad=True)
+    p.grad = torch.ones(4, 4).t()  # not contiguous
+    opt = optgen.Adam([p])
+    opt.implementation = "c"
+    with pytest.raises(RuntimeError, match="contiguous"):
+        opt.step()
+    q = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    q.grad = torch.ones_like(q)
+    with pytest.raises(RuntimeError, match="no fused implementation"):
+        optgen.Adam([q], fused=True).step()
+
+
+def test_compiled_once_and_cached(tmp_path, monkeypatch):
+    """The first use compiles into the cache directory; a new process (a new Library) loads the
+    cached file without a compiler; a failed compile says why."""
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    source = "void twice(int64_t n, void **t, void **g, void **c, const int64_t *numels,\n" \
+             "  const uint8_t *f, const double *h, int c64) { ((scalar_t *)t[0])[0] *= 2; }\n"
+    x = torch.ones(1)
+    table = torch.tensor([x.data_ptr()])  # (alive until the call returns)
+    c_launch.Library("test_cache", source).function(torch.float32, "twice")(1, table.data_ptr(), 0, 0, 0, 0, 0, 0)
+    assert x.item() == 2.0
+    assert len(list((tmp_path / "c").glob("*.so"))) == 1
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(c_launch.subprocess, "run", no_compiler)
+    c_launch.Library("test_cache", source).function(torch.float32, "twice")  # cached: loaded, not compiled
+    monkeypatch.undo()
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="compiling the C kernels of test_broken failed"):
+        c_launch.Library("test_broken", source + "syntax error").function(torch.float32, "twice")
