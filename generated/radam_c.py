@@ -24,11 +24,11 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
     const double beta2 = hyper[2];
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
+    /* rho_inf = 2 / (1 - beta2) - 1 */
+    const double rho_inf = 2 / (1 - beta2) - 1;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
-        /* rho_inf = 2 / (1 - beta2) - 1 */
-        const double rho_inf = 2 / (1 - beta2) - 1;
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -48,9 +48,8 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
         const double step_size = (rho_t > 5) ? sqrt(bias_correction2) * lr * rect / bias_correction1 : 0;
         const int cond_1 = rho_t > 5;
         const scalar_t c_eps = (scalar_t)(eps);
-        const int cond_2 = rho_t > 5;
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const int cond_3 = rho_t <= 5;
+        const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
@@ -73,9 +72,9 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
             /* denom = sqrt(exp_avg_sq) + eps */
             if (cond_1) denom = c_eps + SQRT(exp_avg_sq);
             /* param = param - step_size * exp_avg / denom */
-            if (cond_2) param = param - c_step_size * exp_avg / denom;
+            if (cond_1) param = param - c_step_size * exp_avg / denom;
             /* param = param - lr / bias_correction1 * exp_avg */
-            if (cond_3) param = param - c_lr * exp_avg / c_bias_correction1;
+            if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
             param_p[i] = param;
             exp_avg_p[i] = exp_avg;
             exp_avg_sq_p[i] = exp_avg_sq;
@@ -93,11 +92,11 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
     const double beta2 = hyper[2];
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
+    /* rho_inf = 2 / (1 - beta2) - 1 */
+    const double rho_inf = 2 / (1 - beta2) - 1;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
-        /* rho_inf = 2 / (1 - beta2) - 1 */
-        const double rho_inf = 2 / (1 - beta2) - 1;
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -117,9 +116,8 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const double step_size = (rho_t > 5) ? sqrt(bias_correction2) * lr * rect / bias_correction1 : 0;
         const int cond_1 = rho_t > 5;
         const scalar_t c_eps = (scalar_t)(eps);
-        const int cond_2 = rho_t > 5;
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const int cond_3 = rho_t <= 5;
+        const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
@@ -144,9 +142,9 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
             /* denom = sqrt(exp_avg_sq) + eps */
             if (cond_1) denom = c_eps + SQRT(exp_avg_sq);
             /* param = param - step_size * exp_avg / denom */
-            if (cond_2) param = param - c_step_size * exp_avg / denom;
+            if (cond_1) param = param - c_step_size * exp_avg / denom;
             /* param = param - lr / bias_correction1 * exp_avg */
-            if (cond_3) param = param - c_lr * exp_avg / c_bias_correction1;
+            if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
             param_p[i] = param;
             exp_avg_p[i] = exp_avg;
             exp_avg_sq_p[i] = exp_avg_sq;
@@ -164,11 +162,11 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
     const double beta2 = hyper[2];
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
+    /* rho_inf = 2 / (1 - beta2) - 1 */
+    const double rho_inf = 2 / (1 - beta2) - 1;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
-        /* rho_inf = 2 / (1 - beta2) - 1 */
-        const double rho_inf = 2 / (1 - beta2) - 1;
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -188,9 +186,8 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
         const double step_size = (rho_t > 5) ? sqrt(bias_correction2) * lr * rect / bias_correction1 : 0;
         const int cond_1 = rho_t > 5;
         const scalar_t c_eps = (scalar_t)(eps);
-        const int cond_2 = rho_t > 5;
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const int cond_3 = rho_t <= 5;
+        const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
@@ -213,9 +210,9 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
             /* denom = sqrt(exp_avg_sq) + eps */
             if (cond_1) denom = c_eps + SQRT(exp_avg_sq);
             /* param = param - step_size * exp_avg / denom */
-            if (cond_2) param = param - c_step_size * exp_avg / denom;
+            if (cond_1) param = param - c_step_size * exp_avg / denom;
             /* param = param - lr / bias_correction1 * exp_avg */
-            if (cond_3) param = param - c_lr * exp_avg / c_bias_correction1;
+            if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
             param_p[i] = param;
             exp_avg_p[i] = exp_avg;
             exp_avg_sq_p[i] = exp_avg_sq;
@@ -233,11 +230,11 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
     const double beta2 = hyper[2];
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
+    /* rho_inf = 2 / (1 - beta2) - 1 */
+    const double rho_inf = 2 / (1 - beta2) - 1;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
-        /* rho_inf = 2 / (1 - beta2) - 1 */
-        const double rho_inf = 2 / (1 - beta2) - 1;
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -257,9 +254,8 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
         const double step_size = (rho_t > 5) ? sqrt(bias_correction2) * lr * rect / bias_correction1 : 0;
         const int cond_1 = rho_t > 5;
         const scalar_t c_eps = (scalar_t)(eps);
-        const int cond_2 = rho_t > 5;
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const int cond_3 = rho_t <= 5;
+        const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
@@ -284,9 +280,9 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
             /* denom = sqrt(exp_avg_sq) + eps */
             if (cond_1) denom = c_eps + SQRT(exp_avg_sq);
             /* param = param - step_size * exp_avg / denom */
-            if (cond_2) param = param - c_step_size * exp_avg / denom;
+            if (cond_1) param = param - c_step_size * exp_avg / denom;
             /* param = param - lr / bias_correction1 * exp_avg */
-            if (cond_3) param = param - c_lr * exp_avg / c_bias_correction1;
+            if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
             param_p[i] = param;
             exp_avg_p[i] = exp_avg;
             exp_avg_sq_p[i] = exp_avg_sq;

@@ -36,9 +36,8 @@ void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, c
         const scalar_t c_eps = (scalar_t)(eps);
         const int cond_1 = momentum > 0;
         const scalar_t c_momentum = (scalar_t)(momentum);
-        const int cond_2 = momentum > 0;
         const scalar_t c_lr = (scalar_t)(lr);
-        const int cond_3 = momentum <= 0;
+        const int cond_2 = momentum <= 0;
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
         scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
         scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
@@ -59,9 +58,9 @@ void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, c
             /* momentum_buffer = momentum * momentum_buffer + grad / avg */
             if (cond_1) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
             /* param = param - lr * momentum_buffer */
-            if (cond_2) param = param - c_lr * momentum_buffer;
+            if (cond_1) param = param - c_lr * momentum_buffer;
             /* param = param - lr * grad / avg */
-            if (cond_3) param = param - c_lr * grad / avg;
+            if (cond_2) param = param - c_lr * grad / avg;
             param_p[i] = param;
             square_avg_p[i] = square_avg;
             if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
@@ -91,9 +90,8 @@ void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_eps = (scalar_t)(eps);
         const int cond_1 = momentum > 0;
         const scalar_t c_momentum = (scalar_t)(momentum);
-        const int cond_2 = momentum > 0;
         const scalar_t c_lr = (scalar_t)(lr);
-        const int cond_3 = momentum <= 0;
+        const int cond_2 = momentum <= 0;
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
         scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
         scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
@@ -116,9 +114,9 @@ void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, 
             /* momentum_buffer = momentum * momentum_buffer + grad / avg */
             if (cond_1) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
             /* param = param - lr * momentum_buffer */
-            if (cond_2) param = param - c_lr * momentum_buffer;
+            if (cond_1) param = param - c_lr * momentum_buffer;
             /* param = param - lr * grad / avg */
-            if (cond_3) param = param - c_lr * grad / avg;
+            if (cond_2) param = param - c_lr * grad / avg;
             param_p[i] = param;
             square_avg_p[i] = square_avg;
             if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
@@ -148,9 +146,8 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_eps = (scalar_t)(eps);
         const int cond_1 = momentum > 0;
         const scalar_t c_momentum = (scalar_t)(momentum);
-        const int cond_2 = momentum > 0;
         const scalar_t c_lr = (scalar_t)(lr);
-        const int cond_3 = momentum <= 0;
+        const int cond_2 = momentum <= 0;
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
         scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
         scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
@@ -175,9 +172,9 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
             /* momentum_buffer = momentum * momentum_buffer + grad / avg */
             if (cond_1) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
             /* param = param - lr * momentum_buffer */
-            if (cond_2) param = param - c_lr * momentum_buffer;
+            if (cond_1) param = param - c_lr * momentum_buffer;
             /* param = param - lr * grad / avg */
-            if (cond_3) param = param - c_lr * grad / avg;
+            if (cond_2) param = param - c_lr * grad / avg;
             param_p[i] = param;
             square_avg_p[i] = square_avg;
             if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
@@ -208,9 +205,8 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
         const scalar_t c_eps = (scalar_t)(eps);
         const int cond_1 = momentum > 0;
         const scalar_t c_momentum = (scalar_t)(momentum);
-        const int cond_2 = momentum > 0;
         const scalar_t c_lr = (scalar_t)(lr);
-        const int cond_3 = momentum <= 0;
+        const int cond_2 = momentum <= 0;
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
         scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
         scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
@@ -237,9 +233,9 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
             /* momentum_buffer = momentum * momentum_buffer + grad / avg */
             if (cond_1) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
             /* param = param - lr * momentum_buffer */
-            if (cond_2) param = param - c_lr * momentum_buffer;
+            if (cond_1) param = param - c_lr * momentum_buffer;
             /* param = param - lr * grad / avg */
-            if (cond_3) param = param - c_lr * grad / avg;
+            if (cond_2) param = param - c_lr * grad / avg;
             param_p[i] = param;
             square_avg_p[i] = square_avg;
             if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;

@@ -31,7 +31,6 @@ void sgd_default(int64_t n, void **tensors, void **grads, void **counters, const
         const int cond_1 = momentum != 0;
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
-        const int cond_2 = momentum != 0;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
         scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
@@ -46,7 +45,7 @@ void sgd_default(int64_t n, void **tensors, void **grads, void **counters, const
             /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
             if (cond_1) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
             /* grad = momentum_buffer */
-            if (cond_2) grad = momentum_buffer;
+            if (cond_1) grad = momentum_buffer;
             /* param = param - lr * grad */
             param = param - c_lr * grad;
             param_p[i] = param;
@@ -71,7 +70,6 @@ void sgd_maximize(int64_t n, void **tensors, void **grads, void **counters, cons
         const int cond_1 = momentum != 0;
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
-        const int cond_2 = momentum != 0;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
         scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
@@ -88,7 +86,7 @@ void sgd_maximize(int64_t n, void **tensors, void **grads, void **counters, cons
             /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
             if (cond_1) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
             /* grad = momentum_buffer */
-            if (cond_2) grad = momentum_buffer;
+            if (cond_1) grad = momentum_buffer;
             /* param = param - lr * grad */
             param = param - c_lr * grad;
             param_p[i] = param;
@@ -113,7 +111,6 @@ void sgd_nesterov(int64_t n, void **tensors, void **grads, void **counters, cons
         const int cond_1 = momentum != 0;
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
-        const int cond_2 = momentum != 0;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
         scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
@@ -128,7 +125,7 @@ void sgd_nesterov(int64_t n, void **tensors, void **grads, void **counters, cons
             /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
             if (cond_1) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
             /* grad = grad + momentum * momentum_buffer */
-            if (cond_2) grad = grad + c_momentum * momentum_buffer;
+            if (cond_1) grad = grad + c_momentum * momentum_buffer;
             /* param = param - lr * grad */
             param = param - c_lr * grad;
             param_p[i] = param;
@@ -153,7 +150,6 @@ void sgd_nesterov_maximize(int64_t n, void **tensors, void **grads, void **count
         const int cond_1 = momentum != 0;
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
-        const int cond_2 = momentum != 0;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
         scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
@@ -170,7 +166,7 @@ void sgd_nesterov_maximize(int64_t n, void **tensors, void **grads, void **count
             /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
             if (cond_1) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
             /* grad = grad + momentum * momentum_buffer */
-            if (cond_2) grad = grad + c_momentum * momentum_buffer;
+            if (cond_1) grad = grad + c_momentum * momentum_buffer;
             /* param = param - lr * grad */
             param = param - c_lr * grad;
             param_p[i] = param;

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the specs").set_defaults(run=cmd_list)
     p = sub.add_parser("show", help="a spec, its IR after the passes, and the code of each backend")
     p.add_argument("name")
-    p.add_argument("--backend", help="only this backend's code (optimizer, forloop, foreach, triton)")
+    p.add_argument("--backend", help="only this backend's code (optimizer, forloop, foreach, differentiable, "
+                                     "triton, c)")
     p.add_argument("--flags", help="the variant to show the IR of, e.g. amsgrad=true,maximize=false")
     p.add_argument("--dump-ir", metavar="PASS", help="print the IR after this pass (lower, specialize, cse, "
                                                      "hoist_scalars, select_ops, reuse_buffers)")

@@ -129,12 +129,15 @@ def verify_all(steps: int = 10, tolerance: float = 1e-9) -> bool:
     from optgen.build import compile_all
 
     ok = True
-    columns = ("forloop", "foreach", "triton")  # triton runs on CPU tensors in Triton's interpreter
+    from optgen.runtime import c_launch
+
+    # triton runs on CPU tensors in Triton's interpreter; c needs a C compiler
+    columns = ("forloop", "foreach", "differentiable", "c", "triton")
     print(f"{'optimizer':<10} {'flags':<48} {'configs':>7} " + " ".join(f"{c:>10}" for c in columns))
     for compiled in compile_all():
         if compiled.spec.algorithm:  # an intrinsic step (LBFGS): no generated kernels to check
             continue
-        impls = _optimizer_class(compiled.spec.name)._kernels
+        impls = [i for i in _optimizer_class(compiled.spec.name)._kernels if i != "c" or c_launch.available()]
         for variant in compiled.variants:
             flags = dict(variant.flags)
             configs = configurations(compiled, flags)

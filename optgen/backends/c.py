@@ -91,6 +91,13 @@ class _CBuilder:
         self.statements = [*program.preamble, *program.body]
         self.current: dict[str, str] = {}   # IR scalar name → the C variable holding its value now
         self.taken: set[str] = set()
+        self.loop: list[str] = []        # statements of the elementwise loop
+        self.written: set[str] = set()   # tensors the loop stores
+        self.element_locals: list[str] = []
+        self.loaded: set[str] = set()    # tensors whose stored value the loop reads
+        self.assigned: set[str] = set()  # tensor names holding a value at this point of the loop
+        self.hoisted: dict[str, str] = {}
+        self.conditions: dict[str, str] = {}  # condition text (names are versions) → its variable
         for name, role in self.roles.items():
             if role is Role.STATE and any(name in a.reads() or a.target == name for a in self.statements):
                 init = program.spec.state[name].init
@@ -140,72 +147,35 @@ class _CBuilder:
         for k, t in enumerate(lazy_states):
             per_tensor.append(f"const int {self.cname(t)}_is_new = first_step[{k} * n + t];")
 
-        loop: list[str] = []         # statements of the elementwise loop
-        written: set[str] = set()    # tensors the loop stores
-        element_locals: list[str] = []
-        loaded: set[str] = set()     # tensors whose stored value the loop reads
-        assigned: set[str] = set()   # tensor names that hold a value at this point of the loop
-        hoisted: dict[str, str] = {}
+        preamble = set(map(id, self.program.preamble))  # group-level scalars: before the tensor loop
         for a in self.statements:
-            role = roles[a.target]
-            guard = self.scalar(a.guard) if a.guard != sympy.true else None
-            if not role.is_tensor:  # a scalar or counter: double, before the loop
-                value = self.scalar(a.value)
-                if role is Role.COUNTER and a.target in {x.name for x in a.value.free_symbols}:
-                    # an update of the 0-dim tensor itself (mu_product *= mu) computes in its dtype
-                    value = CScalarPrinter(lambda x: f"round_counter({self.current.get(x, self.cname(x))}, "
-                                                     "counters_f64)")(a.value)
-                if role is Role.COUNTER:  # held as its 0-dim tensor holds it (float32 by default)
-                    value = f"round_counter({value}, counters_f64)"
-                previous = self.current.get(a.target)
-                name = self.fresh(a.target)
-                code = f"const double {name} = {value};" if guard is None else \
-                    f"const double {name} = ({guard}) ? {value} : {previous or 0};"
-                per_tensor += [f"/* {a.text} */", code]
-                self.current[a.target] = name
-                continue
-            # A tensor statement: in the loop, its scalar operands hoisted into scalar_t constants.
-            reads = {n for n in a.reads() if roles[n].is_tensor}
-            if guard is not None:  # the old value stays where the condition is false
-                reads.add(a.target)
-            for n in sorted(reads | {a.target}):
-                if n not in element_locals:
-                    element_locals.append(n)
-            loaded |= {n for n in reads if n in ("param", "grad", *lists) and n not in assigned}
-            if guard is not None:
-                cond = self.fresh("cond")
-                per_tensor.append(f"const int {cond} = {guard};")
+            if roles[a.target].is_tensor:
+                self.tensor_statement(a, lists, per_tensor)
             else:
-                assigned.add(a.target)
-            value = self.element(a.value, per_tensor, hoisted)
-            if a.first is not None:
-                value = f"{self.cname(a.target)}_is_new ? {self.element(a.first, per_tensor, hoisted)} : {value}"
-            code = f"{self.cname(a.target)} = {value};"
-            loop += [f"/* {a.text} */", code if guard is None else f"if ({cond}) {code}"]
-            if a.target in lists:
-                written.add(a.target)
+                (head if id(a) in preamble else per_tensor).extend(self.scalar_statement(a))
 
         # A state that may not exist under these hyperparameters (SGD's momentum_buffer when
         # momentum == 0) has a NULL address: the statements using it do not run, but the loop
         # still loads and stores around them.
         optional = {t for t in states if self.program.state_when.get(t, sympy.true) != sympy.true}
-        pointers = [f"const scalar_t *restrict grad_p = (const scalar_t *)grads[t];"]
+        pointers = ["const scalar_t *restrict grad_p = (const scalar_t *)grads[t];"]
         for i, t in enumerate(lists):
-            if t in loaded or t in written:
+            if t in self.loaded or t in self.written:
                 pointers.append(f"scalar_t *restrict {self.cname(t)}_p = (scalar_t *)tensors[{i} * n + t];")
+
         def load(n: str) -> str:
             c = self.cname(n)
-            if n not in loaded:
+            if n not in self.loaded:
                 return f"scalar_t {c};"
             return f"scalar_t {c} = {c}_p ? {c}_p[i] : 0;" if n in optional else f"scalar_t {c} = {c}_p[i];"
 
-        loads = [load(n) for n in element_locals]
+        loads = [load(n) for n in self.element_locals]
         stores = [(f"if ({self.cname(t)}_p) " if t in optional else "") + f"{self.cname(t)}_p[i] = {self.cname(t)};"
-                  for t in lists if t in written]
+                  for t in lists if t in self.written]
         tail = [f"store_counter(counters[{i} * n + t], {self.current[c]}, counters_f64);"
                 for i, c in enumerate(counters) if self.current[c] != self.cname(c)]
         body = [*per_tensor, *pointers, "#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)",
-                "for (int64_t i = 0; i < numel; ++i) {", *("    " + x for x in [*loads, *loop, *stores]), "}", *tail]
+                "for (int64_t i = 0; i < numel; ++i) {", *("    " + x for x in [*loads, *self.loop, *stores]), "}", *tail]
         source = [f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
                   "        const uint8_t *first_step, const double *hyper, int counters_f64)",
                   "{", *("    " + x for x in head), "    for (int64_t t = 0; t < n; ++t) {",
@@ -214,7 +184,46 @@ class _CBuilder:
                        counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
                        source=source)
 
-    def element(self, expr, per_tensor: list[str], hoisted: dict[str, str]) -> str:
+    def scalar_statement(self, a) -> list[str]:
+        """A scalar or counter statement, in double, as a new version of its variable."""
+        guard = self.scalar(a.guard) if a.guard != sympy.true else None
+        value = self.scalar(a.value)
+        if self.roles[a.target] is Role.COUNTER:  # held as its 0-dim tensor holds it (float32 by default)
+            if a.target in {x.name for x in a.value.free_symbols}:
+                # an update of the 0-dim tensor itself (mu_product *= mu) computes in its dtype
+                value = CScalarPrinter(lambda x: f"round_counter({self.current.get(x, self.cname(x))}, "
+                                                 "counters_f64)")(a.value)
+            value = f"round_counter({value}, counters_f64)"
+        previous = self.current.get(a.target)
+        name = self.fresh(a.target)
+        self.current[a.target] = name
+        code = f"const double {name} = {value};" if guard is None else \
+            f"const double {name} = ({guard}) ? {value} : {previous or 0};"
+        return [f"/* {a.text} */", code]
+
+    def tensor_statement(self, a, lists: list[str], per_tensor: list[str]) -> None:
+        """A tensor statement: one line of the loop; its scalar operands and its condition are
+        computed before the loop (per_tensor)."""
+        guard = self.scalar(a.guard) if a.guard != sympy.true else None
+        reads = {n for n in a.reads() if self.roles[n].is_tensor}
+        if guard is not None:  # the old value stays where the condition is false
+            reads.add(a.target)
+        self.element_locals += [n for n in sorted(reads | {a.target}) if n not in self.element_locals]
+        self.loaded |= {n for n in reads if n in ("param", "grad", *lists) and n not in self.assigned}
+        if guard is not None and guard not in self.conditions:
+            self.conditions[guard] = self.fresh("cond")
+            per_tensor.append(f"const int {self.conditions[guard]} = {guard};")
+        if guard is None:
+            self.assigned.add(a.target)
+        value = self.element(a.value, per_tensor)
+        if a.first is not None:
+            value = f"{self.cname(a.target)}_is_new ? {self.element(a.first, per_tensor)} : {value}"
+        code = f"{self.cname(a.target)} = {value};"
+        self.loop += [f"/* {a.text} */", code if guard is None else f"if ({self.conditions[guard]}) {code}"]
+        if a.target in lists:
+            self.written.add(a.target)
+
+    def element(self, expr, per_tensor: list[str]) -> str:
         """``expr`` for one element, its scalar subexpressions computed before the loop as
         ``scalar_t`` constants (the value each has at this point of the spec)."""
         def walk(e):
@@ -226,12 +235,12 @@ class _CBuilder:
                 return sympy.Pow(walk(e.base), -1, evaluate=False)  # x / scalar stays a division
             if scalar or e.is_Number:
                 text = self.scalar(e)
-                if text not in hoisted:
+                if text not in self.hoisted:
                     ident = _identifier(text)
                     name = self.fresh(f"c_{ident}" if 0 < len(ident) <= 32 else "c_scalar")
                     per_tensor.append(f"const scalar_t {name} = (scalar_t)({text});")
-                    hoisted[text] = name
-                return sympy.Symbol(f"@{hoisted[text]}", real=True)
+                    self.hoisted[text] = name
+                return sympy.Symbol(f"@{self.hoisted[text]}", real=True)
             if not e.args:
                 return e
             return e.func(*(walk(x) for x in e.args), evaluate=False) \
