@@ -18,8 +18,14 @@ from optgen.passes import Compiled
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
 
 
+def python_tuple(names) -> str:
+    """A tuple of strings as it reads in source: ("a", "b"), ("a",), ()."""
+    items = [f'"{n}"' for n in names]
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+
+
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -27,6 +33,8 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    env.filters["python_tuple"] = python_tuple
+    return env
 
 
 def spec_hash(compiled: Compiled) -> str:

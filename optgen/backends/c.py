@@ -73,12 +73,12 @@ _ELEMENTWISE_STATE = ("zeros", "full", "first")
 class CKernel:
     """One variant: its C function and what the host function passes it."""
 
-    function: str                       # the C function's name, and the Python host function's
+    function: str                       # the C function's name
     key: str                            # repr of the flag values
     doc: str
     tensors: list[str]                  # state list names in table order (after params)
     counters: list[str]                 # counter list names in table order
-    lazy: list[tuple[int, str]]         # (index into tensors incl. params, creation condition as Python)
+    lazy: list[tuple[int, str]]         # (index into params + tensors, creation condition over `a`)
     hyperparameters: list[str]          # in the order of `hyper`
     source: list[str]                   # the C function
 
@@ -131,7 +131,8 @@ class _CBuilder:
             when = self.program.state_when.get(t, sympy.true)
             if any(s.name == "param" for s in when.free_symbols):
                 raise Unsupported(f"state '{t}' is created depending on the parameter's shape")
-            lazy.append((lists.index(t), PythonScalarPrinter()(when) if when != sympy.true else "True"))
+            # the condition over the kernel's keyword arguments `a` (hyperparameters)
+            lazy.append((lists.index(t), PythonScalarPrinter(lambda h: f'a["{h}"]')(when) if when != sympy.true else "True"))
         # hyperparameters, counters (their value on entry) and tensors keep their names; a scalar
         # statement's first assignment takes its own, a later one a numbered version
         self.taken |= {self.cname(n) for n, r in roles.items() if r is not Role.SCALAR}
@@ -280,14 +281,9 @@ class CBackend(Backend):
         return None
 
     def render(self, compiled: Compiled) -> str:
-        sig = kernel_signature(compiled)
-        signature = [f"{plural(t)}: list[Tensor | None]," if t in sig.lazy else f"{plural(t)}: list[Tensor],"
-                     for t in sig.tensors]
-        signature += [f"{counter_list(c)}: list[Tensor]," for c in sig.counters]
-        signature += ["*,", *(f"{s}," for s in sig.scalars)]
         return environment().get_template("c/kernels.py.j2").render(
             header=header(compiled), name=compiled.spec.name, kernels=self.kernels(compiled),
-            signature=signature, flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
+            flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
         )
 
 

@@ -119,6 +119,21 @@ class Library:
         return target
 
 
+class Kernel:
+    """One generated variant: called as the foreach kernels are (``kernel(**lists, **scalars)``),
+    it picks its lists and hyperparameters by name and launches its C function."""
+
+    def __init__(self, library: Library, function: str, *, tensors, counters, lazy, hyperparameters):
+        self.library, self.function = library, function
+        self.tensors, self.counters, self.lazy, self.hyperparameters = tensors, counters, lazy, hyperparameters
+
+    def __call__(self, **arguments) -> None:
+        launch(self.library, self.function, tensors=[arguments[t] for t in self.tensors], grads=arguments["grads"],
+               counters=[arguments[c] for c in self.counters],
+               lazy={index: when(arguments) for index, when in self.lazy.items()},
+               hyperparameters=[arguments[h] for h in self.hyperparameters])
+
+
 def launch(library: Library, function: str, *, tensors, grads, counters, lazy, hyperparameters) -> None:
     """Calls ``function`` of ``library`` once for every tensor of one dtype group.
 
