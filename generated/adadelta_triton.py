@@ -2,17 +2,16 @@
 """Adadelta, triton implementation: one fused multi-tensor kernel launch per step.
 
 One `@triton.jit` kernel per combination of the flags maximize; VARIANTS maps flag values
-to the host function that launches it.  Each host function takes the lists of one (device, dtype)
-group, like the foreach implementation, and launches its kernel once for all of them through
+to it, called like the foreach implementation (the lists of one (device, dtype) group,
+hyperparameters as keywords) and launched once for all of them through
 optgen.runtime.triton_launch (which builds and caches the launch tables).  Program `pid` of a
 launch updates one CHUNK of one tensor: scalars in float64, the elementwise update in COMPUTE.
 See Note [Triton kernel layout] in optgen/backends/triton.py.
 """
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from optgen.runtime.triton_launch import launch
+from optgen.runtime.triton_launch import Kernel
 
 MULTI_TENSOR = True
 #: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
@@ -37,7 +36,7 @@ def _adadelta_default_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -155,35 +154,6 @@ def _adadelta_default_kernel(
         tl.store(acc_delta_ptr + offsets, acc_delta.to(DTYPE), mask=in_bounds)
 
 
-def adadelta_default(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    acc_deltas: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    rho,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adadelta step with maximize=False: one launch of `_adadelta_default_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adadelta_default_kernel,
-        tensors=[(params, True), (grads, True), (square_avgs, True), (acc_deltas, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -204,7 +174,7 @@ def _adadelta_maximize_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -326,39 +296,30 @@ def _adadelta_maximize_kernel(
         tl.store(acc_delta_ptr + offsets, acc_delta.to(DTYPE), mask=in_bounds)
 
 
-def adadelta_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    acc_deltas: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    rho,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adadelta step with maximize=True: one launch of `_adadelta_maximize_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adadelta_maximize_kernel,
-        tensors=[(params, True), (grads, True), (square_avgs, True), (acc_deltas, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
-#: flag values, in the order (maximize) → the function for them
+#: flag values, in the order (maximize) → the kernel for them, launched once per (device,
+#: dtype) group with the lists it reads (params, grads, states; a state used only under a guard
+#: says which), its counters, the states it creates on their first step (index → when), its
+#: hyperparameters (those that may be a tensor on the device named again) and its constexpr
+#: guards, each a condition over the keyword arguments `a`
 VARIANTS = {
-    (False,): adadelta_default,
-    (True,): adadelta_maximize,
+    (False,): Kernel(
+        _adadelta_default_kernel,
+        tensors=(("params", None), ("grads", None), ("square_avgs", None), ("acc_deltas", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "rho", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True,): Kernel(
+        _adadelta_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("square_avgs", None), ("acc_deltas", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "rho", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
 }

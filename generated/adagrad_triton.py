@@ -2,17 +2,16 @@
 """Adagrad, triton implementation: one fused multi-tensor kernel launch per step.
 
 One `@triton.jit` kernel per combination of the flags maximize; VARIANTS maps flag values
-to the host function that launches it.  Each host function takes the lists of one (device, dtype)
-group, like the foreach implementation, and launches its kernel once for all of them through
+to it, called like the foreach implementation (the lists of one (device, dtype) group,
+hyperparameters as keywords) and launched once for all of them through
 optgen.runtime.triton_launch (which builds and caches the launch tables).  Program `pid` of a
 launch updates one CHUNK of one tensor: scalars in float64, the elementwise update in COMPUTE.
 See Note [Triton kernel layout] in optgen/backends/triton.py.
 """
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from optgen.runtime.triton_launch import launch
+from optgen.runtime.triton_launch import Kernel
 
 MULTI_TENSOR = True
 #: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
@@ -37,7 +36,7 @@ def _adagrad_default_kernel(
     eps: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -138,34 +137,6 @@ def _adagrad_default_kernel(
         tl.store(state_sum_ptr + offsets, state_sum.to(DTYPE), mask=in_bounds)
 
 
-def adagrad_default(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state_sums: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    lr_decay,
-    weight_decay,
-    eps,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adagrad step with maximize=False: one launch of `_adagrad_default_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adagrad_default_kernel,
-        tensors=[(params, True), (grads, True), (state_sums, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -186,7 +157,7 @@ def _adagrad_maximize_kernel(
     eps: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -291,38 +262,30 @@ def _adagrad_maximize_kernel(
         tl.store(state_sum_ptr + offsets, state_sum.to(DTYPE), mask=in_bounds)
 
 
-def adagrad_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state_sums: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    lr_decay,
-    weight_decay,
-    eps,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adagrad step with maximize=True: one launch of `_adagrad_maximize_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adagrad_maximize_kernel,
-        tensors=[(params, True), (grads, True), (state_sums, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
-#: flag values, in the order (maximize) → the function for them
+#: flag values, in the order (maximize) → the kernel for them, launched once per (device,
+#: dtype) group with the lists it reads (params, grads, states; a state used only under a guard
+#: says which), its counters, the states it creates on their first step (index → when), its
+#: hyperparameters (those that may be a tensor on the device named again) and its constexpr
+#: guards, each a condition over the keyword arguments `a`
 VARIANTS = {
-    (False,): adagrad_default,
-    (True,): adagrad_maximize,
+    (False,): Kernel(
+        _adagrad_default_kernel,
+        tensors=(("params", None), ("grads", None), ("state_sums", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "lr_decay", "weight_decay", "eps"),
+        tensor_hyperparameters=("lr",),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True,): Kernel(
+        _adagrad_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("state_sums", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "lr_decay", "weight_decay", "eps"),
+        tensor_hyperparameters=("lr",),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
 }

@@ -2,17 +2,16 @@
 """Adam, triton implementation: one fused multi-tensor kernel launch per step.
 
 One `@triton.jit` kernel per combination of the flags amsgrad, maximize, decoupled_weight_decay; VARIANTS maps flag values
-to the host function that launches it.  Each host function takes the lists of one (device, dtype)
-group, like the foreach implementation, and launches its kernel once for all of them through
+to it, called like the foreach implementation (the lists of one (device, dtype) group,
+hyperparameters as keywords) and launched once for all of them through
 optgen.runtime.triton_launch (which builds and caches the launch tables).  Program `pid` of a
 launch updates one CHUNK of one tensor: scalars in float64, the elementwise update in COMPUTE.
 See Note [Triton kernel layout] in optgen/backends/triton.py.
 """
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from optgen.runtime.triton_launch import launch
+from optgen.runtime.triton_launch import Kernel
 
 MULTI_TENSOR = True
 #: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
@@ -40,7 +39,7 @@ def _adam_default_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     BETA1_IS_TENSOR: tl.constexpr,
     BETA2_IS_TENSOR: tl.constexpr,
@@ -172,37 +171,6 @@ def _adam_default_kernel(
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def adam_default(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adam step with amsgrad=False, maximize=False, decoupled_weight_decay=False: one launch of `_adam_default_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adam_default_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr", "beta1", "beta2",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -226,7 +194,7 @@ def _adam_decoupled_weight_decay_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     BETA1_IS_TENSOR: tl.constexpr,
     BETA2_IS_TENSOR: tl.constexpr,
@@ -361,37 +329,6 @@ def _adam_decoupled_weight_decay_kernel(
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def adam_decoupled_weight_decay(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adam step with amsgrad=False, maximize=False, decoupled_weight_decay=True: one launch of `_adam_decoupled_weight_decay_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adam_decoupled_weight_decay_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr", "beta1", "beta2",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -415,7 +352,7 @@ def _adam_maximize_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     BETA1_IS_TENSOR: tl.constexpr,
     BETA2_IS_TENSOR: tl.constexpr,
@@ -551,37 +488,6 @@ def _adam_maximize_kernel(
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def adam_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adam step with amsgrad=False, maximize=True, decoupled_weight_decay=False: one launch of `_adam_maximize_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adam_maximize_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr", "beta1", "beta2",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -605,7 +511,7 @@ def _adam_maximize_decoupled_weight_decay_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     BETA1_IS_TENSOR: tl.constexpr,
     BETA2_IS_TENSOR: tl.constexpr,
@@ -744,37 +650,6 @@ def _adam_maximize_decoupled_weight_decay_kernel(
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def adam_maximize_decoupled_weight_decay(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adam step with amsgrad=False, maximize=True, decoupled_weight_decay=True: one launch of `_adam_maximize_decoupled_weight_decay_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adam_maximize_decoupled_weight_decay_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr", "beta1", "beta2",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -798,7 +673,7 @@ def _adam_amsgrad_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     BETA1_IS_TENSOR: tl.constexpr,
     BETA2_IS_TENSOR: tl.constexpr,
@@ -940,37 +815,6 @@ def _adam_amsgrad_kernel(
         tl.store(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def adam_amsgrad(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adam step with amsgrad=True, maximize=False, decoupled_weight_decay=False: one launch of `_adam_amsgrad_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adam_amsgrad_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True), (max_exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr", "beta1", "beta2",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -994,7 +838,7 @@ def _adam_amsgrad_decoupled_weight_decay_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     BETA1_IS_TENSOR: tl.constexpr,
     BETA2_IS_TENSOR: tl.constexpr,
@@ -1139,37 +983,6 @@ def _adam_amsgrad_decoupled_weight_decay_kernel(
         tl.store(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def adam_amsgrad_decoupled_weight_decay(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adam step with amsgrad=True, maximize=False, decoupled_weight_decay=True: one launch of `_adam_amsgrad_decoupled_weight_decay_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adam_amsgrad_decoupled_weight_decay_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True), (max_exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr", "beta1", "beta2",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -1193,7 +1006,7 @@ def _adam_amsgrad_maximize_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     BETA1_IS_TENSOR: tl.constexpr,
     BETA2_IS_TENSOR: tl.constexpr,
@@ -1339,37 +1152,6 @@ def _adam_amsgrad_maximize_kernel(
         tl.store(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def adam_amsgrad_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adam step with amsgrad=True, maximize=True, decoupled_weight_decay=False: one launch of `_adam_amsgrad_maximize_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adam_amsgrad_maximize_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True), (max_exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr", "beta1", "beta2",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -1393,7 +1175,7 @@ def _adam_amsgrad_maximize_decoupled_weight_decay_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     BETA1_IS_TENSOR: tl.constexpr,
     BETA2_IS_TENSOR: tl.constexpr,
@@ -1542,47 +1324,84 @@ def _adam_amsgrad_maximize_decoupled_weight_decay_kernel(
         tl.store(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def adam_amsgrad_maximize_decoupled_weight_decay(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Adam step with amsgrad=True, maximize=True, decoupled_weight_decay=True: one launch of `_adam_amsgrad_maximize_decoupled_weight_decay_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _adam_amsgrad_maximize_decoupled_weight_decay_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True), (max_exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr", "beta1", "beta2",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
-#: flag values, in the order (amsgrad, maximize, decoupled_weight_decay) → the function for them
+#: flag values, in the order (amsgrad, maximize, decoupled_weight_decay) → the kernel for them, launched once per (device,
+#: dtype) group with the lists it reads (params, grads, states; a state used only under a guard
+#: says which), its counters, the states it creates on their first step (index → when), its
+#: hyperparameters (those that may be a tensor on the device named again) and its constexpr
+#: guards, each a condition over the keyword arguments `a`
 VARIANTS = {
-    (False, False, False): adam_default,
-    (False, False, True): adam_decoupled_weight_decay,
-    (False, True, False): adam_maximize,
-    (False, True, True): adam_maximize_decoupled_weight_decay,
-    (True, False, False): adam_amsgrad,
-    (True, False, True): adam_amsgrad_decoupled_weight_decay,
-    (True, True, False): adam_amsgrad_maximize,
-    (True, True, True): adam_amsgrad_maximize_decoupled_weight_decay,
+    (False, False, False): Kernel(
+        _adam_default_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr", "beta1", "beta2"),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (False, False, True): Kernel(
+        _adam_decoupled_weight_decay_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr", "beta1", "beta2"),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (False, True, False): Kernel(
+        _adam_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr", "beta1", "beta2"),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (False, True, True): Kernel(
+        _adam_maximize_decoupled_weight_decay_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr", "beta1", "beta2"),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True, False, False): Kernel(
+        _adam_amsgrad_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None), ("max_exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr", "beta1", "beta2"),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True, False, True): Kernel(
+        _adam_amsgrad_decoupled_weight_decay_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None), ("max_exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr", "beta1", "beta2"),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True, True, False): Kernel(
+        _adam_amsgrad_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None), ("max_exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr", "beta1", "beta2"),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True, True, True): Kernel(
+        _adam_amsgrad_maximize_decoupled_weight_decay_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None), ("max_exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr", "beta1", "beta2"),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
 }

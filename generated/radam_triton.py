@@ -2,17 +2,16 @@
 """RAdam, triton implementation: one fused multi-tensor kernel launch per step.
 
 One `@triton.jit` kernel per combination of the flags decoupled_weight_decay, maximize; VARIANTS maps flag values
-to the host function that launches it.  Each host function takes the lists of one (device, dtype)
-group, like the foreach implementation, and launches its kernel once for all of them through
+to it, called like the foreach implementation (the lists of one (device, dtype) group,
+hyperparameters as keywords) and launched once for all of them through
 optgen.runtime.triton_launch (which builds and caches the launch tables).  Program `pid` of a
 launch updates one CHUNK of one tensor: scalars in float64, the elementwise update in COMPUTE.
 See Note [Triton kernel layout] in optgen/backends/triton.py.
 """
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from optgen.runtime.triton_launch import launch
+from optgen.runtime.triton_launch import Kernel
 
 MULTI_TENSOR = True
 #: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
@@ -38,7 +37,7 @@ def _radam_default_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -173,36 +172,6 @@ def _radam_default_kernel(
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def radam_default(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """RAdam step with decoupled_weight_decay=False, maximize=False: one launch of `_radam_default_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _radam_default_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -224,7 +193,7 @@ def _radam_maximize_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -363,36 +332,6 @@ def _radam_maximize_kernel(
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def radam_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """RAdam step with decoupled_weight_decay=False, maximize=True: one launch of `_radam_maximize_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _radam_maximize_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -414,7 +353,7 @@ def _radam_decoupled_weight_decay_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -552,36 +491,6 @@ def _radam_decoupled_weight_decay_kernel(
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def radam_decoupled_weight_decay(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """RAdam step with decoupled_weight_decay=True, maximize=False: one launch of `_radam_decoupled_weight_decay_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _radam_decoupled_weight_decay_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -603,7 +512,7 @@ def _radam_decoupled_weight_decay_maximize_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -745,42 +654,48 @@ def _radam_decoupled_weight_decay_maximize_kernel(
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
-def radam_decoupled_weight_decay_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """RAdam step with decoupled_weight_decay=True, maximize=True: one launch of `_radam_decoupled_weight_decay_maximize_kernel` for the whole group."""
-    guards = {
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _radam_decoupled_weight_decay_maximize_kernel,
-        tensors=[(params, True), (grads, True), (exp_avgs, True), (exp_avg_sqs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
-#: flag values, in the order (decoupled_weight_decay, maximize) → the function for them
+#: flag values, in the order (decoupled_weight_decay, maximize) → the kernel for them, launched once per (device,
+#: dtype) group with the lists it reads (params, grads, states; a state used only under a guard
+#: says which), its counters, the states it creates on their first step (index → when), its
+#: hyperparameters (those that may be a tensor on the device named again) and its constexpr
+#: guards, each a condition over the keyword arguments `a`
 VARIANTS = {
-    (False, False): radam_default,
-    (False, True): radam_maximize,
-    (True, False): radam_decoupled_weight_decay,
-    (True, True): radam_decoupled_weight_decay_maximize,
+    (False, False): Kernel(
+        _radam_default_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (False, True): Kernel(
+        _radam_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True, False): Kernel(
+        _radam_decoupled_weight_decay_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True, True): Kernel(
+        _radam_decoupled_weight_decay_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
 }

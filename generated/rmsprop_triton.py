@@ -2,17 +2,16 @@
 """RMSprop, triton implementation: one fused multi-tensor kernel launch per step.
 
 One `@triton.jit` kernel per combination of the flags centered, maximize; VARIANTS maps flag values
-to the host function that launches it.  Each host function takes the lists of one (device, dtype)
-group, like the foreach implementation, and launches its kernel once for all of them through
+to it, called like the foreach implementation (the lists of one (device, dtype) group,
+hyperparameters as keywords) and launched once for all of them through
 optgen.runtime.triton_launch (which builds and caches the launch tables).  Program `pid` of a
 launch updates one CHUNK of one tensor: scalars in float64, the elementwise update in COMPUTE.
 See Note [Triton kernel layout] in optgen/backends/triton.py.
 """
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from optgen.runtime.triton_launch import launch
+from optgen.runtime.triton_launch import Kernel
 
 MULTI_TENSOR = True
 #: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
@@ -38,9 +37,9 @@ def _rmsprop_default_kernel(
     momentum: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    MOMENTUM_GT_0: tl.constexpr,  # momentum > 0
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
-    MOMENTUM_LE_0: tl.constexpr,  # momentum <= 0
+    MOMENTUM_GT_0: tl.constexpr,  # a["momentum"] > 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
+    MOMENTUM_LE_0: tl.constexpr,  # a["momentum"] <= 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -168,39 +167,6 @@ def _rmsprop_default_kernel(
             tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
 
 
-def rmsprop_default(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    grad_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    alpha,
-    eps,
-    weight_decay,
-    momentum,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """RMSprop step with centered=False, maximize=False: one launch of `_rmsprop_default_kernel` for the whole group."""
-    guards = {
-        "MOMENTUM_GT_0": bool(momentum > 0),
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-        "MOMENTUM_LE_0": bool(momentum <= 0),
-    }
-    launch(
-        _rmsprop_default_kernel,
-        tensors=[(params, True), (grads, True), (square_avgs, True), (momentum_buffers, guards["MOMENTUM_GT_0"])],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -222,9 +188,9 @@ def _rmsprop_maximize_kernel(
     momentum: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    MOMENTUM_GT_0: tl.constexpr,  # momentum > 0
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
-    MOMENTUM_LE_0: tl.constexpr,  # momentum <= 0
+    MOMENTUM_GT_0: tl.constexpr,  # a["momentum"] > 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
+    MOMENTUM_LE_0: tl.constexpr,  # a["momentum"] <= 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -356,39 +322,6 @@ def _rmsprop_maximize_kernel(
             tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
 
 
-def rmsprop_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    grad_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    alpha,
-    eps,
-    weight_decay,
-    momentum,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """RMSprop step with centered=False, maximize=True: one launch of `_rmsprop_maximize_kernel` for the whole group."""
-    guards = {
-        "MOMENTUM_GT_0": bool(momentum > 0),
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-        "MOMENTUM_LE_0": bool(momentum <= 0),
-    }
-    launch(
-        _rmsprop_maximize_kernel,
-        tensors=[(params, True), (grads, True), (square_avgs, True), (momentum_buffers, guards["MOMENTUM_GT_0"])],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -410,9 +343,9 @@ def _rmsprop_centered_kernel(
     momentum: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    MOMENTUM_GT_0: tl.constexpr,  # momentum > 0
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
-    MOMENTUM_LE_0: tl.constexpr,  # momentum <= 0
+    MOMENTUM_GT_0: tl.constexpr,  # a["momentum"] > 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
+    MOMENTUM_LE_0: tl.constexpr,  # a["momentum"] <= 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -552,39 +485,6 @@ def _rmsprop_centered_kernel(
         tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=in_bounds)
 
 
-def rmsprop_centered(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    grad_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    alpha,
-    eps,
-    weight_decay,
-    momentum,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """RMSprop step with centered=True, maximize=False: one launch of `_rmsprop_centered_kernel` for the whole group."""
-    guards = {
-        "MOMENTUM_GT_0": bool(momentum > 0),
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-        "MOMENTUM_LE_0": bool(momentum <= 0),
-    }
-    launch(
-        _rmsprop_centered_kernel,
-        tensors=[(params, True), (grads, True), (square_avgs, True), (momentum_buffers, guards["MOMENTUM_GT_0"]), (grad_avgs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -606,9 +506,9 @@ def _rmsprop_centered_maximize_kernel(
     momentum: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    MOMENTUM_GT_0: tl.constexpr,  # momentum > 0
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
-    MOMENTUM_LE_0: tl.constexpr,  # momentum <= 0
+    MOMENTUM_GT_0: tl.constexpr,  # a["momentum"] > 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
+    MOMENTUM_LE_0: tl.constexpr,  # a["momentum"] <= 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -752,45 +652,48 @@ def _rmsprop_centered_maximize_kernel(
         tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=in_bounds)
 
 
-def rmsprop_centered_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    grad_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr,
-    alpha,
-    eps,
-    weight_decay,
-    momentum,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """RMSprop step with centered=True, maximize=True: one launch of `_rmsprop_centered_maximize_kernel` for the whole group."""
-    guards = {
-        "MOMENTUM_GT_0": bool(momentum > 0),
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-        "MOMENTUM_LE_0": bool(momentum <= 0),
-    }
-    launch(
-        _rmsprop_centered_maximize_kernel,
-        tensors=[(params, True), (grads, True), (square_avgs, True), (momentum_buffers, guards["MOMENTUM_GT_0"]), (grad_avgs, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
-#: flag values, in the order (centered, maximize) → the function for them
+#: flag values, in the order (centered, maximize) → the kernel for them, launched once per (device,
+#: dtype) group with the lists it reads (params, grads, states; a state used only under a guard
+#: says which), its counters, the states it creates on their first step (index → when), its
+#: hyperparameters (those that may be a tensor on the device named again) and its constexpr
+#: guards, each a condition over the keyword arguments `a`
 VARIANTS = {
-    (False, False): rmsprop_default,
-    (False, True): rmsprop_maximize,
-    (True, False): rmsprop_centered,
-    (True, True): rmsprop_centered_maximize,
+    (False, False): Kernel(
+        _rmsprop_default_kernel,
+        tensors=(("params", None), ("grads", None), ("square_avgs", None), ("momentum_buffers", "MOMENTUM_GT_0")),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
+        tensor_hyperparameters=("lr",),
+        guards={"MOMENTUM_GT_0": lambda a: a["momentum"] > 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "MOMENTUM_LE_0": lambda a: a["momentum"] <= 0},
+    ),
+    (False, True): Kernel(
+        _rmsprop_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("square_avgs", None), ("momentum_buffers", "MOMENTUM_GT_0")),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
+        tensor_hyperparameters=("lr",),
+        guards={"MOMENTUM_GT_0": lambda a: a["momentum"] > 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "MOMENTUM_LE_0": lambda a: a["momentum"] <= 0},
+    ),
+    (True, False): Kernel(
+        _rmsprop_centered_kernel,
+        tensors=(("params", None), ("grads", None), ("square_avgs", None), ("momentum_buffers", "MOMENTUM_GT_0"), ("grad_avgs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
+        tensor_hyperparameters=("lr",),
+        guards={"MOMENTUM_GT_0": lambda a: a["momentum"] > 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "MOMENTUM_LE_0": lambda a: a["momentum"] <= 0},
+    ),
+    (True, True): Kernel(
+        _rmsprop_centered_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("square_avgs", None), ("momentum_buffers", "MOMENTUM_GT_0"), ("grad_avgs", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
+        tensor_hyperparameters=("lr",),
+        guards={"MOMENTUM_GT_0": lambda a: a["momentum"] > 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "MOMENTUM_LE_0": lambda a: a["momentum"] <= 0},
+    ),
 }

@@ -2,17 +2,16 @@
 """Rprop, triton implementation: one fused multi-tensor kernel launch per step.
 
 One `@triton.jit` kernel per combination of the flags maximize; VARIANTS maps flag values
-to the host function that launches it.  Each host function takes the lists of one (device, dtype)
-group, like the foreach implementation, and launches its kernel once for all of them through
+to it, called like the foreach implementation (the lists of one (device, dtype) group,
+hyperparameters as keywords) and launched once for all of them through
 optgen.runtime.triton_launch (which builds and caches the launch tables).  Program `pid` of a
 launch updates one CHUNK of one tensor: scalars in float64, the elementwise update in COMPUTE.
 See Note [Triton kernel layout] in optgen/backends/triton.py.
 """
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from optgen.runtime.triton_launch import launch
+from optgen.runtime.triton_launch import Kernel
 
 MULTI_TENSOR = True
 #: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
@@ -147,34 +146,6 @@ def _rprop_default_kernel(
         tl.store(step_size_ptr + offsets, step_size.to(DTYPE), mask=in_bounds)
 
 
-def rprop_default(
-    params: list[Tensor],
-    grads: list[Tensor],
-    prevs: list[Tensor],
-    step_sizes: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    etaminus,
-    etaplus,
-    step_size_min,
-    step_size_max,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Rprop step with maximize=False: one launch of `_rprop_default_kernel` for the whole group."""
-    guards = {
-    }
-    launch(
-        _rprop_default_kernel,
-        tensors=[(params, True), (grads, True), (prevs, True), (step_sizes, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"etaminus": etaminus, "etaplus": etaplus, "step_size_min": step_size_min, "step_size_max": step_size_max},
-        tensor_hyperparameters=(),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -313,38 +284,30 @@ def _rprop_maximize_kernel(
         tl.store(step_size_ptr + offsets, step_size.to(DTYPE), mask=in_bounds)
 
 
-def rprop_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    prevs: list[Tensor],
-    step_sizes: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    etaminus,
-    etaplus,
-    step_size_min,
-    step_size_max,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Rprop step with maximize=True: one launch of `_rprop_maximize_kernel` for the whole group."""
-    guards = {
-    }
-    launch(
-        _rprop_maximize_kernel,
-        tensors=[(params, True), (grads, True), (prevs, True), (step_sizes, True)],
-        counters=[state_steps],
-        lazy={},
-        hyperparameters={"etaminus": etaminus, "etaplus": etaplus, "step_size_min": step_size_min, "step_size_max": step_size_max},
-        tensor_hyperparameters=(),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
-#: flag values, in the order (maximize) → the function for them
+#: flag values, in the order (maximize) → the kernel for them, launched once per (device,
+#: dtype) group with the lists it reads (params, grads, states; a state used only under a guard
+#: says which), its counters, the states it creates on their first step (index → when), its
+#: hyperparameters (those that may be a tensor on the device named again) and its constexpr
+#: guards, each a condition over the keyword arguments `a`
 VARIANTS = {
-    (False,): rprop_default,
-    (True,): rprop_maximize,
+    (False,): Kernel(
+        _rprop_default_kernel,
+        tensors=(("params", None), ("grads", None), ("prevs", None), ("step_sizes", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("etaminus", "etaplus", "step_size_min", "step_size_max"),
+        tensor_hyperparameters=(),
+        guards={},
+    ),
+    (True,): Kernel(
+        _rprop_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("prevs", None), ("step_sizes", None)),
+        counters=("state_steps",),
+        lazy={},
+        hyperparameters=("etaminus", "etaplus", "step_size_min", "step_size_max"),
+        tensor_hyperparameters=(),
+        guards={},
+    ),
 }

@@ -2,17 +2,16 @@
 """SGD, triton implementation: one fused multi-tensor kernel launch per step.
 
 One `@triton.jit` kernel per combination of the flags nesterov, maximize; VARIANTS maps flag values
-to the host function that launches it.  Each host function takes the lists of one (device, dtype)
-group, like the foreach implementation, and launches its kernel once for all of them through
+to it, called like the foreach implementation (the lists of one (device, dtype) group,
+hyperparameters as keywords) and launched once for all of them through
 optgen.runtime.triton_launch (which builds and caches the launch tables).  Program `pid` of a
 launch updates one CHUNK of one tensor: scalars in float64, the elementwise update in COMPUTE.
 See Note [Triton kernel layout] in optgen/backends/triton.py.
 """
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from optgen.runtime.triton_launch import launch
+from optgen.runtime.triton_launch import Kernel
 
 MULTI_TENSOR = True
 #: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
@@ -37,8 +36,8 @@ def _sgd_default_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    MOMENTUM_NE_0: tl.constexpr,  # momentum != 0
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    MOMENTUM_NE_0: tl.constexpr,  # a["momentum"] != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -140,34 +139,6 @@ def _sgd_default_kernel(
             tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
 
 
-def sgd_default(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr,
-    momentum,
-    dampening,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """SGD step with nesterov=False, maximize=False: one launch of `_sgd_default_kernel` for the whole group."""
-    guards = {
-        "MOMENTUM_NE_0": bool(momentum != 0),
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _sgd_default_kernel,
-        tensors=[(params, True), (grads, True), (momentum_buffers, guards["MOMENTUM_NE_0"])],
-        counters=[],
-        lazy={2: momentum != 0},
-        hyperparameters={"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -188,8 +159,8 @@ def _sgd_maximize_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    MOMENTUM_NE_0: tl.constexpr,  # momentum != 0
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    MOMENTUM_NE_0: tl.constexpr,  # a["momentum"] != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -295,34 +266,6 @@ def _sgd_maximize_kernel(
             tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
 
 
-def sgd_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr,
-    momentum,
-    dampening,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """SGD step with nesterov=False, maximize=True: one launch of `_sgd_maximize_kernel` for the whole group."""
-    guards = {
-        "MOMENTUM_NE_0": bool(momentum != 0),
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _sgd_maximize_kernel,
-        tensors=[(params, True), (grads, True), (momentum_buffers, guards["MOMENTUM_NE_0"])],
-        counters=[],
-        lazy={2: momentum != 0},
-        hyperparameters={"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -343,8 +286,8 @@ def _sgd_nesterov_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    MOMENTUM_NE_0: tl.constexpr,  # momentum != 0
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    MOMENTUM_NE_0: tl.constexpr,  # a["momentum"] != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -446,34 +389,6 @@ def _sgd_nesterov_kernel(
             tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
 
 
-def sgd_nesterov(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr,
-    momentum,
-    dampening,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """SGD step with nesterov=True, maximize=False: one launch of `_sgd_nesterov_kernel` for the whole group."""
-    guards = {
-        "MOMENTUM_NE_0": bool(momentum != 0),
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _sgd_nesterov_kernel,
-        tensors=[(params, True), (grads, True), (momentum_buffers, guards["MOMENTUM_NE_0"])],
-        counters=[],
-        lazy={2: momentum != 0},
-        hyperparameters={"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -494,8 +409,8 @@ def _sgd_nesterov_maximize_kernel(
     weight_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    MOMENTUM_NE_0: tl.constexpr,  # momentum != 0
-    WEIGHT_DECAY_NE_0: tl.constexpr,  # weight_decay != 0
+    MOMENTUM_NE_0: tl.constexpr,  # a["momentum"] != 0
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -601,40 +516,48 @@ def _sgd_nesterov_maximize_kernel(
             tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
 
 
-def sgd_nesterov_maximize(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr,
-    momentum,
-    dampening,
-    weight_decay,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """SGD step with nesterov=True, maximize=True: one launch of `_sgd_nesterov_maximize_kernel` for the whole group."""
-    guards = {
-        "MOMENTUM_NE_0": bool(momentum != 0),
-        "WEIGHT_DECAY_NE_0": bool(weight_decay != 0),
-    }
-    launch(
-        _sgd_nesterov_maximize_kernel,
-        tensors=[(params, True), (grads, True), (momentum_buffers, guards["MOMENTUM_NE_0"])],
-        counters=[],
-        lazy={2: momentum != 0},
-        hyperparameters={"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay},
-        tensor_hyperparameters=("lr",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
-#: flag values, in the order (nesterov, maximize) → the function for them
+#: flag values, in the order (nesterov, maximize) → the kernel for them, launched once per (device,
+#: dtype) group with the lists it reads (params, grads, states; a state used only under a guard
+#: says which), its counters, the states it creates on their first step (index → when), its
+#: hyperparameters (those that may be a tensor on the device named again) and its constexpr
+#: guards, each a condition over the keyword arguments `a`
 VARIANTS = {
-    (False, False): sgd_default,
-    (False, True): sgd_maximize,
-    (True, False): sgd_nesterov,
-    (True, True): sgd_nesterov_maximize,
+    (False, False): Kernel(
+        _sgd_default_kernel,
+        tensors=(("params", None), ("grads", None), ("momentum_buffers", "MOMENTUM_NE_0")),
+        counters=(),
+        lazy={2: lambda a: a["momentum"] != 0},
+        hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"MOMENTUM_NE_0": lambda a: a["momentum"] != 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (False, True): Kernel(
+        _sgd_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("momentum_buffers", "MOMENTUM_NE_0")),
+        counters=(),
+        lazy={2: lambda a: a["momentum"] != 0},
+        hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"MOMENTUM_NE_0": lambda a: a["momentum"] != 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True, False): Kernel(
+        _sgd_nesterov_kernel,
+        tensors=(("params", None), ("grads", None), ("momentum_buffers", "MOMENTUM_NE_0")),
+        counters=(),
+        lazy={2: lambda a: a["momentum"] != 0},
+        hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"MOMENTUM_NE_0": lambda a: a["momentum"] != 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
+    (True, True): Kernel(
+        _sgd_nesterov_maximize_kernel,
+        tensors=(("params", None), ("grads", None), ("momentum_buffers", "MOMENTUM_NE_0")),
+        counters=(),
+        lazy={2: lambda a: a["momentum"] != 0},
+        hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
+        tensor_hyperparameters=("lr",),
+        guards={"MOMENTUM_NE_0": lambda a: a["momentum"] != 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    ),
 }

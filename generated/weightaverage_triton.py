@@ -2,17 +2,16 @@
 """WeightAverage, triton implementation: one fused multi-tensor kernel launch per step.
 
 One `@triton.jit` kernel per combination of the flags none; VARIANTS maps flag values
-to the host function that launches it.  Each host function takes the lists of one (device, dtype)
-group, like the foreach implementation, and launches its kernel once for all of them through
+to it, called like the foreach implementation (the lists of one (device, dtype) group,
+hyperparameters as keywords) and launched once for all of them through
 optgen.runtime.triton_launch (which builds and caches the launch tables).  Program `pid` of a
 launch updates one CHUNK of one tensor: scalars in float64, the elementwise update in COMPUTE.
 See Note [Triton kernel layout] in optgen/backends/triton.py.
 """
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from optgen.runtime.triton_launch import launch
+from optgen.runtime.triton_launch import Kernel
 
 MULTI_TENSOR = True
 #: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
@@ -96,31 +95,21 @@ def _weightaverage_default_kernel(
         tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
 
 
-def weightaverage_default(
-    params: list[Tensor],
-    grads: list[Tensor],
-    *,
-    weight,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """WeightAverage step with no flags: one launch of `_weightaverage_default_kernel` for the whole group."""
-    guards = {
-    }
-    launch(
-        _weightaverage_default_kernel,
-        tensors=[(params, True), (grads, True)],
-        counters=[],
-        lazy={},
-        hyperparameters={"weight": weight},
-        tensor_hyperparameters=("weight",),
-        guards=guards,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
 
 
-#: flag values, in the order (none) → the function for them
+#: flag values, in the order (none) → the kernel for them, launched once per (device,
+#: dtype) group with the lists it reads (params, grads, states; a state used only under a guard
+#: says which), its counters, the states it creates on their first step (index → when), its
+#: hyperparameters (those that may be a tensor on the device named again) and its constexpr
+#: guards, each a condition over the keyword arguments `a`
 VARIANTS = {
-    (): weightaverage_default,
+    (): Kernel(
+        _weightaverage_default_kernel,
+        tensors=(("params", None), ("grads", None)),
+        counters=(),
+        lazy={},
+        hyperparameters=("weight",),
+        tensor_hyperparameters=("weight",),
+        guards={},
+    ),
 }

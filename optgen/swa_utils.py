@@ -70,7 +70,8 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def lerp_(averaged: PARAM_LIST, current: PARAM_LIST, weight: float | Tensor, implementation: str | None = None) -> None:
     """``averaged[i] += weight * (current[i] - averaged[i])`` in place, through a generated kernel."""
-    kernel(implementation or _implementation(averaged))(list(averaged), list(current), weight=weight)
+    # (the averaging spec's rule names the average `param` and the model `grad`)
+    kernel(implementation or _implementation(averaged))(params=list(averaged), grads=list(current), weight=weight)
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[PARAM_LIST, PARAM_LIST, Any], None]:

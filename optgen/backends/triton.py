@@ -1,8 +1,9 @@
 """The Triton backend: one fused multi-tensor kernel per flag variant, launched once per step.
 
-Per variant it emits a ``@triton.jit`` kernel and a host function with the foreach backend's
-signature (lists of one (device, dtype) group, hyperparameters as keywords, plus GradScaler's
-``grad_scale`` / ``found_inf``).  The host function hands the lists to
+Per variant it emits a ``@triton.jit`` kernel and a ``Kernel(...)`` entry of ``VARIANTS`` saying
+what launching it takes (lists, counters, hyperparameters, host guards).  The entry is called
+with the foreach backend's arguments (lists of one (device, dtype) group, hyperparameters as
+keywords, plus GradScaler's ``grad_scale`` / ``found_inf``) and hands them to
 :func:`optgen.runtime.triton_launch.launch`, which builds (and caches) the launch tables and
 launches the kernel once for the whole group.  A kernel reads like this (Adam, abridged)::
 
@@ -94,18 +95,17 @@ def _identifier(text: str) -> str:
 
 @dataclass
 class Kernel:
-    """One variant's kernel and host function, as pre-printed lines for the template."""
+    """One variant's kernel and what launching it takes, as pre-printed lines for the template."""
 
     kernel: str                                   # the @triton.jit function's name
-    function: str                                 # the host function's name (in VARIANTS)
     key: str                                      # repr of the flag values
     doc: str
-    tensors: list[tuple[str, str]]                # (list name, presence guard as Python) in table order
+    tensors: list[tuple[str, str | None]]         # (list name, the guard it is used under, None: always)
     counters: list[str]                           # counter list names in table order
-    lazy: list[tuple[int, str, str]]              # (list index, state name, creation condition as Python)
+    lazy: list[tuple[int, str, str]]              # (list index, state name, creation condition over `a`)
     hyperparameters: list[str]                    # scalar arguments (float64)
     tensor_hyperparameters: list[str]             # those that may be a 1-element tensor on the device
-    guards: list[tuple[str, str]]                 # (constexpr name, Python condition) evaluated on the host
+    guards: list[tuple[str, str]]                 # (constexpr name, condition over `a`) evaluated on the host
     prologue: list[str] = field(default_factory=list)       # kernel lines before the loops
     whole_blocks: list[str] = field(default_factory=list)   # the loop over whole blocks (no mask)
     last_block: list[str] = field(default_factory=list)     # the partial last block (masked)
@@ -179,7 +179,7 @@ class _KernelBuilder:
         return self.host_guards[condition]
 
     # -- the kernel --------------------------------------------------------------------------------
-    def build(self, kernel: str, function: str, key: str, doc: str) -> Kernel:
+    def build(self, kernel: str, key: str, doc: str) -> Kernel:
         roles, program = self.roles, self.program
         touched = {n for a in self.statements for n in a.reads() | {a.target}}
         in_kernel = set()  # names the kernel computes with (host guards are evaluated on the host)
@@ -220,7 +220,7 @@ class _KernelBuilder:
             when = program.state_when.get(t, sympy.true)
             if any(s.name == "param" for s in when.free_symbols):
                 raise Unsupported(f"state '{t}' is created depending on the parameter's shape")
-            lazy.append((lists.index(t), t, PythonScalarPrinter()(when) if when != sympy.true else "True"))
+            lazy.append((lists.index(t), t, _over_arguments(when) if when != sympy.true else "True"))
 
         prologue: list[str] = []
 
@@ -360,10 +360,10 @@ class _KernelBuilder:
         tensors = []
         for t in lists:
             guard = sympy.simplify_logic(presence.get(t, sympy.true))
-            tensors.append((plural(t), "True" if guard == sympy.true else f'guards["{self.host_guard(guard)}"]'))
-        guards = [(name, PythonScalarPrinter()(cond) if cond != sympy.false else "False")
+            tensors.append((plural(t), None if guard == sympy.true else self.host_guard(guard)))
+        guards = [(name, _over_arguments(cond) if cond != sympy.false else "False")
                   for cond, name in self.host_guards.items()]
-        return Kernel(kernel=kernel, function=function, key=key, doc=doc, tensors=tensors,
+        return Kernel(kernel=kernel, key=key, doc=doc, tensors=tensors,
                       counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
                       tensor_hyperparameters=tensor_hypers, guards=guards, prologue=prologue,
                       whole_blocks=whole_blocks, last_block=last_block)
@@ -452,6 +452,11 @@ def defined_before(statements: list[Assign], index: int, lists: list[str]) -> se
     return names
 
 
+def _over_arguments(condition) -> str:
+    """A host condition as Python over the kernel's keyword arguments ``a`` (hyperparameters)."""
+    return PythonScalarPrinter(lambda name: f'a["{name}"]')(condition)
+
+
 def _is_condition(expr) -> bool:
     # (sympy's Symbol is a Boolean too, so test for the condition node types themselves)
     return isinstance(expr, (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction))
@@ -485,7 +490,7 @@ class TritonBackend(Backend):
             base = f"{module_name(compiled.spec.name)}_{v.program.variant_name}"
             flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "no flags"
             builder = _KernelBuilder(v.program, sig)
-            out.append(builder.build(kernel=f"_{base}_kernel", function=base,
+            out.append(builder.build(kernel=f"_{base}_kernel",
                                      key=repr(tuple(val for _, val in v.flags)),
                                      doc=f"{compiled.spec.name} step with {flags}"))
         return out
@@ -499,15 +504,9 @@ class TritonBackend(Backend):
         return None
 
     def render(self, compiled: Compiled) -> str:
-        sig = kernel_signature(compiled)
-        signature = [f"{plural(t)}: list[Tensor | None]," if t in sig.lazy else f"{plural(t)}: list[Tensor],"
-                     for t in sig.tensors]
-        signature += [f"{counter_list(c)}: list[Tensor]," for c in sig.counters]
-        signature += ["*,", *(f"{s}," for s in sig.scalars),
-                      "grad_scale: Tensor | None = None,", "found_inf: Tensor | None = None,"]
         return environment().get_template("triton/kernels.py.j2").render(
             header=header(compiled), name=compiled.spec.name, kernels=self.kernels(compiled),
-            signature=signature, flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
+            flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
         )
 
 

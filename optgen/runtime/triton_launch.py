@@ -1,8 +1,8 @@
 """Launching a generated Triton kernel once for all tensors of a (device, dtype) group.
 
-The generated modules (generated/<spec>_triton.py) call :func:`launch` from a host function
-with the foreach backend's signature; everything here is the same for every spec, so it is
-written once, by hand.  This module imports triton; optgen imports it only when a triton
+The generated modules (generated/<spec>_triton.py) map each flag variant to a :class:`Kernel`,
+called with the foreach backend's arguments, which calls :func:`launch`; everything here is the
+same for every spec, so it is written once, by hand.  This module imports triton; optgen imports it only when a triton
 implementation is first used (the optimizer classes name their triton module as a string).
 
 Note [Launch tables]
@@ -75,6 +75,26 @@ class _Plan:
         self.grad_key: tuple | None = None
         self.grad_addresses: torch.Tensor | None = None
         self.grads_aligned = False
+
+
+class Kernel:
+    """One generated variant: called as the foreach kernels are (``kernel(**lists, **scalars,
+    grad_scale=..., found_inf=...)``), it evaluates its guards, picks its lists and
+    hyperparameters by name and launches its ``@triton.jit`` kernel once."""
+
+    def __init__(self, kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards):
+        self.kernel, self.tensors, self.counters, self.lazy = kernel, tensors, counters, lazy
+        self.hyperparameters, self.tensor_hyperparameters, self.guards = hyperparameters, tensor_hyperparameters, guards
+
+    def __call__(self, *, grad_scale=None, found_inf=None, **arguments) -> None:
+        guards = {name: bool(condition(arguments)) for name, condition in self.guards.items()}
+        launch(self.kernel,
+               tensors=[(arguments[name], guard is None or guards[guard]) for name, guard in self.tensors],
+               counters=[arguments[c] for c in self.counters],
+               lazy={index: when(arguments) for index, when in self.lazy.items()},
+               hyperparameters={h: arguments[h] for h in self.hyperparameters},
+               tensor_hyperparameters=self.tensor_hyperparameters, guards=guards,
+               grad_scale=grad_scale, found_inf=found_inf)
 
 
 def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards,

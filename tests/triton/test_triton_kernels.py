@@ -123,7 +123,8 @@ def test_half_precision_parameters(case, dtype, small_chunks, shapes):
 
 
 def test_generated_module_matches_the_foreach_interface():
-    """Same VARIANTS keys, and every foreach argument accepted by name (plus GradScaler's)."""
+    """Same VARIANTS keys, and every list and hyperparameter a kernel reads is a foreach argument
+    (kernels are called with the foreach kernels' keyword arguments, plus GradScaler's)."""
     import importlib
     import inspect
 
@@ -133,7 +134,7 @@ def test_generated_module_matches_the_foreach_interface():
         fused = importlib.import_module(f"optgen.generated.{name}_triton")
         assert fused.MULTI_TENSOR and fused.FUSED
         assert set(fused.VARIANTS) == set(foreach.VARIANTS)
-        for key, function in fused.VARIANTS.items():
-            ours = inspect.signature(function).parameters
-            theirs = inspect.signature(foreach.VARIANTS[key]).parameters
-            assert list(theirs) == [p for p in ours if p not in ("grad_scale", "found_inf")]
+        for key, kernel in fused.VARIANTS.items():
+            theirs = set(inspect.signature(foreach.VARIANTS[key]).parameters)
+            reads = {name for name, _ in kernel.tensors} | set(kernel.counters) | set(kernel.hyperparameters)
+            assert reads <= theirs and {"params", "grads"} <= reads, (name, key, reads - theirs)
