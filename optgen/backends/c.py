@@ -48,14 +48,13 @@ from dataclasses import dataclass
 
 import sympy
 
-from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
 from optgen.backends.c_printer import CElementPrinter, CScalarPrinter
 from optgen.backends.forloop import counter_list, plural
+from optgen.backends.fused import FusedBackend
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.triton import _identifier, _is_condition
 from optgen.backends.triton_printer import Unsupported
 from optgen.ir.nodes import Program, Role, is_tensor_valued
-from optgen.passes import Compiled
 
 #: C keywords and the kernel skeleton's names; an IR name among them gets a trailing underscore
 RESERVED = frozenset({
@@ -253,38 +252,11 @@ class _CBuilder:
         return CElementPrinter(rename)(walk(sympy.sympify(expr)))
 
 
-class CBackend(Backend):
-    """generated/<spec>_c.py: the C source of fused CPU kernels and their host functions."""
+class CBackend(FusedBackend):
+    """generated/<spec>_c.py: the C source of fused CPU kernels (Note [C kernel layout])."""
 
     name = "c"
-
-    def kernels(self, compiled: Compiled) -> list[CKernel]:
-        spec = compiled.spec
-        if spec.algorithm:
-            raise Unsupported(f"{spec.name}'s step is an intrinsic ({spec.algorithm}), not an elementwise rule")
-        if spec.sparse_gradients:
-            raise Unsupported("sparse gradients: the update runs on the rows a gradient touches, not on whole tensors")
-        sig = kernel_signature(compiled)
-        out = []
-        for v in compiled.variants:
-            function = f"{module_name(spec.name)}_{v.program.variant_name}"
-            flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "no flags"
-            out.append(_CBuilder(v.program, sig).build(function, repr(tuple(val for _, val in v.flags)),
-                                                        f"{spec.name} step with {flags}"))
-        return out
-
-    def unsupported(self, compiled: Compiled) -> str | None:
-        try:
-            self.kernels(compiled)
-        except Unsupported as e:
-            return str(e)
-        return None
-
-    def render(self, compiled: Compiled) -> str:
-        return environment().get_template("c/kernels.py.j2").render(
-            header=header(compiled), name=compiled.spec.name, kernels=self.kernels(compiled),
-            flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
-        )
+    builder = _CBuilder
 
 
 BACKEND = CBackend()

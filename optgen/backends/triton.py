@@ -61,12 +61,12 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from optgen.backends.base import Backend, KernelSignature, environment, header, kernel_signature, module_name
+from optgen.backends.base import KernelSignature
 from optgen.backends.forloop import counter_list, plural
+from optgen.backends.fused import FusedBackend
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.triton_printer import TritonPrinter, Unsupported
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
-from optgen.passes import Compiled
 
 #: names the kernel skeleton (templates/triton/kernels.py.j2) defines; spec names that collide
 #: with them get a trailing underscore
@@ -180,6 +180,7 @@ class _KernelBuilder:
 
     # -- the kernel --------------------------------------------------------------------------------
     def build(self, kernel: str, key: str, doc: str) -> Kernel:
+        """``kernel``: the @triton.jit function's name; ``key``: repr of the flag values."""
         roles, program = self.roles, self.program
         touched = {n for a in self.statements for n in a.reads() | {a.target}}
         in_kernel = set()  # names the kernel computes with (host guards are evaluated on the host)
@@ -470,44 +471,17 @@ def _python_printable(expr) -> bool:
         return False
 
 
-class TritonBackend(Backend):
+class TritonBackend(FusedBackend):
     """generated/<spec>_triton.py: fused multi-tensor kernels (see Note [Triton kernel layout])."""
 
     name = "triton"
+    builder = _KernelBuilder
     #: the optimizer class names the module as a string and imports it on first use, so that
     #: ``import optgen`` never imports triton
     lazy = True
 
-    def kernels(self, compiled: Compiled) -> list[Kernel]:
-        spec = compiled.spec
-        if getattr(spec, "algorithm", None):
-            raise Unsupported(f"{spec.name}'s step is an intrinsic ({spec.algorithm}), not an elementwise rule")
-        if getattr(spec, "sparse_gradients", False):
-            raise Unsupported("sparse gradients: the update runs on the rows a gradient touches, not on whole tensors")
-        sig = kernel_signature(compiled)
-        out = []
-        for v in compiled.variants:
-            base = f"{module_name(compiled.spec.name)}_{v.program.variant_name}"
-            flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "no flags"
-            builder = _KernelBuilder(v.program, sig)
-            out.append(builder.build(kernel=f"_{base}_kernel",
-                                     key=repr(tuple(val for _, val in v.flags)),
-                                     doc=f"{compiled.spec.name} step with {flags}"))
-        return out
-
-    def unsupported(self, compiled: Compiled) -> str | None:
-        """Why this spec has no fused kernel (None when it has one)."""
-        try:
-            self.kernels(compiled)
-        except Unsupported as e:
-            return str(e)
-        return None
-
-    def render(self, compiled: Compiled) -> str:
-        return environment().get_template("triton/kernels.py.j2").render(
-            header=header(compiled), name=compiled.spec.name, kernels=self.kernels(compiled),
-            flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
-        )
+    def kernel_name(self, base: str) -> str:
+        return f"_{base}_kernel"
 
 
 BACKEND = TritonBackend()
