@@ -3,7 +3,7 @@
 
 One C function per combination of the flags maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -32,17 +32,17 @@ void adadelta_default(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_1_minus_rho = (scalar_t)(1 - rho);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_lr = (scalar_t)(lr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict acc_delta_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict acc_delta_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t square_avg = square_avg_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t square_avg = to_compute(square_avg_p[i]);
             scalar_t std;
-            scalar_t acc_delta = acc_delta_p[i];
+            scalar_t acc_delta = to_compute(acc_delta_p[i]);
             scalar_t delta;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
@@ -56,9 +56,9 @@ void adadelta_default(int64_t n, void **tensors, void **grads, void **counters, 
             acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
             /* param = param - lr * delta */
             param = param - c_lr * delta;
-            param_p[i] = param;
-            square_avg_p[i] = square_avg;
-            acc_delta_p[i] = acc_delta;
+            param_p[i] = from_compute(param);
+            square_avg_p[i] = from_compute(square_avg);
+            acc_delta_p[i] = from_compute(acc_delta);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -83,17 +83,17 @@ void adadelta_maximize(int64_t n, void **tensors, void **grads, void **counters,
         const scalar_t c_1_minus_rho = (scalar_t)(1 - rho);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_lr = (scalar_t)(lr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict acc_delta_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict acc_delta_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t square_avg = square_avg_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t square_avg = to_compute(square_avg_p[i]);
             scalar_t std;
-            scalar_t acc_delta = acc_delta_p[i];
+            scalar_t acc_delta = to_compute(acc_delta_p[i]);
             scalar_t delta;
             /* grad = -grad */
             grad = -grad;
@@ -109,9 +109,9 @@ void adadelta_maximize(int64_t n, void **tensors, void **grads, void **counters,
             acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
             /* param = param - lr * delta */
             param = param - c_lr * delta;
-            param_p[i] = param;
-            square_avg_p[i] = square_avg;
-            acc_delta_p[i] = acc_delta;
+            param_p[i] = from_compute(param);
+            square_avg_p[i] = from_compute(square_avg);
+            acc_delta_p[i] = from_compute(acc_delta);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

@@ -3,7 +3,7 @@
 
 One C function per combination of the flags maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -32,14 +32,14 @@ void adagrad_default(int64_t n, void **tensors, void **grads, void **counters, c
         const double clr = lr / (lr_decay * (step_1 - 1) + 1);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_clr = (scalar_t)(clr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict state_sum_p = (scalar_t *)tensors[1 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t state_sum = state_sum_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t state_sum = to_compute(state_sum_p[i]);
             scalar_t std;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
@@ -49,8 +49,8 @@ void adagrad_default(int64_t n, void **tensors, void **grads, void **counters, c
             std = c_eps + SQRT(state_sum);
             /* param = param - clr * grad / std */
             param = param - c_clr * grad / std;
-            param_p[i] = param;
-            state_sum_p[i] = state_sum;
+            param_p[i] = from_compute(param);
+            state_sum_p[i] = from_compute(state_sum);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -75,14 +75,14 @@ void adagrad_maximize(int64_t n, void **tensors, void **grads, void **counters, 
         const double clr = lr / (lr_decay * (step_1 - 1) + 1);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_clr = (scalar_t)(clr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict state_sum_p = (scalar_t *)tensors[1 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t state_sum = state_sum_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t state_sum = to_compute(state_sum_p[i]);
             scalar_t std;
             /* grad = -grad */
             grad = -grad;
@@ -94,8 +94,8 @@ void adagrad_maximize(int64_t n, void **tensors, void **grads, void **counters, 
             std = c_eps + SQRT(state_sum);
             /* param = param - clr * grad / std */
             param = param - c_clr * grad / std;
-            param_p[i] = param;
-            state_sum_p[i] = state_sum;
+            param_p[i] = from_compute(param);
+            state_sum_p[i] = from_compute(state_sum);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

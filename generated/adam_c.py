@@ -3,7 +3,7 @@
 
 One C function per combination of the flags amsgrad, maximize, decoupled_weight_decay; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -43,16 +43,16 @@ void adam_default(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
@@ -64,9 +64,9 @@ void adam_default(int64_t n, void **tensors, void **grads, void **counters, cons
             denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
             /* param = param - step_size * exp_avg / denom */
             param = param - c_step_size * exp_avg / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -102,16 +102,16 @@ void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void *
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t grad = grad_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* param = param * (1 - lr * weight_decay) */
             if (cond) param = c_1_minus_lr_times_weight_decay * param;
@@ -123,9 +123,9 @@ void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void *
             denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
             /* param = param - step_size * exp_avg / denom */
             param = param - c_step_size * exp_avg / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -161,16 +161,16 @@ void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = -grad */
             grad = -grad;
@@ -184,9 +184,9 @@ void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, con
             denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
             /* param = param - step_size * exp_avg / denom */
             param = param - c_step_size * exp_avg / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -222,16 +222,16 @@ void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grad
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = -grad */
             grad = -grad;
@@ -245,9 +245,9 @@ void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grad
             denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
             /* param = param - step_size * exp_avg / denom */
             param = param - c_step_size * exp_avg / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -283,18 +283,18 @@ void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
-        scalar_t *restrict max_exp_avg_sq_p = (scalar_t *)tensors[3 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
-            scalar_t max_exp_avg_sq = max_exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+            scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
@@ -308,10 +308,10 @@ void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, cons
             denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
             /* param = param - step_size * exp_avg / denom */
             param = param - c_step_size * exp_avg / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
-            max_exp_avg_sq_p[i] = max_exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -347,18 +347,18 @@ void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
-        scalar_t *restrict max_exp_avg_sq_p = (scalar_t *)tensors[3 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t grad = grad_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
-            scalar_t max_exp_avg_sq = max_exp_avg_sq_p[i];
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+            scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
             scalar_t denom;
             /* param = param * (1 - lr * weight_decay) */
             if (cond) param = c_1_minus_lr_times_weight_decay * param;
@@ -372,10 +372,10 @@ void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads
             denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
             /* param = param - step_size * exp_avg / denom */
             param = param - c_step_size * exp_avg / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
-            max_exp_avg_sq_p[i] = max_exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -411,18 +411,18 @@ void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **count
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
-        scalar_t *restrict max_exp_avg_sq_p = (scalar_t *)tensors[3 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
-            scalar_t max_exp_avg_sq = max_exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+            scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = -grad */
             grad = -grad;
@@ -438,10 +438,10 @@ void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **count
             denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
             /* param = param - step_size * exp_avg / denom */
             param = param - c_step_size * exp_avg / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
-            max_exp_avg_sq_p[i] = max_exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -477,18 +477,18 @@ void adam_amsgrad_maximize_decoupled_weight_decay(int64_t n, void **tensors, voi
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
-        scalar_t *restrict max_exp_avg_sq_p = (scalar_t *)tensors[3 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
-            scalar_t max_exp_avg_sq = max_exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+            scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = -grad */
             grad = -grad;
@@ -504,10 +504,10 @@ void adam_amsgrad_maximize_decoupled_weight_decay(int64_t n, void **tensors, voi
             denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
             /* param = param - step_size * exp_avg / denom */
             param = param - c_step_size * exp_avg / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
-            max_exp_avg_sq_p[i] = max_exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

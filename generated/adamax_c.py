@@ -3,7 +3,7 @@
 
 One C function per combination of the flags maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -37,16 +37,16 @@ void adamax_default(int64_t n, void **tensors, void **grads, void **counters, co
         /* clr = lr / bias_correction */
         const double clr = lr / bias_correction;
         const scalar_t c_clr = (scalar_t)(clr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_inf_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_inf = exp_inf_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_inf = to_compute(exp_inf_p[i]);
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
             /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
@@ -55,9 +55,9 @@ void adamax_default(int64_t n, void **tensors, void **grads, void **counters, co
             exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
             /* param = param - clr * exp_avg / exp_inf */
             param = param - c_clr * exp_avg / exp_inf;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_inf_p[i] = exp_inf;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_inf_p[i] = from_compute(exp_inf);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -87,16 +87,16 @@ void adamax_maximize(int64_t n, void **tensors, void **grads, void **counters, c
         /* clr = lr / bias_correction */
         const double clr = lr / bias_correction;
         const scalar_t c_clr = (scalar_t)(clr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_inf_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_inf = exp_inf_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_inf = to_compute(exp_inf_p[i]);
             /* grad = -grad */
             grad = -grad;
             /* grad = grad + weight_decay * param */
@@ -107,9 +107,9 @@ void adamax_maximize(int64_t n, void **tensors, void **grads, void **counters, c
             exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
             /* param = param - clr * exp_avg / exp_inf */
             param = param - c_clr * exp_avg / exp_inf;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_inf_p[i] = exp_inf;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_inf_p[i] = from_compute(exp_inf);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

@@ -3,7 +3,7 @@
 
 One C function per combination of the flags maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -40,14 +40,14 @@ void asgd_default(int64_t n, void **tensors, void **grads, void **counters, cons
         const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
         /* mu = 1 / maximum(1, step - t0) */
         const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict ax_p = (scalar_t *)tensors[1 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t ax = ax_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t ax = to_compute(ax_p[i]);
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
             /* param = param * (1 - lambd * eta) */
@@ -58,8 +58,8 @@ void asgd_default(int64_t n, void **tensors, void **grads, void **counters, cons
             if (cond_1) ax = ax + c_mu * (param - ax);
             /* ax = param */
             if (cond_2) ax = param;
-            param_p[i] = param;
-            ax_p[i] = ax;
+            param_p[i] = from_compute(param);
+            ax_p[i] = from_compute(ax);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], eta_1, counters_f64);
@@ -94,14 +94,14 @@ void asgd_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
         /* mu = 1 / maximum(1, step - t0) */
         const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict ax_p = (scalar_t *)tensors[1 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t ax = ax_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t ax = to_compute(ax_p[i]);
             /* grad = -grad */
             grad = -grad;
             /* grad = grad + weight_decay * param */
@@ -114,8 +114,8 @@ void asgd_maximize(int64_t n, void **tensors, void **grads, void **counters, con
             if (cond_1) ax = ax + c_mu * (param - ax);
             /* ax = param */
             if (cond_2) ax = param;
-            param_p[i] = param;
-            ax_p[i] = ax;
+            param_p[i] = from_compute(param);
+            ax_p[i] = from_compute(ax);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], eta_1, counters_f64);

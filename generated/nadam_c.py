@@ -3,7 +3,7 @@
 
 One C function per combination of the flags decoupled_weight_decay, maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -51,16 +51,16 @@ void nadam_default(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
@@ -74,9 +74,9 @@ void nadam_default(int64_t n, void **tensors, void **grads, void **counters, con
             param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
             /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
             param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);
@@ -121,16 +121,16 @@ void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = -grad */
             grad = -grad;
@@ -146,9 +146,9 @@ void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
             param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
             /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
             param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);
@@ -193,16 +193,16 @@ void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t grad = grad_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* param = param * (1 - lr * weight_decay) */
             if (cond) param = c_1_minus_lr_times_weight_decay * param;
@@ -216,9 +216,9 @@ void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
             param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
             /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
             param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);
@@ -263,16 +263,16 @@ void nadam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = -grad */
             grad = -grad;
@@ -288,9 +288,9 @@ void nadam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
             param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
             /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
             param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);

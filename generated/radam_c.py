@@ -3,7 +3,7 @@
 
 One C function per combination of the flags decoupled_weight_decay, maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -50,16 +50,16 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
@@ -73,9 +73,9 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
             if (cond_1) param = param - c_step_size * exp_avg / denom;
             /* param = param - lr / bias_correction1 * exp_avg */
             if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -118,16 +118,16 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = -grad */
             grad = -grad;
@@ -143,9 +143,9 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
             if (cond_1) param = param - c_step_size * exp_avg / denom;
             /* param = param - lr / bias_correction1 * exp_avg */
             if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -188,16 +188,16 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t grad = grad_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* param = param * (1 - lr * weight_decay) */
             if (cond) param = c_1_minus_lr_times_weight_decay * param;
@@ -211,9 +211,9 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
             if (cond_1) param = param - c_step_size * exp_avg / denom;
             /* param = param - lr / bias_correction1 * exp_avg */
             if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -256,16 +256,16 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict exp_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict exp_avg_sq_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t exp_avg = exp_avg_p[i];
-            scalar_t exp_avg_sq = exp_avg_sq_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = to_compute(exp_avg_p[i]);
+            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
             scalar_t denom;
             /* grad = -grad */
             grad = -grad;
@@ -281,9 +281,9 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
             if (cond_1) param = param - c_step_size * exp_avg / denom;
             /* param = param - lr / bias_correction1 * exp_avg */
             if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
-            param_p[i] = param;
-            exp_avg_p[i] = exp_avg;
-            exp_avg_sq_p[i] = exp_avg_sq;
+            param_p[i] = from_compute(param);
+            exp_avg_p[i] = from_compute(exp_avg);
+            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

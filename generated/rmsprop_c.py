@@ -3,7 +3,7 @@
 
 One C function per combination of the flags centered, maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -36,17 +36,17 @@ void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, c
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict momentum_buffer_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t square_avg = square_avg_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t square_avg = to_compute(square_avg_p[i]);
             scalar_t avg;
-            scalar_t momentum_buffer = momentum_buffer_p ? momentum_buffer_p[i] : 0;
+            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
             /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
@@ -59,9 +59,9 @@ void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, c
             if (cond_1) param = param - c_lr * momentum_buffer;
             /* param = param - lr * grad / avg */
             if (cond_2) param = param - c_lr * grad / avg;
-            param_p[i] = param;
-            square_avg_p[i] = square_avg;
-            if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
+            param_p[i] = from_compute(param);
+            square_avg_p[i] = from_compute(square_avg);
+            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -90,17 +90,17 @@ void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict momentum_buffer_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t square_avg = square_avg_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t square_avg = to_compute(square_avg_p[i]);
             scalar_t avg;
-            scalar_t momentum_buffer = momentum_buffer_p ? momentum_buffer_p[i] : 0;
+            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
             /* grad = -grad */
             grad = -grad;
             /* grad = grad + weight_decay * param */
@@ -115,9 +115,9 @@ void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, 
             if (cond_1) param = param - c_lr * momentum_buffer;
             /* param = param - lr * grad / avg */
             if (cond_2) param = param - c_lr * grad / avg;
-            param_p[i] = param;
-            square_avg_p[i] = square_avg;
-            if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
+            param_p[i] = from_compute(param);
+            square_avg_p[i] = from_compute(square_avg);
+            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -146,19 +146,19 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict momentum_buffer_p = (scalar_t *)tensors[2 * n + t];
-        scalar_t *restrict grad_avg_p = (scalar_t *)tensors[3 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t square_avg = square_avg_p[i];
-            scalar_t grad_avg = grad_avg_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t square_avg = to_compute(square_avg_p[i]);
+            scalar_t grad_avg = to_compute(grad_avg_p[i]);
             scalar_t avg;
-            scalar_t momentum_buffer = momentum_buffer_p ? momentum_buffer_p[i] : 0;
+            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
             /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
@@ -173,10 +173,10 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
             if (cond_1) param = param - c_lr * momentum_buffer;
             /* param = param - lr * grad / avg */
             if (cond_2) param = param - c_lr * grad / avg;
-            param_p[i] = param;
-            square_avg_p[i] = square_avg;
-            if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
-            grad_avg_p[i] = grad_avg;
+            param_p[i] = from_compute(param);
+            square_avg_p[i] = from_compute(square_avg);
+            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
+            grad_avg_p[i] = from_compute(grad_avg);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -205,19 +205,19 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict square_avg_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict momentum_buffer_p = (scalar_t *)tensors[2 * n + t];
-        scalar_t *restrict grad_avg_p = (scalar_t *)tensors[3 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t square_avg = square_avg_p[i];
-            scalar_t grad_avg = grad_avg_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t square_avg = to_compute(square_avg_p[i]);
+            scalar_t grad_avg = to_compute(grad_avg_p[i]);
             scalar_t avg;
-            scalar_t momentum_buffer = momentum_buffer_p ? momentum_buffer_p[i] : 0;
+            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
             /* grad = -grad */
             grad = -grad;
             /* grad = grad + weight_decay * param */
@@ -234,10 +234,10 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
             if (cond_1) param = param - c_lr * momentum_buffer;
             /* param = param - lr * grad / avg */
             if (cond_2) param = param - c_lr * grad / avg;
-            param_p[i] = param;
-            square_avg_p[i] = square_avg;
-            if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
-            grad_avg_p[i] = grad_avg;
+            param_p[i] = from_compute(param);
+            square_avg_p[i] = from_compute(square_avg);
+            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
+            grad_avg_p[i] = from_compute(grad_avg);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

@@ -3,7 +3,7 @@
 
 One C function per combination of the flags maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -30,17 +30,17 @@ void rprop_default(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_etaminus = (scalar_t)(etaminus);
         const scalar_t c_step_size_min = (scalar_t)(step_size_min);
         const scalar_t c_step_size_max = (scalar_t)(step_size_max);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict prev_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict step_size_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t prev = prev_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t prev = to_compute(prev_p[i]);
             scalar_t sign;
-            scalar_t step_size = step_size_p[i];
-            scalar_t param = param_p[i];
+            scalar_t step_size = to_compute(step_size_p[i]);
+            scalar_t param = to_compute(param_p[i]);
             /* sign = sign(grad * prev) */
             sign = sign_of(grad * prev);
             /* sign = where(sign > 0, etaplus, sign) */
@@ -55,9 +55,9 @@ void rprop_default(int64_t n, void **tensors, void **grads, void **counters, con
             prev = (sign == c_etaminus ? 0 : grad);
             /* param = param - sign(prev) * step_size */
             param = param - step_size * sign_of(prev);
-            param_p[i] = param;
-            prev_p[i] = prev;
-            step_size_p[i] = step_size;
+            param_p[i] = from_compute(param);
+            prev_p[i] = from_compute(prev);
+            step_size_p[i] = from_compute(step_size);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -80,17 +80,17 @@ void rprop_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const scalar_t c_etaminus = (scalar_t)(etaminus);
         const scalar_t c_step_size_min = (scalar_t)(step_size_min);
         const scalar_t c_step_size_max = (scalar_t)(step_size_max);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict prev_p = (scalar_t *)tensors[1 * n + t];
-        scalar_t *restrict step_size_p = (scalar_t *)tensors[2 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t prev = prev_p[i];
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t prev = to_compute(prev_p[i]);
             scalar_t sign;
-            scalar_t step_size = step_size_p[i];
-            scalar_t param = param_p[i];
+            scalar_t step_size = to_compute(step_size_p[i]);
+            scalar_t param = to_compute(param_p[i]);
             /* sign = sign(grad * prev) */
             sign = sign_of(grad * prev);
             /* sign = -sign */
@@ -109,9 +109,9 @@ void rprop_maximize(int64_t n, void **tensors, void **grads, void **counters, co
             prev = -prev;
             /* param = param - sign(prev) * step_size */
             param = param - step_size * sign_of(prev);
-            param_p[i] = param;
-            prev_p[i] = prev;
-            step_size_p[i] = step_size;
+            param_p[i] = from_compute(param);
+            prev_p[i] = from_compute(prev);
+            step_size_p[i] = from_compute(step_size);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

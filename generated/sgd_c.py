@@ -3,7 +3,7 @@
 
 One C function per combination of the flags nesterov, maximize; VARIANTS maps flag values to it,
 called with the foreach kernels' arguments (the lists of one dtype group, hyperparameters as
-keywords).  SOURCE is compiled once per parameter dtype (float, double) by
+keywords).  SOURCE is compiled once per parameter dtype (float32, float64, bfloat16, float16) by
 optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 """
 from __future__ import annotations
@@ -30,14 +30,14 @@ void sgd_default(int64_t n, void **tensors, void **grads, void **counters, const
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict momentum_buffer_p = (scalar_t *)tensors[1 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t momentum_buffer = momentum_buffer_p ? momentum_buffer_p[i] : 0;
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
             /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
@@ -46,8 +46,8 @@ void sgd_default(int64_t n, void **tensors, void **grads, void **counters, const
             if (cond_1) grad = momentum_buffer;
             /* param = param - lr * grad */
             param = param - c_lr * grad;
-            param_p[i] = param;
-            if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
+            param_p[i] = from_compute(param);
+            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
         }
     }
 }
@@ -69,14 +69,14 @@ void sgd_maximize(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict momentum_buffer_p = (scalar_t *)tensors[1 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t momentum_buffer = momentum_buffer_p ? momentum_buffer_p[i] : 0;
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
             /* grad = -grad */
             grad = -grad;
             /* grad = grad + weight_decay * param */
@@ -87,8 +87,8 @@ void sgd_maximize(int64_t n, void **tensors, void **grads, void **counters, cons
             if (cond_1) grad = momentum_buffer;
             /* param = param - lr * grad */
             param = param - c_lr * grad;
-            param_p[i] = param;
-            if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
+            param_p[i] = from_compute(param);
+            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
         }
     }
 }
@@ -110,14 +110,14 @@ void sgd_nesterov(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict momentum_buffer_p = (scalar_t *)tensors[1 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t momentum_buffer = momentum_buffer_p ? momentum_buffer_p[i] : 0;
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
             /* grad = grad + weight_decay * param */
             if (cond) grad = grad + c_weight_decay * param;
             /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
@@ -126,8 +126,8 @@ void sgd_nesterov(int64_t n, void **tensors, void **grads, void **counters, cons
             if (cond_1) grad = grad + c_momentum * momentum_buffer;
             /* param = param - lr * grad */
             param = param - c_lr * grad;
-            param_p[i] = param;
-            if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
+            param_p[i] = from_compute(param);
+            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
         }
     }
 }
@@ -149,14 +149,14 @@ void sgd_nesterov_maximize(int64_t n, void **tensors, void **grads, void **count
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        const scalar_t *restrict grad_p = (const scalar_t *)grads[t];
-        scalar_t *restrict param_p = (scalar_t *)tensors[0 * n + t];
-        scalar_t *restrict momentum_buffer_p = (scalar_t *)tensors[1 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = grad_p[i];
-            scalar_t param = param_p[i];
-            scalar_t momentum_buffer = momentum_buffer_p ? momentum_buffer_p[i] : 0;
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
             /* grad = -grad */
             grad = -grad;
             /* grad = grad + weight_decay * param */
@@ -167,8 +167,8 @@ void sgd_nesterov_maximize(int64_t n, void **tensors, void **grads, void **count
             if (cond_1) grad = grad + c_momentum * momentum_buffer;
             /* param = param - lr * grad */
             param = param - c_lr * grad;
-            param_p[i] = param;
-            if (momentum_buffer_p) momentum_buffer_p[i] = momentum_buffer;
+            param_p[i] = from_compute(param);
+            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
         }
     }
 }

@@ -35,8 +35,9 @@ Python floats are: each assignment is a new C variable (``eta``, ``eta_1``), so 
 reads the value its position in the spec sees.  Every condition is a per-tensor scalar (a
 hyperparameter comparison, ``rho_t > 5``), computed once before the loop; per-element choices are
 ``where(...)`` inside an expression.  The elementwise loop loads each tensor once, runs the tensor
-statements in ``scalar_t`` (the parameters' ``float`` or ``double``: the source compiles once per
-dtype), and stores each written tensor once.  A lazily created state is allocated before the
+statements in ``scalar_t`` (the parameters' ``float`` or ``double``; ``float`` for bfloat16 and
+float16 storage, as torch's fused kernels compute: the source compiles once per dtype), and
+stores each written tensor once.  A lazily created state is allocated before the
 call and flagged in ``first_step`` (its ``first`` value is stored on that step).
 
 What is not one elementwise pass (reductions, factored states, intrinsics, sparse rows) makes
@@ -158,19 +159,21 @@ class _CBuilder:
         # momentum == 0) has a NULL address: the statements using it do not run, but the loop
         # still loads and stores around them.
         optional = {t for t in states if self.program.state_when.get(t, sympy.true) != sympy.true}
-        pointers = ["const scalar_t *restrict grad_p = (const scalar_t *)grads[t];"]
+        pointers = ["const storage_t *restrict grad_p = (const storage_t *)grads[t];"]
         for i, t in enumerate(lists):
             if t in self.loaded or t in self.written:
-                pointers.append(f"scalar_t *restrict {self.cname(t)}_p = (scalar_t *)tensors[{i} * n + t];")
+                pointers.append(f"storage_t *restrict {self.cname(t)}_p = (storage_t *)tensors[{i} * n + t];")
 
         def load(n: str) -> str:
             c = self.cname(n)
             if n not in self.loaded:
                 return f"scalar_t {c};"
-            return f"scalar_t {c} = {c}_p ? {c}_p[i] : 0;" if n in optional else f"scalar_t {c} = {c}_p[i];"
+            if n in optional:
+                return f"scalar_t {c} = {c}_p ? to_compute({c}_p[i]) : 0;"
+            return f"scalar_t {c} = to_compute({c}_p[i]);"
 
         loads = [load(n) for n in self.element_locals]
-        stores = [(f"if ({self.cname(t)}_p) " if t in optional else "") + f"{self.cname(t)}_p[i] = {self.cname(t)};"
+        stores = [(f"if ({self.cname(t)}_p) " if t in optional else "") + f"{self.cname(t)}_p[i] = from_compute({self.cname(t)});"
                   for t in lists if t in self.written]
         tail = [f"store_counter(counters[{i} * n + t], {self.current[c]}, counters_f64);"
                 for i, c in enumerate(counters) if self.current[c] != self.cname(c)]

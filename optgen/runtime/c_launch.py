@@ -1,7 +1,7 @@
 """Compiling and calling the generated C kernels (generated/<spec>_c.py).
 
 Each generated module holds its C source (``SOURCE``) and a :class:`Library` for it.  On the first
-call for a parameter dtype the source is compiled, with :data:`PRELUDE` in front, into a shared
+call for a parameter dtype (float32, float64, bfloat16, float16) the source is compiled, with :data:`PRELUDE` in front, into a shared
 library under the cache directory (``$OPTGEN_CACHE_DIR``, else ``~/.cache/optgen``), named by a
 hash of everything that goes into it, and loaded with ctypes; later processes load the cached
 file.  The compiler is ``$CC`` or ``cc``, with ``-O3 -march=native -fopenmp -fno-math-errno``
@@ -29,8 +29,38 @@ import torch
 PRELUDE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
+/* storage_t: the tensors' element type; scalar_t: what the update computes in (float for the
+   16-bit types, as torch's fused kernels compute) */
+#if STORAGE_BF16
+typedef uint16_t storage_t;
+typedef float scalar_t;
+static inline float to_compute(uint16_t x)
+{
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint16_t from_compute(float f)  /* round to nearest even, as torch rounds to bfloat16 */
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#elif STORAGE_F16
+typedef _Float16 storage_t;
+typedef float scalar_t;
+#define to_compute(x) ((float)(x))
+#define from_compute(x) ((_Float16)(x))
+#else
+typedef SCALAR_T storage_t;
 typedef SCALAR_T scalar_t;
+#define to_compute(x) (x)
+#define from_compute(x) (x)
+#endif
 #if SCALAR_IS_FLOAT
 #define SQRT sqrtf
 #define EXP expf
@@ -63,7 +93,13 @@ static inline scalar_t sign_of(scalar_t x) { return x > 0 ? (scalar_t)1 : (x < 0
 """
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
-C_TYPES = {torch.float32: ("float", 1), torch.float64: ("double", 0)}
+#: parameter dtype → (its name in the cache, the -D flags that compile the kernels for it)
+C_TYPES = {
+    torch.float32: ("float", ("-DSCALAR_T=float", "-DSCALAR_IS_FLOAT=1")),
+    torch.float64: ("double", ("-DSCALAR_T=double", "-DSCALAR_IS_FLOAT=0")),
+    torch.bfloat16: ("bfloat16", ("-DSTORAGE_BF16=1", "-DSCALAR_IS_FLOAT=1")),
+    torch.float16: ("half", ("-DSTORAGE_F16=1", "-DSCALAR_IS_FLOAT=1")),
+}
 _ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 6, ctypes.c_int]
 
 
@@ -96,11 +132,10 @@ class Library:
         return fn
 
     def _compile(self, dtype: torch.dtype) -> Path:
-        ctype, is_float = C_TYPES[dtype]
+        ctype, defines = C_TYPES[dtype]
         cc = compiler()
         if cc is None:
             raise RuntimeError("optgen's fused CPU kernels need a C compiler (cc, or $CC); none was found")
-        defines = (f"-DSCALAR_T={ctype}", f"-DSCALAR_IS_FLOAT={is_float}")
         text = PRELUDE + self.source
         key = hashlib.sha256("\0".join([text, cc, *FLAGS, *defines, platform.machine(), platform.node()])
                              .encode()).hexdigest()[:20]
@@ -149,8 +184,8 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
         return
     dtype = params[0].dtype
     if dtype not in C_TYPES:
-        raise RuntimeError(f"optgen's fused CPU kernels support float32 and float64 parameters, not {dtype}; "
-                           "use foreach=True or fused=None")
+        raise RuntimeError(f"optgen's fused CPU kernels support {', '.join(map(str, C_TYPES))} parameters, "
+                           f"not {dtype}; use foreach=True or fused=None")
     n = len(params)
     first = []
     for index, create in lazy.items():

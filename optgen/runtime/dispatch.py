@@ -47,11 +47,11 @@ def triton_applies(params: list[torch.Tensor]) -> bool:
 
 
 #: parameter dtypes the fused C kernels update (complex ones as real views)
-C_DTYPES = {torch.float32, torch.float64, torch.complex64, torch.complex128}
+C_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128}
 
 
 def c_applies(params: list[torch.Tensor]) -> bool:
-    """Whether the fused C kernels can update these parameters: float32/float64 (or complex) CPU
+    """Whether the fused C kernels can update these parameters: floating (or complex) CPU
     tensors, with a C compiler on the machine."""
     from optgen.runtime import c_launch
 
