@@ -35,3 +35,13 @@ def test_foreach_peak_temporaries_at_most_torchs(case):
 def test_measurement_sees_temporaries():
     """The probe is not blind: Adam's denominators are one param-sized buffer."""
     assert _peak(optgen.Adam, {}, "foreach") >= (64 * 32 + 32 + 16 * 16) * 4
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(weight_decay=0.1, maximize=True)], ids=str)
+def test_adafactor_foreach_peak_within_one_tensor_of_torchs(kwargs):
+    """Adafactor (not in the parity table: its factored state for >= 2-D tensors): optgen's
+    foreach keeps one update per tensor, as torch's does, and forms each in a new buffer where
+    torch reuses the variance estimate's: at most the largest tensor more."""
+    ours = _peak(optgen.Adafactor, kwargs, "foreach")
+    theirs = _peak(torch.optim.Adafactor, kwargs)
+    assert ours <= theirs + 64 * 32 * 4, (ours, theirs)
