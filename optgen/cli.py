@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--only", help="comma-separated optimizer names")
     p.add_argument("--output", help="append the Markdown table to this file")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(opt.step) of torch's for-loop (tens of seconds to compile each)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the Triton kernels against torch fused/foreach/forloop/compile (optgen/bench_cuda.py)")
     p.add_argument("--sizes", help="with --device cuda: total parameters to run, e.g. 1e6,1e7,1e8 (the default)")
