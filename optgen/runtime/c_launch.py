@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -196,18 +197,50 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
                     values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
                     flags[i] = 1
         first += flags
-    _check(params, tensors, grads, counters)
-    addresses = torch.tensor([t.data_ptr() if t is not None else 0 for values in tensors for t in values],
-                             dtype=torch.int64)
-    grad_addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
-    counter_addresses = torch.tensor([c.data_ptr() for values in counters for c in values], dtype=torch.int64)
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    plan = _plan(dtype, tensors, counters)
+    grad_key = tuple(g.data_ptr() for g in grads)
+    if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
+        _check(params, [], grads, [])
+        plan.grad_key, plan.grad_addresses = grad_key, torch.tensor(grad_key, dtype=torch.int64)
     first_step = torch.tensor(first or [0], dtype=torch.uint8)
     hyper = torch.tensor([float(h) for h in hyperparameters] or [0.0], dtype=torch.float64)
-    counters_f64 = int(bool(counters) and counters[0][0].dtype == torch.float64)
-    library.function(dtype, function)(n, addresses.data_ptr(), grad_addresses.data_ptr(),
-                                      counter_addresses.data_ptr(), numels.data_ptr(), first_step.data_ptr(),
-                                      hyper.data_ptr(), counters_f64)
+    library.function(dtype, function)(n, plan.addresses.data_ptr(), plan.grad_addresses.data_ptr(),
+                                      plan.counter_addresses.data_ptr(), plan.numels.data_ptr(),
+                                      first_step.data_ptr(), hyper.data_ptr(), plan.counters_f64)
+
+
+class _Plan:
+    """The address tables of one set of tensors, checked once (Note [Launch tables] in
+    triton_launch.py: the same idea, on the host)."""
+
+    def __init__(self, dtype, tensors, counters, addresses: tuple, counter_addresses: tuple):
+        self.addresses = torch.tensor(addresses, dtype=torch.int64)
+        self.counter_addresses = torch.tensor(counter_addresses or (0,), dtype=torch.int64)
+        self.numels = torch.tensor([p.numel() for p in tensors[0]], dtype=torch.int64)
+        self.counters_f64 = int(bool(counters) and counters[0][0].dtype == torch.float64)
+        self.grad_key: tuple | None = None
+        self.grad_addresses: torch.Tensor | None = None
+
+
+_MAX_PLANS = 32
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def _plan(dtype, tensors, counters) -> _Plan:
+    """The cached tables for these tensors; a new set (a new parameter, state created or replaced,
+    a loaded state dict) is checked and gets new ones."""
+    addresses = tuple(t.data_ptr() if t is not None else 0 for values in tensors for t in values)
+    counter_addresses = tuple(c.data_ptr() for values in counters for c in values)
+    key = (dtype, addresses, counter_addresses, tuple(p.numel() for p in tensors[0]))
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check(tensors[0], tensors, [], counters)
+        plan = _PLANS[key] = _Plan(dtype, tensors, counters, addresses, counter_addresses)
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
 
 
 def _check(params, tensors, grads, counters) -> None:
