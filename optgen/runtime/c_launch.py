@@ -79,6 +79,10 @@ typedef SCALAR_T scalar_t;
 /* tensors smaller than this run on one thread: starting the team costs more than it saves */
 #define PARALLEL_MIN 65536
 
+/* the threads a kernel's parallel loops use: torch.get_num_threads(), set from Python */
+#include <omp.h>
+void optgen_set_num_threads(int n) { omp_set_num_threads(n); }
+
 /* 0-dim counters (torch's `step`) are float32 unless the default dtype is float64 */
 static inline double load_counter(void *p, int f64) { return f64 ? *(double *)p : (double)*(float *)p; }
 static inline void store_counter(void *p, double v, int f64)
@@ -128,6 +132,11 @@ class Library:
         lib = self._loaded.get(dtype)
         if lib is None:
             lib = self._loaded[dtype] = ctypes.CDLL(str(self._compile(dtype)))
+            lib.threads = None
+        threads = torch.get_num_threads()
+        if lib.threads != threads:  # as many threads as torch's own CPU kernels use
+            lib.optgen_set_num_threads(threads)
+            lib.threads = threads
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = _ARGTYPES, None
         return fn
