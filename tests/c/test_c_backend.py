@@ -182,3 +182,24 @@ def test_compiled_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="compiling the C kernels of test_broken failed"):
         c_launch.Library("test_broken", source + "syntax error").function(torch.float32, "twice")
+
+
+def test_grad_scaler_with_fused_true_on_cpu_like_torch():
+    """fused=True tells GradScaler the optimizer unscales itself (as torch's fused optimizers):
+    the step unscales the gradients and skips — counters included — a step with an inf."""
+    results = []
+    for lib in (optgen, torch.optim):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = lib.Adam(model.parameters(), lr=0.01, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for k in range(5):
+            loss = model(torch.randn(16, 8)).pow(2).mean() * (float("inf") if k == 2 else 1.0)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append(([p.detach().clone() for p in model.parameters()], opt.state[model.weight]["step"].item()))
+    (ours, our_steps), (theirs, their_steps) = results
+    assert our_steps == their_steps == 4.0
+    torch.testing.assert_close(ours, theirs, **FLOAT32)
