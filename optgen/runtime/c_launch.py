@@ -94,7 +94,8 @@ static inline double round_counter(double v, int f64) { return f64 ? v : (double
 /* torch.maximum / torch.minimum: NaN if either is NaN */
 static inline scalar_t max_nan(scalar_t a, scalar_t b) { return (a != a || a > b) ? a : b; }
 static inline scalar_t min_nan(scalar_t a, scalar_t b) { return (a != a || a < b) ? a : b; }
-static inline scalar_t sign_of(scalar_t x) { return x > 0 ? (scalar_t)1 : (x < 0 ? (scalar_t)-1 : x); }
+/* torch.sign: 0 for zeros and NaN */
+static inline scalar_t sign_of(scalar_t x) { return x > 0 ? (scalar_t)1 : (x < 0 ? (scalar_t)-1 : (scalar_t)0); }
 """
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")

@@ -203,3 +203,24 @@ def test_grad_scaler_with_fused_true_on_cpu_like_torch():
     (ours, our_steps), (theirs, their_steps) = results
     assert our_steps == their_steps == 4.0
     torch.testing.assert_close(ours, theirs, **FLOAT32)
+
+
+@pytest.mark.parametrize("name", ["Rprop", "Adamax", "Adam"])
+def test_nan_and_inf_gradients_propagate_like_torch(name):
+    """A NaN or inf gradient element goes where torch's for-loop sends it: sign(NaN) is 0
+    (Rprop), maximum propagates NaN (Adamax, amsgrad) — the C kernel has no -ffast-math."""
+    kwargs = dict(amsgrad=True) if name == "Adam" else {}
+    results = []
+    for lib in (optgen, torch.optim):
+        p = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+        opt = getattr(lib, name)([p], lr=0.1, **kwargs)
+        if lib is optgen:
+            opt.implementation = "c"
+        for g in ([0.5, float("nan"), -1.0, float("inf")], [0.5, 1.0, -1.0, 2.0]):
+            p.grad = torch.tensor(g)
+            opt.step()
+        results.append((p.detach(), dict(opt.state[p])))
+    (ours, our_state), (theirs, their_state) = results
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    for key, value in their_state.items():
+        torch.testing.assert_close(our_state[key], value, equal_nan=True)
