@@ -29,7 +29,6 @@ def adadelta_default(
 ) -> None:
     """Adadelta step with maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         square_avg = square_avgs[i]
         acc_delta = acc_deltas[i]
@@ -40,13 +39,13 @@ def adadelta_default(
             # grad = grad + weight_decay * param
             grad = grad.add(param, alpha=weight_decay)
         # square_avg = rho * square_avg + (1 - rho) * grad * grad
-        square_avg = square_avg.mul(rho).addcmul(grad, grad, value=1 - rho)
+        square_avg = square_avg.mul(rho).addcmul_(grad, grad, value=1 - rho)
         # std = sqrt(square_avg + eps)
         std = square_avg.add(eps).sqrt()
         # delta = sqrt(acc_delta + eps) / std * grad
         delta = acc_delta.add(eps).sqrt().div(std).mul(grad)
         # acc_delta = rho * acc_delta + (1 - rho) * delta * delta
-        acc_delta = acc_delta.mul(rho).addcmul(delta, delta, value=1 - rho)
+        acc_delta = acc_delta.mul(rho).addcmul_(delta, delta, value=1 - rho)
         # param = param - lr * delta
         param = add(param, delta, -lr)
         square_avgs[i] = square_avg
@@ -69,7 +68,6 @@ def adadelta_maximize(
 ) -> None:
     """Adadelta step with maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         square_avg = square_avgs[i]
         acc_delta = acc_deltas[i]
@@ -82,13 +80,13 @@ def adadelta_maximize(
             # grad = grad + weight_decay * param
             grad = grad.add(param, alpha=weight_decay)
         # square_avg = rho * square_avg + (1 - rho) * grad * grad
-        square_avg = square_avg.mul(rho).addcmul(grad, grad, value=1 - rho)
+        square_avg = square_avg.mul(rho).addcmul_(grad, grad, value=1 - rho)
         # std = sqrt(square_avg + eps)
         std = square_avg.add(eps).sqrt()
         # delta = sqrt(acc_delta + eps) / std * grad
         delta = acc_delta.add(eps).sqrt().div(std).mul(grad)
         # acc_delta = rho * acc_delta + (1 - rho) * delta * delta
-        acc_delta = acc_delta.mul(rho).addcmul(delta, delta, value=1 - rho)
+        acc_delta = acc_delta.mul(rho).addcmul_(delta, delta, value=1 - rho)
         # param = param - lr * delta
         param = add(param, delta, -lr)
         square_avgs[i] = square_avg

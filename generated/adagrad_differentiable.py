@@ -28,7 +28,6 @@ def adagrad_default(
 ) -> None:
     """Adagrad step with maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         state_sum = state_sums[i]
         step_t = state_steps[i]
@@ -64,7 +63,6 @@ def adagrad_maximize(
 ) -> None:
     """Adagrad step with maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         state_sum = state_sums[i]
         step_t = state_steps[i]

@@ -31,7 +31,6 @@ def adam_default(
 ) -> None:
     """Adam step with amsgrad=False, maximize=False, decoupled_weight_decay=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -56,7 +55,7 @@ def adam_default(
         # bias_correction2_sqrt = sqrt(bias_correction2)
         bias_correction2_sqrt = sqrt(bias_correction2)
         # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-        denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
+        denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg
@@ -106,7 +105,7 @@ def adam_decoupled_weight_decay(
         # bias_correction2_sqrt = sqrt(bias_correction2)
         bias_correction2_sqrt = sqrt(bias_correction2)
         # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-        denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
+        denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg
@@ -131,7 +130,6 @@ def adam_maximize(
 ) -> None:
     """Adam step with amsgrad=False, maximize=True, decoupled_weight_decay=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -158,7 +156,7 @@ def adam_maximize(
         # bias_correction2_sqrt = sqrt(bias_correction2)
         bias_correction2_sqrt = sqrt(bias_correction2)
         # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-        denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
+        denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg
@@ -210,7 +208,7 @@ def adam_maximize_decoupled_weight_decay(
         # bias_correction2_sqrt = sqrt(bias_correction2)
         bias_correction2_sqrt = sqrt(bias_correction2)
         # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-        denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
+        denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg
@@ -235,7 +233,6 @@ def adam_amsgrad(
 ) -> None:
     """Adam step with amsgrad=True, maximize=False, decoupled_weight_decay=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -263,7 +260,7 @@ def adam_amsgrad(
         # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
         max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
         # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
-        denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
+        denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg
@@ -317,7 +314,7 @@ def adam_amsgrad_decoupled_weight_decay(
         # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
         max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
         # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
-        denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
+        denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg
@@ -343,7 +340,6 @@ def adam_amsgrad_maximize(
 ) -> None:
     """Adam step with amsgrad=True, maximize=True, decoupled_weight_decay=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -373,7 +369,7 @@ def adam_amsgrad_maximize(
         # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
         max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
         # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
-        denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
+        denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg
@@ -429,7 +425,7 @@ def adam_amsgrad_maximize_decoupled_weight_decay(
         # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
         max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
         # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
-        denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
+        denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg

@@ -30,7 +30,6 @@ def adamax_default(
 ) -> None:
     """Adamax step with maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_inf = exp_infs[i]
@@ -46,12 +45,12 @@ def adamax_default(
         if weight_decay != 0:
             # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
             exp_inf = exp_inf.mul(beta2)
-            grad = grad.abs().add(eps)
+            grad = grad.abs().add_(eps)
             exp_inf = torch.maximum(exp_inf, grad)
         else:
             # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
             exp_inf = exp_inf.mul(beta2)
-            exp_inf = torch.maximum(exp_inf, grad.abs().add(eps))
+            exp_inf = torch.maximum(exp_inf, grad.abs().add_(eps))
         # bias_correction = 1 - beta1 ** step
         bias_correction = 1 - beta1 ** step
         # clr = lr / bias_correction
@@ -79,7 +78,6 @@ def adamax_maximize(
 ) -> None:
     """Adamax step with maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_inf = exp_infs[i]
@@ -96,7 +94,7 @@ def adamax_maximize(
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
         exp_inf = exp_inf.mul(beta2)
-        grad = grad.abs().add(eps)
+        grad = grad.abs().add_(eps)
         exp_inf = torch.maximum(exp_inf, grad)
         # bias_correction = 1 - beta1 ** step
         bias_correction = 1 - beta1 ** step

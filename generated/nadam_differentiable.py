@@ -32,7 +32,6 @@ def nadam_default(
 ) -> None:
     """NAdam step with decoupled_weight_decay=False, maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -56,7 +55,7 @@ def nadam_default(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         # denom = sqrt(exp_avg_sq / bias_correction2) + eps
         denom = exp_avg_sq.div(bias_correction2).sqrt().add(eps)
         # mu_product_next = mu_product * mu_next
@@ -89,7 +88,6 @@ def nadam_maximize(
 ) -> None:
     """NAdam step with decoupled_weight_decay=False, maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -115,7 +113,7 @@ def nadam_maximize(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         # denom = sqrt(exp_avg_sq / bias_correction2) + eps
         denom = exp_avg_sq.div(bias_correction2).sqrt().add(eps)
         # mu_product_next = mu_product * mu_next
@@ -172,7 +170,7 @@ def nadam_decoupled_weight_decay(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         # denom = sqrt(exp_avg_sq / bias_correction2) + eps
         denom = exp_avg_sq.div(bias_correction2).sqrt().add(eps)
         # mu_product_next = mu_product * mu_next
@@ -231,7 +229,7 @@ def nadam_decoupled_weight_decay_maximize(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         # denom = sqrt(exp_avg_sq / bias_correction2) + eps
         denom = exp_avg_sq.div(bias_correction2).sqrt().add(eps)
         # mu_product_next = mu_product * mu_next

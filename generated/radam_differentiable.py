@@ -31,7 +31,6 @@ def radam_default(
     """RAdam step with decoupled_weight_decay=False, maximize=False."""
     rho_inf = 2 / (1 - beta2) - 1
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -45,7 +44,7 @@ def radam_default(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -86,7 +85,6 @@ def radam_maximize(
     """RAdam step with decoupled_weight_decay=False, maximize=True."""
     rho_inf = 2 / (1 - beta2) - 1
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -102,7 +100,7 @@ def radam_maximize(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -157,7 +155,7 @@ def radam_decoupled_weight_decay(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -214,7 +212,7 @@ def radam_decoupled_weight_decay_maximize(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step

@@ -31,7 +31,6 @@ def rmsprop_default(
 ) -> None:
     """RMSprop step with centered=False, maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         square_avg = square_avgs[i]
         momentum_buffer = momentum_buffers[i]
@@ -42,12 +41,12 @@ def rmsprop_default(
             # grad = grad + weight_decay * param
             grad = grad.add(param, alpha=weight_decay)
         # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
-        square_avg = square_avg.mul(alpha).addcmul(grad, grad, value=1 - alpha)
+        square_avg = square_avg.mul(alpha).addcmul_(grad, grad, value=1 - alpha)
         # avg = sqrt(square_avg) + eps
         avg = square_avg.sqrt().add(eps)
         if momentum > 0:
             # momentum_buffer = momentum * momentum_buffer + grad / avg
-            momentum_buffer = momentum_buffer.mul(momentum).addcdiv(grad, avg)
+            momentum_buffer = momentum_buffer.mul(momentum).addcdiv_(grad, avg)
             # param = param - lr * momentum_buffer
             param = add(param, momentum_buffer, -lr)
         else:
@@ -75,7 +74,6 @@ def rmsprop_maximize(
 ) -> None:
     """RMSprop step with centered=False, maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         square_avg = square_avgs[i]
         momentum_buffer = momentum_buffers[i]
@@ -88,12 +86,12 @@ def rmsprop_maximize(
             # grad = grad + weight_decay * param
             grad = grad.add(param, alpha=weight_decay)
         # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
-        square_avg = square_avg.mul(alpha).addcmul(grad, grad, value=1 - alpha)
+        square_avg = square_avg.mul(alpha).addcmul_(grad, grad, value=1 - alpha)
         # avg = sqrt(square_avg) + eps
         avg = square_avg.sqrt().add(eps)
         if momentum > 0:
             # momentum_buffer = momentum * momentum_buffer + grad / avg
-            momentum_buffer = momentum_buffer.mul(momentum).addcdiv(grad, avg)
+            momentum_buffer = momentum_buffer.mul(momentum).addcdiv_(grad, avg)
             # param = param - lr * momentum_buffer
             param = add(param, momentum_buffer, -lr)
         else:
@@ -121,7 +119,6 @@ def rmsprop_centered(
 ) -> None:
     """RMSprop step with centered=True, maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         square_avg = square_avgs[i]
         momentum_buffer = momentum_buffers[i]
@@ -133,14 +130,14 @@ def rmsprop_centered(
             # grad = grad + weight_decay * param
             grad = grad.add(param, alpha=weight_decay)
         # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
-        square_avg = square_avg.mul(alpha).addcmul(grad, grad, value=1 - alpha)
+        square_avg = square_avg.mul(alpha).addcmul_(grad, grad, value=1 - alpha)
         # grad_avg = lerp(grad_avg, grad, 1 - alpha)
         grad_avg = grad_avg.lerp(grad, 1 - alpha)
         # avg = sqrt(square_avg - grad_avg * grad_avg) + eps
         avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt().add(eps)
         if momentum > 0:
             # momentum_buffer = momentum * momentum_buffer + grad / avg
-            momentum_buffer = momentum_buffer.mul(momentum).addcdiv(grad, avg)
+            momentum_buffer = momentum_buffer.mul(momentum).addcdiv_(grad, avg)
             # param = param - lr * momentum_buffer
             param = add(param, momentum_buffer, -lr)
         else:
@@ -169,7 +166,6 @@ def rmsprop_centered_maximize(
 ) -> None:
     """RMSprop step with centered=True, maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         square_avg = square_avgs[i]
         momentum_buffer = momentum_buffers[i]
@@ -183,14 +179,14 @@ def rmsprop_centered_maximize(
             # grad = grad + weight_decay * param
             grad = grad.add(param, alpha=weight_decay)
         # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
-        square_avg = square_avg.mul(alpha).addcmul(grad, grad, value=1 - alpha)
+        square_avg = square_avg.mul(alpha).addcmul_(grad, grad, value=1 - alpha)
         # grad_avg = lerp(grad_avg, grad, 1 - alpha)
         grad_avg = grad_avg.lerp(grad, 1 - alpha)
         # avg = sqrt(square_avg - grad_avg * grad_avg) + eps
         avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt().add(eps)
         if momentum > 0:
             # momentum_buffer = momentum * momentum_buffer + grad / avg
-            momentum_buffer = momentum_buffer.mul(momentum).addcdiv(grad, avg)
+            momentum_buffer = momentum_buffer.mul(momentum).addcdiv_(grad, avg)
             # param = param - lr * momentum_buffer
             param = add(param, momentum_buffer, -lr)
         else:

@@ -25,7 +25,6 @@ def rprop_default(
 ) -> None:
     """Rprop step with maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         prev = prevs[i]
         step_size = step_sizes[i]
@@ -67,7 +66,6 @@ def rprop_maximize(
 ) -> None:
     """Rprop step with maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         prev = prevs[i]
         step_size = step_sizes[i]

@@ -27,7 +27,6 @@ def sgd_default(
 ) -> None:
     """SGD step with nesterov=False, maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         momentum_buffer = momentum_buffers[i]
         if weight_decay != 0:
@@ -38,7 +37,7 @@ def sgd_default(
             if momentum_buffer is None:
                 momentum_buffer = grad.clone()
             else:
-                momentum_buffer = momentum_buffer.mul(momentum).add(grad, alpha=1 - dampening)
+                momentum_buffer = momentum_buffer.mul(momentum).add_(grad, alpha=1 - dampening)
             # grad = momentum_buffer
             grad = momentum_buffer
         # param = param - lr * grad
@@ -59,7 +58,6 @@ def sgd_maximize(
 ) -> None:
     """SGD step with nesterov=False, maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         momentum_buffer = momentum_buffers[i]
         # grad = -grad
@@ -72,7 +70,7 @@ def sgd_maximize(
             if momentum_buffer is None:
                 momentum_buffer = grad.clone()
             else:
-                momentum_buffer = momentum_buffer.mul(momentum).add(grad, alpha=1 - dampening)
+                momentum_buffer = momentum_buffer.mul(momentum).add_(grad, alpha=1 - dampening)
             # grad = momentum_buffer
             grad = momentum_buffer
         # param = param - lr * grad
@@ -93,7 +91,6 @@ def sgd_nesterov(
 ) -> None:
     """SGD step with nesterov=True, maximize=False."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         momentum_buffer = momentum_buffers[i]
         if weight_decay != 0:
@@ -104,7 +101,7 @@ def sgd_nesterov(
             if momentum_buffer is None:
                 momentum_buffer = grad.clone()
             else:
-                momentum_buffer = momentum_buffer.mul(momentum).add(grad, alpha=1 - dampening)
+                momentum_buffer = momentum_buffer.mul(momentum).add_(grad, alpha=1 - dampening)
         if momentum != 0 and weight_decay != 0:
             # grad = grad + momentum * momentum_buffer
             grad = grad.add(momentum_buffer, alpha=momentum)
@@ -129,7 +126,6 @@ def sgd_nesterov_maximize(
 ) -> None:
     """SGD step with nesterov=True, maximize=True."""
     for i, param in enumerate(params):
-        param = param.clone()
         grad = grads[i]
         momentum_buffer = momentum_buffers[i]
         # grad = -grad
@@ -142,7 +138,7 @@ def sgd_nesterov_maximize(
             if momentum_buffer is None:
                 momentum_buffer = grad.clone()
             else:
-                momentum_buffer = momentum_buffer.mul(momentum).add(grad, alpha=1 - dampening)
+                momentum_buffer = momentum_buffer.mul(momentum).add_(grad, alpha=1 - dampening)
             # grad = grad + momentum * momentum_buffer
             grad = grad.add(momentum_buffer, alpha=momentum)
         # param = param - lr * grad

@@ -56,7 +56,7 @@ TENSOR_SCALAR_OPS = ("add", "addcmul", "addcdiv")
 
 
 class ScalarPrinter(PythonScalarPrinter):
-    """Host scalars that may be 0-dim tensors: functions from optgen.runtime.scalars (a number
+    """Host scalars that may be 0-dim tensors: functions of optgen.runtime.tensor_scalars (a number
     or a tensor), and a norm stays a tensor (no ``.item()``)."""
 
     FUNCTIONS = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs"}
@@ -119,11 +119,34 @@ class DifferentiableRenderer(ForLoopRenderer):
         return op.fn.rstrip("_") in TENSOR_SCALAR_OPS and len(op.kwargs) == 1 \
             and op.kwargs[0][0] in ("alpha", "value") and self._reads_tensor(op.kwargs[0][1])
 
-    def fluent(self, op: TensorOp) -> str | None:
-        # An op on the result of the op before it continues the line: x = x.mul(b).add(y)
-        if op.in_place and op.fn not in _SPECIAL and op.fn not in _OUT_OF_PLACE and not self.tensor_scalar(op):
-            return f".{op.fn.rstrip('_')}({self.args(op)})"
-        return None
+    def fluent(self, op: TensorOp, previous: TensorOp | None = None) -> str | None:
+        """An op on the result of the op before it continues the line: ``x = x.mul(b).add_(y)``.
+        It runs in place when that is safe for autograd (Note [In place under autograd])."""
+        if not op.in_place or op.fn in _SPECIAL or op.fn in _OUT_OF_PLACE or self.tensor_scalar(op):
+            return None
+        fn = op.fn.rstrip("_")
+        return f".{fn}{'_' if previous is not None and self.in_place_ok(op, previous) else ''}({self.args(op)})"
+
+    # Note [In place under autograd]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # Every state and the parameter are updated out of place (ops of earlier steps may have saved
+    # their old values), but a chain's later ops act on the tensor its first op just created, and
+    # may overwrite it when nothing autograd saved needs its old value: the op creating it does
+    # not save its result (sqrt, exp, pow do), and the op itself needs neither its input nor a
+    # tensor scalar for its backward.  Each op not run in place allocates: on CPU an allocation
+    # of a large tensor is fresh pages, a cost out of proportion to the arithmetic.
+    SAVES_RESULT = frozenset({"sqrt", "exp", "pow", "rsqrt", "reciprocal", "tanh", "sigmoid"})
+    #: ops whose backward needs nothing of ``self`` (given number scalars; mul/div by a number only)
+    NEEDS_NOTHING_OF_SELF = frozenset({"add", "sub", "addcmul", "addcdiv", "lerp", "neg", "masked_fill", "mul", "div"})
+
+    def in_place_ok(self, op: TensorOp, previous: TensorOp) -> bool:
+        fn = op.fn.rstrip("_")
+        if previous.fn.rstrip("_") in self.SAVES_RESULT or fn not in self.NEEDS_NOTHING_OF_SELF:
+            return False
+        scalars = [a for a in op.args if not isinstance(a, str)] + [v for _, v in op.kwargs]
+        if any(self._reads_tensor(v) for v in scalars):
+            return False
+        return fn not in ("mul", "div") or not op.tensor_args()
 
     def chainable(self, op: TensorOp) -> bool:
         return op.fn not in _OUT_OF_PLACE and super().chainable(op)
@@ -134,10 +157,35 @@ class DifferentiableRenderer(ForLoopRenderer):
         return super().counter_read(name)
 
     def loop_header(self) -> list[str]:
-        """As the for-loop's, reading a copy of the parameter: ops that save it for backward
-        (``param.mul(1 - lr * weight_decay)`` with a Tensor lr) keep it unchanged when the user's
-        tensor is written at the end (torch's differentiable paths clone for the same reason)."""
-        return ["param = param.clone()", *super().loop_header()]
+        """As the for-loop's, reading a copy of the parameter where an op may save it for
+        backward (``param.mul(1 - lr * weight_decay)`` with a Tensor lr): the user's tensor is
+        written at the end, and what autograd saved must not change (torch's differentiable
+        paths clone for the same reason)."""
+        return ["param = param.clone()"] * self.saves_param() + super().loop_header()
+
+    def saves_param(self) -> bool:
+        """Whether some op may save the parameter (or a name bound to it) for backward: anything
+        but it being the receiver, or the added tensor, of an op that needs nothing of it."""
+        names = {"param"}
+        for step in self.program.steps:
+            for op in (*step.ops, *(step.first_ops or ())):
+                fn = op.fn.rstrip("_")
+                if fn == "alias" and op.self_ in names:
+                    names.add(op.out)
+                    continue
+                if not names & op.reads():
+                    continue
+                scalars = [a for a in op.args if not isinstance(a, str)] + [v for _, v in op.kwargs]
+                number_scalars = not any(self._reads_tensor(v) for v in scalars)
+                # (add/addcmul/addcdiv with a tensor scalar add a product of the others: still nothing of self)
+                receiver = op.self_ in names and not names & set(op.tensor_args()) and (
+                    fn in ("add", "sub", "addcmul", "addcdiv", "neg")
+                    or fn in self.NEEDS_NOTHING_OF_SELF and number_scalars
+                    and (fn not in ("mul", "div") or not op.tensor_args()))
+                added = fn in ("add", "sub") and number_scalars and op.self_ not in names
+                if not (receiver or added or fn in ("clone", "copy")):
+                    return True
+        return False
 
     def loop_footer(self) -> list[str]:
         """The new state replaces the old in the lists; the parameter is written in place."""

@@ -106,7 +106,7 @@ class ForLoopRenderer(PythonRenderer):
             temp = self._inlinable(units, k)
             if temp is not None:
                 self.inlined[temp] = lines.pop().partition(" = ")[2]
-            text = self.op(unit[0]) + "".join(self.fluent(op) for op in unit[1:])
+            text = self.op(unit[0]) + "".join(self.fluent(op, previous) for previous, op in zip(unit, unit[1:]))
             self.inlined.pop(temp, None)
             lines += text.split("\n")
         return lines
@@ -124,7 +124,7 @@ class ForLoopRenderer(PythonRenderer):
         readers = [op for unit in units[k:] for op in unit for name in (op.self_, *op.tensor_args()) if name == temp]
         return temp if readers == [first] else None
 
-    def fluent(self, op: TensorOp) -> str | None:
+    def fluent(self, op: TensorOp, previous: TensorOp | None = None) -> str | None:
         if op.in_place and op.fn not in _SPECIAL:
             return f".{op.fn}({self.args(op)})"
         return None

@@ -84,8 +84,9 @@ class PythonRenderer:
             previous = op
         return lines
 
-    def fluent(self, op: TensorOp) -> str | None:
-        """``.f_(args)`` if this op can continue a chain (backends that chain override it)."""
+    def fluent(self, op: TensorOp, previous: TensorOp | None = None) -> str | None:
+        """``.f_(args)`` if this op can continue a chain after ``previous`` (backends that chain
+        override it)."""
         return None
 
     def chainable(self, op: TensorOp) -> bool:

@@ -377,6 +377,23 @@ def test_differentiable_tensor_lr_gets_a_gradient_like_torch(name, float64_count
         assert torch.autograd.gradcheck(lambda lr: run(optgen, lr), (lr,))
 
 
+@pytest.mark.parametrize("name, kwargs", [("AdamW", dict(weight_decay=0.1)), ("NAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+                                          ("ASGD", dict(weight_decay=0.1)), ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True))])
+def test_differentiable_tensor_lr_scaling_the_parameter(name, kwargs, float64_counters):
+    """``param * (1 - lr * weight_decay)`` with a Tensor lr saves the parameter for backward: the
+    kernel works on a copy, so writing the user's tensor at the end leaves what was saved intact
+    (where it needs nothing of the parameter it skips the copy; Note [In place under autograd])."""
+    def run(lr):
+        p = torch.linspace(0.5, 1.5, 3, requires_grad=True).clone()
+        opt = getattr(optgen, name)([p], lr=lr, differentiable=True, **kwargs)
+        for k in range(2):
+            p.grad = torch.linspace(-0.3, 0.5, 3) * (k + 1)
+            opt.step()
+        return p
+
+    assert torch.autograd.gradcheck(run, (torch.tensor(0.01, requires_grad=True),))
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 def test_differentiable_tensor_betas_get_gradients_like_torch(name, float64_counters):
     """Adam's betas may be Tensors (``tensor = true`` in its spec): torch differentiates w.r.t.
