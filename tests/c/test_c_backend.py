@@ -5,6 +5,8 @@ by tests/backends/test_against_reference.py (the "c" implementation is one of ea
 ``_kernels``); here: float32 against torch, torch's own fused CPU kernels, ``fused=True``, the
 cases a flat multi-tensor kernel must get right, and the compile cache.
 """
+import copy
+
 import pytest
 import torch
 
@@ -224,3 +226,28 @@ def test_nan_and_inf_gradients_propagate_like_torch(name):
     torch.testing.assert_close(ours, theirs, equal_nan=True)
     for key, value in their_state.items():
         torch.testing.assert_close(our_state[key], value, equal_nan=True)
+
+
+def test_checkpoint_from_torchs_fused_continues_in_the_c_kernel():
+    """A state_dict saved by torch's fused Adam mid-training loads into optgen's fused Adam (new
+    state tensors: new address tables) and the two continue alike; and back."""
+    ours_params, their_params = params_like(torch.float32), params_like(torch.float32)
+    theirs = run(lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True), their_params, steps=5)
+    ours = optgen.Adam(ours_params, lr=0.01, fused=True)
+    with torch.no_grad():
+        for p, q in zip(ours_params, their_params):
+            p.copy_(q)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # (loading shares tensors otherwise)
+    for k in range(5):
+        g = torch.Generator().manual_seed(500 + k)
+        for p, q in zip(ours_params, their_params):
+            p.grad = q.grad = torch.randn(p.shape, generator=g)
+        ours.step()
+        theirs.step()
+    assert_same_state(ours, theirs, **FLOAT32)
+    back = torch.optim.Adam(their_params, lr=0.01, fused=True)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))
+    saved, loaded = ours.state_dict()["state"], back.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    for i in saved:
+        torch.testing.assert_close(loaded[i], saved[i], rtol=0, atol=0)
