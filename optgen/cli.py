@@ -86,6 +86,7 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     from optgen.build import KERNEL_BACKENDS, kernel_backends
+    from optgen.backends.fused import FusedBackend
     from optgen.backends.optimizer_class import OptimizerClassBackend
     from optgen.passes import compile_spec, dump
 
@@ -106,9 +107,10 @@ def cmd_show(args) -> int:
         if args.backend in (None, backend.name):
             reason = getattr(backend, "unsupported", lambda c: None)(compiled)
             if reason is not None:  # e.g. the Triton backend and a reduction: the others run it
+                fused = isinstance(backend, FusedBackend)
                 sections.append((f"{backend.name} code", "not generated",
-                                 f"{spec.name} has no {backend.name} implementation: {reason}.\n"
-                                 f"fused=True is refused for it; its other implementations run instead."))
+                                 f"{spec.name} has no {backend.name} implementation: {reason}."
+                                 + ("\nfused=True is refused for it; its other implementations run instead." if fused else "")))
                 continue
             sections.append((f"{backend.name} code", "", backend.render(compiled)))
     for title, sub, text in sections:
