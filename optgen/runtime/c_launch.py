@@ -1,8 +1,9 @@
 """Compiling and calling the generated C kernels (generated/<spec>_c.py).
 
 Each generated module holds its C source (``SOURCE``) and a :class:`Library` for it.  On the first
-call for a parameter dtype (float32, float64, bfloat16, float16) the source is compiled, with :data:`PRELUDE` in front, into a shared
-library under the cache directory (``$OPTGEN_CACHE_DIR``, else ``~/.cache/optgen``), named by a
+call for a parameter dtype (float32, float64, bfloat16, float16) the source is compiled, with
+:data:`PRELUDE` in front, into a shared library under the cache directory (``$OPTGEN_CACHE_DIR``,
+else ``~/.cache/optgen``, else the temporary directory when that is not writable), named by a
 hash of everything that goes into it, and loaded with ctypes; later processes load the cached
 file.  The compiler is ``$CC`` or ``cc``, with ``-O3 -march=native -fopenmp -fno-math-errno``
 (PERF-NOTES: without ``-fno-math-errno`` ``sqrtf`` does not vectorise); no ``-ffast-math``, which
@@ -122,22 +123,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OPTGEN_CACHE_DIR") or Path.home() / ".cache" / "optgen") / "c"
 
 
+def writable(directory: Path) -> Path:
+    """``directory``, created; or, where it cannot be written, one in the temporary directory."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            return directory
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"optgen-{os.getuid()}" / "c"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
 class Library:
     """The C source of one generated module, compiled per dtype on first use."""
 
     def __init__(self, name: str, source: str):
         self.name, self.source = name, source
         self._loaded: dict[torch.dtype, ctypes.CDLL] = {}
+        self._threads: dict[torch.dtype, int] = {}
 
     def function(self, dtype: torch.dtype, name: str):
         lib = self._loaded.get(dtype)
         if lib is None:
             lib = self._loaded[dtype] = ctypes.CDLL(str(self._compile(dtype)))
-            lib.threads = None
         threads = torch.get_num_threads()
-        if lib.threads != threads:  # as many threads as torch's own CPU kernels use
+        if self._threads.get(dtype) != threads:  # as many threads as torch's own CPU kernels use
             lib.optgen_set_num_threads(threads)
-            lib.threads = threads
+            self._threads[dtype] = threads
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = _ARGTYPES, None
         return fn
@@ -150,10 +164,9 @@ class Library:
         text = PRELUDE + self.source
         key = hashlib.sha256("\0".join([text, cc, *FLAGS, *defines, platform.machine(), platform.node()])
                              .encode()).hexdigest()[:20]
-        target = cache_dir() / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"
+        target = writable(cache_dir()) / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"
         if target.exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             source = Path(tmp) / "kernels.c"
             source.write_text(text)
