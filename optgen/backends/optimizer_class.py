@@ -76,7 +76,7 @@ class OptimizerClassBackend(Backend):
         derived = [(h.name, h.derive) for h in hyper.values() if h.derive]
         return environment().get_template("optimizer/class.py.j2").render(
             header=header(compiled), name=spec.name, paper=spec.paper, doc=spec.doc, path=spec.path,
-            rule=_docstring_safe(spec.rule_text).strip("\n").splitlines(), torch_name=f"torch.optim.{spec.torch_name or spec.name}",
+            rule=_docstring_safe(spec.rule_text).strip("\n").splitlines(), drop_in=f"a drop-in for torch.optim.{spec.torch_name}" if spec.torch_name else "torch.optim has no such optimizer: this one has its interface",
             kernel_modules=kernel_modules, kernels=kernels,
             flags=repr(tuple(h.name for h in spec.flags)),
             tensor_state=repr(tuple((plural(s.name), s.key) for s in spec.state.values() if not s.is_scalar)),

@@ -1,0 +1,65 @@
+"""Optimizers torch.optim does not have, checked against their papers' update written out here
+independently of the spec (torch.optim cannot be the oracle for them).
+
+Lion (Chen et al., 2023, arXiv:2302.06675, Algorithm 2, decoupled weight decay):
+    c = beta1 * m + (1 - beta1) * g;  theta = theta - lr * (sign(c) + wd * theta);
+    m = beta2 * m + (1 - beta2) * g
+"""
+import pytest
+import torch
+
+import optgen
+from optgen.runtime import c_launch
+
+IMPLEMENTATIONS = ["forloop", "foreach", "differentiable"] + (["c"] if c_launch.available() else [])
+
+
+def lion_reference(params, grads_per_step, lr, betas, weight_decay, maximize=False):
+    """The paper's Algorithm 2 in float64."""
+    beta1, beta2 = betas
+    theta = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(t) for t in theta]
+    for grads in grads_per_step:
+        for t, mi, g in zip(theta, m, grads):
+            g = -g.double() if maximize else g.double()
+            c = beta1 * mi + (1 - beta1) * g
+            t.sub_(lr * (torch.sign(c) + weight_decay * t))
+            mi.mul_(beta2).add_((1 - beta2) * g)
+    return theta, m
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kwargs", [dict(lr=1e-3), dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1),
+                                    dict(lr=1e-3, weight_decay=0.01, maximize=True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_lion_follows_the_paper(implementation, kwargs, dtype):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (7,), ()]
+    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+    grads_per_step = [[torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(20)]
+    theta, m = lion_reference(params, grads_per_step, kwargs["lr"], kwargs.get("betas", (0.9, 0.99)),
+                              kwargs.get("weight_decay", 0.0), kwargs.get("maximize", False))
+    differentiable = implementation == "differentiable"
+    leaves = [p.clone() if differentiable else p for p in params]
+    opt = optgen.Lion(leaves, differentiable=differentiable, **kwargs)
+    if not differentiable:
+        opt.implementation = implementation
+    for grads in grads_per_step:
+        for p, grad in zip(leaves, grads):
+            p.grad = grad
+        opt.step()
+    # float64: rounding only (the spec's lerp vs the paper's weighted sum); float32: a few ulps
+    # of the values, over 20 steps
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for p, t, mi in zip(leaves, theta, m):
+        torch.testing.assert_close(p.detach().double(), t, **tol)
+        torch.testing.assert_close(opt.state[p]["exp_avg"].detach().double(), mi, **tol)
+
+
+def test_lion_validates_like_a_torch_optimizer():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.0"):
+        optgen.Lion([p], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="Invalid learning rate: -1"):
+        optgen.Lion([p], lr=-1)
+    assert isinstance(optgen.Lion([p]), torch.optim.Optimizer)
