@@ -4,6 +4,11 @@ independently of the spec (torch.optim cannot be the oracle for them).
 Lion (Chen et al., 2023, arXiv:2302.06675, Algorithm 2, decoupled weight decay):
     c = beta1 * m + (1 - beta1) * g;  theta = theta - lr * (sign(c) + wd * theta);
     m = beta2 * m + (1 - beta2) * g
+
+AdaBelief (Zhuang et al., 2020, Algorithm 2, as the authors' adabelief-pytorch 0.2 computes it
+without rectification: eps added to s every step, weight decay decoupled by default):
+    m = beta1 * m + (1 - beta1) * g;  s = beta2 * s + (1 - beta2) * (g - m)^2 + eps
+    theta = theta - lr / (1 - beta1^t) * m / (sqrt(s / (1 - beta2^t)) + eps)
 """
 import pytest
 import torch
@@ -54,6 +59,50 @@ def test_lion_follows_the_paper(implementation, kwargs, dtype):
     for p, t, mi in zip(leaves, theta, m):
         torch.testing.assert_close(p.detach().double(), t, **tol)
         torch.testing.assert_close(opt.state[p]["exp_avg"].detach().double(), mi, **tol)
+
+
+def adabelief_reference(params, grads_per_step, lr, betas, eps, weight_decay, decoupled, maximize=False):
+    beta1, beta2 = betas
+    theta = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(t) for t in theta]
+    s = [torch.zeros_like(t) for t in theta]
+    for step, grads in enumerate(grads_per_step, start=1):
+        for t, mi, si, g in zip(theta, m, s, grads):
+            g = -g.double() if maximize else g.double()
+            if decoupled:
+                t.mul_(1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * t
+            mi.copy_(beta1 * mi + (1 - beta1) * g)
+            si.copy_(beta2 * si + (1 - beta2) * (g - mi) ** 2 + eps)
+            t.sub_(lr / (1 - beta1 ** step) * mi / ((si / (1 - beta2 ** step)).sqrt() + eps))
+    return theta, m, s
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kwargs", [dict(), dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1),
+                                    dict(weight_decay=0.1, decoupled_weight_decay=False, maximize=True)], ids=str)
+def test_adabelief_follows_the_paper(implementation, kwargs):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (7,), ()]
+    params = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+    grads_per_step = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(20)]
+    theta, m, s = adabelief_reference(params, grads_per_step, kwargs.get("lr", 1e-3), kwargs.get("betas", (0.9, 0.999)),
+                                      kwargs.get("eps", 1e-16), kwargs.get("weight_decay", 0.0),
+                                      kwargs.get("decoupled_weight_decay", True), kwargs.get("maximize", False))
+    differentiable = implementation == "differentiable"
+    leaves = [p.clone() if differentiable else p for p in params]
+    opt = optgen.AdaBelief(leaves, differentiable=differentiable, **kwargs)
+    if not differentiable:
+        opt.implementation = implementation
+    for grads in grads_per_step:
+        for p, grad in zip(leaves, grads):
+            p.grad = grad
+        opt.step()
+    for p, t, mi, si in zip(leaves, theta, m, s):
+        torch.testing.assert_close(p.detach(), t, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["exp_avg"].detach(), mi, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["exp_avg_var"].detach(), si, rtol=1e-10, atol=1e-14)
 
 
 def test_lion_validates_like_a_torch_optimizer():
