@@ -81,8 +81,12 @@ typedef SCALAR_T scalar_t;
 #define PARALLEL_MIN 65536
 
 /* the threads a kernel's parallel loops use: torch.get_num_threads(), set from Python */
+#ifdef _OPENMP
 #include <omp.h>
 void optgen_set_num_threads(int n) { omp_set_num_threads(n); }
+#else
+void optgen_set_num_threads(int n) { (void)n; }
+#endif
 
 /* 0-dim counters (torch's `step`) are float32 unless the default dtype is float64 */
 static inline double load_counter(void *p, int f64) { return f64 ? *(double *)p : (double)*(float *)p; }
@@ -100,6 +104,9 @@ static inline scalar_t sign_of(scalar_t x) { return x > 0 ? (scalar_t)1 : (x < 0
 """
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
+#: flags a compiler may not take (clang on macOS has no -fopenmp): dropped, in this order, after a
+#: failed compile — a slower kernel rather than none
+OPTIONAL_FLAGS = ("-fopenmp", "-march=native")
 #: parameter dtype → (its name in the cache, the -D flags that compile the kernels for it)
 C_TYPES = {
     torch.float32: ("float", ("-DSCALAR_T=float", "-DSCALAR_IS_FLOAT=1")),
@@ -171,8 +178,15 @@ class Library:
             source = Path(tmp) / "kernels.c"
             source.write_text(text)
             out = Path(tmp) / "kernels.so"
-            result = subprocess.run([cc, *FLAGS, *defines, "-o", str(out), str(source)], capture_output=True, text=True)
-            if result.returncode != 0:
+            flags = list(FLAGS)
+            for dropped in (None, *OPTIONAL_FLAGS):
+                if dropped is not None:
+                    flags.remove(dropped)
+                result = subprocess.run([cc, *flags, *defines, "-o", str(out), str(source)],
+                                        capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed:\n{result.stderr}")
             os.replace(out, target)  # atomic: a concurrent process loads a whole file or compiles its own
         return target
