@@ -45,14 +45,13 @@ def adabelief_default(
         if weight_decay != 0:
             # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
             exp_avg_var = exp_avg_var.mul(beta2)
-            _t1 = grad.sub(exp_avg)
             grad = grad.sub(exp_avg)
-            exp_avg_var = exp_avg_var.addcmul(_t1, grad, value=1 - beta2).add_(eps)
+            exp_avg_var = exp_avg_var.addcmul(grad, grad, value=1 - beta2).add_(eps)
         else:
             # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
             exp_avg_var = exp_avg_var.mul(beta2)
             _t1 = grad.sub(exp_avg)
-            exp_avg_var = exp_avg_var.addcmul(_t1, grad.sub(exp_avg), value=1 - beta2).add_(eps)
+            exp_avg_var = exp_avg_var.addcmul(_t1, _t1, value=1 - beta2).add_(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -98,9 +97,8 @@ def adabelief_maximize(
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
         exp_avg_var = exp_avg_var.mul(beta2)
-        _t2 = grad.sub(exp_avg)
         grad = grad.sub(exp_avg)
-        exp_avg_var = exp_avg_var.addcmul(_t2, grad, value=1 - beta2).add_(eps)
+        exp_avg_var = exp_avg_var.addcmul(grad, grad, value=1 - beta2).add_(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -146,7 +144,7 @@ def adabelief_decoupled_weight_decay(
         # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
         exp_avg_var = exp_avg_var.mul(beta2)
         _t0 = grad.sub(exp_avg)
-        exp_avg_var = exp_avg_var.addcmul(_t0, grad.sub(exp_avg), value=1 - beta2).add_(eps)
+        exp_avg_var = exp_avg_var.addcmul(_t0, _t0, value=1 - beta2).add_(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -193,9 +191,8 @@ def adabelief_decoupled_weight_decay_maximize(
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
         exp_avg_var = exp_avg_var.mul(beta2)
-        _t1 = grad.sub(exp_avg)
         grad = grad.sub(exp_avg)
-        exp_avg_var = exp_avg_var.addcmul(_t1, grad, value=1 - beta2).add_(eps)
+        exp_avg_var = exp_avg_var.addcmul(grad, grad, value=1 - beta2).add_(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step

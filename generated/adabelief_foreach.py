@@ -37,16 +37,14 @@ def adabelief_default(
     if weight_decay != 0:
         # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
         torch._foreach_mul_(exp_avg_vars, beta2)
-        _t1s = torch._foreach_sub(grads, exp_avgs)
         torch._foreach_sub_(grads, exp_avgs)
-        torch._foreach_addcmul_(exp_avg_vars, _t1s, grads, 1 - beta2)
+        torch._foreach_addcmul_(exp_avg_vars, grads, grads, 1 - beta2)
         torch._foreach_add_(exp_avg_vars, eps)
     else:
         # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
         torch._foreach_mul_(exp_avg_vars, beta2)
         _t1s = torch._foreach_sub(grads, exp_avgs)
-        _t2s = torch._foreach_sub(grads, exp_avgs)
-        torch._foreach_addcmul_(exp_avg_vars, _t1s, _t2s, 1 - beta2)
+        torch._foreach_addcmul_(exp_avg_vars, _t1s, _t1s, 1 - beta2)
         torch._foreach_add_(exp_avg_vars, eps)
     del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
@@ -87,9 +85,8 @@ def adabelief_maximize(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
     torch._foreach_mul_(exp_avg_vars, beta2)
-    _t2s = torch._foreach_sub(grads, exp_avgs)
     torch._foreach_sub_(grads, exp_avgs)
-    torch._foreach_addcmul_(exp_avg_vars, _t2s, grads, 1 - beta2)
+    torch._foreach_addcmul_(exp_avg_vars, grads, grads, 1 - beta2)
     torch._foreach_add_(exp_avg_vars, eps)
     del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
@@ -129,8 +126,7 @@ def adabelief_decoupled_weight_decay(
     # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
     torch._foreach_mul_(exp_avg_vars, beta2)
     _t0s = torch._foreach_sub(grads, exp_avgs)
-    _t1s = torch._foreach_sub(grads, exp_avgs)
-    torch._foreach_addcmul_(exp_avg_vars, _t0s, _t1s, 1 - beta2)
+    torch._foreach_addcmul_(exp_avg_vars, _t0s, _t0s, 1 - beta2)
     torch._foreach_add_(exp_avg_vars, eps)
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
@@ -170,9 +166,8 @@ def adabelief_decoupled_weight_decay_maximize(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
     torch._foreach_mul_(exp_avg_vars, beta2)
-    _t1s = torch._foreach_sub(grads, exp_avgs)
     torch._foreach_sub_(grads, exp_avgs)
-    torch._foreach_addcmul_(exp_avg_vars, _t1s, grads, 1 - beta2)
+    torch._foreach_addcmul_(exp_avg_vars, grads, grads, 1 - beta2)
     torch._foreach_add_(exp_avg_vars, eps)
     del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step

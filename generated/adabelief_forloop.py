@@ -41,14 +41,13 @@ def adabelief_default(
         if weight_decay != 0:
             # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
             exp_avg_var.mul_(beta2)
-            _t1 = grad.sub(exp_avg)
             grad.sub_(exp_avg)
-            exp_avg_var.addcmul_(_t1, grad, value=1 - beta2).add_(eps)
+            exp_avg_var.addcmul_(grad, grad, value=1 - beta2).add_(eps)
         else:
             # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
             exp_avg_var.mul_(beta2)
             _t1 = grad.sub(exp_avg)
-            exp_avg_var.addcmul_(_t1, grad.sub(exp_avg), value=1 - beta2).add_(eps)
+            exp_avg_var.addcmul_(_t1, _t1, value=1 - beta2).add_(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -90,9 +89,8 @@ def adabelief_maximize(
         exp_avg.lerp_(grad, 1 - beta1)
         # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
         exp_avg_var.mul_(beta2)
-        _t2 = grad.sub(exp_avg)
         grad.sub_(exp_avg)
-        exp_avg_var.addcmul_(_t2, grad, value=1 - beta2).add_(eps)
+        exp_avg_var.addcmul_(grad, grad, value=1 - beta2).add_(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -133,7 +131,7 @@ def adabelief_decoupled_weight_decay(
         # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
         exp_avg_var.mul_(beta2)
         _t0 = grad.sub(exp_avg)
-        exp_avg_var.addcmul_(_t0, grad.sub(exp_avg), value=1 - beta2).add_(eps)
+        exp_avg_var.addcmul_(_t0, _t0, value=1 - beta2).add_(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -175,9 +173,8 @@ def adabelief_decoupled_weight_decay_maximize(
         exp_avg.lerp_(grad, 1 - beta1)
         # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
         exp_avg_var.mul_(beta2)
-        _t1 = grad.sub(exp_avg)
         grad.sub_(exp_avg)
-        exp_avg_var.addcmul_(_t1, grad, value=1 - beta2).add_(eps)
+        exp_avg_var.addcmul_(grad, grad, value=1 - beta2).add_(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step

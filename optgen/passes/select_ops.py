@@ -238,8 +238,9 @@ class _Selector:
             return self.apply(value, "add", (self.operand(nums[0], ops),), ops, alpha)
         nums.sort(key=lambda n: n.is_Symbol)  # a compound factor first: addcmul_(grad.sign(), step_size)
         if len(nums) == 2 and not dens:
-            return self.apply(value, "addcmul", (self.operand(nums[0], ops), self.operand(nums[1], ops)),
-                              ops, value_kw)
+            first = self.operand(nums[0], ops)
+            second = first if nums[1] == nums[0] else self.operand(nums[1], ops)  # (x - y) ** 2: x - y once
+            return self.apply(value, "addcmul", (first, second), ops, value_kw)
         if len(nums) == 1 and len(dens) == 1:
             return self.apply(value, "addcdiv", (self.operand(nums[0], ops), self.operand(dens[0], ops)),
                               ops, value_kw)
