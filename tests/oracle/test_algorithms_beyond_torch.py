@@ -17,6 +17,30 @@ import optgen
 from optgen.runtime import c_launch
 
 IMPLEMENTATIONS = ["forloop", "foreach", "differentiable"] + (["c"] if c_launch.available() else [])
+SHAPES = [(40, 30), (7,), ()]
+
+
+def inputs(dtype, steps=20):
+    """Parameters and ``steps`` gradients for each (float64 draws cast to ``dtype``)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in SHAPES]
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in SHAPES] for _ in range(steps)]
+    return params, grads
+
+
+def run_optgen(name, implementation, params, grads_per_step, kwargs):
+    """optgen's ``name`` through ``implementation`` ("differentiable": differentiable=True on
+    non-leaf copies, as such a step needs); returns the stepped tensors and the optimizer."""
+    differentiable = implementation == "differentiable"
+    leaves = [p.clone() if differentiable else p for p in params]
+    opt = getattr(optgen, name)(leaves, differentiable=differentiable, **kwargs)
+    if not differentiable:
+        opt.implementation = implementation
+    for grads in grads_per_step:
+        for p, grad in zip(leaves, grads):
+            p.grad = grad
+        opt.step()
+    return leaves, opt
 
 
 def lion_reference(params, grads_per_step, lr, betas, weight_decay, maximize=False):
@@ -38,21 +62,10 @@ def lion_reference(params, grads_per_step, lr, betas, weight_decay, maximize=Fal
                                     dict(lr=1e-3, weight_decay=0.01, maximize=True)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_lion_follows_the_paper(implementation, kwargs, dtype):
-    g = torch.Generator().manual_seed(0)
-    shapes = [(40, 30), (7,), ()]
-    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
-    grads_per_step = [[torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(20)]
+    params, grads_per_step = inputs(dtype)
     theta, m = lion_reference(params, grads_per_step, kwargs["lr"], kwargs.get("betas", (0.9, 0.99)),
                               kwargs.get("weight_decay", 0.0), kwargs.get("maximize", False))
-    differentiable = implementation == "differentiable"
-    leaves = [p.clone() if differentiable else p for p in params]
-    opt = optgen.Lion(leaves, differentiable=differentiable, **kwargs)
-    if not differentiable:
-        opt.implementation = implementation
-    for grads in grads_per_step:
-        for p, grad in zip(leaves, grads):
-            p.grad = grad
-        opt.step()
+    leaves, opt = run_optgen("Lion", implementation, params, grads_per_step, kwargs)
     # float64: rounding only (the spec's lerp vs the paper's weighted sum); float32: a few ulps
     # of the values, over 20 steps
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
@@ -83,22 +96,11 @@ def adabelief_reference(params, grads_per_step, lr, betas, eps, weight_decay, de
 @pytest.mark.parametrize("kwargs", [dict(), dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1),
                                     dict(weight_decay=0.1, decoupled_weight_decay=False, maximize=True)], ids=str)
 def test_adabelief_follows_the_paper(implementation, kwargs):
-    g = torch.Generator().manual_seed(0)
-    shapes = [(40, 30), (7,), ()]
-    params = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
-    grads_per_step = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(20)]
+    params, grads_per_step = inputs(torch.float64)
     theta, m, s = adabelief_reference(params, grads_per_step, kwargs.get("lr", 1e-3), kwargs.get("betas", (0.9, 0.999)),
                                       kwargs.get("eps", 1e-16), kwargs.get("weight_decay", 0.0),
                                       kwargs.get("decoupled_weight_decay", True), kwargs.get("maximize", False))
-    differentiable = implementation == "differentiable"
-    leaves = [p.clone() if differentiable else p for p in params]
-    opt = optgen.AdaBelief(leaves, differentiable=differentiable, **kwargs)
-    if not differentiable:
-        opt.implementation = implementation
-    for grads in grads_per_step:
-        for p, grad in zip(leaves, grads):
-            p.grad = grad
-        opt.step()
+    leaves, opt = run_optgen("AdaBelief", implementation, params, grads_per_step, kwargs)
     for p, t, mi, si in zip(leaves, theta, m, s):
         torch.testing.assert_close(p.detach(), t, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["exp_avg"].detach(), mi, rtol=1e-10, atol=1e-12)
