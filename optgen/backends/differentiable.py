@@ -39,7 +39,7 @@ from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.python_base import PythonKernelBackend
 from optgen.ir.ops import OpProgram, TensorOp
 from optgen.passes import Compiled
-from optgen.spec.expressions import Norm
+from optgen.spec.expressions import SCALAR_OF_TENSOR, Norm
 
 _OUT_OF_PLACE = {
     "maximum_": "{self} = torch.maximum({self}, {args})",
@@ -168,6 +168,10 @@ class DifferentiableRenderer(ForLoopRenderer):
         but it being the receiver, or the added tensor, of an op that needs nothing of it."""
         names = {"param"}
         for step in self.program.steps:
+            if step.kind == "scalar" and step.expr is not None and any(
+                    isinstance(e, SCALAR_OF_TENSOR) and sympy.Symbol("param", real=True) in e.free_symbols
+                    for e in sympy.preorder_traversal(sympy.sympify(step.expr))):
+                return True  # norm(param): its backward reads the parameter
             for op in (*step.ops, *(step.first_ops or ())):
                 fn = op.fn.rstrip("_")
                 if fn == "alias" and op.self_ in names:

@@ -5,6 +5,10 @@ Lion (Chen et al., 2023, arXiv:2302.06675, Algorithm 2, decoupled weight decay):
     c = beta1 * m + (1 - beta1) * g;  theta = theta - lr * (sign(c) + wd * theta);
     m = beta2 * m + (1 - beta2) * g
 
+LAMB (You et al., 2019, arXiv:1904.00962, Algorithm 2, phi = identity, ratio 1 at a zero norm):
+    m, v as Adam's; u = m_hat / (sqrt(v_hat) + eps) + wd * theta
+    theta = theta - lr * (||theta|| / ||u||) * u
+
 AdaBelief (Zhuang et al., 2020, Algorithm 2, as the authors' adabelief-pytorch 0.2 computes it
 without rectification: eps added to s every step, weight decay decoupled by default):
     m = beta1 * m + (1 - beta1) * g;  s = beta2 * s + (1 - beta2) * (g - m)^2 + eps
@@ -105,6 +109,56 @@ def test_adabelief_follows_the_paper(implementation, kwargs):
         torch.testing.assert_close(p.detach(), t, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["exp_avg"].detach(), mi, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["exp_avg_var"].detach(), si, rtol=1e-10, atol=1e-14)
+
+
+def lamb_reference(params, grads_per_step, lr, betas, eps, weight_decay):
+    beta1, beta2 = betas
+    theta = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(t) for t in theta]
+    v = [torch.zeros_like(t) for t in theta]
+    for step, grads in enumerate(grads_per_step, start=1):
+        for t, mi, vi, g in zip(theta, m, v, grads):
+            g = g.double()
+            mi.copy_(beta1 * mi + (1 - beta1) * g)
+            vi.copy_(beta2 * vi + (1 - beta2) * g * g)
+            u = (mi / (1 - beta1 ** step)) / ((vi / (1 - beta2 ** step)).sqrt() + eps) + weight_decay * t
+            w_norm, u_norm = t.norm().item(), u.norm().item()
+            ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            t.sub_(lr * ratio * u)
+    return theta, m, v
+
+
+@pytest.mark.parametrize("implementation", ["forloop", "foreach", "differentiable"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(lr=1e-2, weight_decay=0.1)], ids=str)
+def test_lamb_follows_the_paper(implementation, kwargs):
+    """(No fused kernel: the trust ratio needs two norms of the whole tensor first.)"""
+    params, grads_per_step = inputs(torch.float64)
+    with torch.no_grad():
+        params[2].zero_()  # a zero parameter: trust ratio 1
+    theta, m, v = lamb_reference(params, grads_per_step, kwargs.get("lr", 1e-3), (0.9, 0.999), 1e-6,
+                                 kwargs.get("weight_decay", 0.0))
+    leaves, opt = run_optgen("Lamb", implementation, params, grads_per_step, kwargs)
+    for p, t, mi, vi in zip(leaves, theta, m, v):
+        torch.testing.assert_close(p.detach(), t, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["exp_avg"].detach(), mi, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"].detach(), vi, rtol=1e-10, atol=1e-14)
+    assert "c" not in opt.implementations and "triton" not in opt.implementations
+
+
+def test_lamb_differentiates_through_its_norms():
+    """The differentiable kernel keeps norm(param) and norm(update) in the graph (and copies the
+    parameter, whose norm's backward reads it): gradcheck w.r.t. the parameter and a Tensor lr."""
+    def run(p_leaf, lr):
+        p = p_leaf.clone()
+        opt = optgen.Lamb([p], lr=lr, weight_decay=0.1, differentiable=True)
+        for k in range(2):
+            p.grad = torch.linspace(-0.3, 0.5, 3, dtype=torch.float64) * (k + 1)
+            opt.step()
+        return p
+
+    inputs_ = (torch.linspace(0.5, 1.5, 3, dtype=torch.float64, requires_grad=True),
+               torch.tensor(0.1, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(run, inputs_)
 
 
 def test_lion_validates_like_a_torch_optimizer():
