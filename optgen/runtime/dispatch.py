@@ -19,6 +19,8 @@ name in the class's ``implementations``) overrides the choice for every group; t
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 #: device types where torch's foreach kernels are real multi-tensor kernels
@@ -50,13 +52,19 @@ def triton_applies(params: list[torch.Tensor]) -> bool:
 C_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128}
 
 
-def c_applies(params: list[torch.Tensor]) -> bool:
-    """Whether the fused C kernels can update these parameters: floating (or complex) CPU
-    tensors, with a C compiler on the machine."""
+def c_declines(params: list[torch.Tensor]) -> str | None:
+    """Why the fused C kernels cannot update these CPU parameters (None: they can): they need
+    floating (or complex) contiguous tensors and gradients, and a C compiler on the machine."""
     from optgen.runtime import c_launch
 
-    return bool(params) and all(p.device.type == "cpu" and p.dtype in C_DTYPES for p in params) \
-        and c_launch.available()
+    if not c_launch.available():
+        return "no C compiler (cc, or $CC) on this machine"
+    for p in params:
+        if p.dtype not in C_DTYPES:
+            return f"a {p.dtype} parameter"
+        if not p.is_contiguous() or (p.grad is not None and not p.grad.is_contiguous()):
+            return "a parameter or gradient that is not contiguous"
+    return None
 
 
 def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
@@ -69,8 +77,15 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     if group.get("fused"):
         if "triton" in optimizer.implementations and triton_applies(params):
             return "triton"
-        if "c" in optimizer.implementations and c_applies(params):
-            return "c"
+        if "c" in optimizer.implementations and params and all(p.device.type == "cpu" for p in params):
+            reason = c_declines(params)
+            if reason is None:
+                return "c"
+            # torch's fused CPU kernels take these: run the for-loop (torch's single-tensor
+            # results) rather than fail, and say so once
+            _warn_once(f"optgen.{type(optimizer).__name__}(fused=True) runs its for-loop kernel on these "
+                       f"CPU parameters: {reason}")
+            return "forloop"
         raise RuntimeError(f"optgen.{type(optimizer).__name__} has no fused implementation for these "
                            "parameters yet; use foreach=True, or fused=None to pick automatically")
     if group.get("foreach"):
@@ -82,6 +97,15 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
             return fastest
         return "foreach"
     return "forloop"
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)
 
 
 def check_options(optimizer, defaults: dict) -> None:

@@ -151,6 +151,25 @@ def test_torchs_fused_sgd_in_bfloat16_leaves_its_for_loop():
     assert gap > 1.0
 
 
+def test_fused_true_on_parameters_the_c_kernel_declines_runs_the_for_loop():
+    """torch's fused CPU kernels take a transposed parameter; optgen's C kernel walks contiguous
+    memory, so fused=True runs the for-loop kernel there (torch's single-tensor results), with a
+    warning saying why."""
+    results = []
+    for lib in (optgen, torch.optim):
+        p = torch.arange(12.0).reshape(4, 3).t().requires_grad_()  # a (3, 4) tensor with strides (1, 3)
+        assert not p.is_contiguous()
+        opt = lib.Adam([p], lr=0.1, fused=True)
+        p.grad = torch.ones_like(p)
+        if lib is optgen:
+            with pytest.warns(UserWarning, match="not contiguous"):
+                opt.step()
+        else:
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[0], results[1], **FLOAT32)
+
+
 def test_unsupported_tensors_get_a_clear_error():
     p = torch.zeros(4, 4, requires_grad=True)
     p.grad = torch.ones(4, 4).t()  # not contiguous
