@@ -13,6 +13,7 @@ import sympy
 
 from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
 from optgen.backends.printing import PythonScalarPrinter
+from optgen.ir.guards import simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
 
@@ -131,7 +132,7 @@ class PythonRenderer:
                 lines += block
             elif block:
                 # The second half of a spec's if/else prints as `else:`, not as a negated `if`.
-                is_else = previous is not None and sympy.simplify_logic(sympy.Not(previous)) == guard
+                is_else = previous is not None and simplify_guard(sympy.Not(previous)) == guard
                 is_else = is_else and bool(lines) and lines[-1].startswith(renderer.indent)
                 header = "else:" if is_else else f"if {renderer.scalar(guard)}:"
                 lines += [header, *(renderer.indent + line for line in block)]

@@ -66,6 +66,7 @@ from optgen.backends.forloop import counter_list, plural
 from optgen.backends.fused import FusedBackend
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.triton_printer import TritonPrinter, Unsupported
+from optgen.ir.guards import simplify_guard
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 
 #: names the kernel skeleton (templates/triton/kernels.py.j2) defines; spec names that collide
@@ -170,7 +171,7 @@ class _KernelBuilder:
 
     def host_guard(self, condition: sympy.Basic) -> str | None:
         """The constexpr name of a host condition (None for `true`)."""
-        condition = sympy.simplify_logic(condition) if condition not in (sympy.true, sympy.false) else condition
+        condition = simplify_guard(condition)
         if condition == sympy.true:
             return None
         if condition not in self.host_guards:
@@ -360,7 +361,7 @@ class _KernelBuilder:
         whole_blocks, last_block = body(masked=False), body(masked=True)  # (registers their guards)
         tensors = []
         for t in lists:
-            guard = sympy.simplify_logic(presence.get(t, sympy.true))
+            guard = simplify_guard(presence.get(t, sympy.true))
             tensors.append((plural(t), None if guard == sympy.true else self.host_guard(guard)))
         guards = [(name, _over_arguments(cond) if cond != sympy.false else "False")
                   for cond, name in self.host_guards.items()]

@@ -1,35 +1,17 @@
 """Validity rules for an IR program, kept apart from lowering and from the passes.
 
 - every name read is declared (hyperparameter, state, param, grad) or assigned before, on every
-  path the read can take (guards are compared with sympy's SAT solver);
+  path the read can take (guards are compared with sympy's SAT solver, optgen/ir/guards.py);
 - a state declared with ``when = ...`` is only touched where that condition holds;
 - every state is written by the rule (otherwise it is dead weight in every checkpoint).
 """
 from __future__ import annotations
 
 import sympy
-from sympy.logic.inference import satisfiable
 
 from optgen.errors import SpecError
+from optgen.ir.guards import implies
 from optgen.ir.nodes import Program, Role
-
-
-def _as_propositional(expr: sympy.Basic, atoms: dict) -> sympy.Basic:
-    """Relations such as ``Ne(weight_decay, 0)`` become boolean atoms so SAT can reason about them."""
-    if isinstance(expr, sympy.core.relational.Relational):
-        # sympy rewrites Not(eps > 1) as eps <= 1: one atom for a relation and its negation.
-        key, negated = expr.canonical, expr.negated.canonical
-        if negated in atoms:
-            return sympy.Not(atoms[negated])
-        return atoms.setdefault(key, sympy.Symbol(f"_rel{len(atoms)}"))
-    if expr.args and isinstance(expr, sympy.logic.boolalg.Boolean):
-        return expr.func(*(_as_propositional(a, atoms) for a in expr.args))
-    return expr
-
-
-def implies(a: sympy.Basic, b: sympy.Basic) -> bool:
-    atoms: dict = {}
-    return not satisfiable(sympy.And(_as_propositional(a, atoms), sympy.Not(_as_propositional(b, atoms))))
 
 
 def validate(program: Program) -> Program:

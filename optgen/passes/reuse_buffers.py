@@ -26,8 +26,8 @@ import dataclasses
 
 import sympy
 
+from optgen.ir.guards import implies, simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
-from optgen.ir.validate import implies
 
 MASKS = {"gt", "lt", "ge", "le", "eq", "ne"}  # ops whose result is a boolean mask
 #: ops with no in-place form: masks, shape-changing reductions, intrinsics, binding and copying
@@ -95,8 +95,8 @@ def _merge(before: dict, after: dict, guard) -> dict:
     merged = {}
     for n in names:
         b, a = before.get(n, sympy.false), after.get(n, sympy.false)
-        merged[n] = a if guard == sympy.true else sympy.simplify_logic(sympy.Or(sympy.And(guard, a),
-                                                                                sympy.And(sympy.Not(guard), b)))
+        merged[n] = a if guard == sympy.true else simplify_guard(
+            sympy.Or(sympy.And(guard, a), sympy.And(sympy.Not(guard), b)))
     return merged
 
 

@@ -6,6 +6,7 @@ import itertools
 
 import sympy
 
+from optgen.ir.guards import simplify_guard
 from optgen.ir.nodes import Program, Role
 from optgen.spec.expressions import symbol
 
@@ -24,11 +25,11 @@ def specialize(program: Program, flags: tuple[tuple[str, bool], ...]) -> Program
     values = {symbol(name): sympy.true if v else sympy.false for name, v in flags}
     body = []
     for a in program.body:
-        guard = sympy.simplify_logic(a.guard.subs(values)) if a.guard.free_symbols else a.guard
+        guard = simplify_guard(a.guard.subs(values))
         if guard == sympy.false:
             continue
         body.append(dataclasses.replace(a, guard=guard))
-    state_when = {name: sympy.simplify_logic(w.subs(values)) if w.free_symbols else w
+    state_when = {name: simplify_guard(w.subs(values))
                   for name, w in program.state_when.items()}
     roles = {name: role for name, role in program.roles.items() if role is not Role.FLAG}
     return program.with_body(body, flags=tuple(flags), state_when=state_when, roles=roles)
