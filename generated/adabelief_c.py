@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* AdaBelief step with decoupled_weight_decay=False, maximize=False */
 void adabelief_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -25,6 +25,10 @@ void adabelief_default(int64_t n, void **tensors, void **grads, void **counters,
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -40,10 +44,6 @@ void adabelief_default(int64_t n, void **tensors, void **grads, void **counters,
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -71,7 +71,7 @@ void adabelief_default(int64_t n, void **tensors, void **grads, void **counters,
 
 /* AdaBelief step with decoupled_weight_decay=False, maximize=True */
 void adabelief_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -81,6 +81,10 @@ void adabelief_maximize(int64_t n, void **tensors, void **grads, void **counters
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -96,10 +100,6 @@ void adabelief_maximize(int64_t n, void **tensors, void **grads, void **counters
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -129,7 +129,7 @@ void adabelief_maximize(int64_t n, void **tensors, void **grads, void **counters
 
 /* AdaBelief step with decoupled_weight_decay=True, maximize=False */
 void adabelief_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -139,6 +139,10 @@ void adabelief_decoupled_weight_decay(int64_t n, void **tensors, void **grads, v
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -154,10 +158,6 @@ void adabelief_decoupled_weight_decay(int64_t n, void **tensors, void **grads, v
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t param = to_compute(param_p[i]);
@@ -185,7 +185,7 @@ void adabelief_decoupled_weight_decay(int64_t n, void **tensors, void **grads, v
 
 /* AdaBelief step with decoupled_weight_decay=True, maximize=True */
 void adabelief_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -195,6 +195,10 @@ void adabelief_decoupled_weight_decay_maximize(int64_t n, void **tensors, void *
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -210,10 +214,6 @@ void adabelief_decoupled_weight_decay_maximize(int64_t n, void **tensors, void *
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -246,7 +246,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (decoupled_weight_decay, maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False, False): Kernel(
         LIBRARY, "adabelief_default",

@@ -36,7 +36,7 @@ from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 from optgen.runtime.intrinsics import reduced_shape
 
-from . import adafactor_forloop, adafactor_foreach
+from . import adafactor_forloop, adafactor_foreach, adafactor_c
 
 __all__ = ["Adafactor"]
 
@@ -45,7 +45,7 @@ class Adafactor(GeneratedOptimizer):
     """Adafactor, generated from specs/optimizers/adafactor.toml; a drop-in for torch.optim.Adafactor."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": adafactor_forloop, "foreach": adafactor_foreach}
+    _kernels = {"forloop": adafactor_forloop, "foreach": adafactor_foreach, "c": adafactor_c}
     _tensor_state = (('row_vars', 'row_var'), ('col_vars', 'col_var'), ('variances', 'variance'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* Adagrad step with maximize=False */
 void adagrad_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double lr_decay = hyper[1];
@@ -24,6 +24,9 @@ void adagrad_default(int64_t n, void **tensors, void **grads, void **counters, c
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -32,9 +35,6 @@ void adagrad_default(int64_t n, void **tensors, void **grads, void **counters, c
         const double clr = lr / (lr_decay * (step_1 - 1) + 1);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_clr = (scalar_t)(clr);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -58,7 +58,7 @@ void adagrad_default(int64_t n, void **tensors, void **grads, void **counters, c
 
 /* Adagrad step with maximize=True */
 void adagrad_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double lr_decay = hyper[1];
@@ -67,6 +67,9 @@ void adagrad_maximize(int64_t n, void **tensors, void **grads, void **counters, 
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -75,9 +78,6 @@ void adagrad_maximize(int64_t n, void **tensors, void **grads, void **counters, 
         const double clr = lr / (lr_decay * (step_1 - 1) + 1);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_clr = (scalar_t)(clr);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -106,7 +106,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False,): Kernel(
         LIBRARY, "adagrad_default",

@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* Adam step with amsgrad=False, maximize=False, decoupled_weight_decay=False */
 void adam_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -25,6 +25,10 @@ void adam_default(int64_t n, void **tensors, void **grads, void **counters, cons
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -43,10 +47,6 @@ void adam_default(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -74,7 +74,7 @@ void adam_default(int64_t n, void **tensors, void **grads, void **counters, cons
 
 /* Adam step with amsgrad=False, maximize=False, decoupled_weight_decay=True */
 void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -84,6 +84,10 @@ void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void *
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -102,10 +106,6 @@ void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void *
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t param = to_compute(param_p[i]);
@@ -133,7 +133,7 @@ void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void *
 
 /* Adam step with amsgrad=False, maximize=True, decoupled_weight_decay=False */
 void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -143,6 +143,10 @@ void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, con
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -161,10 +165,6 @@ void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -194,7 +194,7 @@ void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, con
 
 /* Adam step with amsgrad=False, maximize=True, decoupled_weight_decay=True */
 void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -204,6 +204,10 @@ void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grad
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -222,10 +226,6 @@ void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grad
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -255,7 +255,7 @@ void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grad
 
 /* Adam step with amsgrad=True, maximize=False, decoupled_weight_decay=False */
 void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -265,6 +265,11 @@ void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, cons
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -283,11 +288,6 @@ void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
-        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -319,7 +319,7 @@ void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, cons
 
 /* Adam step with amsgrad=True, maximize=False, decoupled_weight_decay=True */
 void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -329,6 +329,11 @@ void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -347,11 +352,6 @@ void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
-        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t param = to_compute(param_p[i]);
@@ -383,7 +383,7 @@ void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads
 
 /* Adam step with amsgrad=True, maximize=True, decoupled_weight_decay=False */
 void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -393,6 +393,11 @@ void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **count
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -411,11 +416,6 @@ void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **count
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
-        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -449,7 +449,7 @@ void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **count
 
 /* Adam step with amsgrad=True, maximize=True, decoupled_weight_decay=True */
 void adam_amsgrad_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -459,6 +459,11 @@ void adam_amsgrad_maximize_decoupled_weight_decay(int64_t n, void **tensors, voi
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -477,11 +482,6 @@ void adam_amsgrad_maximize_decoupled_weight_decay(int64_t n, void **tensors, voi
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
-        storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -518,7 +518,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (amsgrad, maximize, decoupled_weight_decay) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False, False, False): Kernel(
         LIBRARY, "adam_default",

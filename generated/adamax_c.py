@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* Adamax step with maximize=False */
 void adamax_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -25,6 +25,10 @@ void adamax_default(int64_t n, void **tensors, void **grads, void **counters, co
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -37,10 +41,6 @@ void adamax_default(int64_t n, void **tensors, void **grads, void **counters, co
         /* clr = lr / bias_correction */
         const double clr = lr / bias_correction;
         const scalar_t c_clr = (scalar_t)(clr);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -65,7 +65,7 @@ void adamax_default(int64_t n, void **tensors, void **grads, void **counters, co
 
 /* Adamax step with maximize=True */
 void adamax_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -75,6 +75,10 @@ void adamax_maximize(int64_t n, void **tensors, void **grads, void **counters, c
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -87,10 +91,6 @@ void adamax_maximize(int64_t n, void **tensors, void **grads, void **counters, c
         /* clr = lr / bias_correction */
         const double clr = lr / bias_correction;
         const scalar_t c_clr = (scalar_t)(clr);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -120,7 +120,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False,): Kernel(
         LIBRARY, "adamax_default",

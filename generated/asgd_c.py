@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* ASGD step with maximize=False */
 void asgd_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double lambd = hyper[1];
@@ -27,6 +27,9 @@ void asgd_default(int64_t n, void **tensors, void **grads, void **counters, cons
         double step = load_counter(counters[0 * n + t], counters_f64);
         double eta = load_counter(counters[1 * n + t], counters_f64);
         double mu = load_counter(counters[2 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -40,9 +43,6 @@ void asgd_default(int64_t n, void **tensors, void **grads, void **counters, cons
         const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
         /* mu = 1 / maximum(1, step - t0) */
         const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -69,7 +69,7 @@ void asgd_default(int64_t n, void **tensors, void **grads, void **counters, cons
 
 /* ASGD step with maximize=True */
 void asgd_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double lambd = hyper[1];
@@ -81,6 +81,9 @@ void asgd_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         double step = load_counter(counters[0 * n + t], counters_f64);
         double eta = load_counter(counters[1 * n + t], counters_f64);
         double mu = load_counter(counters[2 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -94,9 +97,6 @@ void asgd_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
         /* mu = 1 / maximum(1, step - t0) */
         const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -128,7 +128,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False,): Kernel(
         LIBRARY, "asgd_default",

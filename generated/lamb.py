@@ -29,7 +29,7 @@ from torch import Tensor
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
 
-from . import lamb_forloop, lamb_foreach, lamb_differentiable
+from . import lamb_forloop, lamb_foreach, lamb_differentiable, lamb_c
 
 __all__ = ["Lamb"]
 
@@ -38,7 +38,7 @@ class Lamb(GeneratedOptimizer):
     """Lamb, generated from specs/optimizers/lamb.toml; torch.optim has no such optimizer: this one has its interface."""
 
     _flags = ('maximize',)
-    _kernels = {"forloop": lamb_forloop, "foreach": lamb_foreach, "differentiable": lamb_differentiable}
+    _kernels = {"forloop": lamb_forloop, "foreach": lamb_foreach, "differentiable": lamb_differentiable, "c": lamb_c}
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()

@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* Lion step with maximize=False */
 void lion_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -23,14 +23,14 @@ void lion_default(int64_t n, void **tensors, void **grads, void **counters, cons
     const double weight_decay = hyper[3];
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
         const int cond = weight_decay != 0;
         const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
         const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t param = to_compute(param_p[i]);
@@ -53,7 +53,7 @@ void lion_default(int64_t n, void **tensors, void **grads, void **counters, cons
 
 /* Lion step with maximize=True */
 void lion_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -61,14 +61,14 @@ void lion_maximize(int64_t n, void **tensors, void **grads, void **counters, con
     const double weight_decay = hyper[3];
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
         const int cond = weight_decay != 0;
         const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
         const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -96,7 +96,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False,): Kernel(
         LIBRARY, "lion_default",

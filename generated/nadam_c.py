@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* NAdam step with decoupled_weight_decay=False, maximize=False */
 void nadam_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -27,6 +27,10 @@ void nadam_default(int64_t n, void **tensors, void **grads, void **counters, con
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
         double mu_product = load_counter(counters[1 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         /* bias_correction2 = 1 - beta2 ** step */
@@ -51,10 +55,6 @@ void nadam_default(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -85,7 +85,7 @@ void nadam_default(int64_t n, void **tensors, void **grads, void **counters, con
 
 /* NAdam step with decoupled_weight_decay=False, maximize=True */
 void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -97,6 +97,10 @@ void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
         double mu_product = load_counter(counters[1 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         /* bias_correction2 = 1 - beta2 ** step */
@@ -121,10 +125,6 @@ void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -157,7 +157,7 @@ void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
 
 /* NAdam step with decoupled_weight_decay=True, maximize=False */
 void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -169,6 +169,10 @@ void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
         double mu_product = load_counter(counters[1 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         /* bias_correction2 = 1 - beta2 ** step */
@@ -193,10 +197,6 @@ void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t param = to_compute(param_p[i]);
@@ -227,7 +227,7 @@ void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
 
 /* NAdam step with decoupled_weight_decay=True, maximize=True */
 void nadam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -239,6 +239,10 @@ void nadam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
         double mu_product = load_counter(counters[1 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         /* bias_correction2 = 1 - beta2 ** step */
@@ -263,10 +267,6 @@ void nadam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -302,7 +302,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (decoupled_weight_decay, maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False, False): Kernel(
         LIBRARY, "nadam_default",

@@ -15,18 +15,22 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* RAdam step with decoupled_weight_decay=False, maximize=False */
 void radam_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
     const double beta2 = hyper[2];
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
-    /* rho_inf = 2 / (1 - beta2) - 1 */
-    const double rho_inf = 2 / (1 - beta2) - 1;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        /* rho_inf = 2 / (1 - beta2) - 1 */
+        const double rho_inf = 2 / (1 - beta2) - 1;
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -50,10 +54,6 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -83,18 +83,22 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
 
 /* RAdam step with decoupled_weight_decay=False, maximize=True */
 void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
     const double beta2 = hyper[2];
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
-    /* rho_inf = 2 / (1 - beta2) - 1 */
-    const double rho_inf = 2 / (1 - beta2) - 1;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        /* rho_inf = 2 / (1 - beta2) - 1 */
+        const double rho_inf = 2 / (1 - beta2) - 1;
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -118,10 +122,6 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -153,18 +153,22 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
 
 /* RAdam step with decoupled_weight_decay=True, maximize=False */
 void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
     const double beta2 = hyper[2];
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
-    /* rho_inf = 2 / (1 - beta2) - 1 */
-    const double rho_inf = 2 / (1 - beta2) - 1;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        /* rho_inf = 2 / (1 - beta2) - 1 */
+        const double rho_inf = 2 / (1 - beta2) - 1;
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -188,10 +192,6 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t param = to_compute(param_p[i]);
@@ -221,18 +221,22 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
 
 /* RAdam step with decoupled_weight_decay=True, maximize=True */
 void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
     const double beta2 = hyper[2];
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
-    /* rho_inf = 2 / (1 - beta2) - 1 */
-    const double rho_inf = 2 / (1 - beta2) - 1;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+        /* rho_inf = 2 / (1 - beta2) - 1 */
+        const double rho_inf = 2 / (1 - beta2) - 1;
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -256,10 +260,6 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -294,7 +294,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (decoupled_weight_decay, maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False, False): Kernel(
         LIBRARY, "radam_default",

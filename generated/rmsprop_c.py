@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* RMSprop step with centered=False, maximize=False */
 void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double alpha = hyper[1];
@@ -25,6 +25,10 @@ void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, c
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -36,10 +40,6 @@ void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, c
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -69,7 +69,7 @@ void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, c
 
 /* RMSprop step with centered=False, maximize=True */
 void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double alpha = hyper[1];
@@ -79,6 +79,10 @@ void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, 
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -90,10 +94,6 @@ void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -125,7 +125,7 @@ void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, 
 
 /* RMSprop step with centered=True, maximize=False */
 void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double alpha = hyper[1];
@@ -135,6 +135,11 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -146,11 +151,6 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
-        storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -184,7 +184,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
 
 /* RMSprop step with centered=True, maximize=True */
 void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double alpha = hyper[1];
@@ -194,6 +194,11 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
+        storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const int cond = weight_decay != 0;
@@ -205,11 +210,6 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
-        storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -248,7 +248,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (centered, maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False, False): Kernel(
         LIBRARY, "rmsprop_default",

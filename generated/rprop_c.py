@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* Rprop step with maximize=False */
 void rprop_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double etaminus = hyper[0];
     const double etaplus = hyper[1];
@@ -24,16 +24,16 @@ void rprop_default(int64_t n, void **tensors, void **grads, void **counters, con
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const scalar_t c_etaplus = (scalar_t)(etaplus);
         const scalar_t c_etaminus = (scalar_t)(etaminus);
         const scalar_t c_step_size_min = (scalar_t)(step_size_min);
         const scalar_t c_step_size_max = (scalar_t)(step_size_max);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -65,7 +65,7 @@ void rprop_default(int64_t n, void **tensors, void **grads, void **counters, con
 
 /* Rprop step with maximize=True */
 void rprop_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double etaminus = hyper[0];
     const double etaplus = hyper[1];
@@ -74,16 +74,16 @@ void rprop_maximize(int64_t n, void **tensors, void **grads, void **counters, co
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         double step = load_counter(counters[0 * n + t], counters_f64);
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
+        storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
         /* step = step + 1 */
         const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
         const scalar_t c_etaplus = (scalar_t)(etaplus);
         const scalar_t c_etaminus = (scalar_t)(etaminus);
         const scalar_t c_step_size_min = (scalar_t)(step_size_min);
         const scalar_t c_step_size_max = (scalar_t)(step_size_max);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -122,7 +122,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False,): Kernel(
         LIBRARY, "rprop_default",

@@ -15,7 +15,7 @@ MULTI_TENSOR = True
 SOURCE = r"""
 /* SGD step with nesterov=False, maximize=False */
 void sgd_default(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double momentum = hyper[1];
@@ -24,15 +24,15 @@ void sgd_default(int64_t n, void **tensors, void **grads, void **counters, const
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         const int momentum_buffer_is_new = first_step[0 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
         const int cond = weight_decay != 0;
         const scalar_t c_weight_decay = (scalar_t)(weight_decay);
         const int cond_1 = momentum != 0;
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -54,7 +54,7 @@ void sgd_default(int64_t n, void **tensors, void **grads, void **counters, const
 
 /* SGD step with nesterov=False, maximize=True */
 void sgd_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double momentum = hyper[1];
@@ -63,15 +63,15 @@ void sgd_maximize(int64_t n, void **tensors, void **grads, void **counters, cons
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         const int momentum_buffer_is_new = first_step[0 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
         const int cond = weight_decay != 0;
         const scalar_t c_weight_decay = (scalar_t)(weight_decay);
         const int cond_1 = momentum != 0;
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -95,7 +95,7 @@ void sgd_maximize(int64_t n, void **tensors, void **grads, void **counters, cons
 
 /* SGD step with nesterov=True, maximize=False */
 void sgd_nesterov(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double momentum = hyper[1];
@@ -104,15 +104,15 @@ void sgd_nesterov(int64_t n, void **tensors, void **grads, void **counters, cons
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         const int momentum_buffer_is_new = first_step[0 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
         const int cond = weight_decay != 0;
         const scalar_t c_weight_decay = (scalar_t)(weight_decay);
         const int cond_1 = momentum != 0;
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -134,7 +134,7 @@ void sgd_nesterov(int64_t n, void **tensors, void **grads, void **counters, cons
 
 /* SGD step with nesterov=True, maximize=True */
 void sgd_nesterov_maximize(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const uint8_t *first_step, const double *hyper, int counters_f64)
+        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)
 {
     const double lr = hyper[0];
     const double momentum = hyper[1];
@@ -143,15 +143,15 @@ void sgd_nesterov_maximize(int64_t n, void **tensors, void **grads, void **count
     for (int64_t t = 0; t < n; ++t) {
         const int64_t numel = numels[t];
         const int momentum_buffer_is_new = first_step[0 * n + t];
+        const storage_t *restrict grad_p = (const storage_t *)grads[t];
+        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
         const int cond = weight_decay != 0;
         const scalar_t c_weight_decay = (scalar_t)(weight_decay);
         const int cond_1 = momentum != 0;
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
         for (int64_t i = 0; i < numel; ++i) {
             scalar_t grad = to_compute(grad_p[i]);
@@ -178,7 +178,8 @@ LIBRARY = Library(__name__, SOURCE)
 
 #: flag values, in the order (nesterov, maximize) → the C function for them, called once per dtype
 #: group with the lists it touches (params, then states), its counters, the states it creates on
-#: their first step (index → when) and its hyperparameters, in the order the C function reads them
+#: their first step (index → when), its hyperparameters, in the order the C function reads them,
+#: and the states shaped like a reduction of the parameter (index → the dimension kept as 1)
 VARIANTS = {
     (False, False): Kernel(
         LIBRARY, "sgd_default",

@@ -40,11 +40,17 @@ float16 storage, as torch's fused kernels compute: the source compiles once per 
 stores each written tensor once.  A lazily created state is allocated before the
 call and flagged in ``first_step`` (its ``first`` value is stored on that step).
 
-What is not one elementwise pass (reductions, factored states, intrinsics, sparse rows) makes
-:meth:`CBackend.unsupported` say why, as the Triton backend does.
+A rule that reduces tensors (``norm``, ``norm_dim``, ``mean_dim``) makes several such walks,
+scheduled by optgen/backends/sweeps.py (Note [Sweeps]): every per-tensor line carries a level,
+walk k is emitted before the lines of level k, and the last walk is the loop above.  The tensor
+is then also seen as ``(dim_b, dim_m, dim_c)`` (``dims``), walks that read a reduced-shape value
+run over rows (``ir``) and columns (``ic``), and reduced-shape values live in per-tensor arrays.
+What the kernels cannot express (intrinsics, sparse rows, reductions over other dimensions)
+makes :meth:`CBackend.unsupported` say why, as the Triton backend does.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import sympy
@@ -53,16 +59,19 @@ from optgen.backends.c_printer import CElementPrinter, CScalarPrinter
 from optgen.backends.forloop import counter_list, plural
 from optgen.backends.fused import FusedBackend
 from optgen.backends.printing import PythonScalarPrinter
+from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, schedule
 from optgen.backends.triton import _identifier, _is_condition
 from optgen.backends.triton_printer import Unsupported
-from optgen.ir.nodes import Program, Role, is_tensor_valued
+from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
+from optgen.spec.expressions import SCALAR_OF_TENSOR
 
 #: C keywords and the kernel skeleton's names; an IR name among them gets a trailing underscore
 RESERVED = frozenset({
     "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern",
     "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed",
     "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
-    "n", "t", "i", "numel", "tensors", "grads", "counters", "numels", "first_step", "hyper", "counters_f64",
+    "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "numel", "ndim", "dim_b", "dim_m", "dim_c", "tensors", "grads",
+    "counters", "numels", "dims", "first_step", "hyper", "counters_f64", "malloc", "calloc", "free", "isnan",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
 })
 
@@ -80,29 +89,52 @@ class CKernel:
     counters: list[str]                 # counter list names in table order
     lazy: list[tuple[int, str]]         # (index into params + tensors, creation condition over `a`)
     hyperparameters: list[str]          # in the order of `hyper`
+    reduced: list[tuple[int, int]]      # (index into params + tensors, the dimension its shape keeps as 1)
     source: list[str]                   # the C function
 
 
+@dataclass
+class _FullStatement:
+    """A statement over every element, printed once, placed in each walk that needs it."""
+
+    order: int          # position in the spec
+    level: int
+    target: str
+    reads: set[str]     # tensor names it reads (its target too when guarded: the old value stays)
+    guarded: bool
+    lines: list[str]
+
+
+@dataclass
+class _Accumulation:
+    """A reduction of a FULL operand, accumulated during walk ``level``."""
+
+    order: int          # position in the spec: it sums the operand's value there
+    level: int
+    reduction: Reduction
+    value: str          # the operand for one element, printed
+    condition: str | None
+    reads: set[str]
+
+
 class _CBuilder:
-    """Walks one specialised :class:`Program` into a :class:`CKernel` (Note [C kernel layout])."""
+    """Walks one specialised :class:`Program` into a :class:`CKernel` (Note [C kernel layout],
+    Note [Sweeps] for rules that reduce tensors)."""
 
     def __init__(self, program: Program, signature):
-        self.program, self.sig, self.roles = program, signature, program.roles
-        self.statements = [*program.preamble, *program.body]
+        self.program, self.sig = program, signature
+        self.plan = schedule(program)
+        self.roles, self.extents = self.plan.roles, self.plan.extents
         self.current: dict[str, str] = {}   # IR scalar name → the C variable holding its value now
+        self.level: dict[str, int] = {}     # IR name → the level of its current value
         self.taken: set[str] = set()
-        self.loop: list[str] = []        # statements of the elementwise loop
-        self.written: set[str] = set()   # tensors the loop stores
-        self.element_locals: list[str] = []
-        self.loaded: set[str] = set()    # tensors whose stored value the loop reads
-        self.assigned: set[str] = set()  # tensor names holding a value at this point of the loop
+        self.lines: list[tuple[int, str]] = []     # per-tensor code, each line with its level
+        self.full: list[_FullStatement] = []
+        self.accumulations: list[_Accumulation] = []
+        self.scratch: dict[str, str] = {}   # small local tensor → its per-tensor array
+        self.accumulators: dict[str, str] = {}  # lifted reduction → the variable summing it
         self.hoisted: dict[str, str] = {}
         self.conditions: dict[str, str] = {}  # condition text (names are versions) → its variable
-        for name, role in self.roles.items():
-            if role is Role.STATE and any(name in a.reads() or a.target == name for a in self.statements):
-                init = program.spec.state[name].init
-                if init not in _ELEMENTWISE_STATE:
-                    raise Unsupported(f"state '{name}' is not shaped like the parameter ({init})")
 
     def cname(self, name: str) -> str:
         return name + "_" if name in RESERVED else name
@@ -118,13 +150,16 @@ class _CBuilder:
     def scalar(self, expr) -> str:
         return CScalarPrinter(lambda n: self.current.get(n, self.cname(n)))(expr)
 
+    def level_of(self, expr) -> int:
+        return max((self.level.get(s.name, 0) for s in sympy.sympify(expr).free_symbols), default=0)
+
     def build(self, function: str, key: str, doc: str) -> CKernel:
-        roles = self.roles
-        touched = {n for a in self.statements for n in a.reads() | {a.target}}
+        roles, statements = self.roles, [i.node for i in self.plan.items if isinstance(i.node, Assign)]
+        touched = {n for a in statements for n in a.reads() | {a.target}}
         hypers = [n for n, r in roles.items() if r is Role.HYPER and n in touched]
         counters = [c for c in self.sig.counters if c in touched]
         states = [t for t in self.sig.tensors if t not in ("param", "grad") and t in touched]
-        lists = ["param", *states]
+        self.lists = lists = ["param", *states]
         lazy_states = [t for t in states if t in self.sig.lazy]
         lazy = []
         for t in lazy_states:
@@ -133,6 +168,10 @@ class _CBuilder:
                 raise Unsupported(f"state '{t}' is created depending on the parameter's shape")
             # the condition over the kernel's keyword arguments `a` (hyperparameters)
             lazy.append((lists.index(t), PythonScalarPrinter(lambda h: f'a["{h}"]')(when) if when != sympy.true else "True"))
+        # A state that may not exist for this tensor (SGD's momentum_buffer when momentum == 0,
+        # Adafactor's row_var for a vector) has a NULL address: the statements using it do not
+        # run, but a walk may still load around them.
+        self.optional = {t for t in states if self.program.state_when.get(t, sympy.true) != sympy.true}
         # hyperparameters, counters (their value on entry) and tensors keep their names; a scalar
         # statement's first assignment takes its own, a later one a numbered version
         self.taken |= {self.cname(n) for n, r in roles.items() if r is not Role.SCALAR}
@@ -141,52 +180,62 @@ class _CBuilder:
         head = [f"const double {self.cname(h)} = hyper[{i}];" for i, h in enumerate(hypers)]
         for h in hypers:
             self.current[h] = self.cname(h)
-        per_tensor: list[str] = ["const int64_t numel = numels[t];"]
+        prologue: list[str] = ["const int64_t numel = numels[t];"]
         for i, c in enumerate(counters):
             self.current[c] = self.cname(c)
-            per_tensor.append(f"double {self.cname(c)} = load_counter(counters[{i} * n + t], counters_f64);")
+            prologue.append(f"double {self.cname(c)} = load_counter(counters[{i} * n + t], counters_f64);")
         for k, t in enumerate(lazy_states):
-            per_tensor.append(f"const int {self.cname(t)}_is_new = first_step[{k} * n + t];")
+            prologue.append(f"const int {self.cname(t)}_is_new = first_step[{k} * n + t];")
 
         preamble = set(map(id, self.program.preamble))  # group-level scalars: before the tensor loop
-        for a in self.statements:
-            if roles[a.target].is_tensor:
-                self.tensor_statement(a, lists, per_tensor)
+        for item in self.plan.items:
+            node = item.node
+            if isinstance(node, Reduction):
+                self.reduction(item)
+            elif not roles[node.target].is_tensor:
+                if id(node) in preamble:
+                    head.extend(self.scalar_statement(node))
+                else:
+                    self.lines += [(item.level, x) for x in self.scalar_statement(node)]
+            elif item.extent == FULL:
+                self.full_statement(node, item.level)
             else:
-                (head if id(a) in preamble else per_tensor).extend(self.scalar_statement(a))
+                self.small_statement(node, item)
+            if isinstance(node, Assign):
+                self.level[node.target] = item.level
 
-        # A state that may not exist under these hyperparameters (SGD's momentum_buffer when
-        # momentum == 0) has a NULL address: the statements using it do not run, but the loop
-        # still loads and stores around them.
-        optional = {t for t in states if self.program.state_when.get(t, sympy.true) != sympy.true}
         pointers = ["const storage_t *restrict grad_p = (const storage_t *)grads[t];"]
+        used = {n for s in self.full for n in s.reads | {s.target}} | {n for a in self.accumulations for n in a.reads}
+        used |= {n for _, line in self.lines for n in lists if f"{self.cname(n)}_p" in line}
         for i, t in enumerate(lists):
-            if t in self.loaded or t in self.written:
+            if t in used:
                 pointers.append(f"storage_t *restrict {self.cname(t)}_p = (storage_t *)tensors[{i} * n + t];")
-
-        def load(n: str) -> str:
-            c = self.cname(n)
-            if n not in self.loaded:
-                return f"scalar_t {c};"
-            if n in optional:
-                return f"scalar_t {c} = {c}_p ? to_compute({c}_p[i]) : 0;"
-            return f"scalar_t {c} = to_compute({c}_p[i]);"
-
-        loads = [load(n) for n in self.element_locals]
-        stores = [(f"if ({self.cname(t)}_p) " if t in optional else "") + f"{self.cname(t)}_p[i] = from_compute({self.cname(t)});"
-                  for t in lists if t in self.written]
-        tail = [f"store_counter(counters[{i} * n + t], {self.current[c]}, counters_f64);"
-                for i, c in enumerate(counters) if self.current[c] != self.cname(c)]
-        body = [*per_tensor, *pointers, "#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)",
-                "for (int64_t i = 0; i < numel; ++i) {", *("    " + x for x in [*loads, *self.loop, *stores]), "}", *tail]
+        scratch = [f"scalar_t *{array} = (scalar_t *)malloc(sizeof(scalar_t) * {_size(self.extents[name])});"
+                   for name, array in self.scratch.items()]
+        body: list[str] = [*prologue]
+        for level in range(self.plan.walks + 1):
+            if level:
+                body += self.walk([s for s in self.full if s.level < level],
+                                  [a for a in self.accumulations if a.level == level], store=False)
+            body += [line for lv, line in self.lines if lv == level]
+        body += self.walk(self.full, [], store=True)
+        body += [f"store_counter(counters[{i} * n + t], {self.current[c]}, counters_f64);"
+                 for i, c in enumerate(counters) if self.current[c] != self.cname(c)]
+        body += [f"free({array});" for array in self.scratch.values()]
+        text = "\n".join(body)
+        dims = [f"const int64_t {d} = dims[4 * t + {k}];" for k, d in enumerate(("ndim", "dim_b", "dim_m", "dim_c"))
+                if re.search(rf"\b{d}\b", text)]
+        body = [body[0], *dims, *body[1:len(prologue)], *pointers, *scratch, *body[len(prologue):]]
         source = [f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
-                  "        const uint8_t *first_step, const double *hyper, int counters_f64)",
+                  "        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)",
                   "{", *("    " + x for x in head), "    for (int64_t t = 0; t < n; ++t) {",
                   *("        " + x if not x.startswith("#") else x for x in body), "    }", "}"]
+        reduced = {lists.index(t): -1 if self.extents[t] == ROWS else -2 for t in states if self.extents[t] != FULL}
         return CKernel(function=function, key=key, doc=doc, tensors=[plural(t) for t in states],
                        counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
-                       source=source)
+                       reduced=sorted(reduced.items()), source=source)
 
+    # -- statements ----------------------------------------------------------------------------
     def scalar_statement(self, a) -> list[str]:
         """A scalar or counter statement, in double, as a new version of its variable."""
         guard = self.scalar(a.guard) if a.guard != sympy.true else None
@@ -204,29 +253,183 @@ class _CBuilder:
             f"const double {name} = ({guard}) ? {value} : {previous or 0};"
         return [f"/* {a.text} */", code]
 
-    def tensor_statement(self, a, lists: list[str], per_tensor: list[str]) -> None:
-        """A tensor statement: one line of the loop; its scalar operands and its condition are
-        computed before the loop (per_tensor)."""
-        guard = self.scalar(a.guard) if a.guard != sympy.true else None
-        reads = {n for n in a.reads() if self.roles[n].is_tensor}
-        if guard is not None:  # the old value stays where the condition is false
-            reads.add(a.target)
-        self.element_locals += [n for n in sorted(reads | {a.target}) if n not in self.element_locals]
-        self.loaded |= {n for n in reads if n in ("param", "grad", *lists) and n not in self.assigned}
-        if guard is not None and guard not in self.conditions:
-            self.conditions[guard] = self.fresh("cond")
-            per_tensor.append(f"const int {self.conditions[guard]} = {guard};")
-        if guard is None:
-            self.assigned.add(a.target)
-        value = self.element(a.value, per_tensor)
-        if a.first is not None:
-            value = f"{self.cname(a.target)}_is_new ? {self.element(a.first, per_tensor)} : {value}"
-        code = f"{self.cname(a.target)} = {value};"
-        self.loop += [f"/* {a.text} */", code if guard is None else f"if ({self.conditions[guard]}) {code}"]
-        if a.target in lists:
-            self.written.add(a.target)
+    def condition(self, guard) -> str | None:
+        """The variable holding a statement's condition, computed once per tensor."""
+        if guard == sympy.true:
+            return None
+        text = self.scalar(guard)
+        if text not in self.conditions:
+            self.conditions[text] = self.fresh("cond")
+            self.lines.append((self.level_of(guard), f"const int {self.conditions[text]} = {text};"))
+        return self.conditions[text]
 
-    def element(self, expr, per_tensor: list[str]) -> str:
+    def full_statement(self, a, level: int) -> None:
+        """A statement over every element: one line of each walk that needs it; its scalar
+        operands and its condition are computed before (as per-tensor lines)."""
+        cond = self.condition(a.guard)
+        reads = _element_reads(a.value, self.roles) | (_element_reads(a.first, self.roles) if a.first is not None else set())
+        if cond is not None:  # the old value stays where the condition is false
+            reads.add(a.target)
+        value = self.element(a.value)
+        if a.first is not None:
+            value = f"{self.cname(a.target)}_is_new ? {self.element(a.first)} : {value}"
+        code = f"{self.cname(a.target)} = {value};"
+        self.full.append(_FullStatement(len(self.full) + len(self.accumulations), level, a.target, reads, cond is not None,
+                                        [f"/* {a.text} */", code if cond is None else f"if ({cond}) {code}"]))
+
+    def small_statement(self, a, item) -> None:
+        """A statement over a reduced extent (Adafactor's row_var): a short loop of its own."""
+        cond = self.condition(a.guard)
+        extent, target = item.extent, self.cname(a.target)
+        if self.roles[a.target] is Role.TENSOR and a.target not in self.scratch:
+            self.scratch[a.target] = self.fresh(f"{a.target}_s")
+        reads = _element_reads(a.value, self.roles)
+        loads = [self.load(n, extent) for n in sorted(reads)]
+        if a.target not in reads:
+            loads.append(f"scalar_t {target};")
+        store = (f"{self.scratch[a.target]}[j] = {target};" if a.target in self.scratch
+                 else f"{target}_p[j] = from_compute({target});")
+        loop = [*_coordinates(extent), *loads, f"{target} = {self.element(a.value)};", store]
+        self.lines += [(item.level, x) for x in [f"/* {a.text} */", *_small_loop(extent, loop, cond)]]
+
+    def reduction(self, item) -> None:
+        """A lifted reduction: accumulated in a walk (FULL operand) or in a short loop."""
+        r: Reduction = item.node
+        cond = self.condition(r.guard)
+        value = self.element(r.operand)
+        self.level[r.name] = item.level
+        reads = _element_reads(r.operand, self.roles)
+        result = self.fresh(r.name if r.extent == SCALAR else f"{r.name}_s")
+        if r.extent == SCALAR:
+            self.current[r.name] = result
+        else:
+            self.scratch[r.name] = result
+        acc = self.accumulators[r.name] = self.fresh(f"acc_{r.name}")
+
+        def finish(total: str) -> str:
+            return f"sqrt({total})" if r.kind == "norm" else f"{total} / (double)({_count(r.source, r.extent)})"
+
+        if r.extent == SCALAR:
+            done = [f"const double {result} = {finish(acc)};"]
+        else:
+            done = [f"for (int64_t j = 0; j < {_size(r.extent)}; ++j) {result}[j] = (scalar_t)({finish(acc + '[j]')});",
+                    f"free({acc});"]
+        if r.source == FULL:  # accumulated by walk `level`, finished after it
+            self.accumulations.append(_Accumulation(len(self.full) + len(self.accumulations), item.level, r, value,
+                                                    cond, reads))
+            self.lines += [(item.level, x) for x in done]
+            return
+        if r.extent == SCALAR or cond is not None and r.extent == SCALAR:
+            raise Unsupported(f"{r.text}: a reduction of a small value to a scalar")
+        # a reduction of a small value (Adafactor's mean of row_var over its rows)
+        term = "v * v" if r.kind == "norm" else "v"
+        loop = [*_coordinates(r.source), *(self.load(n, r.source) for n in sorted(reads)),
+                f"const double v = (double)({value});", f"{acc}[{_index(r.extent, r.source)}] += {term};"]
+        lines = [f"double *{acc} = (double *)calloc({_size(r.extent)}, sizeof(double));",
+                 *_small_loop(r.source, loop, None), *done]
+        if cond is not None:
+            lines = [f"if ({cond}) {{", *("    " + x for x in lines), "}"]
+        self.lines += [(item.level, x) for x in [f"/* {r.text} */", *lines]]
+
+    def load(self, name: str, loop: Extent) -> str:
+        """``scalar_t name = ...`` of one element of ``name`` inside a loop over ``loop``."""
+        c, extent = self.cname(name), self.extents.get(name, FULL)
+        index = "i" if extent == FULL else _index(extent, loop)
+        if name in self.scratch:
+            return f"scalar_t {c} = {self.scratch[name]}[{index}];"
+        if name in self.optional:
+            return f"scalar_t {c} = {c}_p ? to_compute({c}_p[{index}]) : 0;"
+        return f"scalar_t {c} = to_compute({c}_p[{index}]);"
+
+    # -- walks ---------------------------------------------------------------------------------
+    def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: bool) -> list[str]:
+        """One pass over the tensor: ``statements`` in order, then the accumulations; the final
+        pass also stores what it wrote (Note [Sweeps])."""
+        # only what the accumulations (or, in the last walk, the stores) need, in the spec's order
+        needed = set(self.lists) if store else set()
+        sequence: list = []
+        for s in sorted([*statements, *accumulate], key=lambda x: x.order, reverse=True):
+            if isinstance(s, _Accumulation):
+                needed |= s.reads
+            elif s.target in needed:
+                if not s.guarded:
+                    needed.discard(s.target)
+                needed |= s.reads
+            else:
+                continue
+            sequence.insert(0, s)
+        statements = [s for s in sequence if isinstance(s, _FullStatement)]
+        memory = {"param", "grad", *self.lists, *self.scratch}
+        reads: list[str] = []
+        loaded: set[str] = set()
+        assigned: set[str] = set()
+        for s in sequence:
+            target = [s.target] if isinstance(s, _FullStatement) else []
+            for n in sorted(s.reads | set(target)):
+                if n not in reads:
+                    reads.append(n)
+            loaded |= {n for n in s.reads if n not in assigned and n in memory}
+            if isinstance(s, _FullStatement) and not s.guarded:
+                assigned.add(s.target)
+        small = {n for n in reads if self.extents.get(n, FULL) != FULL}
+        rows = bool(small) or any(a.reduction.extent != SCALAR for a in accumulate)
+        loads = [self.load(n, FULL) if n in loaded else f"scalar_t {self.cname(n)};" for n in reads]
+        written = [t for t in self.lists if store and any(s.target == t for s in statements)]
+        stores = [(f"if ({self.cname(t)}_p) " if t in self.optional else "")
+                  + f"{self.cname(t)}_p[i] = from_compute({self.cname(t)});" for t in written]
+        names = self.accumulators
+        private = {a.reduction.name: names[a.reduction.name] + ("_t" if a.reduction.extent != ROWS else "_r")
+                   for a in accumulate} if rows else {a.reduction.name: names[a.reduction.name] for a in accumulate}
+        inner = [*loads]
+        for s in sequence:
+            if isinstance(s, _FullStatement):
+                inner += s.lines
+                continue
+            r = s.reduction
+            into = private[r.name] + ("[ib * dim_c + ic]" if r.extent == COLS else "")
+            term = f"(double)({s.value})"
+            code = f"{into} += {term} * {term};" if r.kind == "norm" else f"{into} += {term};"
+            inner += [f"/* {r.text} */", code if s.condition is None else f"if ({s.condition}) {code}"]
+        inner += stores
+        scalars = [names[a.reduction.name] for a in accumulate if a.reduction.extent == SCALAR]
+        arrays = [a for a in accumulate if a.reduction.extent != SCALAR]
+        out = [f"double {acc} = 0;" for acc in scalars]
+        out += [f"double *{names[a.reduction.name]} = (double *)calloc({_size(a.reduction.extent)}, sizeof(double));"
+                for a in arrays]
+        if not rows:
+            clause = f" reduction(+: {', '.join(scalars)})" if scalars else ""
+            simd = " simd" if scalars else ""
+            return out + [f"#pragma omp parallel for{simd} if (numel >= PARALLEL_MIN) schedule(static){clause}",
+                          "for (int64_t i = 0; i < numel; ++i) {", *("    " + x for x in inner), "}"]
+        # a walk over rows, reading or reducing the small extents (Note [Sweeps])
+        row_accs = [private[a.reduction.name] for a in arrays if a.reduction.extent == ROWS]
+        col_accs = [a for a in arrays if a.reduction.extent == COLS]
+        simd_vars = [private[n] for n in (a.reduction.name for a in accumulate if a.reduction.extent == SCALAR)] + row_accs
+        loop = ["for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {",
+                "    const int64_t ib = ir / dim_m;",
+                *(f"    double {acc} = 0;" for acc in row_accs),
+                "#pragma omp simd" + (f" reduction(+: {', '.join(simd_vars)})" if simd_vars else ""),
+                "    for (int64_t ic = 0; ic < dim_c; ++ic) {",
+                "        const int64_t i = ir * dim_c + ic;",
+                *("        " + x for x in inner), "    }",
+                *(f"    {names[a.reduction.name]}[ir] = {private[a.reduction.name]};"
+                  for a in arrays if a.reduction.extent == ROWS), "}"]
+        region = [*(f"double {private[n]} = 0;" for n in (a.reduction.name for a in accumulate
+                                                         if a.reduction.extent == SCALAR)),
+                  *(f"double *{private[a.reduction.name]} = (double *)calloc(dim_b * dim_c, sizeof(double));"
+                    for a in col_accs),
+                  "#pragma omp for schedule(static)", *loop]
+        merge = [*(f"{names[n]} += {private[n]};" for n in (a.reduction.name for a in accumulate
+                                                          if a.reduction.extent == SCALAR)),
+                 *(f"for (int64_t j = 0; j < dim_b * dim_c; ++j) {names[a.reduction.name]}[j] += "
+                   f"{private[a.reduction.name]}[j];" for a in col_accs)]
+        if merge:
+            region += ["#pragma omp critical", "{", *("    " + x for x in merge), "}"]
+        region += [f"free({private[a.reduction.name]});" for a in col_accs]
+        return out + ["#pragma omp parallel if (numel >= PARALLEL_MIN)", "{",
+                      *("    " + x if not x.startswith("#") else x for x in region), "}"]
+
+    def element(self, expr) -> str:
         """``expr`` for one element, its scalar subexpressions computed before the loop as
         ``scalar_t`` constants (the value each has at this point of the spec)."""
         def walk(e):
@@ -241,7 +444,7 @@ class _CBuilder:
                 if text not in self.hoisted:
                     ident = _identifier(text)
                     name = self.fresh(f"c_{ident}" if 0 < len(ident) <= 32 else "c_scalar")
-                    per_tensor.append(f"const scalar_t {name} = (scalar_t)({text});")
+                    self.lines.append((self.level_of(e), f"const scalar_t {name} = (scalar_t)({text});"))
                     self.hoisted[text] = name
                 return sympy.Symbol(f"@{self.hoisted[text]}", real=True)
             if not e.args:
@@ -253,6 +456,55 @@ class _CBuilder:
             return n[1:] if n.startswith("@") else self.cname(n)
 
         return CElementPrinter(rename)(walk(sympy.sympify(expr)))
+
+
+def _small_loop(extent: Extent, loop: list[str], cond: str | None) -> list[str]:
+    lines = [f"for (int64_t j = 0; j < {_size(extent)}; ++j) {{", *("    " + x for x in loop), "}"]
+    return lines if cond is None else [f"if ({cond}) {{", *("    " + x for x in lines), "}"]
+
+
+def _element_reads(expr, roles) -> set[str]:
+    """The tensors an expression reads element by element (not numel(x), size(x, d), ...)."""
+    if expr.is_Symbol:
+        role = roles.get(expr.name)
+        return {expr.name} if role is not None and role.is_tensor else set()
+    if isinstance(expr, SCALAR_OF_TENSOR):
+        return set()
+    return set().union(*(_element_reads(x, roles) for x in expr.args))
+
+
+def _size(extent: Extent) -> str:
+    """The number of elements of an extent of the current tensor."""
+    return {FULL: "numel", ROWS: "dim_b * dim_m", COLS: "dim_b * dim_c", BATCH: "dim_b", SCALAR: "1"}[extent]
+
+
+def _count(source: Extent, result: Extent) -> str:
+    """How many elements of ``source`` reduce into one of ``result``."""
+    if source == FULL and result == SCALAR:
+        return "numel"
+    dropped = [d for d, kept, now in (("dim_b", source.b, result.b), ("dim_m", source.m, result.m),
+                                      ("dim_c", source.c, result.c)) if kept and not now]
+    return " * ".join(dropped) or "1"
+
+
+def _coordinates(loop: Extent) -> list[str]:
+    """The (ib, im, ic) position of element j of a loop over ``loop`` (a small extent)."""
+    if loop == ROWS:
+        return ["const int64_t ib = j / dim_m, im = j % dim_m;", "(void)ib; (void)im;"]
+    if loop == COLS:
+        return ["const int64_t ib = j / dim_c, ic = j % dim_c;", "(void)ib; (void)ic;"]
+    if loop == BATCH:
+        return ["const int64_t ib = j;", "(void)ib;"]
+    raise Unsupported(f"a loop over a {loop} extent")
+
+
+def _index(extent: Extent, loop: Extent) -> str:
+    """Where the element of an ``extent`` value for the current position of a loop over ``loop`` is."""
+    if extent == loop:
+        return "j"
+    if loop == FULL:  # inside a walk over rows (ir, ic; ib = ir / dim_m)
+        return {ROWS: "ir", COLS: "ib * dim_c + ic", BATCH: "ib"}[extent]
+    return {ROWS: "ib * dim_m + im", COLS: "ib * dim_c + ic", BATCH: "ib"}[extent]
 
 
 class CBackend(FusedBackend):

@@ -46,6 +46,19 @@ class _CPrinter(InfixPrinter):
     def _print_Numel(self, expr):
         return "(double)numel"
 
+    # the (B, M, C) view of the tensor (Note [Sweeps]) and its dtype
+    def _print_Ndim(self, expr):
+        return "(double)ndim"
+
+    def _print_Size(self, expr):
+        dim = expr.args[1]
+        if dim not in (-1, -2):
+            raise Unsupported(f"{expr}: the fused kernels know the sizes of the last two dimensions")
+        return "(double)dim_c" if dim == -1 else "(double)dim_m"
+
+    def _print_MachineEps(self, expr):
+        return "STORAGE_EPS"
+
 
 class CScalarPrinter(_CPrinter):
     """``double`` expressions: what Python's float arithmetic computes (C's libm, as CPython's)."""
@@ -66,6 +79,10 @@ class CScalarPrinter(_CPrinter):
 
     def _print_Float(self, expr):
         return repr(float(expr))
+
+    def _print_IfNone(self, expr):  # a None hyperparameter arrives as NaN (c_launch)
+        h, fallback = (self._print(a) for a in expr.args)
+        return f"(isnan({h}) ? {fallback} : {h})"
 
     def _print_Rational(self, expr):
         return repr(float(expr))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -27,10 +28,13 @@ from pathlib import Path
 
 import torch
 
+from optgen.runtime.intrinsics import reduced_shape
+
 #: the C every kernel source is compiled after: the element type and its math, counter access
 PRELUDE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* storage_t: the tensors' element type; scalar_t: what the update computes in (float for the
@@ -62,6 +66,16 @@ typedef SCALAR_T storage_t;
 typedef SCALAR_T scalar_t;
 #define to_compute(x) (x)
 #define from_compute(x) (x)
+#endif
+/* torch.finfo(dtype).eps of the storage type */
+#if STORAGE_BF16
+#define STORAGE_EPS 0.0078125
+#elif STORAGE_F16
+#define STORAGE_EPS 0.0009765625
+#elif SCALAR_IS_FLOAT
+#define STORAGE_EPS 1.1920928955078125e-07
+#else
+#define STORAGE_EPS 2.220446049250313e-16
 #endif
 #if SCALAR_IS_FLOAT
 #define SQRT sqrtf
@@ -114,7 +128,7 @@ C_TYPES = {
     torch.bfloat16: ("bfloat16", ("-DSTORAGE_BF16=1", "-DSCALAR_IS_FLOAT=1")),
     torch.float16: ("half", ("-DSTORAGE_F16=1", "-DSCALAR_IS_FLOAT=1")),
 }
-_ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 6, ctypes.c_int]
+_ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int]
 
 
 def compiler() -> str | None:
@@ -196,18 +210,20 @@ class Kernel:
     """One generated variant: called as the foreach kernels are (``kernel(**lists, **scalars)``),
     it picks its lists and hyperparameters by name and launches its C function."""
 
-    def __init__(self, library: Library, function: str, *, tensors, counters, lazy, hyperparameters):
+    def __init__(self, library: Library, function: str, *, tensors, counters, lazy, hyperparameters, reduced=None):
         self.library, self.function = library, function
         self.tensors, self.counters, self.lazy, self.hyperparameters = tensors, counters, lazy, hyperparameters
+        self.reduced = reduced or {}
 
     def __call__(self, **arguments) -> None:
         launch(self.library, self.function, tensors=[arguments[t] for t in self.tensors], grads=arguments["grads"],
                counters=[arguments[c] for c in self.counters],
                lazy={index: when(arguments) for index, when in self.lazy.items()},
-               hyperparameters=[arguments[h] for h in self.hyperparameters])
+               hyperparameters=[arguments[h] for h in self.hyperparameters], reduced=self.reduced)
 
 
-def launch(library: Library, function: str, *, tensors, grads, counters, lazy, hyperparameters) -> None:
+def launch(library: Library, function: str, *, tensors, grads, counters, lazy, hyperparameters,
+           reduced=None) -> None:
     """Calls ``function`` of ``library`` once for every tensor of one dtype group.
 
     tensors: lists in the kernel's order — params, then the states it touches (entries of a state
@@ -215,7 +231,9 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
     counters: lists of 0-dim counters (``step``) on the CPU.
     lazy: index into ``tensors`` → whether that state is created now: its None entries are
         allocated here (and stored into the caller's list, which saves them in the state).
-    hyperparameters: numbers, in the kernel's order.
+    hyperparameters: numbers (None, a hyperparameter left unset, passes as NaN), in the kernel's order.
+    reduced: index into ``tensors`` → the dimension a state keeps with size 1 (Adafactor's row_var:
+        ``zeros_reduced(param, -1)``); every other state is shaped like its parameter.
     """
     params = tensors[0]
     if not params:
@@ -234,15 +252,16 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
                     values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
                     flags[i] = 1
         first += flags
-    plan = _plan(dtype, tensors, counters)
+    plan = _plan(dtype, tensors, counters, reduced or {})
     grad_key = tuple(g.data_ptr() for g in grads)
     if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
         _check(params, [], grads, [])
         plan.grad_key, plan.grad_addresses = grad_key, torch.tensor(grad_key, dtype=torch.int64)
     first_step = torch.tensor(first or [0], dtype=torch.uint8)
-    hyper = torch.tensor([float(h) for h in hyperparameters] or [0.0], dtype=torch.float64)
+    hyper = torch.tensor([math.nan if h is None else float(h) for h in hyperparameters] or [0.0],
+                         dtype=torch.float64)
     library.function(dtype, function)(n, plan.addresses.data_ptr(), plan.grad_addresses.data_ptr(),
-                                      plan.counter_addresses.data_ptr(), plan.numels.data_ptr(),
+                                      plan.counter_addresses.data_ptr(), plan.numels.data_ptr(), plan.dims.data_ptr(),
                                       first_step.data_ptr(), hyper.data_ptr(), plan.counters_f64)
 
 
@@ -254,6 +273,7 @@ class _Plan:
         self.addresses = torch.tensor(addresses, dtype=torch.int64)
         self.counter_addresses = torch.tensor(counter_addresses or (0,), dtype=torch.int64)
         self.numels = torch.tensor([p.numel() for p in tensors[0]], dtype=torch.int64)
+        self.dims = torch.tensor([d for p in tensors[0] for d in _view(p.shape)] or [0], dtype=torch.int64)
         self.counters_f64 = int(bool(counters) and counters[0][0].dtype == torch.float64)
         self.grad_key: tuple | None = None
         self.grad_addresses: torch.Tensor | None = None
@@ -263,15 +283,23 @@ _MAX_PLANS = 32
 _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
 
 
-def _plan(dtype, tensors, counters) -> _Plan:
+def _view(shape) -> tuple[int, int, int, int]:
+    """(ndim, B, M, C): a tensor seen as B matrices of M rows of C (Note [Sweeps] in
+    optgen/backends/sweeps.py)."""
+    c = shape[-1] if len(shape) >= 1 else 1
+    m = shape[-2] if len(shape) >= 2 else 1
+    return len(shape), math.prod(shape[:-2]), m, c
+
+
+def _plan(dtype, tensors, counters, reduced: dict) -> _Plan:
     """The cached tables for these tensors; a new set (a new parameter, state created or replaced,
     a loaded state dict) is checked and gets new ones."""
     addresses = tuple(t.data_ptr() if t is not None else 0 for values in tensors for t in values)
     counter_addresses = tuple(c.data_ptr() for values in counters for c in values)
-    key = (dtype, addresses, counter_addresses, tuple(p.numel() for p in tensors[0]))
+    key = (dtype, addresses, counter_addresses, tuple(p.shape for p in tensors[0]))
     plan = _PLANS.get(key)
     if plan is None:
-        _check(tensors[0], tensors, [], counters)
+        _check(tensors[0], tensors, [], counters, reduced)
         plan = _PLANS[key] = _Plan(dtype, tensors, counters, addresses, counter_addresses)
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
@@ -280,15 +308,20 @@ def _plan(dtype, tensors, counters) -> _Plan:
     return plan
 
 
-def _check(params, tensors, grads, counters) -> None:
+def _check(params, tensors, grads, counters, reduced=None) -> None:
     """Every tensor the kernel addresses is a contiguous CPU tensor of the group's dtype, shaped
-    like its parameter; every counter a 1-element float32 or float64 CPU tensor, all alike."""
+    like its parameter (or its reduced shape); every counter a 1-element float32 or float64 CPU
+    tensor, all alike."""
     dtype = params[0].dtype
-    for what, values in (("parameter", params), ("gradient", grads), *(("state", v) for v in tensors[1:])):
+    reduced = reduced or {}
+    for index, (what, values) in enumerate((("parameter", params), ("gradient", grads),
+                                            *(("state", v) for v in tensors[1:]))):
         for i, t in enumerate(values):
             if t is None:
                 continue
-            if t.device.type != "cpu" or t.dtype != dtype or t.numel() != params[i].numel() or not t.is_contiguous():
+            dim = reduced.get(index - 1)
+            shape = params[i].shape if dim is None else reduced_shape(params[i].shape, dim)
+            if t.device.type != "cpu" or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
                 raise RuntimeError(f"optgen's fused CPU kernel needs contiguous CPU tensors of one dtype, shaped "
                                    f"like their parameter: the {what} of parameter {i} is {t.dtype} "
                                    f"{tuple(t.shape)} on {t.device}"

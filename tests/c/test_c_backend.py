@@ -186,11 +186,11 @@ def test_compiled_once_and_cached(tmp_path, monkeypatch):
     """The first use compiles into the cache directory; a new process (a new Library) loads the
     cached file without a compiler; a failed compile says why."""
     monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
-    source = "void twice(int64_t n, void **t, void **g, void **c, const int64_t *numels,\n" \
+    source = "void twice(int64_t n, void **t, void **g, void **c, const int64_t *numels, const int64_t *dims,\n" \
              "  const uint8_t *f, const double *h, int c64) { ((scalar_t *)t[0])[0] *= 2; }\n"
     x = torch.ones(1)
     table = torch.tensor([x.data_ptr()])  # (alive until the call returns)
-    c_launch.Library("test_cache", source).function(torch.float32, "twice")(1, table.data_ptr(), 0, 0, 0, 0, 0, 0)
+    c_launch.Library("test_cache", source).function(torch.float32, "twice")(1, table.data_ptr(), 0, 0, 0, 0, 0, 0, 0)
     assert x.item() == 2.0
     assert len(list((tmp_path / "c").glob("*.so"))) == 1
 
@@ -286,3 +286,32 @@ def test_kernels_compile_without_openmp(tmp_path, monkeypatch):
     theirs = run(lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True), params_like(torch.float64), steps=5)
     assert_same_state(mine, theirs, rtol=1e-12, atol=1e-14)
     assert list((tmp_path / "c").glob("adam_c_serial_double_*.so"))
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adafactor", dict(lr=0.02, weight_decay=0.1)), ("Lamb", dict(weight_decay=0.1))])
+def test_kernels_that_reduce_walk_each_tensor_several_times(name, kwargs):
+    """Adafactor's norms per row and per column and both optimizers' whole-tensor norms are
+    accumulated in walks split across threads (Note [Sweeps]): on tensors above PARALLEL_MIN, of
+    every rank, the C kernel follows the for-loop kernel to float64 rounding."""
+    shapes = ((3, 170, 150), (70000,), (400, 200), (5, 1, 3), ())
+    mine = run(lambda ps: _implementation(getattr(optgen, name)(ps, **kwargs), "c"), params_like(torch.float64, shapes))
+    theirs = run(lambda ps: getattr(optgen, name)(ps, foreach=False, **kwargs), params_like(torch.float64, shapes))
+    assert_same_state(mine, theirs, rtol=1e-12, atol=1e-14)
+
+
+def test_a_state_of_the_wrong_shape_is_refused():
+    """Adafactor's row_var is the parameter's shape with the last dimension 1; the kernel reads it
+    by that shape, so a state of another shape (here: the column variance's) is an error."""
+    p = torch.randn(6, 4, requires_grad=True)
+    opt = optgen.Adafactor([p])
+    opt.implementation = "c"
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    opt.state[p]["row_var"] = torch.zeros(1, 4)
+    with pytest.raises(RuntimeError, match=r"the state of parameter 0 is torch.float32 \(1, 4\)"):
+        opt.step()
+
+
+def _implementation(opt, name):
+    opt.implementation = name
+    return opt
