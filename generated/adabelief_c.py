@@ -44,26 +44,48 @@ void adabelief_default(int64_t n, void **tensors, void **grads, void **counters,
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
-            scalar_t denom;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
-            exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
-            /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
-            denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
-            /* param = param - lr / bias_correction1 * exp_avg / denom */
-            param = param - c_lr * exp_avg / c_bias_correction1 / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_var_p[i] = from_compute(exp_avg_var);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+                scalar_t denom;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+                exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+                /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+                /* param = param - lr / bias_correction1 * exp_avg / denom */
+                param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_var_p[i] = from_compute(exp_avg_var);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+                exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+                /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+                /* param = param - lr / bias_correction1 * exp_avg / denom */
+                param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_var_p[i] = from_compute(exp_avg_var);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -100,28 +122,52 @@ void adabelief_maximize(int64_t n, void **tensors, void **grads, void **counters
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
-            exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
-            /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
-            denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
-            /* param = param - lr / bias_correction1 * exp_avg / denom */
-            param = param - c_lr * exp_avg / c_bias_correction1 / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_var_p[i] = from_compute(exp_avg_var);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+                scalar_t denom;
+                /* grad = -grad */
+                grad = -grad;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+                exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+                /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+                /* param = param - lr / bias_correction1 * exp_avg / denom */
+                param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_var_p[i] = from_compute(exp_avg_var);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+                exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+                /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+                /* param = param - lr / bias_correction1 * exp_avg / denom */
+                param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_var_p[i] = from_compute(exp_avg_var);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -158,26 +204,48 @@ void adabelief_decoupled_weight_decay(int64_t n, void **tensors, void **grads, v
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
-            scalar_t denom;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
-            exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
-            /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
-            denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
-            /* param = param - lr / bias_correction1 * exp_avg / denom */
-            param = param - c_lr * exp_avg / c_bias_correction1 / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_var_p[i] = from_compute(exp_avg_var);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+                scalar_t denom;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+                exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+                /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+                /* param = param - lr / bias_correction1 * exp_avg / denom */
+                param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_var_p[i] = from_compute(exp_avg_var);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+                exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+                /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+                /* param = param - lr / bias_correction1 * exp_avg / denom */
+                param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_var_p[i] = from_compute(exp_avg_var);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -214,28 +282,52 @@ void adabelief_decoupled_weight_decay_maximize(int64_t n, void **tensors, void *
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
-            exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
-            /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
-            denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
-            /* param = param - lr / bias_correction1 * exp_avg / denom */
-            param = param - c_lr * exp_avg / c_bias_correction1 / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_var_p[i] = from_compute(exp_avg_var);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+                scalar_t denom;
+                /* grad = -grad */
+                grad = -grad;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+                exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+                /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+                /* param = param - lr / bias_correction1 * exp_avg / denom */
+                param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_var_p[i] = from_compute(exp_avg_var);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+                exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+                /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+                /* param = param - lr / bias_correction1 * exp_avg / denom */
+                param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_var_p[i] = from_compute(exp_avg_var);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

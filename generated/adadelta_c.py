@@ -36,29 +36,54 @@ void adadelta_default(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_1_minus_rho = (scalar_t)(1 - rho);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_lr = (scalar_t)(lr);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t square_avg = to_compute(square_avg_p[i]);
-            scalar_t std;
-            scalar_t acc_delta = to_compute(acc_delta_p[i]);
-            scalar_t delta;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
-            square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
-            /* std = sqrt(square_avg + eps) */
-            std = SQRT(c_eps + square_avg);
-            /* delta = sqrt(acc_delta + eps) / std * grad */
-            delta = grad * SQRT(acc_delta + c_eps) / std;
-            /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
-            acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
-            /* param = param - lr * delta */
-            param = param - c_lr * delta;
-            param_p[i] = from_compute(param);
-            square_avg_p[i] = from_compute(square_avg);
-            acc_delta_p[i] = from_compute(acc_delta);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t square_avg = to_compute(square_avg_p[i]);
+                scalar_t std;
+                scalar_t acc_delta = to_compute(acc_delta_p[i]);
+                scalar_t delta;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
+                square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
+                /* std = sqrt(square_avg + eps) */
+                std = SQRT(c_eps + square_avg);
+                /* delta = sqrt(acc_delta + eps) / std * grad */
+                delta = grad * SQRT(acc_delta + c_eps) / std;
+                /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
+                acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
+                /* param = param - lr * delta */
+                param = param - c_lr * delta;
+                param_p[i] = from_compute(param);
+                square_avg_p[i] = from_compute(square_avg);
+                acc_delta_p[i] = from_compute(acc_delta);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t square_avg = to_compute(square_avg_p[i]);
+                scalar_t std;
+                scalar_t acc_delta = to_compute(acc_delta_p[i]);
+                scalar_t delta;
+                scalar_t param = to_compute(param_p[i]);
+                /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
+                square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
+                /* std = sqrt(square_avg + eps) */
+                std = SQRT(c_eps + square_avg);
+                /* delta = sqrt(acc_delta + eps) / std * grad */
+                delta = grad * SQRT(acc_delta + c_eps) / std;
+                /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
+                acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
+                /* param = param - lr * delta */
+                param = param - c_lr * delta;
+                param_p[i] = from_compute(param);
+                square_avg_p[i] = from_compute(square_avg);
+                acc_delta_p[i] = from_compute(acc_delta);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -87,31 +112,58 @@ void adadelta_maximize(int64_t n, void **tensors, void **grads, void **counters,
         const scalar_t c_1_minus_rho = (scalar_t)(1 - rho);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_lr = (scalar_t)(lr);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t square_avg = to_compute(square_avg_p[i]);
-            scalar_t std;
-            scalar_t acc_delta = to_compute(acc_delta_p[i]);
-            scalar_t delta;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
-            square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
-            /* std = sqrt(square_avg + eps) */
-            std = SQRT(c_eps + square_avg);
-            /* delta = sqrt(acc_delta + eps) / std * grad */
-            delta = grad * SQRT(acc_delta + c_eps) / std;
-            /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
-            acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
-            /* param = param - lr * delta */
-            param = param - c_lr * delta;
-            param_p[i] = from_compute(param);
-            square_avg_p[i] = from_compute(square_avg);
-            acc_delta_p[i] = from_compute(acc_delta);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t square_avg = to_compute(square_avg_p[i]);
+                scalar_t std;
+                scalar_t acc_delta = to_compute(acc_delta_p[i]);
+                scalar_t delta;
+                /* grad = -grad */
+                grad = -grad;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
+                square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
+                /* std = sqrt(square_avg + eps) */
+                std = SQRT(c_eps + square_avg);
+                /* delta = sqrt(acc_delta + eps) / std * grad */
+                delta = grad * SQRT(acc_delta + c_eps) / std;
+                /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
+                acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
+                /* param = param - lr * delta */
+                param = param - c_lr * delta;
+                param_p[i] = from_compute(param);
+                square_avg_p[i] = from_compute(square_avg);
+                acc_delta_p[i] = from_compute(acc_delta);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t square_avg = to_compute(square_avg_p[i]);
+                scalar_t std;
+                scalar_t acc_delta = to_compute(acc_delta_p[i]);
+                scalar_t delta;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
+                square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
+                /* std = sqrt(square_avg + eps) */
+                std = SQRT(c_eps + square_avg);
+                /* delta = sqrt(acc_delta + eps) / std * grad */
+                delta = grad * SQRT(acc_delta + c_eps) / std;
+                /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
+                acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
+                /* param = param - lr * delta */
+                param = param - c_lr * delta;
+                param_p[i] = from_compute(param);
+                square_avg_p[i] = from_compute(square_avg);
+                acc_delta_p[i] = from_compute(acc_delta);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

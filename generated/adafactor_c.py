@@ -60,34 +60,54 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
         double acc_norm_param = 0;
         double *acc_norm_dim1_grad = (double *)calloc(dim_b * dim_m, sizeof(double));
         double *acc_norm_dim2_grad = (double *)calloc(dim_b * dim_c, sizeof(double));
+        if (cond_1) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-        {
-            double acc_norm_param_t = 0;
-            double *acc_norm_dim2_grad_t = (double *)calloc(dim_b * dim_c, sizeof(double));
-#pragma omp for schedule(static)
-            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                const int64_t ib = ir / dim_m;
-                double acc_norm_dim1_grad_r = 0;
-#pragma omp simd reduction(+: acc_norm_param_t, acc_norm_dim1_grad_r)
-                for (int64_t ic = 0; ic < dim_c; ++ic) {
-                    const int64_t i = ir * dim_c + ic;
-                    scalar_t param = to_compute(param_p[i]);
-                    scalar_t grad = to_compute(grad_p[i]);
-                    /* norm(param) */
-                    acc_norm_param_t += (double)(param) * (double)(param);
-                    /* norm_dim(grad, -1) */
-                    if (cond_1) acc_norm_dim1_grad_r += (double)(grad) * (double)(grad);
-                    /* norm_dim(grad, -2) */
-                    if (cond_1) acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
-                }
-                acc_norm_dim1_grad[ir] = acc_norm_dim1_grad_r;
-            }
-#pragma omp critical
             {
-                acc_norm_param += acc_norm_param_t;
-                for (int64_t j = 0; j < dim_b * dim_c; ++j) acc_norm_dim2_grad[j] += acc_norm_dim2_grad_t[j];
+                double acc_norm_param_t = 0;
+                double *acc_norm_dim2_grad_t = (double *)calloc(dim_b * dim_c, sizeof(double));
+#pragma omp for schedule(static)
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    double acc_norm_dim1_grad_r = 0;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_param[OPTGEN_BLOCK];
+                        scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            scalar_t param = to_compute(param_p[i]);
+                            scalar_t grad = to_compute(grad_p[i]);
+                            /* norm(param) */
+                            terms_norm_param[ic - ic0] = param;
+                            /* norm_dim(grad, -1) */
+                            terms_norm_dim1_grad[ic - ic0] = grad;
+                            /* norm_dim(grad, -2) */
+                            acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
+                        }
+                        acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
+                        acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
+                    }
+                    acc_norm_dim1_grad[ir] = acc_norm_dim1_grad_r;
+                }
+#pragma omp critical
+                {
+                    acc_norm_param += acc_norm_param_t;
+                    for (int64_t j = 0; j < dim_b * dim_c; ++j) acc_norm_dim2_grad[j] += acc_norm_dim2_grad_t[j];
+                }
+                free(acc_norm_dim2_grad_t);
             }
-            free(acc_norm_dim2_grad_t);
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    scalar_t param = to_compute(param_p[i]);
+                    /* norm(param) */
+                    terms_norm_param[i - i0] = param;
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+            }
         }
         const double norm_param = sqrt(acc_norm_param);
         /* alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t */
@@ -155,73 +175,329 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
         }
         const scalar_t c_alpha = (scalar_t)(alpha);
         double acc_norm_update = 0;
+        if (cond_1) {
+            if (cond_2) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-        {
-            double acc_norm_update_t = 0;
+                {
+                    double acc_norm_update_t = 0;
 #pragma omp for schedule(static)
-            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                const int64_t ib = ir / dim_m;
-#pragma omp simd reduction(+: acc_norm_update_t)
-                for (int64_t ic = 0; ic < dim_c; ++ic) {
-                    const int64_t i = ir * dim_c + ic;
-                    scalar_t col_var = col_var_p ? to_compute(col_var_p[ib * dim_c + ic]) : 0;
-                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                    scalar_t row_var = row_var_p ? to_compute(row_var_p[ir]) : 0;
-                    scalar_t var_estimate;
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t variance = variance_p ? to_compute(variance_p[i]) : 0;
-                    scalar_t update;
-                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                    if (cond_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                    if (cond_2) variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
-                    /* var_estimate = variance */
-                    if (cond_2) var_estimate = variance;
-                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                    /* norm(update) */
-                    acc_norm_update_t += (double)(update) * (double)(update);
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            scalar_t terms_norm_update[OPTGEN_BLOCK];
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                scalar_t row_var = to_compute(row_var_p[ir]);
+                                scalar_t var_estimate;
+                                scalar_t grad = to_compute(grad_p[i]);
+                                scalar_t variance = to_compute(variance_p[i]);
+                                scalar_t update;
+                                /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                                variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                /* var_estimate = variance */
+                                var_estimate = variance;
+                                /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                /* norm(update) */
+                                terms_norm_update[ic - ic0] = update;
+                            }
+                            acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                        }
+                    }
+#pragma omp critical
+                    {
+                        acc_norm_update += acc_norm_update_t;
+                    }
+                }
+            } else {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                {
+                    double acc_norm_update_t = 0;
+#pragma omp for schedule(static)
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            scalar_t terms_norm_update[OPTGEN_BLOCK];
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                scalar_t row_var = to_compute(row_var_p[ir]);
+                                scalar_t var_estimate;
+                                scalar_t grad = to_compute(grad_p[i]);
+                                scalar_t update;
+                                /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                /* norm(update) */
+                                terms_norm_update[ic - ic0] = update;
+                            }
+                            acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                        }
+                    }
+#pragma omp critical
+                    {
+                        acc_norm_update += acc_norm_update_t;
+                    }
                 }
             }
-#pragma omp critical
-            {
-                acc_norm_update += acc_norm_update_t;
+        } else {
+            if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_update)
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t variance = to_compute(variance_p[i]);
+                        scalar_t var_estimate;
+                        scalar_t update;
+                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        /* var_estimate = variance */
+                        var_estimate = variance;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* norm(update) */
+                        terms_norm_update[i - i0] = update;
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_update)
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t update;
+                        scalar_t var_estimate;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* norm(update) */
+                        terms_norm_update[i - i0] = update;
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
             }
         }
         const double norm_update = sqrt(acc_norm_update);
         /* denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d)) */
         const double denom = fmax(1.0, norm_update / d / sqrt((double)numel));
         const scalar_t c_denom = (scalar_t)(denom);
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-        {
+                    {
 #pragma omp for schedule(static)
-            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                const int64_t ib = ir / dim_m;
-#pragma omp simd
-                for (int64_t ic = 0; ic < dim_c; ++ic) {
-                    const int64_t i = ir * dim_c + ic;
-                    scalar_t param = to_compute(param_p[i]);
-                    scalar_t col_var = col_var_p ? to_compute(col_var_p[ib * dim_c + ic]) : 0;
-                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                    scalar_t row_var = row_var_p ? to_compute(row_var_p[ir]) : 0;
-                    scalar_t var_estimate;
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t variance = variance_p ? to_compute(variance_p[i]) : 0;
-                    scalar_t update;
-                    /* param = param * (1 - lr * weight_decay) */
-                    if (cond) param = c_1_minus_lr_times_weight_decay * param;
-                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                    if (cond_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                    if (cond_2) variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
-                    /* var_estimate = variance */
-                    if (cond_2) var_estimate = variance;
-                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                    /* param = param - alpha / denom * update */
-                    param = param - c_alpha * update / c_denom;
-                    param_p[i] = from_compute(param);
-                    if (variance_p) variance_p[i] = from_compute(variance);
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    scalar_t param = to_compute(param_p[i]);
+                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                    scalar_t row_var = to_compute(row_var_p[ir]);
+                                    scalar_t var_estimate;
+                                    scalar_t grad = to_compute(grad_p[i]);
+                                    scalar_t variance = to_compute(variance_p[i]);
+                                    scalar_t update;
+                                    /* param = param * (1 - lr * weight_decay) */
+                                    param = c_1_minus_lr_times_weight_decay * param;
+                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                                    variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                    /* var_estimate = variance */
+                                    var_estimate = variance;
+                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                    /* param = param - alpha / denom * update */
+                                    param = param - c_alpha * update / c_denom;
+                                    param_p[i] = from_compute(param);
+                                    variance_p[i] = from_compute(variance);
+                                }
+                            }
+                        }
+                    }
+                } else {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    {
+#pragma omp for schedule(static)
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    scalar_t param = to_compute(param_p[i]);
+                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                    scalar_t row_var = to_compute(row_var_p[ir]);
+                                    scalar_t var_estimate;
+                                    scalar_t grad = to_compute(grad_p[i]);
+                                    scalar_t update;
+                                    /* param = param * (1 - lr * weight_decay) */
+                                    param = c_1_minus_lr_times_weight_decay * param;
+                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                    /* param = param - alpha / denom * update */
+                                    param = param - c_alpha * update / c_denom;
+                                    param_p[i] = from_compute(param);
+                                }
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t variance = to_compute(variance_p[i]);
+                        scalar_t var_estimate;
+                        scalar_t update;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        /* var_estimate = variance */
+                        var_estimate = variance;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* param = param - alpha / denom * update */
+                        param = param - c_alpha * update / c_denom;
+                        param_p[i] = from_compute(param);
+                        variance_p[i] = from_compute(variance);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t update;
+                        scalar_t var_estimate;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* param = param - alpha / denom * update */
+                        param = param - c_alpha * update / c_denom;
+                        param_p[i] = from_compute(param);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    {
+#pragma omp for schedule(static)
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                    scalar_t row_var = to_compute(row_var_p[ir]);
+                                    scalar_t var_estimate;
+                                    scalar_t grad = to_compute(grad_p[i]);
+                                    scalar_t variance = to_compute(variance_p[i]);
+                                    scalar_t update;
+                                    scalar_t param = to_compute(param_p[i]);
+                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                                    variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                    /* var_estimate = variance */
+                                    var_estimate = variance;
+                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                    /* param = param - alpha / denom * update */
+                                    param = param - c_alpha * update / c_denom;
+                                    param_p[i] = from_compute(param);
+                                    variance_p[i] = from_compute(variance);
+                                }
+                            }
+                        }
+                    }
+                } else {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    {
+#pragma omp for schedule(static)
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                    scalar_t row_var = to_compute(row_var_p[ir]);
+                                    scalar_t var_estimate;
+                                    scalar_t grad = to_compute(grad_p[i]);
+                                    scalar_t update;
+                                    scalar_t param = to_compute(param_p[i]);
+                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                    /* param = param - alpha / denom * update */
+                                    param = param - c_alpha * update / c_denom;
+                                    param_p[i] = from_compute(param);
+                                }
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t variance = to_compute(variance_p[i]);
+                        scalar_t var_estimate;
+                        scalar_t update;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        /* var_estimate = variance */
+                        var_estimate = variance;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* param = param - alpha / denom * update */
+                        param = param - c_alpha * update / c_denom;
+                        param_p[i] = from_compute(param);
+                        variance_p[i] = from_compute(variance);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t update;
+                        scalar_t var_estimate;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* param = param - alpha / denom * update */
+                        param = param - c_alpha * update / c_denom;
+                        param_p[i] = from_compute(param);
+                    }
                 }
             }
         }
@@ -281,36 +557,56 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
         double acc_norm_param = 0;
         double *acc_norm_dim1_grad = (double *)calloc(dim_b * dim_m, sizeof(double));
         double *acc_norm_dim2_grad = (double *)calloc(dim_b * dim_c, sizeof(double));
+        if (cond_1) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-        {
-            double acc_norm_param_t = 0;
-            double *acc_norm_dim2_grad_t = (double *)calloc(dim_b * dim_c, sizeof(double));
-#pragma omp for schedule(static)
-            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                const int64_t ib = ir / dim_m;
-                double acc_norm_dim1_grad_r = 0;
-#pragma omp simd reduction(+: acc_norm_param_t, acc_norm_dim1_grad_r)
-                for (int64_t ic = 0; ic < dim_c; ++ic) {
-                    const int64_t i = ir * dim_c + ic;
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t param = to_compute(param_p[i]);
-                    /* grad = -grad */
-                    grad = -grad;
-                    /* norm(param) */
-                    acc_norm_param_t += (double)(param) * (double)(param);
-                    /* norm_dim(grad, -1) */
-                    if (cond_1) acc_norm_dim1_grad_r += (double)(grad) * (double)(grad);
-                    /* norm_dim(grad, -2) */
-                    if (cond_1) acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
-                }
-                acc_norm_dim1_grad[ir] = acc_norm_dim1_grad_r;
-            }
-#pragma omp critical
             {
-                acc_norm_param += acc_norm_param_t;
-                for (int64_t j = 0; j < dim_b * dim_c; ++j) acc_norm_dim2_grad[j] += acc_norm_dim2_grad_t[j];
+                double acc_norm_param_t = 0;
+                double *acc_norm_dim2_grad_t = (double *)calloc(dim_b * dim_c, sizeof(double));
+#pragma omp for schedule(static)
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    double acc_norm_dim1_grad_r = 0;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_param[OPTGEN_BLOCK];
+                        scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            scalar_t grad = to_compute(grad_p[i]);
+                            scalar_t param = to_compute(param_p[i]);
+                            /* grad = -grad */
+                            grad = -grad;
+                            /* norm(param) */
+                            terms_norm_param[ic - ic0] = param;
+                            /* norm_dim(grad, -1) */
+                            terms_norm_dim1_grad[ic - ic0] = grad;
+                            /* norm_dim(grad, -2) */
+                            acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
+                        }
+                        acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
+                        acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
+                    }
+                    acc_norm_dim1_grad[ir] = acc_norm_dim1_grad_r;
+                }
+#pragma omp critical
+                {
+                    acc_norm_param += acc_norm_param_t;
+                    for (int64_t j = 0; j < dim_b * dim_c; ++j) acc_norm_dim2_grad[j] += acc_norm_dim2_grad_t[j];
+                }
+                free(acc_norm_dim2_grad_t);
             }
-            free(acc_norm_dim2_grad_t);
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    scalar_t param = to_compute(param_p[i]);
+                    /* norm(param) */
+                    terms_norm_param[i - i0] = param;
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+            }
         }
         const double norm_param = sqrt(acc_norm_param);
         /* alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t */
@@ -378,77 +674,353 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
         }
         const scalar_t c_alpha = (scalar_t)(alpha);
         double acc_norm_update = 0;
+        if (cond_1) {
+            if (cond_2) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-        {
-            double acc_norm_update_t = 0;
+                {
+                    double acc_norm_update_t = 0;
 #pragma omp for schedule(static)
-            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                const int64_t ib = ir / dim_m;
-#pragma omp simd reduction(+: acc_norm_update_t)
-                for (int64_t ic = 0; ic < dim_c; ++ic) {
-                    const int64_t i = ir * dim_c + ic;
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t col_var = col_var_p ? to_compute(col_var_p[ib * dim_c + ic]) : 0;
-                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                    scalar_t row_var = row_var_p ? to_compute(row_var_p[ir]) : 0;
-                    scalar_t var_estimate;
-                    scalar_t variance = variance_p ? to_compute(variance_p[i]) : 0;
-                    scalar_t update;
-                    /* grad = -grad */
-                    grad = -grad;
-                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                    if (cond_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                    if (cond_2) variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
-                    /* var_estimate = variance */
-                    if (cond_2) var_estimate = variance;
-                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                    /* norm(update) */
-                    acc_norm_update_t += (double)(update) * (double)(update);
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            scalar_t terms_norm_update[OPTGEN_BLOCK];
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                scalar_t grad = to_compute(grad_p[i]);
+                                scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                scalar_t row_var = to_compute(row_var_p[ir]);
+                                scalar_t var_estimate;
+                                scalar_t variance = to_compute(variance_p[i]);
+                                scalar_t update;
+                                /* grad = -grad */
+                                grad = -grad;
+                                /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                                variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                /* var_estimate = variance */
+                                var_estimate = variance;
+                                /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                /* norm(update) */
+                                terms_norm_update[ic - ic0] = update;
+                            }
+                            acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                        }
+                    }
+#pragma omp critical
+                    {
+                        acc_norm_update += acc_norm_update_t;
+                    }
+                }
+            } else {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                {
+                    double acc_norm_update_t = 0;
+#pragma omp for schedule(static)
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            scalar_t terms_norm_update[OPTGEN_BLOCK];
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                scalar_t grad = to_compute(grad_p[i]);
+                                scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                scalar_t row_var = to_compute(row_var_p[ir]);
+                                scalar_t var_estimate;
+                                scalar_t update;
+                                /* grad = -grad */
+                                grad = -grad;
+                                /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                /* norm(update) */
+                                terms_norm_update[ic - ic0] = update;
+                            }
+                            acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                        }
+                    }
+#pragma omp critical
+                    {
+                        acc_norm_update += acc_norm_update_t;
+                    }
                 }
             }
-#pragma omp critical
-            {
-                acc_norm_update += acc_norm_update_t;
+        } else {
+            if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_update)
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t variance = to_compute(variance_p[i]);
+                        scalar_t var_estimate;
+                        scalar_t update;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        /* var_estimate = variance */
+                        var_estimate = variance;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* norm(update) */
+                        terms_norm_update[i - i0] = update;
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_update)
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t update;
+                        scalar_t var_estimate;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* norm(update) */
+                        terms_norm_update[i - i0] = update;
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
             }
         }
         const double norm_update = sqrt(acc_norm_update);
         /* denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d)) */
         const double denom = fmax(1.0, norm_update / d / sqrt((double)numel));
         const scalar_t c_denom = (scalar_t)(denom);
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-        {
+                    {
 #pragma omp for schedule(static)
-            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                const int64_t ib = ir / dim_m;
-#pragma omp simd
-                for (int64_t ic = 0; ic < dim_c; ++ic) {
-                    const int64_t i = ir * dim_c + ic;
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t param = to_compute(param_p[i]);
-                    scalar_t col_var = col_var_p ? to_compute(col_var_p[ib * dim_c + ic]) : 0;
-                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                    scalar_t row_var = row_var_p ? to_compute(row_var_p[ir]) : 0;
-                    scalar_t var_estimate;
-                    scalar_t variance = variance_p ? to_compute(variance_p[i]) : 0;
-                    scalar_t update;
-                    /* grad = -grad */
-                    grad = -grad;
-                    /* param = param * (1 - lr * weight_decay) */
-                    if (cond) param = c_1_minus_lr_times_weight_decay * param;
-                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                    if (cond_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                    if (cond_2) variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
-                    /* var_estimate = variance */
-                    if (cond_2) var_estimate = variance;
-                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                    /* param = param - alpha / denom * update */
-                    param = param - c_alpha * update / c_denom;
-                    param_p[i] = from_compute(param);
-                    if (variance_p) variance_p[i] = from_compute(variance);
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    scalar_t grad = to_compute(grad_p[i]);
+                                    scalar_t param = to_compute(param_p[i]);
+                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                    scalar_t row_var = to_compute(row_var_p[ir]);
+                                    scalar_t var_estimate;
+                                    scalar_t variance = to_compute(variance_p[i]);
+                                    scalar_t update;
+                                    /* grad = -grad */
+                                    grad = -grad;
+                                    /* param = param * (1 - lr * weight_decay) */
+                                    param = c_1_minus_lr_times_weight_decay * param;
+                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                                    variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                    /* var_estimate = variance */
+                                    var_estimate = variance;
+                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                    /* param = param - alpha / denom * update */
+                                    param = param - c_alpha * update / c_denom;
+                                    param_p[i] = from_compute(param);
+                                    variance_p[i] = from_compute(variance);
+                                }
+                            }
+                        }
+                    }
+                } else {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    {
+#pragma omp for schedule(static)
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    scalar_t grad = to_compute(grad_p[i]);
+                                    scalar_t param = to_compute(param_p[i]);
+                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                    scalar_t row_var = to_compute(row_var_p[ir]);
+                                    scalar_t var_estimate;
+                                    scalar_t update;
+                                    /* grad = -grad */
+                                    grad = -grad;
+                                    /* param = param * (1 - lr * weight_decay) */
+                                    param = c_1_minus_lr_times_weight_decay * param;
+                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                    /* param = param - alpha / denom * update */
+                                    param = param - c_alpha * update / c_denom;
+                                    param_p[i] = from_compute(param);
+                                }
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t variance = to_compute(variance_p[i]);
+                        scalar_t var_estimate;
+                        scalar_t update;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        /* var_estimate = variance */
+                        var_estimate = variance;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* param = param - alpha / denom * update */
+                        param = param - c_alpha * update / c_denom;
+                        param_p[i] = from_compute(param);
+                        variance_p[i] = from_compute(variance);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t update;
+                        scalar_t var_estimate;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* param = param - alpha / denom * update */
+                        param = param - c_alpha * update / c_denom;
+                        param_p[i] = from_compute(param);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    {
+#pragma omp for schedule(static)
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    scalar_t grad = to_compute(grad_p[i]);
+                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                    scalar_t row_var = to_compute(row_var_p[ir]);
+                                    scalar_t var_estimate;
+                                    scalar_t variance = to_compute(variance_p[i]);
+                                    scalar_t update;
+                                    scalar_t param = to_compute(param_p[i]);
+                                    /* grad = -grad */
+                                    grad = -grad;
+                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                                    variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                    /* var_estimate = variance */
+                                    var_estimate = variance;
+                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                    /* param = param - alpha / denom * update */
+                                    param = param - c_alpha * update / c_denom;
+                                    param_p[i] = from_compute(param);
+                                    variance_p[i] = from_compute(variance);
+                                }
+                            }
+                        }
+                    }
+                } else {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    {
+#pragma omp for schedule(static)
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    scalar_t grad = to_compute(grad_p[i]);
+                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
+                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
+                                    scalar_t row_var = to_compute(row_var_p[ir]);
+                                    scalar_t var_estimate;
+                                    scalar_t update;
+                                    scalar_t param = to_compute(param_p[i]);
+                                    /* grad = -grad */
+                                    grad = -grad;
+                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                                    /* param = param - alpha / denom * update */
+                                    param = param - c_alpha * update / c_denom;
+                                    param_p[i] = from_compute(param);
+                                }
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t variance = to_compute(variance_p[i]);
+                        scalar_t var_estimate;
+                        scalar_t update;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        /* var_estimate = variance */
+                        var_estimate = variance;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* param = param - alpha / denom * update */
+                        param = param - c_alpha * update / c_denom;
+                        param_p[i] = from_compute(param);
+                        variance_p[i] = from_compute(variance);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t update;
+                        scalar_t var_estimate;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+                        /* param = param - alpha / denom * update */
+                        param = param - c_alpha * update / c_denom;
+                        param_p[i] = from_compute(param);
+                    }
                 }
             }
         }

@@ -35,22 +35,40 @@ void adagrad_default(int64_t n, void **tensors, void **grads, void **counters, c
         const double clr = lr / (lr_decay * (step_1 - 1) + 1);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_clr = (scalar_t)(clr);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t state_sum = to_compute(state_sum_p[i]);
-            scalar_t std;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* state_sum = state_sum + grad * grad */
-            state_sum = state_sum + grad * grad;
-            /* std = sqrt(state_sum) + eps */
-            std = c_eps + SQRT(state_sum);
-            /* param = param - clr * grad / std */
-            param = param - c_clr * grad / std;
-            param_p[i] = from_compute(param);
-            state_sum_p[i] = from_compute(state_sum);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t state_sum = to_compute(state_sum_p[i]);
+                scalar_t std;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* state_sum = state_sum + grad * grad */
+                state_sum = state_sum + grad * grad;
+                /* std = sqrt(state_sum) + eps */
+                std = c_eps + SQRT(state_sum);
+                /* param = param - clr * grad / std */
+                param = param - c_clr * grad / std;
+                param_p[i] = from_compute(param);
+                state_sum_p[i] = from_compute(state_sum);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t state_sum = to_compute(state_sum_p[i]);
+                scalar_t std;
+                scalar_t param = to_compute(param_p[i]);
+                /* state_sum = state_sum + grad * grad */
+                state_sum = state_sum + grad * grad;
+                /* std = sqrt(state_sum) + eps */
+                std = c_eps + SQRT(state_sum);
+                /* param = param - clr * grad / std */
+                param = param - c_clr * grad / std;
+                param_p[i] = from_compute(param);
+                state_sum_p[i] = from_compute(state_sum);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -78,24 +96,44 @@ void adagrad_maximize(int64_t n, void **tensors, void **grads, void **counters, 
         const double clr = lr / (lr_decay * (step_1 - 1) + 1);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_clr = (scalar_t)(clr);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t state_sum = to_compute(state_sum_p[i]);
-            scalar_t std;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* state_sum = state_sum + grad * grad */
-            state_sum = state_sum + grad * grad;
-            /* std = sqrt(state_sum) + eps */
-            std = c_eps + SQRT(state_sum);
-            /* param = param - clr * grad / std */
-            param = param - c_clr * grad / std;
-            param_p[i] = from_compute(param);
-            state_sum_p[i] = from_compute(state_sum);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t state_sum = to_compute(state_sum_p[i]);
+                scalar_t std;
+                /* grad = -grad */
+                grad = -grad;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* state_sum = state_sum + grad * grad */
+                state_sum = state_sum + grad * grad;
+                /* std = sqrt(state_sum) + eps */
+                std = c_eps + SQRT(state_sum);
+                /* param = param - clr * grad / std */
+                param = param - c_clr * grad / std;
+                param_p[i] = from_compute(param);
+                state_sum_p[i] = from_compute(state_sum);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t state_sum = to_compute(state_sum_p[i]);
+                scalar_t std;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* state_sum = state_sum + grad * grad */
+                state_sum = state_sum + grad * grad;
+                /* std = sqrt(state_sum) + eps */
+                std = c_eps + SQRT(state_sum);
+                /* param = param - clr * grad / std */
+                param = param - c_clr * grad / std;
+                param_p[i] = from_compute(param);
+                state_sum_p[i] = from_compute(state_sum);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

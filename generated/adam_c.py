@@ -47,26 +47,48 @@ void adam_default(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
-            denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
-            /* param = param - step_size * exp_avg / denom */
-            param = param - c_step_size * exp_avg / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -106,26 +128,48 @@ void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void *
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
-            denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
-            /* param = param - step_size * exp_avg / denom */
-            param = param - c_step_size * exp_avg / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -165,28 +209,52 @@ void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
-            denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
-            /* param = param - step_size * exp_avg / denom */
-            param = param - c_step_size * exp_avg / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = -grad */
+                grad = -grad;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -226,28 +294,52 @@ void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grad
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
-            denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
-            /* param = param - step_size * exp_avg / denom */
-            param = param - c_step_size * exp_avg / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = -grad */
+                grad = -grad;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -288,30 +380,56 @@ void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
-            max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
-            /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
-            denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
-            /* param = param - step_size * exp_avg / denom */
-            param = param - c_step_size * exp_avg / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
-            max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+                max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+                /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+                max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+                /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -352,30 +470,56 @@ void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
-            max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
-            /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
-            denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
-            /* param = param - step_size * exp_avg / denom */
-            param = param - c_step_size * exp_avg / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
-            max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+                max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+                /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+                max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+                /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -416,32 +560,60 @@ void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **count
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
-            max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
-            /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
-            denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
-            /* param = param - step_size * exp_avg / denom */
-            param = param - c_step_size * exp_avg / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
-            max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = -grad */
+                grad = -grad;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+                max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+                /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+                max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+                /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -482,32 +654,60 @@ void adam_amsgrad_maximize_decoupled_weight_decay(int64_t n, void **tensors, voi
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
-            max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
-            /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
-            denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
-            /* param = param - step_size * exp_avg / denom */
-            param = param - c_step_size * exp_avg / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
-            max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = -grad */
+                grad = -grad;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+                max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+                /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+                max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+                /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+                denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+                /* param = param - step_size * exp_avg / denom */
+                param = param - c_step_size * exp_avg / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

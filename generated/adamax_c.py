@@ -41,23 +41,42 @@ void adamax_default(int64_t n, void **tensors, void **grads, void **counters, co
         /* clr = lr / bias_correction */
         const double clr = lr / bias_correction;
         const scalar_t c_clr = (scalar_t)(clr);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_inf = to_compute(exp_inf_p[i]);
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
-            exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
-            /* param = param - clr * exp_avg / exp_inf */
-            param = param - c_clr * exp_avg / exp_inf;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_inf_p[i] = from_compute(exp_inf);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_inf = to_compute(exp_inf_p[i]);
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
+                exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
+                /* param = param - clr * exp_avg / exp_inf */
+                param = param - c_clr * exp_avg / exp_inf;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_inf_p[i] = from_compute(exp_inf);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_inf = to_compute(exp_inf_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
+                exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
+                /* param = param - clr * exp_avg / exp_inf */
+                param = param - c_clr * exp_avg / exp_inf;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_inf_p[i] = from_compute(exp_inf);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -91,25 +110,46 @@ void adamax_maximize(int64_t n, void **tensors, void **grads, void **counters, c
         /* clr = lr / bias_correction */
         const double clr = lr / bias_correction;
         const scalar_t c_clr = (scalar_t)(clr);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_inf = to_compute(exp_inf_p[i]);
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
-            exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
-            /* param = param - clr * exp_avg / exp_inf */
-            param = param - c_clr * exp_avg / exp_inf;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_inf_p[i] = from_compute(exp_inf);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_inf = to_compute(exp_inf_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
+                exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
+                /* param = param - clr * exp_avg / exp_inf */
+                param = param - c_clr * exp_avg / exp_inf;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_inf_p[i] = from_compute(exp_inf);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_inf = to_compute(exp_inf_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
+                exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
+                /* param = param - clr * exp_avg / exp_inf */
+                param = param - c_clr * exp_avg / exp_inf;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_inf_p[i] = from_compute(exp_inf);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

@@ -43,23 +43,142 @@ void asgd_default(int64_t n, void **tensors, void **grads, void **counters, cons
         const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
         /* mu = 1 / maximum(1, step - t0) */
         const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t ax = to_compute(ax_p[i]);
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* param = param * (1 - lambd * eta) */
-            param = c_1_minus_eta_times_lambd * param;
-            /* param = param - eta * grad */
-            param = param - c_eta * grad;
-            /* ax = ax + (param - ax) * mu */
-            if (cond_1) ax = ax + c_mu * (param - ax);
-            /* ax = param */
-            if (cond_2) ax = param;
-            param_p[i] = from_compute(param);
-            ax_p[i] = from_compute(ax);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = ax + (param - ax) * mu */
+                        ax = ax + c_mu * (param - ax);
+                        /* ax = param */
+                        ax = param;
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = ax + (param - ax) * mu */
+                        ax = ax + c_mu * (param - ax);
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = param */
+                        ax = param;
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        param_p[i] = from_compute(param);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = ax + (param - ax) * mu */
+                        ax = ax + c_mu * (param - ax);
+                        /* ax = param */
+                        ax = param;
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = ax + (param - ax) * mu */
+                        ax = ax + c_mu * (param - ax);
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = param */
+                        ax = param;
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        param_p[i] = from_compute(param);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], eta_1, counters_f64);
@@ -97,25 +216,158 @@ void asgd_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
         /* mu = 1 / maximum(1, step - t0) */
         const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t ax = to_compute(ax_p[i]);
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* param = param * (1 - lambd * eta) */
-            param = c_1_minus_eta_times_lambd * param;
-            /* param = param - eta * grad */
-            param = param - c_eta * grad;
-            /* ax = ax + (param - ax) * mu */
-            if (cond_1) ax = ax + c_mu * (param - ax);
-            /* ax = param */
-            if (cond_2) ax = param;
-            param_p[i] = from_compute(param);
-            ax_p[i] = from_compute(ax);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = ax + (param - ax) * mu */
+                        ax = ax + c_mu * (param - ax);
+                        /* ax = param */
+                        ax = param;
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = ax + (param - ax) * mu */
+                        ax = ax + c_mu * (param - ax);
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = param */
+                        ax = param;
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        param_p[i] = from_compute(param);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = ax + (param - ax) * mu */
+                        ax = ax + c_mu * (param - ax);
+                        /* ax = param */
+                        ax = param;
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = ax + (param - ax) * mu */
+                        ax = ax + c_mu * (param - ax);
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t ax = to_compute(ax_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        /* ax = param */
+                        ax = param;
+                        param_p[i] = from_compute(param);
+                        ax_p[i] = from_compute(ax);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lambd * eta) */
+                        param = c_1_minus_eta_times_lambd * param;
+                        /* param = param - eta * grad */
+                        param = param - c_eta * grad;
+                        param_p[i] = from_compute(param);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], eta_1, counters_f64);

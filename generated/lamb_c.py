@@ -46,25 +46,60 @@ void lamb_default(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_lr = (scalar_t)(lr);
         double acc_norm_param = 0;
         double acc_norm_update = 0;
-#pragma omp parallel for simd if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t update;
-            scalar_t param = to_compute(param_p[i]);
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-            update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-            /* update = update + weight_decay * param */
-            if (cond) update = update + c_weight_decay * param;
-            /* norm(param) */
-            acc_norm_param += (double)(param) * (double)(param);
-            /* norm(update) */
-            acc_norm_update += (double)(update) * (double)(update);
+        if (cond) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                    scalar_t update;
+                    scalar_t param = to_compute(param_p[i]);
+                    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                    exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+                    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+                    /* update = update + weight_decay * param */
+                    update = update + c_weight_decay * param;
+                    /* norm(param) */
+                    terms_norm_param[i - i0] = param;
+                    /* norm(update) */
+                    terms_norm_update[i - i0] = update;
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                    scalar_t update;
+                    scalar_t param = to_compute(param_p[i]);
+                    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                    exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+                    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+                    /* norm(param) */
+                    terms_norm_param[i - i0] = param;
+                    /* norm(update) */
+                    terms_norm_update[i - i0] = update;
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
         }
         const double norm_param = sqrt(acc_norm_param);
         /* weight_norm = norm(param) */
@@ -75,26 +110,48 @@ void lamb_default(int64_t n, void **tensors, void **grads, void **counters, cons
         /* trust_ratio = where(weight_norm > 0, where(update_norm > 0, weight_norm / update_norm, 1), 1) */
         const double trust_ratio = (weight_norm > 0 ? (update_norm > 0 ? weight_norm / update_norm : 1) : 1);
         const scalar_t c_trust_ratio = (scalar_t)(trust_ratio);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t update;
-            scalar_t param = to_compute(param_p[i]);
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-            update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-            /* update = update + weight_decay * param */
-            if (cond) update = update + c_weight_decay * param;
-            /* param = param - lr * trust_ratio * update */
-            param = param - c_lr * c_trust_ratio * update;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t update;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+                update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+                /* update = update + weight_decay * param */
+                update = update + c_weight_decay * param;
+                /* param = param - lr * trust_ratio * update */
+                param = param - c_lr * c_trust_ratio * update;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t update;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+                update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+                /* param = param - lr * trust_ratio * update */
+                param = param - c_lr * c_trust_ratio * update;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -133,27 +190,64 @@ void lamb_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_lr = (scalar_t)(lr);
         double acc_norm_param = 0;
         double acc_norm_update = 0;
-#pragma omp parallel for simd if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t update;
-            scalar_t param = to_compute(param_p[i]);
-            /* grad = -grad */
-            grad = -grad;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-            update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-            /* update = update + weight_decay * param */
-            if (cond) update = update + c_weight_decay * param;
-            /* norm(param) */
-            acc_norm_param += (double)(param) * (double)(param);
-            /* norm(update) */
-            acc_norm_update += (double)(update) * (double)(update);
+        if (cond) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                    scalar_t update;
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                    exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+                    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+                    /* update = update + weight_decay * param */
+                    update = update + c_weight_decay * param;
+                    /* norm(param) */
+                    terms_norm_param[i - i0] = param;
+                    /* norm(update) */
+                    terms_norm_update[i - i0] = update;
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                    scalar_t update;
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                    exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+                    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+                    /* norm(param) */
+                    terms_norm_param[i - i0] = param;
+                    /* norm(update) */
+                    terms_norm_update[i - i0] = update;
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
         }
         const double norm_param = sqrt(acc_norm_param);
         /* weight_norm = norm(param) */
@@ -164,28 +258,52 @@ void lamb_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         /* trust_ratio = where(weight_norm > 0, where(update_norm > 0, weight_norm / update_norm, 1), 1) */
         const double trust_ratio = (weight_norm > 0 ? (update_norm > 0 ? weight_norm / update_norm : 1) : 1);
         const scalar_t c_trust_ratio = (scalar_t)(trust_ratio);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t update;
-            scalar_t param = to_compute(param_p[i]);
-            /* grad = -grad */
-            grad = -grad;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-            update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-            /* update = update + weight_decay * param */
-            if (cond) update = update + c_weight_decay * param;
-            /* param = param - lr * trust_ratio * update */
-            param = param - c_lr * c_trust_ratio * update;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t update;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+                update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+                /* update = update + weight_decay * param */
+                update = update + c_weight_decay * param;
+                /* param = param - lr * trust_ratio * update */
+                param = param - c_lr * c_trust_ratio * update;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t update;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+                update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+                /* param = param - lr * trust_ratio * update */
+                param = param - c_lr * c_trust_ratio * update;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

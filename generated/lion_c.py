@@ -31,22 +31,40 @@ void lion_default(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t update;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
-            update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
-            /* param = param - lr * update */
-            param = param - c_lr * update;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
-            exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t update;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
+                update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
+                /* param = param - lr * update */
+                param = param - c_lr * update;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
+                exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t update;
+                scalar_t param = to_compute(param_p[i]);
+                /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
+                update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
+                /* param = param - lr * update */
+                param = param - c_lr * update;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
+                exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+            }
         }
     }
 }
@@ -69,24 +87,44 @@ void lion_maximize(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t update;
-            /* grad = -grad */
-            grad = -grad;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
-            update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
-            /* param = param - lr * update */
-            param = param - c_lr * update;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
-            exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t update;
+                /* grad = -grad */
+                grad = -grad;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
+                update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
+                /* param = param - lr * update */
+                param = param - c_lr * update;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
+                exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t update;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
+                update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
+                /* param = param - lr * update */
+                param = param - c_lr * update;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
+                exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+            }
         }
     }
 }

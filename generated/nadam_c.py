@@ -55,28 +55,52 @@ void nadam_default(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
-            denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
-            /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
-            param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
-            /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
-            param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+                /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+                param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+                /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+                param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+                /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+                param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+                /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+                param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);
@@ -125,30 +149,56 @@ void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
-            denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
-            /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
-            param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
-            /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
-            param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = -grad */
+                grad = -grad;
+                /* grad = grad + weight_decay * param */
+                grad = grad + c_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+                /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+                param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+                /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+                param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+                /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+                param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+                /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+                param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);
@@ -197,28 +247,52 @@ void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
-            denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
-            /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
-            param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
-            /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
-            param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+                /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+                param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+                /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+                param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+                /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+                param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+                /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+                param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);
@@ -267,30 +341,56 @@ void nadam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
+        if (cond) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
-            denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
-            /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
-            param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
-            /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
-            param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t param = to_compute(param_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                /* grad = -grad */
+                grad = -grad;
+                /* param = param * (1 - lr * weight_decay) */
+                param = c_1_minus_lr_times_weight_decay * param;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+                /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+                param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+                /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+                param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i = 0; i < numel; ++i) {
+                scalar_t grad = to_compute(grad_p[i]);
+                scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                scalar_t denom;
+                scalar_t param = to_compute(param_p[i]);
+                /* grad = -grad */
+                grad = -grad;
+                /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+                denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+                /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+                param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+                /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+                param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+                param_p[i] = from_compute(param);
+                exp_avg_p[i] = from_compute(exp_avg);
+                exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);

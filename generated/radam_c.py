@@ -54,28 +54,171 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq) + eps */
-            if (cond_1) denom = c_eps + SQRT(exp_avg_sq);
-            /* param = param - step_size * exp_avg / denom */
-            if (cond_1) param = param - c_step_size * exp_avg / denom;
-            /* param = param - lr / bias_correction1 * exp_avg */
-            if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -122,30 +265,187 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq) + eps */
-            if (cond_1) denom = c_eps + SQRT(exp_avg_sq);
-            /* param = param - step_size * exp_avg / denom */
-            if (cond_1) param = param - c_step_size * exp_avg / denom;
-            /* param = param - lr / bias_correction1 * exp_avg */
-            if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -192,28 +492,172 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq) + eps */
-            if (cond_1) denom = c_eps + SQRT(exp_avg_sq);
-            /* param = param - step_size * exp_avg / denom */
-            if (cond_1) param = param - c_step_size * exp_avg / denom;
-            /* param = param - lr / bias_correction1 * exp_avg */
-            if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -260,30 +704,188 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
         const int cond_2 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t exp_avg = to_compute(exp_avg_p[i]);
-            scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-            scalar_t denom;
-            /* grad = -grad */
-            grad = -grad;
-            /* param = param * (1 - lr * weight_decay) */
-            if (cond) param = c_1_minus_lr_times_weight_decay * param;
-            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-            exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
-            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-            /* denom = sqrt(exp_avg_sq) + eps */
-            if (cond_1) denom = c_eps + SQRT(exp_avg_sq);
-            /* param = param - step_size * exp_avg / denom */
-            if (cond_1) param = param - c_step_size * exp_avg / denom;
-            /* param = param - lr / bias_correction1 * exp_avg */
-            if (cond_2) param = param - c_lr * exp_avg / c_bias_correction1;
-            param_p[i] = from_compute(param);
-            exp_avg_p[i] = from_compute(exp_avg);
-            exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* param = param * (1 - lr * weight_decay) */
+                        param = c_1_minus_lr_times_weight_decay * param;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t denom;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* denom = sqrt(exp_avg_sq) + eps */
+                        denom = c_eps + SQRT(exp_avg_sq);
+                        /* param = param - step_size * exp_avg / denom */
+                        param = param - c_step_size * exp_avg / denom;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        /* param = param - lr / bias_correction1 * exp_avg */
+                        param = param - c_lr * exp_avg / c_bias_correction1;
+                        param_p[i] = from_compute(param);
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+                        exp_avg_p[i] = from_compute(exp_avg);
+                        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

@@ -40,28 +40,161 @@ void rmsprop_default(int64_t n, void **tensors, void **grads, void **counters, c
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t square_avg = to_compute(square_avg_p[i]);
-            scalar_t avg;
-            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
-            square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
-            /* avg = sqrt(square_avg) + eps */
-            avg = c_eps + SQRT(square_avg);
-            /* momentum_buffer = momentum * momentum_buffer + grad / avg */
-            if (cond_1) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
-            /* param = param - lr * momentum_buffer */
-            if (cond_1) param = param - c_lr * momentum_buffer;
-            /* param = param - lr * grad / avg */
-            if (cond_2) param = param - c_lr * grad / avg;
-            param_p[i] = from_compute(param);
-            square_avg_p[i] = from_compute(square_avg);
-            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        square_avg_p[i] = from_compute(square_avg);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        square_avg_p[i] = from_compute(square_avg);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -94,30 +227,177 @@ void rmsprop_maximize(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t square_avg = to_compute(square_avg_p[i]);
-            scalar_t avg;
-            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
-            square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
-            /* avg = sqrt(square_avg) + eps */
-            avg = c_eps + SQRT(square_avg);
-            /* momentum_buffer = momentum * momentum_buffer + grad / avg */
-            if (cond_1) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
-            /* param = param - lr * momentum_buffer */
-            if (cond_1) param = param - c_lr * momentum_buffer;
-            /* param = param - lr * grad / avg */
-            if (cond_2) param = param - c_lr * grad / avg;
-            param_p[i] = from_compute(param);
-            square_avg_p[i] = from_compute(square_avg);
-            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        square_avg_p[i] = from_compute(square_avg);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* avg = sqrt(square_avg) + eps */
+                        avg = c_eps + SQRT(square_avg);
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        square_avg_p[i] = from_compute(square_avg);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -151,32 +431,193 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t square_avg = to_compute(square_avg_p[i]);
-            scalar_t grad_avg = to_compute(grad_avg_p[i]);
-            scalar_t avg;
-            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
-            square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
-            /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-            grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
-            /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
-            avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
-            /* momentum_buffer = momentum * momentum_buffer + grad / avg */
-            if (cond_1) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
-            /* param = param - lr * momentum_buffer */
-            if (cond_1) param = param - c_lr * momentum_buffer;
-            /* param = param - lr * grad / avg */
-            if (cond_2) param = param - c_lr * grad / avg;
-            param_p[i] = from_compute(param);
-            square_avg_p[i] = from_compute(square_avg);
-            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
-            grad_avg_p[i] = from_compute(grad_avg);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        square_avg_p[i] = from_compute(square_avg);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        square_avg_p[i] = from_compute(square_avg);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
@@ -210,34 +651,209 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int cond_2 = momentum <= 0;
+        if (cond) {
+            if (cond_1) {
+                if (cond_2) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t square_avg = to_compute(square_avg_p[i]);
-            scalar_t grad_avg = to_compute(grad_avg_p[i]);
-            scalar_t avg;
-            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
-            square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
-            /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-            grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
-            /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
-            avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
-            /* momentum_buffer = momentum * momentum_buffer + grad / avg */
-            if (cond_1) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
-            /* param = param - lr * momentum_buffer */
-            if (cond_1) param = param - c_lr * momentum_buffer;
-            /* param = param - lr * grad / avg */
-            if (cond_2) param = param - c_lr * grad / avg;
-            param_p[i] = from_compute(param);
-            square_avg_p[i] = from_compute(square_avg);
-            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
-            grad_avg_p[i] = from_compute(grad_avg);
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* grad = grad + weight_decay * param */
+                        grad = grad + c_weight_decay * param;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        square_avg_p[i] = from_compute(square_avg);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                }
+            }
+        } else {
+            if (cond_1) {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+                        momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+                        /* param = param - lr * momentum_buffer */
+                        param = param - c_lr * momentum_buffer;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        momentum_buffer_p[i] = from_compute(momentum_buffer);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                }
+            } else {
+                if (cond_2) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        scalar_t avg;
+                        scalar_t param = to_compute(param_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+                        avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+                        /* param = param - lr * grad / avg */
+                        param = param - c_lr * grad / avg;
+                        param_p[i] = from_compute(param);
+                        square_avg_p[i] = from_compute(square_avg);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        scalar_t grad = to_compute(grad_p[i]);
+                        scalar_t square_avg = to_compute(square_avg_p[i]);
+                        scalar_t grad_avg = to_compute(grad_avg_p[i]);
+                        /* grad = -grad */
+                        grad = -grad;
+                        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+                        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+                        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        square_avg_p[i] = from_compute(square_avg);
+                        grad_avg_p[i] = from_compute(grad_avg);
+                    }
+                }
+            }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

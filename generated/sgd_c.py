@@ -33,21 +33,62 @@ void sgd_default(int64_t n, void **tensors, void **grads, void **counters, const
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
+        if (cond) {
+            if (cond_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-            if (cond_1) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-            /* grad = momentum_buffer */
-            if (cond_1) grad = momentum_buffer;
-            /* param = param - lr * grad */
-            param = param - c_lr * grad;
-            param_p[i] = from_compute(param);
-            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                    /* grad = grad + weight_decay * param */
+                    grad = grad + c_weight_decay * param;
+                    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+                    momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+                    /* grad = momentum_buffer */
+                    grad = momentum_buffer;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                    momentum_buffer_p[i] = from_compute(momentum_buffer);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = grad + weight_decay * param */
+                    grad = grad + c_weight_decay * param;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                }
+            }
+        } else {
+            if (cond_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+                    momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+                    /* grad = momentum_buffer */
+                    grad = momentum_buffer;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                    momentum_buffer_p[i] = from_compute(momentum_buffer);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                }
+            }
         }
     }
 }
@@ -72,23 +113,70 @@ void sgd_maximize(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
+        if (cond) {
+            if (cond_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-            if (cond_1) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-            /* grad = momentum_buffer */
-            if (cond_1) grad = momentum_buffer;
-            /* param = param - lr * grad */
-            param = param - c_lr * grad;
-            param_p[i] = from_compute(param);
-            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* grad = grad + weight_decay * param */
+                    grad = grad + c_weight_decay * param;
+                    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+                    momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+                    /* grad = momentum_buffer */
+                    grad = momentum_buffer;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                    momentum_buffer_p[i] = from_compute(momentum_buffer);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* grad = grad + weight_decay * param */
+                    grad = grad + c_weight_decay * param;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                }
+            }
+        } else {
+            if (cond_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+                    momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+                    /* grad = momentum_buffer */
+                    grad = momentum_buffer;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                    momentum_buffer_p[i] = from_compute(momentum_buffer);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                }
+            }
         }
     }
 }
@@ -113,21 +201,62 @@ void sgd_nesterov(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
+        if (cond) {
+            if (cond_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-            if (cond_1) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-            /* grad = grad + momentum * momentum_buffer */
-            if (cond_1) grad = grad + c_momentum * momentum_buffer;
-            /* param = param - lr * grad */
-            param = param - c_lr * grad;
-            param_p[i] = from_compute(param);
-            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                    /* grad = grad + weight_decay * param */
+                    grad = grad + c_weight_decay * param;
+                    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+                    momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+                    /* grad = grad + momentum * momentum_buffer */
+                    grad = grad + c_momentum * momentum_buffer;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                    momentum_buffer_p[i] = from_compute(momentum_buffer);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = grad + weight_decay * param */
+                    grad = grad + c_weight_decay * param;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                }
+            }
+        } else {
+            if (cond_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+                    momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+                    /* grad = grad + momentum * momentum_buffer */
+                    grad = grad + c_momentum * momentum_buffer;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                    momentum_buffer_p[i] = from_compute(momentum_buffer);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                }
+            }
         }
     }
 }
@@ -152,23 +281,70 @@ void sgd_nesterov_maximize(int64_t n, void **tensors, void **grads, void **count
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
+        if (cond) {
+            if (cond_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            scalar_t momentum_buffer = momentum_buffer_p ? to_compute(momentum_buffer_p[i]) : 0;
-            /* grad = -grad */
-            grad = -grad;
-            /* grad = grad + weight_decay * param */
-            if (cond) grad = grad + c_weight_decay * param;
-            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-            if (cond_1) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-            /* grad = grad + momentum * momentum_buffer */
-            if (cond_1) grad = grad + c_momentum * momentum_buffer;
-            /* param = param - lr * grad */
-            param = param - c_lr * grad;
-            param_p[i] = from_compute(param);
-            if (momentum_buffer_p) momentum_buffer_p[i] = from_compute(momentum_buffer);
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* grad = grad + weight_decay * param */
+                    grad = grad + c_weight_decay * param;
+                    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+                    momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+                    /* grad = grad + momentum * momentum_buffer */
+                    grad = grad + c_momentum * momentum_buffer;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                    momentum_buffer_p[i] = from_compute(momentum_buffer);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* grad = grad + weight_decay * param */
+                    grad = grad + c_weight_decay * param;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                }
+            }
+        } else {
+            if (cond_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+                    momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+                    /* grad = grad + momentum * momentum_buffer */
+                    grad = grad + c_momentum * momentum_buffer;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                    momentum_buffer_p[i] = from_compute(momentum_buffer);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                for (int64_t i = 0; i < numel; ++i) {
+                    scalar_t grad = to_compute(grad_p[i]);
+                    scalar_t param = to_compute(param_p[i]);
+                    /* grad = -grad */
+                    grad = -grad;
+                    /* param = param - lr * grad */
+                    param = param - c_lr * grad;
+                    param_p[i] = from_compute(param);
+                }
+            }
         }
     }
 }

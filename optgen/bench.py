@@ -37,6 +37,7 @@ WORKLOADS = [
     # not in torch.optim: compared with optgen's own for-loop
     ("Lion", dict(lr=1e-4, weight_decay=0.1), False),
     ("AdaBelief", dict(lr=1e-3), False),
+    ("Lamb", dict(lr=1e-3, weight_decay=0.01), False),
 ]
 # Not here: Muon (2-D parameters only; its time is the Newton–Schulz matmuls, not memory),
 # SparseAdam (sparse gradients) and LBFGS (a closure-driven step).

@@ -50,6 +50,7 @@ makes :meth:`CBackend.unsupported` say why, as the Triton backend does.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -70,12 +71,13 @@ RESERVED = frozenset({
     "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern",
     "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed",
     "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
-    "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "numel", "ndim", "dim_b", "dim_m", "dim_c", "tensors", "grads",
+    "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "i0", "i1", "ic0", "ic1", "sum_terms", "numel", "ndim", "dim_b", "dim_m", "dim_c", "tensors", "grads",
     "counters", "numels", "dims", "first_step", "hyper", "counters_f64", "malloc", "calloc", "free", "isnan",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
 })
 
-_ELEMENTWISE_STATE = ("zeros", "full", "first")
+#: per-tensor conditions a walk is specialised on (2 ** MAX_VERSIONS loops at most)
+MAX_VERSIONS = 3
 
 
 @dataclass
@@ -101,8 +103,13 @@ class _FullStatement:
     level: int
     target: str
     reads: set[str]     # tensor names it reads (its target too when guarded: the old value stays)
-    guarded: bool
-    lines: list[str]
+    condition: str | None
+    comment: str
+    code: str
+
+    @property
+    def guarded(self) -> bool:
+        return self.condition is not None
 
 
 @dataclass
@@ -274,8 +281,8 @@ class _CBuilder:
         if a.first is not None:
             value = f"{self.cname(a.target)}_is_new ? {self.element(a.first)} : {value}"
         code = f"{self.cname(a.target)} = {value};"
-        self.full.append(_FullStatement(len(self.full) + len(self.accumulations), level, a.target, reads, cond is not None,
-                                        [f"/* {a.text} */", code if cond is None else f"if ({cond}) {code}"]))
+        self.full.append(_FullStatement(len(self.full) + len(self.accumulations), level, a.target, reads, cond,
+                                        f"/* {a.text} */", code))
 
     def small_statement(self, a, item) -> None:
         """A statement over a reduced extent (Adafactor's row_var): a short loop of its own."""
@@ -331,34 +338,59 @@ class _CBuilder:
             lines = [f"if ({cond}) {{", *("    " + x for x in lines), "}"]
         self.lines += [(item.level, x) for x in [f"/* {r.text} */", *lines]]
 
-    def load(self, name: str, loop: Extent) -> str:
-        """``scalar_t name = ...`` of one element of ``name`` inside a loop over ``loop``."""
+    def load(self, name: str, loop: Extent, present: bool = False) -> str:
+        """``scalar_t name = ...`` of one element of ``name`` inside a loop over ``loop``
+        (``present``: known to exist here, so no test of its address)."""
         c, extent = self.cname(name), self.extents.get(name, FULL)
         index = "i" if extent == FULL else _index(extent, loop)
         if name in self.scratch:
             return f"scalar_t {c} = {self.scratch[name]}[{index}];"
-        if name in self.optional:
+        if name in self.optional and not present:
             return f"scalar_t {c} = {c}_p ? to_compute({c}_p[{index}]) : 0;"
         return f"scalar_t {c} = to_compute({c}_p[{index}]);"
 
     # -- walks ---------------------------------------------------------------------------------
     def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: bool) -> list[str]:
-        """One pass over the tensor: ``statements`` in order, then the accumulations; the final
-        pass also stores what it wrote (Note [Sweeps])."""
-        # only what the accumulations (or, in the last walk, the stores) need, in the spec's order
-        needed = set(self.lists) if store else set()
-        sequence: list = []
-        for s in sorted([*statements, *accumulate], key=lambda x: x.order, reverse=True):
-            if isinstance(s, _Accumulation):
-                needed |= s.reads
-            elif s.target in needed:
-                if not s.guarded:
-                    needed.discard(s.target)
-                needed |= s.reads
-            else:
-                continue
-            sequence.insert(0, s)
+        """One pass over the tensor: the statements and accumulations in the spec's order; the
+        final pass also stores what it wrote (Note [Sweeps]).
+
+        Per-tensor conditions of the statements it runs (``weight_decay != 0``, Adafactor's
+        ``ndim(param) > 1``) become up to MAX_VERSIONS versions of the loop, one per outcome, so
+        each loop is straight-line and vectorises: a state a condition leaves absent (a NULL
+        address) is then neither loaded nor stored, where an ``x_p ? x_p[i] : 0`` in the loop
+        keeps it scalar.  Beyond that, the conditions stay inside the loop."""
+        names = self.accumulators
+        scalars = [names[a.reduction.name] for a in accumulate if a.reduction.extent == SCALAR]
+        arrays = [a for a in accumulate if a.reduction.extent != SCALAR]
+        out = [f"double {acc} = 0;" for acc in scalars]
+        out += [f"double *{names[a.reduction.name]} = (double *)calloc({_size(a.reduction.extent)}, sizeof(double));"
+                for a in arrays]
+        terms = {a.reduction.name: self.fresh(f"terms_{a.reduction.name}") for a in accumulate
+                 if a.reduction.extent in (SCALAR, ROWS)}
+        conditions = list(dict.fromkeys(s.condition for s in _live(statements, accumulate, self.lists if store else ())
+                                        if s.condition is not None))
+        if not conditions or len(conditions) > MAX_VERSIONS:
+            return out + self.loop(statements, accumulate, store, terms, None)
+
+        def versions(k: int, fixed: dict) -> list[str]:
+            if k == len(conditions):
+                return self.loop(statements, accumulate, store, terms, fixed)
+            c = conditions[k]
+            return [f"if ({c}) {{", *_indent(versions(k + 1, {**fixed, c: True})), "} else {",
+                    *_indent(versions(k + 1, {**fixed, c: False})), "}"]
+
+        return out + versions(0, {})
+
+    def loop(self, statements, accumulate, store: bool, terms: dict, fixed: dict | None) -> list[str]:
+        """The loop of one walk; ``fixed``: the outcome of each condition in this version (None:
+        the conditions are tested in the loop)."""
+        if fixed is not None:
+            statements = [dataclasses.replace(s, condition=None) for s in statements if fixed.get(s.condition, True)]
+            accumulate = [dataclasses.replace(a, condition=None) for a in accumulate if fixed.get(a.condition, True)]
+        sequence = _live(statements, accumulate, self.lists if store else ())
         statements = [s for s in sequence if isinstance(s, _FullStatement)]
+        if not sequence:
+            return ["/* nothing to do for this tensor */"] if fixed is not None else []
         memory = {"param", "grad", *self.lists, *self.scratch}
         reads: list[str] = []
         loaded: set[str] = set()
@@ -373,45 +405,62 @@ class _CBuilder:
                 assigned.add(s.target)
         small = {n for n in reads if self.extents.get(n, FULL) != FULL}
         rows = bool(small) or any(a.reduction.extent != SCALAR for a in accumulate)
-        loads = [self.load(n, FULL) if n in loaded else f"scalar_t {self.cname(n)};" for n in reads]
+        # in a version, a state its statements touch exists (the spec's `when` guards them)
+        present = fixed is not None
+        loads = [self.load(n, FULL, present) if n in loaded else f"scalar_t {self.cname(n)};" for n in reads]
         written = [t for t in self.lists if store and any(s.target == t for s in statements)]
-        stores = [(f"if ({self.cname(t)}_p) " if t in self.optional else "")
+        stores = [(f"if ({self.cname(t)}_p) " if t in self.optional and not present else "")
                   + f"{self.cname(t)}_p[i] = from_compute({self.cname(t)});" for t in written]
         names = self.accumulators
+        # Scalar and per-row sums: each element's term goes into a block buffer, summed after the
+        # block in independent lanes (sum_terms: vectorises without reassociating a running sum,
+        # which would keep the whole loop scalar).  Per-column sums add in place.
+        blocked = [a for a in accumulate if a.reduction.extent in (SCALAR, ROWS)]
         private = {a.reduction.name: names[a.reduction.name] + ("_t" if a.reduction.extent != ROWS else "_r")
                    for a in accumulate} if rows else {a.reduction.name: names[a.reduction.name] for a in accumulate}
+        position = "ic - ic0" if rows else "i - i0"
         inner = [*loads]
         for s in sequence:
             if isinstance(s, _FullStatement):
-                inner += s.lines
+                inner += [s.comment, s.code if s.condition is None else f"if ({s.condition}) {s.code}"]
                 continue
             r = s.reduction
-            into = private[r.name] + ("[ib * dim_c + ic]" if r.extent == COLS else "")
-            term = f"(double)({s.value})"
-            code = f"{into} += {term} * {term};" if r.kind == "norm" else f"{into} += {term};"
-            inner += [f"/* {r.text} */", code if s.condition is None else f"if ({s.condition}) {code}"]
+            value = s.value if s.condition is None else f"({s.condition} ? {s.value} : 0)"
+            inner.append(f"/* {r.text} */")
+            if r.name in terms:
+                inner.append(f"{terms[r.name]}[{position}] = {value};")
+            else:
+                term = f"(double)({s.value})"
+                code = f"{private[r.name]}[ib * dim_c + ic] += " + (f"{term} * {term};" if r.kind == "norm" else f"{term};")
+                inner.append(code if s.condition is None else f"if ({s.condition}) {code}")
         inner += stores
+        count = "ic1 - ic0" if rows else "i1 - i0"
+        sums = [f"{private[a.reduction.name]} += sum_terms({terms[a.reduction.name]}, {count}, "
+                f"{int(a.reduction.kind == 'norm')});" for a in blocked]
+        buffers = [f"scalar_t {terms[a.reduction.name]}[OPTGEN_BLOCK];" for a in blocked]
         scalars = [names[a.reduction.name] for a in accumulate if a.reduction.extent == SCALAR]
         arrays = [a for a in accumulate if a.reduction.extent != SCALAR]
-        out = [f"double {acc} = 0;" for acc in scalars]
-        out += [f"double *{names[a.reduction.name]} = (double *)calloc({_size(a.reduction.extent)}, sizeof(double));"
-                for a in arrays]
         if not rows:
-            clause = f" reduction(+: {', '.join(scalars)})" if scalars else ""
-            simd = " simd" if scalars else ""
-            return out + [f"#pragma omp parallel for{simd} if (numel >= PARALLEL_MIN) schedule(static){clause}",
-                          "for (int64_t i = 0; i < numel; ++i) {", *("    " + x for x in inner), "}"]
+            if not blocked:
+                return ["#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)",
+                        "for (int64_t i = 0; i < numel; ++i) {", *_indent(inner), "}"]
+            return [f"#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) "
+                    f"reduction(+: {', '.join(scalars)})",
+                    "for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {",
+                    "    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;",
+                    *_indent(buffers), "    for (int64_t i = i0; i < i1; ++i) {", *_indent(inner, 2), "    }",
+                    *_indent(sums), "}"]
         # a walk over rows, reading or reducing the small extents (Note [Sweeps])
         row_accs = [private[a.reduction.name] for a in arrays if a.reduction.extent == ROWS]
         col_accs = [a for a in arrays if a.reduction.extent == COLS]
-        simd_vars = [private[n] for n in (a.reduction.name for a in accumulate if a.reduction.extent == SCALAR)] + row_accs
+        chunk = ["for (int64_t ic = ic0; ic < ic1; ++ic) {", "    const int64_t i = ir * dim_c + ic;",
+                 *_indent(inner), "}"]
         loop = ["for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {",
                 "    const int64_t ib = ir / dim_m;",
                 *(f"    double {acc} = 0;" for acc in row_accs),
-                "#pragma omp simd" + (f" reduction(+: {', '.join(simd_vars)})" if simd_vars else ""),
-                "    for (int64_t ic = 0; ic < dim_c; ++ic) {",
-                "        const int64_t i = ir * dim_c + ic;",
-                *("        " + x for x in inner), "    }",
+                "    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {",
+                "        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;",
+                *_indent(buffers, 2), *_indent(chunk, 2), *_indent(sums, 2), "    }",
                 *(f"    {names[a.reduction.name]}[ir] = {private[a.reduction.name]};"
                   for a in arrays if a.reduction.extent == ROWS), "}"]
         region = [*(f"double {private[n]} = 0;" for n in (a.reduction.name for a in accumulate
@@ -424,10 +473,9 @@ class _CBuilder:
                  *(f"for (int64_t j = 0; j < dim_b * dim_c; ++j) {names[a.reduction.name]}[j] += "
                    f"{private[a.reduction.name]}[j];" for a in col_accs)]
         if merge:
-            region += ["#pragma omp critical", "{", *("    " + x for x in merge), "}"]
+            region += ["#pragma omp critical", "{", *_indent(merge), "}"]
         region += [f"free({private[a.reduction.name]});" for a in col_accs]
-        return out + ["#pragma omp parallel if (numel >= PARALLEL_MIN)", "{",
-                      *("    " + x if not x.startswith("#") else x for x in region), "}"]
+        return ["#pragma omp parallel if (numel >= PARALLEL_MIN)", "{", *_indent(region), "}"]
 
     def element(self, expr) -> str:
         """``expr`` for one element, its scalar subexpressions computed before the loop as
@@ -456,6 +504,29 @@ class _CBuilder:
             return n[1:] if n.startswith("@") else self.cname(n)
 
         return CElementPrinter(rename)(walk(sympy.sympify(expr)))
+
+
+def _indent(lines, depth: int = 1) -> list[str]:
+    """Lines one level deeper (a pragma stays in the first column, where C wants it)."""
+    return [x if x.startswith("#") else "    " * depth + x for x in lines]
+
+
+def _live(statements, accumulate, stored) -> list:
+    """The statements and accumulations a walk needs, in the spec's order: every accumulation,
+    and the statements whose values reach one of them or a stored tensor."""
+    needed = set(stored)
+    sequence: list = []
+    for s in sorted([*statements, *accumulate], key=lambda x: x.order, reverse=True):
+        if isinstance(s, _Accumulation):
+            needed |= s.reads
+        elif s.target in needed:
+            if not s.guarded:
+                needed.discard(s.target)
+            needed |= s.reads
+        else:
+            continue
+        sequence.insert(0, s)
+    return sequence
 
 
 def _small_loop(extent: Extent, loop: list[str], cond: str | None) -> list[str]:

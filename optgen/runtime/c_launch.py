@@ -113,6 +113,24 @@ static inline double round_counter(double v, int f64) { return f64 ? v : (double
 /* torch.maximum / torch.minimum: NaN if either is NaN */
 static inline scalar_t max_nan(scalar_t a, scalar_t b) { return (a != a || a > b) ? a : b; }
 static inline scalar_t min_nan(scalar_t a, scalar_t b) { return (a != a || a < b) ? a : b; }
+/* a reduction's terms are buffered per block of elements and summed here, in double, in 8
+   independent lanes: vectorised without -ffast-math (Note [Sweeps]) */
+#define OPTGEN_BLOCK 1024
+static inline double sum_terms(const scalar_t *x, int64_t n, int squares)
+{
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    if (squares) {
+        for (; k + 8 <= n; k += 8)
+            for (int l = 0; l < 8; ++l) lane[l] += (double)x[k + l] * (double)x[k + l];
+        for (; k < n; ++k) lane[0] += (double)x[k] * (double)x[k];
+    } else {
+        for (; k + 8 <= n; k += 8)
+            for (int l = 0; l < 8; ++l) lane[l] += (double)x[k + l];
+        for (; k < n; ++k) lane[0] += (double)x[k];
+    }
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
 /* torch.sign: 0 for zeros and NaN */
 static inline scalar_t sign_of(scalar_t x) { return x > 0 ? (scalar_t)1 : (x < 0 ? (scalar_t)-1 : (scalar_t)0); }
 """
