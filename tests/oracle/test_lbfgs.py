@@ -111,3 +111,52 @@ def test_step_hooks_run_around_the_intrinsic_step():
     opt.register_step_post_hook(lambda *a: calls.append("post"))
     opt.step(closure_for(opt))
     assert calls == ["pre", "post"]
+
+
+def complex_problem(lr):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(8, 4, generator=g, dtype=torch.complex128)
+    b = torch.randn(8, generator=g, dtype=torch.complex128)
+    w = torch.zeros(4, dtype=torch.complex128, requires_grad=True)
+    return w, a, b
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_complex_parameters_and_a_tensor_lr_match_torch(line_search_fn):
+    """What README note 7 lists: complex parameters (torch's LBFGS views them as real) and a
+    Tensor lr, step for step against torch."""
+    results = []
+    for cls in (optgen.LBFGS, torch.optim.LBFGS):
+        w, a, b = complex_problem(None)
+        opt = cls([w], lr=torch.tensor(0.5, dtype=torch.float64), line_search_fn=line_search_fn, max_iter=5)
+
+        def closure():
+            opt.zero_grad()
+            loss = (a @ w - b).abs().pow(2).sum()
+            loss.backward()
+            return loss
+
+        losses = [opt.step(closure).item() for _ in range(3)]
+        results.append((losses, w.detach().clone()))
+    (ours, w_ours), (theirs, w_torch) = results
+    assert ours == theirs
+    torch.testing.assert_close(w_ours, w_torch, rtol=0, atol=0)
+
+
+def test_sparse_gradients_are_densified_as_in_torch():
+    """torch's LBFGS gathers a sparse gradient densely (``to_dense``); so does optgen's."""
+    results = []
+    for cls in (optgen.LBFGS, torch.optim.LBFGS):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(5, 3, sparse=True).double()
+        opt = cls(emb.parameters(), max_iter=4)
+
+        def closure():
+            opt.zero_grad()
+            loss = (emb(torch.tensor([0, 2])) ** 2).sum()
+            loss.backward()
+            return loss
+
+        results.append(([opt.step(closure).item() for _ in range(2)], emb.weight.detach().clone()))
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
