@@ -5,9 +5,11 @@ call for a parameter dtype (float32, float64, bfloat16, float16) the source is c
 :data:`PRELUDE` in front, into a shared library under the cache directory (``$OPTGEN_CACHE_DIR``,
 else ``~/.cache/optgen``, else the temporary directory when that is not writable), named by a
 hash of everything that goes into it, and loaded with ctypes; later processes load the cached
-file.  The compiler is ``$CC`` or ``cc``, with ``-O3 -march=native -fopenmp -fno-math-errno``
-(PERF-NOTES: without ``-fno-math-errno`` ``sqrtf`` does not vectorise); no ``-ffast-math``, which
-would break NaN propagation and the order of operations.
+file.  The compiler is ``$CC`` or ``cc``, with ``-O3 -march=native -fopenmp -fno-math-errno
+-fno-trapping-math`` (PERF-NOTES: without ``-fno-math-errno`` ``sqrtf`` does not vectorise; without
+the second a comparison a select makes unconditional blocks if-conversion — no kernel reads the
+floating-point exception flags); no ``-ffast-math``, which would break NaN propagation and the
+order of operations.
 
 :func:`launch` passes a group's tensors as tables of addresses (params and states, grads,
 counters), their sizes, the first-step flags of lazily created state, and the hyperparameters as
@@ -111,8 +113,9 @@ static inline void store_counter(void *p, double v, int f64)
 static inline double round_counter(double v, int f64) { return f64 ? v : (double)(float)v; }
 
 /* torch.maximum / torch.minimum: NaN if either is NaN */
-static inline scalar_t max_nan(scalar_t a, scalar_t b) { return (a != a || a > b) ? a : b; }
-static inline scalar_t min_nan(scalar_t a, scalar_t b) { return (a != a || a < b) ? a : b; }
+/* (two selects of one comparison each: GCC vectorises these, not `a != a || a > b`) */
+static inline scalar_t max_nan(scalar_t a, scalar_t b) { scalar_t m = a > b ? a : b; return a != a ? a : m; }
+static inline scalar_t min_nan(scalar_t a, scalar_t b) { scalar_t m = a < b ? a : b; return a != a ? a : m; }
 /* a reduction's terms are buffered per block of elements and summed here, in double, in 8
    independent lanes: vectorised without -ffast-math (Note [Sweeps]) */
 #define OPTGEN_BLOCK 1024
@@ -132,10 +135,10 @@ static inline double sum_terms(const scalar_t *x, int64_t n, int squares)
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 /* torch.sign: 0 for zeros and NaN */
-static inline scalar_t sign_of(scalar_t x) { return x > 0 ? (scalar_t)1 : (x < 0 ? (scalar_t)-1 : (scalar_t)0); }
+static inline scalar_t sign_of(scalar_t x) { return (scalar_t)((x > 0) - (x < 0)); }  /* branch-free: vectorises */
 """
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 #: flags a compiler may not take (clang on macOS has no -fopenmp): dropped, in this order, after a
 #: failed compile — a slower kernel rather than none
 OPTIONAL_FLAGS = ("-fopenmp", "-march=native")
