@@ -71,8 +71,9 @@ RESERVED = frozenset({
     "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern",
     "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed",
     "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
-    "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "i0", "i1", "ic0", "ic1", "sum_terms", "numel", "ndim", "dim_b", "dim_m", "dim_c", "tensors", "grads",
-    "counters", "numels", "dims", "first_step", "hyper", "counters_f64", "malloc", "calloc", "free", "isnan",
+    "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "i0", "i1", "ic0", "ic1", "numel", "ndim", "dim_b", "dim_m",
+    "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper", "counters_f64",
+    "malloc", "calloc", "free", "isnan", "sum_terms",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
 })
 
@@ -213,7 +214,7 @@ class _CBuilder:
 
         pointers = ["const storage_t *restrict grad_p = (const storage_t *)grads[t];"]
         used = {n for s in self.full for n in s.reads | {s.target}} | {n for a in self.accumulations for n in a.reads}
-        used |= {n for _, line in self.lines for n in lists if f"{self.cname(n)}_p" in line}
+        used |= {n for _, line in self.lines for n in lists if re.search(rf"\b{self.cname(n)}_p\b", line)}
         for i, t in enumerate(lists):
             if t in used:
                 pointers.append(f"storage_t *restrict {self.cname(t)}_p = (storage_t *)tensors[{i} * n + t];")
@@ -302,6 +303,8 @@ class _CBuilder:
     def reduction(self, item) -> None:
         """A lifted reduction: accumulated in a walk (FULL operand) or in a short loop."""
         r: Reduction = item.node
+        if r.extent == SCALAR and r.source != FULL:
+            raise Unsupported(f"{r.text}: a reduction of a reduced-shape value to a scalar")
         cond = self.condition(r.guard)
         value = self.element(r.operand)
         self.level[r.name] = item.level
@@ -326,8 +329,6 @@ class _CBuilder:
                                                     cond, reads))
             self.lines += [(item.level, x) for x in done]
             return
-        if r.extent == SCALAR or cond is not None and r.extent == SCALAR:
-            raise Unsupported(f"{r.text}: a reduction of a small value to a scalar")
         # a reduction of a small value (Adafactor's mean of row_var over its rows)
         term = "v * v" if r.kind == "norm" else "v"
         loop = [*_coordinates(r.source), *(self.load(n, r.source) for n in sorted(reads)),

@@ -116,6 +116,10 @@ def schedule(program: Program) -> Schedule:
     level: dict[str, int] = {}
     items: list[Item] = []
     taken = set(roles)
+    small_state_read: set[str] = set()  # small states read so far (a later write would race the read)
+
+    def small_states(names) -> set[str]:
+        return {n for n in names if roles.get(n) is Role.STATE and extents[n] != FULL}
 
     def extent_of(expr) -> Extent:
         if expr.is_Symbol:
@@ -160,19 +164,19 @@ def schedule(program: Program) -> Schedule:
             if result != SCALAR:
                 extents[name] = result
             level[name] = max(level_of(operand), level_of(a.guard)) + (1 if source == FULL else 0)
+            small_state_read.update(small_states(s.name for s in operand.free_symbols))
             items.append(Item(Reduction(name, kind, operand, source, result, a.guard, text), level[name],
                               source))
             return sympy.Symbol(name, real=True)
         return expr.func(*args) if args != list(expr.args) else expr
 
-    small_state_read: set[str] = set()
     for a in [*program.preamble, *program.body]:
         lifted = replace(a, value=lift(a.value, a), first=lift(a.first, a) if a.first is not None else None)
         reads, target, role = lifted.reads(), a.target, roles[a.target]
         if role is Role.STATE and extents[target] != FULL and target in small_state_read:
             raise Unsupported(f"state '{target}' is read before it is written again (a small state is "
                               "written where its statement runs)")
-        small_state_read |= {n for n in reads if roles.get(n) is Role.STATE and extents[n] != FULL} - {target}
+        small_state_read |= small_states(reads) - {target}
         guarded = a.guard != sympy.true
         ext = SCALAR
         if role.is_tensor:
