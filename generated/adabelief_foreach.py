@@ -46,6 +46,7 @@ def adabelief_default(
         _t1s = torch._foreach_sub(grads, exp_avgs)
         torch._foreach_addcmul_(exp_avg_vars, _t1s, _t1s, 1 - beta2)
         torch._foreach_add_(exp_avg_vars, eps)
+        del _t1s  # this statement's intermediates
     del grads  # free the temporary before the next allocation
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
@@ -128,6 +129,7 @@ def adabelief_decoupled_weight_decay(
     _t0s = torch._foreach_sub(grads, exp_avgs)
     torch._foreach_addcmul_(exp_avg_vars, _t0s, _t0s, 1 - beta2)
     torch._foreach_add_(exp_avg_vars, eps)
+    del _t0s  # this statement's intermediates
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1s = [1 - beta1 ** step for step in steps]
     # bias_correction2 = 1 - beta2 ** step

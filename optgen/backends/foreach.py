@@ -41,6 +41,7 @@ class ForeachRenderer(PythonRenderer):
         super().__init__(program)
         self.per_tensor_code = ForLoopRenderer(program, index="i")  # inside `for i in ...:` blocks
         self.per_op_code = ForLoopRenderer(program, index="i", loop_locals=False)  # one op, all lists
+        self.intermediates = _intermediates_to_free(list(program.steps))
 
     def var(self, name: str) -> str:
         return self.list_name(name)
@@ -114,6 +115,13 @@ class ForeachRenderer(PythonRenderer):
     def release(self, name: str) -> list[str]:
         return [f"del {self.list_name(name)}  # free the temporary before the next allocation"]
 
+    def step_lines(self, step: Step) -> list[str]:
+        lines = super().step_lines(step)
+        names = self.intermediates.get(id(step))
+        if names:
+            lines.append(f"del {', '.join(map(self.list_name, names))}  # this statement's intermediates")
+        return lines
+
     def counter_read(self, name: str) -> str:
         return f"{self.list_name(name)} = [t.item() for t in {counter_list(name)}]"
 
@@ -168,6 +176,26 @@ class ForeachRenderer(PythonRenderer):
                 lines += ["    " + line for line in self.guarded_blocks(run, renderer)]
             defined |= {s.target for s in run}
         return lines
+
+
+def _intermediates_to_free(steps: list[Step]) -> dict[int, list[str]]:
+    """A statement's own temporary lists (``_t1s``: AdaBelief's ``grad - exp_avg``) that nothing
+    after it reads, by statement, where a later statement allocates: a list of parameter-sized
+    tensors would otherwise live to the end of the step.  reuse_buffers frees statement targets;
+    these names exist only in the op program of one statement."""
+    def allocates(step: Step) -> bool:
+        return step.kind == "tensor" and any(not op.in_place and op.fn != "alias" for op in step.ops)
+
+    out: dict[int, list[str]] = {}
+    for i, step in enumerate(steps):
+        if step.kind != "tensor" or step.first_ops is not None:
+            continue
+        later = steps[i + 1:]
+        names = sorted({op.out for op in step.ops if op.out.startswith("_t") and op.out != step.target
+                        and not op.in_place and op.fn != "alias"} - _reads(later))
+        if names and any(allocates(s) for s in later):
+            out[id(step)] = names
+    return out
 
 
 def _reads(steps) -> set[str]:

@@ -45,3 +45,12 @@ def test_adafactor_foreach_peak_within_one_tensor_of_torchs(kwargs):
     ours = _peak(optgen.Adafactor, kwargs, "foreach")
     theirs = _peak(torch.optim.Adafactor, kwargs)
     assert ours <= theirs + 64 * 32 * 4, (ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(weight_decay=0.1, decoupled_weight_decay=False), {}], ids=str)
+def test_adabelief_foreach_frees_its_statements_intermediates(kwargs):
+    """AdaBelief (not in torch): ``(grad - exp_avg) * (grad - exp_avg)`` forms one list of
+    differences, freed after its statement, so the step holds one list of parameter-sized
+    tensors at a time (the denominators), as Adam's does."""
+    one_list = (64 * 32 + 32 + 16 * 16) * 4
+    assert _peak(optgen.AdaBelief, kwargs, "foreach") <= one_list
