@@ -55,7 +55,7 @@ void adabelief_default(int64_t n, void **tensors, void **grads, void **counters,
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
                 exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
                 /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
@@ -75,7 +75,7 @@ void adabelief_default(int64_t n, void **tensors, void **grads, void **counters,
                 scalar_t denom;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
                 exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
                 /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
@@ -135,7 +135,7 @@ void adabelief_maximize(int64_t n, void **tensors, void **grads, void **counters
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
                 exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
                 /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
@@ -157,7 +157,7 @@ void adabelief_maximize(int64_t n, void **tensors, void **grads, void **counters
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
                 exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
                 /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
@@ -215,7 +215,7 @@ void adabelief_decoupled_weight_decay(int64_t n, void **tensors, void **grads, v
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
                 exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
                 /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
@@ -235,7 +235,7 @@ void adabelief_decoupled_weight_decay(int64_t n, void **tensors, void **grads, v
                 scalar_t denom;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
                 exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
                 /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
@@ -295,7 +295,7 @@ void adabelief_decoupled_weight_decay_maximize(int64_t n, void **tensors, void *
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
                 exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
                 /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
@@ -317,7 +317,7 @@ void adabelief_decoupled_weight_decay_maximize(int64_t n, void **tensors, void *
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
                 exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
                 /* denom = sqrt(exp_avg_var / bias_correction2) + eps */

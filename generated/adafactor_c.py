@@ -132,7 +132,7 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
                 (void)ib; (void)im;
                 scalar_t row_mean = row_mean_s[j];
                 scalar_t row_var = row_var_p ? to_compute(row_var_p[j]) : 0;
-                row_var = row_var + c_one_minus_beta2_t * (row_mean - row_var);
+                row_var = lerp_of(row_var, row_mean, c_one_minus_beta2_t);
                 row_var_p[j] = from_compute(row_var);
             }
         }
@@ -156,7 +156,7 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
                 (void)ib; (void)ic;
                 scalar_t col_mean = col_mean_s[j];
                 scalar_t col_var = col_var_p ? to_compute(col_var_p[j]) : 0;
-                col_var = col_var + c_one_minus_beta2_t * (col_mean - col_var);
+                col_var = lerp_of(col_var, col_mean, c_one_minus_beta2_t);
                 col_var_p[j] = from_compute(col_var);
             }
         }
@@ -198,7 +198,7 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
                                 /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
                                 var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
                                 /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                                 /* var_estimate = variance */
                                 var_estimate = variance;
                                 /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -260,7 +260,7 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
                         scalar_t var_estimate;
                         scalar_t update;
                         /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                         /* var_estimate = variance */
                         var_estimate = variance;
                         /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -317,7 +317,7 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
                                     /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
                                     var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
                                     /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                    variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                    variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                                     /* var_estimate = variance */
                                     var_estimate = variance;
                                     /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -373,7 +373,7 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                         /* var_estimate = variance */
                         var_estimate = variance;
                         /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -423,7 +423,7 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
                                     /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
                                     var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
                                     /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                    variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                    variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                                     /* var_estimate = variance */
                                     var_estimate = variance;
                                     /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -475,7 +475,7 @@ void adafactor_default(int64_t n, void **tensors, void **grads, void **counters,
                         scalar_t update;
                         scalar_t param = to_compute(param_p[i]);
                         /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                         /* var_estimate = variance */
                         var_estimate = variance;
                         /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -631,7 +631,7 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
                 (void)ib; (void)im;
                 scalar_t row_mean = row_mean_s[j];
                 scalar_t row_var = row_var_p ? to_compute(row_var_p[j]) : 0;
-                row_var = row_var + c_one_minus_beta2_t * (row_mean - row_var);
+                row_var = lerp_of(row_var, row_mean, c_one_minus_beta2_t);
                 row_var_p[j] = from_compute(row_var);
             }
         }
@@ -655,7 +655,7 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
                 (void)ib; (void)ic;
                 scalar_t col_mean = col_mean_s[j];
                 scalar_t col_var = col_var_p ? to_compute(col_var_p[j]) : 0;
-                col_var = col_var + c_one_minus_beta2_t * (col_mean - col_var);
+                col_var = lerp_of(col_var, col_mean, c_one_minus_beta2_t);
                 col_var_p[j] = from_compute(col_var);
             }
         }
@@ -699,7 +699,7 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
                                 /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
                                 var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
                                 /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                                 /* var_estimate = variance */
                                 var_estimate = variance;
                                 /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -765,7 +765,7 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
                         /* grad = -grad */
                         grad = -grad;
                         /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                         /* var_estimate = variance */
                         var_estimate = variance;
                         /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -826,7 +826,7 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
                                     /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
                                     var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
                                     /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                    variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                    variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                                     /* var_estimate = variance */
                                     var_estimate = variance;
                                     /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -886,7 +886,7 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                         /* var_estimate = variance */
                         var_estimate = variance;
                         /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -940,7 +940,7 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
                                     /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
                                     var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
                                     /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                    variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                                    variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                                     /* var_estimate = variance */
                                     var_estimate = variance;
                                     /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -996,7 +996,7 @@ void adafactor_maximize(int64_t n, void **tensors, void **grads, void **counters
                         /* grad = -grad */
                         grad = -grad;
                         /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                        variance = variance + c_one_minus_beta2_t * (grad * grad - variance);
+                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
                         /* var_estimate = variance */
                         var_estimate = variance;
                         /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */

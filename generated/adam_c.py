@@ -58,7 +58,7 @@ void adam_default(int64_t n, void **tensors, void **grads, void **counters, cons
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
@@ -78,7 +78,7 @@ void adam_default(int64_t n, void **tensors, void **grads, void **counters, cons
                 scalar_t denom;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
@@ -139,7 +139,7 @@ void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void *
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
@@ -159,7 +159,7 @@ void adam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void *
                 scalar_t denom;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
@@ -222,7 +222,7 @@ void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, con
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
@@ -244,7 +244,7 @@ void adam_maximize(int64_t n, void **tensors, void **grads, void **counters, con
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
@@ -307,7 +307,7 @@ void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grad
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
@@ -329,7 +329,7 @@ void adam_maximize_decoupled_weight_decay(int64_t n, void **tensors, void **grad
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
@@ -392,7 +392,7 @@ void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, cons
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
@@ -416,7 +416,7 @@ void adam_amsgrad(int64_t n, void **tensors, void **grads, void **counters, cons
                 scalar_t denom;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
@@ -482,7 +482,7 @@ void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
@@ -506,7 +506,7 @@ void adam_amsgrad_decoupled_weight_decay(int64_t n, void **tensors, void **grads
                 scalar_t denom;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
@@ -574,7 +574,7 @@ void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **count
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
@@ -600,7 +600,7 @@ void adam_amsgrad_maximize(int64_t n, void **tensors, void **grads, void **count
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
@@ -668,7 +668,7 @@ void adam_amsgrad_maximize_decoupled_weight_decay(int64_t n, void **tensors, voi
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
@@ -694,7 +694,7 @@ void adam_amsgrad_maximize_decoupled_weight_decay(int64_t n, void **tensors, voi
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */

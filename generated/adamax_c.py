@@ -51,7 +51,7 @@ void adamax_default(int64_t n, void **tensors, void **grads, void **counters, co
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
                 exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
                 /* param = param - clr * exp_avg / exp_inf */
@@ -68,7 +68,7 @@ void adamax_default(int64_t n, void **tensors, void **grads, void **counters, co
                 scalar_t exp_inf = to_compute(exp_inf_p[i]);
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
                 exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
                 /* param = param - clr * exp_avg / exp_inf */
@@ -122,7 +122,7 @@ void adamax_maximize(int64_t n, void **tensors, void **grads, void **counters, c
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
                 exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
                 /* param = param - clr * exp_avg / exp_inf */
@@ -141,7 +141,7 @@ void adamax_maximize(int64_t n, void **tensors, void **grads, void **counters, c
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
                 exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
                 /* param = param - clr * exp_avg / exp_inf */

@@ -59,7 +59,7 @@ void lamb_default(int64_t n, void **tensors, void **grads, void **counters, cons
                     scalar_t update;
                     scalar_t param = to_compute(param_p[i]);
                     /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                    exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                     /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                     exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                     /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
@@ -87,7 +87,7 @@ void lamb_default(int64_t n, void **tensors, void **grads, void **counters, cons
                     scalar_t update;
                     scalar_t param = to_compute(param_p[i]);
                     /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                    exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                     /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                     exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                     /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
@@ -119,7 +119,7 @@ void lamb_default(int64_t n, void **tensors, void **grads, void **counters, cons
                 scalar_t update;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
@@ -141,7 +141,7 @@ void lamb_default(int64_t n, void **tensors, void **grads, void **counters, cons
                 scalar_t update;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
@@ -205,7 +205,7 @@ void lamb_maximize(int64_t n, void **tensors, void **grads, void **counters, con
                     /* grad = -grad */
                     grad = -grad;
                     /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                    exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                     /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                     exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                     /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
@@ -235,7 +235,7 @@ void lamb_maximize(int64_t n, void **tensors, void **grads, void **counters, con
                     /* grad = -grad */
                     grad = -grad;
                     /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                    exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                     /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                     exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                     /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
@@ -269,7 +269,7 @@ void lamb_maximize(int64_t n, void **tensors, void **grads, void **counters, con
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
@@ -293,7 +293,7 @@ void lamb_maximize(int64_t n, void **tensors, void **grads, void **counters, con
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */

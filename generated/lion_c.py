@@ -41,11 +41,11 @@ void lion_default(int64_t n, void **tensors, void **grads, void **counters, cons
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
-                update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
+                update = sign_of(lerp_of(exp_avg, grad, c_1_minus_beta1));
                 /* param = param - lr * update */
                 param = param - c_lr * update;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
-                exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
                 param_p[i] = from_compute(param);
                 exp_avg_p[i] = from_compute(exp_avg);
             }
@@ -57,11 +57,11 @@ void lion_default(int64_t n, void **tensors, void **grads, void **counters, cons
                 scalar_t update;
                 scalar_t param = to_compute(param_p[i]);
                 /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
-                update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
+                update = sign_of(lerp_of(exp_avg, grad, c_1_minus_beta1));
                 /* param = param - lr * update */
                 param = param - c_lr * update;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
-                exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
                 param_p[i] = from_compute(param);
                 exp_avg_p[i] = from_compute(exp_avg);
             }
@@ -99,11 +99,11 @@ void lion_maximize(int64_t n, void **tensors, void **grads, void **counters, con
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
-                update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
+                update = sign_of(lerp_of(exp_avg, grad, c_1_minus_beta1));
                 /* param = param - lr * update */
                 param = param - c_lr * update;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
-                exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
                 param_p[i] = from_compute(param);
                 exp_avg_p[i] = from_compute(exp_avg);
             }
@@ -117,11 +117,11 @@ void lion_maximize(int64_t n, void **tensors, void **grads, void **counters, con
                 /* grad = -grad */
                 grad = -grad;
                 /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
-                update = sign_of(exp_avg + c_1_minus_beta1 * (grad - exp_avg));
+                update = sign_of(lerp_of(exp_avg, grad, c_1_minus_beta1));
                 /* param = param - lr * update */
                 param = param - c_lr * update;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
-                exp_avg = exp_avg + c_1_minus_beta2 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
                 param_p[i] = from_compute(param);
                 exp_avg_p[i] = from_compute(exp_avg);
             }

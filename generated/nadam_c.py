@@ -66,7 +66,7 @@ void nadam_default(int64_t n, void **tensors, void **grads, void **counters, con
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
@@ -88,7 +88,7 @@ void nadam_default(int64_t n, void **tensors, void **grads, void **counters, con
                 scalar_t denom;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
@@ -162,7 +162,7 @@ void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                 /* grad = grad + weight_decay * param */
                 grad = grad + c_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
@@ -186,7 +186,7 @@ void nadam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
@@ -258,7 +258,7 @@ void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
@@ -280,7 +280,7 @@ void nadam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                 scalar_t denom;
                 scalar_t param = to_compute(param_p[i]);
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
@@ -354,7 +354,7 @@ void nadam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                 /* param = param * (1 - lr * weight_decay) */
                 param = c_1_minus_lr_times_weight_decay * param;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
@@ -378,7 +378,7 @@ void nadam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                 /* grad = -grad */
                 grad = -grad;
                 /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                 /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                 exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                 /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */

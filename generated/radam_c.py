@@ -67,7 +67,7 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
                         /* grad = grad + weight_decay * param */
                         grad = grad + c_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -91,7 +91,7 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
                         /* grad = grad + weight_decay * param */
                         grad = grad + c_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -114,7 +114,7 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
                         /* grad = grad + weight_decay * param */
                         grad = grad + c_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* param = param - lr / bias_correction1 * exp_avg */
@@ -133,7 +133,7 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
                         /* grad = grad + weight_decay * param */
                         grad = grad + c_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         exp_avg_p[i] = from_compute(exp_avg);
@@ -152,7 +152,7 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
                         scalar_t denom;
                         scalar_t param = to_compute(param_p[i]);
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -174,7 +174,7 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
                         scalar_t denom;
                         scalar_t param = to_compute(param_p[i]);
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -195,7 +195,7 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
                         scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
                         scalar_t param = to_compute(param_p[i]);
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* param = param - lr / bias_correction1 * exp_avg */
@@ -211,7 +211,7 @@ void radam_default(int64_t n, void **tensors, void **grads, void **counters, con
                         scalar_t grad = to_compute(grad_p[i]);
                         scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         exp_avg_p[i] = from_compute(exp_avg);
@@ -280,7 +280,7 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                         /* grad = grad + weight_decay * param */
                         grad = grad + c_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -306,7 +306,7 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                         /* grad = grad + weight_decay * param */
                         grad = grad + c_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -331,7 +331,7 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                         /* grad = grad + weight_decay * param */
                         grad = grad + c_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* param = param - lr / bias_correction1 * exp_avg */
@@ -352,7 +352,7 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                         /* grad = grad + weight_decay * param */
                         grad = grad + c_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         exp_avg_p[i] = from_compute(exp_avg);
@@ -373,7 +373,7 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                         /* grad = -grad */
                         grad = -grad;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -397,7 +397,7 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                         /* grad = -grad */
                         grad = -grad;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -420,7 +420,7 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                         /* grad = -grad */
                         grad = -grad;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* param = param - lr / bias_correction1 * exp_avg */
@@ -438,7 +438,7 @@ void radam_maximize(int64_t n, void **tensors, void **grads, void **counters, co
                         /* grad = -grad */
                         grad = -grad;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         exp_avg_p[i] = from_compute(exp_avg);
@@ -505,7 +505,7 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -529,7 +529,7 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -552,7 +552,7 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* param = param - lr / bias_correction1 * exp_avg */
@@ -571,7 +571,7 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         param_p[i] = from_compute(param);
@@ -591,7 +591,7 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                         scalar_t denom;
                         scalar_t param = to_compute(param_p[i]);
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -613,7 +613,7 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                         scalar_t denom;
                         scalar_t param = to_compute(param_p[i]);
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -634,7 +634,7 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                         scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
                         scalar_t param = to_compute(param_p[i]);
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* param = param - lr / bias_correction1 * exp_avg */
@@ -650,7 +650,7 @@ void radam_decoupled_weight_decay(int64_t n, void **tensors, void **grads, void 
                         scalar_t grad = to_compute(grad_p[i]);
                         scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         exp_avg_p[i] = from_compute(exp_avg);
@@ -719,7 +719,7 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -745,7 +745,7 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -770,7 +770,7 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* param = param - lr / bias_correction1 * exp_avg */
@@ -791,7 +791,7 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                         /* param = param * (1 - lr * weight_decay) */
                         param = c_1_minus_lr_times_weight_decay * param;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         param_p[i] = from_compute(param);
@@ -813,7 +813,7 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                         /* grad = -grad */
                         grad = -grad;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -837,7 +837,7 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                         /* grad = -grad */
                         grad = -grad;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* denom = sqrt(exp_avg_sq) + eps */
@@ -860,7 +860,7 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                         /* grad = -grad */
                         grad = -grad;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         /* param = param - lr / bias_correction1 * exp_avg */
@@ -878,7 +878,7 @@ void radam_decoupled_weight_decay_maximize(int64_t n, void **tensors, void **gra
                         /* grad = -grad */
                         grad = -grad;
                         /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = exp_avg + c_1_minus_beta1 * (grad - exp_avg);
+                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
                         /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
                         exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
                         exp_avg_p[i] = from_compute(exp_avg);

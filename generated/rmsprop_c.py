@@ -447,7 +447,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* momentum_buffer = momentum * momentum_buffer + grad / avg */
@@ -475,7 +475,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* momentum_buffer = momentum * momentum_buffer + grad / avg */
@@ -502,7 +502,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* param = param - lr * grad / avg */
@@ -523,7 +523,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         square_avg_p[i] = from_compute(square_avg);
                         grad_avg_p[i] = from_compute(grad_avg);
                     }
@@ -543,7 +543,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* momentum_buffer = momentum * momentum_buffer + grad / avg */
@@ -569,7 +569,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* momentum_buffer = momentum * momentum_buffer + grad / avg */
@@ -594,7 +594,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* param = param - lr * grad / avg */
@@ -612,7 +612,7 @@ void rmsprop_centered(int64_t n, void **tensors, void **grads, void **counters, 
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         square_avg_p[i] = from_compute(square_avg);
                         grad_avg_p[i] = from_compute(grad_avg);
                     }
@@ -669,7 +669,7 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* momentum_buffer = momentum * momentum_buffer + grad / avg */
@@ -699,7 +699,7 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* momentum_buffer = momentum * momentum_buffer + grad / avg */
@@ -728,7 +728,7 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* param = param - lr * grad / avg */
@@ -751,7 +751,7 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         square_avg_p[i] = from_compute(square_avg);
                         grad_avg_p[i] = from_compute(grad_avg);
                     }
@@ -773,7 +773,7 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* momentum_buffer = momentum * momentum_buffer + grad / avg */
@@ -801,7 +801,7 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* momentum_buffer = momentum * momentum_buffer + grad / avg */
@@ -828,7 +828,7 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
                         avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
                         /* param = param - lr * grad / avg */
@@ -848,7 +848,7 @@ void rmsprop_centered_maximize(int64_t n, void **tensors, void **grads, void **c
                         /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
                         square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
                         /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-                        grad_avg = grad_avg + c_1_minus_alpha * (grad - grad_avg);
+                        grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
                         square_avg_p[i] = from_compute(square_avg);
                         grad_avg_p[i] = from_compute(grad_avg);
                     }

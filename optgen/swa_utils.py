@@ -8,11 +8,11 @@
 :class:`SWALR` is generated from specs/schedulers/swalr.toml.  The averaging update itself —
 SWA's running mean and EMA are both ``avg = lerp(avg, model, weight)`` — is the spec
 specs/averaging/weight_average.toml, compiled by the optimizer pipeline into a for-loop and a
-foreach kernel and a fused Triton kernel (generated/weightaverage_{forloop,foreach,triton}.py).
-The default is the Triton kernel on CUDA (one launch for every tensor; Triton is imported only
-then) and foreach elsewhere; ``lerp_(..., implementation=...)`` picks one.  All update in place,
-where torch's default CPU path allocates three temporaries per tensor.  There is no fused CPU (C)
-averaging kernel.
+foreach kernel and two fused kernels, Triton and C (generated/weightaverage_{forloop,foreach,
+triton,c}.py).  The default is the Triton kernel on CUDA (one launch for every tensor; Triton is
+imported only then) and foreach elsewhere (on CPU the C kernel measures the same: the update is
+memory-bound); ``lerp_(..., implementation=...)`` picks one.  All update in place, where torch's
+default CPU path allocates three temporaries per tensor.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ PARAM_LIST = tuple[Tensor, ...] | list[Tensor]
 
 _generated.load()
 SWALR = importlib.import_module(f"{_generated.NAME}.lr_scheduler").SWALR
-IMPLEMENTATIONS = ("forloop", "foreach", "triton")
+IMPLEMENTATIONS = ("forloop", "foreach", "triton", "c")
 _KERNELS: dict = {}
 
 
@@ -57,8 +57,9 @@ def _triton_available() -> bool:
 
 def _implementation(tensors: PARAM_LIST) -> str:
     """The fused Triton kernel on GPUs (one launch for all tensors) where Triton is installed and the
-    dtype is one it handles; foreach otherwise.  On CPU foreach: the update is one op per tensor,
-    so the for-loop's cache locality (why optgen's optimizers prefer it there) buys nothing."""
+    dtype is one it handles; foreach otherwise.  On CPU foreach, not the C kernel: the update is
+    one memory-bound op per tensor, and both move it at the machine's bandwidth (BENCHMARKS.md), so
+    compiling C on first use would buy nothing."""
     first = tensors[0]
     if first.device.type == "cuda" and first.dtype in _TRITON_DTYPES and _triton_available():
         return "triton"
@@ -71,6 +72,8 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def lerp_(averaged: PARAM_LIST, current: PARAM_LIST, weight: float | Tensor, implementation: str | None = None) -> None:
     """``averaged[i] += weight * (current[i] - averaged[i])`` in place, through a generated kernel."""
     # (the averaging spec's rule names the average `param` and the model `grad`)
+    if not averaged:
+        return
     kernel(implementation or _implementation(averaged))(params=list(averaged), grads=list(current), weight=weight)
 
 

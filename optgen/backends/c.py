@@ -73,7 +73,7 @@ RESERVED = frozenset({
     "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
     "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "i0", "i1", "ic0", "ic1", "numel", "ndim", "dim_b", "dim_m",
     "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper", "counters_f64",
-    "malloc", "calloc", "free", "isnan", "sum_terms",
+    "malloc", "calloc", "free", "isnan", "sum_terms", "lerp_of",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
 })
 

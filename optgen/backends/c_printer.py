@@ -118,5 +118,10 @@ class CElementPrinter(_CPrinter):
     def _print_sign(self, expr):
         return f"sign_of({self._print(expr.args[0])})"
 
+    def _print_Lerp(self, expr):
+        """torch's lerp: from the nearer end, so weight 1 gives exactly ``b`` (SWA's first average)."""
+        a, b, w = (self._print(x) for x in expr.args)
+        return f"lerp_of({a}, {b}, {w})"
+
 
 __all__ = ["CElementPrinter", "CScalarPrinter", "Unsupported"]

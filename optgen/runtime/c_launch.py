@@ -134,6 +134,12 @@ static inline double sum_terms(const scalar_t *x, int64_t n, int squares)
     }
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
+/* torch.lerp: a + w (b - a) for |w| < 0.5, else b - (b - a)(1 - w) */
+static inline scalar_t lerp_of(scalar_t a, scalar_t b, scalar_t w)
+{
+    scalar_t near_a = a + w * (b - a), near_b = b - (b - a) * ((scalar_t)1 - w);
+    return FABS(w) < (scalar_t)0.5 ? near_a : near_b;
+}
 /* torch.sign: 0 for zeros and NaN */
 static inline scalar_t sign_of(scalar_t x) { return (scalar_t)((x > 0) - (x < 0)); }  /* branch-free: vectorises */
 """

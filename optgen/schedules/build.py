@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optgen.backends.base import module_name
+from optgen.backends.c import BACKEND as C
 from optgen.backends.foreach import BACKEND as FOREACH
 from optgen.backends.forloop import BACKEND as FORLOOP
 from optgen.backends.triton import BACKEND as TRITON
@@ -22,7 +23,7 @@ from optgen.schedules.render import render_module
 from optgen.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-AVERAGING_BACKENDS = (FORLOOP, FOREACH, TRITON)
+AVERAGING_BACKENDS = (FORLOOP, FOREACH, TRITON, C)
 
 
 def schedule_paths(root: Path = ROOT) -> list[Path]:

@@ -10,6 +10,7 @@ import torch
 from torch.optim import swa_utils as T
 
 from optgen import swa_utils as O
+from optgen.runtime import c_launch
 
 UPDATES = 25  # enough for the running mean's weight 1/(n+1) to get small and EMA to forget the start
 
@@ -164,13 +165,15 @@ def test_generated_kernels_agree(dtype):
     implementations = ["forloop", "foreach"]
     if dtype != torch.complex64 and O._triton_available():
         implementations.append("triton")
+    if dtype != torch.complex64 and c_launch.available():
+        implementations.append("c")
     for impl in implementations:
         averaged = [torch.ones(n, dtype=dtype) for n in (3, 17, 1000)]
         O.lerp_(averaged, current, 0.25, implementation=impl)
         outs.append(averaged)
     for x, c, *others in zip(outs[0], current, *outs[1:]):
         torch.testing.assert_close(x, torch.lerp(torch.ones_like(c), c, 0.25), rtol=0, atol=0)
-        for y in others:  # Triton computes a + w (b - a) in its own rounding
+        for y in others:  # Triton and C compute a + w (b - a) in their own rounding (FMA)
             torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
 
 
@@ -180,3 +183,4 @@ def test_averaging_kernel_is_generated_from_the_spec():
     assert "torch._foreach_lerp_(params, grads, weight)" in inspect.getsource(O.kernel("foreach"))
     assert "param.lerp_(grad, weight)" in inspect.getsource(O.kernel("forloop"))
     assert O._implementation([torch.zeros(1)]) == "foreach"  # on CPU
+    assert "param = lerp_of(param, grad, c_weight);" in O.kernel("c").library.source
