@@ -9,7 +9,7 @@ backend prints every elementwise spec as such a kernel, in C (PERF-NOTES: a plai
 with torch's fused Adam).  Per variant, one function over every tensor of a (dtype) group::
 
     void adam_default(int64_t n, void **tensors, void **grads, void **counters,
-                      const int64_t *numels, const uint8_t *first_step,
+                      const int64_t *numels, const int64_t *dims, const uint8_t *first_step,
                       const double *hyper, int counters_f64)
     {
         const double lr = hyper[0]; ...                  // hyperparameters (double)
@@ -33,8 +33,10 @@ with torch's fused Adam).  Per variant, one function over every tensor of a (dty
 Scalars are computed per tensor in ``double``, in the spec's order, as the for-loop kernel's
 Python floats are: each assignment is a new C variable (``eta``, ``eta_1``), so a tensor statement
 reads the value its position in the spec sees.  Every condition is a per-tensor scalar (a
-hyperparameter comparison, ``rho_t > 5``), computed once before the loop; per-element choices are
-``where(...)`` inside an expression.  The elementwise loop loads each tensor once, runs the tensor
+hyperparameter comparison, ``rho_t > 5``), computed once before the loop, and the loop is
+specialised on up to MAX_VERSIONS of them (``if (cond) { loop } else { loop }``: straight-line
+loops vectorise, and a state a condition leaves absent is never touched); per-element choices
+are ``where(...)`` inside an expression.  The elementwise loop loads each tensor once, runs the tensor
 statements in ``scalar_t`` (the parameters' ``float`` or ``double``; ``float`` for bfloat16 and
 float16 storage, as torch's fused kernels compute: the source compiles once per dtype), and
 stores each written tensor once.  A lazily created state is allocated before the
