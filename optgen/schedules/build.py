@@ -1,8 +1,9 @@
 """The scheduler and weight-averaging outputs of `optgen build` (called from optgen/build.py).
 
 - specs/schedulers/*.toml → generated/lr_scheduler.py (one class per spec, optgen.schedules.render);
-- specs/averaging/*.toml  → generated/<name>_forloop.py, _foreach.py and _triton.py: the averaging
-  update of optgen.swa_utils, compiled by the optimizer pipeline and rendered by its kernel backends.
+- specs/averaging/*.toml  → generated/<name>_forloop.py, _foreach.py, _triton.py and _c.py: the
+  averaging update of optgen.swa_utils, compiled by the optimizer pipeline and rendered by its
+  kernel backends.
 
 Everything is rendered to memory; optgen/build.py's FileManager writes it with the rest.
 """
