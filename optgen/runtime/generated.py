@@ -259,17 +259,29 @@ def _gather_rows(tensors: dict[str, list]):
     gradients")."""
     grads = [g.coalesce() if g.is_sparse else None for g in tensors["grads"]]
     gathered = {"grads": [g._values() if g is not None else d for g, d in zip(grads, tensors["grads"])]}
+    # An embedding's gradient is sparse in its first dimension only (whole rows): index_select
+    # and index_copy_ move those rows, several times faster than sparse_mask and an indexed store.
+    rows = [g._indices()[0] if g is not None and g.sparse_dim() == 1 else None for g in grads]
+
+    def gather(v, g, r):
+        if g is None or not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return v
+        return v.index_select(0, r) if r is not None else v.sparse_mask(g)._values()
+
     for name, values in tensors.items():
         if name != "grads":
-            gathered[name] = [v.sparse_mask(g)._values() if g is not None and isinstance(v, torch.Tensor)
-                              and v.dim() > 0 else v for v, g in zip(values, grads)]
+            gathered[name] = [gather(v, g, r) for v, g, r in zip(values, grads, rows)]
 
     def scatter():
         for name, values in tensors.items():
             if name == "grads":
                 continue
-            for full, new, g in zip(values, gathered[name], grads):
-                if g is not None and isinstance(full, torch.Tensor) and full.dim() > 0:
+            for full, new, g, r in zip(values, gathered[name], grads, rows):
+                if g is None or not isinstance(full, torch.Tensor) or full.dim() == 0:
+                    continue
+                if r is not None:
+                    full.index_copy_(0, r, new)
+                else:
                     full[tuple(g._indices())] = new
 
     return gathered, scatter
