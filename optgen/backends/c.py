@@ -65,8 +65,7 @@ from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, schedule
 from optgen.backends.triton import _identifier, _is_condition
 from optgen.backends.triton_printer import Unsupported
-from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
-from optgen.spec.expressions import SCALAR_OF_TENSOR
+from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued, tensor_reads
 
 #: C keywords and the kernel skeleton's names; an IR name among them gets a trailing underscore
 RESERVED = frozenset({
@@ -277,7 +276,7 @@ class _CBuilder:
         """A statement over every element: one line of each walk that needs it; its scalar
         operands and its condition are computed before (as per-tensor lines)."""
         cond = self.condition(a.guard)
-        reads = _element_reads(a.value, self.roles) | (_element_reads(a.first, self.roles) if a.first is not None else set())
+        reads = tensor_reads(a.value, self.roles) | (tensor_reads(a.first, self.roles) if a.first is not None else set())
         if cond is not None:  # the old value stays where the condition is false
             reads.add(a.target)
         value = self.element(a.value)
@@ -293,7 +292,7 @@ class _CBuilder:
         extent, target = item.extent, self.cname(a.target)
         if self.roles[a.target] is Role.TENSOR and a.target not in self.scratch:
             self.scratch[a.target] = self.fresh(f"{a.target}_s")
-        reads = _element_reads(a.value, self.roles)
+        reads = tensor_reads(a.value, self.roles)
         loads = [self.load(n, extent) for n in sorted(reads)]
         if a.target not in reads:
             loads.append(f"scalar_t {target};")
@@ -310,7 +309,7 @@ class _CBuilder:
         cond = self.condition(r.guard)
         value = self.element(r.operand)
         self.level[r.name] = item.level
-        reads = _element_reads(r.operand, self.roles)
+        reads = tensor_reads(r.operand, self.roles)
         result = self.fresh(r.name if r.extent == SCALAR else f"{r.name}_s")
         if r.extent == SCALAR:
             self.current[r.name] = result
@@ -337,9 +336,7 @@ class _CBuilder:
                 f"const double v = (double)({value});", f"{acc}[{_index(r.extent, r.source)}] += {term};"]
         lines = [f"double *{acc} = (double *)calloc({_size(r.extent)}, sizeof(double));",
                  *_small_loop(r.source, loop, None), *done]
-        if cond is not None:
-            lines = [f"if ({cond}) {{", *("    " + x for x in lines), "}"]
-        self.lines += [(item.level, x) for x in [f"/* {r.text} */", *lines]]
+        self.lines += [(item.level, x) for x in [f"/* {r.text} */", *_guarded(lines, cond)]]
 
     def load(self, name: str, loop: Extent, present: bool = False) -> str:
         """``scalar_t name = ...`` of one element of ``name`` inside a loop over ``loop``
@@ -533,18 +530,12 @@ def _live(statements, accumulate, stored) -> list:
 
 
 def _small_loop(extent: Extent, loop: list[str], cond: str | None) -> list[str]:
-    lines = [f"for (int64_t j = 0; j < {_size(extent)}; ++j) {{", *("    " + x for x in loop), "}"]
-    return lines if cond is None else [f"if ({cond}) {{", *("    " + x for x in lines), "}"]
+    return _guarded([f"for (int64_t j = 0; j < {_size(extent)}; ++j) {{", *_indent(loop), "}"], cond)
 
 
-def _element_reads(expr, roles) -> set[str]:
-    """The tensors an expression reads element by element (not numel(x), size(x, d), ...)."""
-    if expr.is_Symbol:
-        role = roles.get(expr.name)
-        return {expr.name} if role is not None and role.is_tensor else set()
-    if isinstance(expr, SCALAR_OF_TENSOR):
-        return set()
-    return set().union(*(_element_reads(x, roles) for x in expr.args))
+def _guarded(lines: list[str], cond: str | None) -> list[str]:
+    """``lines``, run only where the per-tensor condition ``cond`` holds (None: always)."""
+    return lines if cond is None else [f"if ({cond}) {{", *_indent(lines), "}"]
 
 
 def _size(extent: Extent) -> str:

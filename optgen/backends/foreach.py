@@ -22,6 +22,7 @@ import sympy
 from optgen.backends.forloop import ForLoopRenderer, counter_list, plural
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import Step, TensorOp
+from optgen.passes.reuse_buffers import allocates
 
 #: ops with a torch._foreach_ kernel (in-place forms add "_")
 FOREACH_OPS = {"add", "mul", "div", "addcmul", "addcdiv", "lerp", "maximum", "minimum", "sqrt", "rsqrt",
@@ -183,9 +184,6 @@ def _intermediates_to_free(steps: list[Step]) -> dict[int, list[str]]:
     after it reads, by statement, where a later statement allocates: a list of parameter-sized
     tensors would otherwise live to the end of the step.  reuse_buffers frees statement targets;
     these names exist only in the op program of one statement."""
-    def allocates(step: Step) -> bool:
-        return step.kind == "tensor" and any(not op.in_place and op.fn != "alias" for op in step.ops)
-
     out: dict[int, list[str]] = {}
     for i, step in enumerate(steps):
         if step.kind != "tensor" or step.first_ops is not None:

@@ -43,15 +43,21 @@ class Role(enum.Enum):
         return self in (Role.PARAM, Role.STATE, Role.COUNTER)
 
 
-def is_tensor_valued(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> bool:
-    """Whether an expression is a tensor (else a scalar on the host): it reads a tensor outside
-    the scalar-valued reductions (norm, numel, ndim, size, machine_eps)."""
+def tensor_reads(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> set[str]:
+    """The tensors an expression reads element by element: outside the scalar-valued reductions
+    (norm, numel, ndim, size, machine_eps), which read a tensor but give a per-tensor scalar."""
     if expr.is_Symbol:
         role = roles.get(expr.name)
-        return role is not None and role.is_tensor
+        return {expr.name} if role is not None and role.is_tensor else set()
     if isinstance(expr, SCALAR_OF_TENSOR):
-        return False
-    return any(is_tensor_valued(a, roles) for a in expr.args)
+        return set()
+    return set().union(*(tensor_reads(a, roles) for a in expr.args))
+
+
+def is_tensor_valued(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> bool:
+    """Whether an expression is a tensor (else a scalar on the host): it reads a tensor element
+    by element."""
+    return bool(tensor_reads(expr, roles))
 
 
 @dataclass(frozen=True)

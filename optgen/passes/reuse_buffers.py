@@ -133,6 +133,11 @@ def _reads(step: Step) -> set[str]:
     return {name for op in (*step.ops, *(step.first_ops or ())) for name in op.reads()}
 
 
+def allocates(step: Step) -> bool:
+    """Whether a step creates a tensor (an op that is neither in place nor an alias)."""
+    return any(not op.in_place and op.fn != "alias" for op in step.ops)
+
+
 def _releases(steps: list[Step], may_own: set[str]) -> list[Step]:
     """``release`` steps after the last read of each temporary that later allocations outlive."""
     def reads(step: Step) -> set[str]:
@@ -140,9 +145,6 @@ def _releases(steps: list[Step], may_own: set[str]) -> list[Step]:
         for op in (*step.ops, *(step.first_ops or ())):
             names |= op.reads()
         return names
-
-    def allocates(step: Step) -> bool:
-        return any(not op.in_place and op.fn != "alias" for op in step.ops)
 
     last_read = {}
     for i, step in enumerate(steps):

@@ -263,8 +263,11 @@ def _gather_rows(tensors: dict[str, list]):
     # and index_copy_ move those rows, several times faster than sparse_mask and an indexed store.
     rows = [g._indices()[0] if g is not None and g.sparse_dim() == 1 else None for g in grads]
 
+    def gathered_from(t, g) -> bool:  # a parameter or state tensor (not a counter) of a sparse gradient
+        return g is not None and isinstance(t, torch.Tensor) and t.dim() > 0
+
     def gather(v, g, r):
-        if g is None or not isinstance(v, torch.Tensor) or v.dim() == 0:
+        if not gathered_from(v, g):
             return v
         return v.index_select(0, r) if r is not None else v.sparse_mask(g)._values()
 
@@ -277,7 +280,7 @@ def _gather_rows(tensors: dict[str, list]):
             if name == "grads":
                 continue
             for full, new, g, r in zip(values, gathered[name], grads, rows):
-                if g is None or not isinstance(full, torch.Tensor) or full.dim() == 0:
+                if not gathered_from(full, g):
                     continue
                 if r is not None:
                     full.index_copy_(0, r, new)
