@@ -14,6 +14,8 @@ paths (torch's foreach walks every tensor once per op, evicting the cache betwee
 """
 from __future__ import annotations
 
+import keyword
+
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import OpProgram, Step, TensorOp
 
@@ -39,8 +41,9 @@ _SPECIAL = {
 
 
 def plural(name: str) -> str:
-    """The list holding one ``name`` per tensor: grad → grads, denom → denoms."""
-    return name + "s"
+    """The list holding one ``name`` per tensor: grad → grads, denom → denoms (a → as_: ``as``
+    and ``is`` are Python keywords)."""
+    return name + "s" if not keyword.iskeyword(name + "s") else name + "s_"
 
 
 def counter_list(counter: str) -> str:
@@ -109,6 +112,8 @@ class ForLoopRenderer(PythonRenderer):
             text = self.op(unit[0]) + "".join(self.fluent(op, previous) for previous, op in zip(unit, unit[1:]))
             self.inlined.pop(temp, None)
             lines += text.split("\n")
+            if unit[0].note:  # Note [Value semantics]: why a clone is there
+                lines[-1] += f"  # {unit[0].note}"
         return lines
 
     def _inlinable(self, units: list[list[TensorOp]], k: int) -> str | None:
@@ -130,7 +135,7 @@ class ForLoopRenderer(PythonRenderer):
         return None
 
     def chainable(self, op: TensorOp) -> bool:
-        return op.fn not in _SPECIAL or op.fn == "clone"
+        return (op.fn not in _SPECIAL or op.fn == "clone") and not op.note  # the note ends the line
 
     def scalar_step(self, step: Step) -> list[str]:
         target = self.scalar_name(step.target) if step.per_tensor else step.target

@@ -82,6 +82,8 @@ class PythonRenderer:
                 lines[-1] += fluent
             else:
                 lines += text.split("\n")
+                if op.note:
+                    lines[-1] += f"  # {op.note}"
             previous = op
         return lines
 

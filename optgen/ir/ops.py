@@ -9,7 +9,8 @@ differ only in how they print an op (``x.mul_(c)`` vs ``torch._foreach_mul_(xs, 
 
 An op ``out = self.fn(*args, **kwargs)`` creates a new tensor; a name ending in ``_`` mutates
 ``self`` in place (then ``out == self``).  ``alias`` binds a name to an existing tensor without a
-copy.  Scalar arguments stay sympy expressions until a backend prints them.
+copy; :func:`optgen.passes.preserve_values.preserve_values` turns an alias into a ``clone`` where an
+in-place op would otherwise change the value it names (Note [Value semantics]).  Scalar arguments stay sympy expressions until a backend prints them.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class TensorOp:
     args: tuple = ()
     kwargs: tuple[tuple[str, sympy.Expr], ...] = ()
     in_place_ok: bool = True   # False when an operand broadcasts self to a larger shape
+    note: str = ""             # why the op is there, printed after it (Note [Value semantics])
 
     @property
     def in_place(self) -> bool:

@@ -1,7 +1,7 @@
 """The compiler pipeline: one function listing the passes in order.
 
     spec ─lower─▶ Program ─validate─▶ ─specialize(flags)─▶ ─cse─▶ ─hoist_scalars─▶
-         ─select_ops─▶ OpProgram ─reuse_buffers─▶ backends
+         ─select_ops─▶ OpProgram ─reuse_buffers─▶ ─preserve_values─▶ backends
 
 ``optgen show NAME --dump-ir PASS`` prints the program after any of these.
 """
@@ -16,6 +16,7 @@ from optgen.ir.ops import OpProgram
 from optgen.ir.validate import validate
 from optgen.passes.cse import cse
 from optgen.passes.hoist_scalars import hoist_scalars
+from optgen.passes.preserve_values import preserve_values
 from optgen.passes.reuse_buffers import reuse_buffers
 from optgen.passes.select_ops import select_ops
 from optgen.passes.specialize import flag_combinations, specialize
@@ -23,7 +24,8 @@ from optgen.spec.model import Spec
 
 #: the passes after flag specialisation, in order (name, Program → Program)
 PROGRAM_PASSES = (("cse", cse), ("hoist_scalars", hoist_scalars))
-PASS_NAMES = ("lower", "specialize", *(n for n, _ in PROGRAM_PASSES), "select_ops", "reuse_buffers")
+PASS_NAMES = ("lower", "specialize", *(n for n, _ in PROGRAM_PASSES), "select_ops", "reuse_buffers",
+              "preserve_values")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class Variant:
 
     flags: tuple[tuple[str, bool], ...]
     program: Program       # after the program passes (what the interpreter and Triton/C read)
-    ops: OpProgram         # after op selection and buffer reuse (what the Python backends print)
+    ops: OpProgram         # after op selection, buffer reuse and value preservation (what the
+                           # Python backends print)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ def compile_variant(program: Program, flags) -> Variant:
     p = specialize(program, flags)
     for _, run in PROGRAM_PASSES:
         p = run(p)
-    return Variant(tuple(flags), p, reuse_buffers(select_ops(p)))
+    return Variant(tuple(flags), p, preserve_values(reuse_buffers(select_ops(p))))
 
 
 def compile_spec(spec: Spec) -> Compiled:
@@ -73,8 +76,10 @@ def dump(spec: Spec, flags, after: str) -> str:
         if name == after:
             return p.describe()
     ops = select_ops(p)
-    if after == "reuse_buffers":
+    if after in ("reuse_buffers", "preserve_values"):
         ops = reuse_buffers(ops)
+    if after == "preserve_values":
+        ops = preserve_values(ops)
     from optgen.backends.forloop import describe_ops
 
     return describe_ops(ops)

@@ -1,0 +1,307 @@
+"""Value semantics: a name in a rule denotes a value, whatever a backend does in place.
+
+Each case is a small spec whose rule keeps a copy of a tensor (a state, ``param``, ``grad``, a
+local, a counter) and then updates the original, or assigns a local on every path of an ``if``, or
+computes a constant in a tensor statement.  Each is built into a throw-away package (every
+kernel backend the spec gets: for-loop, foreach, differentiable, C, Triton in its CPU
+interpreter), run for a few steps for every flag combination, and compared with
+
+- the reference interpreter (optgen.ir.interpret, float64), and
+- the rule computed by hand in this file with plain torch values (``expected``), so that a bug
+  shared by the compiler and the interpreter would show too.
+
+Before the preserve_values pass (Note [Value semantics] in optgen/passes/preserve_values.py) the
+for-loop and foreach kernels read the *updated* tensor through the copy: differences of 1e-2,
+where a correct kernel differs from the references by rounding only (float64: the backends fuse
+and order operations differently from the interpreter, hence 1e-12 relative, not 0).
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from optgen.backends.base import module_name
+from optgen.backends.optimizer_class import OptimizerClassBackend
+from optgen.build import kernel_backends
+from optgen.ir.interpret import hyperparameter_values, initial_state, reference_step
+from optgen.passes import compile_spec
+from optgen.runtime import c_launch
+from optgen.spec.load import load_spec
+
+STEPS = 3          # three steps: the first reads zero state, later ones what earlier ones stored
+TOLERANCE = 1e-12  # relative, float64: rounding differences of reordered operations only
+SHAPES = [(7, 5), (13,)]
+
+_packages = itertools.count()
+
+
+def spec_text(rule: str, hyper: str, state: str, flags: str = "") -> str:
+    names = [line.split("=")[0].strip() for line in (hyper + "\n" + flags).strip().splitlines() if "=" in line]
+    return textwrap.dedent(f'''
+        [optimizer]
+        name = "Case"
+        signature = "{", ".join(names)}, *, foreach, differentiable"
+
+        [hyperparameters]
+        {hyper.strip()}
+        {flags.strip()}
+
+        [state]
+        {state.strip()}
+
+        [update]
+        rule = """
+        ''') + textwrap.dedent(rule).strip() + '\n"""\n'
+
+
+def build(tmp_path, text: str):
+    """The spec compiled and rendered into a fresh package under tmp_path: (compiled, class)."""
+    spec_path = tmp_path / "case.toml"
+    spec_path.write_text(text)
+    compiled = compile_spec(load_spec(spec_path))
+    package = f"value_semantics_case{next(_packages)}"
+    folder = tmp_path / package
+    folder.mkdir()
+    backends = kernel_backends(compiled)
+    class_backend = OptimizerClassBackend(tuple(b.name for b in backends),
+                                          lazy=tuple(b.name for b in backends if getattr(b, "lazy", False)))
+    (folder / f"{module_name(compiled.spec.name)}.py").write_text(class_backend.render(compiled))
+    for backend in backends:
+        (folder / f"{module_name(compiled.spec.name, backend.name)}.py").write_text(backend.render(compiled))
+    (folder / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module(f"{package}.{module_name(compiled.spec.name)}")
+    finally:
+        sys.path.remove(str(tmp_path))
+    return compiled, getattr(module, compiled.spec.name)
+
+
+def gradients(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+
+
+def initial_params() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+
+
+def run_generated(cls, implementation: str, kwargs: dict, state_names):
+    params = [p.clone().requires_grad_() for p in initial_params()]
+    opt = cls(params, **kwargs)
+    opt.implementation = implementation
+    for k in range(STEPS):
+        for p, g in zip(params, gradients(k)):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params, gradients(k)):
+            assert torch.equal(p.grad, g), f"{implementation} wrote into the user's gradient"
+    return [p.detach() for p in params], [{n: opt.state[p][n] for n in state_names} for p in params]
+
+
+def run_reference(compiled, cls, kwargs: dict, state_names):
+    group = cls([torch.zeros(2, requires_grad=True)], **kwargs).param_groups[0]
+    hyper = hyperparameter_values(compiled.program, group)
+    params = initial_params()
+    states = [initial_state(compiled.program, p, hyper) for p in params]
+    for k in range(STEPS):
+        for i, g in enumerate(gradients(k)):
+            params[i], states[i] = reference_step(compiled.program, params[i], g, states[i], hyper)
+    return params, [{n: s[n] for n in state_names} for s in states]
+
+
+def run_by_hand(expected, kwargs: dict, state_names, init):
+    params = initial_params()
+    states = [{n: init(n, p) for n in state_names} for p in params]
+    for k in range(STEPS):
+        for i, g in enumerate(gradients(k)):
+            params[i], states[i] = expected(params[i], g, dict(states[i]), kwargs)
+    return params, states
+
+
+def difference(a, b) -> float:
+    (pa, sa), (pb, sb) = a, b
+    pairs = list(zip(pa, pb)) + [(x[n], y[n]) for x, y in zip(sa, sb) for n in x]
+    worst = 0.0
+    for x, y in pairs:
+        x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+        assert x.shape == y.shape or x.numel() == 1 and y.numel() == 1, (x.shape, y.shape)
+        worst = max(worst, ((x - y).abs() / (1e-300 + y.abs().clamp_min(1.0))).max().item())
+    return worst
+
+
+def implementations(cls) -> list[str]:
+    return [i for i in cls._kernels if i != "c" or c_launch.available()]
+
+
+def check(tmp_path, text, expected, configs, init=None, state_names=("m",), skip=()):
+    """Every implementation × config against the interpreter and against ``expected``."""
+    compiled, cls = build(tmp_path, text)
+    init = init or (lambda name, p: torch.zeros_like(p))
+    impls = [i for i in implementations(cls) if i not in skip]
+    assert {"forloop", "foreach", "differentiable"} <= set(impls)
+    failures = []
+    for kwargs in configs:
+        reference = run_reference(compiled, cls, kwargs, state_names)
+        by_hand = run_by_hand(expected, kwargs, state_names, init)
+        assert difference(reference, by_hand) <= TOLERANCE, f"interpreter vs by hand, {kwargs}"
+        for impl in impls:
+            result = run_generated(cls, impl, kwargs, state_names)
+            d = max(difference(result, reference), difference(result, by_hand))
+            if d > TOLERANCE:
+                failures.append(f"{impl} {kwargs}: {d:.3g}")
+    assert not failures, failures
+    return compiled, impls
+
+
+HYPER = "lr = 0.1\nbeta = 0.9\nweight_decay = 0.0"
+ON_OFF = [{"weight_decay": 0.0}, {"weight_decay": 0.25}]
+
+
+# -- bug 1: copies of a value that is then updated in place ----------------------------------------
+
+def test_copy_of_a_state_keeps_its_old_value(tmp_path):
+    def expected(param, grad, s, h):
+        m_old = s["m"]
+        s["m"] = 0.9 * s["m"] + (1 - 0.9) * grad
+        return param - 0.1 * m_old, s
+
+    check(tmp_path, spec_text("""
+        m_old = m
+        m = beta * m + (1 - beta) * grad
+        param = param - lr * m_old
+    """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
+
+
+def test_copy_read_inside_the_statement_that_updates_the_original(tmp_path):
+    def expected(param, grad, s, h):
+        m_old = s["m"]
+        s["m"] = 0.9 * s["m"] + m_old * grad + grad
+        return param - 0.1 * s["m"], s
+
+    check(tmp_path, spec_text("""
+        m_old = m
+        m = beta * m + m_old * grad + grad
+        param = param - lr * m
+    """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
+
+
+def test_copy_of_param_keeps_its_old_value(tmp_path):
+    def expected(param, grad, s, h):
+        p_old = param
+        param = param - 0.1 * grad
+        param = param + 0.5 * (p_old - param)
+        s["m"] = s["m"] + p_old
+        return param, s
+
+    check(tmp_path, spec_text("""
+        p_old = param
+        param = param - lr * grad
+        param = param + 0.5 * (p_old - param)
+        m = m + p_old
+    """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
+
+
+def test_copy_of_grad_and_of_a_local(tmp_path):
+    def expected(param, grad, s, h):
+        if h.get("maximize"):
+            grad = -grad
+        g = grad
+        grad = grad * 2 + param
+        a = grad * 3
+        b = a
+        a = a + g
+        s["m"] = 0.9 * s["m"] + a
+        return param - 0.1 * (grad + g + b), s
+
+    check(tmp_path, spec_text("""
+        if maximize:
+            grad = -grad
+        g = grad
+        grad = grad * 2 + param
+        a = grad * 3
+        b = a
+        a = a + g
+        m = beta * m + a
+        param = param - lr * (grad + g + b)
+    """, HYPER, 'm = "zeros_like(param)"', "maximize = false"), expected, [{"maximize": False}, {"maximize": True}])
+
+
+def test_copy_taken_in_one_branch(tmp_path):
+    def expected(param, grad, s, h):
+        m_old = s["m"] if h["weight_decay"] != 0 else grad
+        s["m"] = 0.9 * s["m"] + (1 - 0.9) * grad
+        return param - 0.1 * m_old, s
+
+    check(tmp_path, spec_text("""
+        if weight_decay != 0:
+            m_old = m
+        else:
+            m_old = grad
+        m = beta * m + (1 - beta) * grad
+        param = param - lr * m_old
+    """, HYPER, 'm = "zeros_like(param)"'), expected, ON_OFF)
+
+
+def test_chain_of_copies(tmp_path):
+    def expected(param, grad, s, h):
+        b = s["m"]
+        s["m"] = 0.9 * s["m"] + grad
+        s["v"] = s["v"] + b * b
+        return param - 0.1 * b, s
+
+    check(tmp_path, spec_text("""
+        a = m
+        b = a
+        m = beta * m + grad
+        v = v + b * b
+        param = param - lr * b
+    """, HYPER, 'm = "zeros_like(param)"\nv = "zeros_like(param)"'), expected, [{}], state_names=("m", "v"))
+
+
+def test_copy_stored_into_another_state(tmp_path):
+    def expected(param, grad, s, h):
+        u = s["m"]
+        s["m"] = s["m"] * 0.9 + grad
+        s["v"] = s["v"] + u
+        return param - 0.1 * s["m"], s
+
+    check(tmp_path, spec_text("""
+        u = m
+        m = m * beta + grad
+        v = v + u
+        param = param - lr * m
+    """, HYPER, 'm = "zeros_like(param)"\nv = "zeros_like(param)"'), expected, [{}], state_names=("m", "v"))
+
+
+def test_copy_of_a_counter(tmp_path):
+    def expected(param, grad, s, h):
+        old = s["step"]
+        s["step"] = s["step"] + 1
+        return param - 0.1 * (old + 1) / s["step"] * grad, s
+
+    check(tmp_path, spec_text("""
+        s = step
+        step = step + 1
+        param = param - lr * (s + 1) / step * grad
+    """, HYPER, 'step = "0"'), expected, [{}], state_names=("step",),
+          init=lambda name, p: 0.0)
+
+
+def test_copy_read_by_a_reduction_after_the_update(tmp_path):
+    def expected(param, grad, s, h):
+        m_old = s["m"]
+        s["m"] = 0.9 * s["m"] + grad
+        return param - 0.1 * grad / (torch.linalg.vector_norm(m_old).item() + 1), s
+
+    check(tmp_path, spec_text("""
+        m_old = m
+        m = beta * m + grad
+        param = param - lr * grad / (norm(m_old) + 1)
+    """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
