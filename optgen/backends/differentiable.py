@@ -46,7 +46,10 @@ _OUT_OF_PLACE = {
     "minimum_": "{self} = torch.minimum({self}, {args})",
     # Note [Counters set from host values]: rounded through the default dtype, as torch stores it;
     # copy=True: a Tensor lr stored as ASGD's eta is a new tensor, never the user's lr itself.
-    "fill_": "{self} = torch.as_tensor({args}).to({self}.dtype, copy=True)",
+    "store_": "{self} = torch.as_tensor({args}).to({self}.dtype, copy=True)",
+    # a tensor filled with a host value, which may be a Tensor lr (full_like takes numbers only)
+    "fill_": "{self} = torch.zeros_like({self}).add_({args})",
+    "full_like": "{out} = torch.zeros_like({self}).add_({args})",
     "copy_": "{self} = {args}.to({self}.dtype, copy=True)",
 }
 
@@ -187,7 +190,7 @@ class DifferentiableRenderer(ForLoopRenderer):
                     or fn in self.NEEDS_NOTHING_OF_SELF and number_scalars
                     and (fn not in ("mul", "div") or not op.tensor_args()))
                 added = fn in ("add", "sub") and number_scalars and op.self_ not in names
-                if not (receiver or added or fn in ("clone", "copy")):
+                if not (receiver or added or fn in ("clone", "copy", "full_like")):
                     return True
         return False
 

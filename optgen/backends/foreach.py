@@ -21,6 +21,7 @@ import sympy
 
 from optgen.backends.forloop import ForLoopRenderer, counter_list, plural
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
+from optgen.ir.guards import simplify_guard
 from optgen.ir.ops import Step, TensorOp
 from optgen.passes.reuse_buffers import allocates
 
@@ -31,7 +32,7 @@ FOREACH_OPS = {"add", "mul", "div", "addcmul", "addcdiv", "lerp", "maximum", "mi
 _SPECIAL = {
     "alias": "{out} = {self}",
     # Note [Counters set from host values] in forloop.py
-    "fill_": "for t, value in zip({self}, {args}):\n    t.copy_(torch.as_tensor(value))",
+    "store_": "for t, value in zip({self}, {args}):\n    t.copy_(torch.as_tensor(value))",
 }
 
 
@@ -151,12 +152,17 @@ class ForeachRenderer(PythonRenderer):
         lines: list[str] = []
         steps = list(self.program.steps)
         defined = {*self.program.tensors, *self.program.counters}
+        # name → the condition under which a list of that name exists: a statement under a
+        # group-level `if` binds it only then (`if weight_decay != 0: us = s0s`); a loop creates
+        # the lists it fills whatever its conditions (below).
+        bound = {name: sympy.true for name in defined}
         persistent = set(self.program.tensors) - {"grad"}
 
         def rebound(run) -> set[str]:  # names the loop assigns new tensors (`xs[i] = ...`)
             return {op.out for s in run for op in s.ops if op.out == s.target and not op.in_place}
         runs = [(per_tensor, list(run)) for per_tensor, run in itertools.groupby(steps, key=self.per_tensor_guard)]
         for position, (per_tensor, run) in enumerate(runs):
+            local = frozenset()
             if not per_tensor:
                 lines += self.guarded_blocks(run, self)
             else:
@@ -168,13 +174,22 @@ class ForeachRenderer(PythonRenderer):
                 renderer = ForLoopRenderer(self.program, index="i", local_names=local)
                 # Lists first filled inside the loop must exist before it.
                 for name in dict.fromkeys(s.target for s in run if s.kind != "release" and s.target not in local):
-                    if name not in defined:
-                        lines.append(f"{self.list_name(name)} = [None] * len(params)")
+                    xs = self.list_name(name)
+                    when = bound.get(name, sympy.false)
+                    if when == sympy.false:
+                        lines.append(f"{xs} = [None] * len(params)")
                     elif name in rebound(run) and name not in persistent:
                         # a list of our own: it may be another name's (`update = momentum_buffer`)
-                        lines.append(f"{self.list_name(name)} = list({self.list_name(name)})")
+                        lines.append(f"{xs} = list({xs})" if when == sympy.true else
+                                     f"{xs} = list({xs}) if {self.scalar(when)} else [None] * len(params)")
+                    elif when != sympy.true:
+                        lines.append(f"{xs} = {xs} if {self.scalar(when)} else [None] * len(params)")
+                    bound[name] = sympy.true
                 lines.append("for i in range(len(params)):")
                 lines += ["    " + line for line in self.guarded_blocks(run, renderer)]
+            for s in run:
+                if s.kind in ("tensor", "scalar", "counter") and s.target not in local:
+                    bound[s.target] = simplify_guard(sympy.Or(bound.get(s.target, sympy.false), s.guard))
             defined |= {s.target for s in run}
         return lines
 

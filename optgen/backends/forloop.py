@@ -27,7 +27,8 @@ _SPECIAL = {
     "maximum_": "torch.maximum({self}, {args}, out={self})",
     "minimum_": "torch.minimum({self}, {args}, out={self})",
     "where": "{out} = torch.where({self}, {args})",
-    "fill_": "{self}.copy_(torch.as_tensor({args}))",  # Note [Counters set from host values]
+    "store_": "{self}.copy_(torch.as_tensor({args}))",  # Note [Counters set from host values]
+    "full_like": "{out} = torch.full_like({self}, {args})",
     "newton_schulz": "{out} = newton_schulz({self}, {args})",
 }
 

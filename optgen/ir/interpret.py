@@ -150,7 +150,12 @@ def reference_step(program: Program, param: torch.Tensor, grad: torch.Tensor, st
         if program.roles.get(a.target) is Role.COUNTER:
             env[a.target] = _counter_update(a, env)
             continue
-        env[a.target] = _evaluate(a.value, env)
+        value = _evaluate(a.value, env)
+        if program.roles.get(a.target) in (Role.PARAM, Role.STATE, Role.TENSOR) and not isinstance(value, torch.Tensor):
+            # a tensor assigned a number (``m = 0 * grad``): that number in every element
+            like = env.get(a.target) if isinstance(env.get(a.target), torch.Tensor) else param
+            value = torch.full_like(like, float(value))
+        env[a.target] = value
     new_state = {name: env[name] for name in state}
     for name in created:
         new_state[name] = env[name]

@@ -31,7 +31,7 @@ from optgen.ir.ops import OpProgram, Step, TensorOp
 
 MASKS = {"gt", "lt", "ge", "le", "eq", "ne"}  # ops whose result is a boolean mask
 #: ops with no in-place form: masks, shape-changing reductions, intrinsics, binding and copying
-NO_IN_PLACE = MASKS | {"norm", "mean", "where", "newton_schulz", "clone", "alias"}
+NO_IN_PLACE = MASKS | {"norm", "mean", "where", "newton_schulz", "clone", "alias", "full_like"}
 
 
 def _takeovers(step: Step, later: set[str]) -> dict[int, str]:

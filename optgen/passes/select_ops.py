@@ -85,6 +85,8 @@ class _Selector:
 
     # -- materialising an expression as a new tensor -------------------------------------------
     def materialize(self, expr: sympy.Expr, ops: list[TensorOp]) -> _Value:
+        if not self.is_tensor(expr):
+            return self.full(expr, ops)
         if expr.is_Symbol:
             return _Value(expr.name, False, self.shape(expr.name))
         if isinstance(expr, sympy.Add):
@@ -121,9 +123,8 @@ class _Selector:
             a, b, w = expr.args
             return self.apply(self.materialize(a, ops), "lerp", (self.operand(b, ops), w), ops)
         if isinstance(expr, (Maximum, Minimum)):
-            a, b = expr.args
-            fn = "maximum" if isinstance(expr, Maximum) else "minimum"
-            return self.apply(self.materialize(a, ops), fn, (self.operand(b, ops),), ops)
+            a, b = expr.args if self.is_tensor(expr.args[0]) else expr.args[::-1]
+            return self.extremum(self.materialize(a, ops), type(expr), b, ops)
         if expr.func in _UNARY:
             return self.apply(self.materialize(expr.args[0], ops), _UNARY[expr.func], (), ops)
         if isinstance(expr, (NormDim, MeanDim)):
@@ -146,11 +147,28 @@ class _Selector:
             mask = self.compare(cond, ops)
             if not self.is_tensor(a) and self.is_tensor(b):  # torch's `x[mask] = a`, without indexing
                 return self.apply(self.materialize(b, ops), "masked_fill", (mask, a), ops)
-            branches = tuple(self.operand(x, ops) if self.is_tensor(x) else x for x in (a, b))
+            # Two numbers: the first as a tensor of the parameter's dtype (torch.where(mask, 1, -1)
+            # would be an int64 tensor, torch.where(mask, 1.0, -1.0) one of the default dtype).
+            branches = tuple(self.operand(x, ops) if self.is_tensor(x) or i == 0 else x for i, x in enumerate((a, b)))
             out = next(self.fresh)
             ops.append(TensorOp(out, "where", mask, branches))
             return _Value(out, True)
         raise NotImplementedError(f"no tensor op for {expr}")
+
+    def full(self, value: sympy.Expr, ops: list[TensorOp]) -> _Value:
+        """A number (or host scalar) where a tensor is needed: a tensor of the parameter's shape and
+        dtype holding it (``x = grad - grad`` is a tensor of zeros, not the number 0)."""
+        out = next(self.fresh)
+        ops.append(TensorOp(out, "full_like", "param", (value,)))
+        return _Value(out, True)
+
+    def extremum(self, value: _Value, kind, other: sympy.Expr, ops: list[TensorOp]) -> _Value:
+        """maximum/minimum of a tensor and ``other``; with a number, clamp (torch.maximum takes
+        tensors only)."""
+        if not self.is_tensor(other):
+            return self.apply(value, "clamp", (), ops, (("min" if kind is Maximum else "max", other),))
+        fn = "maximum" if kind is Maximum else "minimum"
+        return self.apply(value, fn, (self.operand(other, ops),), ops)
 
     def compare(self, cond: sympy.Basic, ops: list[TensorOp]) -> str:
         """A boolean mask; never reused in place (it is not a float buffer)."""
@@ -262,8 +280,7 @@ class _Selector:
             # maximum(beta2 * exp_inf, x): update exp_inf in place to beta2 * exp_inf, then take the max
             inner, other = expr.args if expr.args[0].has(me) else expr.args[::-1]
             ops += self.update_in_place(target, inner)
-            fn = "maximum" if isinstance(expr, Maximum) else "minimum"
-            self.apply(mine, fn, (self.operand(other, ops),), ops)
+            self.extremum(mine, type(expr), other, ops)
             return ops
         if isinstance(expr, Clamp) and expr.args[0].has(me) and not any(a.has(me) for a in expr.args[1:]):
             ops += self.update_in_place(target, expr.args[0])
@@ -296,8 +313,10 @@ class _Selector:
                 ops.append(TensorOp(target, "copy_", target, (x.name,)))
             self.apply(mine, "masked_fill", (self.compare(cond, ops), fill), ops)
             return ops
-        if not self.is_tensor(expr):  # a counter set from scalars
-            ops.append(TensorOp(target, "fill_", target, (expr,)))
+        if not self.is_tensor(expr):
+            # a counter set from host values (Note [Counters set from host values]), a tensor
+            # filled with a number (``m = 0 * grad``)
+            ops.append(TensorOp(target, "store_" if self.counter == target else "fill_", target, (expr,)))
             return ops
         value = self.materialize(expr, ops)
         ops.append(TensorOp(target, "copy_", target, (value.name,)))

@@ -21,85 +21,97 @@ import sympy
 from optgen.errors import Location, SpecError
 
 
-class Lerp(sympy.Function):
+class _RealFunction(sympy.Function):
+    """A function of the spec language: real-valued, as every name in a spec is.  Without this
+    sympy treats an unknown function as possibly complex, and ``abs(exp(clamp(x, a, b)))``
+    becomes ``exp(re(clamp(x, a, b)))``, which no backend can print."""
+
+    def _eval_is_extended_real(self):
+        return True
+
+    def _eval_is_real(self):
+        return True
+
+
+class Lerp(_RealFunction):
     """``lerp(a, b, w) = a + w * (b - a)``, kept whole so backends can emit ``lerp_``."""
 
     nargs = 3
 
 
-class Maximum(sympy.Function):
+class Maximum(_RealFunction):
     """Elementwise maximum of two tensors (``torch.maximum``)."""
 
     nargs = 2
 
 
-class Minimum(sympy.Function):
+class Minimum(_RealFunction):
     """Elementwise minimum of two tensors (``torch.minimum``)."""
 
     nargs = 2
 
 
-class Where(sympy.Function):
+class Where(_RealFunction):
     """``where(condition, a, b)``: per element, ``a`` where the comparison holds, else ``b``."""
 
     nargs = 3
 
 
-class Clamp(sympy.Function):
+class Clamp(_RealFunction):
     """``clamp(x, low, high)`` elementwise (``Tensor.clamp``)."""
 
     nargs = 3
 
 
-class Norm(sympy.Function):
+class Norm(_RealFunction):
     """``norm(x)``: the 2-norm of a whole tensor, a per-tensor scalar (read on the host)."""
 
     nargs = 1
 
 
-class Numel(sympy.Function):
+class Numel(_RealFunction):
     """``numel(x)``: number of elements, a per-tensor scalar."""
 
     nargs = 1
 
 
-class Ndim(sympy.Function):
+class Ndim(_RealFunction):
     """``ndim(x)``: number of dimensions, a per-tensor scalar (for shape-dependent branches)."""
 
     nargs = 1
 
 
-class Size(sympy.Function):
+class Size(_RealFunction):
     """``size(x, d)``: length of dimension ``d`` (an integer literal, may be negative)."""
 
     nargs = 2
 
 
-class MachineEps(sympy.Function):
+class MachineEps(_RealFunction):
     """``machine_eps(x)``: ``torch.finfo(x.dtype).eps``."""
 
     nargs = 1
 
 
-class IfNone(sympy.Function):
+class IfNone(_RealFunction):
     """``if_none(h, fallback)``: a hyperparameter whose default is None, else the fallback."""
 
     nargs = 2
 
 
-class NormDim(sympy.Function):
+class NormDim(_RealFunction):
     """``norm_dim(x, d)``: 2-norm over dimension ``d``, keeping it (size 1): a tensor."""
 
     nargs = 2
 
 
-class MeanDim(sympy.Function):
+class MeanDim(_RealFunction):
     """``mean_dim(x, d)``: mean over dimension ``d``, keeping it (size 1): a tensor."""
 
     nargs = 2
 
 
-class NewtonSchulz(sympy.Function):
+class NewtonSchulz(_RealFunction):
     """``newton_schulz(x, a, b, c, steps, eps)``: Muon's orthogonalisation of a 2-D tensor (an
     intrinsic: the backends call optgen.runtime.intrinsics.newton_schulz)."""
 

@@ -305,3 +305,102 @@ def test_copy_read_by_a_reduction_after_the_update(tmp_path):
         m = beta * m + grad
         param = param - lr * grad / (norm(m_old) + 1)
     """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
+
+
+def test_copy_of_a_lazily_created_state(tmp_path):
+    def expected(param, grad, s, h):
+        if s["m"] is None:
+            s["m"] = grad.clone()
+        else:
+            s["m"] = 0.9 * s["m"] + grad
+        u = s["m"]
+        s["v"] = s["v"] + u
+        s["m"] = s["m"] * 0.5
+        return param - 0.1 * u, s
+
+    init = lambda name, p: None if name == "m" else torch.zeros_like(p)
+    check(tmp_path, spec_text("""
+        m = beta * m + grad
+        u = m
+        v = v + u
+        m = m * 0.5
+        param = param - lr * u
+    """, HYPER, 'm = { first = "grad" }\nv = "zeros_like(param)"'), expected, [{}],
+          init=init, state_names=("m", "v"))
+
+
+# -- bug 2: a local assigned on every path of an `if` exists on every path ---------------------------
+
+def test_local_assigned_in_both_branches(tmp_path):
+    def expected(param, grad, s, h):
+        if h["weight_decay"] != 0:
+            u = s["s0"]
+        else:
+            u = torch.where(s["s1"] > param, s["s1"], grad)
+        s["s0"] = s["s0"] + grad
+        s["s1"] = s["s1"] * 0.5 + grad
+        return param - 0.1 * u, s
+
+    check(tmp_path, spec_text("""
+        if weight_decay != 0:
+            u = s0
+        else:
+            u = where(s1 > param, s1, grad)
+        s0 = s0 + grad
+        s1 = s1 * 0.5 + grad
+        param = param - lr * u
+    """, HYPER, 's0 = "zeros_like(param)"\ns1 = "zeros_like(param)"'), expected, ON_OFF,
+          state_names=("s0", "s1"))
+
+
+def test_local_assigned_in_both_branches_per_tensor_first(tmp_path):
+    def expected(param, grad, s, h):
+        if h["weight_decay"] != 0:
+            u = torch.where(s["m"] > param, s["m"], grad)
+        else:
+            u = grad * 2
+        s["m"] = s["m"] * 0.5 + grad
+        return param - 0.1 * u, s
+
+    check(tmp_path, spec_text("""
+        if weight_decay != 0:
+            u = where(m > param, m, grad)
+        else:
+            u = grad * 2
+        m = m * 0.5 + grad
+        param = param - lr * u
+    """, HYPER, 'm = "zeros_like(param)"'), expected, ON_OFF)
+
+
+# -- bug 3: constants in tensor statements ------------------------------------------------------------
+
+@pytest.mark.parametrize("rule, by_hand", [
+    ("x = grad - grad\nm = m + x + grad\nparam = param - lr * m",
+     lambda p, g, m: (m + g, p - 0.1 * (m + g))),
+    ("m = minimum(m, m) - m\nparam = param - lr * (m + grad)",
+     lambda p, g, m: (torch.zeros_like(m), p - 0.1 * g)),
+    ("m = 0 * grad + 2\nparam = param - lr * m * grad",
+     lambda p, g, m: (torch.full_like(m, 2.0), p - 0.1 * 2 * g)),
+    ("m = beta + 0 * m\nparam = param - lr * grad * m",
+     lambda p, g, m: (torch.full_like(m, 0.9), p - 0.1 * g * 0.9)),
+    ("m = m + maximum(grad, 0)\nparam = param - lr * minimum(0.5, m)",
+     lambda p, g, m: (m + g.clamp_min(0), p - 0.1 * (m + g.clamp_min(0)).clamp_max(0.5))),
+    ("m = where(grad > 0, 1, -1)\nparam = param - lr * m",
+     lambda p, g, m: (torch.where(g > 0, 1.0, -1.0).double(), p - 0.1 * torch.where(g > 0, 1.0, -1.0).double())),
+    ("m = where(grad > 0, m + 1, 0)\nparam = param - lr * maximum(m, 1)",
+     lambda p, g, m: (torch.where(g > 0, m + 1, 0.0), p - 0.1 * torch.where(g > 0, m + 1, 0.0).clamp_min(1))),
+    ("m = m + sqrt(abs(exp(clamp(grad, -3, 3))) + beta)\nparam = param - lr * m",
+     lambda p, g, m: (m + (g.clamp(-3, 3).exp().abs() + 0.9).sqrt(),
+                      p - 0.1 * (m + (g.clamp(-3, 3).exp().abs() + 0.9).sqrt()))),
+    ("y = grad * 0 + lr\nm = m + y\nparam = param - y * grad",
+     lambda p, g, m: (m + 0.1, p - 0.1 * g)),
+    ("param = 0 * param + lr\nm = m + grad",
+     lambda p, g, m: (m + g, torch.full_like(p, 0.1))),
+], ids=["local_zero", "state_zero", "state_constant", "state_hyper", "maximum_constant", "where_constants",
+        "where_constant_branch", "clamp_is_real", "local_scalar_value", "param_constant"])
+def test_constant_in_a_tensor_statement(tmp_path, rule, by_hand):
+    def expected(param, grad, s, h):
+        s["m"], param = by_hand(param, grad, s["m"])
+        return param, s
+
+    check(tmp_path, spec_text(rule, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
