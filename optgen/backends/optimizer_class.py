@@ -29,11 +29,11 @@ class OptimizerClassBackend(Backend):
         sig = kernel_signature(compiled)
 
         def default(name: str) -> str:
-            return repr(hyper[name].default if name in hyper else RUNTIME_OPTIONS[name])
+            return _literal(hyper[name].default if name in hyper else RUNTIME_OPTIONS[name])
 
         signature = [a if a == "*" else f"{a}={default(a)}" for a in spec.signature]
         group_defaults = [(k, k if k in spec.signature else default(k)) for k in spec.group_keys]
-        fixed = [(h.name, repr(h.default)) for h in hyper.values() if h.fixed]
+        fixed = [(h.name, _literal(h.default)) for h in hyper.values() if h.fixed]
         # Checkpoints from older versions may lack flags and options; torch fills them in the same way.
         setstate = [(k, default(k)) for k in spec.group_keys
                     if k not in dict(fixed) and (k in RUNTIME_OPTIONS or (k in hyper and hyper[k].is_flag))]
@@ -118,3 +118,13 @@ def _initialiser(state, group_value, complex_params: bool) -> str:
         return f"counter_from({group_value(state.init_value)})"
     value = group_value(state.init_value)
     return f"filled_like(param, {value}{', complex_pair=True' if complex_params else ''})"
+
+
+def _literal(value) -> str:
+    """A default as Python source: ``repr`` but for an infinite float, whose repr ``inf`` is no name
+    in the generated module (a TOML default ``inf``)."""
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return 'float("inf")' if value > 0 else '-float("inf")'
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_literal(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)

@@ -9,6 +9,7 @@ from optgen.errors import Location, SpecError
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 from optgen.spec.expressions import MathBuilder, node_location
 from optgen.spec.model import Spec
+from optgen.spec.reserved import derived_names, reserved_message
 
 
 def base_roles(spec: Spec) -> dict[str, Role]:
@@ -28,8 +29,24 @@ def lower(spec: Spec) -> Program:
     roles = base_roles(spec)
     lowering = _Lowering(spec, roles)
     lowering.block(spec.rule.body, sympy.true)
+    _check_derived_names(spec, roles, lowering.body)
     state_when = {s.name: s.when for s in spec.state.values()}
     return Program(spec=spec, roles=roles, body=tuple(lowering.body), state_when=state_when)
+
+
+def _check_derived_names(spec: Spec, roles: dict[str, Role], body: list[Assign]) -> None:
+    """No spec name may be a name the generated code derives from another one (Note [Reserved
+    names] in optgen/spec/reserved.py): a hyperparameter ``exp_avgs`` next to a state ``exp_avg``
+    would be two arguments of one name in the foreach kernel."""
+    derived = {d: name for name, role in roles.items() for d in derived_names(name, role is Role.COUNTER)}
+    locs = {h_name: h.loc for h in spec.hyperparameters.values() for h_name in (h.names or (h.name,))}
+    locs.update({s.name: s.loc for s in spec.state.values()})
+    for a in body:  # a local: its first assignment
+        locs.setdefault(a.target, a.loc)
+    for name in roles:
+        if name in derived and name in locs:
+            raise SpecError(locs[name], f"'{name}' cannot be a name here: the generated code derives it from "
+                                        f"'{derived[name]}' — choose another name")
 
 
 class _Lowering:
@@ -89,6 +106,8 @@ class _Lowering:
         builder = MathBuilder(self.spec.rule_loc, self.names(), "an update rule")
         value = builder.math(value_node)
         role = self.roles.get(target)
+        if role is None and (message := reserved_message(target, "local")):
+            raise SpecError(self.loc(stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target), message)
         if role in (Role.FLAG, Role.HYPER):
             raise SpecError(self.loc(stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target),
                             f"cannot assign to '{target}': it is a {role.value}, fixed during a step; "

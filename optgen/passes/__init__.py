@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optgen.errors import SpecError
+from optgen.errors import SpecError, internal_errors
 from optgen.ir.lower import lower
 from optgen.ir.nodes import Program
 from optgen.ir.ops import OpProgram
@@ -59,8 +59,15 @@ def compile_variant(program: Program, flags) -> Variant:
 
 
 def compile_spec(spec: Spec) -> Compiled:
-    program = validate(lower(spec))
-    return Compiled(spec, program, tuple(compile_variant(program, f) for f in flag_combinations(program)))
+    # A bug in a pass is reported with the spec file and the statement being compiled, as an
+    # internal compiler error, never as a bare traceback (the pass after validate is named from
+    # the traceback: optgen/passes/<pass>.py).
+    with internal_errors("lower", spec):
+        program = lower(spec)
+    with internal_errors("validate", spec):
+        program = validate(program)
+    with internal_errors(None, spec):
+        return Compiled(spec, program, tuple(compile_variant(program, f) for f in flag_combinations(program)))
 
 
 def dump(spec: Spec, flags, after: str) -> str:

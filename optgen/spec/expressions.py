@@ -14,6 +14,7 @@ into sympy.  Anything else is a :class:`SpecError` at the offending column.  Thr
 from __future__ import annotations
 
 import ast
+import math
 from typing import Callable
 
 import sympy
@@ -187,13 +188,63 @@ def strip_located(text: str, loc: Location) -> tuple[Location, str]:
     return Location(loc.path, loc.line, loc.col + len(lead)), text.strip()
 
 
+# Note [Expression limits]
+# ~~~~~~~~~~~~~~~~~~~~~~~~
+# Everything after parsing walks an expression recursively: ast.unparse (each statement's text),
+# sympy's constructors and printers, the passes and the backends' printers.  A spec is data from
+# anyone, so its expressions are bounded here, before any of that runs: at most MAX_EXPRESSION_DEPTH
+# nested operators and calls (a chain ``a + b + c`` nests one level per operator in Python's
+# syntax tree) and MAX_EXPRESSION_NODES operators, names and numbers per expression.  The depth is
+# far below what the recursive walkers need at Python's default recursion limit (1000 frames;
+# tests/spec/test_spec_limits.py builds an expression at the limit of each kind through every
+# backend), and no optimizer needs more: the longest built-in expression has a few dozen nodes.
+# Numbers are bounded too (MathBuilder.constant): sympy folds a power of two numbers exactly, and
+# ``10 ** 10 ** 10`` would take all memory.
+MAX_EXPRESSION_DEPTH = 48
+MAX_EXPRESSION_NODES = 400
+#: the largest integer (and numerator or denominator) a constant may have: an int64 in C
+MAX_INTEGER = 2 ** 63 - 1
+#: the largest magnitude of a float constant (the largest finite float64)
+MAX_FLOAT = 1.7976931348623157e308
+#: the largest exponent a power of two numbers is folded with
+MAX_CONSTANT_EXPONENT = 1024
+
+
 def parse_python(text: str, loc: Location, mode: str = "eval") -> ast.AST:
     try:
-        return ast.parse(text, mode=mode)
+        tree = ast.parse(text, mode=mode)
     except SyntaxError as e:
         where = node_location(loc, _SyntaxPos(e.lineno or 1, (e.offset or 1) - 1))
         expected = "Python-syntax statements" if mode == "exec" else "a Python-syntax expression"
         raise SpecError(where, f"syntax error: {e.msg} (expected {expected})") from None
+    except (RecursionError, MemoryError):  # the parser's own limits, before ours
+        raise SpecError(loc, f"expression too deeply nested for Python's parser; at most "
+                             f"{MAX_EXPRESSION_DEPTH} levels — split it into several assignments") from None
+    check_size(tree, loc)
+    return tree
+
+
+def check_size(tree: ast.AST, loc: Location) -> None:
+    """Note [Expression limits]: every expression in ``tree`` within the depth and size bounds.
+    Iterative, so that the check itself never recurses."""
+    stack: list[tuple[ast.AST, int, ast.AST | None]] = [(tree, 0, None)]
+    sizes: dict[int, int] = {}
+    while stack:
+        node, depth, root = stack.pop()
+        if isinstance(node, ast.expr):
+            if root is None:
+                root, depth = node, 0
+            depth += 1
+            sizes[id(root)] = sizes.get(id(root), 0) + 1
+            if depth > MAX_EXPRESSION_DEPTH:
+                raise SpecError(node_location(loc, root), f"expression nested too deeply (more than "
+                                f"{MAX_EXPRESSION_DEPTH} levels of operators and calls; a chain a + b + c "
+                                "counts one level per operator) — split it into several assignments")
+            if sizes[id(root)] > MAX_EXPRESSION_NODES:
+                raise SpecError(node_location(loc, root), f"expression too long (more than "
+                                f"{MAX_EXPRESSION_NODES} operators, names and numbers) — split it into "
+                                "several assignments")
+        stack.extend((child, depth, root) for child in ast.iter_child_nodes(node))
 
 
 class _SyntaxPos:
@@ -216,7 +267,44 @@ class MathBuilder:
         return SpecError(node_location(self.base, node), message)
 
     def math(self, node: ast.AST) -> sympy.Expr:
+        value = self._math(node)
+        if value.has(sympy.zoo, sympy.nan):  # 1 / 0, 0 ** -1
+            raise self.error(node, f"'{ast.unparse(node)}' divides by zero or is not a number: numbers must be finite")
+        if not isinstance(node, ast.Constant):  # sympy folds the numbers of a sum or product
+            for number in value.atoms(sympy.Float, sympy.Rational):
+                self.constant(number, node)
+        return value
+
+    def constant(self, value: sympy.Number, node: ast.AST) -> None:
+        """Note [Expression limits]: a number (written or folded by sympy) fits the generated code."""
+        if value.is_Float:
+            ok = bool(value.is_finite) and abs(value) <= MAX_FLOAT
+        else:
+            ok = abs(value.p) <= MAX_INTEGER and value.q <= MAX_INTEGER
+        if not ok:
+            raise self.error(node, f"'{ast.unparse(node)}' computes the constant {sympy.Float(value, 3)}, which is "
+                                   "out of range: numbers must be finite floats or integers of at most "
+                                   f"{MAX_INTEGER} in size")
+
+    def power(self, node: ast.BinOp, base: sympy.Expr, exponent: sympy.Expr) -> sympy.Expr:
+        """``base ** exponent``, refusing to fold a power of two numbers whose result is huge (sympy
+        computes it exactly: ``10 ** 10 ** 10`` would take all memory)."""
+        if isinstance(base, sympy.Number) and isinstance(exponent, sympy.Number) and abs(base) not in (0, 1):
+            big = abs(exponent) > MAX_CONSTANT_EXPONENT
+            if not big and base.is_finite and exponent.is_finite:
+                big = float(abs(exponent)) * max(abs(float(sympy.log(abs(base), 10))), 0) > 308
+            if big:
+                raise self.error(node, f"the constant '{ast.unparse(node)}' is too large to compute: a power of "
+                                       f"two numbers must stay within float64's range (exponent at most "
+                                       f"{MAX_CONSTANT_EXPONENT})")
+        return base ** exponent
+
+    def _math(self, node: ast.AST) -> sympy.Expr:
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            if isinstance(node.value, float) and not math.isfinite(node.value) \
+                    or isinstance(node.value, int) and abs(node.value) > MAX_INTEGER:
+                raise self.error(node, f"the number '{ast.unparse(node)}' is out of range: numbers must be "
+                                       f"finite floats or integers of at most {MAX_INTEGER} in size")
             return sympy.Integer(node.value) if isinstance(node.value, int) else sympy.Float(node.value)
         if isinstance(node, ast.Constant):
             raise self.error(node, f"{node.value!r} is not a number; {self.what} takes numbers and names")
@@ -228,6 +316,8 @@ class MathBuilder:
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             if isinstance(node.op, (ast.Mult, ast.Div)):
                 return self.product(node)
+            if isinstance(node.op, ast.Pow):
+                return self.power(node, self.math(node.left), self.math(node.right))
             return _BINOPS[type(node.op)](self.math(node.left), self.math(node.right))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             value = self.math(node.operand)

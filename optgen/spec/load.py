@@ -18,6 +18,7 @@ import sympy
 from optgen.errors import Location, SpecError
 from optgen.spec import expressions
 from optgen.spec.model import RUNTIME_OPTIONS, Check, Hyperparameter, Spec, StateVar
+from optgen.spec.reserved import reserved_message
 from optgen.spec.toml_source import Source, expect, read, reject_unknown
 
 SECTIONS = {
@@ -184,6 +185,8 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
         if name in RUNTIME_OPTIONS:
             raise SpecError(loc, f"'{name}' is a runtime option every optimizer has; list it in "
                                  "optimizer.signature instead of declaring it")
+        if message := reserved_message(name, "hyperparameter"):
+            raise SpecError(loc, message)
         table = raw if isinstance(raw, dict) else {"default": raw}
         if isinstance(raw, dict):
             reject_unknown(raw, HYPERPARAMETER_KEYS, src, path, f"hyperparameter '{name}'")
@@ -213,6 +216,7 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
             for i, item in enumerate(default):
                 if item != NONE:
                     expect(item, (int, float), src, dpath + (i,), f"{name}[{i}]")
+                    _reject_nan(item, src.value_loc(dpath + (i,)), f"{name}[{i}]")
             default = [None if item == NONE else item for item in default]
             names = tuple(expect(table.get("names"), list, src, path + ("names",), f"{name}.names")
                           if "names" in table else ())
@@ -222,16 +226,28 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
             for i, n in enumerate(names):
                 if not isinstance(n, str) or not n.isidentifier():
                     raise SpecError(src.value_loc(path + ("names", i)), f"'{n}' is not a valid name")
+                if message := reserved_message(n, "tuple item"):
+                    raise SpecError(src.value_loc(path + ("names", i)), message)
             default = tuple(default)
         elif not isinstance(default, (bool, int, float)):
             raise SpecError(src.value_loc(dpath), f"default of '{name}' must be a number, a bool or a list "
                                                   f"of numbers (\"None\" for None), not {type(default).__name__}")
         elif "names" in table:
             raise SpecError(src.key_loc(path + ("names",)), "names = [...] is only for tuple hyperparameters")
+        else:
+            _reject_nan(default, src.value_loc(dpath), name)
         fixed = expect(table.get("fixed", False), bool, src, path + ("fixed",), "fixed")
         tensor = expect(table.get("tensor", False), bool, src, path + ("tensor",), "tensor")
         out[name] = Hyperparameter(name, default, loc, names, fixed, tensor)
     return out
+
+
+def _reject_nan(value: Any, loc: Location, what: str) -> None:
+    """A NaN default cannot be validated (every comparison with it is false) nor compared with a
+    user's value; ``inf`` and ``-inf`` are fine (the constructor prints them as float("inf"))."""
+    if isinstance(value, float) and value != value:
+        raise SpecError(loc, f"default of '{what}' is nan; a default must be a number (inf is allowed) "
+                             "or \"None\" with derive = \"...\" or choices")
 
 
 def _checks(merged: _Merged, hyper: dict[str, Hyperparameter]) -> tuple[Check, ...]:
@@ -330,6 +346,8 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
         if not name.isidentifier() or name in names:
             raise SpecError(loc, f"state name '{name}' is not a Python identifier or is already used "
                                  "by a hyperparameter / param / grad")
+        if message := reserved_message(name, "state"):
+            raise SpecError(loc, message)
         table = raw if isinstance(raw, dict) else {"init": raw}
         if isinstance(raw, dict):
             reject_unknown(raw, STATE_KEYS, src, path, f"state '{name}'")
@@ -348,7 +366,7 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
         if "first" in table:
             text = expect(table["first"], str, src, path + ("first",), "first")
             value = expressions.parse_math(text, src.value_loc(path + ("first",)),
-                                           {**names, name: "state"}, "a state's first value")
+                                           names, "a state's first value")
             out[name] = StateVar(name, key, "first", value, when, loc)
             continue
         raw_init = table["init"]
