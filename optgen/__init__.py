@@ -4,13 +4,12 @@
     opt = optgen.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)   # as torch.optim.AdamW
 
 Every optimizer class here is generated from specs/optimizers/*.toml into generated/ by
-`optgen build`; ``optgen.Optimizer`` is the runtime base they share.  The generated package is
-loaded on first use of one of its names, so the compiler (`optgen build`) never depends on the
-code it is about to regenerate, and importing optgen loads no compiler, Triton or C toolchain.
+`optgen build`; ``optgen.Optimizer`` is the runtime base they share.  The generated package (and
+with it torch) is loaded on first use of one of its names, so the compiler (`optgen build`) never
+depends on the code it is about to regenerate, a build with nothing to do never imports torch,
+and importing optgen loads no compiler, Triton or C toolchain.
 """
 from __future__ import annotations
-
-from optgen.runtime.optimizer import Optimizer
 
 __version__ = "0.1.0"
 
@@ -34,6 +33,10 @@ def __getattr__(name: str):
         return ["Optimizer", "OPTIMIZERS", *_optimizers()]
     if name.startswith("_"):  # submodules and dunders resolve through the import system
         raise AttributeError(f"module 'optgen' has no attribute {name!r}")
+    if name == "Optimizer":  # torch is imported on first use: `optgen build` with nothing to do stays fast
+        from optgen.runtime.optimizer import Optimizer
+
+        return Optimizer
     if name == "OPTIMIZERS":
         return _optimizers()
     optimizers = _optimizers()
@@ -43,4 +46,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted({*globals(), "OPTIMIZERS", *_optimizers()})
+    return sorted({*globals(), "Optimizer", "OPTIMIZERS", *_optimizers()})

@@ -106,23 +106,28 @@ class _CompiledStep:
             self.seconds = time.perf_counter() - t
 
 
-def _implementations(name, kwargs, fused_ok, compiled=False):
+def _implementations(name, kwargs, fused_ok, compiled=False, cls=None, torch_cls=None):
+    """Label → constructor of every implementation to time: torch.optim's (where it has the
+    optimizer) and optgen's for-loop, foreach and C kernel (``cls``: a class built from a user's
+    spec; by default the built-in optimizer of that name)."""
     import optgen
 
+    cls = cls or optgen.OPTIMIZERS[name]
+    torch_cls = torch_cls or getattr(torch.optim, name, None)
     impls = {}
-    if hasattr(torch.optim, name):
-        impls["torch forloop"] = lambda ps: getattr(torch.optim, name)(ps, foreach=False, **kwargs)
-        impls["torch foreach"] = lambda ps: getattr(torch.optim, name)(ps, foreach=True, **kwargs)
-    if fused_ok:
-        impls["torch fused"] = lambda ps: getattr(torch.optim, name)(ps, fused=True, **kwargs)
-    if compiled:
-        impls["torch compiled"] = lambda ps: _CompiledStep(getattr(torch.optim, name)(ps, foreach=False, **kwargs))
+    if torch_cls is not None:
+        impls["torch forloop"] = lambda ps: torch_cls(ps, foreach=False, **kwargs)
+        impls["torch foreach"] = lambda ps: torch_cls(ps, foreach=True, **kwargs)
+    if fused_ok and torch_cls is not None:
+        impls["torch fused"] = lambda ps: torch_cls(ps, fused=True, **kwargs)
+    if compiled and torch_cls is not None:
+        impls["torch compiled"] = lambda ps: _CompiledStep(torch_cls(ps, foreach=False, **kwargs))
     from optgen.runtime import c_launch
 
-    ours = ("forloop", "foreach") + (("c",) if "c" in optgen.OPTIMIZERS[name]._kernels and c_launch.available() else ())
+    ours = ("forloop", "foreach") + (("c",) if "c" in cls._kernels and c_launch.available() else ())
     for impl in ours:
         def make(ps, impl=impl):
-            opt = getattr(optgen, name)(ps, **kwargs)
+            opt = cls(ps, **kwargs)
             opt.implementation = impl
             return opt
         impls[f"optgen {impl}"] = make
@@ -139,14 +144,15 @@ def stream_gbps(n: int, repeats: int) -> float:
     return 12 * n / statistics.median(best) / 1e9
 
 
-def bench_one(name, kwargs, fused_ok, params_total, tensors, repeats, compiled=False):
+def bench_one(name, kwargs, fused_ok, params_total, tensors, repeats, compiled=False, cls=None, torch_cls=None):
     torch.manual_seed(0)
     params = [torch.randn(s) * 0.1 for s in shapes(params_total, tensors)]
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.randn_like(p) * 0.01
     n = sum(p.numel() for p in params)
-    impls = {label: make(params) for label, make in _implementations(name, kwargs, fused_ok, compiled).items()}
+    impls = {label: make(params) for label, make in
+             _implementations(name, kwargs, fused_ok, compiled, cls, torch_cls).items()}
     for opt in impls.values():  # warm-up: creates state, first-call overheads
         opt.step()
     times = {label: [] for label in impls}
@@ -183,17 +189,36 @@ def main(args) -> int:
 
         return cuda_main(args)
     total, tensors = int(args.params), args.tensors
+    workloads = [(name, kwargs, fused_ok, None, None) for name, kwargs, fused_ok in WORKLOADS]
+    if getattr(args, "specs", None):  # a user's spec files: their defaults, against their for-loop
+        from pathlib import Path
+
+        from optgen.packages import build_temporary
+
+        compiled, package = build_temporary([Path(s) for s in args.specs])
+        workloads = [(c.spec.name, {}, False, package.OPTIMIZERS[c.spec.name],
+                      getattr(torch.optim, c.spec.torch_name) if c.spec.torch_name else None)
+                     for c in compiled if not c.spec.algorithm]
     only = set(args.only.split(",")) if args.only else None
+    unknown = sorted((only or set()) - {w[0] for w in workloads})
+    if unknown:
+        from optgen.errors import SpecError
+
+        raise SpecError(None, f"bench has no workload for {', '.join(unknown)} (have: "
+                              f"{', '.join(w[0] for w in workloads)}); to time a spec of yours, pass its file: "
+                              "optgen bench my_specs/yogi.toml")
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {total / 1e6:.1f}M fp32 parameters "
              f"in {tensors} tensors, {args.repeats} interleaved repeats; speed-up = median over repeats of "
-             "torch-forloop time / this time (higher is better).", ""]
-    for name, kwargs, fused_ok in WORKLOADS:
+             "baseline time / this time (higher is better).", ""]
+    for name, kwargs, fused_ok, cls, torch_cls in workloads:
         if only and name not in only:
             continue
+        has_torch = torch_cls is not None or (cls is None and hasattr(torch.optim, name))
         n, gbps, rows, baseline = bench_one(name, kwargs, fused_ok, total, tensors, args.repeats,
-                                            compiled=getattr(args, "compile", False) and hasattr(torch.optim, name))
+                                            compiled=getattr(args, "compile", False) and has_torch,
+                                            cls=cls, torch_cls=torch_cls)
         kw = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-        lines += [f"### {name}({kw}) — {n / 1e6:.1f}M params, stream bandwidth {gbps:.1f} GB/s", "",
+        lines += [f"### {name}({kw or 'defaults'}) — {n / 1e6:.1f}M params, stream bandwidth {gbps:.1f} GB/s", "",
                   f"| implementation | ms / step | speed-up vs {baseline} | % of roofline | peak temporaries (MiB) |",
                   "|---|---:|---:|---:|---:|"]
         for label, ms, ratio, frac, mib in rows:

@@ -44,48 +44,91 @@ param = param - lr * exp_avg
 
 
 def _find_spec(name: str):
+    """A spec file's path, or the name of a built-in optimizer, loaded."""
     from optgen.build import spec_paths
     from optgen.spec.load import load_spec
 
+    path = Path(name)
+    if name.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise SpecError(None, f"{name}: no such spec file")
+        return load_spec(path)
     for path in spec_paths():
         if path.stem == name.lower():
             return load_spec(path)
     known = ", ".join(p.stem for p in spec_paths())
-    raise SpecError(None, f"no spec named '{name}' in specs/optimizers/ (have: {known})")
+    raise SpecError(None, f"no spec named '{name}' among the built-in optimizers (have: {known}); "
+                          "for a spec of yours, pass its file: optgen show my_specs/yogi.toml")
+
+
+def _target(args):
+    """The build's target: the spec files/folders given (with --out), or optgen's own package."""
+    from optgen.build import builtin_target, refuse_installed_builtin_build, user_target
+
+    sources = [Path(s) for s in getattr(args, "specs", None) or []]
+    out = getattr(args, "out", None)
+    if sources:
+        if not out:
+            raise SpecError(None, "building spec files needs --out PKG_DIR: the package folder to write "
+                                  "(its name is the package name), e.g. optgen build my_specs --out my_optimizers")
+        return user_target(sources, Path(out))
+    if out:
+        raise SpecError(None, "--out needs the spec files or folders to build, e.g. optgen build my_specs --out "
+                              f"{out}")
+    if not getattr(args, "check", False):
+        refuse_installed_builtin_build()
+    return builtin_target()
 
 
 def cmd_build(args) -> int:
+    import time
+
     from optgen.build import build
 
-    result = build(check=args.check)
+    started = time.perf_counter()
+    target = _target(args)
+    shown = target.out_dir if not target.builtin else "generated"
+    result = build(check=args.check, target=target, verify=not args.no_verify)
     if args.check:
         if result:
-            print("generated/ is stale; run `optgen build`. Stale files:", file=sys.stderr)
+            print(f"{shown}/ is stale; run `optgen build`. Stale files:", file=sys.stderr)
             for name in result:
-                print(f"  generated/{name}", file=sys.stderr)
+                print(f"  {shown}/{name}", file=sys.stderr)
             return 1
-        print("generated/ is up to date")
+        print(f"{shown}/ is up to date")
         return 0
-    print(f"optgen build: {len(result.written)} written, {len(result.removed)} removed, "
-          f"{len(result.unchanged)} unchanged")
+    seconds = time.perf_counter() - started
+    if not result.written and not result.removed and not result.compiled:
+        print(f"optgen build: {shown}/ is up to date, nothing to do ({seconds:.2f} s)")
+        return 0
+    verified = f", {len(result.verified)} cross-checked" if result.verified else \
+        (", not cross-checked (--no-verify)" if args.no_verify else "")
+    print(f"optgen build: {len(result.compiled)} spec(s) compiled{verified}; {len(result.written)} written, "
+          f"{len(result.removed)} removed, {len(result.unchanged)} unchanged ({seconds:.1f} s)")
     for name in result.written:
-        print(f"  wrote generated/{name}")
+        print(f"  wrote {shown}/{name}")
     for name in result.removed:
-        print(f"  removed generated/{name}")
+        print(f"  removed {shown}/{name}")
+    if not target.builtin:
+        print(f"import it with the folder {target.out_dir.resolve().parent} on sys.path: "
+              f"import {target.package}; {target.package}.{result.names[0] if result.names else 'Name'}(params)")
     return 0
 
 
 def cmd_list(args) -> int:
-    from optgen.build import compile_all
+    from optgen.build import builtin_target, compile_all, user_target
 
-    for c in compile_all():
+    sources = [Path(s) for s in args.specs or []]
+    target = user_target(sources, Path("unused")) if sources else builtin_target()
+    for c in compile_all(target=target):
         flags = ", ".join(h.name for h in c.spec.flags)
         print(f"{c.spec.name:<10} {len(c.variants):>2} variants  flags: {flags or '-':<45} {c.spec.path}")
     return 0
 
 
 def cmd_show(args) -> int:
-    from optgen.build import KERNEL_BACKENDS, kernel_backends
+    from optgen.backends.registry import KERNEL_BACKENDS
+    from optgen.build import kernel_backends
     from optgen.backends.fused import FusedBackend
     from optgen.backends.optimizer_class import OptimizerClassBackend
     from optgen.passes import compile_spec, dump
@@ -131,22 +174,23 @@ def _parse_flags(text: str | None, spec) -> dict[str, bool]:
 
 
 def cmd_new(args) -> int:
-    from optgen.build import ROOT
-
     if not args.name.isidentifier():
         raise SpecError(None, f"'{args.name}' is not a valid class name")
-    path = ROOT / "specs" / "optimizers" / f"{args.name.lower()}.toml"
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise SpecError(None, f"--dir {folder}: no such folder")
+    path = folder / f"{args.name.lower()}.toml"
     if path.exists():
         raise SpecError(None, f"{path} already exists")
     path.write_text(SPEC_TEMPLATE.format(name=args.name))
-    print(f"wrote {path.relative_to(ROOT)}; edit it, then run `optgen build`")
+    print(f"wrote {path}; edit it, then run `optgen verify {path}` and `optgen build {folder} --out PKG_DIR`")
     return 0
 
 
 def cmd_verify(args) -> int:
     from optgen.verify import verify_all
 
-    return 0 if verify_all(steps=args.steps) else 1
+    return 0 if verify_all(steps=args.steps, sources=[Path(s) for s in args.specs] or None) else 1
 
 
 def cmd_schedule(args) -> int:
@@ -164,25 +208,38 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optgen", description="PyTorch optimizers compiled from specs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build", help="regenerate generated/ from specs/ and templates/")
-    p.add_argument("--check", action="store_true", help="fail (exit 1) if generated/ is stale; write nothing")
+    p = sub.add_parser("build", help="compile specs: optgen's own (specs/ → generated/), or yours (DIR --out PKG_DIR)",
+                       description="optgen build                      regenerate optgen's generated/ (a source "
+                                   "checkout)\noptgen build DIR... --out PKG_DIR  compile every DIR/*.toml (or the "
+                                   "files given) into the package PKG_DIR",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("specs", nargs="*", help="spec files or folders of *.toml (default: optgen's own specs)")
+    p.add_argument("--out", metavar="PKG_DIR", help="the package folder to write (its name is the package name)")
+    p.add_argument("--check", action="store_true", help="fail (exit 1) if the output is stale; write nothing")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the cross-check of every backend against the reference interpreter")
     p.set_defaults(run=cmd_build)
-    sub.add_parser("list", help="list the specs").set_defaults(run=cmd_list)
+    p = sub.add_parser("list", help="list the specs (optgen's, or the files and folders given)")
+    p.add_argument("specs", nargs="*", help="spec files or folders of *.toml")
+    p.set_defaults(run=cmd_list)
     p = sub.add_parser("show", help="a spec, its IR after the passes, and the code of each backend")
-    p.add_argument("name")
+    p.add_argument("name", help="a built-in optimizer's name, or a spec file")
     p.add_argument("--backend", help="only this backend's code (optimizer, forloop, foreach, differentiable, "
                                      "triton, c)")
     p.add_argument("--flags", help="the variant to show the IR of, e.g. amsgrad=true,maximize=false")
     p.add_argument("--dump-ir", metavar="PASS", help="print the IR after this pass (lower, specialize, cse, "
                                                      "hoist_scalars, select_ops, reuse_buffers)")
     p.set_defaults(run=cmd_show)
-    p = sub.add_parser("new", help="scaffold specs/optimizers/<name>.toml")
+    p = sub.add_parser("new", help="scaffold a spec: DIR/<name>.toml")
     p.add_argument("name")
+    p.add_argument("--dir", default=".", help="the folder to write it in (default: the current folder)")
     p.set_defaults(run=cmd_new)
     p = sub.add_parser("verify", help="cross-check every backend of every spec against the reference interpreter")
+    p.add_argument("specs", nargs="*", help="spec files or folders of *.toml (default: optgen's own specs)")
     p.add_argument("--steps", type=int, default=10)
     p.set_defaults(run=cmd_verify)
     p = sub.add_parser("bench", help="time every backend against torch.optim (writes a Markdown table)")
+    p.add_argument("specs", nargs="*", help="spec files or folders of yours to time (default: the built-in workloads)")
     p.add_argument("--params", type=float, default=60e6, help="total parameters (default 60M)")
     p.add_argument("--tensors", type=int, default=200, help="number of tensors (default 200)")
     p.add_argument("--repeats", type=int, default=7)

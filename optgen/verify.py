@@ -16,10 +16,10 @@ from optgen.passes import Compiled
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (4, 9)]
 
 
-def shapes_for(cls) -> list[tuple[int, ...]]:
-    """The SHAPES an optimizer accepts (Muon takes only matrices)."""
+def shapes_for(cls, shapes=None) -> list[tuple[int, ...]]:
+    """The ``shapes`` (default SHAPES) an optimizer accepts (Muon takes only matrices)."""
     out = []
-    for shape in SHAPES:
+    for shape in shapes or SHAPES:
         try:
             cls([torch.zeros(shape, requires_grad=True)])
         except ValueError:
@@ -28,7 +28,7 @@ def shapes_for(cls) -> list[tuple[int, ...]]:
     return out
 
 
-def configurations(compiled: Compiled, flags: dict[str, bool]) -> list[dict]:
+def configurations(compiled: Compiled, flags: dict[str, bool], *, cls=None) -> list[dict]:
     """Constructor kwargs that exercise a variant: the defaults; every zero-default scalar switched
     on alone, all of them, and all but one; every scalar an ``if`` tests switched to 0; the
     configurations the constructor rejects are dropped."""
@@ -43,7 +43,7 @@ def configurations(compiled: Compiled, flags: dict[str, bool]) -> list[dict]:
     candidates += [{**base, name: 0.1} for name in zero]
     candidates += [{**all_on, name: 0} for name in zero]
     candidates += [{**base, h.name: 0} for h in scalars if h.default != 0 and h.name in tested]
-    cls = _optimizer_class(spec.name)
+    cls = cls or _optimizer_class(spec.name)
     valid = []
     for kwargs in candidates:
         try:
@@ -56,6 +56,7 @@ def configurations(compiled: Compiled, flags: dict[str, bool]) -> list[dict]:
 
 
 def _optimizer_class(name: str):
+    """The built-in optimizer class of that name (a spec built elsewhere passes its own ``cls``)."""
     import optgen
 
     return optgen.OPTIMIZERS[name]
@@ -68,15 +69,17 @@ def gradients(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
             for p in params]
 
 
-def initial_params(cls, dtype=torch.float64) -> list[torch.Tensor]:
+def initial_params(cls, dtype=torch.float64, *, shapes=None) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes_for(cls)]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes_for(cls, shapes)]
 
 
-def run_backend(compiled: Compiled, implementation: str, kwargs: dict, steps: int, dtype=torch.float64):
-    """Params and state (by rule name) after ``steps`` steps of the generated optimizer."""
-    cls = _optimizer_class(compiled.spec.name)
-    params = [p.clone().requires_grad_() for p in initial_params(cls, dtype)]
+def run_backend(compiled: Compiled, implementation: str, kwargs: dict, steps: int, dtype=torch.float64, *,
+                cls=None, shapes=None):
+    """Params and state (by rule name) after ``steps`` steps of the generated optimizer (``cls``: the
+    class generated from ``compiled``; by default the built-in one of that name)."""
+    cls = cls or _optimizer_class(compiled.spec.name)
+    params = [p.clone().requires_grad_() for p in initial_params(cls, dtype, shapes=shapes)]
     opt = cls(params, **kwargs)
     opt.implementation = implementation
     for k in range(steps):
@@ -94,12 +97,12 @@ def _counters(compiled: Compiled) -> set[str]:
     return {s.name for s in compiled.spec.state.values() if s.is_scalar}
 
 
-def run_reference(compiled: Compiled, kwargs: dict, steps: int):
+def run_reference(compiled: Compiled, kwargs: dict, steps: int, *, cls=None, shapes=None):
     """The same run through the interpreter, in float64."""
-    cls = _optimizer_class(compiled.spec.name)
+    cls = cls or _optimizer_class(compiled.spec.name)
     group = cls([torch.zeros(3, 2, requires_grad=True)], **kwargs).param_groups[0]
     hyper = hyperparameter_values(compiled.program, group)
-    params = initial_params(cls)
+    params = initial_params(cls, shapes=shapes)
     states = [initial_state(compiled.program, p, hyper) for p in params]
     for k in range(steps):
         grads = gradients(k, params)
@@ -125,30 +128,41 @@ def max_difference(a, b) -> float:
     return worst
 
 
-def verify_all(steps: int = 10, tolerance: float = 1e-9) -> bool:
-    from optgen.build import compile_all
-
-    ok = True
+def verify_all(steps: int = 10, tolerance: float = 1e-9, sources: list | None = None) -> bool:
+    """Prints a table of the worst relative difference per spec × variant × implementation.
+    ``sources``: a user's spec files or folders (built into a temporary package); else the built-ins."""
     from optgen.runtime import c_launch
 
+    if sources:
+        from optgen.packages import build_temporary
+
+        specs, package = build_temporary(sources)
+        classes = package.OPTIMIZERS
+    else:
+        from optgen.build import compile_all
+
+        specs, classes = compile_all(), None
+    ok = True
     # triton runs on CPU tensors in Triton's interpreter; c needs a C compiler
     columns = ("forloop", "foreach", "differentiable", "c", "triton")
     print(f"{'optimizer':<10} {'flags':<48} {'configs':>7} " + " ".join(f"{c:>10}" for c in columns))
-    for compiled in compile_all():
+    for compiled in specs:
         if compiled.spec.algorithm:  # an intrinsic step (LBFGS): no generated kernels to check
             continue
-        impls = [i for i in _optimizer_class(compiled.spec.name)._kernels if i != "c" or c_launch.available()]
+        cls = classes[compiled.spec.name] if classes is not None else _optimizer_class(compiled.spec.name)
+        impls = [i for i in cls._kernels if i != "c" or c_launch.available()]
         for variant in compiled.variants:
             flags = dict(variant.flags)
-            configs = configurations(compiled, flags)
+            configs = configurations(compiled, flags, cls=cls)
             worst = {impl: 0.0 for impl in impls}
             for kwargs in configs:
-                reference = run_reference(compiled, kwargs, steps)
+                reference = run_reference(compiled, kwargs, steps, cls=cls)
                 for impl in impls:
-                    worst[impl] = max(worst[impl], max_difference(run_backend(compiled, impl, kwargs, steps), reference))
+                    result = run_backend(compiled, impl, kwargs, steps, cls=cls)
+                    worst[impl] = max(worst[impl], max_difference(result, reference))
             ok &= bool(configs) and all(w <= tolerance for w in worst.values())
             shown = ",".join(k for k, v in flags.items() if v) or "-"
             print(f"{compiled.spec.name:<10} {shown:<48} {len(configs):>7} "
                   + " ".join(f"{worst[i]:>10.1e}" if i in worst else f"{'-':>10}" for i in columns))
-    print("all backends match the reference" if ok else "MISMATCH (relative difference above 1e-9)")
+    print("all backends match the reference" if ok else f"MISMATCH (relative difference above {tolerance:g})")
     return ok

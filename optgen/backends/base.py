@@ -14,8 +14,8 @@ import jinja2
 
 from optgen.ir.nodes import Role
 from optgen.passes import Compiled
+from optgen.resources import templates_dir
 
-TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
 
 
 def python_tuple(names) -> str:
@@ -26,7 +26,7 @@ def python_tuple(names) -> str:
 
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

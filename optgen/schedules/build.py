@@ -22,20 +22,20 @@ from optgen.schedules.load import load_schedule
 from optgen.schedules.model import ScheduleSpec
 from optgen.schedules.render import render_module
 from optgen.spec.load import load_spec
+from optgen.resources import specs_dir
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 AVERAGING_BACKENDS = (FORLOOP, FOREACH, TRITON, C)
 
 
-def schedule_paths(root: Path = ROOT) -> list[Path]:
-    return sorted((root / "specs" / "schedulers").glob("*.toml"))
+def schedule_paths(root: Path | None = None) -> list[Path]:
+    return sorted((root or specs_dir()).joinpath("schedulers").glob("*.toml"))
 
 
-def averaging_paths(root: Path = ROOT) -> list[Path]:
-    return sorted((root / "specs" / "averaging").glob("*.toml"))
+def averaging_paths(root: Path | None = None) -> list[Path]:
+    return sorted((root or specs_dir()).joinpath("averaging").glob("*.toml"))
 
 
-def load_schedules(root: Path = ROOT) -> list[ScheduleSpec]:
+def load_schedules(root: Path | None = None) -> list[ScheduleSpec]:
     specs = [load_schedule(p) for p in schedule_paths(root)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -43,7 +43,7 @@ def load_schedules(root: Path = ROOT) -> list[ScheduleSpec]:
     return specs
 
 
-def render_schedules(root: Path = ROOT) -> dict[str, str]:
+def render_schedules(root: Path | None = None) -> dict[str, str]:
     """Relative path under generated/ → file text, for every schedule and averaging spec."""
     files = {}
     specs = load_schedules(root)

@@ -19,7 +19,7 @@ from optgen.errors import Location, SpecError
 from optgen.spec import expressions
 from optgen.spec.model import RUNTIME_OPTIONS, Check, Hyperparameter, Spec, StateVar
 from optgen.spec.reserved import reserved_message
-from optgen.spec.toml_source import Source, expect, read, reject_unknown
+from optgen.spec.toml_source import Source, display_path, expect, read, reject_unknown
 
 SECTIONS = {
     "optimizer": {"name", "doc", "paper", "extends", "signature", "group_keys", "complex",
@@ -53,7 +53,20 @@ class _Merged:
         self.kernels_from: str | None = None
 
 
-def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tuple[_Merged, Source]:
+def find_parent(name: str, search_path: tuple[Path, ...]) -> Path | None:
+    """The spec file an ``extends = "name"`` means: ``<name lower-cased>.toml`` in the first folder
+    of the search path that has one (the folders being built, then the built-in specs).  Only a
+    plain name is looked up, never a path, so a spec cannot make optgen read files elsewhere."""
+    if not name.isidentifier():
+        return None
+    for folder in search_path:
+        candidate = folder / f"{name.lower()}.toml"
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def _merge_file(path: Path, search_path: tuple[Path, ...], seen: tuple[str, ...] = ()) -> tuple[_Merged, Source]:
     data, src = read(path)
     for section, value in data.items():
         if section not in SECTIONS:
@@ -75,11 +88,16 @@ def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tup
     base_name = optimizer.get("extends")
     if base_name is not None:
         expect(base_name, str, src, ("optimizer", "extends"), "extends")
-        base_path = search_dir / f"{base_name.lower()}.toml"
-        if base_name in seen or not base_path.is_file():
-            why = "extends itself in a cycle" if base_name in seen else f"no spec file {base_path.name} next to it"
+        if not base_name.isidentifier():
+            raise SpecError(src.value_loc(("optimizer", "extends")),
+                            f"cannot extend '{base_name}': extends names an optimizer (e.g. \"Adam\"), not a path")
+        base_path = find_parent(base_name, search_path)
+        if base_name.lower() in seen or base_path is None:
+            where = ", ".join(display_path(d) for d in search_path)
+            why = "extends itself in a cycle" if base_name.lower() in seen else \
+                f"no spec file {base_name.lower()}.toml in {where}"
             raise SpecError(src.value_loc(("optimizer", "extends")), f"cannot extend '{base_name}': {why}")
-        merged, _ = _merge_file(base_path, search_dir, seen + (base_name,))
+        merged, _ = _merge_file(base_path, search_path, seen + (base_name.lower(),))
         merged.optimizer.pop("torch", None)  # the oracle is per spec, never inherited
         merged.optimizer.pop("doc", None)
         same_kernels = "update" not in data and "state" not in data \
@@ -100,10 +118,16 @@ def _merge_file(path: Path, search_dir: Path, seen: tuple[str, ...] = ()) -> tup
     return merged, src
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Reads, merges (`extends`) and validates one spec file; raises SpecError with file:line:col."""
+def load_spec(path: str | Path, search_path: tuple[Path, ...] | None = None) -> Spec:
+    """Reads, merges (`extends`) and validates one spec file; raises SpecError with file:line:col.
+    ``extends`` is looked up in ``search_path`` (default: the spec's own folder, then the built-in
+    optimizer specs)."""
     path = Path(path)
-    merged, src = _merge_file(path, path.parent)
+    if search_path is None:
+        from optgen.resources import builtin_optimizer_dir
+
+        search_path = tuple(dict.fromkeys((path.parent.resolve(), builtin_optimizer_dir())))
+    merged, src = _merge_file(path, search_path, (_own_name(path),))
     opt = merged.optimizer
 
     def opt_value(key, types, default=None, required=False):
@@ -165,6 +189,18 @@ def load_spec(path: str | Path) -> Spec:
         torch_name=opt_value("torch", str), extends=opt_value("extends", str), kernels_from=merged.kernels_from,
         gradients=gradients, algorithm=algorithm,
     )
+
+
+def _own_name(path: Path) -> str:
+    """The spec's own name, lower-cased, so `extends` of itself is a cycle (best effort: the loader
+    reports a file that does not parse)."""
+    try:
+        import tomllib
+
+        name = tomllib.loads(path.read_text(encoding="utf-8")).get("optimizer", {}).get("name")
+    except Exception:  # noqa: BLE001 - read() below reports it with its location
+        return ""
+    return name.lower() if isinstance(name, str) else ""
 
 
 def _combined_source(merged: _Merged, src: Source) -> str:

@@ -62,17 +62,14 @@ def test_build_is_byte_identical_when_rerun(tmp_path):
 
 
 def test_new_scaffold_compiles(tmp_path, monkeypatch):
-    import shutil
-
     from optgen import cli
-    from optgen.build import build
+    from optgen.build import build, user_target
 
-    for folder in ("specs", "generated"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
-    monkeypatch.setattr("optgen.build.ROOT", tmp_path)
-    assert cli.main(["new", "Toy"]) == 0
-    result = build(root=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["new", "Toy"]) == 0  # into the current folder
+    result = build(target=user_target([tmp_path / "toy.toml"], tmp_path / "toys"))
     assert "toy.py" in result.written and "toy_forloop.py" in result.written
+    assert result.verified == ["Toy"]
 
 
 def test_import_optgen_is_light():

@@ -1,0 +1,194 @@
+"""A user's own spec folder: `optgen new --dir`, `optgen build DIR --out PKG`, the package it writes,
+incremental builds, the build's cross-check, and `optgen list/show/verify/bench` on spec files.
+
+The commands run as a user runs them (a subprocess, `python -m optgen`), in a temporary project
+folder that is not the repository."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optgen.build import MANIFEST, build, user_target
+from optgen.errors import SpecError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+YOGI = '''# Yogi: Adam whose second moment moves additively (Zaheer et al., 2018).
+[optimizer]
+name = "Yogi"
+signature = "lr, betas, eps, *, maximize, foreach, differentiable, fused"
+
+[hyperparameters]
+lr = 1e-2
+betas = { default = [0.9, 0.999], names = ["beta1", "beta2"] }
+eps = 1e-3
+maximize = false
+
+[state]
+step = "0"
+exp_avg = "zeros_like(param)"
+exp_avg_sq = "zeros_like(param)"
+
+[update]
+rule = """
+if maximize:
+    grad = -grad
+step = step + 1
+exp_avg = lerp(exp_avg, grad, 1 - beta1)
+grad_sq = grad * grad
+exp_avg_sq = exp_avg_sq - (1 - beta2) * sign(exp_avg_sq - grad_sq) * grad_sq
+denom = sqrt(exp_avg_sq) / sqrt(1 - beta2 ** step) + eps
+param = param - lr / (1 - beta1 ** step) * exp_avg / denom
+"""
+'''
+
+
+def optgen(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "optgen", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.fixture
+def project(tmp_path):
+    specs = tmp_path / "my_specs"
+    specs.mkdir()
+    (specs / "yogi.toml").write_text(YOGI)
+    return tmp_path
+
+
+def test_new_writes_into_the_folder_given_never_into_optgen(tmp_path):
+    before = sorted((ROOT / "specs" / "optimizers").iterdir())
+    (tmp_path / "specs").mkdir()
+    result = optgen("new", "Toy", "--dir", "specs", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "specs" / "toy.toml").is_file()
+    assert sorted((ROOT / "specs" / "optimizers").iterdir()) == before
+    again = optgen("new", "Toy", "--dir", "specs", cwd=tmp_path)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_build_a_spec_folder_into_a_package_and_use_it(project):
+    (project / "my_specs" / "adamw_wide.toml").write_text(
+        '[optimizer]\nname = "AdamWWide"\nextends = "AdamW"\n\n[hyperparameters]\nlr = 0.01\n')
+    result = optgen("build", "my_specs", "--out", "my_optimizers", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "2 spec(s) compiled, 2 cross-checked" in result.stdout
+    package = project / "my_optimizers"
+    assert {"__init__.py", "yogi.py", "yogi_forloop.py", "yogi_c.py", "adamwwide.py",
+            "adamwwide_forloop.py"} <= {p.name for p in package.iterdir()}
+    # Only optgen (and the folder holding the package) is needed to use it.
+    code = ("import torch, my_optimizers as m; p = torch.nn.Parameter(torch.ones(3)); "
+            "opt = m.Yogi([p]); p.grad = torch.ones(3); opt.step(); "
+            "q = torch.nn.Parameter(torch.ones(3)); w = m.AdamWWide([q]); q.grad = torch.ones(3); w.step(); "
+            "print(sorted(m.OPTIMIZERS), sorted(opt.state[p]), w.defaults['lr'], p.detach().tolist())")
+    run = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert "['AdamWWide', 'Yogi']" in run.stdout and "['exp_avg', 'exp_avg_sq', 'step']" in run.stdout
+    assert " 0.01 " in run.stdout
+    # Yogi's first step from zero state: exp_avg_sq = (1 - beta2) g², so the step is
+    # lr · g / (|g| + eps) (bias-corrected): 1 - 0.01 / (1 + 1e-3)
+    values = [float(v) for v in run.stdout.rsplit("[", 1)[1].strip().rstrip("]").split(",")]
+    assert values == pytest.approx([1 - 0.01 / (1 + 1e-3)] * 3, rel=1e-6, abs=0)
+
+
+def test_python_dash_m_optgen_runs_the_cli(tmp_path):
+    result = optgen("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "build" in result.stdout
+
+
+def test_second_build_with_nothing_to_do_compiles_nothing(project):
+    target = user_target([project / "my_specs"], project / "pkg")
+    first = build(target=target)
+    assert first.compiled == ["Yogi"] and first.verified == ["Yogi"]
+    second = build(target=target)
+    assert second.compiled == [] and second.written == []
+    # A changed spec is compiled again; so is one whose output was edited or deleted.
+    spec = project / "my_specs" / "yogi.toml"
+    spec.write_text(YOGI.replace("eps = 1e-3", "eps = 1e-4"))
+    third = build(target=target)
+    assert third.compiled == ["Yogi"] and "yogi.py" in third.written
+    (project / "pkg" / "yogi_foreach.py").unlink()
+    assert build(target=target).written == ["yogi_foreach.py"]
+    (project / "pkg" / "yogi_forloop.py").write_text("# edited\n")
+    assert build(target=target).written == ["yogi_forloop.py"]
+    # A manifest that is garbage is ignored, not trusted.
+    (project / "pkg" / MANIFEST).write_text("{not json")
+    assert build(target=target).compiled == ["Yogi"]
+
+
+def test_cross_check_refuses_a_build_whose_backend_computes_something_else(project, monkeypatch):
+    """A code-generation bug (simulated: the for-loop kernel's lerp weight printed wrong) never
+    reaches the disk; the error names the spec, the backend and the statement."""
+    import optgen.build
+
+    real = optgen.build.render_spec
+
+    def broken(compiled):
+        files = real(compiled)
+        name = "yogi_forloop.py"
+        assert "exp_avg.lerp_(grad, 1 - beta1)" in files[name]
+        files[name] = files[name].replace("exp_avg.lerp_(grad, 1 - beta1)", "exp_avg.lerp_(grad, 1 - beta2)")
+        return files
+
+    monkeypatch.setattr(optgen.build, "render_spec", broken)
+    target = user_target([project / "my_specs"], project / "pkg")
+    with pytest.raises(SpecError) as info:
+        build(target=target)
+    message = str(info.value)
+    assert "yogi.toml:" in message and "build refused: the forloop implementation of Yogi" in message
+    assert "the first statement whose value differs is 'exp_avg = lerp(exp_avg, grad, 1 - beta1)'" in message
+    assert not (project / "pkg").exists()
+    # --no-verify writes it anyway (the user asked for it)
+    assert build(target=target, verify=False).compiled == ["Yogi"]
+
+
+@pytest.mark.parametrize("extends,expected", [
+    ("../../elsewhere/x", "cannot extend '../../elsewhere/x': extends names an optimizer"),
+    ("/etc/passwd", "cannot extend '/etc/passwd': extends names an optimizer"),
+    ("NoSuchThing", "cannot extend 'NoSuchThing': no spec file nosuchthing.toml in"),
+])
+def test_extends_finds_only_specs_in_the_search_path(project, extends, expected):
+    (project / "my_specs" / "bad.toml").write_text(f'[optimizer]\nname = "Bad"\nextends = "{extends}"\n')
+    result = optgen("build", "my_specs", "--out", "pkg", cwd=project)
+    assert result.returncode == 1
+    assert f"my_specs/bad.toml:3:12: {expected}" in result.stderr  # the string value starts at col 12
+    assert "Traceback" not in result.stderr
+
+
+def test_two_specs_with_one_name_name_both_files(project):
+    (project / "my_specs" / "other.toml").write_text(YOGI)
+    result = optgen("build", "my_specs", "--out", "pkg", cwd=project)
+    assert result.returncode == 1
+    assert "my_specs/yogi.toml: optimizer name 'Yogi' is already defined by my_specs/other.toml" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("build", "my_specs"), "building spec files needs --out PKG_DIR"),
+    (("build", "my_specs", "--out", "my-optimizers"), "'my-optimizers' is the package name, so it must be"),
+    (("build", "nowhere", "--out", "pkg"), "nowhere: no such spec file or folder"),
+    (("show", "nowhere.toml"), "nowhere.toml: no such spec file"),
+    (("bench", "--only", "Yogi"), "bench has no workload for Yogi"),
+])
+def test_user_mistakes_are_one_line_errors(project, args, message):
+    result = optgen(*args, cwd=project)
+    assert result.returncode == 1, result.stdout
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_list_show_verify_and_bench_take_spec_files(project):
+    listed = optgen("list", "my_specs", cwd=project)
+    assert listed.returncode == 0 and "Yogi" in listed.stdout and "my_specs/yogi.toml" in listed.stdout
+    shown = optgen("show", "my_specs/yogi.toml", "--backend", "forloop", cwd=project)
+    assert shown.returncode == 0, shown.stderr
+    assert "exp_avg.lerp_(grad, 1 - beta1)" in shown.stdout
+    verified = optgen("verify", "my_specs/yogi.toml", "--steps", "3", cwd=project)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "Yogi" in verified.stdout and "all backends match the reference" in verified.stdout
+    bench = optgen("bench", "my_specs/yogi.toml", "--params", "2e4", "--tensors", "4", "--repeats", "1", cwd=project)
+    assert bench.returncode == 0, bench.stderr
+    assert "### Yogi(defaults)" in bench.stdout and "| optgen forloop |" in bench.stdout
+    assert "| optgen foreach |" in bench.stdout
