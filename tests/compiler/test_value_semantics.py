@@ -404,3 +404,77 @@ def test_constant_in_a_tensor_statement(tmp_path, rule, by_hand):
         return param, s
 
     check(tmp_path, spec_text(rule, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
+
+
+# -- copies only where needed, and visible -----------------------------------------------------------
+
+def forloop_code(tmp_path, rule: str, state: str = 'm = "zeros_like(param)"') -> str:
+    from optgen.backends.forloop import BACKEND
+
+    path = tmp_path / "case.toml"
+    path.write_text(spec_text(rule, HYPER, state))
+    return BACKEND.render(compile_spec(load_spec(path)))
+
+
+def test_a_copy_is_a_clone_with_its_reason(tmp_path):
+    code = forloop_code(tmp_path, """
+        m_old = m
+        m = beta * m + (1 - beta) * grad
+        param = param - lr * m_old
+    """)
+    assert "m_old = m.clone()  # a copy, not an alias: m is updated in place below while m_old is still read" in code
+
+
+def test_no_copy_where_the_old_value_is_not_read_after_the_update(tmp_path):
+    # read before the update: an alias is enough
+    code = forloop_code(tmp_path, """
+        m_old = m
+        param = param - lr * m_old
+        m = beta * m + (1 - beta) * grad
+    """)
+    assert "m_old = m\n" in code and "clone" not in code
+    # bound to m in one branch, written in place only in the other (Adafactor's var_estimate)
+    code = forloop_code(tmp_path, """
+        if weight_decay != 0:
+            u = grad * 2
+        else:
+            u = m
+        if weight_decay != 0:
+            u = sqrt(clamp_min(u, 1e-3))
+        else:
+            u = u + 1
+        param = param - lr * u
+        m = m + grad
+    """)
+    assert "u = m\n" in code and "clone" not in code, code
+
+
+def test_every_implementation_ran(tmp_path):
+    """The cases above ran C and the Triton interpreter too, not only the Python kernels."""
+    _, impls = check(tmp_path, spec_text("""
+        m_old = m
+        m = beta * m + (1 - beta) * grad
+        param = param - lr * m_old
+    """, HYPER, 'm = "zeros_like(param)"'), lambda p, g, s, h: (p - 0.1 * s["m"], {"m": 0.9 * s["m"] + 0.1 * g}),
+        [{}])
+    assert set(impls) >= {"forloop", "foreach", "differentiable", "triton"} | ({"c"} if c_launch.available() else set())
+
+
+def test_copy_under_a_per_tensor_condition(tmp_path):
+    """A branch on a counter runs tensor by tensor in the foreach kernel (a loop of its own)."""
+    def expected(param, grad, s, h):
+        s["step"] = s["step"] + 1
+        u = s["m"] if s["step"] > 1 else grad
+        s["m"] = 0.9 * s["m"] + grad
+        return param - 0.1 * u, s
+
+    check(tmp_path, spec_text("""
+        step = step + 1
+        if step > 1:
+            u = m
+        else:
+            u = grad
+        m = beta * m + grad
+        param = param - lr * u
+    """, HYPER, 'step = "0"\nm = "zeros_like(param)"'), expected, [{}], state_names=("step", "m"),
+          init=lambda name, p: 0.0 if name == "step" else torch.zeros_like(p))
