@@ -66,7 +66,9 @@ class Target:
 def builtin_target(root: Path | None = None) -> Target:
     """optgen's own specs → generated/ (``root``: a checkout or a copy of one)."""
     optimizers = (root / "specs" / "optimizers") if root is not None else builtin_optimizer_dir()
-    out = (root or CHECKOUT) / "generated"
+    # installed: the package's own optgen/generated (read by --check only); a checkout: generated/
+    out = root / "generated" if root is not None else \
+        PACKAGE / "generated" if (PACKAGE / "generated").is_dir() else CHECKOUT / "generated"
     return Target(tuple(sorted(optimizers.glob("*.toml"))), (optimizers,), out, builtin=True)
 
 

@@ -39,7 +39,14 @@ class Source:
 
 def display_path(path: Path) -> str:
     """Paths in messages and generated headers: relative to the project (so a build's output does
-    not depend on the directory it ran from), else to the working directory."""
+    not depend on the directory it ran from), else to the working directory.  The built-in specs
+    read as specs/... whether they come from a checkout or from an installed package's data."""
+    from optgen.resources import specs_dir
+
+    try:
+        return str(Path("specs") / path.resolve().relative_to(specs_dir()))
+    except (ValueError, FileNotFoundError):
+        pass
     for base in (PROJECT_ROOT, Path.cwd().resolve()):
         try:
             return str(path.resolve().relative_to(base))
