@@ -6,7 +6,8 @@ back as new temporaries, inserted just before their first use and named ``common
 (a subexpression equal to a statement the spec already named is not repeated: sympy finds it as
 that statement's symbol).  Runs are split at guard changes, because a temporary computed under one
 guard must not be used under another.  Only *tensor* subexpressions are worth a temporary: a
-repeated scalar costs one Python operation.
+repeated scalar costs one Python operation.  A comparison never is (Note [Comparisons stay in their
+where()]).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import dataclasses
 import itertools
 
 import sympy
+from sympy.logic.boolalg import Boolean
 
 from optgen.ir.nodes import Assign, Program, Role
 from optgen.spec.expressions import symbol
@@ -87,7 +89,18 @@ def _has_repeats(expr: sympy.Expr) -> bool:
     return False
 
 
+# Note [Comparisons stay in their where()]
+# A comparison is a mask, not a number, and the IR has no boolean tensors: every temporary is a float
+# tensor of the parameter's dtype (a buffer reuse_buffers may hand to another float value, a
+# scalar_t in the C kernel, a float in Triton and the interpreter), and op selection builds a mask
+# only as where()'s first argument.  So a repeated `grad > 0` (where(grad > 0, where(grad > 0, grad,
+# p), m), or the where()s of two statements) is compared again in each where() — one elementwise
+# compare — rather than given a boolean temporary that every backend would need its own type,
+# buffers and printing for.  Number-valued parts of a comparison (`grad - m` of `grad - m > 0`) and a
+# whole where() are still shared.
 def _worth_a_temporary(expr: sympy.Expr, tensors: set | None = None) -> bool:
+    if isinstance(expr, Boolean):  # Note [Comparisons stay in their where()]
+        return False
     # x**2 is printed as x * x by every backend: no temporary needed for it.
     if (expr.is_Pow and expr.exp == 2) or (expr.is_Mul and len(expr.args) == 2 and expr.args[0] == -1):
         return False
