@@ -177,8 +177,9 @@ def cmd_new(args) -> int:
     if not args.name.isidentifier():
         raise SpecError(None, f"'{args.name}' is not a valid class name")
     folder = Path(args.dir)
-    if not folder.is_dir():
-        raise SpecError(None, f"--dir {folder}: no such folder")
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(None, f"--dir {folder}: not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{args.name.lower()}.toml"
     if path.exists():
         raise SpecError(None, f"{path} already exists")
@@ -206,6 +207,10 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # torch warns on import when numpy is missing; nothing optgen's commands do needs numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     parser = argparse.ArgumentParser(prog="optgen", description="PyTorch optimizers compiled from specs.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="compile specs: optgen's own (specs/ → generated/), or yours (DIR --out PKG_DIR)",

@@ -31,8 +31,7 @@ INTERPRETED = ("triton",)
 def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
     """Runs the check on ``compiled`` (specs whose modules are in ``files``); returns their names."""
     from optgen.packages import import_rendered
-    from optgen.runtime import c_launch
-    from optgen.verify import configurations, run_backend, run_reference
+    from optgen.verify import configurations, run_backend, run_reference, runnable
 
     package = import_rendered(files, "build")
     checked = []
@@ -40,7 +39,7 @@ def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
         if c.spec.algorithm:  # an intrinsic step (LBFGS): no generated kernels; tests/oracle covers it
             continue
         cls = package.OPTIMIZERS[c.spec.name]
-        implementations = [i for i in cls._kernels if _runnable(i, c_launch)]
+        implementations = [i for i in cls._kernels if runnable(i)]
         for variant in c.variants:
             flags = dict(variant.flags)
             configs = configurations(c, flags, cls=cls)[:CONFIGURATIONS]
@@ -53,16 +52,6 @@ def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
                     _compare(c, variant, implementation, kwargs, result, reference)
         checked.append(c.spec.name)
     return checked
-
-
-def _runnable(implementation: str, c_launch) -> bool:
-    if implementation == "c":
-        return c_launch.available()
-    if implementation == "triton":
-        import importlib.util
-
-        return importlib.util.find_spec("triton") is not None
-    return True
 
 
 def _compare(compiled, variant, implementation, kwargs, result, reference) -> None:

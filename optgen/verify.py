@@ -128,11 +128,24 @@ def max_difference(a, b) -> float:
     return worst
 
 
-def verify_all(steps: int = 10, tolerance: float = 1e-9, sources: list | None = None) -> bool:
-    """Prints a table of the worst relative difference per spec × variant × implementation.
-    ``sources``: a user's spec files or folders (built into a temporary package); else the built-ins."""
-    from optgen.runtime import c_launch
+def runnable(implementation: str) -> bool:
+    """Whether an implementation can run on this machine's CPU: C needs a C compiler, Triton the
+    triton package (its kernels run in Triton's interpreter on CPU tensors)."""
+    if implementation == "c":
+        from optgen.runtime import c_launch
 
+        return c_launch.available()
+    if implementation == "triton":
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return True
+
+
+def verify_all(steps: int = 10, tolerance: float = 1e-9, sources: list | None = None) -> bool:
+    """Prints a table of the worst relative difference per spec × variant × implementation (``-``:
+    not generated, or not runnable here). ``sources``: a user's spec files or folders (built into a
+    temporary package); else the built-ins."""
     if sources:
         from optgen.packages import build_temporary
 
@@ -150,7 +163,7 @@ def verify_all(steps: int = 10, tolerance: float = 1e-9, sources: list | None = 
         if compiled.spec.algorithm:  # an intrinsic step (LBFGS): no generated kernels to check
             continue
         cls = classes[compiled.spec.name] if classes is not None else _optimizer_class(compiled.spec.name)
-        impls = [i for i in cls._kernels if i != "c" or c_launch.available()]
+        impls = [i for i in cls._kernels if runnable(i)]
         for variant in compiled.variants:
             flags = dict(variant.flags)
             configs = configurations(compiled, flags, cls=cls)
