@@ -18,7 +18,9 @@ wrong optimizer: a kernel that computes something other than the rule never reac
 """
 from __future__ import annotations
 
-from optgen.errors import SpecError
+from pathlib import Path
+
+from optgen.errors import SpecError, internal_errors
 
 STEPS = 3           # state feeds back into the update from step 2 on; 3 steps see it twice
 CONFIGURATIONS = 2  # the defaults, and every zero-default hyperparameter switched on
@@ -33,25 +35,61 @@ def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
     from optgen.packages import import_rendered
     from optgen.verify import configurations, run_backend, run_reference, runnable
 
-    package = import_rendered(files, "build")
+    try:
+        package = import_rendered(files, "build")
+    except Exception as e:  # noqa: BLE001 - generated code that does not import is a compiler bug
+        raise _import_failure(e, compiled) from e
     checked = []
     for c in compiled:
         if c.spec.algorithm:  # an intrinsic step (LBFGS): no generated kernels; tests/oracle covers it
             continue
         cls = package.OPTIMIZERS[c.spec.name]
         implementations = [i for i in cls._kernels if runnable(i)]
+        ran = False
         for variant in c.variants:
             flags = dict(variant.flags)
             configs = configurations(c, flags, cls=cls)[:CONFIGURATIONS]
             for k, kwargs in enumerate(configs):
-                reference = run_reference(c, kwargs, STEPS, cls=cls)
+                with internal_errors("the reference interpreter", c.spec):
+                    reference = run_reference(c, kwargs, STEPS, cls=cls)
                 for implementation in implementations:
                     if implementation in INTERPRETED and k != len(configs) - 1:
                         continue
-                    result = run_backend(c, implementation, kwargs, STEPS, cls=cls)
+                    try:
+                        result = run_backend(c, implementation, kwargs, STEPS, cls=cls)
+                    except Exception as e:  # noqa: BLE001 - a generated kernel that fails is a compiler bug
+                        raise SpecError(c.spec.rule_loc, f"build refused: the {implementation} implementation of "
+                                                         f"{c.spec.name} ({_flags(variant)}, {_kwargs(kwargs)}) "
+                                                         f"raised {type(e).__name__}: {e}. {_BUG}") from e
                     _compare(c, variant, implementation, kwargs, result, reference)
-        checked.append(c.spec.name)
+                    ran = True
+        if ran:  # else the spec's own checks reject every configuration tried: not cross-checked
+            checked.append(c.spec.name)
     return checked
+
+
+_BUG = ("This is a bug in optgen, not in your spec: please report it with the spec; "
+        "`optgen build --no-verify` writes the code anyway")
+
+
+def _import_failure(error: Exception, compiled: list) -> SpecError:
+    """The spec whose rendered module failed to import, found from the innermost frame of the
+    traceback that is in the temporary package (or the SyntaxError's file)."""
+    import traceback
+
+    files = [getattr(error, "filename", None) or ""]  # a SyntaxError's own file first
+    files += [frame.filename for frame in reversed(traceback.extract_tb(error.__traceback__))]
+    module = next((Path(f).stem for f in files if "optgen-check-" in f), "")
+    owners = [c.spec for c in compiled if module == c.spec.name.lower() or module.startswith(c.spec.name.lower() + "_")]
+    spec = max(owners, key=lambda s: len(s.name), default=None)
+    where = f"the generated module {module}.py" if module else "the generated package"
+    return SpecError(spec.rule_loc if spec is not None else None,
+                     f"build refused: {where}{f' of {spec.name}' if spec is not None else ''} does not import: "
+                     f"{type(error).__name__}: {error}. {_BUG}")
+
+
+def _flags(variant) -> str:
+    return ", ".join(f"{k}={v}" for k, v in variant.flags) or "no flags"
 
 
 def _compare(compiled, variant, implementation, kwargs, result, reference) -> None:
@@ -82,15 +120,14 @@ def _compare(compiled, variant, implementation, kwargs, result, reference) -> No
     if not worst:
         return
     spec = compiled.spec
-    flags = ", ".join(f"{k}={v}" for k, v in variant.flags) or "no flags"
+    flags = _flags(variant)
     statement = next((a for a in variant.program.body if a.target in worst), None)
     shown = ", ".join(f"{n} off by {d:.1e}" for n, d in sorted(worst.items()))
     where = (f"; the first statement whose value differs is '{statement.text}'" if statement is not None else "")
     raise SpecError(statement.loc if statement is not None else None,
                     f"build refused: the {implementation} implementation of {spec.name} ({flags}, "
                     f"{_kwargs(kwargs)}) differs from the reference interpreter after {STEPS} steps "
-                    f"({shown}, relative){where}. This is a bug in optgen's {implementation} backend, not in "
-                    "your spec: please report it with the spec; `optgen build --no-verify` writes the code anyway")
+                    f"({shown}, relative){where}. {_BUG}")
 
 
 def _kwargs(kwargs: dict) -> str:

@@ -146,6 +146,30 @@ def test_cross_check_refuses_a_build_whose_backend_computes_something_else(proje
     assert build(target=target, verify=False).compiled == ["Yogi"]
 
 
+@pytest.mark.parametrize("edit,expected", [
+    (lambda text: text.replace("torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)", "raise RuntimeError('kernel bug')"),
+     "build refused: the foreach implementation of Yogi (maximize=False, lr=0.01) raised RuntimeError: kernel bug"),
+    (lambda text: text + "\ndef (:\n",
+     "build refused: the generated module yogi_foreach.py of Yogi does not import: SyntaxError"),
+])
+def test_generated_code_that_fails_is_a_refused_build_not_a_traceback(project, monkeypatch, edit, expected):
+    import optgen.build
+
+    real = optgen.build.render_spec
+
+    def broken(compiled):
+        files = real(compiled)
+        files["yogi_foreach.py"] = edit(files["yogi_foreach.py"])
+        return files
+
+    monkeypatch.setattr(optgen.build, "render_spec", broken)
+    with pytest.raises(SpecError) as info:
+        build(target=user_target([project / "my_specs"], project / "pkg"))
+    assert expected in str(info.value) and "my_specs/yogi.toml:" in str(info.value)
+    assert "please report it" in str(info.value)
+    assert not (project / "pkg").exists()
+
+
 @pytest.mark.parametrize("extends,expected", [
     ("../../elsewhere/x", "cannot extend '../../elsewhere/x': extends names an optimizer"),
     ("/etc/passwd", "cannot extend '/etc/passwd': extends names an optimizer"),
