@@ -104,9 +104,13 @@ def spec_paths(root: Path | None = None) -> list[Path]:
 
 # -- compiling ----------------------------------------------------------------------------------
 def load(path: Path, target: Target):
-    from optgen.spec.load import load_spec
+    from types import SimpleNamespace
 
-    return load_spec(path, search_path=target.search_path)
+    from optgen.spec.load import load_spec
+    from optgen.spec.toml_source import display_path
+
+    with internal_errors("the spec loader", SimpleNamespace(path=display_path(path))):
+        return load_spec(path, search_path=target.search_path)
 
 
 def compile_file(path: Path, target: Target):

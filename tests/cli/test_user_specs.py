@@ -216,3 +216,17 @@ def test_list_show_verify_and_bench_take_spec_files(project):
     assert bench.returncode == 0, bench.stderr
     assert "### Yogi(defaults)" in bench.stdout and "| optgen forloop |" in bench.stdout
     assert "| optgen foreach |" in bench.stdout
+
+
+def test_a_bug_in_the_spec_loader_is_an_internal_compiler_error_naming_the_file(project, monkeypatch):
+    import optgen.spec.load
+    from optgen.errors import InternalCompilerError
+
+    def boom(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(optgen.spec.load, "_hyperparameters", boom)
+    with pytest.raises(InternalCompilerError) as info:
+        build(target=user_target([project / "my_specs"], project / "pkg"))
+    assert "my_specs/yogi.toml:1:1: internal compiler error in the spec loader" in str(info.value)
+    assert "KeyError: 'boom'" in str(info.value) and isinstance(info.value.__cause__, KeyError)
