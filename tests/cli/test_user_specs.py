@@ -113,7 +113,8 @@ def test_second_build_with_nothing_to_do_compiles_nothing(project):
     assert third.compiled == ["Yogi"] and "yogi.py" in third.written
     (project / "pkg" / "yogi_foreach.py").unlink()
     assert build(target=target).written == ["yogi_foreach.py"]
-    (project / "pkg" / "yogi_forloop.py").write_text("# edited\n")
+    edited = project / "pkg" / "yogi_forloop.py"
+    edited.write_text(edited.read_text() + "# edited by hand\n")
     assert build(target=target).written == ["yogi_forloop.py"]
     # A manifest that is garbage is ignored, not trusted.
     (project / "pkg" / MANIFEST).write_text("{not json")
@@ -230,3 +231,15 @@ def test_a_bug_in_the_spec_loader_is_an_internal_compiler_error_naming_the_file(
         build(target=user_target([project / "my_specs"], project / "pkg"))
     assert "my_specs/yogi.toml:1:1: internal compiler error in the spec loader" in str(info.value)
     assert "KeyError: 'boom'" in str(info.value) and isinstance(info.value.__cause__, KeyError)
+
+
+def test_a_build_never_overwrites_or_deletes_files_it_did_not_write(project):
+    package = project / "src"
+    package.mkdir()
+    (package / "model.py").write_text("MODEL = 1\n")
+    build(target=user_target([project / "my_specs"], package))
+    assert (package / "model.py").read_text() == "MODEL = 1\n"  # not an orphan of ours: kept
+    (package / "yogi_forloop.py").write_text("# my own code\n")
+    with pytest.raises(SpecError, match="yogi_forloop.py exists and was not written by optgen"):
+        build(target=user_target([project / "my_specs"], package))
+    assert (package / "yogi_forloop.py").read_text() == "# my own code\n"
