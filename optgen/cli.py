@@ -206,6 +206,15 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_fuzz(args) -> int:
+    """Random valid specs against every backend and two references (optgen/fuzz/)."""
+    from optgen.fuzz.run import fuzz
+
+    report = fuzz(args.seconds, seed=args.seed, out=Path(args.out), avoid=() if args.all_constructs else None)
+    print(report.summary())
+    return 1 if report.failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -261,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", help="a scheduler of optgen.lr_scheduler (or SWALR)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="key=value constructor arguments and the options above")
     p.set_defaults(run=cmd_schedule)
+    p = sub.add_parser("fuzz", help="differential testing: random valid specs on every backend against two references")
+    p.add_argument("--seconds", type=float, default=60, help="how long to run (default 60)")
+    p.add_argument("--seed", type=int, help="first seed (default: from the clock); seeds count up from it")
+    p.add_argument("--out", default="fuzz-failures", help="folder for failing specs (default fuzz-failures/)")
+    p.add_argument("--all-constructs", action="store_true",
+                   help="also generate the constructs of known, unfixed bugs (optgen.fuzz.generate.KNOWN_BUGS)")
+    p.set_defaults(run=cmd_fuzz)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

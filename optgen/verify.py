@@ -18,14 +18,20 @@ SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (4, 9)]
 
 def shapes_for(cls, shapes=None) -> list[tuple[int, ...]]:
     """The ``shapes`` (default SHAPES) an optimizer accepts (Muon takes only matrices)."""
-    out = []
-    for shape in shapes or SHAPES:
-        try:
-            cls([torch.zeros(shape, requires_grad=True)])
-        except ValueError:
-            continue
-        out.append(shape)
-    return out
+    key = (cls, tuple(shapes or SHAPES))
+    if key not in _ACCEPTED:  # constructing an optimizer costs about a millisecond: once per class
+        out = []
+        for shape in key[1]:
+            try:
+                cls([torch.zeros(shape, requires_grad=True)])
+            except ValueError:
+                continue
+            out.append(shape)
+        _ACCEPTED[key] = out
+    return list(_ACCEPTED[key])
+
+
+_ACCEPTED: dict = {}
 
 
 def configurations(compiled: Compiled, flags: dict[str, bool], *, cls=None) -> list[dict]:
