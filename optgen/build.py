@@ -147,14 +147,15 @@ def own_kernels(compiled: list, names: set[str] | None = None) -> list:
             dataclasses.replace(c, spec=dataclasses.replace(c.spec, kernels_from=None)) for c in compiled]
 
 
-def render_spec(compiled) -> dict[str, str]:
-    """One spec's modules: the optimizer class and one module per kernel backend."""
+def render_spec(compiled, implementations: tuple[str, ...] | None = None) -> dict[str, str]:
+    """One spec's modules: the optimizer class and one module per kernel backend (``implementations``:
+    only these backends, as the fuzzer builds them)."""
     from optgen.backends.base import module_name
     from optgen.backends.optimizer_class import OptimizerClassBackend
 
     spec = compiled.spec
     with internal_errors("choosing the backends", spec):
-        backends = kernel_backends(compiled)
+        backends = tuple(b for b in kernel_backends(compiled) if implementations is None or b.name in implementations)
     class_backend = OptimizerClassBackend(tuple(b.name for b in backends),
                                           lazy=tuple(b.name for b in backends if getattr(b, "lazy", False)))
     with internal_errors("the optimizer class", spec):

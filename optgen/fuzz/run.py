@@ -18,8 +18,8 @@ tensors of a few shapes; params and every state are compared with the reference 
 """
 from __future__ import annotations
 
+import ast
 import contextlib
-import importlib
 import os
 import re
 import sys
@@ -111,54 +111,23 @@ def _compile(spec):
     return compile_spec(spec)
 
 
-def _backends(names: tuple[str, ...]):
-    from optgen.backends.c import BACKEND as C
-    from optgen.backends.differentiable import BACKEND as DIFFERENTIABLE
-    from optgen.backends.foreach import BACKEND as FOREACH
-    from optgen.backends.forloop import BACKEND as FORLOOP
-    from optgen.backends.triton import BACKEND as TRITON
-
-    every = {"forloop": FORLOOP, "foreach": FOREACH, "differentiable": DIFFERENTIABLE, "triton": TRITON, "c": C}
-    return [every[n] for n in names]
-
-
 def render_package(compiled: list, implementations: tuple[str, ...]) -> dict[str, str]:
-    """File name → text of a package with these specs and only these kernel backends (the rendering
-    of optgen.build, minus schedulers)."""
-    from optgen.backends.base import module_name
-    from optgen.backends.optimizer_class import OptimizerClassBackend
+    """File name → text of a package with these specs and only these kernel backends (optgen.build's
+    rendering, without the schedulers)."""
+    from optgen.build import render_spec
 
     files = {}
     for c in compiled:
-        backends = [b for b in _backends(implementations)
-                    if getattr(b, "unsupported", lambda c: None)(c) is None]
-        names = tuple(b.name for b in backends)
-        lazy = tuple(b.name for b in backends if getattr(b, "lazy", False))
-        files[f"{module_name(c.spec.name)}.py"] = OptimizerClassBackend(names, lazy=lazy).render(c)
-        for b in backends:
-            files[f"{module_name(c.spec.name, b.name)}.py"] = b.render(c)
-    files["__init__.py"] = "".join(f"from .{module_name(c.spec.name)} import {c.spec.name}\n" for c in compiled)
+        files.update(render_spec(c, implementations))
+    files["__init__.py"] = "".join(f"from .{c.spec.name.lower()} import {c.spec.name}\n" for c in compiled)
     return files
 
 
-_PACKAGES = 0
+def import_package(files: dict[str, str], root: Path | None = None):
+    """Imports the package (a fresh name each time, in a private temporary folder)."""
+    from optgen.packages import import_rendered
 
-
-def import_package(files: dict[str, str], root: Path):
-    """Writes the package under ``root`` (a fresh name each time) and imports it."""
-    global _PACKAGES
-    _PACKAGES += 1
-    name = f"optgen_fuzz_{os.getpid()}_{_PACKAGES}"
-    folder = root / name
-    folder.mkdir(parents=True)
-    for file, text in files.items():
-        (folder / file).write_text(text)
-    sys.path.insert(0, str(root))
-    try:
-        importlib.invalidate_caches()
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(root))
+    return import_rendered(files, "fuzz")
 
 
 def _one_c_library(package, compiled: list) -> None:
@@ -380,7 +349,7 @@ def check_text(text: str, seed: int = 0, *, implementations=ALL, steps: int = ST
 def _configs_of(text: str) -> list[dict]:
     """The hyperparameter configurations written in a spec's ``# configs:`` comment, else the defaults."""
     m = re.search(r"^# configs: (.*)$", text, re.M)
-    return eval(m.group(1), {"__builtins__": {}}) if m else [{}]  # noqa: S307 - a literal list of dicts
+    return ast.literal_eval(m.group(1)) if m else [{}]  # a literal list of dicts: read, never run
 
 
 def write_failure(failure: Failure, out_dir: Path, *, shrink: bool = True, implementations=ALL,
