@@ -23,7 +23,7 @@ from optgen.backends.forloop import ForLoopRenderer, counter_list, plural
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.guards import simplify_guard
 from optgen.ir.ops import Step, TensorOp
-from optgen.passes.reuse_buffers import allocates
+from optgen.passes.reuse_buffers import allocates, step_reads
 
 #: ops with a torch._foreach_ kernel (in-place forms add "_")
 FOREACH_OPS = {"add", "mul", "div", "addcmul", "addcdiv", "lerp", "maximum", "minimum", "sqrt", "rsqrt",
@@ -215,13 +215,7 @@ def _reads(steps) -> set[str]:
     """Every name some step reads: op operands, scalar expressions and guards."""
     names: set[str] = set()
     for step in steps:
-        for op in (*step.ops, *(step.first_ops or ())):
-            names |= op.reads()
-            names |= {s.name for a in (*op.args, *(v for _, v in op.kwargs)) if not isinstance(a, str)
-                      for s in getattr(a, "free_symbols", ())}
-        if step.expr is not None:
-            names |= {s.name for s in step.expr.free_symbols}
-        names |= {s.name for s in step.guard.free_symbols}
+        names |= step_reads(step)
         if step.kind in ("release", "read"):
             names.add(step.target)
     return names

@@ -17,8 +17,8 @@ import itertools
 import sympy
 from sympy.logic.boolalg import Boolean
 
-from optgen.ir.nodes import Assign, Program, Role
-from optgen.spec.expressions import symbol
+from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
+from optgen.spec.expressions import Norm, symbol
 
 
 def _runs(body):
@@ -43,17 +43,20 @@ def cse(program: Program) -> Program:
             renamed.append(value)
             versions[a.target] = sympy.Dummy(a.target, real=True)
             inverse[versions[a.target]] = symbol(a.target)
-        tensor_symbols = set(inverse) | {symbol(n) for n, r in roles.items() if r.is_tensor}
+        # A version is named as its plain name (Dummy("grad")), so `roles` gives its role too.
+        tensor_symbols = {v for v, plain in inverse.items() if roles[plain.name].is_tensor} \
+            | {symbol(n) for n, r in roles.items() if r.is_tensor}
         replacements, reduced = sympy.cse(renamed, symbols=(sympy.Dummy(f"c{i}") for i in itertools.count()),
                                           optimizations=None, order="none")
         names: dict[sympy.Symbol, sympy.Symbol] = {}
         pending = []
         for sub, expr in replacements:
             expr = expr.xreplace(names)
-            if expr.free_symbols & (tensor_symbols | set(names.values())) \
-                    and _worth_a_temporary(expr, tensor_symbols | set(names.values())):
+            temporaries = {s for s in names.values() if s.is_Symbol and roles.get(s.name) is Role.TENSOR}
+            role = _temporary_role(expr, roles, tensor_symbols | temporaries)
+            if role is not None:
                 name = f"common{next(counter)}"
-                roles[name] = Role.TENSOR
+                roles[name] = role
                 names[sub] = symbol(name)
                 pending.append((names[sub], expr))
             else:
@@ -68,6 +71,24 @@ def cse(program: Program) -> Program:
                     emitted.add(sym)
             body.append(dataclasses.replace(a, value=value.xreplace(inverse)))
     return program.with_body(body, roles=roles)
+
+
+# Note [Per-tensor scalars stay scalars]
+# numel(param), size(grad, 0), norm(param) read a tensor but are one number per tensor (a Python
+# number in the for-loop code, a list of numbers in foreach): a repeated one named as a TENSOR
+# temporary became torch.full_like(...), which math.sqrt and add's alpha refuse.  So a repeated
+# subexpression is a tensor temporary only when it reads a tensor element by element
+# (is_tensor_valued); a scalar-valued one is written again where it is used — one Python operation,
+# as for any repeated scalar — except when it holds a norm(), a reduction over the whole tensor
+# (and a device sync) worth doing once: that one is a per-tensor SCALAR temporary (hoist_scalars
+# keeps it in the loop).
+def _temporary_role(expr: sympy.Expr, roles, tensors: set) -> Role | None:
+    """The role of a temporary for a repeated subexpression, or None to leave it in place."""
+    if is_tensor_valued(expr, roles):  # versions (Dummy("grad")) and temporaries are named in roles
+        return Role.TENSOR if _worth_a_temporary(expr, tensors) else None
+    if any(isinstance(e, Norm) for e in sympy.preorder_traversal(expr)):
+        return Role.SCALAR  # Note [Per-tensor scalars stay scalars]
+    return None  # a scalar: one Python operation
 
 
 def _needed(pending, value) -> set:

@@ -40,7 +40,7 @@ def _takeovers(step: Step, later: set[str]) -> dict[int, str]:
     for i, op in enumerate(step.ops):
         if not op.in_place and op.out != op.self_ and op.out.startswith("_t") and op.fn not in NO_IN_PLACE \
                 and op.in_place_ok and op.self_ not in later \
-                and not any(op.self_ in o.reads() for o in step.ops[i + 1:]):
+                and not any(op.self_ in op_reads(o) for o in step.ops[i + 1:]):
             found[i] = op.self_
     return found
 
@@ -111,7 +111,7 @@ def _reuse(steps: tuple[Step, ...]) -> list[Step]:
     owned: dict[str, sympy.Basic] = {}
     out: list[Step] = []
     # every step with the names the steps after it read (rule 4)
-    pending = [(step, set().union(*(_reads(s) for s in steps[i + 1:]))) for i, step in enumerate(steps)]
+    pending = [(step, set().union(*(step_reads(s) for s in steps[i + 1:]))) for i, step in enumerate(steps)]
     while pending:
         step, later = pending.pop(0)
         if step.kind != "tensor" or step.first_ops is not None:
@@ -129,8 +129,19 @@ def _reuse(steps: tuple[Step, ...]) -> list[Step]:
     return out
 
 
-def _reads(step: Step) -> set[str]:
-    return {name for op in (*step.ops, *(step.first_ops or ())) for name in op.reads()}
+def op_reads(op: TensorOp) -> set[str]:
+    """The names an op reads: its tensor operands, and those its scalar arguments read —
+    ``numel(grad)``, ``norm(grad)`` in ``maximum(param, numel(grad))`` read ``grad`` too."""
+    scalars = [a for a in op.args if not isinstance(a, str)] + [v for _, v in op.kwargs]
+    return op.reads() | {s.name for e in scalars for s in getattr(e, "free_symbols", ())}
+
+
+def step_reads(step: Step) -> set[str]:
+    """The names a step reads: its ops' (op_reads), its scalar expression's and its guard's."""
+    names = {name for op in (*step.ops, *(step.first_ops or ())) for name in op_reads(op)}
+    if step.expr is not None:
+        names |= {s.name for s in step.expr.free_symbols}
+    return names | {s.name for s in step.guard.free_symbols}
 
 
 def allocates(step: Step) -> bool:
@@ -140,15 +151,9 @@ def allocates(step: Step) -> bool:
 
 def _releases(steps: list[Step], may_own: set[str]) -> list[Step]:
     """``release`` steps after the last read of each temporary that later allocations outlive."""
-    def reads(step: Step) -> set[str]:
-        names = set()
-        for op in (*step.ops, *(step.first_ops or ())):
-            names |= op.reads()
-        return names
-
     last_read = {}
     for i, step in enumerate(steps):
-        for name in reads(step) & may_own:
+        for name in step_reads(step) & may_own:
             last_read[name] = i
     out: list[Step] = []
     for i, step in enumerate(steps):
