@@ -57,6 +57,18 @@ class Where(_RealFunction):
 
     nargs = 3
 
+    @classmethod
+    def eval(cls, condition, a, b):
+        # sympy decides some comparisons when an expression is rebuilt (``s < s`` is False for
+        # every real s): the where is then the branch it picks, so no backend ever sees a
+        # condition that is a constant instead of a comparison (the reference and the plain-Python
+        # evaluator pick the branch of a non-tensor condition the same way).
+        if condition == sympy.true:
+            return a
+        if condition == sympy.false:
+            return b
+        return None
+
 
 class Clamp(_RealFunction):
     """``clamp(x, low, high)`` elementwise (``Tensor.clamp``)."""
