@@ -381,3 +381,71 @@ def test_a_spec_extending_another_without_changing_its_kernels_shares_them(tmp_p
     assert load_spec(child).kernels_from is None
     child.write_text('[optimizer]\nname = "Child"\nextends = "Toy"\n[hyperparameters]\nlr = 0.5\n')
     assert load_spec(child).kernels_from == "Toy"
+
+
+def test_foreach_scalar_under_a_group_condition_is_one_number(tmp_path):
+    # hoist_scalars keeps `c` in the body (it is under an if), yet it is one value per group:
+    # foreach read it as a per-tensor list `cs` that nothing defined (NameError)
+    spec = toy(tmp_path, """
+        step = step + 1
+        if beta > 0.5:
+            c = lr * 2
+        else:
+            c = lr * 3
+        buf = buf + sqrt(c) * grad
+        param = param - buf
+    """)
+    text = foreach_text(spec)
+    assert "c = 2 * lr" in text and "math.sqrt(c)" in text and "cs" not in text
+
+
+def test_cse_keeps_a_repeated_per_tensor_scalar_a_scalar(tmp_path):
+    """Note [Per-tensor scalars stay scalars]: numel(param) twice is written twice (it was a
+    tensor temporary, torch.full_like, that math.sqrt refused); norm(param) twice is computed once,
+    into a per-tensor scalar."""
+    spec = toy(tmp_path, """
+        step = step + 1
+        a = 1 / sqrt(numel(param)) + lr
+        b = numel(param)
+        buf = buf + a * grad + b * param
+        param = param - buf
+    """)
+    program = cse(specialize(validate(lower(spec)), (("flag", False),)))
+    assert not any(a.target.startswith("common") for a in program.body)
+    spec = toy(tmp_path, """
+        step = step + 1
+        a = 1 / (norm(param) + lr)
+        b = norm(param) * beta
+        buf = buf + a * grad + b * param
+        param = param - buf
+    """)
+    program = hoist_scalars(cse(specialize(validate(lower(spec)), (("flag", False),))))
+    commons = [a.target for a in program.body if a.target.startswith("common")]
+    assert commons == ["common0"] and program.roles["common0"].name == "SCALAR"
+    assert "common0" in program.per_tensor
+    assert "common0s = [" in foreach_text(spec)
+
+
+def test_cse_does_not_take_a_scalar_local_for_a_tensor(tmp_path):
+    # `bias` is a per-tensor scalar (it reads the counter); sqrt(bias) + 1 repeated is a scalar too
+    spec = toy(tmp_path, """
+        step = step + 1
+        bias = 1 - beta ** step
+        buf = buf + (sqrt(bias) + 1) * grad
+        param = param - (sqrt(bias) + 1) * lr * buf
+    """)
+    program = cse(specialize(validate(lower(spec)), (("flag", False),)))
+    assert not any(a.target.startswith("common") for a in program.body)
+
+
+def test_a_temporary_read_by_a_scalar_argument_is_freed_after_it(tmp_path):
+    # maximum(param, numel(grad)) reads grad through its scalar bound: `del grads` came before it
+    spec = toy(tmp_path, """
+        step = step + 1
+        grad = grad * beta
+        buf = buf * lr
+        m = maximum(param, numel(grad))
+        param = param - lr * m / (sqrt(buf) + 1)
+    """)
+    text = foreach_text(spec)
+    assert "ms = torch._foreach_clamp_min(params, [grad.numel() for grad in grads])\ndel grads" in text
