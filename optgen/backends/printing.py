@@ -12,8 +12,8 @@ from typing import Callable
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 
-from optgen.spec.expressions import (SCALAR_OF_TENSOR, Clamp, IfNone, MachineEps, Maximum, Minimum, Ndim, Norm,
-                                     Numel, Size, Where)
+from optgen.spec.expressions import (SCALAR_OF_TENSOR, Clamp, IfNone, Lerp, MachineEps, Maximum, Minimum, Ndim,
+                                     Norm, Numel, Size, Where)
 
 _FUNCTIONS = {sympy.exp: "math.exp", sympy.log: "math.log", sympy.Abs: "abs"}
 
@@ -74,6 +74,15 @@ class PythonScalarPrinter:
             return text
         if expr.func in _FUNCTIONS:
             return f"{_FUNCTIONS[expr.func]}({self.print(expr.args[0])})"
+        if isinstance(expr, sympy.sign):
+            # -1.0, 0.0 or 1.0 as the interpreter computes it; a float() of each comparison, so a
+            # 0-dim tensor (a Tensor lr in the differentiable kernel) works as a number does.
+            x = self.paren(expr.args[0], PRECEDENCE["Relational"], strict=True)
+            return f"(float({x} > 0) - float({x} < 0))"
+        if isinstance(expr, Lerp):
+            a, b, w = expr.args
+            return (f"({self.paren(a, PRECEDENCE['Add'])} + {self.paren(w, PRECEDENCE['Mul'])} * "
+                    f"({self.print(b)} - {self.paren(a, PRECEDENCE['Add'], strict=True)}))")
         if isinstance(expr, sympy.core.relational.Relational):
             lhs, rhs = expr.lhs, expr.rhs
             if lhs.is_Symbol and lhs.name.startswith('"'):  # adjust_lr_fn == "original", not the reverse

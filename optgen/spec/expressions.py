@@ -137,8 +137,11 @@ SCALAR_OF_TENSOR = (Norm, Numel, Ndim, Size, MachineEps)
 
 def _conj(x):
     # Complex parameters are handled as real views (torch.view_as_real), so conj is the identity
-    # on everything the update sees; accepted so specs can be written as in the papers.
-    return sympy.conjugate(x)
+    # on everything the update sees; accepted so specs can be written as in the papers.  Dropped
+    # here rather than kept as sympy.conjugate: sympy removes that only from what it can prove
+    # real, and ``conj(beta2 ** step)`` (a power with a symbolic exponent) would reach every
+    # backend's printer as a node none of them needs.
+    return x
 
 
 #: name in a spec → (arity, sympy constructor)
