@@ -12,8 +12,8 @@ from typing import Callable
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 
-from optgen.spec.expressions import (SCALAR_OF_TENSOR, Clamp, IfNone, Lerp, MachineEps, Maximum, Minimum, Ndim,
-                                     Norm, Numel, Size, Where)
+from optgen.spec.expressions import (REDUCE_DIM, SCALAR_OF_TENSOR, Clamp, IfNone, Lerp, MachineEps, Maximum, Minimum,
+                                     Ndim, Norm, NormDim, Numel, Size, Where)
 
 _FUNCTIONS = {sympy.exp: "math.exp", sympy.log: "math.log", sympy.Abs: "abs"}
 
@@ -59,6 +59,9 @@ class PythonScalarPrinter:
             return f"{self.paren(expr.base, PRECEDENCE['Pow'], strict=True)} ** {self.paren(expr.exp, PRECEDENCE['Pow'])}"
         if isinstance(expr, SCALAR_OF_TENSOR) or isinstance(expr, IfNone):
             return self.print_reduction(expr)
+        if isinstance(expr, REDUCE_DIM):  # a tensor: only as the argument of a reduction (norm(norm_dim(x, -1)))
+            fn = "norm" if isinstance(expr, NormDim) else "mean"
+            return f"{self.paren(expr.args[0], PRECEDENCE['Atom'])}.{fn}(dim={int(expr.args[1])}, keepdim=True)"
         if isinstance(expr, (Maximum, Minimum)):
             return f"{'max' if isinstance(expr, Maximum) else 'min'}({self.print(expr.args[0])}, {self.print(expr.args[1])})"
         if isinstance(expr, Where):

@@ -7,7 +7,12 @@
 - a ``first`` state (it does not exist before its first assignment) is read, and updated, only
   where an assignment before it has run on every path: before that there is no tensor to read
   (the for-loop would read None, the fused kernels uninitialised memory).  The assignment that
-  creates it may read it (on the creating step it stores its ``first`` value instead).
+  creates it may read it (on the creating step it stores its ``first`` value instead);
+- shapes (Note [Shapes] in optgen/passes/select_ops.py): ``norm_dim``/``mean_dim`` reduce a
+  tensor, never a host scalar, and ``param`` and each tensor state keep their declared shape — a
+  value with a dimension reduced is not stored into a full-size tensor (the kernels' ``copy_``
+  would broadcast it, the reference rebind the name), nor a full-size value into a
+  ``zeros_reduced`` state.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import sympy
 from optgen.errors import SpecError
 from optgen.ir.guards import implies
 from optgen.ir.nodes import Program, Role
+from optgen.spec.expressions import REDUCE_DIM, SCALAR_OF_TENSOR, NormDim
 
 
 def validate(program: Program) -> Program:
@@ -51,4 +57,55 @@ def validate(program: Program) -> Program:
     for state in program.spec.state.values():
         if state.name not in defined:
             raise SpecError(state.loc, f"state '{state.name}' is declared but never assigned by the update rule")
+    _check_shapes(program)
     return program
+
+
+def _describe(shape: frozenset) -> str:
+    if not shape:
+        return "the parameter's shape"
+    return "the parameter's shape with dimension " + " and ".join(str(d) for d in sorted(shape)) + " of size 1"
+
+
+def _check_shapes(program: Program) -> None:
+    """Note [Shapes]: each tensor's shape as the set of dimensions reduced to size 1 (frozenset()
+    is the parameter's shape, None a host scalar); see the module docstring for the rules."""
+    declared = {"param": frozenset(), "grad": frozenset()}
+    for s in program.spec.state.values():
+        if program.roles.get(s.name) is Role.STATE:
+            declared[s.name] = frozenset({int(s.init_value)}) if s.init == "zeros_reduced" else frozenset()
+    shapes = dict(declared)
+
+    def shape(expr: sympy.Basic, a) -> frozenset | None:
+        if expr.is_Symbol:
+            role = program.roles.get(expr.name)
+            return shapes.get(expr.name, frozenset()) if role is not None and role.is_tensor else None
+        if isinstance(expr, SCALAR_OF_TENSOR):
+            return None
+        if isinstance(expr, REDUCE_DIM):
+            x, dim = expr.args
+            inner = shape(x, a)
+            if inner is None:
+                name = "norm_dim" if isinstance(expr, NormDim) else "mean_dim"
+                raise SpecError(a.loc, f"{name}() reduces a tensor over one dimension, but its argument here is "
+                                       f"the host scalar '{x}' (after simplification: a tensor expression such "
+                                       f"as grad - grad is the number 0) — reduce a tensor, or use the scalar "
+                                       "itself")
+            return inner | {int(dim)}
+        parts = [p for p in (shape(e, a) for e in expr.args) if p is not None]
+        # broadcasting: a dimension is of size 1 in the result where it is in every operand
+        return frozenset.intersection(*parts) if parts else None
+
+    for a in program.body:
+        for value in (a.value, a.first):
+            if value is None:
+                continue
+            got = shape(value, a)
+            if a.target in declared and got is not None and got != declared[a.target]:
+                fix = (f"declare it zeros_reduced(param, {min(got)})" if len(got) == 1 and not declared[a.target]
+                       else "reduce the value to that shape with norm_dim/mean_dim")
+                raise SpecError(a.loc, f"'{a.target}' has {_describe(declared[a.target])}, but this value has "
+                                       f"{_describe(got)}, and a tensor keeps its shape — {fix}, or assign the "
+                                       "value to a new local")
+            if a.target not in declared and got is not None:
+                shapes[a.target] = got

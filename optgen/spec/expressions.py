@@ -133,6 +133,11 @@ class NewtonSchulz(_RealFunction):
 
 #: functions whose value is a per-tensor *scalar* even though they read tensors
 SCALAR_OF_TENSOR = (Norm, Numel, Ndim, Size, MachineEps)
+#: functions whose value is a tensor with one dimension reduced to size 1 (Note [Shapes] in
+#: optgen/passes/select_ops.py; checked by optgen/ir/validate.py)
+REDUCE_DIM = (NormDim, MeanDim)
+#: functions whose second argument is a dimension: an integer
+DIMENSION_ARGUMENT = ("size", "norm_dim", "mean_dim")
 
 
 def _conj(x):
@@ -346,6 +351,12 @@ class MathBuilder:
                 raise self.error(node, f"{node.func.id}() takes {arity} positional argument(s)")
             if node.func.id == "where":
                 return make(self.comparison(node.args[0]), self.math(node.args[1]), self.math(node.args[2]))
+            if node.func.id in DIMENSION_ARGUMENT:
+                x, dim = self.math(node.args[0]), self.math(node.args[1])
+                if not dim.is_Integer:  # it becomes torch's dim= and the C kernels' loop shape
+                    raise self.error(node.args[1], f"the dimension of {node.func.id}() must be an integer such "
+                                                   f"as -1, not '{ast.unparse(node.args[1])}'")
+                return make(x, dim)
             return make(*(self.math(a) for a in node.args))
         raise self.error(node, f"'{ast.unparse(node)}' is not allowed in {self.what}: "
                                "use numbers, names, + - * / **, and functions such as sqrt, lerp")

@@ -16,8 +16,11 @@ import math
 import pytest
 import torch
 
+from optgen.errors import SpecError
+from optgen.passes import compile_spec
 from optgen.spec.load import load_spec
-from tests.compiler.test_value_semantics import SHAPES, check, spec_text
+from tests.compiler import test_value_semantics as value_semantics
+from tests.compiler.test_value_semantics import check, spec_text
 
 HYPER = """
 lr = 0.1
@@ -109,3 +112,76 @@ def test_where_of_a_decided_comparison(tmp_path, expr, by_hand):
 
     rule = f"u = {expr}\nm = m + 0.5 * clamp(u, -1, 1)\nparam = param - lr * m"
     check(tmp_path, spec_text(rule, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
+
+
+# -- norm_dim / mean_dim: tensors with one dimension reduced to size 1 -----------------------------
+
+REDUCED_CASES = {
+    # a reduced local broadcast against full-size tensors
+    "norm_dim_local": ("v = norm_dim(grad, -1)\nm = m + v * grad", 'm = "zeros_like(param)"',
+                       lambda g, s: {"m": s["m"] + g.norm(dim=-1, keepdim=True) * g}),
+    "mean_dim_in_expression": ("m = lerp(m, clamp(grad - mean_dim(grad * m, -2), -2, 2), 0.5)",
+                               'm = "zeros_like(param)"',
+                               lambda g, s: {"m": torch.lerp(s["m"], (g - (g * s["m"]).mean(-2, True)).clamp(-2, 2),
+                                                             0.5)}),
+    "abs_of_mean_dim": ("m = m + abs(mean_dim(grad, -1)) * sign(grad)", 'm = "zeros_like(param)"',
+                        lambda g, s: {"m": s["m"] + g.mean(-1, True).abs() * g.sign()}),
+    # a zeros_reduced state updated with a value of its shape
+    "reduced_state": ("m = 0.5 * m + mean_dim(grad * grad, -1)", 'm = "zeros_reduced(param, -1)"',
+                      lambda g, s: {"m": 0.5 * s["m"] + (g * g).mean(-1, True)}),
+    # two reductions over different dimensions broadcast to the full shape (Adafactor's row * col)
+    "row_times_column": ("m = m + norm_dim(grad, -1) * mean_dim(grad, -2)", 'm = "zeros_like(param)"',
+                         lambda g, s: {"m": s["m"] + g.norm(dim=-1, keepdim=True) * g.mean(-2, True)}),
+    # a reduction of a reduction: a per-tensor scalar
+    "norm_of_norm_dim": ("c = norm(norm_dim(grad, -1))\nm = m + c * grad", 'm = "zeros_like(param)"',
+                         lambda g, s: {"m": s["m"] + g.norm(dim=-1, keepdim=True).norm().item() * g}),
+}
+
+
+@pytest.mark.parametrize("rule, state, by_hand", REDUCED_CASES.values(), ids=REDUCED_CASES.keys())
+def test_reduced_tensors(tmp_path, monkeypatch, rule, state, by_hand):
+    def expected(param, grad, s, kwargs):
+        s = by_hand(grad, s)
+        return param - 0.1 * (grad + s["m"].mean(-1, True).mean(-2, True)), s
+
+    # 2-D parameters only: a reduction over dimension -2 of a 1-D tensor is torch's IndexError
+    monkeypatch.setattr(value_semantics, "SHAPES", [(7, 5), (4, 6)])
+    rule += "\nparam = param - lr * (grad + mean_dim(mean_dim(m, -1), -2))"
+    reduced = "zeros_reduced" in state
+    check(tmp_path, spec_text(rule, HYPER, state), expected, [{}],
+          init=lambda name, p: p.new_zeros(*p.shape[:-1], 1) if reduced else torch.zeros_like(p))
+
+
+INVALID_REDUCTIONS = {
+    "norm_dim_of_a_hyperparameter": ("m = m + norm_dim(lr, -1) * grad", 'm = "zeros_like(param)"', "18:1",
+                                     "norm_dim() reduces a tensor over one dimension, but its argument here is the "
+                                     "host scalar 'lr'"),
+    "mean_dim_of_a_cancelled_tensor": ("m = m + mean_dim(grad - grad, -1) * grad", 'm = "zeros_like(param)"', "18:1",
+                                       "mean_dim() reduces a tensor over one dimension, but its argument here is "
+                                       "the host scalar '0'"),
+    "reduced_value_into_full_state": ("m = norm_dim(grad, -1)", 'm = "zeros_like(param)"', "18:1",
+                                      "'m' has the parameter's shape, but this value has the parameter's shape "
+                                      "with dimension -1 of size 1, and a tensor keeps its shape — declare it "
+                                      "zeros_reduced(param, -1)"),
+    "full_value_into_reduced_state": ("m = m + grad", 'm = "zeros_reduced(param, -2)"', "18:1",
+                                      "'m' has the parameter's shape with dimension -2 of size 1, but this value "
+                                      "has the parameter's shape, and a tensor keeps its shape — reduce the value"),
+    "reduced_value_into_param": ("m = m + grad\nparam = mean_dim(param - lr * m, -1)", 'm = "zeros_like(param)"',
+                                 "19:1", "'param' has the parameter's shape, but this value has"),
+    "dimension_not_an_integer": ("m = m + norm_dim(grad, lr) * grad", 'm = "zeros_like(param)"', "18:24",
+                                 "the dimension of norm_dim() must be an integer such as -1, not 'lr'"),
+    "size_dimension_not_an_integer": ("m = m + size(grad, 0.5) * grad", 'm = "zeros_like(param)"', "18:20",
+                                      "the dimension of size() must be an integer such as -1, not '0.5'"),
+}
+
+
+@pytest.mark.parametrize("rule, state, where, message", INVALID_REDUCTIONS.values(), ids=INVALID_REDUCTIONS.keys())
+def test_invalid_reductions_are_spec_errors(tmp_path, rule, state, where, message):
+    """Invalid uses of norm_dim/mean_dim are errors at the line (and column) that makes them,
+    before any pass runs — not internal compiler errors, nor kernels of a different shape than the
+    reference (the fuzzer found a full-size state assigned a norm_dim: copy_ broadcast it)."""
+    path = tmp_path / "case.toml"
+    path.write_text(spec_text(rule, HYPER, state))
+    with pytest.raises(SpecError) as error:
+        compile_spec(load_spec(path))
+    assert str(error.value).startswith(f"{path}:{where}: {message}"), str(error.value)
