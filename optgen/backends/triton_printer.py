@@ -12,12 +12,34 @@ build time, never as wrong code — and the backend turns that into its fallback
 
 Note [Powers in fused kernels]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-``x ** 2`` prints as ``x * x`` and ``x ** 0.5`` as a square root.  A power with a non-integer or
+``x ** 2`` prints as ``x * x`` and ``x ** 0.5`` as a square root; Triton writes integer powers up
+to the 8th as products (a few roundings, where exp/log would lose ``n * |log x|`` ulps), and higher
+ones as ``exp(n * log(|x|))`` with the sign of ``x`` for an odd ``n`` — torch's ``x ** 6`` of a
+negative ``x`` is positive, where ``exp(6 * log(x))`` is NaN.  A power with a non-integer or
 symbolic exponent (``beta1 ** step``, ``0.96 ** (step * momentum_decay)``) prints as
 ``exp(e * log(b))``, which is exact in float64 — where the Triton kernel computes every scalar,
 bias corrections included — and holds for the bases optimizers use (b > 0; b = 0 gives
 exp(-inf) = 0).  A constant base has its logarithm folded at build time, so no float32
 constant is ever rounded on the way.
+
+Note [Precedence as printed]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Whether a subexpression needs parentheses depends on the text it prints as, not on its sympy
+class: ``lerp(a, b, w)`` prints as the sum ``a + w * (b - a)`` and ``x ** 2`` as the product
+``x * x``, so ``c - lerp(a, b, w)`` and ``c / x ** 2`` need them although sympy ranks a function
+call and a power above any operator.  :meth:`InfixPrinter.precedence` is the one place that
+knows; a printer that writes lerp as a call (the C element printer's ``lerp_of``) keeps sympy's
+rank for it.
+
+Note [Constant subexpressions in Triton]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A number in a Triton kernel is a constexpr that takes the type of the tensor it meets (so
+``step + 1`` stays float64), but an operation on numbers alone types them itself: ``tl.exp(2)``
+is an int32 exponential, which Triton refuses, and ``tl.exp(0.5)`` would be a float32 one.
+sympy leaves calls on numbers unevaluated (``exp(2)``, ``sqrt(2)``, ``clamp(2, -3, 3)``), so
+:class:`TritonPrinter` writes every number inside a symbol-free subexpression as a float64
+scalar, ``tl.full((), 2.0, tl.float64)``: such a subexpression is computed in float64 as the
+kernel's other scalars are (they are hoisted out of the elementwise loop like any scalar).
 """
 from __future__ import annotations
 
@@ -61,6 +83,8 @@ class InfixPrinter(Printer):
     printmethod = "_optgen_infix"
     #: sympy function class → format string over the printed arguments, e.g. "tl.exp({0})"
     FUNCTIONS: dict = {}
+    #: integer powers up to this one print as products (x * x * x), higher ones call ``power``
+    PRODUCT_POWERS = 4
     #: relational operator → its text
     RELATIONS = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
@@ -95,9 +119,19 @@ class InfixPrinter(Printer):
             raise Unsupported(NOT_ELEMENTWISE[name])
         raise Unsupported(f"no {type(self).__name__} rule for {name} ({expr})")
 
+    def precedence(self, expr) -> int:
+        """How tightly ``expr`` binds as this printer writes it (see Note [Precedence as printed])."""
+        if type(expr).__name__ == "Lerp" and type(self)._print_Lerp is InfixPrinter._print_Lerp:
+            return PRECEDENCE["Add"]  # a + w * (b - a)
+        if expr.is_Pow:
+            exponent = expr.exp
+            if exponent == -sympy.S.Half or exponent.is_Integer and 1 <= abs(int(exponent)) <= self.PRODUCT_POWERS:
+                return PRECEDENCE["Mul"]  # x * x, 1 / (x * x), 1 / sqrt(x)
+        return precedence(expr)
+
     def paren(self, expr, level: int, strict: bool = False) -> str:
         text = self._print(expr)
-        p = precedence(expr)
+        p = self.precedence(expr)
         if p < level or (strict and p == level) or (text.startswith("-") and level > PRECEDENCE["Add"]):
             return f"({text})"
         return text
@@ -160,7 +194,7 @@ class InfixPrinter(Printer):
             return self.sqrt(self._print(base))
         if exponent == -sympy.S.Half:
             return f"1 / {self.sqrt(self._print(base))}"
-        if exponent.is_Integer and 1 <= abs(int(exponent)) <= 4:
+        if exponent.is_Integer and 1 <= abs(int(exponent)) <= self.PRODUCT_POWERS:
             factors = " * ".join([self.paren(base, PRECEDENCE["Mul"], strict=True)] * abs(int(exponent)))
             return factors if exponent > 0 else f"1 / ({factors})" if abs(int(exponent)) > 1 else f"1 / {factors}"
         return self.power(base, exponent)
@@ -218,6 +252,10 @@ class InfixPrinter(Printer):
         return template.format(*(self._print(a) for a in expr.args))
 
 
+def _float_literal(value: float) -> str:
+    return f'float("{value}")' if value != value or value in (float("inf"), -float("inf")) else repr(value)
+
+
 class TritonPrinter(InfixPrinter):
     """Triton (``triton.language as tl``) expressions over loaded blocks and scalars.
 
@@ -226,10 +264,26 @@ class TritonPrinter(InfixPrinter):
     """
 
     FUNCTIONS = {sympy.exp: "tl.exp({0})", sympy.log: "tl.log({0})", sympy.Abs: "tl.abs({0})"}
+    PRODUCT_POWERS = 8  # see Note [Powers in fused kernels]
 
     def __init__(self, rename: Callable[[str], str] = lambda name: name, numel: str = "numel"):
         super().__init__(rename)
         self.numel = numel
+        self._in_constant = False
+
+    def _print(self, expr, **kwargs):
+        # See Note [Constant subexpressions in Triton]
+        if expr.is_NumberSymbol or self._in_constant and expr.is_Number:  # e (exp(1)), pi, or 2 in exp(2)
+            return f"tl.full((), {_float_literal(float(expr))}, tl.float64)"
+        if self._in_constant:
+            return super()._print(expr, **kwargs)
+        if isinstance(expr, sympy.Expr) and not expr.is_Number and not expr.free_symbols:
+            self._in_constant = True
+            try:
+                return super()._print(expr, **kwargs)
+            finally:
+                self._in_constant = False
+        return super()._print(expr, **kwargs)
 
     def sqrt(self, x: str) -> str:
         return f"tl.sqrt({x})"
@@ -240,6 +294,10 @@ class TritonPrinter(InfixPrinter):
                 raise Unsupported(f"{base} ** {exponent}: a power of a non-positive constant")
             log = sympy.Float(sympy.log(base).evalf(17), 17)
             return f"tl.exp({self.paren(exponent * log, PRECEDENCE['Mul'])})"
+        if exponent.is_Integer:  # a negative base too: |b| ** n, negated for an odd n
+            b = self._print(base)
+            magnitude = f"tl.exp({int(exponent)} * tl.log(tl.abs({b})))"
+            return magnitude if exponent.is_even else f"tl.where({b} < 0, -{magnitude}, {magnitude})"
         return f"tl.exp({self.paren(exponent, PRECEDENCE['Mul'])} * tl.log({self._print(base)}))"
 
     def select(self, condition: str, a: str, b: str) -> str:

@@ -1,0 +1,87 @@
+"""Triton kernels that computed wrong values (or failed) for rules the random-spec fuzzer wrote.
+
+Each case is the shrunk form of a fuzz failure, run on every backend against the reference
+interpreter and the rule computed by hand (tests/compiler/test_value_semantics.py's ``check``,
+float64, 1e-12 relative): only Triton was wrong, the others pin the expected values.
+The minimal specs themselves are under tests/fuzz/regressions/ (triton_state_copy_lerp,
+triton_integer_constant); these add the neighbours the same causes broke.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.compiler import test_value_semantics
+from tests.compiler.test_value_semantics import HYPER, ON_OFF, check, spec_text
+
+STATE = 'm = "zeros_like(param)"'
+
+
+@pytest.fixture(autouse=True)
+def nan_is_a_difference(monkeypatch):
+    """``check`` compares with test_value_semantics.difference, whose ``max(worst, nan)`` keeps
+    ``worst``: a NaN where the references are finite (exp(6 * log(x)) of a negative x) would pass."""
+    plain = test_value_semantics.difference
+
+    def difference(a, b) -> float:
+        (pa, sa), (pb, sb) = a, b
+        pairs = list(zip(pa, pb)) + [(x[n], y[n]) for x, y in zip(sa, sb) for n in x]
+        for x, y in pairs:
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            if not torch.equal(x.isnan(), y.isnan()):
+                return math.inf
+        return plain(a, b)
+
+    monkeypatch.setattr(test_value_semantics, "difference", difference)
+
+
+def test_lerp_subtracted_from_a_copy(tmp_path):
+    # `m_old - lerp(m, grad, beta)` printed as `m_old - m + beta * (grad - m)` (seed 2014)
+    def expected(param, grad, s, h):
+        m_old = s["m"]
+        s["m"] = m_old - torch.lerp(s["m"], grad, 0.9) * 0.5 + grad / (m_old + torch.lerp(m_old, grad, 0.9))
+        return param - 0.1 * s["m"], s
+
+    check(tmp_path, spec_text("""
+        m_old = m
+        m = m_old - lerp(m, grad, beta) * 0.5 + grad / (m_old + lerp(m_old, grad, beta))
+        param = param - lr * m
+    """, HYPER, STATE), expected, ON_OFF)
+
+
+def test_division_by_a_square(tmp_path):
+    # `grad / (m + 2) ** 2` printed as `grad / (m + 2) * (m + 2)`
+    def expected(param, grad, s, h):
+        s["m"] = s["m"] + grad / (s["m"] + 2) ** 2 - 3 / (grad * grad + 1) ** 3
+        return param - 0.1 * s["m"], s
+
+    check(tmp_path, spec_text("""
+        m = m + grad / (m + 2) ** 2 - 3 / (grad * grad + 1) ** 3
+        param = param - lr * m
+    """, HYPER, STATE), expected, ON_OFF)
+
+
+def test_function_of_integer_constants(tmp_path):
+    # `tl.exp(tl.minimum(tl.maximum(2, -3), 3))`: an int32 exponential, which Triton refuses (seeds 2012, 2015)
+    def expected(param, grad, s, h):
+        s["m"] = torch.minimum(s["m"], (math.exp(2) / (grad.abs() + 0.25)).clamp(-4, 4)) + math.sqrt(2) * grad
+        return param - 0.1 * s["m"] * math.log(3), s
+
+    check(tmp_path, spec_text("""
+        m = minimum(m, clamp(exp(clamp(2, -3, 3)) / (abs(grad) + 0.25), -4, 4)) + sqrt(2) * grad
+        param = param - lr * m * log(maximum(3, 2))
+    """, HYPER, STATE), expected, ON_OFF)
+
+
+def test_integer_powers_of_a_negative_base(tmp_path):
+    # `(param ** 2) ** 3` printed as `exp(6 * log(param))`: NaN for a negative param (seed 2016)
+    def expected(param, grad, s, h):
+        s["m"] = s["m"] - (param ** 2) ** 3 + grad ** 9 * 0.01 - grad ** 5
+        return param - 0.1 * s["m"], s
+
+    check(tmp_path, spec_text("""
+        m -= (param ** 2) ** 3 - grad ** 9 * 0.01 + grad ** 5
+        param = param - lr * m
+    """, HYPER, STATE), expected, ON_OFF)
