@@ -62,7 +62,7 @@ from optgen.backends.c_printer import CElementPrinter, CScalarPrinter
 from optgen.backends.forloop import counter_list, plural
 from optgen.backends.fused import FusedBackend
 from optgen.backends.printing import PythonScalarPrinter
-from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, schedule
+from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, extent_of_expression, schedule
 from optgen.backends.triton import _identifier, _is_condition
 from optgen.backends.triton_printer import Unsupported
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued, tensor_reads
@@ -157,7 +157,8 @@ class _CBuilder:
         return name
 
     def scalar(self, expr) -> str:
-        return CScalarPrinter(lambda n: self.current.get(n, self.cname(n)))(expr)
+        return CScalarPrinter(lambda n: self.current.get(n, self.cname(n)),
+                              lambda e: extent_of_expression(e, self.extents))(expr)
 
     def level_of(self, expr) -> int:
         return max((self.level.get(s.name, 0) for s in sympy.sympify(expr).free_symbols), default=0)

@@ -11,8 +11,11 @@ Two printers share :class:`~optgen.backends.triton_printer.InfixPrinter`'s arith
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import sympy
 
+from optgen.backends.sweeps import FULL, Extent
 from optgen.backends.triton_printer import InfixPrinter, Unsupported
 
 
@@ -43,17 +46,31 @@ class _CPrinter(InfixPrinter):
     def _print_NegativeInfinity(self, expr):
         return "-INFINITY"
 
-    def _print_Numel(self, expr):
-        return "(double)numel"
+    def __init__(self, rename: Callable[[str], str] = lambda name: name,
+                 extent: Callable[[sympy.Expr], Extent] = lambda expr: FULL):
+        super().__init__(rename)
+        self.extent = extent
 
-    # the (B, M, C) view of the tensor (Note [Sweeps]) and its dtype
+    # The (B, M, C) view of the tensor (Note [Sweeps]) and its dtype.  The shape is that of the
+    # argument: a reduced-shape value (norm_dim(grad, -1), a zeros_reduced state) keeps the
+    # dimensions it reduced with size 1, so its numel and sizes are not the parameter's.
+    def _print_Numel(self, expr):
+        extent = self.extent(expr.args[0])
+        if extent == FULL:
+            return "(double)numel"
+        factors = [d for d, kept in (("dim_b", extent.b), ("dim_m", extent.m), ("dim_c", extent.c)) if kept]
+        return f"(double)({' * '.join(factors)})" if factors else "1.0"
+
     def _print_Ndim(self, expr):
-        return "(double)ndim"
+        return "(double)ndim"  # reductions keep the dimension (size 1)
 
     def _print_Size(self, expr):
         dim = expr.args[1]
         if dim not in (-1, -2):
             raise Unsupported(f"{expr}: the fused kernels know the sizes of the last two dimensions")
+        extent = self.extent(expr.args[0])
+        if not (extent.c if dim == -1 else extent.m):
+            return "1.0"
         return "(double)dim_c" if dim == -1 else "(double)dim_m"
 
     def _print_MachineEps(self, expr):

@@ -89,6 +89,18 @@ class Schedule:
     walks: int                   # S: the walks that accumulate reductions (the last walk not counted)
 
 
+def extent_of_expression(expr, extents: dict[str, Extent]) -> Extent:
+    """The extent of ``expr`` (reductions already lifted into names), ``extents`` those of the names."""
+    if expr.is_Symbol:
+        return extents.get(expr.name, SCALAR)
+    if isinstance(expr, SCALAR_OF_TENSOR):  # numel(grad), size(grad, -1): per-tensor numbers
+        return SCALAR
+    out = SCALAR
+    for x in expr.args:
+        out = out | extent_of_expression(x, extents)
+    return out
+
+
 def _dropped(extent: Extent, dim: int) -> Extent:
     if dim == -1 and extent.c:
         return Extent(extent.b, extent.m, False)
@@ -122,14 +134,7 @@ def schedule(program: Program) -> Schedule:
         return {n for n in names if roles.get(n) is Role.STATE and extents[n] != FULL}
 
     def extent_of(expr) -> Extent:
-        if expr.is_Symbol:
-            return extents.get(expr.name, SCALAR)
-        if isinstance(expr, SCALAR_OF_TENSOR):  # numel(grad), size(grad, -1): per-tensor numbers
-            return SCALAR
-        out = SCALAR
-        for x in expr.args:
-            out = out | extent_of(x)
-        return out
+        return extent_of_expression(expr, extents)
 
     def level_of(expr) -> int:
         return max((level.get(s.name, 0) for s in expr.free_symbols), default=0)
