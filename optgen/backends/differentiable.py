@@ -37,7 +37,7 @@ from optgen.backends.base import kernel_signature
 from optgen.backends.forloop import _SPECIAL, ForLoopRenderer, counter_list, plural
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.python_base import PythonKernelBackend
-from optgen.ir.ops import OpProgram, TensorOp
+from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
 from optgen.spec.expressions import SCALAR_OF_TENSOR, Norm
 
@@ -153,6 +153,20 @@ class DifferentiableRenderer(ForLoopRenderer):
 
     def chainable(self, op: TensorOp) -> bool:
         return op.fn not in _OUT_OF_PLACE and super().chainable(op)
+
+    def step_lines(self, step: Step) -> list[str]:
+        lines = super().step_lines(step)
+        if step.kind == "counter" and step.first_ops is None and any(
+                isinstance(e, SCALAR_OF_TENSOR) for op in step.ops
+                for v in (*(a for a in op.args if not isinstance(a, str)), *(v for _, v in op.kwargs))
+                for e in sympy.preorder_traversal(sympy.sympify(v))):
+            # A reduction of a tensor (`v = v + norm(grad)`) is a 0-dim tensor of the parameter's
+            # dtype: the out-of-place update promotes the counter to it, where every other backend
+            # stores into the counter's own dtype (torch's `step` dtype, float32).
+            name = step.target
+            keep = f"{name}_t = {name}_t.to({self.list_name(name + '_t')}[i].dtype)"
+            lines.insert(len(lines) - (id(step) not in self.unread_counters), keep)
+        return lines
 
     def counter_read(self, name: str) -> str:
         if name in self.tensor_counters:  # in float64, as the plain kernel's .item() reads it

@@ -131,7 +131,7 @@ class ForeachRenderer(PythonRenderer):
         states = self.list_name(step.target)
         fallback = self.per_tensor_code.lazy_state(step)
         return [f"if all(t is not None for t in {states}):",
-                *("    " + line for line in self.chain(step.ops)),
+                *("    " + line for line in self.chain(step.ops) or ["pass"]),
                 "else:  # the step that creates them: tensor by tensor",
                 "    for i in range(len(params)):",
                 *("        " + line for line in fallback)]
@@ -155,7 +155,8 @@ class ForeachRenderer(PythonRenderer):
         # name → the condition under which a list of that name exists: a statement under a
         # group-level `if` binds it only then (`if weight_decay != 0: us = s0s`); a loop creates
         # the lists it fills whatever its conditions (below).
-        bound = {name: sympy.true for name in defined}
+        # A counter's list of host numbers (`steps`) exists only once the counter is read back.
+        bound = {name: sympy.true for name in self.program.tensors}
         persistent = set(self.program.tensors) - {"grad"}
 
         def rebound(run) -> set[str]:  # names the loop assigns new tensors (`xs[i] = ...`)
@@ -188,7 +189,9 @@ class ForeachRenderer(PythonRenderer):
                 lines.append("for i in range(len(params)):")
                 lines += ["    " + line for line in self.guarded_blocks(run, renderer)]
             for s in run:
-                if s.kind in ("tensor", "scalar", "counter") and s.target not in local:
+                if s.kind == "counter" and id(s) in self.unread_counters:
+                    continue  # no `.item()` list: nothing reads the new value
+                if s.kind in ("tensor", "scalar", "counter", "read") and s.target not in local:
                     bound[s.target] = simplify_guard(sympy.Or(bound.get(s.target, sympy.false), s.guard))
             defined |= {s.target for s in run}
         return lines

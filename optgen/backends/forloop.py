@@ -150,7 +150,7 @@ class ForLoopRenderer(PythonRenderer):
         first = self.chain(step.first_ops)
         if not self.index and self.stores_created_state:  # a new tensor: the caller stores it in the state
             first.append(f"{self.list_name(name)}[i] = {name}")
-        update = self.chain(step.ops)
+        update = self.chain(step.ops) or ["pass"]  # `anchor = anchor`: kept as created
         return [f"if {self.var(name)} is None:", *("    " + line for line in first),
                 "else:", *("    " + line for line in update)]
 

@@ -376,7 +376,9 @@ def select_ops(program: Program) -> OpProgram:
             if roles.get(name) is Role.COUNTER and name not in counters_read and name != a.target:
                 steps.append(Step("read", name, sympy.true, f"{name} (before this step's update)", a.loc))
                 counters_read.add(name)
-        if role is Role.COUNTER:
+        if role is Role.COUNTER and a.guard == sympy.true:
+            # Read back on every path.  Under an `if` it is read back only there, so a counter
+            # not read before stays unbound on the other path: a later reader reads it again.
             counters_read.add(a.target)
         if role is Role.SCALAR:
             steps.append(Step("scalar", expr=a.value, per_tensor=a.target in program.per_tensor, **common))

@@ -9,6 +9,7 @@ IR (:mod:`optgen.ir.lower`).
 from __future__ import annotations
 
 import ast
+import keyword
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import sympy
 from optgen.errors import Location, SpecError
 from optgen.spec import expressions
 from optgen.spec.model import RUNTIME_OPTIONS, Check, Hyperparameter, Spec, StateVar
-from optgen.spec.reserved import reserved_message
+from optgen.spec.reserved import reserved_message, reserved_why
 from optgen.spec.toml_source import Source, display_path, expect, read, reject_unknown
 
 SECTIONS = {
@@ -148,6 +149,13 @@ def load_spec(path: str | Path, search_path: tuple[Path, ...] | None = None) -> 
     name = opt_value("name", str, required=True)
     if not name.isidentifier():
         raise SpecError(src.value_loc(("optimizer", "name")), f"optimizer name '{name}' is not a Python identifier")
+    # The class is defined in, and imported from, the module `name.lower()` of the package
+    # (`from .elif import Elif` does not parse; a class `torch` hides the module it uses).
+    why = reserved_why(name) or (f"its module name '{name.lower()}' is a Python keyword"
+                                 if keyword.iskeyword(name.lower()) else None)
+    if why is not None:
+        raise SpecError(src.value_loc(("optimizer", "name")),
+                        f"optimizer name '{name}' cannot be used: {why} — choose another name")
     hyper = _hyperparameters(merged)
     checks = _checks(merged, hyper)
     signature, group_keys = _signature(merged, hyper, opt_value)
