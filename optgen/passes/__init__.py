@@ -1,6 +1,6 @@
 """The compiler pipeline: one function listing the passes in order.
 
-    spec ─lower─▶ Program ─validate─▶ ─specialize(flags)─▶ ─cse─▶ ─hoist_scalars─▶
+    spec ─lower─▶ Program ─validate─▶ ─specialize(flags)─▶ ─cse─▶ ─name_reduction_arguments─▶ ─hoist_scalars─▶
          ─select_ops─▶ OpProgram ─reuse_buffers─▶ ─preserve_values─▶ backends
 
 ``optgen show NAME --dump-ir PASS`` prints the program after any of these.
@@ -16,6 +16,7 @@ from optgen.ir.ops import OpProgram
 from optgen.ir.validate import validate
 from optgen.passes.cse import cse
 from optgen.passes.hoist_scalars import hoist_scalars
+from optgen.passes.name_reduction_arguments import name_reduction_arguments
 from optgen.passes.preserve_values import preserve_values
 from optgen.passes.reuse_buffers import reuse_buffers
 from optgen.passes.select_ops import select_ops
@@ -23,7 +24,8 @@ from optgen.passes.specialize import flag_combinations, specialize
 from optgen.spec.model import Spec
 
 #: the passes after flag specialisation, in order (name, Program → Program)
-PROGRAM_PASSES = (("cse", cse), ("hoist_scalars", hoist_scalars))
+PROGRAM_PASSES = (("cse", cse), ("name_reduction_arguments", name_reduction_arguments),
+                  ("hoist_scalars", hoist_scalars))
 PASS_NAMES = ("lower", "specialize", *(n for n, _ in PROGRAM_PASSES), "select_ops", "reuse_buffers",
               "preserve_values")
 
