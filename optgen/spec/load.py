@@ -272,6 +272,11 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
                     raise SpecError(src.value_loc(path + ("names", i)), f"'{n}' is not a valid name")
                 if message := reserved_message(n, "tuple item"):
                     raise SpecError(src.value_loc(path + ("names", i)), message)
+                # the rule reads an item by its name: a clash would silently read the other value
+                if (n in merged.hyperparameters and n != name) or n in names[:i]:
+                    raise SpecError(src.value_loc(path + ("names", i)),
+                                    f"tuple item '{n}' of '{name}' is already the name of "
+                                    f"{'another item' if n in names[:i] else 'a hyperparameter'}; choose another name")
             default = tuple(default)
         elif not isinstance(default, (bool, int, float)):
             raise SpecError(src.value_loc(dpath), f"default of '{name}' must be a number, a bool or a list "

@@ -122,3 +122,31 @@ def test_optimizer_name_that_cannot_be_a_module_or_class(tmp_path, name, why):
     message = str(error.value)
     assert message.startswith(f"{path}:2:9: optimizer name '{name}'"), message
     assert why in message, message
+
+
+# -- a tuple item named like another hyperparameter --------------------------------------------------
+# `betas = { ..., names = ["beta1", "lr"] }` next to `lr` built, and the rule's `lr` silently read
+# betas[1]: the user's lr was ignored.
+
+@pytest.mark.parametrize("names, column", [('["beta1", "lr"]', 53), ('["beta", "beta"]', 52)])
+def test_tuple_item_named_like_another_hyperparameter(tmp_path, names, column):
+    path = tmp_path / "case.toml"
+    path.write_text(textwrap.dedent(f'''\
+        [optimizer]
+        name = "Case"
+        signature = "lr, betas"
+
+        [hyperparameters]
+        lr = 0.1
+        betas = {{ default = [0.9, 0.99], names = {names} }}
+
+        [update]
+        rule = """
+        param = param - lr * grad
+        """
+        '''))
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:7:{column}: tuple item "), message
+    assert "already" in message, message
