@@ -6,8 +6,9 @@ back as new temporaries, inserted just before their first use and named ``common
 (a subexpression equal to a statement the spec already named is not repeated: sympy finds it as
 that statement's symbol).  Runs are split at guard changes, because a temporary computed under one
 guard must not be used under another.  Only *tensor* subexpressions are worth a temporary: a
-repeated scalar costs one Python operation.  A comparison never is (Note [Comparisons stay in their
-where()]).
+repeated scalar costs one Python operation — even one that reads a tensor, such as numel(param),
+bar a norm() (Note [Per-tensor scalars stay scalars]).  A comparison never is (Note [Comparisons
+stay in their where()]).
 """
 from __future__ import annotations
 
