@@ -132,3 +132,35 @@ def test_norm_of_a_compound_expression_in_a_tensor_statement(tmp_path):
         m = m + grad / (1 + norm(grad - m))
         param = param - lr * m
     """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
+
+
+def test_numel_of_a_compound_argument_in_every_kernel(tmp_path):
+    """numel() alone: the Triton kernel takes this spec too (it declines size, ndim and norm)."""
+    def expected(param, grad, s, h):
+        s["m"] = s["m"] + grad / (grad * 2 + s["m"]).numel()
+        return param - 0.1 * s["m"], s
+
+    _, impls = check(tmp_path, spec_text("""
+        m = m + grad / numel(grad * 2 + m)
+        param = param - lr * m
+    """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
+    assert "triton" in impls
+
+
+def test_norm_of_a_compound_argument_under_a_per_tensor_condition(tmp_path):
+    """The temporary runs under the statement's guard (a counter: tensor by tensor in foreach)."""
+    def expected(param, grad, s, h):
+        s["step"] = s["step"] + 1
+        if s["step"] > 1:
+            s["m"] = s["m"] + grad / (1 + vector_norm(grad * s["m"]).item())
+        s["m"] = s["m"] * 0.9 + grad
+        return param - 0.1 * s["m"], s
+
+    check(tmp_path, spec_text("""
+        step = step + 1
+        if step > 1:
+            m = m + grad / (1 + norm(grad * m))
+        m = m * beta + grad
+        param = param - lr * m
+    """, HYPER, 'step = "0"\nm = "zeros_like(param)"'), expected, [{}], state_names=("step", "m"),
+          init=lambda name, p: 0.0 if name == "step" else torch.zeros_like(p))
