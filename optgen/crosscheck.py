@@ -38,7 +38,8 @@ def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
     try:
         package = import_rendered(files, "build")
     except Exception as e:  # noqa: BLE001 - generated code that does not import is a compiler bug
-        raise _import_failure(e, compiled) from e
+        failure = import_failure(e, compiled)
+        raise SpecError(failure.loc, f"build refused: {failure.message}") from e
     checked = []
     for c in compiled:
         if c.spec.algorithm:  # an intrinsic step (LBFGS): no generated kernels; tests/oracle covers it
@@ -72,7 +73,7 @@ _BUG = ("This is a bug in optgen, not in your spec: please report it with the sp
         "`optgen build --no-verify` writes the code anyway")
 
 
-def _import_failure(error: Exception, compiled: list) -> SpecError:
+def import_failure(error: Exception, compiled: list) -> SpecError:
     """The spec whose rendered module failed to import, found from the innermost frame of the
     traceback that is in the temporary package (or the SyntaxError's file)."""
     import traceback
@@ -84,7 +85,7 @@ def _import_failure(error: Exception, compiled: list) -> SpecError:
     spec = max(owners, key=lambda s: len(s.name), default=None)
     where = f"the generated module {module}.py" if module else "the generated package"
     return SpecError(spec.rule_loc if spec is not None else None,
-                     f"build refused: {where}{f' of {spec.name}' if spec is not None else ''} does not import: "
+                     f"{where}{f' of {spec.name}' if spec is not None else ''} does not import: "
                      f"{type(error).__name__}: {error}. {_BUG}")
 
 

@@ -174,14 +174,25 @@ def verify_all(steps: int = 10, tolerance: float = 1e-9, sources: list | None = 
             flags = dict(variant.flags)
             configs = configurations(compiled, flags, cls=cls)
             worst = {impl: 0.0 for impl in impls}
+            errors: dict[str, str] = {}  # implementation → the exception a generated kernel raised
             for kwargs in configs:
                 reference = run_reference(compiled, kwargs, steps, cls=cls)
                 for impl in impls:
-                    result = run_backend(compiled, impl, kwargs, steps, cls=cls)
+                    if impl in errors:
+                        continue
+                    try:
+                        result = run_backend(compiled, impl, kwargs, steps, cls=cls)
+                    except Exception as e:  # noqa: BLE001 - a failing kernel is a finding, shown in the table
+                        errors[impl] = f"{type(e).__name__}: {e}"
+                        worst[impl] = float("inf")
+                        continue
                     worst[impl] = max(worst[impl], max_difference(result, reference))
             ok &= bool(configs) and all(w <= tolerance for w in worst.values())
             shown = ",".join(k for k, v in flags.items() if v) or "-"
             print(f"{compiled.spec.name:<10} {shown:<48} {len(configs):>7} "
-                  + " ".join(f"{worst[i]:>10.1e}" if i in worst else f"{'-':>10}" for i in columns))
+                  + " ".join(f"{'ERROR':>10}" if i in errors else f"{worst[i]:>10.1e}" if i in worst else f"{'-':>10}"
+                             for i in columns))
+            for impl, error in errors.items():
+                print(f"  {impl}: {error} (a bug in optgen: please report it with the spec)")
     print("all backends match the reference" if ok else f"MISMATCH (relative difference above {tolerance:g})")
     return ok

@@ -243,3 +243,22 @@ def test_a_build_never_overwrites_or_deletes_files_it_did_not_write(project):
     with pytest.raises(SpecError, match="yogi_forloop.py exists and was not written by optgen"):
         build(target=user_target([project / "my_specs"], package))
     assert (package / "yogi_forloop.py").read_text() == "# my own code\n"
+
+
+def test_verify_reports_a_failing_kernel_in_its_table(project, monkeypatch, capsys):
+    """`optgen verify` on generated code that raises: an ERROR cell and the exception, exit 1."""
+    import optgen.build
+    from optgen.verify import verify_all
+
+    real = optgen.build.render_spec
+
+    def broken(compiled, implementations=None):
+        files = real(compiled, implementations)
+        files["yogi_foreach.py"] = files["yogi_foreach.py"].replace(
+            "torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)", "raise RuntimeError('kernel bug')")
+        return files
+
+    monkeypatch.setattr(optgen.build, "render_spec", broken)
+    assert verify_all(steps=2, sources=[project / "my_specs"]) is False
+    out = capsys.readouterr().out
+    assert "ERROR" in out and "foreach: RuntimeError: kernel bug" in out and "MISMATCH" in out
