@@ -343,12 +343,19 @@ class MathBuilder:
             value = self.math(node.operand)
             return -value if isinstance(node.op, ast.USub) else value
         if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Attribute) and node.func.attr in FUNCTIONS:  # m.sqrt(): torch style
+                receiver = ast.unparse(node.func.value)
+                args = ", ".join([receiver, *(ast.unparse(a) for a in node.args)])
+                raise self.error(node, f"methods are not part of the spec language: write "
+                                       f"{node.func.attr}({args}) instead of '{ast.unparse(node)}'")
             if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
                 name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
                 raise self.error(node, f"unknown function '{name}'; available: {', '.join(sorted(FUNCTIONS))}")
             arity, make = FUNCTIONS[node.func.id]
             if node.keywords or len(node.args) != arity:
-                raise self.error(node, f"{node.func.id}() takes {arity} positional argument(s)")
+                hint = ("; for one bound use clamp_min(x, low) or clamp_max(x, high)"
+                        if node.func.id == "clamp" and len(node.args) == 2 and not node.keywords else "")
+                raise self.error(node, f"{node.func.id}() takes {arity} positional argument(s){hint}")
             if node.func.id == "where":
                 return make(self.comparison(node.args[0]), self.math(node.args[1]), self.math(node.args[2]))
             if node.func.id in DIMENSION_ARGUMENT:
@@ -358,6 +365,9 @@ class MathBuilder:
                                                    f"as -1, not '{ast.unparse(node.args[1])}'")
                 return make(x, dim)
             return make(*(self.math(a) for a in node.args))
+        if isinstance(node, (ast.Compare, ast.BoolOp)) or isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            raise self.error(node, f"'{ast.unparse(node)}' is a condition, not a value: a comparison may only be the "
+                                   "first argument of where(condition, a, b), or the test of an 'if'")
         raise self.error(node, f"'{ast.unparse(node)}' is not allowed in {self.what}: "
                                "use numbers, names, + - * / **, and functions such as sqrt, lerp")
 

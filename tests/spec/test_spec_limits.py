@@ -383,3 +383,17 @@ def test_internal_error_helper_for_backends(tmp_path):
         with internal_errors("the C backend", compiled.spec):
             raise SpecError(None, "declined")
     assert not isinstance(plain.value, InternalCompilerError)
+
+
+# --------------------------------------------------------------------------- messages users meet
+@pytest.mark.parametrize("written,message", [
+    ("exp_avg.sqrt()", "methods are not part of the spec language: write sqrt(exp_avg) instead of 'exp_avg.sqrt()'"),
+    ("clamp(exp_avg, -1)", "clamp() takes 3 positional argument(s); for one bound use clamp_min(x, low) or "
+                           "clamp_max(x, high)"),
+    ("exp_avg * (grad > 0)", "'grad > 0' is a condition, not a value: a comparison may only be the first argument "
+                             "of where(condition, a, b), or the test of an 'if'"),
+])
+def test_common_mistakes_say_what_to_write(tmp_path, written, message):
+    path = spec_file(tmp_path, ("param = param - lr * exp_avg / denom", f"param = param - lr * {written} / denom"))
+    assert message in error(path)
+    assert error(path).startswith(f"{load_spec_path(path)}:{PARAM_LINE}:")
