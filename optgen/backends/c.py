@@ -65,6 +65,7 @@ from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, extent_of_expression, schedule
 from optgen.backends.triton import _identifier, _is_condition
 from optgen.backends.triton_printer import Unsupported
+from optgen.ir.guards import first_assignments
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued, tensor_reads
 
 #: C keywords and the kernel skeleton's names; an IR name among them gets a trailing underscore
@@ -133,6 +134,7 @@ class _CBuilder:
     def __init__(self, program: Program, signature):
         self.program, self.sig = program, signature
         self.plan = schedule(program)
+        self.defined_at = first_assignments(a.target for a in program.body if program.roles.get(a.target) is Role.SCALAR)
         self.roles, self.extents = self.plan.roles, self.plan.extents
         self.current: dict[str, str] = {}   # IR scalar name → the C variable holding its value now
         self.level: dict[str, int] = {}     # IR name → the level of its current value
@@ -157,8 +159,10 @@ class _CBuilder:
         return name
 
     def scalar(self, expr) -> str:
-        return CScalarPrinter(lambda n: self.current.get(n, self.cname(n)),
-                              lambda e: extent_of_expression(e, self.extents))(expr)
+        printer = CScalarPrinter(lambda n: self.current.get(n, self.cname(n)),
+                                 lambda e: extent_of_expression(e, self.extents))
+        printer.defined_at = self.defined_at
+        return printer(expr)
 
     def level_of(self, expr) -> int:
         return max((self.level.get(s.name, 0) for s in sympy.sympify(expr).free_symbols), default=0)

@@ -16,6 +16,7 @@ from typing import Callable
 import sympy
 
 from optgen.backends.sweeps import FULL, Extent
+from optgen.ir.guards import evaluation_order
 from optgen.backends.triton_printer import InfixPrinter, Unsupported
 
 
@@ -25,11 +26,15 @@ class _CPrinter(InfixPrinter):
     def select(self, condition: str, a: str, b: str) -> str:
         return f"({condition} ? {a} : {b})"
 
+    # locals → where first assigned: && / || operands in evaluation order, as the Python kernels
+    # (Note [Guards evaluate in the order they were written] in optgen/ir/guards.py)
+    defined_at: dict[str, int] = {}
+
     def _print_And(self, expr):
-        return " && ".join(f"({self._print(a)})" for a in expr.args)
+        return " && ".join(f"({self._print(a)})" for a in evaluation_order(expr.args, self.defined_at))
 
     def _print_Or(self, expr):
-        return " || ".join(f"({self._print(a)})" for a in expr.args)
+        return " || ".join(f"({self._print(a)})" for a in evaluation_order(expr.args, self.defined_at))
 
     def _print_Not(self, expr):
         return f"!({self._print(expr.args[0])})"

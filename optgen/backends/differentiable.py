@@ -104,7 +104,7 @@ class DifferentiableRenderer(ForLoopRenderer):
             or any(isinstance(e, Norm) for e in sympy.preorder_traversal(expr))
 
     def scalar(self, expr) -> str:
-        return ScalarPrinter(self.scalar_name)(expr)
+        return ScalarPrinter(self.scalar_name, self.defined_at)(expr)
 
     def op(self, op: TensorOp) -> str:
         fields = dict(out=self.var(op.out), self=self.var(op.self_), args=self.args(op))

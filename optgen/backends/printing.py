@@ -12,6 +12,7 @@ from typing import Callable
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 
+from optgen.ir.guards import evaluation_order
 from optgen.spec.expressions import (REDUCE_DIM, SCALAR_OF_TENSOR, Clamp, IfNone, Lerp, MachineEps, Maximum, Minimum,
                                      Ndim, Norm, NormDim, Numel, Size, Where)
 
@@ -21,8 +22,11 @@ _FUNCTIONS = {sympy.exp: "math.exp", sympy.log: "math.log", sympy.Abs: "abs"}
 class PythonScalarPrinter:
     """Scalar expressions on the host, as Python.  ``rename`` maps a symbol to the code that reads it."""
 
-    def __init__(self, rename: Callable[[str], str] = lambda name: name):
+    def __init__(self, rename: Callable[[str], str] = lambda name: name, defined_at: dict[str, int] | None = None):
         self.rename = rename
+        # locals → where first assigned: and/or operands in evaluation order (Note [Guards
+        # evaluate in the order they were written] in optgen/ir/guards.py)
+        self.defined_at = defined_at or {}
 
     def __call__(self, expr: sympy.Expr) -> str:
         return self.print(sympy.sympify(expr))
@@ -91,10 +95,9 @@ class PythonScalarPrinter:
             if lhs.is_Symbol and lhs.name.startswith('"'):  # adjust_lr_fn == "original", not the reverse
                 lhs, rhs = rhs, lhs
             return f"{self.print(lhs)} {expr.rel_op} {self.print(rhs)}"
-        if isinstance(expr, sympy.And):
-            return " and ".join(self.paren_bool(a) for a in expr.args)
-        if isinstance(expr, sympy.Or):
-            return " or ".join(self.paren_bool(a) for a in expr.args)
+        if isinstance(expr, (sympy.And, sympy.Or)):
+            operands = evaluation_order(expr.args, self.defined_at)
+            return (" and " if isinstance(expr, sympy.And) else " or ").join(map(self.paren_bool, operands))
         if isinstance(expr, sympy.Not):
             return f"not {self.paren_bool(expr.args[0])}"
         raise NotImplementedError(f"no Python form for {type(expr).__name__}: {expr}")

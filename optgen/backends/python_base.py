@@ -13,7 +13,7 @@ import sympy
 
 from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
 from optgen.backends.printing import PythonScalarPrinter
-from optgen.ir.guards import simplify_guard
+from optgen.ir.guards import first_assignments, simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
 
@@ -38,6 +38,8 @@ class PythonRenderer:
         # (`if h1 < 0.5: c1 = h0 * lr`) — still one Python number, not a list per tensor.
         self.group_scalars = program.group_scalars | {
             s.target for s in program.steps if s.kind == "scalar" and not s.per_tensor}
+        # Scalar locals → where first assigned (Note [Guards evaluate in the order they were written]).
+        self.defined_at = first_assignments(s.target for s in program.steps if s.kind == "scalar")
         # Counter updates whose new value nothing reads: no `.item()` (a device sync on CUDA).
         steps = program.steps
         self.unread_counters = {id(s) for i, s in enumerate(steps) if s.kind == "counter"
@@ -69,7 +71,7 @@ class PythonRenderer:
         return plural(name)
 
     def scalar(self, expr) -> str:
-        return PythonScalarPrinter(self.scalar_name)(expr)
+        return PythonScalarPrinter(self.scalar_name, self.defined_at)(expr)
 
     def scalar_name(self, name: str) -> str:
         """How code reads the scalar ``name`` (a list element in foreach's per-tensor fallback)."""

@@ -19,6 +19,7 @@ import math
 import sympy
 import torch
 
+from optgen.ir.guards import evaluation_order, first_assignments
 from optgen.ir.nodes import Program, Role
 from optgen.runtime.generated import scalar_dtype
 from optgen.runtime import intrinsics
@@ -100,15 +101,19 @@ def _evaluate(expr: sympy.Expr, env: dict):
     raise NotImplementedError(f"the interpreter has no rule for {type(expr).__name__}")
 
 
-def _holds(guard: sympy.Basic, env: dict) -> bool:
+def _holds(guard: sympy.Basic, env: dict, defined_at: dict[str, int] | None = None) -> bool:
+    """Whether ``guard`` holds; And/Or short-circuit, their arguments taken in evaluation order
+    (Note [Guards evaluate in the order they were written] in optgen/ir/guards.py): a nested
+    condition reads a local only where the outer one holds and assigned it."""
     if guard in (sympy.true, sympy.false):
         return bool(guard)
     if isinstance(guard, sympy.core.relational.Relational):
         return bool(_evaluate(guard, env))
-    if isinstance(guard, (sympy.And, sympy.Or, sympy.Not)):
-        parts = [_holds(a, env) for a in guard.args]
-        return all(parts) if isinstance(guard, sympy.And) else any(parts) if isinstance(guard, sympy.Or) \
-            else not parts[0]
+    if isinstance(guard, sympy.Not):
+        return not _holds(guard.args[0], env, defined_at)
+    if isinstance(guard, (sympy.And, sympy.Or)):
+        parts = (_holds(a, env, defined_at) for a in evaluation_order(guard.args, defined_at or {}))
+        return all(parts) if isinstance(guard, sympy.And) else any(parts)
     values = {s: env[s.name] for s in guard.free_symbols}
     return bool(guard.subs({s: (sympy.true if v is True else sympy.false if v is False else v)
                             for s, v in values.items()}))
@@ -140,8 +145,9 @@ def reference_step(program: Program, param: torch.Tensor, grad: torch.Tensor, st
     env.update(state)
     env["param"], env["grad"] = param, grad
     created = set()
+    defined_at = first_assignments(a.target for a in program.body if program.roles.get(a.target) is Role.SCALAR)
     for a in program.body:
-        if not _holds(a.guard, env):
+        if not _holds(a.guard, env, defined_at):
             continue
         if a.first is not None and env.get(a.target) is None:
             env[a.target] = _evaluate(a.first, env)
