@@ -110,6 +110,10 @@ class ForeachRenderer(PythonRenderer):
         return f"{self.list_name(op.out)} = [{value} for i in range(len(params))]"
 
     def scalar_step(self, step: Step) -> list[str]:
+        if step.per_tensor and not self.is_per_tensor(step.expr):
+            # a per-tensor name's assignment of a group value (`n = 1.0` before `if step > 1:
+            # n = 1 + norm(u)`): a list of it, which later statements assign tensor by tensor
+            return [f"{self.list_name(step.target)} = [{self.scalar(step.expr)}] * len(params)"]
         if step.per_tensor:
             return [f"{self.list_name(step.target)} = {self.scalar_arg(step.expr)}"]
         return [f"{step.target} = {self.scalar(step.expr)}"]
