@@ -20,7 +20,7 @@ import sympy
 
 from optgen.errors import SpecError
 from optgen.ir.guards import implies
-from optgen.ir.nodes import Program, Role
+from optgen.ir.nodes import Program, Role, is_tensor_valued
 from optgen.spec.expressions import REDUCE_DIM, SCALAR_OF_TENSOR, NormDim
 
 
@@ -53,12 +53,33 @@ def validate(program: Program) -> Program:
             raise SpecError(a.loc, f"state '{a.target}' is updated here but it is created by its first "
                                    "assignment (the first one in the rule), which does not run before this "
                                    "line on every path; create it on every path that reaches this line")
+        if a.first is not None:
+            _check_creating_reduction(program, a)
         defined.setdefault(a.target, []).append(a.guard)
     for state in program.spec.state.values():
         if state.name not in defined:
             raise SpecError(state.loc, f"state '{state.name}' is declared but never assigned by the update rule")
     _check_shapes(program)
     return program
+
+
+def _check_creating_reduction(program: Program, a) -> None:
+    """The statement that creates a ``first`` state may not reduce an expression that reads that
+    state (``m = m + grad / (1 + norm(grad - m))``): the compound argument is computed before the
+    statement (optgen/passes/name_reduction_arguments.py), where on the creating step the state
+    does not exist yet, so the backends printed it unnamed and wrong (``grad - m.norm()``).  A
+    plain name (``norm(m)``) is fine: it is read only on the steps after the first."""
+    for e in sympy.preorder_traversal(a.value):
+        if isinstance(e, SCALAR_OF_TENSOR):
+            x = e.args[0]
+            if not x.is_Symbol and a.target in {s.name for s in x.free_symbols} and is_tensor_valued(x, program.roles):
+                fn = {"MachineEps": "machine_eps"}.get(type(e).__name__, type(e).__name__.lower())
+                raise SpecError(a.loc, f"{fn}() of an expression that reads '{a.target}' cannot be in the statement "
+                                       f"that creates '{a.target}' (its first value): on that step '{a.target}' "
+                                       "does not exist yet — create it with a statement of its own before this one "
+                                       f"(e.g. '{a.target} = {a.target}', which stores the first value and then keeps "
+                                       "it), so that this one updates it on every step, or reduce a name "
+                                       f"('{fn}({a.target})')")
 
 
 def _describe(shape: frozenset) -> str:
