@@ -157,12 +157,12 @@ class DifferentiableRenderer(ForLoopRenderer):
     def step_lines(self, step: Step) -> list[str]:
         lines = super().step_lines(step)
         if step.kind == "counter" and step.first_ops is None and any(
-                isinstance(e, SCALAR_OF_TENSOR) for op in step.ops
-                for v in (*(a for a in op.args if not isinstance(a, str)), *(v for _, v in op.kwargs))
-                for e in sympy.preorder_traversal(sympy.sympify(v))):
-            # A reduction of a tensor (`v = v + norm(grad)`) is a 0-dim tensor of the parameter's
-            # dtype: the out-of-place update promotes the counter to it, where every other backend
-            # stores into the counter's own dtype (torch's `step` dtype, float32).
+                self._reads_tensor(v) for op in step.ops if op.fn != "store_"  # (stores in its dtype)
+                for v in (*(a for a in op.args if not isinstance(a, str)), *(v for _, v in op.kwargs))):
+            # A reduction of a tensor (`v = v + norm(grad)`, or through a local: `gn = norm(grad)`,
+            # `v = beta2 * v + gn ** 2`) is a 0-dim tensor of the parameter's dtype: the
+            # out-of-place update promotes the counter to it, where every other backend stores
+            # into the counter's own dtype (torch's `step` dtype, float32).
             name = step.target
             keep = f"{name}_t = {name}_t.to({self.list_name(name + '_t')}[i].dtype)"
             lines.insert(len(lines) - (id(step) not in self.unread_counters), keep)
