@@ -257,8 +257,7 @@ class _CBuilder:
         if self.roles[a.target] is Role.COUNTER:  # held as its 0-dim tensor holds it (float32 by default)
             if a.target in {x.name for x in a.value.free_symbols}:
                 # an update of the 0-dim tensor itself (mu_product *= mu) computes in its dtype
-                value = CScalarPrinter(lambda x: f"round_counter({self.current.get(x, self.cname(x))}, "
-                                                 "counters_f64)")(a.value)
+                value = self.counter_update(a.value, a.target)
             value = f"round_counter({value}, counters_f64)"
         previous = self.current.get(a.target)
         name = self.fresh(a.target)
@@ -266,6 +265,43 @@ class _CBuilder:
         code = f"const double {name} = {value};" if guard is None else \
             f"const double {name} = ({guard}) ? {value} : {previous or 0};"
         return [f"/* {a.text} */", code]
+
+    def counter_update(self, expr, counter: str) -> str:
+        """An update that reads the counter, as torch computes it on the counter's 0-dim tensor
+        (and the interpreter, optgen/ir/interpret.py): what does not read the counter is a host
+        number in double (``(1 - beta2) * gn ** 2``); each sum or product with the counter's
+        value is one op in the counter's dtype — its number operand rounded to that dtype, its
+        result rounded.  Rounding every name and the result once (``round(beta2) * round(v) +
+        round(gn) * round(gn) * ...``) is the same for one op of names (``step + 1``,
+        ``mu_product * mu``: the form kept for those) but not for more (NovoGrad's second
+        moment was an ulp of float32 off)."""
+        def counter_valued(e) -> bool:
+            return counter in {x.name for x in e.free_symbols}
+
+        def rounded(text: str) -> str:
+            return f"round_counter({text}, counters_f64)"
+
+        def name(x: str) -> str:
+            return rounded(self.current.get(x, self.cname(x)))
+
+        ops = [e for e in sympy.preorder_traversal(expr) if isinstance(e, (sympy.Add, sympy.Mul)) and counter_valued(e)]
+        if len(ops) <= 1 and all(a.is_Atom for e in ops for a in e.args):
+            return CScalarPrinter(name)(expr)
+
+        def walk(e) -> str:  # the value, rounded to the counter's dtype
+            if not counter_valued(e):
+                return rounded(self.scalar(e))
+            if e.is_Symbol:
+                return name(e.name)
+            if isinstance(e, (sympy.Add, sympy.Mul)):
+                op = " + " if isinstance(e, sympy.Add) else " * "
+                total = walk(e.args[0])
+                for arg in e.args[1:]:  # in the interpreter's order: args[0] op args[1] op ...
+                    total = rounded(f"{total}{op}{walk(arg)}")
+                return total
+            # anything else (pow, functions): every name in the counter's dtype, rounded once
+            return rounded(CScalarPrinter(name)(e))
+        return walk(expr)
 
     def condition(self, guard) -> str | None:
         """The variable holding a statement's condition, computed once per tensor."""
