@@ -273,7 +273,9 @@ class _KernelBuilder:
             role = roles[a.target]
             condition = None
             if dynamic != sympy.true:
-                at = (dynamic, tuple(sorted((s.name, versions.get(s.name, 0)) for s in dynamic.free_symbols)))
+                # computed under this statement's host guard, so shared only by statements under the same one
+                # (a statement under `if h0 < 0.5:` must not define what its unguarded neighbour reads)
+                at = (host, dynamic, tuple(sorted((s.name, versions.get(s.name, 0)) for s in dynamic.free_symbols)))
                 if at not in conditions:
                     conditions[at] = self.fresh(_identifier(PythonScalarPrinter()(dynamic)).lower() or "condition")
                     scalar_lines += self._guarded(host, [f"{conditions[at]} = {self.printer()(dynamic)}"])

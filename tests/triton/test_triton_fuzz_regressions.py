@@ -85,3 +85,24 @@ def test_integer_powers_of_a_negative_base(tmp_path):
         m -= (param ** 2) ** 3 - grad ** 9 * 0.01 + grad ** 5
         param = param - lr * m
     """, HYPER, STATE), expected, ON_OFF)
+
+
+def test_condition_shared_by_statements_under_different_host_guards(tmp_path):
+    # `step_ge_2 = step >= 2` was computed under `if H0_LT_0_5:` (the first statement reading it)
+    # and read by the unguarded one too: UnboundLocalError when h0 >= 0.5 (seeds 7051, 7056, 7101)
+    def expected(param, grad, s, h):
+        s["step"] += 1
+        if s["step"] >= 2:
+            if h.get("h0", 0.3) < 0.5:
+                s["m"] = s["m"] + grad
+            param = param - 0.1 * s["m"]
+        return param, s
+
+    check(tmp_path, spec_text("""
+        step = step + 1
+        if step >= 2:
+            if h0 < 0.5:
+                m = m + grad
+            param = param - lr * m
+    """, "lr = 0.1\nh0 = 0.3", 'step = "0"\nm = "zeros_like(param)"'), expected, [{}, {"h0": 0.7}],
+          init=lambda name, p: torch.zeros_like(p) if name == "m" else 0, state_names=("step", "m"))
