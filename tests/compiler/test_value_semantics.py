@@ -126,13 +126,18 @@ def run_by_hand(expected, kwargs: dict, state_names, init):
 
 
 def difference(a, b) -> float:
+    """Largest difference, relative above magnitude 1; a NaN on one side only is infinitely far
+    (``max(worst, nan)`` would keep ``worst`` and let a NaN result pass).  The states compared
+    are ``a``'s (the harness collects those of ``state_names``), each of which ``b`` must have."""
     (pa, sa), (pb, sb) = a, b
+    assert len(pa) == len(pb) and all(set(x) <= set(y) for x, y in zip(sa, sb)), (sa, sb)
     pairs = list(zip(pa, pb)) + [(x[n], y[n]) for x, y in zip(sa, sb) for n in x]
     worst = 0.0
     for x, y in pairs:
         x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
         assert x.shape == y.shape or x.numel() == 1 and y.numel() == 1, (x.shape, y.shape)
-        worst = max(worst, ((x - y).abs() / (1e-300 + y.abs().clamp_min(1.0))).max().item())
+        d = ((x - y).abs() / (1e-300 + y.abs().clamp_min(1.0))).masked_fill(x.isnan() & y.isnan(), 0.0)
+        worst = max(worst, d.nan_to_num(nan=float("inf")).max().item())
     return worst
 
 
