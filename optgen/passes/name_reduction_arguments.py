@@ -20,7 +20,8 @@ arguments are rare, and a name is always right.
 The argument is evaluated where the statement is, so it reads the values the statement reads
 (value semantics).  A statement that creates a lazily initialised state (``first``) is left as
 it is when the argument reads that state: on the creating step the state does not exist yet, and
-only the statement's ``first`` value may run.
+only the statement's ``first`` value may run.  validate (optgen/ir/validate.py) rejects such a
+statement with a SpecError naming the rewrite, so that case never reaches a backend.
 """
 from __future__ import annotations
 
