@@ -18,6 +18,7 @@ wrong optimizer: a kernel that computes something other than the rule never reac
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from optgen.errors import SpecError, internal_errors
@@ -40,6 +41,7 @@ def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
     except Exception as e:  # noqa: BLE001 - generated code that does not import is a compiler bug
         failure = import_failure(e, compiled)
         raise SpecError(failure.loc, f"build refused: {failure.message}") from e
+    _compile_c_ahead(package, compiled)
     checked = []
     for c in compiled:
         if c.spec.algorithm:  # an intrinsic step (LBFGS): no generated kernels; tests/oracle covers it
@@ -71,6 +73,37 @@ def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
 
 _BUG = ("This is a bug in optgen, not in your spec: please report it with the spec; "
         "`optgen build --no-verify` writes the code anyway")
+
+
+def _compile_c_ahead(package, compiled: list) -> None:
+    """Starts compiling every spec's C kernels (float64, what the check runs) in the background,
+    while the other implementations are checked: gcc runs in its own processes, and on a cold
+    kernel cache compiling is the longest part of a full build (Library._compile writes each
+    library atomically, so a kernel that needs one first simply compiles it or finds it there)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from optgen.verify import runnable
+
+    if not runnable("c"):
+        return
+    libraries = [getattr(sys.modules.get(f"{package.__name__}.{c.spec.name.lower()}_c"), "LIBRARY", None)
+                 for c in compiled]
+    libraries = [lib for lib in libraries if lib is not None]
+    if libraries:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2))))
+        for lib in libraries:
+            pool.submit(_quietly, lib._compile, torch.float64)
+        pool.shutdown(wait=False)
+
+
+def _quietly(compile_, dtype) -> None:
+    try:
+        compile_(dtype)
+    except Exception:  # noqa: BLE001 - the check itself runs the kernel and reports what fails
+        pass
 
 
 def import_failure(error: Exception, compiled: list) -> SpecError:
