@@ -34,7 +34,7 @@ INTERPRETED = ("triton",)
 def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
     """Runs the check on ``compiled`` (specs whose modules are in ``files``); returns their names."""
     from optgen.packages import import_rendered
-    from optgen.verify import configurations, run_backend, run_reference, runnable
+    from optgen.verify import float64_counters
 
     try:
         package = import_rendered(files, "build")
@@ -42,6 +42,13 @@ def crosscheck(compiled: list, files: dict[str, str], target) -> list[str]:
         failure = import_failure(e, compiled)
         raise SpecError(failure.loc, f"build refused: {failure.message}") from e
     _compile_c_ahead(package, compiled)
+    with float64_counters():
+        return _check(package, compiled)
+
+
+def _check(package, compiled: list) -> list[str]:
+    from optgen.verify import configurations, run_backend, run_reference, runnable
+
     checked = []
     for c in compiled:
         if c.spec.algorithm:  # an intrinsic step (LBFGS): no generated kernels; tests/oracle covers it

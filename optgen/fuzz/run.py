@@ -175,6 +175,11 @@ def check_spec(spec: RandomSpec, compiled, cls, implementations, report: Report,
     """Every flag variant × configuration × implementation of one built spec (``only_flags``: just
     that variant; ``evaluator_result``: replaces the evaluator, for the test that a wrong result is
     caught)."""
+    with verify.float64_counters():  # as `optgen verify` and the build's cross-check run
+        _check_spec(spec, compiled, cls, implementations, report, steps, shapes, evaluator_result, only_flags)
+
+
+def _check_spec(spec, compiled, cls, implementations, report, steps, shapes, evaluator_result, only_flags):
     evaluator = Evaluator(spec.text)
     params0 = verify.initial_params(cls, shapes=shapes)
     impls = [i for i in implementations if i in cls._kernels]

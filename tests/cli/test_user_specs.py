@@ -262,3 +262,45 @@ def test_verify_reports_a_failing_kernel_in_its_table(project, monkeypatch, caps
     assert verify_all(steps=2, sources=[project / "my_specs"]) is False
     out = capsys.readouterr().out
     assert "ERROR" in out and "foreach: RuntimeError: kernel bug" in out and "MISMATCH" in out
+
+
+NOVOGRAD = '''[optimizer]
+name = "NovoGrad"
+signature = "lr, betas, eps, weight_decay, *, foreach, differentiable, fused"
+
+[hyperparameters]
+lr = 0.01
+betas = { default = [0.95, 0.98], names = ["beta1", "beta2"] }
+eps = 1e-8
+weight_decay = 0.001
+
+[state]
+v = "0"
+m = "zeros_like(param)"
+step = "0"
+
+[update]
+rule = """
+step = step + 1
+gn = norm(grad)
+if step == 1:
+    v = gn ** 2
+else:
+    v = beta2 * v + (1 - beta2) * gn ** 2
+g = grad / (sqrt(v) + eps) + weight_decay * param
+m = beta1 * m + g
+param = param - lr * m
+"""
+'''
+
+
+def test_a_counter_updated_from_a_norm_verifies_on_every_backend(tmp_path, capsys):
+    """NovoGrad's per-tensor second moment is a counter fed by norm(grad): the C kernel sums the
+    norm in another order than torch, 1e-16 apart, which a float32 counter could round to a
+    neighbouring float32 (6e-8 after 10 steps: `optgen build` refused a correct kernel).  The
+    checks run float64 counters (optgen.verify.float64_counters)."""
+    from optgen.verify import verify_all
+
+    (tmp_path / "novograd.toml").write_text(NOVOGRAD)
+    assert verify_all(steps=10, sources=[tmp_path / "novograd.toml"]), capsys.readouterr().out
+    assert build(target=user_target([tmp_path / "novograd.toml"], tmp_path / "pkg")).verified == ["NovoGrad"]
