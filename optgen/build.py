@@ -351,6 +351,7 @@ def build(root: Path | None = None, check: bool = False, target: Target | None =
     keys = {str(p): input_key(p, target, digest) for p in target.spec_files}
     reused = {p: entry for p, entry in ((p, old_specs.get(p)) for p in keys)
               if isinstance(entry, dict) and entry.get("key") == keys[p] and isinstance(entry.get("name"), str)
+              and (entry.get("verified") is True or not verify)  # a --no-verify build's output is checked now
               and _outputs_intact(target.out_dir, entry.get("outputs"))}
     sched_key = schedules_key(digest) if target.builtin else None
     old_sched = old.get("schedules") if isinstance(old.get("schedules"), dict) else {}
@@ -394,7 +395,10 @@ def build(root: Path | None = None, check: bool = False, target: Target | None =
         verified = crosscheck(list(fresh.values()), files, target)
     manifest = {
         "package": target.package,
-        "specs": {p: {"key": keys[p], "name": names[p], "outputs": outputs[p]} for p in keys},
+        "specs": {p: {"key": keys[p], "name": names[p], "outputs": outputs[p],
+                      "verified": reused[p].get("verified") is True if p in reused else
+                      names[p] in verified or bool(fresh[p].spec.algorithm)}  # an intrinsic: nothing generated
+                  for p in keys},
         "init": {"__init__.py": _sha(files["__init__.py"])},
     }
     if target.builtin:

@@ -143,8 +143,13 @@ def test_cross_check_refuses_a_build_whose_backend_computes_something_else(proje
     assert "yogi.toml:" in message and "build refused: the forloop implementation of Yogi" in message
     assert "the first statement whose value differs is 'exp_avg = lerp(exp_avg, grad, 1 - beta1)'" in message
     assert not (project / "pkg").exists()
-    # --no-verify writes it anyway (the user asked for it)
+    # --no-verify writes it anyway (the user asked for it), and the next verifying build checks it
     assert build(target=target, verify=False).compiled == ["Yogi"]
+    with pytest.raises(SpecError, match="build refused"):
+        build(target=target)
+    monkeypatch.setattr(optgen.build, "render_spec", real)
+    assert build(target=target).verified == ["Yogi"]
+    assert build(target=target).compiled == []
 
 
 @pytest.mark.parametrize("edit,expected", [
