@@ -102,7 +102,7 @@ def _lion_default_kernel(
             # param = param * (1 - lr * weight_decay)
             param = one_minus_lr_times_weight_decay * param
         # update = sign(lerp(exp_avg, grad, 1 - beta1))
-        update = tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) > 0, 1.0, tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) < 0, -1.0, 0.0))
+        update = tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) > 0, 1.0, tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) < 0, -1.0, 0.0)).to(COMPUTE)
         # param = param - lr * update
         param = param - lr * update
         # exp_avg = lerp(exp_avg, grad, 1 - beta2)
@@ -122,7 +122,7 @@ def _lion_default_kernel(
             # param = param * (1 - lr * weight_decay)
             param = one_minus_lr_times_weight_decay * param
         # update = sign(lerp(exp_avg, grad, 1 - beta1))
-        update = tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) > 0, 1.0, tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) < 0, -1.0, 0.0))
+        update = tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) > 0, 1.0, tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) < 0, -1.0, 0.0)).to(COMPUTE)
         # param = param - lr * update
         param = param - lr * update
         # exp_avg = lerp(exp_avg, grad, 1 - beta2)
@@ -219,7 +219,7 @@ def _lion_maximize_kernel(
             # param = param * (1 - lr * weight_decay)
             param = one_minus_lr_times_weight_decay * param
         # update = sign(lerp(exp_avg, grad, 1 - beta1))
-        update = tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) > 0, 1.0, tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) < 0, -1.0, 0.0))
+        update = tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) > 0, 1.0, tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) < 0, -1.0, 0.0)).to(COMPUTE)
         # param = param - lr * update
         param = param - lr * update
         # exp_avg = lerp(exp_avg, grad, 1 - beta2)
@@ -241,7 +241,7 @@ def _lion_maximize_kernel(
             # param = param * (1 - lr * weight_decay)
             param = one_minus_lr_times_weight_decay * param
         # update = sign(lerp(exp_avg, grad, 1 - beta1))
-        update = tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) > 0, 1.0, tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) < 0, -1.0, 0.0))
+        update = tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) > 0, 1.0, tl.where(exp_avg + one_minus_beta1 * (grad - exp_avg) < 0, -1.0, 0.0)).to(COMPUTE)
         # param = param - lr * update
         param = param - lr * update
         # exp_avg = lerp(exp_avg, grad, 1 - beta2)

@@ -101,7 +101,7 @@ def _rprop_default_kernel(
         prev = tl.load(prev_ptr + offsets).to(COMPUTE)
         step_size = tl.load(step_size_ptr + offsets).to(COMPUTE)
         # sign = sign(grad * prev)
-        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0))
+        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0)).to(COMPUTE)
         # sign = where(sign > 0, etaplus, sign)
         sign = tl.where(sign > 0, etaplus, sign)
         # sign = where(sign < 0, etaminus, sign)
@@ -113,7 +113,7 @@ def _rprop_default_kernel(
         # prev = where(sign == etaminus, 0, grad)
         prev = tl.where(sign == etaminus, 0, grad)
         # param = param - sign(prev) * step_size
-        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0))
+        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0)).to(COMPUTE)
         tl.store(param_ptr + offsets, param.to(DTYPE))
         tl.store(prev_ptr + offsets, prev.to(DTYPE))
         tl.store(step_size_ptr + offsets, step_size.to(DTYPE))
@@ -128,7 +128,7 @@ def _rprop_default_kernel(
         prev = tl.load(prev_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
         step_size = tl.load(step_size_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
         # sign = sign(grad * prev)
-        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0))
+        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0)).to(COMPUTE)
         # sign = where(sign > 0, etaplus, sign)
         sign = tl.where(sign > 0, etaplus, sign)
         # sign = where(sign < 0, etaminus, sign)
@@ -140,7 +140,7 @@ def _rprop_default_kernel(
         # prev = where(sign == etaminus, 0, grad)
         prev = tl.where(sign == etaminus, 0, grad)
         # param = param - sign(prev) * step_size
-        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0))
+        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0)).to(COMPUTE)
         tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
         tl.store(prev_ptr + offsets, prev.to(DTYPE), mask=in_bounds)
         tl.store(step_size_ptr + offsets, step_size.to(DTYPE), mask=in_bounds)
@@ -231,7 +231,7 @@ def _rprop_maximize_kernel(
         prev = tl.load(prev_ptr + offsets).to(COMPUTE)
         step_size = tl.load(step_size_ptr + offsets).to(COMPUTE)
         # sign = sign(grad * prev)
-        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0))
+        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0)).to(COMPUTE)
         # sign = -sign
         sign = -sign
         # sign = where(sign > 0, etaplus, sign)
@@ -247,7 +247,7 @@ def _rprop_maximize_kernel(
         # prev = -prev
         prev = -prev
         # param = param - sign(prev) * step_size
-        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0))
+        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0)).to(COMPUTE)
         tl.store(param_ptr + offsets, param.to(DTYPE))
         tl.store(prev_ptr + offsets, prev.to(DTYPE))
         tl.store(step_size_ptr + offsets, step_size.to(DTYPE))
@@ -262,7 +262,7 @@ def _rprop_maximize_kernel(
         prev = tl.load(prev_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
         step_size = tl.load(step_size_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
         # sign = sign(grad * prev)
-        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0))
+        sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0)).to(COMPUTE)
         # sign = -sign
         sign = -sign
         # sign = where(sign > 0, etaplus, sign)
@@ -278,7 +278,7 @@ def _rprop_maximize_kernel(
         # prev = -prev
         prev = -prev
         # param = param - sign(prev) * step_size
-        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0))
+        param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0)).to(COMPUTE)
         tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
         tl.store(prev_ptr + offsets, prev.to(DTYPE), mask=in_bounds)
         tl.store(step_size_ptr + offsets, step_size.to(DTYPE), mask=in_bounds)

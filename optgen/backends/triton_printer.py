@@ -309,6 +309,12 @@ class TritonPrinter(InfixPrinter):
     def minimum(self, a: str, b: str) -> str:
         return f"tl.minimum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"
 
+    def _print_sign(self, expr):
+        # .to(COMPUTE), the kernel's compute dtype: the literals 1.0 / -1.0 / 0.0 make a float32
+        # result, and a float64 kernel then computed log(1 + |sign(m)|) in float32.  (A @triton.jit
+        # helper would not run under the interpreter, which runs only the kernel itself.)
+        return super()._print_sign(expr) + ".to(COMPUTE)"
+
     def _print_Numel(self, expr):
         # Every tensor an elementwise kernel touches has the parameter's number of elements.
         return f"{self.numel}.to(tl.float64)"
