@@ -104,7 +104,7 @@ def test_a_failure_is_written_with_its_header(tmp_path):
 
 @pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
 def test_regression_spec(path):
-    """Each spec found by the fuzzer (header: the bug, the seed, who fixes it), on every backend."""
+    """Each spec found by the fuzzer (header: the bug it showed and its seed), on every backend."""
     implementations = tuple(i for i in run.ALL if i != "c" or c_launch.available())
     report = run.check_text(path.read_text(), implementations=implementations)
     assert not report.failures, _failures(report)
