@@ -66,7 +66,7 @@ from optgen.backends.forloop import counter_list, plural
 from optgen.backends.fused import FusedBackend
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.triton_printer import TritonPrinter, Unsupported
-from optgen.ir.guards import simplify_guard
+from optgen.ir.guards import implies, simplify_guard
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 
 #: names the kernel skeleton (templates/triton/kernels.py.j2) defines; spec names that collide
@@ -256,7 +256,10 @@ class _KernelBuilder:
             prologue.append(f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0  # created this step: store `first`")
 
         # -- scalar statements, and what the tensor statements need from them ------------------------
-        scalar_defined = {n for n, r in roles.items() if r in (Role.HYPER, Role.COUNTER)}
+        # where each name holds a value: the host guards it was assigned under so far
+        # (Note [A guarded assignment keeps the old value only where there is one])
+        held: dict[str, sympy.Basic] = {n: sympy.true for n, r in roles.items()
+                                        if r in (Role.HYPER, Role.COUNTER) or n in lists}
         later_scalar_defs = self._later_scalar_definitions()
         cast: dict[str, sympy.Basic] = {}             # kernel scalar → host guard it exists under
         for h in hypers:
@@ -285,10 +288,10 @@ class _KernelBuilder:
                 k = self.kname(a.target)
                 if role is Role.COUNTER:  # held exactly as its 0-dim tensor (torch's `step`) holds it
                     value = self._counter_value(a)
-                code = f"{k} = {value}" if condition is None or a.target not in scalar_defined \
-                    else f"{k} = tl.where({condition}, {value}, {k})"
-                scalar_lines += self._guarded(host, [f"# {a.text}", code])
-                scalar_defined.add(a.target)
+                for guard, keep in self._keeps_old_value(host, condition, held.get(a.target, sympy.false)):
+                    code = f"{k} = tl.where({condition}, {value}, {k})" if keep else f"{k} = {value}"
+                    scalar_lines += self._guarded(guard, [f"# {a.text}", code])
+                held[a.target] = sympy.Or(held.get(a.target, sympy.false), host)
                 versions[a.target] = versions.get(a.target, 0) + 1
                 cast.setdefault(k, sympy.false)
                 cast[k] = sympy.Or(cast[k], host)
@@ -303,9 +306,10 @@ class _KernelBuilder:
             k = self.kname(a.target)
             if a.first is not None:
                 value = f"tl.where({k}_is_new, {self.printer()(replaced['first'])}, {value})"
-            if condition is not None and a.target in defined_before(self.statements, i, lists):
-                value = f"tl.where({condition}, {value}, {k})"
-            tensor_code.append((host, [f"# {a.text}", f"{k} = {value}"]))
+            for guard, keep in self._keeps_old_value(host, condition, held.get(a.target, sympy.false)):
+                code = f"{k} = tl.where({condition}, {value}, {k})" if keep else f"{k} = {value}"
+                tensor_code.append((guard, [f"# {a.text}", code]))
+            held[a.target] = sympy.Or(held.get(a.target, sympy.false), host)
 
         if scalar_lines:
             prologue += ["# scalars (float64), in the order the spec computes them", *scalar_lines]
@@ -396,6 +400,27 @@ class _KernelBuilder:
             return list(lines)
         return [f"if {name}:", *("    " + line for line in lines)]
 
+    # Note [A guarded assignment keeps the old value only where there is one]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A statement under a per-tensor condition assigns `u = tl.where(cond, value, u)`: where the
+    # condition is false `u` keeps what it held.  Each combination of host guards is its own kernel,
+    # so the old `u` exists only in the kernels where an earlier assignment's host guard holds: in
+    # ``if step < 3: (if h0 < 0.5: u = a else: u = b)`` the second branch (under H0_GE_0_5) read a
+    # `u` that only the first (under H0_LT_0_5) assigned — UnboundLocalError (fuzz seeds 60076,
+    # 60133).  So the old value is kept only under the part of the statement's host guard where
+    # some earlier assignment's host guard holds; elsewhere `u` has no value to keep, and a valid
+    # rule reads it only where `cond` held, so it is assigned outright.  A statement whose host
+    # guard half overlaps becomes two, one under each part.
+
+    def _keeps_old_value(self, host, condition, held) -> list[tuple[sympy.Basic, bool]]:
+        """(host guard, whether to keep the old value with tl.where) for each piece a statement
+        under ``host`` prints as; ``held``: where its target already has a value."""
+        if condition is None or implies(host, sympy.Not(held)):
+            return [(host, False)]
+        if implies(host, held):
+            return [(host, True)]
+        return [(sympy.And(host, held), True), (sympy.And(host, sympy.Not(held)), False)]
+
     def _later_scalar_definitions(self) -> list[set[str]]:
         """For each statement, the scalars some later statement assigns."""
         out, later = [], set()
@@ -446,14 +471,6 @@ class _KernelBuilder:
     def _loop_scalars(self, tensor_code) -> set[str]:
         text = "\n".join(line for _, lines in tensor_code for line in lines if not line.lstrip().startswith("#"))
         return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
-
-
-def defined_before(statements: list[Assign], index: int, lists: list[str]) -> set[str]:
-    """Tensor names that hold a value before statement ``index`` (loaded or assigned)."""
-    names = set(lists)
-    for a in statements[:index]:
-        names.add(a.target)
-    return names
 
 
 def _over_arguments(condition) -> str:

@@ -99,3 +99,188 @@ def test_sign_keeps_the_tensors_precision(tmp_path):
         m = grad - log(1 + abs(sign(m))) + sign(grad) * 0.001
         param = param - lr * m
     """, HYPER, STATE), expected, ON_OFF)
+
+
+# -- a local assigned in both branches of a hyperparameter `if` nested in a per-tensor one ------------
+# Each branch became a statement under its own constexpr guard, and the second branch's assignment
+# `u = tl.where(step_lt_2, value, u)` kept the old `u` where the per-tensor condition is false: but
+# that `u` was assigned only by the first branch, under the other guard, so the kernel compiled for
+# the second one read a name it never defined (UnboundLocalError; seeds 60076, 60133).
+
+COUNTER_STATE = 'step = "0"\nm = "zeros_like(param)"'
+H0 = "lr = 0.1\nh0 = 0.3"
+H0_CONFIGS = [{}, {"h0": 0.7}]
+
+
+def _check_counter(tmp_path, rule, expected, hyper=H0, configs=H0_CONFIGS):
+    check(tmp_path, spec_text(rule, hyper, COUNTER_STATE), expected, configs,
+          init=lambda name, p: torch.zeros_like(p) if name == "m" else 0, state_names=("step", "m"))
+
+
+def test_local_in_both_hyperparameter_branches_under_a_counter_condition(tmp_path):
+    def expected(param, grad, s, h):
+        s["step"] += 1
+        if s["step"] < 3:
+            u = 2 * grad if h.get("h0", 0.3) < 0.5 else 3 * grad + param
+            s["m"] = s["m"] + u * param
+        return param - 0.1 * s["m"], s
+
+    _check_counter(tmp_path, """
+        step = step + 1
+        if step < 3:
+            if h0 < 0.5:
+                u = 2 * grad
+            else:
+                u = 3 * grad + param
+            m = m + u * param
+        param = param - lr * m
+    """, expected)
+
+
+def test_local_read_only_inside_the_nested_branches(tmp_path):
+    def expected(param, grad, s, h):
+        s["step"] += 1
+        if s["step"] < 3:
+            if h.get("h0", 0.3) < 0.5:
+                u = 2 * grad
+                s["m"] = s["m"] + u
+            else:
+                u = 3 * grad
+                u = u * param
+                s["m"] = s["m"] - u
+        return param - 0.1 * s["m"], s
+
+    _check_counter(tmp_path, """
+        step = step + 1
+        if step < 3:
+            if h0 < 0.5:
+                u = 2 * grad
+                m = m + u
+            else:
+                u = 3 * grad
+                u = u * param
+                m = m - u
+        param = param - lr * m
+    """, expected)
+
+
+def test_local_read_after_the_outer_block_that_assigns_it_on_both_sides(tmp_path):
+    def expected(param, grad, s, h):
+        s["step"] += 1
+        if s["step"] < 3:
+            u = 2 * grad if h.get("h0", 0.3) < 0.5 else 3 * grad
+        else:
+            u = grad * param
+        s["m"] = s["m"] + u
+        return param - 0.1 * u, s
+
+    _check_counter(tmp_path, """
+        step = step + 1
+        if step < 3:
+            if h0 < 0.5:
+                u = 2 * grad
+            else:
+                u = 3 * grad
+        else:
+            u = grad * param
+        m = m + u
+        param = param - lr * u
+    """, expected)
+
+
+def test_scalar_local_in_both_hyperparameter_branches_under_a_counter_condition(tmp_path):
+    def expected(param, grad, s, h):
+        s["step"] += 1
+        if s["step"] < 3:
+            c = s["step"] * 2 if h.get("h0", 0.3) < 0.5 else s["step"] + 0.5
+            s["m"] = s["m"] + c * grad
+        return param - 0.1 * s["m"], s
+
+    _check_counter(tmp_path, """
+        step = step + 1
+        if step < 3:
+            if h0 < 0.5:
+                c = step * 2
+            else:
+                c = step + 0.5
+            m = m + c * grad
+        param = param - lr * m
+    """, expected)
+
+
+def test_local_assigned_three_levels_deep(tmp_path):
+    def expected(param, grad, s, h):
+        s["step"] += 1
+        if s["step"] < 3:
+            if h.get("h0", 0.3) < 0.5:
+                u = 2 * grad if h.get("h1", 0.3) < 0.5 else 4 * grad
+            else:
+                u = 3 * grad
+            s["m"] = s["m"] + u
+        return param - 0.1 * s["m"], s
+
+    _check_counter(tmp_path, """
+        step = step + 1
+        if step < 3:
+            if h0 < 0.5:
+                if h1 < 0.5:
+                    u = 2 * grad
+                else:
+                    u = 4 * grad
+            else:
+                u = 3 * grad
+            m = m + u
+        param = param - lr * m
+    """, expected, hyper="lr = 0.1\nh0 = 0.3\nh1 = 0.3", configs=[{}, {"h0": 0.7}, {"h1": 0.7}])
+
+
+def test_counter_condition_inside_the_hyperparameter_one(tmp_path):
+    def expected(param, grad, s, h):
+        s["step"] += 1
+        if h.get("h0", 0.3) < 0.5:
+            u = 2 * grad if s["step"] < 3 else grad * param
+        else:
+            u = 3 * grad
+        s["m"] = s["m"] + u
+        return param - 0.1 * u, s
+
+    _check_counter(tmp_path, """
+        step = step + 1
+        if h0 < 0.5:
+            if step < 3:
+                u = 2 * grad
+            else:
+                u = grad * param
+        else:
+            u = 3 * grad
+        m = m + u
+        param = param - lr * u
+    """, expected)
+
+
+def test_local_assigned_under_a_hyperparameter_then_under_a_counter_condition(tmp_path):
+    # the first assignment exists in one kernel only: the second keeps it (tl.where) there and
+    # assigns outright in the other, where nothing reads `u` past the counter condition
+    def expected(param, grad, s, h):
+        s["step"] += 1
+        small = h.get("h0", 0.3) < 0.5
+        if small:
+            u = grad * param
+        if s["step"] < 3:
+            u = 2 * grad
+            s["m"] = s["m"] + u
+        if small:
+            s["m"] = s["m"] - u
+        return param - 0.1 * s["m"], s
+
+    _check_counter(tmp_path, """
+        step = step + 1
+        if h0 < 0.5:
+            u = grad * param
+        if step < 3:
+            u = 2 * grad
+            m = m + u
+        if h0 < 0.5:
+            m = m - u
+        param = param - lr * m
+    """, expected)
