@@ -18,8 +18,8 @@ from optgen.fuzz.generate import CONSTRUCTS, KNOWN_BUGS, generate
 from optgen.runtime import c_launch
 
 CHUNK = 20
-FAST_SEEDS = range(1000, 1160)
-EVERY_BACKEND_SEEDS = range(2000, 2024)
+FAST_SEEDS = range(1000, 1320)
+EVERY_BACKEND_SEEDS = range(2000, 2040)
 SIZE, STEPS, SHAPES = 5, 3, [(7, 5), (13,)]
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.toml"))
 
