@@ -113,8 +113,9 @@ class _Lowering:
                             f"cannot assign to '{target}': it is a {role.value}, fixed during a step; "
                             "assign to a new name instead")
         value_is_tensor = is_tensor_valued(value, self.roles)
-        if role is None:
-            self.roles[target] = Role.TENSOR if value_is_tensor else Role.SCALAR
+        if role is None:  # a new local: a tensor if its expression reads one as written (Note [Local types])
+            written_tensor = value_is_tensor or _reads_tensor_as_written(value_node, self.roles)
+            self.roles[target] = Role.TENSOR if written_tensor else Role.SCALAR
         elif role in (Role.SCALAR, Role.COUNTER) and value_is_tensor:
             raise SpecError(self.loc(stmt), f"'{target}' is a scalar ({role.value}) but this value is a tensor")
         state = self.spec.state.get(target)
@@ -123,3 +124,26 @@ class _Lowering:
             first = state.init_value
         self.body.append(Assign(target, value, guard, self.loc(stmt), ast.unparse(stmt), first,
                                 tuple(builder.products)))
+
+
+# Note [Local types]
+# ~~~~~~~~~~~~~~~~~~
+# A local's kind (tensor or host scalar) is decided by its first assignment, from the expression
+# as the spec writes it: `t = grad - grad` is a tensor of zeros even though sympy folds its value
+# to 0.  Deciding from the folded value made `t` a scalar, then `u = abs(t) + 1` one too, and a
+# later `else: u = grad` was rejected as a tensor assigned to a scalar.  A tensor local whose
+# value is a number becomes a full tensor of it (optgen/passes/select_ops.py).  Reads inside the
+# functions that give one number per tensor (norm, numel, ndim, size, machine_eps) do not count.
+_PER_TENSOR_SCALARS = {"norm", "numel", "ndim", "size", "machine_eps"}
+
+
+def _reads_tensor_as_written(node: ast.AST, roles) -> bool:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _PER_TENSOR_SCALARS:
+            continue
+        if isinstance(n, ast.Name) and roles.get(n.id) is not None and roles[n.id].is_tensor:
+            return True
+        stack.extend(ast.iter_child_nodes(n))
+    return False

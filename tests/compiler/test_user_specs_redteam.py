@@ -150,3 +150,25 @@ def test_tuple_item_named_like_another_hyperparameter(tmp_path, names, column):
     message = str(error.value)
     assert message.startswith(f"{path}:7:{column}: tuple item "), message
     assert "already" in message, message
+
+
+# -- a local whose first value folds to a number, and is a tensor on another path ---------------
+# `t1 = grad - grad` is a tensor of zeros; sympy folds it to 0, so `u = abs(t1) + 1` was typed a
+# scalar local and the `else: u = grad` branch was rejected ("'u' is a scalar but this value is a
+# tensor"; fuzz seed 61059).  A local is a tensor when its expression reads a tensor as written.
+
+def test_local_folded_to_a_number_is_still_a_tensor(tmp_path):
+    def expected(param, grad, s, h):
+        u = torch.ones_like(grad) if h["weight_decay"] > 0.1 else grad
+        t = torch.zeros_like(grad) + 0.5
+        return param - 0.1 * (u + t), s
+
+    check(tmp_path, spec_text("""
+        t1 = grad - grad
+        if weight_decay > 0.1:
+            u = abs(t1) + 1
+        else:
+            u = grad
+        half = (param - param) + 0.5
+        param = param - lr * (u + half)
+    """, HYPER, ""), expected, [{"weight_decay": 0.0}, {"weight_decay": 0.25}], state_names=())
