@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "triton, c)")
     p.add_argument("--flags", help="the variant to show the IR of, e.g. amsgrad=true,maximize=false")
     p.add_argument("--dump-ir", metavar="PASS", help="print the IR after this pass (lower, specialize, cse, "
-                                                     "hoist_scalars, select_ops, reuse_buffers)")
+                                                     "name_reduction_arguments, hoist_scalars, select_ops, reuse_buffers, "
+                                                     "preserve_values)")
     p.set_defaults(run=cmd_show)
     p = sub.add_parser("new", help="scaffold a spec: DIR/<name>.toml")
     p.add_argument("name")
