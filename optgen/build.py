@@ -92,10 +92,13 @@ def user_target(sources: list[Path], out: Path) -> Target:
         raise SpecError(None, f"--out {out}: the folder name '{out.name}' is the package name, so it must be a "
                               "Python identifier (e.g. --out my_optimizers)")
     resolved = out.resolve()
-    if resolved == PACKAGE or PACKAGE in resolved.parents:
-        raise SpecError(None, f"--out {out} is inside the installed optgen package; choose a folder of your project")
+    if resolved == PACKAGE or PACKAGE in resolved.parents or resolved == (CHECKOUT / "generated").resolve():
+        raise SpecError(None, f"--out {out} is optgen's own package; choose a folder of your project")
     search = tuple(dict.fromkeys(f.resolve() for f in folders)) + (builtin_optimizer_dir(),)
-    return Target(tuple(dict.fromkeys(files)), search, out, builtin=False)
+    unique: dict[Path, Path] = {}
+    for f in files:  # a file given twice (a folder and the file in it) is built once
+        unique.setdefault(f.resolve(), f)
+    return Target(tuple(unique.values()), search, out, builtin=False)
 
 
 def spec_paths(root: Path | None = None) -> list[Path]:
@@ -139,11 +142,13 @@ def check_unique_names(compiled: list) -> None:
     _check_unique_paths({c.spec.path: c.spec.name for c in compiled})
 
 
-def own_kernels(compiled: list, names: set[str] | None = None) -> list:
+def own_kernels(compiled: list, package: dict[str, str] | None = None) -> list:
     """A spec that shares its parent's kernels (``extends`` without a new rule, like AdamW) needs
-    that parent in the same package; a user's spec extending a built-in gets kernels of its own."""
-    names = names if names is not None else {c.spec.name for c in compiled}
-    return [c if c.spec.kernels_from in (None, *names) else
+    that very parent — the file its ``extends`` found — in the same package (``package``: every
+    optimizer's name → its resolved file); otherwise it gets kernels of its own (a user's spec
+    extending a built-in, or extending a built-in whose name one of the user's specs also has)."""
+    package = package if package is not None else {c.spec.name: c.spec.file for c in compiled}
+    return [c if c.spec.kernels_from is None or package.get(c.spec.kernels_from) == c.spec.kernels_from_file else
             dataclasses.replace(c, spec=dataclasses.replace(c.spec, kernels_from=None)) for c in compiled]
 
 
@@ -208,10 +213,10 @@ def compiler_digest() -> str:
 def extends_chain(path: Path, search_path: tuple[Path, ...]) -> list[Path]:
     """The spec file and the files it extends, found as load_spec finds them (cheaply: TOML only).
     A file that does not parse ends the chain; compiling it reports the error."""
-    from optgen.spec.load import find_parent
+    from optgen.spec.search import MAX_EXTENDS, find_parent
 
     chain = [path]
-    while len(chain) < 32:
+    while len(chain) <= MAX_EXTENDS + 1:  # the loader refuses longer chains
         try:
             parent = tomllib.loads(chain[-1].read_text(encoding="utf-8")).get("optimizer", {}).get("extends")
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
@@ -224,7 +229,11 @@ def extends_chain(path: Path, search_path: tuple[Path, ...]) -> list[Path]:
 
 
 def input_key(path: Path, target: Target, digest: str) -> str:
-    h = hashlib.sha256(digest.encode())
+    from optgen.spec.toml_source import display_path
+
+    # The generated headers name the spec as display_path shows it (relative to the working
+    # directory for a user's spec), so that is an input too.
+    h = hashlib.sha256(digest.encode() + b"\0" + display_path(path).encode())
     for f in extends_chain(path, target.search_path):
         try:
             h.update(str(f).encode() + b"\0" + f.read_bytes() + b"\0")
@@ -332,10 +341,17 @@ class FileManager:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared package from its users
             os.replace(tmp, self.out_dir / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def build(root: Path | None = None, check: bool = False, target: Target | None = None,
@@ -347,7 +363,8 @@ def build(root: Path | None = None, check: bool = False, target: Target | None =
         return manager.stale(render_all(compile_all(target=target), target))
     digest = compiler_digest()
     old = read_manifest(target.out_dir) if incremental else {}
-    old_specs = old.get("specs", {}) if old.get("package") == target.package else {}
+    old_specs = old.get("specs") if old.get("package") == target.package else {}
+    old_specs = old_specs if isinstance(old_specs, dict) else {}  # a forged or damaged manifest: ignored
     keys = {str(p): input_key(p, target, digest) for p in target.spec_files}
     reused = {p: entry for p, entry in ((p, old_specs.get(p)) for p in keys)
               if isinstance(entry, dict) and entry.get("key") == keys[p] and isinstance(entry.get("name"), str)
@@ -357,7 +374,7 @@ def build(root: Path | None = None, check: bool = False, target: Target | None =
     old_sched = old.get("schedules") if isinstance(old.get("schedules"), dict) else {}
     sched_reused = target.builtin and old_sched.get("key") == sched_key \
         and _outputs_intact(target.out_dir, old_sched.get("outputs"))
-    if len(reused) == len(keys) and (sched_reused or not target.builtin) \
+    if len(reused) == len(keys) and set(old_specs) == set(keys) and (sched_reused or not target.builtin) \
             and _outputs_intact(target.out_dir, old.get("init")) and manager.existing() == _all_outputs(old):
         return BuildResult([], [], sorted(manager.existing()))  # nothing to do
 
@@ -365,7 +382,7 @@ def build(root: Path | None = None, check: bool = False, target: Target | None =
     names = {p: reused[p]["name"] if p in reused else fresh[p].spec.name for p in keys}
     # Duplicate names and shared kernels are decided over every spec, compiled now or reused.
     _check_unique_paths(names)
-    fresh = dict(zip(fresh, own_kernels(list(fresh.values()), set(names.values()))))
+    fresh = dict(zip(fresh, own_kernels(list(fresh.values()), {names[p]: str(Path(p).resolve()) for p in keys})))
     files: dict[str, str] = {}
     outputs: dict[str, dict[str, str]] = {}
     for p in keys:
@@ -412,7 +429,8 @@ def build(root: Path | None = None, check: bool = False, target: Target | None =
 
 def _all_outputs(manifest: dict) -> set[str]:
     names: set[str] = set()
-    for entry in manifest.get("specs", {}).values():
+    specs = manifest.get("specs")
+    for entry in (specs.values() if isinstance(specs, dict) else ()):
         if isinstance(entry, dict) and isinstance(entry.get("outputs"), dict):
             names |= set(entry["outputs"])
     for key in ("init",):

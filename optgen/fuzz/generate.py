@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 #: constructs the generator can leave out while a compiler bug in them is unfixed: name → the bug.
-#: run.py and the CI seeds pass ``avoid=KNOWN_BUGS``; ``optgen fuzz --all`` generates them anyway.
+#: run.py and the CI seeds pass ``avoid=KNOWN_BUGS``; ``optgen fuzz --all-constructs`` generates them anyway.
 KNOWN_BUGS: dict[str, str] = {
     # Each key is a construct (or a pattern the generator can steer around) and names the bug.
     # Empty: every bug found so far is fixed (tests/fuzz/regressions/ keeps each one's spec).

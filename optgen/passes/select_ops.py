@@ -233,12 +233,13 @@ class _Selector:
 
     def scale(self, value: _Value, coeff: sympy.Expr, dens: list, ops: list[TensorOp]) -> _Value:
         num, den = sympy.fraction(coeff)
-        if num == -1 and den == 1:
-            return self.apply(value, "neg", (), ops)
-        if num != 1:
-            value = self.apply(value, "mul", (num,), ops)
-        if den != 1:
-            value = self.apply(value, "div", (den,), ops)
+        if num == -1 and den == 1:  # (and the tensor divisors below: returning here dropped them)
+            value = self.apply(value, "neg", (), ops)
+        else:
+            if num != 1:
+                value = self.apply(value, "mul", (num,), ops)
+            if den != 1:
+                value = self.apply(value, "div", (den,), ops)
         for d in dens:
             value = self.apply(value, "div", (self.operand(d, ops),), ops)
         return value
@@ -288,7 +289,10 @@ class _Selector:
             return ops
         terms = self.ordered_terms(expr, first=me)
         coeff, nums, dens = self.split_product(terms[0])
-        if me in nums and not any(t.has(me) for t in terms[1:]) and not any(n.has(me) for n in nums if n != me):
+        # In place only when nothing else in the statement reads the old value: a later term, another
+        # factor, or a divisor (m / (|m| + 2) read m after m.neg_() had changed it).
+        if me in nums and not any(t.has(me) for t in terms[1:]) and not any(n.has(me) for n in nums if n != me) \
+                and not any(d.has(me) for d in dens):
             nums.remove(me)
             for n in nums:
                 self.apply(mine, "mul", (self.operand(n, ops),), ops)

@@ -293,7 +293,25 @@ class MathBuilder:
         if not isinstance(node, ast.Constant):  # sympy folds the numbers of a sum or product
             for number in value.atoms(sympy.Float, sympy.Rational):
                 self.constant(number, node)
+            self.real_constants(value, node)
         return value
+
+    def real_constants(self, value: sympy.Expr, node: ast.AST) -> None:
+        """Note [Expression limits]: a part made of numbers alone (``sqrt(-1)``, ``exp(1000)``) must be
+        a finite real number, or no backend can compute it (sympy keeps ``sqrt(-1)`` as ``I``)."""
+        if value.has(sympy.I):
+            raise self.error(node, f"'{ast.unparse(node)}' is not a real number (the square root or logarithm of "
+                                   "a negative number?): the spec language computes with real numbers")
+        for part in sympy.preorder_traversal(value):
+            if isinstance(part, sympy.Expr) and not part.free_symbols and not part.is_Number \
+                    and isinstance(part, sympy.Function):
+                number = part.evalf(17)  # the spec's own functions (clamp, minimum, ...) stay unevaluated
+                bad = (number.is_Number and not (number.is_finite and abs(number) <= MAX_FLOAT)) \
+                    or (not number.is_Number and number.is_real is False)
+                if bad:
+                    raise self.error(node, f"'{ast.unparse(node)}' computes {sympy.sstr(part)} = "
+                                           f"{sympy.sstr(number, full_prec=False)}, which is not a finite real "
+                                           "number: numbers must be finite")
 
     def constant(self, value: sympy.Number, node: ast.AST) -> None:
         """Note [Expression limits]: a number (written or folded by sympy) fits the generated code."""

@@ -20,6 +20,7 @@ from optgen.errors import Location, SpecError
 from optgen.spec import expressions
 from optgen.spec.model import RUNTIME_OPTIONS, Check, Hyperparameter, Spec, StateVar
 from optgen.spec.reserved import reserved_message, reserved_why
+from optgen.spec.search import MAX_EXTENDS, find_parent
 from optgen.spec.toml_source import Source, display_path, expect, read, reject_unknown
 
 SECTIONS = {
@@ -52,19 +53,7 @@ class _Merged:
         # The spec extended, when this file changes nothing its kernels depend on (no rule, no
         # state, no new hyperparameter): its kernels are then the parent's (AdamW's are Adam's).
         self.kernels_from: str | None = None
-
-
-def find_parent(name: str, search_path: tuple[Path, ...]) -> Path | None:
-    """The spec file an ``extends = "name"`` means: ``<name lower-cased>.toml`` in the first folder
-    of the search path that has one (the folders being built, then the built-in specs).  Only a
-    plain name is looked up, never a path, so a spec cannot make optgen read files elsewhere."""
-    if not name.isidentifier():
-        return None
-    for folder in search_path:
-        candidate = folder / f"{name.lower()}.toml"
-        if candidate.is_file():
-            return candidate.resolve()
-    return None
+        self.kernels_from_file = ""
 
 
 def _merge_file(path: Path, search_path: tuple[Path, ...], seen: tuple[str, ...] = ()) -> tuple[_Merged, Source]:
@@ -93,6 +82,9 @@ def _merge_file(path: Path, search_path: tuple[Path, ...], seen: tuple[str, ...]
             raise SpecError(src.value_loc(("optimizer", "extends")),
                             f"cannot extend '{base_name}': extends names an optimizer (e.g. \"Adam\"), not a path")
         base_path = find_parent(base_name, search_path)
+        if len(seen) > MAX_EXTENDS:
+            raise SpecError(src.value_loc(("optimizer", "extends")),
+                            f"cannot extend '{base_name}': a chain of extends may be at most {MAX_EXTENDS} specs long")
         if base_name.lower() in seen or base_path is None:
             where = ", ".join(display_path(d) for d in search_path)
             why = "extends itself in a cycle" if base_name.lower() in seen else \
@@ -104,6 +96,7 @@ def _merge_file(path: Path, search_path: tuple[Path, ...], seen: tuple[str, ...]
         same_kernels = "update" not in data and "state" not in data \
             and set(data.get("hyperparameters", {})) <= set(merged.hyperparameters)
         merged.kernels_from = (merged.kernels_from or merged.optimizer["name"][0]) if same_kernels else None
+        merged.kernels_from_file = (merged.kernels_from_file or str(base_path)) if same_kernels else ""
     for key, value in optimizer.items():
         merged.optimizer[key] = (value, src)
     for key, value in data.get("hyperparameters", {}).items():
@@ -195,6 +188,7 @@ def load_spec(path: str | Path, search_path: tuple[Path, ...] | None = None) -> 
         hyperparameters=hyper, checks=checks, state=state, rule=rule, rule_text=rule_text, rule_loc=rule_loc,
         complex_params=complex_mode == "view_as_real", eager_state=state_init == "eager",
         torch_name=opt_value("torch", str), extends=opt_value("extends", str), kernels_from=merged.kernels_from,
+        kernels_from_file=merged.kernels_from_file, file=str(path.resolve()),
         gradients=gradients, algorithm=algorithm,
     )
 

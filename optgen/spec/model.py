@@ -88,6 +88,8 @@ class Spec:
     torch_name: str | None       # the torch.optim class this spec reproduces (test oracle)
     extends: str | None = None
     kernels_from: str | None = None  # a spec whose kernels this one shares (it extends it, same rule)
+    kernels_from_file: str = ""      # ... that spec's file, resolved (a package shares only that one's)
+    file: str = ""                   # this spec's own file, resolved
     #: "dense" | "sparse" | "dense_or_sparse" | "dense_or_gathered" (Note [Sparse gradients])
     gradients: str = "dense"
     algorithm: str | None = None    # an intrinsic step (optgen/runtime/<algorithm>.py) instead of a rule

@@ -309,3 +309,71 @@ def test_a_counter_updated_from_a_norm_verifies_on_every_backend(tmp_path, capsy
     (tmp_path / "novograd.toml").write_text(NOVOGRAD)
     assert verify_all(steps=10, sources=[tmp_path / "novograd.toml"]), capsys.readouterr().out
     assert build(target=user_target([tmp_path / "novograd.toml"], tmp_path / "pkg")).verified == ["NovoGrad"]
+
+
+# -- found by review: the incremental build and --out --------------------------------------------
+def test_a_deleted_spec_leaves_the_package(project):
+    (project / "my_specs" / "other.toml").write_text(YOGI.replace('name = "Yogi"', 'name = "Other"'))
+    target = user_target([project / "my_specs"], project / "pkg")
+    build(target=target)
+    (project / "my_specs" / "other.toml").unlink()
+    result = build(target=user_target([project / "my_specs"], project / "pkg"))
+    assert "other.py" in result.removed and not (project / "pkg" / "other_forloop.py").exists()
+    assert "Other" not in (project / "pkg" / "__init__.py").read_text()
+
+
+def test_kernels_are_shared_only_with_the_spec_extends_found(project):
+    """`extends = "SGD"` looks for sgd.toml: with the user's optimizer named SGD in mysgd.toml, it
+    finds the built-in SGD, so the child may not share the user's SGD's kernels (it shared them by
+    name and ran the wrong rule); with the user's in sgd.toml, it extends and shares that one."""
+    mine = YOGI.replace('name = "Yogi"', 'name = "SGD"')
+    (project / "my_specs" / "yogi.toml").unlink()
+    (project / "my_specs" / "mysgd.toml").write_text(mine)
+    (project / "my_specs" / "child.toml").write_text('[optimizer]\nname = "Child"\nextends = "SGD"\n')
+    result = build(target=user_target([project / "my_specs"], project / "pkg"))
+    assert sorted(result.verified) == ["Child", "SGD"]
+    child = (project / "pkg" / "child.py").read_text()
+    assert "child_forloop" in child and "sgd_forloop" not in child
+
+    (project / "my_specs" / "mysgd.toml").rename(project / "my_specs" / "sgd.toml")
+    build(target=user_target([project / "my_specs"], project / "pkg"))
+    child = (project / "pkg" / "child.py").read_text()
+    assert "sgd_forloop" in child and not (project / "pkg" / "child_forloop.py").exists()
+
+
+def test_a_damaged_manifest_is_ignored_not_a_traceback(project):
+    target = user_target([project / "my_specs"], project / "pkg")
+    build(target=target)
+    for forged in ('{"package": "pkg", "specs": [1]}', '{"package": "pkg", "specs": {"x": 1}}', "[]", "{"):
+        (project / "pkg" / MANIFEST).write_text(forged)
+        assert build(target=target).compiled == ["Yogi"]
+
+
+def test_the_header_follows_the_working_directory_and_so_does_the_cache(project, monkeypatch):
+    """Generated headers name the spec relative to where optgen runs; a build from another folder
+    must rewrite them, or `--check` from there would disagree with what the build left."""
+    target = user_target([project / "my_specs"], project / "pkg")
+    monkeypatch.chdir(project)
+    build(target=target)
+    monkeypatch.chdir(project / "my_specs")
+    assert build(target=target).compiled == ["Yogi"]
+    assert build(target=target, check=True) == []
+
+
+def test_out_may_not_be_optgens_own_package(project):
+    with pytest.raises(SpecError, match="is optgen's own package"):
+        user_target([project / "my_specs"], ROOT / "generated")
+
+
+def test_built_files_are_readable_as_the_umask_says(project):
+    old = os.umask(0o022)
+    try:
+        build(target=user_target([project / "my_specs"], project / "pkg"))
+    finally:
+        os.umask(old)
+    assert (project / "pkg" / "yogi.py").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_file_given_twice_is_built_once(project):
+    target = user_target([project / "my_specs", (project / "my_specs" / "yogi.toml").resolve()], project / "pkg")
+    assert len(target.spec_files) == 1

@@ -397,3 +397,17 @@ def test_common_mistakes_say_what_to_write(tmp_path, written, message):
     path = spec_file(tmp_path, ("param = param - lr * exp_avg / denom", f"param = param - lr * {written} / denom"))
     assert message in error(path)
     assert error(path).startswith(f"{load_spec_path(path)}:{PARAM_LINE}:")
+
+
+@pytest.mark.parametrize("written,message", [
+    ("sqrt(-1)", "is not a real number"),
+    ("log(-1)", "is not a real number"),
+    ("exp(1000)", "which is not a finite real number"),
+    ("exp(exp(exp(10)))", "which is not a finite real number"),
+])
+def test_constants_that_are_not_finite_real_numbers(tmp_path, written, message):
+    """Parts of a rule made of numbers alone that no backend can compute: a spec error at the
+    statement, not an internal compiler error in a backend or the interpreter."""
+    path = spec_file(tmp_path, ("param = param - lr * exp_avg / denom", f"param = param - lr * {written} * exp_avg / denom"))
+    assert error(path).startswith(f"{load_spec_path(path)}:{PARAM_LINE}:") and message in error(path)
+    assert "internal compiler error" not in error(path)
