@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -184,22 +185,29 @@ def writable(directory: Path) -> Path:
     return fallback
 
 
+#: per thread: id of a loaded library → the OpenMP thread count last set through it
+_OMP_THREADS = threading.local()
+
+
 class Library:
     """The C source of one generated module, compiled per dtype on first use."""
 
     def __init__(self, name: str, source: str):
         self.name, self.source = name, source
         self._loaded: dict[torch.dtype, ctypes.CDLL] = {}
-        self._threads: dict[torch.dtype, int] = {}
 
     def function(self, dtype: torch.dtype, name: str):
         lib = self._loaded.get(dtype)
         if lib is None:
             lib = self._loaded[dtype] = ctypes.CDLL(str(self._compile(dtype)))
+        # As many threads as torch's own CPU kernels use, asked at every call: OpenMP's count is
+        # per calling thread (a worker thread starts at OMP_NUM_THREADS whatever the main thread
+        # set), so what was set is remembered per thread and library.
         threads = torch.get_num_threads()
-        if self._threads.get(dtype) != threads:  # as many threads as torch's own CPU kernels use
+        set_here = _OMP_THREADS.__dict__
+        if set_here.get(id(lib)) != threads:
             lib.optgen_set_num_threads(threads)
-            self._threads[dtype] = threads
+            set_here[id(lib)] = threads
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = _ARGTYPES, None
         return fn

@@ -91,7 +91,8 @@ class GeneratedOptimizer(Optimizer):
                                                    and any(g.is_sparse for g in grads))
         if gathered:
             tensors, scatter = _gather_rows(tensors)
-        implementation = "forloop" if single_sparse else dispatch.choose(self, group, params)
+        implementation = "forloop" if single_sparse else dispatch.without_subclasses(
+            self, dispatch.choose(self, group, params), params)
         dispatch.check_step(self, group, implementation, params, tensors)
         if group.get("differentiable") and "differentiable" in self._kernels:
             implementation = "differentiable"  # Note [differentiable=True] (backends/differentiable.py)
@@ -192,6 +193,10 @@ class GeneratedOptimizer(Optimizer):
             except ImportError as e:
                 raise RuntimeError(f"optgen's {implementation} implementation needs the {e.name} package "
                                    "(pip install 'optgen[cuda]')") from e
+            # Safe from several threads at once: import_module holds the module's import lock, so
+            # a second thread waits for the whole module (never a half-run one), and the class's
+            # table is replaced, never changed in place — a racing thread's entry may be lost,
+            # which only means importing it again, from sys.modules.
             type(self)._kernels = {**type(self)._kernels, implementation: module}
         return module
 
