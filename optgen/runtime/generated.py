@@ -20,9 +20,11 @@ Everything here is the same for every spec, so it is written once, by hand, and 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from optgen.runtime import dispatch
+from optgen.runtime import c_launch, dispatch
 from optgen.runtime.optimizer import Optimizer
 
 
@@ -86,7 +88,7 @@ class GeneratedOptimizer(Optimizer):
         if not params:
             return
         states = [self._state_of(p, group) for p in params]
-        tensors, created = self._kernel_lists(params, grads, states)
+        tensors, created = self._kernel_lists(params, grads, states, group)
         gathered = self._gradients == "sparse" or (self._gradients == "dense_or_gathered"
                                                    and any(g.is_sparse for g in grads))
         if gathered:
@@ -109,7 +111,16 @@ class GeneratedOptimizer(Optimizer):
             return
         if module.MULTI_TENSOR:
             for sub in _split_by_device_and_dtype(self, tensors):
-                kernel(**sub, **scalars)
+                if implementation != "c":
+                    kernel(**sub, **scalars)
+                    continue
+                try:
+                    kernel(**sub, **scalars)
+                except c_launch.Unsupported as e:  # raised before the kernel wrote anything
+                    warnings.warn(f"optgen: {e}; this group steps with the for-loop kernel instead",
+                                  stacklevel=3)
+                    forloop = self._kernel_module("forloop")
+                    forloop.VARIANTS[tuple(bool(group[f]) for f in self._flags)](**sub, **scalars)
         else:
             kernel(**tensors, **scalars)
         if gathered:
@@ -146,12 +157,15 @@ class GeneratedOptimizer(Optimizer):
             state = self.state.get(param, {})
         return state
 
-    def _kernel_lists(self, params, grads, states) -> tuple[dict[str, list], dict[str, list[bool]]]:
+    def _kernel_lists(self, params, grads, states, group=None) -> tuple[dict[str, list], dict[str, list[bool]]]:
         """The kernel's per-tensor lists by argument name (complex tensors as real views), and
-        for each lazily created state which entries do not exist yet."""
+        for each lazily created state which entries do not exist yet.  A state the parameter's
+        state should hold and does not (a partial or foreign checkpoint) is torch's KeyError."""
         tensors = {"params": params, "grads": grads}
         for name, key in self._tensor_state:
-            tensors[name] = [s.get(key) for s in states]
+            values = tensors[name] = [s.get(key) for s in states]
+            if group is not None and key not in self._lazy_state and any(v is None for v in values):
+                self._check_present(key, params, states, values, group)
         for name, key in self._counter_state:
             # A counter torch keeps as a Python number (SparseAdam's step) runs as a 0-dim tensor.
             tensors[name] = [torch.tensor(float(s[key]), dtype=torch.float64) if key in self._host_counters
@@ -162,6 +176,30 @@ class GeneratedOptimizer(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
             tensors = _view_complex_as_real(tensors)
         return tensors, created
+
+    def _check_present(self, key: str, params, states, values, group: dict) -> None:
+        """Note [Missing state]: an absent state is an optional one (Adam's max_exp_avg_sq without
+        amsgrad, Adafactor's row_var of a vector) or one a checkpoint lost.  Which, says the state
+        ``_init_state`` would make for the parameter: what torch reads as ``state[key]``, so a lost
+        one is torch's ``KeyError: key`` (a None one its TypeError), raised before anything is
+        updated; the kernels (the C one addresses every state it touches) never see it."""
+        numbers = group if group.get("differentiable") else _numbers(group)
+        try:
+            hyper = tuple((k, v) for k, v in numbers.items() if k != "params")
+            hash(hyper)
+        except TypeError:  # a Tensor hyperparameter of a differentiable group: not remembered
+            hyper = None
+        expected = {}  # (shape, dtype) → the keys, once per step: a group's parameters share a few
+        for i, (p, s, v) in enumerate(zip(params, states, values)):
+            if v is not None:
+                continue
+            like = (p.shape, p.dtype)
+            if like not in expected:
+                expected[like] = _expected_state(self, p, numbers, hyper)
+            if key in expected[like]:
+                if key in s:
+                    raise TypeError(f"expected Tensor as element {i} in the state '{key}', but got NoneType")
+                raise KeyError(key)
 
     def _store_results(self, params, states, tensors, created, replaced: bool) -> None:
         """Back into self.state: host counters as numbers, lazily created state from the kernel's
@@ -199,6 +237,28 @@ class GeneratedOptimizer(Optimizer):
             # which only means importing it again, from sys.modules.
             type(self)._kernels = {**type(self)._kernels, implementation: module}
         return module
+
+
+_EXPECTED: dict[tuple, frozenset] = {}
+
+
+def _expected_state(optimizer, param: torch.Tensor, numbers: dict, hyper: tuple | None) -> frozenset:
+    """The state keys ``_init_state`` makes for ``param`` with the hyperparameters ``numbers``
+    (Note [Missing state]), from a meta tensor like it, remembered per optimizer class, shape,
+    dtype and hyperparameters (``hyper``: their hashable form, None when they have none)."""
+    key = None if hyper is None else (type(optimizer), tuple(param.shape), param.dtype, hyper)
+    keys = _EXPECTED.get(key) if key is not None else None
+    if keys is None:
+        try:
+            initial = optimizer._init_state(torch.empty_like(param, device="meta"), numbers)
+        except (RuntimeError, NotImplementedError):  # an initialiser meta tensors lack
+            initial = optimizer._init_state(param.detach(), numbers)
+        keys = frozenset(initial or ())
+        if key is not None:
+            if len(_EXPECTED) > 1024:
+                _EXPECTED.clear()
+            _EXPECTED[key] = keys
+    return keys
 
 
 def _raw(value):
