@@ -5,7 +5,8 @@ call for a parameter dtype (float32, float64, bfloat16, float16) the source is c
 :data:`PRELUDE` in front, into a shared library under the cache directory (``$OPTGEN_CACHE_DIR``,
 else ``~/.cache/optgen``, else the temporary directory when that is not writable), named by a
 hash of everything that goes into it, and loaded with ctypes; later processes load the cached
-file.  The compiler is ``$CC`` or ``cc``, with ``-O3 -march=native -fopenmp -fno-math-errno
+file once its digest checks out (Note [Kernel cache]).  The compiler is ``$CC`` (arguments
+allowed: ``CC='ccache gcc'``) or ``cc``, with ``-O3 -march=native -fopenmp -fno-math-errno
 -fno-trapping-math`` (PERF-NOTES: without ``-fno-math-errno`` ``sqrtf`` does not vectorise; without
 the second a comparison a select makes unconditional blocks if-conversion — no kernel reads the
 floating-point exception flags); no ``-ffast-math``, which would break NaN propagation and the
@@ -22,10 +23,13 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -159,9 +163,15 @@ C_TYPES = {
 _ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int]
 
 
-def compiler() -> str | None:
-    """The C compiler to use, or None when there is none."""
-    return shutil.which(os.environ.get("CC", "cc"))
+def compiler() -> list[str] | None:
+    """The C compiler's command line (``$CC``, which may carry arguments: ``CC='ccache gcc'``, or
+    ``cc``), its program resolved on the PATH; None when there is none."""
+    try:
+        command = shlex.split(os.environ.get("CC") or "cc")
+    except ValueError:  # unbalanced quotes: no usable compiler
+        return None
+    program = shutil.which(command[0]) if command else None
+    return None if program is None else [program, *command[1:]]
 
 
 def available() -> bool:
@@ -172,17 +182,158 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OPTGEN_CACHE_DIR") or Path.home() / ".cache" / "optgen") / "c"
 
 
-def writable(directory: Path) -> Path:
-    """``directory``, created; or, where it cannot be written, one in the temporary directory."""
+class CacheError(RuntimeError):
+    """The kernel cache directory cannot be trusted (Note [Kernel cache])."""
+
+
+# Note [Kernel cache]
+# ~~~~~~~~~~~~~~~~~~~
+# Loading a shared library runs its constructors, so a library another local user can put (or
+# swap, or truncate) in the cache is code run as this user, and a damaged one a SIGBUS.  Hence:
+# - the cache directory is made 0700 (chmod after mkdir: the umask only removes bits) and is
+#   refused, like a missing compiler (a warning, then the for-loop), when it or its parent is
+#   owned by someone else, or writable by group or others (a parent with the sticky bit, /tmp,
+#   is fine: others cannot rename our entries there).  The fallback in the temporary directory,
+#   optgen-<uid>/c, is checked the same way (lstat: a planted symlink is refused too);
+# - each library is published (written, fsynced, renamed: a reader sees a whole file or none)
+#   with <name>.sha256 beside it, holding its digest and name; a library is loaded only when its
+#   bytes hash to that digest, else rebuilt: a damaged, empty, swapped or foreign entry is never
+#   loaded.  Only this user can write either file (0700 directory);
+# - the name keys on everything that shapes the binary: source, compiler command and its
+#   `--version`, flags, defines, and the CPU (-march=native): /proc/cpuinfo's model and flags.
+
+def _trusted(directory: Path, *, follow: bool = True) -> str | None:
+    """Why ``directory`` (an existing one) cannot hold the kernel cache; None when it can."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if os.access(directory, os.W_OK):
-            return directory
+        st = os.stat(directory) if follow else os.lstat(directory)
+        parent = os.stat(directory.parent)
+    except OSError as e:
+        return f"the kernel cache {directory} cannot be read ({e.strerror})"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"the kernel cache {directory} is not a directory"
+    if st.st_uid != os.getuid():
+        return f"the kernel cache {directory} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return (f"the kernel cache {directory} is writable by group or others (mode {st.st_mode & 0o777:o}; "
+                "chmod 700 it, or set OPTGEN_CACHE_DIR)")
+    if parent.st_uid not in (os.getuid(), 0) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        return (f"the kernel cache {directory} is inside {directory.parent}, which others can write "
+                "(set OPTGEN_CACHE_DIR to a private directory)")
+    return None
+
+
+def _make_private(directory: Path) -> None:
+    """Creates ``directory`` and its missing parents with mode 0700, whatever the umask."""
+    missing = []
+    for path in (directory, *directory.parents):
+        if os.path.lexists(path):
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # a concurrent process made it: checked by _trusted like any other
+            continue
+        os.chmod(path, 0o700)
+
+
+def writable(directory: Path) -> Path:
+    """``directory``, created 0700 and checked (Note [Kernel cache]); where it cannot be created or
+    written, ``optgen-<uid>/c`` in the temporary directory, checked alike.  Raises CacheError when
+    the directory to use is not private to this user."""
+    try:
+        _make_private(directory)
+        usable = os.access(directory, os.W_OK | os.X_OK)
     except OSError:
-        pass
-    fallback = Path(tempfile.gettempdir()) / f"optgen-{os.getuid()}" / "c"
-    fallback.mkdir(parents=True, exist_ok=True)
+        usable = False
+    if usable:
+        reason = _trusted(directory)
+        if reason is not None:
+            raise CacheError(reason)
+        return directory
+    top = Path(tempfile.gettempdir()) / f"optgen-{os.getuid()}"
+    fallback = top / "c"
+    try:
+        _make_private(fallback)
+    except OSError as e:
+        raise CacheError(f"no writable kernel cache ({directory}, {fallback}: {e.strerror})") from None
+    reason = _trusted(top, follow=False) or _trusted(fallback, follow=False)
+    if reason is not None:
+        raise CacheError(reason)
     return fallback
+
+
+_IDENTITY: dict[tuple, str] = {}
+
+
+def _compiler_identity(cc: list[str]) -> str:
+    """``cc --version``'s output (once per process and command): a new compiler, a new key."""
+    key = tuple(cc)
+    if key not in _IDENTITY:
+        try:
+            result = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+            _IDENTITY[key] = f"{result.returncode}\n{result.stdout}"
+        except (OSError, subprocess.SubprocessError) as e:
+            _IDENTITY[key] = f"unavailable: {e}"
+    return _IDENTITY[key]
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line.strip() for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(dict.fromkeys(lines))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _verified(target: Path) -> bool:
+    """Whether ``target`` is the library optgen published under this name: its bytes hash to the
+    digest recorded beside it (a library's constructors run when it is loaded)."""
+    try:
+        recorded = target.with_name(target.name + ".sha256").read_text().split()
+        return recorded == [_digest(target), target.name]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _publish(tmp: Path, source: Path, target: Path) -> None:
+    """Moves ``source`` to ``target``, with its digest file, each written whole and fsynced."""
+    digest = Path(tmp) / "digest"
+    digest.write_text(f"{_digest(source)} {target.name}\n")
+    for path in (source, digest):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(source, target)  # atomic: a concurrent process sees a whole file or none
+    os.replace(digest, target.with_name(target.name + ".sha256"))
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: a build directory older than this was left by a killed compile
+_STALE_SECONDS = 3600
+
+
+def _remove_stale(directory: Path) -> None:
+    now = time.time()
+    for entry in directory.glob("build-*"):
+        try:
+            if now - entry.lstat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
 
 
 #: per thread: id of a loaded library → the OpenMP thread count last set through it
@@ -195,11 +346,34 @@ class Library:
     def __init__(self, name: str, source: str):
         self.name, self.source = name, source
         self._loaded: dict[torch.dtype, ctypes.CDLL] = {}
+        #: dtype → why its library cannot be built or loaded: remembered, so a step does not compile again
+        self._failed: dict[torch.dtype, str] = {}
+
+    def unusable(self, dtype: torch.dtype) -> str | None:
+        """Why this library cannot run ``dtype`` (compiled and loaded now if need be); None when it can."""
+        if dtype not in self._loaded:
+            try:
+                self._load(dtype)
+            except RuntimeError as e:
+                return str(e)
+        return None
+
+    def _load(self, dtype: torch.dtype) -> ctypes.CDLL:
+        if dtype in self._failed:
+            raise RuntimeError(self._failed[dtype])
+        try:
+            path = self._compile(dtype)
+            lib = ctypes.CDLL(str(path))
+            lib.optgen_set_num_threads  # noqa: B018 - a library without it is not one of ours
+        except (RuntimeError, OSError, AttributeError) as e:
+            self._failed[dtype] = str(e) if isinstance(e, RuntimeError) else \
+                f"optgen: loading the C kernels of {self.name} failed: {e}"
+            raise RuntimeError(self._failed[dtype]) from None
+        self._loaded[dtype] = lib
+        return lib
 
     def function(self, dtype: torch.dtype, name: str):
-        lib = self._loaded.get(dtype)
-        if lib is None:
-            lib = self._loaded[dtype] = ctypes.CDLL(str(self._compile(dtype)))
+        lib = self._loaded.get(dtype) or self._load(dtype)
         # As many threads as torch's own CPU kernels use, asked at every call: OpenMP's count is
         # per calling thread (a worker thread starts at OMP_NUM_THREADS whatever the main thread
         # set), so what was set is remembered per thread and library.
@@ -213,17 +387,21 @@ class Library:
         return fn
 
     def _compile(self, dtype: torch.dtype) -> Path:
+        """The verified library for ``dtype`` in the cache, built there when missing or damaged
+        (Note [Kernel cache])."""
         ctype, defines = C_TYPES[dtype]
         cc = compiler()
         if cc is None:
             raise RuntimeError("optgen's fused CPU kernels need a C compiler (cc, or $CC); none was found")
         text = PRELUDE + self.source
-        key = hashlib.sha256("\0".join([text, cc, *FLAGS, *defines, platform.machine(), platform.node()])
-                             .encode()).hexdigest()[:20]
-        target = writable(cache_dir()) / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"
-        if target.exists():
+        key = hashlib.sha256("\0".join([text, *cc, _compiler_identity(cc), *FLAGS, *defines, platform.machine(),
+                                        _cpu_identity()]).encode()).hexdigest()[:20]
+        directory = writable(cache_dir())
+        target = directory / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"
+        if _verified(target):
             return target
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        _remove_stale(directory)
+        with tempfile.TemporaryDirectory(dir=directory, prefix="build-") as tmp:
             source = Path(tmp) / "kernels.c"
             source.write_text(text)
             out = Path(tmp) / "kernels.so"
@@ -231,13 +409,18 @@ class Library:
             for dropped in (None, *OPTIONAL_FLAGS):
                 if dropped is not None:
                     flags.remove(dropped)
-                result = subprocess.run([cc, *flags, *defines, "-o", str(out), str(source)],
-                                        capture_output=True, text=True)
-                if result.returncode == 0:
+                try:
+                    result = subprocess.run([*cc, *flags, *defines, "-o", str(out), str(source)],
+                                            capture_output=True, text=True)
+                except OSError as e:
+                    raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed: "
+                                       f"{shlex.join(cc)}: {e.strerror}") from None
+                if result.returncode == 0 and out.exists():
                     break
             else:
-                raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed:\n{result.stderr}")
-            os.replace(out, target)  # atomic: a concurrent process loads a whole file or compiles its own
+                detail = result.stderr.strip() or f"{shlex.join(cc)} exited with status {result.returncode}"
+                raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed:\n{detail}")
+            _publish(Path(tmp), out, target)
         return target
 
 
@@ -334,25 +517,33 @@ def _view(shape) -> tuple[int, int, int, int]:
 # Note [Plan keys]
 # ~~~~~~~~~~~~~~~~
 # A plan (its address tables) is reused while every tensor it was checked for is laid out the
-# same: address, shape, strides, storage offset and storage size, dtype (``_layout``).  The
+# same: address, shape, contiguity (standing for the strides: _check refuses other layouts) and
+# dtype (``_layout``); a contiguous view torch made lies inside its storage, so the storage offset
+# and size add nothing once the address is known.  The
 # address alone is not enough: a gradient re-viewed in place (``w.grad = buf.view(4, 4).t()``)
 # or a state replaced by a smaller tensor the allocator put at the same address would reuse a
 # plan checked for another tensor, and the kernel would read in the wrong order or past the end.
-# Building the key costs about a microsecond per tensor each step (measured in the report of
-# issue 11: Adam, 1000 tensors).
+# Building the key costs about 0.4 µs per tensor each step (Adam, 1000 tensors of 100 elements:
+# 2.3 ms a step without it, see the session note of issue 11).
 
 def _layout(tensors) -> tuple:
     """What a plan depends on of these tensors (Note [Plan keys]), as one flat tuple: per tensor
-    its address (0: a state left absent), rank, shape, strides, storage offset and size, dtype.
+    its address (0: a state left absent), shape, contiguity and dtype.
     Flat, not a tuple per tensor: thousands of tuples kept alive per step set off the garbage
     collector's full passes over the optimizer's state (measured: 2 ms became 17 ms a step)."""
     key = []
+    append = key.append
     for t in tensors:
         if t is None:
-            key.append(0)
+            append(0)
         else:
-            key += (t.data_ptr(), t.dim(), *t.shape, *t.stride(), t.storage_offset(),
-                    t.untyped_storage().nbytes(), t.dtype)
+            # A torch.Size holds ints only (the collector does not track it); contiguity stands for
+            # the strides (_check refuses other layouts), and a contiguous view torch made lies
+            # inside its storage, so storage offset and size add nothing once the address is known.
+            append(t.data_ptr())
+            append(t.shape)
+            append(t.is_contiguous())
+            append(t.dtype)
     return tuple(key)
 
 

@@ -52,9 +52,11 @@ def triton_applies(params: list[torch.Tensor]) -> bool:
 C_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128}
 
 
-def c_declines(params: list[torch.Tensor]) -> str | None:
+def c_declines(params: list[torch.Tensor], optimizer=None) -> str | None:
     """Why the fused C kernels cannot update these CPU parameters (None: they can): they need
-    floating (or complex) contiguous tensors and gradients, and a C compiler on the machine."""
+    floating (or complex) contiguous tensors and gradients, a C compiler on the machine, and
+    (given the optimizer) its kernels built and loaded — a compiler that fails, or an untrusted
+    kernel cache, is a reason like a missing compiler (remembered: compiled once per dtype)."""
     from optgen.runtime import c_launch
 
     if not c_launch.available():
@@ -64,7 +66,17 @@ def c_declines(params: list[torch.Tensor]) -> str | None:
             return f"a {p.dtype} parameter"
         if not p.is_contiguous() or (p.grad is not None and not p.grad.is_contiguous()):
             return "a parameter or gradient that is not contiguous"
+    library = getattr(optimizer._kernel_module("c"), "LIBRARY", None) if optimizer is not None else None
+    if library is not None:
+        for dtype in dict.fromkeys(_C_REAL.get(p.dtype, p.dtype) for p in params):
+            reason = library.unusable(dtype)
+            if reason is not None:
+                return reason
     return None
+
+
+#: complex parameters run as real views of their parts
+_C_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
@@ -78,7 +90,7 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
         if "triton" in optimizer.implementations and triton_applies(params):
             return "triton"
         if "c" in optimizer.implementations and params and all(p.device.type == "cpu" for p in params):
-            reason = c_declines(params)
+            reason = c_declines(params, optimizer)
             if reason is None:
                 return "c"
             # torch's fused CPU kernels take these: run the for-loop (torch's single-tensor
