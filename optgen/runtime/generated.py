@@ -80,6 +80,25 @@ class GeneratedOptimizer(Optimizer):
         """The state a parameter starts with (generated from the spec's [state] table)."""
         raise NotImplementedError
 
+    def __setstate__(self, state: dict) -> None:
+        """Note [Counters saved as numbers]: older torch releases saved ``step`` (ASGD's ``eta`` and
+        ``mu``, NAdam's ``mu_product``) as Python numbers, and torch 2.13 still loads them: each
+        optimizer's ``__setstate__`` (which ``load_state_dict`` calls) turns them back into 0-dim
+        tensors.  The kernels update counters in place, so they do the same here, for every spec,
+        into the tensor a fresh state would hold: the scalar dtype on the CPU, or next to the
+        parameter when the group is ``capturable`` / ``fused`` (float32 when ``fused``), which is
+        where torch puts them.  Host counters (SparseAdam's ``step``) stay numbers."""
+        super().__setstate__(state)
+        counters = {key for _, key in self._counter_state} - set(self._host_counters)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                numbers = {key: p_state[key] for key in counters
+                           if p_state and key in p_state and not isinstance(p_state[key], torch.Tensor)}
+                if numbers:
+                    tensors = {key: torch.tensor(float(v), dtype=scalar_dtype()) for key, v in numbers.items()}
+                    p_state.update(dispatch.place_counters(tensors, p, group, counters))
+
     def _step_group(self, group: dict) -> None:
         """One step for one param group: gather the kernel's lists, pick and call the kernel,
         store what it created."""
