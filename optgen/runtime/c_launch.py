@@ -594,8 +594,10 @@ def _check(params, tensors, grads, counters, reduced=None) -> None:
     kinds = {c.dtype for values in counters for c in values}
     for values in counters:
         for i, c in enumerate(values):
-            if c.device.type != "cpu" or c.numel() != 1 or c.dtype not in (torch.float32, torch.float64) \
-                    or len(kinds) > 1:
+            if c.device.type != "cpu" or c.numel() != 1 or c.dtype not in (torch.float32, torch.float64):
                 raise RuntimeError(f"optgen's fused CPU kernel reads counters (step) as 1-element float32 or "
                                    f"float64 CPU tensors, all of one dtype; parameter {i}'s is {c.dtype} "
                                    f"{tuple(c.shape)} on {c.device}")
+    if len(kinds) > 1:  # torch's load casts a float64 model's eta/mu_product, not its step: the for-loop
+        raise Unsupported(f"optgen's fused CPU kernel reads all counters in one dtype; these are "
+                          f"{' and '.join(sorted(str(k) for k in kinds))} (a checkpoint torch loaded)")
