@@ -134,30 +134,9 @@ def _flags(variant) -> str:
 
 
 def _compare(compiled, variant, implementation, kwargs, result, reference) -> None:
-    import torch
+    from optgen.verify import differences
 
-    (params, states), (ref_params, ref_states) = result, reference
-    worst: dict[str, float] = {}
-
-    def note(name, x, y):
-        x = torch.as_tensor(x, dtype=torch.float64)
-        y = torch.as_tensor(y, dtype=torch.float64)
-        if x.shape != y.shape:
-            worst[name] = float("inf")
-            return
-        if x.numel():
-            diff = ((x - y).abs() / (1e-12 + y.abs())).max().item()
-            if not diff <= TOLERANCE:  # NaN counts as a difference
-                worst[name] = max(worst.get(name, 0.0), diff if diff == diff else float("inf"))
-
-    for p, q in zip(params, ref_params):
-        note("param", p, q)
-    for s, r in zip(states, ref_states):
-        for name in set(s) | set(r):
-            if name not in s or name not in r:
-                worst[name] = float("inf")
-            else:
-                note(name, s[name], r[name])
+    worst = {name: d for name, d in differences(result, reference).items() if not d <= TOLERANCE}
     if not worst:
         return
     spec = compiled.spec

@@ -7,7 +7,6 @@ flag combinations from its variants.
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import torch
 
@@ -119,20 +118,38 @@ def run_reference(compiled: Compiled, kwargs: dict, steps: int, *, cls=None, sha
     return params, states
 
 
-def max_difference(a, b) -> float:
-    """Largest relative difference over params and every state entry (shape and keys must match)."""
+def differences(a, b) -> dict[str, float]:
+    """The largest relative difference per name ("param" or a state) over ``a``'s and ``b``'s
+    (params, states) pairs: a shape that differs, a state one side lacks, or a NaN (on either
+    side: ``max(worst, nan)`` would keep ``worst`` and let a NaN result pass) is infinitely far."""
     (pa, sa), (pb, sb) = a, b
-    worst = 0.0
-    for x, y in itertools.chain(zip(pa, pb), ((s1[k], s2[k]) for s1, s2 in zip(sa, sb) for k in s1)):
+    worst: dict[str, float] = {}
+
+    def note(name, x, y):
         x = torch.as_tensor(x, dtype=torch.float64)
         y = torch.as_tensor(y, dtype=torch.float64)
         if x.shape != y.shape:
-            return float("inf")
-        worst = max(worst, ((x - y).abs() / (1e-12 + y.abs())).max().item() if x.numel() else 0.0)
+            diff = float("inf")
+        elif not x.numel():
+            diff = 0.0
+        else:
+            diff = ((x - y).abs() / (1e-12 + y.abs())).nan_to_num(nan=float("inf")).max().item()
+        worst[name] = max(worst.get(name, 0.0), diff)
+
+    for x, y in zip(pa, pb):
+        note("param", x, y)
     for s1, s2 in zip(sa, sb):
-        if set(s1) != set(s2):
-            return float("inf")
+        for name in set(s1) | set(s2):
+            if name in s1 and name in s2:
+                note(name, s1[name], s2[name])
+            else:
+                worst[name] = float("inf")
     return worst
+
+
+def max_difference(a, b) -> float:
+    """Largest relative difference over params and every state entry (:func:`differences`)."""
+    return max(differences(a, b).values(), default=0.0)
 
 
 @contextlib.contextmanager

@@ -47,6 +47,9 @@ def test_reference_comparison_can_fail():
     assert max_difference((params, states), reference) < 1e-10
     states[0]["exp_avg"] = states[0]["exp_avg"] * (1 + 1e-6)
     assert max_difference((params, states), reference) > 1e-10
+    nan = states[0]["exp_avg"].clone()
+    nan.view(-1)[0] = float("nan")  # a NaN result is not close to anything (max() would skip it)
+    assert max_difference((params, [{**states[0], "exp_avg": nan}, *states[1:]]), reference) == float("inf")
     states[0].pop("exp_avg")
     assert max_difference((params, states), reference) == float("inf")
 
