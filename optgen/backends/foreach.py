@@ -49,7 +49,7 @@ class ForeachRenderer(PythonRenderer):
         return self.list_name(name)
 
     def is_per_tensor(self, expr) -> bool:
-        return any(s.name not in self.group_scalars and not s.name.startswith('"')
+        return any(s.name not in self.program.group_scalars and not s.name.startswith('"')
                    for s in sympy.sympify(expr).free_symbols)
 
     def scalar_arg(self, expr) -> str:
@@ -58,7 +58,7 @@ class ForeachRenderer(PythonRenderer):
         if not self.is_per_tensor(expr):
             return self.scalar(expr)
         names = sorted(s.name for s in expr.free_symbols
-                       if s.name not in self.group_scalars and not s.name.startswith('"'))
+                       if s.name not in self.program.group_scalars and not s.name.startswith('"'))
         if expr.is_Symbol:
             return self.list_name(expr.name)
         if len(names) == 1:

@@ -77,7 +77,7 @@ class ForLoopRenderer(PythonRenderer):
         return f"{self.list_name(name)}[{self.index}]"
 
     def scalar_name(self, name: str) -> str:
-        per_tensor = name not in self.group_scalars and not name.startswith('"') \
+        per_tensor = name not in self.program.group_scalars and not name.startswith('"') \
             and name not in self.local_names
         return f"{self.list_name(name)}[{self.index}]" if self.index and per_tensor else name
 

@@ -33,11 +33,6 @@ class PythonRenderer:
     def __init__(self, program: OpProgram):
         self.program = program
         self.per_tensor = {s.target for s in program.steps if s.per_tensor}
-        # Names with one value per param group: the program's (hyperparameters, the preamble) and
-        # the scalars hoist_scalars kept in the body only because they sit under an `if`
-        # (`if h1 < 0.5: c1 = h0 * lr`) — still one Python number, not a list per tensor.
-        self.group_scalars = program.group_scalars | {
-            s.target for s in program.steps if s.kind == "scalar" and not s.per_tensor}
         # Scalar locals → where first assigned (Note [Guards evaluate in the order they were written]).
         self.defined_at = first_assignments(s.target for s in program.steps if s.kind == "scalar")
         # Counter updates whose new value nothing reads: no `.item()` (a device sync on CUDA).

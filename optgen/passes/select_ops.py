@@ -411,6 +411,10 @@ def select_ops(program: Program) -> OpProgram:
         name=program.variant_name, flags=program.flags, preamble=preamble, steps=tuple(steps),
         tensors=("param", "grad", *states), counters=tuple(counters), scalars=tuple(scalars),
         lazy_states=tuple(s.name for s in spec.state.values() if s.init == "first" and s.name in states),
+        # One value per param group: hyperparameters, the preamble, and the scalars hoist_scalars
+        # kept in the body only because they sit under an `if` (`if h1 < 0.5: c1 = h0 * lr`).
         group_scalars=frozenset({n for n, r in roles.items() if r is Role.HYPER}
-                                | {a.target for a in program.preamble}),
+                                | {a.target for a in program.preamble}
+                                | {a.target for a in program.body
+                                   if roles[a.target] is Role.SCALAR and a.target not in program.per_tensor}),
     )
