@@ -22,14 +22,18 @@ _counter = itertools.count()
 _FOLDERS: list[tempfile.TemporaryDirectory] = []
 
 
-def import_rendered(files: dict[str, str], hint: str = "pkg") -> ModuleType:
-    """The package made of ``files`` (module file name → text), imported under a fresh name."""
+def import_rendered(files: dict[str, str], hint: str = "pkg", parent: Path | None = None) -> ModuleType:
+    """The package made of ``files`` (module file name → text), imported under a fresh name, in a
+    private temporary folder kept for the process — or under ``parent``, a private folder whose
+    lifetime the caller owns (the fuzzer's batches, which would otherwise pile up until exit)."""
     digest = hashlib.sha256("".join(f"{k}\0{v}" for k, v in sorted(files.items())).encode()).hexdigest()[:12]
     name = f"_optgen_check_{hint.lower()}_{digest}_{next(_counter)}"
-    folder = tempfile.TemporaryDirectory(prefix="optgen-check-")  # mode 0700: only this user reads it
-    _FOLDERS.append(folder)
-    root = Path(folder.name) / name
-    root.mkdir()
+    if parent is None:
+        folder = tempfile.TemporaryDirectory(prefix="optgen-check-")  # mode 0700: only this user reads it
+        _FOLDERS.append(folder)
+        parent = Path(folder.name)
+    root = parent / name
+    root.mkdir(parents=True)
     for file, text in files.items():
         (root / file).write_text(text)
     spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])

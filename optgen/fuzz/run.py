@@ -123,11 +123,11 @@ def render_package(compiled: list, implementations: tuple[str, ...]) -> dict[str
     return files
 
 
-def import_package(files: dict[str, str], root: Path | None = None):
-    """Imports the package (a fresh name each time, in a private temporary folder)."""
+def import_package(files: dict[str, str], root: Path):
+    """Imports the package under ``root``, inside the batch's temporary folder (removed with it)."""
     from optgen.packages import import_rendered
 
-    return import_rendered(files, "fuzz")
+    return import_rendered(files, "fuzz", parent=root)
 
 
 def _one_c_library(package, compiled: list) -> None:
