@@ -203,7 +203,8 @@ def check_step(optimizer, group: dict, implementation: str, params: list[torch.T
     if group.get("differentiable") and implementation in FOREACH_IMPLEMENTATIONS \
             and name not in FOREACH_DIFFERENTIABLE:
         raise AssertionError("_foreach ops don't support autograd")
-    if group.get("capturable") and not torch.compiler.is_compiling():
+    # torch's fused kernels skip this check (Adam(fused=True, capturable=True) steps on the CPU).
+    if group.get("capturable") and not group.get("fused") and not torch.compiler.is_compiling():
         lists, xla = CAPTURABLE_WORDING.get((name, implementation),
                                             ("params and state_steps", implementation != "foreach"))
         devices = capturable_devices(xla)

@@ -86,3 +86,35 @@ def test_number_counters_resume_like_torch(name, keys, implementation, dtype):
             assert type(v_o) is type(v_t), key
             torch.testing.assert_close(v_o, v_t, **tol)
             assert (v_o.dtype, v_o.device, v_o.shape) == (v_t.dtype, v_t.device, v_t.shape), key
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_fused_capturable_on_cpu_steps_and_resumes_like_torch(name):
+    # torch's fused kernels skip the capturable device check (only the for-loop and foreach paths
+    # assert on it), so Adam(fused=True, capturable=True) steps on CPU, and its checkpoint resumes.
+    kw = dict(lr=0.01, weight_decay=0.1, fused=True, capturable=True)
+    p_torch, p_ours = _params(torch.float32), _params(torch.float32)
+    theirs = getattr(torch.optim, name)(p_torch, **kw)
+    ours = getattr(optgen, name)(p_ours, **kw)
+    for k in range(2):
+        _set_grads(k, p_torch)
+        _set_grads(k, p_ours)
+        theirs.step()
+        ours.step()
+    resumed = [p.detach().clone().requires_grad_() for p in p_torch]
+    again = getattr(optgen, name)(resumed, **kw)
+    again.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    for k in range(2, 4):
+        for params in (p_torch, p_ours, resumed):
+            _set_grads(k, params)
+        theirs.step()
+        ours.step()
+        again.step()
+    for p_t, p_o, p_r in zip(p_torch, p_ours, resumed):
+        torch.testing.assert_close(p_o, p_t, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(p_r, p_t, **TOLERANCES[torch.float32])
+        for key, v_t in theirs.state[p_t].items():
+            for opt, p in ((ours, p_o), (again, p_r)):
+                v = opt.state[p][key]
+                assert (v.dtype, v.device, v.shape) == (v_t.dtype, v_t.device, v_t.shape), key
+                torch.testing.assert_close(v, v_t, **TOLERANCES[torch.float32])
