@@ -49,6 +49,7 @@ class AdaBelief(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = False
+    _elementwise = True
 
     def __init__(
         self,

@@ -44,6 +44,7 @@ class Adadelta(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = True
+    _elementwise = True
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ class Adafactor(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = False
+    _elementwise = False
 
     def __init__(
         self,

@@ -43,6 +43,7 @@ class Adagrad(GeneratedOptimizer):
         "eps": ('eps', None),
     }
     _complex_as_real = True
+    _elementwise = True
     _gradients = "dense_or_gathered"  # see Note [Sparse gradients] in optgen/runtime/generated.py
 
     def __init__(

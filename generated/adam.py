@@ -55,6 +55,7 @@ class Adam(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = True
+    _elementwise = True
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ class Adamax(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = True
+    _elementwise = True
 
     def __init__(
         self,

@@ -48,6 +48,7 @@ class ASGD(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = True
+    _elementwise = True
 
     def __init__(
         self,

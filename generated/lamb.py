@@ -50,6 +50,7 @@ class Lamb(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = False
+    _elementwise = False
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ class LBFGS(GeneratedOptimizer):
     _lazy_state = ()
     _scalars = {}
     _complex_as_real = False
+    _elementwise = True
 
     def __init__(
         self,

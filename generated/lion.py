@@ -41,6 +41,7 @@ class Lion(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = False
+    _elementwise = True
 
     def __init__(
         self,

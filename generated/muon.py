@@ -53,6 +53,7 @@ class Muon(GeneratedOptimizer):
         "adjust_lr_fn": ('adjust_lr_fn', None),
     }
     _complex_as_real = False
+    _elementwise = False
 
     def __init__(
         self,

@@ -55,6 +55,7 @@ class NAdam(GeneratedOptimizer):
         "momentum_decay": ('momentum_decay', None),
     }
     _complex_as_real = True
+    _elementwise = True
 
     def __init__(
         self,

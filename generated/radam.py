@@ -59,6 +59,7 @@ class RAdam(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = True
+    _elementwise = True
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ class RMSprop(GeneratedOptimizer):
         "momentum": ('momentum', None),
     }
     _complex_as_real = True
+    _elementwise = True
 
     def __init__(
         self,

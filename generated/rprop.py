@@ -50,6 +50,7 @@ class Rprop(GeneratedOptimizer):
         "step_size_max": ('step_sizes', 1),
     }
     _complex_as_real = True
+    _elementwise = True
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ class SGD(GeneratedOptimizer):
         "weight_decay": ('weight_decay', None),
     }
     _complex_as_real = True
+    _elementwise = True
     _gradients = "dense_or_sparse"  # see Note [Sparse gradients] in optgen/runtime/generated.py
 
     def __init__(

@@ -48,6 +48,7 @@ class SparseAdam(GeneratedOptimizer):
         "eps": ('eps', None),
     }
     _complex_as_real = False
+    _elementwise = True
     _gradients = "sparse"  # see Note [Sparse gradients] in optgen/runtime/generated.py
     _host_counters = ('step',)
 

@@ -12,6 +12,7 @@ import sympy
 from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
 from optgen.backends.forloop import counter_list, plural
 from optgen.backends.printing import PythonScalarPrinter
+from optgen.ir.nodes import elementwise
 from optgen.passes import Compiled
 from optgen.spec.model import RUNTIME_OPTIONS
 
@@ -82,7 +83,8 @@ class OptimizerClassBackend(Backend):
             tensor_state=repr(tuple((plural(s.name), s.key) for s in spec.state.values() if not s.is_scalar)),
             counter_state=repr(tuple((counter_list(s.name), s.key) for s in spec.state.values() if s.is_scalar)),
             lazy_state=repr(tuple(s.key for s in spec.state.values() if s.init == "first")),
-            scalars=scalars, complex_as_real=spec.complex_params, signature=signature, checks=checks,
+            scalars=scalars, complex_as_real=spec.complex_params, elementwise=elementwise(compiled.program),
+            signature=signature, checks=checks,
             param_checks=param_checks, collect_checks=collect_checks, sparse_checks=sparse_checks,
             gradients=spec.gradients, algorithm=spec.algorithm,
             derived=derived,

@@ -20,7 +20,7 @@ from typing import Mapping
 import sympy
 
 from optgen.errors import Location
-from optgen.spec.expressions import SCALAR_OF_TENSOR
+from optgen.spec.expressions import SCALAR_OF_TENSOR, MachineEps, MeanDim, NewtonSchulz, NormDim
 from optgen.spec.model import Spec
 
 
@@ -52,6 +52,24 @@ def tensor_reads(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> set[str]:
     if isinstance(expr, SCALAR_OF_TENSOR):
         return set()
     return set().union(*(tensor_reads(a, roles) for a in expr.args))
+
+
+#: what reads more of a tensor than the element being updated: a reduction, or the tensor's shape
+#: (``machine_eps`` reads only the dtype)
+WHOLE_TENSOR = tuple(f for f in SCALAR_OF_TENSOR if f is not MachineEps) + (NormDim, MeanDim, NewtonSchulz)
+
+
+def elementwise(program: "Program") -> bool:
+    """Whether each element's new value depends only on the same element of the tensors (and on
+    host scalars): then updating a tensor piece by piece is updating it whole, and the kernels
+    may run on a DTensor's local shard (Note [Tensor subclasses] in optgen/runtime/subclasses.py).
+    False for a reduction or a shape read anywhere — the rule, a state's condition — and for
+    state shaped unlike the parameter (Adafactor's ``zeros_reduced``)."""
+    if any(s.init == "zeros_reduced" for s in program.spec.state.values()):
+        return False
+    expressions = [e for a in program.body + program.preamble for e in (a.value, a.first, a.guard) if e is not None]
+    expressions += list(program.state_when.values())
+    return not any(isinstance(e, sympy.Basic) and e.atoms(*WHOLE_TENSOR) for e in expressions)
 
 
 def is_tensor_valued(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> bool:

@@ -95,7 +95,7 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
                 return "c"
             # torch's fused CPU kernels take these: run the for-loop (torch's single-tensor
             # results) rather than fail, and say so once
-            _warn_once(f"optgen.{type(optimizer).__name__}(fused=True) runs its for-loop kernel on these "
+            warn_once(f"optgen.{type(optimizer).__name__}(fused=True) runs its for-loop kernel on these "
                        f"CPU parameters: {reason}")
             return "forloop"
         raise RuntimeError(f"optgen.{type(optimizer).__name__} has no fused implementation for these "
@@ -114,7 +114,7 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
 _WARNED: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=4)
@@ -213,26 +213,3 @@ def check_step(optimizer, group: dict, implementation: str, params: list[torch.T
             if p.device.type not in devices or any(
                     isinstance(c[i], torch.Tensor) and c[i].device.type != p.device.type for c in counters):
                 raise AssertionError(f"If capturable=True, {lists} must be on supported devices: {devices}.")
-
-
-#: implementations that read tensors' memory directly (by address, or as Triton pointers)
-NATIVE_IMPLEMENTATIONS = {"c", "triton"}
-
-
-def plain(t: torch.Tensor) -> bool:
-    """Whether ``t`` is an ordinary tensor (or Parameter) whose memory is its data — not a tensor
-    subclass such as FSDP2's DTensor, whose ``data_ptr()`` is 0 and whose ``numel()`` is global."""
-    return type(t) in (torch.Tensor, torch.nn.Parameter)
-
-
-def without_subclasses(optimizer, implementation: str, params: list[torch.Tensor]) -> str:
-    """The for-loop instead of a C or Triton kernel for tensor subclasses (DTensor), said once:
-    their ops dispatch through torch, which the for-loop's are; a native kernel given their
-    addresses would read the wrong memory (a segfault)."""
-    if implementation in NATIVE_IMPLEMENTATIONS and not torch.compiler.is_compiling() \
-            and not all(plain(p) and (p.grad is None or plain(p.grad)) for p in params):
-        kind = next(type(t).__name__ for p in params for t in (p, p.grad) if t is not None and not plain(t))
-        _warn_once(f"optgen.{type(optimizer).__name__} runs its for-loop kernel instead of the {implementation} "
-                   f"one on these parameters: a tensor subclass ({kind}) has no memory of its own to update")
-        return "forloop"
-    return implementation

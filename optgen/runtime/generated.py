@@ -14,7 +14,8 @@ and small generated methods:
 - ``_lazy_state``: state keys created by the kernel itself on their first step;
 - ``_scalars``: kernel keyword → (group key, tuple index or None);
 - ``_init_state(param, group)``: creates ``self.state[param]`` (generated from the spec);
-- ``_complex_as_real``: view complex tensors as real before calling the kernel.
+- ``_complex_as_real``: view complex tensors as real before calling the kernel;
+- ``_elementwise``: each element's update reads only that element (Note [Tensor subclasses]).
 
 Everything here is the same for every spec, so it is written once, by hand, and tested once.
 """
@@ -24,7 +25,7 @@ import warnings
 
 import torch
 
-from optgen.runtime import c_launch, dispatch
+from optgen.runtime import c_launch, dispatch, subclasses
 from optgen.runtime.optimizer import Optimizer
 
 
@@ -64,6 +65,7 @@ class GeneratedOptimizer(Optimizer):
     _lazy_state: tuple[str, ...] = ()
     _scalars: dict[str, tuple[str, int | None]] = {}
     _complex_as_real = False
+    _elementwise = False  # the safe answer for a class written by hand
     #: which gradients a step takes: "dense" (a sparse one is an error), "sparse" (only sparse ones,
     #: SparseAdam), "dense_or_sparse" (SGD), "dense_or_gathered" (Adagrad); Note [Sparse gradients]
     _gradients = "dense"
@@ -112,8 +114,9 @@ class GeneratedOptimizer(Optimizer):
                                                    and any(g.is_sparse for g in grads))
         if gathered:
             tensors, scatter = _gather_rows(tensors)
-        implementation = "forloop" if single_sparse else dispatch.without_subclasses(
-            self, dispatch.choose(self, group, params), params)
+        implementation = "forloop" if single_sparse else dispatch.choose(self, group, params)
+        # DTensors: the native kernels run on their local shards (Note [Tensor subclasses]).
+        implementation, tensors, to_global = subclasses.for_native_kernel(self, implementation, params, tensors)
         dispatch.check_step(self, group, implementation, params, tensors)
         if group.get("differentiable") and "differentiable" in self._kernels:
             implementation = "differentiable"  # Note [differentiable=True] (backends/differentiable.py)
@@ -144,6 +147,8 @@ class GeneratedOptimizer(Optimizer):
             kernel(**tensors, **scalars)
         if gathered:
             scatter()
+        if to_global is not None:
+            tensors = to_global(tensors, created)
         # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).
         self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
 

@@ -1,7 +1,6 @@
-"""First use from several threads and processes at once, the C kernels' OpenMP thread count per
-calling thread, and tensor subclasses (DTensor) with fused=True.  Each case runs in a fresh
-interpreter: a cold import is the point of the first ones, and a C kernel handed a DTensor used to
-segfault."""
+"""First use from several threads and processes at once, and the C kernels' OpenMP thread count
+per calling thread.  Each case runs in a fresh interpreter: a cold import is the point.  (Tensor
+subclasses: tests/runtime/test_dtensor.py.)"""
 from __future__ import annotations
 
 import os
@@ -109,60 +108,3 @@ def test_c_kernels_use_the_calling_threads_count(tmp_path):
     """
     result = run(code, env={"OMP_NUM_THREADS": "3", "OPTGEN_CACHE_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-DTENSOR = """
-    import os, warnings, torch, torch.distributed as dist, optgen
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor, Shard
-    store = dist.HashStore()
-    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
-    mesh = init_device_mesh("cpu", (1,))
-    torch.manual_seed(0)
-    start = [torch.randn(6, 5), torch.randn(7)]
-    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
-    def train(make):
-        params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in start]
-        opt = make(params)
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = distribute_tensor(g, mesh, [Shard(0)])
-            opt.step()
-        assert all(type(p).__name__ == "DTensor" for p in params)
-        return [p.full_tensor() for p in params]
-    kw = dict(lr=0.1, weight_decay=0.1, amsgrad=True)
-    expected = train(lambda ps: torch.optim.AdamW(ps, foreach=False, **kw))
-    def forced(name):
-        def make(ps):
-            opt = optgen.AdamW(ps, **kw)
-            opt.implementation = name
-            return opt
-        return make
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        results = {
-            "forloop": train(forced("forloop")),
-            "fused": train(lambda ps: optgen.AdamW(ps, fused=True, **kw)),
-            "fused again": train(lambda ps: optgen.AdamW(ps, fused=True, **kw)),
-            "c": train(forced("c")),
-        }
-    for name, got in results.items():
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=0, atol=0, msg=name)
-    messages = [str(w.message) for w in caught if "tensor subclass" in str(w.message)]
-    print(messages)
-    assert len(messages) == 1, messages
-    dist.destroy_process_group()
-    print("ok")
-"""
-
-
-@pytest.mark.skipif(not c_launch.available(), reason="no C compiler")
-def test_dtensor_parameters_with_fused_run_the_for_loop(tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    result = run(DTENSOR, env={"OPTGEN_CACHE_DIR": str(tmp_path)})
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "ok" in result.stdout
