@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from optgen.runtime.intrinsics import reduced_shape
+from optgen.runtime.native import KernelDeclined, layout
 
 #: the C every kernel source is compiled after: the element type and its math, counter access
 PRELUDE = r"""
@@ -462,7 +463,7 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
                            f"not {dtype}; use foreach=True or fused=None")
     n = len(params)
     if any(create and any(t is None for t in tensors[index]) for index, create in lazy.items()):
-        # Checked before the new state exists: a step refused here (Unsupported: the caller runs
+        # Checked before the new state exists: a step refused here (KernelDeclined: the caller runs
         # the for-loop instead) leaves nothing allocated behind in the caller's lists.
         _check(params, tensors, grads, counters, reduced or {})
     first = []
@@ -475,7 +476,7 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
                     flags[i] = 1
         first += flags
     plan = _plan(dtype, tensors, counters, reduced or {})
-    grad_key = _layout(grads)
+    grad_key = layout(grads)
     if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
         _check(params, [], grads, [])
         plan.grad_key = grad_key
@@ -514,45 +515,11 @@ def _view(shape) -> tuple[int, int, int, int]:
     return len(shape), math.prod(shape[:-2]), m, c
 
 
-# Note [Plan keys]
-# ~~~~~~~~~~~~~~~~
-# A plan (its address tables) is reused while every tensor it was checked for is laid out the
-# same: address, shape, contiguity (standing for the strides: _check refuses other layouts) and
-# dtype (``_layout``); a contiguous view torch made lies inside its storage, so the storage offset
-# and size add nothing once the address is known.  The
-# address alone is not enough: a gradient re-viewed in place (``w.grad = buf.view(4, 4).t()``)
-# or a state replaced by a smaller tensor the allocator put at the same address would reuse a
-# plan checked for another tensor, and the kernel would read in the wrong order or past the end.
-# Building the key costs about 0.4 µs per tensor each step (Adam, 1000 tensors of 100 elements:
-# 2.3 ms a step without it, see the session note of issue 11).
-
-def _layout(tensors) -> tuple:
-    """What a plan depends on of these tensors (Note [Plan keys]), as one flat tuple: per tensor
-    its address (0: a state left absent), shape, contiguity and dtype.
-    Flat, not a tuple per tensor: thousands of tuples kept alive per step set off the garbage
-    collector's full passes over the optimizer's state (measured: 2 ms became 17 ms a step)."""
-    key = []
-    append, extend = key.append, key.extend
-    for t in tensors:
-        if t is None:
-            append(0)
-        else:
-            # Ints, bools and dtypes only (no torch.Size kept: the collector tracks those); contiguity
-            # stands for the strides (_check refuses other layouts), and a contiguous view torch made
-            # lies inside its storage, so storage offset and size add nothing once the address is known.
-            append(t.data_ptr())
-            append(t.dim())
-            extend(t.shape)
-            append(t.is_contiguous())
-            append(t.dtype)
-    return tuple(key)
-
-
 def _plan(dtype, tensors, counters, reduced: dict) -> _Plan:
     """The cached tables for these tensors; a new set (a new parameter, state created or replaced,
     a loaded state dict, a tensor re-viewed in place) is checked and gets new ones."""
-    layouts = _layout(t for values in tensors for t in values)
-    counter_layouts = _layout(c for values in counters for c in values)
+    layouts = layout(t for values in tensors for t in values)
+    counter_layouts = layout(c for values in counters for c in values)
     key = (dtype, layouts, counter_layouts)
     plan = _PLANS.get(key)
     if plan is None:
@@ -567,15 +534,10 @@ def _plan(dtype, tensors, counters, reduced: dict) -> _Plan:
     return plan
 
 
-class Unsupported(RuntimeError):
-    """A tensor the kernel cannot address (a non-contiguous state: a transposed view that survived
-    torch.save), found before anything was written: the caller runs the for-loop kernel instead."""
-
-
 def _check(params, tensors, grads, counters, reduced=None) -> None:
     """Every tensor the kernel addresses is a contiguous CPU tensor of the group's dtype, shaped
     like its parameter (or its reduced shape); every counter a 1-element float32 or float64 CPU
-    tensor, all alike.  A state or gradient that is only not contiguous raises Unsupported."""
+    tensor, all alike.  A state or gradient that is only not contiguous raises KernelDeclined."""
     dtype = params[0].dtype
     reduced = reduced or {}
     for index, (what, values) in enumerate((("parameter", params), ("gradient", grads),
@@ -587,7 +549,7 @@ def _check(params, tensors, grads, counters, reduced=None) -> None:
             shape = params[i].shape if dim is None else reduced_shape(params[i].shape, dim)
             if t.device.type != "cpu" or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
                 wrong = t.device.type != "cpu" or t.dtype != dtype or t.shape != shape
-                raise (RuntimeError if wrong else Unsupported)(f"optgen's fused CPU kernel needs contiguous CPU tensors of one dtype, shaped "
+                raise (RuntimeError if wrong else KernelDeclined)(f"optgen's fused CPU kernel needs contiguous CPU tensors of one dtype, shaped "
                                    f"like their parameter: the {what} of parameter {i} is {t.dtype} "
                                    f"{tuple(t.shape)} on {t.device}"
                                    + ("" if t.is_contiguous() else ", not contiguous"))
@@ -599,5 +561,5 @@ def _check(params, tensors, grads, counters, reduced=None) -> None:
                                    f"float64 CPU tensors, all of one dtype; parameter {i}'s is {c.dtype} "
                                    f"{tuple(c.shape)} on {c.device}")
     if len(kinds) > 1:  # torch's load casts a float64 model's eta/mu_product, not its step: the for-loop
-        raise Unsupported(f"optgen's fused CPU kernel reads all counters in one dtype; these are "
+        raise KernelDeclined(f"optgen's fused CPU kernel reads all counters in one dtype; these are "
                           f"{' and '.join(sorted(str(k) for k in kinds))} (a checkpoint torch loaded)")

@@ -25,7 +25,8 @@ import warnings
 
 import torch
 
-from optgen.runtime import c_launch, dispatch, subclasses
+from optgen.runtime import dispatch, subclasses
+from optgen.runtime.native import NATIVE_IMPLEMENTATIONS, KernelDeclined
 from optgen.runtime.optimizer import Optimizer
 
 
@@ -123,9 +124,7 @@ class GeneratedOptimizer(Optimizer):
         module = self._kernel_module(implementation)
         kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]
         fused = getattr(module, "FUSED", False)  # reads Tensor hyperparameters on the device itself
-        as_given = getattr(module, "TENSOR_SCALARS", ())  # a Tensor lr keeps its autograd graph
-        scalars = {kw: (_raw if fused or kw in as_given else to_number)(group[key] if index is None else group[key][index])
-                   for kw, (key, index) in self._scalars.items()}
+        scalars = self._kernel_scalars(module, group)
         if fused:
             scalars.update(grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
             _counters_on_device(self, params, states, tensors)
@@ -133,16 +132,15 @@ class GeneratedOptimizer(Optimizer):
             return
         if module.MULTI_TENSOR:
             for sub in _split_by_device_and_dtype(self, tensors):
-                if implementation != "c":
+                if implementation not in NATIVE_IMPLEMENTATIONS:
                     kernel(**sub, **scalars)
                     continue
                 try:
                     kernel(**sub, **scalars)
-                except c_launch.Unsupported as e:  # raised before the kernel wrote anything
+                except KernelDeclined as e:  # raised before the kernel wrote anything
                     warnings.warn(f"optgen: {e}; this group steps with the for-loop kernel instead",
                                   stacklevel=3)
-                    forloop = self._kernel_module("forloop")
-                    forloop.VARIANTS[tuple(bool(group[f]) for f in self._flags)](**sub, **scalars)
+                    self._step_with_forloop(group, sub, scaled=fused)
         else:
             kernel(**tensors, **scalars)
         if gathered:
@@ -151,6 +149,24 @@ class GeneratedOptimizer(Optimizer):
             tensors = to_global(tensors, created)
         # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).
         self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
+
+    def _kernel_scalars(self, module, group: dict) -> dict:
+        """The hyperparameters a kernel module takes, by keyword: numbers, except where the module
+        reads Tensor hyperparameters itself (a ``FUSED`` one, on the device) or keeps them as
+        given (its ``TENSOR_SCALARS``: a Tensor lr keeps its autograd graph)."""
+        fused = getattr(module, "FUSED", False)
+        as_given = getattr(module, "TENSOR_SCALARS", ())
+        return {kw: (_raw if fused or kw in as_given else to_number)(group[key] if index is None else group[key][index])
+                for kw, (key, index) in self._scalars.items()}
+
+    def _step_with_forloop(self, group: dict, lists: dict[str, list], scaled: bool) -> None:
+        """The for-loop kernel on lists a native kernel declined (KernelDeclined, before it wrote
+        anything), with its own hyperparameters.  ``scaled``: the gradients are still scaled by
+        GradScaler (a fused kernel unscales them itself), so that is done (or the step skipped) here."""
+        forloop = self._kernel_module("forloop")
+        if scaled and _unscale_or_skip(self, lists["grads"]):
+            return
+        forloop.VARIANTS[tuple(bool(group[f]) for f in self._flags)](**lists, **self._kernel_scalars(forloop, group))
 
     def _check_gradients(self, group: dict, grads: list[torch.Tensor]) -> bool:
         """torch's errors for gradients the spec does not take; True when this group has a sparse

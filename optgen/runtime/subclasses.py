@@ -22,9 +22,7 @@ from __future__ import annotations
 import torch
 
 from optgen.runtime.dispatch import warn_once
-
-#: implementations that read tensors' memory directly (by address, or as Triton pointers)
-NATIVE_IMPLEMENTATIONS = {"c", "triton"}
+from optgen.runtime.native import NATIVE_IMPLEMENTATIONS
 
 def plain(t: torch.Tensor) -> bool:
     """Whether ``t`` is an ordinary tensor (or Parameter) whose memory is its data."""

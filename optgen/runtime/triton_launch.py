@@ -47,6 +47,8 @@ from collections import OrderedDict
 import torch
 import triton.language as tl  # the first use of a triton implementation imports triton here
 
+from optgen.runtime.native import KernelDeclined, layout
+
 #: Untuned defaults (no GPU was available when they were chosen): CHUNK elements per program,
 #: warps per program, and BLOCK elements per loop iteration — None: 16 bytes per thread and
 #: tensor (one 128-bit load each: 512 float32, 1024 bfloat16 with 4 warps).  `optgen bench
@@ -120,6 +122,10 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
     if dtype not in DTYPES:
         raise RuntimeError(f"optgen's triton kernels support {', '.join(map(str, DTYPES))} parameters, "
                            f"not {dtype}; use foreach=True")
+    if any(create and any(t is None for t in tensors[index][0]) for index, create in lazy.items()):
+        # Checked before the new state exists: a group declined here (KernelDeclined: the caller
+        # runs the for-loop instead) leaves nothing allocated behind in the caller's lists.
+        _check(device, dtype, params, _named(tensors), counters, allow_missing=True)
     new: list[list[int]] = []
     for index, create in lazy.items():
         values = tensors[index][0]
@@ -131,12 +137,13 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
                     flags[i] = 1
         new.append(flags)
     plan = _plan(device, dtype, tensors, counters, new)
-    grad_key = tuple(g.data_ptr() for g in grads)
-    if grad_key != plan.grad_key:
-        _check(device, dtype, params, [(grads, True, "grad")], [])
-        plan.grad_addresses = _to_device(list(grad_key), device)
+    grad_key = layout(grads, devices=True)
+    if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
+        _check(device, dtype, params, [(grads, True, "gradient")], [])
+        grad_addresses = [g.data_ptr() for g in grads]
+        plan.grad_addresses = _to_device(grad_addresses, device)
         plan.grad_key = grad_key
-        plan.grads_aligned = all(a % 16 == 0 for a in grad_key)
+        plan.grads_aligned = all(a % 16 == 0 for a in grad_addresses)
     addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals = plan.sections
 
     dummy = plan.table  # any device tensor: the pointer argument of a disabled feature
@@ -184,17 +191,18 @@ def _plan(device, dtype, tensors, counters, new) -> _Plan:
     """The cached launch tables for these tensors, built on a miss (see Note [Launch tables])."""
     params = tensors[0][0]
     rows = [tensors[0], *tensors[2:]]  # params and states; the grads have their own table
-    addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in rows]
-    counter_addresses = [[t.data_ptr() for t in values] for values in counters]
-    numels = [p.numel() for p in params]
-    key = (device, dtype, CONFIG["CHUNK"], tuple(map(tuple, addresses)), tuple(map(tuple, counter_addresses)),
-           tuple(numels), tuple(map(tuple, new)))
+    # Keyed on every tensor's layout, not its address alone (Note [Plan keys] in native.py).
+    key = (device, dtype, CONFIG["CHUNK"], layout((t if used else None for values, used in rows for t in values),
+                                                  devices=True),
+           layout((c for values in counters for c in values), devices=True), tuple(map(tuple, new)))
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan
-    names = ["param", *(f"state {k}" for k in range(1, len(rows)))]
-    _check(device, dtype, params, [(values, used, name) for (values, used), name in zip(rows, names)], counters)
+    _check(device, dtype, params, [named for named in _named(tensors) if named[2] != "gradient"], counters)
+    addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in rows]
+    counter_addresses = [[t.data_ptr() for t in values] for values in counters]
+    numels = [p.numel() for p in params]
     chunk_tensors, chunk_indices = [], []
     for i, n in enumerate(numels):
         chunks = max(1, -(-n // CONFIG["CHUNK"]))
@@ -225,30 +233,43 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _check(device, dtype, params, lists, counters) -> None:
+def _named(tensors) -> list[tuple[list, bool, str]]:
+    """The launch's ``(list, used)`` pairs with what each holds, for error messages."""
+    names = ["parameter", "gradient", *(f"state {k}" for k in range(1, len(tensors) - 1))]
+    return [(values, used, name) for (values, used), name in zip(tensors, names)]
+
+
+def _check(device, dtype, params, lists, counters, allow_missing: bool = False) -> None:
     """Every tensor the kernel will address is there, on the group's device and dtype, shaped like
     its parameter and contiguous (the kernel walks it as one flat array); every counter is one
-    element on the device (run only when a table is built, not every step)."""
+    element on the device, all of one dtype (run only when a table is built, not every step).  A
+    tensor that is only not contiguous, or counters of two dtypes, raise KernelDeclined."""
     for values, used, what in lists:
         if not used:
             continue
         for i, t in enumerate(values):
             if t is None:
+                if allow_missing:  # a state this step creates
+                    continue
                 raise RuntimeError(f"optgen triton launch: the {what} of parameter {i} is missing")
-            if t.device != device or t.dtype != dtype or t.numel() != params[i].numel():
+            if t.device != device or t.dtype != dtype or t.shape != params[i].shape:
                 raise RuntimeError(f"optgen's triton kernel needs every tensor of a group on one device and dtype, "
                                    f"shaped like its parameter: the {what} of parameter {i} is {t.dtype} "
                                    f"{tuple(t.shape)} on {t.device}, the parameter {params[i].dtype} "
                                    f"{tuple(params[i].shape)} on {device}")
             if not t.is_contiguous():
-                raise RuntimeError(f"optgen's triton kernel needs contiguous tensors; the {what} of parameter {i} "
-                                   "is not (use foreach=True for such parameters)")
+                raise KernelDeclined(f"optgen's triton kernel needs contiguous tensors; the {what} of parameter {i} "
+                                     "is not contiguous")
     for values in counters:
         for i, t in enumerate(values):
-            if t.device != device or t.numel() != 1 or t.dtype != values[0].dtype:
+            if t.device != device or t.numel() != 1:
                 raise RuntimeError(f"optgen's triton kernel reads its counters (step) as 1-element tensors on the "
                                    f"parameters' device ({device}); parameter {i}'s is {t.dtype} {tuple(t.shape)} "
                                    f"on {t.device}")
+    kinds = {c.dtype for values in counters for c in values}
+    if len(kinds) > 1:  # torch's load casts a float64 model's eta/mu_product, not its step
+        raise KernelDeclined(f"optgen's triton kernel reads all counters in one dtype; these are "
+                             f"{' and '.join(sorted(str(k) for k in kinds))} (a checkpoint torch loaded)")
 
 
 def _runner(kernel, device):

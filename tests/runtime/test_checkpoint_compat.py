@@ -61,7 +61,7 @@ def _legacy_checkpoint(name, dtype, keys):
 def test_number_counters_resume_like_torch(name, keys, implementation, dtype):
     # ASGD/NAdam, float64, c: torch's load casts a float64 model's eta / mu_product to float64 but
     # keeps step float32; the C launcher reads one counter dtype, so that group steps with the
-    # for-loop kernel, with a warning (c_launch.Unsupported), and must still match torch.
+    # for-loop kernel, with a warning (KernelDeclined), and must still match torch.
     values, sd = _legacy_checkpoint(name, dtype, keys)
     p_torch = [v.clone().requires_grad_() for v in values]
     p_ours = [v.clone().requires_grad_() for v in values]

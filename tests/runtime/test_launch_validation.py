@@ -1,6 +1,7 @@
-"""Every tensor the C kernel addresses is checked before a launch, and a launch plan is never
-reused for a tensor laid out differently (Note [Plan keys], Note [Missing state]).  Cases that
-crashed (segfault, heap corruption) run in a subprocess, so a crash fails the test."""
+"""Every tensor a native kernel (C; Triton, here in its interpreter) addresses is checked before a
+launch, and a launch plan is never reused for a tensor laid out differently (Note [Plan keys] in
+optgen/runtime/native.py, Note [Missing state]).  Cases that crashed (segfault, heap corruption)
+run in a subprocess, so a crash fails the test."""
 import json
 import subprocess
 import sys
@@ -17,13 +18,26 @@ pytestmark = pytest.mark.skipif(not c_launch.available(), reason="no C compiler"
 #: constructor kwargs that make every state exist (SGD's momentum buffer, Adam's max_exp_avg_sq)
 KWARGS = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": dict(amsgrad=True), "AdamW": dict(amsgrad=True)}
 C_OPTIMIZERS = sorted(name for name, cls in optgen.OPTIMIZERS.items() if "c" in getattr(cls, "_kernels", {}))
+TRITON_OPTIMIZERS = sorted(name for name, cls in optgen.OPTIMIZERS.items() if "triton" in getattr(cls, "_kernels", {}))
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: the native implementations: the Triton kernels run in Triton's interpreter on CPU tensors
+NATIVE = ["c", pytest.param("triton", marks=pytest.mark.skipif(not _triton_available(), reason="no triton"))]
 
 # One subprocess for every optimizer: for each state key of a stepped optimizer, a fresh one
 # loads the state dict without it (a partial checkpoint) and steps with implementation="c";
 # torch.optim's class, where there is one, steps the same checkpoint.  Prints one JSON line per case.
 PARTIAL = r"""
 import json, sys, torch, optgen
-names, kwargs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+names, kwargs, implementation = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 
 def outcome(make, sd, params):
     opt = make()
@@ -61,7 +75,7 @@ for name in names:
                             for i, s in full["state"].items()}, "param_groups": full["param_groups"]}
             def ours():
                 o = cls(params, **kwargs.get(name, {}))
-                o.implementation = "c"
+                o.implementation = implementation
                 return o
             result = {"name": name, "key": key, "index": index, "ours": outcome(ours, sd, params),
                       "emptied": not sd["state"][index]}
@@ -72,13 +86,15 @@ for name in names:
 """
 
 
-def test_partial_checkpoint_is_torchs_key_error_for_every_c_optimizer():
-    run = subprocess.run([sys.executable, "-c", PARTIAL, json.dumps(C_OPTIMIZERS), json.dumps(KWARGS)],
+@pytest.mark.parametrize("implementation", NATIVE)
+def test_partial_checkpoint_is_torchs_key_error_for_every_native_optimizer(implementation):
+    names = C_OPTIMIZERS if implementation == "c" else TRITON_OPTIMIZERS
+    run = subprocess.run([sys.executable, "-c", PARTIAL, json.dumps(names), json.dumps(KWARGS), implementation],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
-    assert {r["name"] for r in results} == set(C_OPTIMIZERS)
-    lazy = {name: set(optgen.OPTIMIZERS[name]._lazy_state) for name in C_OPTIMIZERS}
+    assert {r["name"] for r in results} == set(names)
+    lazy = {name: set(optgen.OPTIMIZERS[name]._lazy_state) for name in names}
     for r in results:
         error, unchanged = r["ours"]
         case = f"{r['name']} without state[{r['index']}][{r['key']!r}]"
@@ -140,17 +156,18 @@ except TypeError as e:
     assert run.stdout.strip() == "TypeError True"
 
 
-def _adam_pair():
+def _adam_pair(implementation):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(4, 4))
     ref = torch.nn.Parameter(w.detach().clone())
     ours = optgen.Adam([w], lr=0.1)
-    ours.implementation = "c"
+    ours.implementation = implementation
     return w, ours, ref, optgen.Adam([ref], lr=0.1, foreach=False)
 
 
-def test_regrad_viewed_at_same_address_steps_like_the_for_loop():
-    w, ours, ref, loop = _adam_pair()
+@pytest.mark.parametrize("implementation", NATIVE)
+def test_regrad_viewed_at_same_address_steps_like_the_for_loop(implementation):
+    w, ours, ref, loop = _adam_pair(implementation)
     buf = torch.arange(16, dtype=torch.float32) / 7 - 1
     for view in (lambda: buf.view(4, 4), lambda: buf.view(4, 4).t(), lambda: buf.view(4, 4)):
         w.grad, ref.grad = view(), view().clone()
@@ -163,8 +180,9 @@ def test_regrad_viewed_at_same_address_steps_like_the_for_loop():
         torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-7)
 
 
-def test_transposed_gradient_warns_and_steps_like_the_for_loop():
-    w, ours, ref, loop = _adam_pair()
+@pytest.mark.parametrize("implementation", NATIVE)
+def test_transposed_gradient_warns_and_steps_like_the_for_loop(implementation):
+    w, ours, ref, loop = _adam_pair(implementation)
     g = torch.randn(4, 4)
     w.grad, ref.grad = g.t(), g.t().contiguous()
     with pytest.warns(UserWarning, match="not contiguous; this group steps with the for-loop kernel"):
@@ -173,8 +191,9 @@ def test_transposed_gradient_warns_and_steps_like_the_for_loop():
     torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-7)
 
 
-def test_non_contiguous_state_from_a_checkpoint_steps_like_the_for_loop():
-    w, ours, ref, loop = _adam_pair()
+@pytest.mark.parametrize("implementation", NATIVE)
+def test_non_contiguous_state_from_a_checkpoint_steps_like_the_for_loop(implementation):
+    w, ours, ref, loop = _adam_pair(implementation)
     for _ in range(2):
         w.grad = ref.grad = torch.randn(4, 4)
         ours.step()
@@ -190,8 +209,9 @@ def test_non_contiguous_state_from_a_checkpoint_steps_like_the_for_loop():
     torch.testing.assert_close(ours.state[w]["exp_avg"], loop.state[ref]["exp_avg"], rtol=1e-6, atol=1e-7)
 
 
-def test_smaller_state_at_the_same_address_is_checked_again():
-    w, ours, _, _ = _adam_pair()
+@pytest.mark.parametrize("implementation", NATIVE)
+def test_smaller_state_at_the_same_address_is_checked_again(implementation):
+    w, ours, _, _ = _adam_pair(implementation)
     buf = torch.zeros(16)
     w.grad = torch.randn(4, 4)
     ours.step()
@@ -199,6 +219,6 @@ def test_smaller_state_at_the_same_address_is_checked_again():
     ours.step()  # plan for buf.view(4, 4)
     ours.state[w]["exp_avg"] = buf[:3]  # same address, 3 elements
     before = w.detach().clone()
-    with pytest.raises(RuntimeError, match=r"the state of parameter 0 is torch.float32 \(3,\)"):
+    with pytest.raises(RuntimeError, match=r"the state( 1)? of parameter 0 is torch.float32 \(3,\)"):
         ours.step()
     assert torch.equal(before, w)
