@@ -3,6 +3,7 @@ verified entries, and compiler trouble that falls back to the for-loop like a mi
 Everything that loads a possibly damaged library runs in a subprocess: a SIGBUS fails the test."""
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -165,3 +166,35 @@ def test_stale_build_directories_are_removed(tmp_path):
     result = run(TWICE, tmp_path)
     assert result.stdout == TWICE_OUT, result.stderr
     assert not old.exists() and fresh.exists()
+
+
+def test_kill_during_a_compile_leaves_nothing_that_is_loaded_and_is_cleaned_up(tmp_path):
+    # A compiler that says it started building the library, then hangs: the process is killed
+    # (SIGKILL) mid-compile.
+    started = tmp_path / "started"
+    slow_cc = tmp_path / "slow-cc"
+    slow_cc.write_text(f'#!/bin/sh\ncase "$*" in *-shared*) touch {started}; sleep 60;; esac\nexec gcc "$@"\n')
+    slow_cc.chmod(0o755)
+    cache = tmp_path / "cache"
+    environment = {**os.environ, "OPTGEN_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT), "CC": str(slow_cc)}
+    proc = subprocess.Popen([sys.executable, "-c", TWICE], env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert started.exists(), proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGKILL)  # the process and its compiler, as a job scheduler kills
+    proc.wait()
+    assert proc.returncode == -9
+    assert libraries(cache) == []  # nothing was published
+    left = [p for p in (cache / "c").iterdir() if p.is_dir()]
+    assert left, "expected the killed compile's build folder"
+    # The next process compiles afresh (a working compiler) and, once the folder is old enough
+    # that no live compile can own it, removes it.
+    two_hours_ago = time.time() - 7200
+    for p in left:
+        os.utime(p, (two_hours_ago, two_hours_ago))
+    result = run(TWICE, cache)
+    assert result.returncode == 0 and result.stdout == TWICE_OUT, result.stderr
+    assert not any(p.exists() for p in left)
+    assert len(libraries(cache)) == 2
