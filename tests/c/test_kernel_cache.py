@@ -60,7 +60,21 @@ def libraries(cache):
     return sorted((cache / "c").glob("*.so"))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "swapped"])
+def _foreign_library(tmp_path) -> tuple[bytes, Path]:
+    """A valid library with the kernel's symbol whose constructor writes a marker file."""
+    marker = tmp_path / "foreign-ran"
+    source = tmp_path / "foreign.c"
+    source.write_text('#include <stdio.h>\n#include <stdint.h>\n'
+                      '__attribute__((constructor)) static void mark(void) {\n'
+                      f'  FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n'
+                      "void optgen_set_num_threads(int n) {}\n"
+                      "void twice(int64_t n, void **t) { ((float *)t[0])[0] = 42; }\n")
+    library = tmp_path / "foreign.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return library.read_bytes(), marker
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "swapped", "foreign"])
 def test_damaged_entry_is_rebuilt_not_loaded(tmp_path, damage):
     first = run(TWICE, tmp_path)
     assert first.returncode == 0 and first.stdout == TWICE_OUT, first.stderr
@@ -68,13 +82,15 @@ def test_damaged_entry_is_rebuilt_not_loaded(tmp_path, damage):
     assert "_double_" in single.name and "_float_" in double.name
     single, double = double, single
     data = single.read_bytes()
+    foreign, marker = _foreign_library(tmp_path)
     damaged = {"truncated": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(len(data)),
-               "swapped": double.read_bytes()}[damage]
+               "swapped": double.read_bytes(), "foreign": foreign}[damage]
     single.write_bytes(damaged)
     second = run(TWICE, tmp_path)
     assert second.returncode == 0, second.stderr  # no SIGBUS, no "invalid ELF header"
     assert second.stdout == TWICE_OUT  # the float32 kernel, not the float64 one
     assert single.read_bytes() != damaged and len(libraries(tmp_path)) == 2
+    assert not marker.exists()  # the foreign library's constructor never ran
 
 
 def test_planted_library_in_group_writable_cache_is_refused(tmp_path):
