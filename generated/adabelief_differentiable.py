@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import addcdiv
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def adabelief_default(
@@ -214,3 +212,16 @@ VARIANTS = {
     (True, False): adabelief_decoupled_weight_decay,
     (True, True): adabelief_decoupled_weight_decay_maximize,
 }
+
+
+def adabelief_step(*, decoupled_weight_decay: bool, maximize: bool, **arguments) -> None:
+    """One AdaBelief step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(decoupled_weight_decay, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adabelief_step,
+    flags=("decoupled_weight_decay", "maximize"),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

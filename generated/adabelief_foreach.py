@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def adabelief_default(
@@ -191,3 +191,15 @@ VARIANTS = {
     (True, False): adabelief_decoupled_weight_decay,
     (True, True): adabelief_decoupled_weight_decay_maximize,
 }
+
+
+def adabelief_step(*, decoupled_weight_decay: bool, maximize: bool, **arguments) -> None:
+    """One AdaBelief step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(decoupled_weight_decay, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adabelief_step,
+    flags=("decoupled_weight_decay", "maximize"),
+    multi_tensor=True,
+)

@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* Adadelta step with maximize=False */
@@ -192,3 +191,16 @@ VARIANTS = {
         hyperparameters=("lr", "rho", "eps", "weight_decay"),
     ),
 }
+
+
+def adadelta_step(*, maximize: bool, **arguments) -> None:
+    """One Adadelta step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adadelta_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def adadelta_default(
@@ -88,3 +89,15 @@ VARIANTS = {
     (False,): adadelta_default,
     (True,): adadelta_maximize,
 }
+
+
+def adadelta_step(*, maximize: bool, **arguments) -> None:
+    """One Adadelta step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adadelta_step,
+    flags=("maximize",),
+    multi_tensor=False,
+)

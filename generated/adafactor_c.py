@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* Adafactor step with maximize=False */
@@ -1058,3 +1057,16 @@ VARIANTS = {
         reduced={1: -1, 2: -2},
     ),
 }
+
+
+def adafactor_step(*, maximize: bool, **arguments) -> None:
+    """One Adafactor step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adafactor_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

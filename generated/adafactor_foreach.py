@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def adafactor_default(
@@ -147,3 +147,15 @@ VARIANTS = {
     (False,): adafactor_default,
     (True,): adafactor_maximize,
 }
+
+
+def adafactor_step(*, maximize: bool, **arguments) -> None:
+    """One Adafactor step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adafactor_step,
+    flags=("maximize",),
+    multi_tensor=True,
+)

@@ -10,7 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def adafactor_default(
@@ -152,3 +153,15 @@ VARIANTS = {
     (False,): adafactor_default,
     (True,): adafactor_maximize,
 }
+
+
+def adafactor_step(*, maximize: bool, **arguments) -> None:
+    """One Adafactor step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adafactor_step,
+    flags=("maximize",),
+    multi_tensor=False,
+)

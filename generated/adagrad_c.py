@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* Adagrad step with maximize=False */
@@ -162,3 +161,16 @@ VARIANTS = {
         hyperparameters=("lr", "lr_decay", "weight_decay", "eps"),
     ),
 }
+
+
+def adagrad_step(*, maximize: bool, **arguments) -> None:
+    """One Adagrad step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adagrad_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import addcdiv
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def adagrad_default(
@@ -92,3 +90,16 @@ VARIANTS = {
     (False,): adagrad_default,
     (True,): adagrad_maximize,
 }
+
+
+def adagrad_step(*, maximize: bool, **arguments) -> None:
+    """One Adagrad step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adagrad_step,
+    flags=("maximize",),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def adagrad_default(
@@ -77,3 +77,15 @@ VARIANTS = {
     (False,): adagrad_default,
     (True,): adagrad_maximize,
 }
+
+
+def adagrad_step(*, maximize: bool, **arguments) -> None:
+    """One Adagrad step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adagrad_step,
+    flags=("maximize",),
+    multi_tensor=True,
+)

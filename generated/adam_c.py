@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* Adam step with amsgrad=False, maximize=False, decoupled_weight_decay=False */
@@ -778,3 +777,16 @@ VARIANTS = {
         hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     ),
 }
+
+
+def adam_step(*, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, **arguments) -> None:
+    """One Adam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(amsgrad, maximize, decoupled_weight_decay)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adam_step,
+    flags=("amsgrad", "maximize", "decoupled_weight_decay"),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import addcdiv, addcmul, sqrt
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr', 'beta1', 'beta2')
 
 
 def adam_default(
@@ -446,3 +444,16 @@ VARIANTS = {
     (True, True, False): adam_amsgrad_maximize,
     (True, True, True): adam_amsgrad_maximize_decoupled_weight_decay,
 }
+
+
+def adam_step(*, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, **arguments) -> None:
+    """One Adam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(amsgrad, maximize, decoupled_weight_decay)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adam_step,
+    flags=("amsgrad", "maximize", "decoupled_weight_decay"),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr", "beta1", "beta2")),
+)

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def adam_default(
@@ -383,3 +383,15 @@ VARIANTS = {
     (True, True, False): adam_amsgrad_maximize,
     (True, True, True): adam_amsgrad_maximize_decoupled_weight_decay,
 }
+
+
+def adam_step(*, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, **arguments) -> None:
+    """One Adam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(amsgrad, maximize, decoupled_weight_decay)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adam_step,
+    flags=("amsgrad", "maximize", "decoupled_weight_decay"),
+    multi_tensor=True,
+)

@@ -11,11 +11,8 @@ See Note [Triton kernel layout] in optgen/backends/triton.py.
 import triton
 import triton.language as tl
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.triton_launch import Kernel
-
-MULTI_TENSOR = True
-#: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
-FUSED = True
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -1405,3 +1402,18 @@ VARIANTS = {
         guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
     ),
 }
+
+
+def adam_step(*, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, **arguments) -> None:
+    """One Adam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(amsgrad, maximize, decoupled_weight_decay)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adam_step,
+    flags=("amsgrad", "maximize", "decoupled_weight_decay"),
+    multi_tensor=True,
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "eps", "weight_decay")),
+    grad_scaler=True,
+    counters_on_device=True,
+)

@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* Adamax step with maximize=False */
@@ -178,3 +177,16 @@ VARIANTS = {
         hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     ),
 }
+
+
+def adamax_step(*, maximize: bool, **arguments) -> None:
+    """One Adamax step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adamax_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import addcdiv
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def adamax_default(
@@ -113,3 +111,16 @@ VARIANTS = {
     (False,): adamax_default,
     (True,): adamax_maximize,
 }
+
+
+def adamax_step(*, maximize: bool, **arguments) -> None:
+    """One Adamax step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adamax_step,
+    flags=("maximize",),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

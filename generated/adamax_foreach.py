@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def adamax_default(
@@ -96,3 +96,15 @@ VARIANTS = {
     (False,): adamax_default,
     (True,): adamax_maximize,
 }
+
+
+def adamax_step(*, maximize: bool, **arguments) -> None:
+    """One Adamax step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adamax_step,
+    flags=("maximize",),
+    multi_tensor=True,
+)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def adamax_default(
@@ -101,3 +102,15 @@ VARIANTS = {
     (False,): adamax_default,
     (True,): adamax_maximize,
 }
+
+
+def adamax_step(*, maximize: bool, **arguments) -> None:
+    """One Adamax step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=adamax_step,
+    flags=("maximize",),
+    multi_tensor=False,
+)

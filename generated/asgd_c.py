@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* ASGD step with maximize=False */
@@ -398,3 +397,16 @@ VARIANTS = {
         hyperparameters=("lr", "lambd", "alpha", "t0", "weight_decay"),
     ),
 }
+
+
+def asgd_step(*, maximize: bool, **arguments) -> None:
+    """One ASGD step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=asgd_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

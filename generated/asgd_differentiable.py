@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import add
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def asgd_default(
@@ -128,3 +126,16 @@ VARIANTS = {
     (False,): asgd_default,
     (True,): asgd_maximize,
 }
+
+
+def asgd_step(*, maximize: bool, **arguments) -> None:
+    """One ASGD step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=asgd_step,
+    flags=("maximize",),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

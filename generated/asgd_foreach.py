@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def asgd_default(
@@ -111,3 +111,15 @@ VARIANTS = {
     (False,): asgd_default,
     (True,): asgd_maximize,
 }
+
+
+def asgd_step(*, maximize: bool, **arguments) -> None:
+    """One ASGD step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=asgd_step,
+    flags=("maximize",),
+    multi_tensor=True,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import add
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def lamb_default(
@@ -122,3 +120,16 @@ VARIANTS = {
     (False,): lamb_default,
     (True,): lamb_maximize,
 }
+
+
+def lamb_step(*, maximize: bool, **arguments) -> None:
+    """One Lamb step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=lamb_step,
+    flags=("maximize",),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

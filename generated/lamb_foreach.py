@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def lamb_default(
@@ -112,3 +112,15 @@ VARIANTS = {
     (False,): lamb_default,
     (True,): lamb_maximize,
 }
+
+
+def lamb_step(*, maximize: bool, **arguments) -> None:
+    """One Lamb step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=lamb_step,
+    flags=("maximize",),
+    multi_tensor=True,
+)

@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* Lion step with maximize=False */
@@ -152,3 +151,16 @@ VARIANTS = {
         hyperparameters=("lr", "beta1", "beta2", "weight_decay"),
     ),
 }
+
+
+def lion_step(*, maximize: bool, **arguments) -> None:
+    """One Lion step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=lion_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import add
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def lion_default(
@@ -78,3 +76,16 @@ VARIANTS = {
     (False,): lion_default,
     (True,): lion_maximize,
 }
+
+
+def lion_step(*, maximize: bool, **arguments) -> None:
+    """One Lion step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=lion_step,
+    flags=("maximize",),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

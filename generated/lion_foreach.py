@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def lion_default(
@@ -65,3 +65,15 @@ VARIANTS = {
     (False,): lion_default,
     (True,): lion_maximize,
 }
+
+
+def lion_step(*, maximize: bool, **arguments) -> None:
+    """One Lion step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=lion_step,
+    flags=("maximize",),
+    multi_tensor=True,
+)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def lion_default(
@@ -68,3 +69,15 @@ VARIANTS = {
     (False,): lion_default,
     (True,): lion_maximize,
 }
+
+
+def lion_step(*, maximize: bool, **arguments) -> None:
+    """One Lion step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=lion_step,
+    flags=("maximize",),
+    multi_tensor=False,
+)

@@ -11,11 +11,8 @@ See Note [Triton kernel layout] in optgen/backends/triton.py.
 import triton
 import triton.language as tl
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.triton_launch import Kernel
-
-MULTI_TENSOR = True
-#: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
-FUSED = True
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -277,3 +274,18 @@ VARIANTS = {
         guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
     ),
 }
+
+
+def lion_step(*, maximize: bool, **arguments) -> None:
+    """One Lion step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=lion_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "weight_decay")),
+    grad_scaler=True,
+    counters_on_device=True,
+)

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.intrinsics import newton_schulz
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def muon_default(
@@ -95,3 +94,15 @@ VARIANTS = {
     (False,): muon_default,
     (True,): muon_nesterov,
 }
+
+
+def muon_step(*, nesterov: bool, **arguments) -> None:
+    """One Muon step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(nesterov, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=muon_step,
+    flags=("nesterov",),
+    multi_tensor=True,
+)

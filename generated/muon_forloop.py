@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.intrinsics import newton_schulz
+from optgen.runtime.kernels import KernelModule
 
-MULTI_TENSOR = False
 
 
 def muon_default(
@@ -98,3 +98,15 @@ VARIANTS = {
     (False,): muon_default,
     (True,): muon_nesterov,
 }
+
+
+def muon_step(*, nesterov: bool, **arguments) -> None:
+    """One Muon step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(nesterov, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=muon_step,
+    flags=("nesterov",),
+    multi_tensor=False,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import addcdiv
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def nadam_default(
@@ -252,3 +250,16 @@ VARIANTS = {
     (True, False): nadam_decoupled_weight_decay,
     (True, True): nadam_decoupled_weight_decay_maximize,
 }
+
+
+def nadam_step(*, decoupled_weight_decay: bool, maximize: bool, **arguments) -> None:
+    """One NAdam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(decoupled_weight_decay, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=nadam_step,
+    flags=("decoupled_weight_decay", "maximize"),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def nadam_default(
@@ -226,3 +227,15 @@ VARIANTS = {
     (True, False): nadam_decoupled_weight_decay,
     (True, True): nadam_decoupled_weight_decay_maximize,
 }
+
+
+def nadam_step(*, decoupled_weight_decay: bool, maximize: bool, **arguments) -> None:
+    """One NAdam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(decoupled_weight_decay, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=nadam_step,
+    flags=("decoupled_weight_decay", "maximize"),
+    multi_tensor=False,
+)

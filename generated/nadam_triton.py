@@ -11,11 +11,8 @@ See Note [Triton kernel layout] in optgen/backends/triton.py.
 import triton
 import triton.language as tl
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.triton_launch import Kernel
-
-MULTI_TENSOR = True
-#: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
-FUSED = True
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -727,3 +724,18 @@ VARIANTS = {
         guards={"WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
     ),
 }
+
+
+def nadam_step(*, decoupled_weight_decay: bool, maximize: bool, **arguments) -> None:
+    """One NAdam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(decoupled_weight_decay, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=nadam_step,
+    flags=("decoupled_weight_decay", "maximize"),
+    multi_tensor=True,
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")),
+    grad_scaler=True,
+    counters_on_device=True,
+)

@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* RAdam step with decoupled_weight_decay=False, maximize=False */
@@ -928,3 +927,16 @@ VARIANTS = {
         hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     ),
 }
+
+
+def radam_step(*, decoupled_weight_decay: bool, maximize: bool, **arguments) -> None:
+    """One RAdam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(decoupled_weight_decay, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=radam_step,
+    flags=("decoupled_weight_decay", "maximize"),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import add, addcdiv, sqrt
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def radam_default(
@@ -244,3 +242,16 @@ VARIANTS = {
     (True, False): radam_decoupled_weight_decay,
     (True, True): radam_decoupled_weight_decay_maximize,
 }
+
+
+def radam_step(*, decoupled_weight_decay: bool, maximize: bool, **arguments) -> None:
+    """One RAdam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(decoupled_weight_decay, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=radam_step,
+    flags=("decoupled_weight_decay", "maximize"),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

@@ -10,7 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def radam_default(
@@ -224,3 +225,15 @@ VARIANTS = {
     (True, False): radam_decoupled_weight_decay,
     (True, True): radam_decoupled_weight_decay_maximize,
 }
+
+
+def radam_step(*, decoupled_weight_decay: bool, maximize: bool, **arguments) -> None:
+    """One RAdam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(decoupled_weight_decay, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=radam_step,
+    flags=("decoupled_weight_decay", "maximize"),
+    multi_tensor=False,
+)

@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* RMSprop step with centered=False, maximize=False */
@@ -896,3 +895,16 @@ VARIANTS = {
         hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
     ),
 }
+
+
+def rmsprop_step(*, centered: bool, maximize: bool, **arguments) -> None:
+    """One RMSprop step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(centered, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=rmsprop_step,
+    flags=("centered", "maximize"),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import add, addcdiv
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def rmsprop_default(
@@ -206,3 +204,16 @@ VARIANTS = {
     (True, False): rmsprop_centered,
     (True, True): rmsprop_centered_maximize,
 }
+
+
+def rmsprop_step(*, centered: bool, maximize: bool, **arguments) -> None:
+    """One RMSprop step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(centered, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=rmsprop_step,
+    flags=("centered", "maximize"),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def rmsprop_default(
@@ -177,3 +177,15 @@ VARIANTS = {
     (True, False): rmsprop_centered,
     (True, True): rmsprop_centered_maximize,
 }
+
+
+def rmsprop_step(*, centered: bool, maximize: bool, **arguments) -> None:
+    """One RMSprop step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(centered, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=rmsprop_step,
+    flags=("centered", "maximize"),
+    multi_tensor=True,
+)

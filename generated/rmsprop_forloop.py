@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def rmsprop_default(
@@ -184,3 +185,15 @@ VARIANTS = {
     (True, False): rmsprop_centered,
     (True, True): rmsprop_centered_maximize,
 }
+
+
+def rmsprop_step(*, centered: bool, maximize: bool, **arguments) -> None:
+    """One RMSprop step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(centered, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=rmsprop_step,
+    flags=("centered", "maximize"),
+    multi_tensor=False,
+)

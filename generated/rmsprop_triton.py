@@ -11,11 +11,8 @@ See Note [Triton kernel layout] in optgen/backends/triton.py.
 import triton
 import triton.language as tl
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.triton_launch import Kernel
-
-MULTI_TENSOR = True
-#: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
-FUSED = True
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -697,3 +694,18 @@ VARIANTS = {
         guards={"MOMENTUM_GT_0": lambda a: a["momentum"] > 0, "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "MOMENTUM_LE_0": lambda a: a["momentum"] <= 0},
     ),
 }
+
+
+def rmsprop_step(*, centered: bool, maximize: bool, **arguments) -> None:
+    """One RMSprop step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(centered, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=rmsprop_step,
+    flags=("centered", "maximize"),
+    multi_tensor=True,
+    tensor_scalars=frozenset(("lr", "alpha", "eps", "weight_decay", "momentum")),
+    grad_scaler=True,
+    counters_on_device=True,
+)

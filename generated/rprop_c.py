@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* Rprop step with maximize=False */
@@ -140,3 +139,16 @@ VARIANTS = {
         hyperparameters=("etaminus", "etaplus", "step_size_min", "step_size_max"),
     ),
 }
+
+
+def rprop_step(*, maximize: bool, **arguments) -> None:
+    """One Rprop step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=rprop_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def rprop_default(
@@ -99,3 +99,15 @@ VARIANTS = {
     (False,): rprop_default,
     (True,): rprop_maximize,
 }
+
+
+def rprop_step(*, maximize: bool, **arguments) -> None:
+    """One Rprop step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=rprop_step,
+    flags=("maximize",),
+    multi_tensor=True,
+)

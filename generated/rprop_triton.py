@@ -11,11 +11,8 @@ See Note [Triton kernel layout] in optgen/backends/triton.py.
 import triton
 import triton.language as tl
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.triton_launch import Kernel
-
-MULTI_TENSOR = True
-#: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
-FUSED = True
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -311,3 +308,18 @@ VARIANTS = {
         guards={},
     ),
 }
+
+
+def rprop_step(*, maximize: bool, **arguments) -> None:
+    """One Rprop step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=rprop_step,
+    flags=("maximize",),
+    multi_tensor=True,
+    tensor_scalars=frozenset(("etaminus", "etaplus", "step_size_min", "step_size_max")),
+    grad_scaler=True,
+    counters_on_device=True,
+)

@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* SGD step with nesterov=False, maximize=False */
@@ -386,3 +385,16 @@ VARIANTS = {
         hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
     ),
 }
+
+
+def sgd_step(*, nesterov: bool, maximize: bool, **arguments) -> None:
+    """One SGD step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(nesterov, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=sgd_step,
+    flags=("nesterov", "maximize"),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.tensor_scalars import add
 
-MULTI_TENSOR = False
-#: scalars taken as given: a Tensor stays one, and autograd records what is computed from it
-TENSOR_SCALARS = ('lr',)
 
 
 def sgd_default(
@@ -154,3 +152,16 @@ VARIANTS = {
     (True, False): sgd_nesterov,
     (True, True): sgd_nesterov_maximize,
 }
+
+
+def sgd_step(*, nesterov: bool, maximize: bool, **arguments) -> None:
+    """One SGD step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(nesterov, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=sgd_step,
+    flags=("nesterov", "maximize"),
+    multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
+)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def sgd_default(
@@ -146,3 +147,15 @@ VARIANTS = {
     (True, False): sgd_nesterov,
     (True, True): sgd_nesterov_maximize,
 }
+
+
+def sgd_step(*, nesterov: bool, maximize: bool, **arguments) -> None:
+    """One SGD step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(nesterov, maximize)](**arguments)
+
+
+KERNEL = KernelModule(
+    step=sgd_step,
+    flags=("nesterov", "maximize"),
+    multi_tensor=False,
+)

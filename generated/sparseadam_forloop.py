@@ -10,7 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def sparseadam_default(
@@ -106,3 +107,15 @@ VARIANTS = {
     (False,): sparseadam_default,
     (True,): sparseadam_maximize,
 }
+
+
+def sparseadam_step(*, maximize: bool, **arguments) -> None:
+    """One SparseAdam step: the lists and hyperparameters by keyword, and the flags."""
+    VARIANTS[(maximize, )](**arguments)
+
+
+KERNEL = KernelModule(
+    step=sparseadam_step,
+    flags=("maximize",),
+    multi_tensor=False,
+)

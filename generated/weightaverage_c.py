@@ -9,8 +9,7 @@ optgen.runtime.c_launch (Note [C kernel layout] in optgen/backends/c.py).
 from __future__ import annotations
 
 from optgen.runtime.c_launch import Kernel, Library
-
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 /* WeightAverage step with no flags */
@@ -50,3 +49,11 @@ VARIANTS = {
         hyperparameters=("weight",),
     ),
 }
+
+
+KERNEL = KernelModule(
+    step=VARIANTS[()],
+    flags=(),
+    multi_tensor=True,
+    unusable=LIBRARY.unusable,
+)

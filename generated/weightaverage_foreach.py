@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = True
+from optgen.runtime.kernels import KernelModule
 
 
 def weightaverage_default(
@@ -27,3 +27,10 @@ def weightaverage_default(
 VARIANTS = {
     (): weightaverage_default,
 }
+
+
+KERNEL = KernelModule(
+    step=VARIANTS[()],
+    flags=(),
+    multi_tensor=True,
+)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MULTI_TENSOR = False
+from optgen.runtime.kernels import KernelModule
+
 
 
 def weightaverage_default(
@@ -28,3 +29,10 @@ def weightaverage_default(
 VARIANTS = {
     (): weightaverage_default,
 }
+
+
+KERNEL = KernelModule(
+    step=VARIANTS[()],
+    flags=(),
+    multi_tensor=False,
+)

@@ -11,11 +11,8 @@ See Note [Triton kernel layout] in optgen/backends/triton.py.
 import triton
 import triton.language as tl
 
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.triton_launch import Kernel
-
-MULTI_TENSOR = True
-#: takes GradScaler's grad_scale / found_inf and 1-element tensor hyperparameters on the device
-FUSED = True
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -113,3 +110,13 @@ VARIANTS = {
         guards={},
     ),
 }
+
+
+KERNEL = KernelModule(
+    step=VARIANTS[()],
+    flags=(),
+    multi_tensor=True,
+    tensor_scalars=frozenset(("weight",)),
+    grad_scaler=True,
+    counters_on_device=True,
+)

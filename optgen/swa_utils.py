@@ -47,7 +47,7 @@ def kernel(implementation: str) -> Callable:
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"unknown implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
         module = importlib.import_module(f"{_generated.NAME}.weightaverage_{implementation}")
-        _KERNELS[implementation] = module.VARIANTS[()]
+        _KERNELS[implementation] = module.KERNEL.step
     return _KERNELS[implementation]
 
 

@@ -74,6 +74,16 @@ def kernel_signature(compiled: Compiled) -> KernelSignature:
     return KernelSignature(("param", "grad", *states), counters, scalars, lazy)
 
 
+def kernel_record(compiled: Compiled, multi_tensor: bool, tensor_scalars=(), grad_scaler: bool = False,
+                  counters_on_device: bool = False, unusable: str | None = None) -> dict:
+    """What templates/kernel_record.py.j2 prints at the end of every kernel module: the
+    ``KERNEL = KernelModule(...)`` record the runtime reads (optgen/runtime/kernels.py);
+    ``unusable`` is the Python expression of its ``unusable`` function."""
+    return dict(step=f"{module_name(compiled.spec.name)}_step", flags=[h.name for h in compiled.spec.flags],
+                multi_tensor=multi_tensor, tensor_scalars=list(tensor_scalars), grad_scaler=grad_scaler,
+                counters_on_device=counters_on_device, unusable=unusable)
+
+
 class Backend:
     """One output module per spec."""
 

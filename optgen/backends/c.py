@@ -617,6 +617,7 @@ class CBackend(FusedBackend):
     """generated/<spec>_c.py: the C source of fused CPU kernels (Note [C kernel layout])."""
 
     name = "c"
+    unusable_expression = "LIBRARY.unusable"
     builder = _CBuilder
 
 

@@ -230,6 +230,7 @@ def _reads(steps) -> set[str]:
 
 class ForeachBackend(PythonKernelBackend):
     name = "foreach"
+    multi_tensor = True
     summary = "foreach implementation: torch `_foreach_*` ops over every tensor of one device and dtype"
     renderer = ForeachRenderer
 

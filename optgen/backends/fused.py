@@ -4,7 +4,7 @@ print), and a sentence instead of a module for a spec they cannot express as one
 """
 from __future__ import annotations
 
-from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
+from optgen.backends.base import Backend, environment, header, kernel_record, kernel_signature, module_name
 from optgen.backends.triton_printer import Unsupported
 from optgen.passes import Compiled
 
@@ -17,6 +17,11 @@ class FusedBackend(Backend):
     variant's kernel is named."""
 
     builder: type
+    #: whether the kernels read Tensor hyperparameters and GradScaler's state on the device
+    #: (KernelModule.tensor_scalars / grad_scaler)
+    device_scalars = False
+    #: the generated module's ``KernelModule.unusable`` (a Python expression), if it has one
+    unusable_expression: str | None = None
 
     def kernel_name(self, base: str) -> str:
         """The kernel's name for ``<spec>_<variant>``."""
@@ -48,5 +53,9 @@ class FusedBackend(Backend):
     def render(self, compiled: Compiled) -> str:
         return environment().get_template(f"{self.name}/kernels.py.j2").render(
             header=header(compiled), name=compiled.spec.name, kernels=self.kernels(compiled),
+            record=kernel_record(compiled, multi_tensor=True,
+                                 tensor_scalars=kernel_signature(compiled).scalars if self.device_scalars else (),
+                                 grad_scaler=self.device_scalars, counters_on_device=self.device_scalars,
+                                 unusable=self.unusable_expression),
             flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
         )

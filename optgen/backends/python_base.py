@@ -11,7 +11,7 @@ import re
 
 import sympy
 
-from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
+from optgen.backends.base import Backend, environment, header, kernel_record, kernel_signature, module_name
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.ir.guards import first_assignments, simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
@@ -178,6 +178,7 @@ class PythonKernelBackend(Backend):
     renderer: type[PythonRenderer]
     list_annotation = "list[Tensor]"
     template: str | None = None  # the template folder, if not the backend's name
+    multi_tensor = False         # KernelModule.multi_tensor of the modules it prints
     summary: str                 # the generated module's docstring, after "<Name>, "
 
     def renderer_for(self, compiled: Compiled, program: OpProgram) -> PythonRenderer:
@@ -212,7 +213,7 @@ class PythonKernelBackend(Backend):
         code_lines = [line for line in text_lines if not line.lstrip().startswith("#")]
         return environment().get_template(f"{self.template or self.name}/kernels.py.j2").render(
             header=header(compiled), name=compiled.spec.name, summary=self.summary, variants=variants,
-            tensor_scalars=self.tensor_scalars(compiled), signature=signature,
+            signature=signature, record=kernel_record(compiled, self.multi_tensor, self.tensor_scalars(compiled)),
             flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
             uses_math=any("math." in line for line in text_lines),
             intrinsics=sorted(name for name in INTRINSICS if any(f"{name}(" in line for line in text_lines)),

@@ -495,6 +495,7 @@ class TritonBackend(FusedBackend):
     """generated/<spec>_triton.py: fused multi-tensor kernels (see Note [Triton kernel layout])."""
 
     name = "triton"
+    device_scalars = True
     builder = _KernelBuilder
     #: the optimizer class names the module as a string and imports it on first use, so that
     #: ``import optgen`` never imports triton

@@ -66,10 +66,10 @@ def c_declines(params: list[torch.Tensor], optimizer=None) -> str | None:
             return f"a {p.dtype} parameter"
         if not p.is_contiguous() or (p.grad is not None and not p.grad.is_contiguous()):
             return "a parameter or gradient that is not contiguous"
-    library = getattr(optimizer._kernel_module("c"), "LIBRARY", None) if optimizer is not None else None
-    if library is not None:
+    unusable = optimizer._kernel("c").unusable if optimizer is not None else None
+    if unusable is not None:
         for dtype in dict.fromkeys(_C_REAL.get(p.dtype, p.dtype) for p in params):
-            reason = library.unusable(dtype)
+            reason = unusable(dtype)
             if reason is not None:
                 return reason
     return None

@@ -3,12 +3,10 @@
 A generated class (generated/<name>.py) subclasses :class:`GeneratedOptimizer` and supplies data
 and small generated methods:
 
-- ``_flags``: the names of its flag hyperparameters, in the order its kernels' ``VARIANTS`` use;
-- ``_kernels``: implementation name → generated kernel module, whose ``VARIANTS`` maps flag
-  values to a function and whose ``MULTI_TENSOR`` says if it takes one (device, dtype) group;
-  a module named by a string (the triton one) is imported on first use, so importing optgen
-  never imports triton; a ``FUSED`` module also takes Tensor hyperparameters and GradScaler's
-  ``grad_scale`` / ``found_inf``, a module's ``TENSOR_SCALARS`` it takes as given; a
+- ``_flags``: the names of its flag hyperparameters;
+- ``_kernels``: implementation name → generated kernel module, whose ``KERNEL`` record
+  (optgen/runtime/kernels.py) is all the runtime reads of it; a module named by a string (the
+  triton one) is imported on first use, so importing optgen never imports triton; a
   ``differentiable=True`` group runs the ``"differentiable"`` module (Note [differentiable=True]);
 - ``_tensor_state`` / ``_counter_state``: (rule name, state key) pairs in kernel argument order;
 - ``_lazy_state``: state keys created by the kernel itself on their first step;
@@ -26,6 +24,7 @@ import warnings
 import torch
 
 from optgen.runtime import dispatch, subclasses
+from optgen.runtime.kernels import KernelModule
 from optgen.runtime.native import NATIVE_IMPLEMENTATIONS, KernelDeclined
 from optgen.runtime.optimizer import Optimizer
 
@@ -121,28 +120,27 @@ class GeneratedOptimizer(Optimizer):
         dispatch.check_step(self, group, implementation, params, tensors)
         if group.get("differentiable") and "differentiable" in self._kernels:
             implementation = "differentiable"  # Note [differentiable=True] (backends/differentiable.py)
-        module = self._kernel_module(implementation)
-        kernel = module.VARIANTS[tuple(bool(group[f]) for f in self._flags)]
-        fused = getattr(module, "FUSED", False)  # reads Tensor hyperparameters on the device itself
-        scalars = self._kernel_scalars(module, group)
-        if fused:
+        kernel = self._kernel(implementation)
+        scalars = self._kernel_scalars(kernel, group)
+        if kernel.grad_scaler:
             scalars.update(grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
-            _counters_on_device(self, params, states, tensors)
         elif _unscale_or_skip(self, grads):
             return
-        if module.MULTI_TENSOR:
+        if kernel.counters_on_device:
+            _counters_on_device(self, params, states, tensors)
+        if kernel.multi_tensor:
             for sub in _split_by_device_and_dtype(self, tensors):
                 if implementation not in NATIVE_IMPLEMENTATIONS:
-                    kernel(**sub, **scalars)
+                    kernel.run(group, sub, scalars)
                     continue
                 try:
-                    kernel(**sub, **scalars)
+                    kernel.run(group, sub, scalars)
                 except KernelDeclined as e:  # raised before the kernel wrote anything
                     warnings.warn(f"optgen: {e}; this group steps with the for-loop kernel instead",
                                   stacklevel=3)
-                    self._step_with_forloop(group, sub, scaled=fused)
+                    self._step_with_forloop(group, sub, scaled=kernel.grad_scaler)
         else:
-            kernel(**tensors, **scalars)
+            kernel.run(group, tensors, scalars)
         if gathered:
             scatter()
         if to_global is not None:
@@ -150,23 +148,21 @@ class GeneratedOptimizer(Optimizer):
         # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).
         self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
 
-    def _kernel_scalars(self, module, group: dict) -> dict:
-        """The hyperparameters a kernel module takes, by keyword: numbers, except where the module
-        reads Tensor hyperparameters itself (a ``FUSED`` one, on the device) or keeps them as
-        given (its ``TENSOR_SCALARS``: a Tensor lr keeps its autograd graph)."""
-        fused = getattr(module, "FUSED", False)
-        as_given = getattr(module, "TENSOR_SCALARS", ())
-        return {kw: (_raw if fused or kw in as_given else to_number)(group[key] if index is None else group[key][index])
+    def _kernel_scalars(self, kernel: KernelModule, group: dict) -> dict:
+        """The hyperparameters a kernel takes, by keyword: numbers, except those it takes as given
+        (``tensor_scalars``: read on the device, or kept in autograd's graph)."""
+        as_given = kernel.tensor_scalars
+        return {kw: (_raw if kw in as_given else to_number)(group[key] if index is None else group[key][index])
                 for kw, (key, index) in self._scalars.items()}
 
     def _step_with_forloop(self, group: dict, lists: dict[str, list], scaled: bool) -> None:
         """The for-loop kernel on lists a native kernel declined (KernelDeclined, before it wrote
         anything), with its own hyperparameters.  ``scaled``: the gradients are still scaled by
         GradScaler (a fused kernel unscales them itself), so that is done (or the step skipped) here."""
-        forloop = self._kernel_module("forloop")
+        forloop = self._kernel("forloop")
         if scaled and _unscale_or_skip(self, lists["grads"]):
             return
-        forloop.VARIANTS[tuple(bool(group[f]) for f in self._flags)](**lists, **self._kernel_scalars(forloop, group))
+        forloop.run(group, lists, self._kernel_scalars(forloop, group))
 
     def _check_gradients(self, group: dict, grads: list[torch.Tensor]) -> bool:
         """torch's errors for gradients the spec does not take; True when this group has a sparse
@@ -258,6 +254,10 @@ class GeneratedOptimizer(Optimizer):
     def _check_sparse_step(self, group: dict) -> None:
         """torch's errors for a step with a sparse gradient (generated from the spec's
         ``each = "sparse_step"`` checks, if any)."""
+
+    def _kernel(self, implementation: str) -> KernelModule:
+        """The kernel record of an implementation (its module's ``KERNEL``)."""
+        return self._kernel_module(implementation).KERNEL
 
     def _kernel_module(self, implementation: str):
         """The kernel module of an implementation, imported on first use if named by a string."""

@@ -35,8 +35,8 @@ GROUPS: dict[str, tuple[str, frozenset[str]]] = {
     # use for the optimizer, its param groups and the per-tensor lists (templates/*/, generated/)
     "generated_module": ("a name the generated modules use", frozenset({
         "self", "params", "grads", "torch", "Tensor", "math", "annotations", "group", "state", "i", "p", "t",
-        "closure", "loss", "defaults", "param_groups", "state_steps", "MULTI_TENSOR", "VARIANTS", "FUSED",
-        "LIBRARY", "SOURCE", "TENSOR_SCALARS", "OPTIMIZERS", "Kernel", "Library", "GeneratedOptimizer",
+        "closure", "loss", "defaults", "param_groups", "state_steps", "KERNEL", "KernelModule", "VARIANTS",
+        "arguments", "LIBRARY", "SOURCE", "OPTIMIZERS", "Kernel", "Library", "GeneratedOptimizer",
         "Optimizer", "Callable", "Iterable", "Literal", "counter_from", "filled_like", "scalar_dtype",
         "check_options", "add", "addcdiv", "addcmul", "sqrt", "newton_schulz", "reduced_shape", "lbfgs",
         "optgen",

@@ -132,7 +132,8 @@ def test_generated_module_matches_the_foreach_interface():
         name = compiled.spec.name.lower()
         foreach = importlib.import_module(f"optgen.generated.{name}_foreach")
         fused = importlib.import_module(f"optgen.generated.{name}_triton")
-        assert fused.MULTI_TENSOR and fused.FUSED
+        assert fused.KERNEL.multi_tensor and fused.KERNEL.grad_scaler and fused.KERNEL.counters_on_device
+        assert fused.KERNEL.flags == foreach.KERNEL.flags
         assert set(fused.VARIANTS) == set(foreach.VARIANTS)
         for key, kernel in fused.VARIANTS.items():
             theirs = set(inspect.signature(foreach.VARIANTS[key]).parameters)
