@@ -3,8 +3,9 @@
 
 Each class takes its signature, defaults and checks from its spec; `get_lr` and
 `_get_closed_form_lr` come from the spec's one closed-form formula (see Note [Deriving the chainable
-form] in optgen/schedules/derive.py).  The base classes and the schedulers that are not formulas live
-in optgen/runtime/lr_scheduler.py; `optgen.lr_scheduler` exports both.
+form] in optgen/schedules/derive.py).  The base classes (torch's LRScheduler and what is not a
+formula) live in optgen/runtime/lr_scheduler_base.py, the schedulers that are not formulas in
+optgen/runtime/lr_scheduler.py; `optgen.lr_scheduler` exports both.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Literal
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optgen.runtime.lr_scheduler import (
+from optgen.runtime.lr_scheduler_base import (
     CyclicLRBase,
     LRScheduler,
     OneCycleLRBase,

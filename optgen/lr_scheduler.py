@@ -7,18 +7,22 @@
 The schedulers that are formulas of the step count are generated from specs/schedulers/*.toml
 (generated/lr_scheduler.py: StepLR, MultiStepLR, ConstantLR, LinearLR, ExponentialLR, PolynomialLR,
 CosineAnnealingLR, CyclicLR, OneCycleLR, CosineAnnealingWarmRestarts, and WarmupCosineLR,
-WarmupStableDecayLR, InverseSqrtLR which torch lacks); the others are hand-written in
-optgen/runtime/lr_scheduler.py (LambdaLR, MultiplicativeLR, ChainedScheduler, SequentialLR,
-ReduceLROnPlateau — see Note [Which schedulers are hand-written] there).  They drive torch.optim
-optimizers as well as optgen's, and their state_dicts load into torch's schedulers and back.
+WarmupStableDecayLR, InverseSqrtLR which torch lacks) on the bases in
+optgen/runtime/lr_scheduler_base.py; the others are torch's classes (optgen/runtime/lr_scheduler.py:
+LambdaLR, MultiplicativeLR, ChainedScheduler, SequentialLR, ReduceLROnPlateau — see Note [Which
+schedulers are not generated] there).  Every one is a ``torch.optim.lr_scheduler.LRScheduler``
+(Note [optgen's schedulers are torch's]): they drive torch.optim optimizers as well as optgen's,
+trainers that check ``isinstance`` accept them, and their state_dicts load into torch's
+schedulers and back.
 """
 from __future__ import annotations
 
 import importlib
 
 from optgen import _generated
-from optgen.runtime.lr_scheduler import (ChainedScheduler, LambdaLR, LRScheduler, MultiplicativeLR,
-                                         ReduceLROnPlateau, SequentialLR)
+from optgen.runtime.lr_scheduler import (ChainedScheduler, LambdaLR, MultiplicativeLR, ReduceLROnPlateau,
+                                         SequentialLR)
+from optgen.runtime.lr_scheduler_base import LRScheduler  # torch's own
 
 _generated.load()  # the generated package (in-tree or installed), then its scheduler module
 _generated_schedulers = importlib.import_module(f"{_generated.NAME}.lr_scheduler")

@@ -110,7 +110,7 @@ class ScheduleSpec:
     hyperparameters: dict[str, Hyperparameter]
     checks: tuple[Check, ...]            # constructor validation
     step_checks: tuple[Check, ...]       # validation at every get_lr (OneCycleLR's step limit)
-    base: str                    # the runtime base class (optgen.runtime.lr_scheduler)
+    base: str                    # the runtime base class (optgen.runtime.lr_scheduler_base)
     base_init: bool              # the base's constructor takes every argument (CyclicLR, OneCycleLR)
     chainable: bool              # get_lr is the derived recursion (else the closed form itself)
     closed_form: bool            # has _get_closed_form_lr (torch: the chainable ones but SWALR)

@@ -1,6 +1,6 @@
 """Schedule specs → generated/lr_scheduler.py, one class per spec, through templates/scheduler/.
 
-Each class is a subclass of the runtime base its spec names (:mod:`optgen.runtime.lr_scheduler`)
+Each class is a subclass of the runtime base its spec names (:mod:`optgen.runtime.lr_scheduler_base`)
 and has, in torch's shape::
 
     def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):   # signature, checks

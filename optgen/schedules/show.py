@@ -80,7 +80,7 @@ def explain(name: str) -> str:
                          "chainable form (torch's get_lr is the closed form; shown for reference):")
             lines += [f"    {line}" for line in derive(spec).describe()]
             return "\n".join(lines)
-    return f"{name} is hand-written (optgen/runtime/lr_scheduler.py): it has no formula to show"
+    return f"{name} is torch's own (optgen/runtime/lr_scheduler.py): it has no formula to show"
 
 
 def _options(name: str, rest: list[str]):
