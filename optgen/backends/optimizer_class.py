@@ -5,6 +5,7 @@ in the kernel modules of the other backends, which the class's runtime base disp
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import sympy
@@ -92,6 +93,9 @@ class OptimizerClassBackend(Backend):
             uses_reduced_shape=any(s.init == "zeros_reduced" for s in spec.state.values()),
             group_defaults=group_defaults, setstate_defaults=setstate, fixed=fixed,
             eager_state=spec.eager_state, init_state=init_state,
+            torch_parity=[(f.name, repr(dict(value) if f.name == "capturable_error" else value))
+                          for f in dataclasses.fields(spec.torch_parity)
+                          if (value := getattr(spec.torch_parity, f.name)) != f.default],
         )
 
 

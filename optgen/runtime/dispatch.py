@@ -145,46 +145,12 @@ def place_counters(state: dict, param: torch.Tensor, group: dict, counters: set[
 
 #: implementations made of ``_foreach_*`` ops, which torch refuses to differentiate through
 FOREACH_IMPLEMENTATIONS = {"foreach"}
-#: torch's foreach paths that do run under ``differentiable=True`` (torch's ``_multi_tensor_sgd``
-#: has no such check)
-FOREACH_DIFFERENTIABLE = {"SGD"}
-
-#: torch's message for a sparse gradient where it is not the usual "<name> does not support sparse
-#: gradients" (torch's AdamW runs Adam's checks, message included)
-SPARSE_GRADIENT_ERRORS = {
-    "Adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
-    "AdamW": "Adam does not support sparse gradients, please consider SparseAdam instead",
-}
-
-#: torch's error for ``fused=True`` with a sparse gradient, where its class accepts sparse gradients
-SPARSE_FUSED_ERRORS = {
-    "SGD": "`_fused_sgd` does not support sparse gradients",
-    "Adagrad": "`fused` does not support sparse grad or complex param",
-}
 
 
 def check_sparse_fused(optimizer, group: dict) -> None:
     """torch has no fused step for a sparse gradient (Note [Sparse gradients])."""
     if group.get("fused"):
-        name = type(optimizer).__name__
-        raise RuntimeError(SPARSE_FUSED_ERRORS.get(name, "`fused` does not support sparse gradients"))
-
-
-#: optimizers whose torch class refuses a ``step`` counter that requires grad in differentiable mode
-STEP_MUST_NOT_REQUIRE_GRAD = {"Adam", "AdamW"}
-
-#: torch's wording of its ``capturable`` device check where it differs from the usual
-#: "params and state_steps", and whether its device list ends with "xla" (for-loop paths mostly
-#: do, foreach paths mostly don't): (optimizer, implementation) → (lists named, xla)
-CAPTURABLE_WORDING = {
-    ("ASGD", "forloop"): ("params, mus, etas, and state_steps", True),
-    ("ASGD", "foreach"): ("params, mus, etas, and state_steps", False),
-    ("NAdam", "forloop"): ("params, mu_products and state_steps", True),
-    ("NAdam", "foreach"): ("params, mu_products, and state_steps", False),
-    ("Adadelta", "forloop"): ("params and state_steps", False),
-    ("RMSprop", "foreach"): ("params and state_steps", True),
-    ("Rprop", "foreach"): ("params and state_steps", True),
-}
+        raise RuntimeError(optimizer._sparse_fused_error or "`fused` does not support sparse gradients")
 
 
 def capturable_devices(xla: bool) -> list[str]:
@@ -195,18 +161,17 @@ def capturable_devices(xla: bool) -> list[str]:
 def check_step(optimizer, group: dict, implementation: str, params: list[torch.Tensor], tensors: dict) -> None:
     """torch's errors at ``step()`` for the runtime options, raised before anything is updated
     (state the step creates already exists, as in torch)."""
-    name = type(optimizer).__name__
-    if group.get("differentiable") and name in STEP_MUST_NOT_REQUIRE_GRAD:
+    if group.get("differentiable") and optimizer._step_requires_grad_error:
         steps = tensors[dict((key, list_name) for list_name, key in optimizer._counter_state)["step"]]
         if any(isinstance(s, torch.Tensor) and s.requires_grad for s in steps):
             raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
     if group.get("differentiable") and implementation in FOREACH_IMPLEMENTATIONS \
-            and name not in FOREACH_DIFFERENTIABLE:
+            and not optimizer._foreach_differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     # torch's fused kernels skip this check (Adam(fused=True, capturable=True) steps on the CPU).
     if group.get("capturable") and not group.get("fused") and not torch.compiler.is_compiling():
-        lists, xla = CAPTURABLE_WORDING.get((name, implementation),
-                                            ("params and state_steps", implementation != "foreach"))
+        lists, xla = optimizer._capturable_error.get(implementation,
+                                                     ("params and state_steps", implementation != "foreach"))
         devices = capturable_devices(xla)
         counters = [tensors[list_name] for list_name, _ in optimizer._counter_state]
         for i, p in enumerate(params):

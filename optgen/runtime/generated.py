@@ -70,6 +70,14 @@ class GeneratedOptimizer(Optimizer):
     #: SparseAdam), "dense_or_sparse" (SGD), "dense_or_gathered" (Adagrad); Note [Sparse gradients]
     _gradients = "dense"
     _host_counters: tuple[str, ...] = ()  # counters kept as Python numbers in the state
+    # torch 2.13's wordings and quirks where they are not the usual ones (a spec's [torch_parity],
+    # optgen.spec.model.TorchParity says what each means)
+    _sparse_gradient_error: str | None = None
+    _dense_gradient_error: str | None = None
+    _sparse_fused_error: str | None = None
+    _capturable_error: dict[str, tuple[str, bool]] = {}
+    _step_requires_grad_error = False
+    _foreach_differentiable = False
 
     #: force one implementation for every group (None: choose like torch; see runtime/dispatch.py)
     implementation: str | None = None
@@ -170,10 +178,9 @@ class GeneratedOptimizer(Optimizer):
         single-tensor path does (Note [Sparse gradients])."""
         has_sparse = any(g.is_sparse for g in grads)
         if self._gradients == "sparse" and not all(g.is_sparse for g in grads):
-            raise RuntimeError(f"{type(self).__name__} does not support dense gradients, please consider Adam instead")
+            raise RuntimeError(self._dense_gradient_error or f"{type(self).__name__} does not support dense gradients")
         if self._gradients == "dense" and has_sparse:
-            raise RuntimeError(dispatch.SPARSE_GRADIENT_ERRORS.get(
-                type(self).__name__, f"{type(self).__name__} does not support sparse gradients"))
+            raise RuntimeError(self._sparse_gradient_error or f"{type(self).__name__} does not support sparse gradients")
         single_sparse = has_sparse and self._gradients != "sparse"
         if single_sparse:
             dispatch.check_sparse_fused(self, group)

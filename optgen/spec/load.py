@@ -18,7 +18,7 @@ import sympy
 
 from optgen.errors import Location, SpecError
 from optgen.spec import expressions
-from optgen.spec.model import RUNTIME_OPTIONS, Check, Hyperparameter, Spec, StateVar
+from optgen.spec.model import RUNTIME_OPTIONS, Check, Hyperparameter, Spec, StateVar, TorchParity
 from optgen.spec.reserved import reserved_message, reserved_why
 from optgen.spec.search import MAX_EXTENDS, find_parent
 from optgen.spec.toml_source import Source, display_path, expect, read, reject_unknown
@@ -30,6 +30,8 @@ SECTIONS = {
     "check": {"assert", "error", "type", "when", "each", "collect"},
     "state": None,
     "update": {"rule"},
+    "torch_parity": {"sparse_gradient_error", "dense_gradient_error", "sparse_fused_error", "capturable_error",
+                     "step_requires_grad_error", "foreach_differentiable"},
 }
 HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor", "choices", "derive"}
 #: algorithms whose step is an intrinsic of optgen/runtime/ rather than an update rule
@@ -48,6 +50,7 @@ class _Merged:
         self.optimizer: dict[str, tuple[Any, Source]] = {}
         self.hyperparameters: dict[str, tuple[Any, Source]] = {}
         self.state: dict[str, tuple[Any, Source]] = {}
+        self.torch_parity: dict[str, tuple[Any, Source]] = {}  # inherited, key by key
         self.checks: list[tuple[dict, Source, int]] = []
         self.rule: tuple[str, Source] | None = None
         # The spec extended, when this file changes nothing its kernels depend on (no rule, no
@@ -103,6 +106,8 @@ def _merge_file(path: Path, search_path: tuple[Path, ...], seen: tuple[str, ...]
         merged.hyperparameters[key] = (value, src)
     for key, value in data.get("state", {}).items():
         merged.state[key] = (value, src)
+    for key, value in data.get("torch_parity", {}).items():
+        merged.torch_parity[key] = (value, src)
     if "check" in data:
         merged.checks = [(c, src, i) for i, c in enumerate(data["check"])]
     if "update" in data:
@@ -189,8 +194,37 @@ def load_spec(path: str | Path, search_path: tuple[Path, ...] | None = None) -> 
         complex_params=complex_mode == "view_as_real", eager_state=state_init == "eager",
         torch_name=opt_value("torch", str), extends=opt_value("extends", str), kernels_from=merged.kernels_from,
         kernels_from_file=merged.kernels_from_file, file=str(path.resolve()),
-        gradients=gradients, algorithm=algorithm,
+        gradients=gradients, algorithm=algorithm, torch_parity=_torch_parity(merged),
     )
+
+
+#: the implementations whose capturable check torch words per optimizer
+CAPTURABLE_IMPLEMENTATIONS = ("forloop", "foreach")
+
+
+def _torch_parity(merged: _Merged) -> TorchParity:
+    """The ``[torch_parity]`` table: strings and bools, and ``capturable_error`` as
+    ``{forloop = { lists = "...", xla = true }, ...}``."""
+    values = {}
+    for key, (value, src) in merged.torch_parity.items():
+        path = ("torch_parity", key)
+        if key == "capturable_error":
+            expect(value, dict, src, path, f"torch_parity.{key}")
+            reject_unknown(value, set(CAPTURABLE_IMPLEMENTATIONS), src, path, f"torch_parity.{key}")
+            wordings = []
+            for implementation, wording in value.items():
+                where = path + (implementation,)
+                expect(wording, dict, src, where, f"torch_parity.{key}.{implementation}")
+                reject_unknown(wording, {"lists", "xla"}, src, where, f"torch_parity.{key}.{implementation}")
+                lists = expect(wording.get("lists", "params and state_steps"), str, src, where + ("lists",), "lists")
+                xla = expect(wording.get("xla", implementation != "foreach"), bool, src, where + ("xla",), "xla")
+                wordings.append((implementation, (lists, xla)))
+            values[key] = tuple(wordings)
+        elif key.endswith("_error") and key != "step_requires_grad_error":
+            values[key] = expect(value, str, src, path, f"torch_parity.{key}")
+        else:
+            values[key] = expect(value, bool, src, path, f"torch_parity.{key}")
+    return TorchParity(**values)
 
 
 def _own_name(path: Path) -> str:

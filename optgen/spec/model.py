@@ -67,6 +67,21 @@ class StateVar:
 
 
 @dataclass(frozen=True)
+class TorchParity:
+    """torch 2.13's wordings and quirks a spec reproduces where they are not the usual ones (its
+    ``[torch_parity]`` table; rendered into the class as ``_torch_parity``)."""
+
+    sparse_gradient_error: str | None = None   # a sparse gradient where dense ones are the rule
+    dense_gradient_error: str | None = None    # a dense gradient where sparse ones are (SparseAdam)
+    sparse_fused_error: str | None = None      # fused=True with a sparse gradient
+    #: implementation → (the lists torch's capturable AssertionError names, whether its device
+    #: list ends with "xla"); others: ("params and state_steps", implementation != "foreach")
+    capturable_error: tuple[tuple[str, tuple[str, bool]], ...] = ()
+    step_requires_grad_error: bool = False     # differentiable: a `step` that requires grad is an error
+    foreach_differentiable: bool = False       # torch's foreach path runs under differentiable=True
+
+
+@dataclass(frozen=True)
 class Spec:
     """One optimizer spec file, parsed and checked for shape (not yet lowered)."""
 
@@ -93,6 +108,7 @@ class Spec:
     #: "dense" | "sparse" | "dense_or_sparse" | "dense_or_gathered" (Note [Sparse gradients])
     gradients: str = "dense"
     algorithm: str | None = None    # an intrinsic step (optgen/runtime/<algorithm>.py) instead of a rule
+    torch_parity: TorchParity = field(default_factory=TorchParity)
     locs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
