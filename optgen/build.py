@@ -133,7 +133,7 @@ def kernel_backends(compiled) -> tuple:
     (the Triton backend declines reductions and intrinsics; `optgen show` prints why)."""
     from optgen.backends.registry import KERNEL_BACKENDS
 
-    return tuple(b for b in KERNEL_BACKENDS if getattr(b, "unsupported", lambda c: None)(compiled) is None)
+    return tuple(b for b in KERNEL_BACKENDS if b.unsupported(compiled) is None)
 
 
 def check_unique_names(compiled: list) -> None:
@@ -162,7 +162,7 @@ def render_spec(compiled, implementations: tuple[str, ...] | None = None) -> dic
     with internal_errors("choosing the backends", spec):
         backends = tuple(b for b in kernel_backends(compiled) if implementations is None or b.name in implementations)
     class_backend = OptimizerClassBackend(tuple(b.name for b in backends),
-                                          lazy=tuple(b.name for b in backends if getattr(b, "lazy", False)))
+                                          imported_on_first_use=tuple(b.name for b in backends if b.lazy))
     with internal_errors("the optimizer class", spec):
         files = {f"{module_name(spec.name)}.py": class_backend.render(compiled)}
     if not (spec.algorithm or spec.kernels_from):  # an intrinsic step, or its parent's kernels

@@ -131,7 +131,7 @@ def cmd_show(args) -> int:
     from optgen.build import kernel_backends
     from optgen.backends.fused import FusedBackend
     from optgen.backends.optimizer_class import OptimizerClassBackend
-    from optgen.passes import compile_spec, dump
+    from optgen.passes import compile_spec, dump, merge_variants
 
     spec = _find_spec(args.name)
     flags = _parse_flags(args.flags, spec)
@@ -139,16 +139,18 @@ def cmd_show(args) -> int:
         print(dump(spec, tuple(flags.items()), args.dump_ir))
         return 0
     compiled = compile_spec(spec)
-    sections = [("spec", spec.path, Path(spec.path).read_text() if Path(spec.path).is_file() else spec.source),
-                ("IR after passes", ", ".join(f"{k}={v}" for k, v in flags.items()) or "default flags",
-                 compiled.variant(flags).program.describe())]
+    # The IR every backend prints: all variants merged into one program with flag branches, or
+    # the one variant --flags names.
+    ir = (("IR after passes", ", ".join(f"{k}={v}" for k, v in flags.items()), compiled.variant(flags).program.describe())
+          if args.flags else ("IR after passes", "every flag variant, merged", merge_variants.describe(compiled)))
+    sections = [("spec", spec.path, Path(spec.path).read_text() if Path(spec.path).is_file() else spec.source), ir]
     available = kernel_backends(compiled)
     backends = [OptimizerClassBackend(tuple(b.name for b in available),
-                                      lazy=tuple(b.name for b in available if getattr(b, "lazy", False))),
+                                      imported_on_first_use=tuple(b.name for b in available if b.lazy)),
                 *KERNEL_BACKENDS]
     for backend in backends:
         if args.backend in (None, backend.name):
-            reason = getattr(backend, "unsupported", lambda c: None)(compiled)
+            reason = backend.unsupported(compiled)
             if reason is not None:  # e.g. the Triton backend and a reduction: the others run it
                 fused = isinstance(backend, FusedBackend)
                 sections.append((f"{backend.name} code", "not generated",
@@ -240,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", help="a built-in optimizer's name, or a spec file")
     p.add_argument("--backend", help="only this backend's code (optimizer, forloop, foreach, differentiable, "
                                      "triton, c)")
-    p.add_argument("--flags", help="the variant to show the IR of, e.g. amsgrad=true,maximize=false")
+    p.add_argument("--flags", help="the variant to show the IR of, e.g. amsgrad=true,maximize=false "
+                                   "(default: every variant, merged)")
     p.add_argument("--dump-ir", metavar="PASS", help="print the IR after this pass (lower, specialize, cse, "
                                                      "name_reduction_arguments, hoist_scalars, select_ops, reuse_buffers, "
-                                                     "preserve_values)")
+                                                     "preserve_values, merge_variants)")
     p.set_defaults(run=cmd_show)
     p = sub.add_parser("new", help="scaffold a spec: DIR/<name>.toml")
     p.add_argument("name")

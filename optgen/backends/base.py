@@ -85,9 +85,16 @@ def kernel_record(compiled: Compiled, multi_tensor: bool, tensor_scalars=(), gra
 
 
 class Backend:
-    """One output module per spec."""
+    """One output module per spec: all that the build and the CLI use of a backend."""
 
     name: str
+    #: the optimizer class imports this backend's module on first use, by name (it needs a package
+    #: optgen does not require: triton), so importing optgen never imports it
+    lazy: bool = False
 
     def render(self, compiled: Compiled) -> str:
         raise NotImplementedError
+
+    def unsupported(self, compiled: Compiled) -> str | None:
+        """Why this backend generates no module for the spec (None: it does)."""
+        return None

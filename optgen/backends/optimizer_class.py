@@ -21,9 +21,9 @@ from optgen.spec.model import RUNTIME_OPTIONS
 class OptimizerClassBackend(Backend):
     name = "optimizer"
 
-    def __init__(self, kernel_backends: tuple[str, ...], lazy: tuple[str, ...] = ()):
+    def __init__(self, kernel_backends: tuple[str, ...], imported_on_first_use: tuple[str, ...] = ()):
         self.kernel_backends = kernel_backends
-        self.lazy = lazy  # backends whose module the class names as a string, imported on first use
+        self.imported_on_first_use = imported_on_first_use  # named as a string (Backend.lazy)
 
     def render(self, compiled: Compiled) -> str:
         spec = compiled.spec
@@ -73,8 +73,8 @@ class OptimizerClassBackend(Backend):
              sparse_checks if c.sparse_step else checks).append(check)
         owner = spec.kernels_from or spec.name  # AdamW runs Adam's kernels (same rule, see load.py)
         names = [] if spec.algorithm else [module_name(owner, b) for b in self.kernel_backends]
-        kernel_modules = [m for b, m in zip(self.kernel_backends, names) if b not in self.lazy]
-        kernels = [(b, f'"{m}"' if b in self.lazy else m) for b, m in zip(self.kernel_backends, names)]
+        kernel_modules = [m for b, m in zip(self.kernel_backends, names) if b not in self.imported_on_first_use]
+        kernels = [(b, f'"{m}"' if b in self.imported_on_first_use else m) for b, m in zip(self.kernel_backends, names)]
         derived = [(h.name, h.derive) for h in hyper.values() if h.derive]
         return environment().get_template("optimizer/class.py.j2").render(
             header=header(compiled), name=spec.name, paper=spec.paper, doc=spec.doc, path=spec.path,

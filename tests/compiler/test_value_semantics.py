@@ -69,7 +69,7 @@ def build(tmp_path, text: str):
     folder.mkdir()
     backends = kernel_backends(compiled)
     class_backend = OptimizerClassBackend(tuple(b.name for b in backends),
-                                          lazy=tuple(b.name for b in backends if getattr(b, "lazy", False)))
+                                          imported_on_first_use=tuple(b.name for b in backends if b.lazy))
     (folder / f"{module_name(compiled.spec.name)}.py").write_text(class_backend.render(compiled))
     for backend in backends:
         (folder / f"{module_name(compiled.spec.name, backend.name)}.py").write_text(backend.render(compiled))
