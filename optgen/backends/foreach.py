@@ -1,6 +1,6 @@
 """The foreach backend: torch's multi-tensor ``_foreach_*`` ops over all tensors of a group.
 
-Per flag variant, a function shaped like torch's ``_multi_tensor_adam``; every name is a list
+One function shaped like torch's ``_multi_tensor_adam`` (flag variants merged into branches); every name is a list
 (one entry per tensor of one device and dtype), scalars that differ per tensor are Python lists::
 
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -23,6 +23,7 @@ from optgen.backends.forloop import ForLoopRenderer, counter_list, plural
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.guards import simplify_guard
 from optgen.ir.ops import Step, TensorOp
+from optgen.passes.merge_variants import Block
 from optgen.passes.reuse_buffers import allocates, step_reads
 
 #: ops with a torch._foreach_ kernel (in-place forms add "_")
@@ -151,9 +152,10 @@ class ForeachRenderer(PythonRenderer):
             op.fn.rstrip("_") not in FOREACH_OPS and op.fn not in _SPECIAL for op in step.ops)
         return no_kernel or self.is_per_tensor(step.guard)
 
-    def body(self) -> list[str]:
-        """As the base class, but runs of statements under per-tensor conditions become one loop."""
-        lines: list[str] = []
+    def body(self) -> list:
+        """As the base class, but runs of statements under per-tensor conditions become one loop
+        (a Block: merged with other variants' loops as a unit)."""
+        lines: list = []
         steps = list(self.program.steps)
         defined = {*self.program.tensors, *self.program.counters}
         # name → the condition under which a list of that name exists: a statement under a
@@ -182,16 +184,15 @@ class ForeachRenderer(PythonRenderer):
                     xs = self.list_name(name)
                     when = bound.get(name, sympy.false)
                     if when == sympy.false:
-                        lines.append(f"{xs} = [None] * len(params)")
+                        lines.append((f"{xs} = [None] * len(params)",))
                     elif name in rebound(run) and name not in persistent:
                         # a list of our own: it may be another name's (`update = momentum_buffer`)
-                        lines.append(f"{xs} = list({xs})" if when == sympy.true else
-                                     f"{xs} = list({xs}) if {self.scalar(when)} else [None] * len(params)")
+                        lines.append((f"{xs} = list({xs})" if when == sympy.true else
+                                      f"{xs} = list({xs}) if {self.scalar(when)} else [None] * len(params)",))
                     elif when != sympy.true:
-                        lines.append(f"{xs} = {xs} if {self.scalar(when)} else [None] * len(params)")
+                        lines.append((f"{xs} = {xs} if {self.scalar(when)} else [None] * len(params)",))
                     bound[name] = sympy.true
-                lines.append("for i in range(len(params)):")
-                lines += ["    " + line for line in self.guarded_blocks(run, renderer)]
+                lines.append(Block("for i in range(len(params)):", tuple(self.guarded_blocks(run, renderer))))
             for s in run:
                 if s.kind == "counter" and id(s) in self.unread_counters:
                     continue  # no `.item()` list: nothing reads the new value

@@ -1,6 +1,7 @@
 """The for-loop backend: one parameter at a time, torch tensor methods, in place.
 
-It emits, per flag variant, a function shaped like torch's ``_single_tensor_adam``::
+It emits one function shaped like torch's ``_single_tensor_adam`` (the flags' variants merged into
+``if amsgrad:`` branches by optgen.passes.merge_variants)::
 
     for i, param in enumerate(params):
         grad = grads[i]
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import keyword
 
-from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
+from optgen.backends.python_base import PythonKernelBackend, PythonRenderer, item_lines
 from optgen.ir.ops import OpProgram, Step, TensorOp
+from optgen.passes.merge_variants import Block
 
 # op name → how it prints, given the receiver, the argument list and the output name
 _SPECIAL = {
@@ -161,11 +163,19 @@ class ForLoopRenderer(PythonRenderer):
         lines += [f"{c}_t = {counter_list(c)}[i]" for c in self.program.counters]
         return lines
 
+    def loop_footer(self) -> list[str]:
+        return []
+
+    def function_items(self) -> list:
+        """The preamble, then one loop over the tensors: torch's ``_single_tensor_adam``."""
+        loop = [*((line,) for line in self.loop_header()), *self.body(), *((line,) for line in self.loop_footer())]
+        return [*((line,) for line in self.preamble()), Block("for i, param in enumerate(params):", tuple(loop))]
+
 
 def describe_ops(program: OpProgram) -> str:
     """The op program as for-loop code (for `optgen show --dump-ir select_ops`)."""
     r = ForLoopRenderer(program)
-    return "\n".join([*r.preamble(), "# for each tensor:", *r.loop_header(), *r.body()])
+    return "\n".join([*r.preamble(), "# for each tensor:", *r.loop_header(), *item_lines(r.body())])
 
 
 class ForLoopBackend(PythonKernelBackend):

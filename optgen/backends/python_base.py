@@ -16,6 +16,7 @@ from optgen.backends.printing import PythonScalarPrinter
 from optgen.ir.guards import first_assignments, simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
+from optgen.passes.merge_variants import Block, FlagSpace, MergedBlock, merge, sections
 
 
 def _names_read(step: Step) -> set[str]:
@@ -115,34 +116,44 @@ class PythonRenderer:
             lines.append(self.counter_read(step.target))
         return lines
 
-    def body(self) -> list[str]:
-        """The per-step code: consecutive statements under one guard share an ``if`` block, and
-        each statement is preceded by its spec line as a comment."""
+    def body(self) -> list:
+        """The per-step code as items (optgen.passes.merge_variants): consecutive statements under
+        one guard share an ``if`` block, and each statement is preceded by its spec line as a
+        comment."""
         return self.guarded_blocks(self.program.steps, self)
 
     @staticmethod
-    def guarded_blocks(steps, renderer: "PythonRenderer") -> list[str]:
-        lines: list[str] = []
+    def guarded_blocks(steps, renderer: "PythonRenderer") -> list:
+        """Statements as items: each statement's lines (its spec line as a comment first) one
+        leaf, a run of statements under one guard a Block (``if guard:``) of them."""
+        items: list = []
         previous = None
         for guard, group in itertools.groupby(steps, key=lambda s: s.guard):
-            block: list[str] = []
+            block: list[tuple[str, ...]] = []
             for step in group:
                 code = renderer.step_lines(step)
                 if code and step.kind == "release":
-                    block += code
+                    block.append(tuple(code))
                 elif code:
-                    block += [f"# {step.text}", *code]
+                    block.append((f"# {step.text}", *code))
+            is_else = False
             if guard == sympy.true:
-                lines += block
+                items += block
             elif block:
                 # The second half of a spec's if/else prints as `else:`, not as a negated `if`.
                 is_else = previous is not None and simplify_guard(sympy.Not(previous)) == guard
-                is_else = is_else and bool(lines) and lines[-1].startswith(renderer.indent)
-                header = "else:" if is_else else f"if {renderer.scalar(guard)}:"
-                lines += [header, *(renderer.indent + line for line in block)]
+                is_else = is_else and bool(items) and isinstance(items[-1], Block) and not items[-1].orelse
+                if is_else:
+                    items[-1] = Block(items[-1].header, items[-1].body, tuple(block))
+                else:
+                    items.append(Block(f"if {renderer.scalar(guard)}:", tuple(block)))
             # an `else:` closes its if/else: the block after it starts a new `if`
             previous = guard if block and not (guard != sympy.true and is_else) else None
-        return lines
+        return items
+
+    def function_items(self) -> list:
+        """The whole function body as items, to be merged with the other variants'."""
+        return [*((line,) for line in self.preamble()), *self.body()]
 
     def preamble(self) -> list[str]:
         return [f"{s.target} = {self.scalar(s.expr)}" for s in self.program.preamble]
@@ -172,8 +183,66 @@ INTRINSICS = ("newton_schulz",)
 TENSOR_SCALAR_FUNCTIONS = ("add", "addcdiv", "addcmul", "exp", "log", "sqrt")
 
 
+def python_condition(expr: sympy.Basic, flags: tuple[str, ...]) -> str:
+    """A flag condition (optgen.passes.merge_variants.condition) as Python: ``amsgrad``,
+    ``maximize and not amsgrad``; flags in the spec's order."""
+    def order(arg) -> int:
+        names = sorted(flags.index(s.name) for s in arg.free_symbols)
+        return names[0] if names else -1
+
+    if expr.is_Symbol:
+        return expr.name
+    if isinstance(expr, sympy.Not):
+        return f"not {python_condition(expr.args[0], flags)}"
+    if isinstance(expr, sympy.And):
+        return " and ".join(python_condition(a, flags) for a in sorted(expr.args, key=order))
+    if isinstance(expr, sympy.Or):
+        parts = [python_condition(a, flags) for a in sorted(expr.args, key=order)]
+        return " or ".join(f"({p})" if " and " in p else p for p in parts)
+    raise TypeError(f"not a flag condition: {expr}")
+
+
+def merged_lines(merged, within: frozenset[int], space: FlagSpace, indent: str = "    ") -> list[str]:
+    """The merged items of one body as Python lines: flag conditions as if/elif/else."""
+    lines: list[str] = []
+    for section in sections(merged, within, space):
+        for n, arm in enumerate(section.arms):
+            pad = ""
+            if arm.condition is None:
+                lines.append("else:")
+            elif arm.condition is not sympy.true:
+                lines.append(f"{'elif' if n else 'if'} {python_condition(arm.condition, space.flags)}:")
+            if arm.condition is not sympy.true:
+                pad = indent
+            for m in arm.items:
+                on = m.on & within
+                if isinstance(m.item, MergedBlock):
+                    code = [m.item.header, *(indent + line for line in merged_lines(m.item.body, on, space, indent))]
+                    if m.item.orelse:
+                        code += ["else:", *(indent + line for line in merged_lines(m.item.orelse, on, space, indent))]
+                else:
+                    code = list(m.item)
+                lines += [pad + line for line in code]
+    return lines
+
+
+def item_lines(items, indent: str = "    ") -> list[str]:
+    """One variant's items as Python lines, unmerged (what its own function would be)."""
+    lines: list[str] = []
+    for item in items:
+        if isinstance(item, Block):
+            lines += [item.header, *(indent + line for line in item_lines(item.body, indent))]
+            if item.orelse:
+                lines += ["else:", *(indent + line for line in item_lines(item.orelse, indent))]
+        else:
+            lines += list(item)
+    return lines
+
+
 class PythonKernelBackend(Backend):
-    """A backend whose output is a module of Python kernel functions, one per flag variant."""
+    """A backend whose output is a module with one Python kernel function per spec: the flags are
+    keyword arguments, and the code of every flag variant is merged into it
+    (optgen.passes.merge_variants)."""
 
     renderer: type[PythonRenderer]
     list_annotation = "list[Tensor]"
@@ -188,6 +257,11 @@ class PythonKernelBackend(Backend):
         """Scalars the kernels take as given, Tensor or number (others arrive as numbers)."""
         return ()
 
+    def variant_items(self, compiled: Compiled) -> tuple[FlagSpace, list[list]]:
+        """Each variant's function body as items (Block and leaves of lines), in variant order."""
+        space = FlagSpace.of([v.flags for v in compiled.variants])
+        return space, [self.renderer_for(compiled, v.ops).function_items() for v in compiled.variants]
+
     def render(self, compiled: Compiled) -> str:
         from optgen.backends.forloop import counter_list, plural
 
@@ -195,28 +269,19 @@ class PythonKernelBackend(Backend):
         signature = [f"{plural(t)}: {self.list_annotation if t not in sig.lazy else 'list[Tensor | None]'},"
                      for t in sig.tensors]
         signature += [f"{counter_list(c)}: list[Tensor]," for c in sig.counters]
-        signature += ["*", *(f"{s}: {_annotation(compiled.spec, s)}," for s in sig.scalars)]
-        signature = [line if line != "*" else "*," for line in signature]
-        variants = []
-        for v in compiled.variants:
-            r = self.renderer_for(compiled, v.ops)
-            flags = ", ".join(f"{k}={val}" for k, val in v.flags) or "none"
-            variants.append(dict(
-                function=f"{module_name(compiled.spec.name)}_{v.ops.name}",
-                key=repr(tuple(val for _, val in v.flags)),
-                doc=f"{compiled.spec.name} step with {flags}.",
-                preamble=r.preamble(), body=r.body(),
-                loop_header=r.loop_header() if hasattr(r, "loop_header") else [],
-                loop_footer=r.loop_footer() if hasattr(r, "loop_footer") else [],
-            ))
-        text_lines = [line for v in variants for line in (*v["preamble"], *v["body"])]
-        code_lines = [line for line in text_lines if not line.lstrip().startswith("#")]
+        flags = [h.name for h in compiled.spec.flags]
+        signature += ["*,", *(f"{f}: bool," for f in flags), *(f"{s}: {_annotation(compiled.spec, s)}," for s in sig.scalars)]
+        space, variants = self.variant_items(compiled)
+        body = merged_lines(merge(space, variants), space.everything, space)
+        code_lines = [line for line in body if not line.lstrip().startswith("#")]
+        record = kernel_record(compiled, self.multi_tensor, self.tensor_scalars(compiled))
+        record["dispatch"] = False  # KERNEL.step is the function itself (no VARIANTS)
+        fixed = [h.name for h in compiled.spec.flags if h.fixed]
         return environment().get_template(f"{self.template or self.name}/kernels.py.j2").render(
-            header=header(compiled), name=compiled.spec.name, summary=self.summary, variants=variants,
-            signature=signature, record=kernel_record(compiled, self.multi_tensor, self.tensor_scalars(compiled)),
-            flag_list=", ".join(h.name for h in compiled.spec.flags) or "none",
-            uses_math=any("math." in line for line in text_lines),
-            intrinsics=sorted(name for name in INTRINSICS if any(f"{name}(" in line for line in text_lines)),
+            header=header(compiled), name=compiled.spec.name, summary=self.summary, body=body,
+            function=record["step"], signature=signature, record=record, flags=flags, fixed=fixed,
+            uses_math=any("math." in line for line in body),
+            intrinsics=sorted(name for name in INTRINSICS if any(f"{name}(" in line for line in body)),
             scalar_functions=sorted(name for name in TENSOR_SCALAR_FUNCTIONS
                                     if any(re.search(rf"(?<![\w.]){name}\(", line) for line in code_lines)),
         )

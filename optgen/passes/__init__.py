@@ -1,9 +1,12 @@
 """The compiler pipeline: one function listing the passes in order.
 
     spec ─lower─▶ Program ─validate─▶ ─specialize(flags)─▶ ─cse─▶ ─name_reduction_arguments─▶ ─hoist_scalars─▶
-         ─select_ops─▶ OpProgram ─reuse_buffers─▶ ─preserve_values─▶ backends
+         ─select_ops─▶ OpProgram ─reuse_buffers─▶ ─preserve_values─▶ ─merge_variants─▶ backends
 
-``optgen show NAME --dump-ir PASS`` prints the program after any of these.
+Every flag combination is compiled on its own, through every pass; merge_variants then lays the
+variants over one another so a backend prints one function with ``if amsgrad:`` branches
+(optgen/passes/merge_variants.py documents its API).  ``optgen show NAME --dump-ir PASS`` prints
+the program after any of these (one variant, ``--flags``; all of them for merge_variants).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from optgen.ir.lower import lower
 from optgen.ir.nodes import Program
 from optgen.ir.ops import OpProgram
 from optgen.ir.validate import validate
+from optgen.passes import merge_variants
 from optgen.passes.cse import cse
 from optgen.passes.hoist_scalars import hoist_scalars
 from optgen.passes.name_reduction_arguments import name_reduction_arguments
@@ -27,7 +31,7 @@ from optgen.spec.model import Spec
 PROGRAM_PASSES = (("cse", cse), ("name_reduction_arguments", name_reduction_arguments),
                   ("hoist_scalars", hoist_scalars))
 PASS_NAMES = ("lower", "specialize", *(n for n, _ in PROGRAM_PASSES), "select_ops", "reuse_buffers",
-              "preserve_values")
+              "preserve_values", "merge_variants")
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,12 @@ def compile_spec(spec: Spec) -> Compiled:
 
 
 def dump(spec: Spec, flags, after: str) -> str:
-    """The IR of one variant after the pass named ``after`` (for `optgen show --dump-ir`)."""
+    """The IR of one variant after the pass named ``after`` (for `optgen show --dump-ir`); after
+    merge_variants, every variant's, merged."""
     if after not in PASS_NAMES:
         raise SpecError(None, f"unknown pass '{after}'; passes: {', '.join(PASS_NAMES)}")
+    if after == "merge_variants":
+        return merge_variants.describe(compile_spec(spec))
     program = validate(lower(spec))
     if after == "lower":
         return program.describe()
