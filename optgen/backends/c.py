@@ -61,12 +61,11 @@ import sympy
 from optgen.backends.c_printer import CElementPrinter, CScalarPrinter
 from optgen.backends.forloop import counter_list, plural
 from optgen.backends.fused import FusedBackend
-from optgen.backends.printing import PythonScalarPrinter
-from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, extent_of_expression, schedule
-from optgen.backends.triton import _identifier, _is_condition
-from optgen.backends.triton_printer import Unsupported
+from optgen.backends.fused_plan import Names, hoist_scalars, plan_kernel
+from optgen.backends.printer import Unsupported, identifier
+from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, extent_of_expression
 from optgen.ir.guards import first_assignments
-from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued, tensor_reads
+from optgen.ir.nodes import Assign, Program, Role, tensor_reads
 
 #: C keywords and the kernel skeleton's names; an IR name among them gets a trailing underscore
 RESERVED = frozenset({
@@ -132,13 +131,14 @@ class _CBuilder:
     Note [Sweeps] for rules that reduce tensors)."""
 
     def __init__(self, program: Program, signature):
-        self.program, self.sig = program, signature
-        self.plan = schedule(program)
+        self.program = program
+        self.kernel = plan_kernel(program, signature)
+        self.plan = self.kernel.schedule
         self.defined_at = first_assignments(a.target for a in program.body if program.roles.get(a.target) is Role.SCALAR)
         self.roles, self.extents = self.plan.roles, self.plan.extents
         self.current: dict[str, str] = {}   # IR scalar name → the C variable holding its value now
         self.level: dict[str, int] = {}     # IR name → the level of its current value
-        self.taken: set[str] = set()
+        self.names = Names(RESERVED)
         self.lines: list[tuple[int, str]] = []     # per-tensor code, each line with its level
         self.full: list[_FullStatement] = []
         self.accumulations: list[_Accumulation] = []
@@ -148,15 +148,10 @@ class _CBuilder:
         self.conditions: dict[str, str] = {}  # condition text (names are versions) → its variable
 
     def cname(self, name: str) -> str:
-        return name + "_" if name in RESERVED else name
+        return self.names.of(name)
 
     def fresh(self, base: str) -> str:
-        base, name, k = self.cname(base), self.cname(base), 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
+        return self.names.fresh(base)
 
     def scalar(self, expr) -> str:
         printer = CScalarPrinter(lambda n: self.current.get(n, self.cname(n)),
@@ -168,28 +163,19 @@ class _CBuilder:
         return max((self.level.get(s.name, 0) for s in sympy.sympify(expr).free_symbols), default=0)
 
     def build(self, function: str, key: str, doc: str) -> CKernel:
-        roles, statements = self.roles, [i.node for i in self.plan.items if isinstance(i.node, Assign)]
-        touched = {n for a in statements for n in a.reads() | {a.target}}
-        hypers = [n for n, r in roles.items() if r is Role.HYPER and n in touched]
-        counters = [c for c in self.sig.counters if c in touched]
-        states = [t for t in self.sig.tensors if t not in ("param", "grad") and t in touched]
+        roles, kernel = self.roles, self.kernel
+        hypers, counters, states = kernel.hyperparameters, kernel.counters, kernel.states
         self.lists = lists = ["param", *states]
-        lazy_states = [t for t in states if t in self.sig.lazy]
-        lazy = []
-        for t in lazy_states:
-            when = self.program.state_when.get(t, sympy.true)
-            if any(s.name == "param" for s in when.free_symbols):
-                raise Unsupported(f"state '{t}' is created depending on the parameter's shape")
-            # the condition over the kernel's keyword arguments `a` (hyperparameters)
-            lazy.append((lists.index(t), PythonScalarPrinter(lambda h: f'a["{h}"]')(when) if when != sympy.true else "True"))
+        lazy_states = [s.name for s in kernel.lazy]
+        lazy = [(lists.index(s.name), s.when) for s in kernel.lazy]
         # A state that may not exist for this tensor (SGD's momentum_buffer when momentum == 0,
         # Adafactor's row_var for a vector) has a NULL address: the statements using it do not
         # run, but a walk may still load around them.
-        self.optional = {t for t in states if self.program.state_when.get(t, sympy.true) != sympy.true}
+        self.optional = kernel.optional
         # hyperparameters, counters (their value on entry) and tensors keep their names; a scalar
         # statement's first assignment takes its own, a later one a numbered version
-        self.taken |= {self.cname(n) for n, r in roles.items() if r is not Role.SCALAR}
-        self.taken |= {f"{self.cname(t)}_p" for t in ["grad", *lists]}
+        self.names.taken |= {self.cname(n) for n, r in roles.items() if r is not Role.SCALAR}
+        self.names.taken |= {f"{self.cname(t)}_p" for t in ["grad", *lists]}
 
         head = [f"const double {self.cname(h)} = hyper[{i}];" for i, h in enumerate(hypers)]
         for h in hypers:
@@ -521,30 +507,27 @@ class _CBuilder:
     def element(self, expr) -> str:
         """``expr`` for one element, its scalar subexpressions computed before the loop as
         ``scalar_t`` constants (the value each has at this point of the spec)."""
-        def walk(e):
-            if e.is_Integer or e in (sympy.oo, -sympy.oo, sympy.S.Half, -sympy.S.Half) \
-                    or not e.free_symbols and not e.is_Number:
-                return e  # (x ** 0.5 prints as a square root)
-            scalar = not is_tensor_valued(e, self.roles) and not _is_condition(e)
-            if scalar and e.is_Pow and e.exp == -1:
-                return sympy.Pow(walk(e.base), -1, evaluate=False)  # x / scalar stays a division
-            if scalar or e.is_Number:
-                text = self.scalar(e)
-                if text not in self.hoisted:
-                    ident = _identifier(text)
-                    name = self.fresh(f"c_{ident}" if 0 < len(ident) <= 32 else "c_scalar")
-                    self.lines.append((self.level_of(e), f"const scalar_t {name} = (scalar_t)({text});"))
-                    self.hoisted[text] = name
-                return sympy.Symbol(f"@{self.hoisted[text]}", real=True)
-            if not e.args:
-                return e
-            return e.func(*(walk(x) for x in e.args), evaluate=False) \
-                if isinstance(e, (sympy.Add, sympy.Mul, sympy.Pow)) else e.func(*(walk(x) for x in e.args))
+        def inline(e) -> bool:  # (x ** 0.5 prints as a square root)
+            return e.is_Integer or e in (sympy.oo, -sympy.oo, sympy.S.Half, -sympy.S.Half) \
+                or not e.free_symbols and not e.is_Number
+
+        def division(e) -> bool:
+            return e.is_Pow and e.exp == -1
+
+        def hoist(e):
+            text = self.scalar(e)
+            if text not in self.hoisted:
+                ident = identifier(text)
+                name = self.fresh(f"c_{ident}" if 0 < len(ident) <= 32 else "c_scalar")
+                self.lines.append((self.level_of(e), f"const scalar_t {name} = (scalar_t)({text});"))
+                self.hoisted[text] = name
+            return sympy.Symbol(f"@{self.hoisted[text]}", real=True)
 
         def rename(n: str) -> str:
             return n[1:] if n.startswith("@") else self.cname(n)
 
-        return CElementPrinter(rename)(walk(sympy.sympify(expr)))
+        lifted = hoist_scalars(expr, self.roles, inline=inline, division=division, hoist=hoist)
+        return CElementPrinter(rename)(lifted)
 
 
 def _indent(lines, depth: int = 1) -> list[str]:

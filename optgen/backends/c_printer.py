@@ -1,6 +1,6 @@
 """Printing IR expressions as C for the fused CPU backend (optgen/backends/c.py).
 
-Two printers share :class:`~optgen.backends.triton_printer.InfixPrinter`'s arithmetic:
+Two printers share :class:`~optgen.backends.printer.InfixPrinter`'s arithmetic:
 
 - :class:`CScalarPrinter`: per-tensor scalars in ``double`` before the elementwise loop — bias
   corrections and the like, computed with C's ``pow``/``sqrt``/``exp`` as Python's float
@@ -17,7 +17,7 @@ import sympy
 
 from optgen.backends.sweeps import FULL, Extent
 from optgen.ir.guards import evaluation_order
-from optgen.backends.triton_printer import InfixPrinter, Unsupported
+from optgen.backends.printer import InfixPrinter, Unsupported
 
 
 class _CPrinter(InfixPrinter):

@@ -5,7 +5,7 @@ print), and a sentence instead of a module for a spec they cannot express as one
 from __future__ import annotations
 
 from optgen.backends.base import Backend, environment, header, kernel_record, kernel_signature, module_name
-from optgen.backends.triton_printer import Unsupported
+from optgen.backends.printer import Unsupported
 from optgen.passes import Compiled
 
 

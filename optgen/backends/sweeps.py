@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 import sympy
 
-from optgen.backends.triton_printer import Unsupported
+from optgen.backends.printer import Unsupported
 from optgen.ir.nodes import Assign, Program, Role
 from optgen.spec.expressions import SCALAR_OF_TENSOR, MeanDim, Norm, NormDim
 

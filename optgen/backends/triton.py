@@ -64,8 +64,9 @@ import sympy
 from optgen.backends.base import KernelSignature
 from optgen.backends.forloop import counter_list, plural
 from optgen.backends.fused import FusedBackend
-from optgen.backends.printing import PythonScalarPrinter
-from optgen.backends.triton_printer import TritonPrinter, Unsupported
+from optgen.backends.fused_plan import Names, hoist_scalars, over_arguments, plan_kernel, readable
+from optgen.backends.printer import Unsupported
+from optgen.backends.triton_printer import TritonPrinter
 from optgen.ir.guards import implies, simplify_guard
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 
@@ -81,17 +82,6 @@ RESERVED = frozenset({
 
 #: state initialisers whose tensor is shaped like the parameter (so a flat chunk covers it)
 _ELEMENTWISE_STATE = ("zeros", "full", "first")
-
-
-def _identifier(text: str) -> str:
-    """A readable identifier from a condition or expression: ``weight_decay != 0`` → ``weight_decay_ne_0``."""
-    words = {"!=": " ne ", "==": " eq ", "<=": " le ", ">=": " ge ", "<": " lt ", ">": " gt ",
-             "**": " pow ", "*": " times ", "/": " over ", "+": " plus ", " - ": " minus ", "-": " neg "}
-    for op, word in words.items():
-        text = text.replace(op, word)
-    text = re.sub(r"math\.|\(|\)|\"|'", " ", text).replace(".", "_")
-    text = re.sub(r"[^0-9A-Za-z_]+", "_", text.strip()).strip("_")
-    return re.sub(r"_+", "_", text)
 
 
 @dataclass
@@ -113,116 +103,55 @@ class Kernel:
 
 
 class _KernelBuilder:
-    """Walks one specialised :class:`Program` into a :class:`Kernel` (see Note [Triton kernel layout])."""
+    """Prints one variant's :class:`~optgen.backends.fused_plan.KernelPlan` as a :class:`Kernel`
+    (see Note [Triton kernel layout])."""
 
     def __init__(self, program: Program, sig: KernelSignature):
         self.program = program
-        self.sig = sig
         self.roles = program.roles
         self.spec = program.spec
-        self.statements: list[Assign] = [*program.preamble, *program.body]
-        self.host_guards: dict[sympy.Basic, str] = {}      # condition → constexpr name
-        self.names: set[str] = set()                       # identifiers taken in the kernel
         self.check()
+        self.plan = plan_kernel(program, sig)
+        self.host_guards: dict[sympy.Basic, str] = {}      # condition → constexpr name
+        self.names = Names(RESERVED)                       # identifiers taken in the kernel
 
     # -- names -------------------------------------------------------------------------------------
     def kname(self, name: str) -> str:
         """The kernel variable for an IR name."""
-        return name + "_" if name in RESERVED else name
-
-    def fresh(self, base: str) -> str:
-        if base[:2] in ("1_", "2_"):
-            base = {"1": "one", "2": "two"}[base[0]] + base[1:]
-        base = base if base and not base[0].isdigit() else f"s_{base}"
-        name, n = base, 1
-        while name in self.names or name in RESERVED or name in self.roles:
-            name, n = f"{base}_{n}", n + 1
-        self.names.add(name)
-        return name
+        return self.names.of(name)
 
     def printer(self, rename=None) -> TritonPrinter:
         return TritonPrinter(rename or self.kname)
 
     # -- checks -------------------------------------------------------------------------------------
     def check(self) -> None:
+        statements = [*self.program.preamble, *self.program.body]
         for name, role in self.roles.items():
-            if role is Role.STATE and any(name in a.reads() or a.target == name for a in self.statements):
+            if role is Role.STATE and any(name in a.reads() or a.target == name for a in statements):
                 init = self.spec.state[name].init
                 if init not in _ELEMENTWISE_STATE:
                     raise Unsupported(f"state '{name}' is not shaped like the parameter ({init}), so one "
                                       "flat chunk of the parameter does not cover it")
 
     # -- guards --------------------------------------------------------------------------------------
-    def is_host(self, expr: sympy.Basic) -> bool:
-        names = {s.name for s in expr.free_symbols if not s.name.startswith('"')}
-        return all(self.roles.get(n) is Role.HYPER for n in names)
-
-    def split_guard(self, guard: sympy.Basic) -> tuple[sympy.Basic, sympy.Basic]:
-        """(host part, per-tensor part) of a statement's guard."""
-        if guard == sympy.true:
-            return sympy.true, sympy.true
-        terms = guard.args if isinstance(guard, sympy.And) else (guard,)
-        host = [t for t in terms if self.is_host(t)]
-        dynamic = [t for t in terms if not self.is_host(t)]
-        for t in dynamic:
-            if any(s.name.startswith('"') for s in t.free_symbols):
-                raise Unsupported(f"the condition '{t}' mixes a choice with per-tensor values")
-        return sympy.And(*host), sympy.And(*dynamic)
-
     def host_guard(self, condition: sympy.Basic) -> str | None:
         """The constexpr name of a host condition (None for `true`)."""
         condition = simplify_guard(condition)
         if condition == sympy.true:
             return None
         if condition not in self.host_guards:
-            text = PythonScalarPrinter()(condition) if condition != sympy.false else "False"
-            self.host_guards[condition] = self.fresh(_identifier(text).upper() or "GUARD")
+            self.host_guards[condition] = self.names.fresh(readable(condition).upper() or "GUARD")
         return self.host_guards[condition]
 
     # -- the kernel --------------------------------------------------------------------------------
     def build(self, kernel: str, key: str, doc: str) -> Kernel:
         """``kernel``: the @triton.jit function's name; ``key``: repr of the flag values."""
-        roles, program = self.roles, self.program
-        touched = {n for a in self.statements for n in a.reads() | {a.target}}
-        in_kernel = set()  # names the kernel computes with (host guards are evaluated on the host)
-        for a in self.statements:
-            exprs = [a.value, self.split_guard(a.guard)[1]] + ([a.first] if a.first is not None else [])
-            in_kernel |= {s.name for e in exprs for s in e.free_symbols}
-        hypers = [n for n, r in roles.items() if r is Role.HYPER and n in in_kernel]
-        tensor_hypers = [n for n in hypers if self._tensor_capable(n)]
-        counters = [c for c in self.sig.counters if c in touched]
-        states = [t for t in self.sig.tensors if t not in ("param", "grad") and t in touched]
-        lists = ["param", "grad", *states]
-        self.names |= {self.kname(n) for n in roles} | {f"{self.kname(t)}_ptr" for t in [*lists, *counters]}
-
-        # -- presence of each tensor list: the host guards of the statements that touch it --------
-        presence: dict[str, sympy.Basic] = {}
-        written: dict[str, sympy.Basic] = {}
-        read: set[str] = set()
-        defined = {"param", "grad"}
-        for a in self.statements:
-            host, dynamic = self.split_guard(a.guard)
-            for n in a.reads():
-                if n in lists:
-                    presence[n] = sympy.Or(presence.get(n, sympy.false), host)
-                    if n not in defined:
-                        read.add(n)
-            if a.target in lists:
-                presence[a.target] = sympy.Or(presence.get(a.target, sympy.false), host)
-                written[a.target] = sympy.Or(written.get(a.target, sympy.false), host)
-                if dynamic != sympy.true or a.first is not None:
-                    read.add(a.target)
-                defined.add(a.target)
-        presence["param"] = presence["grad"] = sympy.true
-        read |= {"param", "grad"}
-
-        lazy_names = [t for t in states if t in self.sig.lazy]
-        lazy = []
-        for t in lazy_names:
-            when = program.state_when.get(t, sympy.true)
-            if any(s.name == "param" for s in when.free_symbols):
-                raise Unsupported(f"state '{t}' is created depending on the parameter's shape")
-            lazy.append((lists.index(t), t, _over_arguments(when) if when != sympy.true else "True"))
+        roles, plan = self.roles, self.plan
+        hypers, tensor_hypers = plan.kernel_hyperparameters, plan.tensor_hyperparameters
+        counters, lists = plan.counters, plan.tensors
+        presence, written, read = plan.presence, plan.written, plan.read
+        self.names.taken |= {self.kname(n) for n in roles} | {f"{self.kname(t)}_ptr" for t in [*lists, *counters]}
+        lazy = [(lists.index(s.name), s.name, s.when) for s in plan.lazy]
 
         prologue: list[str] = []
 
@@ -240,7 +169,7 @@ class _KernelBuilder:
                 prologue.append(f"{k} = tl.full((), {k}, tl.float64)")
 
         # -- counters -----------------------------------------------------------------------------
-        written_counters = [c for c in counters if any(a.target == c for a in self.statements)]
+        written_counters = plan.written_counters
         if counters:
             prologue.append("# counters: every program of a tensor reads them; the last to arrive writes them")
         for i, c in enumerate(counters):
@@ -260,7 +189,6 @@ class _KernelBuilder:
         # (Note [A guarded assignment keeps the old value only where there is one])
         held: dict[str, sympy.Basic] = {n: sympy.true for n, r in roles.items()
                                         if r in (Role.HYPER, Role.COUNTER) or n in lists}
-        later_scalar_defs = self._later_scalar_definitions()
         cast: dict[str, sympy.Basic] = {}             # kernel scalar → host guard it exists under
         for h in hypers:
             cast[self.kname(h)] = sympy.true
@@ -271,8 +199,8 @@ class _KernelBuilder:
         conditions: dict[tuple, str] = {}
         versions = {n: 0 for n in roles}
 
-        for i, a in enumerate(self.statements):
-            host, dynamic = self.split_guard(a.guard)
+        for statement in plan.statements:
+            a, host, dynamic = statement.assign, statement.host, statement.per_tensor
             role = roles[a.target]
             condition = None
             if dynamic != sympy.true:
@@ -280,14 +208,14 @@ class _KernelBuilder:
                 # (a statement under `if h0 < 0.5:` must not define what its unguarded neighbour reads)
                 at = (host, dynamic, tuple(sorted((s.name, versions.get(s.name, 0)) for s in dynamic.free_symbols)))
                 if at not in conditions:
-                    conditions[at] = self.fresh(_identifier(PythonScalarPrinter()(dynamic)).lower() or "condition")
+                    conditions[at] = self.names.fresh(readable(dynamic).lower() or "condition")
                     scalar_lines += self._guarded(host, [f"{conditions[at]} = {self.printer()(dynamic)}"])
                 condition = conditions[at]
             if not role.is_tensor:
                 value = self.printer()(a.value)
                 k = self.kname(a.target)
                 if role is Role.COUNTER:  # held exactly as its 0-dim tensor (torch's `step`) holds it
-                    value = self._counter_value(a)
+                    value = self._counter_value(statement)
                 for guard, keep in self._keeps_old_value(host, condition, held.get(a.target, sympy.false)):
                     code = f"{k} = tl.where({condition}, {value}, {k})" if keep else f"{k} = {value}"
                     scalar_lines += self._guarded(guard, [f"# {a.text}", code])
@@ -297,8 +225,7 @@ class _KernelBuilder:
                 cast[k] = sympy.Or(cast[k], host)
                 continue
             # A tensor statement: its scalar subexpressions become float64 scalars computed here.
-            later = later_scalar_defs[i]
-            replaced, snapshot_lines = self._scalar_operands(a, host, later, cast)
+            replaced, snapshot_lines = self._scalar_operands(a, host, statement.later, cast)
             scalar_lines += self._guarded(host, snapshot_lines)
             value = self.printer()(replaced["value"])
             if not is_tensor_valued(a.value, roles):
@@ -369,7 +296,7 @@ class _KernelBuilder:
         for t in lists:
             guard = simplify_guard(presence.get(t, sympy.true))
             tensors.append((plural(t), None if guard == sympy.true else self.host_guard(guard)))
-        guards = [(name, _over_arguments(cond) if cond != sympy.false else "False")
+        guards = [(name, over_arguments(cond) if cond != sympy.false else "False")
                   for cond, name in self.host_guards.items()]
         return Kernel(kernel=kernel, key=key, doc=doc, tensors=tensors,
                       counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
@@ -377,20 +304,18 @@ class _KernelBuilder:
                       whole_blocks=whole_blocks, last_block=last_block)
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _counter_value(self, a: Assign) -> str:
-        """A counter's new value, rounded as torch rounds it: an update that reads the counter runs
-        on its 0-dim tensor, in the counter's dtype (``mu_product *= mu`` multiplies in float32);
-        any other is computed in float64 and rounded when stored (as optgen.ir.interpret does)."""
-        if a.target in {s.name for s in a.value.free_symbols}:
-            in_dtype = self.printer(lambda n: f"{self.kname(n)}.to(COUNTER_DTYPE)")(a.value)
+    def _counter_value(self, statement) -> str:
+        """A counter's new value, rounded as torch rounds it (:attr:`Statement.rounding`): an update
+        that reads the counter runs on its 0-dim tensor, in the counter's dtype (``mu_product *= mu``
+        multiplies in float32); any other is computed in float64 and rounded when stored."""
+        value = statement.assign.value
+        if statement.rounding == "in_dtype":
+            in_dtype = self.printer(lambda n: f"{self.kname(n)}.to(COUNTER_DTYPE)")(value)
             return f"({in_dtype}).to(tl.float64)"
-        return f"({self.printer()(a.value)}).to(COUNTER_DTYPE).to(tl.float64)"
+        return f"({self.printer()(value)}).to(COUNTER_DTYPE).to(tl.float64)"
 
     def is_tensor_flag(self, h: str) -> str:
         return f"{h.upper()}_IS_TENSOR"
-
-    def _tensor_capable(self, name: str) -> bool:
-        return any(h.tensor and (h.name == name or name in h.names) for h in self.spec.hyperparameters.values())
 
     def _guarded(self, guard: sympy.Basic, lines: list[str]) -> list[str]:
         if not lines:
@@ -421,15 +346,6 @@ class _KernelBuilder:
             return [(host, True)]
         return [(sympy.And(host, held), True), (sympy.And(host, sympy.Not(held)), False)]
 
-    def _later_scalar_definitions(self) -> list[set[str]]:
-        """For each statement, the scalars some later statement assigns."""
-        out, later = [], set()
-        for a in reversed(self.statements):
-            out.append(set(later))
-            if not self.roles[a.target].is_tensor:
-                later.add(a.target)
-        return out[::-1]
-
     def _scalar_operands(self, a: Assign, host, later: set[str], cast: dict):
         """Replaces each maximal scalar subexpression of a tensor statement with a float64 scalar
         computed in the scalar section; returns the new expressions and the lines computing them."""
@@ -440,28 +356,23 @@ class _KernelBuilder:
             if expr in memo:
                 return memo[expr]
             if expr.is_Symbol:
-                name = self.fresh(f"{self.kname(expr.name)}_0")
+                name = self.names.fresh(f"{self.kname(expr.name)}_0")
             else:
-                text = _identifier(PythonScalarPrinter()(expr)) if _python_printable(expr) else ""
-                name = self.fresh(text if 0 < len(text) <= 40 else "scalar")
+                text = readable(expr)
+                name = self.names.fresh(text if 0 < len(text) <= 40 else "scalar")
             lines.append(f"{name} = {self.printer()(expr)}")
             cast[name] = sympy.Or(cast.get(name, sympy.false), host)
             memo[expr] = sympy.Symbol(name, real=True)
             return memo[expr]
 
+        def inline(e) -> bool:  # numbers, and scalars no later statement reassigns (cast once)
+            return e.is_Number or e.is_Symbol and e.name not in later
+
+        def division(e) -> bool:
+            return e.is_Pow and e.exp.is_Integer and e.exp < 0 and e.base.is_Symbol
+
         def walk(expr: sympy.Basic) -> sympy.Basic:
-            if expr.is_Number:
-                return expr
-            if not is_tensor_valued(expr, self.roles) and not _is_condition(expr):
-                if expr.is_Symbol and expr.name not in later:
-                    return expr  # read directly (cast to the compute dtype once)
-                if expr.is_Pow and expr.exp.is_Integer and expr.exp < 0 and expr.base.is_Symbol:
-                    return sympy.Pow(walk(expr.base), expr.exp, evaluate=False)  # x / scalar stays a division
-                return scalar_name(expr)
-            if not expr.args:
-                return expr
-            return expr.func(*(walk(x) for x in expr.args), evaluate=False) \
-                if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*(walk(x) for x in expr.args))
+            return hoist_scalars(expr, self.roles, inline=inline, division=division, hoist=scalar_name)
 
         out = {"value": walk(a.value)}
         if a.first is not None:
@@ -471,24 +382,6 @@ class _KernelBuilder:
     def _loop_scalars(self, tensor_code) -> set[str]:
         text = "\n".join(line for _, lines in tensor_code for line in lines if not line.lstrip().startswith("#"))
         return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
-
-
-def _over_arguments(condition) -> str:
-    """A host condition as Python over the kernel's keyword arguments ``a`` (hyperparameters)."""
-    return PythonScalarPrinter(lambda name: f'a["{name}"]')(condition)
-
-
-def _is_condition(expr) -> bool:
-    # (sympy's Symbol is a Boolean too, so test for the condition node types themselves)
-    return isinstance(expr, (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction))
-
-
-def _python_printable(expr) -> bool:
-    try:
-        PythonScalarPrinter()(expr)
-        return True
-    except Exception:  # noqa: BLE001 — only used to pick a readable name
-        return False
 
 
 class TritonBackend(FusedBackend):

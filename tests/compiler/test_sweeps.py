@@ -2,7 +2,7 @@
 import pytest
 
 from optgen.backends.sweeps import COLS, FULL, ROWS, Reduction, schedule
-from optgen.backends.triton_printer import Unsupported
+from optgen.backends.printer import Unsupported
 from optgen.passes import compile_spec
 from optgen.spec.load import load_spec
 from tests.compiler.test_passes import toy
