@@ -110,24 +110,19 @@ class GeneratedOptimizer(Optimizer):
                     p_state.update(dispatch.place_counters(tensors, p, group, counters))
 
     def _step_group(self, group: dict) -> None:
-        """One step for one param group: gather the kernel's lists, pick and call the kernel,
-        store what it created."""
+        """One step for one param group, in order: the parameters with gradients and their state;
+        the kernel's lists; which implementation runs them; its hyperparameters (and GradScaler's
+        state); the kernel; the state it created, stored."""
         params, grads = self._params_with_grad(group)
         single_sparse = self._check_gradients(group, grads)
         if not params:
             return
         states = [self._state_of(p, group) for p in params]
         tensors, created = self._kernel_lists(params, grads, states, group)
-        gathered = self._gradients == "sparse" or (self._gradients == "dense_or_gathered"
-                                                   and any(g.is_sparse for g in grads))
-        if gathered:
-            tensors, scatter = _gather_rows(tensors)
-        implementation = "forloop" if single_sparse else dispatch.choose(self, group, params)
-        # DTensors: the native kernels run on their local shards (Note [Tensor subclasses]).
-        implementation, tensors, to_global = subclasses.for_native_kernel(self, implementation, params, tensors)
-        dispatch.check_step(self, group, implementation, params, tensors)
-        if group.get("differentiable") and "differentiable" in self._kernels:
-            implementation = "differentiable"  # Note [differentiable=True] (backends/differentiable.py)
+        scatter = None
+        if self._gradients == "sparse" or (self._gradients == "dense_or_gathered" and any(g.is_sparse for g in grads)):
+            tensors, scatter = _gather_rows(tensors)  # Note [Sparse gradients]
+        implementation, tensors, to_global = self._choose_implementation(group, params, tensors, single_sparse)
         kernel = self._kernel(implementation)
         scalars = self._kernel_scalars(kernel, group)
         if kernel.grad_scaler:
@@ -136,25 +131,40 @@ class GeneratedOptimizer(Optimizer):
             return
         if kernel.counters_on_device:
             _counters_on_device(self, params, states, tensors)
-        if kernel.multi_tensor:
-            for sub in _split_by_device_and_dtype(self, tensors):
-                if implementation not in NATIVE_IMPLEMENTATIONS:
-                    kernel.run(group, sub, scalars)
-                    continue
-                try:
-                    kernel.run(group, sub, scalars)
-                except KernelDeclined as e:  # raised before the kernel wrote anything
-                    warnings.warn(f"optgen: {e}; this group steps with the for-loop kernel instead",
-                                  stacklevel=3)
-                    self._step_with_forloop(group, sub, scaled=kernel.grad_scaler)
-        else:
-            kernel.run(group, tensors, scalars)
-        if gathered:
+        self._run_kernel(kernel, implementation, group, tensors, scalars)
+        if scatter is not None:
             scatter()
         if to_global is not None:
             tensors = to_global(tensors, created)
         # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).
         self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
+
+    def _choose_implementation(self, group: dict, params, tensors: dict, single_sparse: bool):
+        """The implementation that steps this group, the lists it runs on, and what turns them back
+        afterwards (DTensors run on their local shards: Note [Tensor subclasses]); torch's errors
+        for the runtime options are raised here, before anything is updated."""
+        implementation = "forloop" if single_sparse else dispatch.choose(self, group, params)
+        implementation, tensors, to_global = subclasses.for_native_kernel(self, implementation, params, tensors)
+        dispatch.check_step(self, group, implementation, params, tensors)
+        if group.get("differentiable") and "differentiable" in self._kernels:
+            implementation = "differentiable"  # Note [differentiable=True] (backends/differentiable.py)
+        return implementation, tensors, to_global
+
+    def _run_kernel(self, kernel: KernelModule, implementation: str, group: dict, tensors: dict, scalars: dict) -> None:
+        """The kernel over the group's lists: once, or once per (device, dtype) group for a
+        multi-tensor kernel; a group a native kernel declines steps with the for-loop."""
+        if not kernel.multi_tensor:
+            kernel.run(group, tensors, scalars)
+            return
+        for sub in _split_by_device_and_dtype(self, tensors):
+            if implementation not in NATIVE_IMPLEMENTATIONS:
+                kernel.run(group, sub, scalars)
+                continue
+            try:
+                kernel.run(group, sub, scalars)
+            except KernelDeclined as e:  # raised before the kernel wrote anything
+                warnings.warn(f"optgen: {e}; this group steps with the for-loop kernel instead", stacklevel=4)
+                self._step_with_forloop(group, sub, scaled=kernel.grad_scaler)
 
     def _kernel_scalars(self, kernel: KernelModule, group: dict) -> dict:
         """The hyperparameters a kernel takes, by keyword: numbers, except those it takes as given
