@@ -5,7 +5,8 @@
     ema.update_parameters(model)            # after each optimizer step
 
 :class:`AveragedModel`, :func:`update_bn` and the ``get_*_avg_fn`` factories behave as torch's;
-:class:`SWALR` is generated from specs/schedulers/swalr.toml.  The averaging update itself —
+:class:`SWALR` is generated from specs/schedulers/swalr.toml (a ``torch.optim.lr_scheduler.LRScheduler``,
+like every optgen scheduler: Note [optgen's schedulers are torch's]).  The averaging update itself —
 SWA's running mean and EMA are both ``avg = lerp(avg, model, weight)`` — is the spec
 specs/averaging/weight_average.toml, compiled by the optimizer pipeline into a for-loop and a
 foreach kernel and two fused kernels, Triton and C (generated/weightaverage_{forloop,foreach,
