@@ -152,7 +152,7 @@ class ForeachRenderer(PythonRenderer):
             op.fn.rstrip("_") not in FOREACH_OPS and op.fn not in _SPECIAL for op in step.ops)
         return no_kernel or self.is_per_tensor(step.guard)
 
-    def body(self) -> list:
+    def body_items(self) -> list:
         """As the base class, but runs of statements under per-tensor conditions become one loop
         (a Block: merged with other variants' loops as a unit)."""
         lines: list = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import keyword
 
-from optgen.backends.python_base import PythonKernelBackend, PythonRenderer, item_lines
+from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes.merge_variants import Block
 
@@ -168,14 +168,14 @@ class ForLoopRenderer(PythonRenderer):
 
     def function_items(self) -> list:
         """The preamble, then one loop over the tensors: torch's ``_single_tensor_adam``."""
-        loop = [*((line,) for line in self.loop_header()), *self.body(), *((line,) for line in self.loop_footer())]
+        loop = [*((line,) for line in self.loop_header()), *self.body_items(), *((line,) for line in self.loop_footer())]
         return [*((line,) for line in self.preamble()), Block("for i, param in enumerate(params):", tuple(loop))]
 
 
 def describe_ops(program: OpProgram) -> str:
     """The op program as for-loop code (for `optgen show --dump-ir select_ops`)."""
     r = ForLoopRenderer(program)
-    return "\n".join([*r.preamble(), "# for each tensor:", *r.loop_header(), *item_lines(r.body())])
+    return "\n".join([*r.preamble(), "# for each tensor:", *r.loop_header(), *r.body()])
 
 
 class ForLoopBackend(PythonKernelBackend):

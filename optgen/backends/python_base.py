@@ -116,11 +116,15 @@ class PythonRenderer:
             lines.append(self.counter_read(step.target))
         return lines
 
-    def body(self) -> list:
+    def body_items(self) -> list:
         """The per-step code as items (optgen.passes.merge_variants): consecutive statements under
         one guard share an ``if`` block, and each statement is preceded by its spec line as a
         comment."""
         return self.guarded_blocks(self.program.steps, self)
+
+    def body(self) -> list[str]:
+        """The per-step code of this variant as lines."""
+        return item_lines(self.body_items())
 
     @staticmethod
     def guarded_blocks(steps, renderer: "PythonRenderer") -> list:
@@ -153,7 +157,7 @@ class PythonRenderer:
 
     def function_items(self) -> list:
         """The whole function body as items, to be merged with the other variants'."""
-        return [*((line,) for line in self.preamble()), *self.body()]
+        return [*((line,) for line in self.preamble()), *self.body_items()]
 
     def preamble(self) -> list[str]:
         return [f"{s.target} = {self.scalar(s.expr)}" for s in self.program.preamble]
