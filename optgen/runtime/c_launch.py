@@ -30,13 +30,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from optgen.runtime.intrinsics import reduced_shape
-from optgen.runtime.native import KernelDeclined, layout
+from optgen.runtime.native import (KernelDeclined, LaunchPlan, PlanCache, check_counter_dtypes, create_states,
+                                   creates_states, layout)
 
 #: the C every kernel source is compiled after: the element type and its math, counter access
 PRELUDE = r"""
@@ -462,19 +462,11 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
         raise RuntimeError(f"optgen's fused CPU kernels support {', '.join(map(str, C_TYPES))} parameters, "
                            f"not {dtype}; use foreach=True or fused=None")
     n = len(params)
-    if any(create and any(t is None for t in tensors[index]) for index, create in lazy.items()):
+    if creates_states(tensors, lazy):
         # Checked before the new state exists: a step refused here (KernelDeclined: the caller runs
         # the for-loop instead) leaves nothing allocated behind in the caller's lists.
         _check(params, tensors, grads, counters, reduced or {})
-    first = []
-    for index, create in lazy.items():
-        values, flags = tensors[index], [0] * n
-        if create:
-            for i, t in enumerate(values):
-                if t is None:  # never read before the kernel stores `first` into it
-                    values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
-                    flags[i] = 1
-        first += flags
+    first = sum(create_states(params, tensors, lazy), [])
     plan = _plan(dtype, tensors, counters, reduced or {})
     grad_key = layout(grads)
     if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
@@ -489,22 +481,20 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
                                       first_step.data_ptr(), hyper.data_ptr(), plan.counters_f64)
 
 
-class _Plan:
+class _Plan(LaunchPlan):
     """The address tables of one set of tensors, checked once (Note [Launch tables] in
     triton_launch.py: the same idea, on the host)."""
 
     def __init__(self, dtype, tensors, counters, addresses: tuple, counter_addresses: tuple):
+        super().__init__()
         self.addresses = torch.tensor(addresses, dtype=torch.int64)
         self.counter_addresses = torch.tensor(counter_addresses or (0,), dtype=torch.int64)
         self.numels = torch.tensor([p.numel() for p in tensors[0]], dtype=torch.int64)
         self.dims = torch.tensor([d for p in tensors[0] for d in _view(p.shape)] or [0], dtype=torch.int64)
         self.counters_f64 = int(bool(counters) and counters[0][0].dtype == torch.float64)
-        self.grad_key: tuple | None = None
-        self.grad_addresses: torch.Tensor | None = None
 
 
-_MAX_PLANS = 32
-_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+_PLANS = PlanCache()
 
 
 def _view(shape) -> tuple[int, int, int, int]:
@@ -526,11 +516,7 @@ def _plan(dtype, tensors, counters, reduced: dict) -> _Plan:
         _check(tensors[0], tensors, [], counters, reduced)
         addresses = tuple(t.data_ptr() if t is not None else 0 for values in tensors for t in values)
         counter_addresses = tuple(c.data_ptr() for values in counters for c in values)
-        plan = _PLANS[key] = _Plan(dtype, tensors, counters, addresses, counter_addresses)
-        if len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
+        plan = _PLANS.put(key, _Plan(dtype, tensors, counters, addresses, counter_addresses))
     return plan
 
 
@@ -553,13 +539,10 @@ def _check(params, tensors, grads, counters, reduced=None) -> None:
                                    f"like their parameter: the {what} of parameter {i} is {t.dtype} "
                                    f"{tuple(t.shape)} on {t.device}"
                                    + ("" if t.is_contiguous() else ", not contiguous"))
-    kinds = {c.dtype for values in counters for c in values}
     for values in counters:
         for i, c in enumerate(values):
             if c.device.type != "cpu" or c.numel() != 1 or c.dtype not in (torch.float32, torch.float64):
                 raise RuntimeError(f"optgen's fused CPU kernel reads counters (step) as 1-element float32 or "
                                    f"float64 CPU tensors, all of one dtype; parameter {i}'s is {c.dtype} "
                                    f"{tuple(c.shape)} on {c.device}")
-    if len(kinds) > 1:  # torch's load casts a float64 model's eta/mu_product, not its step: the for-loop
-        raise KernelDeclined(f"optgen's fused CPU kernel reads all counters in one dtype; these are "
-                          f"{' and '.join(sorted(str(k) for k in kinds))} (a checkpoint torch loaded)")
+    check_counter_dtypes(counters, "fused CPU kernel")

@@ -1,5 +1,6 @@
-"""What the native launchers (c_launch, triton_launch) share: the key a launch plan is cached
-under, and the refusal that sends a group to the for-loop kernel.
+"""What the native launchers (c_launch, triton_launch) share: the launch plan type and its cache,
+the key a plan is cached under, the creation of lazy states, and the refusal that sends a group to
+the for-loop kernel.
 
 Note [Plan keys]
 ~~~~~~~~~~~~~~~~
@@ -14,6 +15,10 @@ about 0.4 µs per tensor each step (Adam, 1000 tensors of 100 elements: 2.3 ms a
 see the session note of issue 11).
 """
 from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
 
 #: implementations that read tensors' memory directly (by address, or as Triton pointers)
 NATIVE_IMPLEMENTATIONS = {"c", "triton"}
@@ -46,3 +51,79 @@ def layout(tensors, devices: bool = False) -> tuple:
             if devices:
                 append(t.get_device())
     return tuple(key)
+
+
+#: launch plans kept per launcher (least recently used dropped first): a training run uses one
+#: per (dtype, device) group; more come from reloaded state dicts and new parameters
+MAX_PLANS = 32
+
+
+class LaunchPlan:
+    """What both launchers keep per set of tensors (Note [Launch tables] in triton_launch.py): their
+    checked address tables (the subclass's), and the gradients' addresses, a table of their own
+    that is replaced when the gradients change (``zero_grad(set_to_none=True)`` frees them every
+    step)."""
+
+    def __init__(self):
+        self.grad_key: tuple | None = None   # layout() of the gradients the table holds
+        self.grad_addresses = None           # their data_ptr()s, as the launcher passes them
+
+
+class PlanCache:
+    """Launch plans under their layout key (Note [Plan keys]), at most MAX_PLANS of them."""
+
+    def __init__(self, limit: int = MAX_PLANS):
+        self.limit = limit
+        self._plans: OrderedDict[tuple, LaunchPlan] = OrderedDict()
+
+    def get(self, key: tuple):
+        """The plan under ``key`` (now the most recently used), or None."""
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+        return plan
+
+    def put(self, key: tuple, plan: LaunchPlan) -> LaunchPlan:
+        self._plans[key] = plan
+        if len(self._plans) > self.limit:
+            self._plans.popitem(last=False)
+        return plan
+
+    def values(self):
+        return self._plans.values()
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+def creates_states(lists, lazy: dict) -> bool:
+    """Whether a launch creates a state (``lazy``: index into ``lists`` → whether to create it)."""
+    return any(create and any(t is None for t in lists[index]) for index, create in lazy.items())
+
+
+def create_states(params, lists, lazy: dict) -> list[list[int]]:
+    """Allocates the lazily created states of this step (their None entries in ``lists[index]``,
+    stored into the caller's list, which saves them in the optimizer's state); per lazy state, 1
+    where the kernel must store its ``first`` value.  (Never read before that store.)"""
+    flags = []
+    for index, create in lazy.items():
+        values, new = lists[index], [0] * len(params)
+        if create:
+            for i, t in enumerate(values):
+                if t is None:
+                    values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+                    new[i] = 1
+        flags.append(new)
+    return flags
+
+
+def check_counter_dtypes(counters, kernel: str) -> None:
+    """All counters of a launch have one dtype, else KernelDeclined: torch's load casts a float64
+    model's eta/mu_product, not its step (a checkpoint torch loaded)."""
+    kinds = {c.dtype for values in counters for c in values}
+    if len(kinds) > 1:
+        raise KernelDeclined(f"optgen's {kernel} reads all counters in one dtype; these are "
+                             f"{' and '.join(sorted(str(k) for k in kinds))} (a checkpoint torch loaded)")

@@ -42,12 +42,12 @@ then need it unset.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 
 import torch
 import triton.language as tl  # the first use of a triton implementation imports triton here
 
-from optgen.runtime.native import KernelDeclined, layout
+from optgen.runtime.native import (KernelDeclined, LaunchPlan, PlanCache, check_counter_dtypes, create_states,
+                                   creates_states, layout)
 
 #: Untuned defaults (no GPU was available when they were chosen): CHUNK elements per program,
 #: warps per program, and BLOCK elements per loop iteration — None: 16 bytes per thread and
@@ -60,23 +60,21 @@ CONFIG = {"BLOCK": None, "CHUNK": 16 * 1024, "num_warps": 4}
 DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
           torch.float64: tl.float64}
 
-_MAX_PLANS = 32
-_PLANS: OrderedDict[tuple, "_Plan"] = OrderedDict()
+_PLANS = PlanCache()
 _INTERPRETED: dict = {}
 
 
-class _Plan:
+class _Plan(LaunchPlan):
     """The launch tables of one param set (see Note [Launch tables])."""
 
     def __init__(self, table: torch.Tensor, sections: tuple, num_tensors: int, programs: int):
+        super().__init__()
         self.table = table            # the one int64 device tensor holding every section
         self.sections = sections      # (addresses, counter_addresses, numels, first_step, chunk_tensors,
         #                                chunk_indices, arrivals): views of `table`
         self.num_tensors = num_tensors
         self.programs = programs
         self.aligned = False          # every param and state address a multiple of 16 bytes
-        self.grad_key: tuple | None = None
-        self.grad_addresses: torch.Tensor | None = None
         self.grads_aligned = False
 
 
@@ -122,20 +120,12 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
     if dtype not in DTYPES:
         raise RuntimeError(f"optgen's triton kernels support {', '.join(map(str, DTYPES))} parameters, "
                            f"not {dtype}; use foreach=True")
-    if any(create and any(t is None for t in tensors[index][0]) for index, create in lazy.items()):
+    lists = [values for values, _ in tensors]
+    if creates_states(lists, lazy):
         # Checked before the new state exists: a group declined here (KernelDeclined: the caller
         # runs the for-loop instead) leaves nothing allocated behind in the caller's lists.
         _check(device, dtype, params, _named(tensors), counters, allow_missing=True)
-    new: list[list[int]] = []
-    for index, create in lazy.items():
-        values = tensors[index][0]
-        flags = [0] * len(params)
-        if create:
-            for i, t in enumerate(values):
-                if t is None:  # never read before the kernel stores `first` into it
-                    values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
-                    flags[i] = 1
-        new.append(flags)
+    new = create_states(params, lists, lazy)
     plan = _plan(device, dtype, tensors, counters, new)
     grad_key = layout(grads, devices=True)
     if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
@@ -197,7 +187,6 @@ def _plan(device, dtype, tensors, counters, new) -> _Plan:
            layout((c for values in counters for c in values), devices=True), tuple(map(tuple, new)))
     plan = _PLANS.get(key)
     if plan is not None:
-        _PLANS.move_to_end(key)
         return plan
     _check(device, dtype, params, [named for named in _named(tensors) if named[2] != "gradient"], counters)
     addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in rows]
@@ -219,10 +208,7 @@ def _plan(device, dtype, tensors, counters, new) -> _Plan:
     table = _to_device(flat, device)
     plan = _Plan(table, tuple(table[a:b] for a, b in bounds), len(params), len(chunk_tensors))
     plan.aligned = all(a % 16 == 0 for row in addresses for a in row)
-    _PLANS[key] = plan
-    if len(_PLANS) > _MAX_PLANS:
-        _PLANS.popitem(last=False)
-    return plan
+    return _PLANS.put(key, plan)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -266,10 +252,7 @@ def _check(device, dtype, params, lists, counters, allow_missing: bool = False) 
                 raise RuntimeError(f"optgen's triton kernel reads its counters (step) as 1-element tensors on the "
                                    f"parameters' device ({device}); parameter {i}'s is {t.dtype} {tuple(t.shape)} "
                                    f"on {t.device}")
-    kinds = {c.dtype for values in counters for c in values}
-    if len(kinds) > 1:  # torch's load casts a float64 model's eta/mu_product, not its step
-        raise KernelDeclined(f"optgen's triton kernel reads all counters in one dtype; these are "
-                             f"{' and '.join(sorted(str(k) for k in kinds))} (a checkpoint torch loaded)")
+    check_counter_dtypes(counters, "triton kernel")
 
 
 def _runner(kernel, device):
