@@ -61,7 +61,7 @@ import sympy
 from optgen.backends.c_printer import CElementPrinter, CScalarPrinter
 from optgen.backends.forloop import counter_list, plural
 from optgen.backends.fused import FusedBackend
-from optgen.backends.fused_plan import Names, hoist_scalars, plan_kernel
+from optgen.backends.fused_plan import Names, hoist_scalars, over_arguments, plan_kernel, readable
 from optgen.backends.printer import Unsupported, identifier
 from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, extent_of_expression
 from optgen.ir.guards import first_assignments
@@ -73,7 +73,7 @@ RESERVED = frozenset({
     "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed",
     "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
     "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "i0", "i1", "ic0", "ic1", "numel", "ndim", "dim_b", "dim_m",
-    "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper", "counters_f64",
+    "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper", "counters_f64", "flags",
     "malloc", "calloc", "free", "isnan", "sum_terms", "lerp_of",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
 })
@@ -84,12 +84,14 @@ MAX_VERSIONS = 3
 
 @dataclass
 class CKernel:
-    """One variant: its C function and what the host function passes it."""
+    """The optimizer's C function (every flag variant) and what the host function passes it."""
 
     function: str                       # the C function's name
     key: str                            # repr of the flag values
     doc: str
     tensors: list[str]                  # state list names in table order (after params)
+    present: list[tuple[int, str]]      # (index into params + tensors, when it is touched, over `a`): else None entries
+    flags: list[str]                    # the flags, in the order of the bits of `flags`
     counters: list[str]                 # counter list names in table order
     lazy: list[tuple[int, str]]         # (index into params + tensors, creation condition over `a`)
     hyperparameters: list[str]          # in the order of `hyper`
@@ -108,6 +110,7 @@ class _FullStatement:
     condition: str | None
     comment: str
     code: str
+    flags: sympy.Basic = sympy.true     # the flag values it runs under (the merged program's flag part)
 
     @property
     def guarded(self) -> bool:
@@ -124,6 +127,7 @@ class _Accumulation:
     value: str          # the operand for one element, printed
     condition: str | None
     reads: set[str]
+    flags: sympy.Basic = sympy.true
 
 
 class _CBuilder:
@@ -178,6 +182,10 @@ class _CBuilder:
         self.names.taken |= {f"{self.cname(t)}_p" for t in ["grad", *lists]}
 
         head = [f"const double {self.cname(h)} = hyper[{i}];" for i, h in enumerate(hypers)]
+        self.flags = kernel.flags
+        head += [f"const int {self.cname(f)} = (flags >> {i}) & 1;" for i, f in enumerate(self.flags)]
+        for f in self.flags:
+            self.current[f] = self.cname(f)
         for h in hypers:
             self.current[h] = self.cname(h)
         prologue: list[str] = ["const int64_t numel = numels[t];"]
@@ -227,11 +235,14 @@ class _CBuilder:
                 if re.search(rf"\b{d}\b", text)]
         body = [body[0], *dims, *body[1:len(prologue)], *pointers, *scratch, *body[len(prologue):]]
         source = [f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
-                  "        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64)",
+                  "        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)",
                   "{", *("    " + x for x in head), "    for (int64_t t = 0; t < n; ++t) {",
                   *("        " + x if not x.startswith("#") else x for x in body), "    }", "}"]
         reduced = {lists.index(t): -1 if self.extents[t] == ROWS else -2 for t in states if self.extents[t] != FULL}
-        return CKernel(function=function, key=key, doc=doc, tensors=[plural(t) for t in states],
+        present = [(lists.index(t), over_arguments(kernel.presence[t])) for t in states
+                   if kernel.presence.get(t, sympy.true) != sympy.true]
+        return CKernel(function=function, key=key, doc=doc, tensors=[plural(t) for t in states], present=present,
+                       flags=list(self.flags),
                        counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
                        reduced=sorted(reduced.items()), source=source)
 
@@ -289,20 +300,29 @@ class _CBuilder:
             return rounded(CScalarPrinter(name)(e))
         return walk(expr)
 
+    def flag_part(self, guard) -> tuple[sympy.Basic, sympy.Basic]:
+        """(the terms of ``guard`` over flags alone, the rest): a walk is specialised on the flags
+        first, then on the rest (Note [C kernel layout])."""
+        flags = set(self.flags)
+        terms = guard.args if isinstance(guard, sympy.And) else (guard,)
+        over_flags = [t for t in terms if t.free_symbols and {x.name for x in t.free_symbols} <= flags]
+        return sympy.And(*over_flags), sympy.And(*(t for t in terms if t not in over_flags))
+
     def condition(self, guard) -> str | None:
         """The variable holding a statement's condition, computed once per tensor."""
         if guard == sympy.true:
             return None
         text = self.scalar(guard)
         if text not in self.conditions:
-            self.conditions[text] = self.fresh("cond")
+            self.conditions[text] = self.fresh(readable(guard) or "cond")
             self.lines.append((self.level_of(guard), f"const int {self.conditions[text]} = {text};"))
         return self.conditions[text]
 
     def full_statement(self, a, level: int) -> None:
         """A statement over every element: one line of each walk that needs it; its scalar
         operands and its condition are computed before (as per-tensor lines)."""
-        cond = self.condition(a.guard)
+        flags, guard = self.flag_part(a.guard)
+        cond = self.condition(guard)
         reads = tensor_reads(a.value, self.roles) | (tensor_reads(a.first, self.roles) if a.first is not None else set())
         if cond is not None:  # the old value stays where the condition is false
             reads.add(a.target)
@@ -311,7 +331,7 @@ class _CBuilder:
             value = f"{self.cname(a.target)}_is_new ? {self.element(a.first)} : {value}"
         code = f"{self.cname(a.target)} = {value};"
         self.full.append(_FullStatement(len(self.full) + len(self.accumulations), level, a.target, reads, cond,
-                                        f"/* {a.text} */", code))
+                                        f"/* {a.text} */", code, flags))
 
     def small_statement(self, a, item) -> None:
         """A statement over a reduced extent (Adafactor's row_var): a short loop of its own."""
@@ -333,7 +353,8 @@ class _CBuilder:
         r: Reduction = item.node
         if r.extent == SCALAR and r.source != FULL:
             raise Unsupported(f"{r.text}: a reduction of a reduced-shape value to a scalar")
-        cond = self.condition(r.guard)
+        flags, guard = self.flag_part(r.guard) if r.source == FULL else (sympy.true, r.guard)
+        cond = self.condition(guard)
         value = self.element(r.operand)
         self.level[r.name] = item.level
         reads = tensor_reads(r.operand, self.roles)
@@ -354,7 +375,7 @@ class _CBuilder:
                     f"free({acc});"]
         if r.source == FULL:  # accumulated by walk `level`, finished after it
             self.accumulations.append(_Accumulation(len(self.full) + len(self.accumulations), item.level, r, value,
-                                                    cond, reads))
+                                                    cond, reads, flags))
             self.lines += [(item.level, x) for x in done]
             return
         # a reduction of a small value (Adafactor's mean of row_var over its rows)
@@ -394,10 +415,30 @@ class _CBuilder:
                 for a in arrays]
         terms = {a.reduction.name: self.fresh(f"terms_{a.reduction.name}") for a in accumulate
                  if a.reduction.extent in (SCALAR, ROWS)}
+
+        def by_flags(k: int, values: dict) -> list[str]:
+            """The walk for the flag values fixed so far: a branch per flag whose value changes it."""
+            if k == len(self.flags):
+                def runs(x) -> bool:
+                    return bool(x.flags.xreplace({sympy.Symbol(f): sympy.true if v else sympy.false
+                                                  for f, v in values.items()}))
+                return self.versions([dataclasses.replace(s, flags=sympy.true) for s in statements if runs(s)],
+                                     [dataclasses.replace(a, flags=sympy.true) for a in accumulate if runs(a)],
+                                     store, terms)
+            f = self.flags[k]
+            on, off = by_flags(k + 1, {**values, f: True}), by_flags(k + 1, {**values, f: False})
+            if on == off:
+                return on
+            return [f"if ({self.cname(f)}) {{", *_indent(on), "} else {", *_indent(off), "}"]
+
+        return out + by_flags(0, {})
+
+    def versions(self, statements, accumulate, store: bool, terms: dict) -> list[str]:
+        """One flag assignment's walk, specialised on up to MAX_VERSIONS per-tensor conditions."""
         conditions = list(dict.fromkeys(s.condition for s in _live(statements, accumulate, self.lists if store else ())
                                         if s.condition is not None))
         if not conditions or len(conditions) > MAX_VERSIONS:
-            return out + self.loop(statements, accumulate, store, terms, None)
+            return self.loop(statements, accumulate, store, terms, None)
 
         def versions(k: int, fixed: dict) -> list[str]:
             if k == len(conditions):
@@ -406,7 +447,7 @@ class _CBuilder:
             return [f"if ({c}) {{", *_indent(versions(k + 1, {**fixed, c: True})), "} else {",
                     *_indent(versions(k + 1, {**fixed, c: False})), "}"]
 
-        return out + versions(0, {})
+        return versions(0, {})
 
     def loop(self, statements, accumulate, store: bool, terms: dict, fixed: dict | None) -> list[str]:
         """The loop of one walk; ``fixed``: the outcome of each condition in this version (None:
@@ -602,6 +643,9 @@ class CBackend(FusedBackend):
     name = "c"
     unusable_expression = "LIBRARY.unusable"
     builder = _CBuilder
+
+    def kernel_name(self, base: str) -> str:
+        return f"{base}_step"
 
 
 BACKEND = CBackend()

@@ -36,6 +36,7 @@ Note [What the fused plan decides]
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -85,7 +86,7 @@ class KernelPlan:
     roles: dict[str, Role]
     statements: list[Statement]          # preamble, then body
     states: list[str]                    # the state lists it touches, in the signature's order
-    hyperparameters: list[str]           # every one a statement reads, guards included
+    hyperparameters: list[str]           # every one a statement reads, guards included (flags not)
     kernel_hyperparameters: list[str]    # those read other than in a host guard
     tensor_hyperparameters: list[str]    # of kernel_hyperparameters: those that may be a device Tensor
     counters: list[str]                  # the counter lists it touches, in the signature's order
@@ -95,6 +96,9 @@ class KernelPlan:
     presence: dict[str, sympy.Basic]     # tensor → the host guard it is touched under
     written: dict[str, sympy.Basic]      # tensor → the host guard it is written under
     read: set[str]                       # tensors loaded before (or without) being written
+    #: the spec's flags (``amsgrad``, ``maximize``), in its order: host conditions of the merged
+    #: program (optgen.passes.merge_variants.merged_program), passed as bools, never as numbers
+    flags: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def tensors(self) -> list[str]:
@@ -148,7 +152,8 @@ def plan_kernel(program: Program, sig: KernelSignature) -> KernelPlan:
         a = s.assign
         for e in [a.value, s.per_tensor] + ([a.first] if a.first is not None else []):
             in_kernel |= {x.name for x in e.free_symbols}
-    hypers = [n for n, r in roles.items() if r is Role.HYPER and n in touched]
+    flags = [h.name for h in spec.flags if roles.get(h.name) is Role.HYPER]
+    hypers = [n for n, r in roles.items() if r is Role.HYPER and n in touched and n not in flags]
     kernel_hypers = [n for n in hypers if n in in_kernel]
     counters = [c for c in sig.counters if c in touched]
     states = [t for t in sig.tensors if t not in ("param", "grad") and t in touched]
@@ -192,7 +197,7 @@ def plan_kernel(program: Program, sig: KernelSignature) -> KernelPlan:
         kernel_hyperparameters=kernel_hypers, tensor_hyperparameters=[h for h in kernel_hypers if tensor_capable(h)],
         counters=counters, written_counters=[c for c in counters if any(a.target == c for a in assigns)],
         lazy=lazy, optional={t for t in states if program.state_when.get(t, sympy.true) != sympy.true},
-        presence=presence, written=written, read=read)
+        presence=presence, written=written, read=read, flags=flags)
 
 
 def _later_scalar_definitions(assigns, roles) -> list[set[str]]:

@@ -147,8 +147,7 @@ def _one_c_library(package, compiled: list) -> None:
     except RuntimeError:
         return
     for m in modules:
-        for kernel in m.VARIANTS.values():
-            kernel.library = merged
+        m.LAUNCH.library = merged
 
 
 # -- running -----------------------------------------------------------------------------------

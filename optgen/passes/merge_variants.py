@@ -329,3 +329,48 @@ def describe(compiled) -> str:
 
     body(merge_programs(compiled), space.everything, 0)
     return "\n".join(lines)
+
+
+def merged_program(compiled):
+    """Every variant's IR as one :class:`~optgen.ir.nodes.Program` the fused backends print once
+    (one C source, one Triton kernel per optimizer): each statement of :func:`merge_programs`
+    keeps its own guard, conjoined with the flag values it runs under (``amsgrad``,
+    ``~maximize``), and the flags become hyperparameters of the program (Role.HYPER) — host
+    conditions like ``weight_decay != 0``, which the fused kernels already specialise on.  Under
+    one flag assignment the program runs exactly that variant's statements, in its order (Note
+    [Merged variants run their own code]).  Raises ValueError where two variants give a name
+    different roles (a scalar in one, a tensor in another)."""
+    from dataclasses import replace
+
+    from optgen.ir.nodes import Role
+
+    variants = compiled.variants
+    space = FlagSpace.of([v.flags for v in variants])
+    preamble: list = []
+    body: list = []
+
+    def add(item, on: frozenset[int]) -> None:
+        hoisted = isinstance(item, tuple)
+        a = item[1] if hoisted else item
+        on_flags = condition(space, on, space.everything)
+        guarded = a if on_flags == sympy.true else replace(a, guard=sympy.And(on_flags, a.guard))
+        (preamble if hoisted else body).append(guarded)
+
+    for m in merge_programs(compiled):
+        if isinstance(m.item, MergedBlock):  # its header is the guard every statement of it carries
+            for inner in m.item.body:
+                add(inner.item, inner.on)
+        else:
+            add(m.item, m.on)
+    roles: dict = {}
+    for v in variants:
+        for name, role in v.program.roles.items():
+            if roles.setdefault(name, role) is not role:
+                raise ValueError(f"'{name}' is a {roles[name].value} in one variant and a {role.value} in another")
+    roles.update({name: Role.HYPER for name in space.flags})
+    first = variants[0].program
+    state_when: dict = {}
+    for v in variants:
+        state_when.update(v.program.state_when)
+    return replace(first, roles=roles, body=tuple(body), preamble=tuple(preamble), flags=(),
+                   per_tensor=frozenset().union(*(v.program.per_tensor for v in variants)), state_when=state_when)

@@ -161,7 +161,7 @@ C_TYPES = {
     torch.bfloat16: ("bfloat16", ("-DSTORAGE_BF16=1", "-DSCALAR_IS_FLOAT=1")),
     torch.float16: ("half", ("-DSTORAGE_F16=1", "-DSCALAR_IS_FLOAT=1")),
 }
-_ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int]
+_ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int, ctypes.c_int]
 
 
 def compiler() -> list[str] | None:
@@ -426,23 +426,30 @@ class Library:
 
 
 class Kernel:
-    """One generated variant: called as the foreach kernels are (``kernel(**lists, **scalars)``),
-    it picks its lists and hyperparameters by name and launches its C function."""
+    """A generated module's C function: called as the foreach kernels are (``kernel(**lists,
+    **scalars, **flags)``), it picks its lists, hyperparameters and flags by name and launches it.
+    ``present``: index into ``tensors`` → whether that list is touched under these arguments
+    (a list a flag leaves unused passes as None entries: the kernel never reads them)."""
 
-    def __init__(self, library: Library, function: str, *, tensors, counters, lazy, hyperparameters, reduced=None):
+    def __init__(self, library: Library, function: str, *, tensors, counters, lazy, hyperparameters, flags=(),
+                 present=None, reduced=None):
         self.library, self.function = library, function
         self.tensors, self.counters, self.lazy, self.hyperparameters = tensors, counters, lazy, hyperparameters
-        self.reduced = reduced or {}
+        self.flags, self.present, self.reduced = flags, present or {}, reduced or {}
 
     def __call__(self, **arguments) -> None:
-        launch(self.library, self.function, tensors=[arguments[t] for t in self.tensors], grads=arguments["grads"],
+        n = len(arguments["params"])
+        tensors = [arguments[t] if index not in self.present or self.present[index](arguments) else [None] * n
+                   for index, t in enumerate(self.tensors)]
+        launch(self.library, self.function, tensors=tensors, grads=arguments["grads"],
                counters=[arguments[c] for c in self.counters],
                lazy={index: when(arguments) for index, when in self.lazy.items()},
-               hyperparameters=[arguments[h] for h in self.hyperparameters], reduced=self.reduced)
+               hyperparameters=[arguments[h] for h in self.hyperparameters], reduced=self.reduced,
+               flags=sum(1 << k for k, f in enumerate(self.flags) if arguments[f]))
 
 
 def launch(library: Library, function: str, *, tensors, grads, counters, lazy, hyperparameters,
-           reduced=None) -> None:
+           reduced=None, flags: int = 0) -> None:
     """Calls ``function`` of ``library`` once for every tensor of one dtype group.
 
     tensors: lists in the kernel's order — params, then the states it touches (entries of a state
@@ -453,6 +460,7 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
     hyperparameters: numbers (None, a hyperparameter left unset, passes as NaN), in the kernel's order.
     reduced: index into ``tensors`` → the dimension a state keeps with size 1 (Adafactor's row_var:
         ``zeros_reduced(param, -1)``); every other state is shaped like its parameter.
+    flags: the flag values, bit k the kernel's k-th flag.
     """
     params = tensors[0]
     if not params:
@@ -478,7 +486,7 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
                          dtype=torch.float64)
     library.function(dtype, function)(n, plan.addresses.data_ptr(), plan.grad_addresses.data_ptr(),
                                       plan.counter_addresses.data_ptr(), plan.numels.data_ptr(), plan.dims.data_ptr(),
-                                      first_step.data_ptr(), hyper.data_ptr(), plan.counters_f64)
+                                      first_step.data_ptr(), hyper.data_ptr(), plan.counters_f64, flags)
 
 
 class _Plan(LaunchPlan):

@@ -187,10 +187,10 @@ def test_compiled_once_and_cached(tmp_path, monkeypatch):
     cached file without a compiler; a failed compile says why."""
     monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
     source = "void twice(int64_t n, void **t, void **g, void **c, const int64_t *numels, const int64_t *dims,\n" \
-             "  const uint8_t *f, const double *h, int c64) { ((scalar_t *)t[0])[0] *= 2; }\n"
+             "  const uint8_t *f, const double *h, int c64, int flags) { ((scalar_t *)t[0])[0] *= 2; }\n"
     x = torch.ones(1)
     table = torch.tensor([x.data_ptr()])  # (alive until the call returns)
-    c_launch.Library("test_cache", source).function(torch.float32, "twice")(1, table.data_ptr(), 0, 0, 0, 0, 0, 0, 0)
+    c_launch.Library("test_cache", source).function(torch.float32, "twice")(1, table.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0)
     assert x.item() == 2.0
     assert len(list((tmp_path / "c").glob("*.so"))) == 1
 
@@ -280,7 +280,7 @@ def test_kernels_compile_without_openmp(tmp_path, monkeypatch):
     monkeypatch.setattr(c_launch, "FLAGS", tuple(f for f in c_launch.FLAGS if f != "-fopenmp"))
     adam_c = importlib.import_module("optgen.generated.adam_c")
     library = c_launch.Library("adam_c_serial", adam_c.SOURCE)
-    kernel = adam_c.VARIANTS[(False, False, False)]
+    kernel = adam_c.LAUNCH
     monkeypatch.setattr(kernel, "library", library)
     mine = run(lambda ps: optgen.Adam(ps, lr=0.01, fused=True), params_like(torch.float64), steps=5)
     theirs = run(lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True), params_like(torch.float64), steps=5)
