@@ -462,3 +462,19 @@ def refuse_installed_builtin_build() -> None:
         raise SpecError(None, "this optgen is installed as a package: its own optimizers are prebuilt, and "
                               "`optgen build` never writes into site-packages. Build your own specs with "
                               "`optgen build DIR --out PKG_DIR`")
+
+
+def build_temporary(sources: list[Path]):
+    """Spec files or folders → (their Compiled specs, the imported package): what `optgen verify`
+    and `optgen bench` run on a user's specs."""
+    import tempfile
+
+    from optgen.crosscheck import import_failure
+    from optgen.packages import import_rendered
+
+    target = user_target(sources, Path(tempfile.gettempdir()) / "optgen_user_specs")
+    compiled = compile_all(target=target)
+    try:
+        return compiled, import_rendered(render_all(compiled, target), "user")
+    except Exception as e:  # noqa: BLE001 - generated code that does not import is optgen's bug: one line
+        raise import_failure(e, compiled) from e

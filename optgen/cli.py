@@ -131,7 +131,8 @@ def cmd_show(args) -> int:
     from optgen.build import kernel_backends
     from optgen.backends.fused import FusedBackend
     from optgen.backends.optimizer_class import OptimizerClassBackend
-    from optgen.passes import compile_spec, dump, merge_variants
+    from optgen.passes import compile_spec, merge_variants
+    from optgen.tools.dump_ir import dump
 
     spec = _find_spec(args.name)
     flags = _parse_flags(args.flags, spec)
@@ -191,7 +192,7 @@ def cmd_new(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from optgen.verify import verify_all
+    from optgen.tools.verify import verify_all
 
     return 0 if verify_all(steps=args.steps, sources=[Path(s) for s in args.specs] or None) else 1
 
@@ -203,7 +204,11 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from optgen.bench import main as bench_main
+    if args.device == "cuda":  # the Triton kernels on a GPU
+        from optgen.tools.bench_cuda import main as cuda_main
+
+        return cuda_main(args)
+    from optgen.tools.bench import main as bench_main
 
     return bench_main(args)
 
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(opt.step) of torch's for-loop (tens of seconds to compile each)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: the Triton kernels against torch fused/foreach/forloop/compile (optgen/bench_cuda.py)")
+                   help="cuda: the Triton kernels against torch fused/foreach/forloop/compile (optgen/tools/bench_cuda.py)")
     p.add_argument("--sizes", help="with --device cuda: total parameters to run, e.g. 1e6,1e7,1e8 (the default)")
     p.set_defaults(run=cmd_bench)
     p = sub.add_parser("schedule", help="plot a learning-rate schedule (terminal chart, or a PNG with -o)",

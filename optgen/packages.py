@@ -46,18 +46,3 @@ def import_rendered(files: dict[str, str], hint: str = "pkg", parent: Path | Non
             del sys.modules[key]
         raise
     return module
-
-
-def build_temporary(sources: list[Path]):
-    """Spec files or folders → (their Compiled specs, the imported package): what `optgen verify`
-    and `optgen bench` run on a user's specs."""
-    from optgen.build import compile_all, render_all, user_target
-
-    from optgen.crosscheck import import_failure
-
-    target = user_target(sources, Path(tempfile.gettempdir()) / "optgen_user_specs")
-    compiled = compile_all(target=target)
-    try:
-        return compiled, import_rendered(render_all(compiled, target), "user")
-    except Exception as e:  # noqa: BLE001 - generated code that does not import is optgen's bug: one line
-        raise import_failure(e, compiled) from e

@@ -7,6 +7,7 @@ op prints) and their template folder (``templates/<backend>/``).
 from __future__ import annotations
 
 import hashlib
+import keyword
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def header(compiled: Compiled) -> str:
 
 def module_name(spec_name: str, suffix: str = "") -> str:
     return spec_name.lower() + (f"_{suffix}" if suffix else "")
+
+
+def plural(name: str) -> str:
+    """The list holding one ``name`` per tensor: grad → grads, denom → denoms (a → as_: ``as``
+    and ``is`` are Python keywords)."""
+    return name + "s" if not keyword.iskeyword(name + "s") else name + "s_"
+
+
+def counter_list(counter: str) -> str:
+    """The list of a counter's 0-dim state tensors, named as torch names them: step → state_steps."""
+    return f"state_{counter}s"
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import sympy
 
-from optgen.backends.base import kernel_signature
-from optgen.backends.forloop import _SPECIAL, ForLoopRenderer, counter_list, plural
+from optgen.backends.base import counter_list, kernel_signature, plural
+from optgen.backends.forloop import _SPECIAL, ForLoopRenderer
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.python_base import PythonKernelBackend
 from optgen.ir.ops import OpProgram, Step, TensorOp

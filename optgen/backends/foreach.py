@@ -19,7 +19,8 @@ import itertools
 
 import sympy
 
-from optgen.backends.forloop import ForLoopRenderer, counter_list, plural
+from optgen.backends.base import counter_list, plural
+from optgen.backends.forloop import ForLoopRenderer
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.guards import simplify_guard
 from optgen.ir.ops import Step, TensorOp

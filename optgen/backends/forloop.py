@@ -15,8 +15,7 @@ paths (torch's foreach walks every tensor once per op, evicting the cache betwee
 """
 from __future__ import annotations
 
-import keyword
-
+from optgen.backends.base import counter_list, plural  # noqa: F401 (c.py and triton.py import them from here)
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes.merge_variants import Block
@@ -41,17 +40,6 @@ _SPECIAL = {
 # ``eta.copy_(torch.as_tensor(value))``, which rounds to the default dtype on the way.  After
 # load_state_dict has cast such a counter to a float64 parameter's dtype, fill_(value) would keep
 # more digits than torch does, and a torch checkpoint would not continue bit for bit.
-
-
-def plural(name: str) -> str:
-    """The list holding one ``name`` per tensor: grad → grads, denom → denoms (a → as_: ``as``
-    and ``is`` are Python keywords)."""
-    return name + "s" if not keyword.iskeyword(name + "s") else name + "s_"
-
-
-def counter_list(counter: str) -> str:
-    """The list of a counter's 0-dim state tensors, named as torch names them: step → state_steps."""
-    return f"state_{counter}s"
 
 
 class ForLoopRenderer(PythonRenderer):

@@ -10,8 +10,7 @@ import re
 
 import sympy
 
-from optgen.backends.base import Backend, environment, header, kernel_signature, module_name
-from optgen.backends.forloop import counter_list, plural
+from optgen.backends.base import Backend, counter_list, environment, header, kernel_signature, module_name, plural
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.ir.nodes import elementwise
 from optgen.passes import Compiled

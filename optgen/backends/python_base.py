@@ -11,7 +11,8 @@ import re
 
 import sympy
 
-from optgen.backends.base import Backend, environment, header, kernel_record, kernel_signature, module_name
+from optgen.backends.base import (Backend, counter_list, environment, header, kernel_record, kernel_signature,
+                                 module_name, plural)
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.ir.guards import first_assignments, simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
@@ -60,8 +61,6 @@ class PythonRenderer:
     # -- shared ----------------------------------------------------------------------------------
     def list_name(self, name: str) -> str:
         """The per-tensor list of a name: a counter's tensors (``step_t``) are ``state_steps``."""
-        from optgen.backends.forloop import counter_list, plural
-
         if name.endswith("_t") and name[:-2] in self.program.counters:
             return counter_list(name[:-2])
         return plural(name)
@@ -267,8 +266,6 @@ class PythonKernelBackend(Backend):
         return space, [self.renderer_for(compiled, v.ops).function_items() for v in compiled.variants]
 
     def render(self, compiled: Compiled) -> str:
-        from optgen.backends.forloop import counter_list, plural
-
         sig = kernel_signature(compiled)
         signature = [f"{plural(t)}: {self.list_annotation if t not in sig.lazy else 'list[Tensor | None]'},"
                      for t in sig.tensors]

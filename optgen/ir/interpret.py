@@ -21,10 +21,15 @@ import torch
 
 from optgen.ir.guards import evaluation_order, first_assignments
 from optgen.ir.nodes import Program, Role
-from optgen.runtime.generated import scalar_dtype
 from optgen.runtime import intrinsics
 from optgen.spec.expressions import (Clamp, IfNone, Lerp, MachineEps, Maximum, MeanDim, Minimum, Ndim, NewtonSchulz,
                                      Norm, NormDim, Numel, Size, Where)
+
+
+def scalar_dtype() -> torch.dtype:
+    """torch's dtype for a `step` counter (float64 only under a float64 default dtype), as the
+    runtime's counters hold it."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _evaluate(expr: sympy.Expr, env: dict):

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optgen.errors import SpecError, internal_errors
+from optgen.errors import internal_errors
 from optgen.ir.lower import lower
 from optgen.ir.nodes import Program
 from optgen.ir.ops import OpProgram
 from optgen.ir.validate import validate
-from optgen.passes import merge_variants
 from optgen.passes.cse import cse
 from optgen.passes.hoist_scalars import hoist_scalars
 from optgen.passes.name_reduction_arguments import name_reduction_arguments
@@ -74,28 +73,3 @@ def compile_spec(spec: Spec) -> Compiled:
         program = validate(program)
     with internal_errors(None, spec):
         return Compiled(spec, program, tuple(compile_variant(program, f) for f in flag_combinations(program)))
-
-
-def dump(spec: Spec, flags, after: str) -> str:
-    """The IR of one variant after the pass named ``after`` (for `optgen show --dump-ir`); after
-    merge_variants, every variant's, merged."""
-    if after not in PASS_NAMES:
-        raise SpecError(None, f"unknown pass '{after}'; passes: {', '.join(PASS_NAMES)}")
-    if after == "merge_variants":
-        return merge_variants.describe(compile_spec(spec))
-    program = validate(lower(spec))
-    if after == "lower":
-        return program.describe()
-    p = specialize(program, flags)
-    for name, run in (("specialize", lambda x: x), *PROGRAM_PASSES):
-        p = run(p)
-        if name == after:
-            return p.describe()
-    ops = select_ops(p)
-    if after in ("reuse_buffers", "preserve_values"):
-        ops = reuse_buffers(ops)
-    if after == "preserve_values":
-        ops = preserve_values(ops)
-    from optgen.backends.forloop import describe_ops
-
-    return describe_ops(ops)

@@ -1,13 +1,13 @@
 """optgen's foreach step allocates no more temporary memory than torch's foreach step.
 
-Both are measured the same way (optgen.bench.peak_temporary_bytes watches every tensor the step
+Both are measured the same way (optgen.tools.bench.peak_temporary_bytes watches every tensor the step
 allocates), on the configurations of the torch parity table.
 """
 import pytest
 import torch
 
 import optgen
-from optgen.bench import peak_temporary_bytes
+from optgen.tools.bench import peak_temporary_bytes
 from tests.registry import CASES, case_id
 
 

@@ -253,7 +253,7 @@ def test_a_build_never_overwrites_or_deletes_files_it_did_not_write(project):
 def test_verify_reports_a_failing_kernel_in_its_table(project, monkeypatch, capsys):
     """`optgen verify` on generated code that raises: an ERROR cell and the exception, exit 1."""
     import optgen.build
-    from optgen.verify import verify_all
+    from optgen.tools.verify import verify_all
 
     real = optgen.build.render_spec
 
@@ -304,7 +304,7 @@ def test_a_counter_updated_from_a_norm_verifies_on_every_backend(tmp_path, capsy
     norm in another order than torch, 1e-16 apart, which a float32 counter could round to a
     neighbouring float32 (6e-8 after 10 steps: `optgen build` refused a correct kernel).  The
     checks run float64 counters (optgen.verify.float64_counters)."""
-    from optgen.verify import verify_all
+    from optgen.tools.verify import verify_all
 
     (tmp_path / "novograd.toml").write_text(NOVOGRAD)
     assert verify_all(steps=10, sources=[tmp_path / "novograd.toml"]), capsys.readouterr().out

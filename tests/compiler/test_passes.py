@@ -8,7 +8,8 @@ from optgen.backends.forloop import describe_ops
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.ir.lower import lower
 from optgen.ir.validate import implies, validate
-from optgen.passes import compile_spec, dump
+from optgen.passes import compile_spec
+from optgen.tools.dump_ir import dump
 from optgen.passes.cse import cse
 from optgen.passes.hoist_scalars import hoist_scalars
 from optgen.passes.specialize import specialize

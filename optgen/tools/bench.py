@@ -184,16 +184,12 @@ def bench_one(name, kwargs, fused_ok, params_total, tensors, repeats, compiled=F
 
 
 def main(args) -> int:
-    if getattr(args, "device", "cpu") == "cuda":  # the GPU bench: optgen/bench_cuda.py
-        from optgen.bench_cuda import main as cuda_main
-
-        return cuda_main(args)
     total, tensors = int(args.params), args.tensors
     workloads = [(name, kwargs, fused_ok, None, None) for name, kwargs, fused_ok in WORKLOADS]
     if getattr(args, "specs", None):  # a user's spec files: their defaults, against their for-loop
         from pathlib import Path
 
-        from optgen.packages import build_temporary
+        from optgen.build import build_temporary
 
         compiled, package = build_temporary([Path(s) for s in args.specs])
         workloads = [(c.spec.name, {}, False, package.OPTIMIZERS[c.spec.name],

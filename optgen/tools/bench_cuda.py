@@ -4,7 +4,7 @@ UNTESTED ON A GPU: written when no GPU was available (the Triton backend was dev
 under Triton's interpreter).  Run it on the first GPU machine and check it before trusting it.
 
 For every optimizer with a triton implementation, at 1M / 10M / 100M parameters spread over
-about 200 tensors (``optgen.bench.shapes``), fp32, it times one ``step()`` of:
+about 200 tensors (``optgen.tools.bench.shapes``), fp32, it times one ``step()`` of:
 
 - optgen triton (``fused=True`` where the signature has it, else ``implementation = "triton"``),
   optgen foreach, optgen forloop;
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from optgen.bench import shapes
+from optgen.tools.bench import shapes
 
 SIZES = (1_000_000, 10_000_000, 100_000_000)
 

@@ -1,6 +1,6 @@
 """Times ``AveragedModel.update_parameters``: optgen's against torch's, on a ~60M-parameter model.
 
-    python -m optgen.swa_bench [--params 60e6] [--repeats 9] [--output BENCHMARKS.md]
+    python -m optgen.tools.swa_bench [--params 60e6] [--repeats 9] [--output BENCHMARKS.md]
 
 Both averaged models shadow the same model; calls alternate between them so that machine noise
 hits both alike, and each figure is the median of ``repeats`` calls (after the first, which
@@ -48,7 +48,7 @@ def time_case(model: torch.nn.Module, case: str, repeats: int) -> tuple[float, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optgen.swa_bench")
+    parser = argparse.ArgumentParser(prog="python -m optgen.tools.swa_bench")
     parser.add_argument("--params", type=float, default=60e6)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--output", help="append the table to this Markdown file")
