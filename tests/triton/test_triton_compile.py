@@ -23,15 +23,33 @@ OPTIONS = {"num_warps": 4, "enable_fp_fusion": True}  # as optgen.runtime.triton
 MODULES = [c.spec.name.lower() for c in COMPILED]
 
 
-def signature(kernel, dtype, everything_on: bool):
-    """Argument types and constexpr values of one specialisation of a generated kernel."""
+class _Arguments(dict):
+    """A step's keyword arguments for evaluating the guards: the flags given, every
+    hyperparameter ``value`` (non-zero: the guards on hyperparameters hold)."""
+
+    def __init__(self, flags: dict, value: float):
+        super().__init__(flags)
+        self.value = value
+
+    def __missing__(self, key):
+        return self.value
+
+
+def signature(kernel, dtype, everything_on: bool, flags: dict | None = None):
+    """Argument types and constexpr values of one specialisation of a generated kernel: its
+    guards as the module's LAUNCH evaluates them for ``flags`` (all off by default) and
+    hyperparameters that are all non-zero (``everything_on``) or all zero."""
     types, constants = {}, {}
+    module = importlib.import_module(kernel.fn.__module__)
+    arguments = _Arguments(flags or {f: False for f in module.KERNEL.flags}, 0.5 if everything_on else 0.0)
     for p in kernel.params:
         if p.is_constexpr:
             types[p.name] = "constexpr"
             constants[p.name] = {"DTYPE": dtype, "COMPUTE": tl.float64 if dtype == tl.float64 else tl.float32,
                                  "COUNTER_DTYPE": tl.float32, "CHUNK": 16384,
                                  "BLOCK": 32 * 4 * 16 // (dtype.primitive_bitwidth // 8)}.get(p.name, everything_on)
+            if p.name in module.LAUNCH.guards:
+                constants[p.name] = bool(module.LAUNCH.guards[p.name](arguments))
         elif p.name == "num_tensors":
             types[p.name] = "i32"
         elif p.annotation_type:  # the float64 hyperparameters
@@ -50,11 +68,13 @@ def kernels(module_name):
 
 @pytest.mark.parametrize("module_name", MODULES)
 def test_kernels_compile_for_sm90(module_name):
-    """Every variant with every guard, GradScaler input and Tensor lr on, bfloat16 storage."""
+    """Every flag combination with every guard, GradScaler input and Tensor lr on, bfloat16 storage."""
+    compiled_spec = next(c for c in COMPILED if c.spec.name.lower() == module_name)
     for kernel in kernels(module_name):
-        types, constants = signature(kernel, tl.bfloat16, True)
-        compiled = triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS)
-        assert compiled.asm["cubin"], kernel.fn.__name__
+        for variant in compiled_spec.variants:
+            types, constants = signature(kernel, tl.bfloat16, True, dict(variant.flags))
+            compiled = triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS)
+            assert compiled.asm["cubin"], (kernel.fn.__name__, variant.flags)
 
 
 def test_whole_blocks_load_and_store_128_bit_vectors():
@@ -64,7 +84,7 @@ def test_whole_blocks_load_and_store_128_bit_vectors():
     import re
 
     for dtype in (tl.float32, tl.bfloat16):
-        kernel = next(k for k in kernels("adam") if k.fn.__name__ == "_adam_default_kernel")
+        kernel = next(k for k in kernels("adam") if k.fn.__name__ == "_adam_kernel")
         types, constants = signature(kernel, dtype, False)
         constants["ALIGNED"] = True
         ptx = triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS).asm["ptx"]

@@ -135,6 +135,6 @@ def test_generated_module_matches_the_foreach_interface():
         assert fused.KERNEL.multi_tensor and fused.KERNEL.grad_scaler and fused.KERNEL.counters_on_device
         assert fused.KERNEL.flags == foreach.KERNEL.flags
         theirs = set(inspect.signature(foreach.KERNEL.step).parameters)
-        for key, kernel in fused.VARIANTS.items():
-            reads = {name for name, _ in kernel.tensors} | set(kernel.counters) | set(kernel.hyperparameters)
-            assert reads <= theirs and {"params", "grads"} <= reads, (name, key, reads - theirs)
+        kernel = fused.LAUNCH
+        reads = {name for name, _ in kernel.tensors} | set(kernel.counters) | set(kernel.hyperparameters)
+        assert reads <= theirs and {"params", "grads"} <= reads, (name, reads - theirs)

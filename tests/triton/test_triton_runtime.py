@@ -296,7 +296,7 @@ def test_show_prints_the_triton_code_or_why_there_is_none(capsys):
 
     assert main(["show", "Adam", "--backend", "triton"]) == 0
     out = capsys.readouterr().out
-    assert "@triton.jit" in out and "def _adam_default_kernel(" in out
+    assert "@triton.jit" in out and "def _adam_kernel(" in out
     assert main(["show", "Adafactor", "--backend", "triton"]) == 0
     assert "Adafactor has no triton implementation: " in capsys.readouterr().out
 
