@@ -39,7 +39,7 @@ from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.python_base import PythonKernelBackend
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
-from optgen.spec.expressions import SCALAR_OF_TENSOR, Norm
+from optgen.ir.functions import SCALAR_OF_TENSOR, Norm
 
 _OUT_OF_PLACE = {
     "maximum_": "{self} = torch.maximum({self}, {args})",

@@ -13,8 +13,8 @@ import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 
 from optgen.ir.guards import evaluation_order
-from optgen.spec.expressions import (REDUCE_DIM, SCALAR_OF_TENSOR, Clamp, IfNone, Lerp, MachineEps, Maximum, Minimum,
-                                     Ndim, Norm, NormDim, Numel, Size, Where)
+from optgen.ir.functions import (REDUCE_DIM, SCALAR_OF_TENSOR, Clamp, IfNone, Lerp, MachineEps, Maximum,
+                                 Minimum, Ndim, Norm, NormDim, Numel, Size, Where)
 
 _FUNCTIONS = {sympy.exp: "math.exp", sympy.log: "math.log", sympy.Abs: "abs"}
 

@@ -22,8 +22,8 @@ import torch
 from optgen.ir.guards import evaluation_order, first_assignments
 from optgen.ir.nodes import Program, Role
 from optgen.runtime import intrinsics
-from optgen.spec.expressions import (Clamp, IfNone, Lerp, MachineEps, Maximum, MeanDim, Minimum, Ndim, NewtonSchulz,
-                                     Norm, NormDim, Numel, Size, Where)
+from optgen.ir.functions import (Clamp, IfNone, Lerp, MachineEps, Maximum, MeanDim, Minimum, Ndim,
+                                 NewtonSchulz, Norm, NormDim, Numel, Size, Where)
 
 
 def scalar_dtype() -> torch.dtype:

@@ -20,7 +20,7 @@ from typing import Mapping
 import sympy
 
 from optgen.errors import Location
-from optgen.spec.expressions import SCALAR_OF_TENSOR, MachineEps, MeanDim, NewtonSchulz, NormDim
+from optgen.ir.functions import SCALAR_OF_TENSOR, MachineEps, MeanDim, NewtonSchulz, NormDim
 from optgen.spec.model import Spec
 
 

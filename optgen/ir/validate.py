@@ -21,7 +21,7 @@ import sympy
 from optgen.errors import SpecError
 from optgen.ir.guards import implies
 from optgen.ir.nodes import Program, Role, is_tensor_valued
-from optgen.spec.expressions import REDUCE_DIM, SCALAR_OF_TENSOR, NormDim
+from optgen.ir.functions import REDUCE_DIM, SCALAR_OF_TENSOR, NormDim
 
 
 def validate(program: Program) -> Program:

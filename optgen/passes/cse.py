@@ -19,7 +19,7 @@ import sympy
 from sympy.logic.boolalg import Boolean
 
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
-from optgen.spec.expressions import Norm, symbol
+from optgen.ir.functions import Norm, symbol
 
 
 def _runs(body):

@@ -31,7 +31,7 @@ import itertools
 import sympy
 
 from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
-from optgen.spec.expressions import SCALAR_OF_TENSOR, Ndim, Norm, Numel, Size, symbol
+from optgen.ir.functions import SCALAR_OF_TENSOR, Ndim, Norm, Numel, Size, symbol
 from optgen.spec.reserved import derived_names
 
 _BASE = {Norm: "norm", Numel: "numel", Ndim: "ndim", Size: "size"}

@@ -24,7 +24,7 @@ import sympy
 
 from optgen.ir.nodes import Program, Role, is_tensor_valued
 from optgen.ir.ops import OpProgram, Step, TensorOp
-from optgen.spec.expressions import Clamp, Lerp, Maximum, MeanDim, Minimum, NewtonSchulz, NormDim, Where, symbol
+from optgen.ir.functions import Clamp, Lerp, Maximum, MeanDim, Minimum, NewtonSchulz, NormDim, Where, symbol
 
 _UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs", sympy.sign: "sign"}
 _COMPARE = {">": "gt", "<": "lt", ">=": "ge", "<=": "le", "==": "eq", "!=": "ne"}

@@ -8,7 +8,7 @@ import sympy
 
 from optgen.ir.guards import simplify_guard
 from optgen.ir.nodes import Program, Role
-from optgen.spec.expressions import symbol
+from optgen.ir.functions import symbol
 
 
 def flag_combinations(program: Program) -> list[tuple[tuple[str, bool], ...]]:

@@ -4,8 +4,10 @@ functions): no import cycle, and dependencies run one way along the pipeline
     spec → ir → passes → backends → (build, cli, tools)
 
 while the runtime — what generated code imports — imports no compiler layer, and nothing below
-the commands imports optgen.tools.  The one shared leaf: optgen.runtime.intrinsics, the
-hand-written tensor math (newton_schulz) that the kernels and the reference interpreter both call."""
+the commands imports optgen.tools.  Two shared leaves any layer may import: optgen.ir.functions,
+the IR's vocabulary the parser builds expressions of (it imports only sympy), and
+optgen.runtime.intrinsics, the hand-written tensor math (newton_schulz) that the kernels and the
+reference interpreter both call."""
 from __future__ import annotations
 
 import ast
@@ -13,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "optgen"
 PIPELINE = ("spec", "ir", "passes", "backends")
-SHARED_LEAVES = {"optgen.runtime.intrinsics"}
+SHARED_LEAVES = {"optgen.ir.functions", "optgen.runtime.intrinsics"}
 COMMANDS = {"cli", "__main__", "tools"}
 
 

@@ -13,7 +13,7 @@ from optgen.tools.dump_ir import dump
 from optgen.passes.cse import cse
 from optgen.passes.hoist_scalars import hoist_scalars
 from optgen.passes.specialize import specialize
-from optgen.spec.expressions import symbol
+from optgen.ir.functions import symbol
 from optgen.spec.load import load_spec
 from optgen.spec.toml_locations import locate
 
