@@ -95,58 +95,38 @@ def _adagrad_kernel(
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
     whole_end = start + (end - start) // BLOCK * BLOCK
-    for block in range(start, whole_end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        param = tl.load(param_ptr + offsets).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE))
-        state_sum = tl.load(state_sum_ptr + offsets).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        # state_sum = state_sum + grad * grad
-        state_sum = state_sum + grad * grad
-        # std = sqrt(state_sum) + eps
-        std = eps + tl.sqrt(state_sum)
-        # param = param - clr * grad / std
-        param = param - clr * grad / std
-        tl.store(param_ptr + offsets, param.to(DTYPE))
-        tl.store(state_sum_ptr + offsets, state_sum.to(DTYPE))
-    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
-        offsets = block + tl.arange(0, BLOCK)
-        in_bounds = offsets < end
-        param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-        state_sum = tl.load(state_sum_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        # state_sum = state_sum + grad * grad
-        state_sum = state_sum + grad * grad
-        # std = sqrt(state_sum) + eps
-        std = eps + tl.sqrt(state_sum)
-        # param = param - clr * grad / std
-        param = param - clr * grad / std
-        tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-        tl.store(state_sum_ptr + offsets, state_sum.to(DTYPE), mask=in_bounds)
+    for MASKED in tl.static_range(2):  # the body once, unrolled twice: the whole blocks, then the last one
+        for block in range(whole_end if MASKED else start, end if MASKED else whole_end, BLOCK):
+            offsets = block + tl.arange(0, BLOCK)
+            in_bounds = offsets < end if MASKED else None  # (None: unmasked)
+            other = 0.0 if MASKED else None
+            param = tl.load(param_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+                grad = grad * inv_scale
+                tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
+            state_sum = tl.load(state_sum_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if MAXIMIZE:
+                # grad = -grad
+                grad = -grad
+            if WEIGHT_DECAY_NE_0:
+                # grad = grad + weight_decay * param
+                grad = grad + param * weight_decay
+            # state_sum = state_sum + grad * grad
+            state_sum = state_sum + grad * grad
+            # std = sqrt(state_sum) + eps
+            std = eps + tl.sqrt(state_sum)
+            # param = param - clr * grad / std
+            param = param - clr * grad / std
+            tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
+            tl.store(state_sum_ptr + offsets, state_sum.to(DTYPE), mask=in_bounds)
 
 
 #: the kernel, launched once per (device, dtype) group with the lists it reads (params, grads,
-#: states; a state used only under a guard says which), its counters, the states it creates on
-#: their first step (index → when), its hyperparameters (those that may be a tensor on the device
-#: named again) and its constexpr guards (flags included), each a condition over the keyword
-#: arguments `a`
+#: states; a state used only under some flags or hyperparameters says when), its counters, the
+#: states it creates on their first step (index → when), its hyperparameters (those that may be a
+#: tensor on the device named again) and its constexpr guards (the flags and hyperparameter
+#: comparisons its conditions are printed over), each a condition over the keyword arguments `a`
 LAUNCH = Kernel(
     _adagrad_kernel,
     tensors=(("params", None), ("grads", None), ("state_sums", None)),

@@ -111,62 +111,40 @@ def _asgd_kernel(
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
     whole_end = start + (end - start) // BLOCK * BLOCK
-    for block in range(start, whole_end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        param = tl.load(param_ptr + offsets).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE))
-        ax = tl.load(ax_ptr + offsets).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        # param = param * (1 - lambd * eta)
-        param = one_minus_eta_times_lambd * param
-        # param = param - eta * grad
-        param = param - eta_0 * grad
-        # ax = ax + (param - ax) * mu
-        ax = tl.where(mu_ne_1, ax + mu_0 * (param - ax), ax)
-        # ax = param
-        ax = tl.where(mu_eq_1, param, ax)
-        tl.store(param_ptr + offsets, param.to(DTYPE))
-        tl.store(ax_ptr + offsets, ax.to(DTYPE))
-    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
-        offsets = block + tl.arange(0, BLOCK)
-        in_bounds = offsets < end
-        param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-        ax = tl.load(ax_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        # param = param * (1 - lambd * eta)
-        param = one_minus_eta_times_lambd * param
-        # param = param - eta * grad
-        param = param - eta_0 * grad
-        # ax = ax + (param - ax) * mu
-        ax = tl.where(mu_ne_1, ax + mu_0 * (param - ax), ax)
-        # ax = param
-        ax = tl.where(mu_eq_1, param, ax)
-        tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-        tl.store(ax_ptr + offsets, ax.to(DTYPE), mask=in_bounds)
+    for MASKED in tl.static_range(2):  # the body once, unrolled twice: the whole blocks, then the last one
+        for block in range(whole_end if MASKED else start, end if MASKED else whole_end, BLOCK):
+            offsets = block + tl.arange(0, BLOCK)
+            in_bounds = offsets < end if MASKED else None  # (None: unmasked)
+            other = 0.0 if MASKED else None
+            param = tl.load(param_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+                grad = grad * inv_scale
+                tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
+            ax = tl.load(ax_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if MAXIMIZE:
+                # grad = -grad
+                grad = -grad
+            if WEIGHT_DECAY_NE_0:
+                # grad = grad + weight_decay * param
+                grad = grad + param * weight_decay
+            # param = param * (1 - lambd * eta)
+            param = one_minus_eta_times_lambd * param
+            # param = param - eta * grad
+            param = param - eta_0 * grad
+            # ax = ax + (param - ax) * mu
+            ax = tl.where(mu_ne_1, ax + mu_0 * (param - ax), ax)
+            # ax = param
+            ax = tl.where(mu_eq_1, param, ax)
+            tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
+            tl.store(ax_ptr + offsets, ax.to(DTYPE), mask=in_bounds)
 
 
 #: the kernel, launched once per (device, dtype) group with the lists it reads (params, grads,
-#: states; a state used only under a guard says which), its counters, the states it creates on
-#: their first step (index → when), its hyperparameters (those that may be a tensor on the device
-#: named again) and its constexpr guards (flags included), each a condition over the keyword
-#: arguments `a`
+#: states; a state used only under some flags or hyperparameters says when), its counters, the
+#: states it creates on their first step (index → when), its hyperparameters (those that may be a
+#: tensor on the device named again) and its constexpr guards (the flags and hyperparameter
+#: comparisons its conditions are printed over), each a condition over the keyword arguments `a`
 LAUNCH = Kernel(
     _asgd_kernel,
     tensors=(("params", None), ("grads", None), ("axs", None)),

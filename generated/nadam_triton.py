@@ -36,9 +36,9 @@ def _nadam_kernel(
     momentum_decay: tl.float64,
     grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
     found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
-    DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0: tl.constexpr,  # a["decoupled_weight_decay"] and a["weight_decay"] != 0
+    DECOUPLED_WEIGHT_DECAY: tl.constexpr,  # a["decoupled_weight_decay"]
+    WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     MAXIMIZE: tl.constexpr,  # a["maximize"]
-    NOT_DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0: tl.constexpr,  # not a["decoupled_weight_decay"] and a["weight_decay"] != 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -81,7 +81,7 @@ def _nadam_kernel(
     step = (step.to(COUNTER_DTYPE) + 1).to(tl.float64)
     # bias_correction2 = 1 - beta2 ** step
     bias_correction2 = 1 - tl.exp(step * tl.log(beta2))
-    if DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0:
+    if DECOUPLED_WEIGHT_DECAY and WEIGHT_DECAY_NE_0:
         one_minus_lr_times_weight_decay = 1 - lr * weight_decay
     # mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
     mu = beta1 * (1 - 0.5 * tl.exp((-0.040821994520255166 * momentum_decay * step)))
@@ -106,7 +106,7 @@ def _nadam_kernel(
     eps = eps.to(COMPUTE)
     weight_decay = weight_decay.to(COMPUTE)
     bias_correction2 = bias_correction2.to(COMPUTE)
-    if DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0:
+    if DECOUPLED_WEIGHT_DECAY and WEIGHT_DECAY_NE_0:
         one_minus_lr_times_weight_decay = one_minus_lr_times_weight_decay.to(COMPUTE)
     mu_next = mu_next.to(COMPUTE)
     one_minus_beta1 = one_minus_beta1.to(COMPUTE)
@@ -130,76 +130,47 @@ def _nadam_kernel(
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
     whole_end = start + (end - start) // BLOCK * BLOCK
-    for block in range(start, whole_end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        param = tl.load(param_ptr + offsets).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE))
-        exp_avg = tl.load(exp_avg_ptr + offsets).to(COMPUTE)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if NOT_DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        if DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0:
-            # param = param * (1 - lr * weight_decay)
-            param = one_minus_lr_times_weight_decay * param
-        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
-        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-        # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = beta2 * exp_avg_sq + grad * grad * one_minus_beta2
-        # denom = sqrt(exp_avg_sq / bias_correction2) + eps
-        denom = eps + tl.sqrt(exp_avg_sq / bias_correction2)
-        # param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom
-        param = param - grad * lr * one_minus_mu * one_over_1_minus_mu_product / denom
-        # param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom
-        param = param - exp_avg * lr * mu_next * one_over_1_minus_mu_product_next / denom
-        tl.store(param_ptr + offsets, param.to(DTYPE))
-        tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE))
-        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE))
-    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
-        offsets = block + tl.arange(0, BLOCK)
-        in_bounds = offsets < end
-        param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-        exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if NOT_DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        if DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0:
-            # param = param * (1 - lr * weight_decay)
-            param = one_minus_lr_times_weight_decay * param
-        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
-        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-        # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = beta2 * exp_avg_sq + grad * grad * one_minus_beta2
-        # denom = sqrt(exp_avg_sq / bias_correction2) + eps
-        denom = eps + tl.sqrt(exp_avg_sq / bias_correction2)
-        # param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom
-        param = param - grad * lr * one_minus_mu * one_over_1_minus_mu_product / denom
-        # param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom
-        param = param - exp_avg * lr * mu_next * one_over_1_minus_mu_product_next / denom
-        tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-        tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
-        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
+    for MASKED in tl.static_range(2):  # the body once, unrolled twice: the whole blocks, then the last one
+        for block in range(whole_end if MASKED else start, end if MASKED else whole_end, BLOCK):
+            offsets = block + tl.arange(0, BLOCK)
+            in_bounds = offsets < end if MASKED else None  # (None: unmasked)
+            other = 0.0 if MASKED else None
+            param = tl.load(param_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+                grad = grad * inv_scale
+                tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
+            exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if MAXIMIZE:
+                # grad = -grad
+                grad = -grad
+            if not DECOUPLED_WEIGHT_DECAY and WEIGHT_DECAY_NE_0:
+                # grad = grad + weight_decay * param
+                grad = grad + param * weight_decay
+            if DECOUPLED_WEIGHT_DECAY and WEIGHT_DECAY_NE_0:
+                # param = param * (1 - lr * weight_decay)
+                param = one_minus_lr_times_weight_decay * param
+            # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+            exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+            # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+            exp_avg_sq = beta2 * exp_avg_sq + grad * grad * one_minus_beta2
+            # denom = sqrt(exp_avg_sq / bias_correction2) + eps
+            denom = eps + tl.sqrt(exp_avg_sq / bias_correction2)
+            # param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom
+            param = param - grad * lr * one_minus_mu * one_over_1_minus_mu_product / denom
+            # param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom
+            param = param - exp_avg * lr * mu_next * one_over_1_minus_mu_product_next / denom
+            tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
+            tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
+            tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
 #: the kernel, launched once per (device, dtype) group with the lists it reads (params, grads,
-#: states; a state used only under a guard says which), its counters, the states it creates on
-#: their first step (index → when), its hyperparameters (those that may be a tensor on the device
-#: named again) and its constexpr guards (flags included), each a condition over the keyword
-#: arguments `a`
+#: states; a state used only under some flags or hyperparameters says when), its counters, the
+#: states it creates on their first step (index → when), its hyperparameters (those that may be a
+#: tensor on the device named again) and its constexpr guards (the flags and hyperparameter
+#: comparisons its conditions are printed over), each a condition over the keyword arguments `a`
 LAUNCH = Kernel(
     _nadam_kernel,
     tensors=(("params", None), ("grads", None), ("exp_avgs", None), ("exp_avg_sqs", None)),
@@ -207,7 +178,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay"),
     tensor_hyperparameters=("lr",),
-    guards={"DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0": lambda a: a["decoupled_weight_decay"] and a["weight_decay"] != 0, "MAXIMIZE": lambda a: a["maximize"], "NOT_DECOUPLED_WEIGHT_DECAY_AND_WEIGHT_DECAY_NE_0": lambda a: not a["decoupled_weight_decay"] and a["weight_decay"] != 0},
+    guards={"DECOUPLED_WEIGHT_DECAY": lambda a: a["decoupled_weight_decay"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "MAXIMIZE": lambda a: a["maximize"]},
 )
 
 

@@ -39,8 +39,6 @@ def _rmsprop_kernel(
     MOMENTUM_GT_0: tl.constexpr,  # a["momentum"] > 0
     MAXIMIZE: tl.constexpr,  # a["maximize"]
     WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
-    NOT_CENTERED: tl.constexpr,  # not a["centered"]
-    MOMENTUM_LE_0: tl.constexpr,  # a["momentum"] <= 0
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -115,106 +113,66 @@ def _rmsprop_kernel(
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
     whole_end = start + (end - start) // BLOCK * BLOCK
-    for block in range(start, whole_end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        param = tl.load(param_ptr + offsets).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE))
-        square_avg = tl.load(square_avg_ptr + offsets).to(COMPUTE)
-        if MOMENTUM_GT_0:
-            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
-        if CENTERED:
-            grad_avg = tl.load(grad_avg_ptr + offsets).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
-        square_avg = alpha * square_avg + grad * grad * one_minus_alpha
-        if NOT_CENTERED:
-            # avg = sqrt(square_avg) + eps
-            avg = eps + tl.sqrt(square_avg)
-        if CENTERED:
-            # grad_avg = lerp(grad_avg, grad, 1 - alpha)
-            grad_avg = grad_avg + one_minus_alpha_1 * (grad - grad_avg)
-            # avg = sqrt(square_avg - grad_avg * grad_avg) + eps
-            avg = eps + tl.sqrt(square_avg - grad_avg * grad_avg)
-        if MOMENTUM_GT_0:
-            # momentum_buffer = momentum * momentum_buffer + grad / avg
-            momentum_buffer = grad / avg + momentum * momentum_buffer
-            # param = param - lr * momentum_buffer
-            param = param - lr * momentum_buffer
-        if MOMENTUM_LE_0:
-            # param = param - lr * grad / avg
-            param = param - grad * lr / avg
-        tl.store(param_ptr + offsets, param.to(DTYPE))
-        tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE))
-        if MOMENTUM_GT_0:
-            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
-        if CENTERED:
-            tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE))
-    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
-        offsets = block + tl.arange(0, BLOCK)
-        in_bounds = offsets < end
-        param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-        square_avg = tl.load(square_avg_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if MOMENTUM_GT_0:
-            momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if CENTERED:
-            grad_avg = tl.load(grad_avg_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
-        square_avg = alpha * square_avg + grad * grad * one_minus_alpha
-        if NOT_CENTERED:
-            # avg = sqrt(square_avg) + eps
-            avg = eps + tl.sqrt(square_avg)
-        if CENTERED:
-            # grad_avg = lerp(grad_avg, grad, 1 - alpha)
-            grad_avg = grad_avg + one_minus_alpha_1 * (grad - grad_avg)
-            # avg = sqrt(square_avg - grad_avg * grad_avg) + eps
-            avg = eps + tl.sqrt(square_avg - grad_avg * grad_avg)
-        if MOMENTUM_GT_0:
-            # momentum_buffer = momentum * momentum_buffer + grad / avg
-            momentum_buffer = grad / avg + momentum * momentum_buffer
-            # param = param - lr * momentum_buffer
-            param = param - lr * momentum_buffer
-        if MOMENTUM_LE_0:
-            # param = param - lr * grad / avg
-            param = param - grad * lr / avg
-        tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-        tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
-        if MOMENTUM_GT_0:
-            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
-        if CENTERED:
-            tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=in_bounds)
+    for MASKED in tl.static_range(2):  # the body once, unrolled twice: the whole blocks, then the last one
+        for block in range(whole_end if MASKED else start, end if MASKED else whole_end, BLOCK):
+            offsets = block + tl.arange(0, BLOCK)
+            in_bounds = offsets < end if MASKED else None  # (None: unmasked)
+            other = 0.0 if MASKED else None
+            param = tl.load(param_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+                grad = grad * inv_scale
+                tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
+            square_avg = tl.load(square_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if MOMENTUM_GT_0:
+                momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if CENTERED:
+                grad_avg = tl.load(grad_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if MAXIMIZE:
+                # grad = -grad
+                grad = -grad
+            if WEIGHT_DECAY_NE_0:
+                # grad = grad + weight_decay * param
+                grad = grad + param * weight_decay
+            # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+            square_avg = alpha * square_avg + grad * grad * one_minus_alpha
+            if not CENTERED:
+                # avg = sqrt(square_avg) + eps
+                avg = eps + tl.sqrt(square_avg)
+            if CENTERED:
+                # grad_avg = lerp(grad_avg, grad, 1 - alpha)
+                grad_avg = grad_avg + one_minus_alpha_1 * (grad - grad_avg)
+                # avg = sqrt(square_avg - grad_avg * grad_avg) + eps
+                avg = eps + tl.sqrt(square_avg - grad_avg * grad_avg)
+            if MOMENTUM_GT_0:
+                # momentum_buffer = momentum * momentum_buffer + grad / avg
+                momentum_buffer = grad / avg + momentum * momentum_buffer
+                # param = param - lr * momentum_buffer
+                param = param - lr * momentum_buffer
+            if not MOMENTUM_GT_0:
+                # param = param - lr * grad / avg
+                param = param - grad * lr / avg
+            tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
+            tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
+            if MOMENTUM_GT_0:
+                tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
+            if CENTERED:
+                tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=in_bounds)
 
 
 #: the kernel, launched once per (device, dtype) group with the lists it reads (params, grads,
-#: states; a state used only under a guard says which), its counters, the states it creates on
-#: their first step (index → when), its hyperparameters (those that may be a tensor on the device
-#: named again) and its constexpr guards (flags included), each a condition over the keyword
-#: arguments `a`
+#: states; a state used only under some flags or hyperparameters says when), its counters, the
+#: states it creates on their first step (index → when), its hyperparameters (those that may be a
+#: tensor on the device named again) and its constexpr guards (the flags and hyperparameter
+#: comparisons its conditions are printed over), each a condition over the keyword arguments `a`
 LAUNCH = Kernel(
     _rmsprop_kernel,
-    tensors=(("params", None), ("grads", None), ("square_avgs", None), ("momentum_buffers", "MOMENTUM_GT_0"), ("grad_avgs", "CENTERED")),
+    tensors=(("params", None), ("grads", None), ("square_avgs", None), ("momentum_buffers", lambda a: a["momentum"] > 0), ("grad_avgs", lambda a: a["centered"])),
     counters=("state_steps",),
     lazy={},
     hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
     tensor_hyperparameters=("lr",),
-    guards={"CENTERED": lambda a: a["centered"], "MOMENTUM_GT_0": lambda a: a["momentum"] > 0, "MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "NOT_CENTERED": lambda a: not a["centered"], "MOMENTUM_LE_0": lambda a: a["momentum"] <= 0},
+    guards={"CENTERED": lambda a: a["centered"], "MOMENTUM_GT_0": lambda a: a["momentum"] > 0, "MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
 )
 
 

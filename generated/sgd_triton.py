@@ -37,8 +37,7 @@ def _sgd_kernel(
     MOMENTUM_NE_0: tl.constexpr,  # a["momentum"] != 0
     MAXIMIZE: tl.constexpr,  # a["maximize"]
     WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
-    NOT_NESTEROV_AND_MOMENTUM_NE_0: tl.constexpr,  # not a["nesterov"] and a["momentum"] != 0
-    NESTEROV_AND_MOMENTUM_NE_0: tl.constexpr,  # a["nesterov"] and a["momentum"] != 0
+    NESTEROV: tl.constexpr,  # a["nesterov"]
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -93,80 +92,53 @@ def _sgd_kernel(
     if HAS_FOUND_INF:
         end = tl.where(applies, end, start)
     whole_end = start + (end - start) // BLOCK * BLOCK
-    for block in range(start, whole_end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        param = tl.load(param_ptr + offsets).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE))
-        if MOMENTUM_NE_0:
-            momentum_buffer = tl.load(momentum_buffer_ptr + offsets).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        if MOMENTUM_NE_0:
-            # momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
-            momentum_buffer = tl.where(momentum_buffer_is_new, grad, grad * one_minus_dampening + momentum * momentum_buffer)
-        if NOT_NESTEROV_AND_MOMENTUM_NE_0:
-            # grad = momentum_buffer
-            grad = momentum_buffer
-        if NESTEROV_AND_MOMENTUM_NE_0:
-            # grad = grad + momentum * momentum_buffer
-            grad = grad + momentum * momentum_buffer
-        # param = param - lr * grad
-        param = param - grad * lr
-        tl.store(param_ptr + offsets, param.to(DTYPE))
-        if MOMENTUM_NE_0:
-            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE))
-    for block in range(whole_end, end, BLOCK):  # at most one: the rest of the chunk, masked
-        offsets = block + tl.arange(0, BLOCK)
-        in_bounds = offsets < end
-        param = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
-            grad = grad * inv_scale
-            tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-        if MOMENTUM_NE_0:
-            momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-        if MAXIMIZE:
-            # grad = -grad
-            grad = -grad
-        if WEIGHT_DECAY_NE_0:
-            # grad = grad + weight_decay * param
-            grad = grad + param * weight_decay
-        if MOMENTUM_NE_0:
-            # momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
-            momentum_buffer = tl.where(momentum_buffer_is_new, grad, grad * one_minus_dampening + momentum * momentum_buffer)
-        if NOT_NESTEROV_AND_MOMENTUM_NE_0:
-            # grad = momentum_buffer
-            grad = momentum_buffer
-        if NESTEROV_AND_MOMENTUM_NE_0:
-            # grad = grad + momentum * momentum_buffer
-            grad = grad + momentum * momentum_buffer
-        # param = param - lr * grad
-        param = param - grad * lr
-        tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-        if MOMENTUM_NE_0:
-            tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
+    for MASKED in tl.static_range(2):  # the body once, unrolled twice: the whole blocks, then the last one
+        for block in range(whole_end if MASKED else start, end if MASKED else whole_end, BLOCK):
+            offsets = block + tl.arange(0, BLOCK)
+            in_bounds = offsets < end if MASKED else None  # (None: unmasked)
+            other = 0.0 if MASKED else None
+            param = tl.load(param_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
+                grad = grad * inv_scale
+                tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
+            if MOMENTUM_NE_0:
+                momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if MAXIMIZE:
+                # grad = -grad
+                grad = -grad
+            if WEIGHT_DECAY_NE_0:
+                # grad = grad + weight_decay * param
+                grad = grad + param * weight_decay
+            if MOMENTUM_NE_0:
+                # momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
+                momentum_buffer = tl.where(momentum_buffer_is_new, grad, grad * one_minus_dampening + momentum * momentum_buffer)
+            if not NESTEROV and MOMENTUM_NE_0:
+                # grad = momentum_buffer
+                grad = momentum_buffer
+            if NESTEROV and MOMENTUM_NE_0:
+                # grad = grad + momentum * momentum_buffer
+                grad = grad + momentum * momentum_buffer
+            # param = param - lr * grad
+            param = param - grad * lr
+            tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
+            if MOMENTUM_NE_0:
+                tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
 
 
 #: the kernel, launched once per (device, dtype) group with the lists it reads (params, grads,
-#: states; a state used only under a guard says which), its counters, the states it creates on
-#: their first step (index → when), its hyperparameters (those that may be a tensor on the device
-#: named again) and its constexpr guards (flags included), each a condition over the keyword
-#: arguments `a`
+#: states; a state used only under some flags or hyperparameters says when), its counters, the
+#: states it creates on their first step (index → when), its hyperparameters (those that may be a
+#: tensor on the device named again) and its constexpr guards (the flags and hyperparameter
+#: comparisons its conditions are printed over), each a condition over the keyword arguments `a`
 LAUNCH = Kernel(
     _sgd_kernel,
-    tensors=(("params", None), ("grads", None), ("momentum_buffers", "MOMENTUM_NE_0")),
+    tensors=(("params", None), ("grads", None), ("momentum_buffers", lambda a: a["momentum"] != 0)),
     counters=(),
     lazy={2: lambda a: a["momentum"] != 0},
     hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
     tensor_hyperparameters=("lr",),
-    guards={"MOMENTUM_NE_0": lambda a: a["momentum"] != 0, "MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "NOT_NESTEROV_AND_MOMENTUM_NE_0": lambda a: not a["nesterov"] and a["momentum"] != 0, "NESTEROV_AND_MOMENTUM_NE_0": lambda a: a["nesterov"] and a["momentum"] != 0},
+    guards={"MOMENTUM_NE_0": lambda a: a["momentum"] != 0, "MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "NESTEROV": lambda a: a["nesterov"]},
 )
 
 

@@ -1,7 +1,8 @@
-"""The Triton backend: one fused multi-tensor kernel per flag variant, launched once per step.
+"""The Triton backend: one fused multi-tensor kernel per optimizer, launched once per step.
 
-Per variant it emits a ``@triton.jit`` kernel and a ``Kernel(...)`` entry of ``VARIANTS`` saying
-what launching it takes (lists, counters, hyperparameters, host guards).  The entry is called
+It emits a ``@triton.jit`` kernel (every flag variant merged: flags are ``tl.constexpr``
+arguments) and a ``Kernel(...)`` record, ``LAUNCH``, saying what launching it takes (lists,
+counters, hyperparameters, host guards).  ``LAUNCH`` is called
 with the foreach backend's arguments (lists of one (device, dtype) group, hyperparameters as
 keywords, plus GradScaler's ``grad_scale`` / ``found_inf``) and hands them to
 :func:`optgen.runtime.triton_launch.launch`, which builds (and caches) the launch tables and
@@ -42,8 +43,12 @@ three sections:
 3. **The elementwise loop** over this program's chunk: load param, grad and each state once,
    the tensor statements in order, store param and each written state once.
 
-Guards on hyperparameters (``weight_decay != 0``) become ``tl.constexpr`` arguments, evaluated on
-the host: each combination compiles once and the kernel has no runtime branch for them.  Guards
+Flags and guards on hyperparameters (``weight_decay != 0``) become ``tl.constexpr`` arguments,
+one per flag or comparison, evaluated on the host; a statement's guard is printed over them
+(``if not AMSGRAD:``, ``if DECOUPLED_WEIGHT_DECAY and WEIGHT_DECAY_NE_0:``).  Each combination
+compiles once and the kernel has no runtime branch for them.  The elementwise loop's body is
+printed once, inside ``for MASKED in tl.static_range(2)``: unrolled, it is the loop over whole
+blocks (``in_bounds`` None: unmasked, 16-byte vector loads) and the partial last block (masked).  Guards
 on per-tensor values (``if rho_t > 5``) are evaluated in the kernel and select with ``tl.where``.
 A lazily created state (SGD's ``momentum_buffer = { first = "grad" }``) is allocated on the host
 before the launch; a per-tensor flag in the launch tables tells the kernel to store ``first``
@@ -76,6 +81,7 @@ RESERVED = frozenset({
     "addresses", "grad_addresses", "counter_addresses", "numels", "first_step", "chunk_tensors", "chunk_indices",
     "arrivals", "num_tensors", "grad_scale", "found_inf", "pid", "tensor", "chunk", "numel",
     "applies", "arrived", "last", "start", "end", "whole_end", "block", "offsets", "in_bounds", "inv_scale",
+    "MASKED", "other",
     "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK", "ALIGNED",
     "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float",
 })
@@ -91,15 +97,14 @@ class Kernel:
     kernel: str                                   # the @triton.jit function's name
     key: str                                      # repr of the flag values
     doc: str
-    tensors: list[tuple[str, str | None]]         # (list name, the guard it is used under, None: always)
+    tensors: list[tuple[str, str | None]]         # (list name, when it is used, over `a`; None: always)
     counters: list[str]                           # counter list names in table order
     lazy: list[tuple[int, str, str]]              # (list index, state name, creation condition over `a`)
     hyperparameters: list[str]                    # scalar arguments (float64)
     tensor_hyperparameters: list[str]             # those that may be a 1-element tensor on the device
-    guards: list[tuple[str, str]]                 # (constexpr name, condition over `a`) evaluated on the host
+    guards: list[tuple[str, str]]                 # (constexpr atom, condition over `a`) evaluated on the host
     prologue: list[str] = field(default_factory=list)       # kernel lines before the loops
-    whole_blocks: list[str] = field(default_factory=list)   # the loop over whole blocks (no mask)
-    last_block: list[str] = field(default_factory=list)     # the partial last block (masked)
+    block: list[str] = field(default_factory=list)          # one block's update (MASKED: the partial last one)
 
 
 class _KernelBuilder:
@@ -135,10 +140,26 @@ class _KernelBuilder:
 
     # -- guards --------------------------------------------------------------------------------------
     def host_guard(self, condition: sympy.Basic) -> str | None:
-        """The constexpr name of a host condition (None for `true`)."""
+        """A host condition as Python over the kernel's constexpr atoms (None for `true`): each
+        flag and each hyperparameter comparison is one ``tl.constexpr`` argument, and a compound
+        guard is printed over them (``not AMSGRAD``, ``DECOUPLED_WEIGHT_DECAY and WEIGHT_DECAY_NE_0``),
+        which Triton folds at compile time like a single constexpr."""
         condition = simplify_guard(condition)
         if condition == sympy.true:
             return None
+        return self._guard_text(condition, nested=False)
+
+    def _guard_text(self, condition: sympy.Basic, nested: bool) -> str:
+        if condition == sympy.false:
+            return "False"
+        if isinstance(condition, sympy.Not):
+            return f"not {self._guard_text(condition.args[0], nested=True)}"
+        if isinstance(condition, (sympy.And, sympy.Or)):
+            op = " and " if isinstance(condition, sympy.And) else " or "
+            text = op.join(self._guard_text(c, nested=True) for c in condition.args)
+            return f"({text})" if nested else text
+        if isinstance(condition, sympy.Rel) and condition.negated in self.host_guards:
+            return f"not {self.host_guards[condition.negated]}"  # one constexpr per comparison, not two
         if condition not in self.host_guards:
             self.host_guards[condition] = self.names.fresh(readable(condition).upper() or "GUARD")
         return self.host_guards[condition]
@@ -268,40 +289,38 @@ class _KernelBuilder:
         prologue += ["if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads",
                      *("    " + line for line in aligned)]
 
-        # -- the loop body, for whole blocks (no mask) and for the partial last block ----------------
-        def body(masked: bool) -> list[str]:
-            mask, other = (", mask=in_bounds", ", mask=in_bounds, other=0.0") if masked else ("", "")
-            lines: list[str] = []
-            for t in lists:
-                if t not in read:
-                    continue
+        # -- the loop body, printed once: the template runs it over whole blocks (MASKED false:
+        # in_bounds and other are None, so the loads are unmasked 16-byte vectors) and then over
+        # the partial last block (MASKED: in_bounds masks, other = 0.0)
+        block: list[str] = []
+        for t in lists:
+            if t not in read:
+                continue
+            k = self.kname(t)
+            # (a state created this step holds garbage until the store: tl.where never selects it)
+            load = [f"{k} = tl.load({k}_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)"]
+            if t == "grad":
+                load += ["if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do",
+                         "    grad = grad * inv_scale",
+                         "    tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)"]
+            block += self._guarded(presence.get(t, sympy.true), load)
+        for guard, group in itertools.groupby(tensor_code, key=lambda gl: gl[0]):
+            block += self._guarded(guard, [line for _, code in group for line in code])
+        for t in lists:
+            if t in written and t != "grad":  # grad is read-only: reassigning it made a local copy
                 k = self.kname(t)
-                # (a state created this step holds garbage until the store: tl.where never selects it)
-                load = [f"{k} = tl.load({k}_ptr + offsets{other}).to(COMPUTE)"]
-                if t == "grad":
-                    load += ["if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do",
-                             "    grad = grad * inv_scale",
-                             f"    tl.store(grad_ptr + offsets, grad.to(DTYPE){mask})"]
-                lines += self._guarded(presence.get(t, sympy.true), load)
-            for guard, group in itertools.groupby(tensor_code, key=lambda gl: gl[0]):
-                lines += self._guarded(guard, [line for _, code in group for line in code])
-            for t in lists:
-                if t in written and t != "grad":  # grad is read-only: reassigning it made a local copy
-                    k = self.kname(t)
-                    lines += self._guarded(written[t], [f"tl.store({k}_ptr + offsets, {k}.to(DTYPE){mask})"])
-            return lines
+                block += self._guarded(written[t], [f"tl.store({k}_ptr + offsets, {k}.to(DTYPE), mask=in_bounds)"])
 
-        whole_blocks, last_block = body(masked=False), body(masked=True)  # (registers their guards)
         tensors = []
         for t in lists:
             guard = simplify_guard(presence.get(t, sympy.true))
-            tensors.append((plural(t), None if guard == sympy.true else self.host_guard(guard)))
+            tensors.append((plural(t), None if guard == sympy.true else over_arguments(guard)))
         guards = [(name, over_arguments(cond) if cond != sympy.false else "False")
                   for cond, name in self.host_guards.items()]
         return Kernel(kernel=kernel, key=key, doc=doc, tensors=tensors,
                       counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
                       tensor_hyperparameters=tensor_hypers, guards=guards, prologue=prologue,
-                      whole_blocks=whole_blocks, last_block=last_block)
+                      block=block)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _counter_value(self, statement) -> str:

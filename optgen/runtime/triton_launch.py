@@ -90,7 +90,7 @@ class Kernel:
     def __call__(self, *, grad_scale=None, found_inf=None, **arguments) -> None:
         guards = {name: bool(condition(arguments)) for name, condition in self.guards.items()}
         launch(self.kernel,
-               tensors=[(arguments[name], guard is None or guards[guard]) for name, guard in self.tensors],
+               tensors=[(arguments[name], used is None or bool(used(arguments))) for name, used in self.tensors],
                counters=[arguments[c] for c in self.counters],
                lazy={index: when(arguments) for index, when in self.lazy.items()},
                hyperparameters={h: arguments[h] for h in self.hyperparameters},
