@@ -40,6 +40,7 @@ import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from optgen.errors import SpecError, internal_errors
 from optgen.resources import CHECKOUT, PACKAGE, builtin_optimizer_dir, is_checkout, specs_dir, templates_dir
@@ -306,7 +307,8 @@ class FileManager:
 
     def foreign(self, files: dict[str, str]) -> list[str]:
         """Files a build would overwrite that optgen did not write."""
-        return sorted(name for name in files if (self.out_dir / name).exists() and not is_generated(self.out_dir / name))
+        return sorted(name for name in files
+                      if (self.out_dir / name).exists() and not is_generated(self.out_dir / name))
 
     def stale(self, files: dict[str, str]) -> list[str]:
         """Files that differ from what a build would write (missing, changed or orphaned)."""
@@ -318,7 +320,8 @@ class FileManager:
         foreign = self.foreign(files)
         if foreign:
             raise SpecError(None, f"{self.out_dir}/{foreign[0]} exists and was not written by optgen; the build "
-                                  "would overwrite it: choose another --out folder (optgen writes a package of its own)")
+                                  "would overwrite it: choose another --out folder "
+                                  "(optgen writes a package of its own)")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         result = BuildResult([], [], [])
         for name, text in sorted(files.items()):
@@ -354,6 +357,15 @@ def _umask() -> int:
     return mask
 
 
+@overload
+def build(root: Path | None = None, check: Literal[False] = False, target: Target | None = None,
+          verify: bool = True, incremental: bool = True) -> BuildResult: ...
+@overload
+def build(root: Path | None = None, *, check: Literal[True], target: Target | None = None,
+          verify: bool = True, incremental: bool = True) -> list[str]: ...
+@overload
+def build(root: Path | None = None, check: bool = False, target: Target | None = None,
+          verify: bool = True, incremental: bool = True) -> BuildResult | list[str]: ...
 def build(root: Path | None = None, check: bool = False, target: Target | None = None,
           verify: bool = True, incremental: bool = True) -> BuildResult | list[str]:
     """Compile and render in memory, cross-check, then write (or, with check, list stale files)."""
@@ -371,7 +383,7 @@ def build(root: Path | None = None, check: bool = False, target: Target | None =
               and (entry.get("verified") is True or not verify)  # a --no-verify build's output is checked now
               and _outputs_intact(target.out_dir, entry.get("outputs"))}
     sched_key = schedules_key(digest) if target.builtin else None
-    old_sched = old.get("schedules") if isinstance(old.get("schedules"), dict) else {}
+    old_sched = old["schedules"] if isinstance(old.get("schedules"), dict) else {}
     sched_reused = target.builtin and old_sched.get("key") == sched_key \
         and _outputs_intact(target.out_dir, old_sched.get("outputs"))
     if len(reused) == len(keys) and set(old_specs) == set(keys) and (sched_reused or not target.builtin) \
@@ -382,7 +394,8 @@ def build(root: Path | None = None, check: bool = False, target: Target | None =
     names = {p: reused[p]["name"] if p in reused else fresh[p].spec.name for p in keys}
     # Duplicate names and shared kernels are decided over every spec, compiled now or reused.
     _check_unique_paths(names)
-    fresh = dict(zip(fresh, own_kernels(list(fresh.values()), {names[p]: str(Path(p).resolve()) for p in keys})))
+    owners = own_kernels(list(fresh.values()), {names[p]: str(Path(p).resolve()) for p in keys})
+    fresh = dict(zip(fresh, owners, strict=True))
     files: dict[str, str] = {}
     outputs: dict[str, dict[str, str]] = {}
     for p in keys:

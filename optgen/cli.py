@@ -89,7 +89,7 @@ def cmd_build(args) -> int:
     target = _target(args)
     shown = target.out_dir if not target.builtin else "generated"
     result = build(check=args.check, target=target, verify=not args.no_verify)
-    if args.check:
+    if isinstance(result, list):  # --check: the stale files
         if result:
             print(f"{shown}/ is stale; run `optgen build`. Stale files:", file=sys.stderr)
             for name in result:
@@ -127,10 +127,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from optgen.backends.registry import KERNEL_BACKENDS
-    from optgen.build import kernel_backends
     from optgen.backends.fused import FusedBackend
     from optgen.backends.optimizer_class import OptimizerClassBackend
+    from optgen.backends.registry import KERNEL_BACKENDS
+    from optgen.build import kernel_backends
     from optgen.passes import compile_spec, merge_variants
     from optgen.tools.dump_ir import dump
 
@@ -142,7 +142,8 @@ def cmd_show(args) -> int:
     compiled = compile_spec(spec)
     # The IR every backend prints: all variants merged into one program with flag branches, or
     # the one variant --flags names.
-    ir = (("IR after passes", ", ".join(f"{k}={v}" for k, v in flags.items()), compiled.variant(flags).program.describe())
+    ir = (("IR after passes", ", ".join(f"{k}={v}" for k, v in flags.items()),
+           compiled.variant(flags).program.describe())
           if args.flags else ("IR after passes", "every flag variant, merged", merge_variants.describe(compiled)))
     sections = [("spec", spec.path, Path(spec.path).read_text() if Path(spec.path).is_file() else spec.source), ir]
     available = kernel_backends(compiled)
@@ -153,10 +154,10 @@ def cmd_show(args) -> int:
         if args.backend in (None, backend.name):
             reason = backend.unsupported(compiled)
             if reason is not None:  # e.g. the Triton backend and a reduction: the others run it
-                fused = isinstance(backend, FusedBackend)
+                refused = ("\nfused=True is refused for it; its other implementations run instead."
+                           if isinstance(backend, FusedBackend) else "")
                 sections.append((f"{backend.name} code", "not generated",
-                                 f"{spec.name} has no {backend.name} implementation: {reason}."
-                                 + ("\nfused=True is refused for it; its other implementations run instead." if fused else "")))
+                                 f"{spec.name} has no {backend.name} implementation: {reason}." + refused))
                 continue
             sections.append((f"{backend.name} code", "", backend.render(compiled)))
     for title, sub, text in sections:
@@ -249,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "triton, c)")
     p.add_argument("--flags", help="the variant to show the IR of, e.g. amsgrad=true,maximize=false "
                                    "(default: every variant, merged)")
-    p.add_argument("--dump-ir", metavar="PASS", help="print the IR after this pass (lower, specialize, cse, "
-                                                     "name_reduction_arguments, hoist_scalars, select_ops, reuse_buffers, "
-                                                     "preserve_values, merge_variants)")
+    p.add_argument("--dump-ir", metavar="PASS",
+                   help="print the IR after this pass (lower, specialize, cse, name_reduction_arguments, "
+                        "hoist_scalars, select_ops, reuse_buffers, preserve_values, merge_variants)")
     p.set_defaults(run=cmd_show)
     p = sub.add_parser("new", help="scaffold a spec: DIR/<name>.toml")
     p.add_argument("name")
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(opt.step) of torch's for-loop (tens of seconds to compile each)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: the Triton kernels against torch fused/foreach/forloop/compile (optgen/tools/bench_cuda.py)")
+                   help="cuda: the Triton kernels against torch fused/foreach/forloop/compile "
+                        "(optgen/tools/bench_cuda.py)")
     p.add_argument("--sizes", help="with --device cuda: total parameters to run, e.g. 1e6,1e7,1e8 (the default)")
     p.set_defaults(run=cmd_bench)
     p = sub.add_parser("schedule", help="plot a learning-rate schedule (terminal chart, or a PNG with -o)",

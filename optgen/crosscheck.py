@@ -7,10 +7,10 @@ Note [Build-time cross-check]
 imports the rendered modules from a private temporary folder (optgen/packages.py) and runs each
 implementation — for-loop, foreach, differentiable, C (when a compiler is there), Triton (in its
 interpreter, when triton is installed) — for every flag variant, on the default hyperparameters
-and on every zero-default one switched on (Triton, interpreted, on the latter only), for ``STEPS`` steps on small float64 tensors, against
-the float64 reference interpreter (optgen/ir/interpret.py).  Any difference above ``TOLERANCE``
-refuses the build with a SpecError that names the spec, the backend, the variant and the first
-statement (in rule order) that writes a value that differs.
+and on every zero-default one switched on (Triton, interpreted, on the latter only), for ``STEPS``
+steps on small float64 tensors, against the float64 reference interpreter (optgen/ir/interpret.py).
+Any difference above ``TOLERANCE`` refuses the build with a SpecError that names the spec, the
+backend, the variant and the first statement (in rule order) that writes a value that differs.
 
 It is a smoke test sized for every build — the exhaustive comparison is `optgen verify` and the
 test suite (tests/backends/, tests/fuzz/) — but it is what stops a compiler bug from shipping a
@@ -96,9 +96,8 @@ def _compile_c_ahead(package, compiled: list) -> None:
 
     if not runnable("c"):
         return
-    libraries = [getattr(sys.modules.get(f"{package.__name__}.{c.spec.name.lower()}_c"), "LIBRARY", None)
-                 for c in compiled]
-    libraries = [lib for lib in libraries if lib is not None]
+    modules = (sys.modules.get(f"{package.__name__}.{c.spec.name.lower()}_c") for c in compiled)
+    libraries = [lib for lib in (getattr(m, "LIBRARY", None) for m in modules) if lib is not None]
     if libraries:
         pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2))))
         for lib in libraries:

@@ -16,7 +16,7 @@ class Location:
     def __str__(self) -> str:
         return f"{self.path}:{self.line}:{self.col}"
 
-    def shifted(self, lines: int = 0, col: int | None = None) -> "Location":
+    def shifted(self, lines: int = 0, col: int | None = None) -> Location:
         return Location(self.path, self.line + lines, self.col if col is None else col)
 
 

@@ -18,10 +18,10 @@ schedulers and back.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 from optgen import _generated
-from optgen.runtime.lr_scheduler import (ChainedScheduler, LambdaLR, MultiplicativeLR, ReduceLROnPlateau,
-                                         SequentialLR)
+from optgen.runtime.lr_scheduler import ChainedScheduler, LambdaLR, MultiplicativeLR, ReduceLROnPlateau, SequentialLR
 from optgen.runtime.lr_scheduler_base import LRScheduler  # torch's own
 
 _generated.load()  # the generated package (in-tree or installed), then its scheduler module
@@ -30,6 +30,9 @@ _generated_schedulers = importlib.import_module(f"{_generated.NAME}.lr_scheduler
 #: every scheduler class generated from specs/schedulers/, by name (SWALR is in optgen.swa_utils)
 GENERATED = {name: getattr(_generated_schedulers, name) for name in _generated_schedulers.__all__}
 globals().update({name: cls for name, cls in GENERATED.items() if name != "SWALR"})
+
+if TYPE_CHECKING:  # the generated schedulers above, as the type checker sees them
+    def __getattr__(name: str) -> Any: ...
 
 __all__ = ["LRScheduler", "LambdaLR", "MultiplicativeLR", "ChainedScheduler", "SequentialLR",
            "ReduceLROnPlateau", *(name for name in GENERATED if name != "SWALR")]

@@ -37,6 +37,8 @@ def import_rendered(files: dict[str, str], hint: str = "pkg", parent: Path | Non
     for file, text in files.items():
         (root / file).write_text(text)
     spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    if spec is None or spec.loader is None:  # only for a file Python has no loader for; __init__.py has one
+        raise ImportError(f"cannot import {root / '__init__.py'}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

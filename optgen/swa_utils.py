@@ -154,7 +154,7 @@ def _running_mean(averaged: list[Tensor], current: list[Tensor], num_averaged: T
 
 def _group_by_device_and_dtype(averaged: list[Tensor], current: list[Tensor]) -> dict:
     groups: dict = {}
-    for a, c in zip(averaged, current):
+    for a, c in zip(averaged, current, strict=True):
         pair = groups.setdefault((a.device, a.dtype), ([], []))
         pair[0].append(a)
         pair[1].append(c)
@@ -194,6 +194,8 @@ class AveragedModel(Module):
 
     def update_parameters(self, model: Module) -> None:
         """Averages ``model``'s current weights into this average."""
+        own: Iterable[Tensor]
+        theirs: Iterable[Tensor]
         if self.use_buffers:
             own = itertools.chain(self.module.parameters(), self.module.buffers())
             theirs = itertools.chain(model.parameters(), model.buffers())

@@ -89,7 +89,7 @@ def run_backend(compiled: Compiled, implementation: str, kwargs: dict, steps: in
     opt = cls(params, **kwargs)
     opt.implementation = implementation
     for k in range(steps):
-        for p, g in zip(params, gradients(k, params)):
+        for p, g in zip(params, gradients(k, params), strict=True):
             # A sparse-gradient spec gets every element as a sparse gradient: same update as dense.
             p.grad = g.to_sparse() if opt._gradients == "sparse" else g
         opt.step()
@@ -136,9 +136,9 @@ def differences(a, b) -> dict[str, float]:
             diff = ((x - y).abs() / (1e-12 + y.abs())).nan_to_num(nan=float("inf")).max().item()
         worst[name] = max(worst.get(name, 0.0), diff)
 
-    for x, y in zip(pa, pb):
+    for x, y in zip(pa, pb, strict=True):
         note("param", x, y)
-    for s1, s2 in zip(sa, sb):
+    for s1, s2 in zip(sa, sb, strict=True):
         for name in set(s1) | set(s2):
             if name in s1 and name in s2:
                 note(name, s1[name], s2[name])

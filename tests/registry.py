@@ -5,11 +5,13 @@ dtype below.  STEPS = 25: enough for bias corrections to move far from their fir
 (beta2 ** 25 is still 0.975, but beta1 ** 25 = 0.07) and for momentum and amsgrad's running max to
 matter, while keeping the whole table under a few seconds.
 """
+from typing import Any
+
 import torch
 
 STEPS = 25
 
-CASES = [
+CASES: list[tuple[str, dict[str, Any]]] = [
     ("SGD", {}),
     ("SGD", dict(lr=0.05, momentum=0.9)),
     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
@@ -54,7 +56,8 @@ CASES = [
 IMPLEMENTATIONS = ("forloop", "foreach")
 
 # Declared once: float64 must agree to rounding; float32 to a few ulps of accumulated rounding.
-TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=2e-6, atol=1e-7)}
+TOLERANCES: dict[torch.dtype, dict[str, Any]] = {torch.float64: dict(rtol=1e-12, atol=1e-14),
+                                                 torch.float32: dict(rtol=2e-6, atol=1e-7)}
 
 
 def case_id(case):

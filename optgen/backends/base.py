@@ -9,14 +9,12 @@ from __future__ import annotations
 import hashlib
 import keyword
 from dataclasses import dataclass
-from pathlib import Path
 
 import jinja2
 
 from optgen.ir.nodes import Role
 from optgen.passes import Compiled
 from optgen.resources import templates_dir
-
 
 
 def python_tuple(names) -> str:

@@ -37,9 +37,9 @@ from optgen.backends.base import counter_list, kernel_signature, plural
 from optgen.backends.forloop import _SPECIAL, ForLoopRenderer
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.backends.python_base import PythonKernelBackend
+from optgen.ir.functions import SCALAR_OF_TENSOR, Norm
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
-from optgen.ir.functions import SCALAR_OF_TENSOR, Norm
 
 _OUT_OF_PLACE = {
     "maximum_": "{self} = torch.maximum({self}, {args})",

@@ -170,7 +170,7 @@ class ForeachRenderer(PythonRenderer):
             return {op.out for s in run for op in s.ops if op.out == s.target and not op.in_place}
         runs = [(per_tensor, list(run)) for per_tensor, run in itertools.groupby(steps, key=self.per_tensor_guard)]
         for position, (per_tensor, run) in enumerate(runs):
-            local = frozenset()
+            local: frozenset[str] = frozenset()
             if not per_tensor:
                 lines += self.guarded_blocks(run, self)
             else:

@@ -15,6 +15,8 @@ paths (torch's foreach walks every tensor once per op, evicting the cache betwee
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 from optgen.backends.base import counter_list, plural  # noqa: F401 (c.py and triton.py import them from here)
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import OpProgram, Step, TensorOp
@@ -100,8 +102,11 @@ class ForLoopRenderer(PythonRenderer):
             temp = self._inlinable(units, k)
             if temp is not None:
                 self.inlined[temp] = lines.pop().partition(" = ")[2]
-            text = self.op(unit[0]) + "".join(self.fluent(op, previous) for previous, op in zip(unit, unit[1:]))
-            self.inlined.pop(temp, None)
+            tails = [self.fluent(op, previous) for previous, op in pairwise(unit)]
+            assert None not in tails, unit  # a unit is an op and the ops fluent() continues it with
+            text = self.op(unit[0]) + "".join(t for t in tails if t is not None)
+            if temp is not None:
+                del self.inlined[temp]
             lines += text.split("\n")
             if unit[0].note:  # Note [Value semantics]: why a clone is there
                 lines[-1] += f"  # {unit[0].note}"
@@ -137,6 +142,7 @@ class ForLoopRenderer(PythonRenderer):
 
     def lazy_state(self, step: Step) -> list[str]:
         name = step.target
+        assert step.first_ops is not None, step  # called for lazily created state only
         first = self.chain(step.first_ops)
         if not self.index and self.stores_created_state:  # a new tensor: the caller stores it in the state
             first.append(f"{self.list_name(name)}[i] = {name}")
@@ -156,7 +162,8 @@ class ForLoopRenderer(PythonRenderer):
 
     def function_items(self) -> list:
         """The preamble, then one loop over the tensors: torch's ``_single_tensor_adam``."""
-        loop = [*((line,) for line in self.loop_header()), *self.body_items(), *((line,) for line in self.loop_footer())]
+        loop = [*((line,) for line in self.loop_header()), *self.body_items(),
+                *((line,) for line in self.loop_footer())]
         return [*((line,) for line in self.preamble()), Block("for i, param in enumerate(params):", tuple(loop))]
 
 

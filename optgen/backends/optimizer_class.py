@@ -40,7 +40,7 @@ class OptimizerClassBackend(Backend):
                     if k not in dict(fixed) and (k in RUNTIME_OPTIONS or (k in hyper and hyper[k].is_flag))]
 
         # Where each scalar of the kernels comes from in a param group.
-        sources = {}
+        sources: dict[str, tuple[str, int | None]] = {}  # scalar → (group key, index in its tuple)
         for h in hyper.values():
             for i, n in enumerate(h.names):
                 sources[n] = (h.name, i)
@@ -60,24 +60,31 @@ class OptimizerClassBackend(Backend):
             else:
                 init_state += [f"if {group_value(when)}:", f"    {line}"]
 
-        checks, param_checks, collect_checks, sparse_checks = [], [], [], []
+        checks: list[dict] = []
+        param_checks: list[dict] = []
+        collect_checks: list[dict] = []
+        sparse_checks: list[dict] = []
         for c in spec.checks:
             condition = f"not ({c.ok})" if c.when is None else f"{c.when} and not ({c.ok})"
             message = f"f{c.message!r}" if "{" in c.message else repr(c.message)
-            check = dict(condition=condition, kind=c.kind, message=message)
+            check: dict[str, str | list[str]] = dict(condition=condition, kind=c.kind, message=message)
             if c.sparse_step:  # reads the group's values: bind the names it uses
                 used = set(re.findall(r"[A-Za-z_]\w*", f"{c.ok} {c.when or ''} {c.message}"))
                 check["reads"] = [k for k in spec.group_keys if k in used]
             (collect_checks if c.collect else param_checks if c.each_param else
              sparse_checks if c.sparse_step else checks).append(check)
         owner = spec.kernels_from or spec.name  # AdamW runs Adam's kernels (same rule, see load.py)
-        names = [] if spec.algorithm else [module_name(owner, b) for b in self.kernel_backends]
-        kernel_modules = [m for b, m in zip(self.kernel_backends, names) if b not in self.imported_on_first_use]
-        kernels = [(b, f'"{m}"' if b in self.imported_on_first_use else m) for b, m in zip(self.kernel_backends, names)]
+        backends = () if spec.algorithm else self.kernel_backends  # a hand-written algorithm has no kernels
+        names = [module_name(owner, b) for b in backends]
+        lazy = self.imported_on_first_use
+        kernel_modules = [m for b, m in zip(backends, names, strict=True) if b not in lazy]
+        kernels = [(b, f'"{m}"' if b in lazy else m) for b, m in zip(backends, names, strict=True)]
         derived = [(h.name, h.derive) for h in hyper.values() if h.derive]
         return environment().get_template("optimizer/class.py.j2").render(
             header=header(compiled), name=spec.name, paper=spec.paper, doc=spec.doc, path=spec.path,
-            rule=_docstring_safe(spec.rule_text).strip("\n").splitlines(), drop_in=f"a drop-in for torch.optim.{spec.torch_name}" if spec.torch_name else "torch.optim has no such optimizer: this one has its interface",
+            rule=_docstring_safe(spec.rule_text).strip("\n").splitlines(),
+            drop_in=(f"a drop-in for torch.optim.{spec.torch_name}" if spec.torch_name
+                     else "torch.optim has no such optimizer: this one has its interface"),
             kernel_modules=kernel_modules, kernels=kernels,
             flags=repr(tuple(h.name for h in spec.flags)),
             tensor_state=repr(tuple((plural(s.name), s.key) for s in spec.state.values() if not s.is_scalar)),
@@ -114,7 +121,7 @@ def _initialiser(state, group_value, complex_params: bool) -> str:
     if state.init == "zeros":
         return "torch.zeros_like(param, memory_format=torch.preserve_format)"
     if state.init == "zeros_reduced":
-        return f"param.new_zeros(reduced_shape(param.shape, {int(state.init_value)}))"
+        return f"param.new_zeros(reduced_shape(param.shape, {state.reduced_dim}))"
     if state.init == "scalar" and state.host:
         return repr(int(state.init_value) if state.init_value.is_Integer else float(state.init_value))
     if state.init == "scalar" and state.init_value.is_Number:

@@ -7,14 +7,28 @@ at build time rather than producing wrong code.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 
+from optgen.ir.functions import (
+    REDUCE_DIM,
+    SCALAR_OF_TENSOR,
+    Clamp,
+    IfNone,
+    Lerp,
+    MachineEps,
+    Maximum,
+    Minimum,
+    Ndim,
+    Norm,
+    NormDim,
+    Numel,
+    Size,
+    Where,
+)
 from optgen.ir.guards import evaluation_order
-from optgen.ir.functions import (REDUCE_DIM, SCALAR_OF_TENSOR, Clamp, IfNone, Lerp, MachineEps, Maximum,
-                                 Minimum, Ndim, Norm, NormDim, Numel, Size, Where)
 
 _FUNCTIONS = {sympy.exp: "math.exp", sympy.log: "math.log", sympy.Abs: "abs"}
 
@@ -60,14 +74,16 @@ class PythonScalarPrinter:
                 return f"1 / {self.paren(expr.base, PRECEDENCE['Mul'], strict=True)}"
             if expr.exp == -sympy.S.Half:
                 return f"1 / math.sqrt({self.print(expr.base)})"
-            return f"{self.paren(expr.base, PRECEDENCE['Pow'], strict=True)} ** {self.paren(expr.exp, PRECEDENCE['Pow'])}"
+            base = self.paren(expr.base, PRECEDENCE['Pow'], strict=True)
+            return f"{base} ** {self.paren(expr.exp, PRECEDENCE['Pow'])}"
         if isinstance(expr, SCALAR_OF_TENSOR) or isinstance(expr, IfNone):
             return self.print_reduction(expr)
         if isinstance(expr, REDUCE_DIM):  # a tensor: only as the argument of a reduction (norm(norm_dim(x, -1)))
             fn = "norm" if isinstance(expr, NormDim) else "mean"
             return f"{self.paren(expr.args[0], PRECEDENCE['Atom'])}.{fn}(dim={int(expr.args[1])}, keepdim=True)"
         if isinstance(expr, (Maximum, Minimum)):
-            return f"{'max' if isinstance(expr, Maximum) else 'min'}({self.print(expr.args[0])}, {self.print(expr.args[1])})"
+            fn = "max" if isinstance(expr, Maximum) else "min"
+            return f"{fn}({self.print(expr.args[0])}, {self.print(expr.args[1])})"
         if isinstance(expr, Where):
             cond, a, b = expr.args
             return f"({self.print(a)} if {self.print(cond)} else {self.print(b)})"

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import itertools
 import re
+from typing import cast
 
 import sympy
 
-from optgen.backends.base import (Backend, counter_list, environment, header, kernel_record, kernel_signature,
-                                 module_name, plural)
+from optgen.backends.base import (
+    Backend,
+    counter_list,
+    environment,
+    header,
+    kernel_record,
+    kernel_signature,
+    plural,
+)
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.ir.guards import first_assignments, simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
@@ -126,7 +134,7 @@ class PythonRenderer:
         return item_lines(self.body_items())
 
     @staticmethod
-    def guarded_blocks(steps, renderer: "PythonRenderer") -> list:
+    def guarded_blocks(steps, renderer: PythonRenderer) -> list:
         """Statements as items: each statement's lines (its spec line as a comment first) one
         leaf, a run of statements under one guard a Block (``if guard:``) of them."""
         items: list = []
@@ -168,7 +176,7 @@ def _annotation(spec, name: str) -> str:
     for h in spec.hyperparameters.values():
         if h.choices and h.name == name:
             return "str | None"
-        values = dict(zip(h.names, h.default)) if h.names else {h.name: h.default}
+        values = dict(zip(h.names, h.default, strict=True)) if h.names else {h.name: h.default}
         if name in values:
             value = values[name]
             if value is None:
@@ -219,12 +227,14 @@ def merged_lines(merged, within: frozenset[int], space: FlagSpace, indent: str =
                 pad = indent
             for m in arm.items:
                 on = m.on & within
+                # (the Python backends' items are tuples of lines, their block headers lines)
                 if isinstance(m.item, MergedBlock):
-                    code = [m.item.header, *(indent + line for line in merged_lines(m.item.body, on, space, indent))]
+                    code = [cast(str, m.item.header),
+                            *(indent + line for line in merged_lines(m.item.body, on, space, indent))]
                     if m.item.orelse:
                         code += ["else:", *(indent + line for line in merged_lines(m.item.orelse, on, space, indent))]
                 else:
-                    code = list(m.item)
+                    code = list(cast(tuple[str, ...], m.item))
                 lines += [pad + line for line in code]
     return lines
 
@@ -234,7 +244,7 @@ def item_lines(items, indent: str = "    ") -> list[str]:
     lines: list[str] = []
     for item in items:
         if isinstance(item, Block):
-            lines += [item.header, *(indent + line for line in item_lines(item.body, indent))]
+            lines += [cast(str, item.header), *(indent + line for line in item_lines(item.body, indent))]
             if item.orelse:
                 lines += ["else:", *(indent + line for line in item_lines(item.orelse, indent))]
         else:
@@ -271,7 +281,8 @@ class PythonKernelBackend(Backend):
                      for t in sig.tensors]
         signature += [f"{counter_list(c)}: list[Tensor]," for c in sig.counters]
         flags = [h.name for h in compiled.spec.flags]
-        signature += ["*,", *(f"{f}: bool," for f in flags), *(f"{s}: {_annotation(compiled.spec, s)}," for s in sig.scalars)]
+        signature += ["*,", *(f"{f}: bool," for f in flags),
+                      *(f"{s}: {_annotation(compiled.spec, s)}," for s in sig.scalars)]
         space, variants = self.variant_items(compiled)
         body = merged_lines(merge(space, variants), space.everything, space)
         code_lines = [line for line in body if not line.lstrip().startswith("#")]

@@ -26,13 +26,13 @@ def _as_propositional(expr: sympy.Basic, atoms: dict) -> sympy.Basic:
     return expr
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def implies(a: sympy.Basic, b: sympy.Basic) -> bool:
     atoms: dict = {}
     return not satisfiable(sympy.And(_as_propositional(a, atoms), sympy.Not(_as_propositional(b, atoms))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def simplify_guard(guard: sympy.Basic) -> sympy.Basic:
     """The smallest equivalent guard, relations kept as written."""
     if not guard.free_symbols:

@@ -15,15 +15,31 @@ says; tests/oracle/ compares built-in specs with torch.optim for that.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import sympy
 import torch
 
+from optgen.ir.functions import (
+    Clamp,
+    IfNone,
+    Lerp,
+    MachineEps,
+    Maximum,
+    MeanDim,
+    Minimum,
+    Ndim,
+    NewtonSchulz,
+    Norm,
+    NormDim,
+    Numel,
+    Size,
+    Where,
+)
 from optgen.ir.guards import evaluation_order, first_assignments
 from optgen.ir.nodes import Program, Role
 from optgen.runtime import intrinsics
-from optgen.ir.functions import (Clamp, IfNone, Lerp, MachineEps, Maximum, MeanDim, Minimum, Ndim,
-                                 NewtonSchulz, Norm, NormDim, Numel, Size, Where)
 
 
 def scalar_dtype() -> torch.dtype:
@@ -96,7 +112,7 @@ def _evaluate(expr: sympy.Expr, env: dict):
         ops = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
                ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
         return ops[expr.rel_op](*args)
-    unary = {sympy.exp: (torch.exp, math.exp), sympy.log: (torch.log, math.log),
+    unary: dict[Any, tuple[Callable, Callable]] = {sympy.exp: (torch.exp, math.exp), sympy.log: (torch.log, math.log),
              sympy.Abs: (torch.abs, abs), sympy.sign: (torch.sign, lambda x: float((x > 0) - (x < 0)))}
     if expr.func in unary:
         tensor_fn, scalar_fn = unary[expr.func]
@@ -164,7 +180,8 @@ def reference_step(program: Program, param: torch.Tensor, grad: torch.Tensor, st
         value = _evaluate(a.value, env)
         if program.roles.get(a.target) in (Role.PARAM, Role.STATE, Role.TENSOR) and not isinstance(value, torch.Tensor):
             # a tensor assigned a number (``m = 0 * grad``): that number in every element
-            like = env.get(a.target) if isinstance(env.get(a.target), torch.Tensor) else param
+            current = env.get(a.target)
+            like = current if isinstance(current, torch.Tensor) else param
             value = torch.full_like(like, float(value))
         env[a.target] = value
     new_state = {name: env[name] for name in state}
@@ -175,7 +192,7 @@ def reference_step(program: Program, param: torch.Tensor, grad: torch.Tensor, st
 
 def initial_state(program: Program, param: torch.Tensor, hyper: dict) -> dict:
     """A parameter's state before its first step, by rule name (from the spec's [state] table)."""
-    state = {}
+    state: dict[str, Any] = {}
     env = {**hyper, "param": param}
     for s in program.spec.state.values():
         if not _holds(s.when, env):
@@ -184,7 +201,7 @@ def initial_state(program: Program, param: torch.Tensor, hyper: dict) -> dict:
             state[s.name] = torch.zeros_like(param)
         elif s.init == "zeros_reduced":
             shape = list(param.shape)
-            shape[int(s.init_value)] = 1
+            shape[s.reduced_dim] = 1
             state[s.name] = param.new_zeros(shape)
         elif s.init == "full":
             state[s.name] = torch.full_like(param, float(_evaluate(s.init_value, hyper)))
@@ -197,10 +214,10 @@ def initial_state(program: Program, param: torch.Tensor, hyper: dict) -> dict:
 
 def hyperparameter_values(program: Program, group: dict) -> dict:
     """A torch-style param group's values by rule name (``betas`` → ``beta1``, ``beta2``)."""
-    values = {}
+    values: dict[str, Any] = {}
     for h in program.spec.hyperparameters.values():
         if h.names:
-            values.update(zip(h.names, group[h.name]))
+            values.update(zip(h.names, group[h.name], strict=True))
         else:
             values[h.name] = group[h.name]
     return values

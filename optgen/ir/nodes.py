@@ -14,8 +14,8 @@ guard, and the backends see one straight-line program per flag combination.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 
 import sympy
 
@@ -43,7 +43,7 @@ class Role(enum.Enum):
         return self in (Role.PARAM, Role.STATE, Role.COUNTER)
 
 
-def tensor_reads(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> set[str]:
+def tensor_reads(expr: sympy.Basic, roles: Mapping[str, Role]) -> set[str]:
     """The tensors an expression reads element by element: outside the scalar-valued reductions
     (norm, numel, ndim, size, machine_eps), which read a tensor but give a per-tensor scalar."""
     if expr.is_Symbol:
@@ -59,7 +59,7 @@ def tensor_reads(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> set[str]:
 WHOLE_TENSOR = tuple(f for f in SCALAR_OF_TENSOR if f is not MachineEps) + (NormDim, MeanDim, NewtonSchulz)
 
 
-def elementwise(program: "Program") -> bool:
+def elementwise(program: Program) -> bool:
     """Whether each element's new value depends only on the same element of the tensors (and on
     host scalars): then updating a tensor piece by piece is updating it whole, and the kernels
     may run on a DTensor's local shard (Note [Tensor subclasses] in optgen/runtime/subclasses.py).
@@ -72,7 +72,7 @@ def elementwise(program: "Program") -> bool:
     return not any(isinstance(e, sympy.Basic) and e.atoms(*WHOLE_TENSOR) for e in expressions)
 
 
-def is_tensor_valued(expr: sympy.Basic, roles: Mapping[str, "Role"]) -> bool:
+def is_tensor_valued(expr: sympy.Basic, roles: Mapping[str, Role]) -> bool:
     """Whether an expression is a tensor (else a scalar on the host): it reads a tensor element
     by element."""
     return bool(tensor_reads(expr, roles))
@@ -114,7 +114,7 @@ class Program:
     preamble: tuple[Assign, ...] = ()               # group-level scalars, hoisted out of the loop
     state_when: Mapping[str, sympy.Basic] = field(default_factory=dict)
 
-    def with_body(self, body, **changes) -> "Program":
+    def with_body(self, body, **changes) -> Program:
         return replace(self, body=tuple(body), **changes)
 
     def role(self, name: str) -> Role:
@@ -131,8 +131,8 @@ class Program:
         roles: dict[str, list[str]] = {}
         for name, role in self.roles.items():
             roles.setdefault(role.value, []).append(name)
-        for role, names in roles.items():
-            lines.append(f"#   {role}: {', '.join(names)}")
+        for kind, names in roles.items():
+            lines.append(f"#   {kind}: {', '.join(names)}")
         for a in self.preamble:
             lines.append(f"{a.target} = {a.value}    # hoisted")
         for a in self.body:

@@ -10,7 +10,8 @@ differ only in how they print an op (``x.mul_(c)`` vs ``torch._foreach_mul_(xs, 
 An op ``out = self.fn(*args, **kwargs)`` creates a new tensor; a name ending in ``_`` mutates
 ``self`` in place (then ``out == self``).  ``alias`` binds a name to an existing tensor without a
 copy; :func:`optgen.passes.preserve_values.preserve_values` turns an alias into a ``clone`` where an
-in-place op would otherwise change the value it names (Note [Value semantics]).  Scalar arguments stay sympy expressions until a backend prints them.
+in-place op would otherwise change the value it names (Note [Value semantics]).  Scalar arguments
+stay sympy expressions until a backend prints them.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class TensorOp:
     def reads(self) -> set[str]:
         return {self.self_, *self.tensor_args()}
 
-    def with_fn(self, fn: str) -> "TensorOp":
+    def with_fn(self, fn: str) -> TensorOp:
         return replace(self, fn=fn)
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import sympy
 
 from optgen.errors import SpecError
+from optgen.ir.functions import REDUCE_DIM, SCALAR_OF_TENSOR, NormDim
 from optgen.ir.guards import implies
 from optgen.ir.nodes import Program, Role, is_tensor_valued
-from optgen.ir.functions import REDUCE_DIM, SCALAR_OF_TENSOR, NormDim
 
 
 def validate(program: Program) -> Program:
@@ -91,10 +91,10 @@ def _describe(shape: frozenset) -> str:
 def _check_shapes(program: Program) -> None:
     """Note [Shapes]: each tensor's shape as the set of dimensions reduced to size 1 (frozenset()
     is the parameter's shape, None a host scalar); see the module docstring for the rules."""
-    declared = {"param": frozenset(), "grad": frozenset()}
+    declared: dict[str, frozenset[int]] = {"param": frozenset(), "grad": frozenset()}
     for s in program.spec.state.values():
         if program.roles.get(s.name) is Role.STATE:
-            declared[s.name] = frozenset({int(s.init_value)}) if s.init == "zeros_reduced" else frozenset()
+            declared[s.name] = frozenset({s.reduced_dim}) if s.init == "zeros_reduced" else frozenset()
     shapes = dict(declared)
 
     def shape(expr: sympy.Basic, a) -> frozenset | None:

@@ -18,8 +18,8 @@ import itertools
 import sympy
 from sympy.logic.boolalg import Boolean
 
-from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 from optgen.ir.functions import Norm, symbol
+from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 
 
 def _runs(body):
@@ -63,7 +63,7 @@ def cse(program: Program) -> Program:
             else:
                 names[sub] = expr
         emitted: set = set()
-        for a, value in zip(run, reduced):
+        for a, value in zip(run, reduced, strict=True):
             value = value.xreplace(names)
             for sym, expr in pending:
                 if sym not in emitted and sym in value.free_symbols | _needed(pending, value):

@@ -1,7 +1,8 @@
 """Scalar hoisting: scalars that depend only on hyperparameters move out of the per-tensor loop.
 
 A scalar assignment is *per-tensor* when it reads a counter (torch's per-parameter ``step``), a
-tensor through a reduction (``norm(param)``, ``size(param, 0)``) or another per-tensor scalar; those stay in the loop (a list per group in the foreach backend).
+tensor through a reduction (``norm(param)``, ``size(param, 0)``) or another per-tensor scalar;
+those stay in the loop (a list per group in the foreach backend).
 Every other scalar is computed once per param group, before the loop, in the program preamble —
 so ``1 - beta1`` costs one Python operation per step, not one per tensor.
 """

@@ -30,8 +30,8 @@ import itertools
 
 import sympy
 
-from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 from optgen.ir.functions import SCALAR_OF_TENSOR, Ndim, Norm, Numel, Size, symbol
+from optgen.ir.nodes import Assign, Program, Role, is_tensor_valued
 from optgen.spec.reserved import derived_names
 
 _BASE = {Norm: "norm", Numel: "numel", Ndim: "ndim", Size: "size"}

@@ -23,6 +23,7 @@ Four rules, each a place torch's foreach optimizers save memory by hand:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Set as AbstractSet
 
 import sympy
 
@@ -34,7 +35,7 @@ MASKS = {"gt", "lt", "ge", "le", "eq", "ne"}  # ops whose result is a boolean ma
 NO_IN_PLACE = MASKS | {"norm", "mean", "where", "newton_schulz", "clone", "alias", "full_like"}
 
 
-def _takeovers(step: Step, later: set[str]) -> dict[int, str]:
+def _takeovers(step: Step, later: AbstractSet[str]) -> dict[int, str]:
     """Rule 4: op index → the name whose buffer that op may work in, as its last reader."""
     found = {}
     for i, op in enumerate(step.ops):
@@ -45,7 +46,7 @@ def _takeovers(step: Step, later: set[str]) -> dict[int, str]:
     return found
 
 
-def _conflicting(step: Step, owned: dict[str, sympy.Basic], later: set[str] = frozenset()) -> str | None:
+def _conflicting(step: Step, owned: dict[str, sympy.Basic], later: AbstractSet[str] = frozenset()) -> str | None:
     """A name this step rewrites out of place whose ownership is uncertain under its guard."""
     takeovers = _takeovers(step, later)
     for i, op in enumerate(step.ops):
@@ -58,7 +59,7 @@ def _conflicting(step: Step, owned: dict[str, sympy.Basic], later: set[str] = fr
     return None
 
 
-def _rewrite(ops: tuple[TensorOp, ...], guard, owned: dict[str, sympy.Basic], takeovers: dict[int, str] = {}):
+def _rewrite(ops: tuple[TensorOp, ...], guard, owned: dict[str, sympy.Basic], takeovers: dict[int, str]):
     """The step's ops with in-place forms where the buffer is surely ours; the new ownership."""
     owned = dict(owned)
     out = []

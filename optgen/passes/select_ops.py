@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import sympy
 
+from optgen.ir.functions import Clamp, Lerp, Maximum, MeanDim, Minimum, NewtonSchulz, NormDim, Where, symbol
 from optgen.ir.nodes import Program, Role, is_tensor_valued
 from optgen.ir.ops import OpProgram, Step, TensorOp
-from optgen.ir.functions import Clamp, Lerp, Maximum, MeanDim, Minimum, NewtonSchulz, NormDim, Where, symbol
 
 _UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs", sympy.sign: "sign"}
 _COMPARE = {">": "gt", "<": "lt", ">=": "ge", "<=": "le", "==": "eq", "!=": "ne"}
@@ -35,7 +35,7 @@ _COMPARE = {">": "gt", "<": "lt", ">=": "ge", "<=": "le", "==": "eq", "!=": "ne"
 # column moments, norm_dim/mean_dim results).  A shape is the set of dimensions reduced to size 1
 # (frozenset() = the parameter's full shape).  Broadcasting a ∘ b gives the dims reduced in both,
 # so an op may run in place on `a` only if every dim reduced in `a` is reduced in the operands too.
-FULL = frozenset()
+FULL: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -53,7 +53,7 @@ class _Selector:
         self.products: tuple = ()        # the current statement's product chains, as written
         # Note [Shapes]: reduced states from their initialiser; temporaries as they are created.
         self.shapes: dict[str, frozenset] = {
-            s.name: frozenset({int(s.init_value)}) for s in program.spec.state.values() if s.init == "zeros_reduced"}
+            s.name: frozenset({s.reduced_dim}) for s in program.spec.state.values() if s.init == "zeros_reduced"}
 
     def shape(self, name: str) -> frozenset:
         return self.shapes.get(name, FULL)

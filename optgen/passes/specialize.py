@@ -6,9 +6,9 @@ import itertools
 
 import sympy
 
+from optgen.ir.functions import symbol
 from optgen.ir.guards import simplify_guard
 from optgen.ir.nodes import Program, Role
-from optgen.ir.functions import symbol
 
 
 def flag_combinations(program: Program) -> list[tuple[tuple[str, bool], ...]]:

@@ -105,7 +105,8 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     if group.get("foreach") is None and not group.get("differentiable") and params \
             and all(p.device.type in FOREACH_DEVICES for p in params):
         fastest = FASTEST_ON_CUDA.get(type(optimizer).__name__)
-        if fastest in optimizer.implementations and (fastest != "triton" or triton_applies(params)):
+        if fastest is not None and fastest in optimizer.implementations \
+                and (fastest != "triton" or triton_applies(params)):
             return fastest
         return "foreach"
     return "forloop"

@@ -103,8 +103,10 @@ class GeneratedOptimizer(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p_state = self.state.get(p)
+                if not p_state:
+                    continue
                 numbers = {key: p_state[key] for key in counters
-                           if p_state and key in p_state and not isinstance(p_state[key], torch.Tensor)}
+                           if key in p_state and not isinstance(p_state[key], torch.Tensor)}
                 if numbers:
                     tensors = {key: torch.tensor(float(v), dtype=scalar_dtype()) for key, v in numbers.items()}
                     p_state.update(dispatch.place_counters(tensors, p, group, counters))
@@ -190,7 +192,8 @@ class GeneratedOptimizer(Optimizer):
         if self._gradients == "sparse" and not all(g.is_sparse for g in grads):
             raise RuntimeError(self._dense_gradient_error or f"{type(self).__name__} does not support dense gradients")
         if self._gradients == "dense" and has_sparse:
-            raise RuntimeError(self._sparse_gradient_error or f"{type(self).__name__} does not support sparse gradients")
+            raise RuntimeError(self._sparse_gradient_error
+                               or f"{type(self).__name__} does not support sparse gradients")
         single_sparse = has_sparse and self._gradients != "sparse"
         if single_sparse:
             dispatch.check_sparse_fused(self, group)
@@ -243,7 +246,7 @@ class GeneratedOptimizer(Optimizer):
         except TypeError:  # a Tensor hyperparameter of a differentiable group: not remembered
             hyper = None
         expected = {}  # (shape, dtype) → the keys, once per step: a group's parameters share a few
-        for i, (p, s, v) in enumerate(zip(params, states, values)):
+        for i, (p, s, v) in enumerate(zip(params, states, values, strict=True)):
             if v is not None:
                 continue
             like = (p.shape, p.dtype)
@@ -259,11 +262,11 @@ class GeneratedOptimizer(Optimizer):
         lists, and — a differentiable step replaces them (Note [differentiable=True]) — every state."""
         for name, key in self._counter_state:
             if key in self._host_counters:
-                for s, t in zip(states, tensors[name]):
+                for s, t in zip(states, tensors[name], strict=True):
                     s[key] = type(s[key])(t.item())
         for name, key in self._tensor_state + self._counter_state:
             if key in created or (replaced and key not in self._host_counters):
-                for p, value, is_new in zip(params, tensors[name], created.get(key, [True] * len(params))):
+                for p, value, is_new in zip(params, tensors[name], created.get(key, [True] * len(params)), strict=True):
                     if (is_new or replaced) and value is not None:
                         as_complex = p.is_complex() and not value.is_complex() and value.dim() > 0
                         self.state[p][key] = torch.view_as_complex(value) if as_complex else value
@@ -329,7 +332,7 @@ def _counters_on_device(optimizer, params, states, tensors) -> None:
     optimizers keep it."""
     for name, key in optimizer._counter_state:
         values = tensors[name]
-        for i, (p, s) in enumerate(zip(params, states)):
+        for i, (p, s) in enumerate(zip(params, states, strict=True)):
             t = values[i]
             if isinstance(t, torch.Tensor) and t.device != p.device:
                 s[key] = values[i] = t.to(device=p.device, dtype=torch.float32)
@@ -380,7 +383,7 @@ def _gather_rows(tensors: dict[str, list]):
     ``each = "sparse_step"`` checks (Adagrad's "weight_decay option is not compatible with sparse
     gradients")."""
     grads = [g.coalesce() if g.is_sparse else None for g in tensors["grads"]]
-    gathered = {"grads": [g._values() if g is not None else d for g, d in zip(grads, tensors["grads"])]}
+    gathered = {"grads": [g._values() if g is not None else d for g, d in zip(grads, tensors["grads"], strict=True)]}
     # An embedding's gradient is sparse in its first dimension only (whole rows): index_select
     # and index_copy_ move those rows, several times faster than sparse_mask and an indexed store.
     rows = [g._indices()[0] if g is not None and g.sparse_dim() == 1 else None for g in grads]
@@ -395,14 +398,14 @@ def _gather_rows(tensors: dict[str, list]):
 
     for name, values in tensors.items():
         if name != "grads":
-            gathered[name] = [gather(v, g, r) for v, g, r in zip(values, grads, rows)]
+            gathered[name] = [gather(v, g, r) for v, g, r in zip(values, grads, rows, strict=True)]
 
     def scatter():
         for name, values in tensors.items():
             if name == "grads":
                 continue
-            for full, new, g, r in zip(values, gathered[name], grads, rows):
-                if not gathered_from(full, g):
+            for full, new, g, r in zip(values, gathered[name], grads, rows, strict=True):
+                if g is None or not gathered_from(full, g):
                     continue
                 if r is not None:
                     full.index_copy_(0, r, new)
@@ -416,7 +419,7 @@ def _view_complex_as_real(tensors: dict[str, list]) -> dict[str, list]:
     out = {name: list(values) for name, values in tensors.items()}
     for i, p in enumerate(tensors["params"]):
         if p.is_complex():
-            for name, values in out.items():
+            for values in out.values():
                 if values[i] is not None and values[i].is_complex():
                     values[i] = torch.view_as_real(values[i])
     return out

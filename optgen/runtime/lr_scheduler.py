@@ -28,7 +28,8 @@ __all__ = ["LambdaLR", "MultiplicativeLR", "ChainedScheduler", "SequentialLR", "
 
 
 class LambdaLR(_torch.LambdaLR):
-    """lr = initial lr × ``lr_lambda(epoch)``: torch's LambdaLR (a user callable; Note [Which schedulers are not generated])."""
+    """lr = initial lr × ``lr_lambda(epoch)``: torch's LambdaLR (a user callable; Note [Which
+    schedulers are not generated])."""
 
 
 class MultiplicativeLR(_torch.MultiplicativeLR):

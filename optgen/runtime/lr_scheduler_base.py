@@ -32,7 +32,7 @@ import math
 import types
 import warnings
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -91,7 +91,11 @@ class _enable_get_lr_call:
         self.scheduler._get_lr_called_within_step = False
 
 
-def _set_momentum(scheduler: LRScheduler, group: dict, momentum: float) -> None:
+class _CyclesMomentum(Protocol):
+    use_beta1: bool  # CyclicLR, OneCycleLR: whether the optimizer's momentum is betas[0]
+
+
+def _set_momentum(scheduler: _CyclesMomentum, group: dict, momentum: float) -> None:
     """Cycled momentum goes to ``betas[0]`` for Adam-like optimizers, else to ``momentum``."""
     if scheduler.use_beta1:
         group["betas"] = (momentum, *group["betas"][1:])
@@ -107,7 +111,7 @@ def _check_momentum_support(optimizer: Optimizer) -> bool:
     return "betas" in optimizer.defaults
 
 
-def _start_momentum(scheduler: LRScheduler, optimizer: Optimizer, base_momentums: list,
+def _start_momentum(scheduler: _CyclesMomentum, optimizer: Optimizer, base_momentums: list,
                     max_momentums: list) -> None:
     """A fresh cycle starts at max_momentum; both bounds are recorded in each group, as torch does."""
     for m_momentum, b_momentum, group in zip(max_momentums, base_momentums, optimizer.param_groups, strict=True):

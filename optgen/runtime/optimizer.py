@@ -117,7 +117,7 @@ class Optimizer(torch.optim.Optimizer):
             if key not in buckets:
                 buckets[key] = ([[] for _ in tensorlists], [])
             sublists, indices = buckets[key]
-            for sublist, tensors in zip(sublists, tensorlists):
+            for sublist, tensors in zip(sublists, tensorlists, strict=True):
                 sublist.append(tensors[i])
             indices.append(i)
         return buckets

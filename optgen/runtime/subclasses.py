@@ -96,5 +96,5 @@ def _to_global(optimizer, params: list, lists: dict[str, list], created: dict[st
         if key in created:
             out[name] = [DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
                                             shape=p.shape, stride=p.stride()) if new and t is not None else t
-                         for p, t, new in zip(params, lists[name], created[key])]
+                         for p, t, new in zip(params, lists[name], created[key], strict=True)]
     return out

@@ -18,11 +18,11 @@ from optgen.backends.forloop import BACKEND as FORLOOP
 from optgen.backends.triton import BACKEND as TRITON
 from optgen.errors import SpecError
 from optgen.passes import compile_spec
+from optgen.resources import specs_dir
 from optgen.schedules.load import load_schedule
 from optgen.schedules.model import ScheduleSpec
 from optgen.schedules.render import render_module
 from optgen.spec.load import load_spec
-from optgen.resources import specs_dir
 
 AVERAGING_BACKENDS = (FORLOOP, FOREACH, TRITON, C)
 

@@ -43,7 +43,7 @@ import sympy
 from sympy import Add, Piecewise
 
 from optgen.schedules.expressions import CountEQ, CountLE
-from optgen.schedules.model import BASE_LR, CURRENT_LR, T, ScheduleSpec
+from optgen.schedules.model import BASE_LR, CURRENT_LR, ScheduleSpec, T
 
 NEG_INF = sympy.S.NegativeInfinity
 POS_INF = sympy.S.Infinity
@@ -68,7 +68,7 @@ class Step:
     delta: sympy.Expr | None = None
     guard_delta: sympy.Expr | None = None
 
-    def same(self, other: "Step") -> bool:
+    def same(self, other: Step) -> bool:
         if self.kind != other.kind:
             return False
         pairs = [(self.ratio, other.ratio), (self.anchor, other.anchor), (self.c0, other.c0),
@@ -89,7 +89,7 @@ class Step:
             previous = sympy.Symbol("lr(t-1)", real=True)
             return f"lr(t) = {_pretty(self.c0 + self.ratio * (previous - self.c0_prev))}"
         if self.kind == "set":
-            if self.delta.has(CURRENT_LR):
+            if self.delta is not None and self.delta.has(CURRENT_LR):
                 return f"lr(0) = {_pretty(self.delta)}, where lr is the group's lr before the scheduler"
             return f"lr(t) = {_pretty(self.delta)}"
         return f"lr(t) = lr(t-1) + {_pretty(self.delta)}"
@@ -106,7 +106,8 @@ class Interval:
         _pretty = show or _default_show
         if len(self.lowers) == 1 and self.lowers == self.uppers:
             return f"t == {_pretty(next(iter(self.lowers)))}"
-        parts = [f"{_pretty(lo)} <= t" for lo in _sorted(self.lowers)] + [f"t <= {_pretty(hi)}" for hi in _sorted(self.uppers)]
+        parts = ([f"{_pretty(lo)} <= t" for lo in _sorted(self.lowers)]
+                 + [f"t <= {_pretty(hi)}" for hi in _sorted(self.uppers)])
         return " and ".join(parts) or "always"
 
 
@@ -221,7 +222,7 @@ def _count_rewrite(expr: sympy.Expr) -> sympy.Expr:
         terms = list(add.args)
         for i, a in enumerate(terms):
             for j, b in enumerate(terms):
-                if i == j or not (-b).func in (CountLE, sympy.floor):
+                if i == j or (-b).func not in (CountLE, sympy.floor):
                     continue
                 nb = -b
                 if isinstance(a, CountLE) and isinstance(nb, CountLE) and a.args[0] == nb.args[0] \
@@ -250,7 +251,8 @@ def _closed_form(spec: ScheduleSpec) -> tuple[sympy.Expr, dict, set]:
     """F(t, base_lr) with definitions that involve base_lr substituted (others stay symbols), the
     map of t-dependent definitions to their ``_prev`` symbols, and the names of those."""
     values = {d.name: d.expr for d in spec.definitions}
-    depends_t, depends_base = {}, {}
+    depends_t: dict[str, bool] = {}
+    depends_base: dict[str, bool] = {}
     for d in spec.definitions:  # in order: dependencies come first
         names = {s.name for s in d.expr.free_symbols}
         depends_t[d.name] = "t" in names or any(depends_t.get(n, False) for n in names)
@@ -264,7 +266,7 @@ def _closed_form(spec: ScheduleSpec) -> tuple[sympy.Expr, dict, set]:
     # expand the spec's helper functions where their arguments involve base_lr
     for f in spec.functions.values():
         expr = expr.replace(lambda e: getattr(e, "func", None) == sympy.Function(f.name) and e.has(BASE_LR),
-                            lambda e: f.body.xreplace(dict(zip(f.args, e.args))))
+                            lambda e: f.body.xreplace(dict(zip(f.args, e.args, strict=True))))
     return expr, prev, {n for n, dep in depends_t.items() if dep}
 
 
@@ -382,7 +384,8 @@ def _pieces(expr: sympy.Expr) -> list[tuple[Interval, sympy.Expr]]:
     if not isinstance(folded, Piecewise):
         return whole
     try:
-        out, before = [], []
+        out: list[tuple[Interval, sympy.Expr]] = []
+        before: list[list[Interval]] = []  # the earlier pieces' conditions
         for value, cond in folded.args:
             region = _condition(cond)
             for prior in before:
@@ -479,20 +482,20 @@ def _assumptions(spec: ScheduleSpec) -> dict:
 
 def _derive_pieces(spec, closed, prev, initial) -> Derivation:
     pieces = _pieces(closed)
-    branches: list[Branch] = []
+    marked: list[tuple[Branch, bool]] = []  # (branch, whether it is a piece's first step)
     for interval, value in pieces:
         # inside the piece (t and t - 1 both in it): the step from this piece's formula alone
         inner = _tidy(Interval(frozenset(lo + 1 for lo in interval.lowers), interval.uppers))
         if inner is not None:
-            branches += [(b, False) for b in _lift(inner, _step(value, _shift(value, prev)))]
+            marked += [(b, False) for b in _lift(inner, _step(value, _shift(value, prev)))]
         # the piece's first step (t - 1 before it): from the whole closed form at t - 1, which
         # sympy resolves to the previous piece's formula where it can
         for lo in _sorted(interval.lowers):
             at = _tidy(Interval(interval.lowers | {lo}, interval.uppers | {lo}))
             if at is not None:
                 step = _step(value.subs(T, lo), _shift(closed, prev).subs(T, lo))
-                branches += [(b, True) for b in _lift(at, step)]
-    branches = _absorb_boundaries(branches)
+                marked += [(b, True) for b in _lift(at, step)]
+    branches = _absorb_boundaries(marked)
     branches = _merge(branches)
     used_prev = set()
     for b in branches:

@@ -17,7 +17,7 @@ allow-listed nodes below become sympy, anything else is a :class:`SpecError` at 
 from __future__ import annotations
 
 import ast
-from typing import Callable
+from collections.abc import Callable
 
 import sympy
 
@@ -175,7 +175,7 @@ class FormulaBuilder:
             if choice is not None:
                 return choice
             parts, left = [], node.left
-            for op, right in zip(node.ops, node.comparators):
+            for op, right in zip(node.ops, node.comparators, strict=True):
                 if type(op) not in _COMPARE:
                     raise self.error(node, f"'{ast.unparse(node)}': compare with < <= > >= == !=")
                 parts.append(_COMPARE[type(op)](self.math(left), self.math(right)))
@@ -195,8 +195,8 @@ class FormulaBuilder:
             raise self.error(node, f"'{ast.unparse(node)}': a string can only be compared (== or !=) with a "
                                    "string-valued name, e.g. anneal_strategy == 'cos'")
         if self.names.get(name.id) not in STRING_ROLES:
-            raise self.error(name, f"'{name.id}' is not string-valued; known string names: "
-                                   + (", ".join(n for n, r in sorted(self.names.items()) if r in STRING_ROLES) or "none"))
+            known = ", ".join(n for n, r in sorted(self.names.items()) if r in STRING_ROLES) or "none"
+            raise self.error(name, f"'{name.id}' is not string-valued; known string names: {known}")
         allowed = self.choice_values.get(name.id, ())
         if allowed and value.value not in allowed:
             raise self.error(value, f"'{value.value}' is not one of {name.id}'s choices: {', '.join(allowed)}")

@@ -17,16 +17,28 @@ import sympy
 
 from optgen.errors import Location, SpecError
 from optgen.schedules import expressions
-from optgen.schedules.model import (BASE_LR, REQUIRED, RUNTIME_OPTIONS, T, Attribute, Check, Definition,
-                                    Function, Hyperparameter, PerGroup, ScheduleSpec)
+from optgen.schedules.model import (
+    BASE_LR,
+    REQUIRED,
+    RUNTIME_OPTIONS,
+    Attribute,
+    Check,
+    Definition,
+    Function,
+    Hyperparameter,
+    PerGroup,
+    ScheduleSpec,
+    T,
+)
 from optgen.spec.expressions import parse_python, strip_located
 from optgen.spec.toml_source import Source, expect, read, reject_unknown
 
-SECTIONS = {
+CHECK_KEYS = {"assert", "error", "type", "when", "at"}
+SECTIONS: dict[str, set[str] | None] = {  # section → its keys (None: free names)
     "scheduler": {"name", "doc", "paper", "torch", "signature", "base", "base_init", "chainable",
                   "closed_form", "initial_step", "epoch_zero", "counter", "assume"},
     "hyperparameters": None,
-    "check": {"assert", "error", "type", "when", "at"},
+    "check": CHECK_KEYS,
     "per_group": None,
     "attributes": None,
     "state": None,
@@ -63,8 +75,8 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
                 raise SpecError(src.key_loc((section,)), "checks are written as [[check]] tables")
         elif not isinstance(value, dict):
             raise SpecError(src.key_loc((section,)), f"'{section}' must be a table: [{section}]")
-        elif SECTIONS[section] is not None:
-            reject_unknown(value, SECTIONS[section], src, (section,), f"[{section}]")
+        elif (allowed := SECTIONS[section]) is not None:
+            reject_unknown(value, allowed, src, (section,), f"[{section}]")
     if "scheduler" not in data:
         raise SpecError(Location(src.path, 1, 1), "missing [scheduler] section (with at least name = \"...\")")
     head = data["scheduler"]
@@ -199,7 +211,8 @@ def _hyperparameters(table: dict, src: Source) -> dict[str, Hyperparameter]:
         if attribute is False:
             attribute = None
         elif not isinstance(attribute, str) or not attribute.isidentifier():
-            raise SpecError(src.value_loc(path + ("attribute",)), "attribute must be an identifier (or false: not stored)")
+            raise SpecError(src.value_loc(path + ("attribute",)),
+                            "attribute must be an identifier (or false: not stored)")
         convert = entry.get("convert")
         if convert is not None and convert not in CONVERTERS:
             raise SpecError(src.value_loc(path + ("convert",)), f"convert must be one of {', '.join(CONVERTERS)}")
@@ -261,10 +274,11 @@ def _checks(raw_checks: list, src: Source, hyper: dict[str, Hyperparameter],
     def step_rename(n: str) -> str:
         return "t" if n == "t" else f"self.{hyper[n].attribute}"
 
-    init, step = [], []
+    init: list[Check] = []
+    step: list[Check] = []
     for i, raw in enumerate(raw_checks):
         path = ("check", i)
-        reject_unknown(raw, SECTIONS["check"], src, path, "[[check]]")
+        reject_unknown(raw, CHECK_KEYS, src, path, "[[check]]")
         for key in ("assert", "error"):
             if key not in raw:
                 raise SpecError(src.key_loc(path), f"[[check]] needs '{key}'")
@@ -389,7 +403,8 @@ def _functions(table: dict, src: Source, builder: dict) -> dict[str, Function]:
                 raise SpecError(src.key_loc(path), f"function '{name}' needs args = \"a, b\" and value = \"...\"")
         args = [a.strip() for a in expect(entry["args"], str, src, path + ("args",), "args").split(",") if a.strip()]
         if not args or any(not a.isidentifier() or a in RESERVED for a in args) or len(set(args)) != len(args):
-            raise SpecError(src.value_loc(path + ("args",)), "args must be distinct identifiers, e.g. \"start, end, pct\"")
+            raise SpecError(src.value_loc(path + ("args",)),
+                            "args must be distinct identifiers, e.g. \"start, end, pct\"")
         local = dict(builder)
         local["names"] = {**builder["names"], **{a: "argument" for a in args}}
         local["symbols"] = {**builder["symbols"], **{a: sympy.Symbol(a, real=True) for a in args}}

@@ -28,9 +28,9 @@ def ascii_chart(values: list[float], width: int = 72, height: int = 16, title: s
     labels = [_label(hi), _label((hi + lo) / 2), _label(lo)]
     pad = max(map(len, labels))
     lines = [title] if title else []
-    for i, row in enumerate(rows):
+    for i, cells in enumerate(rows):
         label = labels[0] if i == 0 else labels[2] if i == height - 1 else labels[1] if i == (height - 1) // 2 else ""
-        lines.append(f"{label:>{pad}} |{''.join(row)}")
+        lines.append(f"{label:>{pad}} |{''.join(cells)}")
     lines.append(" " * pad + " +" + "-" * width)
     last = str(n - 1)
     lines.append(" " * pad + "  0" + " " * max(1, width - 1 - len(last)) + last + "  (step)")
@@ -89,7 +89,8 @@ class _Canvas:
         stride = self.width * 3
         raw = b"".join(b"\x00" + bytes(self.pixels[y * stride:(y + 1) * stride]) for y in range(self.height))
         header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)  # 8-bit RGB
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+                + chunk(b"IEND", b""))
 
 
 def write_png(path: str | Path, values: list[float], width: int = 800, height: int = 400) -> None:

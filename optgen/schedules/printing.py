@@ -8,7 +8,8 @@ Unknown nodes fail loudly at build time.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Protocol
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE
@@ -108,7 +109,11 @@ def flatten(expr):
     return sympy.Piecewise(*cases, evaluate=False)
 
 
-def statements(name: str, expr, printer: SchedulePrinter) -> list[str]:
+class ExpressionPrinter(Protocol):
+    def print(self, expr) -> str: ...
+
+
+def statements(name: str, expr, printer: ExpressionPrinter) -> list[str]:
     """``name = expr`` as Python lines; a top-level where() becomes an if/elif/else block."""
     expr = flatten(expr)
     if isinstance(expr, sympy.Piecewise) and len(expr.args) > 1:

@@ -22,7 +22,7 @@ from sympy.printing.precedence import PRECEDENCE
 from optgen.backends.base import environment
 from optgen.errors import SpecError
 from optgen.schedules.derive import Branch, Derivation, Interval, Step, derive
-from optgen.schedules.model import CURRENT_LR, REQUIRED, T, ScheduleSpec
+from optgen.schedules.model import CURRENT_LR, REQUIRED, ScheduleSpec, T
 from optgen.schedules.printing import SchedulePrinter, statements
 
 KEEP = 'return _param_groups_val_list(self.optimizer, "lr")'
@@ -163,31 +163,31 @@ class ClassRenderer:
 
     def closed_form_body(self, momentum: bool) -> list[str]:
         spec = self.spec
-        exprs = [spec.lr.expr] + ([spec.momentum.expr] if momentum and spec.momentum else [])
+        cycled = spec.momentum if momentum else None  # the momentum's definition, when this form sets it
+        exprs = [spec.lr.expr] + ([cycled.expr] if cycled else [])
         now, _ = self.prelude(exprs, with_prev=False)
         reads_t = any(T in sympy.sympify(e).free_symbols for e in exprs) or any(
             T in d.expr.free_symbols for d in spec.definitions if d.name in self.needed(exprs)[1])
         lines = [self.t_line()] if reads_t or spec.step_checks else []
         lines += [*self.step_checks(), *now]
         free = _free(spec.lr.expr)
-        with_momentum = bool(momentum and spec.momentum)
         if isinstance(spec.lr.expr, sympy.Piecewise):  # phases: a loop with if/elif per group
-            free |= _free(spec.momentum.expr) | {"lr"} if with_momentum else set()
+            free |= _free(cycled.expr) | {"lr"} if cycled else set()
             lines += ["lrs = []", f"{self.targets(free)}:",
                       *("    " + x for x in statements("lr", spec.lr.expr, self)), "    lrs.append(lr)"]
-            if with_momentum:
+            if cycled:
                 self.uses.names.add("_set_momentum")
                 lines += ["    if self.cycle_momentum:",
-                          *("        " + x for x in statements("momentum", spec.momentum.expr, self)),
+                          *("        " + x for x in statements("momentum", cycled.expr, self)),
                           "        _set_momentum(self, group, momentum)"]
             return lines + ["return lrs"]
-        if not with_momentum:
+        if not cycled:
             return lines + [f"return {self.loop(spec.lr.expr, free)}"]
         lines.append(f"lrs = {self.loop(spec.lr.expr, free)}")
-        mfree = _free(spec.momentum.expr) | {"lr"}
+        mfree = _free(cycled.expr) | {"lr"}
         lines += ["if self.cycle_momentum:",
                   f"    {self.targets(mfree)}:",
-                  f"        _set_momentum(self, group, {self.p(spec.momentum.expr)})",
+                  f"        _set_momentum(self, group, {self.p(cycled.expr)})",
                   "return lrs"]
         self.uses.names.add("_set_momentum")
         return lines
@@ -235,6 +235,7 @@ class ClassRenderer:
             element = step.delta if step.kind == "set" else CURRENT_LR + step.delta
             return [f"return {self.loop(element, _free(element) | ({'lr'} if step.kind == 'additive' else set()))}"]
         lines, ratio = [], step.ratio
+        assert ratio is not None, step  # every kind but keep, set and additive has a ratio
         if step.guard_delta is not None:
             numerator, denominator = sympy.fraction(sympy.together(ratio))
             additive = CURRENT_LR + step.guard_delta

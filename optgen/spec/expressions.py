@@ -15,17 +15,33 @@ from __future__ import annotations
 
 import ast
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Literal, cast, overload
 
 import sympy
 
 from optgen.errors import Location, SpecError
 
-
 # The IR's vocabulary (optgen/ir/functions.py): the parser builds expressions of these.
 from optgen.ir.functions import (  # noqa: E402,F401 (re-exported to the modules not yet moved to ir.functions)
-    REDUCE_DIM, SCALAR_OF_TENSOR, Clamp, IfNone, Lerp, MachineEps, Maximum, MeanDim, Minimum, Ndim, NewtonSchulz, Norm,
-    NormDim, Numel, Size, Where, symbol)
+    REDUCE_DIM,
+    SCALAR_OF_TENSOR,
+    Clamp,
+    IfNone,
+    Lerp,
+    MachineEps,
+    Maximum,
+    MeanDim,
+    Minimum,
+    Ndim,
+    NewtonSchulz,
+    Norm,
+    NormDim,
+    Numel,
+    Size,
+    Where,
+    symbol,
+)
 
 #: functions whose second argument is a dimension: an integer
 DIMENSION_ARGUMENT = ("size", "norm_dim", "mean_dim")
@@ -77,7 +93,7 @@ _COMPARE = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: symp
             ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne}
 
 
-def node_location(base: Location, node: ast.AST) -> Location:
+def node_location(base: Location, node: ast.AST | _SyntaxPos) -> Location:
     """Location of an ast node parsed from text that starts at ``base``."""
     line = getattr(node, "lineno", 1)
     col = getattr(node, "col_offset", 0)
@@ -116,9 +132,13 @@ MAX_FLOAT = 1.7976931348623157e308
 MAX_CONSTANT_EXPONENT = 1024
 
 
-def parse_python(text: str, loc: Location, mode: str = "eval") -> ast.AST:
+@overload
+def parse_python(text: str, loc: Location, mode: Literal["eval"] = "eval") -> ast.Expression: ...
+@overload
+def parse_python(text: str, loc: Location, mode: Literal["exec"]) -> ast.Module: ...
+def parse_python(text: str, loc: Location, mode: Literal["eval", "exec"] = "eval") -> ast.Expression | ast.Module:
     try:
-        tree = ast.parse(text, mode=mode)
+        tree = cast(ast.Expression | ast.Module, ast.parse(text, mode=mode))
     except SyntaxError as e:
         where = node_location(loc, _SyntaxPos(e.lineno or 1, (e.offset or 1) - 1))
         expected = "Python-syntax statements" if mode == "exec" else "a Python-syntax expression"
@@ -269,13 +289,13 @@ class MathBuilder:
                                                    f"as -1, not '{ast.unparse(node.args[1])}'")
                 return make(x, dim)
             return make(*(self.math(a) for a in node.args))
-        if isinstance(node, (ast.Compare, ast.BoolOp)) or isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        if isinstance(node, ast.Compare | ast.BoolOp) or isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             raise self.error(node, f"'{ast.unparse(node)}' is a condition, not a value: a comparison may only be the "
                                    "first argument of where(condition, a, b), or the test of an 'if'")
         raise self.error(node, f"'{ast.unparse(node)}' is not allowed in {self.what}: "
                                "use numbers, names, + - * / **, and functions such as sqrt, lerp")
 
-    def product(self, node: ast.BinOp) -> sympy.Expr:
+    def product(self, node: ast.expr) -> sympy.Expr:
         """A chain ``a * b / c * d``; its factors are recorded in written order (``self.products``),
         because sympy reorders them and the order of floating-point operations is the author's."""
         chain = []
@@ -292,15 +312,17 @@ class MathBuilder:
 
     def choice_test(self, node: ast.Compare) -> sympy.Basic:
         """``adjust_lr_fn == "original"``: a choice hyperparameter against one of its values."""
-        value = node.comparators[0].value
-        choices = self.choices.get(node.left.id) if isinstance(node.left, ast.Name) else None
-        if choices is None:
+        right = node.comparators[0]
+        value = str(right.value) if isinstance(right, ast.Constant) else ""  # a str: condition() checked
+        name = node.left.id if isinstance(node.left, ast.Name) else None
+        choices = self.choices.get(name) if name is not None else None
+        if name is None or choices is None:
             raise self.error(node, f"'{ast.unparse(node.left)}' is not a choice hyperparameter; only those "
                                    "compare with strings")
         if value not in choices:
             raise self.error(node.comparators[0], f"'{value}' is not one of {', '.join(choices)}")
         # The value is a symbol named with its quotes, so printers write it as a string literal.
-        test = sympy.Eq(symbol(node.left.id), sympy.Symbol(f'"{value}"'), evaluate=False)
+        test = sympy.Eq(symbol(name), sympy.Symbol(f'"{value}"'), evaluate=False)
         return test if isinstance(node.ops[0], ast.Eq) else sympy.Not(test)
 
     def comparison(self, node: ast.AST) -> sympy.Basic:

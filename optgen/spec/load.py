@@ -23,11 +23,12 @@ from optgen.spec.reserved import reserved_message, reserved_why
 from optgen.spec.search import MAX_EXTENDS, find_parent
 from optgen.spec.toml_source import Source, display_path, expect, read, reject_unknown
 
-SECTIONS = {
+CHECK_KEYS = {"assert", "error", "type", "when", "each", "collect"}
+SECTIONS: dict[str, set[str] | None] = {  # section → its keys (None: free names)
     "optimizer": {"name", "doc", "paper", "extends", "signature", "group_keys", "complex",
                   "state_init", "torch", "gradients", "algorithm"},
     "hyperparameters": None,  # free names
-    "check": {"assert", "error", "type", "when", "each", "collect"},
+    "check": CHECK_KEYS,
     "state": None,
     "update": {"rule"},
     "torch_parity": {"sparse_gradient_error", "dense_gradient_error", "sparse_fused_error", "capturable_error",
@@ -183,7 +184,8 @@ def load_spec(path: str | Path, search_path: tuple[Path, ...] | None = None) -> 
     if not gradients.startswith("dense_or_"):
         for c in checks:
             if c.sparse_step:
-                raise SpecError(c.loc, 'each = "sparse_step" needs gradients = "dense_or_sparse" or "dense_or_gathered"')
+                raise SpecError(c.loc, 'each = "sparse_step" needs gradients = "dense_or_sparse" '
+                                       'or "dense_or_gathered"')
     state_init = opt_value("state_init", str, "lazy")
     if state_init not in ("lazy", "eager"):
         raise SpecError(src.value_loc(("optimizer", "state_init")), "state_init must be \"lazy\" or \"eager\"")
@@ -205,7 +207,7 @@ CAPTURABLE_IMPLEMENTATIONS = ("forloop", "foreach")
 def _torch_parity(merged: _Merged) -> TorchParity:
     """The ``[torch_parity]`` table: strings and bools, and ``capturable_error`` as
     ``{forloop = { lists = "...", xla = true }, ...}``."""
-    values = {}
+    values: dict[str, Any] = {}
     for key, (value, src) in merged.torch_parity.items():
         path = ("torch_parity", key)
         if key == "capturable_error":
@@ -280,8 +282,8 @@ def _hyperparameters(merged: _Merged) -> dict[str, Hyperparameter]:
             if default != NONE:
                 raise SpecError(src.key_loc(path + ("derive",)), 'derive = "..." needs default = "None"')
             text = expect(table["derive"], str, src, path + ("derive",), "derive")
-            names = set(merged.hyperparameters)
-            derive = expressions.parse_check(text, src.value_loc(path + ("derive",)), names)
+            known = set(merged.hyperparameters)
+            derive = expressions.parse_check(text, src.value_loc(path + ("derive",)), known)
             out[name] = Hyperparameter(name, None, loc, derive=derive)
             continue
         if isinstance(default, list):
@@ -332,7 +334,7 @@ def _checks(merged: _Merged, hyper: dict[str, Hyperparameter]) -> tuple[Check, .
     out = []
     for raw, src, i in merged.checks:
         path = ("check", i)
-        reject_unknown(raw, SECTIONS["check"], src, path, "[[check]]")
+        reject_unknown(raw, CHECK_KEYS, src, path, "[[check]]")
         for key in ("assert", "error"):
             if key not in raw:
                 raise SpecError(src.key_loc(path), f"[[check]] needs '{key}'")
@@ -472,7 +474,8 @@ def _parse_init(text: str, loc: Location, names: dict[str, str]) -> tuple[str, s
         is_param = bool(args) and isinstance(args[0], ast.Name) and args[0].id == "param"
         if tree.func.id == "zeros_like" and len(args) == 1 and is_param:
             return "zeros", None
-        if tree.func.id == "zeros_reduced" and len(args) == 2 and is_param and isinstance(args[1], ast.UnaryOp | ast.Constant):
+        if (tree.func.id == "zeros_reduced" and len(args) == 2 and is_param
+                and isinstance(args[1], ast.UnaryOp | ast.Constant)):
             return "zeros_reduced", builder.math(args[1])  # zeros of param's shape with dim d of size 1
         if tree.func.id == "full_like" and len(args) == 2 and is_param:
             return "full", builder.math(args[1])

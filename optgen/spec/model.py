@@ -55,7 +55,7 @@ class StateVar:
 
     name: str                    # the name in the update rule
     key: str                     # the key in optimizer.state[p] / state_dict (torch's name)
-    init: str                    # "zeros" | "full" | "scalar" | "first"
+    init: str                    # "zeros" | "zeros_reduced" | "full" | "scalar" | "first"
     init_value: sympy.Expr | None  # fill value for "full" / "scalar"; the value for "first"
     when: sympy.Basic            # condition (flags, hyperparameters) under which it exists
     loc: Location
@@ -64,6 +64,13 @@ class StateVar:
     @property
     def is_scalar(self) -> bool:
         return self.init == "scalar"
+
+    @property
+    def reduced_dim(self) -> int:
+        """The dimension a ``zeros_reduced`` state has of size 1 (Adafactor's row and column moments)."""
+        if self.init != "zeros_reduced" or self.init_value is None:
+            raise ValueError(f"state '{self.name}' is {self.init}, not zeros_reduced")
+        return int(self.init_value)
 
 
 @dataclass(frozen=True)

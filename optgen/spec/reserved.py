@@ -23,7 +23,7 @@ import keyword
 
 #: group → (why, names)
 GROUPS: dict[str, tuple[str, frozenset[str]]] = {
-    "python_keyword": ("a Python keyword", frozenset(keyword.kwlist + keyword.softkwlist)),
+    "python_keyword": ("a Python keyword", frozenset([*keyword.kwlist, *keyword.softkwlist])),
     # builtins the generated modules call or name (constructor checks, kernels, the class)
     "python_builtin": ("a Python builtin the generated code uses", frozenset({
         "abs", "all", "any", "bool", "complex", "dict", "enumerate", "float", "getattr", "hasattr", "int",

@@ -155,7 +155,7 @@ def bench_one(name, kwargs, fused_ok, params_total, tensors, repeats, compiled=F
              _implementations(name, kwargs, fused_ok, compiled, cls, torch_cls).items()}
     for opt in impls.values():  # warm-up: creates state, first-call overheads
         opt.step()
-    times = {label: [] for label in impls}
+    times: dict[str, list[float]] = {label: [] for label in impls}
     gbps = []
     for _ in range(repeats):
         gbps.append(stream_gbps(n, 1))
@@ -173,10 +173,11 @@ def bench_one(name, kwargs, fused_ok, params_total, tensors, repeats, compiled=F
     base = times[baseline]
     rows = []
     for label, ts in times.items():
-        ratio = statistics.median(b / t for b, t in zip(base, ts))
+        ratio = statistics.median(b / t for b, t in zip(base, ts, strict=True))
         ms = statistics.median(ts) * 1e3
         roofline = bytes_per_step / statistics.median(gbps) / 1e9 * 1e3
-        mib = None if peak[label] is None else peak[label] / 2**20
+        temporary = peak[label]
+        mib = None if temporary is None else temporary / 2**20
         if isinstance(impls[label], _CompiledStep):
             label = f"{label} (first step: {impls[label].seconds:.0f} s)"
         rows.append((label, ms, ratio, roofline / ms, mib))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -55,7 +56,7 @@ def implementations(name: str, kwargs: dict) -> dict:
     import optgen
 
     cls, theirs = optgen.OPTIMIZERS[name], getattr(torch.optim, name, None)
-    out = {}
+    out: dict[str, Callable[..., tuple]] = {}  # label → make(params) -> (step, optimizer)
     takes_fused = "fused" in inspect.signature(cls).parameters  # as in torch: Adam, AdamW, SGD, Adagrad
     for impl in ("triton", "foreach", "forloop"):
         def make(ps, impl=impl):
@@ -80,7 +81,7 @@ def implementations(name: str, kwargs: dict) -> dict:
     return out
 
 
-def bench(name: str, kwargs: dict, total: int, tensors: int, repeats: int) -> tuple[list, float, float]:
+def bench(name: str, kwargs: dict, total: int, tensors: int, repeats: int) -> tuple[list, float, float | None]:
     torch.manual_seed(0)
     params = [(torch.randn(s, device="cuda") * 0.1).requires_grad_() for s in shapes(total, tensors)]
     for p in params:
@@ -104,7 +105,7 @@ def bench(name: str, kwargs: dict, total: int, tensors: int, repeats: int) -> tu
         if label == "optgen foreach":
             states = sum(1 for v in opt.state[params[0]].values()
                          if isinstance(v, torch.Tensor) and v.shape == params[0].shape)
-    times = {label: [] for label in steps}
+    times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
         for label, step in steps.items():
             times[label].append(_cuda_time(step))
@@ -114,7 +115,7 @@ def bench(name: str, kwargs: dict, total: int, tensors: int, repeats: int) -> tu
     base = times.get("torch foreach")
     for label, ts in times.items():
         ms = statistics.median(ts)
-        vs_foreach = statistics.median(b / t for b, t in zip(base, ts)) if base else float("nan")
+        vs_foreach = statistics.median(b / t for b, t in zip(base, ts, strict=True)) if base else float("nan")
         rows.append((label, ms, vs_foreach, bytes_per_step / (ms * 1e-3) / 1e9 / gbps))
     return rows, gbps, compile_s
 

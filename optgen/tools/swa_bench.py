@@ -19,7 +19,7 @@ from torch.optim import swa_utils as torch_swa
 from optgen import swa_utils as optgen_swa
 
 
-def model_of(params: float, width: int = 2000) -> torch.nn.Module:
+def model_of(params: float, width: int = 2000) -> torch.nn.Sequential:
     layers = max(1, round(params / (width * width + width)))
     return torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
 
@@ -34,7 +34,7 @@ def time_case(model: torch.nn.Module, case: str, repeats: int) -> tuple[float, f
     """Median torch time, median optgen time, and the median of the per-round ratios (a round
     times torch's call and optgen's back to back, so both see the same machine load)."""
     averaged = {m: m.AveragedModel(model, **CASES[case](m)) for m in (torch_swa, optgen_swa)}
-    times = {m: [] for m in averaged}
+    times: dict[object, list[float]] = {m: [] for m in averaged}
     for a in averaged.values():
         a.update_parameters(model)  # the first call copies
     for round_ in range(repeats):
@@ -43,7 +43,7 @@ def time_case(model: torch.nn.Module, case: str, repeats: int) -> tuple[float, f
             start = time.perf_counter()
             a.update_parameters(model)
             times[m].append(time.perf_counter() - start)
-    ratios = [t / o for t, o in zip(times[torch_swa], times[optgen_swa])]
+    ratios = [t / o for t, o in zip(times[torch_swa], times[optgen_swa], strict=True)]
     return statistics.median(times[torch_swa]), statistics.median(times[optgen_swa]), statistics.median(ratios)
 
 

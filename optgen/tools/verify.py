@@ -4,8 +4,15 @@ variant and implementation.  The comparison itself is optgen/verify.py (the buil
 uses it too)."""
 from __future__ import annotations
 
-from optgen.verify import (_optimizer_class, configurations, float64_counters, max_difference, run_backend,
-                           run_reference, runnable)
+from optgen.verify import (
+    _optimizer_class,
+    configurations,
+    float64_counters,
+    max_difference,
+    run_backend,
+    run_reference,
+    runnable,
+)
 
 
 def verify_all(steps: int = 10, tolerance: float = 1e-9, sources: list | None = None) -> bool:

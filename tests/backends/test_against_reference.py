@@ -63,7 +63,7 @@ def test_foreach_handles_mixed_dtypes_in_one_group():
     ref = [p64.detach().clone().requires_grad_(), p32.detach().clone().requires_grad_()]
     theirs = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=True)
     for _ in range(3):
-        for p, q in zip((p64, p32), ref):
+        for p, q in zip((p64, p32), ref, strict=True):
             p.grad = torch.ones_like(p)
             q.grad = torch.ones_like(q)
         ours.step()

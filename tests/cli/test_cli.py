@@ -23,7 +23,8 @@ def test_show_prints_spec_ir_and_readable_code():
     result = optgen("show", "Adam")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for section in ("==== spec", "==== IR after passes", "==== forloop code", "==== foreach code", "==== optimizer code"):
+    for section in ("==== spec", "==== IR after passes", "==== forloop code", "==== foreach code",
+                    "==== optimizer code"):
         assert section in out
     assert "exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)" in out
     assert "torch._foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size in step_sizes])" in out

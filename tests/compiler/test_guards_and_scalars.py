@@ -24,7 +24,6 @@ import torch
 from optgen.errors import SpecError
 from optgen.passes import compile_spec
 from optgen.spec.load import load_spec
-
 from tests.compiler.test_value_semantics import check, spec_text
 
 COUNTER = torch.float32  # the step dtype of the tests (torch's default dtype is float32)
@@ -208,5 +207,5 @@ def test_the_rewrite_the_spec_error_suggests(tmp_path):
         s["m"] = s["m"] + grad / (1 + torch.linalg.vector_norm(grad - s["m"]).item())
         return param - 0.1 * s["m"], s
 
-    check(tmp_path, spec_text("m = m\n" + textwrap.dedent(LAZY_NORM).strip(), "lr = 0.1", 'm = { first = "grad" }'), expected, [{}],
-          init=lambda name, p: None)
+    spec = spec_text("m = m\n" + textwrap.dedent(LAZY_NORM).strip(), "lr = 0.1", 'm = { first = "grad" }')
+    check(tmp_path, spec, expected, [{}], init=lambda name, p: None)

@@ -18,8 +18,7 @@ from optgen.backends.foreach import BACKEND as FOREACH
 from optgen.backends.forloop import BACKEND as FORLOOP
 from optgen.backends.python_base import item_lines, merged_lines, python_condition
 from optgen.build import compile_all
-from optgen.passes.merge_variants import (Block, FlagSpace, MergedBlock, condition, describe, merge, project,
-                                          sections)
+from optgen.passes.merge_variants import Block, FlagSpace, MergedBlock, condition, describe, merge, project, sections
 
 FLAGS = ("amsgrad", "maximize")
 SPACE = FlagSpace(FLAGS, tuple(itertools.product((False, True), repeat=2)))
@@ -92,7 +91,7 @@ def _random_items(rng, depth=0):
 
 
 def _run(lines, env):
-    out = []
+    out: list = []
     exec("\n".join(lines), {**env, "out": out})
     return out
 
@@ -119,7 +118,7 @@ def test_random_variants_run_their_own_code(seed):
     for v, assignment in enumerate(assignments):
         assert project(merged, v) == tuple(sequences[v])
         for h0, h1 in itertools.product((False, True), repeat=2):
-            env = {**dict(zip(flags, assignment)), "h0": h0, "h1": h1}
+            env = {**dict(zip(flags, assignment, strict=True)), "h0": h0, "h1": h1}
             assert _run(lines, env) == _run(item_lines(sequences[v]), env), (assignment, "\n".join(lines))
 
 
@@ -171,8 +170,8 @@ def test_generated_function_runs_each_variants_own_code(case):
     assert "VARIANTS" not in {t.id for n in module.body if isinstance(n, ast.Assign) for t in n.targets
                               if isinstance(t, ast.Name)}
     space, variants = backend.variant_items(compiled)
-    for assignment, items in zip(space.assignments, variants):
-        flags = dict(zip(space.flags, assignment))
+    for assignment, items in zip(space.assignments, variants, strict=True):
+        flags = dict(zip(space.flags, assignment, strict=True))
         ours = ast.Module(_specialize(copy.deepcopy(function.body[1:]), flags), [])  # [0]: the docstring
         theirs = ast.parse("\n".join(item_lines(items)))
         assert ast.dump(ours) == ast.dump(theirs), (compiled.spec.name, backend.name, flags)
@@ -181,5 +180,6 @@ def test_generated_function_runs_each_variants_own_code(case):
 def test_describe_prints_the_merged_ir():
     adam = next(c for c in COMPILED if c.spec.name == "Adam")
     text = describe(adam)
-    assert text.splitlines()[0] == "# Adam: every variant of the flags (amsgrad, maximize, decoupled_weight_decay) in one program"
+    assert text.splitlines()[0] == ("# Adam: every variant of the flags (amsgrad, maximize, decoupled_weight_decay) "
+                                    "in one program")
     assert "if amsgrad:" in text and "if maximize:" in text

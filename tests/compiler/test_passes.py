@@ -6,16 +6,16 @@ import sympy
 
 from optgen.backends.forloop import describe_ops
 from optgen.backends.printing import PythonScalarPrinter
+from optgen.ir.functions import symbol
 from optgen.ir.lower import lower
 from optgen.ir.validate import implies, validate
 from optgen.passes import compile_spec
-from optgen.tools.dump_ir import dump
 from optgen.passes.cse import cse
 from optgen.passes.hoist_scalars import hoist_scalars
 from optgen.passes.specialize import specialize
-from optgen.ir.functions import symbol
 from optgen.spec.load import load_spec
 from optgen.spec.toml_locations import locate
+from optgen.tools.dump_ir import dump
 
 HEADER = """
 [optimizer]
@@ -174,8 +174,8 @@ def test_implies_reasons_about_relations():
     ("beta ** (step + 1)", "beta ** (1 + step)"),
 ])
 def test_scalar_printer_reads_like_hand_written_python(expr, text):
-    from optgen.spec.expressions import parse_math
     from optgen.errors import Location
+    from optgen.spec.expressions import parse_math
 
     names = {n: "hyperparameter" for n in ("lr", "weight_decay", "beta", "step")}
     value = parse_math(expr, Location("x", 1), names, "test")
@@ -184,7 +184,8 @@ def test_scalar_printer_reads_like_hand_written_python(expr, text):
     env = {"lr": 0.3, "weight_decay": 0.2, "beta": 0.7, "step": 3.0}
     import math
 
-    assert eval(printed, {"math": math}, env) == pytest.approx(eval(expr.replace("sqrt", "math.sqrt"), {"math": math}, env))
+    expected = eval(expr.replace("sqrt", "math.sqrt"), {"math": math}, env)
+    assert eval(printed, {"math": math}, env) == pytest.approx(expected)
 
 
 def test_dump_ir_after_each_pass(tmp_path):
@@ -205,7 +206,7 @@ def test_spec_text_cannot_escape_generated_docstrings(tmp_path):
     spec = load_spec(path)
     text = OptimizerClassBackend(("forloop",)).render(compile_spec(spec))
     module = ast.parse(text)  # still valid Python, and the comment stayed inside the docstring
-    assert '__import__' in ast.get_docstring(module)
+    assert '__import__' in (ast.get_docstring(module) or "")
     bad = tmp_path / "bad.toml"
     bad.write_text((tmp_path / "toy.toml").read_text().replace('name = "Toy"', "name = \"Toy\"\ndoc = 'x \"\"\" y'"))
     with pytest.raises(SpecError, match="may not contain"):
@@ -264,7 +265,8 @@ def test_where_with_a_number_is_a_masked_fill(tmp_path):
     # foreach: the statements of several ops without a multi-tensor kernel run tensor by tensor,
     # so each mask lives for one tensor
     text = foreach_text(spec)
-    assert "for i in range(len(params)):\n    # s = where(s > 0, beta, s)\n    ss[i].masked_fill_(ss[i].gt(0), beta)" in text
+    assert ("for i in range(len(params)):\n    # s = where(s > 0, beta, s)\n"
+            "    ss[i].masked_fill_(ss[i].gt(0), beta)") in text
 
 
 def test_last_reader_of_an_owned_buffer_works_in_it(tmp_path):
@@ -375,7 +377,8 @@ def test_a_spec_extending_another_without_changing_its_kernels_shares_them(tmp_p
     assert adamw.kernels_from == "Adam"
     assert optgen.AdamW._kernels["forloop"] is optgen.OPTIMIZERS["Adam"]._kernels["forloop"]
     parent = tmp_path / "toy.toml"
-    parent.write_text(HEADER + '\n[update]\nrule = """\nstep = step + 1\nbuf = buf + grad\nparam = param - lr * buf\n"""\n')
+    parent.write_text(HEADER + '\n[update]\nrule = """\nstep = step + 1\nbuf = buf + grad\n'
+                               'param = param - lr * buf\n"""\n')
     child = tmp_path / "child.toml"
     child.write_text('[optimizer]\nname = "Child"\nextends = "Toy"\n[update]\nrule = """\n'
                      'step = step + 1\nbuf = buf - grad\nparam = param - lr * buf\n"""\n')

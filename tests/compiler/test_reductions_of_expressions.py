@@ -60,7 +60,8 @@ def test_numel_and_sizes_of_reductions_over_both_dimensions(tmp_path):
             v = norm_dim(grad, -2)
             w = mean_dim(v, -1)
             u = mean_dim(grad, -1)
-            c = (numel(v) + 2 * size(v, -2) + 3 * size(v, -1) + 5 * numel(w) + 7 * size(w, -1) + 11 * size(w, -2) + 13 * numel(u) + 17 * size(u, -2) + 19 * size(u, -1)) / 100
+            c = (numel(v) + 2 * size(v, -2) + 3 * size(v, -1) + 5 * numel(w) + 7 * size(w, -1) + 11 * size(w, -2)
+                 + 13 * numel(u) + 17 * size(u, -2) + 19 * size(u, -1)) / 100
         m = m + c * grad
         param = param - lr * m
     """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])
@@ -117,7 +118,8 @@ def test_every_per_tensor_scalar_of_a_compound_argument(tmp_path):
         return param - 0.01 * c * grad, s
 
     check(tmp_path, spec_text("""
-        c = numel(grad * 2 + m) + 2 * ndim(grad * 2 + m) + 3 * size(grad * 2 + m, -1) + 5 * machine_eps(grad * 2 + m) / machine_eps(param) + norm(param * grad)
+        c = (numel(grad * 2 + m) + 2 * ndim(grad * 2 + m) + 3 * size(grad * 2 + m, -1)
+             + 5 * machine_eps(grad * 2 + m) / machine_eps(param) + norm(param * grad))
         m = m + grad
         param = param - lr / 10 * c * grad
     """, HYPER, 'm = "zeros_like(param)"'), expected, [{}])

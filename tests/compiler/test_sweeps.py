@@ -1,8 +1,8 @@
 """Scheduling rules that reduce tensors into walks for the fused C backend (Note [Sweeps])."""
 import pytest
 
-from optgen.backends.sweeps import COLS, FULL, ROWS, Reduction, schedule
 from optgen.backends.printer import Unsupported
+from optgen.backends.sweeps import COLS, FULL, ROWS, Reduction, schedule
 from optgen.passes import compile_spec
 from optgen.spec.load import load_spec
 from tests.compiler.test_passes import toy

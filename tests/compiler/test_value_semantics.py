@@ -97,11 +97,11 @@ def run_generated(cls, implementation: str, kwargs: dict, state_names):
     opt = cls(params, **kwargs)
     opt.implementation = implementation
     for k in range(STEPS):
-        for p, g in zip(params, gradients(k)):
+        for p, g in zip(params, gradients(k), strict=True):
             p.grad = g.clone()
         opt.step()
-        for p, g in zip(params, gradients(k)):
-            assert torch.equal(p.grad, g), f"{implementation} wrote into the user's gradient"
+        for p, g in zip(params, gradients(k), strict=True):
+            assert p.grad is not None and torch.equal(p.grad, g), f"{implementation} wrote into the user's gradient"
     return [p.detach() for p in params], [{n: opt.state[p][n] for n in state_names} for p in params]
 
 
@@ -130,8 +130,8 @@ def difference(a, b) -> float:
     (``max(worst, nan)`` would keep ``worst`` and let a NaN result pass).  The states compared
     are ``a``'s (the harness collects those of ``state_names``), each of which ``b`` must have."""
     (pa, sa), (pb, sb) = a, b
-    assert len(pa) == len(pb) and all(set(x) <= set(y) for x, y in zip(sa, sb)), (sa, sb)
-    pairs = list(zip(pa, pb)) + [(x[n], y[n]) for x, y in zip(sa, sb) for n in x]
+    assert len(pa) == len(pb) and all(set(x) <= set(y) for x, y in zip(sa, sb, strict=True)), (sa, sb)
+    pairs = list(zip(pa, pb, strict=True)) + [(x[n], y[n]) for x, y in zip(sa, sb, strict=True) for n in x]
     worst = 0.0
     for x, y in pairs:
         x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
@@ -323,7 +323,9 @@ def test_copy_of_a_lazily_created_state(tmp_path):
         s["m"] = s["m"] * 0.5
         return param - 0.1 * u, s
 
-    init = lambda name, p: None if name == "m" else torch.zeros_like(p)
+    def init(name, p):
+        return None if name == "m" else torch.zeros_like(p)
+
     check(tmp_path, spec_text("""
         m = beta * m + grad
         u = m

@@ -39,7 +39,8 @@ def steps(text: str):
                 yield "file", pending_file, "\n".join(body) + "\n"
                 pending_file = None
             elif kind == "console":
-                command, output = None, []
+                command: str | None = None
+                output: list[str] = []
                 for b in body:
                     if b.startswith("$ "):
                         if command is not None:
@@ -99,7 +100,8 @@ def test_tutorial_runs_as_written(tmp_path):
         if command.startswith(f"{sys.executable} -m venv"):
             assert result.returncode == 0, result.stdout + result.stderr
             # a regular install: optgen's files are in the venv's site-packages, not this checkout
-            where = subprocess.run([str(folder / ".venv" / "bin" / "python"), "-c", "import optgen; print(optgen.__file__)"],
+            python = str(folder / ".venv" / "bin" / "python")
+            where = subprocess.run([python, "-c", "import optgen; print(optgen.__file__)"],
                                    capture_output=True, text=True, env=env, cwd=folder)
             assert "site-packages" in where.stdout and str(ROOT) not in where.stdout, where.stdout + where.stderr
             continue

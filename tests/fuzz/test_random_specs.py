@@ -25,8 +25,8 @@ REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.toml"))
 
 
 def _failures(report):
-    return "\n".join(f"seed {f.seed} {f.implementation} flags={f.flags} kwargs={f.kwargs}: {f.where} ({f.difference:.3g})"
-                     for f in report.failures)
+    return "\n".join(f"seed {f.seed} {f.implementation} flags={f.flags} kwargs={f.kwargs}: "
+                     f"{f.where} ({f.difference:.3g})" for f in report.failures)
 
 
 @pytest.mark.parametrize("start", range(FAST_SEEDS.start, FAST_SEEDS.stop, CHUNK))
@@ -54,7 +54,7 @@ def test_generator_is_deterministic():
 def test_generator_covers_every_construct():
     """Over the CI seeds every construct of the spec language listed in CONSTRUCTS appears (bar
     those of known bugs, left out on purpose), most of them many times."""
-    seen = Counter()
+    seen: Counter[str] = Counter()
     for seed in [*FAST_SEEDS, *EVERY_BACKEND_SEEDS]:
         seen.update(generate(seed, size=SIZE).constructs)
     missing = [c for c in CONSTRUCTS if seen[c] == 0 and c not in KNOWN_BUGS]

@@ -14,6 +14,8 @@ without rectification: eps added to s every step, weight decay decoupled by defa
     m = beta1 * m + (1 - beta1) * g;  s = beta2 * s + (1 - beta2) * (g - m)^2 + eps
     theta = theta - lr / (1 - beta1^t) * m / (sqrt(s / (1 - beta2^t)) + eps)
 """
+from typing import Any
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def run_optgen(name, implementation, params, grads_per_step, kwargs):
     if not differentiable:
         opt.implementation = implementation
     for grads in grads_per_step:
-        for p, grad in zip(leaves, grads):
+        for p, grad in zip(leaves, grads, strict=True):
             p.grad = grad
         opt.step()
     return leaves, opt
@@ -53,7 +55,7 @@ def lion_reference(params, grads_per_step, lr, betas, weight_decay, maximize=Fal
     theta = [p.detach().double().clone() for p in params]
     m = [torch.zeros_like(t) for t in theta]
     for grads in grads_per_step:
-        for t, mi, g in zip(theta, m, grads):
+        for t, mi, g in zip(theta, m, grads, strict=True):
             g = -g.double() if maximize else g.double()
             c = beta1 * mi + (1 - beta1) * g
             t.sub_(lr * (torch.sign(c) + weight_decay * t))
@@ -72,8 +74,8 @@ def test_lion_follows_the_paper(implementation, kwargs, dtype):
     leaves, opt = run_optgen("Lion", implementation, params, grads_per_step, kwargs)
     # float64: rounding only (the spec's lerp vs the paper's weighted sum); float32: a few ulps
     # of the values, over 20 steps
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    for p, t, mi in zip(leaves, theta, m):
+    tol: dict[str, Any] = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for p, t, mi in zip(leaves, theta, m, strict=True):
         torch.testing.assert_close(p.detach().double(), t, **tol)
         torch.testing.assert_close(opt.state[p]["exp_avg"].detach().double(), mi, **tol)
 
@@ -84,7 +86,7 @@ def adabelief_reference(params, grads_per_step, lr, betas, eps, weight_decay, de
     m = [torch.zeros_like(t) for t in theta]
     s = [torch.zeros_like(t) for t in theta]
     for step, grads in enumerate(grads_per_step, start=1):
-        for t, mi, si, g in zip(theta, m, s, grads):
+        for t, mi, si, g in zip(theta, m, s, grads, strict=True):
             g = -g.double() if maximize else g.double()
             if decoupled:
                 t.mul_(1 - lr * weight_decay)
@@ -105,7 +107,7 @@ def test_adabelief_follows_the_paper(implementation, kwargs):
                                       kwargs.get("eps", 1e-16), kwargs.get("weight_decay", 0.0),
                                       kwargs.get("decoupled_weight_decay", True), kwargs.get("maximize", False))
     leaves, opt = run_optgen("AdaBelief", implementation, params, grads_per_step, kwargs)
-    for p, t, mi, si in zip(leaves, theta, m, s):
+    for p, t, mi, si in zip(leaves, theta, m, s, strict=True):
         torch.testing.assert_close(p.detach(), t, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["exp_avg"].detach(), mi, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["exp_avg_var"].detach(), si, rtol=1e-10, atol=1e-14)
@@ -117,7 +119,7 @@ def lamb_reference(params, grads_per_step, lr, betas, eps, weight_decay):
     m = [torch.zeros_like(t) for t in theta]
     v = [torch.zeros_like(t) for t in theta]
     for step, grads in enumerate(grads_per_step, start=1):
-        for t, mi, vi, g in zip(theta, m, v, grads):
+        for t, mi, vi, g in zip(theta, m, v, grads, strict=True):
             g = g.double()
             mi.copy_(beta1 * mi + (1 - beta1) * g)
             vi.copy_(beta2 * vi + (1 - beta2) * g * g)
@@ -139,7 +141,7 @@ def test_lamb_follows_the_paper(implementation, kwargs):
     theta, m, v = lamb_reference(params, grads_per_step, kwargs.get("lr", 1e-3), (0.9, 0.999), 1e-6,
                                  kwargs.get("weight_decay", 0.0))
     leaves, opt = run_optgen("Lamb", implementation, params, grads_per_step, kwargs)
-    for p, t, mi, vi in zip(leaves, theta, m, v):
+    for p, t, mi, vi in zip(leaves, theta, m, v, strict=True):
         torch.testing.assert_close(p.detach(), t, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["exp_avg"].detach(), mi, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"].detach(), vi, rtol=1e-10, atol=1e-14)

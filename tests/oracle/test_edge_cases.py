@@ -17,6 +17,7 @@ TORCH_REFERENCE).  Deliberate differences from torch are tested as such, each wi
 what needs the compiler is an ``xfail(strict=True)`` test saying what.
 """
 import inspect
+from typing import cast
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ def run_both(name, kwargs, implementation, base, groups=None, steps=STEPS, grads
     ours = build(optgen, name, groups(p_ours), kwargs, implementation)
     theirs = build(torch.optim, name, groups(p_torch), kwargs, TORCH_REFERENCE)
     for k in range(steps):
-        for p_o, p_t, g in zip(p_ours, p_torch, grads(k, p_ours)):
+        for p_o, p_t, g in zip(p_ours, p_torch, grads(k, p_ours), strict=True):
             p_o.grad = None if g is None else g.clone()
             p_t.grad = None if g is None else g.clone()
         ours.step()
@@ -151,7 +152,7 @@ def gradients(lib, name, kwargs, implementation, p_leaf, grad_leaves, state):
     outputs = diff_fn(lib, name, kwargs, implementation, p_leaf, grad_leaves, state)
     g = torch.Generator().manual_seed(3)
     real = [torch.view_as_real(o) if o.is_complex() else o for o in outputs]
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in real)
+    loss = cast(torch.Tensor, sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in real))
     leaves = [p_leaf, *grad_leaves, *(v for v in state.values() if isinstance(v, torch.Tensor) and v.requires_grad)]
     # An input the result does not depend on has gradient zero, whether autograd recorded the
     # dependence (torch's ASGD: ax.copy_(param) overwrites ax) or not (ours: ax = param.clone()).
@@ -192,13 +193,13 @@ def test_differentiable_step_moves_params_as_the_plain_step(case):
         leaves = [p.requires_grad_().clone() if differentiable else p for p in params_like(torch.float32)]
         opt = optgen.__getattr__(name)(leaves, **{**kwargs, "differentiable": differentiable})
         for k in range(5):
-            for p, g in zip(leaves, grads_for(k, leaves)):
+            for p, g in zip(leaves, grads_for(k, leaves), strict=True):
                 p.grad = g
             opt.step()
         runs.append(([p.detach() for p in leaves], opt))
     (plain, plain_opt), (diff, diff_opt) = runs
     torch.testing.assert_close(diff, plain, rtol=0, atol=0)
-    for p_plain, p_diff in zip(plain_opt.state, diff_opt.state):
+    for p_plain, p_diff in zip(plain_opt.state, diff_opt.state, strict=True):
         for key, value in plain_opt.state[p_plain].items():
             other = diff_opt.state[p_diff][key]
             torch.testing.assert_close(other.detach() if isinstance(other, torch.Tensor) else other, value,
@@ -304,7 +305,7 @@ def test_differentiable_gradcheck_sgd_and_adam_like_torchs_test():
             p = p.clone()
             p.grad = grad
             opt = cls([p], differentiable=True, **kwargs)
-            opt.state[p].update({k: v.clone() for k, v in zip(keys, state_values)})
+            opt.state[p].update({k: v.clone() for k, v in zip(keys, state_values, strict=True)})
             opt.step()
             return (p, *(v for v in opt.state[p].values() if v.requires_grad))
 
@@ -377,8 +378,9 @@ def test_differentiable_tensor_lr_gets_a_gradient_like_torch(name, float64_count
         assert torch.autograd.gradcheck(lambda lr: run(optgen, lr), (lr,))
 
 
-@pytest.mark.parametrize("name, kwargs", [("AdamW", dict(weight_decay=0.1)), ("NAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
-                                          ("ASGD", dict(weight_decay=0.1)), ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True))])
+@pytest.mark.parametrize("name, kwargs", [
+    ("AdamW", dict(weight_decay=0.1)), ("NAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    ("ASGD", dict(weight_decay=0.1)), ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True))])
 def test_differentiable_tensor_lr_scaling_the_parameter(name, kwargs, float64_counters):
     """``param * (1 - lr * weight_decay)`` with a Tensor lr saves the parameter for backward: the
     kernel works on a copy, so writing the user's tensor at the end leaves what was saved intact
@@ -464,7 +466,7 @@ def test_tensor_lr_behaves_like_torch(case, foreach, lr_shape):
     p_ours, p_torch = twins(base)
     ours, theirs = getattr(optgen, name)(p_ours, **kwargs), getattr(torch.optim, name)(p_torch, **kwargs)
     for k in range(STEPS):
-        for p_o, p_t, g in zip(p_ours, p_torch, grads_for(k, p_ours)):
+        for p_o, p_t, g in zip(p_ours, p_torch, grads_for(k, p_ours), strict=True):
             p_o.grad, p_t.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
@@ -505,7 +507,7 @@ def test_tensor_betas_construction_errors_are_torchs(name, betas, foreach):
     theirs = getattr(torch.optim, name)(p_torch, **{**kwargs, "foreach": False,
                                                      "betas": tuple(float(b) for b in kwargs["betas"])})
     for k in range(3):
-        for p_o, p_t, g in zip(p_ours, p_torch, grads_for(k, p_ours)):
+        for p_o, p_t, g in zip(p_ours, p_torch, grads_for(k, p_ours), strict=True):
             p_o.grad, p_t.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
@@ -686,7 +688,8 @@ def test_sparse_gradient_options_like_torch(case):
             for k in range(3):
                 gen = torch.Generator().manual_seed(k + 1)
                 indices = torch.tensor([[0, 2, 2, 3], [1, 0, 0, 2]])  # a repeated index: uncoalesced
-                params[0].grad = torch.sparse_coo_tensor(indices, torch.randn(4, generator=gen, dtype=torch.float64), (4, 3))
+                values = torch.randn(4, generator=gen, dtype=torch.float64)
+                params[0].grad = torch.sparse_coo_tensor(indices, values, (4, 3))
                 params[1].grad = torch.randn(5, generator=gen, dtype=torch.float64)
                 opt.step()
             return [(p.detach().clone(), {k: v for k, v in opt.state[p].items()}) for p in params]
@@ -695,7 +698,7 @@ def test_sparse_gradient_options_like_torch(case):
     if results[0][0] == "error":
         assert results[1] == results[0]
         return
-    for (p_ours, s_ours), (p_theirs, s_theirs) in zip(results[1][1], results[0][1]):
+    for (p_ours, s_ours), (p_theirs, s_theirs) in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(p_ours, p_theirs)
         assert s_ours.keys() == s_theirs.keys()
         for key, value in s_theirs.items():
@@ -728,4 +731,5 @@ def test_every_registry_optimizer_is_covered():
     that applies to it."""
     names = {c[0] for c in CASES}
     assert {c[0] for c in DIFFERENTIABLE_CASES} == {n for n in names if "differentiable" in signature(n)}
-    assert {c[0] for c in MAXIMIZE_WEIGHT_DECAY} == {n for n in names if {"maximize", "weight_decay"} <= set(signature(n))}
+    assert ({c[0] for c in MAXIMIZE_WEIGHT_DECAY}
+            == {n for n in names if {"maximize", "weight_decay"} <= set(signature(n))})

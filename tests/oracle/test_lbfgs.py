@@ -58,7 +58,7 @@ def test_checkpoint_from_torch_continues_identically():
     theirs, p_torch, _ = run(torch.optim.LBFGS, dict(lr=0.5), torch.float64, 2)
     params, closure_for = problem(torch.float64)
     with torch.no_grad():
-        for p, q in zip(params, p_torch):
+        for p, q in zip(params, p_torch, strict=True):
             p.copy_(q)
     ours = optgen.LBFGS(params, lr=0.5)
     ours.load_state_dict(copy.deepcopy(theirs.state_dict()))

@@ -2,6 +2,7 @@
 (a Newton–Schulz intrinsic; factored second moments from per-tensor reductions)."""
 import copy
 import inspect
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from optgen.runtime import c_launch
 from optgen.runtime.intrinsics import newton_schulz
 
 #: Adafactor's (300, 257) is above the C kernel's PARALLEL_MIN: its walks split rows across threads
-SHAPES = {"Muon": [(8, 5), (3, 7), (6, 6)], "Adafactor": [(8, 5), (7,), (2, 3, 4), (1,), (), (300, 257)]}
+SHAPES: dict[str, list[tuple[int, ...]]] = {"Muon": [(8, 5), (3, 7), (6, 6)],
+                                            "Adafactor": [(8, 5), (7,), (2, 3, 4), (1,), (), (300, 257)]}
 CASES = [
     ("Muon", dict(lr=0.02)),
     ("Muon", dict(lr=0.02, nesterov=False, adjust_lr_fn="match_rms_adamw", weight_decay=0.01, momentum=0.9)),
@@ -19,10 +21,12 @@ CASES = [
     ("Adafactor", dict(lr=0.02)),
     ("Adafactor", dict(lr=0.02, weight_decay=0.1, maximize=True, eps=(1e-30, 1e-3), d=2.0, beta2_decay=-0.5)),
 ]
-TOL = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=2e-6, atol=1e-7)}
+TOL: dict[torch.dtype, dict[str, Any]] = {torch.float64: dict(rtol=1e-12, atol=1e-14),
+                                          torch.float32: dict(rtol=2e-6, atol=1e-7)}
 #: the C kernel computes each element in one expression and sums the norms in double, where torch
 #: rounds op by op and sums in float32: a few float32 ulps apart after 20 steps (tests/c's bound)
-TOL_C = {torch.float64: TOL[torch.float64], torch.float32: dict(rtol=2e-5, atol=1e-6)}
+TOL_C: dict[torch.dtype, dict[str, Any]] = {torch.float64: TOL[torch.float64],
+                                            torch.float32: dict(rtol=2e-5, atol=1e-6)}
 
 
 def run(name, kwargs, implementation, dtype, steps=20, switch_at=None):
@@ -35,7 +39,7 @@ def run(name, kwargs, implementation, dtype, steps=20, switch_at=None):
     theirs = getattr(torch.optim, name)(torch_p, **kwargs)
     for k in range(steps):
         gen = torch.Generator().manual_seed(100 + k)
-        for p, q in zip(ours_p, torch_p):
+        for p, q in zip(ours_p, torch_p, strict=True):
             grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
             p.grad, q.grad = grad.clone(), grad.clone()
         ours.step()
@@ -57,7 +61,7 @@ def test_matches_torch(name, kwargs, implementation, dtype):
     ours, theirs, ours_p, torch_p = run(name, kwargs, implementation, dtype)
     tol = (TOL_C if implementation == "c" else TOL)[dtype]
     torch.testing.assert_close(ours_p, torch_p, **tol)
-    for p, q in zip(ours_p, torch_p):
+    for p, q in zip(ours_p, torch_p, strict=True):
         assert list(ours.state[p]) == list(theirs.state[q])
         for key in theirs.state[q]:
             torch.testing.assert_close(ours.state[p][key], theirs.state[q][key], **tol)
@@ -76,7 +80,7 @@ def test_checkpoint_from_torch_continues_identically(name, kwargs):
     restored.step()
     after_ours = [q.detach().clone() for q in torch_p]
     with torch.no_grad():
-        for q, b in zip(torch_p, before):
+        for q, b in zip(torch_p, before, strict=True):
             q.copy_(b)
     theirs.step()
     torch.testing.assert_close(after_ours, [q.detach() for q in torch_p], rtol=1e-12, atol=1e-14)

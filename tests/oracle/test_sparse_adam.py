@@ -69,5 +69,6 @@ def test_dense_gradient_error_matches_torch():
     for cls in (optgen.SparseAdam, torch.optim.SparseAdam):
         p = torch.zeros(3, requires_grad=True)
         p.grad = torch.ones(3)
-        with pytest.raises(RuntimeError, match="^SparseAdam does not support dense gradients, please consider Adam instead$"):
+        message = "^SparseAdam does not support dense gradients, please consider Adam instead$"
+        with pytest.raises(RuntimeError, match=message):
             cls([p]).step()

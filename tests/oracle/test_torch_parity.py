@@ -1,5 +1,6 @@
 """Built-in specs against torch.optim itself: trajectories, state, checkpoints, errors."""
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -41,8 +42,8 @@ def set_grads(step, *param_lists):
 def assert_same_state(ours, theirs, dtype):
     tol = TOLERANCES[dtype]
     assert len(ours.state) == len(theirs.state)
-    for group_o, group_t in zip(ours.param_groups, theirs.param_groups):
-        for p_o, p_t in zip(group_o["params"], group_t["params"]):
+    for group_o, group_t in zip(ours.param_groups, theirs.param_groups, strict=True):
+        for p_o, p_t in zip(group_o["params"], group_t["params"], strict=True):
             torch.testing.assert_close(p_o, p_t, **tol)
             s_o, s_t = ours.state[p_o], theirs.state[p_t]
             assert list(s_o) == list(s_t)
@@ -127,7 +128,8 @@ def test_checkpoint_moves_between_torch_and_optgen_mid_training(case, chain, imp
         return opt
 
     params, params_ref = ([p.clone().requires_grad_() for p in make_params(dtype)] for _ in range(2))
-    opt = reference = None
+    opt: Any = None
+    reference: Any = None
     for segment, library in enumerate(chain.split(",")):
         with torch.no_grad():  # a fresh model, loaded from the checkpoint's weights
             params = [p.detach().clone().requires_grad_() for p in params]
@@ -168,7 +170,8 @@ def _error(fn):
 
 
 #: every built-in spec with a torch.optim counterpart
-TORCH_OPTIMIZERS = ["SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop"]
+TORCH_OPTIMIZERS = ["SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop",
+                    "Rprop"]
 
 BAD_ARGUMENTS = [
     ("SGD", dict(lr=-0.1)), ("SGD", dict(momentum=-0.5)), ("SGD", dict(weight_decay=-1.0)),

@@ -1,6 +1,7 @@
 """Checkpoint compatibility: every state dict torch 2.13's ``load_state_dict`` accepts for an
 optimizer, optgen accepts, and resumes from to the same values as torch.optim."""
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ COUNTERS = {
     "Adamax": ("step",), "ASGD": ("step", "eta", "mu"), "NAdam": ("step", "mu_product"),
     "RAdam": ("step",), "RMSprop": ("step",), "Rprop": ("step",), "Adafactor": ("step",),
 }
-KWARGS = {"SGD": dict(lr=0.05, momentum=0.9), "Adagrad": dict(lr=0.05), "ASGD": dict(lr=0.05, t0=1),
-          "Adam": dict(lr=0.01, amsgrad=True)}
+KWARGS: dict[str, dict[str, Any]] = {"SGD": dict(lr=0.05, momentum=0.9), "Adagrad": dict(lr=0.05),
+                                     "ASGD": dict(lr=0.05, t0=1), "Adam": dict(lr=0.01, amsgrad=True)}
 IMPLEMENTATIONS = ("forloop", "foreach", "c")
 # Which counters the checkpoint holds as numbers: step alone, and every counter where there are more.
 CHECKPOINTS = [(name, keys[:1]) for name, keys in sorted(COUNTERS.items())] + [
@@ -36,7 +37,7 @@ def _set_grads(step, params):
 
 
 def _torch_optimizer(name, params):
-    cls = getattr(torch.optim, name, None) or getattr(torch.optim, "_adafactor").Adafactor
+    cls = getattr(torch.optim, name, None) or torch.optim._adafactor.Adafactor
     return cls(params, **KWARGS.get(name, {}))
 
 
@@ -77,7 +78,7 @@ def test_number_counters_resume_like_torch(name, keys, implementation, dtype):
         theirs.step()
         ours.step()
     tol = TOLERANCES[dtype]
-    for p_o, p_t in zip(p_ours, p_torch):
+    for p_o, p_t in zip(p_ours, p_torch, strict=True):
         torch.testing.assert_close(p_o, p_t, **tol)
         s_o, s_t = ours.state[p_o], theirs.state[p_t]
         assert list(s_o) == list(s_t)
@@ -110,7 +111,7 @@ def test_fused_capturable_on_cpu_steps_and_resumes_like_torch(name):
         theirs.step()
         ours.step()
         again.step()
-    for p_t, p_o, p_r in zip(p_torch, p_ours, resumed):
+    for p_t, p_o, p_r in zip(p_torch, p_ours, resumed, strict=True):
         torch.testing.assert_close(p_o, p_t, **TOLERANCES[torch.float32])
         torch.testing.assert_close(p_r, p_t, **TOLERANCES[torch.float32])
         for key, v_t in theirs.state[p_t].items():

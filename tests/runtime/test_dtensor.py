@@ -189,6 +189,7 @@ def test_which_specs_run_on_local_shards():
     # update rules — Lamb reads norm(param), Adafactor keeps reduced-shape state and reads
     # norm/numel, Muon orthogonalises the whole matrix.
     from optgen.generated import OPTIMIZERS
+
     from optgen.runtime.generated import GeneratedOptimizer
 
     reads_whole_tensors = {"Lamb", "Adafactor", "Muon"}

@@ -16,7 +16,6 @@ import copy
 import pickle
 import re
 import warnings
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -26,7 +25,6 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 import optgen
 from optgen.runtime.optimizer import Optimizer
-
 
 # --------------------------------------------------------------------------- the two optimizers
 
@@ -127,7 +125,7 @@ def assert_same(a, b, path="root"):
             assert_same(a[k], b[k], f"{path}[{k!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
@@ -183,7 +181,7 @@ def test_torch_base_methods_are_inherited_not_copied(cls):
 
 def test_torch_init_runs(monkeypatch):
     """torch's ``__init__`` builds the groups (it logs its API use once, as for torch's optimizers)."""
-    seen = []
+    seen: list = []
     monkeypatch.setattr(torch._C, "_log_api_usage_once", seen.append)
     optgen.Adam(make_params(), lr=0.1)
     assert seen == ["python.optimizer"]
@@ -253,7 +251,7 @@ def _bad_pre_hook(cls):
 ERRORS = {
     "single-tensor": lambda cls: cls(_leaf(), lr=0.1),
     "empty-list": lambda cls: cls([], lr=0.1),
-    "empty-generator": lambda cls: cls((p for p in []), lr=0.1),
+    "empty-generator": lambda cls: cls((p for p in list[torch.Tensor]()), lr=0.1),
     "group-not-dict": lambda cls: cls([_leaf()], lr=0.1).add_param_group([_leaf()]),
     "params-set": lambda cls: cls([{"params": {_leaf()}}], lr=0.1),
     "non-tensor": lambda cls: cls([_leaf(), 3], lr=0.1),
@@ -364,7 +362,7 @@ def test_closure_and_grad_modes():
     for cls in (OurSGD, TorchSGD):
         p = _leaf()
         opt = cls([p], lr=0.1)
-        seen = []
+        seen: list = []
 
         def closure():
             seen.append(torch.is_grad_enabled())
@@ -428,7 +426,7 @@ def test_load_state_dict_across_and_continue(direction):
     if direction == "torch->ours":
         src, src_p, dst, dst_p = theirs, torch_p, ours, ours_p
     train(src, src_p, 3)
-    for p, q in zip(dst_p, src_p):
+    for p, q in zip(dst_p, src_p, strict=True):
         p.data.copy_(q)
     # A fresh destination, created with different hyperparameters: the loaded ones win.
     dst = type(dst)(groups_of(dst_p, named=True), lr=0.7)
@@ -445,7 +443,7 @@ def test_builtin_sgd_state_loads_into_ours_and_steps_like_it():
     sgd_p, ours_p = clone_params(base), clone_params(base)
     sgd = torch.optim.SGD(groups_of(sgd_p), lr=0.1, momentum=0.9, foreach=False)
     train(sgd, sgd_p, 2)
-    for p, q in zip(ours_p, sgd_p):
+    for p, q in zip(ours_p, sgd_p, strict=True):
         p.data.copy_(q)
     ours = OurSGD(groups_of(ours_p), lr=0.1)
     ours.load_state_dict(saved(sgd))
@@ -464,7 +462,7 @@ def test_builtin_adam_state_round_trips_through_ours():
     ours = OurSGD(groups_of(clone_params(base)), lr=0.1)
     ours.load_state_dict(saved(adam))
     assert_same(ours.state_dict(), adam.state_dict())
-    for p, q in zip(resumed_p, adam_p):
+    for p, q in zip(resumed_p, adam_p, strict=True):
         p.data.copy_(q)
     resumed = torch.optim.Adam(groups_of(resumed_p), lr=0.5, foreach=False)
     resumed.load_state_dict(saved(ours))
@@ -478,7 +476,8 @@ def _policy_state_dict(capturable):
     sd = {
         "state": {
             0: {"momentum_buffer": torch.ones(2), "step": torch.tensor(3.0, dtype=torch.float64),
-                "nested": [torch.ones(1), (torch.zeros(1), 5)], "meta": {"step": torch.tensor(1.0, dtype=torch.float64)}},
+                "nested": [torch.ones(1), (torch.zeros(1), 5)],
+                "meta": {"step": torch.tensor(1.0, dtype=torch.float64)}},
             1: {"momentum_buffer": torch.ones(2), "count": torch.tensor(2)},
         },
         "param_groups": [{"params": [0, 1], "lr": 0.1, "momentum": 0.9,
@@ -550,10 +549,10 @@ def test_load_param_names_and_foreign_state_keys_match_torch():
 
 def test_load_goes_through_setstate_like_torch():
     """torch's optimizers upgrade old state in ``__setstate__``; loading must call it."""
-    seen = {}
+    seen: dict = {}
 
     def setstate_recorder(base):
-        class Recorder(base):
+        class Recorder(base):  # type: ignore[valid-type,misc]  # a class made at run time
             def __setstate__(self, state):
                 super().__setstate__(state)
                 seen.setdefault(base, []).append(sorted(state))
@@ -574,10 +573,12 @@ def test_load_goes_through_setstate_like_torch():
 
 
 def _step_hook_log(cls):
-    log = []
+    log: list = []
     handles = [
-        torch_optimizer_module.register_optimizer_step_pre_hook(lambda o, a, k: log.append(("gpre", len(a), sorted(k)))),
-        torch_optimizer_module.register_optimizer_step_post_hook(lambda o, a, k: log.append(("gpost", len(a), sorted(k)))),
+        torch_optimizer_module.register_optimizer_step_pre_hook(
+            lambda o, a, k: log.append(("gpre", len(a), sorted(k)))),
+        torch_optimizer_module.register_optimizer_step_post_hook(
+            lambda o, a, k: log.append(("gpost", len(a), sorted(k)))),
     ]
     try:
         p = _leaf()
@@ -613,7 +614,7 @@ def test_step_hooks_order_and_arguments_match_torch():
 
 
 def _state_dict_hook_log(cls):
-    log = []
+    log: list = []
     opt = cls([_leaf()], lr=0.1)
     opt.register_state_dict_pre_hook(lambda o: log.append("pre1"))
     opt.register_state_dict_pre_hook(lambda o: log.append("pre0"), prepend=True)
@@ -635,7 +636,11 @@ def _state_dict_hook_log(cls):
         return sd
 
     opt.register_load_state_dict_pre_hook(load_pre)
-    h = opt.register_load_state_dict_pre_hook(lambda o, sd: log.append("lpre0") or sd.pop("extra") and None, prepend=True)
+    def drop_extra(o, sd):  # edits the dict in place, returns None
+        log.append("lpre0")
+        sd.pop("extra")
+
+    h = opt.register_load_state_dict_pre_hook(drop_extra, prepend=True)
     opt.register_load_state_dict_post_hook(lambda o: log.append(("lpost1", o.param_groups[0]["lr"])))
     opt.register_load_state_dict_post_hook(lambda o: log.append("lpost0"), prepend=True)
     opt.load_state_dict(sd)
@@ -656,7 +661,7 @@ def test_state_dict_hooks_order_and_results_match_torch():
 class OurClosureLoop(OurSGD):
     """LBFGS-like: overrides step itself and evaluates the closure several times."""
 
-    def step(self, closure):
+    def step(self, closure=None):
         for _ in range(3):
             with torch.enable_grad():
                 loss = closure()
@@ -666,7 +671,7 @@ class OurClosureLoop(OurSGD):
 
 
 class TorchClosureLoop(TorchSGD):
-    def step(self, closure):
+    def step(self, closure=None):
         for _ in range(3):
             with torch.enable_grad():
                 loss = closure()
@@ -676,7 +681,7 @@ class TorchClosureLoop(TorchSGD):
 
 
 def _closure_loop_run(cls):
-    log = []
+    log: list = []
     p = torch.ones(2, requires_grad=True)
     opt = cls([p], lr=0.1)
     opt.register_step_pre_hook(lambda o, a, k: log.append("pre"))
@@ -716,7 +721,7 @@ def _zero_grad_outcome(cls, set_to_none, foreach):
     opt.zero_grad(set_to_none=set_to_none)
     return [
         None if q.grad is None else (q.grad is b, q.grad.grad_fn is None, q.grad.requires_grad, q.grad.tolist())
-        for q, b in zip(p, before)
+        for q, b in zip(p, before, strict=True)
     ]
 
 
@@ -734,9 +739,13 @@ def test_zero_grad_matches_torch(set_to_none, foreach):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_zero_grad_uses_foreach_kernel_like_torch(foreach, monkeypatch):
-    calls = []
+    calls: list = []
     real = torch._foreach_zero_
-    monkeypatch.setattr(torch, "_foreach_zero_", lambda ts: calls.append(len(ts)) or real(ts))
+    def counted(ts):
+        calls.append(len(ts))
+        return real(ts)
+
+    monkeypatch.setattr(torch, "_foreach_zero_", counted)
     for cls in (OurSGD, TorchSGD):
         params = make_params()
         params.append(torch.zeros(3, dtype=torch.float64, requires_grad=True))
@@ -765,7 +774,8 @@ def test_deepcopy_and_pickle_continue_identically():
     assert_same(ours_copy.state_dict(), ours.state_dict())
     assert_same(ours_pickled.state_dict(), ours.state_dict())
     assert_same(ours_copy.state_dict(), theirs_copy.state_dict())
-    assert_same(ours.__getstate__(), {"defaults": ours.defaults, "state": ours.state, "param_groups": ours.param_groups})
+    assert_same(ours.__getstate__(),
+                {"defaults": ours.defaults, "state": ours.state, "param_groups": ours.param_groups})
 
 
 @pytest.mark.parametrize("named", [False, True])
@@ -858,7 +868,8 @@ def test_group_by_device_and_dtype_matches_torch_grouping():
     firsts = [torch.full((2,), float(i), dtype=d) for i, d in enumerate(dtypes)]
     seconds = [t + 10 for t in firsts]
     ours = Optimizer._group_by_device_and_dtype([firsts, seconds])
-    theirs = _group_tensors_by_device_and_dtype([firsts, seconds], with_indices=True)
+    lists: list[list[torch.Tensor | None]] = [[*firsts], [*seconds]]  # torch's annotation allows None
+    theirs = _group_tensors_by_device_and_dtype(lists, with_indices=True)
     assert set(ours) == set(theirs)
     for key, (lists, indices) in theirs.items():
         assert ours[key][1] == indices

@@ -4,9 +4,9 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from types import SimpleNamespace
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -198,7 +198,7 @@ def test_step_with_epoch(name, kwargs, epochs):
         optimizer = make_optimizer("sgd")
         pairs.append((optimizer, scheduler_class(module, name)(optimizer, **kwargs)))
     for epoch in epochs:
-        for i, (optimizer, scheduler) in enumerate(pairs):
+        for optimizer, scheduler in pairs:
             optimizer.step()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -224,9 +224,9 @@ PLATEAU = [
 def test_reduce_lr_on_plateau(kwargs):
     generator = torch.Generator().manual_seed(0)
     # a metric that improves, stalls, wobbles and improves again; some of it as 0-dim Tensors
-    metrics = [1.0 / (1 + i) if i < 20 else 0.05 + 0.01 * float(torch.rand((), generator=generator))
+    numbers = [1.0 / (1 + i) if i < 20 else 0.05 + 0.01 * float(torch.rand((), generator=generator))
                for i in range(STEPS)]
-    metrics = [torch.tensor(m) if i % 3 == 0 else m for i, m in enumerate(metrics)]
+    metrics = [torch.tensor(m) if i % 3 == 0 else m for i, m in enumerate(numbers)]
     for step, (topt, tsched), (oopt, osched) in run_pair("ReduceLROnPlateau", kwargs, "sgd", metrics=metrics):
         assert_close(snapshot(topt, tsched), snapshot(oopt, osched), f"step {step}")
         assert (tsched.best, tsched.num_bad_epochs, tsched.cooldown_counter) == \
@@ -256,7 +256,7 @@ def test_stacked_schedulers_compose_like_torch():
                 s.step()
             lrs.append([g["lr"] for g in optimizer.param_groups])
         runs.append(lrs)
-    for step, (a, b) in enumerate(zip(*runs)):
+    for step, (a, b) in enumerate(zip(*runs, strict=True)):
         assert_close(a, b, f"step {step}")
     assert math.isclose(runs[1][99][0], 0.1 * 0.9 ** 100 * 0.01, rel_tol=1e-12)  # the factors multiply
 
@@ -451,7 +451,8 @@ def _error(module, name, kwargs, variant):
     return None
 
 
-@pytest.mark.parametrize("name, kwargs, variant", BAD_ARGUMENTS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_ARGUMENTS)])
+@pytest.mark.parametrize("name, kwargs, variant", BAD_ARGUMENTS,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_ARGUMENTS)])
 def test_bad_arguments_raise_like_torch(name, kwargs, variant):
     expected = _error(T, name, kwargs, variant)
     assert expected is not None
@@ -477,7 +478,7 @@ def test_composite_errors_match_torch(bad):
         optimizer, other = make_optimizer("sgd"), make_optimizer("sgd")
         scheds = {"empty": [], "plateau": [module.ReduceLROnPlateau(optimizer)],
                   "other optimizer": [module.StepLR(optimizer, 2), module.StepLR(other, 2)]}[bad]
-        out = []
+        out: list[tuple[type[Exception], str] | None] = []
         for make in (lambda: module.ChainedScheduler(scheds, optimizer),
                      lambda: module.SequentialLR(optimizer, scheds, milestones=[1] * max(0, len(scheds) - 1))):
             try:

@@ -21,7 +21,8 @@ CASES = [
     ("unknown_section", HEAD + "[schdule]\nlr = \"base_lr\"\n",
      "7:1: unknown section [schdule]; allowed sections: scheduler, hyperparameters, check, per_group, "
      "attributes, state, functions, schedule"),
-    ("unknown_key", HEAD.replace('name = "Demo"', 'name = "Demo"\nchainabel = false') + "[schedule]\nlr = \"base_lr\"\n",
+    ("unknown_key",
+     HEAD.replace('name = "Demo"', 'name = "Demo"\nchainabel = false') + "[schedule]\nlr = \"base_lr\"\n",
      "3:1: unknown key 'chainabel' in [scheduler]; allowed keys: assume, base, base_init, chainable, closed_form, "
      "counter, doc, epoch_zero, initial_step, name, paper, signature, torch"),
     ("missing_lr", HEAD + "[schedule]\nx = \"t\"\n",
@@ -29,19 +30,22 @@ CASES = [
     ("unknown_name", HEAD + "[schedule]\nlr = \"base_lr * gama ** t\"\n",
      "8:17: unknown name 'gama' in schedule.lr; known names: base_lr, gamma, t"),
     ("unknown_function", HEAD + "[schedule]\nlr = \"base_lr * cosine(t)\"\n",
-     "8:17: unknown function 'cosine'; available: abs, ceil, cos, count_le, exp, floor, log, max, min, sin, sqrt, where"),
+     "8:17: unknown function 'cosine'; available: abs, ceil, cos, count_le, exp, floor, log, max, min, sin, sqrt, "
+     "where"),
     ("attribute_access", HEAD + "[schedule]\nlr = \"base_lr * gamma.real\"\n",
      "8:17: 'gamma.real' is not allowed in schedule.lr: use numbers, names, + - * / ** // %, where(condition, a, b) "
      "and functions such as cos, min, floor"),
     ("call_in_formula", HEAD + "[schedule]\nlr = \"__import__('os')\"\n",
-     "8:7: unknown function '__import__'; available: abs, ceil, cos, count_le, exp, floor, log, max, min, sin, sqrt, where"),
+     "8:7: unknown function '__import__'; available: abs, ceil, cos, count_le, exp, floor, log, max, min, sin, sqrt, "
+     "where"),
     ("where_arity", HEAD + "[schedule]\nlr = \"where(t < 3, base_lr)\"\n",
      "8:7: where() takes 3 arguments: where(condition, value_if_true, value_if_false)"),
     ("bad_condition", HEAD + "[schedule]\nlr = \"where(gamma, base_lr, 0)\"\n",
      "8:13: 'gamma' is not a boolean; a condition is a comparison such as 't < warmup_steps', a boolean name, "
      "or and/or/not of those"),
     ("string_choice", HEAD.replace("gamma = 0.5", 'gamma = 0.5\nmode = { default = "a", choices = ["a", "b"] }')
-     .replace('"gamma, last_epoch"', '"gamma, mode, last_epoch"') + "[schedule]\nlr = \"where(mode == 'c', base_lr, 0)\"\n",
+     .replace('"gamma, last_epoch"', '"gamma, mode, last_epoch"')
+     + "[schedule]\nlr = \"where(mode == 'c', base_lr, 0)\"\n",
      "9:21: 'c' is not one of mode's choices: a, b"),
     ("syntax_error", HEAD + "[schedule]\nlr = \"base_lr * (gamma\"\n",
      "8:17: syntax error: '(' was never closed (expected a Python-syntax expression)"),
@@ -53,7 +57,8 @@ CASES = [
     ("check_call", HEAD + "[[check]]\nassert = \"print(gamma)\"\nerror = \"x\"\n[schedule]\nlr = \"base_lr\"\n",
      "8:11: 'print(gamma)': a constructor check may call only isinstance() with 2 argument(s), len() with 1 "
      "argument(s), float() with 1 argument(s), int() with 1 argument(s), callable() with 1 argument(s)"),
-    ("check_message_field", HEAD + "[[check]]\nassert = \"gamma > 0\"\nerror = \"bad {gamma.real}\"\n[schedule]\nlr = \"base_lr\"\n",
+    ("check_message_field",
+     HEAD + "[[check]]\nassert = \"gamma > 0\"\nerror = \"bad {gamma.real}\"\n[schedule]\nlr = \"base_lr\"\n",
      "9:10: error message refers to '{gamma.real}'; a field must be one of gamma, last_epoch, optionally indexed by "
      "a number, or type(<name>)"),
     ("chainable_without_base_lr", HEAD + "[schedule]\nlr = \"gamma ** t\"\n", None),

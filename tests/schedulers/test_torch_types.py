@@ -7,6 +7,7 @@ Lightning rejects a scheduler that is not a ``torch.optim.lr_scheduler.LRSchedul
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def _instances(optimizer):
     def sub():
         return O.ExponentialLR(optimizer, gamma=0.9)
 
-    kwargs = {
+    kwargs: dict[str, dict[str, Any]] = {
         "LambdaLR": dict(lr_lambda=lambda e: 0.9 ** e), "MultiplicativeLR": dict(lr_lambda=lambda e: 0.9),
         "StepLR": dict(step_size=2), "MultiStepLR": dict(milestones=[2]), "ExponentialLR": dict(gamma=0.9),
         "CosineAnnealingLR": dict(T_max=5), "CyclicLR": dict(base_lr=0.01, max_lr=0.1),

@@ -16,12 +16,8 @@ import pytest
 
 from optgen.backends.base import module_name
 from optgen.backends.optimizer_class import OptimizerClassBackend
+from optgen.backends.registry import KERNEL_BACKENDS
 from optgen.build import kernel_backends
-
-try:  # the backends' registry (optgen/backends/registry.py), or build.py where it has none
-    from optgen.backends.registry import KERNEL_BACKENDS
-except ImportError:
-    from optgen.build import KERNEL_BACKENDS
 from optgen.errors import InternalCompilerError, SpecError
 from optgen.passes import compile_spec
 from optgen.spec import expressions
@@ -268,7 +264,9 @@ def expression_depth(text: str) -> int:
     """The depth check_size measures: nested expression nodes of the statement's value."""
     def depth(node):
         return 1 + max((depth(c) for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr)), default=0)
-    return depth(ast.parse(text).body[0].value)
+    statement = ast.parse(text).body[0]
+    assert isinstance(statement, ast.Assign | ast.Expr), text
+    return depth(statement.value)
 
 
 def shape(kind: str, n: int) -> str:
@@ -408,6 +406,7 @@ def test_common_mistakes_say_what_to_write(tmp_path, written, message):
 def test_constants_that_are_not_finite_real_numbers(tmp_path, written, message):
     """Parts of a rule made of numbers alone that no backend can compute: a spec error at the
     statement, not an internal compiler error in a backend or the interpreter."""
-    path = spec_file(tmp_path, ("param = param - lr * exp_avg / denom", f"param = param - lr * {written} * exp_avg / denom"))
+    path = spec_file(tmp_path, ("param = param - lr * exp_avg / denom",
+                                f"param = param - lr * {written} * exp_avg / denom"))
     assert error(path).startswith(f"{load_spec_path(path)}:{PARAM_LINE}:") and message in error(path)
     assert "internal compiler error" not in error(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any, cast
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_averaged_model_matches_torch(averaging, dtype):
     assert list(theirs.state_dict()) == list(ours.state_dict())
     assert int(ours.n_averaged) == UPDATES
     # The running mean is a lerp here (torch divides per tensor on CPU): equal up to rounding.
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    tol: dict[str, Any] = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for key, value in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, **tol, msg=key)
 
@@ -72,7 +73,8 @@ def test_state_dict_loads_both_ways():
 
 
 def test_update_bn_matches_torch():
-    loader = [torch.randn(16, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(5)]
+    loader: list[Any] = [torch.randn(16, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                         for i in range(5)]
     loader += [(torch.randn(16, 6, dtype=torch.float64), torch.zeros(16))]  # (input, target) batches too
     models = []
     for module in (T, O):
@@ -151,7 +153,7 @@ def test_avg_fns_match_torch():
                     with pytest.raises(RuntimeError):
                         getattr(O, make)(*args)(copy.deepcopy(lists[1]), current, torch.tensor(2))
                     continue
-            for x, y in zip(*lists):
+            for x, y in zip(*lists, strict=True):
                 torch.testing.assert_close(y, x, rtol=1e-15, atol=0)
 
 
@@ -171,7 +173,7 @@ def test_generated_kernels_agree(dtype):
         averaged = [torch.ones(n, dtype=dtype) for n in (3, 17, 1000)]
         O.lerp_(averaged, current, 0.25, implementation=impl)
         outs.append(averaged)
-    for x, c, *others in zip(outs[0], current, *outs[1:]):
+    for x, c, *others in zip(outs[0], current, *outs[1:], strict=True):
         torch.testing.assert_close(x, torch.lerp(torch.ones_like(c), c, 0.25), rtol=0, atol=0)
         for y in others:  # Triton and C compute a + w (b - a) in their own rounding (FMA)
             torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
@@ -183,4 +185,4 @@ def test_averaging_kernel_is_generated_from_the_spec():
     assert "torch._foreach_lerp_(params, grads, weight)" in inspect.getsource(O.kernel("foreach"))
     assert "param.lerp_(grad, weight)" in inspect.getsource(O.kernel("forloop"))
     assert O._implementation([torch.zeros(1)]) == "foreach"  # on CPU
-    assert "param = lerp_of(param, grad, c_weight);" in O.kernel("c").library.source
+    assert "param = lerp_of(param, grad, c_weight);" in cast(Any, O.kernel("c")).library.source
