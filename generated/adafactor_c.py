@@ -14,6 +14,103 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
+/* one element of walk 1 of adafactor_step: the body of each version of its loop, which
+   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk1(const int64_t i, const int64_t ib,
+        const int64_t ic, const int64_t slot, const int64_t dim_c, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, scalar_t *restrict terms_norm_param,
+        scalar_t *restrict terms_norm_dim1_grad, double *restrict acc_norm_dim2_grad_t, const int maximize,
+        const int param_dim_gt_1)
+{
+    scalar_t grad;
+    scalar_t param = to_compute(param_p[i]);
+    if (param_dim_gt_1) grad = to_compute(grad_p[i]);
+    /* grad = -grad */
+    if (maximize && param_dim_gt_1) grad = -grad;
+    /* norm(param) */
+    terms_norm_param[slot] = param;
+    /* norm_dim(grad, -1) */
+    if (param_dim_gt_1) terms_norm_dim1_grad[slot] = grad;
+    /* norm_dim(grad, -2) */
+    if (param_dim_gt_1) acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
+}
+
+/* one element of walk 2 of adafactor_step: the body of each version of its loop, which
+   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk2(const int64_t i, const int64_t ir,
+        const int64_t ib, const int64_t ic, const int64_t slot, const int64_t dim_c,
+        const storage_t *restrict grad_p, storage_t *restrict row_var_p, storage_t *restrict col_var_p,
+        storage_t *restrict variance_p, const scalar_t *restrict mean_dim2_row_var_s,
+        scalar_t *restrict terms_norm_update, const scalar_t c_one_minus_beta2_t, const scalar_t c_epsilon1,
+        const scalar_t c_epsilon1_times_epsilon1, const int maximize, const int param_dim_gt_1,
+        const int param_dim_le_1)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t col_var;
+    scalar_t mean_dim2_row_var;
+    scalar_t row_var;
+    scalar_t var_estimate;
+    scalar_t variance;
+    scalar_t update;
+    if (param_dim_gt_1) col_var = to_compute(col_var_p[ib * dim_c + ic]);
+    if (param_dim_gt_1) mean_dim2_row_var = mean_dim2_row_var_s[ib];
+    if (param_dim_gt_1) row_var = to_compute(row_var_p[ir]);
+    if (param_dim_le_1) variance = to_compute(variance_p[i]);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+    if (param_dim_gt_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+    if (param_dim_le_1) variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
+    /* var_estimate = variance */
+    if (param_dim_le_1) var_estimate = variance;
+    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+    /* norm(update) */
+    terms_norm_update[slot] = update;
+}
+
+/* one element of walk 3 of adafactor_step: the body of each version of its loop, which
+   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk3(const int64_t i, const int64_t ir,
+        const int64_t ib, const int64_t ic, const int64_t dim_c, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict row_var_p, storage_t *restrict col_var_p,
+        storage_t *restrict variance_p, const scalar_t *restrict mean_dim2_row_var_s,
+        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_one_minus_beta2_t,
+        const scalar_t c_epsilon1, const scalar_t c_epsilon1_times_epsilon1, const scalar_t c_alpha,
+        const scalar_t c_denom, const int maximize, const int weight_decay_ne_0, const int param_dim_gt_1,
+        const int param_dim_le_1)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t param = to_compute(param_p[i]);
+    scalar_t col_var;
+    scalar_t mean_dim2_row_var;
+    scalar_t row_var;
+    scalar_t var_estimate;
+    scalar_t variance;
+    scalar_t update;
+    if (param_dim_gt_1) col_var = to_compute(col_var_p[ib * dim_c + ic]);
+    if (param_dim_gt_1) mean_dim2_row_var = mean_dim2_row_var_s[ib];
+    if (param_dim_gt_1) row_var = to_compute(row_var_p[ir]);
+    if (param_dim_le_1) variance = to_compute(variance_p[i]);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* param = param * (1 - lr * weight_decay) */
+    if (weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
+    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+    if (param_dim_gt_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+    if (param_dim_le_1) variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
+    /* var_estimate = variance */
+    if (param_dim_le_1) var_estimate = variance;
+    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+    /* param = param - alpha / denom * update */
+    param = param - c_alpha * update / c_denom;
+    param_p[i] = from_compute(param);
+    if (param_dim_le_1) variance_p[i] = from_compute(variance);
+}
+
 /* Adafactor step, every combination of maximize */
 void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
         const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
@@ -78,16 +175,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                             scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
                             for (int64_t ic = ic0; ic < ic1; ++ic) {
                                 const int64_t i = ir * dim_c + ic;
-                                scalar_t grad = to_compute(grad_p[i]);
-                                scalar_t param = to_compute(param_p[i]);
-                                /* grad = -grad */
-                                grad = -grad;
-                                /* norm(param) */
-                                terms_norm_param[ic - ic0] = param;
-                                /* norm_dim(grad, -1) */
-                                terms_norm_dim1_grad[ic - ic0] = grad;
-                                /* norm_dim(grad, -2) */
-                                acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
+                                adafactor_step_walk1(i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param, terms_norm_dim1_grad,
+                                    acc_norm_dim2_grad_t, 1, 1);
                             }
                             acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
                             acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
@@ -107,9 +196,7 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        scalar_t param = to_compute(param_p[i]);
-                        /* norm(param) */
-                        terms_norm_param[i - i0] = param;
+                        adafactor_step_walk1(i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0, 0, 1, 0);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                 }
@@ -130,14 +217,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                             scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
                             for (int64_t ic = ic0; ic < ic1; ++ic) {
                                 const int64_t i = ir * dim_c + ic;
-                                scalar_t param = to_compute(param_p[i]);
-                                scalar_t grad = to_compute(grad_p[i]);
-                                /* norm(param) */
-                                terms_norm_param[ic - ic0] = param;
-                                /* norm_dim(grad, -1) */
-                                terms_norm_dim1_grad[ic - ic0] = grad;
-                                /* norm_dim(grad, -2) */
-                                acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
+                                adafactor_step_walk1(i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param, terms_norm_dim1_grad,
+                                    acc_norm_dim2_grad_t, 0, 1);
                             }
                             acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
                             acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
@@ -157,9 +238,7 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        scalar_t param = to_compute(param_p[i]);
-                        /* norm(param) */
-                        terms_norm_param[i - i0] = param;
+                        adafactor_step_walk1(i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0, 0, 0, 0);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                 }
@@ -245,25 +324,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                 scalar_t terms_norm_update[OPTGEN_BLOCK];
                                 for (int64_t ic = ic0; ic < ic1; ++ic) {
                                     const int64_t i = ir * dim_c + ic;
-                                    scalar_t grad = to_compute(grad_p[i]);
-                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                    scalar_t row_var = to_compute(row_var_p[ir]);
-                                    scalar_t var_estimate;
-                                    scalar_t variance = to_compute(variance_p[i]);
-                                    scalar_t update;
-                                    /* grad = -grad */
-                                    grad = -grad;
-                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                    variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                                    /* var_estimate = variance */
-                                    var_estimate = variance;
-                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                    /* norm(update) */
-                                    terms_norm_update[ic - ic0] = update;
+                                    adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
+                                        mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 1,
+                                        1);
                                 }
                                 acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
                             }
@@ -285,20 +348,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                 scalar_t terms_norm_update[OPTGEN_BLOCK];
                                 for (int64_t ic = ic0; ic < ic1; ++ic) {
                                     const int64_t i = ir * dim_c + ic;
-                                    scalar_t grad = to_compute(grad_p[i]);
-                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                    scalar_t row_var = to_compute(row_var_p[ir]);
-                                    scalar_t var_estimate;
-                                    scalar_t update;
-                                    /* grad = -grad */
-                                    grad = -grad;
-                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                    /* norm(update) */
-                                    terms_norm_update[ic - ic0] = update;
+                                    adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
+                                        mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 1,
+                                        0);
                                 }
                                 acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
                             }
@@ -316,20 +368,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                         const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                         scalar_t terms_norm_update[OPTGEN_BLOCK];
                         for (int64_t i = i0; i < i1; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t variance = to_compute(variance_p[i]);
-                            scalar_t var_estimate;
-                            scalar_t update;
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                            variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                            /* var_estimate = variance */
-                            var_estimate = variance;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* norm(update) */
-                            terms_norm_update[i - i0] = update;
+                            adafactor_step_walk2(i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p, variance_p, mean_dim2_row_var_s,
+                                terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 0, 1);
                         }
                         acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
                     }
@@ -339,15 +379,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                         const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                         scalar_t terms_norm_update[OPTGEN_BLOCK];
                         for (int64_t i = i0; i < i1; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t update;
-                            scalar_t var_estimate;
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* norm(update) */
-                            terms_norm_update[i - i0] = update;
+                            adafactor_step_walk2(i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p, variance_p, mean_dim2_row_var_s,
+                                terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 0, 0);
                         }
                         acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
                     }
@@ -367,23 +400,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                 scalar_t terms_norm_update[OPTGEN_BLOCK];
                                 for (int64_t ic = ic0; ic < ic1; ++ic) {
                                     const int64_t i = ir * dim_c + ic;
-                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                    scalar_t row_var = to_compute(row_var_p[ir]);
-                                    scalar_t var_estimate;
-                                    scalar_t grad = to_compute(grad_p[i]);
-                                    scalar_t variance = to_compute(variance_p[i]);
-                                    scalar_t update;
-                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                    variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                                    /* var_estimate = variance */
-                                    var_estimate = variance;
-                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                    /* norm(update) */
-                                    terms_norm_update[ic - ic0] = update;
+                                    adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
+                                        mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 1,
+                                        1);
                                 }
                                 acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
                             }
@@ -405,18 +424,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                 scalar_t terms_norm_update[OPTGEN_BLOCK];
                                 for (int64_t ic = ic0; ic < ic1; ++ic) {
                                     const int64_t i = ir * dim_c + ic;
-                                    scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                    scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                    scalar_t row_var = to_compute(row_var_p[ir]);
-                                    scalar_t var_estimate;
-                                    scalar_t grad = to_compute(grad_p[i]);
-                                    scalar_t update;
-                                    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                    var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                    /* norm(update) */
-                                    terms_norm_update[ic - ic0] = update;
+                                    adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
+                                        mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 1,
+                                        0);
                                 }
                                 acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
                             }
@@ -434,18 +444,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                         const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                         scalar_t terms_norm_update[OPTGEN_BLOCK];
                         for (int64_t i = i0; i < i1; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t variance = to_compute(variance_p[i]);
-                            scalar_t var_estimate;
-                            scalar_t update;
-                            /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                            variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                            /* var_estimate = variance */
-                            var_estimate = variance;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* norm(update) */
-                            terms_norm_update[i - i0] = update;
+                            adafactor_step_walk2(i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p, variance_p, mean_dim2_row_var_s,
+                                terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 0, 1);
                         }
                         acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
                     }
@@ -455,13 +455,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                         const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                         scalar_t terms_norm_update[OPTGEN_BLOCK];
                         for (int64_t i = i0; i < i1; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t update;
-                            scalar_t var_estimate;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* norm(update) */
-                            terms_norm_update[i - i0] = update;
+                            adafactor_step_walk2(i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p, variance_p, mean_dim2_row_var_s,
+                                terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 0, 0);
                         }
                         acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
                     }
@@ -485,30 +480,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                     for (int64_t ic = ic0; ic < ic1; ++ic) {
                                         const int64_t i = ir * dim_c + ic;
-                                        scalar_t grad = to_compute(grad_p[i]);
-                                        scalar_t param = to_compute(param_p[i]);
-                                        scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                        scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                        scalar_t row_var = to_compute(row_var_p[ir]);
-                                        scalar_t var_estimate;
-                                        scalar_t variance = to_compute(variance_p[i]);
-                                        scalar_t update;
-                                        /* grad = -grad */
-                                        grad = -grad;
-                                        /* param = param * (1 - lr * weight_decay) */
-                                        param = c_1_minus_lr_times_weight_decay * param;
-                                        /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                        var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                                        /* var_estimate = variance */
-                                        var_estimate = variance;
-                                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                        /* param = param - alpha / denom * update */
-                                        param = param - c_alpha * update / c_denom;
-                                        param_p[i] = from_compute(param);
-                                        variance_p[i] = from_compute(variance);
+                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 1, 1);
                                     }
                                 }
                             }
@@ -523,24 +497,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                     for (int64_t ic = ic0; ic < ic1; ++ic) {
                                         const int64_t i = ir * dim_c + ic;
-                                        scalar_t grad = to_compute(grad_p[i]);
-                                        scalar_t param = to_compute(param_p[i]);
-                                        scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                        scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                        scalar_t row_var = to_compute(row_var_p[ir]);
-                                        scalar_t var_estimate;
-                                        scalar_t update;
-                                        /* grad = -grad */
-                                        grad = -grad;
-                                        /* param = param * (1 - lr * weight_decay) */
-                                        param = c_1_minus_lr_times_weight_decay * param;
-                                        /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                        var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                        /* param = param - alpha / denom * update */
-                                        param = param - c_alpha * update / c_denom;
-                                        param_p[i] = from_compute(param);
+                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 1, 0);
                                     }
                                 }
                             }
@@ -550,42 +509,16 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     if (param_dim_le_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t variance = to_compute(variance_p[i]);
-                            scalar_t var_estimate;
-                            scalar_t update;
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* param = param * (1 - lr * weight_decay) */
-                            param = c_1_minus_lr_times_weight_decay * param;
-                            /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                            variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                            /* var_estimate = variance */
-                            var_estimate = variance;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* param = param - alpha / denom * update */
-                            param = param - c_alpha * update / c_denom;
-                            param_p[i] = from_compute(param);
-                            variance_p[i] = from_compute(variance);
+                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t update;
-                            scalar_t var_estimate;
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* param = param * (1 - lr * weight_decay) */
-                            param = c_1_minus_lr_times_weight_decay * param;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* param = param - alpha / denom * update */
-                            param = param - c_alpha * update / c_denom;
-                            param_p[i] = from_compute(param);
+                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 0, 0);
                         }
                     }
                 }
@@ -601,28 +534,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                     for (int64_t ic = ic0; ic < ic1; ++ic) {
                                         const int64_t i = ir * dim_c + ic;
-                                        scalar_t grad = to_compute(grad_p[i]);
-                                        scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                        scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                        scalar_t row_var = to_compute(row_var_p[ir]);
-                                        scalar_t var_estimate;
-                                        scalar_t variance = to_compute(variance_p[i]);
-                                        scalar_t update;
-                                        scalar_t param = to_compute(param_p[i]);
-                                        /* grad = -grad */
-                                        grad = -grad;
-                                        /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                        var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                                        /* var_estimate = variance */
-                                        var_estimate = variance;
-                                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                        /* param = param - alpha / denom * update */
-                                        param = param - c_alpha * update / c_denom;
-                                        param_p[i] = from_compute(param);
-                                        variance_p[i] = from_compute(variance);
+                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 1, 1);
                                     }
                                 }
                             }
@@ -637,22 +551,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                     for (int64_t ic = ic0; ic < ic1; ++ic) {
                                         const int64_t i = ir * dim_c + ic;
-                                        scalar_t grad = to_compute(grad_p[i]);
-                                        scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                        scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                        scalar_t row_var = to_compute(row_var_p[ir]);
-                                        scalar_t var_estimate;
-                                        scalar_t update;
-                                        scalar_t param = to_compute(param_p[i]);
-                                        /* grad = -grad */
-                                        grad = -grad;
-                                        /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                        var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                        /* param = param - alpha / denom * update */
-                                        param = param - c_alpha * update / c_denom;
-                                        param_p[i] = from_compute(param);
+                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 1, 0);
                                     }
                                 }
                             }
@@ -662,38 +563,16 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     if (param_dim_le_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t variance = to_compute(variance_p[i]);
-                            scalar_t var_estimate;
-                            scalar_t update;
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                            variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                            /* var_estimate = variance */
-                            var_estimate = variance;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* param = param - alpha / denom * update */
-                            param = param - c_alpha * update / c_denom;
-                            param_p[i] = from_compute(param);
-                            variance_p[i] = from_compute(variance);
+                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t update;
-                            scalar_t var_estimate;
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* param = param - alpha / denom * update */
-                            param = param - c_alpha * update / c_denom;
-                            param_p[i] = from_compute(param);
+                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 0, 0);
                         }
                     }
                 }
@@ -711,28 +590,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                     for (int64_t ic = ic0; ic < ic1; ++ic) {
                                         const int64_t i = ir * dim_c + ic;
-                                        scalar_t param = to_compute(param_p[i]);
-                                        scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                        scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                        scalar_t row_var = to_compute(row_var_p[ir]);
-                                        scalar_t var_estimate;
-                                        scalar_t grad = to_compute(grad_p[i]);
-                                        scalar_t variance = to_compute(variance_p[i]);
-                                        scalar_t update;
-                                        /* param = param * (1 - lr * weight_decay) */
-                                        param = c_1_minus_lr_times_weight_decay * param;
-                                        /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                        var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                                        /* var_estimate = variance */
-                                        var_estimate = variance;
-                                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                        /* param = param - alpha / denom * update */
-                                        param = param - c_alpha * update / c_denom;
-                                        param_p[i] = from_compute(param);
-                                        variance_p[i] = from_compute(variance);
+                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 1, 1);
                                     }
                                 }
                             }
@@ -747,22 +607,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                     for (int64_t ic = ic0; ic < ic1; ++ic) {
                                         const int64_t i = ir * dim_c + ic;
-                                        scalar_t param = to_compute(param_p[i]);
-                                        scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                        scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                        scalar_t row_var = to_compute(row_var_p[ir]);
-                                        scalar_t var_estimate;
-                                        scalar_t grad = to_compute(grad_p[i]);
-                                        scalar_t update;
-                                        /* param = param * (1 - lr * weight_decay) */
-                                        param = c_1_minus_lr_times_weight_decay * param;
-                                        /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                        var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                        /* param = param - alpha / denom * update */
-                                        param = param - c_alpha * update / c_denom;
-                                        param_p[i] = from_compute(param);
+                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 1, 0);
                                     }
                                 }
                             }
@@ -772,38 +619,16 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     if (param_dim_le_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t variance = to_compute(variance_p[i]);
-                            scalar_t var_estimate;
-                            scalar_t update;
-                            /* param = param * (1 - lr * weight_decay) */
-                            param = c_1_minus_lr_times_weight_decay * param;
-                            /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                            variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                            /* var_estimate = variance */
-                            var_estimate = variance;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* param = param - alpha / denom * update */
-                            param = param - c_alpha * update / c_denom;
-                            param_p[i] = from_compute(param);
-                            variance_p[i] = from_compute(variance);
+                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t update;
-                            scalar_t var_estimate;
-                            /* param = param * (1 - lr * weight_decay) */
-                            param = c_1_minus_lr_times_weight_decay * param;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* param = param - alpha / denom * update */
-                            param = param - c_alpha * update / c_denom;
-                            param_p[i] = from_compute(param);
+                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 0, 0);
                         }
                     }
                 }
@@ -819,26 +644,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                     for (int64_t ic = ic0; ic < ic1; ++ic) {
                                         const int64_t i = ir * dim_c + ic;
-                                        scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                        scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                        scalar_t row_var = to_compute(row_var_p[ir]);
-                                        scalar_t var_estimate;
-                                        scalar_t grad = to_compute(grad_p[i]);
-                                        scalar_t variance = to_compute(variance_p[i]);
-                                        scalar_t update;
-                                        scalar_t param = to_compute(param_p[i]);
-                                        /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                        var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                        /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                                        variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                                        /* var_estimate = variance */
-                                        var_estimate = variance;
-                                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                        /* param = param - alpha / denom * update */
-                                        param = param - c_alpha * update / c_denom;
-                                        param_p[i] = from_compute(param);
-                                        variance_p[i] = from_compute(variance);
+                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 1, 1);
                                     }
                                 }
                             }
@@ -853,20 +661,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                     for (int64_t ic = ic0; ic < ic1; ++ic) {
                                         const int64_t i = ir * dim_c + ic;
-                                        scalar_t col_var = to_compute(col_var_p[ib * dim_c + ic]);
-                                        scalar_t mean_dim2_row_var = mean_dim2_row_var_s[ib];
-                                        scalar_t row_var = to_compute(row_var_p[ir]);
-                                        scalar_t var_estimate;
-                                        scalar_t grad = to_compute(grad_p[i]);
-                                        scalar_t update;
-                                        scalar_t param = to_compute(param_p[i]);
-                                        /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
-                                        var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-                                        /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                                        update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                                        /* param = param - alpha / denom * update */
-                                        param = param - c_alpha * update / c_denom;
-                                        param_p[i] = from_compute(param);
+                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 1, 0);
                                     }
                                 }
                             }
@@ -876,34 +673,16 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     if (param_dim_le_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t variance = to_compute(variance_p[i]);
-                            scalar_t var_estimate;
-                            scalar_t update;
-                            scalar_t param = to_compute(param_p[i]);
-                            /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-                            variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
-                            /* var_estimate = variance */
-                            var_estimate = variance;
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* param = param - alpha / denom * update */
-                            param = param - c_alpha * update / c_denom;
-                            param_p[i] = from_compute(param);
-                            variance_p[i] = from_compute(variance);
+                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t update;
-                            scalar_t var_estimate;
-                            scalar_t param = to_compute(param_p[i]);
-                            /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
-                            update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
-                            /* param = param - alpha / denom * update */
-                            param = param - c_alpha * update / c_denom;
-                            param_p[i] = from_compute(param);
+                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 0, 0);
                         }
                     }
                 }

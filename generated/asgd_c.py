@@ -14,6 +14,34 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
+/* one element of walk 1 of asgd_step: the body of each version of its loop, which
+   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void asgd_step_walk1(const int64_t i,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict ax_p,
+        const scalar_t c_weight_decay, const scalar_t c_1_minus_eta_times_lambd, const scalar_t c_eta,
+        const scalar_t c_mu, const int maximize, const int weight_decay_ne_0, const int mu_ne_1,
+        const int mu_eq_1)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t param = to_compute(param_p[i]);
+    scalar_t ax;
+    if (mu_eq_1 || mu_ne_1) ax = to_compute(ax_p[i]);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* grad = grad + weight_decay * param */
+    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+    /* param = param * (1 - lambd * eta) */
+    param = c_1_minus_eta_times_lambd * param;
+    /* param = param - eta * grad */
+    param = param - c_eta * grad;
+    /* ax = ax + (param - ax) * mu */
+    if (mu_ne_1) ax = ax + c_mu * (param - ax);
+    /* ax = param */
+    if (mu_eq_1) ax = param;
+    param_p[i] = from_compute(param);
+    if (mu_eq_1 || mu_ne_1) ax_p[i] = from_compute(ax);
+}
+
 /* ASGD step, every combination of maximize */
 void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
         const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
@@ -51,78 +79,24 @@ void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = ax + (param - ax) * mu */
-                            ax = ax + c_mu * (param - ax);
-                            /* ax = param */
-                            ax = param;
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 1, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = ax + (param - ax) * mu */
-                            ax = ax + c_mu * (param - ax);
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 1, 0);
                         }
                     }
                 } else {
                     if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = param */
-                            ax = param;
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            param_p[i] = from_compute(param);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 0, 0);
                         }
                     }
                 }
@@ -131,70 +105,24 @@ void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = ax + (param - ax) * mu */
-                            ax = ax + c_mu * (param - ax);
-                            /* ax = param */
-                            ax = param;
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 1, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = ax + (param - ax) * mu */
-                            ax = ax + c_mu * (param - ax);
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 1, 0);
                         }
                     }
                 } else {
                     if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = param */
-                            ax = param;
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            param_p[i] = from_compute(param);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 0, 0);
                         }
                     }
                 }
@@ -205,70 +133,24 @@ void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = ax + (param - ax) * mu */
-                            ax = ax + c_mu * (param - ax);
-                            /* ax = param */
-                            ax = param;
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 1, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = ax + (param - ax) * mu */
-                            ax = ax + c_mu * (param - ax);
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 1, 0);
                         }
                     }
                 } else {
                     if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = param */
-                            ax = param;
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            param_p[i] = from_compute(param);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 0, 0);
                         }
                     }
                 }
@@ -277,62 +159,24 @@ void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = ax + (param - ax) * mu */
-                            ax = ax + c_mu * (param - ax);
-                            /* ax = param */
-                            ax = param;
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 1, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = ax + (param - ax) * mu */
-                            ax = ax + c_mu * (param - ax);
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 1, 0);
                         }
                     }
                 } else {
                     if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t ax = to_compute(ax_p[i]);
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            /* ax = param */
-                            ax = param;
-                            param_p[i] = from_compute(param);
-                            ax_p[i] = from_compute(ax);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t grad = to_compute(grad_p[i]);
-                            /* param = param * (1 - lambd * eta) */
-                            param = c_1_minus_eta_times_lambd * param;
-                            /* param = param - eta * grad */
-                            param = param - c_eta * grad;
-                            param_p[i] = from_compute(param);
+                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 0, 0);
                         }
                     }
                 }

@@ -14,6 +14,68 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
+/* one element of walk 1 of lamb_step: the body of each version of its loop, which
+   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void lamb_step_walk1(const int64_t i, const int64_t slot,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
+        storage_t *restrict exp_avg_sq_p, scalar_t *restrict terms_norm_param,
+        scalar_t *restrict terms_norm_update, const scalar_t c_1_minus_beta1, const scalar_t c_beta2,
+        const scalar_t c_1_minus_beta2, const scalar_t c_bias_correction1, const scalar_t c_eps,
+        const scalar_t c_bias_correction2, const scalar_t c_weight_decay, const int maximize,
+        const int weight_decay_ne_0)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t exp_avg = to_compute(exp_avg_p[i]);
+    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+    scalar_t update;
+    scalar_t param = to_compute(param_p[i]);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+    /* update = update + weight_decay * param */
+    if (weight_decay_ne_0) update = update + c_weight_decay * param;
+    /* norm(param) */
+    terms_norm_param[slot] = param;
+    /* norm(update) */
+    terms_norm_update[slot] = update;
+}
+
+/* one element of walk 2 of lamb_step: the body of each version of its loop, which
+   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void lamb_step_walk2(const int64_t i,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
+        storage_t *restrict exp_avg_sq_p, const scalar_t c_1_minus_beta1, const scalar_t c_beta2,
+        const scalar_t c_1_minus_beta2, const scalar_t c_bias_correction1, const scalar_t c_eps,
+        const scalar_t c_bias_correction2, const scalar_t c_weight_decay, const scalar_t c_lr,
+        const scalar_t c_trust_ratio, const int maximize, const int weight_decay_ne_0)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t exp_avg = to_compute(exp_avg_p[i]);
+    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+    scalar_t update;
+    scalar_t param = to_compute(param_p[i]);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+    /* update = update + weight_decay * param */
+    if (weight_decay_ne_0) update = update + c_weight_decay * param;
+    /* param = param - lr * trust_ratio * update */
+    param = param - c_lr * c_trust_ratio * update;
+    param_p[i] = from_compute(param);
+    exp_avg_p[i] = from_compute(exp_avg);
+    exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+}
+
 /* Lamb step, every combination of maximize */
 void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
         const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
@@ -56,25 +118,9 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     scalar_t terms_norm_update[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        scalar_t grad = to_compute(grad_p[i]);
-                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-                        scalar_t update;
-                        scalar_t param = to_compute(param_p[i]);
-                        /* grad = -grad */
-                        grad = -grad;
-                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-                        /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-                        update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-                        /* update = update + weight_decay * param */
-                        update = update + c_weight_decay * param;
-                        /* norm(param) */
-                        terms_norm_param[i - i0] = param;
-                        /* norm(update) */
-                        terms_norm_update[i - i0] = update;
+                        lamb_step_walk1(i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, terms_norm_param, terms_norm_update,
+                            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay,
+                            1, 1);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                     acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
@@ -86,23 +132,9 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     scalar_t terms_norm_update[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        scalar_t grad = to_compute(grad_p[i]);
-                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-                        scalar_t update;
-                        scalar_t param = to_compute(param_p[i]);
-                        /* grad = -grad */
-                        grad = -grad;
-                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-                        /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-                        update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-                        /* norm(param) */
-                        terms_norm_param[i - i0] = param;
-                        /* norm(update) */
-                        terms_norm_update[i - i0] = update;
+                        lamb_step_walk1(i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, terms_norm_param, terms_norm_update,
+                            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay,
+                            1, 0);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                     acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
@@ -116,23 +148,9 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     scalar_t terms_norm_update[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-                        scalar_t grad = to_compute(grad_p[i]);
-                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-                        scalar_t update;
-                        scalar_t param = to_compute(param_p[i]);
-                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-                        /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-                        update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-                        /* update = update + weight_decay * param */
-                        update = update + c_weight_decay * param;
-                        /* norm(param) */
-                        terms_norm_param[i - i0] = param;
-                        /* norm(update) */
-                        terms_norm_update[i - i0] = update;
+                        lamb_step_walk1(i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, terms_norm_param, terms_norm_update,
+                            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay,
+                            0, 1);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                     acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
@@ -144,21 +162,9 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     scalar_t terms_norm_update[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-                        scalar_t grad = to_compute(grad_p[i]);
-                        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-                        scalar_t update;
-                        scalar_t param = to_compute(param_p[i]);
-                        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-                        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-                        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-                        /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-                        update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-                        /* norm(param) */
-                        terms_norm_param[i - i0] = param;
-                        /* norm(update) */
-                        terms_norm_update[i - i0] = update;
+                        lamb_step_walk1(i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, terms_norm_param, terms_norm_update,
+                            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay,
+                            0, 0);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                     acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
@@ -178,92 +184,28 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
             if (weight_decay_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                 for (int64_t i = 0; i < numel; ++i) {
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-                    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-                    scalar_t update;
-                    scalar_t param = to_compute(param_p[i]);
-                    /* grad = -grad */
-                    grad = -grad;
-                    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-                    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-                    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-                    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-                    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-                    /* update = update + weight_decay * param */
-                    update = update + c_weight_decay * param;
-                    /* param = param - lr * trust_ratio * update */
-                    param = param - c_lr * c_trust_ratio * update;
-                    param_p[i] = from_compute(param);
-                    exp_avg_p[i] = from_compute(exp_avg);
-                    exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    lamb_step_walk2(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
+                        c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio, 1, 1);
                 }
             } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                 for (int64_t i = 0; i < numel; ++i) {
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-                    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-                    scalar_t update;
-                    scalar_t param = to_compute(param_p[i]);
-                    /* grad = -grad */
-                    grad = -grad;
-                    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-                    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-                    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-                    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-                    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-                    /* param = param - lr * trust_ratio * update */
-                    param = param - c_lr * c_trust_ratio * update;
-                    param_p[i] = from_compute(param);
-                    exp_avg_p[i] = from_compute(exp_avg);
-                    exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    lamb_step_walk2(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
+                        c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio, 1, 0);
                 }
             }
         } else {
             if (weight_decay_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                 for (int64_t i = 0; i < numel; ++i) {
-                    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-                    scalar_t update;
-                    scalar_t param = to_compute(param_p[i]);
-                    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-                    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-                    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-                    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-                    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-                    /* update = update + weight_decay * param */
-                    update = update + c_weight_decay * param;
-                    /* param = param - lr * trust_ratio * update */
-                    param = param - c_lr * c_trust_ratio * update;
-                    param_p[i] = from_compute(param);
-                    exp_avg_p[i] = from_compute(exp_avg);
-                    exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    lamb_step_walk2(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
+                        c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio, 0, 1);
                 }
             } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                 for (int64_t i = 0; i < numel; ++i) {
-                    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-                    scalar_t grad = to_compute(grad_p[i]);
-                    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-                    scalar_t update;
-                    scalar_t param = to_compute(param_p[i]);
-                    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-                    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-                    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-                    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-                    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-                    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-                    /* param = param - lr * trust_ratio * update */
-                    param = param - c_lr * c_trust_ratio * update;
-                    param_p[i] = from_compute(param);
-                    exp_avg_p[i] = from_compute(exp_avg);
-                    exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+                    lamb_step_walk2(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
+                        c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio, 0, 0);
                 }
             }
         }

@@ -14,6 +14,34 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
+/* one element of walk 1 of sgd_step: the body of each version of its loop, which
+   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void sgd_step_walk1(const int64_t i,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict momentum_buffer_p,
+        const scalar_t c_weight_decay, const scalar_t c_1_minus_dampening, const scalar_t c_momentum,
+        const scalar_t c_lr, const int momentum_buffer_is_new, const int nesterov, const int maximize,
+        const int weight_decay_ne_0, const int momentum_ne_0)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t param = to_compute(param_p[i]);
+    scalar_t momentum_buffer;
+    if (momentum_ne_0) momentum_buffer = to_compute(momentum_buffer_p[i]);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* grad = grad + weight_decay * param */
+    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+    if (momentum_ne_0) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+    /* grad = momentum_buffer */
+    if (momentum_ne_0 && !nesterov) grad = momentum_buffer;
+    /* grad = grad + momentum * momentum_buffer */
+    if (momentum_ne_0 && nesterov) grad = grad + c_momentum * momentum_buffer;
+    /* param = param - lr * grad */
+    param = param - c_lr * grad;
+    param_p[i] = from_compute(param);
+    if (momentum_ne_0) momentum_buffer_p[i] = from_compute(momentum_buffer);
+}
+
 /* SGD step, every combination of nesterov, maximize */
 void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
         const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
@@ -42,64 +70,28 @@ void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const in
                     if (momentum_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-                            momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-                            /* grad = grad + momentum * momentum_buffer */
-                            grad = grad + c_momentum * momentum_buffer;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
-                            momentum_buffer_p[i] = from_compute(momentum_buffer);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 1, 1, 1, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 1, 1, 1, 0);
                         }
                     }
                 } else {
                     if (momentum_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-                            momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-                            /* grad = grad + momentum * momentum_buffer */
-                            grad = grad + c_momentum * momentum_buffer;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
-                            momentum_buffer_p[i] = from_compute(momentum_buffer);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 1, 1, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 1, 1, 0, 0);
                         }
                     }
                 }
@@ -108,56 +100,28 @@ void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const in
                     if (momentum_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-                            momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-                            /* grad = grad + momentum * momentum_buffer */
-                            grad = grad + c_momentum * momentum_buffer;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
-                            momentum_buffer_p[i] = from_compute(momentum_buffer);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 1, 0, 1, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 1, 0, 1, 0);
                         }
                     }
                 } else {
                     if (momentum_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-                            momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-                            /* grad = grad + momentum * momentum_buffer */
-                            grad = grad + c_momentum * momentum_buffer;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
-                            momentum_buffer_p[i] = from_compute(momentum_buffer);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 1, 0, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 1, 0, 0, 0);
                         }
                     }
                 }
@@ -168,64 +132,28 @@ void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const in
                     if (momentum_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-                            momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-                            /* grad = momentum_buffer */
-                            grad = momentum_buffer;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
-                            momentum_buffer_p[i] = from_compute(momentum_buffer);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 0, 1, 1, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 0, 1, 1, 0);
                         }
                     }
                 } else {
                     if (momentum_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-                            momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-                            /* grad = momentum_buffer */
-                            grad = momentum_buffer;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
-                            momentum_buffer_p[i] = from_compute(momentum_buffer);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 0, 1, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = -grad */
-                            grad = -grad;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 0, 1, 0, 0);
                         }
                     }
                 }
@@ -234,56 +162,28 @@ void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const in
                     if (momentum_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-                            momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-                            /* grad = momentum_buffer */
-                            grad = momentum_buffer;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
-                            momentum_buffer_p[i] = from_compute(momentum_buffer);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 0, 0, 1, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* grad = grad + weight_decay * param */
-                            grad = grad + c_weight_decay * param;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 0, 0, 1, 0);
                         }
                     }
                 } else {
                     if (momentum_ne_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t momentum_buffer = to_compute(momentum_buffer_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-                            momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-                            /* grad = momentum_buffer */
-                            grad = momentum_buffer;
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
-                            momentum_buffer_p[i] = from_compute(momentum_buffer);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 0, 0, 0, 1);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            scalar_t grad = to_compute(grad_p[i]);
-                            scalar_t param = to_compute(param_p[i]);
-                            /* param = param - lr * grad */
-                            param = param - c_lr * grad;
-                            param_p[i] = from_compute(param);
+                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
+                                momentum_buffer_is_new, 0, 0, 0, 0);
                         }
                     }
                 }

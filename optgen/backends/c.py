@@ -1,4 +1,4 @@
-"""The C backend: one fused CPU kernel per flag variant, compiled on first use.
+"""The C backend: one fused CPU kernel per optimizer (every flag variant), compiled on first use.
 
 Note [C kernel layout]
 ~~~~~~~~~~~~~~~~~~~~~~
@@ -6,7 +6,8 @@ torch's fused CPU optimizers (Adam, AdamW, SGD, Adagrad) walk each tensor once, 
 chunks, with vectorised math; optgen's for-loop and foreach kernels walk it once per op.  This
 backend prints every elementwise spec as such a kernel, in C (PERF-NOTES: a plain C loop with
 ``restrict`` pointers, OpenMP over the elements and ``-O3 -march=native -fno-math-errno`` is level
-with torch's fused Adam).  Per variant, one function over every tensor of a (dtype) group::
+with torch's fused Adam).  One function over every tensor of a (dtype) group (abridged: the
+flags arrive as the bits of ``flags``, and each loop below is one version of its walk)::
 
     void adam_default(int64_t n, void **tensors, void **grads, void **counters,
                       const int64_t *numels, const int64_t *dims, const uint8_t *first_step,
@@ -36,10 +37,12 @@ reads the value its position in the spec sees.  Every condition is a per-tensor 
 hyperparameter comparison, ``rho_t > 5``), computed once before the loop, and the loop is
 specialised on up to MAX_VERSIONS of them (``if (cond) { loop } else { loop }``: straight-line
 loops vectorise, and a state a condition leaves absent is never touched); per-element choices
-are ``where(...)`` inside an expression.  The elementwise loop loads each tensor once, runs the tensor
-statements in ``scalar_t`` (the parameters' ``float`` or ``double``; ``float`` for bfloat16 and
-float16 storage, as torch's fused kernels compute: the source compiles once per dtype), and
-stores each written tensor once.  A lazily created state is allocated before the
+are ``where(...)`` inside an expression.  The flags are branched on the same way, and the
+versions of a loop share one body, a ``static inline`` function called with the flags and
+conditions as constants (Note [One loop body per walk]).  The elementwise loop loads each
+tensor once, runs the tensor statements in ``scalar_t`` (the parameters' ``float`` or
+``double``; ``float`` for bfloat16 and float16 storage, as torch's fused kernels compute: the
+source compiles once per dtype), and stores each written tensor once.  A lazily created state is allocated before the
 call and flagged in ``first_step`` (its ``first`` value is stored on that step).
 
 A rule that reduces tensors (``norm``, ``norm_dim``, ``mean_dim``) makes several such walks,
@@ -53,7 +56,9 @@ makes :meth:`CBackend.unsupported` say why, as the Triton backend does.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy
@@ -149,6 +154,7 @@ class _CBuilder:
         self.scratch: dict[str, str] = {}   # small local tensor → its per-tensor array
         self.accumulators: dict[str, str] = {}  # lifted reduction → the variable summing it
         self.hoisted: dict[str, str] = {}
+        self.functions: list[str] = []     # the walks' bodies (Note [One loop body per walk])
         self.conditions: dict[str, str] = {}  # condition text (names are versions) → its variable
 
     def cname(self, name: str) -> str:
@@ -170,7 +176,8 @@ class _CBuilder:
         roles, kernel = self.roles, self.kernel
         hypers, counters, states = kernel.hyperparameters, kernel.counters, kernel.states
         self.lists = lists = ["param", *states]
-        lazy_states = [s.name for s in kernel.lazy]
+        self.lazy_states = lazy_states = [s.name for s in kernel.lazy]
+        self.function = function
         lazy = [(lists.index(s.name), s.when) for s in kernel.lazy]
         # A state that may not exist for this tensor (SGD's momentum_buffer when momentum == 0,
         # Adafactor's row_var for a vector) has a NULL address: the statements using it do not
@@ -224,9 +231,9 @@ class _CBuilder:
         for level in range(self.plan.walks + 1):
             if level:
                 body += self.walk([s for s in self.full if s.level < level],
-                                  [a for a in self.accumulations if a.level == level], store=False)
+                                  [a for a in self.accumulations if a.level == level], store=False, number=level)
             body += [line for lv, line in self.lines if lv == level]
-        body += self.walk(self.full, [], store=True)
+        body += self.walk(self.full, [], store=True, number=self.plan.walks + 1)
         body += [f"store_counter(counters[{i} * n + t], {self.current[c]}, counters_f64);"
                  for i, c in enumerate(counters) if self.current[c] != self.cname(c)]
         body += [f"free({array});" for array in self.scratch.values()]
@@ -234,7 +241,8 @@ class _CBuilder:
         dims = [f"const int64_t {d} = dims[4 * t + {k}];" for k, d in enumerate(("ndim", "dim_b", "dim_m", "dim_c"))
                 if re.search(rf"\b{d}\b", text)]
         body = [body[0], *dims, *body[1:len(prologue)], *pointers, *scratch, *body[len(prologue):]]
-        source = [f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
+        source = [*self.functions, f"/* {doc} */",
+                  f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
                   "        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)",
                   "{", *("    " + x for x in head), "    for (int64_t t = 0; t < n; ++t) {",
                   *("        " + x if not x.startswith("#") else x for x in body), "    }", "}"]
@@ -389,24 +397,42 @@ class _CBuilder:
     def load(self, name: str, loop: Extent, present: bool = False) -> str:
         """``scalar_t name = ...`` of one element of ``name`` inside a loop over ``loop``
         (``present``: known to exist here, so no test of its address)."""
+        return f"scalar_t {self.cname(name)} = {self.load_value(name, loop, present)};"
+
+    def load_value(self, name: str, loop: Extent, present: bool = False) -> str:
         c, extent = self.cname(name), self.extents.get(name, FULL)
         index = "i" if extent == FULL else _index(extent, loop)
         if name in self.scratch:
-            return f"scalar_t {c} = {self.scratch[name]}[{index}];"
+            return f"{self.scratch[name]}[{index}]"
         if name in self.optional and not present:
-            return f"scalar_t {c} = {c}_p ? to_compute({c}_p[{index}]) : 0;"
-        return f"scalar_t {c} = to_compute({c}_p[{index}]);"
+            return f"{c}_p ? to_compute({c}_p[{index}]) : 0"
+        return f"to_compute({c}_p[{index}])"
 
     # -- walks ---------------------------------------------------------------------------------
-    def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: bool) -> list[str]:
-        """One pass over the tensor: the statements and accumulations in the spec's order; the
-        final pass also stores what it wrote (Note [Sweeps]).
+    # Note [One loop body per walk]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A walk has a version of its loop per combination of the flags and per-tensor conditions
+    # that changes what it computes (Adam's final walk: 16), each straight-line so that it
+    # vectorises.  Their bodies differ only in which statements, loads and stores run, so the
+    # body is printed once, as a `static inline` function of one element taking every flag and
+    # condition as a `const int` argument, each line under the condition (over those arguments)
+    # of the versions it runs in; each version's loop calls it with constants.  Inlined, the
+    # constants fold and each loop is the straight-line loop it was (bit for bit the same
+    # arithmetic: tests/c/test_merged_against_variants.py).  The constants must be literals at
+    # the call inside the `#pragma omp` loop: OpenMP outlines a parallel region before anything is
+    # inlined, so a variable set before the loop reaches the outlined loop as a runtime value.  A
+    # state that exists only under a condition is loaded and stored only under it (a NULL
+    # address otherwise).  A walk with one version keeps its body inside its loop.
+    def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: bool,
+             number: int) -> list[str]:
+        """Walk ``number`` over the tensor: the statements and accumulations in the spec's order;
+        the final walk also stores what it wrote (Note [Sweeps]).
 
-        Per-tensor conditions of the statements it runs (``weight_decay != 0``, Adafactor's
-        ``ndim(param) > 1``) become up to MAX_VERSIONS versions of the loop, one per outcome, so
-        each loop is straight-line and vectorises: a state a condition leaves absent (a NULL
-        address) is then neither loaded nor stored, where an ``x_p ? x_p[i] : 0`` in the loop
-        keeps it scalar.  Beyond that, the conditions stay inside the loop."""
+        It branches on the flags, then on up to MAX_VERSIONS per-tensor conditions of the
+        statements it runs (``weight_decay != 0``, Adafactor's ``ndim(param) > 1``): a version of
+        the loop per outcome, each straight-line, so it vectorises, and a state a condition leaves
+        absent (a NULL address) is neither loaded nor stored.  Beyond MAX_VERSIONS the conditions
+        stay inside the loop.  The versions share one body (Note [One loop body per walk])."""
         names = self.accumulators
         scalars = [names[a.reduction.name] for a in accumulate if a.reduction.extent == SCALAR]
         arrays = [a for a in accumulate if a.reduction.extent != SCALAR]
@@ -416,7 +442,7 @@ class _CBuilder:
         terms = {a.reduction.name: self.fresh(f"terms_{a.reduction.name}") for a in accumulate
                  if a.reduction.extent in (SCALAR, ROWS)}
 
-        def by_flags(k: int, values: dict) -> list[str]:
+        def by_flags(k: int, values: dict):
             """The walk for the flag values fixed so far: a branch per flag whose value changes it."""
             if k == len(self.flags):
                 def runs(x) -> bool:
@@ -424,41 +450,45 @@ class _CBuilder:
                                                   for f, v in values.items()}))
                 return self.versions([dataclasses.replace(s, flags=sympy.true) for s in statements if runs(s)],
                                      [dataclasses.replace(a, flags=sympy.true) for a in accumulate if runs(a)],
-                                     store, terms)
+                                     store, terms, {self.cname(f): v for f, v in values.items()})
             f = self.flags[k]
             on, off = by_flags(k + 1, {**values, f: True}), by_flags(k + 1, {**values, f: False})
-            if on == off:
+            if _inline(on) == _inline(off):  # the flag changes nothing here: these versions get it as 1
                 return on
-            return [f"if ({self.cname(f)}) {{", *_indent(on), "} else {", *_indent(off), "}"]
+            return _Branch(self.cname(f), on, off)
 
-        return out + by_flags(0, {})
+        tree = by_flags(0, {})
+        leaves = [leaf for leaf in _leaves(tree) if leaf.body]
+        if len(leaves) <= 1:
+            return out + _inline(tree)
+        return out + _render(tree, self.body_function(leaves, number))
 
-    def versions(self, statements, accumulate, store: bool, terms: dict) -> list[str]:
+    def versions(self, statements, accumulate, store: bool, terms: dict, flags: dict):
         """One flag assignment's walk, specialised on up to MAX_VERSIONS per-tensor conditions."""
         conditions = list(dict.fromkeys(s.condition for s in _live(statements, accumulate, self.lists if store else ())
                                         if s.condition is not None))
         if not conditions or len(conditions) > MAX_VERSIONS:
-            return self.loop(statements, accumulate, store, terms, None)
+            return self.loop(statements, accumulate, store, terms, flags, {c: None for c in conditions})
 
-        def versions(k: int, fixed: dict) -> list[str]:
+        def versions(k: int, fixed: dict):
             if k == len(conditions):
-                return self.loop(statements, accumulate, store, terms, fixed)
+                return self.loop(statements, accumulate, store, terms, flags, fixed)
             c = conditions[k]
-            return [f"if ({c}) {{", *_indent(versions(k + 1, {**fixed, c: True})), "} else {",
-                    *_indent(versions(k + 1, {**fixed, c: False})), "}"]
+            return _Branch(c, versions(k + 1, {**fixed, c: True}), versions(k + 1, {**fixed, c: False}))
 
         return versions(0, {})
 
-    def loop(self, statements, accumulate, store: bool, terms: dict, fixed: dict | None) -> list[str]:
-        """The loop of one walk; ``fixed``: the outcome of each condition in this version (None:
-        the conditions are tested in the loop)."""
+    def loop(self, statements, accumulate, store: bool, terms: dict, flags: dict, tested: dict) -> _Leaf:
+        """The loop of one version of a walk.  ``tested``: the outcome of each condition in this
+        version, None for all where the conditions are tested in the loop."""
+        fixed = None if any(v is None for v in tested.values()) else tested
         if fixed is not None:
             statements = [dataclasses.replace(s, condition=None) for s in statements if fixed.get(s.condition, True)]
             accumulate = [dataclasses.replace(a, condition=None) for a in accumulate if fixed.get(a.condition, True)]
         sequence = _live(statements, accumulate, self.lists if store else ())
         statements = [s for s in sequence if isinstance(s, _FullStatement)]
         if not sequence:
-            return ["/* nothing to do for this tensor */"] if fixed is not None else []
+            return _Leaf(flags, tested, ["/* nothing to do for this tensor */"] if fixed is not None else [], [], [], {})
         memory = {"param", "grad", *self.lists, *self.scratch}
         reads: list[str] = []
         loaded: set[str] = set()
@@ -475,10 +505,10 @@ class _CBuilder:
         rows = bool(small) or any(a.reduction.extent != SCALAR for a in accumulate)
         # in a version, a state its statements touch exists (the spec's `when` guards them)
         present = fixed is not None
-        loads = [self.load(n, FULL, present) if n in loaded else f"scalar_t {self.cname(n)};" for n in reads]
+        # the body, each line with its place: declarations, loads, statements in order, stores
+        body: list[tuple[tuple, str]] = [((0,), self.cname(n)) for n in reads]
+        body += [((1,), f"{self.cname(n)} = {self.load_value(n, FULL, present)};") for n in reads if n in loaded]
         written = [t for t in self.lists if store and any(s.target == t for s in statements)]
-        stores = [(f"if ({self.cname(t)}_p) " if t in self.optional and not present else "")
-                  + f"{self.cname(t)}_p[i] = from_compute({self.cname(t)});" for t in written]
         names = self.accumulators
         # Scalar and per-row sums: each element's term goes into a block buffer, summed after the
         # block in independent lanes (sum_terms: vectorises without reassociating a running sum,
@@ -487,63 +517,161 @@ class _CBuilder:
         private = {a.reduction.name: names[a.reduction.name] + ("_t" if a.reduction.extent != ROWS else "_r")
                    for a in accumulate} if rows else {a.reduction.name: names[a.reduction.name] for a in accumulate}
         position = "ic - ic0" if rows else "i - i0"
-        inner = [*loads]
+        local = {"ir": "ir", "ib": "ib", "ic": "ic"} if rows else {}   # the loop's names the body reads
+        if blocked:
+            local["slot"] = position
         for s in sequence:
             if isinstance(s, _FullStatement):
-                inner += [s.comment, s.code if s.condition is None else f"if ({s.condition}) {s.code}"]
+                body += [((2, s.order, 0), s.comment),
+                         ((2, s.order, 1), s.code if s.condition is None else f"if ({s.condition}) {s.code}")]
                 continue
             r = s.reduction
             value = s.value if s.condition is None else f"({s.condition} ? {s.value} : 0)"
-            inner.append(f"/* {r.text} */")
+            body.append(((2, s.order, 0), f"/* {r.text} */"))
             if r.name in terms:
-                inner.append(f"{terms[r.name]}[{position}] = {value};")
+                body.append(((2, s.order, 1), f"{terms[r.name]}[slot] = {value};"))
+                local[terms[r.name]] = terms[r.name]
             else:
                 term = f"(double)({s.value})"
                 code = f"{private[r.name]}[ib * dim_c + ic] += " + (f"{term} * {term};" if r.kind == "norm" else f"{term};")
-                inner.append(code if s.condition is None else f"if ({s.condition}) {code}")
-        inner += stores
+                body.append(((2, s.order, 1), code if s.condition is None else f"if ({s.condition}) {code}"))
+                local[private[r.name]] = private[r.name]
+        body += [((3, self.lists.index(t)), (f"if ({self.cname(t)}_p) " if t in self.optional and not present else "")
+                  + f"{self.cname(t)}_p[i] = from_compute({self.cname(t)});") for t in written]
+        # the body as it stands inside the loop when the walk has one version
+        inner = [self.load(n, FULL, present) if n in loaded else f"scalar_t {self.cname(n)};" for n in reads]
+        inner += [line.replace("[slot]", f"[{position}]") for key, line in body if key[0] > 1]
         count = "ic1 - ic0" if rows else "i1 - i0"
         sums = [f"{private[a.reduction.name]} += sum_terms({terms[a.reduction.name]}, {count}, "
                 f"{int(a.reduction.kind == 'norm')});" for a in blocked]
         buffers = [f"scalar_t {terms[a.reduction.name]}[OPTGEN_BLOCK];" for a in blocked]
         scalars = [names[a.reduction.name] for a in accumulate if a.reduction.extent == SCALAR]
         arrays = [a for a in accumulate if a.reduction.extent != SCALAR]
-        if not rows:
-            if not blocked:
-                return ["#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)",
-                        "for (int64_t i = 0; i < numel; ++i) {", *_indent(inner), "}"]
-            return [f"#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) "
-                    f"reduction(+: {', '.join(scalars)})",
-                    "for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {",
-                    "    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;",
-                    *_indent(buffers), "    for (int64_t i = i0; i < i1; ++i) {", *_indent(inner, 2), "    }",
-                    *_indent(sums), "}"]
-        # a walk over rows, reading or reducing the small extents (Note [Sweeps])
-        row_accs = [private[a.reduction.name] for a in arrays if a.reduction.extent == ROWS]
-        col_accs = [a for a in arrays if a.reduction.extent == COLS]
-        chunk = ["for (int64_t ic = ic0; ic < ic1; ++ic) {", "    const int64_t i = ir * dim_c + ic;",
-                 *_indent(inner), "}"]
-        loop = ["for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {",
-                "    const int64_t ib = ir / dim_m;",
-                *(f"    double {acc} = 0;" for acc in row_accs),
-                "    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {",
-                "        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;",
-                *_indent(buffers, 2), *_indent(chunk, 2), *_indent(sums, 2), "    }",
-                *(f"    {names[a.reduction.name]}[ir] = {private[a.reduction.name]};"
-                  for a in arrays if a.reduction.extent == ROWS), "}"]
-        region = [*(f"double {private[n]} = 0;" for n in (a.reduction.name for a in accumulate
-                                                         if a.reduction.extent == SCALAR)),
-                  *(f"double *{private[a.reduction.name]} = (double *)calloc(dim_b * dim_c, sizeof(double));"
-                    for a in col_accs),
-                  "#pragma omp for schedule(static)", *loop]
-        merge = [*(f"{names[n]} += {private[n]};" for n in (a.reduction.name for a in accumulate
-                                                          if a.reduction.extent == SCALAR)),
-                 *(f"for (int64_t j = 0; j < dim_b * dim_c; ++j) {names[a.reduction.name]}[j] += "
-                   f"{private[a.reduction.name]}[j];" for a in col_accs)]
-        if merge:
-            region += ["#pragma omp critical", "{", *_indent(merge), "}"]
-        region += [f"free({private[a.reduction.name]});" for a in col_accs]
-        return ["#pragma omp parallel if (numel >= PARALLEL_MIN)", "{", *_indent(region), "}"]
+
+        def skeleton(inner: list[str]) -> list[str]:
+            if not rows:
+                if not blocked:
+                    return ["#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)",
+                            "for (int64_t i = 0; i < numel; ++i) {", *_indent(inner), "}"]
+                return [f"#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) "
+                        f"reduction(+: {', '.join(scalars)})",
+                        "for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {",
+                        "    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;",
+                        *_indent(buffers), "    for (int64_t i = i0; i < i1; ++i) {", *_indent(inner, 2), "    }",
+                        *_indent(sums), "}"]
+            # a walk over rows, reading or reducing the small extents (Note [Sweeps])
+            row_accs = [private[a.reduction.name] for a in arrays if a.reduction.extent == ROWS]
+            col_accs = [a for a in arrays if a.reduction.extent == COLS]
+            chunk = ["for (int64_t ic = ic0; ic < ic1; ++ic) {", "    const int64_t i = ir * dim_c + ic;",
+                     *_indent(inner), "}"]
+            loop = ["for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {",
+                    "    const int64_t ib = ir / dim_m;",
+                    *(f"    double {acc} = 0;" for acc in row_accs),
+                    "    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {",
+                    "        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;",
+                    *_indent(buffers, 2), *_indent(chunk, 2), *_indent(sums, 2), "    }",
+                    *(f"    {names[a.reduction.name]}[ir] = {private[a.reduction.name]};"
+                      for a in arrays if a.reduction.extent == ROWS), "}"]
+            region = [*(f"double {private[n]} = 0;" for n in (a.reduction.name for a in accumulate
+                                                             if a.reduction.extent == SCALAR)),
+                      *(f"double *{private[a.reduction.name]} = (double *)calloc(dim_b * dim_c, sizeof(double));"
+                        for a in col_accs),
+                      "#pragma omp for schedule(static)", *loop]
+            merge = [*(f"{names[n]} += {private[n]};" for n in (a.reduction.name for a in accumulate
+                                                              if a.reduction.extent == SCALAR)),
+                     *(f"for (int64_t j = 0; j < dim_b * dim_c; ++j) {names[a.reduction.name]}[j] += "
+                       f"{private[a.reduction.name]}[j];" for a in col_accs)]
+            if merge:
+                region += ["#pragma omp critical", "{", *_indent(merge), "}"]
+            region += [f"free({private[a.reduction.name]});" for a in col_accs]
+            return ["#pragma omp parallel if (numel >= PARALLEL_MIN)", "{", *_indent(region), "}"]
+
+        return _Leaf(flags, tested, skeleton(inner), skeleton([_CALL]), body, local)
+
+    def body_function(self, leaves: list[_Leaf], number: int) -> Callable[[_Leaf], list[str]]:
+        """The body the versions of walk ``number`` share, as a ``static inline`` function of one
+        element (added to :attr:`functions`), and the call each version makes (Note [One loop
+        body per walk])."""
+        variables = list(dict.fromkeys([*leaves[0].flags, *(c for leaf in leaves for c in leaf.tested)]))
+
+        def outcomes(leaf: _Leaf) -> list[tuple[int, ...]]:
+            """The values of ``variables`` a version is called with: its flags and conditions,
+            both values of a condition it tests in the loop, 0 for one it does not read."""
+            def values(v: str) -> list[int]:
+                if v in leaf.flags:
+                    return [int(leaf.flags[v])]
+                outcome = leaf.tested.get(v, False)
+                return [0, 1] if outcome is None else [int(outcome)]
+            return list(itertools.product(*map(values, variables)))
+
+        reachable = {o for leaf in leaves for o in outcomes(leaf)}
+        unreachable = [list(o) for o in itertools.product((0, 1), repeat=len(variables)) if o not in reachable]
+        symbols = [sympy.Symbol(v) for v in variables]
+        runs: dict[tuple, set] = {}      # (place, line) → the outcomes it runs in
+        for leaf in leaves:
+            for line in dict.fromkeys(leaf.body):
+                runs.setdefault(line, set()).update(outcomes(leaf))
+
+        def guard(where: set) -> str | None:
+            if where == reachable:
+                return None
+            return _c_condition(sympy.SOPform(symbols, [list(o) for o in sorted(where)], unreachable))
+
+        places = sorted(runs, key=lambda line: line[0])  # (stable: declarations and loads as first seen)
+        loads = {}
+        for place, line in places:
+            if place == (1,):
+                loads.setdefault(line.split(" = ", 1)[0], []).append((guard(runs[place, line]), line))
+        lines = []
+        for place, line in places:
+            if place == (0,):  # a declaration, with its load when that is unconditional
+                load = loads.get(line, [])
+                lines.append(f"scalar_t {load[0][1]}" if len(load) == 1 and load[0][0] is None else f"scalar_t {line};")
+            elif place == (1,):
+                when = guard(runs[place, line])
+                if len(loads[line.split(" = ", 1)[0]]) > 1 or when is not None:
+                    lines.append(line if when is None else f"if ({when}) {line}")
+            elif line.startswith("/*"):
+                if line not in lines[-2:]:  # (a comment shared by the versions of a statement)
+                    lines.append(line)
+            else:
+                when = guard(runs[place, line])
+                lines.append(line if when is None else f"if ({when}) {line}")
+        used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(lines)))
+        parameters = [(n, t) for n, t in self.parameters(leaves).items() if n in used]
+        name = self.fresh(f"{self.function}_walk{number}")
+        self.functions += [
+            f"/* one element of walk {number} of {self.function}: the body of each version of its loop, which",
+            "   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */",
+            *_wrap([f"{t} {n}" for n, t in parameters], f"static inline __attribute__((always_inline)) void {name}(",
+                   "        ", ")"),
+            "{", *("    " + x for x in lines), "}", ""]
+        locals_ = {n for leaf in leaves for n in leaf.local}
+
+        def call(leaf: _Leaf) -> list[str]:
+            def value(n: str) -> str:
+                if n in leaf.flags:
+                    return str(int(leaf.flags[n]))
+                if n in variables:
+                    outcome = leaf.tested.get(n, False)
+                    return n if outcome is None else str(int(outcome))
+                return leaf.local.get(n, "0") if n in locals_ else n
+            return _wrap([value(n) for n, _ in parameters], f"{name}(", "    ", ");")
+        return call
+
+    def parameters(self, leaves: list[_Leaf]) -> dict[str, str]:
+        """Every name a walk's body may read → its C type, in the order of the body's parameters."""
+        out = {x: "const int64_t" for x in ("i", "ir", "ib", "ic", "slot", "dim_c")}
+        out["grad_p"] = "const storage_t *restrict"
+        out.update({f"{self.cname(t)}_p": "storage_t *restrict" for t in self.lists})
+        out.update({array: "const scalar_t *restrict" for array in self.scratch.values()})
+        for leaf in leaves:
+            for n in leaf.local:
+                out.setdefault(n, "scalar_t *restrict" if n.startswith("terms_") else "double *restrict")
+        out.update({c: "const scalar_t" for c in self.hoisted.values()})
+        out.update({f"{self.cname(t)}_is_new": "const int" for t in self.lazy_states})
+        out.update({v: "const int" for v in [*leaves[0].flags, *self.conditions.values()]})
+        return out
 
     def element(self, expr) -> str:
         """``expr`` for one element, its scalar subexpressions computed before the loop as
@@ -570,6 +698,84 @@ class _CBuilder:
         lifted = hoist_scalars(expr, self.roles, inline=inline, division=division, hoist=hoist)
         return CElementPrinter(rename)(lifted)
 
+
+
+#: where a version's loop calls its walk's body (Note [One loop body per walk])
+_CALL = "@body@"
+
+
+@dataclass
+class _Leaf:
+    """One version of a walk's loop."""
+
+    flags: dict[str, bool]              # each flag's C name → its value in this version
+    tested: dict[str, bool | None]      # each condition it runs under → its outcome (None: tested in the loop)
+    text: list[str]                     # the loop, its body inside it
+    skeleton: list[str]                 # the loop, _CALL where its body goes
+    body: list[tuple[tuple, str]]       # (place, line): declared names, loads, statements, stores
+    local: dict[str, str]               # the loop's names the body reads → their value here
+
+
+@dataclass
+class _Branch:
+    """``if (condition) { on } else { off }`` between versions of a walk."""
+
+    condition: str
+    on: "_Branch | _Leaf"
+    off: "_Branch | _Leaf"
+
+
+def _leaves(tree) -> list[_Leaf]:
+    return _leaves(tree.on) + _leaves(tree.off) if isinstance(tree, _Branch) else [tree]
+
+
+def _inline(tree) -> list[str]:
+    """The versions with their bodies inside their loops."""
+    if isinstance(tree, _Leaf):
+        return tree.text
+    return [f"if ({tree.condition}) {{", *_indent(_inline(tree.on)), "} else {", *_indent(_inline(tree.off)), "}"]
+
+
+def _render(tree, call: Callable[[_Leaf], list[str]]) -> list[str]:
+    """The versions, each loop calling the walk's body."""
+    if isinstance(tree, _Branch):
+        return [f"if ({tree.condition}) {{", *_indent(_render(tree.on, call)), "} else {",
+                *_indent(_render(tree.off, call)), "}"]
+    out = []
+    for line in tree.skeleton:
+        if _CALL in line:
+            indent = line[:line.index(_CALL)]
+            out += [indent + x for x in call(tree)]
+        else:
+            out.append(line)
+    return out
+
+
+def _wrap(items: list[str], start: str, indent: str, end: str, width: int = 110) -> list[str]:
+    """``start`` + ``items`` separated by commas + ``end``, over lines of at most ``width``."""
+    lines, line = [], start
+    for k, item in enumerate(items):
+        text = item + (", " if k < len(items) - 1 else end)
+        if len(line) + len(text.rstrip()) > width and line.strip() and line != start:
+            lines.append(line.rstrip())
+            line = indent
+        line += text
+    if not items:
+        line += end
+    return [*lines, line]
+
+
+def _c_condition(condition, nested: bool = False) -> str:
+    """A condition over the body's ``const int`` arguments, in C."""
+    if condition in (sympy.true, sympy.false):
+        return "1" if condition == sympy.true else "0"
+    if isinstance(condition, sympy.Symbol):
+        return condition.name
+    if isinstance(condition, sympy.Not):
+        return "!" + _c_condition(condition.args[0], True)
+    op = " && " if isinstance(condition, sympy.And) else " || "
+    text = op.join(_c_condition(a, True) for a in condition.args)
+    return f"({text})" if nested else text
 
 def _indent(lines, depth: int = 1) -> list[str]:
     """Lines one level deeper (a pragma stays in the first column, where C wants it)."""
