@@ -5,7 +5,6 @@ fresh interpreters (a C kernel handed a DTensor's address used to segfault)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -34,20 +33,14 @@ def run(code: str, tmp_path, timeout: int = 300) -> str:
     return result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Two ranks, so each local shard is a part of the tensor (7 rows shard 4 + 3, 3 rows 2 + 1), and
 # a kernel that used the global size or the DTensor's own address would be wrong or crash.
 FSDP2 = """
     import copy, os, warnings, torch, torch.distributed as dist, torch.multiprocessing as mp
 
-    def worker(rank, world, port):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    def worker(rank, world, store):
+        # A file store, not a TCP port: no port to race for on a busy machine
+        dist.init_process_group("gloo", init_method=f"file://{{store}}", rank=rank, world_size=world)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
@@ -93,14 +86,14 @@ FSDP2 = """
         dist.destroy_process_group()
 
     if __name__ == "__main__":
-        mp.spawn(worker, args=(2, {port}), nprocs=2)
+        mp.spawn(worker, args=(2, {store!r}), nprocs=2)
         print("ok")
 """
 
 
 def test_fsdp2_fused_matches_torch_fused_on_two_ranks(tmp_path):
     _gloo()
-    assert "ok" in run(FSDP2.format(port=_free_port()), tmp_path)
+    assert "ok" in run(FSDP2.format(store=str(tmp_path / "store")), tmp_path)
 
 
 # One process: what does not run on the local shard falls back to the for-loop, said once, and
