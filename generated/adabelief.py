@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
 
 from . import adabelief_forloop, adabelief_foreach, adabelief_differentiable, adabelief_c
 

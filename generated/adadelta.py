@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
 
 from . import adadelta_forloop, adadelta_foreach, adadelta_differentiable, adadelta_c
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
 from optgen.runtime.intrinsics import reduced_shape
 
 from . import adafactor_forloop, adafactor_foreach, adafactor_c

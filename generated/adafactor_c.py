@@ -50,8 +50,8 @@ static inline __attribute__((always_inline)) void adafactor_step_walk2(const int
     scalar_t mean_dim2_row_var;
     scalar_t row_var;
     scalar_t var_estimate;
-    scalar_t variance;
     scalar_t update;
+    scalar_t variance;
     if (param_dim_gt_1) col_var = to_compute(col_var_p[ib * dim_c + ic]);
     if (param_dim_gt_1) mean_dim2_row_var = mean_dim2_row_var_s[ib];
     if (param_dim_gt_1) row_var = to_compute(row_var_p[ir]);
@@ -87,8 +87,8 @@ static inline __attribute__((always_inline)) void adafactor_step_walk3(const int
     scalar_t mean_dim2_row_var;
     scalar_t row_var;
     scalar_t var_estimate;
-    scalar_t variance;
     scalar_t update;
+    scalar_t variance;
     if (param_dim_gt_1) col_var = to_compute(col_var_p[ib * dim_c + ic]);
     if (param_dim_gt_1) mean_dim2_row_var = mean_dim2_row_var_s[ib];
     if (param_dim_gt_1) row_var = to_compute(row_var_p[ir]);
@@ -312,53 +312,27 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
         double acc_norm_update = 0;
         if (maximize) {
             if (param_dim_gt_1) {
-                if (param_dim_le_1) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-                    {
-                        double acc_norm_update_t = 0;
+                {
+                    double acc_norm_update_t = 0;
 #pragma omp for schedule(static)
-                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                            const int64_t ib = ir / dim_m;
-                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                scalar_t terms_norm_update[OPTGEN_BLOCK];
-                                for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                    const int64_t i = ir * dim_c + ic;
-                                    adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
-                                        mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 1,
-                                        1);
-                                }
-                                acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            scalar_t terms_norm_update[OPTGEN_BLOCK];
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
+                                    mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 1,
+                                    0);
                             }
-                        }
-#pragma omp critical
-                        {
-                            acc_norm_update += acc_norm_update_t;
+                            acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
                         }
                     }
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    {
-                        double acc_norm_update_t = 0;
-#pragma omp for schedule(static)
-                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                            const int64_t ib = ir / dim_m;
-                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                scalar_t terms_norm_update[OPTGEN_BLOCK];
-                                for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                    const int64_t i = ir * dim_c + ic;
-                                    adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
-                                        mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 1,
-                                        0);
-                                }
-                                acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
-                            }
-                        }
 #pragma omp critical
-                        {
-                            acc_norm_update += acc_norm_update_t;
-                        }
+                    {
+                        acc_norm_update += acc_norm_update_t;
                     }
                 }
             } else {
@@ -388,53 +362,27 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
             }
         } else {
             if (param_dim_gt_1) {
-                if (param_dim_le_1) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-                    {
-                        double acc_norm_update_t = 0;
+                {
+                    double acc_norm_update_t = 0;
 #pragma omp for schedule(static)
-                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                            const int64_t ib = ir / dim_m;
-                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                scalar_t terms_norm_update[OPTGEN_BLOCK];
-                                for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                    const int64_t i = ir * dim_c + ic;
-                                    adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
-                                        mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 1,
-                                        1);
-                                }
-                                acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            scalar_t terms_norm_update[OPTGEN_BLOCK];
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
+                                    mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 1,
+                                    0);
                             }
-                        }
-#pragma omp critical
-                        {
-                            acc_norm_update += acc_norm_update_t;
+                            acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
                         }
                     }
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    {
-                        double acc_norm_update_t = 0;
-#pragma omp for schedule(static)
-                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                            const int64_t ib = ir / dim_m;
-                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                scalar_t terms_norm_update[OPTGEN_BLOCK];
-                                for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                    const int64_t i = ir * dim_c + ic;
-                                    adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
-                                        mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 1,
-                                        0);
-                                }
-                                acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
-                            }
-                        }
 #pragma omp critical
-                        {
-                            acc_norm_update += acc_norm_update_t;
-                        }
+                    {
+                        acc_norm_update += acc_norm_update_t;
                     }
                 }
             } else {
@@ -470,37 +418,18 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
         if (maximize) {
             if (weight_decay_ne_0) {
                 if (param_dim_gt_1) {
-                    if (param_dim_le_1) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-                        {
+                    {
 #pragma omp for schedule(static)
-                            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                                const int64_t ib = ir / dim_m;
-                                for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                    const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                    for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                        const int64_t i = ir * dim_c + ic;
-                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 1, 1);
-                                    }
-                                }
-                            }
-                        }
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        {
-#pragma omp for schedule(static)
-                            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                                const int64_t ib = ir / dim_m;
-                                for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                    const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                    for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                        const int64_t i = ir * dim_c + ic;
-                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 1, 0);
-                                    }
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                        mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                        c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 1, 0);
                                 }
                             }
                         }
@@ -524,37 +453,18 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                 }
             } else {
                 if (param_dim_gt_1) {
-                    if (param_dim_le_1) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-                        {
+                    {
 #pragma omp for schedule(static)
-                            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                                const int64_t ib = ir / dim_m;
-                                for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                    const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                    for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                        const int64_t i = ir * dim_c + ic;
-                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 1, 1);
-                                    }
-                                }
-                            }
-                        }
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        {
-#pragma omp for schedule(static)
-                            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                                const int64_t ib = ir / dim_m;
-                                for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                    const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                    for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                        const int64_t i = ir * dim_c + ic;
-                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 1, 0);
-                                    }
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                        mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                        c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 1, 0);
                                 }
                             }
                         }
@@ -580,37 +490,18 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
         } else {
             if (weight_decay_ne_0) {
                 if (param_dim_gt_1) {
-                    if (param_dim_le_1) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-                        {
+                    {
 #pragma omp for schedule(static)
-                            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                                const int64_t ib = ir / dim_m;
-                                for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                    const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                    for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                        const int64_t i = ir * dim_c + ic;
-                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 1, 1);
-                                    }
-                                }
-                            }
-                        }
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        {
-#pragma omp for schedule(static)
-                            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                                const int64_t ib = ir / dim_m;
-                                for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                    const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                    for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                        const int64_t i = ir * dim_c + ic;
-                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 1, 0);
-                                    }
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                        mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                        c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 1, 0);
                                 }
                             }
                         }
@@ -634,37 +525,18 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                 }
             } else {
                 if (param_dim_gt_1) {
-                    if (param_dim_le_1) {
 #pragma omp parallel if (numel >= PARALLEL_MIN)
-                        {
+                    {
 #pragma omp for schedule(static)
-                            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                                const int64_t ib = ir / dim_m;
-                                for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                    const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                    for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                        const int64_t i = ir * dim_c + ic;
-                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 1, 1);
-                                    }
-                                }
-                            }
-                        }
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        {
-#pragma omp for schedule(static)
-                            for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
-                                const int64_t ib = ir / dim_m;
-                                for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
-                                    const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
-                                    for (int64_t ic = ic0; ic < ic1; ++ic) {
-                                        const int64_t i = ir * dim_c + ic;
-                                        adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                            mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                            c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 1, 0);
-                                    }
+                        for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                            const int64_t ib = ir / dim_m;
+                            for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                                const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                                for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                    const int64_t i = ir * dim_c + ic;
+                                    adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
+                                        mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                        c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 1, 0);
                                 }
                             }
                         }

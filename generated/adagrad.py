@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, filled_like, scalar_dtype
 
 from . import adagrad_forloop, adagrad_foreach, adagrad_differentiable, adagrad_c
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
 
 from . import adam_forloop, adam_foreach, adam_differentiable, adam_c
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
 
 from . import adamax_forloop, adamax_foreach, adamax_differentiable, adamax_c
 

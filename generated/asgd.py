@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, counter_from, scalar_dtype
 
 from . import asgd_forloop, asgd_foreach, asgd_differentiable, asgd_c
 

@@ -24,8 +24,7 @@ static inline __attribute__((always_inline)) void asgd_step_walk1(const int64_t 
 {
     scalar_t grad = to_compute(grad_p[i]);
     scalar_t param = to_compute(param_p[i]);
-    scalar_t ax;
-    if (mu_eq_1 || mu_ne_1) ax = to_compute(ax_p[i]);
+    scalar_t ax = to_compute(ax_p[i]);
     /* grad = -grad */
     if (maximize) grad = -grad;
     /* grad = grad + weight_decay * param */
@@ -35,11 +34,11 @@ static inline __attribute__((always_inline)) void asgd_step_walk1(const int64_t 
     /* param = param - eta * grad */
     param = param - c_eta * grad;
     /* ax = ax + (param - ax) * mu */
-    if (mu_ne_1) ax = ax + c_mu * (param - ax);
+    if (!mu_eq_1) ax = ax + c_mu * (param - ax);
     /* ax = param */
-    if (mu_eq_1) ax = param;
+    if (!mu_ne_1) ax = param;
     param_p[i] = from_compute(param);
-    if (mu_eq_1 || mu_ne_1) ax_p[i] = from_compute(ax);
+    ax_p[i] = from_compute(ax);
 }
 
 /* ASGD step, every combination of maximize */
@@ -76,108 +75,52 @@ void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const i
         if (maximize) {
             if (weight_decay_ne_0) {
                 if (mu_ne_1) {
-                    if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 1, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 1, 0);
-                        }
+                    for (int64_t i = 0; i < numel; ++i) {
+                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 1, 0);
                     }
                 } else {
-                    if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 0, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 0, 0);
-                        }
+                    for (int64_t i = 0; i < numel; ++i) {
+                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 0, 1);
                     }
                 }
             } else {
                 if (mu_ne_1) {
-                    if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 1, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 1, 0);
-                        }
+                    for (int64_t i = 0; i < numel; ++i) {
+                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 1, 0);
                     }
                 } else {
-                    if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 0, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 0, 0);
-                        }
+                    for (int64_t i = 0; i < numel; ++i) {
+                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 0, 1);
                     }
                 }
             }
         } else {
             if (weight_decay_ne_0) {
                 if (mu_ne_1) {
-                    if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 1, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 1, 0);
-                        }
+                    for (int64_t i = 0; i < numel; ++i) {
+                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 1, 0);
                     }
                 } else {
-                    if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 0, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 0, 0);
-                        }
+                    for (int64_t i = 0; i < numel; ++i) {
+                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 0, 1);
                     }
                 }
             } else {
                 if (mu_ne_1) {
-                    if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 1, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 1, 0);
-                        }
+                    for (int64_t i = 0; i < numel; ++i) {
+                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 1, 0);
                     }
                 } else {
-                    if (mu_eq_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 0, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 0, 0);
-                        }
+                    for (int64_t i = 0; i < numel; ++i) {
+                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 0, 1);
                     }
                 }
             }

@@ -8,11 +8,10 @@ Update rule, from specs/optimizers/lbfgs.toml (`optgen show LBFGS` prints every 
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer
 from optgen.runtime import lbfgs
 
 __all__ = ["LBFGS"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer
 
 from . import lion_forloop, lion_foreach, lion_differentiable, lion_c
 

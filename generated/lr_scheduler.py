@@ -267,7 +267,6 @@ class ExponentialLR(LRScheduler):
     def get_lr(self) -> list[float | Tensor]:
         """The chainable form, derived from the closed form: steps each group's current lr."""
         _warn_get_lr_called_within_step(self)
-        t = self.last_epoch
         if self._is_initial:  # the constructor's step (also when resuming) keeps the lr
             return _param_groups_val_list(self.optimizer, "lr")
         return [group["lr"] * self.gamma for group in self.optimizer.param_groups]

@@ -6,7 +6,6 @@ choose its branches.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule

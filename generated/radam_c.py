@@ -100,18 +100,10 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (rho_t_gt_5) {
-                        if (rho_t_le_5) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 1, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 1, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
+                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 1, 1, 0);
                         }
                     } else {
                         if (rho_t_le_5) {
@@ -130,18 +122,10 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
                     }
                 } else {
                     if (rho_t_gt_5) {
-                        if (rho_t_le_5) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 0, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 0, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
+                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 0, 1, 0);
                         }
                     } else {
                         if (rho_t_le_5) {
@@ -162,18 +146,10 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
             } else {
                 if (weight_decay_ne_0) {
                     if (rho_t_gt_5) {
-                        if (rho_t_le_5) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 1, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 1, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
+                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 1, 1, 0);
                         }
                     } else {
                         if (rho_t_le_5) {
@@ -192,18 +168,10 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
                     }
                 } else {
                     if (rho_t_gt_5) {
-                        if (rho_t_le_5) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 0, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 0, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
+                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 0, 1, 0);
                         }
                     } else {
                         if (rho_t_le_5) {
@@ -226,18 +194,10 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (rho_t_gt_5) {
-                        if (rho_t_le_5) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 1, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 1, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
+                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 1, 1, 0);
                         }
                     } else {
                         if (rho_t_le_5) {
@@ -256,18 +216,10 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
                     }
                 } else {
                     if (rho_t_gt_5) {
-                        if (rho_t_le_5) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 0, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 0, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
+                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 0, 1, 0);
                         }
                     } else {
                         if (rho_t_le_5) {
@@ -288,18 +240,10 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
             } else {
                 if (weight_decay_ne_0) {
                     if (rho_t_gt_5) {
-                        if (rho_t_le_5) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 1, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 1, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
+                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 1, 1, 0);
                         }
                     } else {
                         if (rho_t_le_5) {
@@ -318,18 +262,10 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
                     }
                 } else {
                     if (rho_t_gt_5) {
-                        if (rho_t_le_5) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 0, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 0, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
+                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 0, 1, 0);
                         }
                     } else {
                         if (rho_t_le_5) {

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
 
 from . import rmsprop_forloop, rmsprop_foreach, rmsprop_differentiable, rmsprop_c
 

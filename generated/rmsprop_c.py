@@ -90,18 +90,10 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (momentum_gt_0) {
-                        if (momentum_le_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 1, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 1, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
+                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 1, 1, 0);
                         }
                     } else {
                         if (momentum_le_0) {
@@ -120,18 +112,10 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
                     }
                 } else {
                     if (momentum_gt_0) {
-                        if (momentum_le_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 0, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 0, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
+                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 0, 1, 0);
                         }
                     } else {
                         if (momentum_le_0) {
@@ -152,18 +136,10 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
             } else {
                 if (weight_decay_ne_0) {
                     if (momentum_gt_0) {
-                        if (momentum_le_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 1, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 1, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
+                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 1, 1, 0);
                         }
                     } else {
                         if (momentum_le_0) {
@@ -182,18 +158,10 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
                     }
                 } else {
                     if (momentum_gt_0) {
-                        if (momentum_le_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 0, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 0, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
+                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 0, 1, 0);
                         }
                     } else {
                         if (momentum_le_0) {
@@ -216,18 +184,10 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (momentum_gt_0) {
-                        if (momentum_le_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 1, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 1, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
+                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 1, 1, 0);
                         }
                     } else {
                         if (momentum_le_0) {
@@ -246,18 +206,10 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
                     }
                 } else {
                     if (momentum_gt_0) {
-                        if (momentum_le_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 0, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 0, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
+                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 0, 1, 0);
                         }
                     } else {
                         if (momentum_le_0) {
@@ -278,18 +230,10 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
             } else {
                 if (weight_decay_ne_0) {
                     if (momentum_gt_0) {
-                        if (momentum_le_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 1, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 1, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
+                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 1, 1, 0);
                         }
                     } else {
                         if (momentum_le_0) {
@@ -308,18 +252,10 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
                     }
                 } else {
                     if (momentum_gt_0) {
-                        if (momentum_le_0) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 0, 1, 1);
-                            }
-                        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 0, 1, 0);
-                            }
+                        for (int64_t i = 0; i < numel; ++i) {
+                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
+                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 0, 1, 0);
                         }
                     } else {
                         if (momentum_le_0) {

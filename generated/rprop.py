@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer, filled_like, scalar_dtype
 
 from . import rprop_forloop, rprop_foreach, rprop_differentiable, rprop_c
 

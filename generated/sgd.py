@@ -19,11 +19,10 @@ Update rule, from specs/optimizers/sgd.toml (`optgen show SGD` prints every impl
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer
 
 from . import sgd_forloop, sgd_foreach, sgd_differentiable, sgd_c
 

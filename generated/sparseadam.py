@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
-from optgen.runtime.generated import GeneratedOptimizer, counter_from, filled_like, scalar_dtype
+from optgen.runtime.generated import GeneratedOptimizer
 
 from . import sparseadam_forloop, sparseadam_foreach
 

@@ -5,7 +5,6 @@ One function, weightaverage_step; WeightAverage has no flags.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule

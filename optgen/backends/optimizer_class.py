@@ -5,6 +5,7 @@ in the kernel modules of the other backends, which the class's runtime base disp
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 
@@ -15,6 +16,9 @@ from optgen.backends.printing import PythonScalarPrinter
 from optgen.ir.nodes import elementwise
 from optgen.passes import Compiled
 from optgen.spec.model import RUNTIME_OPTIONS
+
+#: names the class module imports only where its code uses them
+OPTIONAL_IMPORTS = ("torch", "counter_from", "filled_like", "scalar_dtype")
 
 
 class OptimizerClassBackend(Backend):
@@ -80,7 +84,7 @@ class OptimizerClassBackend(Backend):
         kernel_modules = [m for b, m in zip(backends, names, strict=True) if b not in lazy]
         kernels = [(b, f'"{m}"' if b in lazy else m) for b, m in zip(backends, names, strict=True)]
         derived = [(h.name, h.derive) for h in hyper.values() if h.derive]
-        return environment().get_template("optimizer/class.py.j2").render(
+        context = dict(
             header=header(compiled), name=spec.name, paper=spec.paper, doc=spec.doc, path=spec.path,
             rule=_docstring_safe(spec.rule_text).strip("\n").splitlines(),
             drop_in=(f"a drop-in for torch.optim.{spec.torch_name}" if spec.torch_name
@@ -103,6 +107,12 @@ class OptimizerClassBackend(Backend):
                           for f in dataclasses.fields(spec.torch_parity)
                           if (value := getattr(spec.torch_parity, f.name)) != f.default],
         )
+        # Import only what the class uses: rendered once with every import, then with those its
+        # code names (an import is no ast.Name, a docstring's "torch.optim" neither).
+        template = environment().get_template("optimizer/class.py.j2")
+        code = template.render(**context, used=OPTIONAL_IMPORTS)
+        named = {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)}
+        return template.render(**context, used=named & set(OPTIONAL_IMPORTS))
 
 
 def _docstring_safe(text: str) -> str:

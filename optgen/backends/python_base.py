@@ -293,6 +293,7 @@ class PythonKernelBackend(Backend):
             header=header(compiled), name=compiled.spec.name, summary=self.summary, body=body,
             function=record["step"], signature=signature, record=record, flags=flags, fixed=fixed,
             uses_math=any("math." in line for line in body),
+            uses_torch=any(re.search(r"(?<![\w.])torch\.", line) for line in code_lines),
             intrinsics=sorted(name for name in INTRINSICS if any(f"{name}(" in line for line in body)),
             scalar_functions=sorted(name for name in TENSOR_SCALAR_FUNCTIONS
                                     if any(re.search(rf"(?<![\w.]){name}\(", line) for line in code_lines)),

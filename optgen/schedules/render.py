@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -220,6 +221,8 @@ class ClassRenderer:
                 lines += body
             else:
                 lines += [f"if {self.branch_condition(b)}:", *("    " + x for x in body)]
+        if not any(re.search(r"\bt\b", line.partition("#")[0]) for line in lines[1:]):
+            lines = lines[1:]  # no step reads t (ExponentialLR): no unused local
         return lines
 
     def branch_condition(self, b: Branch) -> str:
