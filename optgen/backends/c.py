@@ -156,6 +156,7 @@ class _CBuilder:
         self.hoisted: dict[str, str] = {}
         self.functions: list[str] = []     # the walks' bodies (Note [One loop body per walk])
         self.conditions: dict[str, str] = {}  # condition text (names are versions) → its variable
+        self.condition_of: dict[str, sympy.Basic] = {}  # that variable → the condition
 
     def cname(self, name: str) -> str:
         return self.names.of(name)
@@ -323,6 +324,7 @@ class _CBuilder:
         text = self.scalar(guard)
         if text not in self.conditions:
             self.conditions[text] = self.fresh(readable(guard) or "cond")
+            self.condition_of[self.conditions[text]] = guard
             self.lines.append((self.level_of(guard), f"const int {self.conditions[text]} = {text};"))
         return self.conditions[text]
 
@@ -474,6 +476,13 @@ class _CBuilder:
             if k == len(conditions):
                 return self.loop(statements, accumulate, store, terms, flags, fixed)
             c = conditions[k]
+            # no version where two opposite comparisons both hold (rho_t > 5, rho_t <= 5), nor,
+            # for == and != (opposite for NaN too), where both fail
+            opposite = [d for d in fixed if self.condition_of[d] == _negated(self.condition_of[c])]
+            if any(fixed[d] for d in opposite):
+                return versions(k + 1, {**fixed, c: False})
+            if any(not fixed[d] and isinstance(self.condition_of[c], (sympy.Eq, sympy.Ne)) for d in opposite):
+                return versions(k + 1, {**fixed, c: True})
             return _Branch(c, versions(k + 1, {**fixed, c: True}), versions(k + 1, {**fixed, c: False}))
 
         return versions(0, {})
@@ -723,6 +732,11 @@ class _Branch:
     condition: str
     on: "_Branch | _Leaf"
     off: "_Branch | _Leaf"
+
+
+def _negated(condition):
+    """The opposite comparison (``x <= 5`` for ``x > 5``); None for anything else."""
+    return condition.negated if isinstance(condition, sympy.core.relational.Relational) else None
 
 
 def _leaves(tree) -> list[_Leaf]:
