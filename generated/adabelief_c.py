@@ -14,38 +14,41 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of adabelief_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void adabelief_step_walk1(const int64_t i,
+/* walk 1 of adabelief_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adabelief_step_walk1(const int decoupled_weight_decay,
+        const int maximize, const int weight_decay_ne_0, const int64_t numel,
         const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
         storage_t *restrict exp_avg_var_p, const scalar_t c_weight_decay,
         const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1, const scalar_t c_eps,
         const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_bias_correction2,
-        const scalar_t c_lr, const scalar_t c_bias_correction1, const int decoupled_weight_decay,
-        const int maximize, const int weight_decay_ne_0)
+        const scalar_t c_lr, const scalar_t c_bias_correction1)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-    scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
-    scalar_t denom;
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0 && !decoupled_weight_decay) grad = grad + c_weight_decay * param;
-    /* param = param * (1 - lr * weight_decay) */
-    if (decoupled_weight_decay && weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
-    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-    /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
-    exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
-    /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
-    denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
-    /* param = param - lr / bias_correction1 * exp_avg / denom */
-    param = param - c_lr * exp_avg / c_bias_correction1 / denom;
-    param_p[i] = from_compute(param);
-    exp_avg_p[i] = from_compute(exp_avg);
-    exp_avg_var_p[i] = from_compute(exp_avg_var);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+        scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+        scalar_t denom;
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* grad = grad + weight_decay * param */
+        if (weight_decay_ne_0 && !decoupled_weight_decay) grad = grad + c_weight_decay * param;
+        /* param = param * (1 - lr * weight_decay) */
+        if (decoupled_weight_decay && weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
+        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+        /* exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps */
+        exp_avg_var = c_eps + c_beta2 * exp_avg_var + c_1_minus_beta2 * (grad - exp_avg) * (grad - exp_avg);
+        /* denom = sqrt(exp_avg_var / bias_correction2) + eps */
+        denom = c_eps + SQRT(exp_avg_var / c_bias_correction2);
+        /* param = param - lr / bias_correction1 * exp_avg / denom */
+        param = param - c_lr * exp_avg / c_bias_correction1 / denom;
+        param_p[i] = from_compute(param);
+        exp_avg_p[i] = from_compute(exp_avg);
+        exp_avg_var_p[i] = from_compute(exp_avg_var);
+    }
 }
 
 /* AdaBelief step, every combination of decoupled_weight_decay, maximize */
@@ -85,69 +88,53 @@ void adabelief_step(int64_t n, void **tensors, void **grads, void **counters, co
         if (decoupled_weight_decay) {
             if (maximize) {
                 if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        adabelief_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay,
-                            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2,
-                            c_lr, c_bias_correction1, 1, 1, 1);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    adabelief_step_walk1(1, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
+                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
+                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
                 } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        adabelief_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay,
-                            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2,
-                            c_lr, c_bias_correction1, 1, 1, 0);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    adabelief_step_walk1(1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
+                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
+                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
                 }
             } else {
                 if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        adabelief_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay,
-                            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2,
-                            c_lr, c_bias_correction1, 1, 0, 1);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    adabelief_step_walk1(1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
+                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
+                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
                 } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        adabelief_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay,
-                            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2,
-                            c_lr, c_bias_correction1, 1, 0, 0);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    adabelief_step_walk1(1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
+                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
+                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
                 }
             }
         } else {
             if (maximize) {
                 if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        adabelief_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay,
-                            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2,
-                            c_lr, c_bias_correction1, 0, 1, 1);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    adabelief_step_walk1(0, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
+                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
+                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
                 } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        adabelief_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay,
-                            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2,
-                            c_lr, c_bias_correction1, 0, 1, 0);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    adabelief_step_walk1(0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
+                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
+                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
                 }
             } else {
                 if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        adabelief_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay,
-                            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2,
-                            c_lr, c_bias_correction1, 0, 0, 1);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    adabelief_step_walk1(0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
+                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
+                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
                 } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        adabelief_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay,
-                            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2,
-                            c_lr, c_bias_correction1, 0, 0, 0);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    adabelief_step_walk1(0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
+                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
+                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
                 }
             }
         }

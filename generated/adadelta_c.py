@@ -14,37 +14,40 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of adadelta_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void adadelta_step_walk1(const int64_t i,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict square_avg_p,
-        storage_t *restrict acc_delta_p, const scalar_t c_weight_decay, const scalar_t c_rho,
-        const scalar_t c_1_minus_rho, const scalar_t c_eps, const scalar_t c_lr, const int maximize,
-        const int weight_decay_ne_0)
+/* walk 1 of adadelta_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adadelta_step_walk1(const int maximize,
+        const int weight_decay_ne_0, const int64_t numel, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict square_avg_p, storage_t *restrict acc_delta_p,
+        const scalar_t c_weight_decay, const scalar_t c_rho, const scalar_t c_1_minus_rho,
+        const scalar_t c_eps, const scalar_t c_lr)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t square_avg = to_compute(square_avg_p[i]);
-    scalar_t std;
-    scalar_t acc_delta = to_compute(acc_delta_p[i]);
-    scalar_t delta;
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
-    square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
-    /* std = sqrt(square_avg + eps) */
-    std = SQRT(c_eps + square_avg);
-    /* delta = sqrt(acc_delta + eps) / std * grad */
-    delta = grad * SQRT(acc_delta + c_eps) / std;
-    /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
-    acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
-    /* param = param - lr * delta */
-    param = param - c_lr * delta;
-    param_p[i] = from_compute(param);
-    square_avg_p[i] = from_compute(square_avg);
-    acc_delta_p[i] = from_compute(acc_delta);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        scalar_t square_avg = to_compute(square_avg_p[i]);
+        scalar_t std;
+        scalar_t acc_delta = to_compute(acc_delta_p[i]);
+        scalar_t delta;
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* grad = grad + weight_decay * param */
+        if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+        /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
+        square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
+        /* std = sqrt(square_avg + eps) */
+        std = SQRT(c_eps + square_avg);
+        /* delta = sqrt(acc_delta + eps) / std * grad */
+        delta = grad * SQRT(acc_delta + c_eps) / std;
+        /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
+        acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
+        /* param = param - lr * delta */
+        param = param - c_lr * delta;
+        param_p[i] = from_compute(param);
+        square_avg_p[i] = from_compute(square_avg);
+        acc_delta_p[i] = from_compute(acc_delta);
+    }
 }
 
 /* Adadelta step, every combination of maximize */
@@ -73,31 +76,23 @@ void adadelta_step(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_lr = (scalar_t)(lr);
         if (maximize) {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adadelta_step_walk1(i, grad_p, param_p, square_avg_p, acc_delta_p, c_weight_decay, c_rho, c_1_minus_rho,
-                        c_eps, c_lr, 1, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adadelta_step_walk1(1, 1, numel, grad_p, param_p, square_avg_p, acc_delta_p,
+                    c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adadelta_step_walk1(i, grad_p, param_p, square_avg_p, acc_delta_p, c_weight_decay, c_rho, c_1_minus_rho,
-                        c_eps, c_lr, 1, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adadelta_step_walk1(1, 0, numel, grad_p, param_p, square_avg_p, acc_delta_p,
+                    c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
             }
         } else {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adadelta_step_walk1(i, grad_p, param_p, square_avg_p, acc_delta_p, c_weight_decay, c_rho, c_1_minus_rho,
-                        c_eps, c_lr, 0, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adadelta_step_walk1(0, 1, numel, grad_p, param_p, square_avg_p, acc_delta_p,
+                    c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adadelta_step_walk1(i, grad_p, param_p, square_avg_p, acc_delta_p, c_weight_decay, c_rho, c_1_minus_rho,
-                        c_eps, c_lr, 0, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adadelta_step_walk1(0, 0, numel, grad_p, param_p, square_avg_p, acc_delta_p,
+                    c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
             }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);

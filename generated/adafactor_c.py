@@ -14,13 +14,13 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of adafactor_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void adafactor_step_walk1(const int64_t i, const int64_t ib,
-        const int64_t ic, const int64_t slot, const int64_t dim_c, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, scalar_t *restrict terms_norm_param,
-        scalar_t *restrict terms_norm_dim1_grad, double *restrict acc_norm_dim2_grad_t, const int maximize,
-        const int param_dim_gt_1)
+/* walk 1 of adafactor_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk1(const int maximize,
+        const int param_dim_gt_1, const int64_t i, const int64_t ib, const int64_t ic, const int64_t slot,
+        const int64_t dim_c, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        scalar_t *restrict terms_norm_param, scalar_t *restrict terms_norm_dim1_grad,
+        double *restrict acc_norm_dim2_grad_t)
 {
     scalar_t grad;
     scalar_t param = to_compute(param_p[i]);
@@ -35,15 +35,15 @@ static inline __attribute__((always_inline)) void adafactor_step_walk1(const int
     if (param_dim_gt_1) acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
 }
 
-/* one element of walk 2 of adafactor_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void adafactor_step_walk2(const int64_t i, const int64_t ir,
+/* walk 2 of adafactor_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk2(const int maximize,
+        const int param_dim_gt_1, const int param_dim_le_1, const int64_t i, const int64_t ir,
         const int64_t ib, const int64_t ic, const int64_t slot, const int64_t dim_c,
         const storage_t *restrict grad_p, storage_t *restrict row_var_p, storage_t *restrict col_var_p,
         storage_t *restrict variance_p, const scalar_t *restrict mean_dim2_row_var_s,
         scalar_t *restrict terms_norm_update, const scalar_t c_one_minus_beta2_t, const scalar_t c_epsilon1,
-        const scalar_t c_epsilon1_times_epsilon1, const int maximize, const int param_dim_gt_1,
-        const int param_dim_le_1)
+        const scalar_t c_epsilon1_times_epsilon1)
 {
     scalar_t grad = to_compute(grad_p[i]);
     scalar_t col_var;
@@ -70,16 +70,16 @@ static inline __attribute__((always_inline)) void adafactor_step_walk2(const int
     terms_norm_update[slot] = update;
 }
 
-/* one element of walk 3 of adafactor_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void adafactor_step_walk3(const int64_t i, const int64_t ir,
-        const int64_t ib, const int64_t ic, const int64_t dim_c, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict row_var_p, storage_t *restrict col_var_p,
-        storage_t *restrict variance_p, const scalar_t *restrict mean_dim2_row_var_s,
-        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_one_minus_beta2_t,
-        const scalar_t c_epsilon1, const scalar_t c_epsilon1_times_epsilon1, const scalar_t c_alpha,
-        const scalar_t c_denom, const int maximize, const int weight_decay_ne_0, const int param_dim_gt_1,
-        const int param_dim_le_1)
+/* walk 3 of adafactor_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk3(const int maximize,
+        const int weight_decay_ne_0, const int param_dim_gt_1, const int param_dim_le_1, const int64_t i,
+        const int64_t ir, const int64_t ib, const int64_t ic, const int64_t dim_c,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict row_var_p,
+        storage_t *restrict col_var_p, storage_t *restrict variance_p,
+        const scalar_t *restrict mean_dim2_row_var_s, const scalar_t c_1_minus_lr_times_weight_decay,
+        const scalar_t c_one_minus_beta2_t, const scalar_t c_epsilon1,
+        const scalar_t c_epsilon1_times_epsilon1, const scalar_t c_alpha, const scalar_t c_denom)
 {
     scalar_t grad = to_compute(grad_p[i]);
     scalar_t param = to_compute(param_p[i]);
@@ -175,8 +175,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                             scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
                             for (int64_t ic = ic0; ic < ic1; ++ic) {
                                 const int64_t i = ir * dim_c + ic;
-                                adafactor_step_walk1(i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param, terms_norm_dim1_grad,
-                                    acc_norm_dim2_grad_t, 1, 1);
+                                adafactor_step_walk1(1, 1, i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param,
+                                    terms_norm_dim1_grad, acc_norm_dim2_grad_t);
                             }
                             acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
                             acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
@@ -196,7 +196,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        adafactor_step_walk1(i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0, 0, 1, 0);
+                        adafactor_step_walk1(1, 0, i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0,
+                            0);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                 }
@@ -217,8 +218,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                             scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
                             for (int64_t ic = ic0; ic < ic1; ++ic) {
                                 const int64_t i = ir * dim_c + ic;
-                                adafactor_step_walk1(i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param, terms_norm_dim1_grad,
-                                    acc_norm_dim2_grad_t, 0, 1);
+                                adafactor_step_walk1(0, 1, i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param,
+                                    terms_norm_dim1_grad, acc_norm_dim2_grad_t);
                             }
                             acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
                             acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
@@ -238,7 +239,8 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        adafactor_step_walk1(i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0, 0, 0, 0);
+                        adafactor_step_walk1(0, 0, i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0,
+                            0);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                 }
@@ -323,9 +325,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                             scalar_t terms_norm_update[OPTGEN_BLOCK];
                             for (int64_t ic = ic0; ic < ic1; ++ic) {
                                 const int64_t i = ir * dim_c + ic;
-                                adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
-                                    mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 1,
-                                    0);
+                                adafactor_step_walk2(1, 1, 0, i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p,
+                                    col_var_p, variance_p, mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t,
+                                    c_epsilon1, c_epsilon1_times_epsilon1);
                             }
                             acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
                         }
@@ -342,8 +344,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                         const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                         scalar_t terms_norm_update[OPTGEN_BLOCK];
                         for (int64_t i = i0; i < i1; ++i) {
-                            adafactor_step_walk2(i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p, variance_p, mean_dim2_row_var_s,
-                                terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 0, 1);
+                            adafactor_step_walk2(1, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1);
                         }
                         acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
                     }
@@ -353,8 +356,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                         const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                         scalar_t terms_norm_update[OPTGEN_BLOCK];
                         for (int64_t i = i0; i < i1; ++i) {
-                            adafactor_step_walk2(i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p, variance_p, mean_dim2_row_var_s,
-                                terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 1, 0, 0);
+                            adafactor_step_walk2(1, 0, 0, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1);
                         }
                         acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
                     }
@@ -373,9 +377,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                             scalar_t terms_norm_update[OPTGEN_BLOCK];
                             for (int64_t ic = ic0; ic < ic1; ++ic) {
                                 const int64_t i = ir * dim_c + ic;
-                                adafactor_step_walk2(i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p, col_var_p, variance_p,
-                                    mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 1,
-                                    0);
+                                adafactor_step_walk2(0, 1, 0, i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p,
+                                    col_var_p, variance_p, mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t,
+                                    c_epsilon1, c_epsilon1_times_epsilon1);
                             }
                             acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
                         }
@@ -392,8 +396,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                         const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                         scalar_t terms_norm_update[OPTGEN_BLOCK];
                         for (int64_t i = i0; i < i1; ++i) {
-                            adafactor_step_walk2(i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p, variance_p, mean_dim2_row_var_s,
-                                terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 0, 1);
+                            adafactor_step_walk2(0, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1);
                         }
                         acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
                     }
@@ -403,8 +408,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                         const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
                         scalar_t terms_norm_update[OPTGEN_BLOCK];
                         for (int64_t i = i0; i < i1; ++i) {
-                            adafactor_step_walk2(i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p, variance_p, mean_dim2_row_var_s,
-                                terms_norm_update, c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, 0, 0, 0);
+                            adafactor_step_walk2(0, 0, 0, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, terms_norm_update, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1);
                         }
                         acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
                     }
@@ -427,9 +433,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                 const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                 for (int64_t ic = ic0; ic < ic1; ++ic) {
                                     const int64_t i = ir * dim_c + ic;
-                                    adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                        mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                        c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 1, 0);
+                                    adafactor_step_walk3(1, 1, 1, 0, i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p,
+                                        col_var_p, variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay,
+                                        c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                                 }
                             }
                         }
@@ -438,16 +444,16 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     if (param_dim_le_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 0, 1);
+                            adafactor_step_walk3(1, 1, 0, 1, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
+                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 1, 0, 0);
+                            adafactor_step_walk3(1, 1, 0, 0, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
+                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     }
                 }
@@ -462,9 +468,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                 const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                 for (int64_t ic = ic0; ic < ic1; ++ic) {
                                     const int64_t i = ir * dim_c + ic;
-                                    adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                        mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                        c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 1, 0);
+                                    adafactor_step_walk3(1, 0, 1, 0, i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p,
+                                        col_var_p, variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay,
+                                        c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                                 }
                             }
                         }
@@ -473,16 +479,16 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     if (param_dim_le_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 0, 1);
+                            adafactor_step_walk3(1, 0, 0, 1, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
+                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 1, 0, 0, 0);
+                            adafactor_step_walk3(1, 0, 0, 0, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
+                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     }
                 }
@@ -499,9 +505,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                 const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                 for (int64_t ic = ic0; ic < ic1; ++ic) {
                                     const int64_t i = ir * dim_c + ic;
-                                    adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                        mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                        c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 1, 0);
+                                    adafactor_step_walk3(0, 1, 1, 0, i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p,
+                                        col_var_p, variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay,
+                                        c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                                 }
                             }
                         }
@@ -510,16 +516,16 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     if (param_dim_le_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 0, 1);
+                            adafactor_step_walk3(0, 1, 0, 1, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
+                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 1, 0, 0);
+                            adafactor_step_walk3(0, 1, 0, 0, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
+                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     }
                 }
@@ -534,9 +540,9 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                 const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
                                 for (int64_t ic = ic0; ic < ic1; ++ic) {
                                     const int64_t i = ir * dim_c + ic;
-                                    adafactor_step_walk3(i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                        mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                        c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 1, 0);
+                                    adafactor_step_walk3(0, 0, 1, 0, i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p,
+                                        col_var_p, variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay,
+                                        c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                                 }
                             }
                         }
@@ -545,16 +551,16 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                     if (param_dim_le_1) {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 0, 1);
+                            adafactor_step_walk3(0, 0, 0, 1, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
+                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
-                            adafactor_step_walk3(i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p, variance_p,
-                                mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
-                                c_epsilon1_times_epsilon1, c_alpha, c_denom, 0, 0, 0, 0);
+                            adafactor_step_walk3(0, 0, 0, 0, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
+                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     }
                 }

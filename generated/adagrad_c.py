@@ -14,29 +14,32 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of adagrad_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void adagrad_step_walk1(const int64_t i,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict state_sum_p,
-        const scalar_t c_weight_decay, const scalar_t c_eps, const scalar_t c_clr, const int maximize,
-        const int weight_decay_ne_0)
+/* walk 1 of adagrad_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adagrad_step_walk1(const int maximize,
+        const int weight_decay_ne_0, const int64_t numel, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict state_sum_p, const scalar_t c_weight_decay,
+        const scalar_t c_eps, const scalar_t c_clr)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t state_sum = to_compute(state_sum_p[i]);
-    scalar_t std;
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* state_sum = state_sum + grad * grad */
-    state_sum = state_sum + grad * grad;
-    /* std = sqrt(state_sum) + eps */
-    std = c_eps + SQRT(state_sum);
-    /* param = param - clr * grad / std */
-    param = param - c_clr * grad / std;
-    param_p[i] = from_compute(param);
-    state_sum_p[i] = from_compute(state_sum);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        scalar_t state_sum = to_compute(state_sum_p[i]);
+        scalar_t std;
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* grad = grad + weight_decay * param */
+        if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+        /* state_sum = state_sum + grad * grad */
+        state_sum = state_sum + grad * grad;
+        /* std = sqrt(state_sum) + eps */
+        std = c_eps + SQRT(state_sum);
+        /* param = param - clr * grad / std */
+        param = param - c_clr * grad / std;
+        param_p[i] = from_compute(param);
+        state_sum_p[i] = from_compute(state_sum);
+    }
 }
 
 /* Adagrad step, every combination of maximize */
@@ -64,27 +67,23 @@ void adagrad_step(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_clr = (scalar_t)(clr);
         if (maximize) {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adagrad_step_walk1(i, grad_p, param_p, state_sum_p, c_weight_decay, c_eps, c_clr, 1, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adagrad_step_walk1(1, 1, numel, grad_p, param_p, state_sum_p, c_weight_decay, c_eps,
+                    c_clr);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adagrad_step_walk1(i, grad_p, param_p, state_sum_p, c_weight_decay, c_eps, c_clr, 1, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adagrad_step_walk1(1, 0, numel, grad_p, param_p, state_sum_p, c_weight_decay, c_eps,
+                    c_clr);
             }
         } else {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adagrad_step_walk1(i, grad_p, param_p, state_sum_p, c_weight_decay, c_eps, c_clr, 0, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adagrad_step_walk1(0, 1, numel, grad_p, param_p, state_sum_p, c_weight_decay, c_eps,
+                    c_clr);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adagrad_step_walk1(i, grad_p, param_p, state_sum_p, c_weight_decay, c_eps, c_clr, 0, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adagrad_step_walk1(0, 0, numel, grad_p, param_p, state_sum_p, c_weight_decay, c_eps,
+                    c_clr);
             }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);

@@ -14,31 +14,34 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of adamax_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void adamax_step_walk1(const int64_t i,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
-        storage_t *restrict exp_inf_p, const scalar_t c_weight_decay, const scalar_t c_1_minus_beta1,
-        const scalar_t c_beta2, const scalar_t c_eps, const scalar_t c_clr, const int maximize,
-        const int weight_decay_ne_0)
+/* walk 1 of adamax_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adamax_step_walk1(const int maximize,
+        const int weight_decay_ne_0, const int64_t numel, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict exp_avg_p, storage_t *restrict exp_inf_p,
+        const scalar_t c_weight_decay, const scalar_t c_1_minus_beta1, const scalar_t c_beta2,
+        const scalar_t c_eps, const scalar_t c_clr)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-    scalar_t exp_inf = to_compute(exp_inf_p[i]);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-    /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
-    exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
-    /* param = param - clr * exp_avg / exp_inf */
-    param = param - c_clr * exp_avg / exp_inf;
-    param_p[i] = from_compute(param);
-    exp_avg_p[i] = from_compute(exp_avg);
-    exp_inf_p[i] = from_compute(exp_inf);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+        scalar_t exp_inf = to_compute(exp_inf_p[i]);
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* grad = grad + weight_decay * param */
+        if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+        /* exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps) */
+        exp_inf = max_nan(c_beta2 * exp_inf, c_eps + FABS(grad));
+        /* param = param - clr * exp_avg / exp_inf */
+        param = param - c_clr * exp_avg / exp_inf;
+        param_p[i] = from_compute(param);
+        exp_avg_p[i] = from_compute(exp_avg);
+        exp_inf_p[i] = from_compute(exp_inf);
+    }
 }
 
 /* Adamax step, every combination of maximize */
@@ -72,31 +75,23 @@ void adamax_step(int64_t n, void **tensors, void **grads, void **counters, const
         const scalar_t c_clr = (scalar_t)(clr);
         if (maximize) {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adamax_step_walk1(i, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps,
-                        c_clr, 1, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adamax_step_walk1(1, 1, numel, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay,
+                    c_1_minus_beta1, c_beta2, c_eps, c_clr);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adamax_step_walk1(i, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps,
-                        c_clr, 1, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adamax_step_walk1(1, 0, numel, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay,
+                    c_1_minus_beta1, c_beta2, c_eps, c_clr);
             }
         } else {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adamax_step_walk1(i, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps,
-                        c_clr, 0, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adamax_step_walk1(0, 1, numel, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay,
+                    c_1_minus_beta1, c_beta2, c_eps, c_clr);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    adamax_step_walk1(i, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps,
-                        c_clr, 0, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                adamax_step_walk1(0, 0, numel, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay,
+                    c_1_minus_beta1, c_beta2, c_eps, c_clr);
             }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);

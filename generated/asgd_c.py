@@ -14,31 +14,34 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of asgd_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void asgd_step_walk1(const int64_t i,
+/* walk 1 of asgd_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void asgd_step_walk1(const int maximize,
+        const int weight_decay_ne_0, const int mu_ne_1, const int mu_eq_1, const int64_t numel,
         const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict ax_p,
         const scalar_t c_weight_decay, const scalar_t c_1_minus_eta_times_lambd, const scalar_t c_eta,
-        const scalar_t c_mu, const int maximize, const int weight_decay_ne_0, const int mu_ne_1,
-        const int mu_eq_1)
+        const scalar_t c_mu)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t ax = to_compute(ax_p[i]);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* param = param * (1 - lambd * eta) */
-    param = c_1_minus_eta_times_lambd * param;
-    /* param = param - eta * grad */
-    param = param - c_eta * grad;
-    /* ax = ax + (param - ax) * mu */
-    if (!mu_eq_1) ax = ax + c_mu * (param - ax);
-    /* ax = param */
-    if (!mu_ne_1) ax = param;
-    param_p[i] = from_compute(param);
-    ax_p[i] = from_compute(ax);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        scalar_t ax = to_compute(ax_p[i]);
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* grad = grad + weight_decay * param */
+        if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+        /* param = param * (1 - lambd * eta) */
+        param = c_1_minus_eta_times_lambd * param;
+        /* param = param - eta * grad */
+        param = param - c_eta * grad;
+        /* ax = ax + (param - ax) * mu */
+        if (!mu_eq_1) ax = ax + c_mu * (param - ax);
+        /* ax = param */
+        if (!mu_ne_1) ax = param;
+        param_p[i] = from_compute(param);
+        ax_p[i] = from_compute(ax);
+    }
 }
 
 /* ASGD step, every combination of maximize */
@@ -75,53 +78,45 @@ void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const i
         if (maximize) {
             if (weight_decay_ne_0) {
                 if (mu_ne_1) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 1, 0);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    asgd_step_walk1(1, 1, 1, 0, numel, grad_p, param_p, ax_p, c_weight_decay,
+                        c_1_minus_eta_times_lambd, c_eta, c_mu);
                 } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 1, 0, 1);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    asgd_step_walk1(1, 1, 0, 1, numel, grad_p, param_p, ax_p, c_weight_decay,
+                        c_1_minus_eta_times_lambd, c_eta, c_mu);
                 }
             } else {
                 if (mu_ne_1) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 1, 0);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    asgd_step_walk1(1, 0, 1, 0, numel, grad_p, param_p, ax_p, c_weight_decay,
+                        c_1_minus_eta_times_lambd, c_eta, c_mu);
                 } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 1, 0, 0, 1);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    asgd_step_walk1(1, 0, 0, 1, numel, grad_p, param_p, ax_p, c_weight_decay,
+                        c_1_minus_eta_times_lambd, c_eta, c_mu);
                 }
             }
         } else {
             if (weight_decay_ne_0) {
                 if (mu_ne_1) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 1, 0);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    asgd_step_walk1(0, 1, 1, 0, numel, grad_p, param_p, ax_p, c_weight_decay,
+                        c_1_minus_eta_times_lambd, c_eta, c_mu);
                 } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 1, 0, 1);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    asgd_step_walk1(0, 1, 0, 1, numel, grad_p, param_p, ax_p, c_weight_decay,
+                        c_1_minus_eta_times_lambd, c_eta, c_mu);
                 }
             } else {
                 if (mu_ne_1) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 1, 0);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    asgd_step_walk1(0, 0, 1, 0, numel, grad_p, param_p, ax_p, c_weight_decay,
+                        c_1_minus_eta_times_lambd, c_eta, c_mu);
                 } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        asgd_step_walk1(i, grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, 0, 0, 0, 1);
-                    }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                    asgd_step_walk1(0, 0, 0, 1, numel, grad_p, param_p, ax_p, c_weight_decay,
+                        c_1_minus_eta_times_lambd, c_eta, c_mu);
                 }
             }
         }

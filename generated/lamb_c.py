@@ -14,15 +14,15 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of lamb_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void lamb_step_walk1(const int64_t i, const int64_t slot,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
-        storage_t *restrict exp_avg_sq_p, scalar_t *restrict terms_norm_param,
-        scalar_t *restrict terms_norm_update, const scalar_t c_1_minus_beta1, const scalar_t c_beta2,
-        const scalar_t c_1_minus_beta2, const scalar_t c_bias_correction1, const scalar_t c_eps,
-        const scalar_t c_bias_correction2, const scalar_t c_weight_decay, const int maximize,
-        const int weight_decay_ne_0)
+/* walk 1 of lamb_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void lamb_step_walk1(const int maximize,
+        const int weight_decay_ne_0, const int64_t i, const int64_t slot, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_sq_p,
+        scalar_t *restrict terms_norm_param, scalar_t *restrict terms_norm_update,
+        const scalar_t c_1_minus_beta1, const scalar_t c_beta2, const scalar_t c_1_minus_beta2,
+        const scalar_t c_bias_correction1, const scalar_t c_eps, const scalar_t c_bias_correction2,
+        const scalar_t c_weight_decay)
 {
     scalar_t grad = to_compute(grad_p[i]);
     scalar_t exp_avg = to_compute(exp_avg_p[i]);
@@ -45,35 +45,38 @@ static inline __attribute__((always_inline)) void lamb_step_walk1(const int64_t 
     terms_norm_update[slot] = update;
 }
 
-/* one element of walk 2 of lamb_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void lamb_step_walk2(const int64_t i,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
-        storage_t *restrict exp_avg_sq_p, const scalar_t c_1_minus_beta1, const scalar_t c_beta2,
-        const scalar_t c_1_minus_beta2, const scalar_t c_bias_correction1, const scalar_t c_eps,
-        const scalar_t c_bias_correction2, const scalar_t c_weight_decay, const scalar_t c_lr,
-        const scalar_t c_trust_ratio, const int maximize, const int weight_decay_ne_0)
+/* walk 2 of lamb_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void lamb_step_walk2(const int maximize,
+        const int weight_decay_ne_0, const int64_t numel, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_sq_p,
+        const scalar_t c_1_minus_beta1, const scalar_t c_beta2, const scalar_t c_1_minus_beta2,
+        const scalar_t c_bias_correction1, const scalar_t c_eps, const scalar_t c_bias_correction2,
+        const scalar_t c_weight_decay, const scalar_t c_lr, const scalar_t c_trust_ratio)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-    scalar_t update;
-    scalar_t param = to_compute(param_p[i]);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
-    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
-    /* update = update + weight_decay * param */
-    if (weight_decay_ne_0) update = update + c_weight_decay * param;
-    /* param = param - lr * trust_ratio * update */
-    param = param - c_lr * c_trust_ratio * update;
-    param_p[i] = from_compute(param);
-    exp_avg_p[i] = from_compute(exp_avg);
-    exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+        scalar_t update;
+        scalar_t param = to_compute(param_p[i]);
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+        /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+        update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+        /* update = update + weight_decay * param */
+        if (weight_decay_ne_0) update = update + c_weight_decay * param;
+        /* param = param - lr * trust_ratio * update */
+        param = param - c_lr * c_trust_ratio * update;
+        param_p[i] = from_compute(param);
+        exp_avg_p[i] = from_compute(exp_avg);
+        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+    }
 }
 
 /* Lamb step, every combination of maximize */
@@ -118,9 +121,9 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     scalar_t terms_norm_update[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        lamb_step_walk1(i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, terms_norm_param, terms_norm_update,
-                            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay,
-                            1, 1);
+                        lamb_step_walk1(1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
+                            c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                     acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
@@ -132,9 +135,9 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     scalar_t terms_norm_update[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        lamb_step_walk1(i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, terms_norm_param, terms_norm_update,
-                            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay,
-                            1, 0);
+                        lamb_step_walk1(1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
+                            c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                     acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
@@ -148,9 +151,9 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     scalar_t terms_norm_update[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        lamb_step_walk1(i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, terms_norm_param, terms_norm_update,
-                            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay,
-                            0, 1);
+                        lamb_step_walk1(0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
+                            c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                     acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
@@ -162,9 +165,9 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
                     scalar_t terms_norm_param[OPTGEN_BLOCK];
                     scalar_t terms_norm_update[OPTGEN_BLOCK];
                     for (int64_t i = i0; i < i1; ++i) {
-                        lamb_step_walk1(i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, terms_norm_param, terms_norm_update,
-                            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay,
-                            0, 0);
+                        lamb_step_walk1(0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
+                            c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
                     }
                     acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
                     acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
@@ -182,31 +185,27 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
         const scalar_t c_trust_ratio = (scalar_t)(trust_ratio);
         if (maximize) {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    lamb_step_walk2(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
-                        c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio, 1, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                lamb_step_walk2(1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1,
+                    c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2,
+                    c_weight_decay, c_lr, c_trust_ratio);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    lamb_step_walk2(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
-                        c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio, 1, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                lamb_step_walk2(1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1,
+                    c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2,
+                    c_weight_decay, c_lr, c_trust_ratio);
             }
         } else {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    lamb_step_walk2(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
-                        c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio, 0, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                lamb_step_walk2(0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1,
+                    c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2,
+                    c_weight_decay, c_lr, c_trust_ratio);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    lamb_step_walk2(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2,
-                        c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio, 0, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                lamb_step_walk2(0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1,
+                    c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2,
+                    c_weight_decay, c_lr, c_trust_ratio);
             }
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);

@@ -14,29 +14,33 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of lion_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void lion_step_walk1(const int64_t i,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
+/* walk 1 of lion_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void lion_step_walk1(const int maximize,
+        const int weight_decay_ne_0, const int64_t numel, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict exp_avg_p,
         const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1, const scalar_t c_lr,
-        const scalar_t c_1_minus_beta2, const int maximize, const int weight_decay_ne_0)
+        const scalar_t c_1_minus_beta2)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-    scalar_t update;
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* param = param * (1 - lr * weight_decay) */
-    if (weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
-    /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
-    update = sign_of(lerp_of(exp_avg, grad, c_1_minus_beta1));
-    /* param = param - lr * update */
-    param = param - c_lr * update;
-    /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
-    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
-    param_p[i] = from_compute(param);
-    exp_avg_p[i] = from_compute(exp_avg);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+        scalar_t update;
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* param = param * (1 - lr * weight_decay) */
+        if (weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
+        /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
+        update = sign_of(lerp_of(exp_avg, grad, c_1_minus_beta1));
+        /* param = param - lr * update */
+        param = param - c_lr * update;
+        /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
+        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
+        param_p[i] = from_compute(param);
+        exp_avg_p[i] = from_compute(exp_avg);
+    }
 }
 
 /* Lion step, every combination of maximize */
@@ -60,31 +64,23 @@ void lion_step(int64_t n, void **tensors, void **grads, void **counters, const i
         const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
         if (maximize) {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    lion_step_walk1(i, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2, 1, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                lion_step_walk1(1, 1, numel, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay,
+                    c_1_minus_beta1, c_lr, c_1_minus_beta2);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    lion_step_walk1(i, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2, 1, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                lion_step_walk1(1, 0, numel, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay,
+                    c_1_minus_beta1, c_lr, c_1_minus_beta2);
             }
         } else {
             if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    lion_step_walk1(i, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2, 0, 1);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                lion_step_walk1(0, 1, numel, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay,
+                    c_1_minus_beta1, c_lr, c_1_minus_beta2);
             } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i = 0; i < numel; ++i) {
-                    lion_step_walk1(i, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2, 0, 0);
-                }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                lion_step_walk1(0, 0, numel, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay,
+                    c_1_minus_beta1, c_lr, c_1_minus_beta2);
             }
         }
     }

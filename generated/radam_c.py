@@ -14,42 +14,44 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of radam_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void radam_step_walk1(const int64_t i,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
-        storage_t *restrict exp_avg_sq_p, const scalar_t c_weight_decay,
+/* walk 1 of radam_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void radam_step_walk1(const int decoupled_weight_decay,
+        const int maximize, const int weight_decay_ne_0, const int rho_t_gt_5, const int rho_t_le_5,
+        const int64_t numel, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_sq_p, const scalar_t c_weight_decay,
         const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1,
         const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_eps,
-        const scalar_t c_step_size, const scalar_t c_lr, const scalar_t c_bias_correction1,
-        const int decoupled_weight_decay, const int maximize, const int weight_decay_ne_0,
-        const int rho_t_gt_5, const int rho_t_le_5)
+        const scalar_t c_step_size, const scalar_t c_lr, const scalar_t c_bias_correction1)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param;
-    scalar_t exp_avg = to_compute(exp_avg_p[i]);
-    scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
-    scalar_t denom;
-    if (rho_t_gt_5 || rho_t_le_5 || weight_decay_ne_0) param = to_compute(param_p[i]);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0 && !decoupled_weight_decay) grad = grad + c_weight_decay * param;
-    /* param = param * (1 - lr * weight_decay) */
-    if (decoupled_weight_decay && weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
-    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-    /* denom = sqrt(exp_avg_sq) + eps */
-    if (rho_t_gt_5) denom = c_eps + SQRT(exp_avg_sq);
-    /* param = param - step_size * exp_avg / denom */
-    if (rho_t_gt_5) param = param - c_step_size * exp_avg / denom;
-    /* param = param - lr / bias_correction1 * exp_avg */
-    if (rho_t_le_5) param = param - c_lr * exp_avg / c_bias_correction1;
-    if (rho_t_gt_5 || rho_t_le_5 || (decoupled_weight_decay && weight_decay_ne_0)) param_p[i] = from_compute(param);
-    exp_avg_p[i] = from_compute(exp_avg);
-    exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param;
+        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+        scalar_t denom;
+        if (rho_t_gt_5 || rho_t_le_5 || weight_decay_ne_0) param = to_compute(param_p[i]);
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* grad = grad + weight_decay * param */
+        if (weight_decay_ne_0 && !decoupled_weight_decay) grad = grad + c_weight_decay * param;
+        /* param = param * (1 - lr * weight_decay) */
+        if (decoupled_weight_decay && weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
+        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+        /* denom = sqrt(exp_avg_sq) + eps */
+        if (rho_t_gt_5) denom = c_eps + SQRT(exp_avg_sq);
+        /* param = param - step_size * exp_avg / denom */
+        if (rho_t_gt_5) param = param - c_step_size * exp_avg / denom;
+        /* param = param - lr / bias_correction1 * exp_avg */
+        if (rho_t_le_5) param = param - c_lr * exp_avg / c_bias_correction1;
+        if (rho_t_gt_5 || rho_t_le_5 || (decoupled_weight_decay && weight_decay_ne_0)) param_p[i] = from_compute(param);
+        exp_avg_p[i] = from_compute(exp_avg);
+        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+    }
 }
 
 /* RAdam step, every combination of decoupled_weight_decay, maximize */
@@ -100,92 +102,80 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (rho_t_gt_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        radam_step_walk1(1, 1, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                     } else {
                         if (rho_t_le_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 1, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(1, 1, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 1, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(1, 1, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         }
                     }
                 } else {
                     if (rho_t_gt_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        radam_step_walk1(1, 1, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                     } else {
                         if (rho_t_le_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 0, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(1, 1, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 1, 0, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(1, 1, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         }
                     }
                 }
             } else {
                 if (weight_decay_ne_0) {
                     if (rho_t_gt_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        radam_step_walk1(1, 0, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                     } else {
                         if (rho_t_le_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 1, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(1, 0, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 1, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(1, 0, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         }
                     }
                 } else {
                     if (rho_t_gt_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        radam_step_walk1(1, 0, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                     } else {
                         if (rho_t_le_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 0, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(1, 0, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 1, 0, 0, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(1, 0, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         }
                     }
                 }
@@ -194,92 +184,80 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (rho_t_gt_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        radam_step_walk1(0, 1, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                     } else {
                         if (rho_t_le_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 1, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(0, 1, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 1, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(0, 1, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         }
                     }
                 } else {
                     if (rho_t_gt_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        radam_step_walk1(0, 1, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                     } else {
                         if (rho_t_le_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 0, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(0, 1, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 1, 0, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(0, 1, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         }
                     }
                 }
             } else {
                 if (weight_decay_ne_0) {
                     if (rho_t_gt_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        radam_step_walk1(0, 0, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                     } else {
                         if (rho_t_le_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 1, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(0, 0, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 1, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(0, 0, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         }
                     }
                 } else {
                     if (rho_t_gt_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        radam_step_walk1(0, 0, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                     } else {
                         if (rho_t_le_5) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 0, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(0, 0, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                radam_step_walk1(i, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay,
-                                    c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, 0, 0, 0, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            radam_step_walk1(0, 0, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
                         }
                     }
                 }

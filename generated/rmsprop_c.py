@@ -14,46 +14,49 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of rmsprop_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int64_t i,
+/* walk 1 of rmsprop_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int centered, const int maximize,
+        const int weight_decay_ne_0, const int momentum_gt_0, const int momentum_le_0, const int64_t numel,
         const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict square_avg_p,
         storage_t *restrict momentum_buffer_p, storage_t *restrict grad_avg_p, const scalar_t c_weight_decay,
         const scalar_t c_alpha, const scalar_t c_1_minus_alpha, const scalar_t c_eps,
-        const scalar_t c_momentum, const scalar_t c_lr, const int centered, const int maximize,
-        const int weight_decay_ne_0, const int momentum_gt_0, const int momentum_le_0)
+        const scalar_t c_momentum, const scalar_t c_lr)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param;
-    scalar_t square_avg = to_compute(square_avg_p[i]);
-    scalar_t grad_avg;
-    scalar_t avg;
-    scalar_t momentum_buffer;
-    if (momentum_gt_0 || momentum_le_0 || weight_decay_ne_0) param = to_compute(param_p[i]);
-    if (centered) grad_avg = to_compute(grad_avg_p[i]);
-    if (momentum_gt_0) momentum_buffer = to_compute(momentum_buffer_p[i]);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
-    square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
-    /* avg = sqrt(square_avg) + eps */
-    if ((momentum_gt_0 && !centered) || (momentum_le_0 && !centered)) avg = c_eps + SQRT(square_avg);
-    /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-    if (centered) grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
-    /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
-    if ((centered && momentum_gt_0) || (centered && momentum_le_0)) avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
-    /* momentum_buffer = momentum * momentum_buffer + grad / avg */
-    if (momentum_gt_0) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
-    /* param = param - lr * momentum_buffer */
-    if (momentum_gt_0) param = param - c_lr * momentum_buffer;
-    /* param = param - lr * grad / avg */
-    if (momentum_le_0) param = param - c_lr * grad / avg;
-    if (momentum_gt_0 || momentum_le_0) param_p[i] = from_compute(param);
-    square_avg_p[i] = from_compute(square_avg);
-    if (momentum_gt_0) momentum_buffer_p[i] = from_compute(momentum_buffer);
-    if (centered) grad_avg_p[i] = from_compute(grad_avg);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param;
+        scalar_t square_avg = to_compute(square_avg_p[i]);
+        scalar_t grad_avg;
+        scalar_t avg;
+        scalar_t momentum_buffer;
+        if (momentum_gt_0 || momentum_le_0 || weight_decay_ne_0) param = to_compute(param_p[i]);
+        if (centered) grad_avg = to_compute(grad_avg_p[i]);
+        if (momentum_gt_0) momentum_buffer = to_compute(momentum_buffer_p[i]);
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* grad = grad + weight_decay * param */
+        if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+        /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+        square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+        /* avg = sqrt(square_avg) + eps */
+        if ((momentum_gt_0 && !centered) || (momentum_le_0 && !centered)) avg = c_eps + SQRT(square_avg);
+        /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+        if (centered) grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
+        /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+        if ((centered && momentum_gt_0) || (centered && momentum_le_0)) avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+        /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+        if (momentum_gt_0) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+        /* param = param - lr * momentum_buffer */
+        if (momentum_gt_0) param = param - c_lr * momentum_buffer;
+        /* param = param - lr * grad / avg */
+        if (momentum_le_0) param = param - c_lr * grad / avg;
+        if (momentum_gt_0 || momentum_le_0) param_p[i] = from_compute(param);
+        square_avg_p[i] = from_compute(square_avg);
+        if (momentum_gt_0) momentum_buffer_p[i] = from_compute(momentum_buffer);
+        if (centered) grad_avg_p[i] = from_compute(grad_avg);
+    }
 }
 
 /* RMSprop step, every combination of centered, maximize */
@@ -90,92 +93,68 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        rmsprop_step_walk1(1, 1, 1, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                     } else {
                         if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 1, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(1, 1, 1, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 1, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(1, 1, 1, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         }
                     }
                 } else {
                     if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        rmsprop_step_walk1(1, 1, 0, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                     } else {
                         if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 0, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(1, 1, 0, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 1, 0, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(1, 1, 0, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         }
                     }
                 }
             } else {
                 if (weight_decay_ne_0) {
                     if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        rmsprop_step_walk1(1, 0, 1, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                     } else {
                         if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 1, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(1, 0, 1, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 1, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(1, 0, 1, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         }
                     }
                 } else {
                     if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        rmsprop_step_walk1(1, 0, 0, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                     } else {
                         if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 0, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(1, 0, 0, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 1, 0, 0, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(1, 0, 0, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         }
                     }
                 }
@@ -184,92 +163,68 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        rmsprop_step_walk1(0, 1, 1, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                     } else {
                         if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 1, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(0, 1, 1, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 1, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(0, 1, 1, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         }
                     }
                 } else {
                     if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        rmsprop_step_walk1(0, 1, 0, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                     } else {
                         if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 0, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(0, 1, 0, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 1, 0, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(0, 1, 0, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         }
                     }
                 }
             } else {
                 if (weight_decay_ne_0) {
                     if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        rmsprop_step_walk1(0, 0, 1, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                     } else {
                         if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 1, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(0, 0, 1, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 1, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(0, 0, 1, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         }
                     }
                 } else {
                     if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        rmsprop_step_walk1(0, 0, 0, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                     } else {
                         if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 0, 0, 1);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(0, 0, 0, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                            for (int64_t i = 0; i < numel; ++i) {
-                                rmsprop_step_walk1(i, grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha,
-                                    c_1_minus_alpha, c_eps, c_momentum, c_lr, 0, 0, 0, 0, 0);
-                            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                            rmsprop_step_walk1(0, 0, 0, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
+                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
                         }
                     }
                 }

@@ -14,39 +14,42 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of rprop_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void rprop_step_walk1(const int64_t i,
+/* walk 1 of rprop_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void rprop_step_walk1(const int maximize, const int64_t numel,
         const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict prev_p,
         storage_t *restrict step_size_p, const scalar_t c_etaplus, const scalar_t c_etaminus,
-        const scalar_t c_step_size_min, const scalar_t c_step_size_max, const int maximize)
+        const scalar_t c_step_size_min, const scalar_t c_step_size_max)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t prev = to_compute(prev_p[i]);
-    scalar_t sign;
-    scalar_t step_size = to_compute(step_size_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    /* sign = sign(grad * prev) */
-    sign = sign_of(grad * prev);
-    /* sign = -sign */
-    if (maximize) sign = -sign;
-    /* sign = where(sign > 0, etaplus, sign) */
-    sign = (sign > 0 ? c_etaplus : sign);
-    /* sign = where(sign < 0, etaminus, sign) */
-    sign = (sign < 0 ? c_etaminus : sign);
-    /* sign = where(sign == 0, 1, sign) */
-    sign = (sign == 0 ? 1 : sign);
-    /* step_size = clamp(step_size * sign, step_size_min, step_size_max) */
-    step_size = min_nan(max_nan(sign * step_size, c_step_size_min), c_step_size_max);
-    /* prev = where(sign == etaminus, 0, grad) */
-    prev = (sign == c_etaminus ? 0 : grad);
-    /* prev = -prev */
-    if (maximize) prev = -prev;
-    /* param = param - sign(prev) * step_size */
-    param = param - step_size * sign_of(prev);
-    param_p[i] = from_compute(param);
-    prev_p[i] = from_compute(prev);
-    step_size_p[i] = from_compute(step_size);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t prev = to_compute(prev_p[i]);
+        scalar_t sign;
+        scalar_t step_size = to_compute(step_size_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        /* sign = sign(grad * prev) */
+        sign = sign_of(grad * prev);
+        /* sign = -sign */
+        if (maximize) sign = -sign;
+        /* sign = where(sign > 0, etaplus, sign) */
+        sign = (sign > 0 ? c_etaplus : sign);
+        /* sign = where(sign < 0, etaminus, sign) */
+        sign = (sign < 0 ? c_etaminus : sign);
+        /* sign = where(sign == 0, 1, sign) */
+        sign = (sign == 0 ? 1 : sign);
+        /* step_size = clamp(step_size * sign, step_size_min, step_size_max) */
+        step_size = min_nan(max_nan(sign * step_size, c_step_size_min), c_step_size_max);
+        /* prev = where(sign == etaminus, 0, grad) */
+        prev = (sign == c_etaminus ? 0 : grad);
+        /* prev = -prev */
+        if (maximize) prev = -prev;
+        /* param = param - sign(prev) * step_size */
+        param = param - step_size * sign_of(prev);
+        param_p[i] = from_compute(param);
+        prev_p[i] = from_compute(prev);
+        step_size_p[i] = from_compute(step_size);
+    }
 }
 
 /* Rprop step, every combination of maximize */
@@ -72,17 +75,13 @@ void rprop_step(int64_t n, void **tensors, void **grads, void **counters, const 
         const scalar_t c_step_size_min = (scalar_t)(step_size_min);
         const scalar_t c_step_size_max = (scalar_t)(step_size_max);
         if (maximize) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i = 0; i < numel; ++i) {
-                rprop_step_walk1(i, grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min,
-                    c_step_size_max, 1);
-            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+            rprop_step_walk1(1, numel, grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus,
+                c_step_size_min, c_step_size_max);
         } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i = 0; i < numel; ++i) {
-                rprop_step_walk1(i, grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min,
-                    c_step_size_max, 0);
-            }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+            rprop_step_walk1(0, numel, grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus,
+                c_step_size_min, c_step_size_max);
         }
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }

@@ -14,32 +14,35 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* one element of walk 1 of sgd_step: the body of each version of its loop, which
-   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void sgd_step_walk1(const int64_t i,
+/* walk 1 of sgd_step, over its threads' share of the elements: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void sgd_step_walk1(const int nesterov, const int maximize,
+        const int weight_decay_ne_0, const int momentum_ne_0, const int64_t numel,
         const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict momentum_buffer_p,
         const scalar_t c_weight_decay, const scalar_t c_1_minus_dampening, const scalar_t c_momentum,
-        const scalar_t c_lr, const int momentum_buffer_is_new, const int nesterov, const int maximize,
-        const int weight_decay_ne_0, const int momentum_ne_0)
+        const scalar_t c_lr, const int momentum_buffer_is_new)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t momentum_buffer;
-    if (momentum_ne_0) momentum_buffer = to_compute(momentum_buffer_p[i]);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-    if (momentum_ne_0) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-    /* grad = momentum_buffer */
-    if (momentum_ne_0 && !nesterov) grad = momentum_buffer;
-    /* grad = grad + momentum * momentum_buffer */
-    if (momentum_ne_0 && nesterov) grad = grad + c_momentum * momentum_buffer;
-    /* param = param - lr * grad */
-    param = param - c_lr * grad;
-    param_p[i] = from_compute(param);
-    if (momentum_ne_0) momentum_buffer_p[i] = from_compute(momentum_buffer);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        scalar_t momentum_buffer;
+        if (momentum_ne_0) momentum_buffer = to_compute(momentum_buffer_p[i]);
+        /* grad = -grad */
+        if (maximize) grad = -grad;
+        /* grad = grad + weight_decay * param */
+        if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+        /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+        if (momentum_ne_0) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+        /* grad = momentum_buffer */
+        if (momentum_ne_0 && !nesterov) grad = momentum_buffer;
+        /* grad = grad + momentum * momentum_buffer */
+        if (momentum_ne_0 && nesterov) grad = grad + c_momentum * momentum_buffer;
+        /* param = param - lr * grad */
+        param = param - c_lr * grad;
+        param_p[i] = from_compute(param);
+        if (momentum_ne_0) momentum_buffer_p[i] = from_compute(momentum_buffer);
+    }
 }
 
 /* SGD step, every combination of nesterov, maximize */
@@ -68,61 +71,45 @@ void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const in
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 1, 1, 1, 1);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(1, 1, 1, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 1, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(1, 1, 1, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     }
                 } else {
                     if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 1, 1, 0, 1);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(1, 1, 0, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 1, 1, 0, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(1, 1, 0, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     }
                 }
             } else {
                 if (weight_decay_ne_0) {
                     if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 1, 0, 1, 1);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(1, 0, 1, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 1, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(1, 0, 1, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     }
                 } else {
                     if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 1, 0, 0, 1);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(1, 0, 0, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 1, 0, 0, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(1, 0, 0, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     }
                 }
             }
@@ -130,61 +117,45 @@ void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const in
             if (maximize) {
                 if (weight_decay_ne_0) {
                     if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 0, 1, 1, 1);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(0, 1, 1, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 0, 1, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(0, 1, 1, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     }
                 } else {
                     if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 0, 1, 0, 1);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(0, 1, 0, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 0, 1, 0, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(0, 1, 0, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     }
                 }
             } else {
                 if (weight_decay_ne_0) {
                     if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 0, 0, 1, 1);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(0, 0, 1, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 0, 0, 1, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(0, 0, 1, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     }
                 } else {
                     if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 0, 0, 0, 1);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(0, 0, 0, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i = 0; i < numel; ++i) {
-                            sgd_step_walk1(i, grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr,
-                                momentum_buffer_is_new, 0, 0, 0, 0);
-                        }
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                        sgd_step_walk1(0, 0, 0, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
+                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
                     }
                 }
             }

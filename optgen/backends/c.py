@@ -416,15 +416,18 @@ class _CBuilder:
     # A walk has a version of its loop per combination of the flags and per-tensor conditions
     # that changes what it computes (Adam's final walk: 16), each straight-line so that it
     # vectorises.  Their bodies differ only in which statements, loads and stores run, so the
-    # body is printed once, as a `static inline` function of one element taking every flag and
-    # condition as a `const int` argument, each line under the condition (over those arguments)
-    # of the versions it runs in; each version's loop calls it with constants.  Inlined, the
-    # constants fold and each loop is the straight-line loop it was (bit for bit the same
-    # arithmetic: tests/c/test_merged_against_variants.py).  The constants must be literals at
-    # the call inside the `#pragma omp` loop: OpenMP outlines a parallel region before anything is
-    # inlined, so a variable set before the loop reaches the outlined loop as a runtime value.  A
-    # state that exists only under a condition is loaded and stored only under it (a NULL
-    # address otherwise).  A walk with one version keeps its body inside its loop.
+    # body is printed once, as a `static inline` function taking every flag and condition as a
+    # `const int` argument, each line under the condition (over those arguments) of the versions
+    # it runs in; each version calls it with constants.  Inlined, the constants fold and each
+    # version is the straight-line loop it was (bit for bit the same arithmetic:
+    # tests/c/test_merged_against_variants.py).  The constants must be literals inside the
+    # `#pragma omp parallel` region: OpenMP outlines the region before anything is inlined, so a
+    # variable set before it reaches the outlined code as a runtime value.  A plain loop over the
+    # elements lives in the function too, as an orphaned `#pragma omp for` (the iterations of
+    # the caller's `#pragma omp parallel` shared out as `parallel for` shares them); a walk that
+    # sums or runs over rows keeps its loops in each version, which call the function per
+    # element.  A state that exists only under a condition is loaded and stored only under it
+    # (its address is NULL otherwise).  A walk with one version keeps its body inside its loop.
     def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: bool,
              number: int) -> list[str]:
         """Walk ``number`` over the tensor: the statements and accumulations in the spec's order;
@@ -463,7 +466,11 @@ class _CBuilder:
         leaves = [leaf for leaf in _leaves(tree) if leaf.body]
         if len(leaves) <= 1:
             return out + _inline(tree)
-        return out + _render(tree, self.body_function(leaves, number))
+        whole = all(leaf.plain for leaf in leaves)
+        if whole:  # the function holds the loop too; each version starts the threads and calls it
+            for leaf in leaves:
+                leaf.skeleton = ["#pragma omp parallel if (numel >= PARALLEL_MIN)", _CALL]
+        return out + _render(tree, self.body_function(leaves, number, whole))
 
     def versions(self, statements, accumulate, store: bool, terms: dict, flags: dict):
         """One flag assignment's walk, specialised on up to MAX_VERSIONS per-tensor conditions."""
@@ -595,12 +602,13 @@ class _CBuilder:
             region += [f"free({private[a.reduction.name]});" for a in col_accs]
             return ["#pragma omp parallel if (numel >= PARALLEL_MIN)", "{", *_indent(region), "}"]
 
-        return _Leaf(flags, tested, skeleton(inner), skeleton([_CALL]), body, local)
+        return _Leaf(flags, tested, skeleton(inner), skeleton([_CALL]), body, local, plain=not rows and not blocked)
 
-    def body_function(self, leaves: list[_Leaf], number: int) -> Callable[[_Leaf], list[str]]:
+    def body_function(self, leaves: list[_Leaf], number: int, whole: bool) -> Callable[[_Leaf], list[str]]:
         """The body the versions of walk ``number`` share, as a ``static inline`` function of one
-        element (added to :attr:`functions`), and the call each version makes (Note [One loop
-        body per walk])."""
+        element, or (``whole``) of the loop over the elements, its iterations shared among the
+        threads of the caller's parallel region (added to :attr:`functions`), and the call each
+        version makes (Note [One loop body per walk])."""
         variables = list(dict.fromkeys([*leaves[0].flags, *(c for leaf in leaves for c in leaf.tested)]))
 
         def outcomes(leaf: _Leaf) -> list[tuple[int, ...]]:
@@ -647,14 +655,19 @@ class _CBuilder:
                 when = guard(runs[place, line])
                 lines.append(line if when is None else f"if ({when}) {line}")
         used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(lines)))
+        if whole:
+            used = (used - {"i"}) | {"numel"}
+            lines = ["#pragma omp for schedule(static) nowait", "for (int64_t i = 0; i < numel; ++i) {",
+                     *_indent(lines), "}"]
         parameters = [(n, t) for n, t in self.parameters(leaves).items() if n in used]
         name = self.fresh(f"{self.function}_walk{number}")
+        what = "its threads' share of the elements" if whole else "one element"
         self.functions += [
-            f"/* one element of walk {number} of {self.function}: the body of each version of its loop, which",
-            "   passes its flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */",
+            f"/* walk {number} of {self.function}, over {what}: each version of the walk calls it with its",
+            "   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */",
             *_wrap([f"{t} {n}" for n, t in parameters], f"static inline __attribute__((always_inline)) void {name}(",
                    "        ", ")"),
-            "{", *("    " + x for x in lines), "}", ""]
+            "{", *_indent(lines), "}", ""]
         locals_ = {n for leaf in leaves for n in leaf.local}
 
         def call(leaf: _Leaf) -> list[str]:
@@ -665,12 +678,13 @@ class _CBuilder:
                     outcome = leaf.tested.get(n, False)
                     return n if outcome is None else str(int(outcome))
                 return leaf.local.get(n, "0") if n in locals_ else n
-            return _wrap([value(n) for n, _ in parameters], f"{name}(", "    ", ");")
+            return _wrap([value(n) for n, _ in parameters], f"{name}(", "    ", ");", width=90)
         return call
 
     def parameters(self, leaves: list[_Leaf]) -> dict[str, str]:
         """Every name a walk's body may read → its C type, in the order of the body's parameters."""
-        out = {x: "const int64_t" for x in ("i", "ir", "ib", "ic", "slot", "dim_c")}
+        out = {v: "const int" for v in [*leaves[0].flags, *self.conditions.values()]}  # (first: the version)
+        out.update({x: "const int64_t" for x in ("numel", "i", "ir", "ib", "ic", "slot", "dim_c")})
         out["grad_p"] = "const storage_t *restrict"
         out.update({f"{self.cname(t)}_p": "storage_t *restrict" for t in self.lists})
         out.update({array: "const scalar_t *restrict" for array in self.scratch.values()})
@@ -679,7 +693,6 @@ class _CBuilder:
                 out.setdefault(n, "scalar_t *restrict" if n.startswith("terms_") else "double *restrict")
         out.update({c: "const scalar_t" for c in self.hoisted.values()})
         out.update({f"{self.cname(t)}_is_new": "const int" for t in self.lazy_states})
-        out.update({v: "const int" for v in [*leaves[0].flags, *self.conditions.values()]})
         return out
 
     def element(self, expr) -> str:
@@ -723,6 +736,7 @@ class _Leaf:
     skeleton: list[str]                 # the loop, _CALL where its body goes
     body: list[tuple[tuple, str]]       # (place, line): declared names, loads, statements, stores
     local: dict[str, str]               # the loop's names the body reads → their value here
+    plain: bool = False                 # a plain loop over the elements (no sums, no rows)
 
 
 @dataclass
@@ -756,7 +770,7 @@ def _render(tree, call: Callable[[_Leaf], list[str]]) -> list[str]:
         return [f"if ({tree.condition}) {{", *_indent(_render(tree.on, call)), "} else {",
                 *_indent(_render(tree.off, call)), "}"]
     out = []
-    for line in tree.skeleton:
+    for line in tree.skeleton if tree.body else tree.text:
         if _CALL in line:
             indent = line[:line.index(_CALL)]
             out += [indent + x for x in call(tree)]
