@@ -1,0 +1,81 @@
+"""The layout of the merged C kernels (Note [One loop body per walk] in optgen/backends/c.py): each
+walk's body is printed once, as a static inline function every version of the loop calls with
+its flags and conditions as literal constants inside its `#pragma omp parallel` region (where
+the compiler can fold them and vectorise each version as a straight-line loop), and no version
+exists for an impossible pair of opposite comparisons."""
+import itertools
+import platform
+import re
+import subprocess
+
+import pytest
+import torch
+
+from optgen.generated import adam_c, asgd_c, radam_c
+from optgen.runtime import c_launch
+
+
+def _parameters(source: str, function: str) -> list[str]:
+    signature = re.search(rf"void {function}\((.*?)\)\n\{{", source, re.S).group(1)
+    return [p.split()[-1] for p in signature.replace("\n", " ").split(",")]
+
+
+def _calls(source: str, function: str) -> list[list[str]]:
+    """The arguments of each call of ``function`` (after each `#pragma omp parallel` line)."""
+    calls = re.findall(rf"^#pragma omp parallel if \(numel >= PARALLEL_MIN\)\n\s*{function}\((.*?)\);", source,
+                       re.S | re.M)
+    return [[a.strip() for a in call.replace("\n", " ").split(",")] for call in calls]
+
+
+def check_adam_layout(source: str) -> None:
+    assert source.count("exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);") == 1  # the body, once
+    assert source.count("#pragma omp parallel") == 16
+    parameters = _parameters(source, "adam_step_walk1")
+    assert parameters[:4] == ["amsgrad", "maximize", "decoupled_weight_decay", "weight_decay_ne_0"]
+    versions = [tuple(call[:4]) for call in _calls(source, "adam_step_walk1")]
+    # every version, each with literal constants inside its parallel region
+    assert sorted(versions) == sorted(itertools.product("01", repeat=4))
+
+
+def check_opposite_comparisons(source: str, function: str, a: str, b: str, complementary: bool) -> None:
+    parameters = _parameters(source, function)
+    calls = _calls(source, function)
+    assert calls
+    pairs = {(call[parameters.index(a)], call[parameters.index(b)]) for call in calls}
+    assert ("1", "1") not in pairs, pairs
+    assert ("0", "0") not in pairs if complementary else ("0", "0") in pairs, pairs  # (NaN: neither ordered one holds)
+
+
+def test_each_walk_body_is_printed_once_and_called_with_constants():
+    check_adam_layout(adam_c.SOURCE)
+
+
+def test_no_version_where_opposite_comparisons_both_hold():
+    check_opposite_comparisons(radam_c.SOURCE, "radam_step_walk1", "rho_t_gt_5", "rho_t_le_5", complementary=False)
+    check_opposite_comparisons(asgd_c.SOURCE, "asgd_step_walk1", "mu_ne_1", "mu_eq_1", complementary=True)
+
+
+def _gcc() -> list[str] | None:
+    """The kernels' compiler when it is GCC on x86-64 (the test reads GCC's names for the
+    outlined regions and x86 mnemonics)."""
+    cc = c_launch.compiler() if c_launch.available() else None
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
+    return cc if "Free Software Foundation" in version else None
+
+
+@pytest.mark.skipif(_gcc() is None, reason="needs GCC for x86-64 (the check reads its assembly)")
+def test_every_version_of_adams_loop_is_vectorised(tmp_path):
+    """Each of the 16 outlined parallel regions holds packed float arithmetic: the constants
+    reached the loop before the vectoriser did."""
+    source = tmp_path / "adam.c"
+    source.write_text(c_launch.PRELUDE + adam_c.SOURCE)
+    flags = [f for f in c_launch.FLAGS if f != "-shared"]
+    subprocess.run([*_gcc(), *flags, *c_launch.C_TYPES[torch.float32][1], "-S", "-o", str(tmp_path / "adam.s"),
+                    str(source)], check=True)
+    assembly = (tmp_path / "adam.s").read_text()
+    regions = re.findall(r"^adam_step\._omp_fn\.\d+:\n(.*?)\.cfi_endproc", assembly, re.S | re.M)
+    assert len(regions) == 16
+    for region in regions:
+        assert re.search(r"\bv?(add|mul|sub|div|sqrt|max|min)ps\s", region), "a version's loop is not vectorised"
