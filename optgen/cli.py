@@ -215,8 +215,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_fuzz(args) -> int:
-    """Random valid specs against every backend and two references (optgen/fuzz/)."""
-    from optgen.fuzz.run import fuzz
+    """Random valid specs against every backend and two references (optgen/tools/fuzz/)."""
+    from optgen.tools.fuzz.run import fuzz
 
     report = fuzz(args.seconds, seed=args.seed, out=Path(args.out), avoid=() if args.all_constructs else None)
     print(report.summary())
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="first seed (default: from the clock); seeds count up from it")
     p.add_argument("--out", default="fuzz-failures", help="folder for failing specs (default fuzz-failures/)")
     p.add_argument("--all-constructs", action="store_true",
-                   help="also generate the constructs of known, unfixed bugs (optgen.fuzz.generate.KNOWN_BUGS)")
+                   help="also generate the constructs of known, unfixed bugs (optgen.tools.fuzz.generate.KNOWN_BUGS)")
     p.set_defaults(run=cmd_fuzz)
     args = parser.parse_args(argv)
     try:

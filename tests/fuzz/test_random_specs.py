@@ -1,10 +1,10 @@
-"""Differential testing of the compiler with random valid specs (optgen/fuzz/).
+"""Differential testing of the compiler with random valid specs (optgen/tools/fuzz/).
 
 Fixed seeds, so CI is deterministic: FAST_SEEDS run on the for-loop, foreach and differentiable
 (``differentiable=True``) implementations, EVERY_BACKEND_SEEDS also on C (gcc) and Triton (its
 interpreter, CPU tensors); each against the reference interpreter and the rule executed as plain
 Python, for every flag combination and two hyperparameter configurations.  Constructs of known,
-unfixed compiler bugs are left out (optgen.fuzz.generate.KNOWN_BUGS); `optgen fuzz --seconds N`
+unfixed compiler bugs are left out (optgen.tools.fuzz.generate.KNOWN_BUGS); `optgen fuzz --seconds N`
 runs more seeds, and tests/fuzz/regressions/ holds every failure found so far.
 """
 from collections import Counter
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from optgen.fuzz import run
-from optgen.fuzz.generate import CONSTRUCTS, KNOWN_BUGS, generate
 from optgen.runtime import c_launch
+from optgen.tools.fuzz import run
+from optgen.tools.fuzz.generate import CONSTRUCTS, KNOWN_BUGS, generate
 
 CHUNK = 20
 FAST_SEEDS = range(1000, 1260)
@@ -67,7 +67,7 @@ def test_comparison_catches_a_wrong_result():
     clean = run.check_text(spec.text, implementations=("forloop",), steps=STEPS, shapes=SHAPES, configs=[{}])
     assert not clean.failures, _failures(clean)
 
-    from optgen.fuzz.evaluate import Evaluator
+    from optgen.tools.fuzz.evaluate import Evaluator
 
     def wrong(params, gradients, kwargs, steps):
         params, states = Evaluator(spec.text).run(params, gradients, kwargs, steps)
@@ -77,7 +77,7 @@ def test_comparison_catches_a_wrong_result():
 
     import tempfile
 
-    from optgen.fuzz.run import _compile, _load, import_package, render_package
+    from optgen.tools.fuzz.run import _compile, _load, import_package, render_package
 
     report = run.Report()
     with tempfile.TemporaryDirectory() as tmp:
