@@ -143,7 +143,8 @@ class _CBuilder:
         self.program = program
         self.kernel = plan_kernel(program, signature)
         self.plan = self.kernel.schedule
-        self.defined_at = first_assignments(a.target for a in program.body if program.roles.get(a.target) is Role.SCALAR)
+        self.defined_at = first_assignments(a.target for a in program.body
+                                            if program.roles.get(a.target) is Role.SCALAR)
         self.roles, self.extents = self.plan.roles, self.plan.extents
         self.current: dict[str, str] = {}   # IR scalar name → the C variable holding its value now
         self.level: dict[str, int] = {}     # IR name → the level of its current value
@@ -244,7 +245,8 @@ class _CBuilder:
         body = [body[0], *dims, *body[1:len(prologue)], *pointers, *scratch, *body[len(prologue):]]
         source = [*self.functions, f"/* {doc} */",
                   f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
-                  "        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)",
+                  "        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, "
+                  "int flags)",
                   "{", *("    " + x for x in head), "    for (int64_t t = 0; t < n; ++t) {",
                   *("        " + x if not x.startswith("#") else x for x in body), "    }", "}"]
         reduced = {lists.index(t): -1 if self.extents[t] == ROWS else -2 for t in states if self.extents[t] != FULL}
@@ -333,7 +335,9 @@ class _CBuilder:
         operands and its condition are computed before (as per-tensor lines)."""
         flags, guard = self.flag_part(a.guard)
         cond = self.condition(guard)
-        reads = tensor_reads(a.value, self.roles) | (tensor_reads(a.first, self.roles) if a.first is not None else set())
+        reads = tensor_reads(a.value, self.roles)
+        if a.first is not None:
+            reads |= tensor_reads(a.first, self.roles)
         if cond is not None:  # the old value stays where the condition is false
             reads.add(a.target)
         value = self.element(a.value)
@@ -504,7 +508,8 @@ class _CBuilder:
         sequence = _live(statements, accumulate, self.lists if store else ())
         statements = [s for s in sequence if isinstance(s, _FullStatement)]
         if not sequence:
-            return _Leaf(flags, tested, ["/* nothing to do for this tensor */"] if fixed is not None else [], [], [], {})
+            nothing = ["/* nothing to do for this tensor */"] if fixed is not None else []
+            return _Leaf(flags, tested, nothing, [], [], {})
         memory = {"param", "grad", *self.lists, *self.scratch}
         reads: list[str] = []
         loaded: set[str] = set()
@@ -549,7 +554,8 @@ class _CBuilder:
                 local[terms[r.name]] = terms[r.name]
             else:
                 term = f"(double)({s.value})"
-                code = f"{private[r.name]}[ib * dim_c + ic] += " + (f"{term} * {term};" if r.kind == "norm" else f"{term};")
+                added = f"{term} * {term};" if r.kind == "norm" else f"{term};"
+                code = f"{private[r.name]}[ib * dim_c + ic] += " + added
                 body.append(((2, s.order, 1), code if s.condition is None else f"if ({s.condition}) {code}"))
                 local[private[r.name]] = private[r.name]
         body += [((3, self.lists.index(t)), (f"if ({self.cname(t)}_p) " if t in self.optional and not present else "")
@@ -744,8 +750,8 @@ class _Branch:
     """``if (condition) { on } else { off }`` between versions of a walk."""
 
     condition: str
-    on: "_Branch | _Leaf"
-    off: "_Branch | _Leaf"
+    on: _Branch | _Leaf
+    off: _Branch | _Leaf
 
 
 def _negated(condition):

@@ -11,13 +11,13 @@ Two printers share :class:`~optgen.backends.printer.InfixPrinter`'s arithmetic:
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import sympy
 
+from optgen.backends.printer import InfixPrinter, Unsupported
 from optgen.backends.sweeps import FULL, Extent
 from optgen.ir.guards import evaluation_order
-from optgen.backends.printer import InfixPrinter, Unsupported
 
 
 class _CPrinter(InfixPrinter):

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import sympy
 
@@ -139,7 +139,7 @@ def plan_kernel(program: Program, sig: KernelSignature) -> KernelPlan:
     assigns = [*program.preamble, *program.body]
     later = _later_scalar_definitions(assigns, roles)
     statements = []
-    for a, after in zip(assigns, later):
+    for a, after in zip(assigns, later, strict=True):
         host, per_tensor = split_guard(a.guard, roles)
         rounding = None
         if roles[a.target] is Role.COUNTER:

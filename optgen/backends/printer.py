@@ -43,7 +43,7 @@ rank for it.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
@@ -186,7 +186,8 @@ class InfixPrinter(Printer):
 
     def _print_Add(self, expr):
         # step + 1 and 1 - x, not 1 + step and -x + 1
-        terms = sorted(expr.args, key=lambda t: (_is_negative(t), t.is_Number and not any(map(_is_negative, expr.args))))
+        terms = sorted(expr.args,
+                       key=lambda t: (_is_negative(t), t.is_Number and not any(map(_is_negative, expr.args))))
         out = self.paren(terms[0], PRECEDENCE["Add"])
         for t in terms[1:]:
             if _is_negative(t):

@@ -48,7 +48,7 @@ class Extent:
     m: bool
     c: bool
 
-    def __or__(self, other: "Extent") -> "Extent":
+    def __or__(self, other: Extent) -> Extent:
         return Extent(self.b or other.b, self.m or other.m, self.c or other.c)
 
     def __str__(self) -> str:

@@ -201,9 +201,10 @@ class _KernelBuilder:
         if written_counters:
             prologue += ['arrived = tl.atomic_add(arrivals + tensor, 1, sem="acq_rel")',
                          "last = arrived == tl.maximum((numel + CHUNK - 1) // CHUNK, 1) - 1"]
-        for i, (index, t, _) in enumerate(lazy):
+        for i, (_, t, _) in enumerate(lazy):
             offset = f"{i} * num_tensors + tensor" if i else "tensor"
-            prologue.append(f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0  # created this step: store `first`")
+            # created this step: store `first`
+            prologue.append(f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0")
 
         # -- scalar statements, and what the tensor statements need from them ------------------------
         # where each name holds a value: the host guards it was assigned under so far

@@ -14,7 +14,7 @@ kernel's other scalars are (they are hoisted out of the elementwise loop like an
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 import sympy
 from sympy.logic import SOPform
-
 
 # Note [Merged variants run their own code]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -71,8 +70,8 @@ class Block:
 @dataclass(frozen=True)
 class MergedBlock:
     header: Hashable
-    body: tuple["Merged", ...] = ()
-    orelse: tuple["Merged", ...] = ()
+    body: tuple[Merged, ...] = ()
+    orelse: tuple[Merged, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ class FlagSpace:
     assignments: tuple[tuple[bool, ...], ...]
 
     @staticmethod
-    def of(variant_flags: Sequence[tuple[tuple[str, bool], ...]]) -> "FlagSpace":
+    def of(variant_flags: Sequence[tuple[tuple[str, bool], ...]]) -> FlagSpace:
         names = tuple(name for name, _ in variant_flags[0]) if variant_flags else ()
         return FlagSpace(names, tuple(tuple(value for _, value in f) for f in variant_flags))
 
@@ -325,7 +324,8 @@ def describe(compiled) -> str:
                         hoisted = isinstance(m.item, tuple)
                         a = m.item[1] if hoisted else m.item
                         first = f"    (first step: {a.first})" if a.first is not None else ""
-                        lines.append(f"{'    ' * inner}{a.target} = {a.value}{first}" + ("    # hoisted" if hoisted else ""))
+                        note = "    # hoisted" if hoisted else ""
+                        lines.append(f"{'    ' * inner}{a.target} = {a.value}{first}{note}")
 
     body(merge_programs(compiled), space.everything, 0)
     return "\n".join(lines)

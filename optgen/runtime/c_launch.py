@@ -35,8 +35,15 @@ from pathlib import Path
 import torch
 
 from optgen.runtime.intrinsics import reduced_shape
-from optgen.runtime.native import (KernelDeclined, LaunchPlan, PlanCache, check_counter_dtypes, create_states,
-                                   creates_states, layout)
+from optgen.runtime.native import (
+    KernelDeclined,
+    LaunchPlan,
+    PlanCache,
+    check_counter_dtypes,
+    create_states,
+    creates_states,
+    layout,
+)
 
 #: the C every kernel source is compiled after: the element type and its math, counter access
 PRELUDE = r"""
@@ -543,10 +550,11 @@ def _check(params, tensors, grads, counters, reduced=None) -> None:
             shape = params[i].shape if dim is None else reduced_shape(params[i].shape, dim)
             if t.device.type != "cpu" or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
                 wrong = t.device.type != "cpu" or t.dtype != dtype or t.shape != shape
-                raise (RuntimeError if wrong else KernelDeclined)(f"optgen's fused CPU kernel needs contiguous CPU tensors of one dtype, shaped "
-                                   f"like their parameter: the {what} of parameter {i} is {t.dtype} "
-                                   f"{tuple(t.shape)} on {t.device}"
-                                   + ("" if t.is_contiguous() else ", not contiguous"))
+                raise (RuntimeError if wrong else KernelDeclined)(
+                    f"optgen's fused CPU kernel needs contiguous CPU tensors of one dtype, shaped "
+                    f"like their parameter: the {what} of parameter {i} is {t.dtype} "
+                    f"{tuple(t.shape)} on {t.device}"
+                    + ("" if t.is_contiguous() else ", not contiguous"))
     for values in counters:
         for i, c in enumerate(values):
             if c.device.type != "cpu" or c.numel() != 1 or c.dtype not in (torch.float32, torch.float64):

@@ -7,8 +7,9 @@ prints a new kind of kernel module fills in the same record; nothing is found by
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

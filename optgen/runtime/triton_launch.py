@@ -46,8 +46,15 @@ import contextlib
 import torch
 import triton.language as tl  # the first use of a triton implementation imports triton here
 
-from optgen.runtime.native import (KernelDeclined, LaunchPlan, PlanCache, check_counter_dtypes, create_states,
-                                   creates_states, layout)
+from optgen.runtime.native import (
+    KernelDeclined,
+    LaunchPlan,
+    PlanCache,
+    check_counter_dtypes,
+    create_states,
+    creates_states,
+    layout,
+)
 
 #: Untuned defaults (no GPU was available when they were chosen): CHUNK elements per program,
 #: warps per program, and BLOCK elements per loop iteration — None: 16 bytes per thread and
@@ -222,7 +229,7 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
 def _named(tensors) -> list[tuple[list, bool, str]]:
     """The launch's ``(list, used)`` pairs with what each holds, for error messages."""
     names = ["parameter", "gradient", *(f"state {k}" for k in range(1, len(tensors) - 1))]
-    return [(values, used, name) for (values, used), name in zip(tensors, names)]
+    return [(values, used, name) for (values, used), name in zip(tensors, names, strict=True)]
 
 
 def _check(device, dtype, params, lists, counters, allow_missing: bool = False) -> None:

@@ -49,7 +49,7 @@ def close(a, b, rtol, atol):
 
 
 def assert_same_state(ours, theirs, **tol):
-    for p, q in zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"]):
+    for p, q in zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"], strict=True):
         close(p.detach(), q.detach(), **tol)
         assert ours.state[p].keys() == theirs.state[q].keys()
         for key, value in theirs.state[q].items():
@@ -71,7 +71,8 @@ def test_c_kernel_matches_torch_float32(case):
     assert_same_state(mine, theirs, **FLOAT32)
 
 
-@pytest.mark.parametrize("case", [c for c in C_CASES if "fused" in optgen.OPTIMIZERS[c[0]].__init__.__code__.co_varnames],
+@pytest.mark.parametrize("case", [c for c in C_CASES
+                                  if "fused" in optgen.OPTIMIZERS[c[0]].__init__.__code__.co_varnames],
                          ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_fused_true_on_cpu_runs_the_c_kernel_like_torchs_fused(case, dtype):
@@ -101,7 +102,7 @@ def test_one_call_covers_groups_of_mixed_dtypes_and_complex_params():
         return build
 
     ours, forloop = run(make("c"), params, steps=5), run(make("forloop"), reference, steps=5)
-    for p, q in zip(params, reference):
+    for p, q in zip(params, reference, strict=True):
         tol = dict(rtol=1e-12, atol=1e-14) if p.dtype == torch.float64 else FLOAT32
         torch.testing.assert_close(p, q, **tol)
         torch.testing.assert_close(ours.state[p]["exp_avg_sq"], forloop.state[q]["exp_avg_sq"], **tol)
@@ -254,12 +255,12 @@ def test_checkpoint_from_torchs_fused_continues_in_the_c_kernel():
     theirs = run(lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True), their_params, steps=5)
     ours = optgen.Adam(ours_params, lr=0.01, fused=True)
     with torch.no_grad():
-        for p, q in zip(ours_params, their_params):
+        for p, q in zip(ours_params, their_params, strict=True):
             p.copy_(q)
     ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # (loading shares tensors otherwise)
     for k in range(5):
         g = torch.Generator().manual_seed(500 + k)
-        for p, q in zip(ours_params, their_params):
+        for p, q in zip(ours_params, their_params, strict=True):
             p.grad = q.grad = torch.randn(p.shape, generator=g)
         ours.step()
         theirs.step()
@@ -288,7 +289,8 @@ def test_kernels_compile_without_openmp(tmp_path, monkeypatch):
     assert list((tmp_path / "c").glob("adam_c_serial_double_*.so"))
 
 
-@pytest.mark.parametrize("name,kwargs", [("Adafactor", dict(lr=0.02, weight_decay=0.1)), ("Lamb", dict(weight_decay=0.1))])
+@pytest.mark.parametrize("name,kwargs",
+                         [("Adafactor", dict(lr=0.02, weight_decay=0.1)), ("Lamb", dict(weight_decay=0.1))])
 def test_kernels_that_reduce_walk_each_tensor_several_times(name, kwargs):
     """Adafactor's norms per row and per column and both optimizers' whole-tensor norms are
     accumulated in walks split across threads (Note [Sweeps]): on tensors above PARALLEL_MIN, of

@@ -73,11 +73,11 @@ def test_merged_kernel_matches_per_variant_kernels(case, monkeypatch):
 
 def _assert_identical(mine, theirs, what) -> None:
     (p1, s1), (p2, s2) = mine, theirs
-    for a, b in zip(p1, p2):
+    for a, b in zip(p1, p2, strict=True):
         assert torch.equal(a.view(-1).view(torch.uint8) if a.dim() else a.reshape(1).view(torch.uint8),
                            b.view(-1).view(torch.uint8) if b.dim() else b.reshape(1).view(torch.uint8)), what
     assert [sorted(s) for s in s1] == [sorted(s) for s in s2], what
-    for x, y in zip(s1, s2):
+    for x, y in zip(s1, s2, strict=True):
         for key in x:
             u, v = x[key], y[key]
             if isinstance(u, torch.Tensor):

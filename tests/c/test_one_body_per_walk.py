@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 import torch
-
 from optgen.generated import adam_c, asgd_c, radam_c
+
 from optgen.runtime import c_launch
 
 

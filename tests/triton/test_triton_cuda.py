@@ -112,7 +112,7 @@ def test_cuda_graph_capture_with_tensor_lr():
     before = [p.detach().clone() for p in params]
     graph.replay()
     torch.cuda.synchronize()
-    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
     assert opt.state[params[0]]["step"].item() == 3  # warm-up, side stream, replay (capture runs nothing)
     lr.fill_(0.0)
     frozen = [p.detach().clone() for p in params]

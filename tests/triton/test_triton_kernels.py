@@ -59,10 +59,10 @@ def test_float32(case, small_chunks, shapes):
     kwargs = busiest(compiled, variant)
     params, states = verify.run_backend(compiled, "triton", kwargs, STEPS, dtype=torch.float32)
     ref_params, ref_states = verify.run_reference(compiled, kwargs, STEPS)
-    for p, r in zip(params, ref_params):
+    for p, r in zip(params, ref_params, strict=True):
         assert p.dtype == torch.float32
         torch.testing.assert_close(p.double(), r, rtol=1e-5, atol=1e-6)
-    for s, r in zip(states, ref_states):
+    for s, r in zip(states, ref_states, strict=True):
         assert set(s) == set(r)
         for k in s:
             torch.testing.assert_close(torch.as_tensor(s[k]).double(), torch.as_tensor(r[k]).double(),
@@ -112,10 +112,10 @@ def test_half_precision_parameters(case, dtype, small_chunks, shapes):
     params, states = verify.run_backend(compiled, "triton", kwargs, STEPS, dtype=dtype)
     ref_params, ref_states = _reference_in_storage_dtype(compiled, kwargs, STEPS, dtype)
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    for p, r in zip(params, ref_params):
+    for p, r in zip(params, ref_params, strict=True):
         assert p.dtype == dtype
         torch.testing.assert_close(p.float(), r.float(), rtol=2 * ulp, atol=1e-3)
-    for s, r in zip(states, ref_states):
+    for s, r in zip(states, ref_states, strict=True):
         for k in s:
             a, b = torch.as_tensor(s[k]), torch.as_tensor(r[k])
             assert a.dtype == b.dtype or a.dim() == 0

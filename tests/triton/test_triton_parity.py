@@ -37,14 +37,14 @@ def test_trajectory_and_state_match_torch(case):
     opt = getattr(optgen, name)(groups(ours), **kwargs)
     opt.implementation = "triton"
     ref = getattr(torch.optim, name)(groups(theirs), **kwargs)
-    for k in range(STEPS):
+    for _ in range(STEPS):
         grads = [torch.randn(s, generator=g) for s in shapes]
-        for p, q, grad in zip(ours, theirs, grads):
+        for p, q, grad in zip(ours, theirs, grads, strict=True):
             p.grad = grad + 0.1 * p.detach()
             q.grad = grad + 0.1 * q.detach()
         opt.step()
         ref.step()
-    for p, q in zip(ours, theirs):
+    for p, q in zip(ours, theirs, strict=True):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)
         assert list(opt.state[p]) == list(ref.state[q])
         for key in ref.state[q]:
@@ -66,12 +66,12 @@ def test_complex_parameters_match_torch(name, kwargs):
     opt.implementation = "triton"
     ref = getattr(torch.optim, name)(theirs, **kwargs)
     for _ in range(4):
-        for p, q in zip(ours, theirs):
+        for p, q in zip(ours, theirs, strict=True):
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
             q.grad = p.grad.clone()
         opt.step()
         ref.step()
     torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-7)
-    for p, q in zip(ours, theirs):
+    for p, q in zip(ours, theirs, strict=True):
         for key in ref.state[q]:
             torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=2e-6, atol=1e-7)

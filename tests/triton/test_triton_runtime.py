@@ -36,7 +36,7 @@ def _snapshot(opt, params):
 def _assert_same(a, b, **tol):
     (pa, sa), (pb, sb) = a, b
     torch.testing.assert_close(pa, pb, **tol)
-    for x, y in zip(sa, sb):
+    for x, y in zip(sa, sb, strict=True):
         assert list(x) == list(y)
         for k in x:
             torch.testing.assert_close(x[k], y[k], **tol)
@@ -53,7 +53,7 @@ def test_found_inf_skips_the_step(name, kwargs, small_chunks):
     opt = getattr(optgen, name)(params, **kwargs)
     opt.implementation = "triton"
     for k in range(2):
-        for p, g in zip(params, _grads(params, k)):
+        for p, g in zip(params, _grads(params, k), strict=True):
             p.grad = g
         opt.step()
     before = _snapshot(opt, params)
@@ -75,7 +75,7 @@ def test_grad_scale_unscales_in_the_kernel(name, kwargs, small_chunks):
         opt.implementation = "triton"
         for k in range(3):
             grads = _grads(params, k)
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g if scale is None else g * scale
             if scale is not None:
                 opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
@@ -121,13 +121,13 @@ def test_fused_sets_amp_support_and_others_unscale_for_it(small_chunks):
     opt = optgen.Adam(params, lr=0.01, fused=True)
     assert opt._step_supports_amp_scaling
     opt.implementation = "foreach"
-    for p, g in zip(params, _grads(params, 0)):
+    for p, g in zip(params, _grads(params, 0), strict=True):
         p.grad = g * 8
     opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
     opt.step()
     reference = _params()
     ref = torch.optim.Adam(reference, lr=0.01)
-    for p, g in zip(reference, _grads(reference, 0)):
+    for p, g in zip(reference, _grads(reference, 0), strict=True):
         p.grad = g
     ref.step()
     torch.testing.assert_close([p.detach() for p in params], [p.detach() for p in reference])
@@ -144,7 +144,7 @@ def test_tensor_lr_is_read_on_the_device(small_chunks):
         opt = optgen.Adam(params, lr=lr)
         opt.implementation = "triton"
         for k in range(3):
-            for p, g in zip(params, _grads(params, k)):
+            for p, g in zip(params, _grads(params, k), strict=True):
                 p.grad = g
             if k == 2:
                 if isinstance(lr, torch.Tensor):
@@ -181,7 +181,7 @@ def test_one_launch_per_device_and_dtype_group(monkeypatch):
     opt.implementation = "triton"
     launches = _count_launches(monkeypatch)
     for k in range(2):
-        for p, g in zip(params, _grads(params, k)):
+        for p, g in zip(params, _grads(params, k), strict=True):
             p.grad = g
         opt.step()
     assert len(launches) == 4  # 2 steps × (float32, float64)
@@ -197,7 +197,7 @@ def test_launch_tables_are_cached_while_the_tensors_stay(monkeypatch, small_chun
     fixed_grads = _grads(params, 0)
 
     def step(k, same_grads=False):
-        for p, g in zip(params, fixed_grads if same_grads else _grads(params, k)):
+        for p, g in zip(params, fixed_grads if same_grads else _grads(params, k), strict=True):
             p.grad = g
         opt.step()
 
@@ -227,7 +227,7 @@ def test_counters_advance_once_per_step_over_many_chunks(small_chunks):
     opt = optgen.Adam(params, lr=0.01)
     opt.implementation = "triton"
     for k in range(4):
-        for p, g in zip(params, _grads(params, k)):
+        for p, g in zip(params, _grads(params, k), strict=True):
             p.grad = g
         opt.step()
     assert [opt.state[p]["step"].item() for p in params] == [4.0, 4.0, 4.0]
@@ -314,7 +314,7 @@ def test_unaligned_tensors_take_the_unhinted_path(small_chunks):
         opt = optgen.Adam(leaves, lr=0.01)
         opt.implementation = "triton"
         for k in range(2):
-            for p, g in zip(leaves, _grads(leaves, k)):
+            for p, g in zip(leaves, _grads(leaves, k), strict=True):
                 p.grad = g
             opt.step()
         results.append([p.detach().clone() for p in leaves])

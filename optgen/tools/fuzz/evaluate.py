@@ -126,7 +126,7 @@ class Evaluator:
             table = raw if isinstance(raw, dict) else {"default": raw}
             value = kwargs.get(name, table["default"])
             if "names" in table:
-                env.update(zip(table["names"], (None if v == "None" else v for v in value)))
+                env.update(zip(table["names"], (None if v == "None" else v for v in value), strict=True))
             else:
                 env[name] = value
         return env

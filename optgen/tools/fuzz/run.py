@@ -78,8 +78,8 @@ def difference(result, reference) -> tuple[float, str]:
     below 1e-3, where cancellation makes relative differences meaningless), and where it is."""
     (pa, sa), (pb, sb) = result, reference
     worst, where = 0.0, ""
-    pairs = [(f"param[{i}]", x, y) for i, (x, y) in enumerate(zip(pa, pb))]
-    for i, (s1, s2) in enumerate(zip(sa, sb)):
+    pairs = [(f"param[{i}]", x, y) for i, (x, y) in enumerate(zip(pa, pb, strict=True))]
+    for i, (s1, s2) in enumerate(zip(sa, sb, strict=True)):
         if set(s1) != set(s2):
             return float("inf"), f"state keys of param[{i}]: {sorted(s1)} vs {sorted(s2)}"
         pairs += [(f"state {k} of param[{i}]", s1[k], s2[k]) for k in s1]
@@ -158,7 +158,7 @@ def _run_implementation(compiled, cls, implementation: str, kwargs: dict, steps:
         work = [p.clone() for p in params]
         opt = cls(work, **kwargs, differentiable=True)
         for k in range(steps):
-            for p, g in zip(work, verify.gradients(k, work)):
+            for p, g in zip(work, verify.gradients(k, work), strict=True):
                 p.grad = g
             opt.step()
         keys = {s.key: s.name for s in compiled.spec.state.values()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 _RULE = re.compile(r'(rule = """\n)(.*?)(""")', re.S)
 
@@ -77,8 +77,8 @@ def _expression_edits(rule: str) -> Iterator[str]:
                        and not isinstance(n, ast.Compare) and not _in_test(t, n)]
             node = targets[k]
             children = [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr)
-                        and not isinstance(c, (ast.Compare,)) and not (isinstance(c, ast.Name) and isinstance(node, ast.Call)
-                                                                       and c is node.func)]
+                        and not isinstance(c, (ast.Compare,))
+                        and not (isinstance(c, ast.Name) and isinstance(node, ast.Call) and c is node.func)]
             options = children + [ast.Name("grad"), ast.Name("param"), ast.Constant(0.5)]
             if replacement >= len(options):
                 break
