@@ -641,7 +641,7 @@ class _CBuilder:
             return _c_condition(sympy.SOPform(symbols, [list(o) for o in sorted(where)], unreachable))
 
         places = sorted(runs, key=lambda line: line[0])  # (stable: declarations and loads as first seen)
-        loads = {}
+        loads: dict[str, list] = {}
         for place, line in places:
             if place == (1,):
                 loads.setdefault(line.split(" = ", 1)[0], []).append((guard(runs[place, line]), line))

@@ -202,7 +202,8 @@ def plan_kernel(program: Program, sig: KernelSignature) -> KernelPlan:
 
 def _later_scalar_definitions(assigns, roles) -> list[set[str]]:
     """For each statement, the scalars some later statement assigns."""
-    out, later = [], set()
+    out: list[set[str]] = []
+    later: set[str] = set()
     for a in reversed(assigns):
         out.append(set(later))
         if not roles[a.target].is_tensor:

@@ -120,7 +120,7 @@ def schedule(program: Program) -> Schedule:
             state = program.spec.state[name]
             init = state.init
             if init == "zeros_reduced":  # zeros_reduced(param, dim): dim kept with size 1
-                extents[name] = _dropped(FULL, int(state.init_value))
+                extents[name] = _dropped(FULL, state.reduced_dim)
             elif init in ("zeros", "full", "first"):
                 extents[name] = FULL
             else:

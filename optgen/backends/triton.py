@@ -366,7 +366,7 @@ class _KernelBuilder:
             return [(host, True)]
         return [(sympy.And(host, held), True), (sympy.And(host, sympy.Not(held)), False)]
 
-    def _scalar_operands(self, a: Assign, host, later: set[str], cast: dict):
+    def _scalar_operands(self, a: Assign, host, later: frozenset[str], cast: dict):
         """Replaces each maximal scalar subexpression of a tensor statement with a float64 scalar
         computed in the scalar section; returns the new expressions and the lines computing them."""
         lines: list[str] = []

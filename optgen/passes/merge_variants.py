@@ -36,6 +36,7 @@ import functools
 import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sympy
 from sympy.logic import SOPform
@@ -118,7 +119,7 @@ def merge(space: FlagSpace, sequences: Sequence[Sequence]) -> tuple[Merged, ...]
 
 def project(merged: Sequence[Merged], v: int) -> tuple:
     """The items variant ``v`` runs, blocks included."""
-    out = []
+    out: list = []
     for m in merged:
         if v not in m.on:
             continue
@@ -142,12 +143,14 @@ def _merge_one(merged: tuple[Merged, ...], items: tuple, v: int) -> tuple[Merged
     out: list[Merged] = []
     for i, j in pairs:
         if i is None:
+            assert j is not None  # _align never pairs nothing with nothing
             out.append(_fresh(items[j], v))
         elif j is None:
             out.append(merged[i])
         else:
             m, item = merged[i], items[j]
             if isinstance(item, Block):
+                assert isinstance(m.item, MergedBlock)  # aligned items are equal: a Block's header matched
                 block = MergedBlock(item.header, _merge_one(m.item.body, item.body, v),
                                     _merge_one(m.item.orelse, item.orelse, v))
                 out.append(Merged(block, m.on | {v}))
@@ -286,8 +289,8 @@ def program_items(program) -> tuple:
     under one guard as one block."""
     items: list = [("hoisted", a) for a in program.preamble]
     for guard, group in itertools.groupby(program.body, key=lambda a: a.guard):
-        group = tuple(group)
-        items += list(group) if guard == sympy.true else [Block(guard, group)]
+        statements = tuple(group)
+        items += list(statements) if guard == sympy.true else [Block(guard, statements)]
     return tuple(items)
 
 
@@ -321,8 +324,9 @@ def describe(compiled) -> str:
                             lines.append(f"{'    ' * inner}else:")
                             body(m.item.orelse, on, inner + 1)
                     else:
-                        hoisted = isinstance(m.item, tuple)
-                        a = m.item[1] if hoisted else m.item
+                        item: Any = m.item  # an Assign, or ("hoisted", Assign)
+                        hoisted = isinstance(item, tuple)
+                        a = item[1] if hoisted else item
                         first = f"    (first step: {a.first})" if a.first is not None else ""
                         note = "    # hoisted" if hoisted else ""
                         lines.append(f"{'    ' * inner}{a.target} = {a.value}{first}{note}")

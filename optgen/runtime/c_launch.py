@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -386,7 +387,7 @@ class Library:
         # per calling thread (a worker thread starts at OMP_NUM_THREADS whatever the main thread
         # set), so what was set is remembered per thread and library.
         threads = torch.get_num_threads()
-        set_here = _OMP_THREADS.__dict__
+        set_here = cast(dict[int, int], _OMP_THREADS.__dict__)  # keyed by id(lib), not attribute names
         if set_here.get(id(lib)) != threads:
             lib.optgen_set_num_threads(threads)
             set_here[id(lib)] = threads
@@ -488,6 +489,7 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
         _check(params, [], grads, [])
         plan.grad_key = grad_key
         plan.grad_addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    assert plan.grad_addresses is not None  # a new plan's grad_key is None: set just above
     first_step = torch.tensor(first or [0], dtype=torch.uint8)
     hyper = torch.tensor([math.nan if h is None else float(h) for h in hyperparameters] or [0.0],
                          dtype=torch.float64)

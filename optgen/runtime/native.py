@@ -17,6 +17,7 @@ see the session note of issue 11).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TypeVar
 
 import torch
 
@@ -36,7 +37,7 @@ def layout(tensors, devices: bool = False) -> tuple:
     device index (two GPUs may hand out the same address).
     Flat, not a tuple per tensor: thousands of tuples kept alive per step set off the garbage
     collector's full passes over the optimizer's state (measured: 2 ms became 17 ms a step)."""
-    key = []
+    key: list = []
     append, extend = key.append, key.extend
     for t in tensors:
         if t is None:
@@ -69,6 +70,9 @@ class LaunchPlan:
         self.grad_addresses = None           # their data_ptr()s, as the launcher passes them
 
 
+_P = TypeVar("_P", bound=LaunchPlan)
+
+
 class PlanCache:
     """Launch plans under their layout key (Note [Plan keys]), at most MAX_PLANS of them."""
 
@@ -83,7 +87,7 @@ class PlanCache:
             self._plans.move_to_end(key)
         return plan
 
-    def put(self, key: tuple, plan: LaunchPlan) -> LaunchPlan:
+    def put(self, key: tuple, plan: _P) -> _P:
         self._plans[key] = plan
         if len(self._plans) > self.limit:
             self._plans.popitem(last=False)

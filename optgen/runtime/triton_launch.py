@@ -42,6 +42,7 @@ then need it unset.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import triton.language as tl  # the first use of a triton implementation imports triton here
@@ -62,7 +63,7 @@ from optgen.runtime.native import (
 #: --device cuda` is where to tune them (PERF-NOTES: register pressure and occupancy decide
 #: fused kernels).  Whole blocks of 16-byte-aligned tensors load and store unmasked as 128-bit
 #: vectors (checked in the sm_90 PTX); the last, partial block of a chunk is masked.
-CONFIG = {"BLOCK": None, "CHUNK": 16 * 1024, "num_warps": 4}
+CONFIG: dict[str, Any] = {"BLOCK": None, "CHUNK": 16 * 1024, "num_warps": 4}
 
 DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
           torch.float64: tl.float64}
@@ -199,14 +200,16 @@ def _plan(device, dtype, tensors, counters, new) -> _Plan:
     addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in rows]
     counter_addresses = [[t.data_ptr() for t in values] for values in counters]
     numels = [p.numel() for p in params]
-    chunk_tensors, chunk_indices = [], []
+    chunk_tensors: list[int] = []
+    chunk_indices: list[int] = []
     for i, n in enumerate(numels):
         chunks = max(1, -(-n // CONFIG["CHUNK"]))
         chunk_tensors += [i] * chunks
         chunk_indices += range(chunks)
     sections = [sum(addresses, []), sum(counter_addresses, []), numels, sum(new, []), chunk_tensors,
                 chunk_indices, [0] * len(params)]
-    flat, bounds = [], []
+    flat: list[int] = []
+    bounds = []
     for values in sections:
         start = len(flat)
         flat += values

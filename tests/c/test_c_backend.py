@@ -6,12 +6,13 @@ by tests/backends/test_against_reference.py (the "c" implementation is one of ea
 cases a flat multi-tensor kernel must get right, and the compile cache.
 """
 import copy
+from typing import Any
 
 import pytest
 import torch
 
 import optgen
-from optgen.runtime import c_launch
+from optgen.runtime import c_launch, dispatch
 from tests.registry import CASES, STEPS, case_id
 
 pytestmark = pytest.mark.skipif(not c_launch.available(), reason="no C compiler on this machine")
@@ -22,7 +23,7 @@ C_CASES = [c for c in CASES if "c" in optgen.OPTIMIZERS[c[0]]._kernels]
 SHAPES = ((300, 257), (0,), (), (7,), (3, 5))
 #: float32 after 25 steps of updates computed in another order (one expression per element
 #: instead of torch's op-by-op rounding): a few ulps, accumulated
-FLOAT32 = dict(rtol=2e-5, atol=1e-6)
+FLOAT32: dict[str, Any] = dict(rtol=2e-5, atol=1e-6)
 
 
 def params_like(dtype, shapes=SHAPES, seed=0):
@@ -79,11 +80,11 @@ def test_fused_true_on_cpu_runs_the_c_kernel_like_torchs_fused(case, dtype):
     """``fused=True`` on CPU parameters: torch runs its fused CPU kernel, optgen its C kernel;
     same parameters, same state (counters included: float32 on the parameters' device)."""
     name, kwargs = case
-    tol = FLOAT32 if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    tol: dict[str, Any] = FLOAT32 if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
     mine = run(lambda ps: getattr(optgen, name)(ps, fused=True, **kwargs), params_like(dtype))
     theirs = run(lambda ps: getattr(torch.optim, name)(ps, fused=True, **kwargs), params_like(dtype))
     assert_same_state(mine, theirs, **tol)
-    assert optgen.runtime.dispatch.choose(mine, mine.param_groups[0], mine.param_groups[0]["params"]) == "c"
+    assert dispatch.choose(mine, mine.param_groups[0], mine.param_groups[0]["params"]) == "c"
 
 
 def test_one_call_covers_groups_of_mixed_dtypes_and_complex_params():
@@ -103,7 +104,7 @@ def test_one_call_covers_groups_of_mixed_dtypes_and_complex_params():
 
     ours, forloop = run(make("c"), params, steps=5), run(make("forloop"), reference, steps=5)
     for p, q in zip(params, reference, strict=True):
-        tol = dict(rtol=1e-12, atol=1e-14) if p.dtype == torch.float64 else FLOAT32
+        tol: dict[str, Any] = dict(rtol=1e-12, atol=1e-14) if p.dtype == torch.float64 else FLOAT32
         torch.testing.assert_close(p, q, **tol)
         torch.testing.assert_close(ours.state[p]["exp_avg_sq"], forloop.state[q]["exp_avg_sq"], **tol)
 
@@ -111,7 +112,8 @@ def test_one_call_covers_groups_of_mixed_dtypes_and_complex_params():
 def test_lazily_created_state_and_state_left_out():
     """SGD's momentum buffer is created by the kernel on its first step (``first = grad``); without
     momentum there is no state at all, as in torch."""
-    for kwargs in (dict(lr=0.1, momentum=0.9), dict(lr=0.1)):
+    cases: tuple[dict[str, Any], ...] = (dict(lr=0.1, momentum=0.9), dict(lr=0.1))
+    for kwargs in cases:
         mine = run(lambda ps: optgen.SGD(ps, fused=True, **kwargs), params_like(torch.float32), steps=3)
         theirs = run(lambda ps: torch.optim.SGD(ps, foreach=False, **kwargs), params_like(torch.float32), steps=3)
         assert_same_state(mine, theirs, **FLOAT32)
@@ -180,7 +182,9 @@ def test_unsupported_tensors_get_a_clear_error():
         opt.step()  # the for-loop's values: tests/runtime/test_launch_validation.py
     q = torch.zeros(3, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="fused CPU kernels support .* not torch.int32"):
-        c_launch.launch(None, "adam_default", tensors=[[q]], grads=[q], counters=[], lazy={}, hyperparameters=[])
+        # the dtype is checked before any library is needed
+        c_launch.launch(None, "adam_default",  # type: ignore[arg-type]
+                        tensors=[[q]], grads=[q], counters=[], lazy={}, hyperparameters=[])
 
 
 def test_compiled_once_and_cached(tmp_path, monkeypatch):

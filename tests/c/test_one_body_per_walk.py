@@ -16,8 +16,9 @@ from optgen.runtime import c_launch
 
 
 def _parameters(source: str, function: str) -> list[str]:
-    signature = re.search(rf"void {function}\((.*?)\)\n\{{", source, re.S).group(1)
-    return [p.split()[-1] for p in signature.replace("\n", " ").split(",")]
+    found = re.search(rf"void {function}\((.*?)\)\n\{{", source, re.S)
+    assert found is not None, f"no function {function} in the source"
+    return [p.split()[-1] for p in found.group(1).replace("\n", " ").split(",")]
 
 
 def _calls(source: str, function: str) -> list[list[str]]:
@@ -72,7 +73,9 @@ def test_every_version_of_adams_loop_is_vectorised(tmp_path):
     source = tmp_path / "adam.c"
     source.write_text(c_launch.PRELUDE + adam_c.SOURCE)
     flags = [f for f in c_launch.FLAGS if f != "-shared"]
-    subprocess.run([*_gcc(), *flags, *c_launch.C_TYPES[torch.float32][1], "-S", "-o", str(tmp_path / "adam.s"),
+    gcc = _gcc()
+    assert gcc is not None  # (skipped otherwise)
+    subprocess.run([*gcc, *flags, *c_launch.C_TYPES[torch.float32][1], "-S", "-o", str(tmp_path / "adam.s"),
                     str(source)], check=True)
     assembly = (tmp_path / "adam.s").read_text()
     regions = re.findall(r"^adam_step\._omp_fn\.\d+:\n(.*?)\.cfi_endproc", assembly, re.S | re.M)

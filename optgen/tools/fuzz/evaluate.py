@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import math
 import tomllib
+from typing import Any
 
 import torch
 
@@ -100,6 +101,7 @@ def evaluate(node: ast.AST, env: dict):
         values = (evaluate(v, env) for v in node.values)
         return all(values) if isinstance(node.op, ast.And) else any(values)
     if isinstance(node, ast.Call):
+        assert isinstance(node.func, ast.Name)  # the spec grammar calls functions by name only
         name = node.func.id
         if name == "where":
             condition, a, b = (evaluate(arg, env) for arg in node.args)
@@ -121,9 +123,9 @@ class Evaluator:
 
     def values(self, kwargs: dict) -> dict:
         """Rule name → value of every hyperparameter (tuples by item name), defaults overridden."""
-        env = {}
+        env: dict[str, Any] = {}
         for name, raw in self.hyper.items():
-            table = raw if isinstance(raw, dict) else {"default": raw}
+            table: dict[str, Any] = raw if isinstance(raw, dict) else {"default": raw}
             value = kwargs.get(name, table["default"])
             if "names" in table:
                 env.update(zip(table["names"], (None if v == "None" else v for v in value), strict=True))
@@ -132,7 +134,7 @@ class Evaluator:
         return env
 
     def initial_state(self, param: torch.Tensor, hyper: dict) -> dict:
-        out = {}
+        out: dict[str, Any] = {}
         for name, raw in self.state.items():
             table = raw if isinstance(raw, dict) else {"init": raw}
             if "when" in table and not evaluate(ast.parse(table["when"], mode="eval").body, {**hyper, "param": param}):
@@ -142,9 +144,10 @@ class Evaluator:
                 continue
             init = str(table["init"])
             tree = ast.parse(init, mode="eval").body
-            if isinstance(tree, ast.Call) and tree.func.id == "zeros_like":
+            called = tree.func.id if isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) else None
+            if called == "zeros_like":
                 out[name] = torch.zeros_like(param)
-            elif isinstance(tree, ast.Call) and tree.func.id == "full_like":
+            elif isinstance(tree, ast.Call) and called == "full_like":
                 out[name] = torch.full_like(param, float(evaluate(tree.args[1], hyper)))
             else:  # a counter
                 out[name] = _dtype_round(evaluate(tree, hyper))
@@ -162,8 +165,14 @@ class Evaluator:
             elif isinstance(stmt, ast.Pass):
                 continue
             else:
-                target = stmt.targets[0].id if isinstance(stmt, ast.Assign) else stmt.target.id
-                value = stmt.value if isinstance(stmt, ast.Assign) else ast.BinOp(ast.Name(target), stmt.op, stmt.value)
+                # a rule assigns names only: `x = ...` or `x op= ...`
+                if isinstance(stmt, ast.Assign):
+                    assert isinstance(stmt.targets[0], ast.Name)
+                    target, value = stmt.targets[0].id, stmt.value
+                else:
+                    assert isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name)
+                    target = stmt.target.id
+                    value = ast.BinOp(ast.Name(target), stmt.op, stmt.value)
                 self._assign(target, value, env)
 
     def _assign(self, target: str, value: ast.AST, env: dict) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 #: constructs the generator can leave out while a compiler bug in them is unfixed: name → the bug.
 #: run.py and the CI seeds pass ``avoid=KNOWN_BUGS``; ``optgen fuzz --all-constructs`` generates them anyway.
@@ -91,7 +92,7 @@ class _Generator:
     def __init__(self, seed: int, name: str, avoid: frozenset[str], size: int):
         self.r = random.Random(seed)
         self.seed, self.name, self.avoid, self.size = seed, name, avoid, size
-        self.used = Counter()
+        self.used: Counter[str] = Counter()
         self.counter = 0  # fresh local names
         self.reductions = False
         self.tensor_scalars = 0
@@ -534,7 +535,7 @@ class _Generator:
             self.grad_update(out, 0, scope)
             self.read_copy(out, 0, scope, "g_old")
 
-        plan = [("state", s) for s in self.plain_states] + [("first", f) for f in firsts] + \
+        plan: list[tuple[str, Any]] = [("state", s) for s in self.plain_states] + [("first", f) for f in firsts] + \
                [("when", w) for w in whens] + [("random", None)] * self.r.randint(self.size // 2, self.size)
         r.shuffle(plan)
         for kind, what in plan:
@@ -589,7 +590,7 @@ class _Generator:
         lines.append(f'signature = "{", ".join(signature)}"')
         lines += ["", "[hyperparameters]", *hyper_lines, "", "[state]", *state_lines, "", "[update]", 'rule = """',
                   *out, '"""', ""]
-        alt = {"wd": 0.05, **{h: round(1 - defaults[h], 2) for h in self.unit_hypers}}
+        alt: dict[str, Any] = {"wd": 0.05, **{h: round(1 - defaults[h], 2) for h in self.unit_hypers}}
         if self.none_hyper:
             alt[self.none_hyper] = (0.002, 0.003)
         configs = [{}, alt]

@@ -136,9 +136,9 @@ def _one_c_library(package, compiled: list) -> None:
     from optgen.backends.base import module_name
     from optgen.runtime.c_launch import Library
 
-    modules = [getattr(package, module_name(c.spec.name, "c"), None)
-               or sys.modules.get(f"{package.__name__}.{module_name(c.spec.name, 'c')}") for c in compiled]
-    modules = [m for m in modules if m is not None]
+    found = [getattr(package, module_name(c.spec.name, "c"), None)
+             or sys.modules.get(f"{package.__name__}.{module_name(c.spec.name, 'c')}") for c in compiled]
+    modules = [m for m in found if m is not None]
     if len(modules) < 2:
         return
     merged = Library(f"{package.__name__}.all_c", "\n".join(m.SOURCE for m in modules))
@@ -249,11 +249,11 @@ def run_batch(seeds, *, implementations=ALL, avoid=None, size: int = 8, steps: i
             return report
         try:
             package = import_package(render_package([c for _, c in good], implementations), root / "pkg")
-        except Exception:  # noqa: BLE001 - one module does not render or import: build them one by one
+        except Exception as e:  # noqa: BLE001 - one module does not render or import: build them one by one
             if len(good) == 1:
                 spec, _ = good[0]
                 report.failures.append(Failure(spec.seed, spec.name, "render", {}, {},
-                                               _exception(sys.exc_info()[1]), float("inf"), spec.text))
+                                               _exception(e), float("inf"), spec.text))
                 return report
             for spec, _ in good:
                 report.specs -= 1
@@ -331,7 +331,10 @@ def check_text(text: str, seed: int = 0, *, implementations=ALL, steps: int = ST
     its configurations are those of its ``# configs:`` line unless given (``run=False``: only build)."""
     from optgen.tools.fuzz.generate import RandomSpec
 
-    name = re.search(r'^name = "(\w+)"', text, re.M).group(1)
+    found = re.search(r'^name = "(\w+)"', text, re.M)
+    if found is None:
+        raise ValueError("a spec text names itself: no `name = \"...\"` line")
+    name = found.group(1)
     configs = configs if configs is not None else _configs_of(text)
     flags = tuple(re.findall(r"^(\w+) = (?:true|false)$", text, re.M))
     spec = RandomSpec(seed, name, text, flags, configs)

@@ -15,11 +15,14 @@ _RULE = re.compile(r'(rule = """\n)(.*?)(""")', re.S)
 
 
 def rule_of(text: str) -> str:
-    return _RULE.search(text).group(2)
+    m = _RULE.search(text)
+    assert m is not None, "a spec text always has a rule"
+    return m.group(2)
 
 
 def with_rule(text: str, rule: str) -> str:
     m = _RULE.search(text)
+    assert m is not None, "a spec text always has a rule"
     return text[:m.start(2)] + rule + text[m.end(2):]
 
 
