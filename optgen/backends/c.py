@@ -63,8 +63,8 @@ from dataclasses import dataclass
 
 import sympy
 
+from optgen.backends.base import counter_list, plural
 from optgen.backends.c_printer import CElementPrinter, CScalarPrinter
-from optgen.backends.forloop import counter_list, plural
 from optgen.backends.fused import FusedBackend
 from optgen.backends.fused_plan import Names, hoist_scalars, over_arguments, plan_kernel, readable
 from optgen.backends.printer import Unsupported, identifier

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from optgen.backends.base import counter_list, plural  # noqa: F401 (c.py and triton.py import them from here)
+from optgen.backends.base import counter_list, plural
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes.merge_variants import Block

@@ -36,8 +36,8 @@ from dataclasses import dataclass, replace
 import sympy
 
 from optgen.backends.printer import Unsupported
+from optgen.ir.functions import SCALAR_OF_TENSOR, MeanDim, Norm, NormDim
 from optgen.ir.nodes import Assign, Program, Role
-from optgen.spec.expressions import SCALAR_OF_TENSOR, MeanDim, Norm, NormDim
 
 
 @dataclass(frozen=True)

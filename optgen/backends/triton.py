@@ -66,8 +66,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from optgen.backends.base import KernelSignature
-from optgen.backends.forloop import counter_list, plural
+from optgen.backends.base import KernelSignature, counter_list, plural
 from optgen.backends.fused import FusedBackend
 from optgen.backends.fused_plan import Names, hoist_scalars, over_arguments, plan_kernel, readable
 from optgen.backends.printer import Unsupported

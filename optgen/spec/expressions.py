@@ -23,9 +23,7 @@ import sympy
 from optgen.errors import Location, SpecError
 
 # The IR's vocabulary (optgen/ir/functions.py): the parser builds expressions of these.
-from optgen.ir.functions import (  # noqa: E402,F401 (re-exported to the modules not yet moved to ir.functions)
-    REDUCE_DIM,
-    SCALAR_OF_TENSOR,
+from optgen.ir.functions import (
     Clamp,
     IfNone,
     Lerp,

@@ -14,7 +14,7 @@ import pytest
 import sympy
 
 from optgen.backends.triton_printer import TritonPrinter
-from optgen.spec.expressions import Clamp, Lerp, Maximum
+from optgen.ir.functions import Clamp, Lerp, Maximum
 
 a, b, c, w = sympy.symbols("a b c w", real=True)
 VALUES = {"a": 1.3, "b": -0.7, "c": 2.9, "w": 0.45}
