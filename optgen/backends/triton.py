@@ -202,8 +202,8 @@ class _KernelBuilder:
                          "last = arrived == tl.maximum((numel + CHUNK - 1) // CHUNK, 1) - 1"]
         for i, (_, t, _) in enumerate(lazy):
             offset = f"{i} * num_tensors + tensor" if i else "tensor"
-            # created this step: store `first`
-            prologue.append(f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0")
+            prologue.append(f"{self.kname(t)}_is_new = tl.load(first_step + {offset}) != 0"
+                            "  # created this step: store `first`")
 
         # -- scalar statements, and what the tensor statements need from them ------------------------
         # where each name holds a value: the host guards it was assigned under so far
