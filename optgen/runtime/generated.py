@@ -165,7 +165,8 @@ class GeneratedOptimizer(Optimizer):
             try:
                 kernel.run(group, sub, scalars)
             except KernelDeclined as e:  # raised before the kernel wrote anything
-                warnings.warn(f"optgen: {e}; this group steps with the for-loop kernel instead", stacklevel=4)
+                # stacklevel: the caller of step() (frames: here, _step_group, step, torch's wrapper)
+                warnings.warn(f"optgen: {e}; this group steps with the for-loop kernel instead", stacklevel=5)
                 self._step_with_forloop(group, sub, scaled=kernel.grad_scaler)
 
     def _kernel_scalars(self, kernel: KernelModule, group: dict) -> dict:

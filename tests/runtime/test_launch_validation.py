@@ -185,8 +185,9 @@ def test_transposed_gradient_warns_and_steps_like_the_for_loop(implementation):
     w, ours, ref, loop = _adam_pair(implementation)
     g = torch.randn(4, 4)
     w.grad, ref.grad = g.t(), g.t().contiguous()
-    with pytest.warns(UserWarning, match="not contiguous; this group steps with the for-loop kernel"):
+    with pytest.warns(UserWarning, match="not contiguous; this group steps with the for-loop kernel") as record:
         ours.step()
+    assert record[0].filename == __file__  # the warning points at the caller's step(), not at torch
     loop.step()
     torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-7)
 
