@@ -75,7 +75,7 @@ class AdamW(GeneratedOptimizer):
         differentiable=False,
         fused=None,
     ) -> None:
-        if isinstance(lr, Tensor) and not (not (foreach and (not capturable))):
+        if isinstance(lr, Tensor) and foreach and (not capturable):
             raise ValueError('lr as a Tensor is not supported for capturable=False and foreach=True')
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -91,11 +91,11 @@ class AdamW(GeneratedOptimizer):
             raise ValueError(f'Invalid weight_decay value: {weight_decay}')
         if not (isinstance(betas[0], float) and isinstance(betas[1], float) or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
             raise ValueError('betas must be either both floats or both Tensors')
-        if isinstance(betas[0], Tensor) and not (not (not capturable and foreach)):
+        if isinstance(betas[0], Tensor) and not capturable and foreach:
             raise ValueError('betas[0] as a Tensor is not supported for capturable=False and foreach=True')
         if isinstance(betas[0], Tensor) and not (betas[0].numel() == 1):
             raise ValueError('Tensor betas[0] must be 1-element')
-        if isinstance(betas[1], Tensor) and not (not (not capturable and foreach)):
+        if isinstance(betas[1], Tensor) and not capturable and foreach:
             raise ValueError('betas[1] as a Tensor is not supported for capturable=False and foreach=True')
         if isinstance(betas[1], Tensor) and not (betas[1].numel() == 1):
             raise ValueError('Tensor betas[1] must be 1-element')

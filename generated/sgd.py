@@ -66,11 +66,11 @@ class SGD(GeneratedOptimizer):
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
-        if not (not lr < 0.0):
+        if lr < 0.0:
             raise ValueError(f'Invalid learning rate: {lr}')
-        if not (not momentum < 0.0):
+        if momentum < 0.0:
             raise ValueError(f'Invalid momentum value: {momentum}')
-        if not (not weight_decay < 0.0):
+        if weight_decay < 0.0:
             raise ValueError(f'Invalid weight_decay value: {weight_decay}')
         if nesterov and not (momentum > 0 and dampening == 0):
             raise ValueError('Nesterov momentum requires a momentum and zero dampening')

@@ -79,11 +79,11 @@ class SparseAdam(GeneratedOptimizer):
         super().__init__(params, defaults)
         check_options(self, defaults)
         indices = [[g, i] for g, group in enumerate(self.param_groups)
-                   for i, param in enumerate(group["params"]) if not (not param.is_sparse)]
+                   for i, param in enumerate(group["params"]) if param.is_sparse]
         if indices:
             raise ValueError(f'Sparse params at indices {indices}: SparseAdam requires dense parameter tensors')
         indices = [[g, i] for g, group in enumerate(self.param_groups)
-                   for i, param in enumerate(group["params"]) if not (not param.is_complex())]
+                   for i, param in enumerate(group["params"]) if param.is_complex()]
         if indices:
             raise ValueError(f'Complex params at indices {indices}: SparseAdam does not support complex parameters')
 

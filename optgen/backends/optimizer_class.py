@@ -69,7 +69,7 @@ class OptimizerClassBackend(Backend):
         collect_checks: list[dict] = []
         sparse_checks: list[dict] = []
         for c in spec.checks:
-            condition = f"not ({c.ok})" if c.when is None else f"{c.when} and not ({c.ok})"
+            condition = _failure_condition(c.ok, c.when)
             message = f"f{c.message!r}" if "{" in c.message else repr(c.message)
             check: dict[str, str | list[str]] = dict(condition=condition, kind=c.kind, message=message)
             if c.sparse_step:  # reads the group's values: bind the names it uses
@@ -113,6 +113,25 @@ class OptimizerClassBackend(Backend):
         code = template.render(**context, used=OPTIONAL_IMPORTS)
         named = {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)}
         return template.render(**context, used=named & set(OPTIONAL_IMPORTS))
+
+
+def _failure_condition(ok: str, when: str | None) -> str:
+    """``when and not (ok)`` as Python, with ``not (not x)`` printed as ``x``: a check asserting
+    ``not (foreach and not capturable)`` fails on ``foreach and not capturable``."""
+    test = ast.parse(ok, mode="eval").body
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        failed = _operand_of_and(test.operand)
+    else:
+        failed = f"not ({ast.unparse(test)})"
+    return failed if when is None else f"{_operand_of_and(ast.parse(when, mode='eval').body)} and {failed}"
+
+
+def _operand_of_and(node: ast.expr) -> str:
+    """``node`` printed as an operand of ``and``: in parentheses where it binds more loosely."""
+    text = ast.unparse(node)
+    loose = isinstance(node, (ast.IfExp, ast.Lambda, ast.NamedExpr)) or (
+        isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or))
+    return f"({text})" if loose else text
 
 
 def _docstring_safe(text: str) -> str:
