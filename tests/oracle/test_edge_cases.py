@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import optgen
+import optgen.runtime.c_launch
 from tests.oracle.test_torch_parity import assert_same_state
 from tests.registry import CASES, IMPLEMENTATIONS, case_id
 
@@ -733,3 +734,25 @@ def test_every_registry_optimizer_is_covered():
     assert {c[0] for c in DIFFERENTIABLE_CASES} == {n for n in names if "differentiable" in signature(n)}
     assert ({c[0] for c in MAXIMIZE_WEIGHT_DECAY}
             == {n for n in names if {"maximize", "weight_decay"} <= set(signature(n))})
+
+
+@pytest.mark.parametrize("implementation", ["forloop", "foreach", "differentiable", "c"])
+def test_adamw_group_with_coupled_weight_decay_steps_like_torch(implementation):
+    # AdamW's decoupled_weight_decay is fixed to True in its constructor, but a param group edited
+    # afterwards is read as it is, by torch's AdamW and by ours (the merged kernels take the flag).
+    if implementation == "c" and not optgen.runtime.c_launch.available():
+        pytest.skip("no C compiler")
+    start = torch.linspace(-1.0, 1.0, 6)
+    results = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5, foreach=False),
+                 lambda ps: optgen.AdamW(ps, lr=0.1, weight_decay=0.5)):
+        p = torch.nn.Parameter(start.clone())
+        opt = make([p])
+        if isinstance(opt, optgen.AdamW):
+            opt.implementation = implementation
+        opt.param_groups[0]["decoupled_weight_decay"] = False
+        for k in range(3):
+            p.grad = torch.full_like(p, 0.3 * (k + 1)) - p.detach()
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
