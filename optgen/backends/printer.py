@@ -49,7 +49,7 @@ import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.printer import Printer
 
-from optgen.backends.printing import split_fraction
+from optgen.backends.printing import is_negative, join_sum, split_fraction
 
 
 class Unsupported(Exception):
@@ -72,10 +72,6 @@ def is_condition(expr) -> bool:
     """Whether ``expr`` is a comparison or a boolean combination of them."""
     # (sympy's Symbol is a Boolean too, so test for the condition node types themselves)
     return isinstance(expr, (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction))
-
-def _is_negative(term: sympy.Expr) -> bool:
-    return term.could_extract_minus_sign() and not term.is_Add
-
 
 #: spec functions that are not elementwise, and why a one-pass elementwise kernel cannot run them
 NOT_ELEMENTWISE = {
@@ -187,17 +183,11 @@ class InfixPrinter(Printer):
     def _print_Add(self, expr):
         # step + 1 and 1 - x, not 1 + step and -x + 1
         terms = sorted(expr.args,
-                       key=lambda t: (_is_negative(t), t.is_Number and not any(map(_is_negative, expr.args))))
-        out = self.paren(terms[0], PRECEDENCE["Add"])
-        for t in terms[1:]:
-            if _is_negative(t):
-                out += f" - {self.paren(-t, PRECEDENCE['Add'], strict=True)}"
-            else:
-                out += f" + {self.paren(t, PRECEDENCE['Add'])}"
-        return out
+                       key=lambda t: (is_negative(t), t.is_Number and not any(map(is_negative, expr.args))))
+        return join_sum(self.paren, terms)
 
     def _print_Mul(self, expr):
-        if _is_negative(expr):
+        if is_negative(expr):
             return f"-{self.paren(-expr, PRECEDENCE['Mul'])}"
         num, den = split_fraction(expr)
         text = " * ".join(self.paren(f, PRECEDENCE["Mul"]) for f in num) if num else "1"

@@ -140,17 +140,11 @@ class PythonScalarPrinter:
     def print_add(self, expr: sympy.Add) -> str:
         terms = list(expr.args)
         # A leading positive term reads better than a leading minus: 1 - x rather than -x + 1.
-        terms.sort(key=lambda t: _is_negative(t))
-        out = self.paren(terms[0], PRECEDENCE["Add"])
-        for t in terms[1:]:
-            if _is_negative(t):
-                out += f" - {self.paren(-t, PRECEDENCE['Add'], strict=True)}"
-            else:
-                out += f" + {self.paren(t, PRECEDENCE['Add'])}"
-        return out
+        terms.sort(key=is_negative)
+        return join_sum(self.paren, terms)
 
     def print_mul(self, expr: sympy.Mul) -> str:
-        if _is_negative(expr):
+        if is_negative(expr):
             return f"-{self.paren(-expr, PRECEDENCE['Mul'])}"
         num, den = split_fraction(expr)
         text = " * ".join(self.paren(f, PRECEDENCE["Mul"]) for f in num) if num else "1"
@@ -166,7 +160,7 @@ def split_fraction(expr: sympy.Mul) -> tuple[list, list]:
     form of 1 / x ** alpha) and the denominator of a rational divide."""
     num, den = [], []
     for f in expr.as_ordered_factors():
-        if f.is_Pow and (f.exp.is_negative and f.exp.is_Rational or _is_negative(f.exp)):
+        if f.is_Pow and (f.exp.is_negative and f.exp.is_Rational or is_negative(f.exp)):
             den.append(f.base if f.exp == -1 else f.base ** -f.exp)
         elif f.is_Rational and f.q != 1:
             if f.p != 1:
@@ -177,5 +171,18 @@ def split_fraction(expr: sympy.Mul) -> tuple[list, list]:
     return num, den
 
 
-def _is_negative(term: sympy.Expr) -> bool:
+def is_negative(term: sympy.Expr) -> bool:
+    """A term a sum prints as ``- x`` (sympy's sign, not of a whole sum)."""
     return term.could_extract_minus_sign() and not term.is_Add
+
+
+def join_sum(paren: Callable[..., str], terms: list) -> str:
+    """``terms`` of a sum, in this order, as infix text: ``a + b - c``.  ``paren(expr, level,
+    strict=False)`` prints an operand (every printer's own, with its own parentheses)."""
+    out = paren(terms[0], PRECEDENCE["Add"])
+    for t in terms[1:]:
+        if is_negative(t):
+            out += f" - {paren(-t, PRECEDENCE['Add'], strict=True)}"
+        else:
+            out += f" + {paren(t, PRECEDENCE['Add'])}"
+    return out
