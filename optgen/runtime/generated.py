@@ -25,7 +25,7 @@ import torch
 
 from optgen.runtime import dispatch, subclasses
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.native import NATIVE_IMPLEMENTATIONS, KernelDeclined
+from optgen.runtime.native import KernelDeclined
 from optgen.runtime.optimizer import Optimizer
 
 
@@ -133,7 +133,7 @@ class GeneratedOptimizer(Optimizer):
             return
         if kernel.counters_on_device:
             _counters_on_device(self, params, states, tensors)
-        self._run_kernel(kernel, implementation, group, tensors, scalars)
+        self._run_kernel(kernel, group, tensors, scalars)
         if scatter is not None:
             scatter()
         if to_global is not None:
@@ -152,16 +152,13 @@ class GeneratedOptimizer(Optimizer):
             implementation = "differentiable"  # Note [differentiable=True] (backends/differentiable.py)
         return implementation, tensors, to_global
 
-    def _run_kernel(self, kernel: KernelModule, implementation: str, group: dict, tensors: dict, scalars: dict) -> None:
+    def _run_kernel(self, kernel: KernelModule, group: dict, tensors: dict, scalars: dict) -> None:
         """The kernel over the group's lists: once, or once per (device, dtype) group for a
         multi-tensor kernel; a group a native kernel declines steps with the for-loop."""
         if not kernel.multi_tensor:
             kernel.run(group, tensors, scalars)
             return
         for sub in _split_by_device_and_dtype(self, tensors):
-            if implementation not in NATIVE_IMPLEMENTATIONS:
-                kernel.run(group, sub, scalars)
-                continue
             try:
                 kernel.run(group, sub, scalars)
             except KernelDeclined as e:  # raised before the kernel wrote anything

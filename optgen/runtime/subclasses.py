@@ -28,8 +28,8 @@ from optgen.runtime.native import NATIVE_IMPLEMENTATIONS
 PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
 
 
-def plain(t: torch.Tensor) -> bool:
-    """Whether ``t`` is an ordinary tensor (or Parameter) whose memory is its data."""
+def plain(t: torch.Tensor | None) -> bool:
+    """Whether ``t`` is an ordinary tensor (or Parameter) whose memory is its data, or None."""
     return type(t) in PLAIN_TYPES
 
 
@@ -55,7 +55,7 @@ def for_native_kernel(optimizer, implementation: str, params: list, tensors: dic
         warn_once(f"optgen.{type(optimizer).__name__} runs its for-loop kernel instead of the {implementation} "
                    f"one on these parameters: {cause}")
         return "forloop", tensors, None
-    local = {name: [t.to_local() if t is not None and not plain(t) else t for t in values]
+    local = {name: [t if plain(t) else t.to_local() for t in values]
              for name, values in tensors.items()}
     return implementation, local, lambda lists, created: _to_global(optimizer, params, lists, created)
 
@@ -66,7 +66,7 @@ def _why_not_local(optimizer, params: list, tensors: dict[str, list]) -> str | N
     dtensor = _dtensor_type()
     for values in tensors.values():
         for t in values:
-            if t is not None and not plain(t) and (dtensor is None or type(t) is not dtensor):
+            if not plain(t) and (dtensor is None or type(t) is not dtensor):
                 return f"a tensor subclass ({type(t).__name__}) has no memory of its own to update"
     if not optimizer._elementwise:
         return ("a DTensor's kernel sees only its local shard, and this update reads whole tensors "

@@ -9,6 +9,7 @@ IR (:mod:`optgen.ir.lower`).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import keyword
 import re
 from pathlib import Path
@@ -31,8 +32,7 @@ SECTIONS: dict[str, set[str] | None] = {  # section → its keys (None: free nam
     "check": CHECK_KEYS,
     "state": None,
     "update": {"rule"},
-    "torch_parity": {"sparse_gradient_error", "dense_gradient_error", "sparse_fused_error", "capturable_error",
-                     "step_requires_grad_error", "foreach_differentiable"},
+    "torch_parity": {f.name for f in dataclasses.fields(TorchParity)},
 }
 HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor", "choices", "derive"}
 #: algorithms whose step is an intrinsic of optgen/runtime/ rather than an update rule
@@ -205,8 +205,10 @@ CAPTURABLE_IMPLEMENTATIONS = ("forloop", "foreach")
 
 
 def _torch_parity(merged: _Merged) -> TorchParity:
-    """The ``[torch_parity]`` table: strings and bools, and ``capturable_error`` as
+    """The ``[torch_parity]`` table: wordings (strings, default None) and quirks (bools, default
+    False), as TorchParity declares them, and ``capturable_error`` as
     ``{forloop = { lists = "...", xla = true }, ...}``."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TorchParity)}
     values: dict[str, Any] = {}
     for key, (value, src) in merged.torch_parity.items():
         path = ("torch_parity", key)
@@ -222,10 +224,9 @@ def _torch_parity(merged: _Merged) -> TorchParity:
                 xla = expect(wording.get("xla", implementation != "foreach"), bool, src, where + ("xla",), "xla")
                 wordings.append((implementation, (lists, xla)))
             values[key] = tuple(wordings)
-        elif key.endswith("_error") and key != "step_requires_grad_error":
-            values[key] = expect(value, str, src, path, f"torch_parity.{key}")
         else:
-            values[key] = expect(value, bool, src, path, f"torch_parity.{key}")
+            kind = bool if isinstance(defaults[key], bool) else str
+            values[key] = expect(value, kind, src, path, f"torch_parity.{key}")
     return TorchParity(**values)
 
 
