@@ -83,6 +83,9 @@ FSDP2 = """
                         assert type(value) is DTensor and value.placements == p.placements, (name, key)
                         assert value.to_local().shape == p.to_local().shape, (name, key)
             getattr(torch.optim, name)(reference.parameters(), **kw).load_state_dict(opt.state_dict())
+        # Both ranks leave together: a rank that tears its gloo group down while the other still
+        # runs makes the other's gloo threads abort ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
     if __name__ == "__main__":
