@@ -50,6 +50,7 @@ class AdaBelief(GeneratedOptimizer):
     }
     _complex_as_real = False
     _elementwise = True
+    _loaded_group_defaults = {"decoupled_weight_decay": True, "maximize": False, "foreach": None, "differentiable": False, "fused": None}
 
     def __init__(
         self,
@@ -88,15 +89,6 @@ class AdaBelief(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("decoupled_weight_decay", True)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -85,59 +85,21 @@ void adabelief_step(int64_t n, void **tensors, void **grads, void **counters, co
         const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        if (decoupled_weight_decay) {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    adabelief_step_walk1(1, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
-                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
-                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    adabelief_step_walk1(1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
-                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
-                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
-                }
-            } else {
-                if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    adabelief_step_walk1(1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
-                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
-                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    adabelief_step_walk1(1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
-                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
-                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
-                }
-            }
-        } else {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    adabelief_step_walk1(0, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
-                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
-                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    adabelief_step_walk1(0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
-                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
-                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
-                }
-            } else {
-                if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    adabelief_step_walk1(0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
-                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
-                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    adabelief_step_walk1(0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_var_p,
-                        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2,
-                        c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1);
-                }
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADABELIEF_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adabelief_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, exp_avg_p, exp_avg_var_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
+            c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1)
+        switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
+        case 0: ADABELIEF_STEP_WALK1(0, 0, 0); break;
+        case 1: ADABELIEF_STEP_WALK1(0, 0, 1); break;
+        case 2: ADABELIEF_STEP_WALK1(0, 1, 0); break;
+        case 3: ADABELIEF_STEP_WALK1(0, 1, 1); break;
+        case 4: ADABELIEF_STEP_WALK1(1, 0, 0); break;
+        case 5: ADABELIEF_STEP_WALK1(1, 0, 1); break;
+        case 6: ADABELIEF_STEP_WALK1(1, 1, 0); break;
+        case 7: ADABELIEF_STEP_WALK1(1, 1, 1); break;
         }
+#undef ADABELIEF_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -145,11 +107,7 @@ void adabelief_step(int64_t n, void **tensors, void **grads, void **counters, co
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "adabelief_step",
     tensors=("params", "exp_avgs", "exp_avg_vars"),

@@ -13,19 +13,10 @@ from optgen.runtime.tensor_scalars import addcdiv
 
 
 def adabelief_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_vars: list[Tensor],
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_vars: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    *, decoupled_weight_decay: bool, maximize: bool,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
 ) -> None:
     """One AdaBelief step over the tensors of a param group."""
     for i, param in enumerate(params):

@@ -45,6 +45,7 @@ class Adadelta(GeneratedOptimizer):
     }
     _complex_as_real = True
     _elementwise = True
+    _loaded_group_defaults = {"maximize": False, "capturable": False, "foreach": None, "differentiable": False}
     # torch 2.13's wordings and quirks (the spec's [torch_parity])
     _capturable_error = {'forloop': ('params and state_steps', False)}
 
@@ -83,14 +84,6 @@ class Adadelta(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("capturable", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -74,27 +74,16 @@ void adadelta_step(int64_t n, void **tensors, void **grads, void **counters, con
         const scalar_t c_1_minus_rho = (scalar_t)(1 - rho);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_lr = (scalar_t)(lr);
-        if (maximize) {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adadelta_step_walk1(1, 1, numel, grad_p, param_p, square_avg_p, acc_delta_p,
-                    c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adadelta_step_walk1(1, 0, numel, grad_p, param_p, square_avg_p, acc_delta_p,
-                    c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-            }
-        } else {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adadelta_step_walk1(0, 1, numel, grad_p, param_p, square_avg_p, acc_delta_p,
-                    c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adadelta_step_walk1(0, 0, numel, grad_p, param_p, square_avg_p, acc_delta_p,
-                    c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADADELTA_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adadelta_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, square_avg_p, acc_delta_p, c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr)
+        switch ((maximize << 1) | weight_decay_ne_0) {
+        case 0: ADADELTA_STEP_WALK1(0, 0); break;
+        case 1: ADADELTA_STEP_WALK1(0, 1); break;
+        case 2: ADADELTA_STEP_WALK1(1, 0); break;
+        case 3: ADADELTA_STEP_WALK1(1, 1); break;
         }
+#undef ADADELTA_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -102,11 +91,7 @@ void adadelta_step(int64_t n, void **tensors, void **grads, void **counters, con
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "adadelta_step",
     tensors=("params", "square_avgs", "acc_deltas"),

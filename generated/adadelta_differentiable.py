@@ -13,17 +13,10 @@ from optgen.runtime.tensor_scalars import add
 
 
 def adadelta_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    acc_deltas: list[Tensor],
+    params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], acc_deltas: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    rho: float,
-    eps: float,
-    weight_decay: float,
+    *, maximize: bool,
+    lr: float, rho: float, eps: float, weight_decay: float,
 ) -> None:
     """One Adadelta step over the tensors of a param group."""
     for i, param in enumerate(params):

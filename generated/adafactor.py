@@ -59,6 +59,7 @@ class Adafactor(GeneratedOptimizer):
     }
     _complex_as_real = False
     _elementwise = False
+    _loaded_group_defaults = {"foreach": None, "maximize": False}
 
     def __init__(
         self,
@@ -97,12 +98,6 @@ class Adafactor(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -15,20 +15,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def adafactor_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    row_vars: list[Tensor],
-    col_vars: list[Tensor],
-    variances: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    beta2_decay: float,
-    eps1: float | None,
-    eps2: float,
-    d: float,
-    weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor], col_vars: list[Tensor],
+    variances: list[Tensor], state_steps: list[Tensor],
+    *, maximize: bool,
+    lr: float, beta2_decay: float, eps1: float | None, eps2: float, d: float, weight_decay: float,
 ) -> None:
     """One Adafactor step over the tensors of a param group."""
     for i, param in enumerate(params):

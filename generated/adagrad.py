@@ -44,6 +44,7 @@ class Adagrad(GeneratedOptimizer):
     }
     _complex_as_real = True
     _elementwise = True
+    _loaded_group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
     _gradients = "dense_or_gathered"  # see Note [Sparse gradients] in optgen/runtime/generated.py
     # torch 2.13's wordings and quirks (the spec's [torch_parity])
     _sparse_fused_error = '`fused` does not support sparse grad or complex param'
@@ -91,14 +92,6 @@ class Adagrad(GeneratedOptimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 self.state[param].update(self._init_state(param, group))
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
 
     def _check_sparse_step(self, group: dict) -> None:
         """torch's errors for a step of a group with a sparse gradient (the spec's each = "sparse_step" checks)."""

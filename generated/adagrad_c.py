@@ -65,27 +65,16 @@ void adagrad_step(int64_t n, void **tensors, void **grads, void **counters, cons
         const double clr = lr / (lr_decay * (step_1 - 1) + 1);
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_clr = (scalar_t)(clr);
-        if (maximize) {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adagrad_step_walk1(1, 1, numel, grad_p, param_p, state_sum_p, c_weight_decay, c_eps,
-                    c_clr);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adagrad_step_walk1(1, 0, numel, grad_p, param_p, state_sum_p, c_weight_decay, c_eps,
-                    c_clr);
-            }
-        } else {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adagrad_step_walk1(0, 1, numel, grad_p, param_p, state_sum_p, c_weight_decay, c_eps,
-                    c_clr);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adagrad_step_walk1(0, 0, numel, grad_p, param_p, state_sum_p, c_weight_decay, c_eps,
-                    c_clr);
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADAGRAD_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adagrad_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, state_sum_p, c_weight_decay, c_eps, c_clr)
+        switch ((maximize << 1) | weight_decay_ne_0) {
+        case 0: ADAGRAD_STEP_WALK1(0, 0); break;
+        case 1: ADAGRAD_STEP_WALK1(0, 1); break;
+        case 2: ADAGRAD_STEP_WALK1(1, 0); break;
+        case 3: ADAGRAD_STEP_WALK1(1, 1); break;
         }
+#undef ADAGRAD_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -93,11 +82,7 @@ void adagrad_step(int64_t n, void **tensors, void **grads, void **counters, cons
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "adagrad_step",
     tensors=("params", "state_sums"),

@@ -13,16 +13,9 @@ from optgen.runtime.tensor_scalars import addcdiv
 
 
 def adagrad_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state_sums: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
+    params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
+    *, maximize: bool,
+    lr: float, lr_decay: float, weight_decay: float, eps: float,
 ) -> None:
     """One Adagrad step over the tensors of a param group."""
     for i, param in enumerate(params):

@@ -12,16 +12,9 @@ from optgen.runtime.kernels import KernelModule
 
 
 def adagrad_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state_sums: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
+    params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
+    *, maximize: bool,
+    lr: float, lr_decay: float, weight_decay: float, eps: float,
 ) -> None:
     """One Adagrad step over the tensors of a param group."""
     for i, param in enumerate(params):

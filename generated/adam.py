@@ -56,6 +56,7 @@ class Adam(GeneratedOptimizer):
     }
     _complex_as_real = True
     _elementwise = True
+    _loaded_group_defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None, "decoupled_weight_decay": False}
     # torch 2.13's wordings and quirks (the spec's [torch_parity])
     _sparse_gradient_error = 'Adam does not support sparse gradients, please consider SparseAdam instead'
     _step_requires_grad_error = True
@@ -115,17 +116,6 @@ class Adam(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

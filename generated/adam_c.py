@@ -97,115 +97,30 @@ void adam_step(int64_t n, void **tensors, void **grads, void **counters, const i
         const scalar_t c_eps = (scalar_t)(eps);
         const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
         const scalar_t c_step_size = (scalar_t)(step_size);
-        if (amsgrad) {
-            if (maximize) {
-                if (decoupled_weight_decay) {
-                    if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(1, 1, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(1, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    }
-                } else {
-                    if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(1, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(1, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    }
-                }
-            } else {
-                if (decoupled_weight_decay) {
-                    if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(1, 0, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(1, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    }
-                } else {
-                    if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(1, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(1, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    }
-                }
-            }
-        } else {
-            if (maximize) {
-                if (decoupled_weight_decay) {
-                    if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(0, 1, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(0, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    }
-                } else {
-                    if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(0, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(0, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    }
-                }
-            } else {
-                if (decoupled_weight_decay) {
-                    if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(0, 0, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(0, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    }
-                } else {
-                    if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(0, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        adam_step_walk1(0, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
-                            c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
-                    }
-                }
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADAM_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adam_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, exp_avg_p, exp_avg_sq_p, max_exp_avg_sq_p, c_weight_decay, \
+            c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, \
+            c_bias_correction2_sqrt, c_step_size)
+        switch ((amsgrad << 3) | (maximize << 2) | (decoupled_weight_decay << 1) | weight_decay_ne_0) {
+        case 0: ADAM_STEP_WALK1(0, 0, 0, 0); break;
+        case 1: ADAM_STEP_WALK1(0, 0, 0, 1); break;
+        case 2: ADAM_STEP_WALK1(0, 0, 1, 0); break;
+        case 3: ADAM_STEP_WALK1(0, 0, 1, 1); break;
+        case 4: ADAM_STEP_WALK1(0, 1, 0, 0); break;
+        case 5: ADAM_STEP_WALK1(0, 1, 0, 1); break;
+        case 6: ADAM_STEP_WALK1(0, 1, 1, 0); break;
+        case 7: ADAM_STEP_WALK1(0, 1, 1, 1); break;
+        case 8: ADAM_STEP_WALK1(1, 0, 0, 0); break;
+        case 9: ADAM_STEP_WALK1(1, 0, 0, 1); break;
+        case 10: ADAM_STEP_WALK1(1, 0, 1, 0); break;
+        case 11: ADAM_STEP_WALK1(1, 0, 1, 1); break;
+        case 12: ADAM_STEP_WALK1(1, 1, 0, 0); break;
+        case 13: ADAM_STEP_WALK1(1, 1, 0, 1); break;
+        case 14: ADAM_STEP_WALK1(1, 1, 1, 0); break;
+        case 15: ADAM_STEP_WALK1(1, 1, 1, 1); break;
         }
+#undef ADAM_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -213,11 +128,7 @@ void adam_step(int64_t n, void **tensors, void **grads, void **counters, const i
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "adam_step",
     tensors=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),

@@ -16,21 +16,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def adam_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor],
+    *, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
 ) -> None:
     """One Adam step over the lists of one (device, dtype) group."""
     if maximize:

@@ -73,27 +73,16 @@ void adamax_step(int64_t n, void **tensors, void **grads, void **counters, const
         /* clr = lr / bias_correction */
         const double clr = lr / bias_correction;
         const scalar_t c_clr = (scalar_t)(clr);
-        if (maximize) {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adamax_step_walk1(1, 1, numel, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay,
-                    c_1_minus_beta1, c_beta2, c_eps, c_clr);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adamax_step_walk1(1, 0, numel, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay,
-                    c_1_minus_beta1, c_beta2, c_eps, c_clr);
-            }
-        } else {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adamax_step_walk1(0, 1, numel, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay,
-                    c_1_minus_beta1, c_beta2, c_eps, c_clr);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                adamax_step_walk1(0, 0, numel, grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay,
-                    c_1_minus_beta1, c_beta2, c_eps, c_clr);
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADAMAX_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adamax_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps, c_clr)
+        switch ((maximize << 1) | weight_decay_ne_0) {
+        case 0: ADAMAX_STEP_WALK1(0, 0); break;
+        case 1: ADAMAX_STEP_WALK1(0, 1); break;
+        case 2: ADAMAX_STEP_WALK1(1, 0); break;
+        case 3: ADAMAX_STEP_WALK1(1, 1); break;
         }
+#undef ADAMAX_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -101,11 +90,7 @@ void adamax_step(int64_t n, void **tensors, void **grads, void **counters, const
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "adamax_step",
     tensors=("params", "exp_avgs", "exp_infs"),

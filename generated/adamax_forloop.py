@@ -13,18 +13,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def adamax_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_infs: list[Tensor],
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_infs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    *, maximize: bool,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
 ) -> None:
     """One Adamax step over the tensors of a param group."""
     for i, param in enumerate(params):

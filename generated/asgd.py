@@ -49,6 +49,7 @@ class ASGD(GeneratedOptimizer):
     }
     _complex_as_real = True
     _elementwise = True
+    _loaded_group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
     # torch 2.13's wordings and quirks (the spec's [torch_parity])
     _capturable_error = {'forloop': ('params, mus, etas, and state_steps', True), 'foreach': ('params, mus, etas, and state_steps', False)}
 
@@ -84,14 +85,6 @@ class ASGD(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -75,51 +75,20 @@ void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const i
         const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
         /* mu = 1 / maximum(1, step - t0) */
         const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (mu_ne_1) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    asgd_step_walk1(1, 1, 1, 0, numel, grad_p, param_p, ax_p, c_weight_decay,
-                        c_1_minus_eta_times_lambd, c_eta, c_mu);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    asgd_step_walk1(1, 1, 0, 1, numel, grad_p, param_p, ax_p, c_weight_decay,
-                        c_1_minus_eta_times_lambd, c_eta, c_mu);
-                }
-            } else {
-                if (mu_ne_1) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    asgd_step_walk1(1, 0, 1, 0, numel, grad_p, param_p, ax_p, c_weight_decay,
-                        c_1_minus_eta_times_lambd, c_eta, c_mu);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    asgd_step_walk1(1, 0, 0, 1, numel, grad_p, param_p, ax_p, c_weight_decay,
-                        c_1_minus_eta_times_lambd, c_eta, c_mu);
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (mu_ne_1) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    asgd_step_walk1(0, 1, 1, 0, numel, grad_p, param_p, ax_p, c_weight_decay,
-                        c_1_minus_eta_times_lambd, c_eta, c_mu);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    asgd_step_walk1(0, 1, 0, 1, numel, grad_p, param_p, ax_p, c_weight_decay,
-                        c_1_minus_eta_times_lambd, c_eta, c_mu);
-                }
-            } else {
-                if (mu_ne_1) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    asgd_step_walk1(0, 0, 1, 0, numel, grad_p, param_p, ax_p, c_weight_decay,
-                        c_1_minus_eta_times_lambd, c_eta, c_mu);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    asgd_step_walk1(0, 0, 0, 1, numel, grad_p, param_p, ax_p, c_weight_decay,
-                        c_1_minus_eta_times_lambd, c_eta, c_mu);
-                }
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define ASGD_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") asgd_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu)
+        switch ((maximize << 2) | (weight_decay_ne_0 << 1) | mu_ne_1) {
+        case 0: ASGD_STEP_WALK1(0, 0, 0, 1); break;
+        case 1: ASGD_STEP_WALK1(0, 0, 1, 0); break;
+        case 2: ASGD_STEP_WALK1(0, 1, 0, 1); break;
+        case 3: ASGD_STEP_WALK1(0, 1, 1, 0); break;
+        case 4: ASGD_STEP_WALK1(1, 0, 0, 1); break;
+        case 5: ASGD_STEP_WALK1(1, 0, 1, 0); break;
+        case 6: ASGD_STEP_WALK1(1, 1, 0, 1); break;
+        case 7: ASGD_STEP_WALK1(1, 1, 1, 0); break;
         }
+#undef ASGD_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], eta_1, counters_f64);
         store_counter(counters[2 * n + t], mu_1, counters_f64);
@@ -129,11 +98,7 @@ void asgd_step(int64_t n, void **tensors, void **grads, void **counters, const i
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "asgd_step",
     tensors=("params", "axs"),

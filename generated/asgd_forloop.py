@@ -13,19 +13,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def asgd_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    axs: list[Tensor],
-    state_steps: list[Tensor],
-    state_etas: list[Tensor],
-    state_mus: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    lambd: float,
-    alpha: float,
-    t0: float,
-    weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], axs: list[Tensor], state_steps: list[Tensor],
+    state_etas: list[Tensor], state_mus: list[Tensor],
+    *, maximize: bool,
+    lr: float, lambd: float, alpha: float, t0: float, weight_decay: float,
 ) -> None:
     """One ASGD step over the tensors of a param group."""
     for i, param in enumerate(params):

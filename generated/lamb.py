@@ -51,6 +51,7 @@ class Lamb(GeneratedOptimizer):
     }
     _complex_as_real = False
     _elementwise = False
+    _loaded_group_defaults = {"maximize": False, "foreach": None, "differentiable": False}
 
     def __init__(
         self,
@@ -85,13 +86,6 @@ class Lamb(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -183,31 +183,17 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
         /* trust_ratio = where(weight_norm > 0, where(update_norm > 0, weight_norm / update_norm, 1), 1) */
         const double trust_ratio = (weight_norm > 0 ? (update_norm > 0 ? weight_norm / update_norm : 1) : 1);
         const scalar_t c_trust_ratio = (scalar_t)(trust_ratio);
-        if (maximize) {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                lamb_step_walk2(1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1,
-                    c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2,
-                    c_weight_decay, c_lr, c_trust_ratio);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                lamb_step_walk2(1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1,
-                    c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2,
-                    c_weight_decay, c_lr, c_trust_ratio);
-            }
-        } else {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                lamb_step_walk2(0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1,
-                    c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2,
-                    c_weight_decay, c_lr, c_trust_ratio);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                lamb_step_walk2(0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1,
-                    c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2,
-                    c_weight_decay, c_lr, c_trust_ratio);
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define LAMB_STEP_WALK2(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") lamb_step_walk2(__VA_ARGS__, numel, \
+            grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2, \
+            c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio)
+        switch ((maximize << 1) | weight_decay_ne_0) {
+        case 0: LAMB_STEP_WALK2(0, 0); break;
+        case 1: LAMB_STEP_WALK2(0, 1); break;
+        case 2: LAMB_STEP_WALK2(1, 0); break;
+        case 3: LAMB_STEP_WALK2(1, 1); break;
         }
+#undef LAMB_STEP_WALK2
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -215,11 +201,7 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "lamb_step",
     tensors=("params", "exp_avgs", "exp_avg_sqs"),

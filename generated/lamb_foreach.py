@@ -14,18 +14,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def lamb_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    *, maximize: bool,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
 ) -> None:
     """One Lamb step over the lists of one (device, dtype) group."""
     if maximize:

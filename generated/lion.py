@@ -42,6 +42,7 @@ class Lion(GeneratedOptimizer):
     }
     _complex_as_real = False
     _elementwise = True
+    _loaded_group_defaults = {"maximize": False, "foreach": None, "differentiable": False, "fused": None}
 
     def __init__(
         self,
@@ -74,14 +75,6 @@ class Lion(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -62,38 +62,24 @@ void lion_step(int64_t n, void **tensors, void **grads, void **counters, const i
         const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
-        if (maximize) {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                lion_step_walk1(1, 1, numel, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay,
-                    c_1_minus_beta1, c_lr, c_1_minus_beta2);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                lion_step_walk1(1, 0, numel, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay,
-                    c_1_minus_beta1, c_lr, c_1_minus_beta2);
-            }
-        } else {
-            if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                lion_step_walk1(0, 1, numel, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay,
-                    c_1_minus_beta1, c_lr, c_1_minus_beta2);
-            } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                lion_step_walk1(0, 0, numel, grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay,
-                    c_1_minus_beta1, c_lr, c_1_minus_beta2);
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define LION_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") lion_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, \
+            c_1_minus_beta2)
+        switch ((maximize << 1) | weight_decay_ne_0) {
+        case 0: LION_STEP_WALK1(0, 0); break;
+        case 1: LION_STEP_WALK1(0, 1); break;
+        case 2: LION_STEP_WALK1(1, 0); break;
+        case 3: LION_STEP_WALK1(1, 1); break;
         }
+#undef LION_STEP_WALK1
     }
 }
 """
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "lion_step",
     tensors=("params", "exp_avgs"),

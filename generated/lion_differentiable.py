@@ -13,15 +13,9 @@ from optgen.runtime.tensor_scalars import add
 
 
 def lion_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    *, maximize: bool,
+    lr: float, beta1: float, beta2: float, weight_decay: float,
 ) -> None:
     """One Lion step over the tensors of a param group."""
     for i, param in enumerate(params):

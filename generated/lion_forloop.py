@@ -12,15 +12,9 @@ from optgen.runtime.kernels import KernelModule
 
 
 def lion_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    *, maximize: bool,
+    lr: float, beta1: float, beta2: float, weight_decay: float,
 ) -> None:
     """One Lion step over the tensors of a param group."""
     for i, param in enumerate(params):

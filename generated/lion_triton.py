@@ -18,33 +18,22 @@ from optgen.runtime.triton_launch import Kernel
 
 @triton.jit(do_not_specialize=["num_tensors"])
 def _lion_kernel(
-    addresses,          # int64 [lists, T]: address of every tensor, one row per list (params, exp_avgs)
-    grad_addresses,     # int64 [T]: address of every gradient (a table of its own: grads come and go)
-    counter_addresses,  # int64 [counters, T]: address of every 0-dim counter
-    numels,             # int64 [T]: elements of each tensor
-    first_step,         # int64 [lazy states, T]: 1 where a lazily created state is new this step
-    chunk_tensors,      # int64 [programs]: the tensor program `pid` updates
-    chunk_indices,      # int64 [programs]: which CHUNK of it
-    arrivals,           # int64 [T]: programs of each tensor past their counter reads (zero between launches)
-    num_tensors,        # T
+    # the launch tables over the group's T tensors (Note [Triton kernel arguments]): addresses has a row per
+    # list (params, exp_avgs)
+    addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
+    num_tensors,
     lr: tl.float64,
     lr_ptr,  # lr as a 1-element tensor on the device (read when LR_IS_TENSOR)
     beta1: tl.float64,
     beta2: tl.float64,
     weight_decay: tl.float64,
-    grad_scale,         # GradScaler's scale, 1 element (read when HAS_GRAD_SCALE)
-    found_inf,          # GradScaler's found_inf, 1 element: nothing is updated where it is non-zero
+    grad_scale, found_inf,  # GradScaler's state, 1 element each (read when HAS_GRAD_SCALE, HAS_FOUND_INF)
     WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     MAXIMIZE: tl.constexpr,  # a["maximize"]
     LR_IS_TENSOR: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    ALIGNED: tl.constexpr,        # every tensor's address is a multiple of 16 bytes
-    DTYPE: tl.constexpr,          # element type of param, grad and states
-    COMPUTE: tl.constexpr,        # the elementwise math: float32 (float64 for float64 params)
-    COUNTER_DTYPE: tl.constexpr,  # element type of the counters
-    CHUNK: tl.constexpr,          # elements per program
-    BLOCK: tl.constexpr,          # elements per loop iteration
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Lion step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -116,11 +105,7 @@ def _lion_kernel(
             tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
 
 
-#: the kernel, launched once per (device, dtype) group with the lists it reads (params, grads,
-#: states; a state used only under some flags or hyperparameters says when), its counters, the
-#: states it creates on their first step (index → when), its hyperparameters (those that may be a
-#: tensor on the device named again) and its constexpr guards (the flags and hyperparameter
-#: comparisons its conditions are printed over), each a condition over the keyword arguments `a`
+#: how the kernel is launched (each field: optgen.runtime.triton_launch.Kernel)
 LAUNCH = Kernel(
     _lion_kernel,
     tensors=(("params", None), ("grads", None), ("exp_avgs", None)),

@@ -54,6 +54,7 @@ class Muon(GeneratedOptimizer):
     }
     _complex_as_real = False
     _elementwise = False
+    _loaded_group_defaults = {"nesterov": True}
 
     def __init__(
         self,
@@ -93,11 +94,6 @@ class Muon(GeneratedOptimizer):
             for param in group["params"]:
                 if not (param.dim() == 2):
                     raise ValueError(f'Muon only supports 2D parameters whereas we found a parameter with size: {param.size()}')
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", True)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

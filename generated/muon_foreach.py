@@ -17,20 +17,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def muon_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    *,
-    nesterov: bool,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    ns_a: float,
-    ns_b: float,
-    ns_c: float,
-    eps: float,
-    ns_steps: int,
-    adjust_lr_fn: str | None,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+    *, nesterov: bool,
+    lr: float, weight_decay: float, momentum: float, ns_a: float, ns_b: float, ns_c: float,
+    eps: float, ns_steps: int, adjust_lr_fn: str | None,
 ) -> None:
     """One Muon step over the lists of one (device, dtype) group."""
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)

@@ -15,20 +15,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def muon_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    *,
-    nesterov: bool,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    ns_a: float,
-    ns_b: float,
-    ns_c: float,
-    eps: float,
-    ns_steps: int,
-    adjust_lr_fn: str | None,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+    *, nesterov: bool,
+    lr: float, weight_decay: float, momentum: float, ns_a: float, ns_b: float, ns_c: float,
+    eps: float, ns_steps: int, adjust_lr_fn: str | None,
 ) -> None:
     """One Muon step over the tensors of a param group."""
     for i, param in enumerate(params):

@@ -56,6 +56,7 @@ class NAdam(GeneratedOptimizer):
     }
     _complex_as_real = True
     _elementwise = True
+    _loaded_group_defaults = {"decoupled_weight_decay": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False}
     # torch 2.13's wordings and quirks (the spec's [torch_parity])
     _capturable_error = {'forloop': ('params, mu_products and state_steps', True), 'foreach': ('params, mu_products, and state_steps', False)}
 
@@ -102,15 +103,6 @@ class NAdam(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -99,67 +99,22 @@ void nadam_step(int64_t n, void **tensors, void **grads, void **counters, const 
         const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
         const scalar_t c_mu_next = (scalar_t)(mu_next);
         const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        if (decoupled_weight_decay) {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    nadam_step_walk1(1, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay,
-                        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps,
-                        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next,
-                        c_1_minus_mu_product_next);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    nadam_step_walk1(1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay,
-                        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps,
-                        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next,
-                        c_1_minus_mu_product_next);
-                }
-            } else {
-                if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    nadam_step_walk1(1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay,
-                        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps,
-                        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next,
-                        c_1_minus_mu_product_next);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    nadam_step_walk1(1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay,
-                        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps,
-                        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next,
-                        c_1_minus_mu_product_next);
-                }
-            }
-        } else {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    nadam_step_walk1(0, 1, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay,
-                        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps,
-                        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next,
-                        c_1_minus_mu_product_next);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    nadam_step_walk1(0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay,
-                        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps,
-                        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next,
-                        c_1_minus_mu_product_next);
-                }
-            } else {
-                if (weight_decay_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    nadam_step_walk1(0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay,
-                        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps,
-                        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next,
-                        c_1_minus_mu_product_next);
-                } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                    nadam_step_walk1(0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay,
-                        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps,
-                        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next,
-                        c_1_minus_mu_product_next);
-                }
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define NADAM_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") nadam_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
+            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, \
+            c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next)
+        switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
+        case 0: NADAM_STEP_WALK1(0, 0, 0); break;
+        case 1: NADAM_STEP_WALK1(0, 0, 1); break;
+        case 2: NADAM_STEP_WALK1(0, 1, 0); break;
+        case 3: NADAM_STEP_WALK1(0, 1, 1); break;
+        case 4: NADAM_STEP_WALK1(1, 0, 0); break;
+        case 5: NADAM_STEP_WALK1(1, 0, 1); break;
+        case 6: NADAM_STEP_WALK1(1, 1, 0); break;
+        case 7: NADAM_STEP_WALK1(1, 1, 1); break;
         }
+#undef NADAM_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
         store_counter(counters[1 * n + t], mu_product_1, counters_f64);
     }
@@ -168,11 +123,7 @@ void nadam_step(int64_t n, void **tensors, void **grads, void **counters, const 
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "nadam_step",
     tensors=("params", "exp_avgs", "exp_avg_sqs"),

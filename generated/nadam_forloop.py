@@ -12,21 +12,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def nadam_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    state_mu_products: list[Tensor],
-    *,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    momentum_decay: float,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], state_mu_products: list[Tensor],
+    *, decoupled_weight_decay: bool, maximize: bool,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, momentum_decay: float,
 ) -> None:
     """One NAdam step over the tensors of a param group."""
     for i, param in enumerate(params):

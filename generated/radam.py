@@ -60,6 +60,7 @@ class RAdam(GeneratedOptimizer):
     }
     _complex_as_real = True
     _elementwise = True
+    _loaded_group_defaults = {"maximize": False, "foreach": None, "capturable": False, "decoupled_weight_decay": False, "differentiable": False}
 
     def __init__(
         self,
@@ -100,15 +101,6 @@ class RAdam(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("differentiable", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

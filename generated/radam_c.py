@@ -98,171 +98,37 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
         const int rho_t_le_5 = rho_t <= 5;
         const scalar_t c_lr = (scalar_t)(lr);
         const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
-        if (decoupled_weight_decay) {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-                    if (rho_t_gt_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        radam_step_walk1(1, 1, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                    } else {
-                        if (rho_t_le_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(1, 1, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(1, 1, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        }
-                    }
-                } else {
-                    if (rho_t_gt_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        radam_step_walk1(1, 1, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                    } else {
-                        if (rho_t_le_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(1, 1, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(1, 1, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        }
-                    }
-                }
-            } else {
-                if (weight_decay_ne_0) {
-                    if (rho_t_gt_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        radam_step_walk1(1, 0, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                    } else {
-                        if (rho_t_le_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(1, 0, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(1, 0, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        }
-                    }
-                } else {
-                    if (rho_t_gt_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        radam_step_walk1(1, 0, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                    } else {
-                        if (rho_t_le_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(1, 0, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(1, 0, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        }
-                    }
-                }
-            }
-        } else {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-                    if (rho_t_gt_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        radam_step_walk1(0, 1, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                    } else {
-                        if (rho_t_le_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(0, 1, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(0, 1, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        }
-                    }
-                } else {
-                    if (rho_t_gt_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        radam_step_walk1(0, 1, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                    } else {
-                        if (rho_t_le_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(0, 1, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(0, 1, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        }
-                    }
-                }
-            } else {
-                if (weight_decay_ne_0) {
-                    if (rho_t_gt_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        radam_step_walk1(0, 0, 1, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                    } else {
-                        if (rho_t_le_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(0, 0, 1, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(0, 0, 1, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        }
-                    }
-                } else {
-                    if (rho_t_gt_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        radam_step_walk1(0, 0, 0, 1, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                    } else {
-                        if (rho_t_le_5) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(0, 0, 0, 0, 1, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            radam_step_walk1(0, 0, 0, 0, 0, numel, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                                c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1);
-                        }
-                    }
-                }
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define RADAM_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") radam_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
+            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1)
+        switch ((decoupled_weight_decay << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (rho_t_gt_5 << 1) | rho_t_le_5) {
+        case 0: RADAM_STEP_WALK1(0, 0, 0, 0, 0); break;
+        case 1: RADAM_STEP_WALK1(0, 0, 0, 0, 1); break;
+        case 2: case 3: RADAM_STEP_WALK1(0, 0, 0, 1, 0); break;
+        case 4: RADAM_STEP_WALK1(0, 0, 1, 0, 0); break;
+        case 5: RADAM_STEP_WALK1(0, 0, 1, 0, 1); break;
+        case 6: case 7: RADAM_STEP_WALK1(0, 0, 1, 1, 0); break;
+        case 8: RADAM_STEP_WALK1(0, 1, 0, 0, 0); break;
+        case 9: RADAM_STEP_WALK1(0, 1, 0, 0, 1); break;
+        case 10: case 11: RADAM_STEP_WALK1(0, 1, 0, 1, 0); break;
+        case 12: RADAM_STEP_WALK1(0, 1, 1, 0, 0); break;
+        case 13: RADAM_STEP_WALK1(0, 1, 1, 0, 1); break;
+        case 14: case 15: RADAM_STEP_WALK1(0, 1, 1, 1, 0); break;
+        case 16: RADAM_STEP_WALK1(1, 0, 0, 0, 0); break;
+        case 17: RADAM_STEP_WALK1(1, 0, 0, 0, 1); break;
+        case 18: case 19: RADAM_STEP_WALK1(1, 0, 0, 1, 0); break;
+        case 20: RADAM_STEP_WALK1(1, 0, 1, 0, 0); break;
+        case 21: RADAM_STEP_WALK1(1, 0, 1, 0, 1); break;
+        case 22: case 23: RADAM_STEP_WALK1(1, 0, 1, 1, 0); break;
+        case 24: RADAM_STEP_WALK1(1, 1, 0, 0, 0); break;
+        case 25: RADAM_STEP_WALK1(1, 1, 0, 0, 1); break;
+        case 26: case 27: RADAM_STEP_WALK1(1, 1, 0, 1, 0); break;
+        case 28: RADAM_STEP_WALK1(1, 1, 1, 0, 0); break;
+        case 29: RADAM_STEP_WALK1(1, 1, 1, 0, 1); break;
+        case 30: case 31: RADAM_STEP_WALK1(1, 1, 1, 1, 0); break;
         }
+#undef RADAM_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -270,11 +136,7 @@ void radam_step(int64_t n, void **tensors, void **grads, void **counters, const 
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "radam_step",
     tensors=("params", "exp_avgs", "exp_avg_sqs"),

@@ -13,19 +13,10 @@ from optgen.runtime.tensor_scalars import add, addcdiv, sqrt
 
 
 def radam_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    *, decoupled_weight_decay: bool, maximize: bool,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
 ) -> None:
     """One RAdam step over the tensors of a param group."""
     rho_inf = 2 / (1 - beta2) - 1

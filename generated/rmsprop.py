@@ -52,6 +52,7 @@ class RMSprop(GeneratedOptimizer):
     }
     _complex_as_real = True
     _elementwise = True
+    _loaded_group_defaults = {"centered": False, "capturable": False, "foreach": None, "maximize": False, "differentiable": False}
     # torch 2.13's wordings and quirks (the spec's [torch_parity])
     _capturable_error = {'foreach': ('params and state_steps', True)}
 
@@ -95,15 +96,6 @@ class RMSprop(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("centered", False)
-            group.setdefault("capturable", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -89,147 +89,37 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
         const int momentum_le_0 = momentum <= 0;
-        if (centered) {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-                    if (momentum_gt_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        rmsprop_step_walk1(1, 1, 1, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                    } else {
-                        if (momentum_le_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(1, 1, 1, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(1, 1, 1, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                    }
-                } else {
-                    if (momentum_gt_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        rmsprop_step_walk1(1, 1, 0, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                    } else {
-                        if (momentum_le_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(1, 1, 0, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(1, 1, 0, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                    }
-                }
-            } else {
-                if (weight_decay_ne_0) {
-                    if (momentum_gt_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        rmsprop_step_walk1(1, 0, 1, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                    } else {
-                        if (momentum_le_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(1, 0, 1, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(1, 0, 1, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                    }
-                } else {
-                    if (momentum_gt_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        rmsprop_step_walk1(1, 0, 0, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                    } else {
-                        if (momentum_le_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(1, 0, 0, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(1, 0, 0, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                    }
-                }
-            }
-        } else {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-                    if (momentum_gt_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        rmsprop_step_walk1(0, 1, 1, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                    } else {
-                        if (momentum_le_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(0, 1, 1, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(0, 1, 1, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                    }
-                } else {
-                    if (momentum_gt_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        rmsprop_step_walk1(0, 1, 0, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                    } else {
-                        if (momentum_le_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(0, 1, 0, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(0, 1, 0, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                    }
-                }
-            } else {
-                if (weight_decay_ne_0) {
-                    if (momentum_gt_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        rmsprop_step_walk1(0, 0, 1, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                    } else {
-                        if (momentum_le_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(0, 0, 1, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(0, 0, 1, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                    }
-                } else {
-                    if (momentum_gt_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        rmsprop_step_walk1(0, 0, 0, 1, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                            grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                    } else {
-                        if (momentum_le_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(0, 0, 0, 0, 1, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                            rmsprop_step_walk1(0, 0, 0, 0, 0, numel, grad_p, param_p, square_avg_p, momentum_buffer_p,
-                                grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                    }
-                }
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define RMSPROP_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") rmsprop_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha, \
+            c_1_minus_alpha, c_eps, c_momentum, c_lr)
+        switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
+        case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
+        case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
+        case 2: case 3: RMSPROP_STEP_WALK1(0, 0, 0, 1, 0); break;
+        case 4: RMSPROP_STEP_WALK1(0, 0, 1, 0, 0); break;
+        case 5: RMSPROP_STEP_WALK1(0, 0, 1, 0, 1); break;
+        case 6: case 7: RMSPROP_STEP_WALK1(0, 0, 1, 1, 0); break;
+        case 8: RMSPROP_STEP_WALK1(0, 1, 0, 0, 0); break;
+        case 9: RMSPROP_STEP_WALK1(0, 1, 0, 0, 1); break;
+        case 10: case 11: RMSPROP_STEP_WALK1(0, 1, 0, 1, 0); break;
+        case 12: RMSPROP_STEP_WALK1(0, 1, 1, 0, 0); break;
+        case 13: RMSPROP_STEP_WALK1(0, 1, 1, 0, 1); break;
+        case 14: case 15: RMSPROP_STEP_WALK1(0, 1, 1, 1, 0); break;
+        case 16: RMSPROP_STEP_WALK1(1, 0, 0, 0, 0); break;
+        case 17: RMSPROP_STEP_WALK1(1, 0, 0, 0, 1); break;
+        case 18: case 19: RMSPROP_STEP_WALK1(1, 0, 0, 1, 0); break;
+        case 20: RMSPROP_STEP_WALK1(1, 0, 1, 0, 0); break;
+        case 21: RMSPROP_STEP_WALK1(1, 0, 1, 0, 1); break;
+        case 22: case 23: RMSPROP_STEP_WALK1(1, 0, 1, 1, 0); break;
+        case 24: RMSPROP_STEP_WALK1(1, 1, 0, 0, 0); break;
+        case 25: RMSPROP_STEP_WALK1(1, 1, 0, 0, 1); break;
+        case 26: case 27: RMSPROP_STEP_WALK1(1, 1, 0, 1, 0); break;
+        case 28: RMSPROP_STEP_WALK1(1, 1, 1, 0, 0); break;
+        case 29: RMSPROP_STEP_WALK1(1, 1, 1, 0, 1); break;
+        case 30: case 31: RMSPROP_STEP_WALK1(1, 1, 1, 1, 0); break;
         }
+#undef RMSPROP_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -237,11 +127,7 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "rmsprop_step",
     tensors=("params", "square_avgs", "momentum_buffers", "grad_avgs"),

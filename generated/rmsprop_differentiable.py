@@ -13,20 +13,10 @@ from optgen.runtime.tensor_scalars import add, addcdiv
 
 
 def rmsprop_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    grad_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    centered: bool,
-    maximize: bool,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
+    params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
+    momentum_buffers: list[Tensor], grad_avgs: list[Tensor], state_steps: list[Tensor],
+    *, centered: bool, maximize: bool,
+    lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
 ) -> None:
     """One RMSprop step over the tensors of a param group."""
     for i, param in enumerate(params):

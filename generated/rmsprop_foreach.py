@@ -14,20 +14,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def rmsprop_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    grad_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    centered: bool,
-    maximize: bool,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
+    params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
+    momentum_buffers: list[Tensor], grad_avgs: list[Tensor], state_steps: list[Tensor],
+    *, centered: bool, maximize: bool,
+    lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
 ) -> None:
     """One RMSprop step over the lists of one (device, dtype) group."""
     if maximize:

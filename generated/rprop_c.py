@@ -74,15 +74,14 @@ void rprop_step(int64_t n, void **tensors, void **grads, void **counters, const 
         const scalar_t c_etaminus = (scalar_t)(etaminus);
         const scalar_t c_step_size_min = (scalar_t)(step_size_min);
         const scalar_t c_step_size_max = (scalar_t)(step_size_max);
-        if (maximize) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-            rprop_step_walk1(1, numel, grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus,
-                c_step_size_min, c_step_size_max);
-        } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-            rprop_step_walk1(0, numel, grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus,
-                c_step_size_min, c_step_size_max);
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define RPROP_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") rprop_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min, c_step_size_max)
+        switch (maximize) {
+        case 0: RPROP_STEP_WALK1(0); break;
+        case 1: RPROP_STEP_WALK1(1); break;
         }
+#undef RPROP_STEP_WALK1
         store_counter(counters[0 * n + t], step_1, counters_f64);
     }
 }
@@ -90,11 +89,7 @@ void rprop_step(int64_t n, void **tensors, void **grads, void **counters, const 
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "rprop_step",
     tensors=("params", "prevs", "step_sizes"),

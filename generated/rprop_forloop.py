@@ -12,17 +12,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def rprop_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    prevs: list[Tensor],
-    step_sizes: list[Tensor],
+    params: list[Tensor], grads: list[Tensor], prevs: list[Tensor], step_sizes: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    maximize: bool,
-    etaminus: float,
-    etaplus: float,
-    step_size_min: float,
-    step_size_max: int,
+    *, maximize: bool,
+    etaminus: float, etaplus: float, step_size_min: float, step_size_max: int,
 ) -> None:
     """One Rprop step over the tensors of a param group."""
     for i, param in enumerate(params):

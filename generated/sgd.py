@@ -45,6 +45,7 @@ class SGD(GeneratedOptimizer):
     }
     _complex_as_real = True
     _elementwise = True
+    _loaded_group_defaults = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": None}
     _gradients = "dense_or_sparse"  # see Note [Sparse gradients] in optgen/runtime/generated.py
     # torch 2.13's wordings and quirks (the spec's [torch_parity])
     _sparse_fused_error = '`_fused_sgd` does not support sparse gradients'
@@ -87,15 +88,6 @@ class SGD(GeneratedOptimizer):
         }
         super().__init__(params, defaults)
         check_options(self, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -67,110 +67,36 @@ void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const in
         const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
         const scalar_t c_momentum = (scalar_t)(momentum);
         const scalar_t c_lr = (scalar_t)(lr);
-        if (nesterov) {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-                    if (momentum_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(1, 1, 1, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(1, 1, 1, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                } else {
-                    if (momentum_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(1, 1, 0, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(1, 1, 0, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (weight_decay_ne_0) {
-                    if (momentum_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(1, 0, 1, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(1, 0, 1, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                } else {
-                    if (momentum_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(1, 0, 0, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(1, 0, 0, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        } else {
-            if (maximize) {
-                if (weight_decay_ne_0) {
-                    if (momentum_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(0, 1, 1, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(0, 1, 1, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                } else {
-                    if (momentum_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(0, 1, 0, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(0, 1, 0, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (weight_decay_ne_0) {
-                    if (momentum_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(0, 0, 1, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(0, 0, 1, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                } else {
-                    if (momentum_ne_0) {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(0, 0, 0, 1, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    } else {
-#pragma omp parallel if (numel >= PARALLEL_MIN)
-                        sgd_step_walk1(0, 0, 0, 0, numel, grad_p, param_p, momentum_buffer_p, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
+        /* each version passes its flags and conditions as literals inside its parallel region */
+#define SGD_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") sgd_step_walk1(__VA_ARGS__, numel, \
+            grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
+            momentum_buffer_is_new)
+        switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
+        case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
+        case 1: SGD_STEP_WALK1(0, 0, 0, 1); break;
+        case 2: SGD_STEP_WALK1(0, 0, 1, 0); break;
+        case 3: SGD_STEP_WALK1(0, 0, 1, 1); break;
+        case 4: SGD_STEP_WALK1(0, 1, 0, 0); break;
+        case 5: SGD_STEP_WALK1(0, 1, 0, 1); break;
+        case 6: SGD_STEP_WALK1(0, 1, 1, 0); break;
+        case 7: SGD_STEP_WALK1(0, 1, 1, 1); break;
+        case 8: SGD_STEP_WALK1(1, 0, 0, 0); break;
+        case 9: SGD_STEP_WALK1(1, 0, 0, 1); break;
+        case 10: SGD_STEP_WALK1(1, 0, 1, 0); break;
+        case 11: SGD_STEP_WALK1(1, 0, 1, 1); break;
+        case 12: SGD_STEP_WALK1(1, 1, 0, 0); break;
+        case 13: SGD_STEP_WALK1(1, 1, 0, 1); break;
+        case 14: SGD_STEP_WALK1(1, 1, 1, 0); break;
+        case 15: SGD_STEP_WALK1(1, 1, 1, 1); break;
         }
+#undef SGD_STEP_WALK1
     }
 }
 """
 
 LIBRARY = Library(__name__, SOURCE)
 
-#: the C function, called once per dtype group with the lists it touches (params, then states;
-#: a list touched only under some hyperparameters or flags is passed as None entries otherwise),
-#: its counters, the states it creates on their first step (index → when), its hyperparameters,
-#: in the order the C function reads them, the flags, in the order of its `flags` bits, and the
-#: states shaped like a reduction of the parameter (index → the dimension kept as 1)
+#: how the C function is called (each field: optgen.runtime.c_launch.Kernel)
 LAUNCH = Kernel(
     LIBRARY, "sgd_step",
     tensors=("params", "momentum_buffers"),

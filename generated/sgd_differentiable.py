@@ -13,16 +13,9 @@ from optgen.runtime.tensor_scalars import add
 
 
 def sgd_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    nesterov: bool,
-    maximize: bool,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
+    *, nesterov: bool, maximize: bool,
+    lr: float, momentum: float, dampening: float, weight_decay: float,
 ) -> None:
     """One SGD step over the tensors of a param group."""
     for i, param in enumerate(params):

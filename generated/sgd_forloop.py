@@ -12,16 +12,9 @@ from optgen.runtime.kernels import KernelModule
 
 
 def sgd_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    nesterov: bool,
-    maximize: bool,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
+    *, nesterov: bool, maximize: bool,
+    lr: float, momentum: float, dampening: float, weight_decay: float,
 ) -> None:
     """One SGD step over the tensors of a param group."""
     for i, param in enumerate(params):

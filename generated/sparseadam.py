@@ -49,6 +49,7 @@ class SparseAdam(GeneratedOptimizer):
     }
     _complex_as_real = False
     _elementwise = True
+    _loaded_group_defaults = {"maximize": False}
     _gradients = "sparse"  # see Note [Sparse gradients] in optgen/runtime/generated.py
     _host_counters = ('step',)
     # torch 2.13's wordings and quirks (the spec's [torch_parity])
@@ -86,11 +87,6 @@ class SparseAdam(GeneratedOptimizer):
                    for i, param in enumerate(group["params"]) if param.is_complex()]
         if indices:
             raise ValueError(f'Complex params at indices {indices}: SparseAdam does not support complex parameters')
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

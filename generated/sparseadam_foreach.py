@@ -16,17 +16,10 @@ from optgen.runtime.kernels import KernelModule
 
 
 def sparseadam_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    maximize: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
+    *, maximize: bool,
+    lr: float, beta1: float, beta2: float, eps: float,
 ) -> None:
     """One SparseAdam step over the lists of one (device, dtype) group."""
     # step = step + 1

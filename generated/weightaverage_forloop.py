@@ -11,8 +11,7 @@ from optgen.runtime.kernels import KernelModule
 
 
 def weightaverage_step(
-    params: list[Tensor],
-    grads: list[Tensor],
+    params: list[Tensor], grads: list[Tensor],
     *,
     weight: float,
 ) -> None:

@@ -428,9 +428,11 @@ class _CBuilder:
     # `#pragma omp parallel` region: OpenMP outlines the region before anything is inlined, so a
     # variable set before it reaches the outlined code as a runtime value.  A plain loop over the
     # elements lives in the function too, as an orphaned `#pragma omp for` (the iterations of
-    # the caller's `#pragma omp parallel` shared out as `parallel for` shares them); a walk that
-    # sums or runs over rows keeps its loops in each version, which call the function per
-    # element.  A state that exists only under a condition is loaded and stored only under it
+    # the caller's `#pragma omp parallel` shared out as `parallel for` shares them), and the
+    # versions are the cases of a `switch` over the bits of their flags and conditions, one line
+    # each, calling the function through a macro that opens the parallel region (`_Pragma`) and
+    # passes the arguments every version passes alike; a walk that sums or runs over rows keeps
+    # its loops in each version, which call the function per element.  A state that exists only under a condition is loaded and stored only under it
     # (its address is NULL otherwise).  A walk with one version keeps its body inside its loop.
     def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: bool,
              number: int) -> list[str]:
@@ -471,10 +473,10 @@ class _CBuilder:
         if len(leaves) <= 1:
             return out + _inline(tree)
         whole = all(leaf.plain for leaf in leaves)
+        name, arguments = self.body_function(leaves, number, whole)
         if whole:  # the function holds the loop too; each version starts the threads and calls it
-            for leaf in leaves:
-                leaf.skeleton = ["#pragma omp parallel if (numel >= PARALLEL_MIN)", _CALL]
-        return out + _render(tree, self.body_function(leaves, number, whole))
+            return out + _switch(tree, name, arguments)
+        return out + _render(tree, lambda leaf: _wrap(arguments(leaf), f"{name}(", "    ", ");", width=90))
 
     def versions(self, statements, accumulate, store: bool, terms: dict, flags: dict):
         """One flag assignment's walk, specialised on up to MAX_VERSIONS per-tensor conditions."""
@@ -610,11 +612,12 @@ class _CBuilder:
 
         return _Leaf(flags, tested, skeleton(inner), skeleton([_CALL]), body, local, plain=not rows and not blocked)
 
-    def body_function(self, leaves: list[_Leaf], number: int, whole: bool) -> Callable[[_Leaf], list[str]]:
+    def body_function(self, leaves: list[_Leaf], number: int,
+                      whole: bool) -> tuple[str, Callable[[_Leaf], list[str]]]:
         """The body the versions of walk ``number`` share, as a ``static inline`` function of one
         element, or (``whole``) of the loop over the elements, its iterations shared among the
-        threads of the caller's parallel region (added to :attr:`functions`), and the call each
-        version makes (Note [One loop body per walk])."""
+        threads of the caller's parallel region (added to :attr:`functions`): its name, and the
+        arguments each version passes it (Note [One loop body per walk])."""
         variables = list(dict.fromkeys([*leaves[0].flags, *(c for leaf in leaves for c in leaf.tested)]))
 
         def outcomes(leaf: _Leaf) -> list[tuple[int, ...]]:
@@ -676,7 +679,7 @@ class _CBuilder:
             "{", *_indent(lines), "}", ""]
         locals_ = {n for leaf in leaves for n in leaf.local}
 
-        def call(leaf: _Leaf) -> list[str]:
+        def arguments(leaf: _Leaf) -> list[str]:
             def value(n: str) -> str:
                 if n in leaf.flags:
                     return str(int(leaf.flags[n]))
@@ -684,8 +687,8 @@ class _CBuilder:
                     outcome = leaf.tested.get(n, False)
                     return n if outcome is None else str(int(outcome))
                 return leaf.local.get(n, "0") if n in locals_ else n
-            return _wrap([value(n) for n, _ in parameters], f"{name}(", "    ", ");", width=90)
-        return call
+            return [value(n) for n, _ in parameters]
+        return name, arguments
 
     def parameters(self, leaves: list[_Leaf]) -> dict[str, str]:
         """Every name a walk's body may read → its C type, in the order of the body's parameters."""
@@ -783,6 +786,53 @@ def _render(tree, call: Callable[[_Leaf], list[str]]) -> list[str]:
         else:
             out.append(line)
     return out
+
+
+def _switch(tree, name: str, arguments: Callable[[_Leaf], list[str]]) -> list[str]:
+    """The versions of a walk whose body holds its loop, chosen by a ``switch`` over the flags and
+    conditions the tree branches on (their bits, in the order it first tests them): one line per
+    version, calling the body through a macro that opens the parallel region and passes what every
+    version passes alike, so the constants are literals inside the region."""
+    variables: list[str] = []
+
+    def collect(t) -> None:
+        if isinstance(t, _Branch):
+            assert t.condition.isidentifier(), t.condition  # (a flag or a condition's variable: 0 or 1)
+            if t.condition not in variables:
+                variables.append(t.condition)
+            collect(t.on)
+            collect(t.off)
+    collect(tree)
+    cases: list[tuple[list[int], _Leaf]] = []
+
+    def visit(t, fixed: dict[str, int]) -> None:
+        if isinstance(t, _Branch):
+            visit(t.on, {**fixed, t.condition: 1})
+            visit(t.off, {**fixed, t.condition: 0})
+            return
+        free = [v for v in variables if v not in fixed]   # (not tested on this path: any value)
+        values = [{**fixed, **dict(zip(free, bits, strict=True))}
+                  for bits in itertools.product((0, 1), repeat=len(free))]
+        cases.append((sorted(sum(v[x] << (len(variables) - 1 - k) for k, x in enumerate(variables)) for v in values),
+                      t))
+    visit(tree, {})
+    calls = {id(leaf): arguments(leaf) for _, leaf in cases if leaf.body}
+    first = next(iter(calls.values()))
+    shared = min(k for k in range(len(first) + 1) if all(a[k:] == first[k:] for a in calls.values()))
+    assert shared > 0, "versions of a walk that pass the same constants"
+    macro = name.upper()
+    head = _wrap([*first[shared:]], f"#define {macro}(...) _Pragma(\"omp parallel if (numel >= PARALLEL_MIN)\") "
+                 f"{name}(__VA_ARGS__, ", "    ", ")", width=100)
+    lines = ["/* each version passes its flags and conditions as literals inside its parallel region */",
+             *(line + " \\" for line in head[:-1]), head[-1]]
+    selector = " | ".join(f"({x} << {len(variables) - 1 - k})" if k < len(variables) - 1 else x
+                          for k, x in enumerate(variables))
+    lines += _wrap([selector], "switch (", "    ", ") {", width=100)
+    for values, leaf in sorted(cases, key=lambda c: c[0]):
+        labels = " ".join(f"case {v}:" for v in values)
+        call = f" {macro}({', '.join(calls[id(leaf)][:shared])});" if leaf.body else ""
+        lines.append(f"{labels}{call} break;")
+    return [*lines, "}", f"#undef {macro}"]
 
 
 def _wrap(items: list[str], start: str, indent: str, end: str, width: int = 110) -> list[str]:

@@ -54,6 +54,27 @@ A lazily created state (SGD's ``momentum_buffer = { first = "grad" }``) is alloc
 before the launch; a per-tensor flag in the launch tables tells the kernel to store ``first``
 instead of the update (``tl.where(momentum_buffer_is_new, grad, ...)``) on that step.
 
+Note [Triton kernel arguments]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every kernel takes the same launch tables, built and cached by optgen/runtime/triton_launch.py,
+over the T tensors of one (device, dtype) group (int64 each):
+
+- ``addresses`` [lists, T]: every tensor's address, one row per list (params, then the states);
+  ``grad_addresses`` [T]: the gradients' (a table of their own: gradients come and go);
+  ``counter_addresses`` [counters, T]: every 0-dim counter's;
+- ``numels`` [T]: elements of each tensor; ``first_step`` [lazy states, T]: 1 where a lazily
+  created state is new this step;
+- ``chunk_tensors``, ``chunk_indices`` [programs]: the tensor program ``pid`` updates and which
+  CHUNK of it; ``arrivals`` [T]: the programs of each tensor past their counter reads (zero
+  between launches); ``num_tensors``: T.
+
+Then the hyperparameters (float64; one that may be a tensor on the device has a ``_ptr`` twin,
+read when its ``_IS_TENSOR`` constexpr says so), GradScaler's ``grad_scale`` and ``found_inf``
+(nothing is written where it is non-zero), the guards, and the constexprs every kernel has:
+``ALIGNED`` (every address a multiple of 16 bytes), ``DTYPE`` (param, grad and states),
+``COMPUTE`` (the elementwise math: float32, float64 for float64 params), ``COUNTER_DTYPE``,
+``CHUNK`` (elements per program) and ``BLOCK`` (elements per loop iteration).
+
 What cannot be one elementwise pass — reductions over a tensor (``norm``), factored states of
 another shape, intrinsics — makes :meth:`TritonBackend.unsupported` return the reason; such a
 spec gets no triton module and ``optgen show`` prints the reason instead.

@@ -435,9 +435,17 @@ class Library:
 
 class Kernel:
     """A generated module's C function: called as the foreach kernels are (``kernel(**lists,
-    **scalars, **flags)``), it picks its lists, hyperparameters and flags by name and launches it.
-    ``present``: index into ``tensors`` → whether that list is touched under these arguments
-    (a list a flag leaves unused passes as None entries: the kernel never reads them)."""
+    **scalars, **flags)``), it picks its lists, hyperparameters and flags by name and launches it
+    once per dtype group.  Its fields, as the generated ``LAUNCH = Kernel(...)`` gives them:
+
+    - ``tensors``: the lists it touches, params first, then the states, in table order;
+    - ``present``: index into ``tensors`` → whether that list is touched under these arguments
+      (a condition over the keyword arguments ``a``); a list a flag or hyperparameter leaves
+      unused passes as None entries, which the kernel never reads;
+    - ``counters``: the counter lists; ``lazy``: index → when that state is created on its first
+      step; ``hyperparameters``: in the order the C function reads ``hyper``;
+    - ``flags``: in the order of the bits of its ``flags`` argument;
+    - ``reduced``: index → the dimension a state shaped like a reduction of the parameter keeps as 1."""
 
     def __init__(self, library: Library, function: str, *, tensors, counters, lazy, hyperparameters, flags=(),
                  present=None, reduced=None):

@@ -12,6 +12,9 @@ and small generated methods:
 - ``_lazy_state``: state keys created by the kernel itself on their first step;
 - ``_scalars``: kernel keyword → (group key, tuple index or None);
 - ``_init_state(param, group)``: creates ``self.state[param]`` (generated from the spec);
+- ``_loaded_group_defaults`` / ``_loaded_group_fixed``: group keys a loaded state (an older
+  checkpoint) may lack, and keys a class always has (AdamW's ``decoupled_weight_decay``), set by
+  ``__setstate__`` as torch's optimizers set them;
 - ``_complex_as_real``: view complex tensors as real before calling the kernel;
 - ``_elementwise``: each element's update reads only that element (Note [Tensor subclasses]).
 
@@ -64,6 +67,8 @@ class GeneratedOptimizer(Optimizer):
     _counter_state: tuple[tuple[str, str], ...] = ()
     _lazy_state: tuple[str, ...] = ()
     _scalars: dict[str, tuple[str, int | None]] = {}
+    _loaded_group_defaults: dict[str, object] = {}
+    _loaded_group_fixed: dict[str, object] = {}
     _complex_as_real = False
     _elementwise = False  # the safe answer for a class written by hand
     #: which gradients a step takes: "dense" (a sparse one is an error), "sparse" (only sparse ones,
@@ -101,6 +106,9 @@ class GeneratedOptimizer(Optimizer):
         super().__setstate__(state)
         counters = {key for _, key in self._counter_state} - set(self._host_counters)
         for group in self.param_groups:
+            for key, value in self._loaded_group_defaults.items():
+                group.setdefault(key, value)
+            group.update(self._loaded_group_fixed)
             for p in group["params"]:
                 p_state = self.state.get(p)
                 if not p_state:

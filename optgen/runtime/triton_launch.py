@@ -87,9 +87,19 @@ class _Plan(LaunchPlan):
 
 
 class Kernel:
-    """One generated variant: called as the foreach kernels are (``kernel(**lists, **scalars,
-    grad_scale=..., found_inf=...)``), it evaluates its guards, picks its lists and
-    hyperparameters by name and launches its ``@triton.jit`` kernel once."""
+    """A generated module's ``@triton.jit`` kernel: called as the foreach kernels are
+    (``kernel(**lists, **scalars, grad_scale=..., found_inf=...)``), it evaluates its guards,
+    picks its lists and hyperparameters by name and launches the kernel once per (device, dtype)
+    group.  Its fields, as the generated ``LAUNCH = Kernel(...)`` gives them (each condition is
+    over the keyword arguments ``a``):
+
+    - ``tensors``: ``(list, used)`` pairs for params, grads, then states; ``used`` (None: always)
+      says when a state a flag or hyperparameter may leave untouched is read;
+    - ``counters``: the counter lists; ``lazy``: index → when that state is created on its first
+      step; ``hyperparameters``: every scalar it takes, ``tensor_hyperparameters`` those that may
+      be a tensor on the device;
+    - ``guards``: its ``tl.constexpr`` conditions (the flags and hyperparameter comparisons its
+      code branches on), by name."""
 
     def __init__(self, kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards):
         self.kernel, self.tensors, self.counters, self.lazy = kernel, tensors, counters, lazy

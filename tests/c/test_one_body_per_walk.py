@@ -22,15 +22,20 @@ def _parameters(source: str, function: str) -> list[str]:
 
 
 def _calls(source: str, function: str) -> list[list[str]]:
-    """The arguments of each call of ``function`` (after each `#pragma omp parallel` line)."""
-    calls = re.findall(rf"^#pragma omp parallel if \(numel >= PARALLEL_MIN\)\n\s*{function}\((.*?)\);", source,
-                       re.S | re.M)
-    return [[a.strip() for a in call.replace("\n", " ").split(",")] for call in calls]
+    """The arguments of each call of ``function``: each version's `case` line calls it through a
+    macro that opens the parallel region and appends the arguments every version passes."""
+    found = re.search(rf'^#define (\w+)\(\.\.\.\) _Pragma\("omp parallel if \(numel >= PARALLEL_MIN\)"\) '
+                      rf"{function}\(__VA_ARGS__, (.*?)\)\n", source.replace("\\\n", ""), re.S | re.M)
+    assert found is not None, f"no macro calling {function} in its parallel region"
+    macro, tail = found.group(1), found.group(2)
+    calls = re.findall(rf"^\s*(?:case \d+: )+{macro}\((.*?)\); break;$", source, re.M)
+    return [[a.strip() for a in f"{call}, {tail}".replace("\n", " ").split(",")] for call in calls]
 
 
 def check_adam_layout(source: str) -> None:
     assert source.count("exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);") == 1  # the body, once
-    assert source.count("#pragma omp parallel") == 16
+    assert source.count('_Pragma("omp parallel') == 1   # (in the macro every version calls)
+    assert len(re.findall(r"^\s*case \d+: ADAM_STEP_WALK1\(", source, re.M)) == 16
     parameters = _parameters(source, "adam_step_walk1")
     assert parameters[:4] == ["amsgrad", "maximize", "decoupled_weight_decay", "weight_decay_ne_0"]
     versions = [tuple(call[:4]) for call in _calls(source, "adam_step_walk1")]
