@@ -11,7 +11,11 @@ and importing optgen loads no compiler, Triton or C toolchain.
 """
 from __future__ import annotations
 
+from optgen import _generated as _generated_package
+
 __version__ = "0.1.0"
+
+_generated_package.install()  # `import optgen.generated` finds this checkout's generated/
 
 
 def _optimizers() -> dict:

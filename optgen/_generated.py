@@ -41,13 +41,21 @@ _FINDER = _InTreeFinder()
 _INSTALL = threading.Lock()
 
 
-def load() -> ModuleType:
-    module = sys.modules.get(NAME)
-    if module is not None and not getattr(module.__spec__, "_initializing", False):
-        return module  # the fast path: fully imported
+def install() -> None:
+    """Puts the finder first on ``sys.meta_path`` (``import optgen`` does), so that ``import
+    optgen.generated`` finds this checkout's generated/ even where another install of optgen
+    maps the name elsewhere (a git worktree run with the checkout's venv: its editable-install
+    finder names the other checkout's folder)."""
     if IN_TREE.is_file() and _FINDER not in sys.meta_path:
         with _INSTALL:
             if _FINDER not in sys.meta_path:
                 sys.meta_path.insert(0, _FINDER)
+
+
+def load() -> ModuleType:
+    module = sys.modules.get(NAME)
+    if module is not None and not getattr(module.__spec__, "_initializing", False):
+        return module  # the fast path: fully imported
+    install()
     # waits for a thread that is importing it (Note [Loading the generated package from several threads])
     return importlib.import_module(NAME)

@@ -432,8 +432,9 @@ class _CBuilder:
     # versions are the cases of a `switch` over the bits of their flags and conditions, one line
     # each, calling the function through a macro that opens the parallel region (`_Pragma`) and
     # passes the arguments every version passes alike; a walk that sums or runs over rows keeps
-    # its loops in each version, which call the function per element.  A state that exists only under a condition is loaded and stored only under it
-    # (its address is NULL otherwise).  A walk with one version keeps its body inside its loop.
+    # its loops in each version, which call the function per element.  A state that exists only
+    # under a condition is loaded and stored only under it (its address is NULL otherwise).  A
+    # walk with one version keeps its body inside its loop.
     def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: bool,
              number: int) -> list[str]:
         """Walk ``number`` over the tensor: the statements and accumulations in the spec's order;

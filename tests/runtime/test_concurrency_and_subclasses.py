@@ -109,3 +109,23 @@ def test_c_kernels_use_the_calling_threads_count(tmp_path):
     """
     result = run(code, env={"OMP_NUM_THREADS": "3", "OPTGEN_CACHE_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_finds_this_checkouts_generated_package():
+    # Another install of optgen (an editable one of a second checkout, run from this one with
+    # PYTHONPATH) has a finder that names optgen.generated too: `import optgen.generated`, as
+    # tests and users write it, must still load this checkout's generated/.
+    result = run("""
+        import importlib.abc, sys
+        class Elsewhere(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "optgen.generated":
+                    raise AssertionError("optgen.generated was looked up past this checkout's finder")
+        sys.meta_path.insert(0, Elsewhere())
+        import optgen
+        import optgen.generated
+        from pathlib import Path
+        here = Path(optgen.__file__).resolve().parent.parent / "generated"
+        assert Path(optgen.generated.__file__).resolve().parent == here, optgen.generated.__file__
+    """)
+    assert result.returncode == 0, result.stdout + result.stderr
