@@ -95,6 +95,15 @@ class GeneratedOptimizer(Optimizer):
         """The state a parameter starts with (generated from the spec's [state] table)."""
         raise NotImplementedError
 
+    def __getstate__(self) -> dict:
+        """torch's (defaults, state, param groups), plus an ``implementation`` set on this
+        optimizer: torch keeps only its own three, so a deepcopy or pickle round trip lost it
+        (``__setstate__`` puts it back; ``load_state_dict`` passes none and keeps the one set)."""
+        state = super().__getstate__()
+        if "implementation" in vars(self):
+            state["implementation"] = self.implementation
+        return state
+
     def __setstate__(self, state: dict) -> None:
         """Note [Counters saved as numbers]: older torch releases saved ``step`` (ASGD's ``eta`` and
         ``mu``, NAdam's ``mu_product``) as Python numbers, and torch 2.13 still loads them: each
