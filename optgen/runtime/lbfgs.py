@@ -186,7 +186,13 @@ def step(optimizer, closure):
         raise AssertionError(f"Expected exactly one param_group, but got {len(optimizer.param_groups)}")
     closure = torch.enable_grad()(closure)
     group = optimizer.param_groups[0]
-    lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
+    # A Tensor lr stays a tensor, as torch's LBFGS keeps it (``_to_scalar``: a 1-element one
+    # squeezed to 0-dim, a view): the step length ``t = lr`` is then that tensor, stored as the
+    # state ``t`` and read by the next step's ``s = d * t`` — so a lr filled in place between steps
+    # is seen there too, as in torch.
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+        lr = lr.squeeze()
     max_iter, max_eval = group["max_iter"], group["max_eval"]
     tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
     line_search_fn, history_size = group["line_search_fn"], group["history_size"]
