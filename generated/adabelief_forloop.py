@@ -76,4 +76,5 @@ KERNEL = KernelModule(
     step=adabelief_step,
     flags=("decoupled_weight_decay", "maximize"),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

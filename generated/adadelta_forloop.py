@@ -51,4 +51,5 @@ KERNEL = KernelModule(
     step=adadelta_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

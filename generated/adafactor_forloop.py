@@ -78,4 +78,5 @@ KERNEL = KernelModule(
     step=adafactor_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

@@ -48,4 +48,5 @@ KERNEL = KernelModule(
     step=adagrad_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

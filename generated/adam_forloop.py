@@ -72,4 +72,5 @@ KERNEL = KernelModule(
     step=adam_step,
     flags=("amsgrad", "maximize", "decoupled_weight_decay"),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

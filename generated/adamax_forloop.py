@@ -66,4 +66,5 @@ KERNEL = KernelModule(
     step=adamax_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

@@ -62,4 +62,5 @@ KERNEL = KernelModule(
     step=asgd_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

@@ -56,4 +56,5 @@ KERNEL = KernelModule(
     step=lamb_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

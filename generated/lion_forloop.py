@@ -38,4 +38,5 @@ KERNEL = KernelModule(
     step=lion_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

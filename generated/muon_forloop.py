@@ -52,4 +52,5 @@ KERNEL = KernelModule(
     step=muon_step,
     flags=("nesterov",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

@@ -67,4 +67,5 @@ KERNEL = KernelModule(
     step=nadam_step,
     flags=("decoupled_weight_decay", "maximize"),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

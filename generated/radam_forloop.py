@@ -70,4 +70,5 @@ KERNEL = KernelModule(
     step=radam_step,
     flags=("decoupled_weight_decay", "maximize"),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

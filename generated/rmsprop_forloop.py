@@ -61,4 +61,5 @@ KERNEL = KernelModule(
     step=rmsprop_step,
     flags=("centered", "maximize"),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

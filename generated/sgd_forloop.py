@@ -58,4 +58,5 @@ KERNEL = KernelModule(
     step=sgd_step,
     flags=("nesterov", "maximize"),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

@@ -57,4 +57,5 @@ KERNEL = KernelModule(
     step=sparseadam_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("lr",)),
 )

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from optgen.backends.base import counter_list, plural
+from optgen.backends.base import counter_list, kernel_signature, plural
 from optgen.backends.python_base import PythonKernelBackend, PythonRenderer
 from optgen.ir.ops import OpProgram, Step, TensorOp
+from optgen.passes import Compiled
 from optgen.passes.merge_variants import Block
 
 # op name → how it prints, given the receiver, the argument list and the output name
@@ -177,6 +178,17 @@ class ForLoopBackend(PythonKernelBackend):
     name = "forloop"
     summary = "for-loop implementation: one parameter at a time, torch ops, in place"
     renderer = ForLoopRenderer
+
+    def tensor_scalars(self, compiled: Compiled) -> tuple[str, ...]:
+        """Note [A Tensor lr in the for-loop kernel]: torch's single-tensor paths keep a Tensor
+        ``lr`` a 0-dim tensor (``_to_scalar``), so what they derive from it on the host (Muon's
+        ``lr * ratio``, AdamW's ``1 - lr * weight_decay``, Adam's ``lr / bias_correction1``) is
+        computed in the lr's dtype — float32 for ``torch.tensor(0.01)``, also on float64
+        parameters — and the torch ops take it as ``alpha=``/``value=``.  This kernel takes it
+        the same way, as given, so it rounds where torch rounds; a number lr stays a number.
+        Only ``lr``: torch turns other Tensor hyperparameters (Adam's betas) into numbers here."""
+        lr = compiled.spec.hyperparameters.get("lr")
+        return ("lr",) if lr is not None and lr.tensor and "lr" in kernel_signature(compiled).scalars else ()
 
 
 BACKEND = ForLoopBackend()

@@ -337,7 +337,9 @@ def _expected_state(optimizer, param: torch.Tensor, numbers: dict, hyper: tuple 
 
 
 def _raw(value):
-    return value
+    """A hyperparameter a kernel takes as given: a 1-element Tensor as a 0-dim one (a view, so
+    autograd's graph and in-place fills reach it), as torch's ``_to_scalar`` passes it."""
+    return value.squeeze() if isinstance(value, torch.Tensor) and value.dim() != 0 else value
 
 
 def _counters_on_device(optimizer, params, states, tensors) -> None:
