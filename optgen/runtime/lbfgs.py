@@ -247,7 +247,7 @@ def step(optimizer, closure):
 
         # Step length: the first ever step is scaled by the gradient's size.
         # (min of a float and a 0-dim tensor, as torch's LBFGS computes it: the same rounding)
-        t = min(1.0, 1.0 / grad.abs().sum()) * lr if state["n_iter"] == 1 else lr  # type: ignore[operator]
+        t = min(1.0, 1.0 / grad.abs().sum()) * lr if state["n_iter"] == 1 else lr
         gtd = grad.dot(d)
         if gtd > -tolerance_change:  # not a descent direction any more
             break
