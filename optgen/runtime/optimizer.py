@@ -18,7 +18,9 @@ Only what a generated optimizer must decide itself:
 - state creation: ``GeneratedOptimizer._state_of`` (runtime/generated.py) makes a parameter's
   state from the spec on its first step, as torch's ``_init_group`` does;
 - ``__setstate__``: ``GeneratedOptimizer.__setstate__`` turns counters saved as numbers back into
-  tensors (Note [Counters saved as numbers] in runtime/generated.py) after torch's.
+  tensors (Note [Counters saved as numbers] in runtime/generated.py) after torch's;
+- ``__getstate__``: ``GeneratedOptimizer`` adds an ``implementation`` set on the optimizer to
+  torch's, so deepcopy and pickle keep it.
 
 torch's generic ``load_state_dict`` fits optgen's state layout as it is: counters named ``step``
 become float32 on the parameter's device in fused or capturable groups (where optgen's fused

@@ -165,8 +165,9 @@ def test_isinstance_of_torch_optimizer():
     assert isinstance(OurSGD(make_params(), lr=0.1), torch.optim.Optimizer)
 
 
-#: torch's methods that optgen inherits unchanged (Note [What optgen overrides in torch's Optimizer])
-INHERITED = ("__getstate__", "__repr__", "add_param_group", "state_dict", "load_state_dict",
+#: torch's methods that optgen inherits unchanged (Note [What optgen overrides in torch's Optimizer];
+#: ``__getstate__`` is extended by GeneratedOptimizer, so that ``implementation`` survives a copy)
+INHERITED = ("__repr__", "add_param_group", "state_dict", "load_state_dict",
              "zero_grad", "_patch_step_function", "profile_hook_step", "_optimizer_step_code",
              "_process_value_according_to_param_policy", "register_step_pre_hook",
              "register_step_post_hook", "register_state_dict_pre_hook", "register_state_dict_post_hook",
