@@ -198,44 +198,44 @@ def case_fsdp2(rank, tmp):
 
 
 def case_dcp_resume(rank, tmp):
-    """FSDP2 with the fused C kernel: 2 steps, DCP save, a fresh model and optimizer, DCP load,
-    2 more steps == 4 uninterrupted steps == torch.optim's 4 steps; the checkpoint also resumes
-    torch.optim.AdamW identically."""
+    """FSDP2 with the fused kernels: 2 steps, DCP save, a fresh model and optimizer, DCP load, 2
+    more steps == 4 uninterrupted steps; saved by optgen or by torch.optim, resumed by either."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (WORLD,))
     kw = dict(lr=0.05, weight_decay=0.1)
-    checkpoint = os.path.join(tmp, "dcp")
     data = batches(4)
 
     def fresh(make):
         model = sharded_model(mesh)
         return model, make("AdamW", model.parameters(), "c", **kw)
 
-    uninterrupted = fresh(optgen_opt)
-    train(*uninterrupted, data, rank)
-    reference = fresh(torch_opt)
-    train(*reference, data, rank)
-
-    model, opt = fresh(optgen_opt)
-    train(model, opt, data[:2], rank)
-    model_sd, opt_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=checkpoint)
-    del model, opt
+    uninterrupted = {}
     for make in (optgen_opt, torch_opt):
-        model, opt = fresh(make)
+        uninterrupted[make.__name__] = fresh(make)
+        train(*uninterrupted[make.__name__], data, rank)
+
+    for saver in (optgen_opt, torch_opt):
+        checkpoint = os.path.join(tmp, "dcp-" + saver.__name__)
+        model, opt = fresh(saver)
+        train(model, opt, data[:2], rank)
         model_sd, opt_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": opt_sd}
-        dcp.load(state, checkpoint_id=checkpoint)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        train(model, opt, data[2:], rank)
-        for target, name in ((uninterrupted, "optgen_opt"), (reference, "torch_opt")):
-            # Every step by optgen's kernel: the same floats; any by torch's fused: its rounding
-            implementation = "forloop" if make.__name__ == name == "optgen_opt" else "c"
-            for p, q in zip(model.parameters(), target[0].parameters()):
-                same(p.full_tensor(), q.full_tensor(), f"dcp resumed with {make.__name__} vs {name}", implementation)
-            same_states(opt, target[1], f"dcp resumed with {make.__name__} vs {name}", implementation)
+        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=checkpoint)
+        for make in (optgen_opt, torch_opt):
+            model, opt = fresh(make)
+            model_sd, opt_sd = get_state_dict(model, opt)
+            state = {"model": model_sd, "optim": opt_sd}
+            dcp.load(state, checkpoint_id=checkpoint)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            train(model, opt, data[2:], rank)
+            for name, (target, target_opt) in uninterrupted.items():
+                # Every step by the same kernel: the same floats; else the two fused kernels' rounding
+                implementation = "forloop" if saver.__name__ == make.__name__ == name else "c"
+                what = f"dcp saved by {saver.__name__}, resumed by {make.__name__}, vs {name}"
+                for p, q in zip(model.parameters(), target.parameters()):
+                    same(p.full_tensor(), q.full_tensor(), what, implementation)
+                same_states(opt, target_opt, what, implementation)
 
 
 def worker(rank, store, tmp, cases, fused_tolerance):
