@@ -66,3 +66,40 @@ def test_compiled_step_with_graph_break_leaves_grad_mode_on(implementation):
 
     # it trains as eager does (backend="eager" runs the traced ops as they are: the same bits)
     assert run(compiled=True) == run(compiled=False)
+
+
+# ------------------------------------------------------------------------------ graph breaks
+
+def _stepped(cls, implementation: str | None, **kwargs):
+    """An optimizer over a tiny model that has taken one eager step (its state exists: the
+    compiled step below is a training loop's second one, as torch's compiled step is tested)."""
+    model = _model()
+    opt = cls(model.parameters(), **kwargs)
+    if implementation is not None:
+        opt.implementation = implementation
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+NO_BREAK_CASES = [("Adam", {}), ("AdamW", dict(amsgrad=True)), ("SGD", dict(lr=0.1, momentum=0.9)),
+                  ("NAdam", {}), ("Adagrad", {}), ("RMSprop", dict(momentum=0.9, centered=True))]
+
+
+@pytest.mark.parametrize("implementation", ["forloop", "foreach"])
+@pytest.mark.parametrize("name,kwargs", NO_BREAK_CASES, ids=[n for n, _ in NO_BREAK_CASES])
+def test_compiled_step_has_no_graph_break(name, kwargs, implementation):
+    """``torch.compile(opt.step)`` is one graph, as torch's compiled step is: the kernels read their
+    counters without a host sync while dynamo traces (Note [Counters under torch.compile])."""
+    opt = _stepped(getattr(optgen, name), implementation, **kwargs)
+    explained = torch._dynamo.explain(opt.step)()
+    # explain does not count a frame dynamo gave up on (a graph break inside the kernel's loop over
+    # tensors leaves the whole kernel to eager, with no break reported): fullgraph=True refuses both.
+    torch._dynamo.reset()
+    torch.compile(opt.step, backend="eager", fullgraph=True)()
+    torch._dynamo.reset()
+    torch_opt = _stepped(getattr(torch.optim, name), None, foreach=implementation == "foreach", **kwargs)
+    torch_explained = torch._dynamo.explain(torch_opt.step)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert (torch_explained.graph_count, torch_explained.graph_break_count) == (1, 0)
