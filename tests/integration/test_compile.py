@@ -178,3 +178,47 @@ def test_compiled_step_has_no_graph_break(name, kwargs, implementation):
     torch_explained = torch._dynamo.explain(torch_opt.step)()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     assert (torch_explained.graph_count, torch_explained.graph_break_count) == (1, 0)
+
+
+# ------------------------------------------------------------------------- C kernels as custom ops
+
+C_CASES = [("Adam", {}), ("SGD", dict(lr=0.1, momentum=0.9)), ("Adafactor", {})]
+
+
+@pytest.mark.parametrize("name,kwargs", C_CASES, ids=[n for n, _ in C_CASES])
+def test_c_kernel_is_one_custom_op_in_the_graph(name, kwargs):
+    """Note [C kernels as custom ops]: the fused C step compiles to one graph (fullgraph=True: no
+    break) in which the kernel is the single node ``optgen.c_step``, from a fresh optimizer (its
+    state, SGD's lazily created buffer included, made in the traced step), equal to eager bit for bit."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    opt = _stepped(getattr(optgen, name), "c", **kwargs)
+    opt.state.clear()  # a first step, traced
+    eager = _stepped(getattr(optgen, name), "c", **kwargs)
+    eager.state.clear()
+    torch.compile(opt.step, backend=backend, fullgraph=True)()
+    eager.step()
+    assert len(graphs) == 1
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum(op in (torch.ops.optgen.c_step, torch.ops.optgen.c_step.default) for op in ops) == 1, ops
+    for p, q in zip(opt.param_groups[0]["params"], eager.param_groups[0]["params"], strict=True):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == eager.state[q].keys()
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], eager.state[q][key])
+
+
+def test_c_step_op_passes_torch_opcheck():
+    """The op's schema (which arguments it mutates), its fake implementation (FakeTensor tracing)
+    and its AOTAutograd handling, as torch.library.opcheck checks them, on an Adam launch."""
+    params = [torch.randn(3, 2), torch.randn(4)]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    tensors = [*params, *exp_avgs, *exp_avg_sqs, torch.empty(0), torch.empty(0)]  # max_exp_avg_sqs: absent
+    grads = [torch.randn_like(p) for p in params]
+    counters = [torch.tensor(1.0), torch.tensor(1.0)]
+    args: tuple = ("optgen.generated.adam_c", tensors, [6, 7], grads, counters, 2, [], [1e-3, 0.9, 0.999, 1e-8, 0.0], 0)
+    torch.library.opcheck(torch.ops.optgen.c_step.default, args)
