@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, foreach_addcdiv_
 
 
 def adabelief_step(
@@ -25,7 +26,7 @@ def adabelief_step(
         grads = torch._foreach_neg(grads)
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     if weight_decay != 0:
         if decoupled_weight_decay:
             # param = param * (1 - lr * weight_decay)
@@ -76,7 +77,7 @@ def adabelief_step(
     torch._foreach_sqrt_(denoms)
     torch._foreach_add_(denoms, eps)
     # param = param - lr / bias_correction1 * exp_avg / denom
-    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / bias_correction1 for bias_correction1 in bias_correction1s])
+    foreach_addcdiv_(params, exp_avgs, denoms, [-lr / bias_correction1 for bias_correction1 in bias_correction1s])
 
 
 KERNEL = KernelModule(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value
 
 
 def adabelief_step(
@@ -28,7 +29,7 @@ def adabelief_step(
             grad = -grad
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 # param = param * (1 - lr * weight_decay)

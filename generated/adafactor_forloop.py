@@ -6,12 +6,11 @@ choose its branches.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, sqrt
 
 
 def adafactor_step(
@@ -34,13 +33,13 @@ def adafactor_step(
         epsilon1 = (eps1 if eps1 is not None else torch.finfo(param.dtype).eps)
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         # one_minus_beta2_t = step ** beta2_decay
         one_minus_beta2_t = step ** beta2_decay
         # rho_t = minimum(lr, 1 / sqrt(step))
-        rho_t = min(lr, 1 / math.sqrt(step))
+        rho_t = min(lr, 1 / sqrt(step))
         # alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t
-        alpha = rho_t * max(eps2, param.norm().item() / math.sqrt(param.numel()))
+        alpha = rho_t * max(eps2, param.norm().item() / sqrt(param.numel()))
         if weight_decay != 0:
             # param = param * (1 - lr * weight_decay)
             param.mul_(1 - lr * weight_decay)
@@ -69,7 +68,7 @@ def adafactor_step(
             # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
             update = grad.div(var_estimate.clamp(min=epsilon1 ** 2).sqrt_())
         # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
-        denom = max(1.0, update.norm().item() / (d * math.sqrt(update.numel())))
+        denom = max(1.0, update.norm().item() / (d * sqrt(update.numel())))
         # param = param - alpha / denom * update
         param.add_(update, alpha=-alpha / denom)
 

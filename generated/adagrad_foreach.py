@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, foreach_addcdiv_
 
 
 def adagrad_step(
@@ -21,7 +22,7 @@ def adagrad_step(
     """One Adagrad step over the lists of one (device, dtype) group."""
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     if maximize:
         # grad = -grad
         grads = torch._foreach_neg(grads)
@@ -40,7 +41,7 @@ def adagrad_step(
     stds = torch._foreach_sqrt(state_sums)
     torch._foreach_add_(stds, eps)
     # param = param - clr * grad / std
-    torch._foreach_addcdiv_(params, grads, stds, [-clr for clr in clrs])
+    foreach_addcdiv_(params, grads, stds, [-clr for clr in clrs])
 
 
 KERNEL = KernelModule(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value
 
 
 def adagrad_step(
@@ -23,7 +24,7 @@ def adagrad_step(
         step_t = state_steps[i]
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if maximize:
             # grad = -grad
             grad = -grad

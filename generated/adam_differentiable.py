@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import add, addcdiv, addcmul, sqrt
+from optgen.runtime.tensor_scalars import add, addcdiv, addcmul, counter_value, sqrt
 
 
 def adam_step(
@@ -33,7 +33,7 @@ def adam_step(
             grad = -grad
         # step = step + 1
         step_t = step_t.add(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 # param = param * (1 - lr * weight_decay)

@@ -7,12 +7,11 @@ It takes the lists of one (device, dtype) group.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, foreach_addcdiv_, sqrt
 
 
 def adam_step(
@@ -27,7 +26,7 @@ def adam_step(
         grads = torch._foreach_neg(grads)
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     if weight_decay != 0:
         if decoupled_weight_decay:
             # param = param * (1 - lr * weight_decay)
@@ -52,7 +51,7 @@ def adam_step(
     # step_size = lr / bias_correction1
     step_sizes = [lr / bias_correction1 for bias_correction1 in bias_correction1s]
     # bias_correction2_sqrt = sqrt(bias_correction2)
-    bias_correction2_sqrts = [math.sqrt(bias_correction2) for bias_correction2 in bias_correction2s]
+    bias_correction2_sqrts = [sqrt(bias_correction2) for bias_correction2 in bias_correction2s]
     if amsgrad:
         # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
@@ -66,7 +65,7 @@ def adam_step(
         torch._foreach_div_(denoms, bias_correction2_sqrts)
         torch._foreach_add_(denoms, eps)
     # param = param - step_size * exp_avg / denom
-    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size in step_sizes])
+    foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size in step_sizes])
 
 
 KERNEL = KernelModule(

@@ -6,12 +6,11 @@ choose its branches.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, sqrt
 
 
 def adam_step(
@@ -33,7 +32,7 @@ def adam_step(
             grad = -grad
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 # param = param * (1 - lr * weight_decay)
@@ -55,7 +54,7 @@ def adam_step(
         # step_size = lr / bias_correction1
         step_size = lr / bias_correction1
         # bias_correction2_sqrt = sqrt(bias_correction2)
-        bias_correction2_sqrt = math.sqrt(bias_correction2)
+        bias_correction2_sqrt = sqrt(bias_correction2)
         if amsgrad:
             # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)

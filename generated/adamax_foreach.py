@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, foreach_addcdiv_
 
 
 def adamax_step(
@@ -25,7 +26,7 @@ def adamax_step(
         grads = torch._foreach_neg(grads)
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     if weight_decay != 0:
         if maximize:
             # grad = grad + weight_decay * param
@@ -59,7 +60,7 @@ def adamax_step(
     # clr = lr / bias_correction
     clrs = [lr / bias_correction for bias_correction in bias_corrections]
     # param = param - clr * exp_avg / exp_inf
-    torch._foreach_addcdiv_(params, exp_avgs, exp_infs, [-clr for clr in clrs])
+    foreach_addcdiv_(params, exp_avgs, exp_infs, [-clr for clr in clrs])
 
 
 KERNEL = KernelModule(

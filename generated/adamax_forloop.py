@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value
 
 
 def adamax_step(
@@ -29,7 +30,7 @@ def adamax_step(
             grad = -grad
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if weight_decay != 0:
             if maximize:
                 # grad = grad + weight_decay * param

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import add
+from optgen.runtime.tensor_scalars import add, counter_value
 
 
 def asgd_step(
@@ -32,7 +32,7 @@ def asgd_step(
             grad = -grad
         # step = step + 1
         step_t = step_t.add(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if weight_decay != 0:
             # grad = grad + weight_decay * param
             grad = grad.add(param, alpha=weight_decay)

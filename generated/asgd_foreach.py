@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value
 
 
 def asgd_step(
@@ -25,7 +26,7 @@ def asgd_step(
         grads = torch._foreach_neg(grads)
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     if weight_decay != 0:
         if maximize:
             # grad = grad + weight_decay * param
@@ -34,7 +35,7 @@ def asgd_step(
             # grad = grad + weight_decay * param
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
     # eta (before this step's update)
-    etas = [t.item() for t in state_etas]
+    etas = [counter_value(t) for t in state_etas]
     # param = param * (1 - lambd * eta)
     torch._foreach_mul_(params, [1 - eta * lambd for eta in etas])
     # param = param - eta * grad
@@ -42,7 +43,7 @@ def asgd_step(
         params[i].add_(grads[i], alpha=-etas[i])
     del grads  # free the temporary before the next allocation
     # mu (before this step's update)
-    mus = [t.item() for t in state_mus]
+    mus = [counter_value(t) for t in state_mus]
     for i in range(len(params)):
         if mus[i] != 1:
             # ax = ax + (param - ax) * mu

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value
 
 
 def asgd_step(
@@ -30,7 +31,7 @@ def asgd_step(
             grad = -grad
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if weight_decay != 0:
             if maximize:
                 # grad = grad + weight_decay * param
@@ -39,13 +40,13 @@ def asgd_step(
                 # grad = grad + weight_decay * param
                 grad = grad.add(param, alpha=weight_decay)
         # eta (before this step's update)
-        eta = eta_t.item()
+        eta = counter_value(eta_t)
         # param = param * (1 - lambd * eta)
         param.mul_(1 - eta * lambd)
         # param = param - eta * grad
         param.add_(grad, alpha=-eta)
         # mu (before this step's update)
-        mu = mu_t.item()
+        mu = counter_value(mu_t)
         if mu != 1:
             # ax = ax + (param - ax) * mu
             ax.add_(param.sub(ax).mul_(mu))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import add
+from optgen.runtime.tensor_scalars import add, counter_value
 
 
 def lamb_step(
@@ -30,7 +30,7 @@ def lamb_step(
             grad = -grad
         # step = step + 1
         step_t = step_t.add(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad

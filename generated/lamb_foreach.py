@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value
 
 
 def lamb_step(
@@ -25,7 +26,7 @@ def lamb_step(
         grads = torch._foreach_neg(grads)
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value
 
 
 def lamb_step(
@@ -28,7 +29,7 @@ def lamb_step(
             grad = -grad
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg.lerp_(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad

@@ -7,13 +7,12 @@ It takes the lists of one (device, dtype) group.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from optgen.runtime.intrinsics import newton_schulz
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import sqrt
 
 
 def muon_step(
@@ -35,10 +34,10 @@ def muon_step(
     updates = [newton_schulz(updates[i], ns_a, ns_b, ns_c, ns_steps, eps) for i in range(len(params))]
     if adjust_lr_fn == "match_rms_adamw":
         # ratio = 0.2 * sqrt(maximum(size(param, 0), size(param, 1)))
-        ratios = [0.2 * math.sqrt(max(param.size(0), param.size(1))) for param in params]
+        ratios = [0.2 * sqrt(max(param.size(0), param.size(1))) for param in params]
     else:
         # ratio = sqrt(maximum(1, size(param, 0) / size(param, 1)))
-        ratios = [math.sqrt(max(1, param.size(0) / param.size(1))) for param in params]
+        ratios = [sqrt(max(1, param.size(0) / param.size(1))) for param in params]
     # adjusted_lr = lr * ratio
     adjusted_lrs = [lr * ratio for ratio in ratios]
     # param = param * (1 - lr * weight_decay)

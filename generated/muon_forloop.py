@@ -6,12 +6,11 @@ choose its branches.
 """
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from optgen.runtime.intrinsics import newton_schulz
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import sqrt
 
 
 def muon_step(
@@ -36,10 +35,10 @@ def muon_step(
         update = newton_schulz(update, ns_a, ns_b, ns_c, ns_steps, eps)
         if adjust_lr_fn == "match_rms_adamw":
             # ratio = 0.2 * sqrt(maximum(size(param, 0), size(param, 1)))
-            ratio = 0.2 * math.sqrt(max(param.size(0), param.size(1)))
+            ratio = 0.2 * sqrt(max(param.size(0), param.size(1)))
         else:
             # ratio = sqrt(maximum(1, size(param, 0) / size(param, 1)))
-            ratio = math.sqrt(max(1, param.size(0) / param.size(1)))
+            ratio = sqrt(max(1, param.size(0) / param.size(1)))
         # adjusted_lr = lr * ratio
         adjusted_lr = lr * ratio
         # param = param * (1 - lr * weight_decay)

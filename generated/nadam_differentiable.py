@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import addcdiv
+from optgen.runtime.tensor_scalars import addcdiv, counter_value
 
 
 def nadam_step(
@@ -32,7 +32,7 @@ def nadam_step(
             grad = -grad
         # step = step + 1
         step_t = step_t.add(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         # bias_correction2 = 1 - beta2 ** step
         bias_correction2 = 1 - beta2 ** step
         if weight_decay != 0:

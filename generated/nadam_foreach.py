@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, foreach_addcdiv_
 
 
 def nadam_step(
@@ -25,7 +26,7 @@ def nadam_step(
         grads = torch._foreach_neg(grads)
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     # bias_correction2 = 1 - beta2 ** step
     bias_correction2s = [1 - beta2 ** step for step in steps]
     if weight_decay != 0:
@@ -44,7 +45,7 @@ def nadam_step(
     mu_nexts = [beta1 * (1 - 0.5 * 0.96 ** (momentum_decay * (1 + step))) for step in steps]
     # mu_product = mu_product * mu
     torch._foreach_mul_(state_mu_products, mus)
-    mu_products = [t.item() for t in state_mu_products]
+    mu_products = [counter_value(t) for t in state_mu_products]
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
@@ -57,9 +58,9 @@ def nadam_step(
     # mu_product_next = mu_product * mu_next
     mu_product_nexts = [mu_next * mu_product for mu_next, mu_product in zip(mu_nexts, mu_products)]
     # param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom
-    torch._foreach_addcdiv_(params, grads, denoms, [-lr * (1 - mu) / (1 - mu_product) for mu, mu_product in zip(mus, mu_products)])
+    foreach_addcdiv_(params, grads, denoms, [-lr * (1 - mu) / (1 - mu_product) for mu, mu_product in zip(mus, mu_products)])
     # param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom
-    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr * mu_next / (1 - mu_product_next) for mu_next, mu_product_next in zip(mu_nexts, mu_product_nexts)])
+    foreach_addcdiv_(params, exp_avgs, denoms, [-lr * mu_next / (1 - mu_product_next) for mu_next, mu_product_next in zip(mu_nexts, mu_product_nexts)])
 
 
 KERNEL = KernelModule(

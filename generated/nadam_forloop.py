@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value
 
 
 def nadam_step(
@@ -29,7 +30,7 @@ def nadam_step(
             grad = -grad
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         # bias_correction2 = 1 - beta2 ** step
         bias_correction2 = 1 - beta2 ** step
         if weight_decay != 0:
@@ -48,7 +49,7 @@ def nadam_step(
         mu_next = beta1 * (1 - 0.5 * 0.96 ** (momentum_decay * (1 + step)))
         # mu_product = mu_product * mu
         mu_product_t.mul_(mu)
-        mu_product = mu_product_t.item()
+        mu_product = counter_value(mu_product_t)
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg.lerp_(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad

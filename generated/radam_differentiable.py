@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import add, addcdiv, sqrt
+from optgen.runtime.tensor_scalars import add, addcdiv, counter_value, sqrt
 
 
 def radam_step(
@@ -32,7 +32,7 @@ def radam_step(
             grad = -grad
         # step = step + 1
         step_t = step_t.add(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 # param = param * (1 - lr * weight_decay)

@@ -7,12 +7,11 @@ It takes the lists of one (device, dtype) group.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, sqrt
 
 
 def radam_step(
@@ -28,7 +27,7 @@ def radam_step(
         grads = torch._foreach_neg(grads)
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     if weight_decay != 0:
         if decoupled_weight_decay:
             # param = param * (1 - lr * weight_decay)
@@ -55,9 +54,9 @@ def radam_step(
     for i in range(len(params)):
         if rho_ts[i] > 5:
             # rect = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-            rect = math.sqrt(rho_inf * (rho_ts[i] - 4) * (rho_ts[i] - 2) / (rho_ts[i] * (rho_inf - 4) * (rho_inf - 2)))
+            rect = sqrt(rho_inf * (rho_ts[i] - 4) * (rho_ts[i] - 2) / (rho_ts[i] * (rho_inf - 4) * (rho_inf - 2)))
             # step_size = lr * rect * sqrt(bias_correction2) / bias_correction1
-            step_size = math.sqrt(bias_correction2s[i]) * lr * rect / bias_correction1s[i]
+            step_size = sqrt(bias_correction2s[i]) * lr * rect / bias_correction1s[i]
             # denom = sqrt(exp_avg_sq) + eps
             denom = exp_avg_sqs[i].sqrt().add_(eps)
             # param = param - step_size * exp_avg / denom

@@ -6,11 +6,10 @@ choose its branches.
 """
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, sqrt
 
 
 def radam_step(
@@ -31,7 +30,7 @@ def radam_step(
             grad = -grad
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 # param = param * (1 - lr * weight_decay)
@@ -54,9 +53,9 @@ def radam_step(
         rho_t = rho_inf - 2 * beta2 ** step * step / bias_correction2
         if rho_t > 5:
             # rect = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-            rect = math.sqrt(rho_inf * (rho_t - 4) * (rho_t - 2) / (rho_t * (rho_inf - 4) * (rho_inf - 2)))
+            rect = sqrt(rho_inf * (rho_t - 4) * (rho_t - 2) / (rho_t * (rho_inf - 4) * (rho_inf - 2)))
             # step_size = lr * rect * sqrt(bias_correction2) / bias_correction1
-            step_size = math.sqrt(bias_correction2) * lr * rect / bias_correction1
+            step_size = sqrt(bias_correction2) * lr * rect / bias_correction1
             # denom = sqrt(exp_avg_sq) + eps
             denom = exp_avg_sq.sqrt().add_(eps)
             # param = param - step_size * exp_avg / denom

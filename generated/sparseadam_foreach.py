@@ -7,12 +7,11 @@ It takes the lists of one (device, dtype) group.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, sqrt
 
 
 def sparseadam_step(
@@ -24,7 +23,7 @@ def sparseadam_step(
     """One SparseAdam step over the lists of one (device, dtype) group."""
     # step = step + 1
     torch._foreach_add_(state_steps, 1)
-    steps = [t.item() for t in state_steps]
+    steps = [counter_value(t) for t in state_steps]
     if maximize:
         # grad = -grad
         grads = torch._foreach_neg(grads)
@@ -51,7 +50,7 @@ def sparseadam_step(
     # bias_correction2 = 1 - beta2 ** step
     bias_correction2s = [1 - beta2 ** step for step in steps]
     # step_size = lr * sqrt(bias_correction2) / bias_correction1
-    step_sizes = [math.sqrt(bias_correction2) * lr / bias_correction1 for bias_correction1, bias_correction2 in zip(bias_correction1s, bias_correction2s)]
+    step_sizes = [sqrt(bias_correction2) * lr / bias_correction1 for bias_correction1, bias_correction2 in zip(bias_correction1s, bias_correction2s)]
     # update = exp_avg / denom * -step_size
     updates = torch._foreach_div(exp_avgs, denoms)
     torch._foreach_mul_(updates, [-step_size for step_size in step_sizes])

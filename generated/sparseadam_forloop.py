@@ -6,11 +6,10 @@ choose its branches.
 """
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import counter_value, sqrt
 
 
 def sparseadam_step(
@@ -27,7 +26,7 @@ def sparseadam_step(
         step_t = state_steps[i]
         # step = step + 1
         step_t.add_(1)
-        step = step_t.item()
+        step = counter_value(step_t)
         if maximize:
             # grad = -grad
             grad = -grad
@@ -46,7 +45,7 @@ def sparseadam_step(
         # bias_correction2 = 1 - beta2 ** step
         bias_correction2 = 1 - beta2 ** step
         # step_size = lr * sqrt(bias_correction2) / bias_correction1
-        step_size = math.sqrt(bias_correction2) * lr / bias_correction1
+        step_size = sqrt(bias_correction2) * lr / bias_correction1
         # update = exp_avg / denom * -step_size
         update = exp_avg.div(denom).mul_(-step_size)
         # param = param + update

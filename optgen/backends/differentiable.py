@@ -35,7 +35,7 @@ import sympy
 
 from optgen.backends.base import counter_list, kernel_signature, plural
 from optgen.backends.forloop import _SPECIAL, ForLoopRenderer
-from optgen.backends.printing import PythonScalarPrinter
+from optgen.backends.printing import TensorScalarPrinter
 from optgen.backends.python_base import PythonKernelBackend
 from optgen.ir.functions import SCALAR_OF_TENSOR, Norm
 from optgen.ir.ops import OpProgram, Step, TensorOp
@@ -58,19 +58,9 @@ _OUT_OF_PLACE = {
 TENSOR_SCALAR_OPS = ("add", "addcmul", "addcdiv")
 
 
-class ScalarPrinter(PythonScalarPrinter):
-    """Host scalars that may be 0-dim tensors: functions of optgen.runtime.tensor_scalars (a number
-    or a tensor), and a norm stays a tensor (no ``.item()``)."""
-
-    FUNCTIONS = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs"}
-
-    def print(self, expr):
-        if expr.is_Pow and expr.exp in (sympy.S.Half, -sympy.S.Half):
-            text = f"sqrt({self.print(expr.base)})"
-            return text if expr.exp > 0 else f"1 / {text}"
-        if expr.func in self.FUNCTIONS:
-            return f"{self.FUNCTIONS[expr.func]}({self.print(expr.args[0])})"
-        return super().print(expr)
+class ScalarPrinter(TensorScalarPrinter):
+    """Host scalars that may be 0-dim tensors (TensorScalarPrinter), and a norm stays a tensor (no
+    ``.item()``)."""
 
     def print_reduction(self, expr) -> str:
         if isinstance(expr, Norm):

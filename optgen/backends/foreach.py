@@ -85,7 +85,13 @@ class ForeachRenderer(PythonRenderer):
         if alpha is not None:
             kwargs["alpha"] = alpha
         if "value" in kwargs:  # addcmul/addcdiv take the scalar (or scalar list) positionally
-            tensors.append(self.scalar_arg(kwargs.pop("value")))
+            value = kwargs.pop("value")
+            tensors.append(self.scalar_arg(value))
+            if self.is_per_tensor(value) and op.in_place and not kwargs:
+                # a list that holds 0-dim tensors while torch.compile traces, which no foreach
+                # overload takes there: optgen.runtime.tensor_scalars's function of the same name
+                # (Note [Counters under torch.compile])
+                return f"foreach_{op.fn}({', '.join([receiver, *tensors])})"
         args = ", ".join([receiver, *tensors, *(f"{k}={self.scalar(v)}" for k, v in kwargs.items())])
         if op.in_place:
             return f"torch._foreach_{op.fn}({args})"
@@ -131,7 +137,8 @@ class ForeachRenderer(PythonRenderer):
         return lines
 
     def counter_read(self, name: str) -> str:
-        return f"{self.list_name(name)} = [t.item() for t in {counter_list(name)}]"
+        # Note [Counters under torch.compile] (optgen/runtime/tensor_scalars.py)
+        return f"{self.list_name(name)} = [counter_value(t) for t in {counter_list(name)}]"
 
     def lazy_state(self, step: Step) -> list[str]:
         states = self.list_name(step.target)

@@ -139,7 +139,8 @@ class ForLoopRenderer(PythonRenderer):
         return [f"{target} = {self.scalar(step.expr)}"]
 
     def counter_read(self, name: str) -> str:
-        return f"{self.scalar_name(name)} = {self.var(name + '_t')}.item()"
+        # Note [Counters under torch.compile] (optgen/runtime/tensor_scalars.py)
+        return f"{self.scalar_name(name)} = counter_value({self.var(name + '_t')})"
 
     def lazy_state(self, step: Step) -> list[str]:
         name = step.target

@@ -155,6 +155,24 @@ class PythonScalarPrinter:
         return text
 
 
+class TensorScalarPrinter(PythonScalarPrinter):
+    """Host scalars of a kernel, which may be 0-dim tensors: ``sqrt``/``exp``/``log`` are the
+    functions of optgen.runtime.tensor_scalars (``math``'s for a number, the tensor method for a
+    tensor).  A counter read while torch.compile traces the step is its 0-dim tensor (Note [Counters
+    under torch.compile] in optgen/runtime/tensor_scalars.py), and so is a differentiable step's
+    Tensor ``lr``; ``math.sqrt`` of either would be a host sync (a graph break) or cut the gradient."""
+
+    FUNCTIONS = {sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs"}
+
+    def print(self, expr):
+        if expr.is_Pow and expr.exp in (sympy.S.Half, -sympy.S.Half):
+            text = f"sqrt({self.print(expr.base)})"
+            return text if expr.exp > 0 else f"1 / {text}"
+        if expr.func in self.FUNCTIONS:
+            return f"{self.FUNCTIONS[expr.func]}({self.print(expr.args[0])})"
+        return super().print(expr)
+
+
 def split_fraction(expr: sympy.Mul) -> tuple[list, list]:
     """A product's factors as written numerators and denominators: x ** -1, x ** -alpha (sympy's
     form of 1 / x ** alpha) and the denominator of a rational divide."""

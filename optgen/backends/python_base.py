@@ -21,7 +21,7 @@ from optgen.backends.base import (
     kernel_signature,
     plural,
 )
-from optgen.backends.printing import PythonScalarPrinter
+from optgen.backends.printing import TensorScalarPrinter
 from optgen.ir.guards import first_assignments, simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
@@ -74,7 +74,7 @@ class PythonRenderer:
         return plural(name)
 
     def scalar(self, expr) -> str:
-        return PythonScalarPrinter(self.scalar_name, self.defined_at)(expr)
+        return TensorScalarPrinter(self.scalar_name, self.defined_at)(expr)
 
     def scalar_name(self, name: str) -> str:
         """How code reads the scalar ``name`` (a list element in foreach's per-tensor fallback)."""
@@ -191,7 +191,8 @@ def _annotation(spec, name: str) -> str:
 INTRINSICS = ("newton_schulz",)
 #: functions whose scalar may be a number or a 0-dim tensor (optgen.runtime.tensor_scalars;
 #: differentiable kernels)
-TENSOR_SCALAR_FUNCTIONS = ("add", "addcdiv", "addcmul", "exp", "log", "sqrt")
+TENSOR_SCALAR_FUNCTIONS = ("add", "addcdiv", "addcmul", "counter_value", "exp", "foreach_addcdiv_", "foreach_addcmul_",
+                           "log", "sqrt")
 
 
 def python_condition(expr: sympy.Basic, flags: tuple[str, ...]) -> str:

@@ -457,11 +457,70 @@ class Kernel:
         n = len(arguments["params"])
         tensors = [arguments[t] if index not in self.present or self.present[index](arguments) else [None] * n
                    for index, t in enumerate(self.tensors)]
-        launch(self.library, self.function, tensors=tensors, grads=arguments["grads"],
-               counters=[arguments[c] for c in self.counters],
-               lazy={index: when(arguments) for index, when in self.lazy.items()},
-               hyperparameters=[arguments[h] for h in self.hyperparameters], reduced=self.reduced,
-               flags=sum(1 << k for k, f in enumerate(self.flags) if arguments[f]))
+        counters = [arguments[c] for c in self.counters]
+        lazy = {index: when(arguments) for index, when in self.lazy.items()}
+        hyperparameters = [arguments[h] for h in self.hyperparameters]
+        flags = sum(1 << k for k, f in enumerate(self.flags) if arguments[f])
+        if torch.compiler.is_compiling():
+            _traced_launch(self, tensors, arguments["grads"], counters, lazy, hyperparameters, flags)
+            return
+        launch(self.library, self.function, tensors=tensors, grads=arguments["grads"], counters=counters,
+               lazy=lazy, hyperparameters=hyperparameters, reduced=self.reduced, flags=flags)
+
+
+# Note [C kernels as custom ops]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# dynamo cannot trace a ctypes call (nor the address tables, data_ptr()), so while torch.compile
+# traces a step the C kernel is the custom op ``optgen::c_step``: one node in the graph, which
+# mutates the tensors and counters it is given, with a fake implementation that does nothing (a
+# step creates no tensor: lazily created state is allocated before the op, in the traced code, and
+# the op is told which entries are new).  At run time the op calls ``launch`` as the eager step
+# does, so a compiled fused step computes the eager bits.  Eagerly the kernel is called directly
+# (the op's dispatch would add its overhead to every step).  Under torch.compile a state the kernel
+# declines (KernelDeclined: not contiguous) is an error, not a fall-back to the for-loop: the
+# fall-back is decided on values the trace does not see.
+
+
+def _traced_launch(kernel: Kernel, tensors, grads, counters, lazy, hyperparameters, flags: int) -> None:
+    """``launch`` as dynamo traces it (Note [C kernels as custom ops])."""
+    params = tensors[0]
+    if not params:
+        return
+    first = sum(create_states(params, tensors, lazy), [])
+    flat = [t for values in tensors for t in values]
+    # An absent state (None: unused under these flags, or a vector's Adafactor row_var) passes as an
+    # empty tensor, listed in ``absent``: AOTAutograd's functionalization takes no None in a
+    # mutated list.
+    absent = [i for i, t in enumerate(flat) if t is None]
+    empty = params[0].new_empty(0)
+    torch.ops.optgen.c_step(kernel.library.name, [empty if t is None else t for t in flat], absent, list(grads),
+                            [c for values in counters for c in values], len(params), first,
+                            [math.nan if h is None else float(h) for h in hyperparameters], flags)
+
+
+@torch.library.custom_op("optgen::c_step", mutates_args=("tensors", "counters"), device_types="cpu")
+def _c_step(module: str, tensors: list[torch.Tensor], absent: list[int], grads: list[torch.Tensor],
+            counters: list[torch.Tensor], n: int, first: list[int], hyperparameters: list[float],
+            flags: int) -> None:
+    """One launch of the C kernel of generated module ``module`` (its ``LAUNCH``): ``tensors`` and
+    ``counters`` are its lists, each ``n`` long, one after another, ``absent`` the entries of
+    ``tensors`` that stand for None; ``first``: the lazily created states' first-step flags
+    (Note [C kernels as custom ops])."""
+    import importlib
+
+    kernel = importlib.import_module(module).LAUNCH
+    given: list[torch.Tensor | None] = list(tensors)
+    for i in absent:
+        given[i] = None
+    lists = [given[i:i + n] for i in range(0, len(given), n)]
+    counter_lists = [counters[i:i + n] for i in range(0, len(counters), n)]
+    _launch(kernel.library, kernel.function, lists, grads, counter_lists, first,
+            [None if math.isnan(h) else h for h in hyperparameters], kernel.reduced, flags)
+
+
+@_c_step.register_fake
+def _(module, tensors, absent, grads, counters, n, first, hyperparameters, flags) -> None:
+    return None
 
 
 def launch(library: Library, function: str, *, tensors, grads, counters, lazy, hyperparameters,
@@ -485,12 +544,22 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
     if dtype not in C_TYPES:
         raise RuntimeError(f"optgen's fused CPU kernels support {', '.join(map(str, C_TYPES))} parameters, "
                            f"not {dtype}; use foreach=True or fused=None")
-    n = len(params)
     if creates_states(tensors, lazy):
         # Checked before the new state exists: a step refused here (KernelDeclined: the caller runs
         # the for-loop instead) leaves nothing allocated behind in the caller's lists.
         _check(params, tensors, grads, counters, reduced or {})
     first = sum(create_states(params, tensors, lazy), [])
+    _launch(library, function, tensors, grads, counters, first, hyperparameters, reduced, flags)
+
+
+def _launch(library: Library, function: str, tensors, grads, counters, first: list[int], hyperparameters,
+            reduced, flags: int) -> None:
+    """``launch`` once the lazily created states exist (``first``: their first-step flags)."""
+    params = tensors[0]
+    dtype, n = params[0].dtype, len(params)
+    if dtype not in C_TYPES:
+        raise RuntimeError(f"optgen's fused CPU kernels support {', '.join(map(str, C_TYPES))} parameters, "
+                           f"not {dtype}; use foreach=True or fused=None")
     plan = _plan(dtype, tensors, counters, reduced or {})
     grad_key = layout(grads)
     if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step

@@ -47,13 +47,22 @@ ParamsT: TypeAlias = (
 )
 
 
-def _grad_mode_for(group: dict[str, Any]) -> torch.set_grad_enabled:
+def _grad_mode_for(group: dict[str, Any]) -> torch.enable_grad | torch.no_grad:
     """Grad mode for a group's update: off, unless the group is ``differentiable``.
 
     Like torch's ``_use_grad_for_differentiable``, a differentiable update runs with
     grad *enabled* (even if the caller disabled it), so autograd can record it.
+
+    Note [Grad mode under torch.compile]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    The mode changes when the ``with`` block is entered, never before: ``torch.set_grad_enabled(m)``
+    switches it when it is *constructed*, so dynamo, resuming a compiled frame after a graph break
+    inside the block, recorded the switched mode as the one to restore, and grad mode stayed off
+    after a compiled training step (the next backward: 'element 0 of tensors does not require
+    grad').  ``enable_grad`` / ``no_grad`` only record the mode on ``__enter__``
+    (tests/integration/test_compile.py).
     """
-    return torch.set_grad_enabled(bool(group.get("differentiable", False)))
+    return torch.enable_grad() if group.get("differentiable", False) else torch.no_grad()
 
 
 class Optimizer(torch.optim.Optimizer):

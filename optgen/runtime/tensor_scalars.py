@@ -7,6 +7,22 @@ into a number and cut the gradient, and torch's ``alpha=``/``value=`` take numbe
 number, or a tensor autograd does not track, takes the plain kernel's path — ``math``, the fused
 torch op — so a differentiable step computes the plain step's bits; a tensor that requires grad
 takes the same arithmetic as separate, recorded ops.
+
+Note [Counters under torch.compile]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The for-loop and foreach kernels read a counter (``step``) with ``counter_value(step_t)``: eagerly
+that is ``step_t.item()``, a Python number, so the step's scalar arithmetic (bias corrections) runs
+in double precision on the host, bit for bit as torch's eager kernels compute it.  While
+torch.compile traces the step, ``.item()`` is a host sync dynamo cannot trace (a graph break, or,
+inside the kernel's loop over tensors, the whole kernel left to eager), so there it returns the
+0-dim tensor itself, and the scalar arithmetic becomes traced tensor ops in the counter's dtype —
+what torch's compiled step does (``torch.optim.optimizer._get_value``).  The kernels' scalar
+functions (``sqrt``, ``exp``, ``log``) take either, and so do the foreach ops that take a list of
+scalars as tensors (``_foreach_mul_(xs, [t0, t1])`` is the list-of-tensors overload); the two whose
+per-tensor ``value`` list has no such overload while tracing (a stacked tensor is refused under
+FakeTensor on the CPU, which is why torch's compiled step takes its ``capturable`` path) are
+``foreach_addcmul_`` / ``foreach_addcdiv_`` here: the foreach op eagerly, one op per tensor while
+tracing (the compiler fuses them again).
 """
 from __future__ import annotations
 
@@ -48,3 +64,28 @@ def addcmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value) -> torch.T
 def addcdiv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value) -> torch.Tensor:
     """``x.addcdiv(a, b, value=value)``."""
     return x.add(a.div(b).mul(value)) if _recorded(value) else x.addcdiv(a, b, value=_number(value))
+
+
+def counter_value(counter: torch.Tensor):
+    """A counter's value for the step's scalar arithmetic (Note [Counters under torch.compile])."""
+    if torch.compiler.is_compiling():
+        return counter
+    return counter.item()
+
+
+def foreach_addcmul_(xs: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], values: list) -> None:
+    """``torch._foreach_addcmul_(xs, a, b, values)``, where ``values`` may hold 0-dim tensors."""
+    if values and isinstance(values[0], torch.Tensor):
+        for x, a_i, b_i, value in zip(xs, a, b, values, strict=True):
+            x.addcmul_(a_i, b_i, value=value)
+    else:
+        torch._foreach_addcmul_(xs, a, b, values)
+
+
+def foreach_addcdiv_(xs: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], values: list) -> None:
+    """``torch._foreach_addcdiv_(xs, a, b, values)``, where ``values`` may hold 0-dim tensors."""
+    if values and isinstance(values[0], torch.Tensor):
+        for x, a_i, b_i, value in zip(xs, a, b, values, strict=True):
+            x.addcdiv_(a_i, b_i, value=value)
+    else:
+        torch._foreach_addcdiv_(xs, a, b, values)

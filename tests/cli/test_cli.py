@@ -27,7 +27,7 @@ def test_show_prints_spec_ir_and_readable_code():
                     "==== optimizer code"):
         assert section in out
     assert "exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)" in out
-    assert "torch._foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size in step_sizes])" in out
+    assert "foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size in step_sizes])" in out
     assert "# exp_avg = lerp(exp_avg, grad, 1 - beta1)" in out  # the spec line above its code
 
 

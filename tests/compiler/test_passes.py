@@ -292,8 +292,9 @@ def test_counter_value_is_read_back_only_when_used(tmp_path):
         buf = beta * buf + grad
         param = param - lr * buf
     """)
-    assert ".item()" not in ops_text(spec)
-    assert ".item()" not in foreach_text(spec)
+    # a counter is read with counter_value (`.item()` eagerly: Note [Counters under torch.compile])
+    assert "counter_value(" not in ops_text(spec)
+    assert "counter_value(" not in foreach_text(spec)
 
 
 def test_foreach_clamp_is_clamp_min_then_clamp_max(tmp_path):
@@ -400,7 +401,7 @@ def test_foreach_scalar_under_a_group_condition_is_one_number(tmp_path):
         param = param - buf
     """)
     text = foreach_text(spec)
-    assert "c = 2 * lr" in text and "math.sqrt(c)" in text and "cs" not in text
+    assert "c = 2 * lr" in text and "alpha=sqrt(c)" in text and "cs" not in text
 
 
 def test_cse_keeps_a_repeated_per_tensor_scalar_a_scalar(tmp_path):
