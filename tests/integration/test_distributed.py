@@ -241,10 +241,12 @@ def case_dcp_resume(rank, tmp):
 def worker(rank, store, tmp, cases, fused_tolerance):
     global FUSED_TOLERANCE  # spawn imports this file afresh in each rank: not as __main__
     FUSED_TOLERANCE = fused_tolerance
-    # A file store, not a TCP port: no port to race for on a busy machine.  A short timeout turns a
-    # rank left waiting in a collective by the other's failure into an error, not a hang.
+    # A file store, not a TCP port: no port to race for on a busy machine.  The timeout turns a rank
+    # left waiting in a collective by the other's failure into an error, not a hang; it is generous
+    # because on a loaded machine one rank may spend over a minute compiling the C kernels on their
+    # first use (a fresh cache) while the other waits (60 s aborted a rank once, under load).
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=300))
     results = {}
     for case in cases:
         try:
