@@ -144,10 +144,11 @@ class Kernel:
 # ops and wrapped kernel launches only), because AOTAutograd decomposes the op into it and
 # inductor then reads which tensors the kernel mutates from the pointer arguments of the launch.
 # optgen's kernels take no tensor pointers: they reach every tensor through a table of addresses
-# (Note [Launch tables]), built from data_ptr() — which a FakeTensor has not — and cached across
-# steps.  Traced, the launch would mutate only the table as far as inductor could see, and the
-# params and states not at all.  An opaque custom op whose schema names what it mutates is what
-# torch documents for that case (inductor neither looks inside nor reorders around it).
+# (Note [Launch tables]), built from data_ptr() and cached across steps.  A FakeTensor's data_ptr()
+# means nothing (torch warns: "wrap calls to tensor.data_ptr() in an opaque custom op"), and traced,
+# the launch would mutate only the table as far as inductor could see, the params and states not
+# at all.  An opaque custom op whose schema names what it mutates is what torch documents for that
+# case: inductor neither looks inside it nor moves a read or write of its tensors across it.
 
 
 def _traced_launch(kernel: Kernel, tensors, counters, lazy, hyperparameters: dict, guards: dict, grad_scale,
@@ -224,7 +225,7 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
     guards: the kernel's constexpr conditions, evaluated on the host.
     grad_scale, found_inf: GradScaler's tensors (None when not scaling).
     """
-    params, grads = tensors[0][0], tensors[1][0]
+    params = tensors[0][0]
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype

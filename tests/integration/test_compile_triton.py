@@ -9,6 +9,7 @@ on FakeTensors (no GPU needed), and the real-CUDA tests at the end run where the
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import optgen
-from optgen.runtime import triton_launch
+from optgen.runtime import triton_launch  # noqa: F401 - registers optgen::triton_step for opcheck
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +40,8 @@ def _model(seed: int = 0, device: str = "cpu") -> torch.nn.Module:
 
 
 def _triton_step_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in (torch.ops.optgen.triton_step, torch.ops.optgen.triton_step.default)]
+    op = torch.ops.optgen.triton_step
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (op, op.default)]
 
 
 def _assert_equal(opt, eager) -> None:
@@ -182,7 +183,8 @@ def test_fused_step_traces_on_fake_cuda_tensors(name, kwargs, monkeypatch):
     gm = make_fx(step, tracing_mode="fake")(*params)  # in the params' FakeTensorMode
     ops = _triton_step_ops(gm)
     assert len(ops) == 1, gm.code
-    module, tensors, used, absent, counters, n, first = ops[0].args[:7]
+    args: tuple[Any, ...] = ops[0].args
+    module, tensors, used, absent, counters, n, first = args[:7]
     assert importlib.import_module(module).LAUNCH is opt._kernel("triton").step and n == len(params)
     assert all(t.meta["val"].device.type == "cuda" for t in [*tensors, *counters])
     states = [t for k, t in enumerate(tensors) if k >= 2 * n and k not in absent]
