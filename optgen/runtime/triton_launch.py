@@ -4,9 +4,8 @@ The generated modules (generated/<spec>_triton.py) map each flag variant to a :c
 called with the foreach backend's arguments, which calls :func:`launch`; everything here is the
 same for every spec, so it is written once, by hand.  While a step is traced (torch.compile,
 FakeTensors) the launch is the custom op ``optgen::triton_step`` instead (Note [Triton kernels as
-custom ops]).  This module imports triton; optgen
-imports it only when a triton implementation is first used (the optimizer classes name their
-triton module as a string).
+custom ops]).  This module imports triton; optgen imports it only when a triton implementation
+is first used (the optimizer classes name their triton module as a string).
 
 Note [Launch tables]
 ~~~~~~~~~~~~~~~~~~~~
