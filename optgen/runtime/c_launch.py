@@ -44,6 +44,7 @@ from optgen.runtime.native import (
     create_states,
     creates_states,
     layout,
+    traced,
 )
 
 #: the C every kernel source is compiled after: the element type and its math, counter access
@@ -461,7 +462,7 @@ class Kernel:
         lazy = {index: when(arguments) for index, when in self.lazy.items()}
         hyperparameters = [arguments[h] for h in self.hyperparameters]
         flags = sum(1 << k for k, f in enumerate(self.flags) if arguments[f])
-        if torch.compiler.is_compiling():
+        if n and traced(arguments["params"][0]):  # torch.compile, or FakeTensors: no address to pass
             _traced_launch(self, tensors, arguments["grads"], counters, lazy, hyperparameters, flags)
             return
         launch(self.library, self.function, tensors=tensors, grads=arguments["grads"], counters=counters,
@@ -470,15 +471,16 @@ class Kernel:
 
 # Note [C kernels as custom ops]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-# dynamo cannot trace a ctypes call (nor the address tables, data_ptr()), so while torch.compile
-# traces a step the C kernel is the custom op ``optgen::c_step``: one node in the graph, which
-# mutates the tensors and counters it is given, with a fake implementation that does nothing (a
-# step creates no tensor: lazily created state is allocated before the op, in the traced code, and
-# the op is told which entries are new).  At run time the op calls ``launch`` as the eager step
-# does, so a compiled fused step computes the eager bits.  Eagerly the kernel is called directly
-# (the op's dispatch would add its overhead to every step).  Under torch.compile a state the kernel
-# declines (KernelDeclined: not contiguous) is an error, not a fall-back to the for-loop: the
-# fall-back is decided on values the trace does not see.
+# dynamo cannot trace a ctypes call (nor the address tables, data_ptr()), so while a step is traced
+# (torch.compile, or FakeTensors — make_fx, FakeTensorMode: ``native.traced``; a FakeTensor's
+# data_ptr() is no address, and the kernel would write through it) the C kernel is the custom op
+# ``optgen::c_step``: one node in the graph, which mutates the tensors and counters it is given,
+# with a fake implementation that does nothing (a step creates no tensor: lazily created state is
+# allocated before the op, in the traced code, and the op is told which entries are new).  At run
+# time the op calls ``launch`` as the eager step does, so a compiled fused step computes the eager
+# bits.  Eagerly the kernel is called directly (the op's dispatch would add its overhead to every
+# step).  Under torch.compile a state the kernel declines (KernelDeclined: not contiguous) is an
+# error, not a fall-back to the for-loop: the fall-back is decided on values the trace does not see.
 
 
 def _traced_launch(kernel: Kernel, tensors, grads, counters, lazy, hyperparameters, flags: int) -> None:

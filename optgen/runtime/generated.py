@@ -22,6 +22,7 @@ Everything here is the same for every spec, so it is written once, by hand, and 
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -298,11 +299,10 @@ class GeneratedOptimizer(Optimizer):
         """The kernel module of an implementation, imported on first use if named by a string."""
         module = self._kernels[implementation]
         if isinstance(module, str):
-            import importlib
-
             package = type(self).__module__.rpartition(".")[0]
             try:
-                module = importlib.import_module(f"{package}.{module}")
+                _import_kernel_module(f"{package}.{module}")
+                module = sys.modules[f"{package}.{module}"]
             except ImportError as e:
                 raise RuntimeError(f"optgen's {implementation} implementation needs the {e.name} package "
                                    "(pip install 'optgen[cuda]')") from e
@@ -312,6 +312,18 @@ class GeneratedOptimizer(Optimizer):
             # which only means importing it again, from sys.modules.
             type(self)._kernels = {**type(self)._kernels, implementation: module}
         return module
+
+
+# dynamo does not trace importlib.import_module: marked as a constant, the import runs while dynamo
+# traces (a first step compiled from a fresh optimizer imports its Triton module there), and the
+# module is then looked up in sys.modules, which dynamo reads.
+@torch.compiler.assume_constant_result
+def _import_kernel_module(name: str) -> bool:
+    """Imports module ``name`` (the step takes the module from sys.modules)."""
+    import importlib
+
+    importlib.import_module(name)
+    return True
 
 
 _EXPECTED: dict[tuple, frozenset] = {}

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import TypeVar
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 #: implementations that read tensors' memory directly (by address, or as Triton pointers)
 NATIVE_IMPLEMENTATIONS = {"c", "triton"}
@@ -122,6 +123,18 @@ def create_states(params, lists, lazy: dict) -> list[list[int]]:
                     new[i] = 1
         flags.append(new)
     return flags
+
+
+#: tensor types that are never fake: traced() skips is_fake for them (~1 µs a call)
+_REAL_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def traced(tensor: torch.Tensor) -> bool:
+    """Whether a step on ``tensor`` (a parameter) is being traced rather than run: dynamo compiles it
+    (``torch.compile``), or the tensor is a FakeTensor (make_fx, FakeTensorMode, AOTAutograd's
+    tracing), which has neither values nor an address.  A native kernel then launches through its
+    custom op (Note [Triton kernels as custom ops] in triton_launch.py)."""
+    return torch.compiler.is_compiling() or (type(tensor) not in _REAL_TYPES and is_fake(tensor))
 
 
 def check_counter_dtypes(counters, kernel: str) -> None:

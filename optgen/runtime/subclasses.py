@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from optgen.runtime.dispatch import warn_once
-from optgen.runtime.native import NATIVE_IMPLEMENTATIONS
+from optgen.runtime.native import NATIVE_IMPLEMENTATIONS, traced
 
 #: the types of an ordinary tensor, whose memory is its data (None: a state left absent)
 PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
@@ -46,7 +46,8 @@ def for_native_kernel(optimizer, implementation: str, params: list, tensors: dic
     tensors; the local shards for DTensors a native kernel can update; the for-loop (and
     ``tensors``) otherwise.  Returns ``(implementation, lists, to_global)``, where ``to_global``
     turns the lists back after the step (see Note [Tensor subclasses])."""
-    if implementation not in NATIVE_IMPLEMENTATIONS or torch.compiler.is_compiling():
+    # Traced (torch.compile, FakeTensors): the kernel is a custom op, which takes these tensors as they are.
+    if implementation not in NATIVE_IMPLEMENTATIONS or not params or traced(params[0]):
         return implementation, tensors, None
     if all(PLAIN_TYPES.issuperset(map(type, values)) for values in tensors.values()):  # ~13 ns a tensor
         return implementation, tensors, None

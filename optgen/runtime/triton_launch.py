@@ -2,9 +2,10 @@
 
 The generated modules (generated/<spec>_triton.py) map each flag variant to a :class:`Kernel`,
 called with the foreach backend's arguments, which calls :func:`launch`; everything here is the
-same for every spec, so it is written once, by hand.  This module imports triton; optgen
-imports it only when a triton implementation is first used (the optimizer classes name their
-triton module as a string).
+same for every spec, so it is written once, by hand.  While a step is traced (torch.compile,
+FakeTensors) the launch is the custom op ``optgen::triton_step`` instead (Note [Triton kernels as
+custom ops]).  This module imports triton; optgen imports it only when a triton implementation
+is first used (the optimizer classes name their triton module as a string).
 
 Note [Launch tables]
 ~~~~~~~~~~~~~~~~~~~~
@@ -42,6 +43,8 @@ then need it unset.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import math
 from typing import Any
 
 import torch
@@ -55,6 +58,7 @@ from optgen.runtime.native import (
     create_states,
     creates_states,
     layout,
+    traced,
 )
 
 #: Untuned defaults (no GPU was available when they were chosen): CHUNK elements per program,
@@ -104,16 +108,107 @@ class Kernel:
     def __init__(self, kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards):
         self.kernel, self.tensors, self.counters, self.lazy = kernel, tensors, counters, lazy
         self.hyperparameters, self.tensor_hyperparameters, self.guards = hyperparameters, tensor_hyperparameters, guards
+        #: the generated module whose LAUNCH this is: how the custom op finds it again (a string
+        #: goes into a graph; the kernel does not)
+        self.module = kernel.fn.__module__
 
     def __call__(self, *, grad_scale=None, found_inf=None, **arguments) -> None:
         guards = {name: bool(condition(arguments)) for name, condition in self.guards.items()}
-        launch(self.kernel,
-               tensors=[(arguments[name], used is None or bool(used(arguments))) for name, used in self.tensors],
-               counters=[arguments[c] for c in self.counters],
-               lazy={index: when(arguments) for index, when in self.lazy.items()},
-               hyperparameters={h: arguments[h] for h in self.hyperparameters},
+        tensors = [(arguments[name], used is None or bool(used(arguments))) for name, used in self.tensors]
+        counters = [arguments[c] for c in self.counters]
+        lazy = {index: when(arguments) for index, when in self.lazy.items()}
+        hyperparameters = {h: arguments[h] for h in self.hyperparameters}
+        params = tensors[0][0]
+        if params and traced(params[0]):
+            _traced_launch(self, tensors, counters, lazy, hyperparameters, guards, grad_scale, found_inf)
+            return
+        launch(self.kernel, tensors=tensors, counters=counters, lazy=lazy, hyperparameters=hyperparameters,
                tensor_hyperparameters=self.tensor_hyperparameters, guards=guards,
                grad_scale=grad_scale, found_inf=found_inf)
+
+
+# Note [Triton kernels as custom ops]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# While a step is traced (torch.compile, or make_fx / FakeTensorMode: ``native.traced``) the launch
+# is the custom op ``optgen::triton_step``, as the C kernel is ``optgen::c_step`` (Note [C kernels
+# as custom ops] in c_launch.py): one node in the graph that mutates the tensors (params, grads —
+# GradScaler's unscale writes them back — and states) and counters it is given, with a fake
+# implementation that does nothing.  Lazily created state is allocated before the op, in the
+# traced code, and the op is told which entries are new; a list the flags leave unused, and any
+# absent entry, passes as an empty tensor listed in ``absent`` (functionalization takes no None in
+# a mutated list).  Hyperparameters that are tensors (a Tensor lr) pass as tensors, so the traced
+# code reads no value.  At run time the op calls the eager launcher's ``_launch``: a compiled step
+# computes the eager bits.  Eagerly the kernel is launched directly (no op dispatch per step).
+#
+# Why ``torch.library.custom_op`` and not ``torch.library.triton_op`` with ``wrap_triton``, which
+# torch recommends for Triton kernels: triton_op's function must be traceable by make_fx (torch
+# ops and wrapped kernel launches only), because AOTAutograd decomposes the op into it and
+# inductor then reads which tensors the kernel mutates from the pointer arguments of the launch.
+# optgen's kernels take no tensor pointers: they reach every tensor through a table of addresses
+# (Note [Launch tables]), built from data_ptr() and cached across steps.  A FakeTensor's data_ptr()
+# means nothing (torch warns: "wrap calls to tensor.data_ptr() in an opaque custom op"), and traced,
+# the launch would mutate only the table as far as inductor could see, the params and states not
+# at all.  An opaque custom op whose schema names what it mutates is what torch documents for that
+# case: inductor neither looks inside it nor moves a read or write of its tensors across it.
+
+
+def _traced_launch(kernel: Kernel, tensors, counters, lazy, hyperparameters: dict, guards: dict, grad_scale,
+                   found_inf) -> None:
+    """``launch`` as it is traced (Note [Triton kernels as custom ops])."""
+    params = tensors[0][0]
+    dtype = params[0].dtype
+    if dtype not in DTYPES:
+        raise RuntimeError(f"optgen's triton kernels support {', '.join(map(str, DTYPES))} parameters, "
+                           f"not {dtype}; use foreach=True")
+    lists = [values for values, _ in tensors]
+    first = sum(create_states(params, lists, lazy), [])
+    used = [bool(u) for _, u in tensors]
+    flat = [t if u else None for values, u in tensors for t in values]
+    absent = [i for i, t in enumerate(flat) if t is None]
+    empty = params[0].new_empty(0)
+    numbers = [math.nan if isinstance(h, torch.Tensor) or h is None else float(h) for h in hyperparameters.values()]
+    given = [h for h in hyperparameters.values() if isinstance(h, torch.Tensor)]
+    positions = [k for k, h in enumerate(hyperparameters.values()) if isinstance(h, torch.Tensor)]
+    torch.ops.optgen.triton_step(kernel.module, [empty if t is None else t for t in flat], used, absent,
+                                 [c for values in counters for c in values], len(params), first, numbers, given,
+                                 positions, list(guards.values()), grad_scale, found_inf)
+
+
+@torch.library.custom_op("optgen::triton_step", mutates_args=("tensors", "counters"))
+def _triton_step(module: str, tensors: list[torch.Tensor], used: list[bool], absent: list[int],
+                 counters: list[torch.Tensor], n: int, first: list[int], hyperparameters: list[float],
+                 tensor_hyperparameters: list[torch.Tensor], tensor_positions: list[int], guards: list[bool],
+                 grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+    """One launch of the Triton kernel of generated module ``module`` (its ``LAUNCH``).
+
+    tensors: its lists (params, grads, states), each ``n`` long, one after another; ``used[k]``
+        whether list k is read; ``absent``: the entries that stand for None.
+    counters: its counter lists, ``n`` each; ``first``: the lazily created states' first-step
+        flags, ``n`` per lazy state.
+    hyperparameters: in ``LAUNCH.hyperparameters`` order (None as NaN); the one at
+        ``tensor_positions[k]`` is the tensor ``tensor_hyperparameters[k]``.
+    guards: the values of ``LAUNCH.guards``, in order.
+    (Note [Triton kernels as custom ops])"""
+    kernel = importlib.import_module(module).LAUNCH
+    given: list[torch.Tensor | None] = list(tensors)
+    for i in absent:
+        given[i] = None
+    lists = [given[i:i + n] for i in range(0, len(given), n)]
+    values: list = [None if math.isnan(h) else h for h in hyperparameters]
+    for position, t in zip(tensor_positions, tensor_hyperparameters, strict=True):
+        values[position] = t
+    _launch(kernel.kernel, tensors=list(zip(lists, used, strict=True)),
+            counters=[counters[i:i + n] for i in range(0, len(counters), n)],
+            new=[first[i:i + n] for i in range(0, len(first), n)],
+            hyperparameters=dict(zip(kernel.hyperparameters, values, strict=True)),
+            tensor_hyperparameters=kernel.tensor_hyperparameters,
+            guards=dict(zip(kernel.guards, guards, strict=True)), grad_scale=grad_scale, found_inf=found_inf)
+
+
+@_triton_step.register_fake
+def _(module, tensors, used, absent, counters, n, first, hyperparameters, tensor_hyperparameters, tensor_positions,
+      guards, grad_scale, found_inf) -> None:
+    return None
 
 
 def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards,
@@ -131,7 +226,7 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
     guards: the kernel's constexpr conditions, evaluated on the host.
     grad_scale, found_inf: GradScaler's tensors (None when not scaling).
     """
-    params, grads = tensors[0][0], tensors[1][0]
+    params = tensors[0][0]
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
@@ -144,6 +239,15 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
         # runs the for-loop instead) leaves nothing allocated behind in the caller's lists.
         _check(device, dtype, params, _named(tensors), counters, allow_missing=True)
     new = create_states(params, lists, lazy)
+    _launch(kernel, tensors=tensors, counters=counters, new=new, hyperparameters=hyperparameters,
+            tensor_hyperparameters=tensor_hyperparameters, guards=guards, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperparameters, guards, grad_scale,
+            found_inf) -> None:
+    """``launch`` once the lazily created states exist (``new``: their first-step flags)."""
+    params, grads = tensors[0][0], tensors[1][0]
+    device, dtype = params[0].device, params[0].dtype
     plan = _plan(device, dtype, tensors, counters, new)
     grad_key = layout(grads, devices=True)
     if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
