@@ -43,7 +43,9 @@ from optgen.runtime.native import (
     check_counter_dtypes,
     create_states,
     creates_states,
+    launcher_named,
     layout,
+    register_launcher,
     traced,
 )
 
@@ -453,6 +455,7 @@ class Kernel:
         self.library, self.function = library, function
         self.tensors, self.counters, self.lazy, self.hyperparameters = tensors, counters, lazy, hyperparameters
         self.flags, self.present, self.reduced = flags, present or {}, reduced or {}
+        register_launcher(library.name, self)  # what optgen::c_step runs (Note [C kernels as custom ops])
 
     def __call__(self, **arguments) -> None:
         n = len(arguments["params"])
@@ -508,9 +511,7 @@ def _c_step(module: str, tensors: list[torch.Tensor], absent: list[int], grads: 
     ``counters`` are its lists, each ``n`` long, one after another, ``absent`` the entries of
     ``tensors`` that stand for None; ``first``: the lazily created states' first-step flags
     (Note [C kernels as custom ops])."""
-    import importlib
-
-    kernel = importlib.import_module(module).LAUNCH
+    kernel = launcher_named(module)
     given: list[torch.Tensor | None] = list(tensors)
     for i in absent:
         given[i] = None

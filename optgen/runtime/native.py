@@ -137,6 +137,26 @@ def traced(tensor: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or (type(tensor) not in _REAL_TYPES and is_fake(tensor))
 
 
+# A custom op's graph names the launcher it runs by a string (a graph holds no Python objects):
+# the generated module's name.  The op looks the name up among the launchers this process built
+# rather than importing it, so an op called with any other name imports and runs nothing.
+_LAUNCHERS: dict[str, object] = {}
+
+
+def register_launcher(name: str, launcher: object) -> None:
+    """Makes ``launcher`` (a generated module's LAUNCH) reachable by its custom op under ``name``."""
+    _LAUNCHERS[name] = launcher
+
+
+def launcher_named(name: str):
+    """The launcher registered as ``name``; a RuntimeError for a name no generated module registered."""
+    launcher = _LAUNCHERS.get(name)
+    if launcher is None:
+        raise RuntimeError(f"optgen: no generated kernel module {name!r} is loaded in this process (a custom op "
+                           "runs only the kernels of modules imported here)")
+    return launcher
+
+
 def check_counter_dtypes(counters, kernel: str) -> None:
     """All counters of a launch have one dtype, else KernelDeclined: torch's load casts a float64
     model's eta/mu_product, not its step (a checkpoint torch loaded)."""

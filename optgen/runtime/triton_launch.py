@@ -43,7 +43,6 @@ then need it unset.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 from typing import Any
 
@@ -57,7 +56,9 @@ from optgen.runtime.native import (
     check_counter_dtypes,
     create_states,
     creates_states,
+    launcher_named,
     layout,
+    register_launcher,
     traced,
 )
 
@@ -111,6 +112,7 @@ class Kernel:
         #: the generated module whose LAUNCH this is: how the custom op finds it again (a string
         #: goes into a graph; the kernel does not)
         self.module = kernel.fn.__module__
+        register_launcher(self.module, self)
 
     def __call__(self, *, grad_scale=None, found_inf=None, **arguments) -> None:
         guards = {name: bool(condition(arguments)) for name, condition in self.guards.items()}
@@ -189,7 +191,7 @@ def _triton_step(module: str, tensors: list[torch.Tensor], used: list[bool], abs
         ``tensor_positions[k]`` is the tensor ``tensor_hyperparameters[k]``.
     guards: the values of ``LAUNCH.guards``, in order.
     (Note [Triton kernels as custom ops])"""
-    kernel = importlib.import_module(module).LAUNCH
+    kernel = launcher_named(module)
     given: list[torch.Tensor | None] = list(tensors)
     for i in absent:
         given[i] = None

@@ -43,3 +43,33 @@ def test_fused_c_step_traces_on_fake_tensors(name, kwargs):
                             text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "['optgen.c_step.default']", result.stdout
+
+
+UNKNOWN_MODULE = """
+import sys, torch
+import optgen.runtime.c_launch, optgen.runtime.triton_launch  # registers both ops
+marker = "optgen_test_marker_module_that_must_not_be_imported"
+t = torch.zeros(2)
+for call in (
+    lambda: torch.ops.optgen.c_step(marker, [t], [], [t], [], 1, [], [0.1], 0),
+    lambda: torch.ops.optgen.triton_step(marker, [t, t], [True, True], [], [], 1, [], [0.1], [], [], [], None, None),
+):
+    try:
+        call()
+    except RuntimeError as e:
+        assert "no generated kernel module" in str(e), e
+    else:
+        raise AssertionError("an op named an unknown module and ran")
+    assert marker not in sys.modules
+print("ok")
+"""
+
+
+def test_ops_run_only_kernels_this_process_loaded(tmp_path):
+    # The ops take the generated module's name from the graph: a name no generated module
+    # registered is an error, never an import (a module found on sys.path would run its code).
+    (tmp_path / "optgen_test_marker_module_that_must_not_be_imported.py").write_text(
+        "raise SystemExit('imported a module an op named')\n")
+    result = subprocess.run([sys.executable, "-c", UNKNOWN_MODULE], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
