@@ -90,11 +90,17 @@ COMPILED_CASES = [
     ("Adafactor", dict(lr=0.01)),          # reductions (row and column means of grad ** 2), norms
     # Branches on traced scalars (Note [Branches on traced scalars] in optgen/backends/python_base.py):
     ("RAdam", dict(lr=0.01)),              # `if rho_t > 5`: the else branch up to step 5, then the if (STEPS_RADAM)
-    ("ASGD", dict(lr=0.05, t0=2)),         # `if mu != 1`: mu = 1 up to step t0 + 1, then 1/2, ...
+    ("ASGD", dict(lr=0.05, t0=0)),         # `if mu != 1`: mu = 1 read at steps 1 and 2, then 1/2, 1/3
     ("Lamb", dict(lr=0.01)),               # where(weight_norm > 0, ...) of two norms
 ]
 #: RAdam's rho_t passes 5 at its sixth step (rho_t ~ t for small t, whatever beta2): both branches
 STEPS_RADAM = 7
+# RAdam's rho_t = rho_inf - 2 t beta2 ** t / (1 - beta2 ** t) is a difference of two numbers near
+# rho_inf = 1999: in float32 (ulp 1.2e-4 there) rho_t ~ 6 is off by up to 1e-4, and rect's factor
+# rho_t - 4 ~ 2 by 6e-5 relative, where the rectified update is ~lr = 0.01: 3.5e-6 after the two
+# rectified steps, measured, for torch's compiled step and optgen's alike (the two compiled steps
+# agree bit for bit).  Its tolerance is three times that.
+ATOL_BY_NAME = {"RAdam": 1e-5}
 
 
 def _train(cls, implementation: str | None, kwargs: dict, compiled: bool, steps: int = STEPS):
@@ -126,8 +132,15 @@ def _state(opt) -> list[torch.Tensor]:
     return [value for p in opt.param_groups[0]["params"] for _, value in sorted(opt.state[p].items())]
 
 
-@pytest.mark.parametrize("implementation", ["forloop", "foreach", "c"])
-@pytest.mark.parametrize("name,kwargs", COMPILED_CASES, ids=[n for n, _ in COMPILED_CASES])
+#: the fused C kernel compiles as one custom op whatever its update (Note [C kernels as custom ops]):
+#: the cases with branches on traced scalars are for the for-loop and foreach kernels
+C_COMPILED = ("Adam", "AdamW", "SGD", "Adafactor")
+
+
+@pytest.mark.parametrize("name,kwargs,implementation", [
+    pytest.param(name, kwargs, implementation, id=f"{name}-{implementation}")
+    for name, kwargs in COMPILED_CASES for implementation in ("forloop", "foreach", "c")
+    if implementation != "c" or name in C_COMPILED])
 def test_compiled_training_step_equals_eager(name, kwargs, implementation):
     """Note [Compiled steps against eager]: params and every state tensor after STEPS compiled
     training steps, against the same steps run eagerly."""
@@ -141,15 +154,16 @@ def test_compiled_training_step_equals_eager(name, kwargs, implementation):
         for got, want in zip([*params, *state], [*eager_params, *eager_state], strict=True):
             assert torch.equal(got, want)
         return
-    torch.testing.assert_close(params, eager_params, rtol=0, atol=ATOL)
-    torch.testing.assert_close(state, eager_state, rtol=0, atol=ATOL)
-    if name in ("Adam", "Adafactor"):  # torch's compiled step, held to the same tolerance
+    atol = ATOL_BY_NAME.get(name, ATOL)
+    torch.testing.assert_close(params, eager_params, rtol=0, atol=atol)
+    torch.testing.assert_close(state, eager_state, rtol=0, atol=atol)
+    if name in ("Adam", "Adafactor", "RAdam", "ASGD"):  # torch's compiled step, held to the same tolerance
         torch_cls = getattr(torch.optim, name)
         foreach = implementation == "foreach"
-        torch_params, _ = _train(torch_cls, None, dict(kwargs, foreach=foreach), compiled=True)
-        torch_eager_params, _ = _train(torch_cls, None, dict(kwargs, foreach=foreach), compiled=False)
-        torch.testing.assert_close(torch_params, torch_eager_params, rtol=0, atol=ATOL)
-        torch.testing.assert_close(params, torch_params, rtol=0, atol=ATOL)
+        torch_params, _ = _train(torch_cls, None, dict(kwargs, foreach=foreach), compiled=True, steps=steps)
+        torch_eager_params, _ = _train(torch_cls, None, dict(kwargs, foreach=foreach), compiled=False, steps=steps)
+        torch.testing.assert_close(torch_params, torch_eager_params, rtol=0, atol=atol)
+        torch.testing.assert_close(params, torch_params, rtol=0, atol=atol)
 
 
 # ------------------------------------------------------------------------------ graph breaks
@@ -169,7 +183,7 @@ def _stepped(cls, implementation: str | None, **kwargs):
 
 NO_BREAK_CASES = [("Adam", {}), ("AdamW", dict(amsgrad=True)), ("SGD", dict(lr=0.1, momentum=0.9)),
                   ("NAdam", {}), ("Adagrad", {}), ("RMSprop", dict(momentum=0.9, centered=True)),
-                  ("RAdam", {}), ("ASGD", dict(t0=2)), ("Lamb", {}), ("Adafactor", {})]
+                  ("RAdam", {}), ("ASGD", dict(t0=0)), ("Lamb", {}), ("Adafactor", {})]
 #: where torch has no compiled step without breaks to hold next to optgen's
 NO_TORCH_REFERENCE = {
     "Lamb": "torch.optim has no Lamb",
