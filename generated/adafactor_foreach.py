@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import counter_value, sqrt
+from optgen.runtime.tensor_scalars import counter_value, norm, sqrt
 
 
 def adafactor_step(
@@ -34,7 +34,7 @@ def adafactor_step(
     # rho_t = minimum(lr, 1 / sqrt(step))
     rho_ts = [min(lr, 1 / sqrt(step)) for step in steps]
     # alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t
-    alphas = [rho_t * max(eps2, param.norm().item() / sqrt(param.numel())) for param, rho_t in zip(params, rho_ts)]
+    alphas = [rho_t * max(eps2, norm(param) / sqrt(param.numel())) for param, rho_t in zip(params, rho_ts)]
     if weight_decay != 0:
         # param = param * (1 - lr * weight_decay)
         torch._foreach_mul_(params, 1 - lr * weight_decay)
@@ -65,7 +65,7 @@ def adafactor_step(
             # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
             updates[i] = grads[i].div(var_estimate.clamp(min=epsilon1s[i] ** 2).sqrt_())
     # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
-    denoms = [max(1.0, update.norm().item() / (d * sqrt(update.numel()))) for update in updates]
+    denoms = [max(1.0, norm(update) / (d * sqrt(update.numel()))) for update in updates]
     # param = param - alpha / denom * update
     for i in range(len(params)):
         params[i].add_(updates[i], alpha=-alphas[i] / denoms[i])

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import counter_value, sqrt
+from optgen.runtime.tensor_scalars import counter_value, norm, sqrt
 
 
 def adafactor_step(
@@ -39,7 +39,7 @@ def adafactor_step(
         # rho_t = minimum(lr, 1 / sqrt(step))
         rho_t = min(lr, 1 / sqrt(step))
         # alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t
-        alpha = rho_t * max(eps2, param.norm().item() / sqrt(param.numel()))
+        alpha = rho_t * max(eps2, norm(param) / sqrt(param.numel()))
         if weight_decay != 0:
             # param = param * (1 - lr * weight_decay)
             param.mul_(1 - lr * weight_decay)
@@ -68,7 +68,7 @@ def adafactor_step(
             # update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1))
             update = grad.div(var_estimate.clamp(min=epsilon1 ** 2).sqrt_())
         # denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d))
-        denom = max(1.0, update.norm().item() / (d * sqrt(update.numel())))
+        denom = max(1.0, norm(update) / (d * sqrt(update.numel())))
         # param = param - alpha / denom * update
         param.add_(update, alpha=-alpha / denom)
 

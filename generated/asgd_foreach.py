@@ -45,12 +45,22 @@ def asgd_step(
     # mu (before this step's update)
     mus = [counter_value(t) for t in state_mus]
     for i in range(len(params)):
-        if mus[i] != 1:
+        if torch.compiler.is_compiling():
+            ax_new = axs[i].clone()
             # ax = ax + (param - ax) * mu
-            axs[i].add_(params[i].sub(axs[i]).mul_(mus[i]))
-        else:
+            ax_new.add_(params[i].sub(ax_new).mul_(mus[i]))
+            axs[i].copy_(torch.where(mus[i] != 1, ax_new, axs[i]))
+            ax_new = axs[i].clone()
             # ax = param
-            axs[i].copy_(params[i])
+            ax_new.copy_(params[i])
+            axs[i].copy_(torch.where(mus[i] == 1, ax_new, axs[i]))
+        else:
+            if mus[i] != 1:
+                # ax = ax + (param - ax) * mu
+                axs[i].add_(params[i].sub(axs[i]).mul_(mus[i]))
+            else:
+                # ax = param
+                axs[i].copy_(params[i])
     # eta = lr / (1 + lambd * lr * step) ** alpha
     for t, value in zip(state_etas, [lr / (1 + lambd * lr * step) ** alpha for step in steps]):
         t.copy_(torch.as_tensor(value))

@@ -47,12 +47,22 @@ def asgd_step(
         param.add_(grad, alpha=-eta)
         # mu (before this step's update)
         mu = counter_value(mu_t)
-        if mu != 1:
+        if torch.compiler.is_compiling():
+            ax_new = ax.clone()
             # ax = ax + (param - ax) * mu
-            ax.add_(param.sub(ax).mul_(mu))
-        else:
+            ax_new.add_(param.sub(ax_new).mul_(mu))
+            ax.copy_(torch.where(mu != 1, ax_new, ax))
+            ax_new = ax.clone()
             # ax = param
-            ax.copy_(param)
+            ax_new.copy_(param)
+            ax.copy_(torch.where(mu == 1, ax_new, ax))
+        else:
+            if mu != 1:
+                # ax = ax + (param - ax) * mu
+                ax.add_(param.sub(ax).mul_(mu))
+            else:
+                # ax = param
+                ax.copy_(param)
         # eta = lr / (1 + lambd * lr * step) ** alpha
         eta_t.copy_(torch.as_tensor(lr / (1 + lambd * lr * step) ** alpha))
         # mu = 1 / maximum(1, step - t0)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import counter_value
+from optgen.runtime.tensor_scalars import counter_value, norm
 
 
 def lamb_step(
@@ -56,11 +56,14 @@ def lamb_step(
         # update = update + weight_decay * param
         torch._foreach_add_(updates, params, alpha=weight_decay)
     # weight_norm = norm(param)
-    weight_norms = [param.norm().item() for param in params]
+    weight_norms = [norm(param) for param in params]
     # update_norm = norm(update)
-    update_norms = [update.norm().item() for update in updates]
+    update_norms = [norm(update) for update in updates]
     # trust_ratio = where(weight_norm > 0, where(update_norm > 0, weight_norm / update_norm, 1), 1)
-    trust_ratios = [((weight_norm / update_norm if update_norm > 0 else 1) if weight_norm > 0 else 1) for update_norm, weight_norm in zip(update_norms, weight_norms)]
+    if torch.compiler.is_compiling():
+        trust_ratios = [torch.where(weight_norm > 0, torch.where(update_norm > 0, weight_norm / update_norm, 1), 1) for update_norm, weight_norm in zip(update_norms, weight_norms)]
+    else:
+        trust_ratios = [((weight_norm / update_norm if update_norm > 0 else 1) if weight_norm > 0 else 1) for update_norm, weight_norm in zip(update_norms, weight_norms)]
     # param = param - lr * trust_ratio * update
     for i in range(len(params)):
         params[i].add_(updates[i], alpha=-lr * trust_ratios[i])

@@ -6,10 +6,11 @@ choose its branches.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import counter_value
+from optgen.runtime.tensor_scalars import counter_value, norm
 
 
 def lamb_step(
@@ -44,11 +45,14 @@ def lamb_step(
             # update = update + weight_decay * param
             update.add_(param, alpha=weight_decay)
         # weight_norm = norm(param)
-        weight_norm = param.norm().item()
+        weight_norm = norm(param)
         # update_norm = norm(update)
-        update_norm = update.norm().item()
+        update_norm = norm(update)
         # trust_ratio = where(weight_norm > 0, where(update_norm > 0, weight_norm / update_norm, 1), 1)
-        trust_ratio = ((weight_norm / update_norm if update_norm > 0 else 1) if weight_norm > 0 else 1)
+        if torch.compiler.is_compiling():
+            trust_ratio = torch.where(weight_norm > 0, torch.where(update_norm > 0, weight_norm / update_norm, 1), 1)
+        else:
+            trust_ratio = ((weight_norm / update_norm if update_norm > 0 else 1) if weight_norm > 0 else 1)
         # param = param - lr * trust_ratio * update
         param.add_(update, alpha=-lr * trust_ratio)
 

@@ -52,7 +52,8 @@ def radam_step(
     # rho_t = rho_inf - 2 * step * beta2 ** step / bias_correction2
     rho_ts = [rho_inf - 2 * beta2 ** step * step / bias_correction2 for bias_correction2, step in zip(bias_correction2s, steps)]
     for i in range(len(params)):
-        if rho_ts[i] > 5:
+        if torch.compiler.is_compiling():
+            param_new = params[i].clone()
             # rect = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
             rect = sqrt(rho_inf * (rho_ts[i] - 4) * (rho_ts[i] - 2) / (rho_ts[i] * (rho_inf - 4) * (rho_inf - 2)))
             # step_size = lr * rect * sqrt(bias_correction2) / bias_correction1
@@ -60,10 +61,25 @@ def radam_step(
             # denom = sqrt(exp_avg_sq) + eps
             denom = exp_avg_sqs[i].sqrt().add_(eps)
             # param = param - step_size * exp_avg / denom
-            params[i].addcdiv_(exp_avgs[i], denom, value=-step_size)
-        else:
+            param_new.addcdiv_(exp_avgs[i], denom, value=-step_size)
+            params[i].copy_(torch.where(rho_ts[i] > 5, param_new, params[i]))
+            param_new = params[i].clone()
             # param = param - lr / bias_correction1 * exp_avg
-            params[i].add_(exp_avgs[i], alpha=-lr / bias_correction1s[i])
+            param_new.add_(exp_avgs[i], alpha=-lr / bias_correction1s[i])
+            params[i].copy_(torch.where(rho_ts[i] <= 5, param_new, params[i]))
+        else:
+            if rho_ts[i] > 5:
+                # rect = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+                rect = sqrt(rho_inf * (rho_ts[i] - 4) * (rho_ts[i] - 2) / (rho_ts[i] * (rho_inf - 4) * (rho_inf - 2)))
+                # step_size = lr * rect * sqrt(bias_correction2) / bias_correction1
+                step_size = sqrt(bias_correction2s[i]) * lr * rect / bias_correction1s[i]
+                # denom = sqrt(exp_avg_sq) + eps
+                denom = exp_avg_sqs[i].sqrt().add_(eps)
+                # param = param - step_size * exp_avg / denom
+                params[i].addcdiv_(exp_avgs[i], denom, value=-step_size)
+            else:
+                # param = param - lr / bias_correction1 * exp_avg
+                params[i].add_(exp_avgs[i], alpha=-lr / bias_correction1s[i])
 
 
 KERNEL = KernelModule(

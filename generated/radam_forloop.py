@@ -6,6 +6,7 @@ choose its branches.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
@@ -51,7 +52,8 @@ def radam_step(
         bias_correction2 = 1 - beta2 ** step
         # rho_t = rho_inf - 2 * step * beta2 ** step / bias_correction2
         rho_t = rho_inf - 2 * beta2 ** step * step / bias_correction2
-        if rho_t > 5:
+        if torch.compiler.is_compiling():
+            param_new = param.clone()
             # rect = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
             rect = sqrt(rho_inf * (rho_t - 4) * (rho_t - 2) / (rho_t * (rho_inf - 4) * (rho_inf - 2)))
             # step_size = lr * rect * sqrt(bias_correction2) / bias_correction1
@@ -59,10 +61,25 @@ def radam_step(
             # denom = sqrt(exp_avg_sq) + eps
             denom = exp_avg_sq.sqrt().add_(eps)
             # param = param - step_size * exp_avg / denom
-            param.addcdiv_(exp_avg, denom, value=-step_size)
-        else:
+            param_new.addcdiv_(exp_avg, denom, value=-step_size)
+            param.copy_(torch.where(rho_t > 5, param_new, param))
+            param_new = param.clone()
             # param = param - lr / bias_correction1 * exp_avg
-            param.add_(exp_avg, alpha=-lr / bias_correction1)
+            param_new.add_(exp_avg, alpha=-lr / bias_correction1)
+            param.copy_(torch.where(rho_t <= 5, param_new, param))
+        else:
+            if rho_t > 5:
+                # rect = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+                rect = sqrt(rho_inf * (rho_t - 4) * (rho_t - 2) / (rho_t * (rho_inf - 4) * (rho_inf - 2)))
+                # step_size = lr * rect * sqrt(bias_correction2) / bias_correction1
+                step_size = sqrt(bias_correction2) * lr * rect / bias_correction1
+                # denom = sqrt(exp_avg_sq) + eps
+                denom = exp_avg_sq.sqrt().add_(eps)
+                # param = param - step_size * exp_avg / denom
+                param.addcdiv_(exp_avg, denom, value=-step_size)
+            else:
+                # param = param - lr / bias_correction1 * exp_avg
+                param.add_(exp_avg, alpha=-lr / bias_correction1)
 
 
 KERNEL = KernelModule(

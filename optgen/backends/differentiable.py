@@ -78,6 +78,9 @@ def is_count(program: OpProgram, counter: str) -> bool:
 class DifferentiableRenderer(ForLoopRenderer):
     name = "differentiable"
     stores_created_state = False  # loop_footer stores every state
+    # Its counters and norms are tensors eagerly too, and its branches are decided on them as the
+    # plain kernel's are (Note [Branches on traced scalars] is for the plain kernels)
+    traced_branches = False
 
     def __init__(self, program: OpProgram, tensor_hypers: frozenset[str]):
         super().__init__(program)

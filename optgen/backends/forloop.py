@@ -65,6 +65,8 @@ class ForLoopRenderer(PythonRenderer):
     def var(self, name: str) -> str:
         if name in self.inlined:
             return self.inlined[name]
+        if name in self.redirect:  # Note [Branches on traced scalars] in python_base.py
+            return self.redirect[name]
         if not self.index or (self.loop_locals and name.startswith("_t")) or name in self.local_names:
             return name
         return f"{self.list_name(name)}[{self.index}]"

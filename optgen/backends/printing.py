@@ -172,6 +172,29 @@ class TensorScalarPrinter(PythonScalarPrinter):
             return f"{self.FUNCTIONS[expr.func]}({self.print(expr.args[0])})"
         return super().print(expr)
 
+    def print_reduction(self, expr) -> str:
+        if isinstance(expr, Norm):  # tensor_scalars.norm: .item() eagerly, the 0-dim tensor traced
+            return f"norm({self.print(expr.args[0])})"
+        return super().print_reduction(expr)
+
+
+class TracedScalarPrinter(TensorScalarPrinter):
+    """Host scalars as torch.compile traces them, where a counter or a norm is a 0-dim tensor (Note
+    [Branches on traced scalars] in optgen/backends/python_base.py): a choice between values is
+    ``torch.where``, and conditions combine with ``&``/``|``/``~``, since Python's ``if``/``and``/
+    ``not`` would ask the tensor for its truth value (a data-dependent branch dynamo cannot trace)."""
+
+    def print(self, expr):
+        if isinstance(expr, Where):
+            cond, a, b = (self.print(arg) for arg in expr.args)
+            return f"torch.where({cond}, {a}, {b})"
+        if isinstance(expr, (sympy.And, sympy.Or)):
+            operands = evaluation_order(expr.args, self.defined_at)
+            return (" & " if isinstance(expr, sympy.And) else " | ").join(f"({self.print(a)})" for a in operands)
+        if isinstance(expr, sympy.Not):
+            return f"~({self.print(expr.args[0])})"
+        return super().print(expr)
+
 
 def split_fraction(expr: sympy.Mul) -> tuple[list, list]:
     """A product's factors as written numerators and denominators: x ** -1, x ** -alpha (sympy's

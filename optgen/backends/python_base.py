@@ -21,11 +21,28 @@ from optgen.backends.base import (
     kernel_signature,
     plural,
 )
-from optgen.backends.printing import TensorScalarPrinter
+from optgen.backends.printing import TensorScalarPrinter, TracedScalarPrinter
+from optgen.ir.functions import Norm, Where
 from optgen.ir.guards import first_assignments, simplify_guard
 from optgen.ir.ops import OpProgram, Step, TensorOp
 from optgen.passes import Compiled
 from optgen.passes.merge_variants import Block, FlagSpace, MergedBlock, merge, sections
+from optgen.passes.reuse_buffers import step_reads
+
+
+def traced_names(program: OpProgram) -> set[str]:
+    """Host scalars that are 0-dim tensors while torch.compile traces the step: counters' values,
+    norms, and what is computed from them (Note [Branches on traced scalars])."""
+    names: set[str] = set()
+    for step in program.steps:
+        if step.kind in ("counter", "read"):
+            names.add(step.target)
+        elif step.kind == "scalar" and step.expr is not None:
+            expr = sympy.sympify(step.expr)
+            if any(s.name in names for s in expr.free_symbols) \
+                    or any(isinstance(e, Norm) for e in sympy.preorder_traversal(expr)):
+                names.add(step.target)
+    return names
 
 
 def _names_read(step: Step) -> set[str]:
@@ -36,12 +53,44 @@ def _names_read(step: Step) -> set[str]:
     return {s.name for e in exprs for s in sympy.sympify(e).free_symbols}
 
 
+# Note [Branches on traced scalars]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# While torch.compile traces a step, a counter's value is its 0-dim tensor (Note [Counters under
+# torch.compile] in optgen/runtime/tensor_scalars.py), and so is a norm read as a scalar
+# (``tensor_scalars.norm``).  A Python branch on such a value — RAdam's ``if rho_t > 5:``, ASGD's
+# ``if mu != 1:``, Lamb's ``where(weight_norm > 0, ...)`` printed as ``a if c else b`` — asks the
+# tensor for its truth value: a data-dependent branch, a graph break.  So the kernel branches once
+# more, on ``torch.compiler.is_compiling()`` (a constant to dynamo), and takes there the form torch's
+# own ``capturable`` paths take:
+#
+#   - a statement under a traced condition ``c`` runs whatever ``c`` is, on a clone of each tensor
+#     it updates that outlives it, and ``x.copy_(torch.where(c, x_new, x))`` keeps the update only
+#     where ``c`` holds; an if/else is two such statements (``c``, then ``~c``), each a no-op
+#     where its condition fails, so they compose as the branches did;
+#   - a scalar assignment that chooses (``where``) is printed with ``torch.where``, both values
+#     computed (a 0/0 in the one not chosen is a NaN nobody reads, not a ZeroDivisionError: the
+#     operands are tensors there).
+#
+# Eagerly the code is the branch as written, bit for bit (the ``else:`` of the ``is_compiling()``
+# test); traced, the chosen values are those of the branch, up to the float32 rounding every traced
+# scalar has (Note [Compiled steps against eager] in tests/integration/test_compile.py).  A branch
+# the where form cannot express — one that rebinds a name read after it (``update = ...`` in both
+# arms), creates a lazily created state or updates a counter — keeps the Python branch: a graph
+# break while tracing, never a wrong step.
+
+
 class PythonRenderer:
     name: str            # backend name: "forloop" / "foreach"
     indent = "    "
+    #: Note [Branches on traced scalars]: a branch on a counter or norm takes torch.where while
+    #: torch.compile traces the step (the differentiable kernel branches on its own tensors)
+    traced_branches = True
 
     def __init__(self, program: OpProgram):
         self.program = program
+        self.tracing = False  # printing the torch.compile form (Note [Branches on traced scalars])
+        self.redirect: dict[str, str] = {}  # tensor → the clone a traced branch updates instead
+        self.traced = traced_names(program)
         self.per_tensor = {s.target for s in program.steps if s.per_tensor}
         # Scalar locals → where first assigned (Note [Guards evaluate in the order they were written]).
         self.defined_at = first_assignments(s.target for s in program.steps if s.kind == "scalar")
@@ -74,7 +123,14 @@ class PythonRenderer:
         return plural(name)
 
     def scalar(self, expr) -> str:
-        return TensorScalarPrinter(self.scalar_name, self.defined_at)(expr)
+        printer = TracedScalarPrinter if self.tracing else TensorScalarPrinter
+        return printer(self.scalar_name, self.defined_at)(expr)
+
+    def reads_traced(self, expr) -> bool:
+        """Whether ``expr`` may be a 0-dim tensor while torch.compile traces the step."""
+        expr = sympy.sympify(expr)
+        return any(s.name in self.traced for s in expr.free_symbols) \
+            or any(isinstance(e, Norm) for e in sympy.preorder_traversal(expr))
 
     def scalar_name(self, name: str) -> str:
         """How code reads the scalar ``name`` (a list element in foreach's per-tensor fallback)."""
@@ -115,6 +171,14 @@ class PythonRenderer:
         if step.kind == "read":
             return [self.counter_read(step.target)]
         if step.kind == "scalar":
+            if self.traced_branches and not self.tracing and any(
+                    isinstance(e, Where) and self.reads_traced(e.args[0]) for e in sympy.preorder_traversal(step.expr)):
+                # Note [Branches on traced scalars]: a choice on a traced value, by torch.where
+                self.tracing = True
+                traced = self.scalar_step(step)
+                self.tracing = False
+                return ["if torch.compiler.is_compiling():", *(self.indent + line for line in traced),
+                        "else:", *(self.indent + line for line in self.scalar_step(step))]
             return self.scalar_step(step)
         if step.first_ops is not None:
             return self.lazy_state(step)
@@ -136,7 +200,77 @@ class PythonRenderer:
     @staticmethod
     def guarded_blocks(steps, renderer: PythonRenderer) -> list:
         """Statements as items: each statement's lines (its spec line as a comment first) one
-        leaf, a run of statements under one guard a Block (``if guard:``) of them."""
+        leaf, a run of statements under one guard a Block (``if guard:``) of them.  A run under
+        conditions on traced values also has its torch.compile form (Note [Branches on traced
+        scalars])."""
+        if not renderer.traced_branches or renderer.tracing:
+            return PythonRenderer.plain_blocks(steps, renderer)
+        items: list = []
+        for traced, grouped in itertools.groupby(steps, key=lambda s: renderer.traced_guard(s.guard) is not None):
+            run = list(grouped)
+            plain = PythonRenderer.plain_blocks(run, renderer)
+            where = renderer.where_form(run) if traced else None
+            if where is None:
+                items += plain
+            else:
+                items.append(Block("if torch.compiler.is_compiling():", tuple(where), tuple(plain)))
+        return items
+
+    def traced_guard(self, guard) -> tuple[sympy.Basic, sympy.Basic] | None:
+        """``(static, traced)``: a guard as the conjunction of a condition Python decides and one on
+        traced values (None if it reads no traced value, or mixes the two other than by ``and``)."""
+        if guard == sympy.true or not self.reads_traced(guard):
+            return None
+        terms = guard.args if isinstance(guard, sympy.And) else (guard,)
+        traced = [t for t in terms if self.reads_traced(t)]
+        static = [t for t in terms if not self.reads_traced(t)]
+        return sympy.And(*static), sympy.And(*traced)
+
+    def where_form(self, steps: list[Step]) -> list | None:
+        """Steps under traced conditions as torch.compile runs them: each run under one condition
+        on clones of the tensors it updates, kept by ``torch.where`` (Note [Branches on traced
+        scalars]); None where that cannot express them."""
+        inside = {id(s) for s in steps}
+        outside = {*self.program.tensors, *self.program.counters}
+        for s in self.program.steps:
+            if id(s) not in inside and s.kind != "release":
+                outside |= {s.target, *step_reads(s)}
+        items: list = []
+        self.tracing = True
+        try:
+            for guard, grouped in itertools.groupby(steps, key=lambda s: s.guard):
+                group = list(grouped)
+                written = []
+                for s in group:
+                    if s.kind not in ("tensor", "scalar") or s.first_ops is not None:
+                        return None  # a counter's update, a lazily created state: the Python branch
+                    if s.kind == "scalar" and s.target in outside:
+                        return None
+                    for op in s.ops:
+                        if not op.in_place and op.out in outside:
+                            return None  # rebinds a name read after it: no tensor to select into
+                        if op.in_place and op.self_ in outside and op.self_ not in written:
+                            written.append(op.self_)
+                clones = {name: f"{name}_new" for name in written}
+                if set(clones.values()) & (outside | {s.target for s in group}):
+                    return None
+                static, condition = cast(tuple, self.traced_guard(guard))
+                block: list = [(f"{clone} = {self.var(name)}.clone()",) for name, clone in clones.items()]
+                self.redirect = clones
+                block += [(f"# {s.text}", *self.step_lines(s)) for s in group]
+                self.redirect = {}
+                chosen = self.scalar(condition)
+                block += [(f"{self.var(name)}.copy_(torch.where({chosen}, {clone}, {self.var(name)}))",)
+                          for name, clone in clones.items()]
+                items += block if static == sympy.true else [Block(f"if {self.scalar(static)}:", tuple(block))]
+        finally:
+            self.tracing = False
+            self.redirect = {}
+        return items
+
+    @staticmethod
+    def plain_blocks(steps, renderer: PythonRenderer) -> list:
+        """guarded_blocks, each condition a Python ``if``."""
         items: list = []
         previous = None
         for guard, group in itertools.groupby(steps, key=lambda s: s.guard):
@@ -192,7 +326,7 @@ INTRINSICS = ("newton_schulz",)
 #: functions whose scalar may be a number or a 0-dim tensor (optgen.runtime.tensor_scalars;
 #: differentiable kernels)
 TENSOR_SCALAR_FUNCTIONS = ("add", "addcdiv", "addcmul", "counter_value", "exp", "foreach_addcdiv_", "foreach_addcmul_",
-                           "log", "sqrt")
+                           "log", "norm", "sqrt")
 
 
 def python_condition(expr: sympy.Basic, flags: tuple[str, ...]) -> str:

@@ -22,7 +22,10 @@ scalars as tensors (``_foreach_mul_(xs, [t0, t1])`` is the list-of-tensors overl
 per-tensor ``value`` list has no such overload while tracing (a stacked tensor is refused under
 FakeTensor on the CPU, which is why torch's compiled step takes its ``capturable`` path) are
 ``foreach_addcmul_`` / ``foreach_addcdiv_`` here: the foreach op eagerly, one op per tensor while
-tracing (the compiler fuses them again).
+tracing (the compiler fuses them again).  A norm read as a scalar (Lamb's trust ratio, Adafactor's
+relative step) is ``norm(x)``: ``x.norm().item()`` eagerly, the 0-dim tensor while tracing.  A
+branch on such a value is taken by ``torch.where`` while tracing (Note [Branches on traced scalars]
+in optgen/backends/python_base.py).
 """
 from __future__ import annotations
 
@@ -71,6 +74,15 @@ def counter_value(counter: torch.Tensor):
     if torch.compiler.is_compiling():
         return counter
     return counter.item()
+
+
+def norm(x: torch.Tensor):
+    """``x``'s 2-norm for the step's scalar arithmetic: a number eagerly (``.item()``, as the kernels
+    always read it), the 0-dim tensor while torch.compile traces the step, where ``.item()`` would
+    break the graph (Note [Counters under torch.compile])."""
+    if torch.compiler.is_compiling():
+        return x.norm()
+    return x.norm().item()
 
 
 def foreach_addcmul_(xs: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], values: list) -> None:

@@ -331,7 +331,10 @@ def test_else_after_else_starts_a_new_if(tmp_path):
         else:
             param = param + lr * buf
     """)
-    text = ops_text(spec)
+    # (the branches as written are the else of `if torch.compiler.is_compiling():`, Note [Branches
+    # on traced scalars] in optgen/backends/python_base.py)
+    traced, _, text = ops_text(spec).partition("\nelse:\n")
+    assert "if torch.compiler.is_compiling():" in traced
     assert text.count("else:") == 2 and text.count("if step > 2:") == 2
 
 
@@ -454,3 +457,48 @@ def test_a_temporary_read_by_a_scalar_argument_is_freed_after_it(tmp_path):
     """)
     text = foreach_text(spec)
     assert "ms = torch._foreach_clamp_min(params, [grad.numel() for grad in grads])\ndel grads" in text
+
+
+def test_branch_on_a_counter_also_has_its_where_form(tmp_path):
+    # Note [Branches on traced scalars]: each arm runs on a clone of the tensor it updates, and
+    # torch.where keeps it only where its condition holds; the arms as written are the eager path.
+    spec = toy(tmp_path, """
+        step = step + 1
+        if step > 2:
+            buf = buf + grad
+        param = param - lr * buf
+    """)
+    traced, _, eager = ops_text(spec).partition("\nelse:\n")
+    assert "buf_new = buf.clone()\n    # buf = buf + grad\n    buf_new.add_(grad)\n" \
+           "    buf.copy_(torch.where(step > 2, buf_new, buf))" in traced
+    assert "if step > 2:\n        # buf = buf + grad\n        buf.add_(grad)" in eager
+
+
+def test_branch_that_rebinds_a_name_read_after_it_keeps_only_the_python_branch(tmp_path):
+    # `u` exists only after the if/else: there is no tensor to select into (a graph break under
+    # torch.compile, never a wrong step)
+    spec = toy(tmp_path, """
+        step = step + 1
+        if step > 2:
+            u = grad * 2
+        else:
+            u = grad
+        buf = buf + u
+        param = param - lr * buf
+    """)
+    text = ops_text(spec)
+    assert "is_compiling" not in text and "if step > 2:" in text
+
+
+def test_choice_on_a_norm_is_a_torch_where_while_tracing(tmp_path):
+    spec = toy(tmp_path, """
+        step = step + 1
+        buf = buf + grad
+        n = norm(buf)
+        r = where(n > 0, lr / n, lr)
+        param = param - r * buf
+    """)
+    text = ops_text(spec)
+    assert "n = norm(buf)" in text
+    assert "if torch.compiler.is_compiling():\n    r = torch.where(n > 0, lr / n, lr)\n" \
+           "else:\n    r = (lr / n if n > 0 else lr)" in text
