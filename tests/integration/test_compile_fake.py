@@ -70,6 +70,7 @@ def test_ops_run_only_kernels_this_process_loaded(tmp_path):
     # registered is an error, never an import (a module found on sys.path would run its code).
     (tmp_path / "optgen_test_marker_module_that_must_not_be_imported.py").write_text(
         "raise SystemExit('imported a module an op named')\n")
+    path = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     result = subprocess.run([sys.executable, "-c", UNKNOWN_MODULE], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+                            env={**os.environ, "PYTHONPATH": path})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
