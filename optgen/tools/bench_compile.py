@@ -166,8 +166,8 @@ def main(args) -> int:
     _Timed.backend = args.compile_backend or "inductor"
     folder = _fresh_caches()
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats "
-             f"after two steps each; compiled = torch.compile(opt.step) ({_Timed.backend}), cold caches; speed-up = median "
-             "over repeats of torch forloop's time / this time (higher is better).", ""]
+             f"after two steps each; compiled = torch.compile(opt.step) ({_Timed.backend}), cold caches; "
+             "speed-up = median over repeats of torch forloop's time / this time (higher is better).", ""]
     print(lines[0], flush=True)
     try:
         for count, size in cases:
