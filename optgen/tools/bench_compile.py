@@ -19,8 +19,9 @@ charged to nobody.  Within a workload the C library that ``optgen c``'s first st
 reused by ``optgen c compiled`` (the same kernel).  Dynamo is reset between workloads, and its
 recompile limit raised: every optimizer's ``step`` is torch's one profiling ``wrapper`` code object,
 so the compiled implementations of one workload share its cache entries.  ``graphs`` counts the
-graphs dynamo compiled for an implementation over the whole run; a graph compiled during the
-steady state would show there (and in the spread).
+graphs dynamo compiled for an implementation over the whole run: one per piece between graph
+breaks, again for each recompilation; a graph compiled during the steady state would show there
+(and in the spread).
 
 Steady state: ``repeats`` rounds, each timing one step of every implementation back to back (the
 machine is shared, so only implementations timed in the same round are compared); the table gives
