@@ -209,6 +209,10 @@ def cmd_bench(args) -> int:
         from optgen.tools.bench_cuda import main as cuda_main
 
         return cuda_main(args)
+    if args.vs_compiled:  # compiled steps against the fused kernels, compile time included
+        from optgen.tools.bench_compile import main as compiled_main
+
+        return compiled_main(args)
     from optgen.tools.bench import main as bench_main
 
     return bench_main(args)
@@ -271,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="append the Markdown table to this file")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(opt.step) of torch's for-loop (tens of seconds to compile each)")
+    p.add_argument("--vs-compiled", action="store_true",
+                   help="time torch.compile(opt.step) of torch's and optgen's optimizers against torch's and "
+                        "optgen's fused kernels, first steps (compilation) apart (optgen/tools/bench_compile.py; "
+                        "minutes per optimizer)")
+    p.add_argument("--cases", help="with --vs-compiled: COUNTxSIZE,... tensors of SIZE elements "
+                                   "(default 50x100000; 1000x100 compiles for over 10 minutes per optimizer)")
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                   help="with --vs-compiled: torch.compile's backend (default inductor; the others trace "
+                        "without generating code, for a quick check)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the Triton kernels against torch fused/foreach/forloop/compile "
                         "(optgen/tools/bench_cuda.py)")

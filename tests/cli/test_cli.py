@@ -85,3 +85,39 @@ def test_import_optgen_is_light():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[] []"
+
+
+def test_bench_vs_compiled_prints_a_row_per_implementation_and_every_column():
+    """`optgen bench --vs-compiled` (optgen/tools/bench_compile.py) on tiny tensors; backend "eager"
+    traces each step with dynamo (graphs are counted) without inductor's minutes of code generation."""
+    result = optgen("bench", "--vs-compiled", "--only", "SGD,NAdam", "--cases", "3x8,2x5", "--repeats", "3",
+                    "--compile-backend", "eager")
+    assert result.returncode == 0, result.stderr
+    tables = [block for block in result.stdout.split("### ")[1:]]
+    assert [t.split("(")[0] for t in tables] == ["SGD", "NAdam", "SGD", "NAdam"]
+    assert "3 × 8 fp32 parameters" in tables[0] and "2 × 5 fp32 parameters" in tables[2]
+    for table in tables:
+        rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()
+                if line.startswith("| ") and not line.startswith("| implementation")}
+        expected = ["torch forloop", "torch foreach", "torch compiled", "optgen forloop compiled",
+                    "optgen foreach compiled", "optgen c", "optgen c compiled"]
+        if table.startswith("SGD"):  # torch has a fused CPU kernel for SGD, not for NAdam
+            expected.insert(2, "torch fused")
+        assert list(rows) == expected
+        assert all(len(cells) == 6 for cells in rows.values())  # the label and six numbers
+        assert rows["torch forloop"][2] == "1.00×"  # the baseline against itself
+        for label, cells in rows.items():
+            graphs = int(cells[5].rstrip(" |"))
+            # eager steps trace nothing; each compiled one at least one graph (0 breaks, Note
+            # [Timing compilation]: a second one when the first step created the state)
+            assert (graphs > 0) == label.endswith("compiled"), (label, graphs)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--cases", "50by100"), "--cases: '50by100' is not COUNTxSIZE"),
+    (("--only", "Lion"), "bench --vs-compiled has no workload for Lion"),
+])
+def test_bench_vs_compiled_rejects_bad_arguments(args, message):
+    result = optgen("bench", "--vs-compiled", *args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
