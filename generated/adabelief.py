@@ -41,13 +41,8 @@ class AdaBelief(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_vars', 'exp_avg_var'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "beta1": ('betas', 0),
-        "beta2": ('betas', 1),
-        "eps": ('eps', None),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
+        "weight_decay": ('weight_decay', None)}
     _complex_as_real = False
     _elementwise = True
     _loaded_group_defaults = {"decoupled_weight_decay": True, "maximize": False, "foreach": None, "differentiable": False, "fused": None}

@@ -37,12 +37,8 @@ class Adadelta(GeneratedOptimizer):
     _tensor_state = (('square_avgs', 'square_avg'), ('acc_deltas', 'acc_delta'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "rho": ('rho', None),
-        "eps": ('eps', None),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "rho": ('rho', None), "eps": ('eps', None),
+        "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
     _elementwise = True
     _loaded_group_defaults = {"maximize": False, "capturable": False, "foreach": None, "differentiable": False}

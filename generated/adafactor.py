@@ -49,14 +49,8 @@ class Adafactor(GeneratedOptimizer):
     _tensor_state = (('row_vars', 'row_var'), ('col_vars', 'col_var'), ('variances', 'variance'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "beta2_decay": ('beta2_decay', None),
-        "eps1": ('eps', 0),
-        "eps2": ('eps', 1),
-        "d": ('d', None),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "beta2_decay": ('beta2_decay', None), "eps1": ('eps', 0),
+        "eps2": ('eps', 1), "d": ('d', None), "weight_decay": ('weight_decay', None)}
     _complex_as_real = False
     _elementwise = False
     _loaded_group_defaults = {"foreach": None, "maximize": False}

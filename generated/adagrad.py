@@ -36,12 +36,8 @@ class Adagrad(GeneratedOptimizer):
     _tensor_state = (('state_sums', 'sum'),)
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "lr_decay": ('lr_decay', None),
-        "weight_decay": ('weight_decay', None),
-        "eps": ('eps', None),
-    }
+    _scalars = {"lr": ('lr', None), "lr_decay": ('lr_decay', None), "weight_decay": ('weight_decay', None),
+        "eps": ('eps', None)}
     _complex_as_real = True
     _elementwise = True
     _loaded_group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}

@@ -22,23 +22,17 @@ def _adam_kernel(
     # list (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), counter_addresses one per counter (state_steps)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
-    lr: tl.float64,
-    lr_ptr,  # lr as a 1-element tensor on the device (read when LR_IS_TENSOR)
-    beta1: tl.float64,
-    beta1_ptr,  # beta1 as a 1-element tensor on the device (read when BETA1_IS_TENSOR)
-    beta2: tl.float64,
-    beta2_ptr,  # beta2 as a 1-element tensor on the device (read when BETA2_IS_TENSOR)
+    lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
+    beta1: tl.float64, beta1_ptr,  # or a 1-element tensor on the device, read when BETA1_IS_TENSOR
+    beta2: tl.float64, beta2_ptr,  # or a 1-element tensor on the device, read when BETA2_IS_TENSOR
     eps: tl.float64,
-    weight_decay: tl.float64,
-    weight_decay_ptr,  # weight_decay as a 1-element tensor on the device (read when WEIGHT_DECAY_IS_TENSOR)
+    weight_decay: tl.float64, weight_decay_ptr,  # or a 1-element tensor on the device, read when WEIGHT_DECAY_IS_TENSOR
     grad_scale, found_inf,  # GradScaler's state, 1 element each (read when HAS_GRAD_SCALE, HAS_FOUND_INF)
     DECOUPLED_WEIGHT_DECAY: tl.constexpr,  # a["decoupled_weight_decay"]
     WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     AMSGRAD: tl.constexpr,  # a["amsgrad"]
     MAXIMIZE: tl.constexpr,  # a["maximize"]
-    LR_IS_TENSOR: tl.constexpr,
-    BETA1_IS_TENSOR: tl.constexpr,
-    BETA2_IS_TENSOR: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, BETA1_IS_TENSOR: tl.constexpr, BETA2_IS_TENSOR: tl.constexpr,
     WEIGHT_DECAY_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,

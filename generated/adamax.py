@@ -37,13 +37,8 @@ class Adamax(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_infs', 'exp_inf'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "beta1": ('betas', 0),
-        "beta2": ('betas', 1),
-        "eps": ('eps', None),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
+        "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
     _elementwise = True
     _loaded_group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}

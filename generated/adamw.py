@@ -47,13 +47,8 @@ class AdamW(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'), ('max_exp_avg_sqs', 'max_exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "beta1": ('betas', 0),
-        "beta2": ('betas', 1),
-        "eps": ('eps', None),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
+        "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
     _elementwise = True
     _loaded_group_defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None}

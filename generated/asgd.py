@@ -40,13 +40,8 @@ class ASGD(GeneratedOptimizer):
     _tensor_state = (('axs', 'ax'),)
     _counter_state = (('state_steps', 'step'), ('state_etas', 'eta'), ('state_mus', 'mu'))
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "lambd": ('lambd', None),
-        "alpha": ('alpha', None),
-        "t0": ('t0', None),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "lambd": ('lambd', None), "alpha": ('alpha', None), "t0": ('t0', None),
+        "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
     _elementwise = True
     _loaded_group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}

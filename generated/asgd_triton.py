@@ -22,8 +22,7 @@ def _asgd_kernel(
     # list (params, axs), counter_addresses one per counter (state_steps, state_etas, state_mus)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
-    lr: tl.float64,
-    lr_ptr,  # lr as a 1-element tensor on the device (read when LR_IS_TENSOR)
+    lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     lambd: tl.float64,
     alpha: tl.float64,
     t0: tl.float64,

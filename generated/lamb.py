@@ -42,13 +42,8 @@ class Lamb(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "beta1": ('betas', 0),
-        "beta2": ('betas', 1),
-        "eps": ('eps', None),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
+        "weight_decay": ('weight_decay', None)}
     _complex_as_real = False
     _elementwise = False
     _loaded_group_defaults = {"maximize": False, "foreach": None, "differentiable": False}

@@ -34,12 +34,8 @@ class Lion(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'),)
     _counter_state = ()
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "beta1": ('betas', 0),
-        "beta2": ('betas', 1),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1),
+        "weight_decay": ('weight_decay', None)}
     _complex_as_real = False
     _elementwise = True
     _loaded_group_defaults = {"maximize": False, "foreach": None, "differentiable": False, "fused": None}

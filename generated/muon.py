@@ -41,17 +41,9 @@ class Muon(GeneratedOptimizer):
     _tensor_state = (('momentum_buffers', 'momentum_buffer'),)
     _counter_state = ()
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "weight_decay": ('weight_decay', None),
-        "momentum": ('momentum', None),
-        "ns_a": ('ns_coefficients', 0),
-        "ns_b": ('ns_coefficients', 1),
-        "ns_c": ('ns_coefficients', 2),
-        "eps": ('eps', None),
-        "ns_steps": ('ns_steps', None),
-        "adjust_lr_fn": ('adjust_lr_fn', None),
-    }
+    _scalars = {"lr": ('lr', None), "weight_decay": ('weight_decay', None), "momentum": ('momentum', None),
+        "ns_a": ('ns_coefficients', 0), "ns_b": ('ns_coefficients', 1), "ns_c": ('ns_coefficients', 2),
+        "eps": ('eps', None), "ns_steps": ('ns_steps', None), "adjust_lr_fn": ('adjust_lr_fn', None)}
     _complex_as_real = False
     _elementwise = False
     _loaded_group_defaults = {"nesterov": True}

@@ -22,8 +22,7 @@ def _nadam_kernel(
     # list (params, exp_avgs, exp_avg_sqs), counter_addresses one per counter (state_steps, state_mu_products)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
-    lr: tl.float64,
-    lr_ptr,  # lr as a 1-element tensor on the device (read when LR_IS_TENSOR)
+    lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     beta1: tl.float64,
     beta2: tl.float64,
     eps: tl.float64,

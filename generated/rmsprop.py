@@ -43,13 +43,8 @@ class RMSprop(GeneratedOptimizer):
     _tensor_state = (('square_avgs', 'square_avg'), ('momentum_buffers', 'momentum_buffer'), ('grad_avgs', 'grad_avg'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "alpha": ('alpha', None),
-        "eps": ('eps', None),
-        "weight_decay": ('weight_decay', None),
-        "momentum": ('momentum', None),
-    }
+    _scalars = {"lr": ('lr', None), "alpha": ('alpha', None), "eps": ('eps', None),
+        "weight_decay": ('weight_decay', None), "momentum": ('momentum', None)}
     _complex_as_real = True
     _elementwise = True
     _loaded_group_defaults = {"centered": False, "capturable": False, "foreach": None, "maximize": False, "differentiable": False}

@@ -22,8 +22,7 @@ def _rmsprop_kernel(
     # list (params, square_avgs, momentum_buffers, grad_avgs), counter_addresses one per counter (state_steps)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
-    lr: tl.float64,
-    lr_ptr,  # lr as a 1-element tensor on the device (read when LR_IS_TENSOR)
+    lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     alpha: tl.float64,
     eps: tl.float64,
     weight_decay: tl.float64,

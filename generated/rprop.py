@@ -43,12 +43,8 @@ class Rprop(GeneratedOptimizer):
     _tensor_state = (('prevs', 'prev'), ('step_sizes', 'step_size'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "etaminus": ('etas', 0),
-        "etaplus": ('etas', 1),
-        "step_size_min": ('step_sizes', 0),
-        "step_size_max": ('step_sizes', 1),
-    }
+    _scalars = {"etaminus": ('etas', 0), "etaplus": ('etas', 1), "step_size_min": ('step_sizes', 0),
+        "step_size_max": ('step_sizes', 1)}
     _complex_as_real = True
     _elementwise = True
     _loaded_group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}

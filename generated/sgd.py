@@ -37,12 +37,8 @@ class SGD(GeneratedOptimizer):
     _tensor_state = (('momentum_buffers', 'momentum_buffer'),)
     _counter_state = ()
     _lazy_state = ('momentum_buffer',)
-    _scalars = {
-        "lr": ('lr', None),
-        "momentum": ('momentum', None),
-        "dampening": ('dampening', None),
-        "weight_decay": ('weight_decay', None),
-    }
+    _scalars = {"lr": ('lr', None), "momentum": ('momentum', None), "dampening": ('dampening', None),
+        "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
     _elementwise = True
     _loaded_group_defaults = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": None}

@@ -22,19 +22,16 @@ def _sgd_kernel(
     # list (params, momentum_buffers)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
-    lr: tl.float64,
-    lr_ptr,  # lr as a 1-element tensor on the device (read when LR_IS_TENSOR)
+    lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     momentum: tl.float64,
     dampening: tl.float64,
-    weight_decay: tl.float64,
-    weight_decay_ptr,  # weight_decay as a 1-element tensor on the device (read when WEIGHT_DECAY_IS_TENSOR)
+    weight_decay: tl.float64, weight_decay_ptr,  # or a 1-element tensor on the device, read when WEIGHT_DECAY_IS_TENSOR
     grad_scale, found_inf,  # GradScaler's state, 1 element each (read when HAS_GRAD_SCALE, HAS_FOUND_INF)
     MOMENTUM_NE_0: tl.constexpr,  # a["momentum"] != 0
     MAXIMIZE: tl.constexpr,  # a["maximize"]
     WEIGHT_DECAY_NE_0: tl.constexpr,  # a["weight_decay"] != 0
     NESTEROV: tl.constexpr,  # a["nesterov"]
-    LR_IS_TENSOR: tl.constexpr,
-    WEIGHT_DECAY_IS_TENSOR: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, WEIGHT_DECAY_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,

@@ -41,12 +41,7 @@ class SparseAdam(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
-    _scalars = {
-        "lr": ('lr', None),
-        "beta1": ('betas', 0),
-        "beta2": ('betas', 1),
-        "eps": ('eps', None),
-    }
+    _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None)}
     _complex_as_real = False
     _elementwise = True
     _loaded_group_defaults = {"maximize": False}

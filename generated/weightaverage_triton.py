@@ -22,8 +22,7 @@ def _weightaverage_kernel(
     # list (params)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
-    weight: tl.float64,
-    weight_ptr,  # weight as a 1-element tensor on the device (read when WEIGHT_IS_TENSOR)
+    weight: tl.float64, weight_ptr,  # or a 1-element tensor on the device, read when WEIGHT_IS_TENSOR
     grad_scale, found_inf,  # GradScaler's state, 1 element each (read when HAS_GRAD_SCALE, HAS_FOUND_INF)
     WEIGHT_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
