@@ -317,13 +317,18 @@ class GeneratedOptimizer(Optimizer):
 # dynamo does not trace importlib.import_module: marked as a constant, the import runs while dynamo
 # traces (a first step compiled from a fresh optimizer imports its Triton module there), and the
 # module is then looked up in sys.modules, which dynamo reads.
-@torch.compiler.assume_constant_result
 def _import_kernel_module(name: str) -> bool:
     """Imports module ``name`` (the step takes the module from sys.modules)."""
     import importlib
 
     importlib.import_module(name)
     return True
+
+
+# What torch.compiler.assume_constant_result does, without its `import torch._dynamo` (which
+# imports sympy: importing optgen's runtime loads no compiler, tests/schedulers/test_derivation.py);
+# tests/integration/test_compile.py checks that torch's decorator still marks functions this way.
+_import_kernel_module._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 _EXPECTED: dict[tuple, frozenset] = {}

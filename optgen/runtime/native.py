@@ -20,7 +20,6 @@ from collections import OrderedDict
 from typing import TypeVar
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 #: implementations that read tensors' memory directly (by address, or as Triton pointers)
 NATIVE_IMPLEMENTATIONS = {"c", "triton"}
@@ -134,7 +133,15 @@ def traced(tensor: torch.Tensor) -> bool:
     (``torch.compile``), or the tensor is a FakeTensor (make_fx, FakeTensorMode, AOTAutograd's
     tracing), which has neither values nor an address.  A native kernel then launches through its
     custom op (Note [Triton kernels as custom ops] in triton_launch.py)."""
-    return torch.compiler.is_compiling() or (type(tensor) not in _REAL_TYPES and is_fake(tensor))
+    if torch.compiler.is_compiling():
+        return True
+    if type(tensor) in _REAL_TYPES:
+        return False
+    # imported here: torch's fake-tensor module imports sympy, which `import optgen` must not load
+    # (tests/schedulers/test_derivation.py: importing the runtime loads no compiler)
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
 
 
 # A custom op's graph names the launcher it runs by a string (a graph holds no Python objects):

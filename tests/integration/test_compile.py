@@ -253,3 +253,16 @@ def test_c_step_op_passes_torch_opcheck():
     counters = [torch.tensor(1.0), torch.tensor(1.0)]
     args: tuple = ("optgen.generated.adam_c", tensors, [6, 7], grads, counters, 2, [], [1e-3, 0.9, 0.999, 1e-8, 0.0], 0)
     torch.library.opcheck(torch.ops.optgen.c_step.default, args)
+
+
+def test_kernel_module_import_is_marked_as_torch_marks_constants():
+    # runtime/generated.py marks _import_kernel_module as torch.compiler.assume_constant_result
+    # would, without importing dynamo at import time: the mark must still be the one torch sets.
+    from optgen.runtime import generated
+
+    def f():
+        return True
+
+    marked = torch.compiler.assume_constant_result(f)
+    torch_marks = {k: v for k, v in vars(marked).items()}
+    assert torch_marks and all(getattr(generated._import_kernel_module, k, None) == v for k, v in torch_marks.items())
