@@ -137,6 +137,8 @@ class GeneratedOptimizer(Optimizer):
         single_sparse = self._check_gradients(group, grads)
         if not params:
             return
+        if torch.compiler.is_compiling():
+            self._init_group(group)  # run by dynamo on the real tensors (Note [State made before tracing])
         states = [self._state_of(p, group) for p in params]
         tensors, created = self._kernel_lists(params, grads, states, group)
         scatter = None
@@ -216,6 +218,29 @@ class GeneratedOptimizer(Optimizer):
             self._check_sparse_step(group)
         return single_sparse
 
+    # Note [State made before tracing]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A step traced by torch.compile from a fresh optimizer would create the state inside the
+    # graph, and the guards dynamo takes on the empty ``self.state`` fail on the next step: a second
+    # compilation, as long as the first.  dynamo treats a method named ``_init_group`` of a
+    # ``torch.optim.Optimizer`` specially (its OptimizerVariable): it runs it eagerly, on the real
+    # tensors, then traces the rest with the state in place, as it does for torch's optimizers.
+    # ``_init_group`` creates the state of every parameter of the group that has a gradient; the
+    # traced step then finds it.  It also checks that no state is missing (Note [Missing state]),
+    # which reads a cache of expected keys: traced, the cache filling up would be one more guard
+    # failure.  dynamo re-traces when the state changes (its guards on it), so the check still runs
+    # for every state a compiled step sees.  Eagerly it is not called (``_state_of`` creates state
+    # as it goes, ``_kernel_lists`` checks).
+    def _init_group(self, group: dict) -> None:
+        """Creates the state of each parameter of ``group`` that has a gradient, and checks none is
+        missing (Note [State made before tracing])."""
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [self._state_of(p, group) for p in params]
+        for _, key in self._tensor_state:
+            values = [s.get(key) for s in states]
+            if key not in self._lazy_state and any(v is None for v in values):
+                self._check_present(key, params, states, values, group)
+
     def _state_of(self, param: torch.Tensor, group: dict) -> dict:
         """The parameter's state, created on its first step.  self.state[param] is only touched
         when there is state to keep: torch's SGD without momentum has an empty state dict."""
@@ -236,7 +261,8 @@ class GeneratedOptimizer(Optimizer):
         tensors = {"params": params, "grads": grads}
         for name, key in self._tensor_state:
             values = tensors[name] = [s.get(key) for s in states]
-            if group is not None and key not in self._lazy_state and any(v is None for v in values):
+            if group is not None and key not in self._lazy_state and any(v is None for v in values) \
+                    and not torch.compiler.is_compiling():  # (traced: _init_group checked)
                 self._check_present(key, params, states, values, group)
         for name, key in self._counter_state:
             # A counter torch keeps as a Python number (SparseAdam's step) runs as a 0-dim tensor.

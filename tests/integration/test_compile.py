@@ -266,3 +266,29 @@ def test_kernel_module_import_is_marked_as_torch_marks_constants():
     marked = torch.compiler.assume_constant_result(f)
     torch_marks = {k: v for k, v in vars(marked).items()}
     assert torch_marks and all(getattr(generated._import_kernel_module, k, None) == v for k, v in torch_marks.items())
+
+
+@pytest.mark.parametrize("implementation", ["forloop", "foreach", "c"])
+def test_a_fresh_optimizers_compiled_step_compiles_once(implementation):
+    # Note [State made before tracing] (runtime/generated.py): the state is made on the real tensors
+    # before dynamo traces the first step, so the second step meets the guards the first one took
+    # (before: a second compilation, as long as the first, on `not self.state` and on the cache of
+    # expected state keys).
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(3)]
+    opt = optgen.Adam(params, lr=0.01)
+    opt.implementation = implementation
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(opt.step, backend=backend)
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        step()
+    assert len(graphs) == 1
+    assert sorted(opt.state[params[0]]) == ["exp_avg", "exp_avg_sq", "step"]
+    assert opt.state[params[0]]["step"].item() == 4
