@@ -23,6 +23,21 @@ def python_tuple(names) -> str:
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
+def wrap(items: list[str], start: str, indent: str, end: str, width: int = 110) -> list[str]:
+    """``start`` + ``items`` separated by commas + ``end``, over lines of at most ``width``
+    (continuation lines start with ``indent``): a long argument list or literal in generated code."""
+    lines, line = [], start
+    for k, item in enumerate(items):
+        text = item + (", " if k < len(items) - 1 else end)
+        if len(line) + len(text.rstrip()) > width and line.strip() and line != start:
+            lines.append(line.rstrip())
+            line = indent
+        line += text
+    if not items:
+        line += end
+    return [*lines, line]
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from optgen.backends.base import counter_list, plural
+from optgen.backends.base import counter_list, plural, wrap
 from optgen.backends.c_printer import CElementPrinter, CScalarPrinter
 from optgen.backends.fused import FusedBackend
 from optgen.backends.fused_plan import Names, hoist_scalars, over_arguments, plan_kernel, readable
@@ -477,7 +477,7 @@ class _CBuilder:
         name, arguments = self.body_function(leaves, number, whole)
         if whole:  # the function holds the loop too; each version starts the threads and calls it
             return out + _switch(tree, name, arguments)
-        return out + _render(tree, lambda leaf: _wrap(arguments(leaf), f"{name}(", "    ", ");", width=90))
+        return out + _render(tree, lambda leaf: wrap(arguments(leaf), f"{name}(", "    ", ");", width=90))
 
     def versions(self, statements, accumulate, store: bool, terms: dict, flags: dict):
         """One flag assignment's walk, specialised on up to MAX_VERSIONS per-tensor conditions."""
@@ -675,7 +675,7 @@ class _CBuilder:
         self.functions += [
             f"/* walk {number} of {self.function}, over {what}: each version of the walk calls it with its",
             "   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */",
-            *_wrap([f"{t} {n}" for n, t in parameters], f"static inline __attribute__((always_inline)) void {name}(",
+            *wrap([f"{t} {n}" for n, t in parameters], f"static inline __attribute__((always_inline)) void {name}(",
                    "        ", ")"),
             "{", *_indent(lines), "}", ""]
         locals_ = {n for leaf in leaves for n in leaf.local}
@@ -822,32 +822,18 @@ def _switch(tree, name: str, arguments: Callable[[_Leaf], list[str]]) -> list[st
     shared = min(k for k in range(len(first) + 1) if all(a[k:] == first[k:] for a in calls.values()))
     assert shared > 0, "versions of a walk that pass the same constants"
     macro = name.upper()
-    head = _wrap([*first[shared:]], f"#define {macro}(...) _Pragma(\"omp parallel if (numel >= PARALLEL_MIN)\") "
+    head = wrap([*first[shared:]], f"#define {macro}(...) _Pragma(\"omp parallel if (numel >= PARALLEL_MIN)\") "
                  f"{name}(__VA_ARGS__, ", "    ", ")", width=100)
     lines = ["/* each version passes its flags and conditions as literals inside its parallel region */",
              *(line + " \\" for line in head[:-1]), head[-1]]
     selector = " | ".join(f"({x} << {len(variables) - 1 - k})" if k < len(variables) - 1 else x
                           for k, x in enumerate(variables))
-    lines += _wrap([selector], "switch (", "    ", ") {", width=100)
+    lines += wrap([selector], "switch (", "    ", ") {", width=100)
     for values, leaf in sorted(cases, key=lambda c: c[0]):
         labels = " ".join(f"case {v}:" for v in values)
         call = f" {macro}({', '.join(calls[id(leaf)][:shared])});" if leaf.body else ""
         lines.append(f"{labels}{call} break;")
     return [*lines, "}", f"#undef {macro}"]
-
-
-def _wrap(items: list[str], start: str, indent: str, end: str, width: int = 110) -> list[str]:
-    """``start`` + ``items`` separated by commas + ``end``, over lines of at most ``width``."""
-    lines, line = [], start
-    for k, item in enumerate(items):
-        text = item + (", " if k < len(items) - 1 else end)
-        if len(line) + len(text.rstrip()) > width and line.strip() and line != start:
-            lines.append(line.rstrip())
-            line = indent
-        line += text
-    if not items:
-        line += end
-    return [*lines, line]
 
 
 def _c_condition(condition, nested: bool = False) -> str:

@@ -11,7 +11,16 @@ import re
 
 import sympy
 
-from optgen.backends.base import Backend, counter_list, environment, header, kernel_signature, module_name, plural
+from optgen.backends.base import (
+    Backend,
+    counter_list,
+    environment,
+    header,
+    kernel_signature,
+    module_name,
+    plural,
+    wrap,
+)
 from optgen.backends.printing import PythonScalarPrinter
 from optgen.ir.nodes import elementwise
 from optgen.passes import Compiled
@@ -51,7 +60,7 @@ class OptimizerClassBackend(Backend):
             if not h.names:
                 sources[h.name] = (h.name, None)
         # kernel keyword → (group key, index in its tuple), as few lines as fit
-        scalars = _wrapped([f'"{s}": {sources[s]!r},' for s in sig.scalars], "_scalars = {", "}")
+        scalars = wrap([f'"{s}": {sources[s]!r}' for s in sig.scalars], "_scalars = {", "    ", "}", width=106)
 
         group_value = PythonScalarPrinter(lambda n: _group_read(sources, n))
         init_state = []
@@ -170,19 +179,3 @@ def _literal(value) -> str:
     if isinstance(value, tuple):
         return "(" + ", ".join(_literal(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     return repr(value)
-
-
-def _wrapped(items: list[str], start: str, end: str, width: int = 110) -> list[str]:
-    """``start``, the items (each ending in a comma, the last one's dropped) and ``end`` on as few
-    lines of at most ``width`` as they fit, continuation lines indented by 4."""
-    if not items:
-        return [start + end]
-    items = [*items[:-1], items[-1].rstrip(",")]
-    lines = [start]
-    for item in items:
-        if len(lines[-1]) + len(item) + 1 > width - 4:
-            lines.append("    " + item)
-        else:
-            lines[-1] += ("" if lines[-1].endswith("{") else " ") + item
-    lines[-1] += end
-    return lines

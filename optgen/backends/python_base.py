@@ -20,6 +20,7 @@ from optgen.backends.base import (
     kernel_record,
     kernel_signature,
     plural,
+    wrap,
 )
 from optgen.backends.printing import TensorScalarPrinter, TracedScalarPrinter
 from optgen.ir.functions import Norm, Where
@@ -414,11 +415,11 @@ class PythonKernelBackend(Backend):
         sig = kernel_signature(compiled)
         flags = [h.name for h in compiled.spec.flags]
         # the lists, the flags and the scalars, each group on as few lines as it fits
-        signature = [*_packed([*(f"{plural(t)}: {self.list_annotation if t not in sig.lazy else 'list[Tensor | None]'},"
-                                 for t in sig.tensors),
-                               *(f"{counter_list(c)}: list[Tensor]," for c in sig.counters)]),
-                     *_packed(["*,", *(f"{f}: bool," for f in flags)]),
-                     *_packed([f"{s}: {_annotation(compiled.spec, s)}," for s in sig.scalars])]
+        groups = [[*(f"{plural(t)}: {self.list_annotation if t not in sig.lazy else 'list[Tensor | None]'}"
+                     for t in sig.tensors), *(f"{counter_list(c)}: list[Tensor]" for c in sig.counters)],
+                  ["*", *(f"{f}: bool" for f in flags)],
+                  [f"{s}: {_annotation(compiled.spec, s)}" for s in sig.scalars]]
+        signature = [line for items in groups if items for line in wrap(items, "", "", ",", width=96)]
         space, variants = self.variant_items(compiled)
         body = merged_lines(merge(space, variants), space.everything, space)
         code_lines = [line for line in body if not line.lstrip().startswith("#")]
@@ -434,14 +435,3 @@ class PythonKernelBackend(Backend):
             scalar_functions=sorted(name for name in TENSOR_SCALAR_FUNCTIONS
                                     if any(re.search(rf"(?<![\w.]){name}\(", line) for line in code_lines)),
         )
-
-
-def _packed(items: list[str], width: int = 96) -> list[str]:
-    """``items`` (each ending in a comma) joined by spaces on lines of at most ``width`` characters."""
-    lines: list[str] = []
-    for item in items:
-        if lines and len(lines[-1]) + 1 + len(item) <= width:
-            lines[-1] += " " + item
-        else:
-            lines.append(item)
-    return lines
