@@ -43,8 +43,10 @@ from optgen.runtime.native import (
     check_counter_dtypes,
     create_states,
     creates_states,
+    flat_for_op,
     launcher_named,
     layout,
+    lists_from_op,
     register_launcher,
     traced,
 )
@@ -492,13 +494,8 @@ def _traced_launch(kernel: Kernel, tensors, grads, counters, lazy, hyperparamete
     if not params:
         return
     first = sum(create_states(params, tensors, lazy), [])
-    flat = [t for values in tensors for t in values]
-    # An absent state (None: unused under these flags, or a vector's Adafactor row_var) passes as an
-    # empty tensor, listed in ``absent``: AOTAutograd's functionalization takes no None in a
-    # mutated list.
-    absent = [i for i, t in enumerate(flat) if t is None]
-    empty = params[0].new_empty(0)
-    torch.ops.optgen.c_step(kernel.library.name, [empty if t is None else t for t in flat], absent, list(grads),
+    flat, absent = flat_for_op(tensors, params[0])
+    torch.ops.optgen.c_step(kernel.library.name, flat, absent, list(grads),
                             [c for values in counters for c in values], len(params), first,
                             [math.nan if h is None else float(h) for h in hyperparameters], flags)
 
@@ -512,10 +509,7 @@ def _c_step(module: str, tensors: list[torch.Tensor], absent: list[int], grads: 
     ``tensors`` that stand for None; ``first``: the lazily created states' first-step flags
     (Note [C kernels as custom ops])."""
     kernel = launcher_named(module)
-    given: list[torch.Tensor | None] = list(tensors)
-    for i in absent:
-        given[i] = None
-    lists = [given[i:i + n] for i in range(0, len(given), n)]
+    lists = lists_from_op(tensors, absent, n)
     counter_lists = [counters[i:i + n] for i in range(0, len(counters), n)]
     _launch(kernel.library, kernel.function, lists, grads, counter_lists, first,
             [None if math.isnan(h) else h for h in hyperparameters], kernel.reduced, flags)

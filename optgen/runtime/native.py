@@ -164,6 +164,28 @@ def launcher_named(name: str):
     return launcher
 
 
+# A custom op takes no None in a list it mutates (AOTAutograd's functionalization), and no list of
+# lists: a launch's lists (params, states; an entry None where a state is absent, unused under
+# these flags or a vector's Adafactor row_var) go to it as one flat list, None entries as empty
+# tensors, with the indices of those entries; the op rebuilds the lists (Note [C kernels as custom
+# ops] in c_launch.py).
+def flat_for_op(lists, like: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """``lists`` as one list without None (an empty tensor like ``like`` instead) and the indices of
+    the Nones."""
+    flat = [t for values in lists for t in values]
+    absent = [i for i, t in enumerate(flat) if t is None]
+    empty = like.new_empty(0)
+    return [empty if t is None else t for t in flat], absent
+
+
+def lists_from_op(tensors: list[torch.Tensor], absent: list[int], n: int) -> list[list[torch.Tensor | None]]:
+    """The lists ``flat_for_op`` flattened, each ``n`` long, None back where it was."""
+    given: list[torch.Tensor | None] = list(tensors)
+    for i in absent:
+        given[i] = None
+    return [given[i:i + n] for i in range(0, len(given), n)]
+
+
 def check_counter_dtypes(counters, kernel: str) -> None:
     """All counters of a launch have one dtype, else KernelDeclined: torch's load casts a float64
     model's eta/mu_product, not its step (a checkpoint torch loaded)."""

@@ -56,8 +56,10 @@ from optgen.runtime.native import (
     check_counter_dtypes,
     create_states,
     creates_states,
+    flat_for_op,
     launcher_named,
     layout,
+    lists_from_op,
     register_launcher,
     traced,
 )
@@ -165,13 +167,11 @@ def _traced_launch(kernel: Kernel, tensors, counters, lazy, hyperparameters: dic
     lists = [values for values, _ in tensors]
     first = sum(create_states(params, lists, lazy), [])
     used = [bool(u) for _, u in tensors]
-    flat = [t if u else None for values, u in tensors for t in values]
-    absent = [i for i, t in enumerate(flat) if t is None]
-    empty = params[0].new_empty(0)
+    flat, absent = flat_for_op([values if u else [None] * len(values) for values, u in tensors], params[0])
     numbers = [math.nan if isinstance(h, torch.Tensor) or h is None else float(h) for h in hyperparameters.values()]
     given = [h for h in hyperparameters.values() if isinstance(h, torch.Tensor)]
     positions = [k for k, h in enumerate(hyperparameters.values()) if isinstance(h, torch.Tensor)]
-    torch.ops.optgen.triton_step(kernel.module, [empty if t is None else t for t in flat], used, absent,
+    torch.ops.optgen.triton_step(kernel.module, flat, used, absent,
                                  [c for values in counters for c in values], len(params), first, numbers, given,
                                  positions, list(guards.values()), grad_scale, found_inf)
 
@@ -192,10 +192,7 @@ def _triton_step(module: str, tensors: list[torch.Tensor], used: list[bool], abs
     guards: the values of ``LAUNCH.guards``, in order.
     (Note [Triton kernels as custom ops])"""
     kernel = launcher_named(module)
-    given: list[torch.Tensor | None] = list(tensors)
-    for i in absent:
-        given[i] = None
-    lists = [given[i:i + n] for i in range(0, len(given), n)]
+    lists = lists_from_op(tensors, absent, n)
     values: list = [None if math.isnan(h) else h for h in hyperparameters]
     for position, t in zip(tensor_positions, tensor_hyperparameters, strict=True):
         values[position] = t
