@@ -31,6 +31,14 @@ from optgen.passes.merge_variants import Block, FlagSpace, MergedBlock, merge, s
 from optgen.passes.reuse_buffers import step_reads
 
 
+def reads_traced(expr, traced: set[str]) -> bool:
+    """Whether ``expr`` is a 0-dim tensor while torch.compile traces the step: it reads one of the
+    ``traced`` names or takes a norm (Note [Branches on traced scalars])."""
+    expr = sympy.sympify(expr)
+    return any(s.name in traced for s in expr.free_symbols) \
+        or any(isinstance(e, Norm) for e in sympy.preorder_traversal(expr))
+
+
 def traced_names(program: OpProgram) -> set[str]:
     """Host scalars that are 0-dim tensors while torch.compile traces the step: counters' values,
     norms, and what is computed from them (Note [Branches on traced scalars])."""
@@ -38,11 +46,8 @@ def traced_names(program: OpProgram) -> set[str]:
     for step in program.steps:
         if step.kind in ("counter", "read"):
             names.add(step.target)
-        elif step.kind == "scalar" and step.expr is not None:
-            expr = sympy.sympify(step.expr)
-            if any(s.name in names for s in expr.free_symbols) \
-                    or any(isinstance(e, Norm) for e in sympy.preorder_traversal(expr)):
-                names.add(step.target)
+        elif step.kind == "scalar" and step.expr is not None and reads_traced(step.expr, names):
+            names.add(step.target)
     return names
 
 
@@ -129,9 +134,7 @@ class PythonRenderer:
 
     def reads_traced(self, expr) -> bool:
         """Whether ``expr`` may be a 0-dim tensor while torch.compile traces the step."""
-        expr = sympy.sympify(expr)
-        return any(s.name in self.traced for s in expr.free_symbols) \
-            or any(isinstance(e, Norm) for e in sympy.preorder_traversal(expr))
+        return reads_traced(expr, self.traced)
 
     def scalar_name(self, name: str) -> str:
         """How code reads the scalar ``name`` (a list element in foreach's per-tensor fallback)."""
