@@ -2,13 +2,16 @@
 
 Run after `optgen build`:  python examples/demo.py   (`--plot PATH`, `--steps N`, `--no-timing`)
 
-Each pair starts from the same weights and sees the same batches; the losses should agree to
-float32 rounding, because optgen's generated code performs torch's arithmetic in torch's order.
-The loss curves of both are drawn to a PNG (matplotlib: the `demo` extra, `pip install -e ".[demo]"`).
+Each pair starts from the same weights and sees the same batches, each optimizer with its
+defaults: optgen's fused C kernel on CPU (compiled on first use; its fastest implementation),
+torch's for-loop.  The losses agree to float32 rounding: the C kernel evaluates the same formula in
+one pass.  With `OPTGEN_DEFAULTS=torch` optgen runs its for-loop, which performs torch's arithmetic
+in torch's order, and the losses are bit-equal.  The loss curves of both are drawn to a PNG
+(matplotlib: the `demo` extra, `pip install -e ".[demo]"`).
 
 Then a rough timing of one step of an 8M-parameter model: torch's fastest CPU path against
-optgen's fused C kernel (compiled on first use), for optimizers torch has a fused CPU kernel for
-and some it has not.  Those numbers are indicative only: one step takes milliseconds and this
+optgen's default (the fused C kernel), for optimizers torch has a fused CPU kernel for and some it
+has not.  Those numbers are indicative only: one step takes milliseconds and this
 may be a shared machine, so each row is the median of several steps, torch's and optgen's
 interleaved so both see the same load, with the spread printed; `optgen bench` measures ratios
 properly (more repeats, a bandwidth roofline; BENCHMARKS.md).
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 import optgen
-from optgen.runtime import c_launch
+from optgen.runtime import c_launch, dispatch
 
 CONFIGS = [
     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)),
@@ -97,13 +100,12 @@ def step_times(optimizers, min_samples=5, max_samples=15, budget_s=2.0):
 def timing():
     print("\nindicative timing, not a benchmark (shared machine; `optgen bench` measures properly):")
     print("one step, 8M parameters in 16 tensors, median over interleaved steps (ms) [min-max]")
-    print(f"{'optimizer':<9} {'torch fastest':>27} {'optgen fused C':>21} {'torch/optgen':>13}")
+    print(f"{'optimizer':<9} {'torch fastest':>27} {'optgen default':>21} {'torch/optgen':>13}")
     noisy = False
     for name, fused in [("Adam", True), ("SGD", True), ("NAdam", False), ("RMSprop", False), ("Rprop", False)]:
         params = [torch.zeros(500_000, requires_grad=True) for _ in range(16)]
         theirs = getattr(torch.optim, name)(params, **(dict(fused=True) if fused else dict(foreach=False)))
-        ours = getattr(optgen, name)([p.detach().clone().requires_grad_() for p in params])
-        ours.implementation = "c"  # what fused=True selects on CPU
+        ours = getattr(optgen, name)([p.detach().clone().requires_grad_() for p in params])  # the C kernel
         t_theirs, t_ours = step_times([theirs, ours])
         label = "fused" if fused else "for-loop"
         cells = []
@@ -125,6 +127,11 @@ def main():
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
     args = parser.parse_args()
 
+    if dispatch.defaults_policy() == "torch":
+        ours_runs = "its for-loop (OPTGEN_DEFAULTS=torch: torch's rule)"
+    else:
+        ours_runs = "its fused C kernel (its default on CPU)" if c_launch.available() else "its for-loop (no C compiler)"
+    print(f"optgen runs {ours_runs}, torch.optim its for-loop (its default)")
     print(f"{'optimizer':<9} {'optgen loss':>12} {'torch loss':>12} {'max |diff| over the run':>24}")
     curves = {}
     for name, kwargs in CONFIGS:

@@ -107,4 +107,5 @@ KERNEL = KernelModule(
     flags=("maximize",),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

@@ -145,4 +145,5 @@ KERNEL = KernelModule(
     flags=("amsgrad", "maximize", "decoupled_weight_decay"),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

@@ -106,4 +106,5 @@ KERNEL = KernelModule(
     flags=("maximize",),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

@@ -95,4 +95,5 @@ KERNEL = KernelModule(
     flags=("maximize",),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

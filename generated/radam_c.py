@@ -152,4 +152,5 @@ KERNEL = KernelModule(
     flags=("decoupled_weight_decay", "maximize"),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

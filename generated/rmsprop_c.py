@@ -144,4 +144,5 @@ KERNEL = KernelModule(
     flags=("centered", "maximize"),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

@@ -105,4 +105,5 @@ KERNEL = KernelModule(
     flags=("maximize",),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

@@ -113,4 +113,5 @@ KERNEL = KernelModule(
     flags=("nesterov", "maximize"),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

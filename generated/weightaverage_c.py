@@ -53,4 +53,5 @@ KERNEL = KernelModule(
     flags=(),
     multi_tensor=True,
     unusable=LIBRARY.unusable,
+    bind=LAUNCH.bind,
 )

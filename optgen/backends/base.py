@@ -100,13 +100,13 @@ def kernel_signature(compiled: Compiled) -> KernelSignature:
 
 
 def kernel_record(compiled: Compiled, multi_tensor: bool, tensor_scalars=(), grad_scaler: bool = False,
-                  counters_on_device: bool = False, unusable: str | None = None) -> dict:
+                  counters_on_device: bool = False, unusable: str | None = None, bind: str | None = None) -> dict:
     """What templates/kernel_record.py.j2 prints at the end of every kernel module: the
     ``KERNEL = KernelModule(...)`` record the runtime reads (optgen/runtime/kernels.py);
-    ``unusable`` is the Python expression of its ``unusable`` function."""
+    ``unusable`` and ``bind`` are the Python expressions of those functions."""
     return dict(step=f"{module_name(compiled.spec.name)}_step", flags=[h.name for h in compiled.spec.flags],
                 multi_tensor=multi_tensor, tensor_scalars=list(tensor_scalars), grad_scaler=grad_scaler,
-                counters_on_device=counters_on_device, unusable=unusable)
+                counters_on_device=counters_on_device, unusable=unusable, bind=bind)
 
 
 class Backend:

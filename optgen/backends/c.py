@@ -919,6 +919,7 @@ class CBackend(FusedBackend):
 
     name = "c"
     unusable_expression = "LIBRARY.unusable"
+    bind_expression = "LAUNCH.bind"
     builder = _CBuilder
 
     def kernel_name(self, base: str) -> str:

@@ -25,6 +25,8 @@ class FusedBackend(Backend):
     device_scalars = False
     #: the generated module's ``KernelModule.unusable`` (a Python expression), if it has one
     unusable_expression: str | None = None
+    #: the Python expression of the module's ``bind`` (KernelModule.bind), if it has one
+    bind_expression: str | None = None
 
     def kernel_name(self, base: str) -> str:
         """The kernel's name for ``<spec>_<variant>``."""
@@ -58,7 +60,7 @@ class FusedBackend(Backend):
         record = kernel_record(compiled, multi_tensor=True,
                                tensor_scalars=kernel_signature(compiled).scalars if self.device_scalars else (),
                                grad_scaler=self.device_scalars, counters_on_device=self.device_scalars,
-                               unusable=self.unusable_expression)
+                               unusable=self.unusable_expression, bind=self.bind_expression)
         record.update(step="LAUNCH", dispatch=False)  # KERNEL.step is the module's one launcher
         return environment().get_template(f"{self.name}/kernels.py.j2").render(
             header=header(compiled), name=compiled.spec.name, kernel=self.kernel(compiled), record=record,

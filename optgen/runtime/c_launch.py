@@ -18,8 +18,10 @@ doubles; the kernel does the rest (Note [C kernel layout] in optgen/backends/c.p
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
+import logging
 import math
 import os
 import platform
@@ -47,6 +49,7 @@ from optgen.runtime.native import (
     launcher_named,
     layout,
     lists_from_op,
+    outside_storage,
     register_launcher,
     traced,
 )
@@ -174,6 +177,9 @@ C_TYPES = {
     torch.bfloat16: ("bfloat16", ("-DSTORAGE_BF16=1", "-DSCALAR_IS_FLOAT=1")),
     torch.float16: ("half", ("-DSTORAGE_F16=1", "-DSCALAR_IS_FLOAT=1")),
 }
+#: reports each compile (INFO: ``logging.basicConfig(level=logging.INFO)`` shows them): the first
+#: step of an optimizer on a new machine or dtype takes a second or two longer, once
+LOGGER = logging.getLogger("optgen")
 _ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int, ctypes.c_int]
 
 
@@ -415,6 +421,7 @@ class Library:
         if _verified(target):
             return target
         _remove_stale(directory)
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=directory, prefix="build-") as tmp:
             source = Path(tmp) / "kernels.c"
             source.write_text(text)
@@ -435,6 +442,8 @@ class Library:
                 detail = result.stderr.strip() or f"{shlex.join(cc)} exited with status {result.returncode}"
                 raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed:\n{detail}")
             _publish(Path(tmp), out, target)
+        LOGGER.info("optgen: compiled the C kernels of %s for %s in %.1f s, cached as %s (later processes load it)",
+                 self.name, dtype, time.perf_counter() - started, target)
         return target
 
 
@@ -461,8 +470,7 @@ class Kernel:
 
     def __call__(self, **arguments) -> None:
         n = len(arguments["params"])
-        tensors = [arguments[t] if index not in self.present or self.present[index](arguments) else [None] * n
-                   for index, t in enumerate(self.tensors)]
+        tensors = self._lists(arguments, n)
         counters = [arguments[c] for c in self.counters]
         lazy = {index: when(arguments) for index, when in self.lazy.items()}
         hyperparameters = [arguments[h] for h in self.hyperparameters]
@@ -472,6 +480,77 @@ class Kernel:
             return
         launch(self.library, self.function, tensors=tensors, grads=arguments["grads"], counters=counters,
                lazy=lazy, hyperparameters=hyperparameters, reduced=self.reduced, flags=flags)
+
+    def _lists(self, arguments, n: int) -> list[list]:
+        """The tensor lists in table order, a list these arguments leave unused as None entries."""
+        return [arguments[t] if index not in self.present or self.present[index](arguments) else [None] * n
+                for index, t in enumerate(self.tensors)]
+
+    def _uses(self, arguments) -> tuple[bool, ...]:
+        """Which of the lists with a condition these arguments use (``present``)."""
+        return tuple(bool(when(arguments)) for when in self.present.values())
+
+    def bind(self, **arguments) -> BoundLaunch | None:
+        """This launch over these lists (every state created: a step ran), checked and tabled once,
+        to run again while the lists stay the same (Note [Cached steps] in runtime/step_cache.py);
+        None where it cannot be bound (a state still to be created, a check that fails)."""
+        params = arguments["params"]
+        n = len(params)
+        tensors = self._lists(arguments, n)
+        counters = [arguments[c] for c in self.counters]
+        # a list with some entries missing has states still to be created (or lost): the checked path's
+        if not n or params[0].dtype not in C_TYPES or any(_missing(values) and not all(t is None for t in values)
+                                                           for values in tensors):
+            return None
+        if any(when(arguments) and _missing(tensors[index]) for index, when in self.lazy.items()):
+            return None
+        try:
+            _check(params, tensors, arguments["grads"], counters, self.reduced)
+            check_counter_dtypes(counters, "fused CPU kernel")
+        except RuntimeError:  # KernelDeclined included: the next step takes the checked path, and says why
+            return None
+        return BoundLaunch(self, tensors, counters, self._uses(arguments))
+
+
+def _missing(values) -> bool:
+    return any(t is None for t in values)
+
+
+class BoundLaunch:
+    """One group's C launch, bound to its lists (Note [Cached steps] in runtime/step_cache.py): the
+    address tables of its parameters, states and counters, built and checked once, and the storages
+    they point into, held so no address in them is ever freed and handed to another tensor; per step
+    only the gradients' table is rebuilt, when the gradients changed."""
+
+    def __init__(self, kernel: Kernel, tensors, counters, uses: tuple[bool, ...]):
+        params = tensors[0]
+        self.kernel, self.uses, self.n, self.dtype = kernel, uses, len(params), params[0].dtype
+        addresses = tuple(t.data_ptr() if t is not None else 0 for values in tensors for t in values)
+        self.plan = _Plan(self.dtype, tensors, counters, addresses, tuple(c.data_ptr() for values in counters
+                                                                           for c in values))
+        self.storages = [t.untyped_storage() for values in (*tensors, *counters) for t in values if t is not None]
+        self.first_step = torch.zeros(max(1, self.n * len(kernel.lazy)), dtype=torch.uint8)  # no state is new
+        self.grad_addresses: list[int] = []
+        self.grad_table = array.array("q")
+
+    def __call__(self, grads: list[torch.Tensor], grad_addresses: list[int], arguments: dict) -> bool:
+        """One step with these gradients (checked by the caller: contiguous, shaped like their
+        parameters) and hyperparameters; False, with nothing done, when the arguments use other
+        lists than the bound ones (a flag or hyperparameter changed which states the step touches)."""
+        kernel = self.kernel
+        if kernel._uses(arguments) != self.uses:
+            return False
+        if grad_addresses != self.grad_addresses:
+            self.grad_table, self.grad_addresses = array.array("q", grad_addresses), grad_addresses
+        hyper = array.array("d", [math.nan if (h := arguments[name]) is None else float(h)
+                                  for name in kernel.hyperparameters] or [0.0])
+        flags = sum(1 << k for k, f in enumerate(kernel.flags) if arguments[f])
+        plan = self.plan
+        kernel.library.function(self.dtype, kernel.function)(
+            self.n, plan.addresses.data_ptr(), self.grad_table.buffer_info()[0], plan.counter_addresses.data_ptr(),
+            plan.numels.data_ptr(), plan.dims.data_ptr(), self.first_step.data_ptr(), hyper.buffer_info()[0],
+            plan.counters_f64, flags)
+        return True
 
 
 # Note [C kernels as custom ops]
@@ -631,10 +710,16 @@ def _check(params, tensors, grads, counters, reduced=None) -> None:
                     f"like their parameter: the {what} of parameter {i} is {t.dtype} "
                     f"{tuple(t.shape)} on {t.device}"
                     + ("" if t.is_contiguous() else ", not contiguous"))
+            if outside_storage(t):
+                raise RuntimeError(f"optgen's fused CPU kernel: the {what} of parameter {i} ({tuple(t.shape)}) "
+                                   "lies outside its storage (the storage was resized or freed in place)")
     for values in counters:
         for i, c in enumerate(values):
             if c.device.type != "cpu" or c.numel() != 1 or c.dtype not in (torch.float32, torch.float64):
                 raise RuntimeError(f"optgen's fused CPU kernel reads counters (step) as 1-element float32 or "
                                    f"float64 CPU tensors, all of one dtype; parameter {i}'s is {c.dtype} "
                                    f"{tuple(c.shape)} on {c.device}")
+            if outside_storage(c):
+                raise RuntimeError(f"optgen's fused CPU kernel: the counter of parameter {i} lies outside its "
+                                   "storage (the storage was resized or freed in place)")
     check_counter_dtypes(counters, "fused CPU kernel")

@@ -1,24 +1,39 @@
-"""Choosing an implementation for a param group, the way torch does and with torch's errors.
+"""Choosing an implementation for a param group, with torch's errors.
 
-Like ``torch.optim``, ``foreach=None`` and ``fused=None`` mean "pick the fastest that applies":
+``foreach=None, fused=None`` (the defaults) mean "pick the fastest that applies", as in torch, and
+optgen has faster implementations than torch's defaults (Note [The fastest by default]):
 
-- CPU: the for-loop.  torch makes the same choice; measured here (BENCHMARKS.md) torch's own
-  foreach is 1.3–2× *slower* than its for-loop on CPU, because each ``_foreach_*`` op streams
-  every tensor through the cache once.
-- CUDA and other foreach-capable devices: foreach.
+- CPU: the fused C kernel (one pass over each tensor, compiled on first use and cached), when a C
+  compiler works on this machine and the parameters suit it (floating or complex, contiguous);
+  else the for-loop.  torch picks its for-loop on CPU: its foreach is 1.3–2× *slower* there.
+- CUDA and other foreach-capable devices: foreach, unless :data:`FASTEST_ON_CUDA` names an
+  implementation ``optgen bench --device cuda`` measured faster.
+- ``differentiable=True``: the for-loop (the differentiable kernel), as in torch.
+
+``OPTGEN_DEFAULTS=torch`` in the environment, or ``optgen.set_defaults("torch")``, restores
+torch's own rule (the for-loop on CPU), for code that needs torch's exact for-loop numerics.
 
 ``fused=True`` selects the fused Triton kernels (one launch per step per (device, dtype) group)
 on CUDA parameters — and on CPU parameters under ``TRITON_INTERPRET=1``, where Triton's
-interpreter runs them (tests) — and the fused C kernels (one pass over each tensor, compiled on
-first use) on other CPU parameters.  ``foreach=None, fused=None`` on CUDA picks foreach unless
-:data:`FASTEST_ON_CUDA` names an implementation ``optgen bench --device cuda`` measured faster.
+interpreter runs them (tests) — and the fused C kernels on other CPU parameters.
+``foreach=True`` / ``foreach=False`` / ``fused=False`` keep their torch meaning: foreach, the
+for-loop, not fused.  ``optimizer.implementation = "forloop"`` (or any name in the class's
+``implementations``) overrides the choice for every group; tests and ``optgen bench`` use it to
+reach each backend by name.
 
-``foreach=True`` / ``fused=True`` force one.  ``optimizer.implementation = "forloop"`` (or any
-name in the class's ``implementations``) overrides the choice for every group; tests and
-``optgen bench`` use it to reach each backend by name.
+Note [The fastest by default]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+torch's documented intent for ``foreach=None`` is "the fastest implementation for the device";
+on CPU that is optgen's C kernel, for every optimizer: level with torch's fused kernels where torch
+has one and 1.3–15× faster than torch's best path where it has none (BENCHMARKS.md).  The C
+kernel's numbers are not bit-identical to torch's for-loop (it evaluates the same formula in one
+fused pass; tests hold it to a few ulps), which is why the switch back exists.  A group the C
+kernel cannot take (a dtype it lacks, a non-contiguous tensor, no working compiler, an untrusted
+kernel cache) quietly runs the for-loop: the user asked for nothing in particular.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -33,6 +48,35 @@ TRITON_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, to
 #: measured it faster than foreach.  Empty: no GPU measurement has been made yet (none was
 #: available when the Triton backend was written), so CUDA defaults to foreach as torch does.
 FASTEST_ON_CUDA: dict[str, str] = {}
+
+
+#: the environment variable that picks what ``foreach=None, fused=None`` means (Note [The fastest by default])
+DEFAULTS_VARIABLE = "OPTGEN_DEFAULTS"
+#: its values: optgen's fastest implementation, or torch's own rule
+DEFAULTS_POLICIES = ("fastest", "torch")
+_defaults_set: str | None = None  # set_defaults(); None: from the environment
+
+
+def set_defaults(policy: str) -> str:
+    """What ``foreach=None, fused=None`` picks from now on, in this process: ``"fastest"``
+    (optgen's default: the C kernel on CPU) or ``"torch"`` (torch's rule: the for-loop on CPU).
+    Overrides ``$OPTGEN_DEFAULTS``; returns the policy in force before."""
+    global _defaults_set
+    if policy not in DEFAULTS_POLICIES:
+        raise ValueError(f"optgen.set_defaults: unknown policy {policy!r}; use one of {', '.join(DEFAULTS_POLICIES)}")
+    before, _defaults_set = defaults_policy(), policy
+    return before
+
+
+def defaults_policy() -> str:
+    """The policy in force: ``set_defaults``'s, else ``$OPTGEN_DEFAULTS``'s, else ``"fastest"``."""
+    if _defaults_set is not None:
+        return _defaults_set
+    value = os.environ.get(DEFAULTS_VARIABLE, "").strip().lower() or "fastest"
+    if value not in DEFAULTS_POLICIES:
+        raise ValueError(f"{DEFAULTS_VARIABLE}={os.environ[DEFAULTS_VARIABLE]!r} is not a policy optgen knows; "
+                         f"use one of {', '.join(DEFAULTS_POLICIES)} (or unset it)")
+    return value
 
 
 def triton_applies(params: list[torch.Tensor]) -> bool:
@@ -102,8 +146,12 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
                            "parameters yet; use foreach=True, or fused=None to pick automatically")
     if group.get("foreach"):
         return "foreach"
-    if group.get("foreach") is None and not group.get("differentiable") and params \
-            and all(p.device.type in FOREACH_DEVICES for p in params):
+    if group.get("foreach") is not None or group.get("differentiable") or not params:
+        return "forloop"
+    if group.get("fused") is None and "c" in optimizer.implementations and defaults_policy() == "fastest" \
+            and all(p.device.type == "cpu" for p in params) and c_declines(params, optimizer) is None:
+        return "c"  # Note [The fastest by default]
+    if all(p.device.type in FOREACH_DEVICES for p in params):
         fastest = FASTEST_ON_CUDA.get(type(optimizer).__name__)
         if fastest is not None and fastest in optimizer.implementations \
                 and (fastest != "triton" or triton_applies(params)):

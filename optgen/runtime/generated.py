@@ -31,6 +31,7 @@ from optgen.runtime import dispatch, subclasses
 from optgen.runtime.kernels import KernelModule
 from optgen.runtime.native import KernelDeclined
 from optgen.runtime.optimizer import Optimizer
+from optgen.runtime.step_cache import CachedStep
 
 
 def scalar_dtype() -> torch.dtype:
@@ -114,6 +115,7 @@ class GeneratedOptimizer(Optimizer):
         parameter when the group is ``capturable`` / ``fused`` (float32 when ``fused``), which is
         where torch puts them.  Host counters (SparseAdam's ``step``) stay numbers."""
         super().__setstate__(state)
+        self.__dict__.pop("_cached_steps", None)  # bound to the tensors of the state replaced (Note [Cached steps])
         counters = {key for _, key in self._counter_state} - set(self._host_counters)
         for group in self.param_groups:
             for key, value in self._loaded_group_defaults.items():
@@ -132,7 +134,11 @@ class GeneratedOptimizer(Optimizer):
     def _step_group(self, group: dict) -> None:
         """One step for one param group, in order: the parameters with gradients and their state;
         the kernel's lists; which implementation runs them; its hyperparameters (and GradScaler's
-        state); the kernel; the state it created, stored."""
+        state); the kernel; the state it created, stored.  A step like the last one of this group
+        reuses its bound launch instead (Note [Cached steps])."""
+        cached = self.__dict__.get("_cached_steps", {}).get(id(group))
+        if cached is not None and cached.group is group and cached(self, group):
+            return
         params, grads = self._params_with_grad(group)
         single_sparse = self._check_gradients(group, grads)
         if not params:
@@ -160,6 +166,21 @@ class GeneratedOptimizer(Optimizer):
             tensors = to_global(tensors, created)
         # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).
         self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
+        if scatter is None and to_global is None:
+            self._bind(group, kernel, params, states, tensors, scalars)
+
+    def _bind(self, group: dict, kernel: KernelModule, params, states, tensors: dict, scalars: dict) -> None:
+        """Keeps the launch this step ran, bound to its lists, for the next steps (Note [Cached
+        steps]): when the group was one launch (one dtype) that is not traced or scaled."""
+        cache = self.__dict__.setdefault("_cached_steps", {})
+        cache.pop(id(group), None)
+        bind = kernel.bind
+        if bind is None or torch.compiler.is_compiling() or "grad_scale" in vars(self) or "found_inf" in vars(self) \
+                or len({p.dtype for p in params}) != 1 or not all(type(p) in subclasses.PLAIN_TYPES for p in params):
+            return
+        launch = bind(**tensors, **scalars, **{f: bool(group[f]) for f in kernel.flags})
+        if launch is not None:
+            cache[id(group)] = CachedStep(self, group, kernel, params, states, launch)
 
     def _choose_implementation(self, group: dict, params, tensors: dict, single_sparse: bool):
         """The implementation that steps this group, the lists it runs on, and what turns them back

@@ -35,6 +35,10 @@ class KernelModule:
     #: why the kernels cannot run on parameters of a dtype on this machine (a native library that
     #: does not build or load), None when they can; None: always runnable
     unusable: Callable[[Any], str | None] | None = None
+    #: ``bind(**lists, **hyperparameters, **flags)``: the launch of ``step`` over these lists with
+    #: its checks done once, to run again while they stay the same (Note [Cached steps] in
+    #: runtime/step_cache.py), or None where they cannot be bound; None: no such fast path
+    bind: Callable[..., Any] | None = None
 
     def run(self, group: dict, lists: dict, hyperparameters: dict, **extra) -> None:
         """One step over ``lists`` with the flags of param group ``group``."""

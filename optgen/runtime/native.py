@@ -186,6 +186,13 @@ def lists_from_op(tensors: list[torch.Tensor], absent: list[int], n: int) -> lis
     return [given[i:i + n] for i in range(0, len(given), n)]
 
 
+def outside_storage(t: torch.Tensor) -> bool:
+    """Whether a (contiguous) tensor's elements run past the end of its storage: a storage resized
+    in place (``untyped_storage().resize_(0)``, as FSDP frees a parameter) leaves the tensor's
+    shape as it was, and a kernel walking that many elements would write through freed memory."""
+    return (t.storage_offset() + t.numel()) * t.element_size() > t.untyped_storage().nbytes()
+
+
 def check_counter_dtypes(counters, kernel: str) -> None:
     """All counters of a launch have one dtype, else KernelDeclined: torch's load casts a float64
     model's eta/mu_product, not its step (a checkpoint torch loaded)."""

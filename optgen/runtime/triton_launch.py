@@ -60,6 +60,7 @@ from optgen.runtime.native import (
     launcher_named,
     layout,
     lists_from_op,
+    outside_storage,
     register_launcher,
     traced,
 )
@@ -369,9 +370,12 @@ def _check(device, dtype, params, lists, counters, allow_missing: bool = False) 
             if not t.is_contiguous():
                 raise KernelDeclined(f"optgen's triton kernel needs contiguous tensors; the {what} of parameter {i} "
                                      "is not contiguous")
+            if outside_storage(t):
+                raise RuntimeError(f"optgen's triton kernel: the {what} of parameter {i} ({tuple(t.shape)}) lies "
+                                   "outside its storage (the storage was resized or freed in place)")
     for values in counters:
         for i, t in enumerate(values):
-            if t.device != device or t.numel() != 1:
+            if t.device != device or t.numel() != 1 or outside_storage(t):
                 raise RuntimeError(f"optgen's triton kernel reads its counters (step) as 1-element tensors on the "
                                    f"parameters' device ({device}); parameter {i}'s is {t.dtype} {tuple(t.shape)} "
                                    f"on {t.device}")

@@ -1,0 +1,98 @@
+"""The fast path of a step: a param group's launch, bound once, revalidated cheaply each step.
+
+Note [Cached steps]
+~~~~~~~~~~~~~~~~~~~
+A fused kernel's own work on many small tensors is a fraction of a step's host work: gathering the
+group's tensors, choosing the implementation, checking every tensor the kernel will address and
+building the address tables cost ~4 µs a tensor (Adam, 1000 tensors of 100 elements: 5 ms a step
+for 0.3 ms of kernel).  Almost all of it gives the same answer every step.  So after a step the
+checked path (``GeneratedOptimizer._step_group``) ran, a group whose kernel can be bound
+(``KernelModule.bind``: the C kernels) keeps a :class:`CachedStep`: the lists it ran on, and the
+launch with its tables built and checked once.  The next step reuses it after checks that cost a
+few calls per tensor, each one C loop over the group (``map`` of a method descriptor):
+
+- the same options (the group's ``foreach`` / ``fused`` / ``differentiable`` / ``capturable``,
+  the optimizer's ``implementation``, the defaults policy), no GradScaler state, not traced;
+- the same parameter objects, and the same ones with a gradient;
+- every gradient contiguous with its parameter's element count (torch keeps a gradient shaped like
+  its parameter, so that is the parameter's count too); a sparse one fails ``is_contiguous``;
+- the same address for every parameter, state and counter (``state[p][key]`` looked up afresh,
+  so a replaced or lost state is seen);
+- the arguments use the same lists (a flag or hyperparameter may change which states the step
+  touches: Adam's ``amsgrad``).
+
+The bound launch holds the storages its tables point into, so an address it checks was never freed
+and reused by another tensor: a tensor whose address is unchanged still lies in the memory the
+launch was checked for.  Anything else, or any failing check, takes the checked path, which
+rebinds.  Hyperparameters and flags are read from the group every step, as before.  A loaded state
+dict (``__setstate__``) drops the cache.  Measured: BENCHMARKS.md, "Host overhead".
+"""
+from __future__ import annotations
+
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not, itemgetter
+
+import torch
+
+from optgen.runtime import dispatch
+
+_GRAD = attrgetter("grad")
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_NUMEL = torch.Tensor.numel
+
+#: the group options the choice of implementation reads (runtime/dispatch.py)
+_OPTIONS = ("foreach", "fused", "differentiable", "capturable")
+
+
+def options(optimizer, group: dict) -> tuple:
+    return (optimizer.implementation, dispatch.defaults_policy(), *map(group.get, _OPTIONS))
+
+
+class CachedStep:
+    """A param group's bound launch and what it was bound for (Note [Cached steps])."""
+
+    def __init__(self, optimizer, group: dict, kernel, params: list[torch.Tensor], states: list[dict], launch):
+        self.group, self.kernel, self.launch = group, kernel, launch
+        self.options = options(optimizer, group)
+        self.group_params = list(group["params"])
+        self.with_grad = [p.grad is not None for p in self.group_params]
+        self.all_with_grad = all(self.with_grad)
+        self.params = params
+        self.param_addresses = list(map(_DATA_PTR, params))
+        self.numels = list(map(_NUMEL, params))
+        # the states the launch addresses: every tensor state a parameter has (absent ones — unused
+        # under these flags — are not addressed; a state created later changes nothing bound)
+        keys = [key for _, key in optimizer._tensor_state + optimizer._counter_state
+                if all(isinstance(s.get(key), torch.Tensor) for s in states)]
+        self.states = [(itemgetter(key), [s[key].data_ptr() for s in states]) for key in keys]
+
+    def __call__(self, optimizer, group: dict) -> bool:
+        """One step of ``group`` through the bound launch; False, with nothing done, when a check
+        fails (the caller then takes the checked path)."""
+        if torch.compiler.is_compiling() or "grad_scale" in vars(optimizer) or "found_inf" in vars(optimizer) \
+                or options(optimizer, group) != self.options:
+            return False
+        current = group["params"]
+        if len(current) != len(self.group_params) or not all(map(is_, current, self.group_params)):
+            return False
+        grads = list(map(_GRAD, current))
+        if not self.all_with_grad:
+            if list(map(is_not, grads, repeat(None))) != self.with_grad:
+                return False
+            grads = list(compress(grads, self.with_grad))
+        params = self.params
+        try:  # (a None or sparse gradient fails is_contiguous)
+            if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
+                    or list(map(_DATA_PTR, params)) != self.param_addresses:
+                return False
+            states = list(map(optimizer.state.get, params))
+            for get, addresses in self.states:
+                if list(map(_DATA_PTR, map(get, states))) != addresses:
+                    return False
+            grad_addresses = list(map(_DATA_PTR, grads))
+        except (RuntimeError, TypeError, KeyError):  # a state that is not there
+            return False
+        arguments = optimizer._kernel_scalars(self.kernel, group)
+        arguments.update((f, bool(group[f])) for f in optimizer._flags)
+        return self.launch(grads, grad_addresses, arguments)

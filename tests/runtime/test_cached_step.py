@@ -1,0 +1,296 @@
+"""The cached step (Note [Cached steps] in optgen/runtime/step_cache.py): a group's C launch bound
+once and revalidated cheaply.  Each test runs the same steps twice, with the cache and with it
+disabled (every step the checked path), and requires the same bits — or the same error — after
+something changed between steps that a stale launch would get wrong.  The crash cases run in a
+subprocess."""
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import optgen
+from optgen.runtime import c_launch, dispatch, step_cache
+from optgen.runtime.generated import GeneratedOptimizer
+
+pytestmark = pytest.mark.skipif(not c_launch.available(), reason="no C compiler")
+
+
+def params(shapes=((7, 5), (33,), (4, 4, 3)), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def set_grads(ps, seed):
+    g = torch.Generator().manual_seed(1000 + seed)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+@pytest.fixture
+def uncached(monkeypatch):
+    """Runs a function with every step on the checked path."""
+    def run(fn):
+        with monkeypatch.context() as m:
+            m.setattr(step_cache.CachedStep, "__call__", lambda self, optimizer, group: False)
+            return fn()
+    return run
+
+
+def both(fn, uncached):
+    """``fn()`` with the cache and without it: (cached result, checked result)."""
+    return fn(), uncached(fn)
+
+
+def test_the_default_on_cpu_is_the_c_kernel_and_later_steps_take_the_cached_path(monkeypatch):
+    ps = params()
+    opt = optgen.Adam(ps, lr=1e-2)
+    checked = []
+    real = GeneratedOptimizer._choose_implementation
+
+    def spy(self, *args):
+        result = real(self, *args)
+        checked.append(result[0])
+        return result
+
+    monkeypatch.setattr(GeneratedOptimizer, "_choose_implementation", spy)
+    for k in range(5):
+        set_grads(ps, k)
+        opt.step()
+    assert checked == ["c"]  # the first step chose C on the checked path; four took the cached one
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
+    ("AdamW", dict(lr=1e-2)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    ("NAdam", dict(lr=1e-2)),
+    ("ASGD", dict(lr=1e-2)),
+    ("Adafactor", dict(lr=1e-2)),
+    ("Lamb", dict(lr=1e-2, weight_decay=0.01)),
+])
+def test_cached_steps_equal_checked_steps_bit_for_bit(name, kwargs, uncached):
+    def run():
+        ps = params()
+        opt = getattr(optgen, name)(ps, **kwargs)
+        for k in range(6):
+            set_grads(ps, k)
+            opt.step()
+        return [p.detach().clone() for p in ps], opt.state_dict()
+
+    (ours, state), (ref, ref_state) = both(run, uncached)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)
+    for s, r in zip(state["state"].values(), ref_state["state"].values(), strict=True):
+        assert s.keys() == r.keys() and all(torch.equal(s[k], r[k]) for k in s)
+
+
+def trajectory(change, steps=6, name="Adam", kwargs=None, seed=0):
+    """Steps an optimizer, calling ``change(opt, ps, k)`` before step k; the parameters after."""
+    def run():
+        ps = params(seed=seed)
+        opt = getattr(optgen, name)(ps, **(kwargs or dict(lr=1e-2)))
+        for k in range(steps):
+            set_grads(ps, k)
+            change(opt, ps, k)
+            opt.step()
+        return [p.detach().clone() for p in ps], opt
+    return run
+
+
+def outcome(run):
+    """``run``'s parameters, or the error it raised (type and message)."""
+    def wrapped():
+        try:
+            return run()[0]
+        except Exception as e:  # noqa: BLE001 - the two paths must raise the same, whatever it is
+            return type(e), str(e)
+    return wrapped
+
+
+def assert_same(run, uncached):
+    ours, ref = both(outcome(run), uncached)
+    if isinstance(ref, tuple):
+        assert ours == ref
+        return
+    for a, b in zip(ours, ref, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def replace_param_data(opt, ps, k):
+    if k == 3:
+        ps[0].data = torch.full_like(ps[0], 0.5)  # a new storage: a stale launch would update the old one
+
+
+def replace_state(opt, ps, k):
+    if k == 3:
+        opt.state[ps[1]]["exp_avg"] = torch.ones_like(ps[1])
+
+
+def swap_state_storage(opt, ps, k):
+    if k == 3:
+        opt.state[ps[1]]["exp_avg_sq"].data = torch.full_like(ps[1], 2.0)  # same tensor object, new memory
+
+
+def reset_state(opt, ps, k):
+    if k == 3:
+        del opt.state[ps[2]]
+
+
+def new_gradients_each_step(opt, ps, k):
+    for p in ps:  # zero_grad(set_to_none=True) then backward: new gradient tensors every step
+        p.grad = p.grad.clone()
+
+
+def toggle_amsgrad(opt, ps, k):
+    opt.param_groups[0]["amsgrad"] = k >= 3  # a state the step did not touch is created and used
+
+
+def change_lr_and_betas(opt, ps, k):
+    opt.param_groups[0]["lr"] = 1e-2 / (k + 1)
+    opt.param_groups[0]["betas"] = (0.8, 0.99) if k >= 3 else (0.9, 0.999)
+
+
+def drop_a_gradient(opt, ps, k):
+    if k in (2, 3):
+        ps[1].grad = None  # that parameter is not stepped, its state untouched
+    if k == 4:
+        ps[2].grad = None
+
+
+def add_a_parameter(opt, ps, k):
+    if k == 3:
+        extra = torch.linspace(-1, 1, 6).requires_grad_()
+        extra.grad = torch.linspace(0.5, -0.5, 6)
+        ps.append(extra)
+        opt.param_groups[0]["params"].append(extra)
+
+
+def switch_to_forloop(opt, ps, k):
+    opt.implementation = "forloop" if k == 3 else None
+
+
+@pytest.mark.parametrize("change", [
+    replace_param_data, replace_state, swap_state_storage, reset_state, new_gradients_each_step, toggle_amsgrad,
+    change_lr_and_betas, drop_a_gradient, add_a_parameter, switch_to_forloop,
+], ids=lambda f: f.__name__)
+def test_a_change_between_steps_is_seen(change, uncached):
+    assert_same(trajectory(change), uncached)
+
+
+def test_a_loaded_state_dict_drops_the_bound_launch(uncached):
+    def run():
+        ps = params()
+        opt = optgen.Adam(ps, lr=1e-2)
+        for k in range(3):
+            set_grads(ps, k)
+            opt.step()
+        saved = opt.state_dict()
+        for k in range(3, 5):
+            set_grads(ps, k)
+            opt.step()
+        opt.load_state_dict(saved)  # new state tensors, the old ones freed
+        assert "_cached_steps" not in vars(opt)
+        for k in range(5, 7):
+            set_grads(ps, k)
+            opt.step()
+        return [p.detach().clone() for p in ps], opt
+
+    assert_same(run, uncached)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_a_non_contiguous_gradient_takes_the_checked_path(fused, uncached):
+    """The default quietly steps that group with the for-loop; fused=True says so (a warning)."""
+    def change(opt, ps, k):
+        if k == 3:
+            ps[0].grad = torch.linspace(-1, 1, 35).view(5, 7).t()  # the right shape, transposed
+
+    def run():
+        dispatch._WARNED.clear()  # said once per process: here once per run
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = trajectory(change, kwargs=dict(lr=1e-2, fused=fused))()
+        assert any("not contiguous" in str(w.message) for w in caught) == bool(fused)
+        return result
+
+    assert_same(run, uncached)
+
+
+def test_a_sparse_gradient_takes_the_checked_path(uncached):
+    def change(opt, ps, k):
+        if k == 3:
+            ps[1].grad = ps[1].grad.to_sparse()
+
+    assert_same(trajectory(change, name="SGD", kwargs=dict(lr=0.1, momentum=0.9)), uncached)
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        trajectory(change)()
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_a_grad_scaler_step_takes_the_checked_path(fused, uncached):
+    """GradScaler unscales (default) or hands the fused kernel its scale; an inf skips the step."""
+    def run():
+        ps = params()
+        opt = optgen.Adam(ps, lr=1e-2, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        for k in range(5):
+            opt.zero_grad()
+            loss = sum((p * torch.linspace(-1, 1, p.numel()).view(p.shape)).sum() for p in ps) * (k + 1)
+            scaler.scale(loss).backward()
+            if k == 2:
+                ps[0].grad.view(-1)[0] = float("inf")  # a skipped step
+            scaler.step(opt)
+            scaler.update()
+        return [p.detach().clone() for p in ps], opt
+
+    assert_same(run, uncached)
+
+
+def test_a_step_under_torch_defaults_is_the_forloop(monkeypatch):
+    monkeypatch.setenv("OPTGEN_DEFAULTS", "torch")
+    ps, ref = params(), params()
+    ours, theirs = optgen.Adam(ps, lr=1e-2), torch.optim.Adam(ref, lr=1e-2)
+    for k in range(4):
+        set_grads(ps, k)
+        set_grads(ref, k)
+        ours.step()
+        theirs.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, ref, strict=True))
+    assert "_cached_steps" not in vars(ours) or not ours._cached_steps
+
+
+CRASH = textwrap.dedent("""
+    import torch, optgen
+    ps = [torch.randn(1000, requires_grad=True) for _ in range(3)]
+    opt = optgen.Adam(ps, lr=1e-2)
+    for k in range(8):
+        for p in ps:
+            p.grad = torch.randn(p.shape)
+        if k == 4:
+            {change}
+        try:
+            opt.step()
+        except RuntimeError as e:
+            print("error:", e)
+    intact = [p for p in ps if p.untyped_storage().nbytes() >= p.numel() * 4]  # (torch itself reads freed ones)
+    print("finite:", all(bool(torch.isfinite(p).all()) for p in intact))
+""")
+
+
+@pytest.mark.parametrize("change", [
+    # memory under a parameter or state freed or shrunk between steps: never written through
+    "ps[0].untyped_storage().resize_(0)",
+    "ps[1].data = torch.randn(10)",
+    "ps[1].data = ps[1].data[:10]",
+    "opt.state[ps[2]]['exp_avg'].untyped_storage().resize_(0)",
+    "opt.state[ps[2]]['exp_avg'].data = torch.zeros(10)",
+    "opt.state[ps[2]]['step'].data = torch.zeros(0)",
+])
+def test_memory_changed_under_a_bound_launch_never_crashes(change):
+    result = subprocess.run([sys.executable, "-c", CRASH.format(change=change)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finite:" in result.stdout
