@@ -34,7 +34,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(f"optgen.{name}")
     if name == "__all__":
-        return ["Optimizer", "OPTIMIZERS", *_optimizers()]
+        return ["Optimizer", "OPTIMIZERS", "set_defaults", *_optimizers()]
     if name.startswith("_"):  # submodules and dunders resolve through the import system
         raise AttributeError(f"module 'optgen' has no attribute {name!r}")
     if name == "Optimizer":  # torch is imported on first use: `optgen build` with nothing to do stays fast
@@ -43,6 +43,10 @@ def __getattr__(name: str):
         return Optimizer
     if name == "OPTIMIZERS":
         return _optimizers()
+    if name == "set_defaults":  # what foreach=None, fused=None picks (Note [The fastest by default])
+        from optgen.runtime.dispatch import set_defaults
+
+        return set_defaults
     optimizers = _optimizers()
     if name in optimizers:
         return optimizers[name]
@@ -50,4 +54,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted({*globals(), "Optimizer", "OPTIMIZERS", *_optimizers()})
+    return sorted({*globals(), "Optimizer", "OPTIMIZERS", "set_defaults", *_optimizers()})

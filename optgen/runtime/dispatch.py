@@ -8,7 +8,8 @@ optgen has faster implementations than torch's defaults (Note [The fastest by de
   else the for-loop.  torch picks its for-loop on CPU: its foreach is 1.3–2× *slower* there.
 - CUDA and other foreach-capable devices: foreach, unless :data:`FASTEST_ON_CUDA` names an
   implementation ``optgen bench --device cuda`` measured faster.
-- ``differentiable=True``: the for-loop (the differentiable kernel), as in torch.
+- ``differentiable=True``: the for-loop (the differentiable kernel), as in torch; ``capturable=True``
+  (CUDA graphs): torch's choice, and its error for CPU parameters.
 
 ``OPTGEN_DEFAULTS=torch`` in the environment, or ``optgen.set_defaults("torch")``, restores
 torch's own rule (the for-loop on CPU), for code that needs torch's exact for-loop numerics.
@@ -148,8 +149,10 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
         return "foreach"
     if group.get("foreach") is not None or group.get("differentiable") or not params:
         return "forloop"
-    if group.get("fused") is None and "c" in optimizer.implementations and defaults_policy() == "fastest" \
-            and all(p.device.type == "cpu" for p in params) and c_declines(params, optimizer) is None:
+    # capturable (CUDA graphs) keeps torch's choice, and with it torch's error on CPU parameters
+    if group.get("fused") is None and not group.get("capturable") and "c" in optimizer.implementations \
+            and defaults_policy() == "fastest" and all(p.device.type == "cpu" for p in params) \
+            and c_declines(params, optimizer) is None:
         return "c"  # Note [The fastest by default]
     if all(p.device.type in FOREACH_DEVICES for p in params):
         fastest = FASTEST_ON_CUDA.get(type(optimizer).__name__)

@@ -167,9 +167,9 @@ class GeneratedOptimizer(Optimizer):
         # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).
         self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
         if scatter is None and to_global is None:
-            self._bind(group, kernel, params, states, tensors, scalars)
+            self._bind(group, kernel, params, tensors, scalars)
 
-    def _bind(self, group: dict, kernel: KernelModule, params, states, tensors: dict, scalars: dict) -> None:
+    def _bind(self, group: dict, kernel: KernelModule, params, tensors: dict, scalars: dict) -> None:
         """Keeps the launch this step ran, bound to its lists, for the next steps (Note [Cached
         steps]): when the group was one launch (one dtype) that is not traced or scaled."""
         cache = self.__dict__.setdefault("_cached_steps", {})
@@ -180,7 +180,7 @@ class GeneratedOptimizer(Optimizer):
             return
         launch = bind(**tensors, **scalars, **{f: bool(group[f]) for f in kernel.flags})
         if launch is not None:
-            cache[id(group)] = CachedStep(self, group, kernel, params, states, launch)
+            cache[id(group)] = CachedStep(self, group, kernel, params, tensors, launch)
 
     def _choose_implementation(self, group: dict, params, tensors: dict, single_sparse: bool):
         """The implementation that steps this group, the lists it runs on, and what turns them back

@@ -52,7 +52,7 @@ def options(optimizer, group: dict) -> tuple:
 class CachedStep:
     """A param group's bound launch and what it was bound for (Note [Cached steps])."""
 
-    def __init__(self, optimizer, group: dict, kernel, params: list[torch.Tensor], states: list[dict], launch):
+    def __init__(self, optimizer, group: dict, kernel, params: list[torch.Tensor], lists: dict[str, list], launch):
         self.group, self.kernel, self.launch = group, kernel, launch
         self.options = options(optimizer, group)
         self.group_params = list(group["params"])
@@ -61,11 +61,12 @@ class CachedStep:
         self.params = params
         self.param_addresses = list(map(_DATA_PTR, params))
         self.numels = list(map(_NUMEL, params))
-        # the states the launch addresses: every tensor state a parameter has (absent ones — unused
-        # under these flags — are not addressed; a state created later changes nothing bound)
-        keys = [key for _, key in optimizer._tensor_state + optimizer._counter_state
-                if all(isinstance(s.get(key), torch.Tensor) for s in states)]
-        self.states = [(itemgetter(key), [s[key].data_ptr() for s in states]) for key in keys]
+        # the states the launch addresses, where the optimizer's state holds them (a complex
+        # parameter's as real views: the same addresses); a list absent under these flags is not
+        # addressed, and a state created later changes nothing bound
+        self.states = [(itemgetter(key), list(map(_DATA_PTR, lists[name])))
+                       for name, key in optimizer._tensor_state + optimizer._counter_state
+                       if all(t is not None for t in lists[name])]
 
     def __call__(self, optimizer, group: dict) -> bool:
         """One step of ``group`` through the bound launch; False, with nothing done, when a check

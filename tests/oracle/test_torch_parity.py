@@ -237,10 +237,45 @@ def test_param_without_grad_is_skipped_like_torch(name):
     assert len(ours.state_dict()["state"]) == len(theirs.state_dict()["state"])
 
 
-def test_default_implementation_on_cpu_is_the_for_loop(monkeypatch):
+@pytest.mark.parametrize("options,expected", [
+    ({}, "fastest"),
+    ({"foreach": True}, "foreach"),
+    ({"foreach": False}, "forloop"),
+    ({"fused": False}, "forloop"),
+    ({"fused": True}, "c"),
+    ({"differentiable": True}, "forloop"),
+    ({"capturable": True}, "forloop"),
+])
+def test_default_implementation_on_cpu(monkeypatch, options, expected):
+    """Note [The fastest by default]: foreach=None, fused=None on CPU is the C kernel where a
+    compiler works, torch's for-loop under OPTGEN_DEFAULTS=torch or optgen.set_defaults("torch");
+    an explicit option keeps its torch meaning."""
     import optgen.runtime.dispatch as dispatch
+    from optgen.runtime import c_launch
 
+    def chosen():
+        opt = optgen.Adam([torch.zeros(2, requires_grad=True)], **options)
+        return dispatch.choose(opt, opt.param_groups[0], opt.param_groups[0]["params"])
+
+    monkeypatch.setattr(dispatch, "_defaults_set", None)  # (restored after the test: set_defaults below)
+    monkeypatch.delenv("OPTGEN_DEFAULTS", raising=False)
+    c = "c" if c_launch.available() else "forloop"
+    assert chosen() == (c if expected in ("fastest", "c") else expected)
+    monkeypatch.setenv("OPTGEN_DEFAULTS", "torch")
+    assert chosen() == ("forloop" if expected == "fastest" else c if expected == "c" else expected)
+    monkeypatch.setenv("OPTGEN_DEFAULTS", "fastest")
+    assert optgen.set_defaults("torch") == "fastest"
+    try:
+        assert chosen() == ("forloop" if expected == "fastest" else c if expected == "c" else expected)
+    finally:
+        assert optgen.set_defaults("fastest") == "torch"
+
+
+def test_a_bad_defaults_policy_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("OPTGEN_DEFAULTS", "fast")
     opt = optgen.Adam([torch.zeros(2, requires_grad=True)])
-    assert dispatch.choose(opt, opt.param_groups[0], opt.param_groups[0]["params"]) == "forloop"
-    opt = optgen.Adam([torch.zeros(2, requires_grad=True)], foreach=True)
-    assert dispatch.choose(opt, opt.param_groups[0], opt.param_groups[0]["params"]) == "foreach"
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    with pytest.raises(ValueError, match=r"OPTGEN_DEFAULTS='fast' is not a policy optgen knows; use one of fastest"):
+        opt.step()
+    with pytest.raises(ValueError, match="unknown policy 'slow'"):
+        optgen.set_defaults("slow")

@@ -139,6 +139,11 @@ def reset_state(opt, ps, k):
         del opt.state[ps[2]]
 
 
+def clear_state(opt, ps, k):
+    if k == 3:
+        opt.state.clear()  # every state made again, as on a first step
+
+
 def new_gradients_each_step(opt, ps, k):
     for p in ps:  # zero_grad(set_to_none=True) then backward: new gradient tensors every step
         p.grad = p.grad.clone()
@@ -173,11 +178,18 @@ def switch_to_forloop(opt, ps, k):
 
 
 @pytest.mark.parametrize("change", [
-    replace_param_data, replace_state, swap_state_storage, reset_state, new_gradients_each_step, toggle_amsgrad,
+    replace_param_data, replace_state, swap_state_storage, reset_state, clear_state, new_gradients_each_step,
+    toggle_amsgrad,
     change_lr_and_betas, drop_a_gradient, add_a_parameter, switch_to_forloop,
 ], ids=lambda f: f.__name__)
 def test_a_change_between_steps_is_seen(change, uncached):
     assert_same(trajectory(change), uncached)
+
+
+@pytest.mark.parametrize("change", [clear_state, reset_state, replace_param_data], ids=lambda f: f.__name__)
+def test_a_change_to_a_lazily_created_state_is_seen(change, uncached):
+    """SGD's momentum buffer is created by the kernel on the first step, not by the state's initialiser."""
+    assert_same(trajectory(change, name="SGD", kwargs=dict(lr=0.1, momentum=0.9)), uncached)
 
 
 def test_a_loaded_state_dict_drops_the_bound_launch(uncached):
