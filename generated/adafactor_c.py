@@ -61,13 +61,14 @@ static inline __attribute__((always_inline)) void adafactor_step_walk2(const int
     /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
     if (param_dim_gt_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
     /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-    if (param_dim_le_1) variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
+    if (param_dim_le_1) variance = to_compute(from_compute(lerp_of(variance, grad * grad, c_one_minus_beta2_t)));
     /* var_estimate = variance */
     if (param_dim_le_1) var_estimate = variance;
     /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
     update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
     /* norm(update) */
     terms_norm_update[slot] = update;
+    if (param_dim_le_1) variance_p[i] = from_compute(variance);
 }
 
 /* walk 3 of adafactor_step, over one element: each version of the walk calls it with its
@@ -78,8 +79,8 @@ static inline __attribute__((always_inline)) void adafactor_step_walk3(const int
         const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict row_var_p,
         storage_t *restrict col_var_p, storage_t *restrict variance_p,
         const scalar_t *restrict mean_dim2_row_var_s, const scalar_t c_1_minus_lr_times_weight_decay,
-        const scalar_t c_one_minus_beta2_t, const scalar_t c_epsilon1,
-        const scalar_t c_epsilon1_times_epsilon1, const scalar_t c_alpha, const scalar_t c_denom)
+        const scalar_t c_epsilon1, const scalar_t c_epsilon1_times_epsilon1, const scalar_t c_alpha,
+        const scalar_t c_denom)
 {
     scalar_t grad = to_compute(grad_p[i]);
     scalar_t param = to_compute(param_p[i]);
@@ -99,8 +100,6 @@ static inline __attribute__((always_inline)) void adafactor_step_walk3(const int
     if (weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
     /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
     if (param_dim_gt_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
-    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
-    if (param_dim_le_1) variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
     /* var_estimate = variance */
     if (param_dim_le_1) var_estimate = variance;
     /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
@@ -108,7 +107,6 @@ static inline __attribute__((always_inline)) void adafactor_step_walk3(const int
     /* param = param - alpha / denom * update */
     param = param - c_alpha * update / c_denom;
     param_p[i] = from_compute(param);
-    if (param_dim_le_1) variance_p[i] = from_compute(variance);
 }
 
 /* Adafactor step, every combination of maximize */
@@ -435,7 +433,7 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t i = ir * dim_c + ic;
                                     adafactor_step_walk3(1, 1, 1, 0, i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p,
                                         col_var_p, variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay,
-                                        c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                        c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                                 }
                             }
                         }
@@ -445,15 +443,15 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
                             adafactor_step_walk3(1, 1, 0, 1, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
-                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
-                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
                             adafactor_step_walk3(1, 1, 0, 0, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
-                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
-                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     }
                 }
@@ -470,7 +468,7 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t i = ir * dim_c + ic;
                                     adafactor_step_walk3(1, 0, 1, 0, i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p,
                                         col_var_p, variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay,
-                                        c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                        c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                                 }
                             }
                         }
@@ -480,15 +478,15 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
                             adafactor_step_walk3(1, 0, 0, 1, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
-                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
-                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
                             adafactor_step_walk3(1, 0, 0, 0, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
-                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
-                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     }
                 }
@@ -507,7 +505,7 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t i = ir * dim_c + ic;
                                     adafactor_step_walk3(0, 1, 1, 0, i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p,
                                         col_var_p, variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay,
-                                        c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                        c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                                 }
                             }
                         }
@@ -517,15 +515,15 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
                             adafactor_step_walk3(0, 1, 0, 1, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
-                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
-                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
                             adafactor_step_walk3(0, 1, 0, 0, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
-                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
-                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     }
                 }
@@ -542,7 +540,7 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
                                     const int64_t i = ir * dim_c + ic;
                                     adafactor_step_walk3(0, 0, 1, 0, i, ir, ib, ic, dim_c, grad_p, param_p, row_var_p,
                                         col_var_p, variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay,
-                                        c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                        c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
                                 }
                             }
                         }
@@ -552,15 +550,15 @@ void adafactor_step(int64_t n, void **tensors, void **grads, void **counters, co
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
                             adafactor_step_walk3(0, 0, 0, 1, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
-                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
-                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     } else {
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
                         for (int64_t i = 0; i < numel; ++i) {
                             adafactor_step_walk3(0, 0, 0, 0, i, 0, 0, 0, dim_c, grad_p, param_p, row_var_p, col_var_p,
-                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t,
-                                c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                                variance_p, mean_dim2_row_var_s, c_1_minus_lr_times_weight_decay, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
                         }
                     }
                 }

@@ -32,9 +32,9 @@ static inline __attribute__((always_inline)) void lamb_step_walk1(const int maxi
     /* grad = -grad */
     if (maximize) grad = -grad;
     /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+    exp_avg = to_compute(from_compute(lerp_of(exp_avg, grad, c_1_minus_beta1)));
     /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+    exp_avg_sq = to_compute(from_compute(c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad));
     /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
     update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
     /* update = update + weight_decay * param */
@@ -43,30 +43,24 @@ static inline __attribute__((always_inline)) void lamb_step_walk1(const int maxi
     terms_norm_param[slot] = param;
     /* norm(update) */
     terms_norm_update[slot] = update;
+    exp_avg_p[i] = from_compute(exp_avg);
+    exp_avg_sq_p[i] = from_compute(exp_avg_sq);
 }
 
 /* walk 2 of lamb_step, over its threads' share of the elements: each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void lamb_step_walk2(const int maximize,
-        const int weight_decay_ne_0, const int64_t numel, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_sq_p,
-        const scalar_t c_1_minus_beta1, const scalar_t c_beta2, const scalar_t c_1_minus_beta2,
-        const scalar_t c_bias_correction1, const scalar_t c_eps, const scalar_t c_bias_correction2,
-        const scalar_t c_weight_decay, const scalar_t c_lr, const scalar_t c_trust_ratio)
+static inline __attribute__((always_inline)) void lamb_step_walk2(const int weight_decay_ne_0,
+        const int64_t numel, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
+        storage_t *restrict exp_avg_sq_p, const scalar_t c_bias_correction1, const scalar_t c_eps,
+        const scalar_t c_bias_correction2, const scalar_t c_weight_decay, const scalar_t c_lr,
+        const scalar_t c_trust_ratio)
 {
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < numel; ++i) {
-        scalar_t grad = to_compute(grad_p[i]);
         scalar_t exp_avg = to_compute(exp_avg_p[i]);
         scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
         scalar_t update;
         scalar_t param = to_compute(param_p[i]);
-        /* grad = -grad */
-        if (maximize) grad = -grad;
-        /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-        exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-        /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-        exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
         /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
         update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
         /* update = update + weight_decay * param */
@@ -74,8 +68,6 @@ static inline __attribute__((always_inline)) void lamb_step_walk2(const int maxi
         /* param = param - lr * trust_ratio * update */
         param = param - c_lr * c_trust_ratio * update;
         param_p[i] = from_compute(param);
-        exp_avg_p[i] = from_compute(exp_avg);
-        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
     }
 }
 
@@ -185,13 +177,11 @@ void lamb_step(int64_t n, void **tensors, void **grads, void **counters, const i
         const scalar_t c_trust_ratio = (scalar_t)(trust_ratio);
         /* each version passes its flags and conditions as literals inside its parallel region */
 #define LAMB_STEP_WALK2(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") lamb_step_walk2(__VA_ARGS__, numel, \
-            grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_1_minus_beta1, c_beta2, c_1_minus_beta2, \
-            c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio)
-        switch ((maximize << 1) | weight_decay_ne_0) {
-        case 0: LAMB_STEP_WALK2(0, 0); break;
-        case 1: LAMB_STEP_WALK2(0, 1); break;
-        case 2: LAMB_STEP_WALK2(1, 0); break;
-        case 3: LAMB_STEP_WALK2(1, 1); break;
+            param_p, exp_avg_p, exp_avg_sq_p, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay, \
+            c_lr, c_trust_ratio)
+        switch (weight_decay_ne_0) {
+        case 0: LAMB_STEP_WALK2(0); break;
+        case 1: LAMB_STEP_WALK2(1); break;
         }
 #undef LAMB_STEP_WALK2
         store_counter(counters[0 * n + t], step_1, counters_f64);
