@@ -11,7 +11,8 @@ Like ``torch.optim``, ``foreach=None`` and ``fused=None`` mean "pick the fastest
 on CUDA parameters — and on CPU parameters under ``TRITON_INTERPRET=1``, where Triton's
 interpreter runs them (tests) — and the fused C kernels (one pass over each tensor, compiled on
 first use) on other CPU parameters.  ``foreach=None, fused=None`` on CUDA picks foreach unless
-:data:`FASTEST_ON_CUDA` names an implementation ``optgen bench --device cuda`` measured faster.
+:data:`FASTEST_ON_CUDA` names an implementation ``optgen bench --device cuda --ready`` measured
+faster (optgen/runtime/cuda_defaults.py, which that command writes).
 
 ``foreach=True`` / ``fused=True`` force one.  ``optimizer.implementation = "forloop"`` (or any
 name in the class's ``implementations``) overrides the choice for every group; tests and
@@ -23,16 +24,15 @@ import warnings
 
 import torch
 
+# FASTEST_ON_CUDA: optimizer name → its default implementation on CUDA, as `optgen bench --device cuda --ready`
+# measured it (Note [CUDA defaults]); empty until a GPU has: CUDA then defaults to foreach, as torch does.
+from optgen.runtime.cuda_defaults import FASTEST_ON_CUDA
+
 #: device types where torch's foreach kernels are real multi-tensor kernels
 FOREACH_DEVICES = {"cuda", "xpu", "hpu", "mtia"}
 
 #: parameter dtypes the fused Triton kernels update (complex ones as real views)
 TRITON_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
-
-#: optimizer name → the implementation to use by default on CUDA, where `optgen bench --device cuda`
-#: measured it faster than foreach.  Empty: no GPU measurement has been made yet (none was
-#: available when the Triton backend was written), so CUDA defaults to foreach as torch does.
-FASTEST_ON_CUDA: dict[str, str] = {}
 
 
 def triton_applies(params: list[torch.Tensor]) -> bool:
