@@ -248,12 +248,13 @@ class _CBuilder:
         dims = [f"const int64_t {d} = dims[4 * t + {k}];" for k, d in enumerate(("ndim", "dim_b", "dim_m", "dim_c"))
                 if re.search(rf"\b{d}\b", text)]
         body = [body[0], *dims, *body[1:len(prologue)], *pointers, *scratch, *body[len(prologue):]]
-        source = [*self.functions, f"/* {doc} */",
-                  f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
-                  "        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, "
-                  "int flags)",
-                  "{", *("    " + x for x in head), "    for (int64_t t = 0; t < n; ++t) {",
-                  *("        " + x if not x.startswith("#") else x for x in body), "    }", "}"]
+        # one function per tensor, and the kernel, which runs it over the tensors (for_each_tensor,
+        # c_launch.PRELUDE: small tensors several at once, Note [Small tensors in parallel])
+        source = [*self.functions, f"/* {doc}: tensor t */",
+                  f"static void {function}_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)",
+                  "{", *("    " + x if not x.startswith("#") else x for x in [*head, *body]), "}", "",
+                  f"/* {doc} */", f"void {function}(OPTGEN_KERNEL_PARAMETERS)",
+                  "{", f"    for_each_tensor({function}_tensor, OPTGEN_KERNEL_ARGUMENTS);", "}"]
         reduced = {lists.index(t): -1 if self.extents[t] == ROWS else -2 for t in states if self.extents[t] != FULL}
         present = [(lists.index(t), over_arguments(kernel.presence[t])) for t in states
                    if kernel.presence.get(t, sympy.true) != sympy.true]

@@ -366,3 +366,27 @@ def test_a_state_whose_old_value_a_later_walk_reads_is_stored_by_the_last_walk(t
 
     (tmp_path / "old_value.toml").write_text(OLD_VALUE)
     assert verify_all(steps=5, sources=[tmp_path / "old_value.toml"]), capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["Adam", "Lamb", "Adafactor", "ASGD"])
+def test_small_tensors_stepped_in_parallel_equal_one_thread(name):
+    """Note [Small tensors in parallel]: with two threads the small tensors are shared out between
+    them (and the large one split); every bit equals the one-thread step."""
+    shapes = [(7, 13)] * 300 + [(100,)] * 400 + [(300, 300)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            g = torch.Generator().manual_seed(0)
+            ps = [torch.randn(s, generator=g) for s in shapes]
+            opt = getattr(optgen, name)(ps, lr=1e-2)
+            opt.implementation = "c"
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            results.append(ps)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
