@@ -42,41 +42,44 @@ static inline __attribute__((always_inline)) void adagrad_step_walk1(const int m
     }
 }
 
-/* Adagrad step, every combination of maximize */
-void adagrad_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
+/* Adagrad step, every combination of maximize: tensor t */
+static void adagrad_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
     const double lr_decay = hyper[1];
     const double weight_decay = hyper[2];
     const double eps = hyper[3];
     const int maximize = (flags >> 0) & 1;
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t numel = numels[t];
-        double step = load_counter(counters[0 * n + t], counters_f64);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
-        /* step = step + 1 */
-        const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
-        const int weight_decay_ne_0 = weight_decay != 0;
-        const scalar_t c_weight_decay = (scalar_t)(weight_decay);
-        /* clr = lr / (1 + (step - 1) * lr_decay) */
-        const double clr = lr / (lr_decay * (step_1 - 1) + 1);
-        const scalar_t c_eps = (scalar_t)(eps);
-        const scalar_t c_clr = (scalar_t)(clr);
-        /* each version passes its flags and conditions as literals inside its parallel region */
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    /* clr = lr / (1 + (step - 1) * lr_decay) */
+    const double clr = lr / (lr_decay * (step_1 - 1) + 1);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_clr = (scalar_t)(clr);
+    /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADAGRAD_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adagrad_step_walk1(__VA_ARGS__, numel, \
-            grad_p, param_p, state_sum_p, c_weight_decay, c_eps, c_clr)
-        switch ((maximize << 1) | weight_decay_ne_0) {
-        case 0: ADAGRAD_STEP_WALK1(0, 0); break;
-        case 1: ADAGRAD_STEP_WALK1(0, 1); break;
-        case 2: ADAGRAD_STEP_WALK1(1, 0); break;
-        case 3: ADAGRAD_STEP_WALK1(1, 1); break;
-        }
-#undef ADAGRAD_STEP_WALK1
-        store_counter(counters[0 * n + t], step_1, counters_f64);
+        grad_p, param_p, state_sum_p, c_weight_decay, c_eps, c_clr)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: ADAGRAD_STEP_WALK1(0, 0); break;
+    case 1: ADAGRAD_STEP_WALK1(0, 1); break;
+    case 2: ADAGRAD_STEP_WALK1(1, 0); break;
+    case 3: ADAGRAD_STEP_WALK1(1, 1); break;
     }
+#undef ADAGRAD_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+
+/* Adagrad step, every combination of maximize */
+void adagrad_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(adagrad_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

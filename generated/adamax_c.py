@@ -44,9 +44,8 @@ static inline __attribute__((always_inline)) void adamax_step_walk1(const int ma
     }
 }
 
-/* Adamax step, every combination of maximize */
-void adamax_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
+/* Adamax step, every combination of maximize: tensor t */
+static void adamax_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -54,37 +53,41 @@ void adamax_step(int64_t n, void **tensors, void **grads, void **counters, const
     const double eps = hyper[3];
     const double weight_decay = hyper[4];
     const int maximize = (flags >> 0) & 1;
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t numel = numels[t];
-        double step = load_counter(counters[0 * n + t], counters_f64);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
-        /* step = step + 1 */
-        const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
-        const int weight_decay_ne_0 = weight_decay != 0;
-        const scalar_t c_weight_decay = (scalar_t)(weight_decay);
-        const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
-        const scalar_t c_beta2 = (scalar_t)(beta2);
-        const scalar_t c_eps = (scalar_t)(eps);
-        /* bias_correction = 1 - beta1 ** step */
-        const double bias_correction = 1 - pow(beta1, step_1);
-        /* clr = lr / bias_correction */
-        const double clr = lr / bias_correction;
-        const scalar_t c_clr = (scalar_t)(clr);
-        /* each version passes its flags and conditions as literals inside its parallel region */
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_beta2 = (scalar_t)(beta2);
+    const scalar_t c_eps = (scalar_t)(eps);
+    /* bias_correction = 1 - beta1 ** step */
+    const double bias_correction = 1 - pow(beta1, step_1);
+    /* clr = lr / bias_correction */
+    const double clr = lr / bias_correction;
+    const scalar_t c_clr = (scalar_t)(clr);
+    /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADAMAX_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adamax_step_walk1(__VA_ARGS__, numel, \
-            grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps, c_clr)
-        switch ((maximize << 1) | weight_decay_ne_0) {
-        case 0: ADAMAX_STEP_WALK1(0, 0); break;
-        case 1: ADAMAX_STEP_WALK1(0, 1); break;
-        case 2: ADAMAX_STEP_WALK1(1, 0); break;
-        case 3: ADAMAX_STEP_WALK1(1, 1); break;
-        }
-#undef ADAMAX_STEP_WALK1
-        store_counter(counters[0 * n + t], step_1, counters_f64);
+        grad_p, param_p, exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps, c_clr)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: ADAMAX_STEP_WALK1(0, 0); break;
+    case 1: ADAMAX_STEP_WALK1(0, 1); break;
+    case 2: ADAMAX_STEP_WALK1(1, 0); break;
+    case 3: ADAMAX_STEP_WALK1(1, 1); break;
     }
+#undef ADAMAX_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+
+/* Adamax step, every combination of maximize */
+void adamax_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(adamax_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

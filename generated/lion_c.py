@@ -43,37 +43,40 @@ static inline __attribute__((always_inline)) void lion_step_walk1(const int maxi
     }
 }
 
-/* Lion step, every combination of maximize */
-void lion_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
+/* Lion step, every combination of maximize: tensor t */
+static void lion_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
     const double beta2 = hyper[2];
     const double weight_decay = hyper[3];
     const int maximize = (flags >> 0) & 1;
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t numel = numels[t];
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        const int weight_decay_ne_0 = weight_decay != 0;
-        const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
-        const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
-        const scalar_t c_lr = (scalar_t)(lr);
-        const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
-        /* each version passes its flags and conditions as literals inside its parallel region */
+    const int64_t numel = numels[t];
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_lr = (scalar_t)(lr);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    /* each version passes its flags and conditions as literals inside its parallel region */
 #define LION_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") lion_step_walk1(__VA_ARGS__, numel, \
-            grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, \
-            c_1_minus_beta2)
-        switch ((maximize << 1) | weight_decay_ne_0) {
-        case 0: LION_STEP_WALK1(0, 0); break;
-        case 1: LION_STEP_WALK1(0, 1); break;
-        case 2: LION_STEP_WALK1(1, 0); break;
-        case 3: LION_STEP_WALK1(1, 1); break;
-        }
-#undef LION_STEP_WALK1
+        grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, \
+        c_1_minus_beta2)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: LION_STEP_WALK1(0, 0); break;
+    case 1: LION_STEP_WALK1(0, 1); break;
+    case 2: LION_STEP_WALK1(1, 0); break;
+    case 3: LION_STEP_WALK1(1, 1); break;
     }
+#undef LION_STEP_WALK1
+}
+
+/* Lion step, every combination of maximize */
+void lion_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(lion_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

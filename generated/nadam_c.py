@@ -54,9 +54,8 @@ static inline __attribute__((always_inline)) void nadam_step_walk1(const int dec
     }
 }
 
-/* NAdam step, every combination of decoupled_weight_decay, maximize */
-void nadam_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
+/* NAdam step, every combination of decoupled_weight_decay, maximize: tensor t */
+static void nadam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
     const double beta1 = hyper[1];
@@ -66,58 +65,62 @@ void nadam_step(int64_t n, void **tensors, void **grads, void **counters, const 
     const double momentum_decay = hyper[5];
     const int decoupled_weight_decay = (flags >> 0) & 1;
     const int maximize = (flags >> 1) & 1;
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t numel = numels[t];
-        double step = load_counter(counters[0 * n + t], counters_f64);
-        double mu_product = load_counter(counters[1 * n + t], counters_f64);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
-        /* step = step + 1 */
-        const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
-        /* bias_correction2 = 1 - beta2 ** step */
-        const double bias_correction2 = 1 - pow(beta2, step_1);
-        const int weight_decay_ne_0 = weight_decay != 0;
-        const scalar_t c_weight_decay = (scalar_t)(weight_decay);
-        const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
-        /* mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay)) */
-        const double mu = beta1 * (1 - 0.5 * pow(0.96, momentum_decay * step_1));
-        /* mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay)) */
-        const double mu_next = beta1 * (1 - 0.5 * pow(0.96, momentum_decay * (step_1 + 1)));
-        /* mu_product = mu_product * mu */
-        const double mu_product_1 = round_counter(round_counter(mu, counters_f64) * round_counter(mu_product, counters_f64), counters_f64);
-        const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
-        const scalar_t c_beta2 = (scalar_t)(beta2);
-        const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
-        const scalar_t c_eps = (scalar_t)(eps);
-        const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
-        /* mu_product_next = mu_product * mu_next */
-        const double mu_product_next = mu_next * mu_product_1;
-        const scalar_t c_lr = (scalar_t)(lr);
-        const scalar_t c_1_minus_mu_product_1 = (scalar_t)(1 - mu_product_1);
-        const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
-        const scalar_t c_mu_next = (scalar_t)(mu_next);
-        const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-        /* each version passes its flags and conditions as literals inside its parallel region */
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    double mu_product = load_counter(counters[1 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    /* bias_correction2 = 1 - beta2 ** step */
+    const double bias_correction2 = 1 - pow(beta2, step_1);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    /* mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay)) */
+    const double mu = beta1 * (1 - 0.5 * pow(0.96, momentum_decay * step_1));
+    /* mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay)) */
+    const double mu_next = beta1 * (1 - 0.5 * pow(0.96, momentum_decay * (step_1 + 1)));
+    /* mu_product = mu_product * mu */
+    const double mu_product_1 = round_counter(round_counter(mu, counters_f64) * round_counter(mu_product, counters_f64), counters_f64);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_beta2 = (scalar_t)(beta2);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
+    /* mu_product_next = mu_product * mu_next */
+    const double mu_product_next = mu_next * mu_product_1;
+    const scalar_t c_lr = (scalar_t)(lr);
+    const scalar_t c_1_minus_mu_product_1 = (scalar_t)(1 - mu_product_1);
+    const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
+    const scalar_t c_mu_next = (scalar_t)(mu_next);
+    const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
+    /* each version passes its flags and conditions as literals inside its parallel region */
 #define NADAM_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") nadam_step_walk1(__VA_ARGS__, numel, \
-            grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
-            c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, \
-            c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next)
-        switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
-        case 0: NADAM_STEP_WALK1(0, 0, 0); break;
-        case 1: NADAM_STEP_WALK1(0, 0, 1); break;
-        case 2: NADAM_STEP_WALK1(0, 1, 0); break;
-        case 3: NADAM_STEP_WALK1(0, 1, 1); break;
-        case 4: NADAM_STEP_WALK1(1, 0, 0); break;
-        case 5: NADAM_STEP_WALK1(1, 0, 1); break;
-        case 6: NADAM_STEP_WALK1(1, 1, 0); break;
-        case 7: NADAM_STEP_WALK1(1, 1, 1); break;
-        }
-#undef NADAM_STEP_WALK1
-        store_counter(counters[0 * n + t], step_1, counters_f64);
-        store_counter(counters[1 * n + t], mu_product_1, counters_f64);
+        grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
+        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, \
+        c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next)
+    switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
+    case 0: NADAM_STEP_WALK1(0, 0, 0); break;
+    case 1: NADAM_STEP_WALK1(0, 0, 1); break;
+    case 2: NADAM_STEP_WALK1(0, 1, 0); break;
+    case 3: NADAM_STEP_WALK1(0, 1, 1); break;
+    case 4: NADAM_STEP_WALK1(1, 0, 0); break;
+    case 5: NADAM_STEP_WALK1(1, 0, 1); break;
+    case 6: NADAM_STEP_WALK1(1, 1, 0); break;
+    case 7: NADAM_STEP_WALK1(1, 1, 1); break;
     }
+#undef NADAM_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+    store_counter(counters[1 * n + t], mu_product_1, counters_f64);
+}
+
+/* NAdam step, every combination of decoupled_weight_decay, maximize */
+void nadam_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(nadam_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -59,9 +59,8 @@ static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int c
     }
 }
 
-/* RMSprop step, every combination of centered, maximize */
-void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
+/* RMSprop step, every combination of centered, maximize: tensor t */
+static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
     const double alpha = hyper[1];
@@ -70,58 +69,62 @@ void rmsprop_step(int64_t n, void **tensors, void **grads, void **counters, cons
     const double momentum = hyper[4];
     const int centered = (flags >> 0) & 1;
     const int maximize = (flags >> 1) & 1;
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t numel = numels[t];
-        double step = load_counter(counters[0 * n + t], counters_f64);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
-        storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
-        /* step = step + 1 */
-        const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
-        const int weight_decay_ne_0 = weight_decay != 0;
-        const scalar_t c_weight_decay = (scalar_t)(weight_decay);
-        const scalar_t c_alpha = (scalar_t)(alpha);
-        const scalar_t c_1_minus_alpha = (scalar_t)(1 - alpha);
-        const scalar_t c_eps = (scalar_t)(eps);
-        const int momentum_gt_0 = momentum > 0;
-        const scalar_t c_momentum = (scalar_t)(momentum);
-        const scalar_t c_lr = (scalar_t)(lr);
-        const int momentum_le_0 = momentum <= 0;
-        /* each version passes its flags and conditions as literals inside its parallel region */
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
+    storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_alpha = (scalar_t)(alpha);
+    const scalar_t c_1_minus_alpha = (scalar_t)(1 - alpha);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const int momentum_gt_0 = momentum > 0;
+    const scalar_t c_momentum = (scalar_t)(momentum);
+    const scalar_t c_lr = (scalar_t)(lr);
+    const int momentum_le_0 = momentum <= 0;
+    /* each version passes its flags and conditions as literals inside its parallel region */
 #define RMSPROP_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") rmsprop_step_walk1(__VA_ARGS__, numel, \
-            grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha, \
-            c_1_minus_alpha, c_eps, c_momentum, c_lr)
-        switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
-        case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
-        case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
-        case 2: case 3: RMSPROP_STEP_WALK1(0, 0, 0, 1, 0); break;
-        case 4: RMSPROP_STEP_WALK1(0, 0, 1, 0, 0); break;
-        case 5: RMSPROP_STEP_WALK1(0, 0, 1, 0, 1); break;
-        case 6: case 7: RMSPROP_STEP_WALK1(0, 0, 1, 1, 0); break;
-        case 8: RMSPROP_STEP_WALK1(0, 1, 0, 0, 0); break;
-        case 9: RMSPROP_STEP_WALK1(0, 1, 0, 0, 1); break;
-        case 10: case 11: RMSPROP_STEP_WALK1(0, 1, 0, 1, 0); break;
-        case 12: RMSPROP_STEP_WALK1(0, 1, 1, 0, 0); break;
-        case 13: RMSPROP_STEP_WALK1(0, 1, 1, 0, 1); break;
-        case 14: case 15: RMSPROP_STEP_WALK1(0, 1, 1, 1, 0); break;
-        case 16: RMSPROP_STEP_WALK1(1, 0, 0, 0, 0); break;
-        case 17: RMSPROP_STEP_WALK1(1, 0, 0, 0, 1); break;
-        case 18: case 19: RMSPROP_STEP_WALK1(1, 0, 0, 1, 0); break;
-        case 20: RMSPROP_STEP_WALK1(1, 0, 1, 0, 0); break;
-        case 21: RMSPROP_STEP_WALK1(1, 0, 1, 0, 1); break;
-        case 22: case 23: RMSPROP_STEP_WALK1(1, 0, 1, 1, 0); break;
-        case 24: RMSPROP_STEP_WALK1(1, 1, 0, 0, 0); break;
-        case 25: RMSPROP_STEP_WALK1(1, 1, 0, 0, 1); break;
-        case 26: case 27: RMSPROP_STEP_WALK1(1, 1, 0, 1, 0); break;
-        case 28: RMSPROP_STEP_WALK1(1, 1, 1, 0, 0); break;
-        case 29: RMSPROP_STEP_WALK1(1, 1, 1, 0, 1); break;
-        case 30: case 31: RMSPROP_STEP_WALK1(1, 1, 1, 1, 0); break;
-        }
-#undef RMSPROP_STEP_WALK1
-        store_counter(counters[0 * n + t], step_1, counters_f64);
+        grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha, \
+        c_1_minus_alpha, c_eps, c_momentum, c_lr)
+    switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
+    case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
+    case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
+    case 2: case 3: RMSPROP_STEP_WALK1(0, 0, 0, 1, 0); break;
+    case 4: RMSPROP_STEP_WALK1(0, 0, 1, 0, 0); break;
+    case 5: RMSPROP_STEP_WALK1(0, 0, 1, 0, 1); break;
+    case 6: case 7: RMSPROP_STEP_WALK1(0, 0, 1, 1, 0); break;
+    case 8: RMSPROP_STEP_WALK1(0, 1, 0, 0, 0); break;
+    case 9: RMSPROP_STEP_WALK1(0, 1, 0, 0, 1); break;
+    case 10: case 11: RMSPROP_STEP_WALK1(0, 1, 0, 1, 0); break;
+    case 12: RMSPROP_STEP_WALK1(0, 1, 1, 0, 0); break;
+    case 13: RMSPROP_STEP_WALK1(0, 1, 1, 0, 1); break;
+    case 14: case 15: RMSPROP_STEP_WALK1(0, 1, 1, 1, 0); break;
+    case 16: RMSPROP_STEP_WALK1(1, 0, 0, 0, 0); break;
+    case 17: RMSPROP_STEP_WALK1(1, 0, 0, 0, 1); break;
+    case 18: case 19: RMSPROP_STEP_WALK1(1, 0, 0, 1, 0); break;
+    case 20: RMSPROP_STEP_WALK1(1, 0, 1, 0, 0); break;
+    case 21: RMSPROP_STEP_WALK1(1, 0, 1, 0, 1); break;
+    case 22: case 23: RMSPROP_STEP_WALK1(1, 0, 1, 1, 0); break;
+    case 24: RMSPROP_STEP_WALK1(1, 1, 0, 0, 0); break;
+    case 25: RMSPROP_STEP_WALK1(1, 1, 0, 0, 1); break;
+    case 26: case 27: RMSPROP_STEP_WALK1(1, 1, 0, 1, 0); break;
+    case 28: RMSPROP_STEP_WALK1(1, 1, 1, 0, 0); break;
+    case 29: RMSPROP_STEP_WALK1(1, 1, 1, 0, 1); break;
+    case 30: case 31: RMSPROP_STEP_WALK1(1, 1, 1, 1, 0); break;
     }
+#undef RMSPROP_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+
+/* RMSprop step, every combination of centered, maximize */
+void rmsprop_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(rmsprop_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

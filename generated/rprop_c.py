@@ -52,38 +52,41 @@ static inline __attribute__((always_inline)) void rprop_step_walk1(const int max
     }
 }
 
-/* Rprop step, every combination of maximize */
-void rprop_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
+/* Rprop step, every combination of maximize: tensor t */
+static void rprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double etaminus = hyper[0];
     const double etaplus = hyper[1];
     const double step_size_min = hyper[2];
     const double step_size_max = hyper[3];
     const int maximize = (flags >> 0) & 1;
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t numel = numels[t];
-        double step = load_counter(counters[0 * n + t], counters_f64);
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
-        storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
-        /* step = step + 1 */
-        const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
-        const scalar_t c_etaplus = (scalar_t)(etaplus);
-        const scalar_t c_etaminus = (scalar_t)(etaminus);
-        const scalar_t c_step_size_min = (scalar_t)(step_size_min);
-        const scalar_t c_step_size_max = (scalar_t)(step_size_max);
-        /* each version passes its flags and conditions as literals inside its parallel region */
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const scalar_t c_etaplus = (scalar_t)(etaplus);
+    const scalar_t c_etaminus = (scalar_t)(etaminus);
+    const scalar_t c_step_size_min = (scalar_t)(step_size_min);
+    const scalar_t c_step_size_max = (scalar_t)(step_size_max);
+    /* each version passes its flags and conditions as literals inside its parallel region */
 #define RPROP_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") rprop_step_walk1(__VA_ARGS__, numel, \
-            grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min, c_step_size_max)
-        switch (maximize) {
-        case 0: RPROP_STEP_WALK1(0); break;
-        case 1: RPROP_STEP_WALK1(1); break;
-        }
-#undef RPROP_STEP_WALK1
-        store_counter(counters[0 * n + t], step_1, counters_f64);
+        grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min, c_step_size_max)
+    switch (maximize) {
+    case 0: RPROP_STEP_WALK1(0); break;
+    case 1: RPROP_STEP_WALK1(1); break;
     }
+#undef RPROP_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+
+/* Rprop step, every combination of maximize */
+void rprop_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(rprop_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

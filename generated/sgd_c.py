@@ -45,9 +45,8 @@ static inline __attribute__((always_inline)) void sgd_step_walk1(const int neste
     }
 }
 
-/* SGD step, every combination of nesterov, maximize */
-void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
+/* SGD step, every combination of nesterov, maximize: tensor t */
+static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
     const double momentum = hyper[1];
@@ -55,42 +54,46 @@ void sgd_step(int64_t n, void **tensors, void **grads, void **counters, const in
     const double weight_decay = hyper[3];
     const int nesterov = (flags >> 0) & 1;
     const int maximize = (flags >> 1) & 1;
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t numel = numels[t];
-        const int momentum_buffer_is_new = first_step[0 * n + t];
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
-        const int weight_decay_ne_0 = weight_decay != 0;
-        const scalar_t c_weight_decay = (scalar_t)(weight_decay);
-        const int momentum_ne_0 = momentum != 0;
-        const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
-        const scalar_t c_momentum = (scalar_t)(momentum);
-        const scalar_t c_lr = (scalar_t)(lr);
-        /* each version passes its flags and conditions as literals inside its parallel region */
+    const int64_t numel = numels[t];
+    const int momentum_buffer_is_new = first_step[0 * n + t];
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const int momentum_ne_0 = momentum != 0;
+    const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
+    const scalar_t c_momentum = (scalar_t)(momentum);
+    const scalar_t c_lr = (scalar_t)(lr);
+    /* each version passes its flags and conditions as literals inside its parallel region */
 #define SGD_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") sgd_step_walk1(__VA_ARGS__, numel, \
-            grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
-            momentum_buffer_is_new)
-        switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
-        case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
-        case 1: SGD_STEP_WALK1(0, 0, 0, 1); break;
-        case 2: SGD_STEP_WALK1(0, 0, 1, 0); break;
-        case 3: SGD_STEP_WALK1(0, 0, 1, 1); break;
-        case 4: SGD_STEP_WALK1(0, 1, 0, 0); break;
-        case 5: SGD_STEP_WALK1(0, 1, 0, 1); break;
-        case 6: SGD_STEP_WALK1(0, 1, 1, 0); break;
-        case 7: SGD_STEP_WALK1(0, 1, 1, 1); break;
-        case 8: SGD_STEP_WALK1(1, 0, 0, 0); break;
-        case 9: SGD_STEP_WALK1(1, 0, 0, 1); break;
-        case 10: SGD_STEP_WALK1(1, 0, 1, 0); break;
-        case 11: SGD_STEP_WALK1(1, 0, 1, 1); break;
-        case 12: SGD_STEP_WALK1(1, 1, 0, 0); break;
-        case 13: SGD_STEP_WALK1(1, 1, 0, 1); break;
-        case 14: SGD_STEP_WALK1(1, 1, 1, 0); break;
-        case 15: SGD_STEP_WALK1(1, 1, 1, 1); break;
-        }
-#undef SGD_STEP_WALK1
+        grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
+        momentum_buffer_is_new)
+    switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
+    case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
+    case 1: SGD_STEP_WALK1(0, 0, 0, 1); break;
+    case 2: SGD_STEP_WALK1(0, 0, 1, 0); break;
+    case 3: SGD_STEP_WALK1(0, 0, 1, 1); break;
+    case 4: SGD_STEP_WALK1(0, 1, 0, 0); break;
+    case 5: SGD_STEP_WALK1(0, 1, 0, 1); break;
+    case 6: SGD_STEP_WALK1(0, 1, 1, 0); break;
+    case 7: SGD_STEP_WALK1(0, 1, 1, 1); break;
+    case 8: SGD_STEP_WALK1(1, 0, 0, 0); break;
+    case 9: SGD_STEP_WALK1(1, 0, 0, 1); break;
+    case 10: SGD_STEP_WALK1(1, 0, 1, 0); break;
+    case 11: SGD_STEP_WALK1(1, 0, 1, 1); break;
+    case 12: SGD_STEP_WALK1(1, 1, 0, 0); break;
+    case 13: SGD_STEP_WALK1(1, 1, 0, 1); break;
+    case 14: SGD_STEP_WALK1(1, 1, 1, 0); break;
+    case 15: SGD_STEP_WALK1(1, 1, 1, 1); break;
     }
+#undef SGD_STEP_WALK1
+}
+
+/* SGD step, every combination of nesterov, maximize */
+void sgd_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(sgd_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

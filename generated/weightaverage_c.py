@@ -14,25 +14,28 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* WeightAverage step */
-void weightaverage_step(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,
-        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, int flags)
+/* WeightAverage step: tensor t */
+static void weightaverage_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double weight = hyper[0];
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t numel = numels[t];
-        const storage_t *restrict grad_p = (const storage_t *)grads[t];
-        storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-        const scalar_t c_weight = (scalar_t)(weight);
+    const int64_t numel = numels[t];
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    const scalar_t c_weight = (scalar_t)(weight);
 #pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i = 0; i < numel; ++i) {
-            scalar_t grad = to_compute(grad_p[i]);
-            scalar_t param = to_compute(param_p[i]);
-            /* param = lerp(param, grad, weight) */
-            param = lerp_of(param, grad, c_weight);
-            param_p[i] = from_compute(param);
-        }
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        /* param = lerp(param, grad, weight) */
+        param = lerp_of(param, grad, c_weight);
+        param_p[i] = from_compute(param);
     }
+}
+
+/* WeightAverage step */
+void weightaverage_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(weightaverage_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -205,10 +205,13 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.ready and args.device != "cuda":
+        raise SpecError(None, "--ready measures the CUDA defaults: use it with --device cuda")
     if args.device == "cuda":  # the Triton kernels on a GPU
         from optgen.tools.bench_cuda import main as cuda_main
+        from optgen.tools.cuda_ready import main as ready_main
 
-        return cuda_main(args)
+        return ready_main(args) if args.ready else cuda_main(args)
     if args.vs_compiled:  # compiled steps against the fused kernels, compile time included
         from optgen.tools.bench_compile import main as compiled_main
 
@@ -266,21 +269,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("specs", nargs="*", help="spec files or folders of *.toml (default: optgen's own specs)")
     p.add_argument("--steps", type=int, default=10)
     p.set_defaults(run=cmd_verify)
-    p = sub.add_parser("bench", help="time every backend against torch.optim (writes a Markdown table)")
-    p.add_argument("specs", nargs="*", help="spec files or folders of yours to time (default: the built-in workloads)")
-    p.add_argument("--params", type=float, default=60e6, help="total parameters (default 60M)")
-    p.add_argument("--tensors", type=int, default=200, help="number of tensors (default 200)")
+    p = sub.add_parser("bench", help="time every implementation, optgen's default included, against torch.optim",
+                       description="optgen bench [NAME|SPEC|DIR|PKG ...]: one step of every implementation "
+                                   "(torch.optim's, optgen's, and optgen's default), interleaved; the tables and "
+                                   "how to read them are printed (and appended to --output)")
+    p.add_argument("specs", nargs="*", metavar="NAME|SPEC|DIR|PKG",
+                   help="built-in optimizer names, spec files or folders of yours, or packages built by "
+                        "`optgen build DIR --out PKG` (default: every built-in optimizer bench times)")
+    p.add_argument("--params", type=float, default=60e6,
+                   help="the model-shaped workload's total parameters (default 60M)")
+    p.add_argument("--tensors", type=int, default=200,
+                   help="the model-shaped workload's number of tensors (default 200)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--only", help="comma-separated optimizer names")
-    p.add_argument("--output", help="append the Markdown table to this file")
+    p.add_argument("--output", help="append the Markdown tables (and their explanation) to this file")
     p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile(opt.step) of torch's for-loop (tens of seconds to compile each)")
+                   help="also time torch.compile(opt.step) of torch's optimizer (tens of seconds to compile each; "
+                        "its for-loop on CPU)")
     p.add_argument("--vs-compiled", action="store_true",
                    help="time torch.compile(opt.step) of torch's and optgen's optimizers against torch's and "
                         "optgen's fused kernels, first steps (compilation) apart (optgen/tools/bench_compile.py; "
                         "minutes per optimizer)")
-    p.add_argument("--cases", help="with --vs-compiled: COUNTxSIZE,... tensors of SIZE elements "
-                                   "(default 50x100000; 1000x100 compiles for over 10 minutes per optimizer)")
+    p.add_argument("--cases", help="the workloads, comma-separated: `model` (--params in --tensors, shaped like a "
+                                   "network's) or COUNTxSIZE (COUNT tensors of SIZE elements), for every optimizer "
+                                   "(default: model, and 1000x100,200x1000,50x20000 for Adam; with --vs-compiled "
+                                   "50x100000: 1000x100 compiles for over 10 minutes per optimizer)")
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
                    help="with --vs-compiled: torch.compile's backend (default inductor; the others trace "
                         "without generating code, for a quick check)")
@@ -288,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="cuda: the Triton kernels against torch fused/foreach/forloop/compile "
                         "(optgen/tools/bench_cuda.py)")
     p.add_argument("--sizes", help="with --device cuda: total parameters to run, e.g. 1e6,1e7,1e8 (the default)")
+    p.add_argument("--ready", action="store_true",
+                   help="with --device cuda, in a source checkout: run the real-CUDA tests, time every optimizer, "
+                        "write the CUDA table of BENCHMARKS.md and the measured CUDA defaults "
+                        "(optgen/runtime/cuda_defaults.py, read by optgen/runtime/dispatch.py)")
     p.set_defaults(run=cmd_bench)
     p = sub.add_parser("schedule", help="plot a learning-rate schedule (terminal chart, or a PNG with -o)",
                        description="optgen schedule NAME [key=value ...] [--steps N] [--lr LR] [-o lr.png] [--explain]")

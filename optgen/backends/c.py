@@ -230,12 +230,17 @@ class _CBuilder:
         scratch = [f"scalar_t *{array} = (scalar_t *)malloc(sizeof(scalar_t) * {_size(self.extents[name])});"
                    for name, array in self.scratch.items()]
         body: list[str] = [*prologue]
+        early = self.early_stores()
         for level in range(self.plan.walks + 1):
             if level:
-                body += self.walk([s for s in self.full if s.level < level],
-                                  [a for a in self.accumulations if a.level == level], store=False, number=level)
+                here = {t for t, k in early.items() if k == level}
+                statements = [self.stored_early(s) if s.target in here else s for s in self.full
+                              if s.level < level and early.get(s.target, level) >= level]
+                body += self.walk(statements, [a for a in self.accumulations if a.level == level], store=here,
+                                  number=level)
             body += [line for lv, line in self.lines if lv == level]
-        body += self.walk(self.full, [], store=True, number=self.plan.walks + 1)
+        body += self.walk([s for s in self.full if s.target not in early], [],
+                          store={t for t in lists if t not in early}, number=self.plan.walks + 1)
         body += [f"store_counter(counters[{i} * n + t], {self.current[c]}, counters_f64);"
                  for i, c in enumerate(counters) if self.current[c] != self.cname(c)]
         body += [f"free({array});" for array in self.scratch.values()]
@@ -243,12 +248,13 @@ class _CBuilder:
         dims = [f"const int64_t {d} = dims[4 * t + {k}];" for k, d in enumerate(("ndim", "dim_b", "dim_m", "dim_c"))
                 if re.search(rf"\b{d}\b", text)]
         body = [body[0], *dims, *body[1:len(prologue)], *pointers, *scratch, *body[len(prologue):]]
-        source = [*self.functions, f"/* {doc} */",
-                  f"void {function}(int64_t n, void **tensors, void **grads, void **counters, const int64_t *numels,",
-                  "        const int64_t *dims, const uint8_t *first_step, const double *hyper, int counters_f64, "
-                  "int flags)",
-                  "{", *("    " + x for x in head), "    for (int64_t t = 0; t < n; ++t) {",
-                  *("        " + x if not x.startswith("#") else x for x in body), "    }", "}"]
+        # one function per tensor, and the kernel, which runs it over the tensors (for_each_tensor,
+        # c_launch.PRELUDE: small tensors several at once, Note [Small tensors in parallel])
+        source = [*self.functions, f"/* {doc}: tensor t */",
+                  f"static void {function}_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)",
+                  "{", *("    " + x if not x.startswith("#") else x for x in [*head, *body]), "}", "",
+                  f"/* {doc} */", f"void {function}(OPTGEN_KERNEL_PARAMETERS)",
+                  "{", f"    for_each_tensor({function}_tensor, OPTGEN_KERNEL_ARGUMENTS);", "}"]
         reduced = {lists.index(t): -1 if self.extents[t] == ROWS else -2 for t in states if self.extents[t] != FULL}
         present = [(lists.index(t), over_arguments(kernel.presence[t])) for t in states
                    if kernel.presence.get(t, sympy.true) != sympy.true]
@@ -256,6 +262,36 @@ class _CBuilder:
                        flags=list(self.flags),
                        counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
                        reduced=sorted(reduced.items()), source=source)
+
+    def early_stores(self) -> dict[str, int]:
+        """The FULL states stored before the last walk → the walk that stores each (Note [Sweeps]):
+        a state assigned once, whose old value nothing before that assignment reads, is stored by
+        the first walk that computes it, and later walks load its new value instead of recomputing
+        it from what it was computed from."""
+        early: dict[str, int] = {}
+        for t in self.lists:
+            assigns = [s for s in self.full if s.target == t]
+            if len(assigns) != 1:
+                continue
+            a = assigns[0]
+            before: list[_FullStatement | _Accumulation] = [*self.full, *self.accumulations]
+            if any(t in x.reads for x in before if x.order < a.order):
+                continue  # a statement a later walk recomputes would read the new value
+            for k in range(a.level + 1, self.plan.walks + 1):
+                live = _live([s for s in self.full if s.level < k],
+                             [x for x in self.accumulations if x.level == k], ())
+                if any(x is a for x in live):
+                    early[t] = k
+                    break
+        return early
+
+    def stored_early(self, s: _FullStatement) -> _FullStatement:
+        """``s`` in the walk that stores its state early: its value rounded to the storage type,
+        so that this walk's sums see the value later walks load (for 16-bit storage; the identity
+        for float and double)."""
+        prefix = f"{self.cname(s.target)} = "
+        assert s.code.startswith(prefix) and s.code.endswith(";"), s.code
+        return dataclasses.replace(s, code=f"{prefix}to_compute(from_compute({s.code[len(prefix):-1]}));")
 
     # -- statements ----------------------------------------------------------------------------
     def scalar_statement(self, a) -> list[str]:
@@ -435,10 +471,11 @@ class _CBuilder:
     # its loops in each version, which call the function per element.  A state that exists only
     # under a condition is loaded and stored only under it (its address is NULL otherwise).  A
     # walk with one version keeps its body inside its loop.
-    def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: bool,
+    def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: set[str],
              number: int) -> list[str]:
-        """Walk ``number`` over the tensor: the statements and accumulations in the spec's order;
-        the final walk also stores what it wrote (Note [Sweeps]).
+        """Walk ``number`` over the tensor: the statements and accumulations in the spec's order,
+        storing the tensors in ``store`` that it writes (the final walk: every one not stored
+        before; Note [Sweeps]).
 
         It branches on the flags, then on up to MAX_VERSIONS per-tensor conditions of the
         statements it runs (``weight_decay != 0``, Adafactor's ``ndim(param) > 1``): a version of
@@ -479,9 +516,9 @@ class _CBuilder:
             return out + _switch(tree, name, arguments)
         return out + _render(tree, lambda leaf: wrap(arguments(leaf), f"{name}(", "    ", ");", width=90))
 
-    def versions(self, statements, accumulate, store: bool, terms: dict, flags: dict):
+    def versions(self, statements, accumulate, store: set[str], terms: dict, flags: dict):
         """One flag assignment's walk, specialised on up to MAX_VERSIONS per-tensor conditions."""
-        conditions = list(dict.fromkeys(s.condition for s in _live(statements, accumulate, self.lists if store else ())
+        conditions = list(dict.fromkeys(s.condition for s in _live(statements, accumulate, store)
                                         if s.condition is not None))
         if not conditions or len(conditions) > MAX_VERSIONS:
             return self.loop(statements, accumulate, store, terms, flags, {c: None for c in conditions})
@@ -501,14 +538,14 @@ class _CBuilder:
 
         return versions(0, {})
 
-    def loop(self, statements, accumulate, store: bool, terms: dict, flags: dict, tested: dict) -> _Leaf:
+    def loop(self, statements, accumulate, store: set[str], terms: dict, flags: dict, tested: dict) -> _Leaf:
         """The loop of one version of a walk.  ``tested``: the outcome of each condition in this
         version, None for all where the conditions are tested in the loop."""
         fixed = None if any(v is None for v in tested.values()) else tested
         if fixed is not None:
             statements = [dataclasses.replace(s, condition=None) for s in statements if fixed.get(s.condition, True)]
             accumulate = [dataclasses.replace(a, condition=None) for a in accumulate if fixed.get(a.condition, True)]
-        sequence = _live(statements, accumulate, self.lists if store else ())
+        sequence = _live(statements, accumulate, store)
         statements = [s for s in sequence if isinstance(s, _FullStatement)]
         if not sequence:
             nothing = ["/* nothing to do for this tensor */"] if fixed is not None else []
@@ -532,7 +569,7 @@ class _CBuilder:
         # the body, each line with its place: declarations, loads, statements in order, stores
         body: list[tuple[tuple, str]] = [((0,), self.cname(n)) for n in reads]
         body += [((1,), f"{self.cname(n)} = {self.load_value(n, FULL, present)};") for n in reads if n in loaded]
-        written = [t for t in self.lists if store and any(s.target == t for s in statements)]
+        written = [t for t in self.lists if t in store and any(s.target == t for s in statements)]
         names = self.accumulators
         # Scalar and per-row sums: each element's term goes into a block buffer, summed after the
         # block in independent lanes (sum_terms: vectorises without reassociating a running sum,

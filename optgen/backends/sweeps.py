@@ -22,8 +22,30 @@ accumulated during walk ``level``), and for everything else the largest level it
 Walks.  With S the largest level, the kernel makes S + 1 walks over the tensor: walk k
 (1 <= k <= S) recomputes, from what is in memory, every FULL statement of level < k and
 accumulates the reductions of level k; the last walk recomputes every FULL statement and stores
-the parameter and FULL states.  Nothing FULL is stored before the last walk, so every walk reads
-the values the step started with: recomputing costs arithmetic, never a temporary tensor.
+the parameter and FULL states.  Recomputing costs arithmetic, never a temporary tensor.
+
+Early stores.  A FULL state assigned once, whose old value no earlier statement reads, is stored
+by the first walk that computes it (for a reduction there), and later walks load its new value
+instead of recomputing it (optgen/backends/c.py, ``early_stores``).  That costs no bytes (the
+write moves to an earlier walk; a later walk loads the new value instead of the old one) and
+saves the reads only its statement needed, and its arithmetic: Lamb's moments are stored by the
+walk that sums the norms, so its last walk reads the parameter and the moments, not the gradient
+(40 bytes per float32 parameter instead of 44).  A state whose old value an earlier statement
+reads stays in the last walk (a later walk recomputing that statement would read the new value).
+The walk that stores early rounds the value to the storage type first (``to_compute(from_compute
+(x))``: bfloat16 and float16; the identity for float and double), so its sums see the value later
+walks load, as the for-loop's ops see the state they stored.
+
+The fewest walks.  A whole-tensor reduction that a later statement of the same tensor reads is
+one more walk, whatever is stored: Lamb's trust ratio needs norm(update) before any element of
+the parameter is written, so two walks (the first reads param, grad and the moments and stores
+the moments, the second reads param and the moments and stores param).  Adafactor's matrices
+need three: the update needs every column's sum of grad ** 2 (walk 1, with norm(param) and the
+row sums), norm(update) needs the update (walk 2), the parameter needs norm(update) (walk 3) —
+three reads of the gradient and two of the parameter, 24 bytes per float32 element against
+the single walk's 12, and no temporary tensor (storing the update in walk 2 would cost a write
+and a read in place of walk 3's read of the gradient).
+
 Between walks run, in the spec's order, the per-tensor scalars and the small-extent statements
 (ROWS, COLS, BATCH: O(M + C) work) of the level just reached.  A small state is written where
 its statement runs, so one read before a later write of it is refused (never the case in the

@@ -7,7 +7,8 @@ optgen has faster implementations than torch's defaults (Note [The fastest by de
   compiler works on this machine and the parameters suit it (floating or complex, contiguous);
   else the for-loop.  torch picks its for-loop on CPU: its foreach is 1.3–2× *slower* there.
 - CUDA and other foreach-capable devices: foreach, unless :data:`FASTEST_ON_CUDA` names an
-  implementation ``optgen bench --device cuda`` measured faster.
+  implementation ``optgen bench --device cuda --ready`` measured faster
+  (optgen/runtime/cuda_defaults.py, which that command writes).
 - ``differentiable=True``: the for-loop (the differentiable kernel), as in torch; ``capturable=True``
   (CUDA graphs): torch's choice, and its error for CPU parameters.
 
@@ -39,16 +40,15 @@ import warnings
 
 import torch
 
+# FASTEST_ON_CUDA: optimizer name → its default implementation on CUDA, as `optgen bench --device cuda --ready`
+# measured it (Note [CUDA defaults]); empty until a GPU has: CUDA then defaults to foreach, as torch does.
+from optgen.runtime.cuda_defaults import FASTEST_ON_CUDA
+
 #: device types where torch's foreach kernels are real multi-tensor kernels
 FOREACH_DEVICES = {"cuda", "xpu", "hpu", "mtia"}
 
 #: parameter dtypes the fused Triton kernels update (complex ones as real views)
 TRITON_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
-
-#: optimizer name → the implementation to use by default on CUDA, where `optgen bench --device cuda`
-#: measured it faster than foreach.  Empty: no GPU measurement has been made yet (none was
-#: available when the Triton backend was written), so CUDA defaults to foreach as torch does.
-FASTEST_ON_CUDA: dict[str, str] = {}
 
 
 #: the environment variable that picks what ``foreach=None, fused=None`` means (Note [The fastest by default])

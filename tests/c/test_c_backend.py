@@ -6,6 +6,7 @@ by tests/backends/test_against_reference.py (the "c" implementation is one of ea
 cases a flat multi-tensor kernel must get right, and the compile cache.
 """
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -321,3 +322,71 @@ def test_a_state_of_the_wrong_shape_is_refused():
 def _implementation(opt, name):
     opt.implementation = name
     return opt
+
+
+def test_a_state_final_before_the_last_walk_is_stored_by_the_walk_that_computes_it():
+    """Lamb's moments are final in the walk that sums the norms (Note [Sweeps]): that walk stores
+    them, and the last walk loads them instead of recomputing them, so it reads no gradient."""
+    from optgen.generated import lamb_c
+
+    walks = re.split(r"^/\* walk \d+ of lamb_step", lamb_c.SOURCE, flags=re.M)[1:]
+    first, last = walks[0].split("\n}\n")[0], walks[1].split("\n}\n")[0]
+    assert "exp_avg_p[i] = from_compute(exp_avg);" in first and "exp_avg_sq_p[i] = " in first
+    assert "grad_p" not in last and "exp_avg_p[i] = " not in last and "param_p[i] = from_compute(param);" in last
+
+
+OLD_VALUE = '''
+[optimizer]
+name = "OldValue"
+signature = "lr, beta, *, foreach"
+
+[hyperparameters]
+lr = 1e-2
+beta = 0.9
+
+[state]
+step = "0"
+buf = "zeros_like(param)"
+
+[update]
+rule = """
+step = step + 1
+u = grad + buf
+buf = lerp(buf, grad, 1 - beta)
+n = norm(buf)
+param = param - lr * (u + buf) / (n + 1)
+"""
+'''
+
+
+def test_a_state_whose_old_value_a_later_walk_reads_is_stored_by_the_last_walk(tmp_path, capsys):
+    """``buf`` is final in the walk that sums its norm, but ``u`` reads its old value and the last
+    walk recomputes ``u``: stored early, that walk would read the new one."""
+    from optgen.tools.verify import verify_all
+
+    (tmp_path / "old_value.toml").write_text(OLD_VALUE)
+    assert verify_all(steps=5, sources=[tmp_path / "old_value.toml"]), capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["Adam", "Lamb", "Adafactor", "ASGD"])
+def test_small_tensors_stepped_in_parallel_equal_one_thread(name):
+    """Note [Small tensors in parallel]: with two threads the small tensors are shared out between
+    them (and the large one split); every bit equals the one-thread step."""
+    shapes = [(7, 13)] * 300 + [(100,)] * 400 + [(300, 300)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            g = torch.Generator().manual_seed(0)
+            ps = [torch.randn(s, generator=g) for s in shapes]
+            opt = getattr(optgen, name)(ps, lr=1e-2)
+            opt.implementation = "c"
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            results.append(ps)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -83,7 +83,7 @@ def test_every_version_of_adams_loop_is_vectorised(tmp_path):
     subprocess.run([*gcc, *flags, *c_launch.C_TYPES[torch.float32][1], "-S", "-o", str(tmp_path / "adam.s"),
                     str(source)], check=True)
     assembly = (tmp_path / "adam.s").read_text()
-    regions = re.findall(r"^adam_step\._omp_fn\.\d+:\n(.*?)\.cfi_endproc", assembly, re.S | re.M)
+    regions = re.findall(r"^adam_step_tensor\._omp_fn\.\d+:\n(.*?)\.cfi_endproc", assembly, re.S | re.M)
     assert len(regions) == 16
     for region in regions:
         assert re.search(r"\bv?(add|mul|sub|div|sqrt|max|min)ps\s", region), "a version's loop is not vectorised"

@@ -221,7 +221,28 @@ def test_list_show_verify_and_bench_take_spec_files(project):
     bench = optgen("bench", "my_specs/yogi.toml", "--params", "2e4", "--tensors", "4", "--repeats", "1", cwd=project)
     assert bench.returncode == 0, bench.stderr
     assert "### Yogi(defaults)" in bench.stdout and "| optgen forloop |" in bench.stdout
-    assert "| optgen foreach |" in bench.stdout
+    assert "| optgen foreach |" in bench.stdout and "| optgen default (" in bench.stdout
+    assert "speed-up vs optgen forloop" in bench.stdout and "How to read these tables" in bench.stdout
+
+
+def test_bench_takes_a_built_package_and_names_each_optimizer_or_spec(project):
+    """`optgen bench PKG` (a package `optgen build DIR --out PKG` wrote) times its optimizers with
+    their defaults, next to a built-in one named in the same command; a spec that names torch's
+    class (`torch = "AdamW"`) is timed against it, the others against their own for-loop."""
+    (project / "my_specs" / "adamw_wide.toml").write_text(
+        '[optimizer]\nname = "AdamWWide"\nextends = "AdamW"\ntorch = "AdamW"\n\n[hyperparameters]\nlr = 0.01\n')
+    built = optgen("build", "my_specs", "--out", "my_optimizers", cwd=project)
+    assert built.returncode == 0, built.stderr
+    bench = optgen("bench", "my_optimizers", "SGD", "--cases", "5x16", "--repeats", "2", cwd=project)
+    assert bench.returncode == 0, bench.stderr
+    headings = [line for line in bench.stdout.splitlines() if line.startswith("### ")]
+    assert [h.split(" — ")[0] for h in headings] == ["### AdamWWide(defaults)", "### Yogi(defaults)",
+                                                     "### SGD(lr=0.001, momentum=0.9)", "### Summary: ms / step "
+                                                     "(speed-up vs the baseline, the first column each row has)"]
+    tables = bench.stdout.split("### ")[1:]
+    assert "speed-up vs torch forloop" in tables[0] and "| torch fused |" in tables[0]
+    assert "speed-up vs optgen forloop" in tables[1] and "| torch" not in tables[1]
+    assert all("| optgen default (" in t for t in tables[:3])
 
 
 def test_a_bug_in_the_spec_loader_is_an_internal_compiler_error_naming_the_file(project, monkeypatch):

@@ -59,7 +59,7 @@ def normalise(text: str, folder: str) -> list[str]:
     for line in text.replace(folder, PROJECT).splitlines():
         line = re.sub(r"\(\d+\.\d+ s\)", "(T s)", line)
         line = re.sub(r"\b\d\.\de-\d\d\b", lambda m: "<1e-9" if float(m.group()) < 1e-9 else m.group(), line)
-        if line.startswith(("| optgen", "### ")):  # benchmark rows: timings vary
+        if line.startswith(("| optgen", "### ", "optgen bench: ")):  # benchmark rows and machine: timings vary
             line = re.sub(r"\d+(\.\d+)?", "N", line)
         line = re.sub(r"final loss (\d\.\d\d)\d", r"final loss \1x", line)
         out.append(line.rstrip())
