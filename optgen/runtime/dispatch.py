@@ -152,7 +152,7 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     # capturable (CUDA graphs) keeps torch's choice, and with it torch's error on CPU parameters
     if group.get("fused") is None and not group.get("capturable") and "c" in optimizer.implementations \
             and defaults_policy() == "fastest" and all(p.device.type == "cpu" for p in params) \
-            and c_declines(params, optimizer) is None:
+            and _own_memory(optimizer, params) and c_declines(params, optimizer) is None:
         return "c"  # Note [The fastest by default]
     if all(p.device.type in FOREACH_DEVICES for p in params):
         fastest = FASTEST_ON_CUDA.get(type(optimizer).__name__)
@@ -161,6 +161,17 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
             return fastest
         return "foreach"
     return "forloop"
+
+
+def _own_memory(optimizer, params: list[torch.Tensor]) -> bool:
+    """Whether a native kernel may update these parameters by default: plain tensors, or DTensors
+    of an elementwise spec (on their local shards).  Any other subclass runs the for-loop, whose
+    torch ops dispatch through it (Note [Tensor subclasses]); fused=True says so, the default
+    picks it quietly."""
+    from optgen.runtime.subclasses import PLAIN_TYPES, _dtensor_type
+
+    dtensor = _dtensor_type() if optimizer._elementwise else None
+    return all(type(p) in PLAIN_TYPES or (dtensor is not None and type(p) is dtensor) for p in params)
 
 
 _WARNED: set[str] = set()

@@ -306,3 +306,22 @@ def test_memory_changed_under_a_bound_launch_never_crashes(change):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "finite:" in result.stdout
+
+
+class Marked(torch.Tensor):
+    """A tensor subclass (as a library's quantized or tracked parameters are): its memory may not
+    be its data, so no native kernel runs on it."""
+
+
+def test_the_default_quietly_steps_a_tensor_subclass_with_the_forloop():
+    ours = [torch.randn(4, 3).as_subclass(Marked).requires_grad_() for _ in range(2)]
+    ref = [p.detach().clone().as_subclass(torch.Tensor).requires_grad_() for p in ours]
+    opt, theirs = optgen.Adam(ours, lr=1e-2), torch.optim.Adam(ref, lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "runs its for-loop kernel instead" warning: nothing was asked for
+        for k in range(3):
+            for p, q in zip(ours, ref, strict=True):
+                p.grad = q.grad = torch.full(p.shape, 0.1 * (k + 1))
+            opt.step()
+            theirs.step()
+    assert all(torch.equal(p.as_subclass(torch.Tensor), q) for p, q in zip(ours, ref, strict=True))
