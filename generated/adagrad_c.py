@@ -14,15 +14,14 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* walk 1 of adagrad_step, over its threads' share of the elements: each version of the walk calls it with its
+/* walk 1 of adagrad_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adagrad_step_walk1(const int maximize,
-        const int weight_decay_ne_0, const int64_t numel, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict state_sum_p, const scalar_t c_weight_decay,
-        const scalar_t c_eps, const scalar_t c_clr)
+        const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        storage_t *restrict state_sum_p, const scalar_t c_weight_decay, const scalar_t c_eps,
+        const scalar_t c_clr, const int64_t i_begin, const int64_t i_end)
 {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < numel; ++i) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
         scalar_t state_sum = to_compute(state_sum_p[i]);
@@ -42,7 +41,47 @@ static inline __attribute__((always_inline)) void adagrad_step_walk1(const int m
     }
 }
 
-/* Adagrad step, every combination of maximize: tensor t */
+/* Adagrad step, every combination of maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void adagrad_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double lr_decay = hyper[1];
+    const double weight_decay = hyper[2];
+    const double eps = hyper[3];
+    const int maximize = (flags >> 0) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    /* clr = lr / (1 + (step - 1) * lr_decay) */
+    const double clr = lr / (lr_decay * (step_1 - 1) + 1);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_clr = (scalar_t)(clr);
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADAGRAD_STEP_WALK1(...) OPTGEN_WALK_REGION adagrad_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        state_sum_p, c_weight_decay, c_eps, c_clr, OPTGEN_WALK_SHARE)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: ADAGRAD_STEP_WALK1(0, 0); break;
+    case 1: ADAGRAD_STEP_WALK1(0, 1); break;
+    case 2: ADAGRAD_STEP_WALK1(1, 0); break;
+    case 3: ADAGRAD_STEP_WALK1(1, 1); break;
+    }
+#undef ADAGRAD_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Adagrad step, every combination of maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
 static void adagrad_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -64,8 +103,8 @@ static void adagrad_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_eps = (scalar_t)(eps);
     const scalar_t c_clr = (scalar_t)(clr);
     /* each version passes its flags and conditions as literals inside its parallel region */
-#define ADAGRAD_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adagrad_step_walk1(__VA_ARGS__, numel, \
-        grad_p, param_p, state_sum_p, c_weight_decay, c_eps, c_clr)
+#define ADAGRAD_STEP_WALK1(...) OPTGEN_WALK_REGION adagrad_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        state_sum_p, c_weight_decay, c_eps, c_clr, OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: ADAGRAD_STEP_WALK1(0, 0); break;
     case 1: ADAGRAD_STEP_WALK1(0, 1); break;
@@ -75,11 +114,13 @@ static void adagrad_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 #undef ADAGRAD_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* Adagrad step, every combination of maximize */
 void adagrad_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(adagrad_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(adagrad_step_tensor, adagrad_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -14,18 +14,18 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* walk 1 of adam_step, over its threads' share of the elements: each version of the walk calls it with its
+/* walk 1 of adam_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adam_step_walk1(const int amsgrad, const int maximize,
-        const int decoupled_weight_decay, const int weight_decay_ne_0, const int64_t numel,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
-        storage_t *restrict exp_avg_sq_p, storage_t *restrict max_exp_avg_sq_p, const scalar_t c_weight_decay,
+        const int decoupled_weight_decay, const int weight_decay_ne_0, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_sq_p,
+        storage_t *restrict max_exp_avg_sq_p, const scalar_t c_weight_decay,
         const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1,
         const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_eps,
-        const scalar_t c_bias_correction2_sqrt, const scalar_t c_step_size)
+        const scalar_t c_bias_correction2_sqrt, const scalar_t c_step_size, const int64_t i_begin,
+        const int64_t i_end)
 {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < numel; ++i) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
         scalar_t exp_avg = to_compute(exp_avg_p[i]);
@@ -58,7 +58,77 @@ static inline __attribute__((always_inline)) void adam_step_walk1(const int amsg
     }
 }
 
-/* Adam step, every combination of amsgrad, maximize, decoupled_weight_decay: tensor t */
+/* Adam step, every combination of amsgrad, maximize, decoupled_weight_decay: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void adam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta1 = hyper[1];
+    const double beta2 = hyper[2];
+    const double eps = hyper[3];
+    const double weight_decay = hyper[4];
+    const int amsgrad = (flags >> 0) & 1;
+    const int maximize = (flags >> 1) & 1;
+    const int decoupled_weight_decay = (flags >> 2) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+    storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_beta2 = (scalar_t)(beta2);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    /* bias_correction1 = 1 - beta1 ** step */
+    const double bias_correction1 = 1 - pow(beta1, step_1);
+    /* bias_correction2 = 1 - beta2 ** step */
+    const double bias_correction2 = 1 - pow(beta2, step_1);
+    /* step_size = lr / bias_correction1 */
+    const double step_size = lr / bias_correction1;
+    /* bias_correction2_sqrt = sqrt(bias_correction2) */
+    const double bias_correction2_sqrt = sqrt(bias_correction2);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
+    const scalar_t c_step_size = (scalar_t)(step_size);
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADAM_STEP_WALK1(...) OPTGEN_WALK_REGION adam_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, exp_avg_sq_p, max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
+        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size, \
+        OPTGEN_WALK_SHARE)
+    switch ((amsgrad << 3) | (maximize << 2) | (decoupled_weight_decay << 1) | weight_decay_ne_0) {
+    case 0: ADAM_STEP_WALK1(0, 0, 0, 0); break;
+    case 1: ADAM_STEP_WALK1(0, 0, 0, 1); break;
+    case 2: ADAM_STEP_WALK1(0, 0, 1, 0); break;
+    case 3: ADAM_STEP_WALK1(0, 0, 1, 1); break;
+    case 4: ADAM_STEP_WALK1(0, 1, 0, 0); break;
+    case 5: ADAM_STEP_WALK1(0, 1, 0, 1); break;
+    case 6: ADAM_STEP_WALK1(0, 1, 1, 0); break;
+    case 7: ADAM_STEP_WALK1(0, 1, 1, 1); break;
+    case 8: ADAM_STEP_WALK1(1, 0, 0, 0); break;
+    case 9: ADAM_STEP_WALK1(1, 0, 0, 1); break;
+    case 10: ADAM_STEP_WALK1(1, 0, 1, 0); break;
+    case 11: ADAM_STEP_WALK1(1, 0, 1, 1); break;
+    case 12: ADAM_STEP_WALK1(1, 1, 0, 0); break;
+    case 13: ADAM_STEP_WALK1(1, 1, 0, 1); break;
+    case 14: ADAM_STEP_WALK1(1, 1, 1, 0); break;
+    case 15: ADAM_STEP_WALK1(1, 1, 1, 1); break;
+    }
+#undef ADAM_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Adam step, every combination of amsgrad, maximize, decoupled_weight_decay: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
 static void adam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -96,10 +166,10 @@ static void adam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
     const scalar_t c_step_size = (scalar_t)(step_size);
     /* each version passes its flags and conditions as literals inside its parallel region */
-#define ADAM_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") adam_step_walk1(__VA_ARGS__, numel, \
-        grad_p, param_p, exp_avg_p, exp_avg_sq_p, max_exp_avg_sq_p, c_weight_decay, \
-        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, \
-        c_bias_correction2_sqrt, c_step_size)
+#define ADAM_STEP_WALK1(...) OPTGEN_WALK_REGION adam_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, exp_avg_sq_p, max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
+        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size, \
+        OPTGEN_WALK_SHARE)
     switch ((amsgrad << 3) | (maximize << 2) | (decoupled_weight_decay << 1) | weight_decay_ne_0) {
     case 0: ADAM_STEP_WALK1(0, 0, 0, 0); break;
     case 1: ADAM_STEP_WALK1(0, 0, 0, 1); break;
@@ -121,11 +191,13 @@ static void adam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 #undef ADAM_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* Adam step, every combination of amsgrad, maximize, decoupled_weight_decay */
 void adam_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(adam_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(adam_step_tensor, adam_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -14,16 +14,15 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* walk 1 of asgd_step, over its threads' share of the elements: each version of the walk calls it with its
+/* walk 1 of asgd_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void asgd_step_walk1(const int maximize,
-        const int weight_decay_ne_0, const int mu_ne_1, const int mu_eq_1, const int64_t numel,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict ax_p,
-        const scalar_t c_weight_decay, const scalar_t c_1_minus_eta_times_lambd, const scalar_t c_eta,
-        const scalar_t c_mu)
+        const int weight_decay_ne_0, const int mu_ne_1, const int mu_eq_1, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict ax_p, const scalar_t c_weight_decay,
+        const scalar_t c_1_minus_eta_times_lambd, const scalar_t c_eta, const scalar_t c_mu,
+        const int64_t i_begin, const int64_t i_end)
 {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < numel; ++i) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
         scalar_t ax = to_compute(ax_p[i]);
@@ -44,7 +43,61 @@ static inline __attribute__((always_inline)) void asgd_step_walk1(const int maxi
     }
 }
 
-/* ASGD step, every combination of maximize: tensor t */
+/* ASGD step, every combination of maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void asgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double lambd = hyper[1];
+    const double alpha = hyper[2];
+    const double t0 = hyper[3];
+    const double weight_decay = hyper[4];
+    const int maximize = (flags >> 0) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    double eta = load_counter(counters[1 * n + t], counters_f64);
+    double mu = load_counter(counters[2 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_1_minus_eta_times_lambd = (scalar_t)(1 - eta * lambd);
+    const scalar_t c_eta = (scalar_t)(eta);
+    const int mu_ne_1 = mu != 1;
+    const scalar_t c_mu = (scalar_t)(mu);
+    const int mu_eq_1 = mu == 1;
+    /* eta = lr / (1 + lambd * lr * step) ** alpha */
+    const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
+    /* mu = 1 / maximum(1, step - t0) */
+    const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ASGD_STEP_WALK1(...) OPTGEN_WALK_REGION asgd_step_walk1(__VA_ARGS__, grad_p, param_p, ax_p, \
+        c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, OPTGEN_WALK_SHARE)
+    switch ((maximize << 2) | (weight_decay_ne_0 << 1) | mu_ne_1) {
+    case 0: ASGD_STEP_WALK1(0, 0, 0, 1); break;
+    case 1: ASGD_STEP_WALK1(0, 0, 1, 0); break;
+    case 2: ASGD_STEP_WALK1(0, 1, 0, 1); break;
+    case 3: ASGD_STEP_WALK1(0, 1, 1, 0); break;
+    case 4: ASGD_STEP_WALK1(1, 0, 0, 1); break;
+    case 5: ASGD_STEP_WALK1(1, 0, 1, 0); break;
+    case 6: ASGD_STEP_WALK1(1, 1, 0, 1); break;
+    case 7: ASGD_STEP_WALK1(1, 1, 1, 0); break;
+    }
+#undef ASGD_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+    store_counter(counters[1 * n + t], eta_1, counters_f64);
+    store_counter(counters[2 * n + t], mu_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* ASGD step, every combination of maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
 static void asgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -74,8 +127,8 @@ static void asgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     /* mu = 1 / maximum(1, step - t0) */
     const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
     /* each version passes its flags and conditions as literals inside its parallel region */
-#define ASGD_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") asgd_step_walk1(__VA_ARGS__, numel, \
-        grad_p, param_p, ax_p, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu)
+#define ASGD_STEP_WALK1(...) OPTGEN_WALK_REGION asgd_step_walk1(__VA_ARGS__, grad_p, param_p, ax_p, \
+        c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, OPTGEN_WALK_SHARE)
     switch ((maximize << 2) | (weight_decay_ne_0 << 1) | mu_ne_1) {
     case 0: ASGD_STEP_WALK1(0, 0, 0, 1); break;
     case 1: ASGD_STEP_WALK1(0, 0, 1, 0); break;
@@ -91,11 +144,13 @@ static void asgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     store_counter(counters[1 * n + t], eta_1, counters_f64);
     store_counter(counters[2 * n + t], mu_1, counters_f64);
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* ASGD step, every combination of maximize */
 void asgd_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(asgd_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(asgd_step_tensor, asgd_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -14,16 +14,15 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* walk 1 of lion_step, over its threads' share of the elements: each version of the walk calls it with its
+/* walk 1 of lion_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void lion_step_walk1(const int maximize,
-        const int weight_decay_ne_0, const int64_t numel, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict exp_avg_p,
-        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1, const scalar_t c_lr,
-        const scalar_t c_1_minus_beta2)
+        const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        storage_t *restrict exp_avg_p, const scalar_t c_1_minus_lr_times_weight_decay,
+        const scalar_t c_1_minus_beta1, const scalar_t c_lr, const scalar_t c_1_minus_beta2,
+        const int64_t i_begin, const int64_t i_end)
 {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < numel; ++i) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
         scalar_t exp_avg = to_compute(exp_avg_p[i]);
@@ -43,7 +42,43 @@ static inline __attribute__((always_inline)) void lion_step_walk1(const int maxi
     }
 }
 
-/* Lion step, every combination of maximize: tensor t */
+/* Lion step, every combination of maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void lion_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta1 = hyper[1];
+    const double beta2 = hyper[2];
+    const double weight_decay = hyper[3];
+    const int maximize = (flags >> 0) & 1;
+    const int64_t numel = numels[t];
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_lr = (scalar_t)(lr);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define LION_STEP_WALK1(...) OPTGEN_WALK_REGION lion_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, c_1_minus_beta2, \
+        OPTGEN_WALK_SHARE)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: LION_STEP_WALK1(0, 0); break;
+    case 1: LION_STEP_WALK1(0, 1); break;
+    case 2: LION_STEP_WALK1(1, 0); break;
+    case 3: LION_STEP_WALK1(1, 1); break;
+    }
+#undef LION_STEP_WALK1
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Lion step, every combination of maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
 static void lion_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -61,9 +96,9 @@ static void lion_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_lr = (scalar_t)(lr);
     const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
     /* each version passes its flags and conditions as literals inside its parallel region */
-#define LION_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") lion_step_walk1(__VA_ARGS__, numel, \
-        grad_p, param_p, exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, \
-        c_1_minus_beta2)
+#define LION_STEP_WALK1(...) OPTGEN_WALK_REGION lion_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, c_1_minus_beta2, \
+        OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: LION_STEP_WALK1(0, 0); break;
     case 1: LION_STEP_WALK1(0, 1); break;
@@ -72,11 +107,13 @@ static void lion_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     }
 #undef LION_STEP_WALK1
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* Lion step, every combination of maximize */
 void lion_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(lion_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(lion_step_tensor, lion_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -14,18 +14,18 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* walk 1 of radam_step, over its threads' share of the elements: each version of the walk calls it with its
+/* walk 1 of radam_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void radam_step_walk1(const int decoupled_weight_decay,
         const int maximize, const int weight_decay_ne_0, const int rho_t_gt_5, const int rho_t_le_5,
-        const int64_t numel, const storage_t *restrict grad_p, storage_t *restrict param_p,
-        storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_sq_p, const scalar_t c_weight_decay,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
+        storage_t *restrict exp_avg_sq_p, const scalar_t c_weight_decay,
         const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1,
         const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_eps,
-        const scalar_t c_step_size, const scalar_t c_lr, const scalar_t c_bias_correction1)
+        const scalar_t c_step_size, const scalar_t c_lr, const scalar_t c_bias_correction1,
+        const int64_t i_begin, const int64_t i_end)
 {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < numel; ++i) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param;
         scalar_t exp_avg = to_compute(exp_avg_p[i]);
@@ -54,7 +54,89 @@ static inline __attribute__((always_inline)) void radam_step_walk1(const int dec
     }
 }
 
-/* RAdam step, every combination of decoupled_weight_decay, maximize: tensor t */
+/* RAdam step, every combination of decoupled_weight_decay, maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void radam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta1 = hyper[1];
+    const double beta2 = hyper[2];
+    const double eps = hyper[3];
+    const double weight_decay = hyper[4];
+    const int decoupled_weight_decay = (flags >> 0) & 1;
+    const int maximize = (flags >> 1) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+    /* rho_inf = 2 / (1 - beta2) - 1 */
+    const double rho_inf = 2 / (1 - beta2) - 1;
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_beta2 = (scalar_t)(beta2);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    /* bias_correction1 = 1 - beta1 ** step */
+    const double bias_correction1 = 1 - pow(beta1, step_1);
+    /* bias_correction2 = 1 - beta2 ** step */
+    const double bias_correction2 = 1 - pow(beta2, step_1);
+    /* rho_t = rho_inf - 2 * step * beta2 ** step / bias_correction2 */
+    const double rho_t = rho_inf - 2 * pow(beta2, step_1) * step_1 / bias_correction2;
+    /* rect = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) */
+    const double rect = (rho_t > 5) ? sqrt(rho_inf * (rho_t - 4) * (rho_t - 2) / rho_t / (rho_inf - 4) / (rho_inf - 2)) : 0;
+    /* step_size = lr * rect * sqrt(bias_correction2) / bias_correction1 */
+    const double step_size = (rho_t > 5) ? sqrt(bias_correction2) * lr * rect / bias_correction1 : 0;
+    const int rho_t_gt_5 = rho_t > 5;
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_step_size = (scalar_t)(step_size);
+    const int rho_t_le_5 = rho_t <= 5;
+    const scalar_t c_lr = (scalar_t)(lr);
+    const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define RADAM_STEP_WALK1(...) OPTGEN_WALK_REGION radam_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, \
+        c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, OPTGEN_WALK_SHARE)
+    switch ((decoupled_weight_decay << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (rho_t_gt_5 << 1) | rho_t_le_5) {
+    case 0: RADAM_STEP_WALK1(0, 0, 0, 0, 0); break;
+    case 1: RADAM_STEP_WALK1(0, 0, 0, 0, 1); break;
+    case 2: case 3: RADAM_STEP_WALK1(0, 0, 0, 1, 0); break;
+    case 4: RADAM_STEP_WALK1(0, 0, 1, 0, 0); break;
+    case 5: RADAM_STEP_WALK1(0, 0, 1, 0, 1); break;
+    case 6: case 7: RADAM_STEP_WALK1(0, 0, 1, 1, 0); break;
+    case 8: RADAM_STEP_WALK1(0, 1, 0, 0, 0); break;
+    case 9: RADAM_STEP_WALK1(0, 1, 0, 0, 1); break;
+    case 10: case 11: RADAM_STEP_WALK1(0, 1, 0, 1, 0); break;
+    case 12: RADAM_STEP_WALK1(0, 1, 1, 0, 0); break;
+    case 13: RADAM_STEP_WALK1(0, 1, 1, 0, 1); break;
+    case 14: case 15: RADAM_STEP_WALK1(0, 1, 1, 1, 0); break;
+    case 16: RADAM_STEP_WALK1(1, 0, 0, 0, 0); break;
+    case 17: RADAM_STEP_WALK1(1, 0, 0, 0, 1); break;
+    case 18: case 19: RADAM_STEP_WALK1(1, 0, 0, 1, 0); break;
+    case 20: RADAM_STEP_WALK1(1, 0, 1, 0, 0); break;
+    case 21: RADAM_STEP_WALK1(1, 0, 1, 0, 1); break;
+    case 22: case 23: RADAM_STEP_WALK1(1, 0, 1, 1, 0); break;
+    case 24: RADAM_STEP_WALK1(1, 1, 0, 0, 0); break;
+    case 25: RADAM_STEP_WALK1(1, 1, 0, 0, 1); break;
+    case 26: case 27: RADAM_STEP_WALK1(1, 1, 0, 1, 0); break;
+    case 28: RADAM_STEP_WALK1(1, 1, 1, 0, 0); break;
+    case 29: RADAM_STEP_WALK1(1, 1, 1, 0, 1); break;
+    case 30: case 31: RADAM_STEP_WALK1(1, 1, 1, 1, 0); break;
+    }
+#undef RADAM_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* RAdam step, every combination of decoupled_weight_decay, maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
 static void radam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -97,9 +179,9 @@ static void radam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_lr = (scalar_t)(lr);
     const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
     /* each version passes its flags and conditions as literals inside its parallel region */
-#define RADAM_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") radam_step_walk1(__VA_ARGS__, numel, \
-        grad_p, param_p, exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
-        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1)
+#define RADAM_STEP_WALK1(...) OPTGEN_WALK_REGION radam_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, \
+        c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, OPTGEN_WALK_SHARE)
     switch ((decoupled_weight_decay << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (rho_t_gt_5 << 1) | rho_t_le_5) {
     case 0: RADAM_STEP_WALK1(0, 0, 0, 0, 0); break;
     case 1: RADAM_STEP_WALK1(0, 0, 0, 0, 1); break;
@@ -129,11 +211,13 @@ static void radam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 #undef RADAM_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* RAdam step, every combination of decoupled_weight_decay, maximize */
 void radam_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(radam_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(radam_step_tensor, radam_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

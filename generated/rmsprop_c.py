@@ -14,17 +14,16 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* walk 1 of rmsprop_step, over its threads' share of the elements: each version of the walk calls it with its
+/* walk 1 of rmsprop_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int centered, const int maximize,
-        const int weight_decay_ne_0, const int momentum_gt_0, const int momentum_le_0, const int64_t numel,
+        const int weight_decay_ne_0, const int momentum_gt_0, const int momentum_le_0,
         const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict square_avg_p,
         storage_t *restrict momentum_buffer_p, storage_t *restrict grad_avg_p, const scalar_t c_weight_decay,
         const scalar_t c_alpha, const scalar_t c_1_minus_alpha, const scalar_t c_eps,
-        const scalar_t c_momentum, const scalar_t c_lr)
+        const scalar_t c_momentum, const scalar_t c_lr, const int64_t i_begin, const int64_t i_end)
 {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < numel; ++i) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param;
         scalar_t square_avg = to_compute(square_avg_p[i]);
@@ -59,8 +58,10 @@ static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int c
     }
 }
 
-/* RMSprop step, every combination of centered, maximize: tensor t */
-static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+/* RMSprop step, every combination of centered, maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void rmsprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
     const double alpha = hyper[1];
@@ -88,9 +89,9 @@ static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_lr = (scalar_t)(lr);
     const int momentum_le_0 = momentum <= 0;
     /* each version passes its flags and conditions as literals inside its parallel region */
-#define RMSPROP_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") rmsprop_step_walk1(__VA_ARGS__, numel, \
-        grad_p, param_p, square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha, \
-        c_1_minus_alpha, c_eps, c_momentum, c_lr)
+#define RMSPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rmsprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, \
+        c_momentum, c_lr, OPTGEN_WALK_SHARE)
     switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
     case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
     case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
@@ -120,11 +121,79 @@ static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 #undef RMSPROP_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* RMSprop step, every combination of centered, maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
+static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double alpha = hyper[1];
+    const double eps = hyper[2];
+    const double weight_decay = hyper[3];
+    const double momentum = hyper[4];
+    const int centered = (flags >> 0) & 1;
+    const int maximize = (flags >> 1) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
+    storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_alpha = (scalar_t)(alpha);
+    const scalar_t c_1_minus_alpha = (scalar_t)(1 - alpha);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const int momentum_gt_0 = momentum > 0;
+    const scalar_t c_momentum = (scalar_t)(momentum);
+    const scalar_t c_lr = (scalar_t)(lr);
+    const int momentum_le_0 = momentum <= 0;
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define RMSPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rmsprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, \
+        c_momentum, c_lr, OPTGEN_WALK_SHARE)
+    switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
+    case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
+    case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
+    case 2: case 3: RMSPROP_STEP_WALK1(0, 0, 0, 1, 0); break;
+    case 4: RMSPROP_STEP_WALK1(0, 0, 1, 0, 0); break;
+    case 5: RMSPROP_STEP_WALK1(0, 0, 1, 0, 1); break;
+    case 6: case 7: RMSPROP_STEP_WALK1(0, 0, 1, 1, 0); break;
+    case 8: RMSPROP_STEP_WALK1(0, 1, 0, 0, 0); break;
+    case 9: RMSPROP_STEP_WALK1(0, 1, 0, 0, 1); break;
+    case 10: case 11: RMSPROP_STEP_WALK1(0, 1, 0, 1, 0); break;
+    case 12: RMSPROP_STEP_WALK1(0, 1, 1, 0, 0); break;
+    case 13: RMSPROP_STEP_WALK1(0, 1, 1, 0, 1); break;
+    case 14: case 15: RMSPROP_STEP_WALK1(0, 1, 1, 1, 0); break;
+    case 16: RMSPROP_STEP_WALK1(1, 0, 0, 0, 0); break;
+    case 17: RMSPROP_STEP_WALK1(1, 0, 0, 0, 1); break;
+    case 18: case 19: RMSPROP_STEP_WALK1(1, 0, 0, 1, 0); break;
+    case 20: RMSPROP_STEP_WALK1(1, 0, 1, 0, 0); break;
+    case 21: RMSPROP_STEP_WALK1(1, 0, 1, 0, 1); break;
+    case 22: case 23: RMSPROP_STEP_WALK1(1, 0, 1, 1, 0); break;
+    case 24: RMSPROP_STEP_WALK1(1, 1, 0, 0, 0); break;
+    case 25: RMSPROP_STEP_WALK1(1, 1, 0, 0, 1); break;
+    case 26: case 27: RMSPROP_STEP_WALK1(1, 1, 0, 1, 0); break;
+    case 28: RMSPROP_STEP_WALK1(1, 1, 1, 0, 0); break;
+    case 29: RMSPROP_STEP_WALK1(1, 1, 1, 0, 1); break;
+    case 30: case 31: RMSPROP_STEP_WALK1(1, 1, 1, 1, 0); break;
+    }
+#undef RMSPROP_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* RMSprop step, every combination of centered, maximize */
 void rmsprop_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(rmsprop_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(rmsprop_step_tensor, rmsprop_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -14,15 +14,15 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* walk 1 of rprop_step, over its threads' share of the elements: each version of the walk calls it with its
+/* walk 1 of rprop_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void rprop_step_walk1(const int maximize, const int64_t numel,
+static inline __attribute__((always_inline)) void rprop_step_walk1(const int maximize,
         const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict prev_p,
         storage_t *restrict step_size_p, const scalar_t c_etaplus, const scalar_t c_etaminus,
-        const scalar_t c_step_size_min, const scalar_t c_step_size_max)
+        const scalar_t c_step_size_min, const scalar_t c_step_size_max, const int64_t i_begin,
+        const int64_t i_end)
 {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < numel; ++i) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t prev = to_compute(prev_p[i]);
         scalar_t sign;
@@ -52,7 +52,44 @@ static inline __attribute__((always_inline)) void rprop_step_walk1(const int max
     }
 }
 
-/* Rprop step, every combination of maximize: tensor t */
+/* Rprop step, every combination of maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void rprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double etaminus = hyper[0];
+    const double etaplus = hyper[1];
+    const double step_size_min = hyper[2];
+    const double step_size_max = hyper[3];
+    const int maximize = (flags >> 0) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const scalar_t c_etaplus = (scalar_t)(etaplus);
+    const scalar_t c_etaminus = (scalar_t)(etaminus);
+    const scalar_t c_step_size_min = (scalar_t)(step_size_min);
+    const scalar_t c_step_size_max = (scalar_t)(step_size_max);
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define RPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min, c_step_size_max, OPTGEN_WALK_SHARE)
+    switch (maximize) {
+    case 0: RPROP_STEP_WALK1(0); break;
+    case 1: RPROP_STEP_WALK1(1); break;
+    }
+#undef RPROP_STEP_WALK1
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Rprop step, every combination of maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
 static void rprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double etaminus = hyper[0];
@@ -73,8 +110,8 @@ static void rprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_step_size_min = (scalar_t)(step_size_min);
     const scalar_t c_step_size_max = (scalar_t)(step_size_max);
     /* each version passes its flags and conditions as literals inside its parallel region */
-#define RPROP_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") rprop_step_walk1(__VA_ARGS__, numel, \
-        grad_p, param_p, prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min, c_step_size_max)
+#define RPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min, c_step_size_max, OPTGEN_WALK_SHARE)
     switch (maximize) {
     case 0: RPROP_STEP_WALK1(0); break;
     case 1: RPROP_STEP_WALK1(1); break;
@@ -82,11 +119,13 @@ static void rprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 #undef RPROP_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* Rprop step, every combination of maximize */
 void rprop_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(rprop_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(rprop_step_tensor, rprop_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -14,16 +14,15 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* walk 1 of sgd_step, over its threads' share of the elements: each version of the walk calls it with its
+/* walk 1 of sgd_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void sgd_step_walk1(const int nesterov, const int maximize,
-        const int weight_decay_ne_0, const int momentum_ne_0, const int64_t numel,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict momentum_buffer_p,
-        const scalar_t c_weight_decay, const scalar_t c_1_minus_dampening, const scalar_t c_momentum,
-        const scalar_t c_lr, const int momentum_buffer_is_new)
+        const int weight_decay_ne_0, const int momentum_ne_0, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, storage_t *restrict momentum_buffer_p, const scalar_t c_weight_decay,
+        const scalar_t c_1_minus_dampening, const scalar_t c_momentum, const scalar_t c_lr,
+        const int momentum_buffer_is_new, const int64_t i_begin, const int64_t i_end)
 {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < numel; ++i) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
         scalar_t momentum_buffer;
@@ -45,8 +44,10 @@ static inline __attribute__((always_inline)) void sgd_step_walk1(const int neste
     }
 }
 
-/* SGD step, every combination of nesterov, maximize: tensor t */
-static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+/* SGD step, every combination of nesterov, maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void sgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
     const double momentum = hyper[1];
@@ -66,9 +67,9 @@ static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_momentum = (scalar_t)(momentum);
     const scalar_t c_lr = (scalar_t)(lr);
     /* each version passes its flags and conditions as literals inside its parallel region */
-#define SGD_STEP_WALK1(...) _Pragma("omp parallel if (numel >= PARALLEL_MIN)") sgd_step_walk1(__VA_ARGS__, numel, \
-        grad_p, param_p, momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
-        momentum_buffer_is_new)
+#define SGD_STEP_WALK1(...) OPTGEN_WALK_REGION sgd_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
+        momentum_buffer_is_new, OPTGEN_WALK_SHARE)
     switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
     case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
     case 1: SGD_STEP_WALK1(0, 0, 0, 1); break;
@@ -89,11 +90,62 @@ static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     }
 #undef SGD_STEP_WALK1
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* SGD step, every combination of nesterov, maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
+static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double momentum = hyper[1];
+    const double dampening = hyper[2];
+    const double weight_decay = hyper[3];
+    const int nesterov = (flags >> 0) & 1;
+    const int maximize = (flags >> 1) & 1;
+    const int64_t numel = numels[t];
+    const int momentum_buffer_is_new = first_step[0 * n + t];
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const int momentum_ne_0 = momentum != 0;
+    const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
+    const scalar_t c_momentum = (scalar_t)(momentum);
+    const scalar_t c_lr = (scalar_t)(lr);
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define SGD_STEP_WALK1(...) OPTGEN_WALK_REGION sgd_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
+        momentum_buffer_is_new, OPTGEN_WALK_SHARE)
+    switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
+    case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
+    case 1: SGD_STEP_WALK1(0, 0, 0, 1); break;
+    case 2: SGD_STEP_WALK1(0, 0, 1, 0); break;
+    case 3: SGD_STEP_WALK1(0, 0, 1, 1); break;
+    case 4: SGD_STEP_WALK1(0, 1, 0, 0); break;
+    case 5: SGD_STEP_WALK1(0, 1, 0, 1); break;
+    case 6: SGD_STEP_WALK1(0, 1, 1, 0); break;
+    case 7: SGD_STEP_WALK1(0, 1, 1, 1); break;
+    case 8: SGD_STEP_WALK1(1, 0, 0, 0); break;
+    case 9: SGD_STEP_WALK1(1, 0, 0, 1); break;
+    case 10: SGD_STEP_WALK1(1, 0, 1, 0); break;
+    case 11: SGD_STEP_WALK1(1, 0, 1, 1); break;
+    case 12: SGD_STEP_WALK1(1, 1, 0, 0); break;
+    case 13: SGD_STEP_WALK1(1, 1, 0, 1); break;
+    case 14: SGD_STEP_WALK1(1, 1, 1, 0); break;
+    case 15: SGD_STEP_WALK1(1, 1, 1, 1); break;
+    }
+#undef SGD_STEP_WALK1
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* SGD step, every combination of nesterov, maximize */
 void sgd_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(sgd_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(sgd_step_tensor, sgd_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

@@ -14,8 +14,10 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-/* WeightAverage step: tensor t */
-static void weightaverage_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+/* WeightAverage step: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void weightaverage_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double weight = hyper[0];
     const int64_t numel = numels[t];
@@ -31,11 +33,34 @@ static void weightaverage_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
         param_p[i] = from_compute(param);
     }
 }
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* WeightAverage step: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
+static void weightaverage_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double weight = hyper[0];
+    const int64_t numel = numels[t];
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    const scalar_t c_weight = (scalar_t)(weight);
+    for (int64_t i = 0; i < numel; ++i) {
+        scalar_t grad = to_compute(grad_p[i]);
+        scalar_t param = to_compute(param_p[i]);
+        /* param = lerp(param, grad, weight) */
+        param = lerp_of(param, grad, c_weight);
+        param_p[i] = from_compute(param);
+    }
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
 
 /* WeightAverage step */
 void weightaverage_step(OPTGEN_KERNEL_PARAMETERS)
 {
-    for_each_tensor(weightaverage_step_tensor, OPTGEN_KERNEL_ARGUMENTS);
+    for_each_tensor(weightaverage_step_tensor, weightaverage_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
 """
 

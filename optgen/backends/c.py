@@ -77,9 +77,9 @@ RESERVED = frozenset({
     "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern",
     "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed",
     "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
-    "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "i0", "i1", "ic0", "ic1", "numel", "ndim", "dim_b", "dim_m",
-    "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper", "counters_f64", "flags",
-    "malloc", "calloc", "free", "isnan", "sum_terms", "lerp_of",
+    "n", "t", "i", "j", "v", "ir", "ib", "im", "ic", "i0", "i1", "ic0", "ic1", "i_begin", "i_end", "numel", "ndim",
+    "dim_b", "dim_m", "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper",
+    "counters_f64", "flags", "malloc", "calloc", "free", "isnan", "sum_terms", "lerp_of",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
 })
 
@@ -248,13 +248,22 @@ class _CBuilder:
         dims = [f"const int64_t {d} = dims[4 * t + {k}];" for k, d in enumerate(("ndim", "dim_b", "dim_m", "dim_c"))
                 if re.search(rf"\b{d}\b", text)]
         body = [body[0], *dims, *body[1:len(prologue)], *pointers, *scratch, *body[len(prologue):]]
-        # one function per tensor, and the kernel, which runs it over the tensors (for_each_tensor,
-        # c_launch.PRELUDE: small tensors several at once, Note [Small tensors in parallel])
-        source = [*self.functions, f"/* {doc}: tensor t */",
+        # two functions per tensor, split among the threads or on one, and the kernel, which runs
+        # them over the tensors (for_each_tensor, c_launch.PRELUDE: Note [Small tensors in parallel])
+        lines = [*head, *body]
+        source = [*self.functions,
+                  f"/* {doc}: tensor t, split among the threads */",
+                  f"#define OPTGEN_WALK_REGION {_WALK_REGION}",
+                  "#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)",
+                  f"static void {function}_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)",
+                  "{", *_indent(lines), "}", "#undef OPTGEN_WALK_REGION", "#undef OPTGEN_WALK_SHARE", "",
+                  f"/* {doc}: tensor t, on one thread */",
+                  "#define OPTGEN_WALK_REGION", "#define OPTGEN_WALK_SHARE 0, numel",
                   f"static void {function}_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)",
-                  "{", *("    " + x if not x.startswith("#") else x for x in [*head, *body]), "}", "",
+                  "{", *_indent(_one_thread(lines)), "}", "#undef OPTGEN_WALK_REGION", "#undef OPTGEN_WALK_SHARE", "",
                   f"/* {doc} */", f"void {function}(OPTGEN_KERNEL_PARAMETERS)",
-                  "{", f"    for_each_tensor({function}_tensor, OPTGEN_KERNEL_ARGUMENTS);", "}"]
+                  "{", f"    for_each_tensor({function}_tensor, {function}_tensor_split, OPTGEN_KERNEL_ARGUMENTS);",
+                  "}"]
         reduced = {lists.index(t): -1 if self.extents[t] == ROWS else -2 for t in states if self.extents[t] != FULL}
         present = [(lists.index(t), over_arguments(kernel.presence[t])) for t in states
                    if kernel.presence.get(t, sympy.true) != sympy.true]
@@ -463,14 +472,15 @@ class _CBuilder:
     # tests/c/test_merged_against_variants.py).  The constants must be literals inside the
     # `#pragma omp parallel` region: OpenMP outlines the region before anything is inlined, so a
     # variable set before it reaches the outlined code as a runtime value.  A plain loop over the
-    # elements lives in the function too, as an orphaned `#pragma omp for` (the iterations of
-    # the caller's `#pragma omp parallel` shared out as `parallel for` shares them), and the
+    # elements lives in the function too, over the elements it is passed (inside the region, its
+    # thread's share, as `schedule(static)` shares them out; on one thread, all), and the
     # versions are the cases of a `switch` over the bits of their flags and conditions, one line
-    # each, calling the function through a macro that opens the parallel region (`_Pragma`) and
-    # passes the arguments every version passes alike; a walk that sums or runs over rows keeps
-    # its loops in each version, which call the function per element.  A state that exists only
-    # under a condition is loaded and stored only under it (its address is NULL otherwise).  A
-    # walk with one version keeps its body inside its loop.
+    # each, calling the function through a macro that opens the parallel region
+    # (OPTGEN_WALK_REGION, a `_Pragma`; nothing in a tensor's one-thread function: Note [Small
+    # tensors in parallel]) and passes the arguments every version passes alike; a walk that sums
+    # or runs over rows keeps its loops in each version, which call the function per element.  A
+    # state that exists only under a condition is loaded and stored only under it (its address
+    # is NULL otherwise).  A walk with one version keeps its body inside its loop.
     def walk(self, statements: list[_FullStatement], accumulate: list[_Accumulation], store: set[str],
              number: int) -> list[str]:
         """Walk ``number`` over the tensor: the statements and accumulations in the spec's order,
@@ -702,17 +712,17 @@ class _CBuilder:
                 when = guard(runs[place, line])
                 lines.append(line if when is None else f"if ({when}) {line}")
         used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(lines)))
-        if whole:
-            used = (used - {"i"}) | {"numel"}
-            lines = ["#pragma omp for schedule(static) nowait", "for (int64_t i = 0; i < numel; ++i) {",
-                     *_indent(lines), "}"]
+        if whole:  # over the elements the caller passes: its thread's share, or all (OPTGEN_WALK_SHARE)
+            used -= {"i"}
+            lines = ["for (int64_t i = i_begin; i < i_end; ++i) {", *_indent(lines), "}"]
         parameters = [(n, t) for n, t in self.parameters(leaves).items() if n in used]
+        signature = [*parameters, *((("i_begin", "const int64_t"), ("i_end", "const int64_t")) if whole else ())]
         name = self.fresh(f"{self.function}_walk{number}")
-        what = "its threads' share of the elements" if whole else "one element"
+        what = "the elements it is passed (its thread's share)" if whole else "one element"
         self.functions += [
             f"/* walk {number} of {self.function}, over {what}: each version of the walk calls it with its",
             "   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */",
-            *wrap([f"{t} {n}" for n, t in parameters], f"static inline __attribute__((always_inline)) void {name}(",
+            *wrap([f"{t} {n}" for n, t in signature], f"static inline __attribute__((always_inline)) void {name}(",
                    "        ", ")"),
             "{", *_indent(lines), "}", ""]
         locals_ = {n for leaf in leaves for n in leaf.local}
@@ -725,7 +735,7 @@ class _CBuilder:
                     outcome = leaf.tested.get(n, False)
                     return n if outcome is None else str(int(outcome))
                 return leaf.local.get(n, "0") if n in locals_ else n
-            return [value(n) for n, _ in parameters]
+            return [*(value(n) for n, _ in parameters), *(("OPTGEN_WALK_SHARE",) if whole else ())]
         return name, arguments
 
     def parameters(self, leaves: list[_Leaf]) -> dict[str, str]:
@@ -859,7 +869,7 @@ def _switch(tree, name: str, arguments: Callable[[_Leaf], list[str]]) -> list[st
     shared = min(k for k in range(len(first) + 1) if all(a[k:] == first[k:] for a in calls.values()))
     assert shared > 0, "versions of a walk that pass the same constants"
     macro = name.upper()
-    head = wrap([*first[shared:]], f"#define {macro}(...) _Pragma(\"omp parallel if (numel >= PARALLEL_MIN)\") "
+    head = wrap([*first[shared:]], f"#define {macro}(...) OPTGEN_WALK_REGION "
                  f"{name}(__VA_ARGS__, ", "    ", ")", width=100)
     lines = ["/* each version passes its flags and conditions as literals inside its parallel region */",
              *(line + " \\" for line in head[:-1]), head[-1]]
@@ -884,6 +894,24 @@ def _c_condition(condition, nested: bool = False) -> str:
     op = " && " if isinstance(condition, sympy.And) else " || "
     text = op.join(_c_condition(a, True) for a in condition.args)
     return f"({text})" if nested else text
+
+
+#: what opens a versioned walk's parallel region where a tensor is split among the threads: the
+#: macro each version calls opens OPTGEN_WALK_REGION and passes the walk's function the elements
+#: OPTGEN_WALK_SHARE (its thread's share), both defined for each of a tensor's two functions
+_WALK_REGION = '_Pragma("omp parallel if (numel >= PARALLEL_MIN)")'
+
+
+def _one_thread(lines: list[str]) -> list[str]:
+    """A tensor's lines without their OpenMP constructs, for a tensor under PARALLEL_MIN elements
+    (Note [Small tensors in parallel]): each walk's ``omp parallel if (numel >= PARALLEL_MIN)`` is
+    false there, but opening even a false region costs ~0.2 µs, ~0.5 µs nested in for_each_tensor's
+    own, more than a 100-element tensor's arithmetic.  A region of one thread runs its body as
+    written, and its ``critical`` merges and ``reduction`` clauses add each sum to 0 before the
+    total: the same bits.  (Nothing it calls shares work among a team: inside for_each_tensor's
+    region an orphaned ``omp for`` would split one thread's tensor with the others.)"""
+    return [x for x in lines if not x.startswith("#pragma omp")]
+
 
 def _indent(lines, depth: int = 1) -> list[str]:
     """Lines one level deeper (a pragma stays in the first column, where C wants it)."""

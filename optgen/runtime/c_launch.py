@@ -129,19 +129,20 @@ typedef SCALAR_T scalar_t;
    parallel regions); smaller ones each run on one thread, and the threads share them out, a few
    at a time: a model's many biases and norms (1000 tensors of 100 elements) would otherwise run
    one after another on one core.  Each tensor's update reads and writes only its own tensors and
-   counters, so the order they run in does not change a bit.  (Inside this loop a walk's own
-   `omp parallel if (numel >= PARALLEL_MIN)` is false: one thread, as it would be outside.) */
+   counters, so the order they run in does not change a bit.  Each kernel prints a tensor's
+   function twice: split (its walks' parallel regions) and one thread (without them, which cost
+   more than a small tensor's arithmetic even when their `if` is false: backends/c.py _one_thread). */
 typedef void (*tensor_step_t)(int64_t t, OPTGEN_KERNEL_PARAMETERS);
-static void for_each_tensor(tensor_step_t step, OPTGEN_KERNEL_PARAMETERS)
+static void for_each_tensor(tensor_step_t one_thread, tensor_step_t split, OPTGEN_KERNEL_PARAMETERS)
 {
     int64_t small = 0;
     for (int64_t t = 0; t < n; ++t)
         if (numels[t] < PARALLEL_MIN) small += numels[t];
 #pragma omp parallel for schedule(dynamic, 8) if (small >= PARALLEL_MIN)
     for (int64_t t = 0; t < n; ++t)
-        if (numels[t] < PARALLEL_MIN) step(t, OPTGEN_KERNEL_ARGUMENTS);
+        if (numels[t] < PARALLEL_MIN) one_thread(t, OPTGEN_KERNEL_ARGUMENTS);
     for (int64_t t = 0; t < n; ++t)
-        if (numels[t] >= PARALLEL_MIN) step(t, OPTGEN_KERNEL_ARGUMENTS);
+        if (numels[t] >= PARALLEL_MIN) split(t, OPTGEN_KERNEL_ARGUMENTS);
 }
 
 /* the threads a kernel's parallel loops use: torch.get_num_threads(), set from Python */
@@ -151,6 +152,19 @@ void optgen_set_num_threads(int n) { omp_set_num_threads(n); }
 #else
 void optgen_set_num_threads(int n) { (void)n; }
 #endif
+
+/* where this thread's share of a walk's numel elements starts (next = 0) or ends (next = 1), as
+   schedule(static) shares them out among the threads of the walk's parallel region */
+static inline int64_t thread_share(int64_t numel, int next)
+{
+#ifdef _OPENMP
+    const int64_t k = omp_get_num_threads(), t = omp_get_thread_num() + next;
+#else
+    const int64_t k = 1, t = next;
+#endif
+    const int64_t q = numel / k, r = numel % k;
+    return t * q + (t < r ? t : r);
+}
 
 /* 0-dim counters (torch's `step`) are float32 unless the default dtype is float64 */
 static inline double load_counter(void *p, int f64) { return f64 ? *(double *)p : (double)*(float *)p; }

@@ -36,13 +36,13 @@ kernel cache) quietly runs the for-loop: the user asked for nothing in particula
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
 # FASTEST_ON_CUDA: optimizer name → its default implementation on CUDA, as `optgen bench --device cuda --ready`
 # measured it (Note [CUDA defaults]); empty until a GPU has: CUDA then defaults to foreach, as torch does.
 from optgen.runtime.cuda_defaults import FASTEST_ON_CUDA
+from optgen.runtime.once import warn_once
 
 #: device types where torch's foreach kernels are real multi-tensor kernels
 FOREACH_DEVICES = {"cuda", "xpu", "hpu", "mtia"}
@@ -172,15 +172,6 @@ def _own_memory(optimizer, params: list[torch.Tensor]) -> bool:
 
     dtensor = _dtensor_type() if optimizer._elementwise else None
     return all(type(p) in PLAIN_TYPES or (dtensor is not None and type(p) is dtensor) for p in params)
-
-
-_WARNED: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=4)
 
 
 def check_options(optimizer, defaults: dict) -> None:

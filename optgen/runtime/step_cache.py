@@ -16,8 +16,9 @@ few calls per tensor, each one C loop over the group (``map`` of a method descri
 - the same parameter objects, and the same ones with a gradient;
 - every gradient contiguous with its parameter's element count (torch keeps a gradient shaped like
   its parameter, so that is the parameter's count too); a sparse one fails ``is_contiguous``;
-- the same address for every parameter, state and counter (``state[p][key]`` looked up afresh,
-  so a replaced or lost state is seen);
+- the same address for every parameter, state and counter, and the same object for every state
+  and counter (``state[p][key]`` looked up afresh, so a replaced or lost state is seen, and a
+  view of other extent at the same address too);
 - the arguments use the same lists (a flag or hyperparameter may change which states the step
   touches: Adam's ``amsgrad``).
 
@@ -61,12 +62,16 @@ class CachedStep:
         self.params = params
         self.param_addresses = list(map(_DATA_PTR, params))
         self.numels = list(map(_NUMEL, params))
-        # the states the launch addresses, where the optimizer's state holds them (a complex
-        # parameter's as real views: the same addresses); a list absent under these flags is not
-        # addressed, and a state created later changes nothing bound
-        self.states = [(itemgetter(key), list(map(_DATA_PTR, lists[name])))
-                       for name, key in optimizer._tensor_state + optimizer._counter_state
-                       if all(t is not None for t in lists[name])]
+        # the states the launch addresses: the objects the optimizer's state holds, and the
+        # addresses the launch was checked for (a complex parameter's state as real views: the
+        # same addresses); a list absent under these flags is not addressed, and a state created
+        # later changes nothing bound
+        held = list(map(optimizer.state.get, params))
+        self.states = []
+        for name, key in optimizer._tensor_state + optimizer._counter_state:
+            if all(t is not None for t in lists[name]):
+                get = itemgetter(key)
+                self.states.append((get, list(map(get, held)), list(map(_DATA_PTR, lists[name]))))
 
     def __call__(self, optimizer, group: dict) -> bool:
         """One step of ``group`` through the bound launch; False, with nothing done, when a check
@@ -88,8 +93,9 @@ class CachedStep:
                     or list(map(_DATA_PTR, params)) != self.param_addresses:
                 return False
             states = list(map(optimizer.state.get, params))
-            for get, addresses in self.states:
-                if list(map(_DATA_PTR, map(get, states))) != addresses:
+            for get, objects, addresses in self.states:
+                now = list(map(get, states))
+                if not all(map(is_, now, objects)) or list(map(_DATA_PTR, now)) != addresses:
                     return False
             grad_addresses = list(map(_DATA_PTR, grads))
         except (RuntimeError, TypeError, KeyError):  # a state that is not there

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from optgen.runtime.dispatch import warn_once
 from optgen.runtime.native import NATIVE_IMPLEMENTATIONS, traced
+from optgen.runtime.once import warn_once
 
 #: the types of an ordinary tensor, whose memory is its data (None: a state left absent)
 PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})

@@ -61,7 +61,8 @@ GROUPS: dict[str, tuple[str, frozenset[str]]] = {
         "storage_t", "scalar_t", "to_compute", "from_compute", "load_counter", "store_counter",
         "round_counter", "sum_terms", "lerp_of", "max_nan", "min_nan", "sign_of", "optgen_set_num_threads",
         "STORAGE_BF16", "STORAGE_F16", "STORAGE_EPS", "SCALAR_T", "SCALAR_IS_FLOAT", "SQRT", "EXP", "LOG",
-        "FABS", "POW", "PARALLEL_MIN", "OPTGEN_BLOCK",
+        "FABS", "POW", "PARALLEL_MIN", "OPTGEN_BLOCK", "OPTGEN_KERNEL_PARAMETERS", "OPTGEN_KERNEL_ARGUMENTS",
+        "tensor_step_t", "for_each_tensor", "thread_share", "OPTGEN_WALK_REGION", "OPTGEN_WALK_SHARE",
     })),
 }
 

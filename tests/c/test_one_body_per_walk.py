@@ -21,10 +21,21 @@ def _parameters(source: str, function: str) -> list[str]:
     return [p.split()[-1] for p in found.group(1).replace("\n", " ").split(",")]
 
 
-def _calls(source: str, function: str) -> list[list[str]]:
-    """The arguments of each call of ``function``: each version's `case` line calls it through a
-    macro that opens the parallel region and appends the arguments every version passes."""
-    found = re.search(rf'^#define (\w+)\(\.\.\.\) _Pragma\("omp parallel if \(numel >= PARALLEL_MIN\)"\) '
+def _tensor_function(source: str, suffix: str) -> str:
+    """The text of a kernel's function for one tensor, with the macros defined for it:
+    ``_tensor_split`` (its walks split among the threads) or ``_tensor`` (on one thread: Note
+    [Small tensors in parallel])."""
+    found = re.search(rf"^(#define OPTGEN_WALK_\w+[^\n]*\n)+static void \w+{suffix}\(.*?^\}}$", source, re.S | re.M)
+    assert found is not None, f"no function *{suffix}"
+    return found.group(0)
+
+
+def _calls(source: str, function: str, suffix: str = "_tensor_split") -> list[list[str]]:
+    """The arguments of each call of ``function`` in a tensor's function: each version's `case`
+    line calls it through a macro that opens the parallel region (OPTGEN_WALK_REGION, defined
+    before each of the tensor's functions) and appends the arguments every version passes."""
+    source = _tensor_function(source, suffix)
+    found = re.search(rf'^#define (\w+)\(\.\.\.\) OPTGEN_WALK_REGION '
                       rf"{function}\(__VA_ARGS__, (.*?)\)\n", source.replace("\\\n", ""), re.S | re.M)
     assert found is not None, f"no macro calling {function} in its parallel region"
     macro, tail = found.group(1), found.group(2)
@@ -34,13 +45,17 @@ def _calls(source: str, function: str) -> list[list[str]]:
 
 def check_adam_layout(source: str) -> None:
     assert source.count("exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);") == 1  # the body, once
-    assert source.count('_Pragma("omp parallel') == 1   # (in the macro every version calls)
-    assert len(re.findall(r"^\s*case \d+: ADAM_STEP_WALK1\(", source, re.M)) == 16
+    split, one_thread = _tensor_function(source, "_tensor_split"), _tensor_function(source, "_tensor")
+    assert split.count('_Pragma("omp parallel') == 1   # (opened by the macro every version calls)
+    for copy in (split, one_thread):
+        assert len(re.findall(r"^\s*case \d+: ADAM_STEP_WALK1\(", copy, re.M)) == 16
+    assert "omp" not in one_thread  # (a tensor under PARALLEL_MIN elements: Note [Small tensors in parallel])
     parameters = _parameters(source, "adam_step_walk1")
     assert parameters[:4] == ["amsgrad", "maximize", "decoupled_weight_decay", "weight_decay_ne_0"]
-    versions = [tuple(call[:4]) for call in _calls(source, "adam_step_walk1")]
-    # every version, each with literal constants inside its parallel region
-    assert sorted(versions) == sorted(itertools.product("01", repeat=4))
+    # every version, each with literal constants inside its parallel region, and the same on one thread
+    for calls in (_calls(source, "adam_step_walk1"), _calls(source, "adam_step_walk1", "_tensor")):
+        versions = [tuple(call[:4]) for call in calls]
+        assert sorted(versions) == sorted(itertools.product("01", repeat=4))
 
 
 def check_opposite_comparisons(source: str, function: str, a: str, b: str, complementary: bool) -> None:
@@ -83,7 +98,13 @@ def test_every_version_of_adams_loop_is_vectorised(tmp_path):
     subprocess.run([*gcc, *flags, *c_launch.C_TYPES[torch.float32][1], "-S", "-o", str(tmp_path / "adam.s"),
                     str(source)], check=True)
     assembly = (tmp_path / "adam.s").read_text()
-    regions = re.findall(r"^adam_step_tensor\._omp_fn\.\d+:\n(.*?)\.cfi_endproc", assembly, re.S | re.M)
+    regions = re.findall(r"^adam_step_tensor_split\._omp_fn\.\d+:\n(.*?)\.cfi_endproc", assembly, re.S | re.M)
     assert len(regions) == 16
     for region in regions:
         assert re.search(r"\bv?(add|mul|sub|div|sqrt|max|min)ps\s", region), "a version's loop is not vectorised"
+    # a tensor under PARALLEL_MIN elements runs a copy without parallel regions (Note [Small
+    # tensors in parallel]), still vectorised
+    one_thread = re.search(r"^adam_step_tensor:\n(.*?)\.cfi_endproc", assembly, re.S | re.M)
+    assert one_thread is not None, "no one-thread function"
+    assert not re.search(r"\b(GOMP_|omp_)", one_thread.group(1)), "the one-thread copy calls OpenMP"
+    assert len(re.findall(r"\bv?(add|mul|sub|div|sqrt|max|min)ps\s", one_thread.group(1))) >= 16

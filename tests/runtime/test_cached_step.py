@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import optgen
-from optgen.runtime import c_launch, dispatch, step_cache
+from optgen.runtime import c_launch, once, step_cache
 from optgen.runtime.generated import GeneratedOptimizer
 
 pytestmark = pytest.mark.skipif(not c_launch.available(), reason="no C compiler")
@@ -221,7 +221,7 @@ def test_a_non_contiguous_gradient_takes_the_checked_path(fused, uncached):
             ps[0].grad = torch.linspace(-1, 1, 35).view(5, 7).t()  # the right shape, transposed
 
     def run():
-        dispatch._WARNED.clear()  # said once per process: here once per run
+        once._WARNED.clear()  # said once per process: here once per run (conftest.py: once per test)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = trajectory(change, kwargs=dict(lr=1e-2, fused=fused))()

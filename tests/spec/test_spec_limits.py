@@ -172,8 +172,10 @@ def test_c_prelude_names_are_reserved():
 
     from optgen.runtime.c_launch import PRELUDE
 
-    defined = set(re.findall(r"#define (\w+)", PRELUDE)) | set(re.findall(r"typedef [^;]* (\w+);", PRELUDE)) \
-        | set(re.findall(r"^(?:static inline )?\w+ \*?(\w+)\(", PRELUDE, re.M))
+    defined = set(re.findall(r"#define (\w+)", PRELUDE)) | set(re.findall(r"typedef [^;(]* (\w+);", PRELUDE)) \
+        | set(re.findall(r"typedef [^;]*\(\*(\w+)\)", PRELUDE)) \
+        | set(re.findall(r"^(?:static )?(?:inline )?\w+ \*?(\w+)\(", PRELUDE, re.M))
+    assert {"for_each_tensor", "tensor_step_t", "optgen_set_num_threads"} <= defined  # (the patterns see each kind)
     assert defined and defined <= GROUPS["c"][1]
 
 
