@@ -43,6 +43,7 @@ import torch
 # measured it (Note [CUDA defaults]); empty until a GPU has: CUDA then defaults to foreach, as torch does.
 from optgen.runtime.cuda_defaults import FASTEST_ON_CUDA
 from optgen.runtime.once import warn_once
+from optgen.runtime.subclasses import PLAIN_TYPES, _dtensor_type
 
 #: device types where torch's foreach kernels are real multi-tensor kernels
 FOREACH_DEVICES = {"cuda", "xpu", "hpu", "mtia"}
@@ -168,8 +169,6 @@ def _own_memory(optimizer, params: list[torch.Tensor]) -> bool:
     of an elementwise spec (on their local shards).  Any other subclass runs the for-loop, whose
     torch ops dispatch through it (Note [Tensor subclasses]); fused=True says so, the default
     picks it quietly."""
-    from optgen.runtime.subclasses import PLAIN_TYPES, _dtensor_type
-
     dtensor = _dtensor_type() if optimizer._elementwise else None
     return all(type(p) in PLAIN_TYPES or (dtensor is not None and type(p) is dtensor) for p in params)
 

@@ -15,7 +15,9 @@ few calls per tensor, each one C loop over the group (``map`` of a method descri
   the optimizer's ``implementation``, the defaults policy), no GradScaler state, not traced;
 - the same parameter objects, and the same ones with a gradient;
 - every gradient contiguous with its parameter's element count (torch keeps a gradient shaped like
-  its parameter, so that is the parameter's count too); a sparse one fails ``is_contiguous``;
+  its parameter, so that is the parameter's count too), and inside its storage (gradients are new
+  tensors most steps: one whose storage was resized in place would be read past its end); a
+  sparse one fails ``is_contiguous``;
 - the same address for every parameter, state and counter, and the same object for every state
   and counter (``state[p][key]`` looked up afresh, so a replaced or lost state is seen, and a
   view of other extent at the same address too);
@@ -31,7 +33,7 @@ dict (``__setstate__``) drops the cache.  Measured: BENCHMARKS.md, "Host overhea
 from __future__ import annotations
 
 from itertools import compress, repeat
-from operator import attrgetter, is_, is_not, itemgetter
+from operator import add, attrgetter, floordiv, is_, is_not, itemgetter, le
 
 import torch
 
@@ -41,6 +43,9 @@ _GRAD = attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _NUMEL = torch.Tensor.numel
+_OFFSET = torch.Tensor.storage_offset
+_STORAGE = torch.Tensor.untyped_storage
+_NBYTES = torch.UntypedStorage.nbytes
 
 #: the group options the choice of implementation reads (runtime/dispatch.py)
 _OPTIONS = ("foreach", "fused", "differentiable", "capturable")
@@ -62,6 +67,7 @@ class CachedStep:
         self.params = params
         self.param_addresses = list(map(_DATA_PTR, params))
         self.numels = list(map(_NUMEL, params))
+        self.element_size = params[0].element_size()  # (one dtype: _bind)
         # the states the launch addresses: the objects the optimizer's state holds, and the
         # addresses the launch was checked for (a complex parameter's state as real views: the
         # same addresses); a list absent under these flags is not addressed, and a state created
@@ -91,6 +97,10 @@ class CachedStep:
         try:  # (a None or sparse gradient fails is_contiguous)
             if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
                     or list(map(_DATA_PTR, params)) != self.param_addresses:
+                return False
+            # every gradient inside its storage (one resized in place, as FSDP frees memory, is not)
+            if not all(map(le, map(add, map(_OFFSET, grads), self.numels),
+                           map(floordiv, map(_NBYTES, map(_STORAGE, grads)), repeat(self.element_size)))):
                 return False
             states = list(map(optimizer.state.get, params))
             for get, objects, addresses in self.states:
