@@ -34,7 +34,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(f"optgen.{name}")
     if name == "__all__":
-        return ["Optimizer", "OPTIMIZERS", "set_defaults", *_optimizers()]
+        return ["Optimizer", "OPTIMIZERS", "set_defaults", "step_in_backward", *_optimizers()]
     if name.startswith("_"):  # submodules and dunders resolve through the import system
         raise AttributeError(f"module 'optgen' has no attribute {name!r}")
     if name == "Optimizer":  # torch is imported on first use: `optgen build` with nothing to do stays fast
@@ -47,6 +47,10 @@ def __getattr__(name: str):
         from optgen.runtime.dispatch import set_defaults
 
         return set_defaults
+    if name == "step_in_backward":  # Note [The step inside backward]
+        from optgen.runtime.in_backward import step_in_backward
+
+        return step_in_backward
     optimizers = _optimizers()
     if name in optimizers:
         return optimizers[name]
@@ -54,4 +58,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted({*globals(), "Optimizer", "OPTIMIZERS", "set_defaults", *_optimizers()})
+    return sorted({*globals(), "Optimizer", "OPTIMIZERS", "set_defaults", "step_in_backward", *_optimizers()})
