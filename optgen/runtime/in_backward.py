@@ -28,7 +28,9 @@ torch's "optimizer step in backward" tutorial wires by hand), and the hook
 
 ``load_state_dict`` replaces the param group dicts (torch keeps the parameters): a view whose group
 is no longer the optimizer's finds its parameter's new group on its next step.  A group added with
-``add_param_group`` gets its hooks as it is added (runtime/optimizer.py).
+``add_param_group`` gets its hooks as it is added: while the mode is on, the optimizer's
+``add_param_group`` is an instance attribute that calls torch's and then hooks the new group (the
+class keeps torch's method, inherited: tests/runtime/test_optimizer_base.py).
 
 What cannot work, and is refused:
 
@@ -95,6 +97,7 @@ class StepInBackward:
         self._amp = vars(optimizer).get("_step_supports_amp_scaling")  # an instance's own (fused=True), else None
         optimizer.__dict__[ATTRIBUTE] = self
         optimizer._step_supports_amp_scaling = True  # so GradScaler reaches refuse_step (the Note)
+        optimizer.add_param_group = self._add_param_group
         try:
             for group in optimizer.param_groups:
                 self.hook_group(group)
@@ -112,6 +115,12 @@ class StepInBackward:
                 view: ChainMap = ChainMap({"params": [p]}, group)
                 self._views.append(view)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook_for(view)))
+
+    def _add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, then the hooks on the new group (the Note)."""
+        optimizer = self._optimizer()
+        type(optimizer).add_param_group(optimizer, param_group)
+        self.hook_group(optimizer.param_groups[-1])
 
     def _hook_for(self, view: ChainMap):
         optimizer_ref = self._optimizer
@@ -154,6 +163,7 @@ class StepInBackward:
         optimizer = self._optimizer()
         if optimizer is not None and vars(optimizer).get(ATTRIBUTE) is self:
             del optimizer.__dict__[ATTRIBUTE]
+            vars(optimizer).pop("add_param_group", None)
             if self._amp is None:
                 vars(optimizer).pop("_step_supports_amp_scaling", None)
             else:

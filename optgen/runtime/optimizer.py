@@ -21,8 +21,8 @@ Only what a generated optimizer must decide itself:
   tensors (Note [Counters saved as numbers] in runtime/generated.py) after torch's;
 - ``__getstate__``: ``GeneratedOptimizer`` adds an ``implementation`` set on the optimizer to
   torch's, so deepcopy and pickle keep it;
-- ``step`` refuses, and ``add_param_group`` hooks the new group, while the optimizer steps inside
-  backward (Note [The step inside backward] in runtime/in_backward.py).
+- ``step`` refuses to run while the optimizer steps inside backward (Note [The step inside
+  backward] in runtime/in_backward.py).
 
 torch's generic ``load_state_dict`` fits optgen's state layout as it is: counters named ``step``
 become float32 on the parameter's device in fused or capturable groups (where optgen's fused
@@ -102,14 +102,6 @@ class Optimizer(torch.optim.Optimizer):
             with _grad_mode_for(group):
                 self._step_group(group)
         return loss
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's, then the step hooks on the new group's parameters when the optimizer steps
-        inside backward (Note [The step inside backward] in runtime/in_backward.py)."""
-        super().add_param_group(param_group)
-        in_backward = self.__dict__.get("_step_in_backward")
-        if in_backward is not None:
-            in_backward.hook_group(self.param_groups[-1])
 
     def _step_group(self, group: dict[str, Any]) -> None:
         """Update the params of one param group in place; implemented by subclasses."""

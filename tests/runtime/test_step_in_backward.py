@@ -273,6 +273,7 @@ def test_a_second_call_is_an_error_and_remove_restores_the_ordinary_loop():
     _in_backward(model_b, opt_b, range(2))
     handle.remove()
     handle.remove()  # a second remove does nothing
+    assert not {"_step_in_backward", "add_param_group", "_step_supports_amp_scaling"} & vars(opt_b).keys()
     _loss(model_b, 2).backward()
     assert all(p.grad is not None for p in model_b.parameters())  # gradients stay after backward again
     opt_b.step()
