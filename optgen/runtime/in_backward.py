@@ -57,6 +57,7 @@ for-loop), one parameter at a time.
 """
 from __future__ import annotations
 
+import types
 import weakref
 from collections import ChainMap
 
@@ -97,7 +98,7 @@ class StepInBackward:
         self._amp = vars(optimizer).get("_step_supports_amp_scaling")  # an instance's own (fused=True), else None
         optimizer.__dict__[ATTRIBUTE] = self
         optimizer._step_supports_amp_scaling = True  # so GradScaler reaches refuse_step (the Note)
-        optimizer.add_param_group = self._add_param_group
+        optimizer.add_param_group = types.MethodType(_add_param_group_hooked, optimizer)
         try:
             for group in optimizer.param_groups:
                 self.hook_group(group)
@@ -115,12 +116,6 @@ class StepInBackward:
                 view: ChainMap = ChainMap({"params": [p]}, group)
                 self._views.append(view)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook_for(view)))
-
-    def _add_param_group(self, param_group: dict) -> None:
-        """torch's ``add_param_group``, then the hooks on the new group (the Note)."""
-        optimizer = self._optimizer()
-        type(optimizer).add_param_group(optimizer, param_group)
-        self.hook_group(optimizer.param_groups[-1])
 
     def _hook_for(self, view: ChainMap):
         optimizer_ref = self._optimizer
@@ -172,6 +167,12 @@ class StepInBackward:
             for view in self._views:  # their bound launches (Note [Cached steps])
                 cached.pop(id(view), None)
         self._views.clear()
+
+
+def _add_param_group_hooked(optimizer, param_group: dict) -> None:
+    """torch's ``add_param_group``, then the step hooks on the new group (the Note)."""
+    type(optimizer).add_param_group(optimizer, param_group)
+    vars(optimizer)[ATTRIBUTE].hook_group(optimizer.param_groups[-1])
 
 
 def _check_group(optimizer, group: dict) -> None:

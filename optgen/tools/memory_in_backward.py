@@ -16,7 +16,9 @@ created, kernel loaded):
   kernels' own buffers and the profiler's absence included (it runs on another step).
 
 Both are taken around ``loss.backward(); opt.step(); opt.zero_grad()`` (ordinary) or
-``loss.backward()`` (in backward); a forward pass's activations are in both.
+``loss.backward()`` (in backward); a forward pass's activations are in both.  The step's time
+(forward, backward and update, the median of 7) is printed too, measured in a process of its own
+with glibc's usual settings (a fixed mmap threshold maps and unmaps every gradient, page faults included).
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ import gc
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
+import time
 
 MIB = 2**20
 #: glibc's mmap threshold, fixed: by default it grows to the size of a freed block (up to 32 MiB), so
@@ -39,7 +43,8 @@ def _status(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024  # type: ignore[union-attr]
 
 
-def _measure(optimizer: str, mode: str, layers: int, width: int, batch: int) -> dict:
+def _training_step(optimizer: str, mode: str, layers: int, width: int, batch: int):
+    """A model of ``layers`` square Linear layers, its optimizer in ``mode``, and its training step."""
     import torch
 
     import optgen
@@ -57,9 +62,16 @@ def _measure(optimizer: str, mode: str, layers: int, width: int, batch: int) -> 
             opt.step()
             opt.zero_grad()
 
-    for _ in range(2):
+    for _ in range(2):  # state created, kernel loaded
         step()
     gc.collect()
+    return model, opt, step
+
+
+def _measure_memory(*setting) -> dict:
+    import torch
+
+    model, opt, step = _training_step(*setting)
     param_bytes = sum(p.nbytes for p in model.parameters())
     state_bytes = sum(v.nbytes for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
@@ -82,32 +94,50 @@ def _measure(optimizer: str, mode: str, layers: int, width: int, batch: int) -> 
     return dict(param_bytes=param_bytes, state_bytes=state_bytes, tensor_peak=tensor_peak, rss_peak=rss_peak)
 
 
+def _measure_time(*setting) -> dict:
+    _, _, step = _training_step(*setting)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return dict(step_ms=1e3 * statistics.median(times))
+
+
+def _child(what: str, name: str, mode: str, args) -> dict:
+    command = [sys.executable, "-m", "optgen.tools.memory_in_backward", "--child", what, name, mode,
+               "--layers", str(args.layers), "--width", str(args.width), "--batch", str(args.batch)]
+    env = {**os.environ, **(_MALLOC if what == "memory" else {})}  # timed with glibc's usual settings
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--optimizers", default="Adam,SGD,Adafactor")
-    parser.add_argument("--child", nargs=2, metavar=("OPTIMIZER", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("WHAT", "OPTIMIZER", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_measure(*args.child, args.layers, args.width, args.batch)))
+        what, *setting = args.child
+        measure = _measure_memory if what == "memory" else _measure_time
+        print(json.dumps(measure(*setting, args.layers, args.width, args.batch)))
         return
     shape = f"{args.layers} × Linear({args.width}, {args.width}), batch {args.batch}, float32"
     print(f"Peak memory of one training step above the memory held when it begins ({shape}), MiB; "
           "in all: parameters + state + tensor peak:\n")
-    print("| optimizer | parameters | optimizer state | mode | tensor peak | RSS peak | in all at the peak |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| optimizer | parameters | optimizer state | mode | tensor peak | RSS peak | in all at the peak "
+          "| step (ms) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for name in args.optimizers.split(","):
         for mode in ("ordinary", "in_backward"):
-            command = [sys.executable, "-m", "optgen.tools.memory_in_backward", "--child", name, mode,
-                       "--layers", str(args.layers), "--width", str(args.width), "--batch", str(args.batch)]
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True,
-                                               env={**os.environ, **_MALLOC}).stdout)
+            result = {**_child("memory", name, mode, args), **_child("time", name, mode, args)}
             label = "`loss.backward(); opt.step()`" if mode == "ordinary" else "`optgen.step_in_backward`"
-            print(f"| {name} | {result['param_bytes'] / MIB:.0f} | {result['state_bytes'] / MIB:.0f} | {label} "
+            print(f"| {name} | {result['param_bytes'] / MIB:.0f} | {result['state_bytes'] / MIB:.1f} | {label} "
                   f"| {result['tensor_peak'] / MIB:.1f} | {result['rss_peak'] / MIB:.1f} "
-                  f"| {(result['param_bytes'] + result['state_bytes'] + result['tensor_peak']) / MIB:.0f} |")
+                  f"| {(result['param_bytes'] + result['state_bytes'] + result['tensor_peak']) / MIB:.0f} "
+                  f"| {result['step_ms']:.0f} |")
 
 
 if __name__ == "__main__":
