@@ -170,7 +170,9 @@ class StepInBackward:
 
 
 def _add_param_group_hooked(optimizer, param_group: dict) -> None:
-    """torch's ``add_param_group``, then the step hooks on the new group (the Note)."""
+    """torch's ``add_param_group``, then the step hooks on the new group (the Note); a group that
+    cannot step inside backward is refused before it is added."""
+    _check_group(optimizer, {**optimizer.defaults, **param_group})
     type(optimizer).add_param_group(optimizer, param_group)
     vars(optimizer)[ATTRIBUTE].hook_group(optimizer.param_groups[-1])
 

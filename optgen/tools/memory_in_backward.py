@@ -17,8 +17,9 @@ created, kernel loaded):
 
 Both are taken around ``loss.backward(); opt.step(); opt.zero_grad()`` (ordinary) or
 ``loss.backward()`` (in backward); a forward pass's activations are in both.  The step's time
-(forward, backward and update, the median of 7) is printed too, measured in a process of its own
-with glibc's usual settings (a fixed mmap threshold maps and unmaps every gradient, page faults included).
+(forward, backward and update) is printed too: the median of 9 rounds that time one step of each
+mode in turn, in a process of their own with glibc's usual settings (under a fixed mmap threshold
+every gradient would be mapped and unmapped, page faults included).
 """
 from __future__ import annotations
 
@@ -94,14 +95,17 @@ def _measure_memory(*setting) -> dict:
     return dict(param_bytes=param_bytes, state_bytes=state_bytes, tensor_peak=tensor_peak, rss_peak=rss_peak)
 
 
-def _measure_time(*setting) -> dict:
-    _, _, step = _training_step(*setting)
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return dict(step_ms=1e3 * statistics.median(times))
+def _measure_times(optimizer: str, layers: int, width: int, batch: int, rounds: int = 9) -> dict:
+    """The median time of a training step in each mode, the modes interleaved round by round in one
+    process, so both see the same machine load."""
+    steps = {mode: _training_step(optimizer, mode, layers, width, batch)[2] for mode in ("ordinary", "in_backward")}
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    for _ in range(rounds):
+        for mode, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[mode].append(time.perf_counter() - start)
+    return {mode: 1e3 * statistics.median(values) for mode, values in times.items()}
 
 
 def _child(what: str, name: str, mode: str, args) -> dict:
@@ -120,9 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", nargs=3, metavar=("WHAT", "OPTIMIZER", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        what, *setting = args.child
-        measure = _measure_memory if what == "memory" else _measure_time
-        print(json.dumps(measure(*setting, args.layers, args.width, args.batch)))
+        what, name, mode = args.child
+        if what == "memory":
+            print(json.dumps(_measure_memory(name, mode, args.layers, args.width, args.batch)))
+        else:
+            print(json.dumps(_measure_times(name, args.layers, args.width, args.batch)))
         return
     shape = f"{args.layers} × Linear({args.width}, {args.width}), batch {args.batch}, float32"
     print(f"Peak memory of one training step above the memory held when it begins ({shape}), MiB; "
@@ -131,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
           "| step (ms) |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for name in args.optimizers.split(","):
+        times = _child("time", name, "both", args)
         for mode in ("ordinary", "in_backward"):
-            result = {**_child("memory", name, mode, args), **_child("time", name, mode, args)}
+            result = {**_child("memory", name, mode, args), "step_ms": times[mode]}
             label = "`loss.backward(); opt.step()`" if mode == "ordinary" else "`optgen.step_in_backward`"
             print(f"| {name} | {result['param_bytes'] / MIB:.0f} | {result['state_bytes'] / MIB:.1f} | {label} "
                   f"| {result['tensor_peak'] / MIB:.1f} | {result['rss_peak'] / MIB:.1f} "

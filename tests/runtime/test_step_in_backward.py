@@ -227,6 +227,7 @@ def test_add_param_group_in_backward_mode_hooks_the_new_parameters():
     _assert_same(model_a, opt_a, model_b, opt_b)
     with pytest.raises(RuntimeError, match="differentiable=True"):
         opt_b.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "differentiable": True})
+    assert len(opt_b.param_groups) == 2  # refused before it was added
 
 
 @pytest.mark.parametrize("name", ["SparseAdam", "Adagrad", "SGD"])
@@ -322,3 +323,37 @@ def test_exported_from_optgen():
     from optgen.runtime.in_backward import step_in_backward
 
     assert optgen.step_in_backward is step_in_backward
+
+
+def test_a_parameter_used_twice_is_stepped_once_with_its_whole_gradient():
+    def run(in_backward: bool):
+        torch.manual_seed(0)
+        shared = torch.nn.Linear(6, 6, bias=False)
+        model = torch.nn.Sequential(shared, torch.nn.Tanh(), shared)  # one weight, two uses
+        opt = optgen.Adam(model.parameters(), lr=0.01)
+        if in_backward:
+            optgen.step_in_backward(opt)
+            _in_backward(model, opt, range(STEPS))
+        else:
+            _ordinary(model, opt, range(STEPS))
+        return model, opt
+
+    model_a, opt_a = run(False)
+    model_b, opt_b = run(True)
+    _assert_same(model_a, opt_a, model_b, opt_b)
+    assert opt_b.state[_weights(model_b)[0]]["step"].item() == STEPS
+
+
+def test_the_hooks_do_not_keep_a_dropped_optimizer_alive():
+    import gc
+    import weakref
+
+    model = _model()
+    opt = optgen.Adam(model.parameters())
+    optgen.step_in_backward(opt)
+    dropped = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert dropped() is None
+    _loss(model, 0).backward()  # nothing steps: the gradients stay, as without an optimizer
+    assert all(p.grad is not None for p in model.parameters())
