@@ -357,3 +357,33 @@ def test_the_hooks_do_not_keep_a_dropped_optimizer_alive():
     assert dropped() is None
     _loss(model, 0).backward()  # nothing steps: the gradients stay, as without an optimizer
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_each_gradient_is_freed_during_backward_not_after():
+    """While backward runs, at most one parameter holds a gradient (the one being stepped is freed
+    before autograd reaches the layer below): the peak holds one gradient, not all of them."""
+    model = _model()
+    opt = optgen.Adam(model.parameters())
+    optgen.step_in_backward(opt)
+    held: list[int] = []
+
+    def count_gradients(grad):  # runs as backward passes each activation
+        held.append(sum(p.grad is not None for p in model.parameters()))
+
+    x = _batch(0).requires_grad_()
+    h = x
+    for layer in model:
+        h = layer(h)
+        h.register_hook(count_gradients)
+    h.sin().square().mean().backward()
+    x.grad = None
+    assert len(held) == len(model) and max(held) == 0  # each freed before the next activation's gradient
+    # the ordinary loop, for contrast: the gradients pile up
+    model_b = _model()
+    h = _batch(0)
+    held.clear()
+    for layer in model_b:
+        h = layer(h)
+        h.register_hook(lambda grad: held.append(sum(p.grad is not None for p in model_b.parameters())))
+    h.sin().square().mean().backward()
+    assert held[-1] == 2  # (the first layer's gradient comes after its input's last hook)
