@@ -16,10 +16,10 @@ That is impossible for:
 With nothing for optgen to derive, each is torch's class (Note [optgen's schedulers are torch's]
 in lr_scheduler_base.py): a subclass that adds only the ``hyperparameter=`` it drives (Note
 [Scheduling any hyperparameter]; with the default ``"lr"`` every method is torch's), so the
-behaviour, errors, warnings and ``state_dict`` are torch's by construction, and ``isinstance`` answers as trainers expect
-(``ReduceLROnPlateau`` is a ``torch.optim.lr_scheduler.ReduceLROnPlateau``).  The composites
-drive generated schedulers through torch's ``_initial_step`` / ``_update_lr``, which the
-generated ones inherit; they drive the hyperparameter their schedulers drive (all the same one:
+behaviour, errors, warnings and ``state_dict`` are torch's by construction, and ``isinstance``
+answers as trainers expect (``ReduceLROnPlateau`` is a ``torch.optim.lr_scheduler.ReduceLROnPlateau``).
+The composites drive generated schedulers through torch's ``_initial_step`` / ``_update_lr``,
+which the generated ones inherit; they drive the hyperparameter their schedulers drive (all the same one:
 ``get_last_lr()`` returns its values), and for another than ``lr`` their constructors do on the
 driven groups what torch's do on ``group["lr"]``.
 """
@@ -100,7 +100,7 @@ class ChainedScheduler(_torch.ChainedScheduler):
             self.hyperparameter = name
             self._last_lr = _group_values(driven_groups(self._schedulers[-1].optimizer, name))
 
-    def step(self) -> None:
+    def step(self) -> None:  # type: ignore[override]
         super().step()
         if self.hyperparameter != "lr":
             self._last_lr = _group_values(driven_groups(self._schedulers[-1].optimizer, self.hyperparameter))

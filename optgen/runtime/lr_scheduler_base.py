@@ -54,8 +54,8 @@ from __future__ import annotations
 import functools
 import math
 import types
-import weakref
 import warnings
+import weakref
 from functools import partial
 from typing import Any, Protocol
 
@@ -224,7 +224,7 @@ def _track_step_called(scheduler: LRScheduler) -> None:
     if hasattr(opt.step, "_wrapped_by_lr_sched"):
         return
     opt_ref = weakref.ref(opt)
-    func = opt.step.__func__
+    func = opt.step.__func__  # type: ignore[attr-defined]
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
