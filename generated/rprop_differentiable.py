@@ -56,4 +56,5 @@ KERNEL = KernelModule(
     step=rprop_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("etaminus", "etaplus", "step_size_min", "step_size_max")),
 )

@@ -215,10 +215,9 @@ class DifferentiableBackend(PythonKernelBackend):
     summary = "for-loop implementation for differentiable=True: out of place, so autograd records the step"
 
     def tensor_scalars(self, compiled: Compiled) -> tuple[str, ...]:
-        """The hyperparameters a spec lets users give as a Tensor (``tensor = true``)."""
-        used = set(kernel_signature(compiled).scalars)
-        return tuple(n for h in compiled.spec.hyperparameters.values() if h.tensor
-                     for n in (h.names or (h.name,)) if n in used)
+        """Every hyperparameter the update reads arrives as given: a Tensor one keeps its graph
+        (hypergradients, docs/hyperparameters.md), a number stays a number."""
+        return tuple(kernel_signature(compiled).scalars)
 
     def renderer_for(self, compiled: Compiled, program: OpProgram) -> DifferentiableRenderer:
         return DifferentiableRenderer(program, frozenset(self.tensor_scalars(compiled)))
