@@ -77,26 +77,34 @@ def _table(optimizer) -> dict[str, tuple[str, int | None]] | None:
     return table
 
 
-def schedulable(optimizer) -> dict[str, Hyperparameter]:
-    """Every numeric hyperparameter of ``optimizer`` by name (Note [Hyperparameters by name])."""
+def _lookup(optimizer, table: dict, name: str) -> Hyperparameter | None:
+    """``name`` of the table, if the optimizer's default for it is a number (or a Tensor)."""
+    if name not in table:
+        return None
+    key, index = table[name]
     defaults = optimizer.defaults
-    out: dict[str, Hyperparameter] = {}
-    if "lr" in defaults:
-        out["lr"] = Hyperparameter("lr", "lr")
+    if key not in defaults:
+        return None
+    value = defaults[key]
+    if index is not None:
+        if not isinstance(value, (tuple, list)) or index >= len(value):
+            return None
+        value = value[index]
+    return Hyperparameter(name, key, index) if _is_number(value) or value is _required() else None
+
+
+def _names(optimizer) -> dict[str, tuple[str, int | None]]:
     table = _table(optimizer)
     if table is None:  # not a spec: its top-level numbers
-        table = {key: (key, None) for key, value in defaults.items() if _is_number(value)}
-    for name, (key, index) in table.items():
-        if key not in defaults:
-            continue
-        value = defaults[key]
-        if index is not None:
-            if not isinstance(value, (tuple, list)) or index >= len(value):
-                continue
-            value = value[index]
-        if _is_number(value) or value is _required():
-            out[name] = Hyperparameter(name, key, index)
-    return out
+        table = {key: (key, None) for key, value in optimizer.defaults.items() if _is_number(value)}
+    return {"lr": ("lr", None), **table}
+
+
+def schedulable(optimizer) -> dict[str, Hyperparameter]:
+    """Every numeric hyperparameter of ``optimizer`` by name (Note [Hyperparameters by name])."""
+    table = _names(optimizer)
+    found = {name: _lookup(optimizer, table, name) for name in table}
+    return {name: h for name, h in found.items() if h is not None}
 
 
 def _required() -> object:
@@ -112,11 +120,11 @@ def resolve(optimizer, name: str) -> Hyperparameter:
                         f"not {type(name).__name__}")
     if name == "lr":
         return Hyperparameter("lr", "lr")
-    names = schedulable(optimizer)
-    if name not in names:
+    found = _lookup(optimizer, _names(optimizer), name)
+    if found is None:
         raise ValueError(f"{type(optimizer).__name__} has no hyperparameter {name!r} to schedule; "
-                         f"its schedulable hyperparameters are: {', '.join(names)}")
-    return names[name]
+                         f"its schedulable hyperparameters are: {', '.join(schedulable(optimizer))}")
+    return found
 
 
 class DrivenGroup(MutableMapping):

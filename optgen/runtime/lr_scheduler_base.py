@@ -165,7 +165,10 @@ class HyperparameterScheduler(LRScheduler):
 
     def _groups(self, optimizer: Optimizer | None = None) -> list:
         """The param groups as this scheduler sees them: the optimizer's own for lr, else views."""
-        return driven_groups(self.optimizer if optimizer is None else optimizer, self.hyperparameter)
+        optimizer = self.optimizer if optimizer is None else optimizer
+        if self.hyperparameter == "lr":  # (every step: the common case first)
+            return optimizer.param_groups
+        return driven_groups(optimizer, self.hyperparameter)
 
     def _current_values(self) -> list:
         """The driven value of every group, Tensors cloned (a step that keeps them)."""
