@@ -31,10 +31,9 @@ IMPLEMENTATIONS = ("forloop", "foreach", "c", "differentiable")
 
 
 def _numeric_names(cls):
-    """(name, accessor) of every float hyperparameter (Muon's ns_steps is an int: a count)."""
+    """(name, accessor) of every real-valued hyperparameter (Muon's ns_steps is a count)."""
     opt = cls([torch.nn.Parameter(torch.zeros(2, 2))], **OPTIONS.get(cls.__name__, {}))
-    return [(name, h) for name, h in schedulable(opt).items()
-            if isinstance(h.get(opt.defaults), float) or name == "lr"]
+    return [(name, h) for name, h in schedulable(opt).items() if name != "ns_steps"]
 
 
 CASES = [(name, hp, h, impl) for name, cls in optgen.OPTIMIZERS.items() if name not in SKIP
@@ -114,9 +113,9 @@ GRADCHECK = [(name, hp, h) for name, hp, h, impl in CASES if impl == "differenti
              and not (name == "ASGD" and hp == "t0")]  # (t0 only moves a threshold: a step function)
 #: hyperparameters the loss after these two steps does not depend on: Lion steps along a sign;
 #: RAdam's first steps are not rectified (beta2, eps unused); Rprop's etaminus acts on a sign change,
-#: its step_size_min on a step size that reaches it
+#: its step_size_min / step_size_max on a step size that reaches them
 ZERO_GRADIENT = {("Lion", "beta1"), ("Lion", "beta2"), ("RAdam", "beta2"), ("RAdam", "eps"), ("Rprop", "etaminus"),
-                 ("Rprop", "step_size_min")}
+                 ("Rprop", "step_size_min"), ("Rprop", "step_size_max")}
 
 
 @pytest.fixture
@@ -151,4 +150,23 @@ def test_hypergradient_gradcheck(name, hp, h, float64_counters):
     x = torch.tensor(float(value), dtype=torch.float64, requires_grad=True)
     (dx,) = torch.autograd.grad(loss(p_leaf, x), x, allow_unused=True, materialize_grads=True)
     assert (dx == 0) == ((name, hp) in ZERO_GRADIENT)  # the loss depends on it, and autograd sees that
+    assert torch.autograd.gradcheck(loss, (p_leaf, x))
+
+
+def test_rprop_clamp_bound_hypergradient(float64_counters):
+    """A Tensor step_size_max that clamps the step size: its gradient is not zero, and true (torch's
+    clamp takes bounds all numbers or all tensors: optgen.runtime.tensor_scalars.clamp)."""
+    p_leaf = torch.linspace(0.5, 1.5, 6, dtype=torch.float64).requires_grad_()
+
+    def loss(p_leaf, step_size_max):
+        p = p_leaf.clone()
+        opt = optgen.Rprop([p], lr=0.01, step_sizes=(1e-6, step_size_max), differentiable=True)
+        for _ in range(3):  # the same gradient sign: the step size grows by etaplus and hits the bound
+            p.grad = torch.ones_like(p)
+            opt.step()
+        return (p * torch.linspace(-1, 2, 6, dtype=torch.float64)).sum()
+
+    x = torch.tensor(0.011, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(loss(p_leaf, x), x)
+    assert dx != 0
     assert torch.autograd.gradcheck(loss, (p_leaf, x))
