@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -170,3 +171,51 @@ def test_rprop_clamp_bound_hypergradient(float64_counters):
     (dx,) = torch.autograd.grad(loss(p_leaf, x), x)
     assert dx != 0
     assert torch.autograd.gradcheck(loss, (p_leaf, x))
+
+
+def _sparse_adam(options, implementation):
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3, sparse=True).double()
+    opt = optgen.SparseAdam(emb.parameters(), **options)
+    opt.implementation = implementation
+    for _ in range(3):
+        opt.zero_grad()
+        emb(torch.tensor([1, 2, 5])).pow(2).sum().backward()
+        opt.step()
+    return emb.weight.detach()
+
+
+@pytest.mark.parametrize("implementation", list(optgen.SparseAdam._kernels))
+@pytest.mark.parametrize("options", [dict(lr=1e-3), dict(betas=(0.9, 0.999)), dict(betas=(0.9, 0.999), index=1),
+                                     dict(eps=1e-8)], ids=["lr", "beta1", "beta2", "eps"])
+def test_sparse_adam_tensor_hyperparameters(options, implementation):
+    options = dict(options)
+    index = options.pop("index", 0)
+    (key, value), = options.items()
+    given: dict[str, Any]
+    if key == "betas":
+        items = list(value)
+        items[index] = torch.tensor(items[index], dtype=torch.float64)
+        given = {key: tuple(items)}
+    else:
+        given = {key: torch.tensor(value, dtype=torch.float64)}
+    torch.testing.assert_close(_sparse_adam(given, implementation), _sparse_adam({}, implementation), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key, value", [("lr", 1.0), ("tolerance_grad", 1e-7), ("tolerance_change", 1e-9)])
+def test_lbfgs_tensor_hyperparameters(key, value):
+    def run(options):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+        opt = optgen.LBFGS([p], **options)
+
+        def closure():
+            opt.zero_grad()
+            loss = (p ** 2).sum() + p.sin().sum()
+            loss.backward()
+            return loss
+        for _ in range(2):
+            opt.step(closure)
+        return p.detach()
+
+    torch.testing.assert_close(run({key: torch.tensor(value, dtype=torch.float64)}), run({}), rtol=0, atol=0)
