@@ -51,12 +51,11 @@ hyperparameter, and calls torch's for ``lr``.  What changes with the name:
 """
 from __future__ import annotations
 
-import functools
 import math
 import types
 import warnings
 import weakref
-from functools import partial
+from functools import partial, wraps
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -229,7 +228,7 @@ def _track_step_called(scheduler: LRScheduler) -> None:
     opt_ref = weakref.ref(opt)
     func = opt.step.__func__  # type: ignore[attr-defined]
 
-    @functools.wraps(func)
+    @wraps(func)
     def wrapper(*args, **kwargs):
         o = opt_ref()
         o._opt_called = True  # type: ignore[union-attr]
