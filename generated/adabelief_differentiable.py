@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import addcdiv, counter_value
+from optgen.runtime.tensor_scalars import add, addcdiv, addcmul, counter_value
 
 
 def adabelief_step(
@@ -20,8 +20,7 @@ def adabelief_step(
 ) -> None:
     """One AdaBelief step over the tensors of a param group."""
     for i, param in enumerate(params):
-        if decoupled_weight_decay:
-            param = param.clone()
+        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_var = exp_avg_vars[i]
@@ -38,30 +37,30 @@ def adabelief_step(
                 param = param.mul(1 - lr * weight_decay)
             else:
                 # grad = grad + weight_decay * param
-                grad = grad.add(param, alpha=weight_decay)
+                grad = add(grad, param, weight_decay)
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         if maximize:
             # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
             exp_avg_var = exp_avg_var.mul(beta2)
             grad = grad.sub(exp_avg)
-            exp_avg_var = exp_avg_var.addcmul(grad, grad, value=1 - beta2).add_(eps)
+            exp_avg_var = addcmul(exp_avg_var, grad, grad, 1 - beta2).add(eps)
         elif decoupled_weight_decay:
             # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
             exp_avg_var = exp_avg_var.mul(beta2)
             _t0 = grad.sub(exp_avg)
-            exp_avg_var = exp_avg_var.addcmul(_t0, _t0, value=1 - beta2).add_(eps)
+            exp_avg_var = addcmul(exp_avg_var, _t0, _t0, 1 - beta2).add(eps)
         else:
             if weight_decay != 0:
                 # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
                 exp_avg_var = exp_avg_var.mul(beta2)
                 grad = grad.sub(exp_avg)
-                exp_avg_var = exp_avg_var.addcmul(grad, grad, value=1 - beta2).add_(eps)
+                exp_avg_var = addcmul(exp_avg_var, grad, grad, 1 - beta2).add(eps)
             else:
                 # exp_avg_var = beta2 * exp_avg_var + (1 - beta2) * (grad - exp_avg) * (grad - exp_avg) + eps
                 exp_avg_var = exp_avg_var.mul(beta2)
                 _t1 = grad.sub(exp_avg)
-                exp_avg_var = exp_avg_var.addcmul(_t1, _t1, value=1 - beta2).add_(eps)
+                exp_avg_var = addcmul(exp_avg_var, _t1, _t1, 1 - beta2).add(eps)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -80,5 +79,5 @@ KERNEL = KernelModule(
     step=adabelief_step,
     flags=("decoupled_weight_decay", "maximize"),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "eps", "weight_decay")),
 )

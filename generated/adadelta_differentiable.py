@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import add
+from optgen.runtime.tensor_scalars import add, addcmul
 
 
 def adadelta_step(
@@ -20,6 +20,7 @@ def adadelta_step(
 ) -> None:
     """One Adadelta step over the tensors of a param group."""
     for i, param in enumerate(params):
+        param = param.clone()
         grad = grads[i]
         square_avg = square_avgs[i]
         acc_delta = acc_deltas[i]
@@ -31,15 +32,17 @@ def adadelta_step(
             grad = -grad
         if weight_decay != 0:
             # grad = grad + weight_decay * param
-            grad = grad.add(param, alpha=weight_decay)
+            grad = add(grad, param, weight_decay)
         # square_avg = rho * square_avg + (1 - rho) * grad * grad
-        square_avg = square_avg.mul(rho).addcmul_(grad, grad, value=1 - rho)
+        square_avg = square_avg.mul(rho)
+        square_avg = addcmul(square_avg, grad, grad, 1 - rho)
         # std = sqrt(square_avg + eps)
         std = square_avg.add(eps).sqrt()
         # delta = sqrt(acc_delta + eps) / std * grad
         delta = acc_delta.add(eps).sqrt().div(std).mul(grad)
         # acc_delta = rho * acc_delta + (1 - rho) * delta * delta
-        acc_delta = acc_delta.mul(rho).addcmul_(delta, delta, value=1 - rho)
+        acc_delta = acc_delta.mul(rho)
+        acc_delta = addcmul(acc_delta, delta, delta, 1 - rho)
         # param = param - lr * delta
         param = add(param, delta, -lr)
         square_avgs[i] = square_avg
@@ -52,5 +55,5 @@ KERNEL = KernelModule(
     step=adadelta_step,
     flags=("maximize",),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "rho", "eps", "weight_decay")),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import addcdiv, counter_value
+from optgen.runtime.tensor_scalars import add, addcdiv, counter_value
 
 
 def adagrad_step(
@@ -19,6 +19,7 @@ def adagrad_step(
 ) -> None:
     """One Adagrad step over the tensors of a param group."""
     for i, param in enumerate(params):
+        param = param.clone()
         grad = grads[i]
         state_sum = state_sums[i]
         step_t = state_steps[i]
@@ -30,7 +31,7 @@ def adagrad_step(
             grad = -grad
         if weight_decay != 0:
             # grad = grad + weight_decay * param
-            grad = grad.add(param, alpha=weight_decay)
+            grad = add(grad, param, weight_decay)
         # clr = lr / (1 + (step - 1) * lr_decay)
         clr = lr / (1 + lr_decay * (step - 1))
         # state_sum = state_sum + grad * grad
@@ -48,5 +49,5 @@ KERNEL = KernelModule(
     step=adagrad_step,
     flags=("maximize",),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "lr_decay", "weight_decay", "eps")),
 )

@@ -58,10 +58,10 @@ def adam_step(
             # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
             max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
             # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
-            denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
+            denom = max_exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
         else:
             # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-            denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add_(eps)
+            denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(eps)
         # param = param - step_size * exp_avg / denom
         param = addcdiv(param, exp_avg, denom, -step_size)
         exp_avgs[i] = exp_avg
@@ -76,5 +76,5 @@ KERNEL = KernelModule(
     step=adam_step,
     flags=("amsgrad", "maximize", "decoupled_weight_decay"),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr", "beta1", "beta2", "weight_decay")),
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "eps", "weight_decay")),
 )

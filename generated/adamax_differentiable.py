@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import addcdiv, counter_value
+from optgen.runtime.tensor_scalars import add, addcdiv, counter_value
 
 
 def adamax_step(
@@ -21,6 +21,7 @@ def adamax_step(
 ) -> None:
     """One Adamax step over the tensors of a param group."""
     for i, param in enumerate(params):
+        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_inf = exp_infs[i]
@@ -33,24 +34,24 @@ def adamax_step(
         step = counter_value(step_t)
         if weight_decay != 0:
             # grad = grad + weight_decay * param
-            grad = grad.add(param, alpha=weight_decay)
+            grad = add(grad, param, weight_decay)
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         if maximize:
             # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
             exp_inf = exp_inf.mul(beta2)
-            grad = grad.abs().add_(eps)
+            grad = grad.abs().add(eps)
             exp_inf = torch.maximum(exp_inf, grad)
         else:
             if weight_decay != 0:
                 # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
                 exp_inf = exp_inf.mul(beta2)
-                grad = grad.abs().add_(eps)
+                grad = grad.abs().add(eps)
                 exp_inf = torch.maximum(exp_inf, grad)
             else:
                 # exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
                 exp_inf = exp_inf.mul(beta2)
-                exp_inf = torch.maximum(exp_inf, grad.abs().add_(eps))
+                exp_inf = torch.maximum(exp_inf, grad.abs().add(eps))
         # bias_correction = 1 - beta1 ** step
         bias_correction = 1 - beta1 ** step
         # clr = lr / bias_correction
@@ -67,5 +68,5 @@ KERNEL = KernelModule(
     step=adamax_step,
     flags=("maximize",),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "eps", "weight_decay")),
 )

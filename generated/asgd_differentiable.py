@@ -35,7 +35,7 @@ def asgd_step(
         step = counter_value(step_t)
         if weight_decay != 0:
             # grad = grad + weight_decay * param
-            grad = grad.add(param, alpha=weight_decay)
+            grad = add(grad, param, weight_decay)
         # eta (before this step's update)
         eta = eta_t.double()
         # param = param * (1 - lambd * eta)
@@ -65,5 +65,5 @@ KERNEL = KernelModule(
     step=asgd_step,
     flags=("maximize",),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "lambd", "alpha", "t0", "weight_decay")),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import add, counter_value
+from optgen.runtime.tensor_scalars import add, addcmul, counter_value
 
 
 def lamb_step(
@@ -34,16 +34,17 @@ def lamb_step(
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2)
+        exp_avg_sq = addcmul(exp_avg_sq, grad, grad, 1 - beta2)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
         bias_correction2 = 1 - beta2 ** step
         # update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps)
-        update = exp_avg.div(exp_avg_sq.div(bias_correction2).sqrt().add(eps)).div_(bias_correction1)
+        update = exp_avg.div(exp_avg_sq.div(bias_correction2).sqrt().add(eps)).div(bias_correction1)
         if weight_decay != 0:
             # update = update + weight_decay * param
-            update = update.add(param, alpha=weight_decay)
+            update = add(update, param, weight_decay)
         # weight_norm = norm(param)
         weight_norm = param.norm()
         # update_norm = norm(update)
@@ -62,5 +63,5 @@ KERNEL = KernelModule(
     step=lamb_step,
     flags=("maximize",),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "eps", "weight_decay")),
 )

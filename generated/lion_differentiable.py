@@ -42,5 +42,5 @@ KERNEL = KernelModule(
     step=lion_step,
     flags=("maximize",),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "weight_decay")),
 )

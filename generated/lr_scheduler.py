@@ -20,20 +20,20 @@ from torch.optim import Optimizer
 
 from optgen.runtime.lr_scheduler_base import (
     CyclicLRBase,
-    LRScheduler,
+    HyperparameterScheduler,
     OneCycleLRBase,
     WarmRestartsBase,
     _format_param,
-    _param_groups_val_list,
     _set_momentum,
     _warn_get_lr_called_within_step,
+    drive,
 )
 
 __all__ = ["ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "ExponentialLR", "InverseSqrtLR", "LinearLR", "MultiStepLR", "OneCycleLR", "PolynomialLR", "StepLR", "SWALR", "WarmupCosineLR", "WarmupStableDecayLR"]
 
 
 # From specs/schedulers/constantlr.toml (spec sha256 ffd9840f4a362a97).
-class ConstantLR(LRScheduler):
+class ConstantLR(HyperparameterScheduler):
     """Multiplies the learning rate of each parameter group by a constant factor until the epoch reaches total_iters.
 
     Drop-in for torch.optim.lr_scheduler.ConstantLR.
@@ -55,7 +55,10 @@ class ConstantLR(LRScheduler):
         factor: float = 0.3333333333333333,
         total_iters: int = 5,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         if factor > 1.0 or factor < 0:
             raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
         self.factor = factor
@@ -67,11 +70,11 @@ class ConstantLR(LRScheduler):
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
         if t == 0:
-            return [self.factor * group["lr"] if self.total_iters > 0 else group["lr"] for group in self.optimizer.param_groups]
+            return [self.factor * group["lr"] if self.total_iters > 0 else group["lr"] for group in self._groups()]
         if t == self.total_iters:
             ratio = 1 / self.factor
-            return [group["lr"] * ratio for group in self.optimizer.param_groups]
-        return _param_groups_val_list(self.optimizer, "lr")
+            return [group["lr"] * ratio for group in self._groups()]
+        return self._current_values()
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -80,7 +83,7 @@ class ConstantLR(LRScheduler):
 
 
 # From specs/schedulers/cosineannealinglr.toml (spec sha256 f001099c3f3ad61e).
-class CosineAnnealingLR(LRScheduler):
+class CosineAnnealingLR(HyperparameterScheduler):
     """Anneals the learning rate of each parameter group along a cosine from its initial value to eta_min over T_max epochs.
 
     Drop-in for torch.optim.lr_scheduler.CosineAnnealingLR.
@@ -102,7 +105,10 @@ class CosineAnnealingLR(LRScheduler):
         T_max: int,
         eta_min: float = 0.0,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         self.T_max = T_max
         self.eta_min = eta_min
         super().__init__(optimizer, last_epoch)
@@ -112,12 +118,12 @@ class CosineAnnealingLR(LRScheduler):
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
         if self._is_initial:  # the constructor's step (also when resuming) keeps the lr
-            return _param_groups_val_list(self.optimizer, "lr")
+            return self._current_values()
         denominator = 1 + math.cos(math.pi * (t - 1) / self.T_max)
         if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-            return [group["lr"] + (base_lr - self.eta_min) * (math.cos(math.pi * t / self.T_max) - math.cos(math.pi * (t - 1) / self.T_max)) / 2 for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+            return [group["lr"] + (base_lr - self.eta_min) * (math.cos(math.pi * t / self.T_max) - math.cos(math.pi * (t - 1) / self.T_max)) / 2 for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
         ratio = (1 + math.cos(math.pi * t / self.T_max)) / denominator
-        return [self.eta_min + (group["lr"] - self.eta_min) * ratio for group in self.optimizer.param_groups]
+        return [self.eta_min + (group["lr"] - self.eta_min) * ratio for group in self._groups()]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -148,7 +154,10 @@ class CosineAnnealingWarmRestarts(WarmRestartsBase):
         T_mult: int = 1,
         eta_min: float = 0.0,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         if T_0 <= 0 or not isinstance(T_0, int):
             raise ValueError(f"Expected positive integer T_0, but got {T_0}")
         if T_mult < 1 or not isinstance(T_mult, int):
@@ -208,7 +217,10 @@ class CyclicLR(CyclicLRBase):
         base_momentum: float = 0.8,
         max_momentum: float = 0.9,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         super().__init__(optimizer, base_lr, max_lr, step_size_up, step_size_down, mode, gamma, scale_fn, scale_mode, cycle_momentum, base_momentum, max_momentum, last_epoch)
 
     def get_lr(self) -> list[float | Tensor]:
@@ -234,13 +246,13 @@ class CyclicLR(CyclicLRBase):
             scale = self.scale_fn(t)
         lrs = [base_lr + scale * scale_factor * (max_lr - base_lr) for base_lr, max_lr in zip(self.base_lrs, self.max_lrs, strict=True)]
         if self.cycle_momentum:
-            for group, base_momentum, max_momentum in zip(self.optimizer.param_groups, self.base_momentums, self.max_momentums, strict=True):
+            for group, base_momentum, max_momentum in zip(self._groups(), self.base_momentums, self.max_momentums, strict=True):
                 _set_momentum(self, group, max_momentum - scale * scale_factor * (max_momentum - base_momentum))
         return lrs
 
 
 # From specs/schedulers/exponentiallr.toml (spec sha256 69a759f01a16cd4d).
-class ExponentialLR(LRScheduler):
+class ExponentialLR(HyperparameterScheduler):
     """Decays the learning rate of each parameter group by gamma every epoch.
 
     Drop-in for torch.optim.lr_scheduler.ExponentialLR.
@@ -260,7 +272,10 @@ class ExponentialLR(LRScheduler):
         optimizer: Optimizer,
         gamma: float,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
 
@@ -268,8 +283,8 @@ class ExponentialLR(LRScheduler):
         """The chainable form, derived from the closed form: steps each group's current lr."""
         _warn_get_lr_called_within_step(self)
         if self._is_initial:  # the constructor's step (also when resuming) keeps the lr
-            return _param_groups_val_list(self.optimizer, "lr")
-        return [group["lr"] * self.gamma for group in self.optimizer.param_groups]
+            return self._current_values()
+        return [group["lr"] * self.gamma for group in self._groups()]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -278,7 +293,7 @@ class ExponentialLR(LRScheduler):
 
 
 # From specs/schedulers/inversesqrtlr.toml (spec sha256 c7e8a34aa7fda7cf).
-class InverseSqrtLR(LRScheduler):
+class InverseSqrtLR(HyperparameterScheduler):
     """Warms the learning rate of each parameter group up linearly over warmup_steps, then decays it as sqrt(warmup_steps / t).
     Vaswani et al., 2017, Attention Is All You Need, arXiv:1706.03762.
 
@@ -299,7 +314,10 @@ class InverseSqrtLR(LRScheduler):
         warmup_steps: int,
         warmup_start_factor: float = 0.0,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         if not (isinstance(warmup_steps, int) and warmup_steps > 0):
             raise ValueError(f"Expected positive integer warmup_steps, but got {warmup_steps}")
         if not (0.0 <= warmup_start_factor <= 1.0):
@@ -313,20 +331,20 @@ class InverseSqrtLR(LRScheduler):
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
         if t == 0:
-            return [group["lr"] * self.warmup_start_factor for group in self.optimizer.param_groups]
+            return [group["lr"] * self.warmup_start_factor for group in self._groups()]
         if self._is_initial:  # a resumed scheduler's first step keeps the lr it was given
-            return _param_groups_val_list(self.optimizer, "lr")
+            return self._current_values()
         if t <= self.warmup_steps:
             denominator = self.warmup_start_factor * self.warmup_steps + (1 - self.warmup_start_factor) * (t - 1)
             if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-                return [group["lr"] + base_lr * (1 - self.warmup_start_factor) / self.warmup_steps for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+                return [group["lr"] + base_lr * (1 - self.warmup_start_factor) / self.warmup_steps for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
             ratio = (self.warmup_start_factor * self.warmup_steps + t * (1 - self.warmup_start_factor)) / denominator
-            return [group["lr"] * ratio for group in self.optimizer.param_groups]
+            return [group["lr"] * ratio for group in self._groups()]
         denominator = math.sqrt(t)
         if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-            return [group["lr"] + base_lr * math.sqrt(self.warmup_steps) / math.sqrt(t) - base_lr * math.sqrt(self.warmup_steps) / math.sqrt(t - 1) for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+            return [group["lr"] + base_lr * math.sqrt(self.warmup_steps) / math.sqrt(t) - base_lr * math.sqrt(self.warmup_steps) / math.sqrt(t - 1) for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
         ratio = math.sqrt(t - 1) / denominator
-        return [group["lr"] * ratio for group in self.optimizer.param_groups]
+        return [group["lr"] * ratio for group in self._groups()]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -335,7 +353,7 @@ class InverseSqrtLR(LRScheduler):
 
 
 # From specs/schedulers/linearlr.toml (spec sha256 793b5884f3f45c2a).
-class LinearLR(LRScheduler):
+class LinearLR(HyperparameterScheduler):
     """Scales the learning rate of each parameter group by a factor that changes linearly from start_factor to end_factor over total_iters epochs.
 
     Drop-in for torch.optim.lr_scheduler.LinearLR.
@@ -358,7 +376,10 @@ class LinearLR(LRScheduler):
         end_factor: float = 1.0,
         total_iters: int = 5,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         if start_factor > 1.0 or start_factor <= 0:
             raise ValueError("Starting multiplicative factor expected to be greater than 0 and less or equal to 1.")
         if end_factor > 1.0 or end_factor < 0:
@@ -373,16 +394,16 @@ class LinearLR(LRScheduler):
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
         if t == 0:
-            return [group["lr"] * self.start_factor for group in self.optimizer.param_groups]
+            return [group["lr"] * self.start_factor for group in self._groups()]
         if self._is_initial:  # a resumed scheduler's first step keeps the lr it was given
-            return _param_groups_val_list(self.optimizer, "lr")
+            return self._current_values()
         if t <= self.total_iters:
             denominator = self.start_factor * self.total_iters + (self.end_factor - self.start_factor) * (t - 1)
             if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-                return [group["lr"] + base_lr * (self.end_factor - self.start_factor) / self.total_iters for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+                return [group["lr"] + base_lr * (self.end_factor - self.start_factor) / self.total_iters for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
             ratio = (self.start_factor * self.total_iters + t * (self.end_factor - self.start_factor)) / denominator
-            return [group["lr"] * ratio for group in self.optimizer.param_groups]
-        return _param_groups_val_list(self.optimizer, "lr")
+            return [group["lr"] * ratio for group in self._groups()]
+        return self._current_values()
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -391,7 +412,7 @@ class LinearLR(LRScheduler):
 
 
 # From specs/schedulers/multisteplr.toml (spec sha256 9d945d3a2f73dc21).
-class MultiStepLR(LRScheduler):
+class MultiStepLR(HyperparameterScheduler):
     """Decays the learning rate of each parameter group by gamma once the epoch reaches one of the milestones.
 
     Drop-in for torch.optim.lr_scheduler.MultiStepLR.
@@ -412,7 +433,10 @@ class MultiStepLR(LRScheduler):
         milestones: Iterable[int],
         gamma: float = 0.1,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         self.milestones = Counter(milestones)
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
@@ -422,7 +446,7 @@ class MultiStepLR(LRScheduler):
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
         ratio = self.gamma ** self.milestones[t]
-        return [group["lr"] * ratio for group in self.optimizer.param_groups]
+        return [group["lr"] * ratio for group in self._groups()]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -463,7 +487,10 @@ class OneCycleLR(OneCycleLRBase):
         final_div_factor: float = 10000.0,
         three_phase: bool = False,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         super().__init__(optimizer, max_lr, total_steps, epochs, steps_per_epoch, pct_start, anneal_strategy, cycle_momentum, base_momentum, max_momentum, div_factor, final_div_factor, three_phase, last_epoch)
 
     def get_lr(self) -> list[float | Tensor]:
@@ -477,7 +504,7 @@ class OneCycleLR(OneCycleLRBase):
         end_last = self._schedule_phases[-1]['end_step']
         three_phase = len(self._schedule_phases) == 3
         lrs = []
-        for group in self.optimizer.param_groups:
+        for group in self._groups():
             if t <= end_up:
                 lr = self._anneal(group["initial_lr"], group["max_lr"], t / end_up)
             elif not three_phase:
@@ -505,7 +532,7 @@ class OneCycleLR(OneCycleLRBase):
 
 
 # From specs/schedulers/polynomiallr.toml (spec sha256 d4cf42b0fbef4598).
-class PolynomialLR(LRScheduler):
+class PolynomialLR(HyperparameterScheduler):
     """Decays the learning rate of each parameter group with a polynomial of the given power, reaching zero at total_iters.
 
     Drop-in for torch.optim.lr_scheduler.PolynomialLR.
@@ -527,7 +554,10 @@ class PolynomialLR(LRScheduler):
         total_iters: int = 5,
         power: float = 1.0,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         self.total_iters = total_iters
         self.power = power
         super().__init__(optimizer, last_epoch)
@@ -537,14 +567,14 @@ class PolynomialLR(LRScheduler):
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
         if self._is_initial:  # the constructor's step (also when resuming) keeps the lr
-            return _param_groups_val_list(self.optimizer, "lr")
+            return self._current_values()
         if t <= self.total_iters:
             denominator = (1 + self.total_iters - t) ** self.power
             if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-                return [group["lr"] + base_lr * ((self.total_iters - t) ** self.power - (1 + self.total_iters - t) ** self.power) / self.total_iters ** self.power for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+                return [group["lr"] + base_lr * ((self.total_iters - t) ** self.power - (1 + self.total_iters - t) ** self.power) / self.total_iters ** self.power for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
             ratio = (self.total_iters - t) ** self.power / denominator
-            return [group["lr"] * ratio for group in self.optimizer.param_groups]
-        return _param_groups_val_list(self.optimizer, "lr")
+            return [group["lr"] * ratio for group in self._groups()]
+        return self._current_values()
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -553,7 +583,7 @@ class PolynomialLR(LRScheduler):
 
 
 # From specs/schedulers/steplr.toml (spec sha256 539c11d8e3e906b7).
-class StepLR(LRScheduler):
+class StepLR(HyperparameterScheduler):
     """Decays the learning rate of each parameter group by gamma every step_size epochs.
 
     Drop-in for torch.optim.lr_scheduler.StepLR.
@@ -575,7 +605,10 @@ class StepLR(LRScheduler):
         step_size: int,
         gamma: float = 0.1,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         self.step_size = step_size
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
@@ -585,10 +618,10 @@ class StepLR(LRScheduler):
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
         if t == 0:
-            return _param_groups_val_list(self.optimizer, "lr")
+            return self._current_values()
         if t % self.step_size == 0:
-            return [group["lr"] * self.gamma for group in self.optimizer.param_groups]
-        return _param_groups_val_list(self.optimizer, "lr")
+            return [group["lr"] * self.gamma for group in self._groups()]
+        return self._current_values()
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -597,7 +630,7 @@ class StepLR(LRScheduler):
 
 
 # From specs/schedulers/swalr.toml (spec sha256 0679cacc6783e01b).
-class SWALR(LRScheduler):
+class SWALR(HyperparameterScheduler):
     """Anneals the learning rate of each parameter group to a fixed swa_lr, for stochastic weight averaging.
 
     Drop-in for torch.optim.swa_utils.SWALR.
@@ -623,8 +656,11 @@ class SWALR(LRScheduler):
         anneal_epochs: int = 10,
         anneal_strategy: Literal["cos", "linear"] = 'cos',
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
-        for group, value in zip(optimizer.param_groups, _format_param("swa_lr", optimizer, swa_lr), strict=True):
+        drive(self, optimizer, hyperparameter)
+        for group, value in zip(self._groups(optimizer), _format_param("swa_lr", optimizer, swa_lr), strict=True):
             group["swa_lr"] = value
         if not (anneal_strategy in ['cos', 'linear']):
             raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
@@ -651,9 +687,9 @@ class SWALR(LRScheduler):
         else:
             alpha = progress
         if t == 0:
-            return [alpha * group["swa_lr"] + group["lr"] * (1 - alpha) for group in self.optimizer.param_groups]
+            return [alpha * group["swa_lr"] + group["lr"] * (1 - alpha) for group in self._groups()]
         if self._is_initial:  # a resumed scheduler's first step keeps the lr it was given
-            return _param_groups_val_list(self.optimizer, "lr")
+            return self._current_values()
         if self.anneal_epochs == 0:
             step_prev = max(1, t - 1)
         else:
@@ -665,13 +701,13 @@ class SWALR(LRScheduler):
             alpha_prev = progress_prev
         denominator = 1 - alpha_prev
         if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-            return [group["lr"] - (alpha - alpha_prev) * (base_lr - group["swa_lr"]) for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+            return [group["lr"] - (alpha - alpha_prev) * (base_lr - group["swa_lr"]) for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
         ratio = (1 - alpha) / denominator
-        return [group["swa_lr"] + (group["lr"] - group["swa_lr"]) * ratio for group in self.optimizer.param_groups]
+        return [group["swa_lr"] + (group["lr"] - group["swa_lr"]) * ratio for group in self._groups()]
 
 
 # From specs/schedulers/warmupcosinelr.toml (spec sha256 a0e1d991587ad8e3).
-class WarmupCosineLR(LRScheduler):
+class WarmupCosineLR(HyperparameterScheduler):
     """Warms the learning rate of each parameter group up linearly over warmup_steps, then anneals it along a cosine to eta_min at total_steps.
 
     Closed form, from specs/schedulers/warmupcosinelr.toml (t = last_epoch)::
@@ -694,7 +730,10 @@ class WarmupCosineLR(LRScheduler):
         warmup_start_factor: float = 0.0,
         eta_min: float = 0.0,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
             raise ValueError(f"Expected non-negative integer warmup_steps, but got {warmup_steps}")
         if not (isinstance(total_steps, int) and total_steps > warmup_steps):
@@ -712,22 +751,22 @@ class WarmupCosineLR(LRScheduler):
         _warn_get_lr_called_within_step(self)
         t = self.last_epoch
         if t == 0:
-            return [group["lr"] * self.warmup_start_factor if self.warmup_steps > 0 else self.eta_min + (group["lr"] - self.eta_min) * (1 + math.cos(math.pi * min(-self.warmup_steps, self.total_steps - self.warmup_steps) / (self.total_steps - self.warmup_steps))) / 2 for group in self.optimizer.param_groups]
+            return [group["lr"] * self.warmup_start_factor if self.warmup_steps > 0 else self.eta_min + (group["lr"] - self.eta_min) * (1 + math.cos(math.pi * min(-self.warmup_steps, self.total_steps - self.warmup_steps) / (self.total_steps - self.warmup_steps))) / 2 for group in self._groups()]
         if self._is_initial:  # a resumed scheduler's first step keeps the lr it was given
-            return _param_groups_val_list(self.optimizer, "lr")
+            return self._current_values()
         if t <= self.warmup_steps:
             denominator = self.warmup_start_factor * self.warmup_steps + (1 - self.warmup_start_factor) * (t - 1)
             if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-                return [group["lr"] + base_lr * (1 - self.warmup_start_factor) / self.warmup_steps for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+                return [group["lr"] + base_lr * (1 - self.warmup_start_factor) / self.warmup_steps for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
             ratio = (self.warmup_start_factor * self.warmup_steps + t * (1 - self.warmup_start_factor)) / denominator
-            return [group["lr"] * ratio for group in self.optimizer.param_groups]
+            return [group["lr"] * ratio for group in self._groups()]
         if 1 + self.warmup_steps <= t <= self.total_steps:
             denominator = 1 + math.cos(math.pi * (1 + self.warmup_steps - t) / (self.total_steps - self.warmup_steps))
             if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-                return [group["lr"] + (base_lr - self.eta_min) * (math.cos(math.pi * (t - self.warmup_steps) / (self.total_steps - self.warmup_steps)) - math.cos(math.pi * (1 + self.warmup_steps - t) / (self.total_steps - self.warmup_steps))) / 2 for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+                return [group["lr"] + (base_lr - self.eta_min) * (math.cos(math.pi * (t - self.warmup_steps) / (self.total_steps - self.warmup_steps)) - math.cos(math.pi * (1 + self.warmup_steps - t) / (self.total_steps - self.warmup_steps))) / 2 for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
             ratio = (1 + math.cos(math.pi * (t - self.warmup_steps) / (self.total_steps - self.warmup_steps))) / denominator
-            return [self.eta_min + (group["lr"] - self.eta_min) * ratio for group in self.optimizer.param_groups]
-        return _param_groups_val_list(self.optimizer, "lr")
+            return [self.eta_min + (group["lr"] - self.eta_min) * ratio for group in self._groups()]
+        return self._current_values()
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""
@@ -743,7 +782,7 @@ class WarmupCosineLR(LRScheduler):
 
 
 # From specs/schedulers/warmupstabledecaylr.toml (spec sha256 84ce731e7e68f921).
-class WarmupStableDecayLR(LRScheduler):
+class WarmupStableDecayLR(HyperparameterScheduler):
     """Warms the learning rate of each parameter group up over warmup_steps, holds it, and cools it down to eta_min over the last decay_steps of total_steps.
     Hägele et al., 2024, Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations, arXiv:2405.18392.
 
@@ -771,7 +810,10 @@ class WarmupStableDecayLR(LRScheduler):
         warmup_start_factor: float = 0.0,
         eta_min: float = 0.0,
         last_epoch: int = -1,
+        *,
+        hyperparameter: str = "lr",
     ) -> None:
+        drive(self, optimizer, hyperparameter)
         if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
             raise ValueError(f"Expected non-negative integer warmup_steps, but got {warmup_steps}")
         if not (isinstance(decay_steps, int) and decay_steps > 0):
@@ -803,9 +845,9 @@ class WarmupStableDecayLR(LRScheduler):
         else:
             cooldown = 1 - math.sqrt(progress)
         if t == 0:
-            return [group["lr"] * self.warmup_start_factor if self.warmup_steps > 0 else self.eta_min + cooldown * (group["lr"] - self.eta_min) for group in self.optimizer.param_groups]
+            return [group["lr"] * self.warmup_start_factor if self.warmup_steps > 0 else self.eta_min + cooldown * (group["lr"] - self.eta_min) for group in self._groups()]
         if self._is_initial:  # a resumed scheduler's first step keeps the lr it was given
-            return _param_groups_val_list(self.optimizer, "lr")
+            return self._current_values()
         progress_prev = min(1, max(0, (self.decay_steps + t - 1 - self.total_steps) / self.decay_steps))
         if self.decay_shape == "linear":
             cooldown_prev = 1 - progress_prev
@@ -816,17 +858,17 @@ class WarmupStableDecayLR(LRScheduler):
         if t <= self.warmup_steps - 1:
             denominator = self.warmup_start_factor * self.warmup_steps + (1 - self.warmup_start_factor) * (t - 1)
             if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-                return [group["lr"] + base_lr * (1 - self.warmup_start_factor) / self.warmup_steps for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+                return [group["lr"] + base_lr * (1 - self.warmup_start_factor) / self.warmup_steps for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
             ratio = (self.warmup_start_factor * self.warmup_steps + t * (1 - self.warmup_start_factor)) / denominator
-            return [group["lr"] * ratio for group in self.optimizer.param_groups]
+            return [group["lr"] * ratio for group in self._groups()]
         if t >= 1 + self.warmup_steps:
             denominator = cooldown_prev
             if denominator == 0:  # lr(t - 1) does not depend on base_lr here: step additively
-                return [group["lr"] + (base_lr - self.eta_min) * (cooldown - cooldown_prev) for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True)]
+                return [group["lr"] + (base_lr - self.eta_min) * (cooldown - cooldown_prev) for group, base_lr in zip(self._groups(), self.base_lrs, strict=True)]
             ratio = cooldown / denominator
-            return [self.eta_min + (group["lr"] - self.eta_min) * ratio for group in self.optimizer.param_groups]
+            return [self.eta_min + (group["lr"] - self.eta_min) * ratio for group in self._groups()]
         ratio = cooldown * self.warmup_steps / (self.warmup_start_factor + self.warmup_steps - 1)
-        return [self.eta_min + group["lr"] * ratio - cooldown * self.eta_min for group in self.optimizer.param_groups]
+        return [self.eta_min + group["lr"] * ratio - cooldown * self.eta_min for group in self._groups()]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         """The closed form at t = last_epoch (``step(epoch)`` uses it)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import addcdiv, counter_value
+from optgen.runtime.tensor_scalars import add, addcdiv, addcmul, counter_value
 
 
 def nadam_step(
@@ -20,8 +20,7 @@ def nadam_step(
 ) -> None:
     """One NAdam step over the tensors of a param group."""
     for i, param in enumerate(params):
-        if decoupled_weight_decay:
-            param = param.clone()
+        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -41,18 +40,20 @@ def nadam_step(
                 param = param.mul(1 - lr * weight_decay)
             else:
                 # grad = grad + weight_decay * param
-                grad = grad.add(param, alpha=weight_decay)
+                grad = add(grad, param, weight_decay)
         # mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
         mu = beta1 * (1 - 0.5 * 0.96 ** (momentum_decay * step))
         # mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
         mu_next = beta1 * (1 - 0.5 * 0.96 ** (momentum_decay * (1 + step)))
         # mu_product = mu_product * mu
         mu_product_t = mu_product_t.mul(mu)
+        mu_product_t = mu_product_t.to(state_mu_products[i].dtype)
         mu_product = mu_product_t.double()
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2)
+        exp_avg_sq = addcmul(exp_avg_sq, grad, grad, 1 - beta2)
         # denom = sqrt(exp_avg_sq / bias_correction2) + eps
         denom = exp_avg_sq.div(bias_correction2).sqrt().add(eps)
         # mu_product_next = mu_product * mu_next
@@ -72,5 +73,5 @@ KERNEL = KernelModule(
     step=nadam_step,
     flags=("decoupled_weight_decay", "maximize"),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import add, addcdiv, counter_value, sqrt
+from optgen.runtime.tensor_scalars import add, addcdiv, addcmul, counter_value, sqrt
 
 
 def radam_step(
@@ -21,8 +21,7 @@ def radam_step(
     """One RAdam step over the tensors of a param group."""
     rho_inf = 2 / (1 - beta2) - 1
     for i, param in enumerate(params):
-        if decoupled_weight_decay:
-            param = param.clone()
+        param = param.clone()
         grad = grads[i]
         exp_avg = exp_avgs[i]
         exp_avg_sq = exp_avg_sqs[i]
@@ -39,11 +38,12 @@ def radam_step(
                 param = param.mul(1 - lr * weight_decay)
             else:
                 # grad = grad + weight_decay * param
-                grad = grad.add(param, alpha=weight_decay)
+                grad = add(grad, param, weight_decay)
         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
         exp_avg = exp_avg.lerp(grad, 1 - beta1)
         # exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2)
+        exp_avg_sq = addcmul(exp_avg_sq, grad, grad, 1 - beta2)
         # bias_correction1 = 1 - beta1 ** step
         bias_correction1 = 1 - beta1 ** step
         # bias_correction2 = 1 - beta2 ** step
@@ -72,5 +72,5 @@ KERNEL = KernelModule(
     step=radam_step,
     flags=("decoupled_weight_decay", "maximize"),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "beta1", "beta2", "eps", "weight_decay")),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
-from optgen.runtime.tensor_scalars import add, addcdiv
+from optgen.runtime.tensor_scalars import add, addcdiv, addcmul
 
 
 def rmsprop_step(
@@ -20,6 +20,7 @@ def rmsprop_step(
 ) -> None:
     """One RMSprop step over the tensors of a param group."""
     for i, param in enumerate(params):
+        param = param.clone()
         grad = grads[i]
         square_avg = square_avgs[i]
         momentum_buffer = momentum_buffers[i]
@@ -33,9 +34,10 @@ def rmsprop_step(
         step_t = step_t.add(1)
         if weight_decay != 0:
             # grad = grad + weight_decay * param
-            grad = grad.add(param, alpha=weight_decay)
+            grad = add(grad, param, weight_decay)
         # square_avg = alpha * square_avg + (1 - alpha) * grad * grad
-        square_avg = square_avg.mul(alpha).addcmul_(grad, grad, value=1 - alpha)
+        square_avg = square_avg.mul(alpha)
+        square_avg = addcmul(square_avg, grad, grad, 1 - alpha)
         if centered:
             # grad_avg = lerp(grad_avg, grad, 1 - alpha)
             grad_avg = grad_avg.lerp(grad, 1 - alpha)
@@ -64,5 +66,5 @@ KERNEL = KernelModule(
     step=rmsprop_step,
     flags=("centered", "maximize"),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr",)),
+    tensor_scalars=frozenset(("lr", "alpha", "eps", "weight_decay", "momentum")),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from optgen.runtime.kernels import KernelModule
+from optgen.runtime.tensor_scalars import clamp
 
 
 def rprop_step(
@@ -37,7 +38,8 @@ def rprop_step(
         # sign = where(sign == 0, 1, sign)
         sign = sign.masked_fill(sign.eq(0), 1)
         # step_size = clamp(step_size * sign, step_size_min, step_size_max)
-        step_size = step_size.mul(sign).clamp(min=step_size_min, max=step_size_max)
+        step_size = step_size.mul(sign)
+        step_size = clamp(step_size, min=step_size_min, max=step_size_max)
         # prev = where(sign == etaminus, 0, grad)
         prev = grad.to(prev.dtype, copy=True)
         prev = prev.masked_fill(sign.eq(etaminus), 0)
@@ -56,4 +58,5 @@ KERNEL = KernelModule(
     step=rprop_step,
     flags=("maximize",),
     multi_tensor=False,
+    tensor_scalars=frozenset(("etaminus", "etaplus", "step_size_min", "step_size_max")),
 )

@@ -33,20 +33,21 @@ def sgd_step(
             if momentum_buffer is None:
                 momentum_buffer = grad.clone()
             else:
-                momentum_buffer = momentum_buffer.mul(momentum).add_(grad, alpha=1 - dampening)
+                momentum_buffer = momentum_buffer.mul(momentum)
+                momentum_buffer = add(momentum_buffer, grad, 1 - dampening)
             if not nesterov:
                 # grad = momentum_buffer
                 grad = momentum_buffer
             elif maximize:
                 # grad = grad + momentum * momentum_buffer
-                grad = grad.add(momentum_buffer, alpha=momentum)
+                grad = add(grad, momentum_buffer, momentum)
         if nesterov and not maximize:
             if momentum != 0 and weight_decay != 0:
                 # grad = grad + momentum * momentum_buffer
-                grad = grad.add(momentum_buffer, alpha=momentum)
+                grad = add(grad, momentum_buffer, momentum)
             if weight_decay == 0 and momentum != 0:
                 # grad = grad + momentum * momentum_buffer
-                grad = grad.add(momentum_buffer, alpha=momentum)
+                grad = add(grad, momentum_buffer, momentum)
         # param = param - lr * grad
         param = add(param, grad, -lr)
         momentum_buffers[i] = momentum_buffer
@@ -57,5 +58,5 @@ KERNEL = KernelModule(
     step=sgd_step,
     flags=("nesterov", "maximize"),
     multi_tensor=False,
-    tensor_scalars=frozenset(("lr", "weight_decay")),
+    tensor_scalars=frozenset(("lr", "momentum", "dampening", "weight_decay")),
 )

@@ -108,6 +108,9 @@ class DifferentiableRenderer(ForLoopRenderer):
         if self.tensor_scalar(op):
             tensors = ", ".join(self.var(a) for a in op.tensor_args())
             return f"{fields['out']} = {op.fn.rstrip('_')}({fields['self']}, {tensors}, {self.scalar(op.kwargs[0][1])})"
+        if self.tensor_bounds(op):  # torch's clamp takes bounds all numbers or all tensors
+            bounds = ", ".join(f"{k}={self.scalar(v)}" for k, v in op.kwargs)
+            return f"{fields['out']} = clamp({fields['self']}, {bounds})"
         return "{out} = {self}.{fn}({args})".format(fn=op.fn.rstrip("_"), **fields)
 
     def tensor_scalar(self, op: TensorOp) -> bool:
@@ -115,10 +118,16 @@ class DifferentiableRenderer(ForLoopRenderer):
         return op.fn.rstrip("_") in TENSOR_SCALAR_OPS and len(op.kwargs) == 1 \
             and op.kwargs[0][0] in ("alpha", "value") and self._reads_tensor(op.kwargs[0][1])
 
+    def tensor_bounds(self, op: TensorOp) -> bool:
+        """Whether a clamp's ``min=``/``max=`` may be a tensor (Rprop's Tensor step_size_min)."""
+        return op.fn.rstrip("_") == "clamp" and not op.tensor_args() \
+            and any(self._reads_tensor(v) for _, v in op.kwargs)
+
     def fluent(self, op: TensorOp, previous: TensorOp | None = None) -> str | None:
         """An op on the result of the op before it continues the line: ``x = x.mul(b).add_(y)``.
         It runs in place when that is safe for autograd (Note [In place under autograd])."""
-        if not op.in_place or op.fn in _SPECIAL or op.fn in _OUT_OF_PLACE or self.tensor_scalar(op):
+        if not op.in_place or op.fn in _SPECIAL or op.fn in _OUT_OF_PLACE or self.tensor_scalar(op) \
+                or self.tensor_bounds(op):
             return None
         fn = op.fn.rstrip("_")
         return f".{fn}{'_' if previous is not None and self.in_place_ok(op, previous) else ''}({self.args(op)})"
@@ -215,10 +224,9 @@ class DifferentiableBackend(PythonKernelBackend):
     summary = "for-loop implementation for differentiable=True: out of place, so autograd records the step"
 
     def tensor_scalars(self, compiled: Compiled) -> tuple[str, ...]:
-        """The hyperparameters a spec lets users give as a Tensor (``tensor = true``)."""
-        used = set(kernel_signature(compiled).scalars)
-        return tuple(n for h in compiled.spec.hyperparameters.values() if h.tensor
-                     for n in (h.names or (h.name,)) if n in used)
+        """Every hyperparameter the update reads arrives as given: a Tensor one keeps its graph
+        (hypergradients, docs/hyperparameters.md), a number stays a number."""
+        return tuple(kernel_signature(compiled).scalars)
 
     def renderer_for(self, compiled: Compiled, program: OpProgram) -> DifferentiableRenderer:
         return DifferentiableRenderer(program, frozenset(self.tensor_scalars(compiled)))

@@ -329,8 +329,8 @@ def _annotation(spec, name: str) -> str:
 INTRINSICS = ("newton_schulz",)
 #: functions whose scalar may be a number or a 0-dim tensor (optgen.runtime.tensor_scalars;
 #: differentiable kernels)
-TENSOR_SCALAR_FUNCTIONS = ("add", "addcdiv", "addcmul", "counter_value", "exp", "foreach_addcdiv_", "foreach_addcmul_",
-                           "log", "norm", "sqrt")
+TENSOR_SCALAR_FUNCTIONS = ("add", "addcdiv", "addcmul", "clamp", "counter_value", "exp", "foreach_addcdiv_",
+                           "foreach_addcmul_", "log", "norm", "sqrt")
 
 
 def python_condition(expr: sympy.Basic, flags: tuple[str, ...]) -> str:

@@ -11,7 +11,9 @@ templates/scheduler/) imports everything it uses from here:
   CyclicLR, OneCycleLR and CosineAnnealingWarmRestarts what is procedure, not formula (torch's
   constructors step for step, restart bookkeeping, state_dicts without callables);
 - the small helpers the generated ``get_lr`` bodies call (Tensor learning rates are copied, never
-  aliased, and filled in place, as torch does).
+  aliased, and filled in place, as torch does);
+- :class:`HyperparameterScheduler`, the base of every generated scheduler: torch's
+  ``LRScheduler`` that drives any hyperparameter (Note [Scheduling any hyperparameter]).
 
 The schedulers that are not formulas live in optgen/runtime/lr_scheduler.py.
 
@@ -25,20 +27,44 @@ generated scheduler overrides only what its spec decides (``__init__``'s signatu
 optimizer, with torch's attribute names) and loads into torch's scheduler and back, and torch's
 ChainedScheduler / SequentialLR drive optgen's schedulers through torch's own ``_initial_step``
 and ``_update_lr``.
+
+Note [Scheduling any hyperparameter]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every optgen scheduler takes ``hyperparameter=`` (default ``"lr"``): the name of the numeric
+hyperparameter it drives, a tuple item by its spec name (``"beta1"``: Note [Hyperparameters by
+name] in optgen/runtime/hyperparameters.py).  Several schedulers may drive different
+hyperparameters of one optimizer.  The schedule code is written once, for ``lr``: it reads the
+groups through ``self._groups()``, which is the optimizer's own ``param_groups`` for ``lr`` — so
+the default runs torch's code on torch's objects, bit for bit — and otherwise
+:class:`~optgen.runtime.hyperparameters.DrivenGroup` views that show the driven value as ``"lr"``
+and ``initial_lr`` as ``initial_<name>``.  :class:`HyperparameterScheduler` replaces the two
+places where torch's base reads the groups itself (``__init__``, ``_update_lr``) for another
+hyperparameter, and calls torch's for ``lr``.  What changes with the name:
+
+- ``base_lrs``, ``get_last_lr()`` and ``get_lr()`` hold the driven values (the names are torch's);
+- ``hyperparameter`` is an attribute only when it is not ``"lr"``, so it is in ``state_dict()``
+  exactly then: an lr scheduler's state is torch's (and loads into torch's scheduler), and a
+  state without the key drives ``lr``.  Loading the state of a scheduler that drives another
+  hyperparameter is a ValueError;
+- CyclicLR / OneCycleLR's ``cycle_momentum`` (momentum cycled against the lr) is a ValueError
+  for another hyperparameter: drive the momentum with a scheduler of its own.
 """
 from __future__ import annotations
 
 import math
 import types
 import warnings
-from functools import partial
+import weakref
+from functools import partial, wraps
 from typing import Any, Protocol
 
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["LRScheduler", "CyclicLRBase", "OneCycleLRBase", "WarmRestartsBase"]
+from optgen.runtime.hyperparameters import driven_groups, resolve
+
+__all__ = ["LRScheduler", "HyperparameterScheduler", "CyclicLRBase", "OneCycleLRBase", "WarmRestartsBase"]
 
 
 # -- helpers on param groups (torch's semantics: Tensor lrs are copied, never aliased) -------------
@@ -59,6 +85,11 @@ def _param_groups_val_list(optimizer: Optimizer, key: str) -> list:
     """``group[key]`` of every group, Tensors cloned (so callers cannot alias the optimizer's)."""
     return [group[key].clone() if isinstance(group[key], Tensor) else group[key]
             for group in optimizer.param_groups]
+
+
+def _group_values(groups: list, key: str = "lr") -> list:
+    """``group[key]`` of every group (or driven-group view), Tensors cloned."""
+    return [group[key].clone() if isinstance(group[key], Tensor) else group[key] for group in groups]
 
 
 def _update_param_group_val(param_group: dict, key: str, val: float | Tensor) -> None:
@@ -103,6 +134,110 @@ def _set_momentum(scheduler: _CyclesMomentum, group: dict, momentum: float) -> N
         group["momentum"] = momentum
 
 
+# -- any hyperparameter (Note [Scheduling any hyperparameter]) -------------------------------------
+def check_state_drives(scheduler: Any, state_dict: dict[str, Any]) -> None:
+    """A state dict loads only into a scheduler that drives the same hyperparameter."""
+    theirs, ours = state_dict.get("hyperparameter", "lr"), getattr(scheduler, "hyperparameter", "lr")
+    if theirs != ours:
+        raise ValueError(f"cannot load the state of a scheduler that drives {theirs!r} into "
+                         f"{type(scheduler).__name__}, which drives {ours!r}")
+
+
+def drive(scheduler: Any, optimizer: Any, hyperparameter: str) -> None:
+    """The first line of every constructor: checks the name (a ValueError lists the optimizer's
+    names) and records it, as an attribute only when it is not ``"lr"``."""
+    if hyperparameter == "lr":
+        return
+    if isinstance(optimizer, Optimizer):  # (anything else is torch's TypeError, raised later)
+        resolve(optimizer, hyperparameter)
+    elif not isinstance(hyperparameter, str):
+        raise TypeError(f"hyperparameter must be a str, not {type(hyperparameter).__name__}")
+    scheduler.hyperparameter = hyperparameter
+
+
+class HyperparameterScheduler(LRScheduler):
+    """torch's ``LRScheduler`` driving ``self.hyperparameter`` (Note [Scheduling any hyperparameter]):
+    for ``"lr"`` it is torch's code; for another name the two methods that read the groups
+    themselves run on driven-group views."""
+
+    hyperparameter: str = "lr"
+
+    def _groups(self, optimizer: Optimizer | None = None) -> list:
+        """The param groups as this scheduler sees them: the optimizer's own for lr, else views."""
+        optimizer = self.optimizer if optimizer is None else optimizer
+        if self.hyperparameter == "lr":  # (every step: the common case first)
+            return optimizer.param_groups
+        return driven_groups(optimizer, self.hyperparameter)
+
+    def _current_values(self) -> list:
+        """The driven value of every group, Tensors cloned (a step that keeps them)."""
+        return _group_values(self._groups())
+
+    def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
+        if self.hyperparameter == "lr":
+            super().__init__(optimizer, last_epoch)
+            return
+        # torch's LRScheduler.__init__, on the driven groups
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
+        self.optimizer = optimizer
+        groups = self._groups()
+        if last_epoch == -1:
+            for group in groups:
+                initial = group["lr"]
+                group.setdefault("initial_lr", initial.clone() if isinstance(initial, Tensor) else initial)
+        else:
+            for i, group in enumerate(groups):
+                if "initial_lr" not in group:
+                    raise KeyError(f"param 'initial_{self.hyperparameter}' is not specified in param_groups[{i}] "
+                                   "when resuming scheduler with last_epoch >= 0.")
+        self.base_lrs = _group_values(groups, "initial_lr")
+        self.last_epoch = last_epoch
+        _track_step_called(self)
+        self._initial_step()
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        if self.hyperparameter == "lr":
+            super()._update_lr(epoch)
+            return
+        # torch's LRScheduler._update_lr, on the driven groups
+        with _enable_get_lr_call(self):
+            if epoch is None:
+                self.last_epoch += 1
+                values = self.get_lr()
+            else:
+                self.last_epoch = epoch
+                closed_form = getattr(self, "_get_closed_form_lr", None)
+                values = closed_form() if closed_form is not None else self.get_lr()
+        groups = self._groups()
+        for group, value in zip(groups, values, strict=True):
+            _update_param_group_val(group, "lr", value)
+        self._last_lr = _group_values(groups)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_drives(self, state_dict)
+        super().load_state_dict(state_dict)
+
+
+def _track_step_called(scheduler: LRScheduler) -> None:
+    """torch's wrapper of ``optimizer.step`` that records it ran (its warning when
+    ``scheduler.step()`` comes first), installed once per optimizer, as torch's constructor does."""
+    opt = scheduler.optimizer
+    if hasattr(opt.step, "_wrapped_by_lr_sched"):
+        return
+    opt_ref = weakref.ref(opt)
+    func = opt.step.__func__  # type: ignore[attr-defined]
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        o = opt_ref()
+        o._opt_called = True  # type: ignore[union-attr]
+        return func.__get__(o, o.__class__)(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    opt.step = wrapper  # type: ignore[method-assign]
+
+
 # -- bases of generated schedulers: the parts that are procedure, not formula ----------------------
 def _check_momentum_support(optimizer: Optimizer) -> bool:
     """Whether cycled momentum goes to ``betas[0]`` (True) or ``momentum``; raises if neither exists."""
@@ -120,7 +255,15 @@ def _start_momentum(scheduler: _CyclesMomentum, optimizer: Optimizer, base_momen
         group["base_momentum"] = b_momentum
 
 
-class CyclicLRBase(LRScheduler):
+def _check_cycle_momentum(scheduler: HyperparameterScheduler, cycle_momentum: bool) -> None:
+    """Momentum cycled against the lr has no meaning for a scheduler that drives something else."""
+    if cycle_momentum and scheduler.hyperparameter != "lr":
+        raise ValueError(f"cycle_momentum=True cycles the momentum against the learning rate; a "
+                         f"{type(scheduler).__name__} that drives {scheduler.hyperparameter!r} needs "
+                         "cycle_momentum=False (drive the momentum with a scheduler of its own)")
+
+
+class CyclicLRBase(HyperparameterScheduler):
     """What CyclicLR needs besides its formula: per-group bounds, the scale-function policy and
     momentum set-up (torch's constructor, step for step), and a state_dict without callables."""
 
@@ -131,7 +274,7 @@ class CyclicLRBase(LRScheduler):
         self.optimizer = optimizer
         base_lrs = _format_param("base_lr", optimizer, base_lr)
         if last_epoch == -1:
-            for lr, group in zip(base_lrs, optimizer.param_groups, strict=True):
+            for lr, group in zip(base_lrs, self._groups(optimizer), strict=True):
                 _update_param_group_val(group, "lr", lr)
         self.max_lrs = _format_param("max_lr", optimizer, max_lr)
         step_size_up = float(step_size_up)
@@ -146,6 +289,7 @@ class CyclicLRBase(LRScheduler):
         self.scale_mode = scale_mode
         self._init_scale_fn()
         self.cycle_momentum = cycle_momentum
+        _check_cycle_momentum(self, cycle_momentum)
         if cycle_momentum:
             self.use_beta1 = _check_momentum_support(optimizer)
             self.base_momentums = _format_param("base_momentum", optimizer, base_momentum)
@@ -203,7 +347,7 @@ class CyclicLRBase(LRScheduler):
         self._init_scale_fn()
 
 
-class OneCycleLRBase(LRScheduler):
+class OneCycleLRBase(HyperparameterScheduler):
     """What OneCycleLR needs besides its formula: torch's constructor (validation, the phase table
     that torch's state_dict carries, per-group lrs and momentum set-up)."""
 
@@ -249,11 +393,12 @@ class OneCycleLRBase(LRScheduler):
         self._anneal_func_type = anneal_strategy
         max_lrs = _format_param("max_lr", self.optimizer, max_lr)
         if last_epoch == -1:
-            for i, group in enumerate(self.optimizer.param_groups):
+            for i, group in enumerate(self._groups()):
                 group["initial_lr"] = max_lrs[i] / div_factor
                 group["max_lr"] = max_lrs[i]
                 group["min_lr"] = group["initial_lr"] / final_div_factor
         self.cycle_momentum = cycle_momentum
+        _check_cycle_momentum(self, cycle_momentum)
         if self.cycle_momentum:
             self.use_beta1 = _check_momentum_support(optimizer)
             max_momentums = _format_param("max_momentum", optimizer, max_momentum)
@@ -263,7 +408,7 @@ class OneCycleLRBase(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
 
-class WarmRestartsBase(LRScheduler):
+class WarmRestartsBase(HyperparameterScheduler):
     """What CosineAnnealingWarmRestarts needs besides its formula: the restart bookkeeping.
 
     The position in the current cycle (``T_cur``) and the cycle length (``T_i``) are *state*:
@@ -303,6 +448,7 @@ class WarmRestartsBase(LRScheduler):
                 self.T_cur = epoch
         self.last_epoch = math.floor(epoch)
         with _enable_get_lr_call(self):
-            for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            groups = self._groups()
+            for group, lr in zip(groups, self.get_lr(), strict=True):
                 _update_param_group_val(group, "lr", lr)
-        self._last_lr = _param_groups_val_list(self.optimizer, "lr")
+        self._last_lr = _group_values(groups)

@@ -69,6 +69,17 @@ def addcdiv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value) -> torch.T
     return x.add(a.div(b).mul(value)) if _recorded(value) else x.addcdiv(a, b, value=_number(value))
 
 
+def clamp(x: torch.Tensor, min=None, max=None) -> torch.Tensor:  # noqa: A002 (torch's keyword names)
+    """``x.clamp(min=min, max=max)``; torch takes bounds all numbers or all tensors, so with a
+    Tensor bound a number one becomes a 0-dim tensor (same values; gradients reach the Tensor)."""
+    if not isinstance(min, torch.Tensor) and not isinstance(max, torch.Tensor):
+        return x.clamp(min=min, max=max)
+
+    def bound(b):
+        return b if b is None or isinstance(b, torch.Tensor) else torch.tensor(b, dtype=x.dtype, device=x.device)
+    return x.clamp(min=bound(min), max=bound(max))
+
+
 def counter_value(counter: torch.Tensor):
     """A counter's value for the step's scalar arithmetic (Note [Counters under torch.compile])."""
     if torch.compiler.is_compiling():

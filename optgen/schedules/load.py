@@ -53,7 +53,7 @@ BASES = {"LRScheduler", "CyclicLRBase", "OneCycleLRBase", "WarmRestartsBase"}
 CONVERTERS = {"Counter"}
 # names the generated code uses for itself (locals of get_lr, modules, the loop variables)
 RESERVED = {"t", "base_lr", "lr", "momentum", "pi", "self", "group", "optimizer", "math", "ratio",
-            "denominator", "value", "lrs"}
+            "denominator", "value", "lrs", "hyperparameter"}  # (every constructor takes hyperparameter=)
 # An annotation is printed into the signature: identifiers, brackets, commas, |, dots and quotes only.
 _ANNOTATION = re.compile(r"[A-Za-z_][\w\[\], |.]*(\[(\"[\w -]*\"(, )?)+\])?\]*")
 

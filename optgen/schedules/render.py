@@ -26,7 +26,11 @@ from optgen.schedules.derive import Branch, Derivation, Interval, Step, derive
 from optgen.schedules.model import CURRENT_LR, REQUIRED, ScheduleSpec, T
 from optgen.schedules.printing import SchedulePrinter, statements
 
-KEEP = 'return _param_groups_val_list(self.optimizer, "lr")'
+KEEP = "return self._current_values()"
+
+#: the base of a spec without one: torch's LRScheduler, driving any hyperparameter
+#: (Note [Scheduling any hyperparameter] in optgen/runtime/lr_scheduler_base.py)
+DEFAULT_BASE = "HyperparameterScheduler"
 
 
 def spec_hash(spec: ScheduleSpec) -> str:
@@ -144,9 +148,9 @@ class ClassRenderer:
         lists = [("base_lr", "self.base_lrs")] if "base_lr" in free else []
         lists += [(n, f"self.{p.where}") for n, p in spec.per_group.items() if p.kind == "list" and n in free]
         names = (["group"] if group else []) + [n for n, _ in lists]
-        sources = (["self.optimizer.param_groups"] if group else []) + [s for _, s in lists]
+        sources = (["self._groups()"] if group else []) + [s for _, s in lists]
         if not names:
-            names, sources = ["group"], ["self.optimizer.param_groups"]
+            names, sources = ["group"], ["self._groups()"]
         if len(names) == 1:
             return f"for {names[0]} in {sources[0]}"
         return f"for {', '.join(names)} in zip({', '.join(sources)}, strict=True)"
@@ -285,18 +289,20 @@ class ClassRenderer:
             for word in ("Callable", "Iterable", "Literal"):
                 if word in h.annotation:
                     self.uses.names.add(word)
-        return out
+        # torch's signature, plus the hyperparameter driven (Note [Scheduling any hyperparameter])
+        return out + ([] if "*" in out else ["*"]) + ['hyperparameter: str = "lr"']
 
     def init_body(self) -> list[str]:
         spec = self.spec
-        lines = []
+        lines = ["drive(self, optimizer, hyperparameter)"]
+        self.uses.names.add("drive")
         args = [n for n in spec.signature if n != "*"]
         for name, p in spec.per_group.items():  # a per-group hyperparameter: one value per group
             if name in spec.hyperparameters and not spec.base_init:
                 values = f'_format_param("{name}", optimizer, {name})'
                 self.uses.names.add("_format_param")
                 if p.kind == "group":
-                    lines += [f"for group, value in zip(optimizer.param_groups, {values}, strict=True):",
+                    lines += [f"for group, value in zip(self._groups(optimizer), {values}, strict=True):",
                               f'    group["{p.where}"] = value']
                 else:
                     lines.append(f"self.{p.where} = {values}")
@@ -329,7 +335,8 @@ class ClassRenderer:
     # -- the class --------------------------------------------------------------------------------------
     def context(self) -> dict:
         spec, d = self.spec, self.derivation
-        self.uses.names.add(spec.base)
+        base = DEFAULT_BASE if spec.base == "LRScheduler" else spec.base
+        self.uses.names.add(base)
         torch_name = spec.torch_name or None
         if torch_name and "." not in torch_name:
             torch_name = f"torch.optim.lr_scheduler.{torch_name}"
@@ -356,7 +363,7 @@ class ClassRenderer:
         if not spec.chainable and not d.why_not:
             explain = ["(exists, but torch's get_lr is the closed form, so this class uses that)", *explain]
         return dict(
-            name=spec.name, base=spec.base, doc=spec.doc, paper=spec.paper, path=spec.path,
+            name=spec.name, base=base, doc=spec.doc, paper=spec.paper, path=spec.path,
             hash=spec_hash(spec), torch_name=torch_name, signature=self.signature(), init=self.init_body(),
             get_lr=["_warn_get_lr_called_within_step(self)", *get_lr], get_lr_doc=get_lr_doc,
             closed_form=closed, formula=formula, derivation=explain, helpers=self.helpers(),
@@ -411,8 +418,8 @@ def render_module(specs: list[ScheduleSpec]) -> str:
     """generated/lr_scheduler.py: every scheduler class, in spec order."""
     uses = _Uses()
     classes = [ClassRenderer(s, uses).context() for s in specs]
-    runtime = sorted(n for n in uses.names if n.endswith("Base") or n == "LRScheduler" or n.startswith("_"))
-    runtime = sorted(set(runtime) | {"_param_groups_val_list", "_warn_get_lr_called_within_step"})
+    runtime = sorted(n for n in uses.names if n.endswith("Base") or n in ("drive", DEFAULT_BASE) or n.startswith("_"))
+    runtime = sorted(set(runtime) | {"_warn_get_lr_called_within_step"})
     return environment().get_template("scheduler/module.py.j2").render(
         classes=classes, count=len(specs), uses=uses.names, runtime=runtime,
         names=[s.name for s in specs])

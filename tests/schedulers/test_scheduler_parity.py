@@ -496,7 +496,11 @@ def test_signatures_match_torch():
 
     for name in [c[0] for c in CASES] + ["ReduceLROnPlateau", "ChainedScheduler", "SequentialLR"]:
         theirs = inspect.signature(scheduler_class(T, name).__init__).parameters
-        ours = inspect.signature(scheduler_class(O, name).__init__).parameters
+        ours = dict(inspect.signature(scheduler_class(O, name).__init__).parameters)
+        if name not in ("ChainedScheduler", "SequentialLR"):  # (they drive what their schedulers drive)
+            # torch's, plus the hyperparameter driven (docs/hyperparameters.md), keyword-only
+            extra = ours.pop("hyperparameter")
+            assert extra.kind is inspect.Parameter.KEYWORD_ONLY and extra.default == "lr", name
         assert list(ours) == list(theirs), name
         for p in theirs:
             assert ours[p].default == theirs[p].default, (name, p)
