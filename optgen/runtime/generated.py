@@ -180,7 +180,10 @@ class GeneratedOptimizer(Optimizer):
             return
         launch = bind(**tensors, **scalars, **{f: bool(group[f]) for f in kernel.flags})
         if launch is not None:
-            cache[id(group)] = CachedStep(self, group, kernel, params, tensors, launch)
+            try:
+                cache[id(group)] = CachedStep(self, group, kernel, params, tensors, launch)
+            except (KeyError, TypeError):  # a state the launch addresses that the optimizer's state does not hold
+                pass
 
     def _choose_implementation(self, group: dict, params, tensors: dict, single_sparse: bool):
         """The implementation that steps this group, the lists it runs on, and what turns them back
