@@ -158,7 +158,7 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     if all(p.device.type in FOREACH_DEVICES for p in params):
         fastest = FASTEST_ON_CUDA.get(type(optimizer).__name__)
         if fastest is not None and fastest in optimizer.implementations \
-                and (fastest != "triton" or triton_applies(params)):
+                and (fastest != "triton" or (triton_applies(params) and group.get("state_dtype") is None)):
             return fastest
         return "foreach"
     return "forloop"
