@@ -117,7 +117,16 @@ class GeneratedOptimizer(Optimizer):
         into the tensor a fresh state would hold: the scalar dtype on the CPU, or next to the
         parameter when the group is ``capturable`` / ``fused`` (float32 when ``fused``), which is
         where torch puts them.  Host counters (SparseAdam's ``step``) stay numbers."""
+        # load_state_dict passes the loaded groups while this optimizer's are still in place: each
+        # keeps its own state_dtype, not the checkpoint's (a deepcopy or unpickling has none yet)
+        own = self.__dict__.get("param_groups")
         super().__setstate__(state)
+        if own is not None and len(own) == len(self.param_groups):
+            for group, before in zip(self.param_groups, own, strict=True):
+                group.pop("state_dtype", None)
+                if before.get("state_dtype") is not None:
+                    group["state_dtype"] = before["state_dtype"]
+        low_precision.convert_loaded_state(self)  # Note [Stochastic rounding of state]
         self.__dict__.pop("_cached_steps", None)  # bound to the tensors of the state replaced (Note [Cached steps])
         counters = {key for _, key in self._counter_state} - set(self._host_counters)
         for group in self.param_groups:
@@ -190,18 +199,6 @@ class GeneratedOptimizer(Optimizer):
                                f"not the {implementation} one yet; use foreach=True")
         names = [(name, key) for name, key in self._tensor_state if key in self._low_precision_state]
         return low_precision.step_keys(self, params, states, names)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch's, then each group's own ``state_dtype`` (this optimizer's, not the checkpoint's)
-        and its low-precision states converted to it (Note [Stochastic rounding of state])."""
-        dtypes = [g.get("state_dtype") for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, dtype in zip(self.param_groups, dtypes, strict=True):
-            if dtype is None:
-                group.pop("state_dtype", None)
-            else:
-                group["state_dtype"] = dtype
-        low_precision.convert_loaded_state(self)
 
     def _bind(self, group: dict, kernel: KernelModule, params, tensors: dict, scalars: dict) -> None:
         """Keeps the launch this step ran, bound to its lists, for the next steps (Note [Cached

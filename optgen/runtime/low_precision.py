@@ -148,17 +148,20 @@ class Rounded:
 
 
 def convert_loaded_state(optimizer) -> None:
-    """After ``load_state_dict``: each group's low-precision states in its ``state_dtype`` (a float32
-    checkpoint's rounded to nearest), or in the parameter's dtype where the group has none."""
+    """After ``load_state_dict`` (torch has cast every floating state to its parameter's dtype) or
+    unpickling: a group's low-precision states in its ``state_dtype``, a float32 checkpoint's
+    rounded to nearest (a conversion, not a step: no rounding key); a group without one drops the
+    rounding counter a bfloat16 checkpoint brought."""
     for group in optimizer.param_groups:
         dtype = group.get("state_dtype")
         for p in group["params"]:
             state = optimizer.state.get(p)
             if not state:
                 continue
-            for key in optimizer._low_precision_state:
-                value = state.get(key)
-                if isinstance(value, torch.Tensor):
-                    state[key] = value.to(dtype or p.dtype)
             if dtype is None:
                 state.pop(COUNT_KEY, None)
+                continue
+            for key in optimizer._low_precision_state:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor) and value.dtype != dtype:
+                    state[key] = value.to(dtype)
