@@ -1,10 +1,10 @@
 """bfloat16 optimizer state (``state_dtype=torch.bfloat16``): memory, speed and convergence.
 
-Run:  python examples/low_precision_state.py [--steps 200] [--numel 10_000_000]
+Run:  python examples/low_precision_state.py [--steps 200 2000] [--numel 10_000_000]
 
 Prints, for docs/memory.md ("Low-precision state"):
 - bytes of state per parameter (Adam: float32 state 8, bfloat16 state 4);
-- the final loss of a small MLP regression (a fixed random teacher network; 200 steps) with float32
+- the final loss of a small MLP regression (a fixed random teacher network; 200 and 2000 steps) with float32
   state, bfloat16 state rounded stochastically (optgen's), and bfloat16 state rounded to nearest
   (what ``state.to(torch.bfloat16)`` would give: the same kernels with the rounding swapped), for
   Adam, AdamW, SGD with momentum, Lion and Adafactor;
@@ -27,7 +27,7 @@ OPTIMIZERS = {
     "Adam": dict(lr=1e-3),
     "AdamW": dict(lr=1e-3, weight_decay=0.01),
     "SGD": dict(lr=0.02, momentum=0.9),
-    "Lion": dict(lr=1e-4),
+    "Lion": dict(lr=1e-3),
     "Adafactor": dict(lr=1e-2),
 }
 
@@ -95,20 +95,21 @@ def step_times(numel: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--numel", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     print(f"bytes of Adam state per parameter: float32 {state_bytes_per_parameter(None):g}, "
           f"bfloat16 {state_bytes_per_parameter(torch.bfloat16):g}")
-    print(f"\nfinal loss after {args.steps} steps (mean of the last 10), small MLP regression:")
-    print(f"{'optimizer':<10} {'float32':>10} {'bf16 stoch.':>12} {'ratio':>7} {'bf16 nearest':>13} {'ratio':>7}")
-    for name, kwargs in OPTIMIZERS.items():
-        full = regression_loss(name, kwargs, None, args.steps)
-        sr = regression_loss(name, kwargs, torch.bfloat16, args.steps)
-        with rounding_to_nearest():
-            rn = regression_loss(name, kwargs, torch.bfloat16, args.steps, implementation="forloop")
-        print(f"{name:<10} {full:>10.4g} {sr:>12.4g} {sr / full:>7.3f} {rn:>13.4g} {rn / full:>7.3f}")
+    for steps in args.steps:
+        print(f"\nfinal loss after {steps} steps (mean of the last 10), small MLP regression:")
+        print(f"{'optimizer':<10} {'float32':>10} {'bf16 stoch.':>12} {'ratio':>7} {'bf16 nearest':>13} {'ratio':>9}")
+        for name, kwargs in OPTIMIZERS.items():
+            full = regression_loss(name, kwargs, None, steps)
+            sr = regression_loss(name, kwargs, torch.bfloat16, steps)
+            with rounding_to_nearest():
+                rn = regression_loss(name, kwargs, torch.bfloat16, steps, implementation="forloop")
+            print(f"{name:<10} {full:>10.4g} {sr:>12.4g} {sr / full:>7.3f} {rn:>13.4g} {rn / full:>9.3f}")
     times = step_times(args.numel, args.repeats)
     print(f"\nC kernel, Adam step at {args.numel:,} parameters ({torch.get_num_threads()} threads, median of "
           f"{args.repeats} interleaved): float32 state {times['float32'] * 1e3:.2f} ms, bfloat16 state "

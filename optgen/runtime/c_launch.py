@@ -117,9 +117,10 @@ static inline uint16_t lowp_store(float f, uint32_t key, int64_t i)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    const uint32_t r = optgen_mix32((uint32_t)i ^ ((uint32_t)((uint64_t)i >> 32) * 0x2545f491u) ^ key);
-    return (uint16_t)((u + (r & 0xffffu)) >> 16);
+    const uint32_t r = optgen_mix32((uint32_t)i ^ key);
+    const uint32_t rounded = (u + (r & 0xffffu)) >> 16;
+    /* NaN stays NaN (a select, not a branch: the loop vectorises) */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : rounded);
 }
 #define lowp_key(t, k) (state_keys[(k) * n + (t)])
 #else
