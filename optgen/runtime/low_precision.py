@@ -25,8 +25,8 @@ how many steps it has taken with low-precision state (``state["state_rounding_st
 the checkpoint), and the state's own key (``"exp_avg"``) separates its bits from its neighbours'.
 ``mix32`` multiplies only by constants below 2**31, so torch's int64 arithmetic on 32-bit values
 never overflows and equals C's uint32 arithmetic.  (Mixing in the index's high half as well made
-the C kernel's step 1.4x slower than with float32 state, where this one is about 1.1x.)  NaN stays NaN (quiet); values round in
-magnitude, so the sign never changes.
+the C kernel's step 1.4x slower than with float32 state, where this one is about 1.1x.)  NaN stays
+NaN (quiet); values round in magnitude, so the sign never changes.
 
 The for-loop and foreach kernels are the readable reference: the runtime hands them float32
 copies of the bfloat16 states, runs the generated kernel unchanged, and rounds the results back
