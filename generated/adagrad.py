@@ -92,7 +92,7 @@ class Adagrad(GeneratedOptimizer):
         # Adagrad creates its state up front, as torch does.
         for group in self.param_groups:
             for param in group["params"]:
-                self.state[param].update(self._init_state(param, group))
+                self.state[param].update(self._in_state_dtype(param, group, self._init_state(param, group)))
 
     def _check_sparse_step(self, group: dict) -> None:
         """torch's errors for a step of a group with a sparse gradient (the spec's each = "sparse_step" checks)."""

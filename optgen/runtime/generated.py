@@ -306,15 +306,20 @@ class GeneratedOptimizer(Optimizer):
         if not state:
             # A differentiable group's Tensor hyperparameters stay tensors (Note [differentiable=True]).
             initial = self._init_state(param, group if group.get("differentiable") else _numbers(group))
-            if initial and group.get("state_dtype") is not None:
-                low_precision.check_param(self, param)
-                initial = {k: v.to(group["state_dtype"]) if k in self._low_precision_state else v
-                           for k, v in initial.items()}
+            initial = self._in_state_dtype(param, group, initial)
             if initial:
                 counters = {key for _, key in self._counter_state}
                 self.state[param].update(dispatch.place_counters(initial, param, group, counters))
             state = self.state.get(param, {})
         return state
+
+    def _in_state_dtype(self, param: torch.Tensor, group: dict, initial: dict) -> dict:
+        """A new state with its low-precision tensors in the group's ``state_dtype`` (Note
+        [Stochastic rounding of state] in optgen/runtime/low_precision.py), if it has one."""
+        if not initial or group.get("state_dtype") is None:
+            return initial
+        low_precision.check_param(self, param)
+        return {k: v.to(group["state_dtype"]) if k in self._low_precision_state else v for k, v in initial.items()}
 
     def _kernel_lists(self, params, grads, states, group=None) -> tuple[dict[str, list], dict[str, list[bool]]]:
         """The kernel's per-tensor lists by argument name (complex tensors as real views), and

@@ -311,3 +311,40 @@ def test_bfloat16_state_trains_as_well_as_float32_state():
     for implementation in IMPLEMENTATIONS:
         low = regression_loss("Adam", dict(lr=1e-3), torch.bfloat16, 200, implementation=implementation)
         assert abs(low / full - 1) < 0.05, (implementation, low, full)
+
+
+EVERY = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD",
+         "Adafactor", "Muon", "Lion", "Lamb", "AdaBelief", "SparseAdam"]
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_every_optimizer_keeps_its_low_precision_states_in_bfloat16(name):
+    """Each implementation of each spec (but the differentiable and Triton ones) steps with
+    bfloat16 state: the states the spec marks are bfloat16 after three steps, the others not, and
+    the parameters move and stay finite."""
+    cls = getattr(optgen, name)
+    kwargs = {"SGD": dict(momentum=0.9), "RMSprop": dict(momentum=0.9, centered=True)}.get(name, {})
+    for implementation in [i for i in cls._kernels if i not in ("differentiable", "triton")]:
+        torch.manual_seed(0)
+        if name == "SparseAdam":
+            embedding = torch.nn.Embedding(20, 4, sparse=True)
+            params = list(embedding.parameters())
+        else:
+            params = [torch.nn.Parameter(torch.randn(8, 6)), *([torch.nn.Parameter(torch.randn(5))] * (name != "Muon"))]
+        start = [p.detach().clone() for p in params]
+        opt = cls(params, state_dtype=torch.bfloat16, **kwargs)
+        opt.implementation = implementation
+        for _ in range(3):
+            if name == "SparseAdam":
+                opt.zero_grad()
+                embedding(torch.tensor([1, 3, 3])).sum().backward()
+            else:
+                for p in params:
+                    p.grad = torch.randn_like(p)
+            opt.step()
+        for p, before in zip(params, start, strict=True):
+            assert torch.isfinite(p).all() and not torch.equal(p, before), implementation
+            for key, value in opt.state[p].items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    low = key in cls._low_precision_state
+                    assert (value.dtype == torch.bfloat16) == low, (implementation, key, value.dtype)
