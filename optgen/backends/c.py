@@ -82,6 +82,7 @@ RESERVED = frozenset({
     "dim_b", "dim_m", "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper",
     "counters_f64", "flags", "malloc", "calloc", "free", "isnan", "sum_terms", "lerp_of",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
+    "state_keys", "lowp_t", "lowp_load", "lowp_store", "lowp_key",
 })
 
 #: per-tensor conditions a walk is specialised on (2 ** MAX_VERSIONS loops at most)
@@ -195,6 +196,7 @@ class _CBuilder:
         # statement's first assignment takes its own, a later one a numbered version
         self.names.taken |= {self.cname(n) for n, r in roles.items() if r is not Role.SCALAR}
         self.names.taken |= {f"{self.cname(t)}_p" for t in ["grad", *lists]}
+        self.names.taken |= {f"{self.cname(t)}_key" for t in self.low}
 
         head = [f"const double {self.cname(h)} = hyper[{i}];" for i, h in enumerate(hypers)]
         self.flags = kernel.flags
