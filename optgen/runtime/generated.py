@@ -174,7 +174,7 @@ class GeneratedOptimizer(Optimizer):
         keys = self._rounding_keys(group, params, states, implementation)
         if keys is None:
             self._run_kernel(kernel, group, tensors, scalars)
-        elif implementation == "c":  # the kernel rounds in registers
+        elif implementation in ("c", "triton"):  # the kernel rounds in registers
             self._run_kernel(kernel, group, tensors, scalars, state_keys=keys)
         else:  # the readable reference: float32 copies, rounded back after the kernel
             rounded = low_precision.Rounded(tensors, keys)
@@ -194,9 +194,9 @@ class GeneratedOptimizer(Optimizer):
         state]), None when the group keeps its state in the parameters' dtype."""
         if group.get("state_dtype") is None:
             return None
-        if implementation not in ("forloop", "foreach", "c"):
-            raise RuntimeError(f"optgen: state_dtype=torch.bfloat16 runs on the forloop, foreach and C kernels, "
-                               f"not the {implementation} one yet; use foreach=True")
+        if implementation not in ("forloop", "foreach", "c", "triton"):
+            raise RuntimeError(f"optgen: state_dtype=torch.bfloat16 runs on the forloop, foreach, C and Triton "
+                               f"kernels, not the {implementation} one yet; use foreach=True")
         names = [(name, key) for name, key in self._tensor_state if key in self._low_precision_state]
         return low_precision.step_keys(self, params, states, names)
 
