@@ -40,6 +40,8 @@ GROUPS: dict[str, tuple[str, frozenset[str]]] = {
         "Optimizer", "Callable", "Iterable", "Literal", "counter_from", "filled_like", "scalar_dtype",
         "check_options", "add", "addcdiv", "addcmul", "sqrt", "newton_schulz", "reduced_shape", "lbfgs",
         "optgen",
+        # optgen's own constructor keyword and state entry (Note [Stochastic rounding of state])
+        "state_dtype", "checked_state_dtype", "state_rounding_step",
     })),
     # the Triton kernels' modules (the kernel skeleton's own names are renamed by the backend)
     "triton": ("a name of the Triton kernels", frozenset({"tl", "triton"})),
