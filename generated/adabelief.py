@@ -27,6 +27,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adabelief_forloop, adabelief_foreach, adabelief_differentiable, adabelief_c
 
@@ -41,6 +42,7 @@ class AdaBelief(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_vars', 'exp_avg_var'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('exp_avg', 'exp_avg_var')
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = False
@@ -60,6 +62,7 @@ class AdaBelief(GeneratedOptimizer):
         foreach=None,
         differentiable=False,
         fused=None,
+        state_dtype=None,
     ) -> None:
         if not (0.0 <= lr):
             raise ValueError(f'Invalid learning rate: {lr}')
@@ -82,6 +85,8 @@ class AdaBelief(GeneratedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

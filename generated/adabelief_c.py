@@ -18,17 +18,17 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adabelief_step_walk1(const int decoupled_weight_decay,
         const int maximize, const int weight_decay_ne_0, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_var_p,
-        const scalar_t c_weight_decay, const scalar_t c_1_minus_lr_times_weight_decay,
-        const scalar_t c_1_minus_beta1, const scalar_t c_eps, const scalar_t c_beta2,
-        const scalar_t c_1_minus_beta2, const scalar_t c_bias_correction2, const scalar_t c_lr,
-        const scalar_t c_bias_correction1, const int64_t i_begin, const int64_t i_end)
+        storage_t *restrict param_p, lowp_t *restrict exp_avg_p, lowp_t *restrict exp_avg_var_p,
+        const uint32_t exp_avg_key, const uint32_t exp_avg_var_key, const scalar_t c_weight_decay,
+        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1, const scalar_t c_eps,
+        const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_bias_correction2,
+        const scalar_t c_lr, const scalar_t c_bias_correction1, const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
-        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-        scalar_t exp_avg_var = to_compute(exp_avg_var_p[i]);
+        scalar_t exp_avg = lowp_load(exp_avg_p[i]);
+        scalar_t exp_avg_var = lowp_load(exp_avg_var_p[i]);
         scalar_t denom;
         /* grad = -grad */
         if (maximize) grad = -grad;
@@ -45,8 +45,8 @@ static inline __attribute__((always_inline)) void adabelief_step_walk1(const int
         /* param = param - lr / bias_correction1 * exp_avg / denom */
         param = param - c_lr * exp_avg / c_bias_correction1 / denom;
         param_p[i] = from_compute(param);
-        exp_avg_p[i] = from_compute(exp_avg);
-        exp_avg_var_p[i] = from_compute(exp_avg_var);
+        exp_avg_p[i] = lowp_store(exp_avg, exp_avg_key, i);
+        exp_avg_var_p[i] = lowp_store(exp_avg_var, exp_avg_var_key, i);
     }
 }
 
@@ -66,8 +66,10 @@ static void adabelief_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETER
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_var_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_avg_var_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -86,9 +88,9 @@ static void adabelief_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETER
     const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADABELIEF_STEP_WALK1(...) OPTGEN_WALK_REGION adabelief_step_walk1(__VA_ARGS__, grad_p, \
-        param_p, exp_avg_p, exp_avg_var_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
-        c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1, \
-        OPTGEN_WALK_SHARE)
+        param_p, exp_avg_p, exp_avg_var_p, exp_avg_key, exp_avg_var_key, c_weight_decay, \
+        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, \
+        c_bias_correction2, c_lr, c_bias_correction1, OPTGEN_WALK_SHARE)
     switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
     case 0: ADABELIEF_STEP_WALK1(0, 0, 0); break;
     case 1: ADABELIEF_STEP_WALK1(0, 0, 1); break;
@@ -121,8 +123,10 @@ static void adabelief_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_avg_var_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_var_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_avg_var_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -141,9 +145,9 @@ static void adabelief_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADABELIEF_STEP_WALK1(...) OPTGEN_WALK_REGION adabelief_step_walk1(__VA_ARGS__, grad_p, \
-        param_p, exp_avg_p, exp_avg_var_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
-        c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, c_bias_correction2, c_lr, c_bias_correction1, \
-        OPTGEN_WALK_SHARE)
+        param_p, exp_avg_p, exp_avg_var_p, exp_avg_key, exp_avg_var_key, c_weight_decay, \
+        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_eps, c_beta2, c_1_minus_beta2, \
+        c_bias_correction2, c_lr, c_bias_correction1, OPTGEN_WALK_SHARE)
     switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
     case 0: ADABELIEF_STEP_WALK1(0, 0, 0); break;
     case 1: ADABELIEF_STEP_WALK1(0, 0, 1); break;
@@ -177,6 +181,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     flags=("decoupled_weight_decay", "maximize"),
+    low_precision=(1, 2,),
 )
 
 

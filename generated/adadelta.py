@@ -23,6 +23,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adadelta_forloop, adadelta_foreach, adadelta_differentiable, adadelta_c
 
@@ -37,6 +38,7 @@ class Adadelta(GeneratedOptimizer):
     _tensor_state = (('square_avgs', 'square_avg'), ('acc_deltas', 'acc_delta'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('square_avg', 'acc_delta')
     _scalars = {"lr": ('lr', None), "rho": ('rho', None), "eps": ('eps', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
@@ -57,6 +59,7 @@ class Adadelta(GeneratedOptimizer):
         capturable=False,
         maximize=False,
         differentiable=False,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -78,6 +81,8 @@ class Adadelta(GeneratedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

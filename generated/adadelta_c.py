@@ -18,16 +18,17 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adadelta_step_walk1(const int maximize,
         const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
-        storage_t *restrict square_avg_p, storage_t *restrict acc_delta_p, const scalar_t c_weight_decay,
-        const scalar_t c_rho, const scalar_t c_1_minus_rho, const scalar_t c_eps, const scalar_t c_lr,
-        const int64_t i_begin, const int64_t i_end)
+        lowp_t *restrict square_avg_p, lowp_t *restrict acc_delta_p, const uint32_t square_avg_key,
+        const uint32_t acc_delta_key, const scalar_t c_weight_decay, const scalar_t c_rho,
+        const scalar_t c_1_minus_rho, const scalar_t c_eps, const scalar_t c_lr, const int64_t i_begin,
+        const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
-        scalar_t square_avg = to_compute(square_avg_p[i]);
+        scalar_t square_avg = lowp_load(square_avg_p[i]);
         scalar_t std;
-        scalar_t acc_delta = to_compute(acc_delta_p[i]);
+        scalar_t acc_delta = lowp_load(acc_delta_p[i]);
         scalar_t delta;
         /* grad = -grad */
         if (maximize) grad = -grad;
@@ -44,8 +45,8 @@ static inline __attribute__((always_inline)) void adadelta_step_walk1(const int 
         /* param = param - lr * delta */
         param = param - c_lr * delta;
         param_p[i] = from_compute(param);
-        square_avg_p[i] = from_compute(square_avg);
-        acc_delta_p[i] = from_compute(acc_delta);
+        square_avg_p[i] = lowp_store(square_avg, square_avg_key, i);
+        acc_delta_p[i] = lowp_store(acc_delta, acc_delta_key, i);
     }
 }
 
@@ -63,8 +64,10 @@ static void adadelta_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict acc_delta_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict square_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict acc_delta_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t square_avg_key = lowp_key(t, 0);
+    const uint32_t acc_delta_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -75,8 +78,8 @@ static void adadelta_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS
     const scalar_t c_lr = (scalar_t)(lr);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADADELTA_STEP_WALK1(...) OPTGEN_WALK_REGION adadelta_step_walk1(__VA_ARGS__, grad_p, \
-        param_p, square_avg_p, acc_delta_p, c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr, \
-        OPTGEN_WALK_SHARE)
+        param_p, square_avg_p, acc_delta_p, square_avg_key, acc_delta_key, c_weight_decay, c_rho, \
+        c_1_minus_rho, c_eps, c_lr, OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: ADADELTA_STEP_WALK1(0, 0); break;
     case 1: ADADELTA_STEP_WALK1(0, 1); break;
@@ -103,8 +106,10 @@ static void adadelta_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict acc_delta_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict square_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict acc_delta_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t square_avg_key = lowp_key(t, 0);
+    const uint32_t acc_delta_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -115,8 +120,8 @@ static void adadelta_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_lr = (scalar_t)(lr);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADADELTA_STEP_WALK1(...) OPTGEN_WALK_REGION adadelta_step_walk1(__VA_ARGS__, grad_p, \
-        param_p, square_avg_p, acc_delta_p, c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr, \
-        OPTGEN_WALK_SHARE)
+        param_p, square_avg_p, acc_delta_p, square_avg_key, acc_delta_key, c_weight_decay, c_rho, \
+        c_1_minus_rho, c_eps, c_lr, OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: ADADELTA_STEP_WALK1(0, 0); break;
     case 1: ADADELTA_STEP_WALK1(0, 1); break;
@@ -146,6 +151,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "rho", "eps", "weight_decay"),
     flags=("maximize",),
+    low_precision=(1, 2,),
 )
 
 

@@ -22,6 +22,7 @@ def _adadelta_kernel(
     # list (params, square_avgs, acc_deltas), counter_addresses one per counter (state_steps)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
+    state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     rho: tl.float64,
     eps: tl.float64,
@@ -32,7 +33,7 @@ def _adadelta_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
 ):
     """Adadelta step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -75,8 +76,16 @@ def _adadelta_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    acc_delta_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        square_avg_key = tl.load(state_keys + 0 * num_tensors + tensor)
+    else:
+        square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        acc_delta_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        acc_delta_key = tl.load(state_keys + 1 * num_tensors + tensor)
+    else:
+        acc_delta_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -117,8 +126,28 @@ def _adadelta_kernel(
             # param = param - lr * delta
             param = param - delta * lr
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
-            tl.store(acc_delta_ptr + offsets, acc_delta.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                square_avg_bits = square_avg.to(tl.float32).to(tl.uint32, bitcast=True)
+                square_avg_random = offsets.to(tl.uint32) ^ square_avg_key.to(tl.uint32)  # mix32(index ^ key)
+                square_avg_random = (square_avg_random ^ (square_avg_random >> 16)) * 0x21F0AAAD
+                square_avg_random = (square_avg_random ^ (square_avg_random >> 15)) * 0x735A2D97
+                square_avg_random = square_avg_random ^ (square_avg_random >> 15)
+                square_avg_bits = tl.where((square_avg_bits & 0x7FFFFFFF) > 0x7F800000, (square_avg_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (square_avg_bits + (square_avg_random & 0xFFFF)) >> 16)
+                tl.store(square_avg_ptr + offsets, square_avg_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                acc_delta_bits = acc_delta.to(tl.float32).to(tl.uint32, bitcast=True)
+                acc_delta_random = offsets.to(tl.uint32) ^ acc_delta_key.to(tl.uint32)  # mix32(index ^ key)
+                acc_delta_random = (acc_delta_random ^ (acc_delta_random >> 16)) * 0x21F0AAAD
+                acc_delta_random = (acc_delta_random ^ (acc_delta_random >> 15)) * 0x735A2D97
+                acc_delta_random = acc_delta_random ^ (acc_delta_random >> 15)
+                acc_delta_bits = tl.where((acc_delta_bits & 0x7FFFFFFF) > 0x7F800000, (acc_delta_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (acc_delta_bits + (acc_delta_random & 0xFFFF)) >> 16)
+                tl.store(acc_delta_ptr + offsets, acc_delta_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(acc_delta_ptr + offsets, acc_delta.to(DTYPE), mask=in_bounds)
 
 
 #: how the kernel is launched (each field: optgen.runtime.triton_launch.Kernel)
@@ -130,6 +159,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "rho", "eps", "weight_decay"),
     tensor_hyperparameters=("lr",),
     guards={"MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    low_precision=(2, 3,),
 )
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 from optgen.runtime.intrinsics import reduced_shape
 
 from . import adafactor_forloop, adafactor_foreach, adafactor_c
@@ -49,6 +50,7 @@ class Adafactor(GeneratedOptimizer):
     _tensor_state = (('row_vars', 'row_var'), ('col_vars', 'col_var'), ('variances', 'variance'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('variance',)
     _scalars = {"lr": ('lr', None), "beta2_decay": ('beta2_decay', None), "eps1": ('eps', 0),
         "eps2": ('eps', 1), "d": ('d', None), "weight_decay": ('weight_decay', None)}
     _complex_as_real = False
@@ -66,6 +68,7 @@ class Adafactor(GeneratedOptimizer):
         *,
         foreach=None,
         maximize=False,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -90,6 +93,8 @@ class Adafactor(GeneratedOptimizer):
             "foreach": foreach,
             "maximize": maximize,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

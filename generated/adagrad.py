@@ -22,6 +22,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, filled_like, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adagrad_forloop, adagrad_foreach, adagrad_differentiable, adagrad_c
 
@@ -36,6 +37,7 @@ class Adagrad(GeneratedOptimizer):
     _tensor_state = (('state_sums', 'sum'),)
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('sum',)
     _scalars = {"lr": ('lr', None), "lr_decay": ('lr_decay', None), "weight_decay": ('weight_decay', None),
         "eps": ('eps', None)}
     _complex_as_real = True
@@ -58,6 +60,7 @@ class Adagrad(GeneratedOptimizer):
         maximize=False,
         differentiable=False,
         fused=None,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -82,12 +85,14 @@ class Adagrad(GeneratedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
         # Adagrad creates its state up front, as torch does.
         for group in self.param_groups:
             for param in group["params"]:
-                self.state[param].update(self._init_state(param, group))
+                self.state[param].update(self._in_state_dtype(param, group, self._init_state(param, group)))
 
     def _check_sparse_step(self, group: dict) -> None:
         """torch's errors for a step of a group with a sparse gradient (the spec's each = "sparse_step" checks)."""

@@ -18,13 +18,13 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adagrad_step_walk1(const int maximize,
         const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
-        storage_t *restrict state_sum_p, const scalar_t c_weight_decay, const scalar_t c_eps,
-        const scalar_t c_clr, const int64_t i_begin, const int64_t i_end)
+        lowp_t *restrict state_sum_p, const uint32_t state_sum_key, const scalar_t c_weight_decay,
+        const scalar_t c_eps, const scalar_t c_clr, const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
-        scalar_t state_sum = to_compute(state_sum_p[i]);
+        scalar_t state_sum = lowp_load(state_sum_p[i]);
         scalar_t std;
         /* grad = -grad */
         if (maximize) grad = -grad;
@@ -37,7 +37,7 @@ static inline __attribute__((always_inline)) void adagrad_step_walk1(const int m
         /* param = param - clr * grad / std */
         param = param - c_clr * grad / std;
         param_p[i] = from_compute(param);
-        state_sum_p[i] = from_compute(state_sum);
+        state_sum_p[i] = lowp_store(state_sum, state_sum_key, i);
     }
 }
 
@@ -55,7 +55,8 @@ static void adagrad_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
+    lowp_t *restrict state_sum_p = (lowp_t *)tensors[1 * n + t];
+    const uint32_t state_sum_key = lowp_key(t, 0);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -66,7 +67,7 @@ static void adagrad_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_clr = (scalar_t)(clr);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADAGRAD_STEP_WALK1(...) OPTGEN_WALK_REGION adagrad_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        state_sum_p, c_weight_decay, c_eps, c_clr, OPTGEN_WALK_SHARE)
+        state_sum_p, state_sum_key, c_weight_decay, c_eps, c_clr, OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: ADAGRAD_STEP_WALK1(0, 0); break;
     case 1: ADAGRAD_STEP_WALK1(0, 1); break;
@@ -93,7 +94,8 @@ static void adagrad_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict state_sum_p = (storage_t *)tensors[1 * n + t];
+    lowp_t *restrict state_sum_p = (lowp_t *)tensors[1 * n + t];
+    const uint32_t state_sum_key = lowp_key(t, 0);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -104,7 +106,7 @@ static void adagrad_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_clr = (scalar_t)(clr);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADAGRAD_STEP_WALK1(...) OPTGEN_WALK_REGION adagrad_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        state_sum_p, c_weight_decay, c_eps, c_clr, OPTGEN_WALK_SHARE)
+        state_sum_p, state_sum_key, c_weight_decay, c_eps, c_clr, OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: ADAGRAD_STEP_WALK1(0, 0); break;
     case 1: ADAGRAD_STEP_WALK1(0, 1); break;
@@ -134,6 +136,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "lr_decay", "weight_decay", "eps"),
     flags=("maximize",),
+    low_precision=(1,),
 )
 
 

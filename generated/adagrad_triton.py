@@ -22,6 +22,7 @@ def _adagrad_kernel(
     # list (params, state_sums), counter_addresses one per counter (state_steps)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
+    state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     lr_decay: tl.float64,
     weight_decay: tl.float64,
@@ -32,7 +33,7 @@ def _adagrad_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
 ):
     """Adagrad step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -72,7 +73,11 @@ def _adagrad_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    state_sum_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        state_sum_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        state_sum_key = tl.load(state_keys + 0 * num_tensors + tensor)
+    else:
+        state_sum_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -107,7 +112,17 @@ def _adagrad_kernel(
             # param = param - clr * grad / std
             param = param - clr * grad / std
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            tl.store(state_sum_ptr + offsets, state_sum.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                state_sum_bits = state_sum.to(tl.float32).to(tl.uint32, bitcast=True)
+                state_sum_random = offsets.to(tl.uint32) ^ state_sum_key.to(tl.uint32)  # mix32(index ^ key)
+                state_sum_random = (state_sum_random ^ (state_sum_random >> 16)) * 0x21F0AAAD
+                state_sum_random = (state_sum_random ^ (state_sum_random >> 15)) * 0x735A2D97
+                state_sum_random = state_sum_random ^ (state_sum_random >> 15)
+                state_sum_bits = tl.where((state_sum_bits & 0x7FFFFFFF) > 0x7F800000, (state_sum_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (state_sum_bits + (state_sum_random & 0xFFFF)) >> 16)
+                tl.store(state_sum_ptr + offsets, state_sum_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(state_sum_ptr + offsets, state_sum.to(DTYPE), mask=in_bounds)
 
 
 #: how the kernel is launched (each field: optgen.runtime.triton_launch.Kernel)
@@ -119,6 +134,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "lr_decay", "weight_decay", "eps"),
     tensor_hyperparameters=("lr",),
     guards={"MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    low_precision=(2,),
 )
 
 

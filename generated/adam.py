@@ -33,6 +33,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adam_forloop, adam_foreach, adam_differentiable, adam_c
 
@@ -47,6 +48,7 @@ class Adam(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'), ('max_exp_avg_sqs', 'max_exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq')
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
@@ -71,6 +73,7 @@ class Adam(GeneratedOptimizer):
         differentiable=False,
         fused=None,
         decoupled_weight_decay=False,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and foreach and (not capturable):
             raise ValueError('lr as a Tensor is not supported for capturable=False and foreach=True')
@@ -109,6 +112,8 @@ class Adam(GeneratedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

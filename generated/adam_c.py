@@ -18,8 +18,9 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adam_step_walk1(const int amsgrad, const int maximize,
         const int decoupled_weight_decay, const int weight_decay_ne_0, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_sq_p,
-        storage_t *restrict max_exp_avg_sq_p, const scalar_t c_weight_decay,
+        storage_t *restrict param_p, lowp_t *restrict exp_avg_p, lowp_t *restrict exp_avg_sq_p,
+        lowp_t *restrict max_exp_avg_sq_p, const uint32_t exp_avg_key, const uint32_t exp_avg_sq_key,
+        const uint32_t max_exp_avg_sq_key, const scalar_t c_weight_decay,
         const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1,
         const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_eps,
         const scalar_t c_bias_correction2_sqrt, const scalar_t c_step_size, const int64_t i_begin,
@@ -28,11 +29,11 @@ static inline __attribute__((always_inline)) void adam_step_walk1(const int amsg
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
-        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+        scalar_t exp_avg = lowp_load(exp_avg_p[i]);
+        scalar_t exp_avg_sq = lowp_load(exp_avg_sq_p[i]);
         scalar_t max_exp_avg_sq;
         scalar_t denom;
-        if (amsgrad) max_exp_avg_sq = to_compute(max_exp_avg_sq_p[i]);
+        if (amsgrad) max_exp_avg_sq = lowp_load(max_exp_avg_sq_p[i]);
         /* grad = -grad */
         if (maximize) grad = -grad;
         /* grad = grad + weight_decay * param */
@@ -52,9 +53,9 @@ static inline __attribute__((always_inline)) void adam_step_walk1(const int amsg
         /* param = param - step_size * exp_avg / denom */
         param = param - c_step_size * exp_avg / denom;
         param_p[i] = from_compute(param);
-        exp_avg_p[i] = from_compute(exp_avg);
-        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
-        if (amsgrad) max_exp_avg_sq_p[i] = from_compute(max_exp_avg_sq);
+        exp_avg_p[i] = lowp_store(exp_avg, exp_avg_key, i);
+        exp_avg_sq_p[i] = lowp_store(exp_avg_sq, exp_avg_sq_key, i);
+        if (amsgrad) max_exp_avg_sq_p[i] = lowp_store(max_exp_avg_sq, max_exp_avg_sq_key, i);
     }
 }
 
@@ -75,9 +76,12 @@ static void adam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
-    storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    lowp_t *restrict max_exp_avg_sq_p = (lowp_t *)tensors[3 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_avg_sq_key = lowp_key(t, 1);
+    const uint32_t max_exp_avg_sq_key = lowp_key(t, 2);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -99,9 +103,9 @@ static void adam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_step_size = (scalar_t)(step_size);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADAM_STEP_WALK1(...) OPTGEN_WALK_REGION adam_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, exp_avg_sq_p, max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
-        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size, \
-        OPTGEN_WALK_SHARE)
+        exp_avg_p, exp_avg_sq_p, max_exp_avg_sq_p, exp_avg_key, exp_avg_sq_key, max_exp_avg_sq_key, \
+        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, \
+        c_eps, c_bias_correction2_sqrt, c_step_size, OPTGEN_WALK_SHARE)
     switch ((amsgrad << 3) | (maximize << 2) | (decoupled_weight_decay << 1) | weight_decay_ne_0) {
     case 0: ADAM_STEP_WALK1(0, 0, 0, 0); break;
     case 1: ADAM_STEP_WALK1(0, 0, 0, 1); break;
@@ -143,9 +147,12 @@ static void adam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
-    storage_t *restrict max_exp_avg_sq_p = (storage_t *)tensors[3 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    lowp_t *restrict max_exp_avg_sq_p = (lowp_t *)tensors[3 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_avg_sq_key = lowp_key(t, 1);
+    const uint32_t max_exp_avg_sq_key = lowp_key(t, 2);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -167,9 +174,9 @@ static void adam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_step_size = (scalar_t)(step_size);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADAM_STEP_WALK1(...) OPTGEN_WALK_REGION adam_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, exp_avg_sq_p, max_exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, \
-        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size, \
-        OPTGEN_WALK_SHARE)
+        exp_avg_p, exp_avg_sq_p, max_exp_avg_sq_p, exp_avg_key, exp_avg_sq_key, max_exp_avg_sq_key, \
+        c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, \
+        c_eps, c_bias_correction2_sqrt, c_step_size, OPTGEN_WALK_SHARE)
     switch ((amsgrad << 3) | (maximize << 2) | (decoupled_weight_decay << 1) | weight_decay_ne_0) {
     case 0: ADAM_STEP_WALK1(0, 0, 0, 0); break;
     case 1: ADAM_STEP_WALK1(0, 0, 0, 1); break;
@@ -212,6 +219,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     flags=("amsgrad", "maximize", "decoupled_weight_decay"),
+    low_precision=(1, 2, 3,),
 )
 
 

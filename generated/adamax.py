@@ -23,6 +23,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adamax_forloop, adamax_foreach, adamax_differentiable, adamax_c
 
@@ -37,6 +38,7 @@ class Adamax(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_infs', 'exp_inf'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('exp_avg', 'exp_inf')
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
@@ -55,6 +57,7 @@ class Adamax(GeneratedOptimizer):
         maximize=False,
         differentiable=False,
         capturable=False,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -78,6 +81,8 @@ class Adamax(GeneratedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

@@ -18,15 +18,16 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adamax_step_walk1(const int maximize,
         const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
-        storage_t *restrict exp_avg_p, storage_t *restrict exp_inf_p, const scalar_t c_weight_decay,
-        const scalar_t c_1_minus_beta1, const scalar_t c_beta2, const scalar_t c_eps, const scalar_t c_clr,
-        const int64_t i_begin, const int64_t i_end)
+        lowp_t *restrict exp_avg_p, lowp_t *restrict exp_inf_p, const uint32_t exp_avg_key,
+        const uint32_t exp_inf_key, const scalar_t c_weight_decay, const scalar_t c_1_minus_beta1,
+        const scalar_t c_beta2, const scalar_t c_eps, const scalar_t c_clr, const int64_t i_begin,
+        const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
-        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-        scalar_t exp_inf = to_compute(exp_inf_p[i]);
+        scalar_t exp_avg = lowp_load(exp_avg_p[i]);
+        scalar_t exp_inf = lowp_load(exp_inf_p[i]);
         /* grad = -grad */
         if (maximize) grad = -grad;
         /* grad = grad + weight_decay * param */
@@ -38,8 +39,8 @@ static inline __attribute__((always_inline)) void adamax_step_walk1(const int ma
         /* param = param - clr * exp_avg / exp_inf */
         param = param - c_clr * exp_avg / exp_inf;
         param_p[i] = from_compute(param);
-        exp_avg_p[i] = from_compute(exp_avg);
-        exp_inf_p[i] = from_compute(exp_inf);
+        exp_avg_p[i] = lowp_store(exp_avg, exp_avg_key, i);
+        exp_inf_p[i] = lowp_store(exp_inf, exp_inf_key, i);
     }
 }
 
@@ -58,8 +59,10 @@ static void adamax_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_inf_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_inf_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -74,7 +77,8 @@ static void adamax_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_clr = (scalar_t)(clr);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADAMAX_STEP_WALK1(...) OPTGEN_WALK_REGION adamax_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps, c_clr, OPTGEN_WALK_SHARE)
+        exp_avg_p, exp_inf_p, exp_avg_key, exp_inf_key, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps, \
+        c_clr, OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: ADAMAX_STEP_WALK1(0, 0); break;
     case 1: ADAMAX_STEP_WALK1(0, 1); break;
@@ -102,8 +106,10 @@ static void adamax_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_inf_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_inf_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_inf_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -118,7 +124,8 @@ static void adamax_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_clr = (scalar_t)(clr);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ADAMAX_STEP_WALK1(...) OPTGEN_WALK_REGION adamax_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, exp_inf_p, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps, c_clr, OPTGEN_WALK_SHARE)
+        exp_avg_p, exp_inf_p, exp_avg_key, exp_inf_key, c_weight_decay, c_1_minus_beta1, c_beta2, c_eps, \
+        c_clr, OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: ADAMAX_STEP_WALK1(0, 0); break;
     case 1: ADAMAX_STEP_WALK1(0, 1); break;
@@ -148,6 +155,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     flags=("maximize",),
+    low_precision=(1, 2,),
 )
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import asgd_forloop, asgd_foreach, asgd_differentiable, asgd_c
 
@@ -40,6 +41,7 @@ class ASGD(GeneratedOptimizer):
     _tensor_state = (('axs', 'ax'),)
     _counter_state = (('state_steps', 'step'), ('state_etas', 'eta'), ('state_mus', 'mu'))
     _lazy_state = ()
+    _low_precision_state = ('ax',)
     _scalars = {"lr": ('lr', None), "lambd": ('lambd', None), "alpha": ('alpha', None), "t0": ('t0', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
@@ -60,6 +62,8 @@ class ASGD(GeneratedOptimizer):
         maximize=False,
         differentiable=False,
         capturable=False,
+        *,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -78,6 +82,8 @@ class ASGD(GeneratedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

@@ -18,14 +18,14 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void asgd_step_walk1(const int maximize,
         const int weight_decay_ne_0, const int mu_ne_1, const int mu_eq_1, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict ax_p, const scalar_t c_weight_decay,
-        const scalar_t c_1_minus_eta_times_lambd, const scalar_t c_eta, const scalar_t c_mu,
-        const int64_t i_begin, const int64_t i_end)
+        storage_t *restrict param_p, lowp_t *restrict ax_p, const uint32_t ax_key,
+        const scalar_t c_weight_decay, const scalar_t c_1_minus_eta_times_lambd, const scalar_t c_eta,
+        const scalar_t c_mu, const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
-        scalar_t ax = to_compute(ax_p[i]);
+        scalar_t ax = lowp_load(ax_p[i]);
         /* grad = -grad */
         if (maximize) grad = -grad;
         /* grad = grad + weight_decay * param */
@@ -39,7 +39,7 @@ static inline __attribute__((always_inline)) void asgd_step_walk1(const int maxi
         /* ax = param */
         if (!mu_ne_1) ax = param;
         param_p[i] = from_compute(param);
-        ax_p[i] = from_compute(ax);
+        ax_p[i] = lowp_store(ax, ax_key, i);
     }
 }
 
@@ -60,7 +60,8 @@ static void asgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double mu = load_counter(counters[2 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
+    lowp_t *restrict ax_p = (lowp_t *)tensors[1 * n + t];
+    const uint32_t ax_key = lowp_key(t, 0);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -76,7 +77,7 @@ static void asgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ASGD_STEP_WALK1(...) OPTGEN_WALK_REGION asgd_step_walk1(__VA_ARGS__, grad_p, param_p, ax_p, \
-        c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, OPTGEN_WALK_SHARE)
+        ax_key, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, OPTGEN_WALK_SHARE)
     switch ((maximize << 2) | (weight_decay_ne_0 << 1) | mu_ne_1) {
     case 0: ASGD_STEP_WALK1(0, 0, 0, 1); break;
     case 1: ASGD_STEP_WALK1(0, 0, 1, 0); break;
@@ -112,7 +113,8 @@ static void asgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double mu = load_counter(counters[2 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict ax_p = (storage_t *)tensors[1 * n + t];
+    lowp_t *restrict ax_p = (lowp_t *)tensors[1 * n + t];
+    const uint32_t ax_key = lowp_key(t, 0);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -128,7 +130,7 @@ static void asgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define ASGD_STEP_WALK1(...) OPTGEN_WALK_REGION asgd_step_walk1(__VA_ARGS__, grad_p, param_p, ax_p, \
-        c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, OPTGEN_WALK_SHARE)
+        ax_key, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, OPTGEN_WALK_SHARE)
     switch ((maximize << 2) | (weight_decay_ne_0 << 1) | mu_ne_1) {
     case 0: ASGD_STEP_WALK1(0, 0, 0, 1); break;
     case 1: ASGD_STEP_WALK1(0, 0, 1, 0); break;
@@ -164,6 +166,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "lambd", "alpha", "t0", "weight_decay"),
     flags=("maximize",),
+    low_precision=(1,),
 )
 
 

@@ -22,6 +22,7 @@ def _asgd_kernel(
     # list (params, axs), counter_addresses one per counter (state_steps, state_etas, state_mus)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
+    state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     lambd: tl.float64,
     alpha: tl.float64,
@@ -33,7 +34,7 @@ def _asgd_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
 ):
     """ASGD step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -88,7 +89,11 @@ def _asgd_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    ax_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        ax_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        ax_key = tl.load(state_keys + 0 * num_tensors + tensor)
+    else:
+        ax_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -125,7 +130,17 @@ def _asgd_kernel(
             # ax = param
             ax = tl.where(mu_eq_1, param, ax)
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            tl.store(ax_ptr + offsets, ax.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                ax_bits = ax.to(tl.float32).to(tl.uint32, bitcast=True)
+                ax_random = offsets.to(tl.uint32) ^ ax_key.to(tl.uint32)  # mix32(index ^ key)
+                ax_random = (ax_random ^ (ax_random >> 16)) * 0x21F0AAAD
+                ax_random = (ax_random ^ (ax_random >> 15)) * 0x735A2D97
+                ax_random = ax_random ^ (ax_random >> 15)
+                ax_bits = tl.where((ax_bits & 0x7FFFFFFF) > 0x7F800000, (ax_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (ax_bits + (ax_random & 0xFFFF)) >> 16)
+                tl.store(ax_ptr + offsets, ax_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(ax_ptr + offsets, ax.to(DTYPE), mask=in_bounds)
 
 
 #: how the kernel is launched (each field: optgen.runtime.triton_launch.Kernel)
@@ -137,6 +152,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "lambd", "alpha", "t0", "weight_decay"),
     tensor_hyperparameters=("lr",),
     guards={"MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    low_precision=(2,),
 )
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import lamb_forloop, lamb_foreach, lamb_differentiable, lamb_c
 
@@ -42,6 +43,7 @@ class Lamb(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('exp_avg', 'exp_avg_sq')
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = False
@@ -59,6 +61,7 @@ class Lamb(GeneratedOptimizer):
         maximize=False,
         foreach=None,
         differentiable=False,
+        state_dtype=None,
     ) -> None:
         if not (0.0 <= lr):
             raise ValueError(f'Invalid learning rate: {lr}')
@@ -79,6 +82,8 @@ class Lamb(GeneratedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

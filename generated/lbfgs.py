@@ -12,6 +12,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer
+from optgen.runtime.low_precision import checked_state_dtype
 from optgen.runtime import lbfgs
 
 __all__ = ["LBFGS"]
@@ -25,6 +26,7 @@ class LBFGS(GeneratedOptimizer):
     _tensor_state = ()
     _counter_state = ()
     _lazy_state = ()
+    _low_precision_state = ()
     _scalars = {}
     _complex_as_real = False
     _elementwise = True
@@ -39,6 +41,8 @@ class LBFGS(GeneratedOptimizer):
         tolerance_change=1e-09,
         history_size=100,
         line_search_fn=None,
+        *,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -55,6 +59,8 @@ class LBFGS(GeneratedOptimizer):
             "history_size": history_size,
             "line_search_fn": line_search_fn,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
         lbfgs.init(self)

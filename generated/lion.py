@@ -20,6 +20,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import lion_forloop, lion_foreach, lion_differentiable, lion_c
 
@@ -34,6 +35,7 @@ class Lion(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'),)
     _counter_state = ()
     _lazy_state = ()
+    _low_precision_state = ('exp_avg',)
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = False
@@ -51,6 +53,7 @@ class Lion(GeneratedOptimizer):
         foreach=None,
         differentiable=False,
         fused=None,
+        state_dtype=None,
     ) -> None:
         if not (0.0 <= lr):
             raise ValueError(f'Invalid learning rate: {lr}')
@@ -69,6 +72,8 @@ class Lion(GeneratedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

@@ -18,14 +18,14 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void lion_step_walk1(const int maximize,
         const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
-        storage_t *restrict exp_avg_p, const scalar_t c_1_minus_lr_times_weight_decay,
-        const scalar_t c_1_minus_beta1, const scalar_t c_lr, const scalar_t c_1_minus_beta2,
-        const int64_t i_begin, const int64_t i_end)
+        lowp_t *restrict exp_avg_p, const uint32_t exp_avg_key,
+        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1, const scalar_t c_lr,
+        const scalar_t c_1_minus_beta2, const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
-        scalar_t exp_avg = to_compute(exp_avg_p[i]);
+        scalar_t exp_avg = lowp_load(exp_avg_p[i]);
         scalar_t update;
         /* grad = -grad */
         if (maximize) grad = -grad;
@@ -38,7 +38,7 @@ static inline __attribute__((always_inline)) void lion_step_walk1(const int maxi
         /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
         exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
         param_p[i] = from_compute(param);
-        exp_avg_p[i] = from_compute(exp_avg);
+        exp_avg_p[i] = lowp_store(exp_avg, exp_avg_key, i);
     }
 }
 
@@ -55,7 +55,8 @@ static void lion_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const int64_t numel = numels[t];
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
     const int weight_decay_ne_0 = weight_decay != 0;
     const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
     const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
@@ -63,7 +64,7 @@ static void lion_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define LION_STEP_WALK1(...) OPTGEN_WALK_REGION lion_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, c_1_minus_beta2, \
+        exp_avg_p, exp_avg_key, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, c_1_minus_beta2, \
         OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: LION_STEP_WALK1(0, 0); break;
@@ -89,7 +90,8 @@ static void lion_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const int64_t numel = numels[t];
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
     const int weight_decay_ne_0 = weight_decay != 0;
     const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
     const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
@@ -97,7 +99,7 @@ static void lion_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define LION_STEP_WALK1(...) OPTGEN_WALK_REGION lion_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, c_1_minus_beta2, \
+        exp_avg_p, exp_avg_key, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, c_1_minus_beta2, \
         OPTGEN_WALK_SHARE)
     switch ((maximize << 1) | weight_decay_ne_0) {
     case 0: LION_STEP_WALK1(0, 0); break;
@@ -127,6 +129,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "beta1", "beta2", "weight_decay"),
     flags=("maximize",),
+    low_precision=(1,),
 )
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import muon_forloop, muon_foreach
 
@@ -41,6 +42,7 @@ class Muon(GeneratedOptimizer):
     _tensor_state = (('momentum_buffers', 'momentum_buffer'),)
     _counter_state = ()
     _lazy_state = ()
+    _low_precision_state = ('momentum_buffer',)
     _scalars = {"lr": ('lr', None), "weight_decay": ('weight_decay', None), "momentum": ('momentum', None),
         "ns_a": ('ns_coefficients', 0), "ns_b": ('ns_coefficients', 1), "ns_c": ('ns_coefficients', 2),
         "eps": ('eps', None), "ns_steps": ('ns_steps', None), "adjust_lr_fn": ('adjust_lr_fn', None)}
@@ -59,6 +61,8 @@ class Muon(GeneratedOptimizer):
         eps=1e-07,
         ns_steps=5,
         adjust_lr_fn=None,
+        *,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -80,6 +84,8 @@ class Muon(GeneratedOptimizer):
             "ns_steps": ns_steps,
             "adjust_lr_fn": adjust_lr_fn,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
         for group in self.param_groups:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import nadam_forloop, nadam_foreach, nadam_differentiable, nadam_c
 
@@ -46,6 +47,7 @@ class NAdam(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'), ('state_mu_products', 'mu_product'))
     _lazy_state = ()
+    _low_precision_state = ('exp_avg', 'exp_avg_sq')
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
         "weight_decay": ('weight_decay', None), "momentum_decay": ('momentum_decay', None)}
     _complex_as_real = True
@@ -68,6 +70,7 @@ class NAdam(GeneratedOptimizer):
         maximize=False,
         capturable=False,
         differentiable=False,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -95,6 +98,8 @@ class NAdam(GeneratedOptimizer):
             "capturable": capturable,
             "differentiable": differentiable,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

@@ -18,18 +18,19 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void nadam_step_walk1(const int decoupled_weight_decay,
         const int maximize, const int weight_decay_ne_0, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict exp_avg_p, storage_t *restrict exp_avg_sq_p,
-        const scalar_t c_weight_decay, const scalar_t c_1_minus_lr_times_weight_decay,
-        const scalar_t c_1_minus_beta1, const scalar_t c_beta2, const scalar_t c_1_minus_beta2,
-        const scalar_t c_eps, const scalar_t c_bias_correction2, const scalar_t c_lr,
-        const scalar_t c_1_minus_mu_product_1, const scalar_t c_1_minus_mu, const scalar_t c_mu_next,
-        const scalar_t c_1_minus_mu_product_next, const int64_t i_begin, const int64_t i_end)
+        storage_t *restrict param_p, lowp_t *restrict exp_avg_p, lowp_t *restrict exp_avg_sq_p,
+        const uint32_t exp_avg_key, const uint32_t exp_avg_sq_key, const scalar_t c_weight_decay,
+        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1,
+        const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_eps,
+        const scalar_t c_bias_correction2, const scalar_t c_lr, const scalar_t c_1_minus_mu_product_1,
+        const scalar_t c_1_minus_mu, const scalar_t c_mu_next, const scalar_t c_1_minus_mu_product_next,
+        const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
-        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+        scalar_t exp_avg = lowp_load(exp_avg_p[i]);
+        scalar_t exp_avg_sq = lowp_load(exp_avg_sq_p[i]);
         scalar_t denom;
         /* grad = -grad */
         if (maximize) grad = -grad;
@@ -48,8 +49,8 @@ static inline __attribute__((always_inline)) void nadam_step_walk1(const int dec
         /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
         param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
         param_p[i] = from_compute(param);
-        exp_avg_p[i] = from_compute(exp_avg);
-        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+        exp_avg_p[i] = lowp_store(exp_avg, exp_avg_key, i);
+        exp_avg_sq_p[i] = lowp_store(exp_avg_sq, exp_avg_sq_key, i);
     }
 }
 
@@ -71,8 +72,10 @@ static void nadam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double mu_product = load_counter(counters[1 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_avg_sq_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     /* bias_correction2 = 1 - beta2 ** step */
@@ -100,9 +103,10 @@ static void nadam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define NADAM_STEP_WALK1(...) OPTGEN_WALK_REGION nadam_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, \
-        c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, \
-        c_mu_next, c_1_minus_mu_product_next, OPTGEN_WALK_SHARE)
+        exp_avg_p, exp_avg_sq_p, exp_avg_key, exp_avg_sq_key, c_weight_decay, \
+        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, \
+        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next, \
+        c_1_minus_mu_product_next, OPTGEN_WALK_SHARE)
     switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
     case 0: NADAM_STEP_WALK1(0, 0, 0); break;
     case 1: NADAM_STEP_WALK1(0, 0, 1); break;
@@ -138,8 +142,10 @@ static void nadam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double mu_product = load_counter(counters[1 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_avg_sq_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     /* bias_correction2 = 1 - beta2 ** step */
@@ -167,9 +173,10 @@ static void nadam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define NADAM_STEP_WALK1(...) OPTGEN_WALK_REGION nadam_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, \
-        c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, \
-        c_mu_next, c_1_minus_mu_product_next, OPTGEN_WALK_SHARE)
+        exp_avg_p, exp_avg_sq_p, exp_avg_key, exp_avg_sq_key, c_weight_decay, \
+        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, \
+        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next, \
+        c_1_minus_mu_product_next, OPTGEN_WALK_SHARE)
     switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
     case 0: NADAM_STEP_WALK1(0, 0, 0); break;
     case 1: NADAM_STEP_WALK1(0, 0, 1); break;
@@ -204,6 +211,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay"),
     flags=("decoupled_weight_decay", "maximize"),
+    low_precision=(1, 2,),
 )
 
 

@@ -22,6 +22,7 @@ def _nadam_kernel(
     # list (params, exp_avgs, exp_avg_sqs), counter_addresses one per counter (state_steps, state_mu_products)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
+    state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     beta1: tl.float64,
     beta2: tl.float64,
@@ -35,7 +36,7 @@ def _nadam_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
 ):
     """NAdam step, every combination of decoupled_weight_decay, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -105,8 +106,16 @@ def _nadam_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        exp_avg_key = tl.load(state_keys + 0 * num_tensors + tensor)
+    else:
+        exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        exp_avg_sq_key = tl.load(state_keys + 1 * num_tensors + tensor)
+    else:
+        exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -150,8 +159,28 @@ def _nadam_kernel(
             # param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom
             param = param - exp_avg * lr * mu_next * one_over_1_minus_mu_product_next / denom
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
-            tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                exp_avg_bits = exp_avg.to(tl.float32).to(tl.uint32, bitcast=True)
+                exp_avg_random = offsets.to(tl.uint32) ^ exp_avg_key.to(tl.uint32)  # mix32(index ^ key)
+                exp_avg_random = (exp_avg_random ^ (exp_avg_random >> 16)) * 0x21F0AAAD
+                exp_avg_random = (exp_avg_random ^ (exp_avg_random >> 15)) * 0x735A2D97
+                exp_avg_random = exp_avg_random ^ (exp_avg_random >> 15)
+                exp_avg_bits = tl.where((exp_avg_bits & 0x7FFFFFFF) > 0x7F800000, (exp_avg_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (exp_avg_bits + (exp_avg_random & 0xFFFF)) >> 16)
+                tl.store(exp_avg_ptr + offsets, exp_avg_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                exp_avg_sq_bits = exp_avg_sq.to(tl.float32).to(tl.uint32, bitcast=True)
+                exp_avg_sq_random = offsets.to(tl.uint32) ^ exp_avg_sq_key.to(tl.uint32)  # mix32(index ^ key)
+                exp_avg_sq_random = (exp_avg_sq_random ^ (exp_avg_sq_random >> 16)) * 0x21F0AAAD
+                exp_avg_sq_random = (exp_avg_sq_random ^ (exp_avg_sq_random >> 15)) * 0x735A2D97
+                exp_avg_sq_random = exp_avg_sq_random ^ (exp_avg_sq_random >> 15)
+                exp_avg_sq_bits = tl.where((exp_avg_sq_bits & 0x7FFFFFFF) > 0x7F800000, (exp_avg_sq_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (exp_avg_sq_bits + (exp_avg_sq_random & 0xFFFF)) >> 16)
+                tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
 
 
 #: how the kernel is launched (each field: optgen.runtime.triton_launch.Kernel)
@@ -163,6 +192,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay"),
     tensor_hyperparameters=("lr",),
     guards={"DECOUPLED_WEIGHT_DECAY": lambda a: a["decoupled_weight_decay"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "MAXIMIZE": lambda a: a["maximize"]},
+    low_precision=(2, 3,),
 )
 
 

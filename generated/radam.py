@@ -37,6 +37,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import radam_forloop, radam_foreach, radam_differentiable, radam_c
 
@@ -51,6 +52,7 @@ class RAdam(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('exp_avg', 'exp_avg_sq')
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
@@ -70,6 +72,7 @@ class RAdam(GeneratedOptimizer):
         maximize=False,
         capturable=False,
         differentiable=False,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -94,6 +97,8 @@ class RAdam(GeneratedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "differentiable": differentiable,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

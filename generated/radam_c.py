@@ -18,18 +18,18 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void radam_step_walk1(const int decoupled_weight_decay,
         const int maximize, const int weight_decay_ne_0, const int rho_t_gt_5, const int rho_t_le_5,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict exp_avg_p,
-        storage_t *restrict exp_avg_sq_p, const scalar_t c_weight_decay,
-        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1,
-        const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_eps,
-        const scalar_t c_step_size, const scalar_t c_lr, const scalar_t c_bias_correction1,
-        const int64_t i_begin, const int64_t i_end)
+        const storage_t *restrict grad_p, storage_t *restrict param_p, lowp_t *restrict exp_avg_p,
+        lowp_t *restrict exp_avg_sq_p, const uint32_t exp_avg_key, const uint32_t exp_avg_sq_key,
+        const scalar_t c_weight_decay, const scalar_t c_1_minus_lr_times_weight_decay,
+        const scalar_t c_1_minus_beta1, const scalar_t c_beta2, const scalar_t c_1_minus_beta2,
+        const scalar_t c_eps, const scalar_t c_step_size, const scalar_t c_lr,
+        const scalar_t c_bias_correction1, const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param;
-        scalar_t exp_avg = to_compute(exp_avg_p[i]);
-        scalar_t exp_avg_sq = to_compute(exp_avg_sq_p[i]);
+        scalar_t exp_avg = lowp_load(exp_avg_p[i]);
+        scalar_t exp_avg_sq = lowp_load(exp_avg_sq_p[i]);
         scalar_t denom;
         if (rho_t_gt_5 || rho_t_le_5 || weight_decay_ne_0) param = to_compute(param_p[i]);
         /* grad = -grad */
@@ -49,8 +49,8 @@ static inline __attribute__((always_inline)) void radam_step_walk1(const int dec
         /* param = param - lr / bias_correction1 * exp_avg */
         if (rho_t_le_5) param = param - c_lr * exp_avg / c_bias_correction1;
         if (rho_t_gt_5 || rho_t_le_5 || (decoupled_weight_decay && weight_decay_ne_0)) param_p[i] = from_compute(param);
-        exp_avg_p[i] = from_compute(exp_avg);
-        exp_avg_sq_p[i] = from_compute(exp_avg_sq);
+        exp_avg_p[i] = lowp_store(exp_avg, exp_avg_key, i);
+        exp_avg_sq_p[i] = lowp_store(exp_avg_sq, exp_avg_sq_key, i);
     }
 }
 
@@ -70,8 +70,10 @@ static void radam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_avg_sq_key = lowp_key(t, 1);
     /* rho_inf = 2 / (1 - beta2) - 1 */
     const double rho_inf = 2 / (1 - beta2) - 1;
     /* step = step + 1 */
@@ -100,8 +102,9 @@ static void radam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define RADAM_STEP_WALK1(...) OPTGEN_WALK_REGION radam_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, \
-        c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, OPTGEN_WALK_SHARE)
+        exp_avg_p, exp_avg_sq_p, exp_avg_key, exp_avg_sq_key, c_weight_decay, \
+        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, \
+        c_lr, c_bias_correction1, OPTGEN_WALK_SHARE)
     switch ((decoupled_weight_decay << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (rho_t_gt_5 << 1) | rho_t_le_5) {
     case 0: RADAM_STEP_WALK1(0, 0, 0, 0, 0); break;
     case 1: RADAM_STEP_WALK1(0, 0, 0, 0, 1); break;
@@ -150,8 +153,10 @@ static void radam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict exp_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict exp_avg_sq_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t exp_avg_key = lowp_key(t, 0);
+    const uint32_t exp_avg_sq_key = lowp_key(t, 1);
     /* rho_inf = 2 / (1 - beta2) - 1 */
     const double rho_inf = 2 / (1 - beta2) - 1;
     /* step = step + 1 */
@@ -180,8 +185,9 @@ static void radam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define RADAM_STEP_WALK1(...) OPTGEN_WALK_REGION radam_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        exp_avg_p, exp_avg_sq_p, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, \
-        c_beta2, c_1_minus_beta2, c_eps, c_step_size, c_lr, c_bias_correction1, OPTGEN_WALK_SHARE)
+        exp_avg_p, exp_avg_sq_p, exp_avg_key, exp_avg_sq_key, c_weight_decay, \
+        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, c_step_size, \
+        c_lr, c_bias_correction1, OPTGEN_WALK_SHARE)
     switch ((decoupled_weight_decay << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (rho_t_gt_5 << 1) | rho_t_le_5) {
     case 0: RADAM_STEP_WALK1(0, 0, 0, 0, 0); break;
     case 1: RADAM_STEP_WALK1(0, 0, 0, 0, 1); break;
@@ -231,6 +237,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     flags=("decoupled_weight_decay", "maximize"),
+    low_precision=(1, 2,),
 )
 
 

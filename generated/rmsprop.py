@@ -29,6 +29,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import rmsprop_forloop, rmsprop_foreach, rmsprop_differentiable, rmsprop_c
 
@@ -43,6 +44,7 @@ class RMSprop(GeneratedOptimizer):
     _tensor_state = (('square_avgs', 'square_avg'), ('momentum_buffers', 'momentum_buffer'), ('grad_avgs', 'grad_avg'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('square_avg', 'momentum_buffer', 'grad_avg')
     _scalars = {"lr": ('lr', None), "alpha": ('alpha', None), "eps": ('eps', None),
         "weight_decay": ('weight_decay', None), "momentum": ('momentum', None)}
     _complex_as_real = True
@@ -64,6 +66,8 @@ class RMSprop(GeneratedOptimizer):
         foreach=None,
         maximize=False,
         differentiable=False,
+        *,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -89,6 +93,8 @@ class RMSprop(GeneratedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

@@ -18,21 +18,22 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int centered, const int maximize,
         const int weight_decay_ne_0, const int momentum_gt_0, const int momentum_le_0,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict square_avg_p,
-        storage_t *restrict momentum_buffer_p, storage_t *restrict grad_avg_p, const scalar_t c_weight_decay,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, lowp_t *restrict square_avg_p,
+        lowp_t *restrict momentum_buffer_p, lowp_t *restrict grad_avg_p, const uint32_t square_avg_key,
+        const uint32_t momentum_buffer_key, const uint32_t grad_avg_key, const scalar_t c_weight_decay,
         const scalar_t c_alpha, const scalar_t c_1_minus_alpha, const scalar_t c_eps,
         const scalar_t c_momentum, const scalar_t c_lr, const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param;
-        scalar_t square_avg = to_compute(square_avg_p[i]);
+        scalar_t square_avg = lowp_load(square_avg_p[i]);
         scalar_t grad_avg;
         scalar_t avg;
         scalar_t momentum_buffer;
         if (momentum_gt_0 || momentum_le_0 || weight_decay_ne_0) param = to_compute(param_p[i]);
-        if (centered) grad_avg = to_compute(grad_avg_p[i]);
-        if (momentum_gt_0) momentum_buffer = to_compute(momentum_buffer_p[i]);
+        if (centered) grad_avg = lowp_load(grad_avg_p[i]);
+        if (momentum_gt_0) momentum_buffer = lowp_load(momentum_buffer_p[i]);
         /* grad = -grad */
         if (maximize) grad = -grad;
         /* grad = grad + weight_decay * param */
@@ -52,9 +53,9 @@ static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int c
         /* param = param - lr * grad / avg */
         if (momentum_le_0) param = param - c_lr * grad / avg;
         if (momentum_gt_0 || momentum_le_0) param_p[i] = from_compute(param);
-        square_avg_p[i] = from_compute(square_avg);
-        if (momentum_gt_0) momentum_buffer_p[i] = from_compute(momentum_buffer);
-        if (centered) grad_avg_p[i] = from_compute(grad_avg);
+        square_avg_p[i] = lowp_store(square_avg, square_avg_key, i);
+        if (momentum_gt_0) momentum_buffer_p[i] = lowp_store(momentum_buffer, momentum_buffer_key, i);
+        if (centered) grad_avg_p[i] = lowp_store(grad_avg, grad_avg_key, i);
     }
 }
 
@@ -74,9 +75,12 @@ static void rmsprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
-    storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
+    lowp_t *restrict square_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict momentum_buffer_p = (lowp_t *)tensors[2 * n + t];
+    lowp_t *restrict grad_avg_p = (lowp_t *)tensors[3 * n + t];
+    const uint32_t square_avg_key = lowp_key(t, 0);
+    const uint32_t momentum_buffer_key = lowp_key(t, 1);
+    const uint32_t grad_avg_key = lowp_key(t, 2);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -90,8 +94,8 @@ static void rmsprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const int momentum_le_0 = momentum <= 0;
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define RMSPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rmsprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, \
-        c_momentum, c_lr, OPTGEN_WALK_SHARE)
+        square_avg_p, momentum_buffer_p, grad_avg_p, square_avg_key, momentum_buffer_key, grad_avg_key, \
+        c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr, OPTGEN_WALK_SHARE)
     switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
     case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
     case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
@@ -140,9 +144,12 @@ static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict square_avg_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict momentum_buffer_p = (storage_t *)tensors[2 * n + t];
-    storage_t *restrict grad_avg_p = (storage_t *)tensors[3 * n + t];
+    lowp_t *restrict square_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict momentum_buffer_p = (lowp_t *)tensors[2 * n + t];
+    lowp_t *restrict grad_avg_p = (lowp_t *)tensors[3 * n + t];
+    const uint32_t square_avg_key = lowp_key(t, 0);
+    const uint32_t momentum_buffer_key = lowp_key(t, 1);
+    const uint32_t grad_avg_key = lowp_key(t, 2);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const int weight_decay_ne_0 = weight_decay != 0;
@@ -156,8 +163,8 @@ static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const int momentum_le_0 = momentum <= 0;
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define RMSPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rmsprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        square_avg_p, momentum_buffer_p, grad_avg_p, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, \
-        c_momentum, c_lr, OPTGEN_WALK_SHARE)
+        square_avg_p, momentum_buffer_p, grad_avg_p, square_avg_key, momentum_buffer_key, grad_avg_key, \
+        c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr, OPTGEN_WALK_SHARE)
     switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
     case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
     case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
@@ -208,6 +215,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
     flags=("centered", "maximize"),
+    low_precision=(1, 2, 3,),
 )
 
 

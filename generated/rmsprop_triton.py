@@ -22,6 +22,7 @@ def _rmsprop_kernel(
     # list (params, square_avgs, momentum_buffers, grad_avgs), counter_addresses one per counter (state_steps)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
+    state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     alpha: tl.float64,
     eps: tl.float64,
@@ -35,7 +36,7 @@ def _rmsprop_kernel(
     LR_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
 ):
     """RMSprop step, every combination of centered, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -82,11 +83,23 @@ def _rmsprop_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        square_avg_key = tl.load(state_keys + 0 * num_tensors + tensor)
+    else:
+        square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_GT_0:
-        momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+        if LOW_STATE:
+            momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+            momentum_buffer_key = tl.load(state_keys + 1 * num_tensors + tensor)
+        else:
+            momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if CENTERED:
-        grad_avg_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+        if LOW_STATE:
+            grad_avg_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+            grad_avg_key = tl.load(state_keys + 2 * num_tensors + tensor)
+        else:
+            grad_avg_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -141,11 +154,41 @@ def _rmsprop_kernel(
                 # param = param - lr * grad / avg
                 param = param - grad * lr / avg
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                square_avg_bits = square_avg.to(tl.float32).to(tl.uint32, bitcast=True)
+                square_avg_random = offsets.to(tl.uint32) ^ square_avg_key.to(tl.uint32)  # mix32(index ^ key)
+                square_avg_random = (square_avg_random ^ (square_avg_random >> 16)) * 0x21F0AAAD
+                square_avg_random = (square_avg_random ^ (square_avg_random >> 15)) * 0x735A2D97
+                square_avg_random = square_avg_random ^ (square_avg_random >> 15)
+                square_avg_bits = tl.where((square_avg_bits & 0x7FFFFFFF) > 0x7F800000, (square_avg_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (square_avg_bits + (square_avg_random & 0xFFFF)) >> 16)
+                tl.store(square_avg_ptr + offsets, square_avg_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
             if MOMENTUM_GT_0:
-                tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
+                if LOW_STATE:
+                    momentum_buffer_bits = momentum_buffer.to(tl.float32).to(tl.uint32, bitcast=True)
+                    momentum_buffer_random = offsets.to(tl.uint32) ^ momentum_buffer_key.to(tl.uint32)  # mix32(index ^ key)
+                    momentum_buffer_random = (momentum_buffer_random ^ (momentum_buffer_random >> 16)) * 0x21F0AAAD
+                    momentum_buffer_random = (momentum_buffer_random ^ (momentum_buffer_random >> 15)) * 0x735A2D97
+                    momentum_buffer_random = momentum_buffer_random ^ (momentum_buffer_random >> 15)
+                    momentum_buffer_bits = tl.where((momentum_buffer_bits & 0x7FFFFFFF) > 0x7F800000, (momentum_buffer_bits >> 16) | 0x40,  # NaN stays NaN
+                                        (momentum_buffer_bits + (momentum_buffer_random & 0xFFFF)) >> 16)
+                    tl.store(momentum_buffer_ptr + offsets, momentum_buffer_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+                else:
+                    tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
             if CENTERED:
-                tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=in_bounds)
+                if LOW_STATE:
+                    grad_avg_bits = grad_avg.to(tl.float32).to(tl.uint32, bitcast=True)
+                    grad_avg_random = offsets.to(tl.uint32) ^ grad_avg_key.to(tl.uint32)  # mix32(index ^ key)
+                    grad_avg_random = (grad_avg_random ^ (grad_avg_random >> 16)) * 0x21F0AAAD
+                    grad_avg_random = (grad_avg_random ^ (grad_avg_random >> 15)) * 0x735A2D97
+                    grad_avg_random = grad_avg_random ^ (grad_avg_random >> 15)
+                    grad_avg_bits = tl.where((grad_avg_bits & 0x7FFFFFFF) > 0x7F800000, (grad_avg_bits >> 16) | 0x40,  # NaN stays NaN
+                                        (grad_avg_bits + (grad_avg_random & 0xFFFF)) >> 16)
+                    tl.store(grad_avg_ptr + offsets, grad_avg_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+                else:
+                    tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=in_bounds)
 
 
 #: how the kernel is launched (each field: optgen.runtime.triton_launch.Kernel)
@@ -157,6 +200,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
     tensor_hyperparameters=("lr",),
     guards={"CENTERED": lambda a: a["centered"], "MOMENTUM_GT_0": lambda a: a["momentum"] > 0, "MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0},
+    low_precision=(2, 3, 4,),
 )
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, filled_like, scalar_dtype
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import rprop_forloop, rprop_foreach, rprop_differentiable, rprop_c
 
@@ -43,6 +44,7 @@ class Rprop(GeneratedOptimizer):
     _tensor_state = (('prevs', 'prev'), ('step_sizes', 'step_size'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('prev', 'step_size')
     _scalars = {"etaminus": ('etas', 0), "etaplus": ('etas', 1), "step_size_min": ('step_sizes', 0),
         "step_size_max": ('step_sizes', 1)}
     _complex_as_real = True
@@ -62,6 +64,7 @@ class Rprop(GeneratedOptimizer):
         foreach=None,
         maximize=False,
         differentiable=False,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -78,6 +81,8 @@ class Rprop(GeneratedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

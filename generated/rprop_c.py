@@ -17,16 +17,16 @@ SOURCE = r"""
 /* walk 1 of rprop_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void rprop_step_walk1(const int maximize,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict prev_p,
-        storage_t *restrict step_size_p, const scalar_t c_etaplus, const scalar_t c_etaminus,
-        const scalar_t c_step_size_min, const scalar_t c_step_size_max, const int64_t i_begin,
-        const int64_t i_end)
+        const storage_t *restrict grad_p, storage_t *restrict param_p, lowp_t *restrict prev_p,
+        lowp_t *restrict step_size_p, const uint32_t prev_key, const uint32_t step_size_key,
+        const scalar_t c_etaplus, const scalar_t c_etaminus, const scalar_t c_step_size_min,
+        const scalar_t c_step_size_max, const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
-        scalar_t prev = to_compute(prev_p[i]);
+        scalar_t prev = lowp_load(prev_p[i]);
         scalar_t sign;
-        scalar_t step_size = to_compute(step_size_p[i]);
+        scalar_t step_size = lowp_load(step_size_p[i]);
         scalar_t param = to_compute(param_p[i]);
         /* sign = sign(grad * prev) */
         sign = sign_of(grad * prev);
@@ -47,8 +47,8 @@ static inline __attribute__((always_inline)) void rprop_step_walk1(const int max
         /* param = param - sign(prev) * step_size */
         param = param - step_size * sign_of(prev);
         param_p[i] = from_compute(param);
-        prev_p[i] = from_compute(prev);
-        step_size_p[i] = from_compute(step_size);
+        prev_p[i] = lowp_store(prev, prev_key, i);
+        step_size_p[i] = lowp_store(step_size, step_size_key, i);
     }
 }
 
@@ -66,8 +66,10 @@ static void rprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict prev_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict step_size_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t prev_key = lowp_key(t, 0);
+    const uint32_t step_size_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const scalar_t c_etaplus = (scalar_t)(etaplus);
@@ -76,7 +78,8 @@ static void rprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_step_size_max = (scalar_t)(step_size_max);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define RPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min, c_step_size_max, OPTGEN_WALK_SHARE)
+        prev_p, step_size_p, prev_key, step_size_key, c_etaplus, c_etaminus, c_step_size_min, \
+        c_step_size_max, OPTGEN_WALK_SHARE)
     switch (maximize) {
     case 0: RPROP_STEP_WALK1(0); break;
     case 1: RPROP_STEP_WALK1(1); break;
@@ -101,8 +104,10 @@ static void rprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     double step = load_counter(counters[0 * n + t], counters_f64);
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict prev_p = (storage_t *)tensors[1 * n + t];
-    storage_t *restrict step_size_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict prev_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict step_size_p = (lowp_t *)tensors[2 * n + t];
+    const uint32_t prev_key = lowp_key(t, 0);
+    const uint32_t step_size_key = lowp_key(t, 1);
     /* step = step + 1 */
     const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
     const scalar_t c_etaplus = (scalar_t)(etaplus);
@@ -111,7 +116,8 @@ static void rprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_step_size_max = (scalar_t)(step_size_max);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define RPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        prev_p, step_size_p, c_etaplus, c_etaminus, c_step_size_min, c_step_size_max, OPTGEN_WALK_SHARE)
+        prev_p, step_size_p, prev_key, step_size_key, c_etaplus, c_etaminus, c_step_size_min, \
+        c_step_size_max, OPTGEN_WALK_SHARE)
     switch (maximize) {
     case 0: RPROP_STEP_WALK1(0); break;
     case 1: RPROP_STEP_WALK1(1); break;
@@ -139,6 +145,7 @@ LAUNCH = Kernel(
     lazy={},
     hyperparameters=("etaminus", "etaplus", "step_size_min", "step_size_max"),
     flags=("maximize",),
+    low_precision=(1, 2,),
 )
 
 

@@ -22,6 +22,7 @@ def _rprop_kernel(
     # list (params, prevs, step_sizes), counter_addresses one per counter (state_steps)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
+    state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
     etaminus: tl.float64,
     etaplus: tl.float64,
     step_size_min: tl.float64,
@@ -30,7 +31,7 @@ def _rprop_kernel(
     MAXIMIZE: tl.constexpr,  # a["maximize"]
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
 ):
     """Rprop step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -66,8 +67,16 @@ def _rprop_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    prev_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    step_size_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        prev_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        prev_key = tl.load(state_keys + 0 * num_tensors + tensor)
+    else:
+        prev_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if LOW_STATE:
+        step_size_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+        step_size_key = tl.load(state_keys + 1 * num_tensors + tensor)
+    else:
+        step_size_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -112,8 +121,28 @@ def _rprop_kernel(
             # param = param - sign(prev) * step_size
             param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0)).to(COMPUTE)
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            tl.store(prev_ptr + offsets, prev.to(DTYPE), mask=in_bounds)
-            tl.store(step_size_ptr + offsets, step_size.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                prev_bits = prev.to(tl.float32).to(tl.uint32, bitcast=True)
+                prev_random = offsets.to(tl.uint32) ^ prev_key.to(tl.uint32)  # mix32(index ^ key)
+                prev_random = (prev_random ^ (prev_random >> 16)) * 0x21F0AAAD
+                prev_random = (prev_random ^ (prev_random >> 15)) * 0x735A2D97
+                prev_random = prev_random ^ (prev_random >> 15)
+                prev_bits = tl.where((prev_bits & 0x7FFFFFFF) > 0x7F800000, (prev_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (prev_bits + (prev_random & 0xFFFF)) >> 16)
+                tl.store(prev_ptr + offsets, prev_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(prev_ptr + offsets, prev.to(DTYPE), mask=in_bounds)
+            if LOW_STATE:
+                step_size_bits = step_size.to(tl.float32).to(tl.uint32, bitcast=True)
+                step_size_random = offsets.to(tl.uint32) ^ step_size_key.to(tl.uint32)  # mix32(index ^ key)
+                step_size_random = (step_size_random ^ (step_size_random >> 16)) * 0x21F0AAAD
+                step_size_random = (step_size_random ^ (step_size_random >> 15)) * 0x735A2D97
+                step_size_random = step_size_random ^ (step_size_random >> 15)
+                step_size_bits = tl.where((step_size_bits & 0x7FFFFFFF) > 0x7F800000, (step_size_bits >> 16) | 0x40,  # NaN stays NaN
+                                    (step_size_bits + (step_size_random & 0xFFFF)) >> 16)
+                tl.store(step_size_ptr + offsets, step_size_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+            else:
+                tl.store(step_size_ptr + offsets, step_size.to(DTYPE), mask=in_bounds)
 
 
 #: how the kernel is launched (each field: optgen.runtime.triton_launch.Kernel)
@@ -125,6 +154,7 @@ LAUNCH = Kernel(
     hyperparameters=("etaminus", "etaplus", "step_size_min", "step_size_max"),
     tensor_hyperparameters=(),
     guards={"MAXIMIZE": lambda a: a["maximize"]},
+    low_precision=(2, 3,),
 )
 
 

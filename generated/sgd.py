@@ -23,6 +23,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import sgd_forloop, sgd_foreach, sgd_differentiable, sgd_c
 
@@ -37,6 +38,7 @@ class SGD(GeneratedOptimizer):
     _tensor_state = (('momentum_buffers', 'momentum_buffer'),)
     _counter_state = ()
     _lazy_state = ('momentum_buffer',)
+    _low_precision_state = ('momentum_buffer',)
     _scalars = {"lr": ('lr', None), "momentum": ('momentum', None), "dampening": ('dampening', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = True
@@ -60,6 +62,7 @@ class SGD(GeneratedOptimizer):
         foreach=None,
         differentiable=False,
         fused=None,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -82,6 +85,8 @@ class SGD(GeneratedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
 

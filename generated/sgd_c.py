@@ -18,15 +18,15 @@ SOURCE = r"""
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void sgd_step_walk1(const int nesterov, const int maximize,
         const int weight_decay_ne_0, const int momentum_ne_0, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, storage_t *restrict momentum_buffer_p, const scalar_t c_weight_decay,
-        const scalar_t c_1_minus_dampening, const scalar_t c_momentum, const scalar_t c_lr,
-        const int momentum_buffer_is_new, const int64_t i_begin, const int64_t i_end)
+        storage_t *restrict param_p, lowp_t *restrict momentum_buffer_p, const uint32_t momentum_buffer_key,
+        const scalar_t c_weight_decay, const scalar_t c_1_minus_dampening, const scalar_t c_momentum,
+        const scalar_t c_lr, const int momentum_buffer_is_new, const int64_t i_begin, const int64_t i_end)
 {
     for (int64_t i = i_begin; i < i_end; ++i) {
         scalar_t grad = to_compute(grad_p[i]);
         scalar_t param = to_compute(param_p[i]);
         scalar_t momentum_buffer;
-        if (momentum_ne_0) momentum_buffer = to_compute(momentum_buffer_p[i]);
+        if (momentum_ne_0) momentum_buffer = lowp_load(momentum_buffer_p[i]);
         /* grad = -grad */
         if (maximize) grad = -grad;
         /* grad = grad + weight_decay * param */
@@ -40,7 +40,7 @@ static inline __attribute__((always_inline)) void sgd_step_walk1(const int neste
         /* param = param - lr * grad */
         param = param - c_lr * grad;
         param_p[i] = from_compute(param);
-        if (momentum_ne_0) momentum_buffer_p[i] = from_compute(momentum_buffer);
+        if (momentum_ne_0) momentum_buffer_p[i] = lowp_store(momentum_buffer, momentum_buffer_key, i);
     }
 }
 
@@ -59,7 +59,8 @@ static void sgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const int momentum_buffer_is_new = first_step[0 * n + t];
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
+    lowp_t *restrict momentum_buffer_p = (lowp_t *)tensors[1 * n + t];
+    const uint32_t momentum_buffer_key = lowp_key(t, 0);
     const int weight_decay_ne_0 = weight_decay != 0;
     const scalar_t c_weight_decay = (scalar_t)(weight_decay);
     const int momentum_ne_0 = momentum != 0;
@@ -68,7 +69,7 @@ static void sgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_lr = (scalar_t)(lr);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define SGD_STEP_WALK1(...) OPTGEN_WALK_REGION sgd_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
+        momentum_buffer_p, momentum_buffer_key, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
         momentum_buffer_is_new, OPTGEN_WALK_SHARE)
     switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
     case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
@@ -108,7 +109,8 @@ static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const int momentum_buffer_is_new = first_step[0 * n + t];
     const storage_t *restrict grad_p = (const storage_t *)grads[t];
     storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
-    storage_t *restrict momentum_buffer_p = (storage_t *)tensors[1 * n + t];
+    lowp_t *restrict momentum_buffer_p = (lowp_t *)tensors[1 * n + t];
+    const uint32_t momentum_buffer_key = lowp_key(t, 0);
     const int weight_decay_ne_0 = weight_decay != 0;
     const scalar_t c_weight_decay = (scalar_t)(weight_decay);
     const int momentum_ne_0 = momentum != 0;
@@ -117,7 +119,7 @@ static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_lr = (scalar_t)(lr);
     /* each version passes its flags and conditions as literals inside its parallel region */
 #define SGD_STEP_WALK1(...) OPTGEN_WALK_REGION sgd_step_walk1(__VA_ARGS__, grad_p, param_p, \
-        momentum_buffer_p, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
+        momentum_buffer_p, momentum_buffer_key, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
         momentum_buffer_is_new, OPTGEN_WALK_SHARE)
     switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
     case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
@@ -160,6 +162,7 @@ LAUNCH = Kernel(
     lazy={1: lambda a: a["momentum"] != 0},
     hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
     flags=("nesterov", "maximize"),
+    low_precision=(1,),
 )
 
 

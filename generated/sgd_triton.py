@@ -22,6 +22,7 @@ def _sgd_kernel(
     # list (params, momentum_buffers)
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
+    state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     momentum: tl.float64,
     dampening: tl.float64,
@@ -34,7 +35,7 @@ def _sgd_kernel(
     LR_IS_TENSOR: tl.constexpr, WEIGHT_DECAY_IS_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
 ):
     """SGD step, every combination of nesterov, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -71,7 +72,11 @@ def _sgd_kernel(
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_NE_0:
-        momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
+        if LOW_STATE:
+            momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
+            momentum_buffer_key = tl.load(state_keys + 0 * num_tensors + tensor)
+        else:
+            momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # every tensor starts on a 16-byte boundary (checked on the host): vector loads
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -114,7 +119,17 @@ def _sgd_kernel(
             param = param - grad * lr
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if MOMENTUM_NE_0:
-                tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
+                if LOW_STATE:
+                    momentum_buffer_bits = momentum_buffer.to(tl.float32).to(tl.uint32, bitcast=True)
+                    momentum_buffer_random = offsets.to(tl.uint32) ^ momentum_buffer_key.to(tl.uint32)  # mix32(index ^ key)
+                    momentum_buffer_random = (momentum_buffer_random ^ (momentum_buffer_random >> 16)) * 0x21F0AAAD
+                    momentum_buffer_random = (momentum_buffer_random ^ (momentum_buffer_random >> 15)) * 0x735A2D97
+                    momentum_buffer_random = momentum_buffer_random ^ (momentum_buffer_random >> 15)
+                    momentum_buffer_bits = tl.where((momentum_buffer_bits & 0x7FFFFFFF) > 0x7F800000, (momentum_buffer_bits >> 16) | 0x40,  # NaN stays NaN
+                                        (momentum_buffer_bits + (momentum_buffer_random & 0xFFFF)) >> 16)
+                    tl.store(momentum_buffer_ptr + offsets, momentum_buffer_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
+                else:
+                    tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
 
 
 #: how the kernel is launched (each field: optgen.runtime.triton_launch.Kernel)
@@ -126,6 +141,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "momentum", "dampening", "weight_decay"),
     tensor_hyperparameters=("lr", "weight_decay"),
     guards={"MOMENTUM_NE_0": lambda a: a["momentum"] != 0, "MAXIMIZE": lambda a: a["maximize"], "WEIGHT_DECAY_NE_0": lambda a: a["weight_decay"] != 0, "NESTEROV": lambda a: a["nesterov"]},
+    low_precision=(2,),
 )
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer
+from optgen.runtime.low_precision import checked_state_dtype
 
 from . import sparseadam_forloop, sparseadam_foreach
 
@@ -41,6 +42,7 @@ class SparseAdam(GeneratedOptimizer):
     _tensor_state = (('exp_avgs', 'exp_avg'), ('exp_avg_sqs', 'exp_avg_sq'))
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
+    _low_precision_state = ('exp_avg', 'exp_avg_sq')
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None)}
     _complex_as_real = False
     _elementwise = True
@@ -57,6 +59,8 @@ class SparseAdam(GeneratedOptimizer):
         betas=(0.9, 0.999),
         eps=1e-08,
         maximize=False,
+        *,
+        state_dtype=None,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -74,6 +78,8 @@ class SparseAdam(GeneratedOptimizer):
             "eps": eps,
             "maximize": maximize,
         }
+        if state_dtype is not None:  # optgen's own option (Note [Low-precision state] in optgen/spec/load.py)
+            defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
         indices = [[g, i] for g, group in enumerate(self.param_groups)

@@ -71,6 +71,7 @@ from optgen.backends.printer import Unsupported, identifier
 from optgen.backends.sweeps import BATCH, COLS, FULL, ROWS, SCALAR, Extent, Reduction, extent_of_expression
 from optgen.ir.guards import first_assignments
 from optgen.ir.nodes import Assign, Program, Role, tensor_reads
+from optgen.passes import Compiled
 
 #: C keywords and the kernel skeleton's names; an IR name among them gets a trailing underscore
 RESERVED = frozenset({
@@ -81,6 +82,7 @@ RESERVED = frozenset({
     "dim_b", "dim_m", "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper",
     "counters_f64", "flags", "malloc", "calloc", "free", "isnan", "sum_terms", "lerp_of",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
+    "state_keys", "lowp_t", "lowp_load", "lowp_store", "lowp_key",
 })
 
 #: per-tensor conditions a walk is specialised on (2 ** MAX_VERSIONS loops at most)
@@ -102,6 +104,8 @@ class CKernel:
     hyperparameters: list[str]          # in the order of `hyper`
     reduced: list[tuple[int, int]]      # (index into params + tensors, the dimension its shape keeps as 1)
     source: list[str]                   # the C function
+    low_precision: list[int] = dataclasses.field(default_factory=list)  # (index into params + tensors:
+    # the states bfloat16 state_dtype keeps in bfloat16, in the order of their keys: Note [Low-precision state])
 
 
 @dataclass
@@ -139,8 +143,9 @@ class _CBuilder:
     """Walks one specialised :class:`Program` into a :class:`CKernel` (Note [C kernel layout],
     Note [Sweeps] for rules that reduce tensors)."""
 
-    def __init__(self, program: Program, signature):
+    def __init__(self, program: Program, signature, low_state: bool = False):
         self.program = program
+        self.low_state = low_state  # printing the bfloat16 state version (Note [Low-precision state in C])
         self.kernel = plan_kernel(program, signature)
         self.plan = self.kernel.schedule
         self.defined_at = first_assignments(a.target for a in program.body
@@ -179,6 +184,8 @@ class _CBuilder:
         hypers, counters, states = kernel.hyperparameters, kernel.counters, kernel.states
         self.lists = lists = ["param", *states]
         self.lazy_states = lazy_states = [s.name for s in kernel.lazy]
+        # Note [Low-precision state] (optgen/spec/load.py): lowp_t, loaded and stored by lowp_load/lowp_store
+        self.low = [t for t in states if self.program.spec.state[t].low_precision and self.extents.get(t, FULL) == FULL]
         self.function = function
         lazy = [(lists.index(s.name), s.when) for s in kernel.lazy]
         # A state that may not exist for this tensor (SGD's momentum_buffer when momentum == 0,
@@ -189,6 +196,7 @@ class _CBuilder:
         # statement's first assignment takes its own, a later one a numbered version
         self.names.taken |= {self.cname(n) for n, r in roles.items() if r is not Role.SCALAR}
         self.names.taken |= {f"{self.cname(t)}_p" for t in ["grad", *lists]}
+        self.names.taken |= {f"{self.cname(t)}_key" for t in self.low}
 
         head = [f"const double {self.cname(h)} = hyper[{i}];" for i, h in enumerate(hypers)]
         self.flags = kernel.flags
@@ -226,7 +234,10 @@ class _CBuilder:
         used |= {n for _, line in self.lines for n in lists if re.search(rf"\b{self.cname(n)}_p\b", line)}
         for i, t in enumerate(lists):
             if t in used:
-                pointers.append(f"storage_t *restrict {self.cname(t)}_p = (storage_t *)tensors[{i} * n + t];")
+                kind = "lowp_t" if t in self.low else "storage_t"
+                pointers.append(f"{kind} *restrict {self.cname(t)}_p = ({kind} *)tensors[{i} * n + t];")
+        pointers += [f"const uint32_t {self.cname(t)}_key = lowp_key(t, {k});"
+                     for k, t in enumerate(self.low) if t in used]
         scratch = [f"scalar_t *{array} = (scalar_t *)malloc(sizeof(scalar_t) * {_size(self.extents[name])});"
                    for name, array in self.scratch.items()]
         body: list[str] = [*prologue]
@@ -270,7 +281,8 @@ class _CBuilder:
         return CKernel(function=function, key=key, doc=doc, tensors=[plural(t) for t in states], present=present,
                        flags=list(self.flags),
                        counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
-                       reduced=sorted(reduced.items()), source=source)
+                       reduced=sorted(reduced.items()), source=source,
+                       low_precision=[lists.index(t) for t in self.low])
 
     def early_stores(self) -> dict[str, int]:
         """The FULL states stored before the last walk → the walk that stores each (Note [Sweeps]):
@@ -279,6 +291,8 @@ class _CBuilder:
         it from what it was computed from."""
         early: dict[str, int] = {}
         for t in self.lists:
+            if self.low_state and t in self.low:
+                continue  # Note [Low-precision state in C]
             assigns = [s for s in self.full if s.target == t]
             if len(assigns) != 1:
                 continue
@@ -455,9 +469,10 @@ class _CBuilder:
         index = "i" if extent == FULL else _index(extent, loop)
         if name in self.scratch:
             return f"{self.scratch[name]}[{index}]"
+        load = "lowp_load" if name in self.low else "to_compute"
         if name in self.optional and not present:
-            return f"{c}_p ? to_compute({c}_p[{index}]) : 0"
-        return f"to_compute({c}_p[{index}])"
+            return f"{c}_p ? {load}({c}_p[{index}]) : 0"
+        return f"{load}({c}_p[{index}])"
 
     # -- walks ---------------------------------------------------------------------------------
     # Note [One loop body per walk]
@@ -609,7 +624,7 @@ class _CBuilder:
                 body.append(((2, s.order, 1), code if s.condition is None else f"if ({s.condition}) {code}"))
                 local[private[r.name]] = private[r.name]
         body += [((3, self.lists.index(t)), (f"if ({self.cname(t)}_p) " if t in self.optional and not present else "")
-                  + f"{self.cname(t)}_p[i] = from_compute({self.cname(t)});") for t in written]
+                  + f"{self.cname(t)}_p[i] = {self.stored(t)};") for t in written]
         # the body as it stands inside the loop when the walk has one version
         inner = [self.load(n, FULL, present) if n in loaded else f"scalar_t {self.cname(n)};" for n in reads]
         inner += [line.replace("[slot]", f"[{position}]") for key, line in body if key[0] > 1]
@@ -738,12 +753,19 @@ class _CBuilder:
             return [*(value(n) for n, _ in parameters), *(("OPTGEN_WALK_SHARE",) if whole else ())]
         return name, arguments
 
+    def stored(self, t: str) -> str:
+        """The value of state ``t`` as its storage holds it (rounded: Note [Low-precision state])."""
+        c = self.cname(t)
+        return f"lowp_store({c}, {c}_key, i)" if t in self.low else f"from_compute({c})"
+
     def parameters(self, leaves: list[_Leaf]) -> dict[str, str]:
         """Every name a walk's body may read → its C type, in the order of the body's parameters."""
         out = {v: "const int" for v in [*leaves[0].flags, *self.conditions.values()]}  # (first: the version)
         out.update({x: "const int64_t" for x in ("numel", "i", "ir", "ib", "ic", "slot", "dim_c")})
         out["grad_p"] = "const storage_t *restrict"
-        out.update({f"{self.cname(t)}_p": "storage_t *restrict" for t in self.lists})
+        out.update({f"{self.cname(t)}_p": ("lowp_t" if t in self.low else "storage_t") + " *restrict"
+                    for t in self.lists})
+        out.update({f"{self.cname(t)}_key": "const uint32_t" for t in self.low})
         out.update({array: "const scalar_t *restrict" for array in self.scratch.values()})
         for leaf in leaves:
             for n in leaf.local:
@@ -980,12 +1002,32 @@ def _index(extent: Extent, loop: Extent) -> str:
 
 
 class CBackend(FusedBackend):
-    """generated/<spec>_c.py: the C source of fused CPU kernels (Note [C kernel layout])."""
+    """generated/<spec>_c.py: the C source of fused CPU kernels (Note [C kernel layout]).
+
+    Note [Low-precision state in C]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    Under ``state_dtype=torch.bfloat16`` the library is compiled with ``STATE_BF16``: a state the
+    spec marks ``low_precision`` is a ``lowp_t`` (bfloat16) array, loaded with ``lowp_load`` and
+    stored with ``lowp_store`` (stochastic rounding, the bits of Note [Stochastic rounding of
+    state] in optgen/runtime/low_precision.py); otherwise those are the storage type and
+    ``to_compute`` / ``from_compute``, so one source serves both.  One thing differs: a state
+    stored early (Note [Sweeps]) would be read back rounded by the later walks, where the for-loop
+    reference reads the float32 value it computed — so the bfloat16 version stores no
+    low-precision state early (the later walk recomputes it), and where that changes the walks
+    (Lamb, Adafactor) the source holds both versions, ``#if STATE_BF16 … #else … #endif``."""
 
     name = "c"
     unusable_expression = "LIBRARY.unusable"
     bind_expression = "LAUNCH.bind"
     builder = _CBuilder
+
+    def kernel(self, compiled: Compiled, **options):
+        plain = super().kernel(compiled, **options)
+        low = super().kernel(compiled, low_state=True)
+        if low.source == plain.source:
+            return plain
+        assert dataclasses.replace(low, source=[]) == dataclasses.replace(plain, source=[]), compiled.spec.name
+        return dataclasses.replace(plain, source=["#if STATE_BF16", *low.source, "#else", *plain.source, "#endif"])
 
     def kernel_name(self, base: str) -> str:
         return f"{base}_step"

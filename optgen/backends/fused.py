@@ -32,8 +32,9 @@ class FusedBackend(Backend):
         """The kernel's name for ``<spec>_<variant>``."""
         return base
 
-    def kernel(self, compiled: Compiled):
-        """The optimizer's one kernel: every flag variant merged, the flags its host conditions."""
+    def kernel(self, compiled: Compiled, **options):
+        """The optimizer's one kernel: every flag variant merged, the flags its host conditions
+        (``options``: the builder's keyword arguments)."""
         spec = compiled.spec
         if spec.algorithm:
             raise Unsupported(f"{spec.name}'s step is an intrinsic ({spec.algorithm}), not an elementwise rule")
@@ -45,7 +46,7 @@ class FusedBackend(Backend):
             raise Unsupported(f"the flag variants cannot share one kernel: {e}") from None
         flags = ", ".join(h.name for h in spec.flags)
         doc = f"{spec.name} step" + (f", every combination of {flags}" if flags else "")
-        return self.builder(program, kernel_signature(compiled)).build(
+        return self.builder(program, kernel_signature(compiled), **options).build(
             self.kernel_name(module_name(spec.name)), "()", doc)
 
     def unsupported(self, compiled: Compiled) -> str | None:

@@ -103,7 +103,7 @@ RESERVED = frozenset({
     "applies", "arrived", "last", "start", "end", "whole_end", "block", "offsets", "in_bounds", "inv_scale",
     "MASKED", "other",
     "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK", "ALIGNED",
-    "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float",
+    "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float", "state_keys", "LOW_STATE",
 })
 
 #: state initialisers whose tensor is shaped like the parameter (so a flat chunk covers it)
@@ -123,6 +123,8 @@ class Kernel:
     hyperparameters: list[str]                    # scalar arguments (float64)
     tensor_hyperparameters: list[str]             # those that may be a 1-element tensor on the device
     guards: list[tuple[str, str]]                 # (constexpr atom, condition over `a`) evaluated on the host
+    low_precision: list[int] = field(default_factory=list)  # list indices (params 0, grads 1, states 2…)
+    # of the states bfloat16 state_dtype keeps in bfloat16, in key order (Note [Low-precision state in Triton])
     prologue: list[str] = field(default_factory=list)       # kernel lines before the loops
     block: list[str] = field(default_factory=list)          # one block's update (MASKED: the partial last one)
 
@@ -298,10 +300,16 @@ class _KernelBuilder:
         # -- tensor addresses ----------------------------------------------------------------------
         prologue.append("# this program's tensors")
         aligned = []
+        low = [t for t in lists if t in self.spec.state and self.spec.state[t].low_precision]
         for i, t in enumerate(t for t in lists if t != "grad"):
             k = self.kname(t)
             offset = f"{i} * num_tensors + tensor" if i else "tensor"
             pointer = [f"{k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(DTYPE))"]
+            if t in low:  # Note [Low-precision state in Triton]
+                pointer = ["if LOW_STATE:",
+                           f"    {k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(tl.bfloat16))",
+                           f"    {k}_key = tl.load(state_keys + {low.index(t)} * num_tensors + tensor)",
+                           "else:", f"    {pointer[0]}"]
             prologue += self._guarded(presence.get(t, sympy.true), pointer)
             aligned += self._guarded(presence.get(t, sympy.true), [f"{k}_ptr = tl.multiple_of({k}_ptr, 16)"])
             if t == "param":
@@ -330,7 +338,11 @@ class _KernelBuilder:
         for t in lists:
             if t in written and t != "grad":  # grad is read-only: reassigning it made a local copy
                 k = self.kname(t)
-                block += self._guarded(written[t], [f"tl.store({k}_ptr + offsets, {k}.to(DTYPE), mask=in_bounds)"])
+                store = [f"tl.store({k}_ptr + offsets, {k}.to(DTYPE), mask=in_bounds)"]
+                if t in low:
+                    store = ["if LOW_STATE:", *("    " + line for line in _stochastic_store(k)),
+                             "else:", f"    {store[0]}"]
+                block += self._guarded(written[t], store)
 
         tensors = []
         for t in lists:
@@ -340,6 +352,7 @@ class _KernelBuilder:
                   for cond, name in self.host_guards.items()]
         return Kernel(kernel=kernel, key=key, doc=doc, tensors=tensors,
                       counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
+                      low_precision=[lists.index(t) for t in low],
                       tensor_hyperparameters=tensor_hypers, guards=guards, prologue=prologue,
                       block=block)
 
@@ -422,6 +435,20 @@ class _KernelBuilder:
     def _loop_scalars(self, tensor_code) -> set[str]:
         text = "\n".join(line for _, lines in tensor_code for line in lines if not line.lstrip().startswith("#"))
         return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+
+
+def _stochastic_store(k: str) -> list[str]:
+    """The store of low-precision state ``k`` under LOW_STATE: rounded stochastically to bfloat16
+    with the bits of Note [Stochastic rounding of state] (printed inline: Triton's interpreter, which
+    runs these kernels on CPU tensors, cannot call another @triton.jit function of another module)."""
+    return [f"{k}_bits = {k}.to(tl.float32).to(tl.uint32, bitcast=True)",
+            f"{k}_random = offsets.to(tl.uint32) ^ {k}_key.to(tl.uint32)  # mix32(index ^ key)",
+            f"{k}_random = ({k}_random ^ ({k}_random >> 16)) * 0x21F0AAAD",
+            f"{k}_random = ({k}_random ^ ({k}_random >> 15)) * 0x735A2D97",
+            f"{k}_random = {k}_random ^ ({k}_random >> 15)",
+            f"{k}_bits = tl.where(({k}_bits & 0x7FFFFFFF) > 0x7F800000, ({k}_bits >> 16) | 0x40,  # NaN stays NaN",
+            f"                    ({k}_bits + ({k}_random & 0xFFFF)) >> 16)",
+            f"tl.store({k}_ptr + offsets, {k}_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)"]
 
 
 class TritonBackend(FusedBackend):

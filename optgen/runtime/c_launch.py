@@ -91,6 +91,44 @@ typedef SCALAR_T scalar_t;
 #define to_compute(x) (x)
 #define from_compute(x) (x)
 #endif
+/* lowp_t: a low-precision state's element type (Note [Stochastic rounding of state] in
+   optgen/runtime/low_precision.py): bfloat16 under state_dtype=torch.bfloat16, loaded into float and
+   stored back rounded stochastically, the random bits a hash of the element's index and its
+   tensor's key (state_keys); otherwise the parameters' type */
+#if STATE_BF16
+typedef uint16_t lowp_t;
+static inline float lowp_load(uint16_t x)
+{
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint32_t optgen_mix32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0x735a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+static inline uint16_t lowp_store(float f, uint32_t key, int64_t i)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t r = optgen_mix32((uint32_t)i ^ key);
+    const uint32_t rounded = (u + (r & 0xffffu)) >> 16;
+    /* NaN stays NaN (a select, not a branch: the loop vectorises) */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : rounded);
+}
+#define lowp_key(t, k) (state_keys[(k) * n + (t)])
+#else
+typedef storage_t lowp_t;
+#define lowp_load(x) to_compute(x)
+#define lowp_store(x, key, i) from_compute(x)
+#define lowp_key(t, k) 0u
+#endif
 /* torch.finfo(dtype).eps of the storage type */
 #if STORAGE_BF16
 #define STORAGE_EPS 0.0078125
@@ -121,8 +159,9 @@ typedef SCALAR_T scalar_t;
 /* every kernel's signature (Note [C kernel layout] in optgen/backends/c.py), and its arguments */
 #define OPTGEN_KERNEL_PARAMETERS int64_t n, void **tensors, void **grads, void **counters, \
     const int64_t *numels, const int64_t *dims, const uint8_t *first_step, const double *hyper, \
-    int counters_f64, int flags
-#define OPTGEN_KERNEL_ARGUMENTS n, tensors, grads, counters, numels, dims, first_step, hyper, counters_f64, flags
+    int counters_f64, int flags, const uint32_t *state_keys
+#define OPTGEN_KERNEL_ARGUMENTS n, tensors, grads, counters, numels, dims, first_step, hyper, counters_f64, flags, \
+    state_keys
 
 /* Note [Small tensors in parallel]: a kernel steps each tensor with its own function, here.  A
    tensor of PARALLEL_MIN elements or more is split among the threads (its walks open their own
@@ -220,7 +259,9 @@ C_TYPES = {
 #: reports each compile (INFO: ``logging.basicConfig(level=logging.INFO)`` shows them): the first
 #: step of an optimizer on a new machine or dtype takes a second or two longer, once
 LOGGER = logging.getLogger("optgen")
-_ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int, ctypes.c_int]
+_ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+#: the -D flag that compiles a library for bfloat16 low-precision state (Note [Stochastic rounding of state])
+STATE_BF16_DEFINE = "-DSTATE_BF16=1"
 
 
 def compiler() -> list[str] | None:
@@ -405,35 +446,39 @@ class Library:
 
     def __init__(self, name: str, source: str):
         self.name, self.source = name, source
-        self._loaded: dict[torch.dtype, ctypes.CDLL] = {}
-        #: dtype → why its library cannot be built or loaded: remembered, so a step does not compile again
-        self._failed: dict[torch.dtype, str] = {}
+        #: keyed by (parameter dtype, bfloat16 low-precision state)
+        self._loaded: dict[tuple[torch.dtype, bool], ctypes.CDLL] = {}
+        #: why a library cannot be built or loaded: remembered, so a step does not compile again
+        self._failed: dict[tuple[torch.dtype, bool], str] = {}
 
     def unusable(self, dtype: torch.dtype) -> str | None:
         """Why this library cannot run ``dtype`` (compiled and loaded now if need be); None when it can."""
-        if dtype not in self._loaded:
+        if (dtype, False) not in self._loaded:
             try:
                 self._load(dtype)
             except RuntimeError as e:
                 return str(e)
         return None
 
-    def _load(self, dtype: torch.dtype) -> ctypes.CDLL:
-        if dtype in self._failed:
-            raise RuntimeError(self._failed[dtype])
+    def _load(self, dtype: torch.dtype, low_state: bool = False) -> ctypes.CDLL:
+        which = (dtype, low_state)
+        if which in self._failed:
+            raise RuntimeError(self._failed[which])
         try:
-            path = self._compile(dtype)
+            path = self._compile(dtype, low_state)
             lib = ctypes.CDLL(str(path))
             lib.optgen_set_num_threads  # noqa: B018 - a library without it is not one of ours
         except (RuntimeError, OSError, AttributeError) as e:
-            self._failed[dtype] = str(e) if isinstance(e, RuntimeError) else \
+            self._failed[which] = str(e) if isinstance(e, RuntimeError) else \
                 f"optgen: loading the C kernels of {self.name} failed: {e}"
-            raise RuntimeError(self._failed[dtype]) from None
-        self._loaded[dtype] = lib
+            raise RuntimeError(self._failed[which]) from None
+        self._loaded[which] = lib
         return lib
 
-    def function(self, dtype: torch.dtype, name: str):
-        lib = self._loaded.get(dtype) or self._load(dtype)
+    def function(self, dtype: torch.dtype, name: str, low_state: bool = False):
+        """C function ``name`` compiled for ``dtype`` parameters (``low_state``: and bfloat16
+        low-precision state)."""
+        lib = self._loaded.get((dtype, low_state)) or self._load(dtype, low_state)
         # As many threads as torch's own CPU kernels use, asked at every call: OpenMP's count is
         # per calling thread (a worker thread starts at OMP_NUM_THREADS whatever the main thread
         # set), so what was set is remembered per thread and library.
@@ -446,10 +491,12 @@ class Library:
         fn.argtypes, fn.restype = _ARGTYPES, None
         return fn
 
-    def _compile(self, dtype: torch.dtype) -> Path:
+    def _compile(self, dtype: torch.dtype, low_state: bool = False) -> Path:
         """The verified library for ``dtype`` in the cache, built there when missing or damaged
         (Note [Kernel cache])."""
-        ctype, defines = C_TYPES[dtype]
+        ctype, defines = C_TYPES[dtype][0], tuple(C_TYPES[dtype][1])
+        if low_state:
+            ctype, defines = f"{ctype}_bf16state", (*defines, STATE_BF16_DEFINE)
         cc = compiler()
         if cc is None:
             raise RuntimeError("optgen's fused CPU kernels need a C compiler (cc, or $CC); none was found")
@@ -499,13 +546,16 @@ class Kernel:
     - ``counters``: the counter lists; ``lazy``: index → when that state is created on its first
       step; ``hyperparameters``: in the order the C function reads ``hyper``;
     - ``flags``: in the order of the bits of its ``flags`` argument;
-    - ``reduced``: index → the dimension a state shaped like a reduction of the parameter keeps as 1."""
+    - ``reduced``: index → the dimension a state shaped like a reduction of the parameter keeps as 1;
+    - ``low_precision``: the indices of the states ``state_dtype=torch.bfloat16`` keeps in bfloat16,
+      in the order of their keys in ``state_keys`` (Note [Stochastic rounding of state])."""
 
     def __init__(self, library: Library, function: str, *, tensors, counters, lazy, hyperparameters, flags=(),
-                 present=None, reduced=None):
+                 present=None, reduced=None, low_precision=()):
         self.library, self.function = library, function
         self.tensors, self.counters, self.lazy, self.hyperparameters = tensors, counters, lazy, hyperparameters
         self.flags, self.present, self.reduced = flags, present or {}, reduced or {}
+        self.low_precision = tuple(low_precision)
         register_launcher(library.name, self)  # what optgen::c_step runs (Note [C kernels as custom ops])
 
     def __call__(self, **arguments) -> None:
@@ -518,8 +568,12 @@ class Kernel:
         if n and traced(arguments["params"][0]):  # torch.compile, or FakeTensors: no address to pass
             _traced_launch(self, tensors, arguments["grads"], counters, lazy, hyperparameters, flags)
             return
+        low = None
+        if arguments.get("state_keys") is not None:  # bfloat16 state: each such list's keys, in kernel order
+            keys = arguments["state_keys"]
+            low = LowState(self.low_precision, [keys[self.tensors[index]] for index in self.low_precision])
         launch(self.library, self.function, tensors=tensors, grads=arguments["grads"], counters=counters,
-               lazy=lazy, hyperparameters=hyperparameters, reduced=self.reduced, flags=flags)
+               lazy=lazy, hyperparameters=hyperparameters, reduced=self.reduced, flags=flags, low=low)
 
     def _lists(self, arguments, n: int) -> list[list]:
         """The tensor lists in table order, a list these arguments leave unused as None entries."""
@@ -556,6 +610,15 @@ def _missing(values) -> bool:
     return any(t is None for t in values)
 
 
+class LowState:
+    """A launch's bfloat16 low-precision states: their indices into the lists, and their rounding
+    keys, one per tensor, as the uint32 table ``state_keys[k * n + t]`` the kernel reads."""
+
+    def __init__(self, indices: tuple[int, ...], keys: list[list[int]]):
+        self.indices = frozenset(indices)
+        self.table = array.array("I", [k for per_list in keys for k in per_list] or [0])
+
+
 class BoundLaunch:
     """One group's C launch, bound to its lists (Note [Cached steps] in runtime/step_cache.py): the
     address tables of its parameters, states and counters, built and checked once, and the storages
@@ -589,7 +652,7 @@ class BoundLaunch:
         kernel.library.function(self.dtype, kernel.function)(
             self.n, plan.addresses.data_ptr(), self.grad_table.buffer_info()[0], plan.counter_addresses.data_ptr(),
             plan.numels.data_ptr(), plan.dims.data_ptr(), self.first_step.data_ptr(), hyper.buffer_info()[0],
-            plan.counters_f64, flags)
+            plan.counters_f64, flags, None)
         return True
 
 
@@ -640,7 +703,7 @@ def _(module, tensors, absent, grads, counters, n, first, hyperparameters, flags
 
 
 def launch(library: Library, function: str, *, tensors, grads, counters, lazy, hyperparameters,
-           reduced=None, flags: int = 0) -> None:
+           reduced=None, flags: int = 0, low: LowState | None = None) -> None:
     """Calls ``function`` of ``library`` once for every tensor of one dtype group.
 
     tensors: lists in the kernel's order — params, then the states it touches (entries of a state
@@ -652,6 +715,7 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
     reduced: index into ``tensors`` → the dimension a state keeps with size 1 (Adafactor's row_var:
         ``zeros_reduced(param, -1)``); every other state is shaped like its parameter.
     flags: the flag values, bit k the kernel's k-th flag.
+    low: the states kept in bfloat16 and their rounding keys (None: every state in the params' dtype).
     """
     params = tensors[0]
     if not params:
@@ -663,20 +727,20 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
     if creates_states(tensors, lazy):
         # Checked before the new state exists: a step refused here (KernelDeclined: the caller runs
         # the for-loop instead) leaves nothing allocated behind in the caller's lists.
-        _check(params, tensors, grads, counters, reduced or {})
-    first = sum(create_states(params, tensors, lazy), [])
-    _launch(library, function, tensors, grads, counters, first, hyperparameters, reduced, flags)
+        _check(params, tensors, grads, counters, reduced or {}, low)
+    first = sum(create_states(params, tensors, lazy, low.indices if low else ()), [])
+    _launch(library, function, tensors, grads, counters, first, hyperparameters, reduced, flags, low)
 
 
 def _launch(library: Library, function: str, tensors, grads, counters, first: list[int], hyperparameters,
-            reduced, flags: int) -> None:
+            reduced, flags: int, low: LowState | None = None) -> None:
     """``launch`` once the lazily created states exist (``first``: their first-step flags)."""
     params = tensors[0]
     dtype, n = params[0].dtype, len(params)
     if dtype not in C_TYPES:
         raise RuntimeError(f"optgen's fused CPU kernels support {', '.join(map(str, C_TYPES))} parameters, "
                            f"not {dtype}; use foreach=True or fused=None")
-    plan = _plan(dtype, tensors, counters, reduced or {})
+    plan = _plan(dtype, tensors, counters, reduced or {}, low)
     grad_key = layout(grads)
     if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
         _check(params, [], grads, [])
@@ -686,9 +750,10 @@ def _launch(library: Library, function: str, tensors, grads, counters, first: li
     first_step = torch.tensor(first or [0], dtype=torch.uint8)
     hyper = torch.tensor([math.nan if h is None else float(h) for h in hyperparameters] or [0.0],
                          dtype=torch.float64)
-    library.function(dtype, function)(n, plan.addresses.data_ptr(), plan.grad_addresses.data_ptr(),
-                                      plan.counter_addresses.data_ptr(), plan.numels.data_ptr(), plan.dims.data_ptr(),
-                                      first_step.data_ptr(), hyper.data_ptr(), plan.counters_f64, flags)
+    library.function(dtype, function, low is not None)(
+        n, plan.addresses.data_ptr(), plan.grad_addresses.data_ptr(), plan.counter_addresses.data_ptr(),
+        plan.numels.data_ptr(), plan.dims.data_ptr(), first_step.data_ptr(), hyper.data_ptr(), plan.counters_f64,
+        flags, None if low is None else low.table.buffer_info()[0])
 
 
 class _Plan(LaunchPlan):
@@ -715,26 +780,30 @@ def _view(shape) -> tuple[int, int, int, int]:
     return len(shape), math.prod(shape[:-2]), m, c
 
 
-def _plan(dtype, tensors, counters, reduced: dict) -> _Plan:
+def _plan(dtype, tensors, counters, reduced: dict, low: LowState | None = None) -> _Plan:
     """The cached tables for these tensors; a new set (a new parameter, state created or replaced,
     a loaded state dict, a tensor re-viewed in place) is checked and gets new ones."""
     layouts = layout(t for values in tensors for t in values)
     counter_layouts = layout(c for values in counters for c in values)
-    key = (dtype, layouts, counter_layouts)
+    key = (dtype, layouts, counter_layouts, low is not None and low.indices)
     plan = _PLANS.get(key)
     if plan is None:
-        _check(tensors[0], tensors, [], counters, reduced)
+        _check(tensors[0], tensors, [], counters, reduced, low)
         addresses = tuple(t.data_ptr() if t is not None else 0 for values in tensors for t in values)
         counter_addresses = tuple(c.data_ptr() for values in counters for c in values)
         plan = _PLANS.put(key, _Plan(dtype, tensors, counters, addresses, counter_addresses))
     return plan
 
 
-def _check(params, tensors, grads, counters, reduced=None) -> None:
-    """Every tensor the kernel addresses is a contiguous CPU tensor of the group's dtype, shaped
-    like its parameter (or its reduced shape); every counter a 1-element float32 or float64 CPU
-    tensor, all alike.  A state or gradient that is only not contiguous raises KernelDeclined."""
-    dtype = params[0].dtype
+def _check(params, tensors, grads, counters, reduced=None, low: LowState | None = None) -> None:
+    """Every tensor the kernel addresses is a contiguous CPU tensor of the group's dtype (bfloat16
+    for the states ``low`` lists), shaped like its parameter (or its reduced shape); every counter
+    a 1-element float32 or float64 CPU tensor, all alike.  A state or gradient that is only not
+    contiguous raises KernelDeclined."""
+    if low is not None and params[0].dtype != torch.float32:
+        raise RuntimeError(f"optgen's fused CPU kernel keeps bfloat16 state for float32 parameters, "
+                           f"not {params[0].dtype}")
+    low_indices = low.indices if low is not None else frozenset()
     reduced = reduced or {}
     for index, (what, values) in enumerate((("parameter", params), ("gradient", grads),
                                             *(("state", v) for v in tensors[1:]))):
@@ -743,6 +812,7 @@ def _check(params, tensors, grads, counters, reduced=None) -> None:
                 continue
             dim = reduced.get(index - 1)
             shape = params[i].shape if dim is None else reduced_shape(params[i].shape, dim)
+            dtype = torch.bfloat16 if index - 1 in low_indices else params[0].dtype
             if t.device.type != "cpu" or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
                 wrong = t.device.type != "cpu" or t.dtype != dtype or t.shape != shape
                 raise (RuntimeError if wrong else KernelDeclined)(

@@ -157,8 +157,9 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
         return "c"  # Note [The fastest by default]
     if all(p.device.type in FOREACH_DEVICES for p in params):
         fastest = FASTEST_ON_CUDA.get(type(optimizer).__name__)
+        # (bfloat16 state: the Triton kernels' rounding has run only in Triton's interpreter; foreach)
         if fastest is not None and fastest in optimizer.implementations \
-                and (fastest != "triton" or triton_applies(params)):
+                and (fastest != "triton" or (triton_applies(params) and group.get("state_dtype") is None)):
             return fastest
         return "foreach"
     return "forloop"

@@ -10,6 +10,8 @@ and small generated methods:
   ``differentiable=True`` group runs the ``"differentiable"`` module (Note [differentiable=True]);
 - ``_tensor_state`` / ``_counter_state``: (rule name, state key) pairs in kernel argument order;
 - ``_lazy_state``: state keys created by the kernel itself on their first step;
+- ``_low_precision_state``: state keys ``state_dtype=torch.bfloat16`` stores in bfloat16 (Note
+  [Stochastic rounding of state] in optgen/runtime/low_precision.py);
 - ``_scalars``: kernel keyword → (group key, tuple index or None);
 - ``_init_state(param, group)``: creates ``self.state[param]`` (generated from the spec);
 - ``_loaded_group_defaults`` / ``_loaded_group_fixed``: group keys a loaded state (an older
@@ -27,7 +29,7 @@ import warnings
 
 import torch
 
-from optgen.runtime import dispatch, subclasses
+from optgen.runtime import dispatch, low_precision, subclasses
 from optgen.runtime.kernels import KernelModule
 from optgen.runtime.native import KernelDeclined
 from optgen.runtime.optimizer import Optimizer
@@ -68,6 +70,7 @@ class GeneratedOptimizer(Optimizer):
     _tensor_state: tuple[tuple[str, str], ...] = ()
     _counter_state: tuple[tuple[str, str], ...] = ()
     _lazy_state: tuple[str, ...] = ()
+    _low_precision_state: tuple[str, ...] = ()
     _scalars: dict[str, tuple[str, int | None]] = {}
     _loaded_group_defaults: dict[str, object] = {}
     _loaded_group_fixed: dict[str, object] = {}
@@ -114,7 +117,16 @@ class GeneratedOptimizer(Optimizer):
         into the tensor a fresh state would hold: the scalar dtype on the CPU, or next to the
         parameter when the group is ``capturable`` / ``fused`` (float32 when ``fused``), which is
         where torch puts them.  Host counters (SparseAdam's ``step``) stay numbers."""
+        # load_state_dict passes the loaded groups while this optimizer's are still in place: each
+        # keeps its own state_dtype, not the checkpoint's (a deepcopy or unpickling has none yet)
+        own = self.__dict__.get("param_groups")
         super().__setstate__(state)
+        if own is not None and len(own) == len(self.param_groups):
+            for group, before in zip(self.param_groups, own, strict=True):
+                group.pop("state_dtype", None)
+                if before.get("state_dtype") is not None:
+                    group["state_dtype"] = before["state_dtype"]
+        low_precision.convert_loaded_state(self)  # Note [Stochastic rounding of state]
         self.__dict__.pop("_cached_steps", None)  # bound to the tensors of the state replaced (Note [Cached steps])
         counters = {key for _, key in self._counter_state} - set(self._host_counters)
         for group in self.param_groups:
@@ -159,15 +171,34 @@ class GeneratedOptimizer(Optimizer):
             return
         if kernel.counters_on_device:
             _counters_on_device(self, params, states, tensors)
-        self._run_kernel(kernel, group, tensors, scalars)
+        keys = self._rounding_keys(group, params, states, implementation)
+        if keys is None:
+            self._run_kernel(kernel, group, tensors, scalars)
+        elif implementation in ("c", "triton"):  # the kernel rounds in registers
+            self._run_kernel(kernel, group, tensors, scalars, state_keys=keys)
+        else:  # the readable reference: float32 copies, rounded back after the kernel
+            rounded = low_precision.Rounded(tensors, keys)
+            self._run_kernel(kernel, group, tensors, scalars)
+            rounded.store()
         if scatter is not None:
             scatter()
         if to_global is not None:
             tensors = to_global(tensors, created)
         # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).
         self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
-        if scatter is None and to_global is None:
+        if scatter is None and to_global is None and keys is None:
             self._bind(group, kernel, params, tensors, scalars)
+
+    def _rounding_keys(self, group: dict, params, states, implementation: str) -> dict[str, list[int]] | None:
+        """The rounding keys of this step's low-precision lists (Note [Stochastic rounding of
+        state]), None when the group keeps its state in the parameters' dtype."""
+        if group.get("state_dtype") is None:
+            return None
+        if implementation not in ("forloop", "foreach", "c", "triton"):
+            raise RuntimeError(f"optgen: state_dtype=torch.bfloat16 runs on the forloop, foreach, C and Triton "
+                               f"kernels, not the {implementation} one yet; use foreach=True")
+        names = [(name, key) for name, key in self._tensor_state if key in self._low_precision_state]
+        return low_precision.step_keys(self, params, states, names)
 
     def _bind(self, group: dict, kernel: KernelModule, params, tensors: dict, scalars: dict) -> None:
         """Keeps the launch this step ran, bound to its lists, for the next steps (Note [Cached
@@ -196,19 +227,25 @@ class GeneratedOptimizer(Optimizer):
             implementation = "differentiable"  # Note [differentiable=True] (backends/differentiable.py)
         return implementation, tensors, to_global
 
-    def _run_kernel(self, kernel: KernelModule, group: dict, tensors: dict, scalars: dict) -> None:
+    def _run_kernel(self, kernel: KernelModule, group: dict, tensors: dict, scalars: dict,
+                    state_keys: dict[str, list[int]] | None = None) -> None:
         """The kernel over the group's lists: once, or once per (device, dtype) group for a
-        multi-tensor kernel; a group a native kernel declines steps with the for-loop."""
+        multi-tensor kernel; a group a native kernel declines steps with the for-loop.
+        ``state_keys``: a C kernel's rounding keys of low-precision lists (one group: one dtype)."""
         if not kernel.multi_tensor:
             kernel.run(group, tensors, scalars)
             return
+        extra = {} if state_keys is None else {"state_keys": state_keys}
         for sub in _split_by_device_and_dtype(self, tensors):
             try:
-                kernel.run(group, sub, scalars)
+                kernel.run(group, sub, scalars, **extra)
             except KernelDeclined as e:  # raised before the kernel wrote anything
                 # stacklevel: the caller of step() (frames: here, _step_group, step, torch's wrapper)
                 warnings.warn(f"optgen: {e}; this group steps with the for-loop kernel instead", stacklevel=5)
+                rounded = None if state_keys is None else low_precision.Rounded(sub, state_keys)
                 self._step_with_forloop(group, sub, scaled=kernel.grad_scaler)
+                if rounded is not None:
+                    rounded.store()
 
     def _kernel_scalars(self, kernel: KernelModule, group: dict) -> dict:
         """The hyperparameters a kernel takes, by keyword: numbers, except those it takes as given
@@ -272,11 +309,20 @@ class GeneratedOptimizer(Optimizer):
         if not state:
             # A differentiable group's Tensor hyperparameters stay tensors (Note [differentiable=True]).
             initial = self._init_state(param, group if group.get("differentiable") else _numbers(group))
+            initial = self._in_state_dtype(param, group, initial)
             if initial:
                 counters = {key for _, key in self._counter_state}
                 self.state[param].update(dispatch.place_counters(initial, param, group, counters))
             state = self.state.get(param, {})
         return state
+
+    def _in_state_dtype(self, param: torch.Tensor, group: dict, initial: dict) -> dict:
+        """A new state with its low-precision tensors in the group's ``state_dtype`` (Note
+        [Stochastic rounding of state] in optgen/runtime/low_precision.py), if it has one."""
+        if not initial or group.get("state_dtype") is None:
+            return initial
+        low_precision.check_param(self, param)
+        return {k: v.to(group["state_dtype"]) if k in self._low_precision_state else v for k, v in initial.items()}
 
     def _kernel_lists(self, params, grads, states, group=None) -> tuple[dict[str, list], dict[str, list[bool]]]:
         """The kernel's per-tensor lists by argument name (complex tensors as real views), and

@@ -108,17 +108,19 @@ def creates_states(lists, lazy: dict) -> bool:
     return any(create and any(t is None for t in lists[index]) for index, create in lazy.items())
 
 
-def create_states(params, lists, lazy: dict) -> list[list[int]]:
+def create_states(params, lists, lazy: dict, low=()) -> list[list[int]]:
     """Allocates the lazily created states of this step (their None entries in ``lists[index]``,
     stored into the caller's list, which saves them in the optimizer's state); per lazy state, 1
-    where the kernel must store its ``first`` value.  (Never read before that store.)"""
+    where the kernel must store its ``first`` value.  (Never read before that store.)  ``low``:
+    the indices of states kept in bfloat16 (Note [Stochastic rounding of state])."""
     flags = []
     for index, create in lazy.items():
         values, new = lists[index], [0] * len(params)
+        dtype = torch.bfloat16 if index in low else None
         if create:
             for i, t in enumerate(values):
                 if t is None:
-                    values[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+                    values[i] = torch.empty_like(params[i], dtype=dtype, memory_format=torch.contiguous_format)
                     new[i] = 1
         flags.append(new)
     return flags

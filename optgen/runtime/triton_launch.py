@@ -73,6 +73,16 @@ from optgen.runtime.native import (
 #: vectors (checked in the sm_90 PTX); the last, partial block of a chunk is masked.
 CONFIG: dict[str, Any] = {"BLOCK": None, "CHUNK": 16 * 1024, "num_warps": 4}
 
+# Note [Low-precision state in Triton]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Under ``state_dtype=torch.bfloat16`` a kernel is launched with ``LOW_STATE=True``: each state the
+# spec marks ``low_precision`` is addressed as bfloat16, loaded into COMPUTE like any state, and
+# stored rounded stochastically (optgen/backends/triton.py prints it) with the bits of Note
+# [Stochastic rounding of state] (optgen/runtime/low_precision.py) — ``mix32`` of the element's
+# index xor its tensor's key, read from the ``state_keys`` table ([low-precision states, T],
+# int64) — the bits the for-loop reference and the C kernel draw.
+
+
 DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
           torch.float64: tl.float64}
 
@@ -109,15 +119,18 @@ class Kernel:
     - ``guards``: its ``tl.constexpr`` conditions (the flags and hyperparameter comparisons its
       code branches on), by name."""
 
-    def __init__(self, kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards):
+    def __init__(self, kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards,
+                 low_precision=()):
         self.kernel, self.tensors, self.counters, self.lazy = kernel, tensors, counters, lazy
+        #: indices into ``tensors`` of the states bfloat16 state_dtype keeps in bfloat16, in key order
+        self.low_precision = tuple(low_precision)
         self.hyperparameters, self.tensor_hyperparameters, self.guards = hyperparameters, tensor_hyperparameters, guards
         #: the generated module whose LAUNCH this is: how the custom op finds it again (a string
         #: goes into a graph; the kernel does not)
         self.module = kernel.fn.__module__
         register_launcher(self.module, self)
 
-    def __call__(self, *, grad_scale=None, found_inf=None, **arguments) -> None:
+    def __call__(self, *, grad_scale=None, found_inf=None, state_keys=None, **arguments) -> None:
         guards = {name: bool(condition(arguments)) for name, condition in self.guards.items()}
         tensors = [(arguments[name], used is None or bool(used(arguments))) for name, used in self.tensors]
         counters = [arguments[c] for c in self.counters]
@@ -127,9 +140,14 @@ class Kernel:
         if params and traced(params[0]):
             _traced_launch(self, tensors, counters, lazy, hyperparameters, guards, grad_scale, found_inf)
             return
+        low = None
+        if state_keys is not None:  # bfloat16 state: [low-precision lists, T] keys (Note [Low-precision state
+            # in Triton])
+            keys = [state_keys[self.tensors[index][0]] for index in self.low_precision]
+            low = (frozenset(self.low_precision), torch.tensor(keys, dtype=torch.int64, device=params[0].device))
         launch(self.kernel, tensors=tensors, counters=counters, lazy=lazy, hyperparameters=hyperparameters,
                tensor_hyperparameters=self.tensor_hyperparameters, guards=guards,
-               grad_scale=grad_scale, found_inf=found_inf)
+               grad_scale=grad_scale, found_inf=found_inf, low=low)
 
 
 # Note [Triton kernels as custom ops]
@@ -212,7 +230,7 @@ def _(module, tensors, used, absent, counters, n, first, hyperparameters, tensor
 
 
 def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards,
-           grad_scale=None, found_inf=None) -> None:
+           grad_scale=None, found_inf=None, low=None) -> None:
     """Runs ``kernel`` once over every tensor of one (device, dtype) group.
 
     tensors: ``(list, used)`` pairs in the kernel's order — params, grads, then states; ``used`` is
@@ -225,6 +243,8 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
         1-element tensors, read in the kernel when on the parameters' device (no synchronisation).
     guards: the kernel's constexpr conditions, evaluated on the host.
     grad_scale, found_inf: GradScaler's tensors (None when not scaling).
+    low: (indices into ``tensors`` of the bfloat16 states, their keys [states, T] on the device), or
+        None: every state in the parameters' dtype (Note [Low-precision state in Triton]).
     """
     params = tensors[0][0]
     if not params:
@@ -237,18 +257,19 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
     if creates_states(lists, lazy):
         # Checked before the new state exists: a group declined here (KernelDeclined: the caller
         # runs the for-loop instead) leaves nothing allocated behind in the caller's lists.
-        _check(device, dtype, params, _named(tensors), counters, allow_missing=True)
-    new = create_states(params, lists, lazy)
+        _check(device, dtype, params, _named(tensors), counters, allow_missing=True, low=_low_lists(tensors, low))
+    new = create_states(params, lists, lazy, low[0] if low else ())
     _launch(kernel, tensors=tensors, counters=counters, new=new, hyperparameters=hyperparameters,
-            tensor_hyperparameters=tensor_hyperparameters, guards=guards, grad_scale=grad_scale, found_inf=found_inf)
+            tensor_hyperparameters=tensor_hyperparameters, guards=guards, grad_scale=grad_scale, found_inf=found_inf,
+            low=low)
 
 
 def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperparameters, guards, grad_scale,
-            found_inf) -> None:
+            found_inf, low=None) -> None:
     """``launch`` once the lazily created states exist (``new``: their first-step flags)."""
     params, grads = tensors[0][0], tensors[1][0]
     device, dtype = params[0].device, params[0].dtype
-    plan = _plan(device, dtype, tensors, counters, new)
+    plan = _plan(device, dtype, tensors, counters, new, low)
     grad_key = layout(grads, devices=True)
     if grad_key != plan.grad_key:  # zero_grad(set_to_none=True) hands out new gradients each step
         _check(device, dtype, params, [(grads, True, "gradient")], [])
@@ -273,6 +294,11 @@ def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperpara
     if found_inf is not None:
         found_inf = found_inf.to(device, non_blocking=True)
     counter_dtype = counters[0][0].dtype if counters and counters[0] else torch.float32
+    if "LOW_STATE" in kernel.arg_names:  # a kernel with low-precision states (Note [Low-precision state in Triton])
+        kwargs["state_keys"] = dummy if low is None else low[1]
+        kwargs["LOW_STATE"] = low is not None
+    elif low is not None:
+        raise RuntimeError("optgen: this triton kernel keeps no state in bfloat16")
     run = _runner(kernel, device)
     with _on(device), _quiet(device):
         run[(plan.programs,)](
@@ -299,18 +325,20 @@ def _number(value) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def _plan(device, dtype, tensors, counters, new) -> _Plan:
+def _plan(device, dtype, tensors, counters, new, low=None) -> _Plan:
     """The cached launch tables for these tensors, built on a miss (see Note [Launch tables])."""
     params = tensors[0][0]
     rows = [tensors[0], *tensors[2:]]  # params and states; the grads have their own table
     # Keyed on every tensor's layout, not its address alone (Note [Plan keys] in native.py).
     key = (device, dtype, CONFIG["CHUNK"], layout((t if used else None for values, used in rows for t in values),
                                                   devices=True),
-           layout((c for values in counters for c in values), devices=True), tuple(map(tuple, new)))
+           layout((c for values in counters for c in values), devices=True), tuple(map(tuple, new)),
+           low is not None and low[0])
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
-    _check(device, dtype, params, [named for named in _named(tensors) if named[2] != "gradient"], counters)
+    _check(device, dtype, params, [named for named in _named(tensors) if named[2] != "gradient"], counters,
+           low=_low_lists(tensors, low))
     addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in rows]
     counter_addresses = [[t.data_ptr() for t in values] for values in counters]
     numels = [p.numel() for p in params]
@@ -349,20 +377,29 @@ def _named(tensors) -> list[tuple[list, bool, str]]:
     return [(values, used, name) for (values, used), name in zip(tensors, names, strict=True)]
 
 
-def _check(device, dtype, params, lists, counters, allow_missing: bool = False) -> None:
-    """Every tensor the kernel will address is there, on the group's device and dtype, shaped like
-    its parameter and contiguous (the kernel walks it as one flat array); every counter is one
-    element on the device, all of one dtype (run only when a table is built, not every step).  A
-    tensor that is only not contiguous, or counters of two dtypes, raise KernelDeclined."""
+def _low_lists(tensors, low) -> frozenset[int]:
+    """The ids of the lists a launch keeps in bfloat16 (``low``: see ``launch``)."""
+    return frozenset(id(tensors[index][0]) for index in low[0]) if low is not None else frozenset()
+
+
+def _check(device, dtype, params, lists, counters, allow_missing: bool = False, low=frozenset()) -> None:
+    """Every tensor the kernel will address is there, on the group's device and dtype (bfloat16 for
+    the lists whose ids are in ``low``), shaped like its parameter and contiguous (the kernel walks
+    it as one flat array); every counter is one element on the device, all of one dtype (run only
+    when a table is built, not every step).  A tensor that is only not contiguous, or counters of
+    two dtypes, raise KernelDeclined."""
+    if low and dtype != torch.float32:
+        raise RuntimeError(f"optgen's triton kernel keeps bfloat16 state for float32 parameters, not {dtype}")
     for values, used, what in lists:
         if not used:
             continue
+        expected = torch.bfloat16 if id(values) in low else dtype
         for i, t in enumerate(values):
             if t is None:
                 if allow_missing:  # a state this step creates
                     continue
                 raise RuntimeError(f"optgen triton launch: the {what} of parameter {i} is missing")
-            if t.device != device or t.dtype != dtype or t.shape != params[i].shape:
+            if t.device != device or t.dtype != expected or t.shape != params[i].shape:
                 raise RuntimeError(f"optgen's triton kernel needs every tensor of a group on one device and dtype, "
                                    f"shaped like its parameter: the {what} of parameter {i} is {t.dtype} "
                                    f"{tuple(t.shape)} on {t.device}, the parameter {params[i].dtype} "

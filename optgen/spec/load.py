@@ -38,7 +38,7 @@ HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor", "choices", "derive
 #: algorithms whose step is an intrinsic of optgen/runtime/ rather than an update rule
 ALGORITHMS = {"lbfgs"}
 NONE = "None"  # TOML has no null: the string "None" in a default stands for Python's None
-STATE_KEYS = {"init", "first", "when", "key", "host"}
+STATE_KEYS = {"init", "first", "when", "key", "host", "low_precision"}
 ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError"}
 #: optimizer.gradients (Note [Sparse gradients] in optgen/runtime/generated.py)
 GRADIENTS = ("dense", "sparse", "dense_or_sparse", "dense_or_gathered")
@@ -447,7 +447,8 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
             text = expect(table["first"], str, src, path + ("first",), "first")
             value = expressions.parse_math(text, src.value_loc(path + ("first",)),
                                            names, "a state's first value")
-            out[name] = StateVar(name, key, "first", value, when, loc)
+            out[name] = StateVar(name, key, "first", value, when, loc,
+                                 low_precision=_low_precision(table, "first", src, path))
             continue
         raw_init = table["init"]
         ipath = path + ("init",) if isinstance(raw, dict) else path
@@ -458,8 +459,36 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
         host = expect(table.get("host", False), bool, src, path + ("host",), "host")
         if host and kind != "scalar":
             raise SpecError(src.key_loc(path + ("host",)), "host = true is only for counters (init = a number)")
-        out[name] = StateVar(name, key, kind, value, when, loc, host=host)
+        out[name] = StateVar(name, key, kind, value, when, loc, host=host,
+                             low_precision=_low_precision(table, kind, src, path))
     return out
+
+
+# Note [Low-precision state]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``state_dtype=torch.bfloat16`` stores some of a parameter's states in bfloat16 (the kernels load
+# them into float32, update, and store them back rounded stochastically: optgen/runtime/low_precision.py).
+# Which may be, is the spec's word: a state's ``low_precision`` key.  By default a state shaped like
+# its parameter (``zeros_like`` / ``full_like`` / ``first``: moments, momentum buffers) may, being
+# where the memory goes; a counter (``init`` a number: ``step``) may not (its value must count
+# exactly), and neither may a reduced-shape state (``zeros_reduced``: Adafactor's row and column
+# factors, a few numbers per row, whose precision matters more than their size).  A spec may say
+# ``low_precision = false`` for a full-size state that must keep the parameter's precision; it
+# cannot say true for the two others.
+#: the initialisers whose states may be stored in low precision (Note [Low-precision state])
+LOW_PRECISION_KINDS = ("zeros", "full", "first")
+
+
+def _low_precision(table: dict, kind: str, src: Source, path: tuple) -> bool:
+    """The state's ``low_precision`` key, or its default (Note [Low-precision state])."""
+    if "low_precision" not in table:
+        return kind in LOW_PRECISION_KINDS
+    value = expect(table["low_precision"], bool, src, path + ("low_precision",), "low_precision")
+    if value and kind not in LOW_PRECISION_KINDS:
+        raise SpecError(src.value_loc(path + ("low_precision",)),
+                        "low_precision = true is only for states shaped like the parameter (zeros_like(param), "
+                        "full_like(param, x) or first = ...), not counters or reduced-shape states")
+    return value
 
 
 def _parse_init(text: str, loc: Location, names: dict[str, str]) -> tuple[str, sympy.Expr | None]:

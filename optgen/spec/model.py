@@ -60,6 +60,9 @@ class StateVar:
     when: sympy.Basic            # condition (flags, hyperparameters) under which it exists
     loc: Location
     host: bool = False           # a counter kept as a Python number in the state (SparseAdam's step)
+    #: may be stored in a lower precision than the parameter (``state_dtype=torch.bfloat16``):
+    #: Note [Low-precision state] in optgen/spec/load.py says which states may, by default
+    low_precision: bool = False
 
     @property
     def is_scalar(self) -> bool:

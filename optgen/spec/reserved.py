@@ -40,6 +40,8 @@ GROUPS: dict[str, tuple[str, frozenset[str]]] = {
         "Optimizer", "Callable", "Iterable", "Literal", "counter_from", "filled_like", "scalar_dtype",
         "check_options", "add", "addcdiv", "addcmul", "sqrt", "newton_schulz", "reduced_shape", "lbfgs",
         "optgen",
+        # optgen's own constructor keyword and state entry (Note [Stochastic rounding of state])
+        "state_dtype", "checked_state_dtype", "state_rounding_step",
     })),
     # the Triton kernels' modules (the kernel skeleton's own names are renamed by the backend)
     "triton": ("a name of the Triton kernels", frozenset({"tl", "triton"})),
@@ -63,6 +65,7 @@ GROUPS: dict[str, tuple[str, frozenset[str]]] = {
         "STORAGE_BF16", "STORAGE_F16", "STORAGE_EPS", "SCALAR_T", "SCALAR_IS_FLOAT", "SQRT", "EXP", "LOG",
         "FABS", "POW", "PARALLEL_MIN", "OPTGEN_BLOCK", "OPTGEN_KERNEL_PARAMETERS", "OPTGEN_KERNEL_ARGUMENTS",
         "tensor_step_t", "for_each_tensor", "thread_share", "OPTGEN_WALK_REGION", "OPTGEN_WALK_SHARE",
+        "lowp_t", "lowp_load", "lowp_store", "lowp_key", "optgen_mix32", "STATE_BF16", "state_keys",
     })),
 }
 

@@ -21,11 +21,12 @@ TWICE = r'''
 import sys, torch
 from optgen.runtime import c_launch
 SOURCE = ("void twice(int64_t n, void **t, void **g, void **c, const int64_t *numels, const int64_t *dims,\n"
-          "  const uint8_t *f, const double *h, int c64, int flags) { ((scalar_t *)t[0])[0] *= 2; }\n")
+          "  const uint8_t *f, const double *h, int c64, int flags, const uint32_t *k)\n"
+          "{ ((scalar_t *)t[0])[0] *= 2; }\n")
 for dtype in (torch.float32, torch.float64):
     x = torch.full((2,), 1.5, dtype=dtype)
     table = torch.tensor([x.data_ptr()])
-    c_launch.Library("test_cache", SOURCE).function(dtype, "twice")(1, table.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0)
+    c_launch.Library("test_cache", SOURCE).function(dtype, "twice")(1, table.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, 0)
     print(dtype, x.tolist())
 '''
 TWICE_OUT = "torch.float32 [3.0, 1.5]\ntorch.float64 [3.0, 1.5]\n"

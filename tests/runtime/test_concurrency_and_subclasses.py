@@ -79,7 +79,7 @@ def test_library_sets_the_thread_count_in_each_calling_thread():
             calls.append((threading.get_ident(), n))
 
     library = c_launch.Library("fake", "")
-    library._loaded[torch.float32] = cast(Any, FakeLoaded())
+    library._loaded[torch.float32, False] = cast(Any, FakeLoaded())
     threads = torch.get_num_threads()
     library.function(torch.float32, "kernel")
     library.function(torch.float32, "kernel")  # set once per thread, not at every call
