@@ -32,7 +32,7 @@ dict (``__setstate__``) drops the cache.  Measured: BENCHMARKS.md, "Host overhea
 """
 from __future__ import annotations
 
-from itertools import chain, compress, repeat
+from itertools import compress, repeat
 from operator import add, attrgetter, floordiv, is_, is_not, itemgetter, le
 
 import torch
@@ -69,23 +69,15 @@ class CachedStep:
         self.numels = list(map(_NUMEL, params))
         self.element_size = params[0].element_size()  # (one dtype: _bind)
         self.grad_bytes = [k * self.element_size for k in self.numels]
-        # the states the launch addresses, parameter by parameter: the objects the optimizer's
-        # state holds, and the addresses the launch was checked for (a complex parameter's state
-        # as real views: the same addresses); a list absent under these flags is not addressed,
-        # and a state created later changes nothing bound.  One itemgetter of every key: one pass
-        # over the parameters' states, not one per key
-        bound = [(key, lists[name]) for name, key in optimizer._tensor_state + optimizer._counter_state
-                 if all(t is not None for t in lists[name])]
-        self.state_keys = [key for key, _ in bound]
-        self.state_objects = self._states(optimizer, params)
-        self.state_addresses = [values[i].data_ptr() for i in range(len(params)) for _, values in bound]
-
-    def _states(self, optimizer, params) -> list:
-        """``optimizer.state[p][key]`` for every bound key of every parameter, parameter by parameter."""
-        keys = self.state_keys
-        if len(keys) < 2:
-            return list(map(itemgetter(*keys), map(optimizer.state.get, params))) if keys else []
-        return list(chain.from_iterable(map(itemgetter(*keys), map(optimizer.state.get, params))))
+        # the states the launch addresses, key by key: the objects the optimizer's state holds,
+        # and the addresses the launch was checked for (a complex parameter's state as real views:
+        # the same addresses); a list absent under these flags is not addressed, and a state
+        # created later changes nothing bound.  (One pass per key: flattening every key's states
+        # into one list measured slower.)
+        held = list(map(optimizer.state.get, params))
+        self.states = [(get, list(map(get, held)), list(map(_DATA_PTR, lists[name])))
+                       for name, key in optimizer._tensor_state + optimizer._counter_state
+                       if all(t is not None for t in lists[name]) for get in (itemgetter(key),)]
 
     def __call__(self, optimizer, group: dict) -> bool:
         """One step of ``group`` through the bound launch; False, with nothing done, when a check
@@ -113,9 +105,11 @@ class CachedStep:
                     return False
             elif not all(map(le, self.grad_bytes, map(_NBYTES, map(_STORAGE, grads)))):
                 return False
-            states = self._states(optimizer, params)
-            if not all(map(is_, states, self.state_objects)) or list(map(_DATA_PTR, states)) != self.state_addresses:
-                return False
+            states = list(map(optimizer.state.get, params))
+            for get, objects, addresses in self.states:
+                now = list(map(get, states))
+                if not all(map(is_, now, objects)) or list(map(_DATA_PTR, now)) != addresses:
+                    return False
             grad_addresses = list(map(_DATA_PTR, grads))
         except (RuntimeError, TypeError, KeyError):  # a state that is not there
             return False
