@@ -5,6 +5,7 @@ dtype below.  STEPS = 25: enough for bias corrections to move far from their fir
 (beta2 ** 25 is still 0.975, but beta1 ** 25 = 0.07) and for momentum and amsgrad's running max to
 matter, while keeping the whole table under a few seconds.
 """
+import inspect
 from typing import Any
 
 import torch
@@ -63,3 +64,17 @@ TOLERANCES: dict[torch.dtype, dict[str, Any]] = {torch.float64: dict(rtol=1e-12,
 def case_id(case):
     name, kwargs = case
     return name + ("-" + "-".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")
+
+
+#: constructor keywords optgen adds to torch's signatures (Note [Low-precision state] in optgen/spec/load.py)
+OPTGEN_ONLY_KEYWORDS = ("state_dtype",)
+
+
+def assert_signature_is_torchs(ours: type, theirs: type) -> None:
+    """``ours.__init__`` takes torch's parameters, in torch's order, kinds and defaults, and then
+    optgen's own options: last, keyword-only, defaulting to torch's behaviour."""
+    mine = [(p.name, p.kind, p.default) for p in inspect.signature(ours).parameters.values()]
+    own = [x for x in mine if x[0] in OPTGEN_ONLY_KEYWORDS]
+    assert own == [("state_dtype", inspect.Parameter.KEYWORD_ONLY, None)]
+    torchs = inspect.signature(theirs).parameters.values()
+    assert mine[:-len(own)] == [(p.name, p.kind, p.default) for p in torchs]

@@ -1,11 +1,11 @@
 """LBFGS (an intrinsic algorithm behind a spec) against torch.optim.LBFGS."""
 import copy
-import inspect
 
 import pytest
 import torch
 
 import optgen
+from tests.registry import assert_signature_is_torchs
 
 
 def problem(dtype):
@@ -94,9 +94,7 @@ def test_errors_and_signature_match_torch():
     groups = [{"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1, requires_grad=True)]}]
     assert error(optgen.LBFGS, groups) == error(torch.optim.LBFGS, groups)
     assert optgen.LBFGS(p).defaults["max_eval"] == torch.optim.LBFGS(p).defaults["max_eval"] == 25
-    ours = inspect.signature(optgen.LBFGS.__init__).parameters.values()
-    theirs = inspect.signature(torch.optim.LBFGS.__init__).parameters.values()
-    assert [(x.name, x.kind, x.default) for x in ours] == [(x.name, x.kind, x.default) for x in theirs]
+    assert_signature_is_torchs(optgen.LBFGS, torch.optim.LBFGS)
     opt = optgen.LBFGS(p, line_search_fn="wolfe")
     p[0].grad = torch.ones(2)
     with pytest.raises(RuntimeError, match="only 'strong_wolfe' is supported"):

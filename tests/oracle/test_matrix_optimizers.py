@@ -1,7 +1,6 @@
 """Muon and Adafactor against torch.optim: the optimizers whose updates are not only elementwise
 (a Newton–Schulz intrinsic; factored second moments from per-tensor reductions)."""
 import copy
-import inspect
 from typing import Any
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import optgen
 from optgen.runtime import c_launch
 from optgen.runtime.intrinsics import newton_schulz
+from tests.registry import assert_signature_is_torchs
 
 #: Adafactor's (300, 257) is above the C kernel's PARALLEL_MIN: its walks split rows across threads
 SHAPES: dict[str, list[tuple[int, ...]]] = {"Muon": [(8, 5), (3, 7), (6, 6)],
@@ -117,9 +117,7 @@ def test_muon_rejects_non_matrices_and_complex_like_torch():
 
 @pytest.mark.parametrize("name", ["Muon", "Adafactor"])
 def test_signature_is_torchs(name):
-    ours = inspect.signature(getattr(optgen, name).__init__).parameters.values()
-    theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters.values()
-    assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs]
+    assert_signature_is_torchs(getattr(optgen, name), getattr(torch.optim, name))
 
 
 @pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)])

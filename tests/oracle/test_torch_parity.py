@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optgen
-from tests.registry import CASES, IMPLEMENTATIONS, STEPS, TOLERANCES, case_id
+from tests.registry import CASES, IMPLEMENTATIONS, STEPS, TOLERANCES, assert_signature_is_torchs, case_id
 
 SHAPES = [(8, 5), (5,), (3, 2, 4), (1,)]
 
@@ -215,21 +215,9 @@ def test_constructor_errors_are_torchs(name, kwargs):
     assert _error(lambda: getattr(optgen, name)([torch.zeros(2, requires_grad=True)], **kwargs)) == expected
 
 
-#: constructor keywords optgen adds to torch's signatures (Note [Low-precision state] in optgen/spec/load.py)
-OPTGEN_ONLY_KEYWORDS = ("state_dtype",)
-
-
 @pytest.mark.parametrize("name", TORCH_OPTIMIZERS)
 def test_signature_and_defaults_are_torchs(name):
-    import inspect
-
-    ours = inspect.signature(getattr(optgen, name).__init__)
-    theirs = inspect.signature(getattr(torch.optim, name).__init__)
-    # optgen's own options come last, keyword-only, defaulting to torch's behaviour
-    own = [(p.name, p.kind, p.default) for p in ours.parameters.values() if p.name in OPTGEN_ONLY_KEYWORDS]
-    assert own == [("state_dtype", inspect.Parameter.KEYWORD_ONLY, None)]
-    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()][:-len(own)] == \
-        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+    assert_signature_is_torchs(getattr(optgen, name), getattr(torch.optim, name))
 
 
 @pytest.mark.parametrize("name", TORCH_OPTIMIZERS)
