@@ -61,18 +61,21 @@ PRELUDE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-/* storage_t: the tensors' element type; scalar_t: what the update computes in (float for the
-   16-bit types, as torch's fused kernels compute) */
-#if STORAGE_BF16
-typedef uint16_t storage_t;
-typedef float scalar_t;
-static inline float to_compute(uint16_t x)
+/* a bfloat16's value: its bits are a float's top half */
+static inline float bfloat16_to_float(uint16_t x)
 {
     uint32_t u = (uint32_t)x << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
+
+/* storage_t: the tensors' element type; scalar_t: what the update computes in (float for the
+   16-bit types, as torch's fused kernels compute) */
+#if STORAGE_BF16
+typedef uint16_t storage_t;
+typedef float scalar_t;
+#define to_compute(x) bfloat16_to_float(x)
 static inline uint16_t from_compute(float f)  /* round to nearest even, as torch rounds to bfloat16 */
 {
     uint32_t u;
@@ -97,13 +100,7 @@ typedef SCALAR_T scalar_t;
    tensor's key (state_keys); otherwise the parameters' type */
 #if STATE_BF16
 typedef uint16_t lowp_t;
-static inline float lowp_load(uint16_t x)
-{
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#define lowp_load(x) bfloat16_to_float(x)
 static inline uint32_t optgen_mix32(uint32_t x)
 {
     x ^= x >> 16;

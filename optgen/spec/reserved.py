@@ -64,7 +64,8 @@ GROUPS: dict[str, tuple[str, frozenset[str]]] = {
         "round_counter", "sum_terms", "lerp_of", "max_nan", "min_nan", "sign_of", "optgen_set_num_threads",
         "STORAGE_BF16", "STORAGE_F16", "STORAGE_EPS", "SCALAR_T", "SCALAR_IS_FLOAT", "SQRT", "EXP", "LOG",
         "FABS", "POW", "PARALLEL_MIN", "OPTGEN_BLOCK", "OPTGEN_KERNEL_PARAMETERS", "OPTGEN_KERNEL_ARGUMENTS",
-        "tensor_step_t", "for_each_tensor", "thread_share", "OPTGEN_WALK_REGION", "OPTGEN_WALK_SHARE",
+        "tensor_step_t", "for_each_tensor", "bfloat16_to_float", "thread_share", "OPTGEN_WALK_REGION",
+        "OPTGEN_WALK_SHARE",
         "lowp_t", "lowp_load", "lowp_store", "lowp_key", "optgen_mix32", "STATE_BF16", "state_keys",
     })),
 }
