@@ -328,3 +328,26 @@ def test_the_default_quietly_steps_a_tensor_subclass_with_the_forloop():
             opt.step()
             theirs.step()
     assert all(torch.equal(p.as_subclass(torch.Tensor), q) for p, q in zip(ours, ref, strict=True))
+
+
+def test_a_conjugated_gradient_is_seen():
+    """A complex parameter's gradient may be a lazily conjugated view (autograd hands one out for
+    ``z.conj()``): the same memory as the plain gradient, another value.  The checked path raises
+    torch's error for it (view_as_real), as torch.optim.Adam does; a bound launch read the memory."""
+    def run(cls):
+        z = torch.linspace(-1, 1, 12).view(4, 3).to(torch.complex64).requires_grad_()
+        opt = cls([z], lr=1e-2)
+        w = torch.linspace(0.5, -0.5, 12).view(4, 3) * (1 + 2j)
+        for k in range(4):
+            z.grad = None
+            ((z.conj() if k == 3 else z) * w).real.sum().backward()
+            assert z.grad.is_conj() == (k == 3)
+            try:
+                opt.step()
+            except RuntimeError as e:
+                return str(e)
+        return z.detach().clone()
+
+    expected = run(torch.optim.Adam)
+    assert isinstance(expected, str) and "view_as_real" in expected
+    assert run(optgen.Adam) == expected
