@@ -17,7 +17,8 @@ few calls per tensor, each one C loop over the group (``map`` of a method descri
 - every gradient contiguous with its parameter's element count (torch keeps a gradient shaped like
   its parameter, so that is the parameter's count too), and inside its storage (gradients are new
   tensors most steps: one whose storage was resized in place would be read past its end); a
-  sparse one fails ``is_contiguous``;
+  sparse one fails ``is_contiguous``; a complex one not a lazily conjugated view (autograd's
+  gradient through ``z.conj()``: the checked path raises torch's view_as_real error for it);
 - the same address for every parameter, state and counter, and the same object for every state
   and counter (``state[p][key]`` looked up afresh, so a replaced or lost state is seen, and a
   view of other extent at the same address too);
@@ -42,6 +43,7 @@ from optgen.runtime import dispatch
 _GRAD = attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_IS_CONJ = torch.Tensor.is_conj
 _NUMEL = torch.Tensor.numel
 _OFFSET = torch.Tensor.storage_offset
 _STORAGE = torch.Tensor.untyped_storage
@@ -68,6 +70,7 @@ class CachedStep:
         self.param_addresses = list(map(_DATA_PTR, params))
         self.numels = list(map(_NUMEL, params))
         self.element_size = params[0].element_size()  # (one dtype: _bind)
+        self.complex = params[0].is_complex()
         self.grad_bytes = [k * self.element_size for k in self.numels]
         # the states the launch addresses, key by key: the objects the optimizer's state holds,
         # and the addresses the launch was checked for (a complex parameter's state as real views:
@@ -97,6 +100,8 @@ class CachedStep:
         try:  # (a None or sparse gradient fails is_contiguous)
             if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
                     or list(map(_DATA_PTR, params)) != self.param_addresses:
+                return False
+            if self.complex and any(map(_IS_CONJ, grads)):  # a lazily conjugated view: other values, same memory
                 return False
             # every gradient inside its storage (one resized in place, as FSDP frees memory, is not)
             if any(map(_OFFSET, grads)):  # (some inside a larger buffer: DDP's bucket views)
