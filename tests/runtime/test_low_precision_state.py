@@ -306,6 +306,23 @@ def test_wrong_uses_are_clear_errors():
         opt.step()
 
 
+
+@pytest.mark.parametrize("bad", [torch.float16, "int8"])
+def test_a_param_groups_own_state_dtype_is_checked_like_the_constructors(bad):
+    """A param group may carry its own state_dtype (one group bfloat16, one not); another dtype is
+    the constructor's ValueError when its first state is made, not a float16 state (the C kernel's
+    dtype error, or float16 state rounded through bfloat16 by the reference)."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    for opt in (optgen.Adam([{"params": [p], "state_dtype": bad}]),
+                (lambda o: (o.add_param_group({"params": [p], "state_dtype": bad}), o)[1])(optgen.Adam([q]))):
+        p.grad = torch.ones(3)
+        with pytest.raises(ValueError, match="state_dtype must be None or torch.bfloat16"):
+            opt.step()
+        assert not opt.state.get(p)
+    with pytest.raises(ValueError, match="state_dtype must be None or torch.bfloat16"):
+        optgen.Adagrad([{"params": [p], "state_dtype": bad}])  # (its state is made by the constructor)
+
+
 # ------------------------------------------------------------------------------ training
 
 
