@@ -321,6 +321,7 @@ class GeneratedOptimizer(Optimizer):
         [Stochastic rounding of state] in optgen/runtime/low_precision.py), if it has one."""
         if not initial or group.get("state_dtype") is None:
             return initial
+        low_precision.checked_state_dtype(self, group["state_dtype"])  # (a group's own is not the constructor's)
         low_precision.check_param(self, param)
         return {k: v.to(group["state_dtype"]) if k in self._low_precision_state else v for k, v in initial.items()}
 
