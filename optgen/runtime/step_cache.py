@@ -11,8 +11,9 @@ checked path (``GeneratedOptimizer._step_group``) ran, a group whose kernel can 
 launch with its tables built and checked once.  The next step reuses it after checks that cost a
 few calls per tensor, each one C loop over the group (``map`` of a method descriptor):
 
-- the same options (the group's ``foreach`` / ``fused`` / ``differentiable`` / ``capturable``,
-  the optimizer's ``implementation``, the defaults policy), no GradScaler state, not traced;
+- the same options (the group's ``foreach`` / ``fused`` / ``differentiable`` / ``capturable`` /
+  ``state_dtype``, the optimizer's ``implementation``, the defaults policy), no GradScaler state,
+  not traced;
 - the same parameter objects, and the same ones with a gradient;
 - every gradient contiguous with its parameter's element count (torch keeps a gradient shaped like
   its parameter, so that is the parameter's count too), and inside its storage (gradients are new
@@ -49,8 +50,9 @@ _OFFSET = torch.Tensor.storage_offset
 _STORAGE = torch.Tensor.untyped_storage
 _NBYTES = torch.UntypedStorage.nbytes
 
-#: the group options the choice of implementation reads (runtime/dispatch.py)
-_OPTIONS = ("foreach", "fused", "differentiable", "capturable")
+#: the group options the choice of implementation reads (runtime/dispatch.py), and state_dtype (a
+#: bfloat16 group is never bound: its launch takes rounding keys that change every step)
+_OPTIONS = ("foreach", "fused", "differentiable", "capturable", "state_dtype")
 
 
 def options(optimizer, group: dict) -> tuple:
