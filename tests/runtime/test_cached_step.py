@@ -346,7 +346,7 @@ def test_a_conjugated_gradient_is_seen():
         for k in range(4):
             z.grad = None
             ((z.conj() if k == 3 else z) * w).real.sum().backward()
-            assert z.grad.is_conj() == (k == 3)
+            assert z.grad is not None and z.grad.is_conj() == (k == 3)
             try:
                 opt.step()
             except RuntimeError as e:
