@@ -377,3 +377,22 @@ def test_a_negated_view_gradient_steps_as_its_values():
 
     for ours, ref in zip(run(True), run(False), strict=True):
         assert torch.equal(ours, ref)
+
+
+def test_a_gradient_of_another_dtype_is_seen():
+    """torch 2.13's ``grad_dtype`` lets a parameter take gradients of another dtype: a float64
+    gradient of a float32 parameter has as many elements and more bytes.  The checked path raises
+    the C kernel's dtype error for it (torch's Adam raises too); a bound launch read its bytes as floats."""
+    def run():
+        p = torch.linspace(-1, 1, 24).view(6, 4).requires_grad_()
+        opt = optgen.Adam([p], lr=1e-2)
+        for k in range(4):
+            p.grad = None
+            if k == 2:
+                p.grad_dtype = torch.float64
+            p.grad = torch.linspace(1, -1, 24, dtype=p.grad_dtype or torch.float64).view(6, 4) * (k + 1)
+            opt.step()
+        return [p.detach().clone()], opt
+
+    with pytest.raises(RuntimeError, match="the gradient of parameter 0 is torch.float64"):
+        run()
