@@ -16,7 +16,8 @@ few calls per tensor, each one C loop over the group (``map`` of a method descri
   not traced;
 - the same parameter objects, and the same ones with a gradient;
 - every gradient contiguous with its parameter's element count (torch keeps a gradient shaped like
-  its parameter, so that is the parameter's count too), and inside its storage (gradients are new
+  its parameter, so that is the parameter's count too) and dtype (torch 2.13's ``grad_dtype`` lets a
+  gradient have another: a float64 one has more bytes, read as floats), and inside its storage (gradients are new
   tensors most steps: one whose storage was resized in place would be read past its end); a
   sparse one fails ``is_contiguous``; a complex one not a lazily conjugated view (autograd's
   gradient through ``z.conj()``: the checked path raises torch's view_as_real error for it);
@@ -42,6 +43,7 @@ import torch
 from optgen.runtime import dispatch
 
 _GRAD = attrgetter("grad")
+_DTYPE = attrgetter("dtype")
 _DATA_PTR = torch.Tensor.data_ptr
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _IS_CONJ = torch.Tensor.is_conj
@@ -71,7 +73,8 @@ class CachedStep:
         self.params = params
         self.param_addresses = list(map(_DATA_PTR, params))
         self.numels = list(map(_NUMEL, params))
-        self.element_size = params[0].element_size()  # (one dtype: _bind)
+        self.dtype = params[0].dtype  # (one dtype: _bind)
+        self.element_size = params[0].element_size()
         self.complex = params[0].is_complex()
         self.grad_bytes = [k * self.element_size for k in self.numels]
         # the states the launch addresses, key by key: the objects the optimizer's state holds,
@@ -101,6 +104,7 @@ class CachedStep:
         params = self.params
         try:  # (a None or sparse gradient fails is_contiguous)
             if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
+                    or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype))) \
                     or list(map(_DATA_PTR, params)) != self.param_addresses:
                 return False
             if self.complex and any(map(_IS_CONJ, grads)):  # a lazily conjugated view: other values, same memory
