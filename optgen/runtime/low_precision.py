@@ -108,8 +108,17 @@ def stochastic_round(value: torch.Tensor, key: int) -> torch.Tensor:
 
 
 def parameter_indices(optimizer) -> dict[int, int]:
-    """id(param) → its number in ``state_dict()`` (the order of the param groups)."""
-    return {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    """id(param) → its number in ``state_dict()`` (the order of the param groups).  Kept while the
+    groups' lists stay the same objects of the same lengths (add_param_group and load_state_dict
+    change them): step_in_backward asks once per parameter per step, and rebuilding the map each
+    time made a backward quadratic in the number of parameters."""
+    groups = optimizer.param_groups
+    shape = (id(groups), *((id(g), id(g["params"]), len(g["params"])) for g in groups))
+    cached = optimizer.__dict__.get("_parameter_indices")
+    if cached is None or cached[0] != shape:
+        cached = optimizer.__dict__["_parameter_indices"] = (
+            shape, {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])})
+    return cached[1]
 
 
 def step_keys(optimizer, params, states, names: list[tuple[str, str]]) -> dict[str, list[int]]:

@@ -114,9 +114,12 @@ class Optimizer(torch.optim.Optimizer):
     def _params_with_grad(
         self, group: dict[str, Any]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The group's params that have a gradient, and those gradients (same order)."""
+        """The group's params that have a gradient, and those gradients (same order).  A gradient
+        with torch's negative bit (a lazy negation view: ``x.conj().imag``, ``torch._neg_view``)
+        holds the negation of its values in memory, which a native kernel reads: it is resolved
+        into a tensor of its values."""
         params = [p for p in group["params"] if p.grad is not None]
-        return params, [p.grad for p in params]
+        return params, [g.resolve_neg() if g.is_neg() else g for g in (p.grad for p in params)]
 
     @staticmethod
     def _group_by_device_and_dtype(

@@ -47,6 +47,7 @@ _DTYPE = attrgetter("dtype")
 _DATA_PTR = torch.Tensor.data_ptr
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _IS_CONJ = torch.Tensor.is_conj
+_IS_NEG = torch.Tensor.is_neg
 _NUMEL = torch.Tensor.numel
 _OFFSET = torch.Tensor.storage_offset
 _STORAGE = torch.Tensor.untyped_storage
@@ -106,6 +107,8 @@ class CachedStep:
             if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
                     or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype))) \
                     or list(map(_DATA_PTR, params)) != self.param_addresses:
+                return False
+            if any(map(_IS_NEG, grads)):  # a lazily negated view: the checked path resolves it
                 return False
             if self.complex and any(map(_IS_CONJ, grads)):  # a lazily conjugated view: other values, same memory
                 return False

@@ -358,8 +358,6 @@ def test_a_conjugated_gradient_is_seen():
     assert run(optgen.Adam) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="the C kernel reads a lazily negated gradient's memory (neg bit ignored), "
-                   "on the checked path (dispatch.c_declines does not decline it) and the bound one")
 def test_a_negated_view_gradient_steps_as_its_values():
     """``x.conj().imag`` (or ``torch._neg_view``) is a real tensor with the neg bit: its memory holds
     the negation of its values.  A step must take the values: the same bits as with a plain copy."""
