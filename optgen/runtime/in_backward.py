@@ -24,7 +24,12 @@ torch's "optimizer step in backward" tutorial wires by hand), and the hook
   (on CPU by default the fused C kernel over that one tensor), the state is ``optimizer.state[p]``
   (``state_dict`` / ``load_state_dict`` and checkpoints see nothing new), and the view's bound
   launch is kept like a group's (Note [Cached steps] in runtime/step_cache.py);
-- then sets ``p.grad = None``, so ``zero_grad()`` has nothing left to do (it stays harmless).
+- then sets ``p.grad = None``, so ``zero_grad()`` has nothing left to do (it stays harmless);
+- and, the first time it runs in a backward, queues a callback for the end of that backward
+  (``queue_callback``, as FSDP does) that hooks and steps any parameter of the optimizer that
+  requires grad but has no hook: one frozen at registration and unfrozen since (fine-tuning's
+  backbone).  If no parameter was trainable at registration, no hook runs to queue it: call
+  ``step_in_backward`` after unfreezing.
 
 ``load_state_dict`` replaces the param group dicts (torch keeps the parameters): a view whose group
 is no longer the optimizer's finds its parameter's new group on its next step.  A group added with
@@ -95,6 +100,8 @@ class StepInBackward:
         self._optimizer = weakref.ref(optimizer)  # hooks must not keep a dropped optimizer alive
         self._hooks: list = []
         self._views: list[ChainMap] = []
+        self._hooked: set[int] = set()  # id() of the parameters with a hook
+        self._sweep_queued = False  # the end-of-backward sweep, queued by this backward's first hook
         self._amp = vars(optimizer).get("_step_supports_amp_scaling")  # an instance's own (fused=True), else None
         optimizer.__dict__[ATTRIBUTE] = self
         optimizer._step_supports_amp_scaling = True  # so GradScaler reaches refuse_step (the Note)
@@ -108,14 +115,38 @@ class StepInBackward:
 
     def hook_group(self, group: dict) -> None:
         """Registers the step hook on every parameter of ``group`` that requires grad (one that
-        does not never has a gradient to step with)."""
+        does not yet, frozen, is hooked by the end-of-backward sweep once it does)."""
         optimizer = self._optimizer()
         _check_group(optimizer, group)
         for p in group["params"]:
             if p.requires_grad:
-                view: ChainMap = ChainMap({"params": [p]}, group)
-                self._views.append(view)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook_for(view)))
+                self._hook(p, group)
+
+    def _hook(self, p: torch.Tensor, group: dict):
+        """The step hook of ``p`` in ``group``, registered; returns it."""
+        view: ChainMap = ChainMap({"params": [p]}, group)
+        self._views.append(view)
+        step = self._hook_for(view)
+        self._hooks.append(p.register_post_accumulate_grad_hook(step))
+        self._hooked.add(id(p))
+        return step
+
+    def _sweep(self) -> None:
+        """At the end of a backward: a parameter unfrozen since it was registered (fine-tuning's
+        frozen backbone, unfrozen later) has a gradient and no hook.  It is hooked now, for the
+        next backwards, and stepped with this gradient, as the ordinary loop would step it."""
+        optimizer = self._optimizer()
+        try:
+            if optimizer is None or not self._hooks:  # (removed meanwhile)
+                return
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) not in self._hooked and p.requires_grad:
+                        step = self._hook(p, group)
+                        if p.grad is not None:
+                            step(p)
+        finally:
+            self._sweep_queued = False
 
     def _hook_for(self, view: ChainMap):
         optimizer_ref = self._optimizer
@@ -124,6 +155,9 @@ class StepInBackward:
             optimizer = optimizer_ref()
             if optimizer is None:
                 return
+            if not self._sweep_queued and torch._C._current_graph_task_id() != -1:  # (inside a backward)
+                self._sweep_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._sweep)
             groups = optimizer.param_groups
             if not any(g is view.maps[1] for g in groups):  # load_state_dict replaced the group dicts
                 view.maps[1] = _group_of(optimizer, param)
@@ -167,6 +201,7 @@ class StepInBackward:
             for view in self._views:  # their bound launches (Note [Cached steps])
                 cached.pop(id(view), None)
         self._views.clear()
+        self._hooked.clear()
 
 
 def _add_param_group_hooked(optimizer, param_group: dict) -> None:

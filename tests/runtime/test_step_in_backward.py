@@ -389,8 +389,6 @@ def test_each_gradient_is_freed_during_backward_not_after():
     assert held[-1] == 2  # (the first layer's gradient comes after its input's last hook)
 
 
-@pytest.mark.xfail(strict=True, reason="hooks are registered only on the parameters that require grad when "
-                   "step_in_backward is called: one unfrozen later is never stepped (its gradient accumulates)")
 def test_a_parameter_unfrozen_after_registration_is_stepped():
     """Fine-tuning often starts with a frozen backbone and unfreezes it later: the parameters the
     optimizer holds must be stepped once they have gradients, as the ordinary loop steps them."""
