@@ -19,8 +19,9 @@ few calls per tensor, each one C loop over the group (``map`` of a method descri
   its parameter, so that is the parameter's count too) and dtype (torch 2.13's ``grad_dtype`` lets a
   gradient have another: a float64 one has more bytes, read as floats), and inside its storage (gradients are new
   tensors most steps: one whose storage was resized in place would be read past its end); a
-  sparse one fails ``is_contiguous``; a complex one not a lazily conjugated view (autograd's
-  gradient through ``z.conj()``: the checked path raises torch's view_as_real error for it);
+  sparse one fails ``is_contiguous``; none a lazily negated view (torch's negative bit: the
+  checked path resolves it), and a complex one not a lazily conjugated view (autograd's gradient
+  through ``z.conj()``: the checked path raises torch's view_as_real error for it);
 - the same address for every parameter, state and counter, and the same object for every state
   and counter (``state[p][key]`` looked up afresh, so a replaced or lost state is seen, and a
   view of other extent at the same address too);
