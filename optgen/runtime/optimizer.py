@@ -117,8 +117,11 @@ class Optimizer(torch.optim.Optimizer):
         """The group's params that have a gradient, and those gradients (same order).  A gradient
         with torch's negative bit (a lazy negation view: ``x.conj().imag``, ``torch._neg_view``)
         holds the negation of its values in memory, which a native kernel reads: it is resolved
-        into a tensor of its values."""
+        into a tensor of its values.  (Not while torch.compile traces the step: dynamo cannot trace
+        ``is_neg``, and the traced ops read the values as torch's ops do.)"""
         params = [p for p in group["params"] if p.grad is not None]
+        if torch.compiler.is_compiling():
+            return params, [p.grad for p in params]
         return params, [g.resolve_neg() if g.is_neg() else g for g in (p.grad for p in params)]
 
     @staticmethod
