@@ -27,7 +27,6 @@ import os
 import platform
 import shlex
 import shutil
-import stat
 import subprocess
 import tempfile
 import threading
@@ -52,6 +51,16 @@ from optgen.runtime.native import (
     outside_storage,
     register_launcher,
     traced,
+)
+from optgen.runtime.native_cache import (  # noqa: F401 - CacheError, cache_dir: c_launch's API
+    CacheError,
+    cache_dir,
+    compiler_identity,
+    cpu_identity,
+    publish,
+    remove_stale,
+    verified,
+    writable,
 )
 
 #: the C every kernel source is compiled after: the element type and its math, counter access
@@ -276,164 +285,6 @@ def available() -> bool:
     return compiler() is not None
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("OPTGEN_CACHE_DIR") or Path.home() / ".cache" / "optgen") / "c"
-
-
-class CacheError(RuntimeError):
-    """The kernel cache directory cannot be trusted (Note [Kernel cache])."""
-
-
-# Note [Kernel cache]
-# ~~~~~~~~~~~~~~~~~~~
-# Loading a shared library runs its constructors, so a library another local user can put (or
-# swap, or truncate) in the cache is code run as this user, and a damaged one a SIGBUS.  Hence:
-# - the cache directory is made 0700 (chmod after mkdir: the umask only removes bits) and is
-#   refused, like a missing compiler (a warning, then the for-loop), when it or its parent is
-#   owned by someone else, or writable by group or others (a parent with the sticky bit, /tmp,
-#   is fine: others cannot rename our entries there).  The fallback in the temporary directory,
-#   optgen-<uid>/c, is checked the same way (lstat: a planted symlink is refused too);
-# - each library is published (written, fsynced, renamed: a reader sees a whole file or none)
-#   with <name>.sha256 beside it, holding its digest and name; a library is loaded only when its
-#   bytes hash to that digest, else rebuilt: a damaged, empty, swapped or foreign entry is never
-#   loaded.  Only this user can write either file (0700 directory);
-# - the name keys on everything that shapes the binary: source, compiler command and its
-#   `--version`, flags, defines, and the CPU (-march=native): /proc/cpuinfo's model and flags.
-
-def _trusted(directory: Path, *, follow: bool = True) -> str | None:
-    """Why ``directory`` (an existing one) cannot hold the kernel cache; None when it can."""
-    try:
-        st = os.stat(directory) if follow else os.lstat(directory)
-        parent = os.stat(directory.parent)
-    except OSError as e:
-        return f"the kernel cache {directory} cannot be read ({e.strerror})"
-    if not stat.S_ISDIR(st.st_mode):
-        return f"the kernel cache {directory} is not a directory"
-    if st.st_uid != os.getuid():
-        return f"the kernel cache {directory} belongs to another user (uid {st.st_uid})"
-    if st.st_mode & 0o022:
-        return (f"the kernel cache {directory} is writable by group or others (mode {st.st_mode & 0o777:o}; "
-                "chmod 700 it, or set OPTGEN_CACHE_DIR)")
-    if parent.st_uid not in (os.getuid(), 0) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
-        return (f"the kernel cache {directory} is inside {directory.parent}, which others can write "
-                "(set OPTGEN_CACHE_DIR to a private directory)")
-    return None
-
-
-def _make_private(directory: Path) -> None:
-    """Creates ``directory`` and its missing parents with mode 0700, whatever the umask."""
-    missing = []
-    for path in (directory, *directory.parents):
-        if os.path.lexists(path):
-            break
-        missing.append(path)
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:  # a concurrent process made it: checked by _trusted like any other
-            continue
-        os.chmod(path, 0o700)
-
-
-def writable(directory: Path) -> Path:
-    """``directory``, created 0700 and checked (Note [Kernel cache]); where it cannot be created or
-    written, ``optgen-<uid>/c`` in the temporary directory, checked alike.  Raises CacheError when
-    the directory to use is not private to this user."""
-    try:
-        _make_private(directory)
-        usable = os.access(directory, os.W_OK | os.X_OK)
-    except OSError:
-        usable = False
-    if usable:
-        reason = _trusted(directory)
-        if reason is not None:
-            raise CacheError(reason)
-        return directory
-    top = Path(tempfile.gettempdir()) / f"optgen-{os.getuid()}"
-    fallback = top / "c"
-    try:
-        _make_private(fallback)
-    except OSError as e:
-        raise CacheError(f"no writable kernel cache ({directory}, {fallback}: {e.strerror})") from None
-    reason = _trusted(top, follow=False) or _trusted(fallback, follow=False)
-    if reason is not None:
-        raise CacheError(reason)
-    return fallback
-
-
-_IDENTITY: dict[tuple, str] = {}
-
-
-def _compiler_identity(cc: list[str]) -> str:
-    """``cc --version``'s output (once per process and command): a new compiler, a new key."""
-    key = tuple(cc)
-    if key not in _IDENTITY:
-        try:
-            result = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
-            _IDENTITY[key] = f"{result.returncode}\n{result.stdout}"
-        except (OSError, subprocess.SubprocessError) as e:
-            _IDENTITY[key] = f"unavailable: {e}"
-    return _IDENTITY[key]
-
-
-def _cpu_identity() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line.strip() for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "\n".join(dict.fromkeys(lines))
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-
-
-def _digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _verified(target: Path) -> bool:
-    """Whether ``target`` is the library optgen published under this name: its bytes hash to the
-    digest recorded beside it (a library's constructors run when it is loaded)."""
-    try:
-        recorded = target.with_name(target.name + ".sha256").read_text().split()
-        return recorded == [_digest(target), target.name]
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _publish(tmp: Path, source: Path, target: Path) -> None:
-    """Moves ``source`` to ``target``, with its digest file, each written whole and fsynced."""
-    digest = Path(tmp) / "digest"
-    digest.write_text(f"{_digest(source)} {target.name}\n")
-    for path in (source, digest):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.replace(source, target)  # atomic: a concurrent process sees a whole file or none
-    os.replace(digest, target.with_name(target.name + ".sha256"))
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-#: a build directory older than this was left by a killed compile
-_STALE_SECONDS = 3600
-
-
-def _remove_stale(directory: Path) -> None:
-    now = time.time()
-    for entry in directory.glob("build-*"):
-        try:
-            if now - entry.lstat().st_mtime > _STALE_SECONDS:
-                shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            pass
-
-
 #: per thread: id of a loaded library → the OpenMP thread count last set through it
 _OMP_THREADS = threading.local()
 
@@ -498,13 +349,13 @@ class Library:
         if cc is None:
             raise RuntimeError("optgen's fused CPU kernels need a C compiler (cc, or $CC); none was found")
         text = PRELUDE + self.source
-        key = hashlib.sha256("\0".join([text, *cc, _compiler_identity(cc), *FLAGS, *defines, platform.machine(),
-                                        _cpu_identity()]).encode()).hexdigest()[:20]
+        key = hashlib.sha256("\0".join([text, *cc, compiler_identity(cc), *FLAGS, *defines, platform.machine(),
+                                        cpu_identity()]).encode()).hexdigest()[:20]
         directory = writable(cache_dir())
         target = directory / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"
-        if _verified(target):
+        if verified(target):
             return target
-        _remove_stale(directory)
+        remove_stale(directory)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=directory, prefix="build-") as tmp:
             source = Path(tmp) / "kernels.c"
@@ -525,7 +376,7 @@ class Library:
             else:
                 detail = result.stderr.strip() or f"{shlex.join(cc)} exited with status {result.returncode}"
                 raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed:\n{detail}")
-            _publish(Path(tmp), out, target)
+            publish(Path(tmp), out, target)
         LOGGER.info("optgen: compiled the C kernels of %s for %s in %.1f s, cached as %s (later processes load it)",
                  self.name, dtype, time.perf_counter() - started, target)
         return target
@@ -620,7 +471,7 @@ class BoundLaunch:
     """One group's C launch, bound to its lists (Note [Cached steps] in runtime/step_cache.py): the
     address tables of its parameters, states and counters, built and checked once, and the storages
     they point into, held so no address in them is ever freed and handed to another tensor; per step
-    only the gradients' table is rebuilt, when the gradients changed."""
+    the caller passes the gradients' table (step_guard.py builds it as it checks them)."""
 
     def __init__(self, kernel: Kernel, tensors, counters, uses: tuple[bool, ...]):
         params = tensors[0]
@@ -630,24 +481,21 @@ class BoundLaunch:
                                                                            for c in values))
         self.storages = [t.untyped_storage() for values in (*tensors, *counters) for t in values if t is not None]
         self.first_step = torch.zeros(max(1, self.n * len(kernel.lazy)), dtype=torch.uint8)  # no state is new
-        self.grad_addresses: list[int] = []
-        self.grad_table = array.array("q")
 
-    def __call__(self, grads: list[torch.Tensor], grad_addresses: list[int], arguments: dict) -> bool:
-        """One step with these gradients (checked by the caller: contiguous, shaped like their
-        parameters) and hyperparameters; False, with nothing done, when the arguments use other
-        lists than the bound ones (a flag or hyperparameter changed which states the step touches)."""
+    def __call__(self, grad_table: array.array, arguments: dict) -> bool:
+        """One step with the gradients at these addresses (checked by the caller: contiguous, shaped
+        like their parameters, one per parameter) and these hyperparameters; False, with nothing
+        done, when the arguments use other lists than the bound ones (a flag or hyperparameter
+        changed which states the step touches)."""
         kernel = self.kernel
-        if kernel._uses(arguments) != self.uses:
+        if len(grad_table) != self.n or kernel._uses(arguments) != self.uses:
             return False
-        if grad_addresses != self.grad_addresses:
-            self.grad_table, self.grad_addresses = array.array("q", grad_addresses), grad_addresses
         hyper = array.array("d", [math.nan if (h := arguments[name]) is None else float(h)
                                   for name in kernel.hyperparameters] or [0.0])
         flags = sum(1 << k for k, f in enumerate(kernel.flags) if arguments[f])
         plan = self.plan
         kernel.library.function(self.dtype, kernel.function)(
-            self.n, plan.addresses.data_ptr(), self.grad_table.buffer_info()[0], plan.counter_addresses.data_ptr(),
+            self.n, plan.addresses.data_ptr(), grad_table.buffer_info()[0], plan.counter_addresses.data_ptr(),
             plan.numels.data_ptr(), plan.dims.data_ptr(), self.first_step.data_ptr(), hyper.buffer_info()[0],
             plan.counters_f64, flags, None)
         return True

@@ -36,23 +36,9 @@ dict (``__setstate__``) drops the cache.  Measured: BENCHMARKS.md, "Host overhea
 """
 from __future__ import annotations
 
-from itertools import compress, repeat
-from operator import add, attrgetter, floordiv, is_, is_not, itemgetter, le
-
 import torch
 
-from optgen.runtime import dispatch
-
-_GRAD = attrgetter("grad")
-_DTYPE = attrgetter("dtype")
-_DATA_PTR = torch.Tensor.data_ptr
-_IS_CONTIGUOUS = torch.Tensor.is_contiguous
-_IS_CONJ = torch.Tensor.is_conj
-_IS_NEG = torch.Tensor.is_neg
-_NUMEL = torch.Tensor.numel
-_OFFSET = torch.Tensor.storage_offset
-_STORAGE = torch.Tensor.untyped_storage
-_NBYTES = torch.UntypedStorage.nbytes
+from optgen.runtime import dispatch, step_guard
 
 #: the group options the choice of implementation reads (runtime/dispatch.py), and state_dtype (a
 #: bfloat16 group is never bound: its launch takes rounding keys that change every step)
@@ -69,25 +55,12 @@ class CachedStep:
     def __init__(self, optimizer, group: dict, kernel, params: list[torch.Tensor], lists: dict[str, list], launch):
         self.group, self.kernel, self.launch = group, kernel, launch
         self.options = options(optimizer, group)
-        self.group_params = list(group["params"])
-        self.with_grad = [p.grad is not None for p in self.group_params]
-        self.all_with_grad = all(self.with_grad)
-        self.params = params
-        self.param_addresses = list(map(_DATA_PTR, params))
-        self.numels = list(map(_NUMEL, params))
-        self.dtype = params[0].dtype  # (one dtype: _bind)
-        self.element_size = params[0].element_size()
-        self.complex = params[0].is_complex()
-        self.grad_bytes = [k * self.element_size for k in self.numels]
-        # the states the launch addresses, key by key: the objects the optimizer's state holds,
-        # and the addresses the launch was checked for (a complex parameter's state as real views:
-        # the same addresses); a list absent under these flags is not addressed, and a state
-        # created later changes nothing bound.  (One pass per key: flattening every key's states
-        # into one list measured slower.)
-        held = list(map(optimizer.state.get, params))
-        self.states = [(get, list(map(get, held)), list(map(_DATA_PTR, lists[name])))
-                       for name, key in optimizer._tensor_state + optimizer._counter_state
-                       if all(t is not None for t in lists[name]) for get in (itemgetter(key),)]
+        # the states the launch addresses: a list absent under these flags is not addressed, and a
+        # state created later changes nothing bound
+        self.keys = [key for name, key in optimizer._tensor_state + optimizer._counter_state
+                     if all(t is not None for t in lists[name])]
+        self.guard = step_guard.guard(optimizer, group, params, self.keys)
+        self.native = isinstance(self.guard, step_guard.NativeGuard)
 
     def __call__(self, optimizer, group: dict) -> bool:
         """One step of ``group`` through the bound launch; False, with nothing done, when a check
@@ -95,39 +68,11 @@ class CachedStep:
         if torch.compiler.is_compiling() or "grad_scale" in vars(optimizer) or "found_inf" in vars(optimizer) \
                 or options(optimizer, group) != self.options:
             return False
-        current = group["params"]
-        if len(current) != len(self.group_params) or not all(map(is_, current, self.group_params)):
-            return False
-        grads = list(map(_GRAD, current))
-        if not self.all_with_grad:
-            if list(map(is_not, grads, repeat(None))) != self.with_grad:
-                return False
-            grads = list(compress(grads, self.with_grad))
-        params = self.params
-        try:  # (a None or sparse gradient fails is_contiguous)
-            if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
-                    or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype))) \
-                    or list(map(_DATA_PTR, params)) != self.param_addresses:
-                return False
-            if any(map(_IS_NEG, grads)):  # a lazily negated view: the checked path resolves it
-                return False
-            if self.complex and any(map(_IS_CONJ, grads)):  # a lazily conjugated view: other values, same memory
-                return False
-            # every gradient inside its storage (one resized in place, as FSDP frees memory, is not)
-            if any(map(_OFFSET, grads)):  # (some inside a larger buffer: DDP's bucket views)
-                if not all(map(le, map(add, map(_OFFSET, grads), self.numels),
-                               map(floordiv, map(_NBYTES, map(_STORAGE, grads)), repeat(self.element_size)))):
-                    return False
-            elif not all(map(le, self.grad_bytes, map(_NBYTES, map(_STORAGE, grads)))):
-                return False
-            states = list(map(optimizer.state.get, params))
-            for get, objects, addresses in self.states:
-                now = list(map(get, states))
-                if not all(map(is_, now, objects)) or list(map(_DATA_PTR, now)) != addresses:
-                    return False
-            grad_addresses = list(map(_DATA_PTR, grads))
-        except (RuntimeError, TypeError, KeyError):  # a state that is not there
+        if not self.native and step_guard.native(start=False) is not None:
+            return False  # the native guard's build has finished: the checked step rebinds with it
+        grad_table = self.guard(optimizer, group)
+        if grad_table is None:
             return False
         arguments = optimizer._kernel_scalars(self.kernel, group)
         arguments.update((f, bool(group[f])) for f in optimizer._flags)
-        return self.launch(grads, grad_addresses, arguments)
+        return self.launch(grad_table, arguments)

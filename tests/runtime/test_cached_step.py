@@ -3,6 +3,7 @@ once and revalidated cheaply.  Each test runs the same steps twice, with the cac
 disabled (every step the checked path), and requires the same bits — or the same error — after
 something changed between steps that a stale launch would get wrong.  The crash cases run in a
 subprocess."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import optgen
-from optgen.runtime import c_launch, once, step_cache
+from optgen.runtime import c_launch, once, step_cache, step_guard
 from optgen.runtime.generated import GeneratedOptimizer
 
 pytestmark = pytest.mark.skipif(not c_launch.available(), reason="no C compiler")
@@ -27,6 +28,17 @@ def set_grads(ps, seed):
     g = torch.Generator().manual_seed(1000 + seed)
     for p in ps:
         p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+@pytest.fixture(autouse=True, params=["python", "native"])
+def guard_kind(request, monkeypatch):
+    """Every test here runs with each guard of the cached path (Note [Native step guard])."""
+    if request.param == "native":
+        if step_guard.native(wait=True) is None:
+            pytest.skip(f"no native step guard here: {step_guard.unavailable()}")
+    else:
+        monkeypatch.setattr(step_guard, "native", lambda **_: None)
+    return request.param
 
 
 @pytest.fixture
@@ -182,10 +194,28 @@ def set_state_dtype(opt, ps, k):
         opt.param_groups[0]["state_dtype"] = torch.bfloat16
 
 
+# a state changed in place: the same object at the same address, laid out otherwise
+def shrink_state_in_place(opt, ps, k):
+    if k == 3:
+        opt.state[ps[1]]["exp_avg"].resize_(5)
+
+
+def transpose_state_in_place(opt, ps, k):
+    if k == 3:
+        opt.state[ps[0]]["exp_avg_sq"].t_()  # (7, 5) -> (5, 7), not contiguous
+
+
+def retype_state_in_place(opt, ps, k):
+    if k == 3:
+        state = opt.state[ps[2]]["exp_avg"]
+        state.data = state.data.view(torch.int32)
+
+
 @pytest.mark.parametrize("change", [
     replace_param_data, replace_state, swap_state_storage, reset_state, clear_state, new_gradients_each_step,
     toggle_amsgrad,
     change_lr_and_betas, drop_a_gradient, add_a_parameter, switch_to_forloop, set_state_dtype,
+    shrink_state_in_place, transpose_state_in_place, retype_state_in_place,
 ], ids=lambda f: f.__name__)
 def test_a_change_between_steps_is_seen(change, uncached):
     assert_same(trajectory(change), uncached)
@@ -281,6 +311,7 @@ def test_a_step_under_torch_defaults_is_the_forloop(monkeypatch):
 
 CRASH = textwrap.dedent("""
     import torch, optgen
+    {first}
     ps = [torch.randn(1000, requires_grad=True) for _ in range(3)]
     opt = optgen.Adam(ps, lr=1e-2)
     for k in range(8):
@@ -309,9 +340,11 @@ CRASH = textwrap.dedent("""
     "ps[0].grad.untyped_storage().resize_(0)",
     "ps[1].grad.untyped_storage().resize_(8)",
 ])
-def test_memory_changed_under_a_bound_launch_never_crashes(change):
-    result = subprocess.run([sys.executable, "-c", CRASH.format(change=change)], capture_output=True, text=True,
-                            timeout=120)
+def test_memory_changed_under_a_bound_launch_never_crashes(change, guard_kind):
+    first = "from optgen.runtime import step_guard; assert step_guard.native(wait=True) is not None" \
+        if guard_kind == "native" else "pass"
+    result = subprocess.run([sys.executable, "-c", CRASH.format(change=change, first=first)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "OPTGEN_STEP_GUARD": guard_kind})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "finite:" in result.stdout
 

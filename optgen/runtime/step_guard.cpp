@@ -1,0 +1,203 @@
+// The checks of a bound launch (Note [Cached steps] in step_cache.py; Note [Native step guard] in
+// step_guard.py) as one C++ pass over a param group: what the Python guard does with ~14 maps of
+// tensor methods at ~50 ns a call each, read here from the tensors' C++ objects in a few ns.
+//
+// Two functions, both given the GIL:
+//   snapshot(tensors) -> bytes | None
+//       one Record per tensor (below), None when a tensor is not one a launch may address;
+//   revalidate(current, bound, with_grad, state, keys, objects, expected, grad_table) -> bool
+//       whether the group's lists are still those the launch was bound for; when they are, the
+//       gradients' addresses are written into grad_table (an int64 buffer, one per gradient).
+// Anything unexpected (a C++ exception, a Python error from a state lookup) answers False: the
+// caller then takes the checked path, which raises torch's own error where there is one.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// What a launch depends on of a tensor it addresses: where its elements are, how many, of which
+// type; `usable` is 1 when the kernel may address it at all.
+struct Record {
+  int64_t address;
+  int64_t numel;
+  int64_t dtype;
+  int64_t usable;
+};
+
+// Whether ``t`` is memory a kernel may read as ``numel`` contiguous elements: strided, contiguous,
+// on the CPU, inside its storage, no lazily negated or conjugated view, no Python dispatch
+// (a __torch_dispatch__ subclass's memory need not be its values).
+bool addressable(const at::Tensor& t) {
+  if (!t.defined() || t.layout() != at::kStrided || !t.device().is_cpu() || !t.has_storage() ||
+      !t.is_contiguous() || t.is_neg() || t.is_conj() || t.key_set().has(c10::DispatchKey::Python)) {
+    return false;
+  }
+  const int64_t end = (t.storage_offset() + t.numel()) * static_cast<int64_t>(t.element_size());
+  return end <= static_cast<int64_t>(t.storage().nbytes());
+}
+
+// ``obj``'s Record (of a written tensor: its mutable address, which a copy-on-write storage
+// materializes, so a shared one is never written through).
+Record describe(PyObject* obj) {
+  Record r{0, 0, 0, 0};
+  if (!THPVariable_CheckExact(obj)) {
+    return r;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!addressable(t)) {
+    return r;
+  }
+  r.address = reinterpret_cast<int64_t>(t.mutable_data_ptr());
+  r.numel = t.numel();
+  r.dtype = static_cast<int64_t>(t.scalar_type());
+  r.usable = 1;
+  return r;
+}
+
+bool same(const Record& a, const Record& b) {
+  return a.usable && a.address == b.address && a.numel == b.numel && a.dtype == b.dtype;
+}
+
+PyObject* snapshot(PyObject*, PyObject* tensors) {
+  if (!PyList_Check(tensors)) {
+    PyErr_SetString(PyExc_TypeError, "snapshot: a list of tensors");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, n * static_cast<Py_ssize_t>(sizeof(Record)));
+  if (out == nullptr) {
+    return nullptr;
+  }
+  auto* records = reinterpret_cast<Record*>(PyBytes_AS_STRING(out));
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      records[i] = describe(PyList_GET_ITEM(tensors, i));
+      if (!records[i].usable) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+      }
+    }
+  } catch (...) {
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+  }
+  return out;
+}
+
+// The checks themselves; false at the first that fails.
+//   current, bound: the group's parameter list now and when bound (the same objects, in order);
+//   with_grad: per bound parameter, 1 where it had a gradient (the launch's parameters);
+//   state, keys: the optimizer's state and the keys of the states the launch addresses;
+//   objects: per launch parameter j and key k, objects[j * K + k], the state bound;
+//   expected: the Records of the launch's parameters, then of objects (snapshot of each);
+//   grad: the table to write the gradients' addresses into.
+//   (launched: the launch's parameters, the sizes of grad and objects checked against it by the caller)
+bool check(PyObject* current, PyObject* bound, const char* with_grad, PyObject* state, PyObject* keys,
+           PyObject* objects, const Record* expected, int64_t* grad, Py_ssize_t launched) {
+  const Py_ssize_t n = PyList_GET_SIZE(bound);
+  if (PyList_GET_SIZE(current) != n) {
+    return false;
+  }
+  const Py_ssize_t K = PyTuple_GET_SIZE(keys);
+  Py_ssize_t m = 0;  // parameters with a gradient so far
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p = PyList_GET_ITEM(current, i);
+    if (p != PyList_GET_ITEM(bound, i)) {
+      return false;
+    }
+    const at::Tensor& param = THPVariable_Unpack(p);  // (a bound parameter: a plain tensor)
+    const at::Tensor& g = param.grad();
+    if (!with_grad[i]) {
+      if (g.defined()) {
+        return false;
+      }
+      continue;
+    }
+    if (m == launched) {  // more parameters with a gradient than bound
+      return false;
+    }
+    const Record& want = expected[m];
+    // the parameter where it was, as it was; its gradient readable as that many elements of its dtype
+    if (!same(describe(p), want) || !addressable(g) || g.numel() != want.numel ||
+        static_cast<int64_t>(g.scalar_type()) != want.dtype) {
+      return false;
+    }
+    grad[m] = reinterpret_cast<int64_t>(g.const_data_ptr());
+    // its states: the objects bound, where they were, as they were (a dict lookup per parameter:
+    // the tensor's __hash__ is Python's)
+    PyObject* held = PyDict_GetItemWithError(state, p);
+    if (held == nullptr || !PyDict_CheckExact(held)) {  // (a subclass may override its lookup)
+      return false;
+    }
+    const Record* state_records = expected + launched + m * K;
+    for (Py_ssize_t k = 0; k < K; ++k) {
+      PyObject* value = PyDict_GetItemWithError(held, PyTuple_GET_ITEM(keys, k));
+      if (value == nullptr || value != PyList_GET_ITEM(objects, m * K + k) || !same(describe(value), state_records[k])) {
+        return false;
+      }
+    }
+    ++m;
+  }
+  return m == launched;
+}
+
+PyObject* revalidate(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyBytes_Check(args[2]) ||
+      !PyDict_Check(args[3]) || !PyTuple_Check(args[4]) || !PyList_Check(args[5]) || !PyBytes_Check(args[6])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "revalidate(current: list, bound: list, with_grad: bytes, state: dict, keys: tuple, "
+                    "objects: list, expected: bytes, grad_table: writable int64 buffer)");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(args[1]);
+  const Py_ssize_t K = PyTuple_GET_SIZE(args[4]);
+  Py_buffer table;
+  if (PyObject_GetBuffer(args[7], &table, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+    return nullptr;
+  }
+  // the sizes the loop relies on, checked once: a mismatch is a caller's bug, not a changed group
+  const Py_ssize_t launched = table.len / 8;
+  const bool sizes = PyBytes_GET_SIZE(args[2]) == n && table.itemsize == 8 && table.format != nullptr &&
+                     (std::strcmp(table.format, "q") == 0 || std::strcmp(table.format, "l") == 0) &&
+                     PyList_GET_SIZE(args[5]) == launched * K &&
+                     PyBytes_GET_SIZE(args[6]) == static_cast<Py_ssize_t>(sizeof(Record)) * launched * (1 + K);
+  if (!sizes) {
+    PyBuffer_Release(&table);
+    PyErr_SetString(PyExc_ValueError, "revalidate: inconsistent sizes");
+    return nullptr;
+  }
+  bool ok = false;
+  try {
+    ok = check(args[0], args[1], PyBytes_AS_STRING(args[2]), args[3], args[4], args[5],
+               reinterpret_cast<const Record*>(PyBytes_AS_STRING(args[6])), static_cast<int64_t*>(table.buf),
+               launched);
+  } catch (...) {
+    ok = false;
+  }
+  PyBuffer_Release(&table);
+  if (PyErr_Occurred()) {  // a state lookup raised (a key's __eq__): the checked path will see it again
+    PyErr_Clear();
+    ok = false;
+  }
+  if (ok) {
+    Py_RETURN_TRUE;
+  }
+  Py_RETURN_FALSE;
+}
+
+PyMethodDef methods[] = {
+    {"snapshot", snapshot, METH_O, "Records of tensors a launch addresses (None: one it may not)."},
+    {"revalidate", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(revalidate)), METH_FASTCALL,
+     "Whether a bound launch's lists are unchanged; writes the gradients' addresses."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "optgen_step_guard", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit_optgen_step_guard() { return PyModule_Create(&module); }
