@@ -8,18 +8,17 @@ storage and address; the parameter's address; each state's object and address). 
 of tensor methods they cost ~50 ns a call, about 1 µs a tensor: on 1000 tensors of 100 elements
 ten times the fused kernel's own work.  step_guard.cpp does the same checks in one C++ pass over
 the group, reading each tensor's C++ object through torch's headers (~15–30 ns a tensor, most of
-it the state dict's lookup through the tensor's Python ``__hash__``); it also checks what the
-Python guard leaves to the held storages (a state's element count and dtype changed in place).
+it the state dict's lookup through the tensor's Python ``__hash__``).
 
 It is compiled like the C kernels (``$CXX``, else ``c++``; torch's include directories and
 libraries; the cache of Note [Kernel cache], keyed on the source, compiler, flags, torch and
 Python) and loaded as an extension module once its digest checks out.  A compile takes ~10 s, so
 it is never on a step's path: the first group bound with at least :data:`NATIVE_FROM` tensors
-starts it on a background thread, and bound launches switch to it once it is loaded (a cached one
-loads at once).  Below that size the Python guard's cost is small next to the step.  Where no C++
-compiler or torch headers exist, the build fails (logged once, at INFO) and every step keeps the
-Python guard: the same checks but the in-place metadata ones, slower.  ``OPTGEN_STEP_GUARD=python``
-keeps the Python guard everywhere (no compile).
+starts it on a background thread, and groups bound after it is loaded use it (a bound group's
+next step rebinds; one found in the cache is only loaded: milliseconds).  Below that size the
+Python guard's cost is small next to the step.  Where no C++ compiler or torch headers exist,
+the build fails (logged once, at INFO) and every step keeps the Python guard: the same checks,
+slower.  ``OPTGEN_STEP_GUARD=python`` keeps the Python guard everywhere (no compile).
 """
 from __future__ import annotations
 
@@ -276,9 +275,12 @@ class NativeGuard:
 
     def __call__(self, optimizer, group: dict):
         bound = self.bound
-        if self.module.revalidate(group["params"], bound.group_params, self.with_grad, optimizer.state, self.keys,
-                                  self.objects, self.expected, self.table):
-            return self.table
+        try:  # (TypeError: a group's params or the optimizer's state replaced by another type)
+            if self.module.revalidate(group["params"], bound.group_params, self.with_grad, optimizer.state,
+                                      self.keys, self.objects, self.expected, self.table):
+                return self.table
+        except TypeError:
+            pass
         return None
 
 

@@ -1,0 +1,155 @@
+"""The native step guard (Note [Native step guard] in optgen/runtime/step_guard.py): when it is built,
+what happens where it cannot be, and that its library is trusted like the kernels'.  That both
+guards see every change between steps is test_cached_step.py's job (each of its tests runs with
+each guard)."""
+from __future__ import annotations
+
+import array
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import optgen
+from optgen.runtime import c_launch, native_cache, step_guard
+
+pytestmark = pytest.mark.skipif(not c_launch.available(), reason="no C compiler")
+
+
+def steps(n_params: int, n_steps: int = 3):
+    """An Adam on ``n_params`` small tensors, stepped ``n_steps`` times; (optimizer, params)."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(4, generator=g).requires_grad_() for _ in range(n_params)]
+    opt = optgen.Adam(ps, lr=1e-2)
+    for _ in range(n_steps):
+        for p in ps:
+            p.grad = torch.randn(4, generator=g)
+        opt.step()
+    return opt, ps
+
+
+def guard_of(opt):
+    (cached,) = opt._cached_steps.values()
+    return cached.guard
+
+
+WITHOUT_GUARD = textwrap.dedent("""
+    import logging, torch, optgen
+    from optgen.runtime import step_guard
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(4, generator=g).requires_grad_() for _ in range(100)]
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    opt, torch_opt = optgen.Adam(ps, lr=1e-2), torch.optim.Adam(ref, lr=1e-2, foreach=False)
+    for k in range(4):
+        for p, q in zip(ps, ref):
+            p.grad = torch.randn(4, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        torch_opt.step()
+        if k == 0:
+            print("native:", step_guard.native(wait=True))
+    (cached,) = opt._cached_steps.values()
+    print("guard:", type(cached.guard).__name__)
+    print("close:", all(torch.allclose(p, q, rtol=1e-6, atol=1e-7) for p, q in zip(ps, ref)))
+""")
+
+
+@pytest.mark.parametrize("cxx", ["/nonexistent/c++", "false"])
+def test_without_a_working_cxx_compiler_steps_keep_the_python_guard(cxx, tmp_path):
+    result = subprocess.run([sys.executable, "-c", WITHOUT_GUARD], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CXX": cxx, "OPTGEN_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "native: None" in result.stdout and "guard: PythonGuard" in result.stdout
+    assert "close: True" in result.stdout
+    said = [line for line in result.stderr.splitlines() if "native step guard is unavailable" in line]
+    assert len(said) == 1 and said[0].startswith("INFO"), result.stderr[-2000:]
+    assert ("no C++ compiler" if cxx.startswith("/") else "compiling step_guard.cpp failed") in said[0]
+
+
+def test_a_large_group_starts_the_build_and_switches_to_it(monkeypatch):
+    module = step_guard.native(wait=True)
+    if module is None:
+        pytest.skip(f"no native step guard here: {step_guard.unavailable()}")
+    built = []
+
+    def build():  # the real build's outcome, without its compile
+        built.append(True)
+        step_guard._BUILD.module = module
+
+    monkeypatch.setattr(step_guard, "_BUILD", step_guard._Build())
+    monkeypatch.setattr(step_guard, "_build", build)
+    opt, _ = steps(step_guard.NATIVE_FROM - 1)
+    assert not built and isinstance(guard_of(opt), step_guard.PythonGuard)  # a small group: not worth a compile
+    opt, _ = steps(step_guard.NATIVE_FROM, n_steps=1)
+    step_guard._BUILD.thread.join()
+    assert built == [True]
+    opt.step()  # the first step after the build: the checked path, which binds with the native guard
+    assert isinstance(guard_of(opt), step_guard.NativeGuard)
+
+
+def test_the_environment_switch_keeps_the_python_guard(monkeypatch):
+    monkeypatch.setattr(step_guard, "_BUILD", step_guard._Build())
+    monkeypatch.setenv("OPTGEN_STEP_GUARD", "python")
+    opt, _ = steps(step_guard.NATIVE_FROM)
+    assert step_guard._BUILD.thread is None and isinstance(guard_of(opt), step_guard.PythonGuard)
+
+
+def test_revalidate_refuses_inconsistent_arguments_without_crashing():
+    module = step_guard.native(wait=True)
+    if module is None:
+        pytest.skip(f"no native step guard here: {step_guard.unavailable()}")
+    opt, ps = steps(3)
+    guard = guard_of(opt)
+    assert isinstance(guard, step_guard.NativeGuard)
+    args = [opt.param_groups[0]["params"], guard.bound.group_params, guard.with_grad, opt.state, guard.keys,
+            guard.objects, guard.expected, guard.table]
+    assert module.revalidate(*args) is True
+    assert list(guard.table) == [p.grad.data_ptr() for p in ps]
+    for index, wrong in [(7, array.array("q", [0])),              # a table of another length
+                         (6, guard.expected[:-8]),                  # records cut short
+                         (2, b"\x01"),                              # with_grad of another length
+                         (5, guard.objects[:-1]),                   # one state object missing
+                         (7, array.array("i", [0, 0, 0, 0, 0, 0]))]:  # a table of 4-byte items
+        with pytest.raises(ValueError, match="inconsistent sizes"):
+            module.revalidate(*args[:index], wrong, *args[index + 1:])
+    for index, wrong in [(0, tuple(args[0])), (3, list(opt.state.items())), (4, list(guard.keys)), (7, b"x" * 24)]:
+        with pytest.raises((TypeError, BufferError)):
+            module.revalidate(*args[:index], wrong, *args[index + 1:])
+    assert module.snapshot([ps[0], "not a tensor"]) is None
+    assert module.snapshot([ps[0], torch.randn(3, 4).t()]) is None  # not contiguous: no launch addresses it
+    assert module.snapshot([ps[0], torch.randn(3).to_sparse()]) is None
+    # a group's params replaced by a tuple: the checked path, not a TypeError out of step()
+    opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+    assert guard(opt, opt.param_groups[0]) is None
+
+
+def test_a_tampered_guard_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    if step_guard.native(wait=True) is None:
+        pytest.skip(f"no native step guard here: {step_guard.unavailable()}")
+    good = step_guard._compiled()  # the verified library in this session's cache
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    directory = native_cache.writable(native_cache.cache_dir())
+    planted = directory / good.name
+    shutil.copy(good, planted)
+    shutil.copy(good.with_name(good.name + ".sha256"), planted.with_name(planted.name + ".sha256"))
+    assert step_guard._compiled() == planted  # published whole: loaded as it is
+    with open(planted, "ab") as f:
+        f.write(b"\x00")  # one byte more: not the library published under this name
+    compiles = []
+    real_run = subprocess.run
+
+    def compile_by_copying(command, **kwargs):  # the build, without its ten seconds
+        if "-o" in command:
+            compiles.append(command)
+            shutil.copy(good, command[command.index("-o") + 1])
+            return subprocess.CompletedProcess(command, 0, "", "")
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", compile_by_copying)
+    assert step_guard._compiled() == planted and len(compiles) == 1
+    assert native_cache.verified(planted) and planted.read_bytes() == good.read_bytes()
