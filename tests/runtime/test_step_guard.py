@@ -86,7 +86,9 @@ def test_a_large_group_starts_the_build_and_switches_to_it(monkeypatch):
     opt, _ = steps(step_guard.NATIVE_FROM - 1)
     assert not built and isinstance(guard_of(opt), step_guard.PythonGuard)  # a small group: not worth a compile
     opt, _ = steps(step_guard.NATIVE_FROM, n_steps=1)
-    step_guard._BUILD.thread.join()
+    thread = step_guard._BUILD.thread
+    assert thread is not None
+    thread.join()
     assert built == [True]
     opt.step()  # the first step after the build: the checked path, which binds with the native guard
     assert isinstance(guard_of(opt), step_guard.NativeGuard)
