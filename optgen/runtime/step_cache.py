@@ -55,7 +55,7 @@ class CachedStep:
     """A param group's bound launch and what it was bound for (Note [Cached steps])."""
 
     def __init__(self, optimizer, group: dict, kernel, params: list[torch.Tensor], lists: dict[str, list], launch):
-        self.group, self.kernel, self.launch = group, kernel, launch
+        self.group, self.kernel, self.launch, self.params = group, kernel, launch, params
         self.options = options(optimizer, group)
         # the states the launch addresses: a list absent under these flags is not addressed, and a
         # state created later changes nothing bound

@@ -42,6 +42,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from optgen.errors import SpecError
+from optgen.runtime import step_guard
 
 if TYPE_CHECKING:
     from optgen.runtime.generated import GeneratedOptimizer
@@ -487,8 +488,12 @@ def main(args) -> int:
     total, tensors = int(args.params), args.tensors
     targets = resolve(list(getattr(args, "specs", None) or []), args.only)
     work = plan(targets, getattr(args, "cases", None), total, tensors)
+    # the cached steps' checks in C++ (Note [Native step guard]): built or loaded before any timing,
+    # not in the background during it
+    guard = "native step guard" if step_guard.native(wait=True) is not None else \
+        f"Python step guard ({step_guard.unavailable() or 'OPTGEN_STEP_GUARD=python'})"
     header = [f"optgen bench: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-              f"{args.repeats} interleaved repeats per workload", ""]
+              f"{args.repeats} interleaved repeats per workload, {guard}", ""]
     print("\n".join(header), flush=True)
     lines = list(header)
     results = []

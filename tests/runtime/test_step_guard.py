@@ -155,3 +155,21 @@ def test_a_tampered_guard_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", compile_by_copying)
     assert step_guard._compiled() == planted and len(compiles) == 1
     assert native_cache.verified(planted) and planted.read_bytes() == good.read_bytes()
+
+
+def test_the_host_overhead_tool_times_every_row(capsys):
+    from optgen.tools import host_overhead
+
+    real = step_guard.native
+    assert host_overhead.main(["--count", "20", "--size", "10", "--steps", "3"]) == 0
+    assert step_guard.native is real  # the tool's Python-guard rows leave the process as it was
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    timed = [r for r in rows if r[1].strip() in ("kept", "new")]
+    guards = ["native", "python"] if step_guard.native(start=False) is not None else ["python"]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in timed] == \
+        [(g, grads, caches) for g in guards for grads, caches in [("kept", "warm"), ("new", "warm"), ("new", "cold")]]
+    for r in timed:
+        assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[5].strip().rstrip("×")) > 0
+    parts = [r for r in rows if "parts" in r[1]]
+    assert len(parts) == len(guards) and all("guard" in r[2] and "kernel" in r[2] for r in parts)
