@@ -97,53 +97,73 @@ PyObject* snapshot(PyObject*, PyObject* tensors) {
 //   expected: the Records of the launch's parameters, then of objects (snapshot of each);
 //   grad: the table to write the gradients' addresses into.
 //   (launched: the launch's parameters, the sizes of grad and objects checked against it by the caller)
+// In four passes with short bodies rather than one with a long one: after a forward and backward
+// most of what is read here is out of the cache, and a short body lets the processor have several
+// tensors' misses in flight at once (the dict lookups call Python, and would serialize them).
 bool check(PyObject* current, PyObject* bound, const char* with_grad, PyObject* state, PyObject* keys,
            PyObject* objects, const Record* expected, int64_t* grad, Py_ssize_t launched) {
   const Py_ssize_t n = PyList_GET_SIZE(bound);
   if (PyList_GET_SIZE(current) != n) {
     return false;
   }
-  const Py_ssize_t K = PyTuple_GET_SIZE(keys);
-  Py_ssize_t m = 0;  // parameters with a gradient so far
+  // the same parameters, those with a gradient where they were, as they were
+  Py_ssize_t m = 0;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(current, i);
     if (p != PyList_GET_ITEM(bound, i)) {
       return false;
     }
-    const at::Tensor& param = THPVariable_Unpack(p);  // (a bound parameter: a plain tensor)
-    const at::Tensor& g = param.grad();
+    if (with_grad[i]) {
+      if (m == launched || !same(describe(p), expected[m])) {  // (m == launched: more than bound)
+        return false;
+      }
+      ++m;
+    }
+  }
+  if (m != launched) {
+    return false;
+  }
+  // their gradients readable as that many elements of their dtype (and none where none was)
+  m = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& g = THPVariable_Unpack(PyList_GET_ITEM(bound, i)).grad();  // (a plain tensor)
     if (!with_grad[i]) {
       if (g.defined()) {
         return false;
       }
       continue;
     }
-    if (m == launched) {  // more parameters with a gradient than bound
+    if (!addressable(g) || g.numel() != expected[m].numel || static_cast<int64_t>(g.scalar_type()) != expected[m].dtype) {
       return false;
     }
-    const Record& want = expected[m];
-    // the parameter where it was, as it was; its gradient readable as that many elements of its dtype
-    if (!same(describe(p), want) || !addressable(g) || g.numel() != want.numel ||
-        static_cast<int64_t>(g.scalar_type()) != want.dtype) {
-      return false;
+    grad[m++] = reinterpret_cast<int64_t>(g.const_data_ptr());
+  }
+  // their states are the objects bound (a dict lookup per parameter: the tensor's __hash__ is Python's)
+  const Py_ssize_t K = PyTuple_GET_SIZE(keys);
+  m = 0;
+  for (Py_ssize_t i = 0; i < n && K; ++i) {
+    if (!with_grad[i]) {
+      continue;
     }
-    grad[m] = reinterpret_cast<int64_t>(g.const_data_ptr());
-    // its states: the objects bound, where they were, as they were (a dict lookup per parameter:
-    // the tensor's __hash__ is Python's)
-    PyObject* held = PyDict_GetItemWithError(state, p);
+    PyObject* held = PyDict_GetItemWithError(state, PyList_GET_ITEM(bound, i));
     if (held == nullptr || !PyDict_CheckExact(held)) {  // (a subclass may override its lookup)
       return false;
     }
-    const Record* state_records = expected + launched + m * K;
     for (Py_ssize_t k = 0; k < K; ++k) {
-      PyObject* value = PyDict_GetItemWithError(held, PyTuple_GET_ITEM(keys, k));
-      if (value == nullptr || value != PyList_GET_ITEM(objects, m * K + k) || !same(describe(value), state_records[k])) {
+      if (PyDict_GetItemWithError(held, PyTuple_GET_ITEM(keys, k)) != PyList_GET_ITEM(objects, m * K + k)) {
         return false;
       }
     }
     ++m;
   }
-  return m == launched;
+  // where they were, as they were
+  const Record* state_records = expected + launched;
+  for (Py_ssize_t s = 0, S = PyList_GET_SIZE(objects); s < S; ++s) {
+    if (!same(describe(PyList_GET_ITEM(objects, s)), state_records[s])) {
+      return false;
+    }
+  }
+  return true;
 }
 
 PyObject* revalidate(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
