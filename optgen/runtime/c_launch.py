@@ -5,7 +5,7 @@ call for a parameter dtype (float32, float64, bfloat16, float16) the source is c
 :data:`PRELUDE` in front, into a shared library under the cache directory (``$OPTGEN_CACHE_DIR``,
 else ``~/.cache/optgen``, else the temporary directory when that is not writable), named by a
 hash of everything that goes into it, and loaded with ctypes; later processes load the cached
-file once its digest checks out (Note [Kernel cache]).  The compiler is ``$CC`` (arguments
+file once its digest checks out (Note [Kernel cache] in native_cache.py).  The compiler is ``$CC`` (arguments
 allowed: ``CC='ccache gcc'``) or ``cc``, with ``-O3 -march=native -fopenmp -fno-math-errno
 -fno-trapping-math`` (PERF-NOTES: without ``-fno-math-errno`` ``sqrtf`` does not vectorise; without
 the second a comparison a select makes unconditional blocks if-conversion — no kernel reads the

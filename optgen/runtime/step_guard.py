@@ -6,9 +6,13 @@ Note [Native step guard]
 The checks read a dozen facts per tensor (the gradient, its contiguity, element count, dtype,
 storage and address; the parameter's address; each state's object and address).  As Python maps
 of tensor methods they cost ~50 ns a call, about 1 µs a tensor: on 1000 tensors of 100 elements
-ten times the fused kernel's own work.  step_guard.cpp does the same checks in one C++ pass over
-the group, reading each tensor's C++ object through torch's headers (~15–30 ns a tensor, most of
-it the state dict's lookup through the tensor's Python ``__hash__``).
+ten times the fused kernel's own work.  step_guard.cpp does the same checks in C++, reading each
+tensor's C++ object through torch's headers: ~0.3 µs a parameter with its gradient and three
+states when a forward and backward have evicted them from the cache (less when warm).  That cost is
+memory latency, so the checks run in four short passes (parameters, gradients, state lookups, state
+records) that keep many tensors' misses in flight, not one loop whose body calls Python (the state
+dict's lookup goes through the tensor's Python ``__hash__``).  Measured: BENCHMARKS.md, "Host
+overhead on many small tensors".
 
 It is compiled like the C kernels (``$CXX``, else ``c++``; torch's include directories and
 libraries; the cache of Note [Kernel cache], keyed on the source, compiler, flags, torch and

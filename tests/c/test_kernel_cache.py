@@ -1,4 +1,4 @@
-"""The C kernel cache (Note [Kernel cache] in optgen/runtime/c_launch.py): private directories,
+"""The C kernel cache (Note [Kernel cache] in optgen/runtime/native_cache.py): private directories,
 verified entries, and compiler trouble that falls back to the for-loop like a missing compiler.
 Everything that loads a possibly damaged library runs in a subprocess: a SIGBUS fails the test."""
 import os
