@@ -42,6 +42,7 @@ class ASGD(GeneratedOptimizer):
     _counter_state = (('state_steps', 'step'), ('state_etas', 'eta'), ('state_mus', 'mu'))
     _lazy_state = ()
     _low_precision_state = ('ax',)
+    _nonnegative_state = ()
     _scalars = {"lr": ('lr', None), "lambd": ('lambd', None), "alpha": ('alpha', None), "t0": ('t0', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = True

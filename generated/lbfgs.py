@@ -27,6 +27,7 @@ class LBFGS(GeneratedOptimizer):
     _counter_state = ()
     _lazy_state = ()
     _low_precision_state = ()
+    _nonnegative_state = ()
     _scalars = {}
     _complex_as_real = False
     _elementwise = True

@@ -36,6 +36,7 @@ class Lion(GeneratedOptimizer):
     _counter_state = ()
     _lazy_state = ()
     _low_precision_state = ('exp_avg',)
+    _nonnegative_state = ()
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = False

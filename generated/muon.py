@@ -43,6 +43,7 @@ class Muon(GeneratedOptimizer):
     _counter_state = ()
     _lazy_state = ()
     _low_precision_state = ('momentum_buffer',)
+    _nonnegative_state = ()
     _scalars = {"lr": ('lr', None), "weight_decay": ('weight_decay', None), "momentum": ('momentum', None),
         "ns_a": ('ns_coefficients', 0), "ns_b": ('ns_coefficients', 1), "ns_c": ('ns_coefficients', 2),
         "eps": ('eps', None), "ns_steps": ('ns_steps', None), "adjust_lr_fn": ('adjust_lr_fn', None)}

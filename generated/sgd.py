@@ -39,6 +39,7 @@ class SGD(GeneratedOptimizer):
     _counter_state = ()
     _lazy_state = ('momentum_buffer',)
     _low_precision_state = ('momentum_buffer',)
+    _nonnegative_state = ()
     _scalars = {"lr": ('lr', None), "momentum": ('momentum', None), "dampening": ('dampening', None),
         "weight_decay": ('weight_decay', None)}
     _complex_as_real = True

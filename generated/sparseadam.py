@@ -43,6 +43,7 @@ class SparseAdam(GeneratedOptimizer):
     _counter_state = (('state_steps', 'step'),)
     _lazy_state = ()
     _low_precision_state = ('exp_avg', 'exp_avg_sq')
+    _nonnegative_state = ()
     _scalars = {"lr": ('lr', None), "beta1": ('betas', 0), "beta2": ('betas', 1), "eps": ('eps', None)}
     _complex_as_real = False
     _elementwise = True

@@ -105,6 +105,7 @@ class OptimizerClassBackend(Backend):
             counter_state=repr(tuple((counter_list(s.name), s.key) for s in spec.state.values() if s.is_scalar)),
             lazy_state=repr(tuple(s.key for s in spec.state.values() if s.init == "first")),
             low_precision_state=repr(tuple(s.key for s in spec.state.values() if s.low_precision)),
+            nonnegative_state=repr(tuple(s.key for s in spec.state.values() if s.nonnegative)),
             scalars=scalars, complex_as_real=spec.complex_params, elementwise=elementwise(compiled.program),
             signature=signature, checks=checks,
             param_checks=param_checks, collect_checks=collect_checks, sparse_checks=sparse_checks,

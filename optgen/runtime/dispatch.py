@@ -39,6 +39,8 @@ import os
 
 import torch
 
+from optgen.runtime import quantized_state
+
 # FASTEST_ON_CUDA: optimizer name → its default implementation on CUDA, as `optgen bench --device cuda --ready`
 # measured it (Note [CUDA defaults]); empty until a GPU has: CUDA then defaults to foreach, as torch does.
 from optgen.runtime.cuda_defaults import FASTEST_ON_CUDA
@@ -132,6 +134,10 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
             raise ValueError(f"unknown implementation {forced!r} for {type(optimizer).__name__}; "
                              f"available: {', '.join(optimizer.implementations)}")
         return forced
+    int8 = quantized_state.is_int8(group.get("state_dtype"))
+    if int8 and group.get("fused"):
+        raise RuntimeError(f"optgen.{type(optimizer).__name__}: state_dtype='int8' has no fused kernel yet (Note "
+                           "[Blockwise 8-bit state]); use foreach=True, or fused=None to pick automatically")
     if group.get("fused"):
         if "triton" in optimizer.implementations and triton_applies(params):
             return "triton"
@@ -150,6 +156,8 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
         return "foreach"
     if group.get("foreach") is not None or group.get("differentiable") or not params:
         return "forloop"
+    if int8:
+        return "foreach"  # the reference that int8 state runs on (Note [Blockwise 8-bit state])
     # capturable (CUDA graphs) keeps torch's choice, and with it torch's error on CPU parameters
     if group.get("fused") is None and not group.get("capturable") and "c" in optimizer.implementations \
             and defaults_policy() == "fastest" and all(p.device.type == "cpu" for p in params) \

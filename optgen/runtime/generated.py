@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from optgen.runtime import dispatch, low_precision, subclasses
+from optgen.runtime import dispatch, low_precision, quantized_state, subclasses
 from optgen.runtime.kernels import KernelModule
 from optgen.runtime.native import KernelDeclined
 from optgen.runtime.optimizer import Optimizer
@@ -71,6 +71,7 @@ class GeneratedOptimizer(Optimizer):
     _counter_state: tuple[tuple[str, str], ...] = ()
     _lazy_state: tuple[str, ...] = ()
     _low_precision_state: tuple[str, ...] = ()
+    _nonnegative_state: tuple[str, ...] = ()
     _scalars: dict[str, tuple[str, int | None]] = {}
     _loaded_group_defaults: dict[str, object] = {}
     _loaded_group_fixed: dict[str, object] = {}
@@ -172,7 +173,11 @@ class GeneratedOptimizer(Optimizer):
         if kernel.counters_on_device:
             _counters_on_device(self, params, states, tensors)
         keys = self._rounding_keys(group, params, states, implementation)
-        if keys is None:
+        if quantized_state.is_int8(group.get("state_dtype")):  # the reference: float32 copies, quantized back
+            quantized = quantized_state.Quantized(self, params, states, tensors, self._low_precision_lists())
+            self._run_kernel(kernel, group, tensors, scalars)
+            quantized.store()
+        elif keys is None:
             self._run_kernel(kernel, group, tensors, scalars)
         elif implementation in ("c", "triton"):  # the kernel rounds in registers
             self._run_kernel(kernel, group, tensors, scalars, state_keys=keys)
@@ -192,13 +197,22 @@ class GeneratedOptimizer(Optimizer):
     def _rounding_keys(self, group: dict, params, states, implementation: str) -> dict[str, list[int]] | None:
         """The rounding keys of this step's low-precision lists (Note [Stochastic rounding of
         state]), None when the group keeps its state in the parameters' dtype."""
-        if group.get("state_dtype") is None:
+        dtype = group.get("state_dtype")
+        if dtype is None:
             return None
+        if quantized_state.is_int8(dtype):  # (no rounding keys: rounded to nearest; never bound)
+            if implementation not in ("forloop", "foreach"):
+                raise RuntimeError(f"optgen: state_dtype='int8' runs on the forloop and foreach kernels, not the "
+                                   f"{implementation} one yet (Note [Blockwise 8-bit state]); use foreach=True")
+            return {}
         if implementation not in ("forloop", "foreach", "c", "triton"):
             raise RuntimeError(f"optgen: state_dtype=torch.bfloat16 runs on the forloop, foreach, C and Triton "
                                f"kernels, not the {implementation} one yet; use foreach=True")
-        names = [(name, key) for name, key in self._tensor_state if key in self._low_precision_state]
-        return low_precision.step_keys(self, params, states, names)
+        return low_precision.step_keys(self, params, states, self._low_precision_lists())
+
+    def _low_precision_lists(self) -> list[tuple[str, str]]:
+        """(list name, state key) of each state kept in low precision."""
+        return [(name, key) for name, key in self._tensor_state if key in self._low_precision_state]
 
     def _bind(self, group: dict, kernel: KernelModule, params, tensors: dict, scalars: dict) -> None:
         """Keeps the launch this step ran, bound to its lists, for the next steps (Note [Cached
@@ -322,7 +336,9 @@ class GeneratedOptimizer(Optimizer):
         if not initial or group.get("state_dtype") is None:
             return initial
         low_precision.checked_state_dtype(self, group["state_dtype"])  # (a group's own is not the constructor's)
-        low_precision.check_param(self, param)
+        low_precision.check_param(self, param, group["state_dtype"])
+        if quantized_state.is_int8(group["state_dtype"]):
+            return quantized_state.initial(self, param, initial)
         return {k: v.to(group["state_dtype"]) if k in self._low_precision_state else v for k, v in initial.items()}
 
     def _kernel_lists(self, params, grads, states, group=None) -> tuple[dict[str, list], dict[str, list[bool]]]:

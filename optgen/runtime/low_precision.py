@@ -38,8 +38,11 @@ import zlib
 
 import torch
 
-#: the dtypes ``state_dtype`` takes (``"int8"`` is the next one: issue 15)
-STATE_DTYPES = (torch.bfloat16,)
+from optgen.runtime import quantized_state
+
+#: what ``state_dtype`` takes besides None: bfloat16 (here), and "int8" (Note [Blockwise 8-bit state]
+#: in optgen/runtime/quantized_state.py)
+STATE_DTYPES = (torch.bfloat16, quantized_state.INT8)
 #: the state entry counting a parameter's low-precision steps (Note [Stochastic rounding of state])
 COUNT_KEY = "state_rounding_step"
 SEED = 0x5EED0F57
@@ -48,18 +51,18 @@ _MASK = 0xFFFFFFFF
 
 def checked_state_dtype(optimizer, state_dtype):
     """``state_dtype`` as the constructor takes it, or torch's ValueError."""
-    if state_dtype not in STATE_DTYPES:
-        raise ValueError(f"state_dtype must be None or torch.bfloat16, not {state_dtype!r}")
+    if not any(state_dtype is d or (isinstance(state_dtype, str) and state_dtype == d) for d in STATE_DTYPES):
+        raise ValueError(f"state_dtype must be None, torch.bfloat16 or 'int8', not {state_dtype!r}")
     if not optimizer._low_precision_state or not optimizer._kernels:
         raise ValueError(f"{type(optimizer).__name__} has no state that may be stored in low precision; "
                          "leave state_dtype=None")
     return state_dtype
 
 
-def check_param(optimizer, param: torch.Tensor) -> None:
-    """bfloat16 state is for float32 parameters (bfloat16 ones keep bfloat16 state already)."""
+def check_param(optimizer, param: torch.Tensor, state_dtype) -> None:
+    """Low-precision state is for float32 parameters (bfloat16 ones keep bfloat16 state already)."""
     if param.dtype != torch.float32:
-        raise ValueError(f"{type(optimizer).__name__}(state_dtype=torch.bfloat16) needs float32 parameters, "
+        raise ValueError(f"{type(optimizer).__name__}(state_dtype={state_dtype!r}) needs float32 parameters, "
                          f"not {param.dtype}")
 
 
@@ -167,7 +170,10 @@ def convert_loaded_state(optimizer) -> None:
             state = optimizer.state.get(p)
             if not state:
                 continue
-            if dtype is None:
+            # an int8 checkpoint's codes and scales: dequantized unless this group keeps int8 state;
+            # a float one's states quantized if it does (Note [Blockwise 8-bit state])
+            quantized_state.convert_state(optimizer, p, state, dtype)
+            if dtype is None or quantized_state.is_int8(dtype):
                 state.pop(COUNT_KEY, None)
                 continue
             for key in optimizer._low_precision_state:

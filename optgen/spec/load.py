@@ -38,7 +38,7 @@ HYPERPARAMETER_KEYS = {"default", "names", "fixed", "tensor", "choices", "derive
 #: algorithms whose step is an intrinsic of optgen/runtime/ rather than an update rule
 ALGORITHMS = {"lbfgs"}
 NONE = "None"  # TOML has no null: the string "None" in a default stands for Python's None
-STATE_KEYS = {"init", "first", "when", "key", "host", "low_precision"}
+STATE_KEYS = {"init", "first", "when", "key", "host", "low_precision", "nonnegative"}
 ERROR_TYPES = {"ValueError", "TypeError", "RuntimeError"}
 #: optimizer.gradients (Note [Sparse gradients] in optgen/runtime/generated.py)
 GRADIENTS = ("dense", "sparse", "dense_or_sparse", "dense_or_gathered")
@@ -447,8 +447,9 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
             text = expect(table["first"], str, src, path + ("first",), "first")
             value = expressions.parse_math(text, src.value_loc(path + ("first",)),
                                            names, "a state's first value")
-            out[name] = StateVar(name, key, "first", value, when, loc,
-                                 low_precision=_low_precision(table, "first", src, path))
+            low = _low_precision(table, "first", src, path)
+            out[name] = StateVar(name, key, "first", value, when, loc, low_precision=low,
+                                 nonnegative=_nonnegative(table, low, src, path))
             continue
         raw_init = table["init"]
         ipath = path + ("init",) if isinstance(raw, dict) else path
@@ -459,8 +460,9 @@ def _state(merged: _Merged, names: dict[str, str]) -> dict[str, StateVar]:
         host = expect(table.get("host", False), bool, src, path + ("host",), "host")
         if host and kind != "scalar":
             raise SpecError(src.key_loc(path + ("host",)), "host = true is only for counters (init = a number)")
-        out[name] = StateVar(name, key, kind, value, when, loc, host=host,
-                             low_precision=_low_precision(table, kind, src, path))
+        low = _low_precision(table, kind, src, path)
+        out[name] = StateVar(name, key, kind, value, when, loc, host=host, low_precision=low,
+                             nonnegative=_nonnegative(table, low, src, path))
     return out
 
 
@@ -488,6 +490,20 @@ def _low_precision(table: dict, kind: str, src: Source, path: tuple) -> bool:
         raise SpecError(src.value_loc(path + ("low_precision",)),
                         "low_precision = true is only for states shaped like the parameter (zeros_like(param), "
                         "full_like(param, x) or first = ...), not counters or reduced-shape states")
+    return value
+
+
+def _nonnegative(table: dict, low_precision: bool, src: Source, path: tuple) -> bool:
+    """The state's ``nonnegative`` key (default false): a promise that the state is never negative,
+    which lets ``state_dtype="int8"`` spend all its codes on [0, 1] (Note [Blockwise 8-bit state] in
+    optgen/runtime/quantized_state.py; a negative value stored is an error there, not a clamp)."""
+    if "nonnegative" not in table:
+        return False
+    value = expect(table["nonnegative"], bool, src, path + ("nonnegative",), "nonnegative")
+    if value and not low_precision:
+        raise SpecError(src.value_loc(path + ("nonnegative",)),
+                        "nonnegative = true is only for states kept in low precision (it picks int8 state's code "
+                        "map); this state is not (low_precision = false, a counter or a reduced-shape state)")
     return value
 
 

@@ -63,6 +63,9 @@ class StateVar:
     #: may be stored in a lower precision than the parameter (``state_dtype=torch.bfloat16``):
     #: Note [Low-precision state] in optgen/spec/load.py says which states may, by default
     low_precision: bool = False
+    #: never negative (second moments): ``state_dtype="int8"`` keeps it with the unsigned code map,
+    #: twice the codes over [0, 1] (Note [Blockwise 8-bit state] in optgen/runtime/quantized_state.py)
+    nonnegative: bool = False
 
     @property
     def is_scalar(self) -> bool:

@@ -1,0 +1,197 @@
+"""Blockwise 8-bit optimizer state: ``state_dtype="int8"`` (issue 15).
+
+Note [Blockwise 8-bit state]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+With ``state_dtype="int8"`` each state the spec marks ``low_precision`` (Note [Low-precision
+state] in optgen/spec/load.py) of a parameter with at least :data:`MIN_NUMEL` elements is kept as
+one byte per element plus one float32 scale per block of :data:`BLOCK` elements: about 2 bytes of
+state per parameter for Adam instead of 8.  Smaller tensors (biases, norms) keep float32 state: the
+bytes saved there are few, and their statistics are the least forgiving (bitsandbytes' choice
+too, with the same threshold).
+
+- **Blocks of 256.**  Each block's values are divided by the block's largest magnitude (its
+  ``absmax``, the scale kept in float32), so one outlier costs precision in its own block only.
+  256 as torchao's AdamW8bit: the scales add 4/256 = 0.016 bytes per element, and a block is small
+  enough that a gradient's large entries do not flatten the rest of the tensor (bitsandbytes'
+  2048 saves 0.014 bytes per element for coarser blocks).
+- **The dynamic code map** of Dettmers' 8-bit optimizers (bitsandbytes' ``create_dynamic_map``,
+  7 exponent bits): 256 values in [-1, 1] spaced by powers of ten, linear within a decade, so a
+  block keeps relative precision across seven decades below its absmax, where a linear map
+  keeps it across one.  A state the spec marks ``nonnegative`` (second moments: Adam's
+  ``exp_avg_sq``) uses the unsigned map, twice the codes over [0, 1]; storing a negative value in
+  one is an error, not a clamp.
+- **Rounding** to the nearest code (ties to the lower code): deterministic, as both libraries do;
+  the map's relative spacing keeps an update small next to a value from vanishing unless it is
+  below the value's ~5% quantum (7 bits across a decade).
+- The state entry ``state[p][key]`` holds the codes (uint8, shaped like the parameter) and
+  ``state[p][key + ".absmax"]`` the scales (float32, one per block): ``state_dict()`` carries both
+  and loads back bit for bit; loading a float32 or bfloat16 checkpoint into an int8 optimizer
+  quantizes it, an int8 checkpoint into another one dequantizes it (:func:`convert_loaded_state`).
+- A NaN in a block makes the block's absmax NaN, so the whole block's state dequantizes to NaN on
+  the next step (as in bitsandbytes and torchao); a float32 state would keep it to the element.
+
+The for-loop and foreach kernels are the reference: the runtime hands them float32 copies of the
+quantized states, runs the generated kernel unchanged, and quantizes the results back
+(:class:`Quantized`).  The fused kernels do not have it yet: ``fused=True`` is an error naming
+this, and the default picks foreach.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+#: the ``state_dtype`` value that selects this
+INT8 = "int8"
+#: elements per block (one float32 scale each)
+BLOCK = 256
+#: parameters with fewer elements keep their states in float32
+MIN_NUMEL = 4096
+#: the suffix of the state entry holding a quantized state's scales
+ABSMAX = ".absmax"
+
+
+@functools.cache
+def code_map(signed: bool) -> torch.Tensor:
+    """The 256 values the codes stand for, ascending (Note [Blockwise 8-bit state]): per decade
+    k = 0..6 below 1, 2**k (signed) or 2**(k+1) (unsigned) values evenly inside (0.1, 1] * 10**(k-6),
+    the midpoints of that many equal steps; their negatives when signed; then 0 and 1."""
+    values: list[float] = []
+    for k in range(7):
+        steps = 2 ** k if signed else 2 ** (k + 1)
+        edges = torch.linspace(0.1, 1.0, steps + 1, dtype=torch.float64)
+        mids = ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (k - 6)).tolist()
+        values += mids
+        if signed:
+            values += [-v for v in mids]
+    values += [0.0, 1.0]
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def _midpoints(signed: bool) -> torch.Tensor:
+    m = code_map(signed)
+    return (m[:-1] + m[1:]) / 2
+
+
+def is_int8(state_dtype) -> bool:
+    return isinstance(state_dtype, str) and state_dtype == INT8
+
+
+def quantizable(param: torch.Tensor) -> bool:
+    return param.numel() >= MIN_NUMEL
+
+
+def blocks(numel: int) -> int:
+    return -(-numel // BLOCK)
+
+
+def quantize(value: torch.Tensor, signed: bool, name: str = "state") -> tuple[torch.Tensor, torch.Tensor]:
+    """``value`` (float32) as (codes: uint8 shaped like it, absmax: float32, one per block)."""
+    flat = value.detach().reshape(-1).float()
+    n = flat.numel()
+    padded = torch.nn.functional.pad(flat, (0, blocks(n) * BLOCK - n)).view(-1, BLOCK)
+    if not signed and bool((padded < 0).any()):
+        raise RuntimeError(f"optgen: state {name!r} is marked nonnegative in its spec (int8 state uses the unsigned "
+                           "code map for it) but holds negative values")
+    absmax = padded.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # (an all-zero block: codes for 0)
+    normalized = (padded / scale[:, None]).reshape(-1)[:n]
+    midpoints = _midpoints(signed).to(flat.device)
+    codes = torch.bucketize(normalized, midpoints, right=False).to(torch.uint8)
+    return codes.view(value.shape), absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The float32 values ``quantize`` stood for (the codes' values times their block's absmax)."""
+    n = codes.numel()
+    values = code_map(signed).to(codes.device)[codes.reshape(-1).long()]
+    padded = torch.nn.functional.pad(values, (0, blocks(n) * BLOCK - n)).view(-1, BLOCK)
+    return (padded * absmax[:, None]).reshape(-1)[:n].view(codes.shape)
+
+
+def is_quantized(state: dict, key: str) -> bool:
+    """Whether ``state[key]`` holds codes: it has scales beside it.  (Not its dtype: torch's
+    ``load_state_dict`` casts every non-counter state of a floating parameter to the parameter's
+    dtype, codes included: 201 becomes 201.0.)"""
+    return isinstance(state.get(key), torch.Tensor) and key + ABSMAX in state
+
+
+class Quantized:
+    """The readable reference (Note [Blockwise 8-bit state]): a kernel's quantized lists replaced
+    by float32 copies for the kernel, and quantized back afterwards into the same codes and scales.
+    A state the kernel creates on this step (SGD's momentum buffer) is quantized into new ones."""
+
+    def __init__(self, optimizer, params, states, lists: dict[str, list], names: list[tuple[str, str]]):
+        self.optimizer, self.params, self.lists = optimizer, params, lists
+        self.names = names  # (list name, state key) of each low-precision list
+        self.signed = {key: key not in optimizer._nonnegative_state for _, key in names}
+        self.stored = {}
+        for name, key in names:
+            values = lists[name]
+            self.stored[name] = list(values)
+            for i, (state, t) in enumerate(zip(states, values, strict=True)):
+                if t is not None and t.dtype == torch.uint8:
+                    values[i] = dequantize(t, state[key + ABSMAX], self.signed[key])
+
+    def store(self) -> None:
+        for name, key in self.names:
+            values, stored = self.lists[name], self.stored[name]
+            for i, (p, new, old) in enumerate(zip(self.params, values, stored, strict=True)):
+                if new is None:
+                    continue
+                if old is not None and old.dtype == torch.uint8:
+                    codes, absmax = quantize(new, self.signed[key], key)
+                    old.copy_(codes)
+                    self.optimizer.state[p][key + ABSMAX].copy_(absmax)
+                    values[i] = old
+                elif old is None and quantizable(p):  # created by the kernel on this step
+                    values[i], self.optimizer.state[p][key + ABSMAX] = quantize(new, self.signed[key], key)
+
+
+def initial(optimizer, param: torch.Tensor, state: dict) -> dict:
+    """A new state with its low-precision tensors quantized (a parameter too small keeps float32)."""
+    if not quantizable(param):
+        return state
+    out = {}
+    for key, value in state.items():
+        if key in optimizer._low_precision_state and isinstance(value, torch.Tensor):
+            out[key], out[key + ABSMAX] = quantize(value, key not in optimizer._nonnegative_state, key)
+        else:
+            out[key] = value
+    return out
+
+
+def _codes(value: torch.Tensor, key: str) -> torch.Tensor:
+    """A loaded state's codes as uint8 again (torch cast them to the parameter's dtype: whole
+    numbers 0..255, exact in float32, float64 and bfloat16)."""
+    if value.dtype == torch.uint8:
+        return value
+    codes = value.to(torch.uint8)
+    if not torch.equal(codes.to(value.dtype), value):
+        raise ValueError(f"optgen: loaded state {key!r} has scales ({key + ABSMAX!r}) but is not a tensor of codes "
+                         "(whole numbers 0..255): not an int8 state")
+    return codes
+
+
+def convert_state(optimizer, param: torch.Tensor, state: dict, dtype) -> None:
+    """One parameter's loaded state into the group's ``state_dtype`` (None: the parameter's dtype),
+    in place: quantized where int8 asks for it, dequantized (and its scales dropped) elsewhere."""
+    for key in optimizer._low_precision_state:
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        signed = key not in optimizer._nonnegative_state
+        int8 = is_int8(dtype) and quantizable(param)
+        if is_quantized(state, key):
+            value = state[key] = _codes(value, key)
+            if int8:
+                continue
+            absmax = state.pop(key + ABSMAX)
+            value = dequantize(value, absmax.float(), signed)
+            state[key] = value.to(param.dtype if dtype is None or is_int8(dtype) else dtype)
+        elif int8:
+            state[key], state[key + ABSMAX] = quantize(value.float(), signed, key)
+        else:
+            state.pop(key + ABSMAX, None)

@@ -1,0 +1,235 @@
+"""``state_dtype="int8"``: blockwise 8-bit optimizer state (Note [Blockwise 8-bit state] in
+optgen/runtime/quantized_state.py)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import optgen
+from optgen.runtime import quantized_state as q
+
+BIG = (96, 64)  # 6144 elements: quantized (24 blocks)
+SMALL = (50,)  # below MIN_NUMEL: float32 state
+
+
+def params(seed=0, shapes=(BIG, SMALL)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+
+
+def set_grads(ps, k):
+    g = torch.Generator().manual_seed(100 + k)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def stepped(name, kwargs, steps=4, implementation=None, seed=0, state_dtype="int8"):
+    ps = params(seed)
+    opt = getattr(optgen, name)(ps, state_dtype=state_dtype, **kwargs)
+    if implementation is not None:
+        opt.implementation = implementation
+    for k in range(steps):
+        set_grads(ps, k)
+        opt.step()
+    return ps, opt
+
+
+def test_the_code_maps_are_the_dynamic_maps():
+    signed, unsigned = q.code_map(True), q.code_map(False)
+    for m in (signed, unsigned):
+        assert m.shape == (256,) and bool((m[1:] > m[:-1]).all()) and m[-1] == 1.0
+    assert signed[0] == -signed[-2] and signed[127] == 0.0  # symmetric about 0, which it holds exactly
+    assert unsigned[0] == 0.0 and bool((unsigned >= 0).all())
+    # seven decades below 1: the smallest nonzero magnitude is the first decade's first midpoint
+    assert float(signed[128]) == pytest.approx(0.55e-6, rel=1e-6)
+    assert float(unsigned[1]) == pytest.approx(0.325e-6, rel=1e-6)  # (two steps in the first decade)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_picks_the_nearest_code_in_each_block(signed):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * q.BLOCK + 17, generator=g) * torch.logspace(-4, 2, 3 * q.BLOCK + 17)
+    x = x.abs() if not signed else x
+    codes, absmax = q.quantize(x, signed)
+    assert codes.dtype == torch.uint8 and absmax.shape == (4,)
+    blocks = torch.nn.functional.pad(x, (0, 4 * q.BLOCK - x.numel())).view(4, q.BLOCK)
+    assert torch.equal(absmax, blocks.abs().amax(dim=1))
+    # brute force: the code whose value is closest to each element over its block's absmax
+    normalized = (blocks / absmax[:, None]).reshape(-1)[:x.numel()]
+    distance = (normalized[:, None] - q.code_map(signed)[None, :]).abs()
+    best = distance.min(dim=1).values
+    chosen = distance.gather(1, codes.long()[:, None])[:, 0]
+    assert torch.equal(chosen, best)
+    back = q.dequantize(codes, absmax, signed)
+    assert torch.equal(back, q.code_map(signed)[codes.long()] * absmax.repeat_interleave(q.BLOCK)[:x.numel()])
+
+
+def test_an_outlier_costs_precision_in_its_own_block_only():
+    x = torch.full((2 * q.BLOCK,), 0.01)
+    x[3] = 1000.0
+    codes, absmax = q.quantize(x, True)
+    back = q.dequantize(codes, absmax, True)
+    assert torch.equal(absmax, torch.tensor([1000.0, 0.01]))
+    assert torch.equal(back[q.BLOCK:], x[q.BLOCK:])  # the second block: its own scale, exact
+    assert float(back[3]) == 1000.0
+
+
+def test_an_all_zero_block_stays_zero_and_a_negative_nonnegative_state_is_an_error():
+    codes, absmax = q.quantize(torch.zeros(300), False)
+    assert torch.equal(q.dequantize(codes, absmax, False), torch.zeros(300))
+    with pytest.raises(RuntimeError, match="'exp_avg_sq' is marked nonnegative in its spec"):
+        q.quantize(torch.tensor([1.0, -1e-9]), False, "exp_avg_sq")
+
+
+def test_large_states_are_bytes_and_scales_small_ones_float32():
+    (big, small), opt = stepped("Adam", dict(lr=1e-3))
+    state = opt.state[big]
+    assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg"].shape == BIG
+    assert state["exp_avg.absmax"].dtype == torch.float32 and state["exp_avg.absmax"].shape == (24,)
+    assert state["step"].dtype == torch.float32 and float(state["step"]) == 4  # a counter is never quantized
+    assert all(v.dtype == torch.float32 for v in opt.state[small].values())
+    per_param = sum(v.numel() * v.element_size() for k, v in state.items() if k != "step") / big.numel()
+    assert per_param == 2 + 2 * 4 / q.BLOCK  # two states of one byte, and a float32 scale per block of each
+
+
+def test_the_nonnegative_state_uses_the_unsigned_map():
+    assert optgen.Adam._nonnegative_state == ("exp_avg_sq", "max_exp_avg_sq")
+    (big, _), opt = stepped("Adam", dict(lr=1e-3))
+    state = opt.state[big]
+    # (the reference's float32 exp_avg_sq, quantized unsigned, is what the state holds)
+    value = q.dequantize(state["exp_avg_sq"], state["exp_avg_sq.absmax"], False)
+    assert bool((value >= 0).all())
+    assert torch.equal(q.quantize(value, False)[0], state["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("Adam", dict(lr=1e-2)), ("AdamW", dict(lr=1e-2, weight_decay=0.1)), ("SGD", dict(lr=0.1, momentum=0.9)),
+    ("Lion", dict(lr=1e-3)), ("Adagrad", dict(lr=0.1)), ("RMSprop", dict(lr=1e-2, centered=True, momentum=0.5)),
+])
+def test_for_loop_and_foreach_agree_bit_for_bit(name, kwargs):
+    a, _ = stepped(name, kwargs, implementation="forloop")
+    b, _ = stepped(name, kwargs, implementation="foreach")
+    c, opt = stepped(name, kwargs)  # the default: foreach
+    for x, y, z in zip(a, b, c, strict=True):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    assert any(v.dtype == torch.uint8 for v in opt.state[c[0]].values())  # (SGD's lazily made buffer too)
+
+
+def test_int8_state_follows_float32_state_closely():
+    """One step from the same state: the update differs only by the state's quantization (Adam's
+    first moment is the gradient after one step from zero: within a code's spacing of it)."""
+    (a, _), full = stepped("Adam", dict(lr=1e-3), steps=1, state_dtype=None)
+    (b, _), int8 = stepped("Adam", dict(lr=1e-3), steps=1)
+    exp_avg = q.dequantize(int8.state[b]["exp_avg"], int8.state[b]["exp_avg.absmax"], True)
+    reference = full.state[a]["exp_avg"]
+    relative = ((exp_avg - reference).abs() / reference.abs().amax()).max()
+    assert 0 < relative <= 0.01  # a code's spacing near the top of a block: 1.4% of its absmax, halved
+    assert torch.equal(a, b)  # the first step reads the float32 values the kernel computed, not the codes
+
+
+def test_state_dict_round_trips_bit_for_bit_and_the_run_continues_identically():
+    ps, opt = stepped("Adam", dict(lr=1e-2))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    copies = [p.detach().clone().requires_grad_() for p in ps]
+    resumed = optgen.Adam(copies, lr=1e-2, state_dtype="int8")
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    for p, c in zip(ps, copies, strict=True):
+        for key, value in opt.state[p].items():
+            assert torch.equal(resumed.state[c][key], value) and resumed.state[c][key].dtype == value.dtype
+    for k in range(4, 7):
+        set_grads(ps, k)
+        set_grads(copies, k)
+        opt.step()
+        resumed.step()
+    for p, c in zip(ps, copies, strict=True):
+        assert torch.equal(p, c)
+
+
+@pytest.mark.parametrize("into", [None, torch.bfloat16])
+def test_an_int8_checkpoint_loads_into_another_state_dtype_dequantized(into):
+    ps, opt = stepped("Adam", dict(lr=1e-2))
+    state = opt.state[ps[0]]
+    expected = q.dequantize(state["exp_avg"], state["exp_avg.absmax"], True)
+    other = optgen.Adam([p.detach().clone().requires_grad_() for p in ps], lr=1e-2, state_dtype=into)
+    other.load_state_dict(opt.state_dict())
+    loaded = other.state[other.param_groups[0]["params"][0]]
+    assert "exp_avg.absmax" not in loaded and "exp_avg_sq.absmax" not in loaded
+    assert loaded["exp_avg"].dtype == (into or torch.float32)
+    assert torch.equal(loaded["exp_avg"], expected.to(into or torch.float32))
+
+
+@pytest.mark.parametrize("source", [None, torch.bfloat16])
+def test_a_float_checkpoint_loads_into_an_int8_optimizer_quantized(source):
+    ps, opt = stepped("Adam", dict(lr=1e-2), state_dtype=source)
+    int8 = optgen.Adam([p.detach().clone().requires_grad_() for p in ps], lr=1e-2, state_dtype="int8")
+    int8.load_state_dict(opt.state_dict())
+    big, small = int8.param_groups[0]["params"]
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = q.quantize(opt.state[ps[0]][key].float(), signed)
+        assert torch.equal(int8.state[big][key], codes) and torch.equal(int8.state[big][key + ".absmax"], absmax)
+    assert int8.state[small]["exp_avg"].dtype == torch.float32  # too small to quantize
+    set_grads(int8.param_groups[0]["params"], 9)
+    int8.step()  # and it steps on
+
+
+def test_fused_or_a_forced_native_kernel_is_a_clear_error():
+    ps = params()
+    before = [p.detach().clone() for p in ps]
+    set_grads(ps, 0)
+    with pytest.raises(RuntimeError, match="state_dtype='int8' has no fused kernel yet"):
+        optgen.Adam(ps, fused=True, state_dtype="int8").step()
+    opt = optgen.Adam(ps, state_dtype="int8")
+    opt.implementation = "c"
+    with pytest.raises(RuntimeError, match="runs on the forloop and foreach kernels, not the c one"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before, strict=True))  # nothing stepped
+    assert float(opt.state[ps[0]]["step"]) == 0
+
+
+def test_state_dtype_values_are_checked():
+    with pytest.raises(ValueError, match="state_dtype must be None, torch.bfloat16 or 'int8', not 'int4'"):
+        optgen.Adam(params(), state_dtype="int4")
+    with pytest.raises(ValueError, match=r"state_dtype='int8'\) needs float32 parameters"):
+        p = torch.randn(BIG, dtype=torch.float64, requires_grad=True)
+        p.grad = torch.randn_like(p)
+        optgen.Adam([p], state_dtype="int8").step()
+
+
+def _regression(name, kwargs, state_dtype, steps=150):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    teacher = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    student = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))
+    with torch.no_grad():
+        for p in [*teacher.parameters(), *student.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        y = teacher(x)
+    opt = getattr(optgen, name)(student.parameters(), state_dtype=state_dtype, **kwargs)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(student(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert opt.state[student[0].weight]["exp_avg" if "exp_avg" in opt.state[student[0].weight]
+                                        else "momentum_buffer"].dtype == (torch.uint8 if state_dtype else torch.float32)
+    return sum(losses[-10:]) / 10, losses[0]
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("Adam", dict(lr=1e-3)), ("AdamW", dict(lr=1e-3, weight_decay=0.01)), ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("Lion", dict(lr=1e-4)),
+])
+def test_training_with_int8_state_ends_near_float32_state(name, kwargs):
+    """Not worse than float32 state by more than 10% (quantization noise moves the trajectory, and
+    at these small losses it may end lower: Adam 0.61x here; a state that lost its memory each
+    step, or a wrong scale, ends far higher)."""
+    full, first = _regression(name, kwargs, None)
+    int8, _ = _regression(name, kwargs, "int8")
+    assert full < 0.5 * first and int8 < 0.5 * first  # both trained
+    assert int8 <= 1.1 * full, (int8, full)
