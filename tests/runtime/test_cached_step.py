@@ -312,23 +312,23 @@ def test_a_step_under_torch_defaults_is_the_forloop(monkeypatch):
 CRASH = textwrap.dedent("""
     import torch, optgen
     {first}
-    ps = [torch.randn(1000, requires_grad=True) for _ in range(3)]
-    opt = optgen.Adam(ps, lr=1e-2)
-    for k in range(8):
-        for p in ps:
-            p.grad = torch.randn(p.shape)
-        if k == 4:
-            {change}
-        try:
-            opt.step()
-        except RuntimeError as e:
-            print("error:", e)
-    intact = [p for p in ps if p.untyped_storage().nbytes() >= p.numel() * 4]  # (torch itself reads freed ones)
-    print("finite:", all(bool(torch.isfinite(p).all()) for p in intact))
+    for change in {changes!r}:
+        ps = [torch.randn(1000, requires_grad=True) for _ in range(3)]
+        opt = optgen.Adam(ps, lr=1e-2)
+        for k in range(8):
+            for p in ps:
+                p.grad = torch.randn(p.shape)
+            if k == 4:
+                exec(change)
+            try:
+                opt.step()
+            except RuntimeError as e:
+                print("error:", e)
+        intact = [p for p in ps if p.untyped_storage().nbytes() >= p.numel() * 4]  # (torch reads freed ones)
+        print("finite:", all(bool(torch.isfinite(p).all()) for p in intact), "after", change, flush=True)
 """)
 
-
-@pytest.mark.parametrize("change", [
+MEMORY_CHANGES = [
     # memory under a parameter or state freed or shrunk between steps: never written through
     "ps[0].untyped_storage().resize_(0)",
     "ps[1].data = torch.randn(10)",
@@ -339,14 +339,20 @@ CRASH = textwrap.dedent("""
     # a gradient's storage freed or shrunk after backward: never read past its end
     "ps[0].grad.untyped_storage().resize_(0)",
     "ps[1].grad.untyped_storage().resize_(8)",
-])
-def test_memory_changed_under_a_bound_launch_never_crashes(change, guard_kind):
+]
+
+
+def test_memory_changed_under_a_bound_launch_never_crashes(guard_kind):
+    """Each change in turn, in one subprocess per guard (a crash fails the test; the last line
+    printed names the change before it)."""
     first = "from optgen.runtime import step_guard; assert step_guard.native(wait=True) is not None" \
         if guard_kind == "native" else "pass"
-    result = subprocess.run([sys.executable, "-c", CRASH.format(change=change, first=first)], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "OPTGEN_STEP_GUARD": guard_kind})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "finite:" in result.stdout
+    result = subprocess.run([sys.executable, "-c", CRASH.format(changes=MEMORY_CHANGES, first=first)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OPTGEN_STEP_GUARD": guard_kind})
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-2000:]
+    done = [line for line in result.stdout.splitlines() if line.startswith("finite:")]
+    assert done == [f"finite: True after {change}" for change in MEMORY_CHANGES], result.stdout
 
 
 class Marked(torch.Tensor):
