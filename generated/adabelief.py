@@ -27,6 +27,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adabelief_forloop, adabelief_foreach, adabelief_differentiable, adabelief_c
@@ -64,6 +65,7 @@ class AdaBelief(GeneratedOptimizer):
         differentiable=False,
         fused=None,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if not (0.0 <= lr):
             raise ValueError(f'Invalid learning rate: {lr}')
@@ -90,6 +92,8 @@ class AdaBelief(GeneratedOptimizer):
             defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

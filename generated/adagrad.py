@@ -22,6 +22,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, filled_like, scalar_dtype
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adagrad_forloop, adagrad_foreach, adagrad_differentiable, adagrad_c
@@ -62,6 +63,7 @@ class Adagrad(GeneratedOptimizer):
         differentiable=False,
         fused=None,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -94,6 +96,8 @@ class Adagrad(GeneratedOptimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 self.state[param].update(self._in_state_dtype(param, group, self._init_state(param, group)))
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def _check_sparse_step(self, group: dict) -> None:
         """torch's errors for a step of a group with a sparse gradient (the spec's each = "sparse_step" checks)."""

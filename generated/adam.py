@@ -33,6 +33,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adam_forloop, adam_foreach, adam_differentiable, adam_c
@@ -75,6 +76,7 @@ class Adam(GeneratedOptimizer):
         fused=None,
         decoupled_weight_decay=False,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if isinstance(lr, Tensor) and foreach and (not capturable):
             raise ValueError('lr as a Tensor is not supported for capturable=False and foreach=True')
@@ -117,6 +119,8 @@ class Adam(GeneratedOptimizer):
             defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 
 from . import adamax_forloop, adamax_foreach, adamax_differentiable, adamax_c
@@ -59,6 +60,7 @@ class Adamax(GeneratedOptimizer):
         differentiable=False,
         capturable=False,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -86,6 +88,8 @@ class Adamax(GeneratedOptimizer):
             defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, counter_from, scalar_dtype
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 
 from . import asgd_forloop, asgd_foreach, asgd_differentiable, asgd_c
@@ -65,6 +66,7 @@ class ASGD(GeneratedOptimizer):
         capturable=False,
         *,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -87,6 +89,8 @@ class ASGD(GeneratedOptimizer):
             defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

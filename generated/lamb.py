@@ -28,6 +28,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer, scalar_dtype
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 
 from . import lamb_forloop, lamb_foreach, lamb_differentiable, lamb_c
@@ -63,6 +64,7 @@ class Lamb(GeneratedOptimizer):
         foreach=None,
         differentiable=False,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if not (0.0 <= lr):
             raise ValueError(f'Invalid learning rate: {lr}')
@@ -87,6 +89,8 @@ class Lamb(GeneratedOptimizer):
             defaults["state_dtype"] = checked_state_dtype(self, state_dtype)
         super().__init__(params, defaults)
         check_options(self, defaults)
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

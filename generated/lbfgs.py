@@ -12,6 +12,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 from optgen.runtime import lbfgs
 
@@ -44,6 +45,7 @@ class LBFGS(GeneratedOptimizer):
         line_search_fn=None,
         *,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -65,6 +67,8 @@ class LBFGS(GeneratedOptimizer):
         super().__init__(params, defaults)
         check_options(self, defaults)
         lbfgs.init(self)
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def step(self, closure):
         """One LBFGS step: the intrinsic in optgen/runtime/lbfgs.py (it needs the closure)."""

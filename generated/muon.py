@@ -27,6 +27,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 
 from . import muon_forloop, muon_foreach
@@ -64,6 +65,7 @@ class Muon(GeneratedOptimizer):
         adjust_lr_fn=None,
         *,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -93,6 +95,8 @@ class Muon(GeneratedOptimizer):
             for param in group["params"]:
                 if not (param.dim() == 2):
                     raise ValueError(f'Muon only supports 2D parameters whereas we found a parameter with size: {param.size()}')
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from optgen.runtime.dispatch import check_options
 from optgen.runtime.generated import GeneratedOptimizer
+from optgen.runtime import in_backward
 from optgen.runtime.low_precision import checked_state_dtype
 
 from . import sparseadam_forloop, sparseadam_foreach
@@ -62,6 +63,7 @@ class SparseAdam(GeneratedOptimizer):
         maximize=False,
         *,
         state_dtype=None,
+        step_in_backward=False,
     ) -> None:
         if isinstance(lr, Tensor) and not (lr.numel() == 1):
             raise ValueError('Tensor lr must be 1-element')
@@ -91,6 +93,8 @@ class SparseAdam(GeneratedOptimizer):
                    for i, param in enumerate(group["params"]) if param.is_complex()]
         if indices:
             raise ValueError(f'Complex params at indices {indices}: SparseAdam does not support complex parameters')
+        if step_in_backward:  # optgen's own option (Note [The step inside backward] in optgen/runtime/in_backward.py)
+            in_backward.step_in_backward(self)
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         state = {}

@@ -67,7 +67,7 @@ def case_id(case):
 
 
 #: constructor keywords optgen adds to torch's signatures (Note [Low-precision state] in optgen/spec/load.py)
-OPTGEN_ONLY_KEYWORDS = ("state_dtype",)
+OPTGEN_ONLY_KEYWORDS = ("state_dtype", "step_in_backward")
 
 
 def assert_signature_is_torchs(ours: type, theirs: type) -> None:
@@ -75,6 +75,7 @@ def assert_signature_is_torchs(ours: type, theirs: type) -> None:
     optgen's own options: last, keyword-only, defaulting to torch's behaviour."""
     mine = [(p.name, p.kind, p.default) for p in inspect.signature(ours).parameters.values()]
     own = [x for x in mine if x[0] in OPTGEN_ONLY_KEYWORDS]
-    assert own == [("state_dtype", inspect.Parameter.KEYWORD_ONLY, None)]
+    assert own == [("state_dtype", inspect.Parameter.KEYWORD_ONLY, None),
+                   ("step_in_backward", inspect.Parameter.KEYWORD_ONLY, False)]
     torchs = inspect.signature(theirs).parameters.values()
     assert mine[:-len(own)] == [(p.name, p.kind, p.default) for p in torchs]

@@ -101,6 +101,14 @@ class GeneratedOptimizer(Optimizer):
         """The state a parameter starts with (generated from the spec's [state] table)."""
         raise NotImplementedError
 
+    @property
+    def in_backward(self):
+        """The handle of the step inside backward (``step_in_backward=True``, or
+        ``optgen.step_in_backward(self)``): ``opt.in_backward.remove()`` ends it; None when off."""
+        from optgen.runtime.in_backward import ATTRIBUTE
+
+        return vars(self).get(ATTRIBUTE)
+
     def __getstate__(self) -> dict:
         """torch's (defaults, state, param groups), plus an ``implementation`` set on this
         optimizer: torch keeps only its own three, so a deepcopy or pickle round trip lost it

@@ -408,3 +408,22 @@ def test_a_parameter_unfrozen_after_registration_is_stepped():
     handle.remove()
     for p, r in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, r)
+
+
+def test_the_constructor_option_is_the_same_mode():
+    """``optgen.AdamW(params, step_in_backward=True)`` steps as ``optgen.step_in_backward(opt)`` does
+    (bit for bit the ordinary loop), and ``opt.in_backward.remove()`` ends it."""
+    model_a, model_b = _model(), _model()
+    opt_a = optgen.AdamW(model_a.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b = optgen.AdamW(model_b.parameters(), lr=1e-2, weight_decay=0.1, step_in_backward=True)
+    assert opt_a.in_backward is None and opt_b.in_backward is not None
+    _ordinary(model_a, opt_a, range(STEPS))
+    _in_backward(model_b, opt_b, range(STEPS))
+    _assert_same(model_a, opt_a, model_b, opt_b)
+    opt_b.in_backward.remove()
+    assert opt_b.in_backward is None
+    _ordinary(model_a, opt_a, range(STEPS, STEPS + 2))
+    _ordinary(model_b, opt_b, range(STEPS, STEPS + 2))  # step() works again
+    _assert_same(model_a, opt_a, model_b, opt_b)
+    with pytest.raises(RuntimeError, match="LBFGS cannot step inside backward"):
+        optgen.LBFGS(_model().parameters(), step_in_backward=True)
