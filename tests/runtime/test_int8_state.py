@@ -66,6 +66,21 @@ def test_quantize_picks_the_nearest_code_in_each_block(signed):
     assert torch.equal(back, q.code_map(signed)[codes.long()] * absmax.repeat_interleave(q.BLOCK)[:x.numel()])
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_bit_pattern_lookup_equals_a_binary_search_at_every_midpoint(signed):
+    """Values on, just above and just below each midpoint, 0, ±1 and denormals: the code
+    ``quantize`` picks is torch.bucketize's over the midpoints (ties to the lower code)."""
+    mid = q._midpoints(signed)
+    x = torch.cat([mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0)),
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 0.99999994, -0.99999994])]).clamp(-1, 1)
+    x = x if signed else x.abs()
+    blocks = torch.zeros(x.numel(), q.BLOCK)  # one value per block, beside a 1: normalized as it is
+    blocks[:, 0], blocks[:, 1] = x, 1.0
+    codes, absmax = q.quantize(blocks, signed)
+    assert torch.equal(absmax, torch.ones(x.numel()))
+    assert torch.equal(codes[:, 0].long(), torch.bucketize(x, mid, right=False))
+
+
 def test_an_outlier_costs_precision_in_its_own_block_only():
     x = torch.full((2 * q.BLOCK,), 0.01)
     x[3] = 1000.0
