@@ -116,7 +116,8 @@ def quantize(value: torch.Tensor, signed: bool, name: str = "state") -> tuple[to
     """``value`` (float32) as (codes: uint8 shaped like it, absmax: float32, one per block)."""
     flat = value.detach().reshape(-1).float()
     n = flat.numel()
-    padded = torch.nn.functional.pad(flat, (0, blocks(n) * BLOCK - n)).view(-1, BLOCK)
+    padded = flat.view(-1, BLOCK) if n % BLOCK == 0 else \
+        torch.nn.functional.pad(flat, (0, blocks(n) * BLOCK - n)).view(-1, BLOCK)
     if not signed and bool((padded < 0).any()):
         raise RuntimeError(f"optgen: state {name!r} is marked nonnegative in its spec (int8 state uses the unsigned "
                            "code map for it) but holds negative values")
@@ -133,7 +134,9 @@ def quantize(value: torch.Tensor, signed: bool, name: str = "state") -> tuple[to
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """The float32 values ``quantize`` stood for (the codes' values times their block's absmax)."""
     n = codes.numel()
-    values = code_map(signed).to(codes.device)[codes.reshape(-1).long()]
+    values = code_map(signed).to(codes.device).index_select(0, codes.reshape(-1).int())
+    if n % BLOCK == 0:  # (no partial block: no padded copy)
+        return (values.view(-1, BLOCK) * absmax[:, None]).view(codes.shape)
     padded = torch.nn.functional.pad(values, (0, blocks(n) * BLOCK - n)).view(-1, BLOCK)
     return (padded * absmax[:, None]).reshape(-1)[:n].view(codes.shape)
 
