@@ -222,7 +222,8 @@ def shrink_param_under_its_gradient(opt, ps, k):
 
 
 @pytest.mark.parametrize("change", [
-    replace_param_data, transpose_param_in_place, shrink_param_under_its_gradient, replace_state, swap_state_storage, reset_state, clear_state, new_gradients_each_step,
+    replace_param_data, transpose_param_in_place, shrink_param_under_its_gradient,
+    replace_state, swap_state_storage, reset_state, clear_state, new_gradients_each_step,
     toggle_amsgrad,
     change_lr_and_betas, drop_a_gradient, add_a_parameter, switch_to_forloop, set_state_dtype,
     shrink_state_in_place, transpose_state_in_place, retype_state_in_place,
