@@ -168,6 +168,11 @@ class GeneratedOptimizer(Optimizer):
             self._init_group(group)  # run by dynamo on the real tensors (Note [State made before tracing])
         states = [self._state_of(p, group) for p in params]
         tensors, created = self._kernel_lists(params, grads, states, group)
+        # int8 state as float32 copies before any rows are gathered from it: rows of codes cannot be
+        # dequantized or quantized apart from their blocks' scales (Note [Blockwise 8-bit state])
+        quantized = None
+        if quantized_state.is_int8(group.get("state_dtype")):
+            quantized = quantized_state.Quantized(self, params, states, tensors, self._low_precision_lists())
         scatter = None
         if self._gradients == "sparse" or (self._gradients == "dense_or_gathered" and any(g.is_sparse for g in grads)):
             tensors, scatter = _gather_rows(tensors)  # Note [Sparse gradients]
@@ -181,10 +186,8 @@ class GeneratedOptimizer(Optimizer):
         if kernel.counters_on_device:
             _counters_on_device(self, params, states, tensors)
         keys = self._rounding_keys(group, params, states, implementation)
-        if quantized_state.is_int8(group.get("state_dtype")):  # the reference: float32 copies, quantized back
-            quantized = quantized_state.Quantized(self, params, states, tensors, self._low_precision_lists())
+        if quantized is not None:  # the reference on float32 copies, quantized back below
             self._run_kernel(kernel, group, tensors, scalars)
-            quantized.store()
         elif keys is None:
             self._run_kernel(kernel, group, tensors, scalars)
         elif implementation in ("c", "triton"):  # the kernel rounds in registers
@@ -195,6 +198,8 @@ class GeneratedOptimizer(Optimizer):
             rounded.store()
         if scatter is not None:
             scatter()
+        if quantized is not None:
+            quantized.store()
         if to_global is not None:
             tensors = to_global(tensors, created)
         # The differentiable kernel replaces state tensors instead of updating them (Note [differentiable=True]).

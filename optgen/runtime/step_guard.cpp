@@ -149,10 +149,16 @@ bool check(PyObject* current, PyObject* bound, const char* with_grad, PyObject* 
     if (held == nullptr || !PyDict_CheckExact(held)) {  // (a subclass may override its lookup)
       return false;
     }
-    for (Py_ssize_t k = 0; k < K; ++k) {
-      if (PyDict_GetItemWithError(held, PyTuple_GET_ITEM(keys, k)) != PyList_GET_ITEM(objects, m * K + k)) {
-        return false;
-      }
+    // held while its keys are looked up: a key's __eq__ (Python) may remove it from the state, its
+    // only other reference, and a lookup in a freed dict reads freed memory
+    Py_INCREF(held);
+    bool found = true;
+    for (Py_ssize_t k = 0; k < K && found; ++k) {
+      found = PyDict_GetItemWithError(held, PyTuple_GET_ITEM(keys, k)) == PyList_GET_ITEM(objects, m * K + k);
+    }
+    Py_DECREF(held);
+    if (!found) {
+      return false;
     }
     ++m;
   }

@@ -236,7 +236,8 @@ class PythonGuard:
         try:  # (a None or sparse gradient fails is_contiguous)
             if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
                     or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype))) \
-                    or list(map(_DATA_PTR, params)) != self.param_addresses:
+                    or list(map(_DATA_PTR, params)) != self.param_addresses \
+                    or not all(map(_IS_CONTIGUOUS, params)):  # (same memory, transposed: `.data =` a view)
                 return None
             if any(map(_IS_NEG, grads)):  # a lazily negated view: the checked path resolves it
                 return None

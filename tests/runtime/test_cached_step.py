@@ -211,8 +211,19 @@ def retype_state_in_place(opt, ps, k):
         state.data = state.data.view(torch.int32)
 
 
+def transpose_param_in_place(opt, ps, k):
+    if k == 3:  # the same memory and shape (4, 4, 3), not contiguous: its gradients still are
+        ps[2].data = ps[2].data.transpose(0, 1)
+
+
+def shrink_param_under_its_gradient(opt, ps, k):
+    if k == 3:  # the same address, 10 of its 33 elements; the gradient set before still has 33
+        ps[1].data = ps[1].data[:10]
+
+
 @pytest.mark.parametrize("change", [
-    replace_param_data, replace_state, swap_state_storage, reset_state, clear_state, new_gradients_each_step,
+    replace_param_data, transpose_param_in_place, shrink_param_under_its_gradient,
+    replace_state, swap_state_storage, reset_state, clear_state, new_gradients_each_step,
     toggle_amsgrad,
     change_lr_and_betas, drop_a_gradient, add_a_parameter, switch_to_forloop, set_state_dtype,
     shrink_state_in_place, transpose_state_in_place, retype_state_in_place,

@@ -248,3 +248,35 @@ def test_training_with_int8_state_ends_near_float32_state(name, kwargs):
     int8, _ = _regression(name, kwargs, "int8")
     assert full < 0.5 * first and int8 < 0.5 * first  # both trained
     assert int8 <= 1.1 * full, (int8, full)
+
+
+@pytest.mark.parametrize("name,key,signed", [("Adagrad", "sum", False), ("SparseAdam", "exp_avg", True)])
+def test_a_sparse_gradient_leaves_the_other_rows_state_as_it_was(name, key, signed):
+    """A sparse gradient's step runs on the rows it touches (Note [Sparse gradients]); rows of codes
+    cannot be dequantized or quantized apart from their blocks' scales.  (The gathered rows were
+    dequantized with the first blocks' scales, and their one block's scale stored into every block:
+    a step on row 1 moved row 90's state 1000x.)"""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(100, 64, generator=g))
+    twin = torch.nn.Parameter(weight.detach().clone())  # the same gradients, dense (Adagrad takes both)
+    opt = getattr(optgen, name)([weight], lr=0.1, state_dtype="int8")
+    dense = optgen.Adagrad([twin], lr=0.1, state_dtype="int8") if name == "Adagrad" else None
+
+    def step(row, scale):
+        values = torch.randn(1, 64, generator=g) * scale
+        weight.grad = torch.sparse_coo_tensor(torch.tensor([[row]]), values, (100, 64))
+        opt.step()
+        if dense is not None:
+            twin.grad = weight.grad.to_dense()
+            dense.step()
+
+    step(90, 1.0)
+    state = opt.state[weight]
+    before, row = q.dequantize(state[key], state[key + ".absmax"], signed)[90].clone(), weight[90].detach().clone()
+    step(1, 100.0)
+    assert torch.equal(q.dequantize(state[key], state[key + ".absmax"], signed)[90], before)
+    assert torch.equal(weight[90], row)
+    if dense is not None:  # Adagrad's sparse step is its dense rule on the touched rows: the same bits
+        assert torch.equal(weight, twin)
+        assert torch.equal(state[key], dense.state[twin][key])
+        assert torch.equal(state[key + ".absmax"], dense.state[twin][key + ".absmax"])

@@ -130,6 +130,49 @@ def test_revalidate_refuses_inconsistent_arguments_without_crashing():
     assert guard(opt, opt.param_groups[0]) is None
 
 
+DROPPED_DURING_LOOKUP = textwrap.dedent("""
+    import torch, optgen
+    from optgen.runtime import step_guard
+    assert step_guard.native(wait=True) is not None
+    ps = [torch.randn(4).requires_grad_() for _ in range(3)]
+    opt = optgen.Adam(ps, lr=1e-2)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(4)
+        opt.step()
+    (cached,) = opt._cached_steps.values()
+    assert type(cached.guard).__name__ == "NativeGuard"
+    armed = [False]
+
+    class DropsTheState:  # a key the lookup of "exp_avg" compares with, which drops the dict looked in
+        def __hash__(self):
+            return hash("exp_avg")
+
+        def __eq__(self, other):
+            if armed[0]:
+                armed[0] = False
+                del opt.state[ps[1]]
+            return False
+
+    opt.state[ps[1]] = {DropsTheState(): 0, **opt.state[ps[1]], **{f"k{i}": i for i in range(40)}}
+    armed[0] = True
+    opt.step()
+    print("stepped", armed[0], ps[1] in opt.state)
+""")
+
+
+def test_a_state_dict_dropped_during_its_lookup_never_crashes():
+    """The state lookups call Python (a key's ``__eq__``), which may drop the dict being looked in
+    from the optimizer's state: the native guard holds it meanwhile (it read freed memory: a
+    segfault)."""
+    if step_guard.native(wait=True) is None:
+        pytest.skip(f"no native step guard here: {step_guard.unavailable()}")
+    result = subprocess.run([sys.executable, "-c", DROPPED_DURING_LOOKUP], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["stepped", "False", "False"]
+
+
 def test_a_tampered_guard_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     if step_guard.native(wait=True) is None:
         pytest.skip(f"no native step guard here: {step_guard.unavailable()}")
