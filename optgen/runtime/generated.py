@@ -170,11 +170,14 @@ class GeneratedOptimizer(Optimizer):
         tensors, created = self._kernel_lists(params, grads, states, group)
         # int8 state as float32 copies before any rows are gathered from it: rows of codes cannot be
         # dequantized or quantized apart from their blocks' scales (Note [Blockwise 8-bit state])
+        int8 = quantized_state.is_int8(group.get("state_dtype"))
+        sparse = self._gradients == "sparse" or \
+            (self._gradients == "dense_or_gathered" and any(g.is_sparse for g in grads))
         quantized = None
-        if quantized_state.is_int8(group.get("state_dtype")):
+        if int8 and sparse:
             quantized = quantized_state.Quantized(self, params, states, tensors, self._low_precision_lists())
         scatter = None
-        if self._gradients == "sparse" or (self._gradients == "dense_or_gathered" and any(g.is_sparse for g in grads)):
+        if sparse:
             tensors, scatter = _gather_rows(tensors)  # Note [Sparse gradients]
         implementation, tensors, to_global = self._choose_implementation(group, params, tensors, single_sparse)
         kernel = self._kernel(implementation)
@@ -186,7 +189,9 @@ class GeneratedOptimizer(Optimizer):
         if kernel.counters_on_device:
             _counters_on_device(self, params, states, tensors)
         keys = self._rounding_keys(group, params, states, implementation)
-        if quantized is not None:  # the reference on float32 copies, quantized back below
+        if int8 and quantized is None:  # the reference, a batch of parameters or chunks at a time
+            self._run_int8(kernel, group, params, states, tensors, scalars)
+        elif quantized is not None:  # the reference on float32 copies, quantized back below
             self._run_kernel(kernel, group, tensors, scalars)
         elif keys is None:
             self._run_kernel(kernel, group, tensors, scalars)
@@ -206,6 +211,22 @@ class GeneratedOptimizer(Optimizer):
         self._store_results(params, states, tensors, created, replaced=implementation == "differentiable")
         if scatter is None and to_global is None and keys is None:
             self._bind(group, kernel, params, tensors, scalars)
+
+    def _run_int8(self, kernel: KernelModule, group: dict, params, states, tensors: dict, scalars: dict) -> None:
+        """The for-loop or foreach kernel over int8 state (Note [Blockwise 8-bit state]): float32
+        copies of a batch of parameters' states at a time (a large parameter's in chunks), the
+        kernel, quantized back: a step's transient memory is one batch's copies."""
+        names = self._low_precision_lists()
+        entries, held, lists = quantized_state.chunked(self, params, states, tensors)
+        for batch in quantized_state.chunk_batches(lists, entries):
+            part = {name: [values[i] for i in batch] for name, values in lists.items()}
+            quantized = quantized_state.Quantized(self, [entries[i] for i in batch], [held[i] for i in batch], part,
+                                                  names)
+            self._run_kernel(kernel, group, part, scalars)
+            quantized.store()
+            for name, values in lists.items():  # (a state the kernel created: stored from the lists)
+                for j, i in enumerate(batch):
+                    values[i] = part[name][j]
 
     def _rounding_keys(self, group: dict, params, states, implementation: str) -> dict[str, list[int]] | None:
         """The rounding keys of this step's low-precision lists (Note [Stochastic rounding of

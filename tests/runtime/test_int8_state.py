@@ -280,3 +280,37 @@ def test_a_sparse_gradient_leaves_the_other_rows_state_as_it_was(name, key, sign
         assert torch.equal(weight, twin)
         assert torch.equal(state[key], dense.state[twin][key])
         assert torch.equal(state[key + ".absmax"], dense.state[twin][key + ".absmax"])
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("Adam", dict(lr=1e-2, amsgrad=True)), ("NAdam", dict(lr=1e-2)), ("SGD", dict(lr=0.1, momentum=0.9)),
+    ("Lamb", dict(lr=1e-2)),
+])
+def test_chunks_and_batches_step_as_the_whole_group_does(name, kwargs, monkeypatch):
+    """A step over chunks of a large parameter (views, a whole number of blocks each; counters
+    advanced once) and batches of parameters is the step over the whole group, bit for bit (SGD:
+    lazily created state, never chunked; Lamb: per-tensor norms, not elementwise, never chunked)."""
+    whole, _ = stepped(name, kwargs)
+    monkeypatch.setattr(q, "BATCH_ELEMENTS", 2 * q.BLOCK)  # BIG: 12 chunks; SMALL alone
+    calls = []
+    real = q.Quantized.__init__
+    monkeypatch.setattr(q.Quantized, "__init__", lambda self, *a: calls.append(len(a[1])) or real(self, *a))
+    parts, opt = stepped(name, kwargs)
+    for x, y in zip(whole, parts, strict=True):
+        assert torch.equal(x, y)
+    chunked = opt._elementwise and not opt._lazy_state
+    assert calls[:13 if chunked else 2] == ([1] * 13 if chunked else [1, 1])  # one chunk or parameter at a time
+    assert float(opt.state[parts[0]].get("step", 4)) == 4
+
+
+def test_a_large_parameters_step_holds_a_chunk_of_float32_copies_at_a_time():
+    from optgen.tools.bench import peak_temporary_bytes
+
+    p = torch.nn.Parameter(torch.randn(8 * q.BATCH_ELEMENTS))
+    p.grad = torch.randn_like(p)
+    opt = optgen.Adam([p], state_dtype="int8")
+    opt.step()
+    float32_state = 2 * 4 * p.numel()
+    # (one chunk: its two states' float32 copies and the quantization's temporaries, ~25 MiB for
+    # chunks of 1M; the whole parameter's copies were 191 MiB, three times its float32 state)
+    assert peak_temporary_bytes(opt, [p]) < 0.5 * float32_state
