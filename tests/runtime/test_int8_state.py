@@ -294,7 +294,12 @@ def test_chunks_and_batches_step_as_the_whole_group_does(name, kwargs, monkeypat
     monkeypatch.setattr(q, "BATCH_ELEMENTS", 2 * q.BLOCK)  # BIG: 12 chunks; SMALL alone
     calls = []
     real = q.Quantized.__init__
-    monkeypatch.setattr(q.Quantized, "__init__", lambda self, *a: calls.append(len(a[1])) or real(self, *a))
+
+    def counting(self, *args):
+        calls.append(len(args[1]))  # (the entries of this batch)
+        real(self, *args)
+
+    monkeypatch.setattr(q.Quantized, "__init__", counting)
     parts, opt = stepped(name, kwargs)
     for x, y in zip(whole, parts, strict=True):
         assert torch.equal(x, y)
