@@ -45,6 +45,8 @@ import functools
 
 import torch
 
+from optgen.runtime.subclasses import _dtensor_type
+
 #: the ``state_dtype`` value that selects this
 INT8 = "int8"
 #: elements per block (one float32 scale each)
@@ -244,6 +246,11 @@ def chunk_batches(lists: dict[str, list], params: list[torch.Tensor]) -> list[ra
 
 def initial(optimizer, param: torch.Tensor, state: dict) -> dict:
     """A new state with its low-precision tensors quantized (a parameter too small keeps float32)."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(param, dtensor):
+        raise ValueError(f"{type(optimizer).__name__}(state_dtype='int8') does not take DTensor parameters yet (FSDP2, "
+                         "tensor parallel): a block of the state would span shards; use state_dtype=torch.bfloat16 "
+                         "or None")
     if not quantizable(param):
         return state
     out = {}

@@ -319,3 +319,52 @@ def test_a_large_parameters_step_holds_a_chunk_of_float32_copies_at_a_time():
     # (one chunk: its two states' float32 copies and the quantization's temporaries, ~25 MiB for
     # chunks of 1M; the whole parameter's copies were 191 MiB, three times its float32 state)
     assert peak_temporary_bytes(opt, [p]) < 0.5 * float32_state
+
+
+def test_step_in_backward_with_int8_state_is_the_ordinary_loop():
+    def run(in_backward: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+        opt = optgen.Adam(model.parameters(), lr=1e-2, state_dtype="int8", step_in_backward=in_backward)
+        x = torch.randn(32, 128)
+        for _ in range(4):
+            model(x).pow(2).mean().backward()
+            if not in_backward:
+                opt.step()
+                opt.zero_grad()
+        assert opt.state[model[0].weight]["exp_avg"].dtype == torch.uint8
+        return list(model.parameters())
+
+    for a, b in zip(run(False), run(True), strict=True):
+        assert torch.equal(a, b)
+
+
+DTENSOR = """
+import os, sys, tempfile, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import optgen
+store = os.path.join(tempfile.mkdtemp(), "store")
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+p = torch.nn.Parameter(distribute_tensor(torch.randn(64, 128), mesh, [Shard(0)]))
+p.grad = distribute_tensor(torch.randn(64, 128), mesh, [Shard(0)])
+try:
+    optgen.Adam([p], state_dtype="int8").step()
+except ValueError as e:
+    print("error:", e)
+dist.destroy_process_group()
+"""
+
+
+def test_dtensor_parameters_are_a_clear_error_for_now():
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    result = subprocess.run([sys.executable, "-c", DTENSOR], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "error: Adam(state_dtype='int8') does not take DTensor parameters yet" in result.stdout
