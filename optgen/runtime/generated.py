@@ -168,8 +168,9 @@ class GeneratedOptimizer(Optimizer):
             self._init_group(group)  # run by dynamo on the real tensors (Note [State made before tracing])
         states = [self._state_of(p, group) for p in params]
         tensors, created = self._kernel_lists(params, grads, states, group)
-        # int8 state as float32 copies before any rows are gathered from it: rows of codes cannot be
-        # dequantized or quantized apart from their blocks' scales (Note [Blockwise 8-bit state])
+        # int8 state (Note [Blockwise 8-bit state]): a sparse step takes float32 copies of the whole
+        # group before rows are gathered (rows of codes cannot be dequantized or quantized apart from
+        # their blocks' scales); a dense one runs a batch at a time below (_run_int8)
         int8 = quantized_state.is_int8(group.get("state_dtype"))
         sparse = self._gradients == "sparse" or \
             (self._gradients == "dense_or_gathered" and any(g.is_sparse for g in grads))
