@@ -162,11 +162,14 @@ class GeneratedOptimizer(Optimizer):
         tensors, created = self._kernel_lists(params, grads, states, group)
         # int8 state as float32 copies before any rows are gathered from it: rows of codes cannot be
         # dequantized or quantized apart from their blocks' scales (Note [Blockwise 8-bit state])
+        gathered = self._gradients == "sparse" or (self._gradients == "dense_or_gathered"
+                                                   and any(g.is_sparse for g in grads))
         quantized = None
         if quantized_state.is_int8(group.get("state_dtype")):
-            quantized = quantized_state.Quantized(self, params, states, tensors, self._low_precision_lists())
+            quantized = quantized_state.Quantized(self, params, states, tensors, self._low_precision_lists(),
+                                                  partial=gathered)
         scatter = None
-        if self._gradients == "sparse" or (self._gradients == "dense_or_gathered" and any(g.is_sparse for g in grads)):
+        if gathered:
             tensors, scatter = _gather_rows(tensors)  # Note [Sparse gradients]
         implementation, tensors, to_global = self._choose_implementation(group, params, tensors, single_sparse)
         kernel = self._kernel(implementation)
