@@ -9,10 +9,11 @@ of tensor methods they cost ~50 ns a call, about 1 µs a tensor: on 1000 tensors
 ten times the fused kernel's own work.  step_guard.cpp does the same checks in C++, reading each
 tensor's C++ object through torch's headers: ~0.3 µs a parameter with its gradient and three
 states when a forward and backward have evicted them from the cache (less when warm).  That cost is
-memory latency, so the checks run in four short passes (parameters, gradients, state lookups, state
+memory latency, so the checks run in four short passes (state lookups, parameters, gradients, state
 records) that keep many tensors' misses in flight, not one loop whose body calls Python (the state
 dict's lookup goes through the tensor's Python ``__hash__``).  Measured: BENCHMARKS.md, "Host
-overhead on many small tensors".
+overhead on many small tensors" (with the lookups third; first, since no gradient may be read
+before the Python code they run, which may replace it).
 
 It is compiled like the C kernels (``$CXX``, else ``c++``; torch's include directories and
 libraries; the cache of Note [Kernel cache], keyed on the source, compiler, flags, torch and
