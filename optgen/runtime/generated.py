@@ -105,9 +105,7 @@ class GeneratedOptimizer(Optimizer):
     def in_backward(self):
         """The handle of the step inside backward (``step_in_backward=True``, or
         ``optgen.step_in_backward(self)``): ``opt.in_backward.remove()`` ends it; None when off."""
-        from optgen.runtime.in_backward import ATTRIBUTE
-
-        return vars(self).get(ATTRIBUTE)
+        return vars(self).get("_step_in_backward")  # (in_backward.ATTRIBUTE: that module imports this one)
 
     def __getstate__(self) -> dict:
         """torch's (defaults, state, param groups), plus an ``implementation`` set on this
@@ -176,7 +174,8 @@ class GeneratedOptimizer(Optimizer):
             (self._gradients == "dense_or_gathered" and any(g.is_sparse for g in grads))
         quantized = None
         if int8 and sparse:
-            quantized = quantized_state.Quantized(self, params, states, tensors, self._low_precision_lists())
+            quantized = quantized_state.Quantized(self, params, states, tensors, self._low_precision_lists(),
+                                                  partial=True)
         scatter = None
         if sparse:
             tensors, scatter = _gather_rows(tensors)  # Note [Sparse gradients]

@@ -27,6 +27,10 @@ too, with the same threshold).
   ``state[p][key + ".absmax"]`` the scales (float32, one per block): ``state_dict()`` carries both
   and loads back bit for bit; loading a float32 or bfloat16 checkpoint into an int8 optimizer
   quantizes it, an int8 checkpoint into another one dequantizes it (:func:`convert_loaded_state`).
+- A block a sparse gradient's step left as it was keeps its codes and scale (:func:`requantize`):
+  quantized again, one whose largest magnitude is negative would shrink 0.7% (the signed map has
+  no -1), step after step, in the rows the gradients do not touch.  (A dense step moves every
+  element of a signed state, a moment decaying: the comparison is not paid for there.)
 - A NaN in a block makes the block's absmax NaN, so the whole block's state dequantizes to NaN on
   the next step (as in bitsandbytes and torchao); a float32 state would keep it to the element.
 
@@ -152,6 +156,22 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch
     return (padded * absmax[:, None]).reshape(-1)[:n].view(codes.shape)
 
 
+def requantize(value: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, signed: bool,
+               name: str = "state") -> tuple[torch.Tensor, torch.Tensor]:
+    """``value`` quantized, except that a block still equal to what ``codes`` and ``absmax`` stand for
+    keeps them: quantized again, a block whose largest magnitude is negative would shrink by 0.7%
+    (the signed map has no -1), so a state a step leaves alone (a sparse gradient's other rows)
+    would decay step after step."""
+    new_codes, new_absmax = quantize(value, signed, name)
+    n = value.numel()
+    equal = value.detach().reshape(-1) == dequantize(codes, absmax, signed).reshape(-1)
+    same = torch.nn.functional.pad(equal, (0, blocks(n) * BLOCK - n), value=True).view(-1, BLOCK).all(dim=1)
+    if bool(same.any()):
+        keep = same.repeat_interleave(BLOCK)[:n].view(codes.shape)
+        new_codes, new_absmax = torch.where(keep, codes, new_codes), torch.where(same, absmax, new_absmax)
+    return new_codes, new_absmax
+
+
 def is_quantized(state: dict, key: str) -> bool:
     """Whether ``state[key]`` holds codes: it has scales beside it.  (Not its dtype: torch's
     ``load_state_dict`` casts every non-counter state of a floating parameter to the parameter's
@@ -164,10 +184,14 @@ class Quantized:
     by float32 copies for the kernel, and quantized back afterwards into the same codes and scales.
     A state the kernel creates on this step (SGD's momentum buffer) is quantized into new ones.
     ``states``: per entry of the lists, the mapping holding its codes and scales (a parameter's
-    state, or a chunk's views of them: :func:`chunked`); ``params``: the parameter of each entry."""
+    state, or a chunk's views of them: :func:`chunked`); ``params``: the parameter of each entry.
+    ``partial``: the step updates some elements only (a sparse gradient's rows): the blocks it left
+    as they were keep their codes and scales (:func:`requantize`)."""
 
-    def __init__(self, optimizer, params, states, lists: dict[str, list], names: list[tuple[str, str]]):
+    def __init__(self, optimizer, params, states, lists: dict[str, list], names: list[tuple[str, str]],
+                 partial: bool = False):
         self.optimizer, self.params, self.states, self.lists = optimizer, params, states, lists
+        self.partial = partial
         self.names = names  # (list name, state key) of each low-precision list
         self.signed = {key: key not in optimizer._nonnegative_state for _, key in names}
         self.stored = {}
@@ -185,9 +209,11 @@ class Quantized:
                 if new is None:
                     continue
                 if old is not None and old.dtype == torch.uint8:
-                    codes, absmax = quantize(new, self.signed[key], key)
+                    scales = state[key + ABSMAX]
+                    codes, absmax = requantize(new, old, scales, self.signed[key], key) if self.partial \
+                        else quantize(new, self.signed[key], key)
                     old.copy_(codes)
-                    state[key + ABSMAX].copy_(absmax)
+                    scales.copy_(absmax)
                     values[i] = old
                 elif old is None and quantizable(p):  # created by the kernel on this step
                     values[i], self.optimizer.state[p][key + ABSMAX] = quantize(new, self.signed[key], key)

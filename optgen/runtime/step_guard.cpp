@@ -103,11 +103,40 @@ PyObject* snapshot(PyObject*, PyObject* tensors) {
 bool check(PyObject* current, PyObject* bound, const char* with_grad, PyObject* state, PyObject* keys,
            PyObject* objects, const Record* expected, int64_t* grad, Py_ssize_t launched) {
   const Py_ssize_t n = PyList_GET_SIZE(bound);
+  // their states are the objects bound (a dict lookup per parameter: the tensor's __hash__ is Python's);
+  // first, before any gradient is read: Python code (a key's __eq__) may replace one, freeing it
+  const Py_ssize_t K = PyTuple_GET_SIZE(keys);
+  Py_ssize_t m = 0;
+  for (Py_ssize_t i = 0; i < n && K; ++i) {
+    if (!with_grad[i]) {
+      continue;
+    }
+    if (m == launched) {  // (more with a gradient than bound: pass 1 says so)
+      return false;
+    }
+    PyObject* held = PyDict_GetItemWithError(state, PyList_GET_ITEM(bound, i));
+    if (held == nullptr || !PyDict_CheckExact(held)) {  // (a subclass may override its lookup)
+      return false;
+    }
+    // held while its keys are looked up: a key's __eq__ (Python) may remove it from the state, its
+    // only other reference, and a lookup in a freed dict reads freed memory
+    Py_INCREF(held);
+    bool found = true;
+    for (Py_ssize_t k = 0; k < K && found; ++k) {
+      found = PyDict_GetItemWithError(held, PyTuple_GET_ITEM(keys, k)) == PyList_GET_ITEM(objects, m * K + k);
+    }
+    Py_DECREF(held);
+    if (!found) {
+      return false;
+    }
+    ++m;
+  }
+  // the same parameters (the group's list read after the lookups: they may change it), those with a
+  // gradient where they were, as they were
   if (PyList_GET_SIZE(current) != n) {
     return false;
   }
-  // the same parameters, those with a gradient where they were, as they were
-  Py_ssize_t m = 0;
+  m = 0;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(current, i);
     if (p != PyList_GET_ITEM(bound, i)) {
@@ -137,30 +166,6 @@ bool check(PyObject* current, PyObject* bound, const char* with_grad, PyObject* 
       return false;
     }
     grad[m++] = reinterpret_cast<int64_t>(g.const_data_ptr());
-  }
-  // their states are the objects bound (a dict lookup per parameter: the tensor's __hash__ is Python's)
-  const Py_ssize_t K = PyTuple_GET_SIZE(keys);
-  m = 0;
-  for (Py_ssize_t i = 0; i < n && K; ++i) {
-    if (!with_grad[i]) {
-      continue;
-    }
-    PyObject* held = PyDict_GetItemWithError(state, PyList_GET_ITEM(bound, i));
-    if (held == nullptr || !PyDict_CheckExact(held)) {  // (a subclass may override its lookup)
-      return false;
-    }
-    // held while its keys are looked up: a key's __eq__ (Python) may remove it from the state, its
-    // only other reference, and a lookup in a freed dict reads freed memory
-    Py_INCREF(held);
-    bool found = true;
-    for (Py_ssize_t k = 0; k < K && found; ++k) {
-      found = PyDict_GetItemWithError(held, PyTuple_GET_ITEM(keys, k)) == PyList_GET_ITEM(objects, m * K + k);
-    }
-    Py_DECREF(held);
-    if (!found) {
-      return false;
-    }
-    ++m;
   }
   // where they were, as they were
   const Record* state_records = expected + launched;

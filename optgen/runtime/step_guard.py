@@ -10,10 +10,11 @@ of tensor methods they cost ~50 ns a call, about 1 µs a tensor: on 1000 tensors
 ten times the fused kernel's own work.  step_guard.cpp does the same checks in C++, reading each
 tensor's C++ object through torch's headers: ~0.3 µs a parameter with its gradient and three
 states when a forward and backward have evicted them from the cache (less when warm).  That cost is
-memory latency, so the checks run in four short passes (parameters, gradients, state lookups, state
+memory latency, so the checks run in four short passes (state lookups, parameters, gradients, state
 records) that keep many tensors' misses in flight, not one loop whose body calls Python (the state
 dict's lookup goes through the tensor's Python ``__hash__``).  Measured: BENCHMARKS.md, "Host
-overhead on many small tensors".
+overhead on many small tensors" (with the lookups third; first, since no gradient may be read
+before the Python code they run, which may replace it).
 
 It is compiled like the C kernels (``$CXX``, else ``c++``; torch's include directories and
 libraries; the cache of Note [Kernel cache], keyed on the source, compiler, flags, torch and
@@ -225,6 +226,14 @@ class PythonGuard:
     def __call__(self, optimizer, group: dict):
         """The gradients' address table when the group's lists are unchanged, else None."""
         bound = self.bound
+        params = bound.params
+        # the states looked up first: a lookup calls Python (a key's __eq__, a tensor's __hash__ under a
+        # torch function mode), which may replace a gradient (freeing it) or the group's list
+        try:
+            held = list(map(optimizer.state.get, params))
+            now_states = [[h[key] for h in held] for key, *_ in self.states]
+        except (TypeError, KeyError):  # a state that is not there
+            return None
         current = group["params"]
         if len(current) != len(bound.group_params) or not all(map(is_, current, bound.group_params)):
             return None
@@ -233,7 +242,6 @@ class PythonGuard:
             if list(map(is_not, grads, repeat(None))) != bound.with_grad:
                 return None
             grads = list(compress(grads, bound.with_grad))
-        params = bound.params
         try:  # (a None or sparse gradient fails is_contiguous)
             if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
                     or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype))) \
@@ -251,15 +259,13 @@ class PythonGuard:
                     return None
             elif not all(map(le, self.grad_bytes, map(_NBYTES, map(_STORAGE, grads)))):
                 return None
-            held = list(map(optimizer.state.get, params))
-            for key, objects, addresses, numels, dtypes in self.states:
-                now = [h[key] for h in held]
+            for (_, objects, addresses, numels, dtypes), now in zip(self.states, now_states, strict=True):
                 if not all(map(is_, now, objects)) or list(map(_DATA_PTR, now)) != addresses \
                         or list(map(_NUMEL, now)) != numels or list(map(_DTYPE, now)) != dtypes \
                         or not all(map(_IS_CONTIGUOUS, now)):  # (changed in place: same object, same address)
                     return None
             return array.array("q", map(_DATA_PTR, grads))
-        except (RuntimeError, TypeError, KeyError):  # a state that is not there
+        except (RuntimeError, TypeError):
             return None
 
 

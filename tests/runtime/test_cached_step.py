@@ -205,6 +205,17 @@ def transpose_state_in_place(opt, ps, k):
         opt.state[ps[0]]["exp_avg_sq"].t_()  # (7, 5) -> (5, 7), not contiguous
 
 
+def reshape_state_in_place(opt, ps, k):
+    if k == 3:
+        opt.state[ps[0]]["exp_avg"].resize_(5, 7)  # the same memory and element count, another shape
+
+
+def reshape_param_in_place(opt, ps, k):
+    if k == 3:
+        ps[0].data = ps[0].data.view(5, 7)
+        ps[0].grad = ps[0].grad.view(5, 7)
+
+
 def retype_state_in_place(opt, ps, k):
     if k == 3:
         state = opt.state[ps[2]]["exp_avg"]
@@ -229,6 +240,13 @@ def shrink_param_under_its_gradient(opt, ps, k):
     shrink_state_in_place, transpose_state_in_place, retype_state_in_place,
 ], ids=lambda f: f.__name__)
 def test_a_change_between_steps_is_seen(change, uncached):
+    assert_same(trajectory(change), uncached)
+
+
+@pytest.mark.xfail(strict=True, reason="neither guard compares shapes, only element counts: the cached step "
+                   "runs on the same flat memory where the checked path raises torch's size-mismatch error")
+@pytest.mark.parametrize("change", [reshape_state_in_place, reshape_param_in_place], ids=lambda f: f.__name__)
+def test_a_shape_changed_in_place_is_seen(change, uncached):
     assert_same(trajectory(change), uncached)
 
 

@@ -255,7 +255,8 @@ def test_a_sparse_gradient_leaves_the_other_rows_state_as_it_was(name, key, sign
     """A sparse gradient's step runs on the rows it touches (Note [Sparse gradients]); rows of codes
     cannot be dequantized or quantized apart from their blocks' scales.  (The gathered rows were
     dequantized with the first blocks' scales, and their one block's scale stored into every block:
-    a step on row 1 moved row 90's state 1000x.)"""
+    a step on row 1 moved row 90's state 1000x.  And a block the step left as it was keeps its codes
+    and scale: quantized again, a block whose largest magnitude is negative shrank 0.7% a step.)"""
     g = torch.Generator().manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(100, 64, generator=g))
     twin = torch.nn.Parameter(weight.detach().clone())  # the same gradients, dense (Adagrad takes both)
@@ -264,6 +265,7 @@ def test_a_sparse_gradient_leaves_the_other_rows_state_as_it_was(name, key, sign
 
     def step(row, scale):
         values = torch.randn(1, 64, generator=g) * scale
+        values[0, 3] = -10 * scale  # the block's largest magnitude negative: no code for -1 (its scale moved)
         weight.grad = torch.sparse_coo_tensor(torch.tensor([[row]]), values, (100, 64))
         opt.step()
         if dense is not None:
@@ -273,7 +275,8 @@ def test_a_sparse_gradient_leaves_the_other_rows_state_as_it_was(name, key, sign
     step(90, 1.0)
     state = opt.state[weight]
     before, row = q.dequantize(state[key], state[key + ".absmax"], signed)[90].clone(), weight[90].detach().clone()
-    step(1, 100.0)
+    for _ in range(3):
+        step(1, 100.0)
     assert torch.equal(q.dequantize(state[key], state[key + ".absmax"], signed)[90], before)
     assert torch.equal(weight[90], row)
     if dense is not None:  # Adagrad's sparse step is its dense rule on the touched rows: the same bits
@@ -368,3 +371,17 @@ def test_dtensor_parameters_are_a_clear_error_for_now():
     result = subprocess.run([sys.executable, "-c", DTENSOR], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "error: Adam(state_dtype='int8') does not take DTensor parameters yet" in result.stdout
+
+
+def test_a_block_left_as_it_was_keeps_its_codes_and_scale():
+    x = torch.linspace(-1, 1, 600)
+    x[5] = -10.0  # the first block's largest magnitude, negative: stored as -0.993 of its absmax
+    codes, absmax = q.quantize(x, True)
+    value = q.dequantize(codes, absmax, True)
+    assert float(q.quantize(value, True)[1][0]) < float(absmax[0])  # quantized again, that block shrinks
+    value[300] += 0.5  # the second block changes, the first and third do not
+    new_codes, new_absmax = q.requantize(value, codes, absmax, True)
+    fresh_codes, fresh_absmax = q.quantize(value, True)
+    assert torch.equal(new_codes[:256], codes[:256]) and torch.equal(new_codes[256:], fresh_codes[256:])
+    assert torch.equal(new_absmax, torch.stack([absmax[0], fresh_absmax[1], fresh_absmax[2]]))
+    assert torch.equal(fresh_absmax[2], absmax[2])  # (the third: a positive largest magnitude, stable anyway)

@@ -173,6 +173,59 @@ def test_a_state_dict_dropped_during_its_lookup_never_crashes():
     assert result.stdout.split() == ["stepped", "False", "False"]
 
 
+GRADIENT_REPLACED_DURING_LOOKUP = textwrap.dedent("""
+    import sys, torch, optgen
+    from optgen.runtime import step_guard
+    if sys.argv[1] == "native":
+        assert step_guard.native(wait=True) is not None
+    else:
+        step_guard.native = lambda **_: None
+    n = 1 << 20  # 4 MiB gradients: mapped for themselves (MALLOC_MMAP_THRESHOLD_), unmapped when freed
+    ps = [torch.zeros(n).requires_grad_() for _ in range(2)]
+    opt = optgen.Adam(ps, lr=1.0)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.ones(n)
+        opt.step()
+    armed = [False]
+
+    class ReplacesAGradient:  # a key the lookup of "exp_avg" compares with
+        def __hash__(self):
+            return hash("exp_avg")
+
+        def __eq__(self, other):
+            if armed[0]:
+                armed[0] = False
+                ps[0].grad = torch.full((n,), -1.0)
+            return False
+
+    opt.state[ps[1]] = {ReplacesAGradient(): 0, **opt.state[ps[1]]}
+    for p in ps:
+        p.grad = torch.ones(n)
+    armed[0] = True
+    opt.step()
+    (cached,) = opt._cached_steps.values()
+    print(type(cached.guard).__name__, armed[0], ps[0].unique().numel())
+""")
+
+
+@pytest.mark.parametrize("kind", ["python", "native"])
+def test_a_gradient_replaced_during_the_state_lookups_is_never_read_freed(kind):
+    """The state lookups call Python (a key's ``__eq__``; a tensor's ``__hash__`` under a torch
+    function mode), which may replace a gradient: the guards read the gradients after them, so the
+    table holds no freed one (it did: a segfault, or the freed memory's bytes read as a gradient).
+    The step is then one with the new gradient (the checked path, which holds the gradients it
+    collected, steps with the old one: either is one gradient's step, every element alike)."""
+    if kind == "native" and step_guard.native(wait=True) is None:
+        pytest.skip(f"no native step guard here: {step_guard.unavailable()}")
+    result = subprocess.run([sys.executable, "-c", GRADIENT_REPLACED_DURING_LOOKUP, kind], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    guard, armed, values = result.stdout.split()
+    assert guard == f"{kind.capitalize()}Guard" and armed == "False"
+    assert values == "1"  # (one value: every element had the same gradient and state)
+
+
 def test_a_tampered_guard_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     if step_guard.native(wait=True) is None:
         pytest.skip(f"no native step guard here: {step_guard.unavailable()}")
