@@ -75,6 +75,18 @@ class _Build:
 _BUILD = _Build()
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: a lock one of them held stays held, and a
+    build under way never ends there.  The child keeps what was loaded or failed, with a lock of
+    its own, and builds again if it needs to."""
+    global _BUILD
+    parent, _BUILD = _BUILD, _Build()
+    _BUILD.module, _BUILD.failed = parent.module, parent.failed
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def cxx_compiler() -> list[str] | None:
     """The C++ compiler's command line (``$CXX``, which may carry arguments, or ``c++``), its program
     resolved on the PATH; None when there is none."""

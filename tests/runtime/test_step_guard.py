@@ -269,3 +269,25 @@ def test_the_host_overhead_tool_times_every_row(capsys):
         assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[5].strip().rstrip("×")) > 0
     parts = [r for r in rows if "parts" in r[1]]
     assert len(parts) == len(guards) and all("guard" in r[2] and "kernel" in r[2] for r in parts)
+
+
+FORK = """
+import os, sys, threading
+from optgen.runtime import step_guard
+step_guard._BUILD.lock.acquire()  # as a build thread holds it for a moment
+pid = os.fork()
+if pid == 0:
+    done = threading.Event()
+    threading.Thread(target=lambda: (step_guard.native(start=False), done.set()), daemon=True).start()
+    os._exit(0 if done.wait(20) else 3)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_child_forked_while_the_build_lock_is_held_does_not_hang():
+    result = subprocess.run([sys.executable, "-c", FORK], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OPTGEN_STEP_GUARD": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "child exit 0" in result.stdout
