@@ -25,8 +25,9 @@ that cannot be built, a few Python maps of tensor methods, ~1 µs a tensor):
   through ``z.conj()``: the checked path raises torch's view_as_real error for it);
 - the same address for every parameter, state and counter, and the same object for every state
   and counter (``state[p][key]`` looked up afresh, so a replaced or lost state is seen, and a
-  view of other extent at the same address too), with the same element count, dtype and
-  contiguity (one changed in place: ``resize_``, ``t_()``, ``.data =`` a view of another dtype);
+  view of other extent at the same address too), with the same shape, dtype and contiguity (one
+  changed in place: ``resize_``, ``t_()``, ``.data =`` a view of another shape or dtype), and the
+  parameters' shapes and contiguity too;
 - the arguments use the same lists (a flag or hyperparameter may change which states the step
   touches: Adam's ``amsgrad``).
 

@@ -21,13 +21,26 @@
 namespace {
 
 // What a launch depends on of a tensor it addresses: where its elements are, how many, of which
-// type; `usable` is 1 when the kernel may address it at all.
+// type, in which shape (a hash of its sizes: the checked path raises torch's size error for a
+// tensor reshaped in place, and a kernel reading rows and columns needs them); `usable` is 1 when
+// the kernel may address it at all.
 struct Record {
   int64_t address;
   int64_t numel;
   int64_t dtype;
+  int64_t shape;
   int64_t usable;
 };
+
+// FNV-1a over the rank and sizes (a mismatch the hash missed would still address the same
+// memory: the element count, contiguity and address are compared exactly)
+int64_t shape_of(const at::Tensor& t) {
+  uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(t.dim());
+  for (const int64_t size : t.sizes()) {
+    h = (h ^ static_cast<uint64_t>(size)) * 1099511628211ull;
+  }
+  return static_cast<int64_t>(h);
+}
 
 // Whether ``t`` is memory a kernel may read as ``numel`` contiguous elements: strided, contiguous,
 // on the CPU, inside its storage, no lazily negated or conjugated view, no Python dispatch
@@ -44,7 +57,7 @@ bool addressable(const at::Tensor& t) {
 // ``obj``'s Record (of a written tensor: its mutable address, which a copy-on-write storage
 // materializes, so a shared one is never written through).
 Record describe(PyObject* obj) {
-  Record r{0, 0, 0, 0};
+  Record r{0, 0, 0, 0, 0};
   if (!THPVariable_CheckExact(obj)) {
     return r;
   }
@@ -55,12 +68,13 @@ Record describe(PyObject* obj) {
   r.address = reinterpret_cast<int64_t>(t.mutable_data_ptr());
   r.numel = t.numel();
   r.dtype = static_cast<int64_t>(t.scalar_type());
+  r.shape = shape_of(t);
   r.usable = 1;
   return r;
 }
 
 bool same(const Record& a, const Record& b) {
-  return a.usable && a.address == b.address && a.numel == b.numel && a.dtype == b.dtype;
+  return a.usable && a.address == b.address && a.numel == b.numel && a.dtype == b.dtype && a.shape == b.shape;
 }
 
 PyObject* snapshot(PyObject*, PyObject* tensors) {

@@ -4,17 +4,16 @@ param group's lists are still those it was bound for, and if so the gradients' a
 Note [Native step guard]
 ~~~~~~~~~~~~~~~~~~~~~~~~
 The checks read a dozen facts per tensor (the gradient, its contiguity, element count, dtype,
-storage and address; the parameter's address and contiguity; each state's object, address,
-element count, dtype and contiguity).  As Python maps
-of tensor methods they cost ~50 ns a call, about 1 µs a tensor: on 1000 tensors of 100 elements
-ten times the fused kernel's own work.  step_guard.cpp does the same checks in C++, reading each
-tensor's C++ object through torch's headers: ~0.3 µs a parameter with its gradient and three
-states when a forward and backward have evicted them from the cache (less when warm).  That cost is
-memory latency, so the checks run in four short passes (state lookups, parameters, gradients, state
-records) that keep many tensors' misses in flight, not one loop whose body calls Python (the state
-dict's lookup goes through the tensor's Python ``__hash__``).  Measured: BENCHMARKS.md, "Host
-overhead on many small tensors" (with the lookups third; first, since no gradient may be read
-before the Python code they run, which may replace it).
+storage and address; the parameter's address, shape and contiguity; each state's object, address,
+shape, dtype and contiguity). As Python maps of tensor methods they cost ~50 ns a call, about 1 µs a
+tensor: on 1000 tensors of 100 elements ten times the fused kernel's own work. step_guard.cpp does
+the same checks in C++, reading each tensor's C++ object through torch's headers: ~0.5 µs a
+parameter with its gradient and three states when a forward and backward have evicted them from the
+cache (less when warm). That cost is memory latency, so the checks run in four short passes (state
+lookups, parameters, gradients, state records) that keep many tensors' misses in flight, not one
+loop whose body calls Python (the state dict's lookup goes through the tensor's Python
+``__hash__``). Measured: BENCHMARKS.md, "Host overhead on many small tensors" (with the lookups
+third; first, since no gradient may be read before the Python code they run, which may replace it).
 
 It is compiled like the C kernels (``$CXX``, else ``c++``; torch's include directories and
 libraries; the cache of Note [Kernel cache], keyed on the source, compiler, flags, torch and
@@ -192,6 +191,7 @@ def unavailable() -> str | None:
 
 _GRAD = attrgetter("grad")
 _DTYPE = attrgetter("dtype")
+_SHAPE = attrgetter("shape")
 _DATA_PTR = torch.Tensor.data_ptr
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _IS_CONJ = torch.Tensor.is_conj
@@ -223,16 +223,17 @@ class PythonGuard:
         self.all_with_grad = all(bound.with_grad)
         self.param_addresses = list(map(_DATA_PTR, params))
         self.numels = list(map(_NUMEL, params))
+        self.shapes = [tuple(p.shape) for p in params]  # (plain tuples: the collector skips those)
         self.dtype = params[0].dtype  # (one dtype: GeneratedOptimizer._bind)
         self.element_size = params[0].element_size()
         self.complex = params[0].is_complex()
         self.grad_bytes = [k * self.element_size for k in self.numels]
         # key by key (one pass per key: flattening every key's states into one list measured slower):
-        # the objects, their addresses, element counts and dtypes
+        # the objects, their addresses, shapes and dtypes
         self.states = []
         for k, key in enumerate(bound.keys):
             objects = [states[k] for states in bound.states]
-            self.states.append((key, objects, list(map(_DATA_PTR, objects)), list(map(_NUMEL, objects)),
+            self.states.append((key, objects, list(map(_DATA_PTR, objects)), [tuple(t.shape) for t in objects],
                                 list(map(_DTYPE, objects))))
 
     def __call__(self, optimizer, group: dict):
@@ -258,7 +259,8 @@ class PythonGuard:
             if not all(map(_IS_CONTIGUOUS, grads)) or list(map(_NUMEL, grads)) != self.numels \
                     or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype))) \
                     or list(map(_DATA_PTR, params)) != self.param_addresses \
-                    or not all(map(_IS_CONTIGUOUS, params)):  # (same memory, transposed: `.data =` a view)
+                    or not all(map(_IS_CONTIGUOUS, params)) \
+                    or list(map(_SHAPE, params)) != self.shapes:  # (same memory, viewed otherwise: `.data =`)
                 return None
             if any(map(_IS_NEG, grads)):  # a lazily negated view: the checked path resolves it
                 return None
@@ -271,9 +273,9 @@ class PythonGuard:
                     return None
             elif not all(map(le, self.grad_bytes, map(_NBYTES, map(_STORAGE, grads)))):
                 return None
-            for (_, objects, addresses, numels, dtypes), now in zip(self.states, now_states, strict=True):
+            for (_, objects, addresses, shapes, dtypes), now in zip(self.states, now_states, strict=True):
                 if not all(map(is_, now, objects)) or list(map(_DATA_PTR, now)) != addresses \
-                        or list(map(_NUMEL, now)) != numels or list(map(_DTYPE, now)) != dtypes \
+                        or list(map(_SHAPE, now)) != shapes or list(map(_DTYPE, now)) != dtypes \
                         or not all(map(_IS_CONTIGUOUS, now)):  # (changed in place: same object, same address)
                     return None
             return array.array("q", map(_DATA_PTR, grads))
@@ -282,8 +284,7 @@ class PythonGuard:
 
 
 class NativeGuard:
-    """The same checks, and the states' element counts and dtypes, in one C++ call (Note [Native step
-    guard])."""
+    """The same checks in one C++ call (Note [Native step guard])."""
 
     def __init__(self, module: ModuleType, bound: Bound):
         self.module, self.bound = module, bound
