@@ -18,8 +18,10 @@ too, with the same threshold).
   7 exponent bits): 256 values in [-1, 1] spaced by powers of ten, linear within a decade, so a
   block keeps relative precision across seven decades below its absmax, where a linear map
   keeps it across one.  A state the spec marks ``nonnegative`` (second moments: Adam's
-  ``exp_avg_sq``) uses the unsigned map, twice the codes over [0, 1]; storing a negative value in
-  one is an error, not a clamp.
+  ``exp_avg_sq``) uses the unsigned map, twice the codes over [0, 1].  A block of one that holds
+  a negative value anyway (RMSprop's ``square_avg`` with alpha > 1, which torch allows) uses the
+  signed map, its scale stored negated to say so: the promise buys precision, and breaking it
+  costs neither a wrong value nor an error raised after the parameters were updated.
 - **Rounding** to the nearest code (ties to the lower code): deterministic, as both libraries do;
   the map's relative spacing keeps an update small next to a value from vanishing unless it is
   below the value's ~5% quantum (7 bits across a decade).
@@ -127,29 +129,46 @@ def blocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
+def _nearest_codes(normalized: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The nearest code of each value in [-1, 1] (``_lookup``), as int32."""
+    first, above = (t.to(normalized.device) for t in _lookup(signed))
+    bucket = (normalized.view(torch.int32) >> _BUCKET_SHIFT) & ((1 << (32 - _BUCKET_SHIFT)) - 1)
+    code = first.index_select(0, bucket)
+    return code + (normalized > above.index_select(0, code))
+
+
 def quantize(value: torch.Tensor, signed: bool, name: str = "state") -> tuple[torch.Tensor, torch.Tensor]:
-    """``value`` (float32) as (codes: uint8 shaped like it, absmax: float32, one per block)."""
+    """``value`` (float32) as (codes: uint8 shaped like it, absmax: float32, one per block).  A block
+    of a nonnegative state (``signed`` False) that holds a negative value (RMSprop with alpha > 1:
+    torch allows it) is quantized with the signed map instead, its scale stored negated to say so
+    (Note [Blockwise 8-bit state]: the spec's promise buys precision, and is never a wrong value)."""
     flat = value.detach().reshape(-1).float()
     n = flat.numel()
     padded = flat.view(-1, BLOCK) if n % BLOCK == 0 else \
         torch.nn.functional.pad(flat, (0, blocks(n) * BLOCK - n)).view(-1, BLOCK)
-    if not signed and bool((padded < 0).any()):
-        raise RuntimeError(f"optgen: state {name!r} is marked nonnegative in its spec (int8 state uses the unsigned "
-                           "code map for it) but holds negative values")
     absmax = padded.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # (an all-zero block: codes for 0)
     normalized = (padded / scale[:, None]).reshape(-1)[:n]
-    first, above = (t.to(flat.device) for t in _lookup(signed))
-    bucket = (normalized.view(torch.int32) >> _BUCKET_SHIFT) & ((1 << (32 - _BUCKET_SHIFT)) - 1)
-    code = first.index_select(0, bucket)
-    codes = (code + (normalized > above.index_select(0, code))).to(torch.uint8)
-    return codes.view(value.shape), absmax
+    codes = _nearest_codes(normalized, signed)
+    if not signed:
+        negative = (padded < 0).any(dim=1)
+        if bool(negative.any()):
+            in_negative = negative.repeat_interleave(BLOCK)[:n]
+            codes = torch.where(in_negative, _nearest_codes(normalized, True), codes)
+            absmax = torch.where(negative, -absmax, absmax)
+    return codes.to(torch.uint8).view(value.shape), absmax
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The float32 values ``quantize`` stood for (the codes' values times their block's absmax)."""
+    """The float32 values ``quantize`` stood for (the codes' values times their block's absmax; a
+    negative scale of an unsigned state: its block's codes are the signed map's)."""
     n = codes.numel()
-    values = code_map(signed).to(codes.device).index_select(0, codes.reshape(-1).int())
+    flat_codes = codes.reshape(-1).int()
+    values = code_map(signed).to(codes.device).index_select(0, flat_codes)
+    if not signed and bool((absmax < 0).any()):
+        in_signed = (absmax < 0).repeat_interleave(BLOCK)[:n]
+        values = torch.where(in_signed, code_map(True).to(codes.device).index_select(0, flat_codes), values)
+        absmax = absmax.abs()
     if n % BLOCK == 0:  # (no partial block: no padded copy)
         return (values.view(-1, BLOCK) * absmax[:, None]).view(codes.shape)
     padded = torch.nn.functional.pad(values, (0, blocks(n) * BLOCK - n)).view(-1, BLOCK)

@@ -496,7 +496,8 @@ def _low_precision(table: dict, kind: str, src: Source, path: tuple) -> bool:
 def _nonnegative(table: dict, low_precision: bool, src: Source, path: tuple) -> bool:
     """The state's ``nonnegative`` key (default false): a promise that the state is never negative,
     which lets ``state_dtype="int8"`` spend all its codes on [0, 1] (Note [Blockwise 8-bit state] in
-    optgen/runtime/quantized_state.py; a negative value stored is an error there, not a clamp)."""
+    optgen/runtime/quantized_state.py; a block holding a negative value anyway falls back to the
+    signed map there)."""
     if "nonnegative" not in table:
         return False
     value = expect(table["nonnegative"], bool, src, path + ("nonnegative",), "nonnegative")
