@@ -112,8 +112,8 @@ def _lookup(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return first, above
 
 
-#: a step's float32 copies of int8 states cover at most this many parameter elements at a time
-#: (one larger parameter alone): Note [Blockwise 8-bit state], "transient memory"
+#: a step's float32 copies of int8 states cover at most this many parameter elements at a time (a
+#: larger parameter in chunks of this many, or alone: :func:`chunked`): Note [Blockwise 8-bit state]
 BATCH_ELEMENTS = 1 << 20
 
 
