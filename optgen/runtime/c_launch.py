@@ -23,12 +23,9 @@ import ctypes
 import hashlib
 import logging
 import math
-import os
 import platform
 import shlex
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,12 +51,11 @@ from optgen.runtime.native import (
 )
 from optgen.runtime.native_cache import (  # noqa: F401 - CacheError, cache_dir: c_launch's API
     CacheError,
+    built,
     cache_dir,
+    command,
     compiler_identity,
     cpu_identity,
-    publish,
-    remove_stale,
-    verified,
     writable,
 )
 
@@ -273,12 +269,7 @@ STATE_BF16_DEFINE = "-DSTATE_BF16=1"
 def compiler() -> list[str] | None:
     """The C compiler's command line (``$CC``, which may carry arguments: ``CC='ccache gcc'``, or
     ``cc``), its program resolved on the PATH; None when there is none."""
-    try:
-        command = shlex.split(os.environ.get("CC") or "cc")
-    except ValueError:  # unbalanced quotes: no usable compiler
-        return None
-    program = shutil.which(command[0]) if command else None
-    return None if program is None else [program, *command[1:]]
+    return command("CC", "cc")
 
 
 def available() -> bool:
@@ -351,35 +342,32 @@ class Library:
         text = PRELUDE + self.source
         key = hashlib.sha256("\0".join([text, *cc, compiler_identity(cc), *FLAGS, *defines, platform.machine(),
                                         cpu_identity()]).encode()).hexdigest()[:20]
-        directory = writable(cache_dir())
-        target = directory / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"
-        if verified(target):
-            return target
-        remove_stale(directory)
+        target = writable(cache_dir()) / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=directory, prefix="build-") as tmp:
-            source = Path(tmp) / "kernels.c"
-            source.write_text(text)
-            out = Path(tmp) / "kernels.so"
-            flags = list(FLAGS)
-            for dropped in (None, *OPTIONAL_FLAGS):
-                if dropped is not None:
-                    flags.remove(dropped)
-                try:
-                    result = subprocess.run([*cc, *flags, *defines, "-o", str(out), str(source)],
-                                            capture_output=True, text=True)
-                except OSError as e:
-                    raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed: "
-                                       f"{shlex.join(cc)}: {e.strerror}") from None
-                if result.returncode == 0 and out.exists():
-                    break
-            else:
-                detail = result.stderr.strip() or f"{shlex.join(cc)} exited with status {result.returncode}"
-                raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed:\n{detail}")
-            publish(Path(tmp), out, target)
-        LOGGER.info("optgen: compiled the C kernels of %s for %s in %.1f s, cached as %s (later processes load it)",
-                 self.name, dtype, time.perf_counter() - started, target)
+        if built(target, lambda folder: self._build(folder, text, cc, defines)):
+            LOGGER.info("optgen: compiled the C kernels of %s for %s in %.1f s, cached as %s (later processes load "
+                        "it)", self.name, dtype, time.perf_counter() - started, target)
         return target
+
+    def _build(self, folder: Path, text: str, cc: list[str], defines: tuple[str, ...]) -> Path:
+        """The library compiled from ``text`` in ``folder``: with every flag, else without the optional
+        ones, one after another (a compiler without -fopenmp or -march=native)."""
+        source, out = folder / "kernels.c", folder / "kernels.so"
+        source.write_text(text)
+        flags = list(FLAGS)
+        for dropped in (None, *OPTIONAL_FLAGS):
+            if dropped is not None:
+                flags.remove(dropped)
+            try:
+                result = subprocess.run([*cc, *flags, *defines, "-o", str(out), str(source)],
+                                        capture_output=True, text=True)
+            except OSError as e:
+                raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed: "
+                                   f"{shlex.join(cc)}: {e.strerror}") from None
+            if result.returncode == 0 and out.exists():
+                return out
+        detail = result.stderr.strip() or f"{shlex.join(cc)} exited with status {result.returncode}"
+        raise RuntimeError(f"optgen: compiling the C kernels of {self.name} failed:\n{detail}")
 
 
 class Kernel:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -171,3 +173,26 @@ def remove_stale(directory: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
         except OSError:
             pass
+
+
+def command(variable: str, default: str) -> list[str] | None:
+    """A compiler's command line: ``$variable`` (which may carry arguments: ``CC='ccache gcc'``) or
+    ``default``, its program resolved on the PATH; None when there is none."""
+    try:
+        words = shlex.split(os.environ.get(variable) or default)
+    except ValueError:  # unbalanced quotes: no usable compiler
+        return None
+    program = shutil.which(words[0]) if words else None
+    return None if program is None else [program, *words[1:]]
+
+
+def built(target: Path, build: Callable[[Path], Path]) -> bool:
+    """Makes ``target`` (in a checked cache directory: :func:`writable`) the verified file it names,
+    unless it already is: ``build(folder)`` writes it into a new private folder beside it and
+    returns its path, which is then published (Note [Kernel cache]).  True when it was built."""
+    if verified(target):
+        return False
+    remove_stale(target.parent)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
+        publish(Path(tmp), build(Path(tmp)), target)
+    return True

@@ -34,11 +34,9 @@ import importlib.util
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -89,12 +87,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def cxx_compiler() -> list[str] | None:
     """The C++ compiler's command line (``$CXX``, which may carry arguments, or ``c++``), its program
     resolved on the PATH; None when there is none."""
-    try:
-        command = shlex.split(os.environ.get("CXX") or "c++")
-    except ValueError:
-        return None
-    program = shutil.which(command[0]) if command else None
-    return None if program is None else [program, *command[1:]]
+    return native_cache.command("CXX", "c++")
 
 
 def _build_command() -> tuple[list[str], list[str]]:
@@ -121,23 +114,24 @@ def _compiled() -> Path:
     key = hashlib.sha256("\0".join([text, *cxx, native_cache.compiler_identity(cxx), *flags, torch.__version__,
                                     sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]).encode()
                          ).hexdigest()[:20]
-    directory = native_cache.writable(native_cache.cache_dir())
-    target = directory / f"step_guard_{key}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
-    if native_cache.verified(target):
-        return target
-    native_cache.remove_stale(directory)
+    target = native_cache.writable(native_cache.cache_dir()) / \
+        f"step_guard_{key}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=directory, prefix="build-") as tmp:
-        source, out = Path(tmp) / "step_guard.cpp", Path(tmp) / "step_guard.so"
-        source.write_text(text)
-        result = subprocess.run([*cxx, str(source), "-o", str(out), *flags], capture_output=True, text=True)
-        if result.returncode != 0 or not out.exists():
-            detail = result.stderr.strip()[-2000:] or f"{shlex.join(cxx)} exited with status {result.returncode}"
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{detail}")
-        native_cache.publish(Path(tmp), out, target)
-    LOGGER.info("optgen: compiled the native step guard in %.1f s, cached as %s", time.perf_counter() - started,
-                target)
+    if native_cache.built(target, lambda folder: _compile_into(folder, text, cxx, flags)):
+        LOGGER.info("optgen: compiled the native step guard in %.1f s, cached as %s", time.perf_counter() - started,
+                    target)
     return target
+
+
+def _compile_into(folder: Path, text: str, cxx: list[str], flags: list[str]) -> Path:
+    """The guard's library compiled from ``text`` in ``folder``."""
+    source, out = folder / "step_guard.cpp", folder / "step_guard.so"
+    source.write_text(text)
+    result = subprocess.run([*cxx, str(source), "-o", str(out), *flags], capture_output=True, text=True)
+    if result.returncode != 0 or not out.exists():
+        detail = result.stderr.strip()[-2000:] or f"{shlex.join(cxx)} exited with status {result.returncode}"
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{detail}")
+    return out
 
 
 def _load(path: Path) -> ModuleType:
