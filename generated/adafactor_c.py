@@ -14,7 +14,1066 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-#if STATE_BF16
+#if STATE_INT8
+/* walk 1 of adafactor_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk1(const int maximize,
+        const int param_dim_gt_1, const int64_t i, const int64_t ib, const int64_t ic, const int64_t slot,
+        const int64_t dim_c, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        scalar_t *restrict terms_norm_param, scalar_t *restrict terms_norm_dim1_grad,
+        double *restrict acc_norm_dim2_grad_t)
+{
+    scalar_t grad;
+    scalar_t param = to_compute(param_p[i]);
+    if (param_dim_gt_1) grad = to_compute(grad_p[i]);
+    /* grad = -grad */
+    if (maximize && param_dim_gt_1) grad = -grad;
+    /* norm(param) */
+    terms_norm_param[slot] = param;
+    /* norm_dim(grad, -1) */
+    if (param_dim_gt_1) terms_norm_dim1_grad[slot] = grad;
+    /* norm_dim(grad, -2) */
+    if (param_dim_gt_1) acc_norm_dim2_grad_t[ib * dim_c + ic] += (double)(grad) * (double)(grad);
+}
+
+/* walk 2 of adafactor_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk2(const int maximize,
+        const int param_dim_gt_1, const int param_dim_le_1, const int64_t i, const int64_t ir,
+        const int64_t ib, const int64_t ic, const int64_t slot, const int64_t dim_c,
+        const storage_t *restrict grad_p, storage_t *restrict row_var_p, storage_t *restrict col_var_p,
+        lowp_t *restrict variance_p, const float *restrict variance_scale,
+        const scalar_t *restrict mean_dim2_row_var_s, scalar_t *restrict terms_norm_update,
+        const scalar_t c_one_minus_beta2_t, const scalar_t c_epsilon1,
+        const scalar_t c_epsilon1_times_epsilon1)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t col_var;
+    scalar_t mean_dim2_row_var;
+    scalar_t row_var;
+    scalar_t var_estimate;
+    scalar_t update;
+    scalar_t variance;
+    if (param_dim_gt_1) col_var = to_compute(col_var_p[ib * dim_c + ic]);
+    if (param_dim_gt_1) mean_dim2_row_var = mean_dim2_row_var_s[ib];
+    if (param_dim_gt_1) row_var = to_compute(row_var_p[ir]);
+    if (param_dim_le_1) variance = q8_load(variance_p[i], variance_scale[(i) >> Q8_BLOCK_SHIFT], 0);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+    if (param_dim_gt_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+    if (param_dim_le_1) variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
+    /* var_estimate = variance */
+    if (param_dim_le_1) var_estimate = variance;
+    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+    /* norm(update) */
+    terms_norm_update[slot] = update;
+}
+
+/* walk 3 of adafactor_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adafactor_step_walk3(const int maximize,
+        const int weight_decay_ne_0, const int param_dim_gt_1, const int param_dim_le_1, const int64_t i,
+        const int64_t ir, const int64_t ib, const int64_t ic, const int64_t slot, const int64_t dim_c,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, storage_t *restrict row_var_p,
+        storage_t *restrict col_var_p, lowp_t *restrict variance_p, const float variance_block_scale,
+        const scalar_t *restrict mean_dim2_row_var_s, scalar_t *restrict variance_stage,
+        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_one_minus_beta2_t,
+        const scalar_t c_epsilon1, const scalar_t c_epsilon1_times_epsilon1, const scalar_t c_alpha,
+        const scalar_t c_denom)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t param = to_compute(param_p[i]);
+    scalar_t col_var;
+    scalar_t mean_dim2_row_var;
+    scalar_t row_var;
+    scalar_t var_estimate;
+    scalar_t update;
+    scalar_t variance;
+    if (param_dim_gt_1) col_var = to_compute(col_var_p[ib * dim_c + ic]);
+    if (param_dim_gt_1) mean_dim2_row_var = mean_dim2_row_var_s[ib];
+    if (param_dim_gt_1) row_var = to_compute(row_var_p[ir]);
+    if (param_dim_le_1) variance = q8_load(variance_p[i], variance_block_scale, 0);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* param = param * (1 - lr * weight_decay) */
+    if (weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
+    /* var_estimate = row_var * col_var / clamp_min(mean_dim(row_var, -2), epsilon1) */
+    if (param_dim_gt_1) var_estimate = col_var * row_var / max_nan(mean_dim2_row_var, c_epsilon1);
+    /* variance = lerp(variance, grad * grad, one_minus_beta2_t) */
+    if (param_dim_le_1) variance = lerp_of(variance, grad * grad, c_one_minus_beta2_t);
+    /* var_estimate = variance */
+    if (param_dim_le_1) var_estimate = variance;
+    /* update = grad / sqrt(clamp_min(var_estimate, epsilon1 * epsilon1)) */
+    update = grad / SQRT(max_nan(var_estimate, c_epsilon1_times_epsilon1));
+    /* param = param - alpha / denom * update */
+    param = param - c_alpha * update / c_denom;
+    param_p[i] = from_compute(param);
+    if (param_dim_le_1) variance_stage[slot] = variance;
+}
+
+/* Adafactor step, every combination of maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void adafactor_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta2_decay = hyper[1];
+    const double eps1 = hyper[2];
+    const double eps2 = hyper[3];
+    const double d = hyper[4];
+    const double weight_decay = hyper[5];
+    const int maximize = (flags >> 0) & 1;
+    const int64_t numel = numels[t];
+    const int64_t ndim = dims[4 * t + 0];
+    const int64_t dim_b = dims[4 * t + 1];
+    const int64_t dim_m = dims[4 * t + 2];
+    const int64_t dim_c = dims[4 * t + 3];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict row_var_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict col_var_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict variance_p = (lowp_t *)tensors[3 * n + t];
+    float *restrict variance_scale = (float *)tensors[4 * n + t];
+    scalar_t *norm_dim1_grad_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b * dim_m);
+    scalar_t *row_mean_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b * dim_m);
+    scalar_t *norm_dim2_grad_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b * dim_c);
+    scalar_t *col_mean_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b * dim_c);
+    scalar_t *mean_dim2_row_var_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b);
+    /* epsilon1 = if_none(eps1, machine_eps(param)) */
+    const double epsilon1 = (isnan(eps1) ? STORAGE_EPS : eps1);
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    /* one_minus_beta2_t = step ** beta2_decay */
+    const double one_minus_beta2_t = pow(step_1, beta2_decay);
+    /* rho_t = minimum(lr, 1 / sqrt(step)) */
+    const double rho_t = fmin(lr, 1 / sqrt(step_1));
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    const int param_dim_gt_1 = (double)ndim > 1;
+    const scalar_t c_double_dim_c = (scalar_t)((double)dim_c);
+    const scalar_t c_one_minus_beta2_t = (scalar_t)(one_minus_beta2_t);
+    const scalar_t c_double_dim_m = (scalar_t)((double)dim_m);
+    const scalar_t c_epsilon1 = (scalar_t)(epsilon1);
+    const int param_dim_le_1 = (double)ndim <= 1;
+    const scalar_t c_epsilon1_times_epsilon1 = (scalar_t)(epsilon1 * epsilon1);
+    double acc_norm_param = 0;
+    double *acc_norm_dim1_grad = (double *)calloc(dim_b * dim_m, sizeof(double));
+    double *acc_norm_dim2_grad = (double *)calloc(dim_b * dim_c, sizeof(double));
+    if (maximize) {
+        if (param_dim_gt_1) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+            {
+                double acc_norm_param_t = 0;
+                double *acc_norm_dim2_grad_t = (double *)calloc(dim_b * dim_c, sizeof(double));
+#pragma omp for schedule(static)
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    double acc_norm_dim1_grad_r = 0;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_param[OPTGEN_BLOCK];
+                        scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            adafactor_step_walk1(1, 1, i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param,
+                                terms_norm_dim1_grad, acc_norm_dim2_grad_t);
+                        }
+                        acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
+                        acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
+                    }
+                    acc_norm_dim1_grad[ir] = acc_norm_dim1_grad_r;
+                }
+#pragma omp critical
+                {
+                    acc_norm_param += acc_norm_param_t;
+                    for (int64_t j = 0; j < dim_b * dim_c; ++j) acc_norm_dim2_grad[j] += acc_norm_dim2_grad_t[j];
+                }
+                free(acc_norm_dim2_grad_t);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    adafactor_step_walk1(1, 0, i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0,
+                        0);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+            }
+        }
+    } else {
+        if (param_dim_gt_1) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+            {
+                double acc_norm_param_t = 0;
+                double *acc_norm_dim2_grad_t = (double *)calloc(dim_b * dim_c, sizeof(double));
+#pragma omp for schedule(static)
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    double acc_norm_dim1_grad_r = 0;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_param[OPTGEN_BLOCK];
+                        scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            adafactor_step_walk1(0, 1, i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param,
+                                terms_norm_dim1_grad, acc_norm_dim2_grad_t);
+                        }
+                        acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
+                        acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
+                    }
+                    acc_norm_dim1_grad[ir] = acc_norm_dim1_grad_r;
+                }
+#pragma omp critical
+                {
+                    acc_norm_param += acc_norm_param_t;
+                    for (int64_t j = 0; j < dim_b * dim_c; ++j) acc_norm_dim2_grad[j] += acc_norm_dim2_grad_t[j];
+                }
+                free(acc_norm_dim2_grad_t);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    adafactor_step_walk1(0, 0, i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0,
+                        0);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+            }
+        }
+    }
+    const double norm_param = sqrt(acc_norm_param);
+    /* alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t */
+    const double alpha = rho_t * fmax(eps2, norm_param / sqrt((double)numel));
+    for (int64_t j = 0; j < dim_b * dim_m; ++j) norm_dim1_grad_s[j] = (scalar_t)(sqrt(acc_norm_dim1_grad[j]));
+    free(acc_norm_dim1_grad);
+    /* row_mean = norm_dim(grad, -1) ** 2 / size(grad, -1) */
+    if (param_dim_gt_1) {
+        for (int64_t j = 0; j < dim_b * dim_m; ++j) {
+            const int64_t ib = j / dim_m, im = j % dim_m;
+            (void)ib; (void)im;
+            scalar_t norm_dim1_grad = norm_dim1_grad_s[j];
+            scalar_t row_mean;
+            row_mean = norm_dim1_grad * norm_dim1_grad / c_double_dim_c;
+            row_mean_s[j] = row_mean;
+        }
+    }
+    /* row_var = lerp(row_var, row_mean, one_minus_beta2_t) */
+    if (param_dim_gt_1) {
+        for (int64_t j = 0; j < dim_b * dim_m; ++j) {
+            const int64_t ib = j / dim_m, im = j % dim_m;
+            (void)ib; (void)im;
+            scalar_t row_mean = row_mean_s[j];
+            scalar_t row_var = row_var_p ? to_compute(row_var_p[j]) : 0;
+            row_var = lerp_of(row_var, row_mean, c_one_minus_beta2_t);
+            row_var_p[j] = from_compute(row_var);
+        }
+    }
+    for (int64_t j = 0; j < dim_b * dim_c; ++j) norm_dim2_grad_s[j] = (scalar_t)(sqrt(acc_norm_dim2_grad[j]));
+    free(acc_norm_dim2_grad);
+    /* col_mean = norm_dim(grad, -2) ** 2 / size(grad, -2) */
+    if (param_dim_gt_1) {
+        for (int64_t j = 0; j < dim_b * dim_c; ++j) {
+            const int64_t ib = j / dim_c, ic = j % dim_c;
+            (void)ib; (void)ic;
+            scalar_t norm_dim2_grad = norm_dim2_grad_s[j];
+            scalar_t col_mean;
+            col_mean = norm_dim2_grad * norm_dim2_grad / c_double_dim_m;
+            col_mean_s[j] = col_mean;
+        }
+    }
+    /* col_var = lerp(col_var, col_mean, one_minus_beta2_t) */
+    if (param_dim_gt_1) {
+        for (int64_t j = 0; j < dim_b * dim_c; ++j) {
+            const int64_t ib = j / dim_c, ic = j % dim_c;
+            (void)ib; (void)ic;
+            scalar_t col_mean = col_mean_s[j];
+            scalar_t col_var = col_var_p ? to_compute(col_var_p[j]) : 0;
+            col_var = lerp_of(col_var, col_mean, c_one_minus_beta2_t);
+            col_var_p[j] = from_compute(col_var);
+        }
+    }
+    /* mean_dim(row_var, -2) */
+    if (param_dim_gt_1) {
+        double *acc_mean_dim2_row_var = (double *)calloc(dim_b, sizeof(double));
+        for (int64_t j = 0; j < dim_b * dim_m; ++j) {
+            const int64_t ib = j / dim_m, im = j % dim_m;
+            (void)ib; (void)im;
+            scalar_t row_var = row_var_p ? to_compute(row_var_p[j]) : 0;
+            const double v = (double)(row_var);
+            acc_mean_dim2_row_var[ib] += v;
+        }
+        for (int64_t j = 0; j < dim_b; ++j) mean_dim2_row_var_s[j] = (scalar_t)(acc_mean_dim2_row_var[j] / (double)(dim_m));
+        free(acc_mean_dim2_row_var);
+    }
+    const scalar_t c_alpha = (scalar_t)(alpha);
+    double acc_norm_update = 0;
+    if (maximize) {
+        if (param_dim_gt_1) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+            {
+                double acc_norm_update_t = 0;
+#pragma omp for schedule(static)
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_update[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            adafactor_step_walk2(1, 1, 0, i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p,
+                                col_var_p, variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                                c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                        }
+                        acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                    }
+                }
+#pragma omp critical
+                {
+                    acc_norm_update += acc_norm_update_t;
+                }
+            }
+        } else {
+            if (param_dim_le_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_update)
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        adafactor_step_walk2(1, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                            variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_update)
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        adafactor_step_walk2(1, 0, 0, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                            variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            }
+        }
+    } else {
+        if (param_dim_gt_1) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+            {
+                double acc_norm_update_t = 0;
+#pragma omp for schedule(static)
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_update[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            adafactor_step_walk2(0, 1, 0, i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p,
+                                col_var_p, variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                                c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                        }
+                        acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                    }
+                }
+#pragma omp critical
+                {
+                    acc_norm_update += acc_norm_update_t;
+                }
+            }
+        } else {
+            if (param_dim_le_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_update)
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        adafactor_step_walk2(0, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                            variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_update)
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        adafactor_step_walk2(0, 0, 0, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                            variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            }
+        }
+    }
+    const double norm_update = sqrt(acc_norm_update);
+    /* denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d)) */
+    const double denom = fmax(1.0, norm_update / d / sqrt((double)numel));
+    const scalar_t c_denom = (scalar_t)(denom);
+    if (maximize) {
+        if (weight_decay_ne_0) {
+            if (param_dim_gt_1) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                {
+#pragma omp for schedule(static)
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk3(1, 1, 1, 0, i, ir, ib, ic, 0, dim_c, grad_p, param_p, row_var_p,
+                                    col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                                    c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (param_dim_le_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t variance_stage[OPTGEN_BLOCK];
+                        const float variance_block_scale = variance_scale ? variance_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adafactor_step_walk3(1, 1, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, param_p, row_var_p,
+                                col_var_p, variance_p, variance_block_scale, mean_dim2_row_var_s, variance_stage,
+                                c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                        }
+                        q8_store(variance_stage, i0, i1, variance_p, variance_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        adafactor_step_walk3(1, 1, 0, 0, i, 0, 0, 0, 0, dim_c, grad_p, param_p, row_var_p,
+                            col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                    }
+                }
+            }
+        } else {
+            if (param_dim_gt_1) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                {
+#pragma omp for schedule(static)
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk3(1, 0, 1, 0, i, ir, ib, ic, 0, dim_c, grad_p, param_p, row_var_p,
+                                    col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                                    c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (param_dim_le_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t variance_stage[OPTGEN_BLOCK];
+                        const float variance_block_scale = variance_scale ? variance_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adafactor_step_walk3(1, 0, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, param_p, row_var_p,
+                                col_var_p, variance_p, variance_block_scale, mean_dim2_row_var_s, variance_stage,
+                                c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                        }
+                        q8_store(variance_stage, i0, i1, variance_p, variance_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        adafactor_step_walk3(1, 0, 0, 0, i, 0, 0, 0, 0, dim_c, grad_p, param_p, row_var_p,
+                            col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                    }
+                }
+            }
+        }
+    } else {
+        if (weight_decay_ne_0) {
+            if (param_dim_gt_1) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                {
+#pragma omp for schedule(static)
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk3(0, 1, 1, 0, i, ir, ib, ic, 0, dim_c, grad_p, param_p, row_var_p,
+                                    col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                                    c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (param_dim_le_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t variance_stage[OPTGEN_BLOCK];
+                        const float variance_block_scale = variance_scale ? variance_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adafactor_step_walk3(0, 1, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, param_p, row_var_p,
+                                col_var_p, variance_p, variance_block_scale, mean_dim2_row_var_s, variance_stage,
+                                c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                        }
+                        q8_store(variance_stage, i0, i1, variance_p, variance_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        adafactor_step_walk3(0, 1, 0, 0, i, 0, 0, 0, 0, dim_c, grad_p, param_p, row_var_p,
+                            col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                    }
+                }
+            }
+        } else {
+            if (param_dim_gt_1) {
+#pragma omp parallel if (numel >= PARALLEL_MIN)
+                {
+#pragma omp for schedule(static)
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk3(0, 0, 1, 0, i, ir, ib, ic, 0, dim_c, grad_p, param_p, row_var_p,
+                                    col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                                    c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (param_dim_le_1) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t variance_stage[OPTGEN_BLOCK];
+                        const float variance_block_scale = variance_scale ? variance_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adafactor_step_walk3(0, 0, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, param_p, row_var_p,
+                                col_var_p, variance_p, variance_block_scale, mean_dim2_row_var_s, variance_stage,
+                                c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                        }
+                        q8_store(variance_stage, i0, i1, variance_p, variance_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i = 0; i < numel; ++i) {
+                        adafactor_step_walk3(0, 0, 0, 0, i, 0, 0, 0, 0, dim_c, grad_p, param_p, row_var_p,
+                            col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                    }
+                }
+            }
+        }
+    }
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+    free(norm_dim1_grad_s);
+    free(row_mean_s);
+    free(norm_dim2_grad_s);
+    free(col_mean_s);
+    free(mean_dim2_row_var_s);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Adafactor step, every combination of maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
+static void adafactor_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta2_decay = hyper[1];
+    const double eps1 = hyper[2];
+    const double eps2 = hyper[3];
+    const double d = hyper[4];
+    const double weight_decay = hyper[5];
+    const int maximize = (flags >> 0) & 1;
+    const int64_t numel = numels[t];
+    const int64_t ndim = dims[4 * t + 0];
+    const int64_t dim_b = dims[4 * t + 1];
+    const int64_t dim_m = dims[4 * t + 2];
+    const int64_t dim_c = dims[4 * t + 3];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    storage_t *restrict row_var_p = (storage_t *)tensors[1 * n + t];
+    storage_t *restrict col_var_p = (storage_t *)tensors[2 * n + t];
+    lowp_t *restrict variance_p = (lowp_t *)tensors[3 * n + t];
+    float *restrict variance_scale = (float *)tensors[4 * n + t];
+    scalar_t *norm_dim1_grad_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b * dim_m);
+    scalar_t *row_mean_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b * dim_m);
+    scalar_t *norm_dim2_grad_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b * dim_c);
+    scalar_t *col_mean_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b * dim_c);
+    scalar_t *mean_dim2_row_var_s = (scalar_t *)malloc(sizeof(scalar_t) * dim_b);
+    /* epsilon1 = if_none(eps1, machine_eps(param)) */
+    const double epsilon1 = (isnan(eps1) ? STORAGE_EPS : eps1);
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    /* one_minus_beta2_t = step ** beta2_decay */
+    const double one_minus_beta2_t = pow(step_1, beta2_decay);
+    /* rho_t = minimum(lr, 1 / sqrt(step)) */
+    const double rho_t = fmin(lr, 1 / sqrt(step_1));
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    const int param_dim_gt_1 = (double)ndim > 1;
+    const scalar_t c_double_dim_c = (scalar_t)((double)dim_c);
+    const scalar_t c_one_minus_beta2_t = (scalar_t)(one_minus_beta2_t);
+    const scalar_t c_double_dim_m = (scalar_t)((double)dim_m);
+    const scalar_t c_epsilon1 = (scalar_t)(epsilon1);
+    const int param_dim_le_1 = (double)ndim <= 1;
+    const scalar_t c_epsilon1_times_epsilon1 = (scalar_t)(epsilon1 * epsilon1);
+    double acc_norm_param = 0;
+    double *acc_norm_dim1_grad = (double *)calloc(dim_b * dim_m, sizeof(double));
+    double *acc_norm_dim2_grad = (double *)calloc(dim_b * dim_c, sizeof(double));
+    if (maximize) {
+        if (param_dim_gt_1) {
+            {
+                double acc_norm_param_t = 0;
+                double *acc_norm_dim2_grad_t = (double *)calloc(dim_b * dim_c, sizeof(double));
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    double acc_norm_dim1_grad_r = 0;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_param[OPTGEN_BLOCK];
+                        scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            adafactor_step_walk1(1, 1, i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param,
+                                terms_norm_dim1_grad, acc_norm_dim2_grad_t);
+                        }
+                        acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
+                        acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
+                    }
+                    acc_norm_dim1_grad[ir] = acc_norm_dim1_grad_r;
+                }
+                {
+                    acc_norm_param += acc_norm_param_t;
+                    for (int64_t j = 0; j < dim_b * dim_c; ++j) acc_norm_dim2_grad[j] += acc_norm_dim2_grad_t[j];
+                }
+                free(acc_norm_dim2_grad_t);
+            }
+        } else {
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    adafactor_step_walk1(1, 0, i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0,
+                        0);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+            }
+        }
+    } else {
+        if (param_dim_gt_1) {
+            {
+                double acc_norm_param_t = 0;
+                double *acc_norm_dim2_grad_t = (double *)calloc(dim_b * dim_c, sizeof(double));
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    double acc_norm_dim1_grad_r = 0;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_param[OPTGEN_BLOCK];
+                        scalar_t terms_norm_dim1_grad[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            adafactor_step_walk1(0, 1, i, ib, ic, ic - ic0, dim_c, grad_p, param_p, terms_norm_param,
+                                terms_norm_dim1_grad, acc_norm_dim2_grad_t);
+                        }
+                        acc_norm_param_t += sum_terms(terms_norm_param, ic1 - ic0, 1);
+                        acc_norm_dim1_grad_r += sum_terms(terms_norm_dim1_grad, ic1 - ic0, 1);
+                    }
+                    acc_norm_dim1_grad[ir] = acc_norm_dim1_grad_r;
+                }
+                {
+                    acc_norm_param += acc_norm_param_t;
+                    for (int64_t j = 0; j < dim_b * dim_c; ++j) acc_norm_dim2_grad[j] += acc_norm_dim2_grad_t[j];
+                }
+                free(acc_norm_dim2_grad_t);
+            }
+        } else {
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    adafactor_step_walk1(0, 0, i, 0, 0, i - i0, dim_c, grad_p, param_p, terms_norm_param, 0,
+                        0);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+            }
+        }
+    }
+    const double norm_param = sqrt(acc_norm_param);
+    /* alpha = maximum(eps2, norm(param) / sqrt(numel(param))) * rho_t */
+    const double alpha = rho_t * fmax(eps2, norm_param / sqrt((double)numel));
+    for (int64_t j = 0; j < dim_b * dim_m; ++j) norm_dim1_grad_s[j] = (scalar_t)(sqrt(acc_norm_dim1_grad[j]));
+    free(acc_norm_dim1_grad);
+    /* row_mean = norm_dim(grad, -1) ** 2 / size(grad, -1) */
+    if (param_dim_gt_1) {
+        for (int64_t j = 0; j < dim_b * dim_m; ++j) {
+            const int64_t ib = j / dim_m, im = j % dim_m;
+            (void)ib; (void)im;
+            scalar_t norm_dim1_grad = norm_dim1_grad_s[j];
+            scalar_t row_mean;
+            row_mean = norm_dim1_grad * norm_dim1_grad / c_double_dim_c;
+            row_mean_s[j] = row_mean;
+        }
+    }
+    /* row_var = lerp(row_var, row_mean, one_minus_beta2_t) */
+    if (param_dim_gt_1) {
+        for (int64_t j = 0; j < dim_b * dim_m; ++j) {
+            const int64_t ib = j / dim_m, im = j % dim_m;
+            (void)ib; (void)im;
+            scalar_t row_mean = row_mean_s[j];
+            scalar_t row_var = row_var_p ? to_compute(row_var_p[j]) : 0;
+            row_var = lerp_of(row_var, row_mean, c_one_minus_beta2_t);
+            row_var_p[j] = from_compute(row_var);
+        }
+    }
+    for (int64_t j = 0; j < dim_b * dim_c; ++j) norm_dim2_grad_s[j] = (scalar_t)(sqrt(acc_norm_dim2_grad[j]));
+    free(acc_norm_dim2_grad);
+    /* col_mean = norm_dim(grad, -2) ** 2 / size(grad, -2) */
+    if (param_dim_gt_1) {
+        for (int64_t j = 0; j < dim_b * dim_c; ++j) {
+            const int64_t ib = j / dim_c, ic = j % dim_c;
+            (void)ib; (void)ic;
+            scalar_t norm_dim2_grad = norm_dim2_grad_s[j];
+            scalar_t col_mean;
+            col_mean = norm_dim2_grad * norm_dim2_grad / c_double_dim_m;
+            col_mean_s[j] = col_mean;
+        }
+    }
+    /* col_var = lerp(col_var, col_mean, one_minus_beta2_t) */
+    if (param_dim_gt_1) {
+        for (int64_t j = 0; j < dim_b * dim_c; ++j) {
+            const int64_t ib = j / dim_c, ic = j % dim_c;
+            (void)ib; (void)ic;
+            scalar_t col_mean = col_mean_s[j];
+            scalar_t col_var = col_var_p ? to_compute(col_var_p[j]) : 0;
+            col_var = lerp_of(col_var, col_mean, c_one_minus_beta2_t);
+            col_var_p[j] = from_compute(col_var);
+        }
+    }
+    /* mean_dim(row_var, -2) */
+    if (param_dim_gt_1) {
+        double *acc_mean_dim2_row_var = (double *)calloc(dim_b, sizeof(double));
+        for (int64_t j = 0; j < dim_b * dim_m; ++j) {
+            const int64_t ib = j / dim_m, im = j % dim_m;
+            (void)ib; (void)im;
+            scalar_t row_var = row_var_p ? to_compute(row_var_p[j]) : 0;
+            const double v = (double)(row_var);
+            acc_mean_dim2_row_var[ib] += v;
+        }
+        for (int64_t j = 0; j < dim_b; ++j) mean_dim2_row_var_s[j] = (scalar_t)(acc_mean_dim2_row_var[j] / (double)(dim_m));
+        free(acc_mean_dim2_row_var);
+    }
+    const scalar_t c_alpha = (scalar_t)(alpha);
+    double acc_norm_update = 0;
+    if (maximize) {
+        if (param_dim_gt_1) {
+            {
+                double acc_norm_update_t = 0;
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_update[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            adafactor_step_walk2(1, 1, 0, i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p,
+                                col_var_p, variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                                c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                        }
+                        acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                    }
+                }
+                {
+                    acc_norm_update += acc_norm_update_t;
+                }
+            }
+        } else {
+            if (param_dim_le_1) {
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        adafactor_step_walk2(1, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                            variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            } else {
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        adafactor_step_walk2(1, 0, 0, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                            variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            }
+        }
+    } else {
+        if (param_dim_gt_1) {
+            {
+                double acc_norm_update_t = 0;
+                for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                    const int64_t ib = ir / dim_m;
+                    for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                        const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                        scalar_t terms_norm_update[OPTGEN_BLOCK];
+                        for (int64_t ic = ic0; ic < ic1; ++ic) {
+                            const int64_t i = ir * dim_c + ic;
+                            adafactor_step_walk2(0, 1, 0, i, ir, ib, ic, ic - ic0, dim_c, grad_p, row_var_p,
+                                col_var_p, variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                                c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                        }
+                        acc_norm_update_t += sum_terms(terms_norm_update, ic1 - ic0, 1);
+                    }
+                }
+                {
+                    acc_norm_update += acc_norm_update_t;
+                }
+            }
+        } else {
+            if (param_dim_le_1) {
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        adafactor_step_walk2(0, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                            variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            } else {
+                for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                    scalar_t terms_norm_update[OPTGEN_BLOCK];
+                    for (int64_t i = i0; i < i1; ++i) {
+                        adafactor_step_walk2(0, 0, 0, i, 0, 0, 0, i - i0, dim_c, grad_p, row_var_p, col_var_p,
+                            variance_p, variance_scale, mean_dim2_row_var_s, terms_norm_update,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1);
+                    }
+                    acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+                }
+            }
+        }
+    }
+    const double norm_update = sqrt(acc_norm_update);
+    /* denom = maximum(1.0, norm(update) / (sqrt(numel(update)) * d)) */
+    const double denom = fmax(1.0, norm_update / d / sqrt((double)numel));
+    const scalar_t c_denom = (scalar_t)(denom);
+    if (maximize) {
+        if (weight_decay_ne_0) {
+            if (param_dim_gt_1) {
+                {
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk3(1, 1, 1, 0, i, ir, ib, ic, 0, dim_c, grad_p, param_p, row_var_p,
+                                    col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                                    c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (param_dim_le_1) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t variance_stage[OPTGEN_BLOCK];
+                        const float variance_block_scale = variance_scale ? variance_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adafactor_step_walk3(1, 1, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, param_p, row_var_p,
+                                col_var_p, variance_p, variance_block_scale, mean_dim2_row_var_s, variance_stage,
+                                c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                        }
+                        q8_store(variance_stage, i0, i1, variance_p, variance_scale, 0);
+                    }
+                } else {
+                    for (int64_t i = 0; i < numel; ++i) {
+                        adafactor_step_walk3(1, 1, 0, 0, i, 0, 0, 0, 0, dim_c, grad_p, param_p, row_var_p,
+                            col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                    }
+                }
+            }
+        } else {
+            if (param_dim_gt_1) {
+                {
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk3(1, 0, 1, 0, i, ir, ib, ic, 0, dim_c, grad_p, param_p, row_var_p,
+                                    col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                                    c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (param_dim_le_1) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t variance_stage[OPTGEN_BLOCK];
+                        const float variance_block_scale = variance_scale ? variance_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adafactor_step_walk3(1, 0, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, param_p, row_var_p,
+                                col_var_p, variance_p, variance_block_scale, mean_dim2_row_var_s, variance_stage,
+                                c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                        }
+                        q8_store(variance_stage, i0, i1, variance_p, variance_scale, 0);
+                    }
+                } else {
+                    for (int64_t i = 0; i < numel; ++i) {
+                        adafactor_step_walk3(1, 0, 0, 0, i, 0, 0, 0, 0, dim_c, grad_p, param_p, row_var_p,
+                            col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                    }
+                }
+            }
+        }
+    } else {
+        if (weight_decay_ne_0) {
+            if (param_dim_gt_1) {
+                {
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk3(0, 1, 1, 0, i, ir, ib, ic, 0, dim_c, grad_p, param_p, row_var_p,
+                                    col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                                    c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (param_dim_le_1) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t variance_stage[OPTGEN_BLOCK];
+                        const float variance_block_scale = variance_scale ? variance_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adafactor_step_walk3(0, 1, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, param_p, row_var_p,
+                                col_var_p, variance_p, variance_block_scale, mean_dim2_row_var_s, variance_stage,
+                                c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                        }
+                        q8_store(variance_stage, i0, i1, variance_p, variance_scale, 0);
+                    }
+                } else {
+                    for (int64_t i = 0; i < numel; ++i) {
+                        adafactor_step_walk3(0, 1, 0, 0, i, 0, 0, 0, 0, dim_c, grad_p, param_p, row_var_p,
+                            col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                    }
+                }
+            }
+        } else {
+            if (param_dim_gt_1) {
+                {
+                    for (int64_t ir = 0; ir < dim_b * dim_m; ++ir) {
+                        const int64_t ib = ir / dim_m;
+                        for (int64_t ic0 = 0; ic0 < dim_c; ic0 += OPTGEN_BLOCK) {
+                            const int64_t ic1 = ic0 + OPTGEN_BLOCK < dim_c ? ic0 + OPTGEN_BLOCK : dim_c;
+                            for (int64_t ic = ic0; ic < ic1; ++ic) {
+                                const int64_t i = ir * dim_c + ic;
+                                adafactor_step_walk3(0, 0, 1, 0, i, ir, ib, ic, 0, dim_c, grad_p, param_p, row_var_p,
+                                    col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                                    c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (param_dim_le_1) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t variance_stage[OPTGEN_BLOCK];
+                        const float variance_block_scale = variance_scale ? variance_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adafactor_step_walk3(0, 0, 0, 1, i, 0, 0, 0, i - i0, dim_c, grad_p, param_p, row_var_p,
+                                col_var_p, variance_p, variance_block_scale, mean_dim2_row_var_s, variance_stage,
+                                c_1_minus_lr_times_weight_decay, c_one_minus_beta2_t, c_epsilon1,
+                                c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                        }
+                        q8_store(variance_stage, i0, i1, variance_p, variance_scale, 0);
+                    }
+                } else {
+                    for (int64_t i = 0; i < numel; ++i) {
+                        adafactor_step_walk3(0, 0, 0, 0, i, 0, 0, 0, 0, dim_c, grad_p, param_p, row_var_p,
+                            col_var_p, variance_p, 0, mean_dim2_row_var_s, 0, c_1_minus_lr_times_weight_decay,
+                            c_one_minus_beta2_t, c_epsilon1, c_epsilon1_times_epsilon1, c_alpha, c_denom);
+                    }
+                }
+            }
+        }
+    }
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+    free(norm_dim1_grad_s);
+    free(row_mean_s);
+    free(norm_dim2_grad_s);
+    free(col_mean_s);
+    free(mean_dim2_row_var_s);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Adafactor step, every combination of maximize */
+void adafactor_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(adafactor_step_tensor, adafactor_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
+}
+#elif STATE_BF16
 /* walk 1 of adafactor_step, over one element: each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adafactor_step_walk1(const int maximize,
@@ -2038,6 +3097,7 @@ LAUNCH = Kernel(
     flags=("maximize",),
     reduced={1: -1, 2: -2},
     low_precision=(3,),
+    int8=True,
 )
 
 

@@ -14,6 +14,801 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
+#if STATE_INT8
+/* walk 1 of adam_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void adam_step_walk1(const int amsgrad, const int maximize,
+        const int decoupled_weight_decay, const int weight_decay_ne_0, const int64_t i, const int64_t slot,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, lowp_t *restrict exp_avg_p,
+        lowp_t *restrict exp_avg_sq_p, lowp_t *restrict max_exp_avg_sq_p, const float exp_avg_block_scale,
+        const float exp_avg_sq_block_scale, const float max_exp_avg_sq_block_scale,
+        scalar_t *restrict exp_avg_stage, scalar_t *restrict exp_avg_sq_stage,
+        scalar_t *restrict max_exp_avg_sq_stage, const scalar_t c_weight_decay,
+        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1,
+        const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_eps,
+        const scalar_t c_bias_correction2_sqrt, const scalar_t c_step_size)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t param = to_compute(param_p[i]);
+    scalar_t exp_avg = q8_load(exp_avg_p[i], exp_avg_block_scale, 1);
+    scalar_t exp_avg_sq = q8_load(exp_avg_sq_p[i], exp_avg_sq_block_scale, 0);
+    scalar_t max_exp_avg_sq;
+    scalar_t denom;
+    if (amsgrad) max_exp_avg_sq = q8_load(max_exp_avg_sq_p[i], max_exp_avg_sq_block_scale, 0);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* grad = grad + weight_decay * param */
+    if (weight_decay_ne_0 && !decoupled_weight_decay) grad = grad + c_weight_decay * param;
+    /* param = param * (1 - lr * weight_decay) */
+    if (decoupled_weight_decay && weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
+    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * conj(grad) */
+    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+    /* denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps */
+    if (!amsgrad) denom = c_eps + SQRT(exp_avg_sq) / c_bias_correction2_sqrt;
+    /* max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) */
+    if (amsgrad) max_exp_avg_sq = max_nan(max_exp_avg_sq, exp_avg_sq);
+    /* denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps */
+    if (amsgrad) denom = c_eps + SQRT(max_exp_avg_sq) / c_bias_correction2_sqrt;
+    /* param = param - step_size * exp_avg / denom */
+    param = param - c_step_size * exp_avg / denom;
+    param_p[i] = from_compute(param);
+    exp_avg_stage[slot] = exp_avg;
+    exp_avg_sq_stage[slot] = exp_avg_sq;
+    if (amsgrad) max_exp_avg_sq_stage[slot] = max_exp_avg_sq;
+}
+
+/* Adam step, every combination of amsgrad, maximize, decoupled_weight_decay: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void adam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta1 = hyper[1];
+    const double beta2 = hyper[2];
+    const double eps = hyper[3];
+    const double weight_decay = hyper[4];
+    const int amsgrad = (flags >> 0) & 1;
+    const int maximize = (flags >> 1) & 1;
+    const int decoupled_weight_decay = (flags >> 2) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    lowp_t *restrict max_exp_avg_sq_p = (lowp_t *)tensors[3 * n + t];
+    float *restrict exp_avg_scale = (float *)tensors[4 * n + t];
+    float *restrict exp_avg_sq_scale = (float *)tensors[5 * n + t];
+    float *restrict max_exp_avg_sq_scale = (float *)tensors[6 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_beta2 = (scalar_t)(beta2);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    /* bias_correction1 = 1 - beta1 ** step */
+    const double bias_correction1 = 1 - pow(beta1, step_1);
+    /* bias_correction2 = 1 - beta2 ** step */
+    const double bias_correction2 = 1 - pow(beta2, step_1);
+    /* step_size = lr / bias_correction1 */
+    const double step_size = lr / bias_correction1;
+    /* bias_correction2_sqrt = sqrt(bias_correction2) */
+    const double bias_correction2_sqrt = sqrt(bias_correction2);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
+    const scalar_t c_step_size = (scalar_t)(step_size);
+    if (amsgrad) {
+        if (maximize) {
+            if (decoupled_weight_decay) {
+                if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 1, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 1, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                }
+            } else {
+                if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 1, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 1, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                }
+            }
+        } else {
+            if (decoupled_weight_decay) {
+                if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 0, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 0, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                }
+            } else {
+                if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 0, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 0, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                }
+            }
+        }
+    } else {
+        if (maximize) {
+            if (decoupled_weight_decay) {
+                if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 1, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 1, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                }
+            } else {
+                if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 1, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 1, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                }
+            }
+        } else {
+            if (decoupled_weight_decay) {
+                if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 0, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 0, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                }
+            } else {
+                if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 0, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 0, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                }
+            }
+        }
+    }
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Adam step, every combination of amsgrad, maximize, decoupled_weight_decay: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
+static void adam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta1 = hyper[1];
+    const double beta2 = hyper[2];
+    const double eps = hyper[3];
+    const double weight_decay = hyper[4];
+    const int amsgrad = (flags >> 0) & 1;
+    const int maximize = (flags >> 1) & 1;
+    const int decoupled_weight_decay = (flags >> 2) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    lowp_t *restrict max_exp_avg_sq_p = (lowp_t *)tensors[3 * n + t];
+    float *restrict exp_avg_scale = (float *)tensors[4 * n + t];
+    float *restrict exp_avg_sq_scale = (float *)tensors[5 * n + t];
+    float *restrict max_exp_avg_sq_scale = (float *)tensors[6 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_1_minus_lr_times_weight_decay = (scalar_t)(1 - lr * weight_decay);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_beta2 = (scalar_t)(beta2);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    /* bias_correction1 = 1 - beta1 ** step */
+    const double bias_correction1 = 1 - pow(beta1, step_1);
+    /* bias_correction2 = 1 - beta2 ** step */
+    const double bias_correction2 = 1 - pow(beta2, step_1);
+    /* step_size = lr / bias_correction1 */
+    const double step_size = lr / bias_correction1;
+    /* bias_correction2_sqrt = sqrt(bias_correction2) */
+    const double bias_correction2_sqrt = sqrt(bias_correction2);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_bias_correction2_sqrt = (scalar_t)(bias_correction2_sqrt);
+    const scalar_t c_step_size = (scalar_t)(step_size);
+    if (amsgrad) {
+        if (maximize) {
+            if (decoupled_weight_decay) {
+                if (weight_decay_ne_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 1, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                } else {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 1, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                }
+            } else {
+                if (weight_decay_ne_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 1, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                } else {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 1, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                }
+            }
+        } else {
+            if (decoupled_weight_decay) {
+                if (weight_decay_ne_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 0, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                } else {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 0, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                }
+            } else {
+                if (weight_decay_ne_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 0, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                } else {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        scalar_t max_exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float max_exp_avg_sq_block_scale = max_exp_avg_sq_scale ? max_exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(1, 0, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale,
+                                max_exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage, max_exp_avg_sq_stage,
+                                c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
+                                c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                        q8_store(max_exp_avg_sq_stage, i0, i1, max_exp_avg_sq_p, max_exp_avg_sq_scale, 0);
+                    }
+                }
+            }
+        }
+    } else {
+        if (maximize) {
+            if (decoupled_weight_decay) {
+                if (weight_decay_ne_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 1, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                } else {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 1, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                }
+            } else {
+                if (weight_decay_ne_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 1, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                } else {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 1, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                }
+            }
+        } else {
+            if (decoupled_weight_decay) {
+                if (weight_decay_ne_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 0, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                } else {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 0, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                }
+            } else {
+                if (weight_decay_ne_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 0, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                } else {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                        scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            adam_step_walk1(0, 0, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                                max_exp_avg_sq_p, exp_avg_block_scale, exp_avg_sq_block_scale, 0, exp_avg_stage,
+                                exp_avg_sq_stage, 0, c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1,
+                                c_beta2, c_1_minus_beta2, c_eps, c_bias_correction2_sqrt, c_step_size);
+                        }
+                        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+                    }
+                }
+            }
+        }
+    }
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Adam step, every combination of amsgrad, maximize, decoupled_weight_decay */
+void adam_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(adam_step_tensor, adam_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
+}
+#else
 /* walk 1 of adam_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adam_step_walk1(const int amsgrad, const int maximize,
@@ -206,6 +1001,7 @@ void adam_step(OPTGEN_KERNEL_PARAMETERS)
 {
     for_each_tensor(adam_step_tensor, adam_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
+#endif
 """
 
 LIBRARY = Library(__name__, SOURCE)
@@ -220,6 +1016,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     flags=("amsgrad", "maximize", "decoupled_weight_decay"),
     low_precision=(1, 2, 3,),
+    int8=True,
 )
 
 

@@ -14,7 +14,438 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
-#if STATE_BF16
+#if STATE_INT8
+/* walk 1 of lamb_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void lamb_step_walk1(const int maximize,
+        const int weight_decay_ne_0, const int64_t i, const int64_t slot, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, lowp_t *restrict exp_avg_p, lowp_t *restrict exp_avg_sq_p,
+        const float *restrict exp_avg_scale, const float *restrict exp_avg_sq_scale,
+        scalar_t *restrict terms_norm_param, scalar_t *restrict terms_norm_update,
+        const scalar_t c_1_minus_beta1, const scalar_t c_beta2, const scalar_t c_1_minus_beta2,
+        const scalar_t c_bias_correction1, const scalar_t c_eps, const scalar_t c_bias_correction2,
+        const scalar_t c_weight_decay)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t exp_avg = q8_load(exp_avg_p[i], exp_avg_scale[(i) >> Q8_BLOCK_SHIFT], 1);
+    scalar_t exp_avg_sq = q8_load(exp_avg_sq_p[i], exp_avg_sq_scale[(i) >> Q8_BLOCK_SHIFT], 0);
+    scalar_t update;
+    scalar_t param = to_compute(param_p[i]);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+    /* update = update + weight_decay * param */
+    if (weight_decay_ne_0) update = update + c_weight_decay * param;
+    /* norm(param) */
+    terms_norm_param[slot] = param;
+    /* norm(update) */
+    terms_norm_update[slot] = update;
+}
+
+/* walk 2 of lamb_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void lamb_step_walk2(const int maximize,
+        const int weight_decay_ne_0, const int64_t i, const int64_t slot, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, lowp_t *restrict exp_avg_p, lowp_t *restrict exp_avg_sq_p,
+        const float exp_avg_block_scale, const float exp_avg_sq_block_scale, scalar_t *restrict exp_avg_stage,
+        scalar_t *restrict exp_avg_sq_stage, const scalar_t c_1_minus_beta1, const scalar_t c_beta2,
+        const scalar_t c_1_minus_beta2, const scalar_t c_bias_correction1, const scalar_t c_eps,
+        const scalar_t c_bias_correction2, const scalar_t c_weight_decay, const scalar_t c_lr,
+        const scalar_t c_trust_ratio)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t exp_avg = q8_load(exp_avg_p[i], exp_avg_block_scale, 1);
+    scalar_t exp_avg_sq = q8_load(exp_avg_sq_p[i], exp_avg_sq_block_scale, 0);
+    scalar_t update;
+    scalar_t param = to_compute(param_p[i]);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+    /* update = exp_avg / bias_correction1 / (sqrt(exp_avg_sq / bias_correction2) + eps) */
+    update = exp_avg / c_bias_correction1 / (c_eps + SQRT(exp_avg_sq / c_bias_correction2));
+    /* update = update + weight_decay * param */
+    if (weight_decay_ne_0) update = update + c_weight_decay * param;
+    /* param = param - lr * trust_ratio * update */
+    param = param - c_lr * c_trust_ratio * update;
+    param_p[i] = from_compute(param);
+    exp_avg_stage[slot] = exp_avg;
+    exp_avg_sq_stage[slot] = exp_avg_sq;
+}
+
+/* Lamb step, every combination of maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void lamb_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta1 = hyper[1];
+    const double beta2 = hyper[2];
+    const double eps = hyper[3];
+    const double weight_decay = hyper[4];
+    const int maximize = (flags >> 0) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    float *restrict exp_avg_scale = (float *)tensors[3 * n + t];
+    float *restrict exp_avg_sq_scale = (float *)tensors[4 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_beta2 = (scalar_t)(beta2);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    /* bias_correction1 = 1 - beta1 ** step */
+    const double bias_correction1 = 1 - pow(beta1, step_1);
+    /* bias_correction2 = 1 - beta2 ** step */
+    const double bias_correction2 = 1 - pow(beta2, step_1);
+    const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_lr = (scalar_t)(lr);
+    double acc_norm_param = 0;
+    double acc_norm_update = 0;
+    if (maximize) {
+        if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk1(1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, exp_avg_scale,
+                        exp_avg_sq_scale, terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2,
+                        c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk1(1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, exp_avg_scale,
+                        exp_avg_sq_scale, terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2,
+                        c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        }
+    } else {
+        if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk1(0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, exp_avg_scale,
+                        exp_avg_sq_scale, terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2,
+                        c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) reduction(+: acc_norm_param, acc_norm_update)
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk1(0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, exp_avg_scale,
+                        exp_avg_sq_scale, terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2,
+                        c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        }
+    }
+    const double norm_param = sqrt(acc_norm_param);
+    /* weight_norm = norm(param) */
+    const double weight_norm = norm_param;
+    const double norm_update = sqrt(acc_norm_update);
+    /* update_norm = norm(update) */
+    const double update_norm = norm_update;
+    /* trust_ratio = where(weight_norm > 0, where(update_norm > 0, weight_norm / update_norm, 1), 1) */
+    const double trust_ratio = (weight_norm > 0 ? (update_norm > 0 ? weight_norm / update_norm : 1) : 1);
+    const scalar_t c_trust_ratio = (scalar_t)(trust_ratio);
+    if (maximize) {
+        if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk2(1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                        exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
+                        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps,
+                        c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio);
+                }
+                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk2(1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                        exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
+                        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps,
+                        c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio);
+                }
+                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+            }
+        }
+    } else {
+        if (weight_decay_ne_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk2(0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                        exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
+                        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps,
+                        c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio);
+                }
+                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+            }
+        } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk2(0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                        exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
+                        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps,
+                        c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio);
+                }
+                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+            }
+        }
+    }
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Lamb step, every combination of maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
+static void lamb_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double beta1 = hyper[1];
+    const double beta2 = hyper[2];
+    const double eps = hyper[3];
+    const double weight_decay = hyper[4];
+    const int maximize = (flags >> 0) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    lowp_t *restrict exp_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict exp_avg_sq_p = (lowp_t *)tensors[2 * n + t];
+    float *restrict exp_avg_scale = (float *)tensors[3 * n + t];
+    float *restrict exp_avg_sq_scale = (float *)tensors[4 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
+    const scalar_t c_beta2 = (scalar_t)(beta2);
+    const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
+    /* bias_correction1 = 1 - beta1 ** step */
+    const double bias_correction1 = 1 - pow(beta1, step_1);
+    /* bias_correction2 = 1 - beta2 ** step */
+    const double bias_correction2 = 1 - pow(beta2, step_1);
+    const scalar_t c_bias_correction1 = (scalar_t)(bias_correction1);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const scalar_t c_bias_correction2 = (scalar_t)(bias_correction2);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_lr = (scalar_t)(lr);
+    double acc_norm_param = 0;
+    double acc_norm_update = 0;
+    if (maximize) {
+        if (weight_decay_ne_0) {
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk1(1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, exp_avg_scale,
+                        exp_avg_sq_scale, terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2,
+                        c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        } else {
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk1(1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, exp_avg_scale,
+                        exp_avg_sq_scale, terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2,
+                        c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        }
+    } else {
+        if (weight_decay_ne_0) {
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk1(0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, exp_avg_scale,
+                        exp_avg_sq_scale, terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2,
+                        c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        } else {
+            for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {
+                const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;
+                scalar_t terms_norm_param[OPTGEN_BLOCK];
+                scalar_t terms_norm_update[OPTGEN_BLOCK];
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk1(0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p, exp_avg_scale,
+                        exp_avg_sq_scale, terms_norm_param, terms_norm_update, c_1_minus_beta1, c_beta2,
+                        c_1_minus_beta2, c_bias_correction1, c_eps, c_bias_correction2, c_weight_decay);
+                }
+                acc_norm_param += sum_terms(terms_norm_param, i1 - i0, 1);
+                acc_norm_update += sum_terms(terms_norm_update, i1 - i0, 1);
+            }
+        }
+    }
+    const double norm_param = sqrt(acc_norm_param);
+    /* weight_norm = norm(param) */
+    const double weight_norm = norm_param;
+    const double norm_update = sqrt(acc_norm_update);
+    /* update_norm = norm(update) */
+    const double update_norm = norm_update;
+    /* trust_ratio = where(weight_norm > 0, where(update_norm > 0, weight_norm / update_norm, 1), 1) */
+    const double trust_ratio = (weight_norm > 0 ? (update_norm > 0 ? weight_norm / update_norm : 1) : 1);
+    const scalar_t c_trust_ratio = (scalar_t)(trust_ratio);
+    if (maximize) {
+        if (weight_decay_ne_0) {
+            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk2(1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                        exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
+                        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps,
+                        c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio);
+                }
+                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+            }
+        } else {
+            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk2(1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                        exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
+                        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps,
+                        c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio);
+                }
+                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+            }
+        }
+    } else {
+        if (weight_decay_ne_0) {
+            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk2(0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                        exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
+                        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps,
+                        c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio);
+                }
+                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+            }
+        } else {
+            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                scalar_t exp_avg_stage[OPTGEN_BLOCK];
+                scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
+                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    lamb_step_walk2(0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
+                        exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
+                        c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_bias_correction1, c_eps,
+                        c_bias_correction2, c_weight_decay, c_lr, c_trust_ratio);
+                }
+                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+                q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+            }
+        }
+    }
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* Lamb step, every combination of maximize */
+void lamb_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(lamb_step_tensor, lamb_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
+}
+#elif STATE_BF16
 /* walk 1 of lamb_step, over one element: each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void lamb_step_walk1(const int maximize,
@@ -639,6 +1070,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "beta1", "beta2", "eps", "weight_decay"),
     flags=("maximize",),
     low_precision=(1, 2,),
+    int8=True,
 )
 
 

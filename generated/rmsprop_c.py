@@ -14,6 +14,976 @@ from optgen.runtime.c_launch import Kernel, Library
 from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
+#if STATE_INT8
+/* walk 1 of rmsprop_step, over one element: each version of the walk calls it with its
+   flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
+static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int centered, const int maximize,
+        const int weight_decay_ne_0, const int momentum_gt_0, const int momentum_le_0, const int64_t i,
+        const int64_t slot, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        lowp_t *restrict square_avg_p, lowp_t *restrict momentum_buffer_p, lowp_t *restrict grad_avg_p,
+        const float square_avg_block_scale, const float momentum_buffer_block_scale,
+        const float grad_avg_block_scale, scalar_t *restrict square_avg_stage,
+        scalar_t *restrict momentum_buffer_stage, scalar_t *restrict grad_avg_stage,
+        const scalar_t c_weight_decay, const scalar_t c_alpha, const scalar_t c_1_minus_alpha,
+        const scalar_t c_eps, const scalar_t c_momentum, const scalar_t c_lr)
+{
+    scalar_t grad = to_compute(grad_p[i]);
+    scalar_t param;
+    scalar_t square_avg = q8_load(square_avg_p[i], square_avg_block_scale, 0);
+    scalar_t grad_avg;
+    scalar_t avg;
+    scalar_t momentum_buffer;
+    if (momentum_gt_0 || momentum_le_0 || weight_decay_ne_0) param = to_compute(param_p[i]);
+    if (centered) grad_avg = q8_load(grad_avg_p[i], grad_avg_block_scale, 1);
+    if (momentum_gt_0) momentum_buffer = q8_load(momentum_buffer_p[i], momentum_buffer_block_scale, 1);
+    /* grad = -grad */
+    if (maximize) grad = -grad;
+    /* grad = grad + weight_decay * param */
+    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+    /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+    square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+    /* avg = sqrt(square_avg) + eps */
+    if ((momentum_gt_0 && !centered) || (momentum_le_0 && !centered)) avg = c_eps + SQRT(square_avg);
+    /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+    if (centered) grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
+    /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+    if ((centered && momentum_gt_0) || (centered && momentum_le_0)) avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+    /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+    if (momentum_gt_0) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+    /* param = param - lr * momentum_buffer */
+    if (momentum_gt_0) param = param - c_lr * momentum_buffer;
+    /* param = param - lr * grad / avg */
+    if (momentum_le_0) param = param - c_lr * grad / avg;
+    if (momentum_gt_0 || momentum_le_0) param_p[i] = from_compute(param);
+    square_avg_stage[slot] = square_avg;
+    if (momentum_gt_0) momentum_buffer_stage[slot] = momentum_buffer;
+    if (centered) grad_avg_stage[slot] = grad_avg;
+}
+
+/* RMSprop step, every combination of centered, maximize: tensor t, split among the threads */
+#define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
+#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+static void rmsprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double alpha = hyper[1];
+    const double eps = hyper[2];
+    const double weight_decay = hyper[3];
+    const double momentum = hyper[4];
+    const int centered = (flags >> 0) & 1;
+    const int maximize = (flags >> 1) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    lowp_t *restrict square_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict momentum_buffer_p = (lowp_t *)tensors[2 * n + t];
+    lowp_t *restrict grad_avg_p = (lowp_t *)tensors[3 * n + t];
+    float *restrict square_avg_scale = (float *)tensors[4 * n + t];
+    float *restrict momentum_buffer_scale = (float *)tensors[5 * n + t];
+    float *restrict grad_avg_scale = (float *)tensors[6 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_alpha = (scalar_t)(alpha);
+    const scalar_t c_1_minus_alpha = (scalar_t)(1 - alpha);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const int momentum_gt_0 = momentum > 0;
+    const scalar_t c_momentum = (scalar_t)(momentum);
+    const scalar_t c_lr = (scalar_t)(lr);
+    const int momentum_le_0 = momentum <= 0;
+    if (centered) {
+        if (maximize) {
+            if (weight_decay_ne_0) {
+                if (momentum_gt_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(1, 1, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
+                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
+                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 1, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 1, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    }
+                }
+            } else {
+                if (momentum_gt_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(1, 1, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
+                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
+                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 1, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 1, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    }
+                }
+            }
+        } else {
+            if (weight_decay_ne_0) {
+                if (momentum_gt_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(1, 0, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
+                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
+                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 0, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 0, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    }
+                }
+            } else {
+                if (momentum_gt_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(1, 0, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
+                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
+                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 0, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 0, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        if (maximize) {
+            if (weight_decay_ne_0) {
+                if (momentum_gt_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(0, 1, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
+                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
+                                c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 1, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 1, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    }
+                }
+            } else {
+                if (momentum_gt_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(0, 1, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
+                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
+                                c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 1, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 1, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    }
+                }
+            }
+        } else {
+            if (weight_decay_ne_0) {
+                if (momentum_gt_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(0, 0, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
+                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
+                                c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 0, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 0, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    }
+                }
+            } else {
+                if (momentum_gt_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(0, 0, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
+                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
+                                c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 0, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    } else {
+#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 0, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* RMSprop step, every combination of centered, maximize: tensor t, on one thread */
+#define OPTGEN_WALK_REGION
+#define OPTGEN_WALK_SHARE 0, numel
+static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
+{
+    const double lr = hyper[0];
+    const double alpha = hyper[1];
+    const double eps = hyper[2];
+    const double weight_decay = hyper[3];
+    const double momentum = hyper[4];
+    const int centered = (flags >> 0) & 1;
+    const int maximize = (flags >> 1) & 1;
+    const int64_t numel = numels[t];
+    double step = load_counter(counters[0 * n + t], counters_f64);
+    const storage_t *restrict grad_p = (const storage_t *)grads[t];
+    storage_t *restrict param_p = (storage_t *)tensors[0 * n + t];
+    lowp_t *restrict square_avg_p = (lowp_t *)tensors[1 * n + t];
+    lowp_t *restrict momentum_buffer_p = (lowp_t *)tensors[2 * n + t];
+    lowp_t *restrict grad_avg_p = (lowp_t *)tensors[3 * n + t];
+    float *restrict square_avg_scale = (float *)tensors[4 * n + t];
+    float *restrict momentum_buffer_scale = (float *)tensors[5 * n + t];
+    float *restrict grad_avg_scale = (float *)tensors[6 * n + t];
+    /* step = step + 1 */
+    const double step_1 = round_counter(round_counter(step, counters_f64) + 1, counters_f64);
+    const int weight_decay_ne_0 = weight_decay != 0;
+    const scalar_t c_weight_decay = (scalar_t)(weight_decay);
+    const scalar_t c_alpha = (scalar_t)(alpha);
+    const scalar_t c_1_minus_alpha = (scalar_t)(1 - alpha);
+    const scalar_t c_eps = (scalar_t)(eps);
+    const int momentum_gt_0 = momentum > 0;
+    const scalar_t c_momentum = (scalar_t)(momentum);
+    const scalar_t c_lr = (scalar_t)(lr);
+    const int momentum_le_0 = momentum <= 0;
+    if (centered) {
+        if (maximize) {
+            if (weight_decay_ne_0) {
+                if (momentum_gt_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(1, 1, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
+                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
+                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 1, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    } else {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 1, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    }
+                }
+            } else {
+                if (momentum_gt_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(1, 1, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
+                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
+                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 1, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    } else {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 1, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    }
+                }
+            }
+        } else {
+            if (weight_decay_ne_0) {
+                if (momentum_gt_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(1, 0, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
+                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
+                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 0, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    } else {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 0, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    }
+                }
+            } else {
+                if (momentum_gt_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(1, 0, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
+                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
+                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 0, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    } else {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(1, 0, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
+                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
+                                    c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        if (maximize) {
+            if (weight_decay_ne_0) {
+                if (momentum_gt_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(0, 1, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
+                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
+                                c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 1, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    } else {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 1, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    }
+                }
+            } else {
+                if (momentum_gt_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(0, 1, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
+                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
+                                c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 1, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    } else {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 1, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    }
+                }
+            }
+        } else {
+            if (weight_decay_ne_0) {
+                if (momentum_gt_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(0, 0, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
+                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
+                                c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 0, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    } else {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 0, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    }
+                }
+            } else {
+                if (momentum_gt_0) {
+                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                        scalar_t square_avg_stage[OPTGEN_BLOCK];
+                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
+                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                        for (int64_t i = i0; i < i1; ++i) {
+                            rmsprop_step_walk1(0, 0, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
+                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
+                                c_eps, c_momentum, c_lr);
+                        }
+                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+                    }
+                } else {
+                    if (momentum_le_0) {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 0, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    } else {
+                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
+                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
+                            scalar_t square_avg_stage[OPTGEN_BLOCK];
+                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+                            for (int64_t i = i0; i < i1; ++i) {
+                                rmsprop_step_walk1(0, 0, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
+                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
+                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
+                            }
+                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    store_counter(counters[0 * n + t], step_1, counters_f64);
+}
+#undef OPTGEN_WALK_REGION
+#undef OPTGEN_WALK_SHARE
+
+/* RMSprop step, every combination of centered, maximize */
+void rmsprop_step(OPTGEN_KERNEL_PARAMETERS)
+{
+    for_each_tensor(rmsprop_step_tensor, rmsprop_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
+}
+#else
 /* walk 1 of rmsprop_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int centered, const int maximize,
@@ -202,6 +1172,7 @@ void rmsprop_step(OPTGEN_KERNEL_PARAMETERS)
 {
     for_each_tensor(rmsprop_step_tensor, rmsprop_step_tensor_split, OPTGEN_KERNEL_ARGUMENTS);
 }
+#endif
 """
 
 LIBRARY = Library(__name__, SOURCE)
@@ -216,6 +1187,7 @@ LAUNCH = Kernel(
     hyperparameters=("lr", "alpha", "eps", "weight_decay", "momentum"),
     flags=("centered", "maximize"),
     low_precision=(1, 2, 3,),
+    int8=True,
 )
 
 

@@ -82,7 +82,7 @@ RESERVED = frozenset({
     "dim_b", "dim_m", "dim_c", "tensors", "grads", "counters", "numels", "dims", "first_step", "hyper",
     "counters_f64", "flags", "malloc", "calloc", "free", "isnan", "sum_terms", "lerp_of",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
-    "state_keys", "lowp_t", "lowp_load", "lowp_store", "lowp_key",
+    "state_keys", "lowp_t", "lowp_load", "lowp_store", "lowp_key", "q8_load", "q8_store",
 })
 
 #: per-tensor conditions a walk is specialised on (2 ** MAX_VERSIONS loops at most)
@@ -106,6 +106,7 @@ class CKernel:
     source: list[str]                   # the C function
     low_precision: list[int] = dataclasses.field(default_factory=list)  # (index into params + tensors:
     # the states bfloat16 state_dtype keeps in bfloat16, in the order of their keys: Note [Low-precision state])
+    int8: bool = False  # the source has a STATE_INT8 version (Note [Blockwise 8-bit state in C])
 
 
 @dataclass
@@ -143,9 +144,12 @@ class _CBuilder:
     """Walks one specialised :class:`Program` into a :class:`CKernel` (Note [C kernel layout],
     Note [Sweeps] for rules that reduce tensors)."""
 
-    def __init__(self, program: Program, signature, low_state: bool = False):
+    def __init__(self, program: Program, signature, low_state: bool | str = False):
         self.program = program
-        self.low_state = low_state  # printing the bfloat16 state version (Note [Low-precision state in C])
+        # printing the bfloat16 state version (True) or the int8 one ("int8"): Note [Low-precision
+        # state in C], Note [Blockwise 8-bit state in C]
+        self.low_state = low_state
+        self.int8 = low_state == "int8"
         self.kernel = plan_kernel(program, signature)
         self.plan = self.kernel.schedule
         self.defined_at = first_assignments(a.target for a in program.body
@@ -196,7 +200,8 @@ class _CBuilder:
         # statement's first assignment takes its own, a later one a numbered version
         self.names.taken |= {self.cname(n) for n, r in roles.items() if r is not Role.SCALAR}
         self.names.taken |= {f"{self.cname(t)}_p" for t in ["grad", *lists]}
-        self.names.taken |= {f"{self.cname(t)}_key" for t in self.low}
+        self.names.taken |= {f"{self.cname(t)}_{suffix}" for t in self.low
+                             for suffix in ("key", "scale", "stage", "block_scale")}
 
         head = [f"const double {self.cname(h)} = hyper[{i}];" for i, h in enumerate(hypers)]
         self.flags = kernel.flags
@@ -236,8 +241,12 @@ class _CBuilder:
             if t in used:
                 kind = "lowp_t" if t in self.low else "storage_t"
                 pointers.append(f"{kind} *restrict {self.cname(t)}_p = ({kind} *)tensors[{i} * n + t];")
-        pointers += [f"const uint32_t {self.cname(t)}_key = lowp_key(t, {k});"
-                     for k, t in enumerate(self.low) if t in used]
+        if self.int8:  # each int8 state's block scales: the table's rows after the lists
+            pointers += [f"float *restrict {self.cname(t)}_scale = (float *)tensors[{len(lists) + k} * n + t];"
+                         for k, t in enumerate(self.low) if t in used]
+        else:
+            pointers += [f"const uint32_t {self.cname(t)}_key = lowp_key(t, {k});"
+                         for k, t in enumerate(self.low) if t in used]
         scratch = [f"scalar_t *{array} = (scalar_t *)malloc(sizeof(scalar_t) * {_size(self.extents[name])});"
                    for name, array in self.scratch.items()]
         body: list[str] = [*prologue]
@@ -282,7 +291,7 @@ class _CBuilder:
                        flags=list(self.flags),
                        counters=[counter_list(c) for c in counters], lazy=lazy, hyperparameters=hypers,
                        reduced=sorted(reduced.items()), source=source,
-                       low_precision=[lists.index(t) for t in self.low])
+                       low_precision=[lists.index(t) for t in self.low], int8=self.int8)
 
     def early_stores(self) -> dict[str, int]:
         """The FULL states stored before the last walk → the walk that stores each (Note [Sweeps]):
@@ -459,20 +468,29 @@ class _CBuilder:
                  *_small_loop(r.source, loop, None), *done]
         self.lines += [(item.level, x) for x in [f"/* {r.text} */", *_guarded(lines, cond)]]
 
-    def load(self, name: str, loop: Extent, present: bool = False) -> str:
+    def load(self, name: str, loop: Extent, present: bool = False, per_block: bool = False) -> str:
         """``scalar_t name = ...`` of one element of ``name`` inside a loop over ``loop``
-        (``present``: known to exist here, so no test of its address)."""
-        return f"scalar_t {self.cname(name)} = {self.load_value(name, loop, present)};"
+        (``present``: known to exist here, so no test of its address; ``per_block``: an int8 state
+        whose block's scale the loop read before, ``name_block_scale``)."""
+        return f"scalar_t {self.cname(name)} = {self.load_value(name, loop, present, per_block)};"
 
-    def load_value(self, name: str, loop: Extent, present: bool = False) -> str:
+    def load_value(self, name: str, loop: Extent, present: bool = False, per_block: bool = False) -> str:
         c, extent = self.cname(name), self.extents.get(name, FULL)
         index = "i" if extent == FULL else _index(extent, loop)
         if name in self.scratch:
             return f"{self.scratch[name]}[{index}]"
-        load = "lowp_load" if name in self.low else "to_compute"
+        if self.int8 and name in self.low:  # its code times its block's scale (Note [Blockwise 8-bit state in C])
+            scale = f"{c}_block_scale" if per_block else f"{c}_scale[({index}) >> Q8_BLOCK_SHIFT]"
+            value = f"q8_load({c}_p[{index}], {scale}, {int(self.signed(name))})"
+        else:
+            value = f"{'lowp_load' if name in self.low else 'to_compute'}({c}_p[{index}])"
         if name in self.optional and not present:
-            return f"{c}_p ? {load}({c}_p[{index}]) : 0"
-        return f"{load}({c}_p[{index}])"
+            return f"{c}_p ? {value} : 0"
+        return value
+
+    def signed(self, state: str) -> bool:
+        """Whether an int8 state uses the signed code map (Note [Blockwise 8-bit state])."""
+        return not self.program.spec.state[state].nonnegative
 
     # -- walks ---------------------------------------------------------------------------------
     # Note [One loop body per walk]
@@ -592,9 +610,17 @@ class _CBuilder:
         # in a version, a state its statements touch exists (the spec's `when` guards them)
         present = fixed is not None
         # the body, each line with its place: declarations, loads, statements in order, stores
-        body: list[tuple[tuple, str]] = [((0,), self.cname(n)) for n in reads]
-        body += [((1,), f"{self.cname(n)} = {self.load_value(n, FULL, present)};") for n in reads if n in loaded]
         written = [t for t in self.lists if t in store and any(s.target == t for s in statements)]
+        # int8 states: each element's new value goes into a block buffer, quantized after the block;
+        # such a walk runs in the states' blocks, each int8 state's scale read once per block
+        # (Note [Blockwise 8-bit state in C])
+        staged = [t for t in written if self.int8 and t in self.low]
+        if staged and rows:
+            raise Unsupported("int8 state stored by a walk over rows: its blocks of 256 elements cross the rows")
+        per_block = {t for t in self.low if t in loaded} if staged else set()
+        body: list[tuple[tuple, str]] = [((0,), self.cname(n)) for n in reads]
+        body += [((1,), f"{self.cname(n)} = {self.load_value(n, FULL, present, n in per_block)};")
+                 for n in reads if n in loaded]
         names = self.accumulators
         # Scalar and per-row sums: each element's term goes into a block buffer, summed after the
         # block in independent lanes (sum_terms: vectorises without reassociating a running sum,
@@ -604,8 +630,10 @@ class _CBuilder:
                    for a in accumulate} if rows else {a.reduction.name: names[a.reduction.name] for a in accumulate}
         position = "ic - ic0" if rows else "i - i0"
         local = {"ir": "ir", "ib": "ib", "ic": "ic"} if rows else {}   # the loop's names the body reads
-        if blocked:
+        if blocked or staged:
             local["slot"] = position
+        local.update({f"{self.cname(t)}_stage": f"{self.cname(t)}_stage" for t in staged})
+        local.update({f"{self.cname(t)}_block_scale": f"{self.cname(t)}_block_scale" for t in per_block})
         for s in sequence:
             if isinstance(s, _FullStatement):
                 body += [((2, s.order, 0), s.comment),
@@ -623,27 +651,40 @@ class _CBuilder:
                 code = f"{private[r.name]}[ib * dim_c + ic] += " + added
                 body.append(((2, s.order, 1), code if s.condition is None else f"if ({s.condition}) {code}"))
                 local[private[r.name]] = private[r.name]
-        body += [((3, self.lists.index(t)), (f"if ({self.cname(t)}_p) " if t in self.optional and not present else "")
-                  + f"{self.cname(t)}_p[i] = {self.stored(t)};") for t in written]
+        def guarded(t: str, line: str) -> str:
+            return (f"if ({self.cname(t)}_p) " if t in self.optional and not present else "") + line
+
+        body += [((3, self.lists.index(t)), guarded(t, f"{self.cname(t)}_stage[slot] = {self.cname(t)};" if t in staged
+                                                    else f"{self.cname(t)}_p[i] = {self.stored(t)};"))
+                 for t in written]
         # the body as it stands inside the loop when the walk has one version
-        inner = [self.load(n, FULL, present) if n in loaded else f"scalar_t {self.cname(n)};" for n in reads]
+        inner = [self.load(n, FULL, present, n in per_block) if n in loaded else f"scalar_t {self.cname(n)};"
+                 for n in reads]
         inner += [line.replace("[slot]", f"[{position}]") for key, line in body if key[0] > 1]
         count = "ic1 - ic0" if rows else "i1 - i0"
         sums = [f"{private[a.reduction.name]} += sum_terms({terms[a.reduction.name]}, {count}, "
                 f"{int(a.reduction.kind == 'norm')});" for a in blocked]
         buffers = [f"scalar_t {terms[a.reduction.name]}[OPTGEN_BLOCK];" for a in blocked]
+        buffers += [f"scalar_t {self.cname(t)}_stage[OPTGEN_BLOCK];" for t in staged]
+        buffers += [f"const float {self.cname(t)}_block_scale = {self.cname(t)}_scale ? "
+                    f"{self.cname(t)}_scale[i0 >> Q8_BLOCK_SHIFT] : 0;"
+                    for t in sorted(per_block, key=self.lists.index)]
+        block = "Q8_BLOCK" if staged else "OPTGEN_BLOCK"  # (Q8_BLOCK divides OPTGEN_BLOCK: the buffers hold one)
+        sums += [guarded(t, f"q8_store({self.cname(t)}_stage, i0, i1, {self.cname(t)}_p, {self.cname(t)}_scale, "
+                            f"{int(self.signed(t))});") for t in staged]
         scalars = [names[a.reduction.name] for a in accumulate if a.reduction.extent == SCALAR]
         arrays = [a for a in accumulate if a.reduction.extent != SCALAR]
 
         def skeleton(inner: list[str]) -> list[str]:
             if not rows:
-                if not blocked:
+                if not blocked and not staged:
                     return ["#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)",
                             "for (int64_t i = 0; i < numel; ++i) {", *_indent(inner), "}"]
-                return [f"#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static) "
-                        f"reduction(+: {', '.join(scalars)})",
-                        "for (int64_t i0 = 0; i0 < numel; i0 += OPTGEN_BLOCK) {",
-                        "    const int64_t i1 = i0 + OPTGEN_BLOCK < numel ? i0 + OPTGEN_BLOCK : numel;",
+                # (blocks of OPTGEN_BLOCK elements: whole blocks of an int8 state's 256)
+                return ["#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)"
+                        + (f" reduction(+: {', '.join(scalars)})" if scalars else ""),
+                        f"for (int64_t i0 = 0; i0 < numel; i0 += {block}) {{",
+                        f"    const int64_t i1 = i0 + {block} < numel ? i0 + {block} : numel;",
                         *_indent(buffers), "    for (int64_t i = i0; i < i1; ++i) {", *_indent(inner, 2), "    }",
                         *_indent(sums), "}"]
             # a walk over rows, reading or reducing the small extents (Note [Sweeps])
@@ -673,7 +714,8 @@ class _CBuilder:
             region += [f"free({private[a.reduction.name]});" for a in col_accs]
             return ["#pragma omp parallel if (numel >= PARALLEL_MIN)", "{", *_indent(region), "}"]
 
-        return _Leaf(flags, tested, skeleton(inner), skeleton([_CALL]), body, local, plain=not rows and not blocked)
+        return _Leaf(flags, tested, skeleton(inner), skeleton([_CALL]), body, local,
+                     plain=not rows and not blocked and not staged)
 
     def body_function(self, leaves: list[_Leaf], number: int,
                       whole: bool) -> tuple[str, Callable[[_Leaf], list[str]]]:
@@ -765,11 +807,16 @@ class _CBuilder:
         out["grad_p"] = "const storage_t *restrict"
         out.update({f"{self.cname(t)}_p": ("lowp_t" if t in self.low else "storage_t") + " *restrict"
                     for t in self.lists})
-        out.update({f"{self.cname(t)}_key": "const uint32_t" for t in self.low})
+        if self.int8:
+            out.update({f"{self.cname(t)}_scale": "const float *restrict" for t in self.low})
+            out.update({f"{self.cname(t)}_block_scale": "const float" for t in self.low})
+        else:
+            out.update({f"{self.cname(t)}_key": "const uint32_t" for t in self.low})
         out.update({array: "const scalar_t *restrict" for array in self.scratch.values()})
         for leaf in leaves:
             for n in leaf.local:
-                out.setdefault(n, "scalar_t *restrict" if n.startswith("terms_") else "double *restrict")
+                out.setdefault(n, "scalar_t *restrict" if n.startswith("terms_") or n.endswith("_stage")
+                               else "double *restrict")
         out.update({c: "const scalar_t" for c in self.hoisted.values()})
         out.update({f"{self.cname(t)}_is_new": "const int" for t in self.lazy_states})
         return out
@@ -1014,7 +1061,30 @@ class CBackend(FusedBackend):
     stored early (Note [Sweeps]) would be read back rounded by the later walks, where the for-loop
     reference reads the float32 value it computed — so the bfloat16 version stores no
     low-precision state early (the later walk recomputes it), and where that changes the walks
-    (Lamb, Adafactor) the source holds both versions, ``#if STATE_BF16 … #else … #endif``."""
+    (Lamb, Adafactor) the source holds both versions, ``#if STATE_BF16 … #else … #endif``.
+
+    Note [Blockwise 8-bit state in C]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    Under ``state_dtype="int8"`` (Note [Blockwise 8-bit state] in optgen/runtime/quantized_state.py)
+    the library is compiled with ``STATE_INT8``, from a third version of the source, which
+    dequantizes, updates and requantizes in one pass over memory:
+
+    - a low-precision state is a ``uint8_t`` array of codes, and its blocks' scales a ``float``
+      array (``X_scale``: the address table's rows after the lists); an element loads as
+      ``q8_load``: its code's value times its block's scale;
+    - the walk that stores the state (the last: as for bfloat16 none is stored early) runs in
+      blocks of OPTGEN_BLOCK elements (four of the state's blocks of 256, and the threads' shares
+      are whole blocks), each element's new value going into a block buffer on the stack, and
+      ``q8_store`` quantizes the buffer after the block (its absmax, then each element's nearest
+      code: the bit-pattern lookup of quantized_state._lookup, its tables built when the library
+      loads).  The buffer stays in L1: one read and one write of the codes per step.
+    - A walk over rows (Adafactor's factored update) cannot store an int8 state (a block of 256
+      crosses its rows): such a spec has no int8 version, and its int8 state runs on the reference.
+
+    The quantization is the reference's to the bit (same absmax, same division, same nearest
+    code), so the C kernel's int8 state equals the for-loop kernel's where its float32 arithmetic
+    does (SGD, Lion), and is one code off in a rare element where an ulp of it differs (Adam's
+    denominator)."""
 
     name = "c"
     unusable_expression = "LIBRARY.unusable"
@@ -1023,14 +1093,46 @@ class CBackend(FusedBackend):
 
     def kernel(self, compiled: Compiled, **options):
         plain = super().kernel(compiled, **options)
-        low = super().kernel(compiled, low_state=True)
-        if low.source == plain.source:
-            return plain
-        assert dataclasses.replace(low, source=[]) == dataclasses.replace(plain, source=[]), compiled.spec.name
-        return dataclasses.replace(plain, source=["#if STATE_BF16", *low.source, "#else", *plain.source, "#endif"])
+        versions = [("STATE_BF16", super().kernel(compiled, low_state=True))]
+        int8 = False
+        if plain.low_precision:
+            try:
+                versions.insert(0, ("STATE_INT8", super().kernel(compiled, low_state="int8")))
+                int8 = True
+            except Unsupported:  # (a walk over rows stores the state: the reference runs int8 state)
+                pass
+        versions = [(define, kernel) for define, kernel in versions if kernel.source != plain.source]
+        for _, kernel in versions:
+            assert dataclasses.replace(kernel, source=[], int8=False) == dataclasses.replace(plain, source=[]), \
+                compiled.spec.name
+        source = list(plain.source)
+        if versions:
+            source = []
+            for k, (define, kernel) in enumerate(versions):
+                source += [f"#{'if' if k == 0 else 'elif'} {define}", *kernel.source]
+            source += ["#else", *plain.source, "#endif"]
+        return dataclasses.replace(plain, source=source, int8=int8)
 
     def kernel_name(self, base: str) -> str:
         return f"{base}_step"
+
+
+def source_version(source: str, define: str | None = None) -> str:
+    """The part of a generated SOURCE compiled with ``define`` (``"STATE_BF16"``, ``"STATE_INT8"``)
+    or, None, with neither (Note [Low-precision state in C]): a source without versions is all of it."""
+    lines = source.split("\n")
+    if "#else" not in lines:
+        return source
+    sections: dict[str | None, list[str]] = {}
+    current: str | None = None
+    for line in lines:
+        if line.startswith(("#if STATE_", "#elif STATE_")):
+            current = line.split()[1]
+        elif line == "#else":
+            current = None
+        elif line != "#endif":
+            sections.setdefault(current, []).append(line)
+    return "\n".join(sections.get(define, sections[None]))
 
 
 BACKEND = CBackend()

@@ -33,6 +33,7 @@ from typing import cast
 
 import torch
 
+from optgen.runtime import quantized_state
 from optgen.runtime.intrinsics import reduced_shape
 from optgen.runtime.native import (
     KernelDeclined,
@@ -125,6 +126,8 @@ static inline uint16_t lowp_store(float f, uint32_t key, int64_t i)
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : rounded);
 }
 #define lowp_key(t, k) (state_keys[(k) * n + (t)])
+#elif STATE_INT8
+@INT8@
 #else
 typedef storage_t lowp_t;
 #define lowp_load(x) to_compute(x)
@@ -247,6 +250,100 @@ static inline scalar_t lerp_of(scalar_t a, scalar_t b, scalar_t w)
 static inline scalar_t sign_of(scalar_t x) { return (scalar_t)((x > 0) - (x < 0)); }  /* branch-free: vectorises */
 """
 
+
+def _int8_prelude() -> str:
+    """The STATE_INT8 part of PRELUDE (Note [Blockwise 8-bit state in C] in optgen/backends/c.py):
+    the code maps and their midpoints as exact hex-float literals, from quantized_state."""
+    def table(values) -> str:
+        return "{" + ", ".join("INFINITY" if math.isinf(v) else float(v).hex() + "f" for v in values) + "}"
+
+    maps = [*quantized_state.code_map(False).tolist(), *quantized_state.code_map(True).tolist()]
+    mids = [*quantized_state._midpoints(False).tolist(), math.inf, *quantized_state._midpoints(True).tolist(), math.inf]
+    return INT8_PRELUDE.replace("@BLOCK_SHIFT@", str(quantized_state.BLOCK.bit_length() - 1)) \
+        .replace("@MAPS@", table(maps)).replace("@MIDS@", table(mids)) \
+        .replace("@BUCKET_SHIFT@", str(quantized_state._BUCKET_SHIFT))
+
+
+#: int8 state (Note [Blockwise 8-bit state in C]): uint8 codes, a float scale per block of 256
+INT8_PRELUDE = r"""typedef uint8_t lowp_t;
+#define Q8_BLOCK_SHIFT @BLOCK_SHIFT@
+#define Q8_BLOCK (1 << Q8_BLOCK_SHIFT)
+#define Q8_BUCKET_SHIFT @BUCKET_SHIFT@
+#define Q8_BUCKETS ((0x3f800000 >> Q8_BUCKET_SHIFT) + 1)  /* magnitudes up to 1 */
+/* the values of the codes, ascending: [0, 256) the unsigned map (nonnegative states), then the
+   signed one (flat, with int32 indices: GCC vectorizes the loads as gathers) */
+static const float q8_map[512] = @MAPS@;
+/* the midpoints between consecutive values, then infinity, as q8_map */
+static const float q8_mid[512] = @MIDS@;
+/* per magnitude bucket (a float's bits without the sign, over 2**Q8_BUCKET_SHIFT): how many
+   midpoints lie below the bucket's smallest value (quantized_state._lookup: a bucket holds at
+   most one midpoint), for [0] unsigned and [1] signed positive values, [2] unsigned (none: -0
+   only) and [3] signed negative ones */
+static int32_t q8_first[4 * Q8_BUCKETS];
+static float q8_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+__attribute__((constructor)) static void q8_init(void)
+{
+    for (int32_t b = 0; b < Q8_BUCKETS; ++b)
+        for (int k = 0; k < 4; ++k) {
+            const uint32_t bits = (uint32_t)b << Q8_BUCKET_SHIFT;
+            const float low = k < 2 ? q8_float(bits) : -q8_float(bits | ((1u << Q8_BUCKET_SHIFT) - 1));
+            const float *mid = q8_mid + 256 * (k & 1);
+            int32_t below = 0;  /* the midpoints below `low`, by binary search (they ascend) */
+            for (int32_t step = 128; step > 0; step >>= 1)
+                if (below + step <= 255 && mid[below + step - 1] < low) below += step;
+            q8_first[k * Q8_BUCKETS + b] = k == 2 ? 0 : below;
+        }
+}
+/* an element's value: its code's, times its block's scale (a negative scale of an unsigned state:
+   its block holds a negative value and uses the signed map) */
+static inline float q8_load(uint8_t code, float s, int is_signed)
+{
+    const int32_t map = is_signed | (s < 0);
+    return q8_map[(map << 8) | (int32_t)code] * fabsf(s);
+}
+/* the nearest code of x in [-1, 1] (ties to the lower code: the number of midpoints below x);
+   beyond (a NaN block's scale is 1): 255 above, 0 below, 255 for NaN, as quantized_state's.
+   Branch-free: the magnitude clamped to 1's bucket, NaN counted as positive. */
+static inline int32_t q8_code(float x, int32_t map)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint32_t m = u & 0x7fffffffu;
+    const int32_t negative = (int32_t)(u >> 31) & (m <= 0x7f800000u);
+    const int32_t bucket = (int32_t)((m < 0x3f800000u ? m : 0x3f800000u) >> Q8_BUCKET_SHIFT);
+    const int32_t first = q8_first[(map + 2 * negative) * Q8_BUCKETS + bucket];
+    return first + (x > q8_mid[(map << 8) | first]);
+}
+/* one block of new values, quantized: its absmax (NaN if it holds one: the largest magnitude's
+   bits, as integers, order NaN above infinity), each element's code */
+static inline void q8_block(const float *restrict x, int64_t m, uint8_t *restrict codes, float *absmax, int is_signed)
+{
+    uint32_t amax = 0;
+    int32_t negative = 0;
+    for (int64_t k = 0; k < m; ++k) {
+        uint32_t u;
+        memcpy(&u, &x[k], 4);
+        u &= 0x7fffffffu;
+        amax = u > amax ? u : amax;
+        negative |= x[k] < 0;
+    }
+    const float largest = q8_float(amax);
+    const float scale = largest > 0 ? largest : 1.0f;
+    const int32_t map = is_signed | negative;
+    for (int64_t k = 0; k < m; ++k) codes[k] = (uint8_t)q8_code(x[k] / scale, map);
+    *absmax = !is_signed && negative ? -largest : largest;
+}
+/* the new values of elements i0..i1 (whole blocks, but at the tensor's end) into codes and scales */
+static inline void q8_store(const float *stage, int64_t i0, int64_t i1, uint8_t *codes, float *scale, int is_signed)
+{
+    for (int64_t b = i0; b < i1; b += (1 << Q8_BLOCK_SHIFT)) {
+        const int64_t m = i1 - b < (1 << Q8_BLOCK_SHIFT) ? i1 - b : (1 << Q8_BLOCK_SHIFT);
+        q8_block(stage + (b - i0), m, codes + b, scale + (b >> Q8_BLOCK_SHIFT), is_signed);
+    }
+}
+#define lowp_key(t, k) 0u"""
+PRELUDE = PRELUDE.replace("@INT8@", _int8_prelude())
+
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 #: flags a compiler may not take (clang on macOS has no -fopenmp): dropped, in this order, after a
 #: failed compile — a slower kernel rather than none
@@ -264,6 +361,8 @@ LOGGER = logging.getLogger("optgen")
 _ARGTYPES = [ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 #: the -D flag that compiles a library for bfloat16 low-precision state (Note [Stochastic rounding of state])
 STATE_BF16_DEFINE = "-DSTATE_BF16=1"
+#: and the one for int8 state (Note [Blockwise 8-bit state in C] in optgen/backends/c.py)
+STATE_INT8_DEFINE = "-DSTATE_INT8=1"
 
 
 def compiler() -> list[str] | None:
@@ -285,10 +384,10 @@ class Library:
 
     def __init__(self, name: str, source: str):
         self.name, self.source = name, source
-        #: keyed by (parameter dtype, bfloat16 low-precision state)
-        self._loaded: dict[tuple[torch.dtype, bool], ctypes.CDLL] = {}
+        #: keyed by (parameter dtype, low-precision state: False, True for bfloat16, or "int8")
+        self._loaded: dict[tuple[torch.dtype, bool | str], ctypes.CDLL] = {}
         #: why a library cannot be built or loaded: remembered, so a step does not compile again
-        self._failed: dict[tuple[torch.dtype, bool], str] = {}
+        self._failed: dict[tuple[torch.dtype, bool | str], str] = {}
 
     def unusable(self, dtype: torch.dtype) -> str | None:
         """Why this library cannot run ``dtype`` (compiled and loaded now if need be); None when it can."""
@@ -299,7 +398,7 @@ class Library:
                 return str(e)
         return None
 
-    def _load(self, dtype: torch.dtype, low_state: bool = False) -> ctypes.CDLL:
+    def _load(self, dtype: torch.dtype, low_state: bool | str = False) -> ctypes.CDLL:
         which = (dtype, low_state)
         if which in self._failed:
             raise RuntimeError(self._failed[which])
@@ -314,9 +413,9 @@ class Library:
         self._loaded[which] = lib
         return lib
 
-    def function(self, dtype: torch.dtype, name: str, low_state: bool = False):
+    def function(self, dtype: torch.dtype, name: str, low_state: bool | str = False):
         """C function ``name`` compiled for ``dtype`` parameters (``low_state``: and bfloat16
-        low-precision state)."""
+        low-precision state, or "int8" state)."""
         lib = self._loaded.get((dtype, low_state)) or self._load(dtype, low_state)
         # As many threads as torch's own CPU kernels use, asked at every call: OpenMP's count is
         # per calling thread (a worker thread starts at OMP_NUM_THREADS whatever the main thread
@@ -330,11 +429,13 @@ class Library:
         fn.argtypes, fn.restype = _ARGTYPES, None
         return fn
 
-    def _compile(self, dtype: torch.dtype, low_state: bool = False) -> Path:
+    def _compile(self, dtype: torch.dtype, low_state: bool | str = False) -> Path:
         """The verified library for ``dtype`` in the cache, built there when missing or damaged
         (Note [Kernel cache])."""
         ctype, defines = C_TYPES[dtype][0], tuple(C_TYPES[dtype][1])
-        if low_state:
+        if low_state == "int8":
+            ctype, defines = f"{ctype}_int8state", (*defines, STATE_INT8_DEFINE)
+        elif low_state:
             ctype, defines = f"{ctype}_bf16state", (*defines, STATE_BF16_DEFINE)
         cc = compiler()
         if cc is None:
@@ -384,14 +485,16 @@ class Kernel:
     - ``flags``: in the order of the bits of its ``flags`` argument;
     - ``reduced``: index → the dimension a state shaped like a reduction of the parameter keeps as 1;
     - ``low_precision``: the indices of the states ``state_dtype=torch.bfloat16`` keeps in bfloat16,
-      in the order of their keys in ``state_keys`` (Note [Stochastic rounding of state])."""
+      in the order of their keys in ``state_keys`` (Note [Stochastic rounding of state]);
+    - ``int8``: the source has a version for int8 state (codes, their scales in ``state_scales``:
+      Note [Blockwise 8-bit state in C])."""
 
     def __init__(self, library: Library, function: str, *, tensors, counters, lazy, hyperparameters, flags=(),
-                 present=None, reduced=None, low_precision=()):
+                 present=None, reduced=None, low_precision=(), int8=False):
         self.library, self.function = library, function
         self.tensors, self.counters, self.lazy, self.hyperparameters = tensors, counters, lazy, hyperparameters
         self.flags, self.present, self.reduced = flags, present or {}, reduced or {}
-        self.low_precision = tuple(low_precision)
+        self.low_precision, self.int8 = tuple(low_precision), int8
         register_launcher(library.name, self)  # what optgen::c_step runs (Note [C kernels as custom ops])
 
     def __call__(self, **arguments) -> None:
@@ -404,10 +507,15 @@ class Kernel:
         if n and traced(arguments["params"][0]):  # torch.compile, or FakeTensors: no address to pass
             _traced_launch(self, tensors, arguments["grads"], counters, lazy, hyperparameters, flags)
             return
-        low = None
+        low: LowState | Int8State | None = None
         if arguments.get("state_keys") is not None:  # bfloat16 state: each such list's keys, in kernel order
             keys = arguments["state_keys"]
             low = LowState(self.low_precision, [keys[self.tensors[index]] for index in self.low_precision])
+        elif arguments.get("state_scales") is not None:  # int8 state: each such list's scales, in kernel order
+            if not self.int8:
+                raise RuntimeError(f"optgen: {self.library.name} has no C kernel for int8 state")
+            scales = arguments["state_scales"]
+            low = Int8State(self.low_precision, [scales[self.tensors[index]] for index in self.low_precision])
         launch(self.library, self.function, tensors=tensors, grads=arguments["grads"], counters=counters,
                lazy=lazy, hyperparameters=hyperparameters, reduced=self.reduced, flags=flags, low=low)
 
@@ -442,6 +550,22 @@ class Kernel:
         return BoundLaunch(self, tensors, counters, self._uses(arguments))
 
 
+def _check_scales(params, tensors, low: Int8State) -> None:
+    """Each int8 state's scales: a contiguous float32 CPU tensor of one per block of its codes
+    (the kernel reads and writes that many: a shorter one would be written past its end)."""
+    for index, scales in zip(low.order, low.scales, strict=True):
+        for i, (codes, s) in enumerate(zip(tensors[index], scales, strict=True)):
+            if codes is None:
+                continue
+            wanted = quantized_state.blocks(params[i].numel())
+            if s is None or s.device.type != "cpu" or s.dtype != torch.float32 or s.numel() != wanted \
+                    or not s.is_contiguous() or outside_storage(s):
+                got = "missing" if s is None else f"{s.dtype} {tuple(s.shape)} on {s.device}"
+                raise RuntimeError(f"optgen's fused CPU kernel needs an int8 state's scales as a contiguous float32 "
+                                   f"CPU tensor of {wanted} elements (one per block of {quantized_state.BLOCK}): "
+                                   f"parameter {i}'s are {got}")
+
+
 def _missing(values) -> bool:
     return any(t is None for t in values)
 
@@ -453,6 +577,15 @@ class LowState:
     def __init__(self, indices: tuple[int, ...], keys: list[list[int]]):
         self.indices = frozenset(indices)
         self.table = array.array("I", [k for per_list in keys for k in per_list] or [0])
+
+
+class Int8State:
+    """A launch's int8 states (Note [Blockwise 8-bit state in C]): their indices into the lists,
+    and each one's scales per tensor (float32, one per block of 256), which the kernel finds in the
+    address table's rows after the lists, in the order of ``indices``."""
+
+    def __init__(self, indices: tuple[int, ...], scales: list[list[torch.Tensor | None]]):
+        self.order, self.indices, self.scales = indices, frozenset(indices), scales
 
 
 class BoundLaunch:
@@ -536,7 +669,7 @@ def _(module, tensors, absent, grads, counters, n, first, hyperparameters, flags
 
 
 def launch(library: Library, function: str, *, tensors, grads, counters, lazy, hyperparameters,
-           reduced=None, flags: int = 0, low: LowState | None = None) -> None:
+           reduced=None, flags: int = 0, low: LowState | Int8State | None = None) -> None:
     """Calls ``function`` of ``library`` once for every tensor of one dtype group.
 
     tensors: lists in the kernel's order — params, then the states it touches (entries of a state
@@ -548,7 +681,8 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
     reduced: index into ``tensors`` → the dimension a state keeps with size 1 (Adafactor's row_var:
         ``zeros_reduced(param, -1)``); every other state is shaped like its parameter.
     flags: the flag values, bit k the kernel's k-th flag.
-    low: the states kept in bfloat16 and their rounding keys (None: every state in the params' dtype).
+    low: the states kept in bfloat16 and their rounding keys, or in int8 and their scales (None:
+        every state in the params' dtype).  An int8 launch creates no state (the reference does).
     """
     params = tensors[0]
     if not params:
@@ -557,6 +691,9 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
     if dtype not in C_TYPES:
         raise RuntimeError(f"optgen's fused CPU kernels support {', '.join(map(str, C_TYPES))} parameters, "
                            f"not {dtype}; use foreach=True or fused=None")
+    if isinstance(low, Int8State) and creates_states(tensors, lazy):
+        raise RuntimeError("optgen: the C kernel's int8 launch creates no state: the step that creates it runs on "
+                           "the reference (Note [Blockwise 8-bit state in C])")
     if creates_states(tensors, lazy):
         # Checked before the new state exists: a step refused here (KernelDeclined: the caller runs
         # the for-loop instead) leaves nothing allocated behind in the caller's lists.
@@ -566,7 +703,7 @@ def launch(library: Library, function: str, *, tensors, grads, counters, lazy, h
 
 
 def _launch(library: Library, function: str, tensors, grads, counters, first: list[int], hyperparameters,
-            reduced, flags: int, low: LowState | None = None) -> None:
+            reduced, flags: int, low: LowState | Int8State | None = None) -> None:
     """``launch`` once the lazily created states exist (``first``: their first-step flags)."""
     params = tensors[0]
     dtype, n = params[0].dtype, len(params)
@@ -583,10 +720,11 @@ def _launch(library: Library, function: str, tensors, grads, counters, first: li
     first_step = torch.tensor(first or [0], dtype=torch.uint8)
     hyper = torch.tensor([math.nan if h is None else float(h) for h in hyperparameters] or [0.0],
                          dtype=torch.float64)
-    library.function(dtype, function, low is not None)(
+    keys = low.table.buffer_info()[0] if isinstance(low, LowState) else None  # (int8: none; its scales are tabled)
+    library.function(dtype, function, "int8" if isinstance(low, Int8State) else low is not None)(
         n, plan.addresses.data_ptr(), plan.grad_addresses.data_ptr(), plan.counter_addresses.data_ptr(),
         plan.numels.data_ptr(), plan.dims.data_ptr(), first_step.data_ptr(), hyper.data_ptr(), plan.counters_f64,
-        flags, None if low is None else low.table.buffer_info()[0])
+        flags, keys)
 
 
 class _Plan(LaunchPlan):
@@ -613,30 +751,35 @@ def _view(shape) -> tuple[int, int, int, int]:
     return len(shape), math.prod(shape[:-2]), m, c
 
 
-def _plan(dtype, tensors, counters, reduced: dict, low: LowState | None = None) -> _Plan:
+def _plan(dtype, tensors, counters, reduced: dict, low: LowState | Int8State | None = None) -> _Plan:
     """The cached tables for these tensors; a new set (a new parameter, state created or replaced,
-    a loaded state dict, a tensor re-viewed in place) is checked and gets new ones."""
-    layouts = layout(t for values in tensors for t in values)
+    a loaded state dict, a tensor re-viewed in place) is checked and gets new ones.  int8 states'
+    scales are rows of the table after the lists (Note [Blockwise 8-bit state in C])."""
+    table = [*tensors, *low.scales] if isinstance(low, Int8State) else tensors
+    layouts = layout(t for values in table for t in values)
     counter_layouts = layout(c for values in counters for c in values)
-    key = (dtype, layouts, counter_layouts, low is not None and low.indices)
+    key = (dtype, layouts, counter_layouts, low is not None and (type(low), low.indices))
     plan = _PLANS.get(key)
     if plan is None:
         _check(tensors[0], tensors, [], counters, reduced, low)
-        addresses = tuple(t.data_ptr() if t is not None else 0 for values in tensors for t in values)
+        addresses = tuple(t.data_ptr() if t is not None else 0 for values in table for t in values)
         counter_addresses = tuple(c.data_ptr() for values in counters for c in values)
         plan = _PLANS.put(key, _Plan(dtype, tensors, counters, addresses, counter_addresses))
     return plan
 
 
-def _check(params, tensors, grads, counters, reduced=None, low: LowState | None = None) -> None:
+def _check(params, tensors, grads, counters, reduced=None, low: LowState | Int8State | None = None) -> None:
     """Every tensor the kernel addresses is a contiguous CPU tensor of the group's dtype (bfloat16
-    for the states ``low`` lists), shaped like its parameter (or its reduced shape); every counter
-    a 1-element float32 or float64 CPU tensor, all alike.  A state or gradient that is only not
-    contiguous raises KernelDeclined."""
+    for the states ``low`` lists, or uint8 codes and their float32 scales for int8), shaped like
+    its parameter (or its reduced shape); every counter a 1-element float32 or float64 CPU tensor,
+    all alike.  A state or gradient that is only not contiguous raises KernelDeclined."""
+    int8 = isinstance(low, Int8State)
     if low is not None and params[0].dtype != torch.float32:
-        raise RuntimeError(f"optgen's fused CPU kernel keeps bfloat16 state for float32 parameters, "
-                           f"not {params[0].dtype}")
+        raise RuntimeError(f"optgen's fused CPU kernel keeps {'int8' if int8 else 'bfloat16'} state for float32 "
+                           f"parameters, not {params[0].dtype}")
     low_indices = low.indices if low is not None else frozenset()
+    if isinstance(low, Int8State) and tensors:
+        _check_scales(params, tensors, low)
     reduced = reduced or {}
     for index, (what, values) in enumerate((("parameter", params), ("gradient", grads),
                                             *(("state", v) for v in tensors[1:]))):
@@ -645,7 +788,7 @@ def _check(params, tensors, grads, counters, reduced=None, low: LowState | None 
                 continue
             dim = reduced.get(index - 1)
             shape = params[i].shape if dim is None else reduced_shape(params[i].shape, dim)
-            dtype = torch.bfloat16 if index - 1 in low_indices else params[0].dtype
+            dtype = (torch.uint8 if int8 else torch.bfloat16) if index - 1 in low_indices else params[0].dtype
             if t.device.type != "cpu" or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
                 wrong = t.device.type != "cpu" or t.dtype != dtype or t.shape != shape
                 raise (RuntimeError if wrong else KernelDeclined)(

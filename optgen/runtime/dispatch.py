@@ -136,8 +136,12 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
         return forced
     int8 = quantized_state.is_int8(group.get("state_dtype"))
     if int8 and group.get("fused"):
-        raise RuntimeError(f"optgen.{type(optimizer).__name__}: state_dtype='int8' has no fused kernel yet (Note "
-                           "[Blockwise 8-bit state]); use foreach=True, or fused=None to pick automatically")
+        reason = c_declines_int8(params, optimizer)
+        if reason is not None:
+            raise RuntimeError(f"optgen.{type(optimizer).__name__}: state_dtype='int8' has no fused kernel for these "
+                               f"parameters ({reason}; Note [Blockwise 8-bit state]); use foreach=True, or "
+                               "fused=None to pick automatically")
+        return "c"
     if group.get("fused"):
         if "triton" in optimizer.implementations and triton_applies(params):
             return "triton"
@@ -156,8 +160,8 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
         return "foreach"
     if group.get("foreach") is not None or group.get("differentiable") or not params:
         return "forloop"
-    if int8:
-        return "foreach"  # the reference that int8 state runs on (Note [Blockwise 8-bit state])
+    if int8:  # the C kernel where it applies, else the reference (Note [Blockwise 8-bit state])
+        return "c" if defaults_policy() == "fastest" and c_declines_int8(params, optimizer) is None else "foreach"
     # capturable (CUDA graphs) keeps torch's choice, and with it torch's error on CPU parameters
     if group.get("fused") is None and not group.get("capturable") and "c" in optimizer.implementations \
             and defaults_policy() == "fastest" and all(p.device.type == "cpu" for p in params) \
@@ -171,6 +175,20 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
             return fastest
         return "foreach"
     return "forloop"
+
+
+def c_declines_int8(params: list[torch.Tensor], optimizer) -> str | None:
+    """Why the fused C kernel cannot update these parameters' int8 state (None: it can): as
+    c_declines, and it needs float32 CPU parameters (plain tensors) and a spec whose kernel has an
+    int8 version (Note [Blockwise 8-bit state in C] in optgen/backends/c.py)."""
+    if "c" not in optimizer.implementations:
+        return f"{type(optimizer).__name__} has no C kernel"
+    if not getattr(optimizer._kernel("c").step, "int8", False):
+        return f"{type(optimizer).__name__}'s C kernel has no int8 version (a walk over rows stores its state)"
+    if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 or type(p) not in PLAIN_TYPES
+                         for p in params):
+        return "it takes float32 CPU parameters"
+    return c_declines(params, optimizer)
 
 
 def _own_memory(optimizer, params: list[torch.Tensor]) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -34,6 +35,9 @@ from optgen.runtime.kernels import KernelModule
 from optgen.runtime.native import KernelDeclined
 from optgen.runtime.optimizer import Optimizer
 from optgen.runtime.step_cache import CachedStep
+
+if TYPE_CHECKING:
+    from optgen.runtime import c_launch
 
 
 def scalar_dtype() -> torch.dtype:
@@ -189,7 +193,9 @@ class GeneratedOptimizer(Optimizer):
         if kernel.counters_on_device:
             _counters_on_device(self, params, states, tensors)
         keys = self._rounding_keys(group, params, states, implementation)
-        if int8 and quantized is None:  # the reference, a batch of parameters or chunks at a time
+        if int8 and quantized is None and implementation == "c":  # dequantized, updated, requantized in C
+            self._run_int8_c(kernel, group, params, states, tensors, scalars)
+        elif int8 and quantized is None:  # the reference, a batch of parameters or chunks at a time
             self._run_int8(kernel, group, params, states, tensors, scalars)
         elif quantized is not None:  # the reference on float32 copies, quantized back below
             self._run_kernel(kernel, group, tensors, scalars)
@@ -228,6 +234,54 @@ class GeneratedOptimizer(Optimizer):
                 for j, i in enumerate(batch):
                     values[i] = part[name][j]
 
+    def _run_int8_c(self, kernel: KernelModule, group: dict, params, states, tensors: dict, scalars: dict) -> None:
+        """The C kernel over int8 state (Note [Blockwise 8-bit state in C] in optgen/backends/c.py),
+        in up to three parts: the parameters whose states are codes, in one launch of the kernel's
+        int8 version, given their scales; those too small to quantize (float32 state), in one
+        launch of the plain kernel; and any whose quantized state this step creates (SGD's momentum
+        buffer on its first step), or that the kernel declines (a non-contiguous gradient), on the
+        reference."""
+        names = self._low_precision_lists()
+        flags = {f: bool(group[f]) for f in kernel.flags}
+        launch = cast("c_launch.Kernel", kernel.step)
+        lazy = {launch.tensors[index]: when for index, when in launch.lazy.items()}
+        arguments = {**tensors, **scalars, **flags}
+        coded, plain, reference = [], [], []
+        for i, p in enumerate(params):
+            if not quantized_state.quantizable(p):
+                plain.append(i)
+            elif any(tensors[name][i] is None and name in lazy and lazy[name](arguments) for name, _ in names):
+                reference.append(i)  # (its new state is quantized by the reference)
+            else:
+                coded.append(i)
+
+        def part(indices: list[int]) -> dict:
+            return {name: [values[i] for i in indices] for name, values in tensors.items()}
+
+        def stored(indices: list[int], lists: dict) -> None:  # (the states a kernel created, from its lists)
+            for name, values in lists.items():
+                for j, i in enumerate(indices):
+                    tensors[name][i] = values[j]
+
+        if plain:
+            lists = part(plain)
+            self._run_kernel(kernel, group, lists, scalars)
+            stored(plain, lists)
+        if coded:
+            lists = part(coded)
+            scales = {name: [None if t is None else states[i][key + quantized_state.ABSMAX]
+                             for i, t in zip(coded, lists[name], strict=True)] for name, key in names}
+            try:
+                kernel.run(group, lists, scalars, state_scales=scales)
+            except KernelDeclined:  # raised before the kernel wrote anything
+                reference += coded
+        if reference:
+            reference.sort()
+            lists = part(reference)
+            self._run_int8(self._kernel("foreach"), group, [params[i] for i in reference],
+                           [states[i] for i in reference], lists, self._kernel_scalars(self._kernel("foreach"), group))
+            stored(reference, lists)
+
     def _rounding_keys(self, group: dict, params, states, implementation: str) -> dict[str, list[int]] | None:
         """The rounding keys of this step's low-precision lists (Note [Stochastic rounding of
         state]), None when the group keeps its state in the parameters' dtype."""
@@ -235,9 +289,11 @@ class GeneratedOptimizer(Optimizer):
         if dtype is None:
             return None
         if quantized_state.is_int8(dtype):  # (no rounding keys: rounded to nearest; never bound)
-            if implementation not in ("forloop", "foreach"):
-                raise RuntimeError(f"optgen: state_dtype='int8' runs on the forloop and foreach kernels, not the "
-                                   f"{implementation} one yet (Note [Blockwise 8-bit state]); use foreach=True")
+            reason = dispatch.c_declines_int8(params, self) if implementation == "c" else None
+            if implementation not in ("forloop", "foreach", "c") or reason is not None:
+                raise RuntimeError(f"optgen: state_dtype='int8' runs on the forloop, foreach and C kernels, not the "
+                                   f"{implementation} one{f' ({reason})' if reason else ''} (Note [Blockwise 8-bit "
+                                   "state]); use foreach=True")
             return {}
         if implementation not in ("forloop", "foreach", "c", "triton"):
             raise RuntimeError(f"optgen: state_dtype=torch.bfloat16 runs on the forloop, foreach, C and Triton "

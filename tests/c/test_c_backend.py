@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import optgen
+from optgen.backends.c import source_version
 from optgen.runtime import c_launch, dispatch
 from tests.registry import CASES, STEPS, case_id
 
@@ -332,7 +333,7 @@ def test_a_state_final_before_the_last_walk_is_stored_by_the_walk_that_computes_
     its last walk recomputes them, and stores them rounded."""
     from optgen.generated import lamb_c
 
-    low_state, plain = lamb_c.SOURCE.split("#if STATE_BF16\n", 1)[1].split("#else\n", 1)
+    low_state, plain = source_version(lamb_c.SOURCE, "STATE_BF16"), source_version(lamb_c.SOURCE)
 
     def walks(source):
         found = re.split(r"^/\* walk \d+ of lamb_step", source, flags=re.M)[1:]
@@ -344,6 +345,14 @@ def test_a_state_final_before_the_last_walk_is_stored_by_the_walk_that_computes_
     first, last = walks(low_state)
     assert "exp_avg_p[i] = " not in first and "exp_avg_sq_p[i] = " not in first
     assert "grad_p" in last and "exp_avg_p[i] = lowp_store(exp_avg, exp_avg_key, i);" in last
+    # int8 state (Note [Blockwise 8-bit state in C]): as bfloat16, the last walk recomputes the
+    # moments, into block buffers that it quantizes after each block of 256
+    first, last = walks(source_version(lamb_c.SOURCE, "STATE_INT8"))
+    assert "exp_avg_p[i] = " not in first and "exp_avg_stage" not in first
+    assert "grad_p" in last and "exp_avg_stage[slot] = exp_avg;" in last
+    tensor = lamb_c.SOURCE.split("static void lamb_step_tensor_split", 2)[1]
+    assert "q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);" in tensor
+    assert "q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);" in tensor
 
 
 OLD_VALUE = '''

@@ -153,11 +153,10 @@ def test_the_nonnegative_state_uses_the_unsigned_map():
 ])
 def test_for_loop_and_foreach_agree_bit_for_bit(name, kwargs):
     a, _ = stepped(name, kwargs, implementation="forloop")
-    b, _ = stepped(name, kwargs, implementation="foreach")
-    c, opt = stepped(name, kwargs)  # the default: foreach
-    for x, y, z in zip(a, b, c, strict=True):
-        assert torch.equal(x, y) and torch.equal(x, z)
-    assert any(v.dtype == torch.uint8 for v in opt.state[c[0]].values())  # (SGD's lazily made buffer too)
+    b, opt = stepped(name, kwargs, implementation="foreach")
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    assert any(v.dtype == torch.uint8 for v in opt.state[b[0]].values())  # (SGD's lazily made buffer too)
 
 
 def test_int8_state_follows_float32_state_closely():
@@ -219,18 +218,27 @@ def test_a_float_checkpoint_loads_into_an_int8_optimizer_quantized(source):
     int8.step()  # and it steps on
 
 
-def test_fused_or_a_forced_native_kernel_is_a_clear_error():
+def test_fused_or_a_forced_native_kernel_where_none_applies_is_a_clear_error(monkeypatch):
+    """The C kernel takes int8 state where it can run (Note [Blockwise 8-bit state in C]); where
+    it cannot (here: no C compiler), fused=True and a forced C kernel say why, before anything is
+    stepped, and the default runs the reference."""
+    from optgen.runtime import dispatch
+
+    monkeypatch.setattr(dispatch, "c_declines", lambda params, optimizer=None: "no C compiler (cc, or $CC)")
     ps = params()
     before = [p.detach().clone() for p in ps]
     set_grads(ps, 0)
-    with pytest.raises(RuntimeError, match="state_dtype='int8' has no fused kernel yet"):
+    with pytest.raises(RuntimeError, match="state_dtype='int8' has no fused kernel for these parameters "
+                                           r"\(no C compiler"):
         optgen.Adam(ps, fused=True, state_dtype="int8").step()
     opt = optgen.Adam(ps, state_dtype="int8")
     opt.implementation = "c"
-    with pytest.raises(RuntimeError, match="runs on the forloop and foreach kernels, not the c one"):
+    with pytest.raises(RuntimeError, match=r"forloop, foreach and C kernels, not the c one \(no C compiler"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(ps, before, strict=True))  # nothing stepped
     assert float(opt.state[ps[0]]["step"]) == 0
+    default = optgen.Adam(ps, state_dtype="int8")
+    assert dispatch.choose(default, default.param_groups[0], ps) == "foreach"
 
 
 def test_state_dtype_values_are_checked():
@@ -289,7 +297,7 @@ def test_a_sparse_gradient_leaves_the_other_rows_state_as_it_was(name, key, sign
     weight = torch.nn.Parameter(torch.randn(100, 64, generator=g))
     twin = torch.nn.Parameter(weight.detach().clone())  # the same gradients, dense (Adagrad takes both)
     opt = getattr(optgen, name)([weight], lr=0.1, state_dtype="int8")
-    dense = optgen.Adagrad([twin], lr=0.1, state_dtype="int8") if name == "Adagrad" else None
+    dense = optgen.Adagrad([twin], lr=0.1, state_dtype="int8", foreach=True) if name == "Adagrad" else None
 
     def step(row, scale):
         values = torch.randn(1, 64, generator=g) * scale
@@ -321,7 +329,7 @@ def test_chunks_and_batches_step_as_the_whole_group_does(name, kwargs, monkeypat
     """A step over chunks of a large parameter (views, a whole number of blocks each; counters
     advanced once) and batches of parameters is the step over the whole group, bit for bit (SGD:
     lazily created state, never chunked; Lamb: per-tensor norms, not elementwise, never chunked)."""
-    whole, _ = stepped(name, kwargs)
+    whole, _ = stepped(name, kwargs, implementation="foreach")
     monkeypatch.setattr(q, "BATCH_ELEMENTS", 2 * q.BLOCK)  # BIG: 12 chunks; SMALL alone
     calls = []
     real = q.Quantized.__init__
@@ -331,7 +339,7 @@ def test_chunks_and_batches_step_as_the_whole_group_does(name, kwargs, monkeypat
         real(self, *args)
 
     monkeypatch.setattr(q.Quantized, "__init__", counting)
-    parts, opt = stepped(name, kwargs)
+    parts, opt = stepped(name, kwargs, implementation="foreach")
     for x, y in zip(whole, parts, strict=True):
         assert torch.equal(x, y)
     chunked = opt._elementwise and not opt._lazy_state
@@ -344,12 +352,16 @@ def test_a_large_parameters_step_holds_a_chunk_of_float32_copies_at_a_time():
 
     p = torch.nn.Parameter(torch.randn(8 * q.BATCH_ELEMENTS))
     p.grad = torch.randn_like(p)
-    opt = optgen.Adam([p], state_dtype="int8")
+    opt = optgen.Adam([p], state_dtype="int8", foreach=True)
     opt.step()
     float32_state = 2 * 4 * p.numel()
     # (one chunk: its two states' float32 copies and the quantization's temporaries, ~25 MiB for
     # chunks of 1M; the whole parameter's copies were 191 MiB, three times its float32 state)
     assert peak_temporary_bytes(opt, [p]) < 0.5 * float32_state
+    # the C kernel's float values live in registers and a block buffer on the stack: no tensor
+    fused = optgen.Adam([p], state_dtype="int8")
+    fused.step()
+    assert peak_temporary_bytes(fused, [p]) < 0.001 * float32_state
 
 
 def test_step_in_backward_with_int8_state_is_the_ordinary_loop():
