@@ -90,16 +90,24 @@ def state_bytes(opt) -> float:
     return total / n
 
 
-def step_times(numel: int, repeats: int) -> dict[str, float]:
+def step_times(numel: int, repeats: int, extra: dict) -> dict[str, float]:
     """Median step time of Adam on one tensor of ``numel`` parameters, runs interleaved: float32
-    state on the default (C) and foreach paths, bfloat16 state (C), int8 state (foreach)."""
+    state on the default (C) and foreach paths, bfloat16 state (C), int8 state (C, and the foreach
+    reference), and ``extra``'s 8-bit optimizers (torchao, bitsandbytes) where installed."""
     runs = {}
     cases = [("float32, default (C)", None, None), ("float32, foreach", None, True),
-             ("bfloat16, default (C)", torch.bfloat16, None), ("int8, default (foreach)", "int8", None)]
+             ("bfloat16, default (C)", torch.bfloat16, None), ("int8, default (C)", "int8", None),
+             ("int8, foreach (the reference)", "int8", True)]
     for label, dtype, foreach in cases:
         p = torch.nn.Parameter(torch.randn(numel))
         p.grad = torch.randn(numel)
         opt = optgen.Adam([p], lr=1e-3, foreach=foreach, state_dtype=dtype)
+        opt.step()
+        runs[label] = (opt, [])
+    for label, (_, make) in extra.items():
+        p = torch.nn.Parameter(torch.randn(numel))
+        p.grad = torch.randn(numel)
+        opt = make([p])
         opt.step()
         runs[label] = (opt, [])
     for _ in range(repeats):
@@ -147,7 +155,8 @@ def main() -> None:
             base = final if base is None else base
             curves[f"{name} {label}"] = losses
             rows.append((name, f"optgen, {label} state", final, final / base, accuracy, seconds))
-    for label, (name, make) in others().items():
+    extra = others()
+    for label, (name, make) in extra.items():
         started = time.perf_counter()
         losses, accuracy = train(make, args.steps, (x, y))
         final = sum(losses[-20:]) / 20
@@ -167,7 +176,7 @@ def main() -> None:
         opt.step()
         print(f"Adam state, {label}: {state_bytes(opt):.3f} bytes per parameter")
     print(f"\nAdam step on one tensor of {args.numel:,} parameters (median of 15, interleaved):")
-    for label, seconds in step_times(args.numel, 15).items():
+    for label, seconds in step_times(args.numel, 15, extra).items():
         print(f"  {label}: {seconds * 1e3:.1f} ms")
     if args.plot:
         import matplotlib
