@@ -23,6 +23,7 @@ def _adabelief_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     beta1: tl.float64,
     beta2: tl.float64,
@@ -36,6 +37,7 @@ def _adabelief_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
 ):
     """AdaBelief step, every combination of decoupled_weight_decay, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -89,12 +91,18 @@ def _adabelief_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        exp_avg_scale_ptr = tl.load(state_scales + 0 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         exp_avg_key = tl.load(state_keys + 0 * num_tensors + tensor)
     else:
         exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        exp_avg_var_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        exp_avg_var_scale_ptr = tl.load(state_scales + 1 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         exp_avg_var_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         exp_avg_var_key = tl.load(state_keys + 1 * num_tensors + tensor)
     else:
@@ -120,8 +128,18 @@ def _adabelief_kernel(
             if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
                 grad = grad * inv_scale
                 tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-            exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
-            exp_avg_var = tl.load(exp_avg_var_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                exp_avg_scale = tl.load(exp_avg_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                exp_avg = tl.load(q8_map + 256 + tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                exp_avg = (exp_avg * tl.abs(exp_avg_scale)).to(COMPUTE)
+            else:
+                exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                exp_avg_var_scale = tl.load(exp_avg_var_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                exp_avg_var = tl.load(q8_map + tl.where(exp_avg_var_scale < 0, 256, 0) + tl.load(exp_avg_var_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                exp_avg_var = (exp_avg_var * tl.abs(exp_avg_var_scale)).to(COMPUTE)
+            else:
+                exp_avg_var = tl.load(exp_avg_var_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if MAXIMIZE:
                 # grad = -grad
                 grad = -grad
@@ -140,7 +158,30 @@ def _adabelief_kernel(
             # param = param - lr / bias_correction1 * exp_avg / denom
             param = param - exp_avg * lr / bias_correction1 / denom
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                exp_avg_x = exp_avg.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    exp_avg_x = tl.where(in_bounds, exp_avg_x, 0.0)
+                exp_avg_x = tl.reshape(exp_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                exp_avg_largest = tl.abs(exp_avg_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    exp_avg_largest_a, exp_avg_largest_b = tl.split(tl.reshape(exp_avg_largest, (exp_avg_largest.shape[0], exp_avg_largest.shape[1] // 2, 2)))
+                    exp_avg_largest = tl.maximum(exp_avg_largest_a, exp_avg_largest_b)
+                exp_avg_largest = tl.reshape(exp_avg_largest, (BLOCK // Q8_BLOCK,))
+                exp_avg_largest = exp_avg_largest.to(tl.float32, bitcast=True)
+                exp_avg_y = tl.math.div_rn(exp_avg_x, tl.where(exp_avg_largest > 0, exp_avg_largest, 1.0)[:, None])
+                exp_avg_map = 1
+                exp_avg_bits = exp_avg_y.to(tl.uint32, bitcast=True)
+                exp_avg_magnitude = exp_avg_bits & 0x7FFFFFFF
+                exp_avg_below = ((exp_avg_bits >> 31) & (exp_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                exp_avg_bucket = (tl.minimum(exp_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                exp_avg_code = tl.load(q8_first + (exp_avg_map + 2 * exp_avg_below) * 65025 + exp_avg_bucket)
+                exp_avg_code += (exp_avg_y > tl.load(q8_map + 512 + exp_avg_map * 256 + exp_avg_code)).to(tl.int32)
+                tl.store(exp_avg_ptr + offsets, tl.reshape(exp_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                exp_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(exp_avg_scale_ptr + exp_avg_blocks, exp_avg_largest, mask=exp_avg_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 exp_avg_bits = exp_avg.to(tl.float32).to(tl.uint32, bitcast=True)
                 exp_avg_random = offsets.to(tl.uint32) ^ exp_avg_key.to(tl.uint32)  # mix32(index ^ key)
                 exp_avg_random = (exp_avg_random ^ (exp_avg_random >> 16)) * 0x21F0AAAD
@@ -151,7 +192,36 @@ def _adabelief_kernel(
                 tl.store(exp_avg_ptr + offsets, exp_avg_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
             else:
                 tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                exp_avg_var_x = exp_avg_var.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    exp_avg_var_x = tl.where(in_bounds, exp_avg_var_x, 0.0)
+                exp_avg_var_x = tl.reshape(exp_avg_var_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                exp_avg_var_largest = tl.abs(exp_avg_var_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    exp_avg_var_largest_a, exp_avg_var_largest_b = tl.split(tl.reshape(exp_avg_var_largest, (exp_avg_var_largest.shape[0], exp_avg_var_largest.shape[1] // 2, 2)))
+                    exp_avg_var_largest = tl.maximum(exp_avg_var_largest_a, exp_avg_var_largest_b)
+                exp_avg_var_largest = tl.reshape(exp_avg_var_largest, (BLOCK // Q8_BLOCK,))
+                exp_avg_var_largest = exp_avg_var_largest.to(tl.float32, bitcast=True)
+                exp_avg_var_y = tl.math.div_rn(exp_avg_var_x, tl.where(exp_avg_var_largest > 0, exp_avg_var_largest, 1.0)[:, None])
+                exp_avg_var_negative = (exp_avg_var_x < 0).to(tl.int32)
+                for _ in tl.static_range(8):
+                    exp_avg_var_negative_a, exp_avg_var_negative_b = tl.split(tl.reshape(exp_avg_var_negative, (exp_avg_var_negative.shape[0], exp_avg_var_negative.shape[1] // 2, 2)))
+                    exp_avg_var_negative = tl.maximum(exp_avg_var_negative_a, exp_avg_var_negative_b)
+                exp_avg_var_negative = tl.reshape(exp_avg_var_negative, (BLOCK // Q8_BLOCK,))
+                exp_avg_var_map = exp_avg_var_negative[:, None]
+                exp_avg_var_largest = tl.where(exp_avg_var_negative > 0, -exp_avg_var_largest, exp_avg_var_largest)
+                exp_avg_var_bits = exp_avg_var_y.to(tl.uint32, bitcast=True)
+                exp_avg_var_magnitude = exp_avg_var_bits & 0x7FFFFFFF
+                exp_avg_var_below = ((exp_avg_var_bits >> 31) & (exp_avg_var_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                exp_avg_var_bucket = (tl.minimum(exp_avg_var_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                exp_avg_var_code = tl.load(q8_first + (exp_avg_var_map + 2 * exp_avg_var_below) * 65025 + exp_avg_var_bucket)
+                exp_avg_var_code += (exp_avg_var_y > tl.load(q8_map + 512 + exp_avg_var_map * 256 + exp_avg_var_code)).to(tl.int32)
+                tl.store(exp_avg_var_ptr + offsets, tl.reshape(exp_avg_var_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                exp_avg_var_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(exp_avg_var_scale_ptr + exp_avg_var_blocks, exp_avg_var_largest, mask=exp_avg_var_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 exp_avg_var_bits = exp_avg_var.to(tl.float32).to(tl.uint32, bitcast=True)
                 exp_avg_var_random = offsets.to(tl.uint32) ^ exp_avg_var_key.to(tl.uint32)  # mix32(index ^ key)
                 exp_avg_var_random = (exp_avg_var_random ^ (exp_avg_var_random >> 16)) * 0x21F0AAAD

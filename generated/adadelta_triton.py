@@ -23,6 +23,7 @@ def _adadelta_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     rho: tl.float64,
     eps: tl.float64,
@@ -34,6 +35,7 @@ def _adadelta_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
 ):
     """Adadelta step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -76,12 +78,18 @@ def _adadelta_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        square_avg_scale_ptr = tl.load(state_scales + 0 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         square_avg_key = tl.load(state_keys + 0 * num_tensors + tensor)
     else:
         square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        acc_delta_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        acc_delta_scale_ptr = tl.load(state_scales + 1 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         acc_delta_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         acc_delta_key = tl.load(state_keys + 1 * num_tensors + tensor)
     else:
@@ -107,8 +115,18 @@ def _adadelta_kernel(
             if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
                 grad = grad * inv_scale
                 tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-            square_avg = tl.load(square_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
-            acc_delta = tl.load(acc_delta_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                square_avg_scale = tl.load(square_avg_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                square_avg = tl.load(q8_map + tl.where(square_avg_scale < 0, 256, 0) + tl.load(square_avg_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                square_avg = (square_avg * tl.abs(square_avg_scale)).to(COMPUTE)
+            else:
+                square_avg = tl.load(square_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                acc_delta_scale = tl.load(acc_delta_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                acc_delta = tl.load(q8_map + tl.where(acc_delta_scale < 0, 256, 0) + tl.load(acc_delta_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                acc_delta = (acc_delta * tl.abs(acc_delta_scale)).to(COMPUTE)
+            else:
+                acc_delta = tl.load(acc_delta_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if MAXIMIZE:
                 # grad = -grad
                 grad = -grad
@@ -126,7 +144,36 @@ def _adadelta_kernel(
             # param = param - lr * delta
             param = param - delta * lr
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                square_avg_x = square_avg.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    square_avg_x = tl.where(in_bounds, square_avg_x, 0.0)
+                square_avg_x = tl.reshape(square_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                square_avg_largest = tl.abs(square_avg_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    square_avg_largest_a, square_avg_largest_b = tl.split(tl.reshape(square_avg_largest, (square_avg_largest.shape[0], square_avg_largest.shape[1] // 2, 2)))
+                    square_avg_largest = tl.maximum(square_avg_largest_a, square_avg_largest_b)
+                square_avg_largest = tl.reshape(square_avg_largest, (BLOCK // Q8_BLOCK,))
+                square_avg_largest = square_avg_largest.to(tl.float32, bitcast=True)
+                square_avg_y = tl.math.div_rn(square_avg_x, tl.where(square_avg_largest > 0, square_avg_largest, 1.0)[:, None])
+                square_avg_negative = (square_avg_x < 0).to(tl.int32)
+                for _ in tl.static_range(8):
+                    square_avg_negative_a, square_avg_negative_b = tl.split(tl.reshape(square_avg_negative, (square_avg_negative.shape[0], square_avg_negative.shape[1] // 2, 2)))
+                    square_avg_negative = tl.maximum(square_avg_negative_a, square_avg_negative_b)
+                square_avg_negative = tl.reshape(square_avg_negative, (BLOCK // Q8_BLOCK,))
+                square_avg_map = square_avg_negative[:, None]
+                square_avg_largest = tl.where(square_avg_negative > 0, -square_avg_largest, square_avg_largest)
+                square_avg_bits = square_avg_y.to(tl.uint32, bitcast=True)
+                square_avg_magnitude = square_avg_bits & 0x7FFFFFFF
+                square_avg_below = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                square_avg_bucket = (tl.minimum(square_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                square_avg_code = tl.load(q8_first + (square_avg_map + 2 * square_avg_below) * 65025 + square_avg_bucket)
+                square_avg_code += (square_avg_y > tl.load(q8_map + 512 + square_avg_map * 256 + square_avg_code)).to(tl.int32)
+                tl.store(square_avg_ptr + offsets, tl.reshape(square_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                square_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(square_avg_scale_ptr + square_avg_blocks, square_avg_largest, mask=square_avg_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 square_avg_bits = square_avg.to(tl.float32).to(tl.uint32, bitcast=True)
                 square_avg_random = offsets.to(tl.uint32) ^ square_avg_key.to(tl.uint32)  # mix32(index ^ key)
                 square_avg_random = (square_avg_random ^ (square_avg_random >> 16)) * 0x21F0AAAD
@@ -137,7 +184,36 @@ def _adadelta_kernel(
                 tl.store(square_avg_ptr + offsets, square_avg_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
             else:
                 tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                acc_delta_x = acc_delta.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    acc_delta_x = tl.where(in_bounds, acc_delta_x, 0.0)
+                acc_delta_x = tl.reshape(acc_delta_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                acc_delta_largest = tl.abs(acc_delta_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    acc_delta_largest_a, acc_delta_largest_b = tl.split(tl.reshape(acc_delta_largest, (acc_delta_largest.shape[0], acc_delta_largest.shape[1] // 2, 2)))
+                    acc_delta_largest = tl.maximum(acc_delta_largest_a, acc_delta_largest_b)
+                acc_delta_largest = tl.reshape(acc_delta_largest, (BLOCK // Q8_BLOCK,))
+                acc_delta_largest = acc_delta_largest.to(tl.float32, bitcast=True)
+                acc_delta_y = tl.math.div_rn(acc_delta_x, tl.where(acc_delta_largest > 0, acc_delta_largest, 1.0)[:, None])
+                acc_delta_negative = (acc_delta_x < 0).to(tl.int32)
+                for _ in tl.static_range(8):
+                    acc_delta_negative_a, acc_delta_negative_b = tl.split(tl.reshape(acc_delta_negative, (acc_delta_negative.shape[0], acc_delta_negative.shape[1] // 2, 2)))
+                    acc_delta_negative = tl.maximum(acc_delta_negative_a, acc_delta_negative_b)
+                acc_delta_negative = tl.reshape(acc_delta_negative, (BLOCK // Q8_BLOCK,))
+                acc_delta_map = acc_delta_negative[:, None]
+                acc_delta_largest = tl.where(acc_delta_negative > 0, -acc_delta_largest, acc_delta_largest)
+                acc_delta_bits = acc_delta_y.to(tl.uint32, bitcast=True)
+                acc_delta_magnitude = acc_delta_bits & 0x7FFFFFFF
+                acc_delta_below = ((acc_delta_bits >> 31) & (acc_delta_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                acc_delta_bucket = (tl.minimum(acc_delta_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                acc_delta_code = tl.load(q8_first + (acc_delta_map + 2 * acc_delta_below) * 65025 + acc_delta_bucket)
+                acc_delta_code += (acc_delta_y > tl.load(q8_map + 512 + acc_delta_map * 256 + acc_delta_code)).to(tl.int32)
+                tl.store(acc_delta_ptr + offsets, tl.reshape(acc_delta_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                acc_delta_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(acc_delta_scale_ptr + acc_delta_blocks, acc_delta_largest, mask=acc_delta_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 acc_delta_bits = acc_delta.to(tl.float32).to(tl.uint32, bitcast=True)
                 acc_delta_random = offsets.to(tl.uint32) ^ acc_delta_key.to(tl.uint32)  # mix32(index ^ key)
                 acc_delta_random = (acc_delta_random ^ (acc_delta_random >> 16)) * 0x21F0AAAD

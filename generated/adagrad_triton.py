@@ -23,6 +23,7 @@ def _adagrad_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     lr_decay: tl.float64,
     weight_decay: tl.float64,
@@ -34,6 +35,7 @@ def _adagrad_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
 ):
     """Adagrad step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -73,7 +75,10 @@ def _adagrad_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        state_sum_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        state_sum_scale_ptr = tl.load(state_scales + 0 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         state_sum_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         state_sum_key = tl.load(state_keys + 0 * num_tensors + tensor)
     else:
@@ -98,7 +103,12 @@ def _adagrad_kernel(
             if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
                 grad = grad * inv_scale
                 tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-            state_sum = tl.load(state_sum_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                state_sum_scale = tl.load(state_sum_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                state_sum = tl.load(q8_map + tl.where(state_sum_scale < 0, 256, 0) + tl.load(state_sum_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                state_sum = (state_sum * tl.abs(state_sum_scale)).to(COMPUTE)
+            else:
+                state_sum = tl.load(state_sum_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if MAXIMIZE:
                 # grad = -grad
                 grad = -grad
@@ -112,7 +122,36 @@ def _adagrad_kernel(
             # param = param - clr * grad / std
             param = param - clr * grad / std
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                state_sum_x = state_sum.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    state_sum_x = tl.where(in_bounds, state_sum_x, 0.0)
+                state_sum_x = tl.reshape(state_sum_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                state_sum_largest = tl.abs(state_sum_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    state_sum_largest_a, state_sum_largest_b = tl.split(tl.reshape(state_sum_largest, (state_sum_largest.shape[0], state_sum_largest.shape[1] // 2, 2)))
+                    state_sum_largest = tl.maximum(state_sum_largest_a, state_sum_largest_b)
+                state_sum_largest = tl.reshape(state_sum_largest, (BLOCK // Q8_BLOCK,))
+                state_sum_largest = state_sum_largest.to(tl.float32, bitcast=True)
+                state_sum_y = tl.math.div_rn(state_sum_x, tl.where(state_sum_largest > 0, state_sum_largest, 1.0)[:, None])
+                state_sum_negative = (state_sum_x < 0).to(tl.int32)
+                for _ in tl.static_range(8):
+                    state_sum_negative_a, state_sum_negative_b = tl.split(tl.reshape(state_sum_negative, (state_sum_negative.shape[0], state_sum_negative.shape[1] // 2, 2)))
+                    state_sum_negative = tl.maximum(state_sum_negative_a, state_sum_negative_b)
+                state_sum_negative = tl.reshape(state_sum_negative, (BLOCK // Q8_BLOCK,))
+                state_sum_map = state_sum_negative[:, None]
+                state_sum_largest = tl.where(state_sum_negative > 0, -state_sum_largest, state_sum_largest)
+                state_sum_bits = state_sum_y.to(tl.uint32, bitcast=True)
+                state_sum_magnitude = state_sum_bits & 0x7FFFFFFF
+                state_sum_below = ((state_sum_bits >> 31) & (state_sum_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                state_sum_bucket = (tl.minimum(state_sum_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                state_sum_code = tl.load(q8_first + (state_sum_map + 2 * state_sum_below) * 65025 + state_sum_bucket)
+                state_sum_code += (state_sum_y > tl.load(q8_map + 512 + state_sum_map * 256 + state_sum_code)).to(tl.int32)
+                tl.store(state_sum_ptr + offsets, tl.reshape(state_sum_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                state_sum_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(state_sum_scale_ptr + state_sum_blocks, state_sum_largest, mask=state_sum_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 state_sum_bits = state_sum.to(tl.float32).to(tl.uint32, bitcast=True)
                 state_sum_random = offsets.to(tl.uint32) ^ state_sum_key.to(tl.uint32)  # mix32(index ^ key)
                 state_sum_random = (state_sum_random ^ (state_sum_random >> 16)) * 0x21F0AAAD

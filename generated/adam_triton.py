@@ -23,6 +23,7 @@ def _adam_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     beta1: tl.float64, beta1_ptr,  # or a 1-element tensor on the device, read when BETA1_IS_TENSOR
     beta2: tl.float64, beta2_ptr,  # or a 1-element tensor on the device, read when BETA2_IS_TENSOR
@@ -38,6 +39,7 @@ def _adam_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
 ):
     """Adam step, every combination of amsgrad, maximize, decoupled_weight_decay: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -103,18 +105,27 @@ def _adam_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        exp_avg_scale_ptr = tl.load(state_scales + 0 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         exp_avg_key = tl.load(state_keys + 0 * num_tensors + tensor)
     else:
         exp_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        exp_avg_sq_scale_ptr = tl.load(state_scales + 1 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         exp_avg_sq_key = tl.load(state_keys + 1 * num_tensors + tensor)
     else:
         exp_avg_sq_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if AMSGRAD:
-        if LOW_STATE:
+        if INT8_STATE:
+            max_exp_avg_sq_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+            max_exp_avg_sq_scale_ptr = tl.load(state_scales + 2 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+        elif LOW_STATE:
             max_exp_avg_sq_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
             max_exp_avg_sq_key = tl.load(state_keys + 2 * num_tensors + tensor)
         else:
@@ -142,10 +153,25 @@ def _adam_kernel(
             if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
                 grad = grad * inv_scale
                 tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-            exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
-            exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                exp_avg_scale = tl.load(exp_avg_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                exp_avg = tl.load(q8_map + 256 + tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                exp_avg = (exp_avg * tl.abs(exp_avg_scale)).to(COMPUTE)
+            else:
+                exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                exp_avg_sq_scale = tl.load(exp_avg_sq_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                exp_avg_sq = tl.load(q8_map + tl.where(exp_avg_sq_scale < 0, 256, 0) + tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                exp_avg_sq = (exp_avg_sq * tl.abs(exp_avg_sq_scale)).to(COMPUTE)
+            else:
+                exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if AMSGRAD:
-                max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+                if INT8_STATE:
+                    max_exp_avg_sq_scale = tl.load(max_exp_avg_sq_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                    max_exp_avg_sq = tl.load(q8_map + tl.where(max_exp_avg_sq_scale < 0, 256, 0) + tl.load(max_exp_avg_sq_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                    max_exp_avg_sq = (max_exp_avg_sq * tl.abs(max_exp_avg_sq_scale)).to(COMPUTE)
+                else:
+                    max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if MAXIMIZE:
                 # grad = -grad
                 grad = -grad
@@ -170,7 +196,30 @@ def _adam_kernel(
             # param = param - step_size * exp_avg / denom
             param = param - exp_avg * step_size / denom
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                exp_avg_x = exp_avg.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    exp_avg_x = tl.where(in_bounds, exp_avg_x, 0.0)
+                exp_avg_x = tl.reshape(exp_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                exp_avg_largest = tl.abs(exp_avg_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    exp_avg_largest_a, exp_avg_largest_b = tl.split(tl.reshape(exp_avg_largest, (exp_avg_largest.shape[0], exp_avg_largest.shape[1] // 2, 2)))
+                    exp_avg_largest = tl.maximum(exp_avg_largest_a, exp_avg_largest_b)
+                exp_avg_largest = tl.reshape(exp_avg_largest, (BLOCK // Q8_BLOCK,))
+                exp_avg_largest = exp_avg_largest.to(tl.float32, bitcast=True)
+                exp_avg_y = tl.math.div_rn(exp_avg_x, tl.where(exp_avg_largest > 0, exp_avg_largest, 1.0)[:, None])
+                exp_avg_map = 1
+                exp_avg_bits = exp_avg_y.to(tl.uint32, bitcast=True)
+                exp_avg_magnitude = exp_avg_bits & 0x7FFFFFFF
+                exp_avg_below = ((exp_avg_bits >> 31) & (exp_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                exp_avg_bucket = (tl.minimum(exp_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                exp_avg_code = tl.load(q8_first + (exp_avg_map + 2 * exp_avg_below) * 65025 + exp_avg_bucket)
+                exp_avg_code += (exp_avg_y > tl.load(q8_map + 512 + exp_avg_map * 256 + exp_avg_code)).to(tl.int32)
+                tl.store(exp_avg_ptr + offsets, tl.reshape(exp_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                exp_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(exp_avg_scale_ptr + exp_avg_blocks, exp_avg_largest, mask=exp_avg_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 exp_avg_bits = exp_avg.to(tl.float32).to(tl.uint32, bitcast=True)
                 exp_avg_random = offsets.to(tl.uint32) ^ exp_avg_key.to(tl.uint32)  # mix32(index ^ key)
                 exp_avg_random = (exp_avg_random ^ (exp_avg_random >> 16)) * 0x21F0AAAD
@@ -181,7 +230,36 @@ def _adam_kernel(
                 tl.store(exp_avg_ptr + offsets, exp_avg_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
             else:
                 tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                exp_avg_sq_x = exp_avg_sq.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    exp_avg_sq_x = tl.where(in_bounds, exp_avg_sq_x, 0.0)
+                exp_avg_sq_x = tl.reshape(exp_avg_sq_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                exp_avg_sq_largest = tl.abs(exp_avg_sq_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    exp_avg_sq_largest_a, exp_avg_sq_largest_b = tl.split(tl.reshape(exp_avg_sq_largest, (exp_avg_sq_largest.shape[0], exp_avg_sq_largest.shape[1] // 2, 2)))
+                    exp_avg_sq_largest = tl.maximum(exp_avg_sq_largest_a, exp_avg_sq_largest_b)
+                exp_avg_sq_largest = tl.reshape(exp_avg_sq_largest, (BLOCK // Q8_BLOCK,))
+                exp_avg_sq_largest = exp_avg_sq_largest.to(tl.float32, bitcast=True)
+                exp_avg_sq_y = tl.math.div_rn(exp_avg_sq_x, tl.where(exp_avg_sq_largest > 0, exp_avg_sq_largest, 1.0)[:, None])
+                exp_avg_sq_negative = (exp_avg_sq_x < 0).to(tl.int32)
+                for _ in tl.static_range(8):
+                    exp_avg_sq_negative_a, exp_avg_sq_negative_b = tl.split(tl.reshape(exp_avg_sq_negative, (exp_avg_sq_negative.shape[0], exp_avg_sq_negative.shape[1] // 2, 2)))
+                    exp_avg_sq_negative = tl.maximum(exp_avg_sq_negative_a, exp_avg_sq_negative_b)
+                exp_avg_sq_negative = tl.reshape(exp_avg_sq_negative, (BLOCK // Q8_BLOCK,))
+                exp_avg_sq_map = exp_avg_sq_negative[:, None]
+                exp_avg_sq_largest = tl.where(exp_avg_sq_negative > 0, -exp_avg_sq_largest, exp_avg_sq_largest)
+                exp_avg_sq_bits = exp_avg_sq_y.to(tl.uint32, bitcast=True)
+                exp_avg_sq_magnitude = exp_avg_sq_bits & 0x7FFFFFFF
+                exp_avg_sq_below = ((exp_avg_sq_bits >> 31) & (exp_avg_sq_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                exp_avg_sq_bucket = (tl.minimum(exp_avg_sq_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                exp_avg_sq_code = tl.load(q8_first + (exp_avg_sq_map + 2 * exp_avg_sq_below) * 65025 + exp_avg_sq_bucket)
+                exp_avg_sq_code += (exp_avg_sq_y > tl.load(q8_map + 512 + exp_avg_sq_map * 256 + exp_avg_sq_code)).to(tl.int32)
+                tl.store(exp_avg_sq_ptr + offsets, tl.reshape(exp_avg_sq_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                exp_avg_sq_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(exp_avg_sq_scale_ptr + exp_avg_sq_blocks, exp_avg_sq_largest, mask=exp_avg_sq_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 exp_avg_sq_bits = exp_avg_sq.to(tl.float32).to(tl.uint32, bitcast=True)
                 exp_avg_sq_random = offsets.to(tl.uint32) ^ exp_avg_sq_key.to(tl.uint32)  # mix32(index ^ key)
                 exp_avg_sq_random = (exp_avg_sq_random ^ (exp_avg_sq_random >> 16)) * 0x21F0AAAD
@@ -193,7 +271,36 @@ def _adam_kernel(
             else:
                 tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
             if AMSGRAD:
-                if LOW_STATE:
+                if INT8_STATE:
+                    tl.static_assert(Q8_BLOCK == 256)
+                    max_exp_avg_sq_x = max_exp_avg_sq.to(tl.float32)
+                    if MASKED:  # (the lanes past the end count as zeros)
+                        max_exp_avg_sq_x = tl.where(in_bounds, max_exp_avg_sq_x, 0.0)
+                    max_exp_avg_sq_x = tl.reshape(max_exp_avg_sq_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                    max_exp_avg_sq_largest = tl.abs(max_exp_avg_sq_x).to(tl.int32, bitcast=True)
+                    for _ in tl.static_range(8):
+                        max_exp_avg_sq_largest_a, max_exp_avg_sq_largest_b = tl.split(tl.reshape(max_exp_avg_sq_largest, (max_exp_avg_sq_largest.shape[0], max_exp_avg_sq_largest.shape[1] // 2, 2)))
+                        max_exp_avg_sq_largest = tl.maximum(max_exp_avg_sq_largest_a, max_exp_avg_sq_largest_b)
+                    max_exp_avg_sq_largest = tl.reshape(max_exp_avg_sq_largest, (BLOCK // Q8_BLOCK,))
+                    max_exp_avg_sq_largest = max_exp_avg_sq_largest.to(tl.float32, bitcast=True)
+                    max_exp_avg_sq_y = tl.math.div_rn(max_exp_avg_sq_x, tl.where(max_exp_avg_sq_largest > 0, max_exp_avg_sq_largest, 1.0)[:, None])
+                    max_exp_avg_sq_negative = (max_exp_avg_sq_x < 0).to(tl.int32)
+                    for _ in tl.static_range(8):
+                        max_exp_avg_sq_negative_a, max_exp_avg_sq_negative_b = tl.split(tl.reshape(max_exp_avg_sq_negative, (max_exp_avg_sq_negative.shape[0], max_exp_avg_sq_negative.shape[1] // 2, 2)))
+                        max_exp_avg_sq_negative = tl.maximum(max_exp_avg_sq_negative_a, max_exp_avg_sq_negative_b)
+                    max_exp_avg_sq_negative = tl.reshape(max_exp_avg_sq_negative, (BLOCK // Q8_BLOCK,))
+                    max_exp_avg_sq_map = max_exp_avg_sq_negative[:, None]
+                    max_exp_avg_sq_largest = tl.where(max_exp_avg_sq_negative > 0, -max_exp_avg_sq_largest, max_exp_avg_sq_largest)
+                    max_exp_avg_sq_bits = max_exp_avg_sq_y.to(tl.uint32, bitcast=True)
+                    max_exp_avg_sq_magnitude = max_exp_avg_sq_bits & 0x7FFFFFFF
+                    max_exp_avg_sq_below = ((max_exp_avg_sq_bits >> 31) & (max_exp_avg_sq_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    max_exp_avg_sq_bucket = (tl.minimum(max_exp_avg_sq_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                    max_exp_avg_sq_code = tl.load(q8_first + (max_exp_avg_sq_map + 2 * max_exp_avg_sq_below) * 65025 + max_exp_avg_sq_bucket)
+                    max_exp_avg_sq_code += (max_exp_avg_sq_y > tl.load(q8_map + 512 + max_exp_avg_sq_map * 256 + max_exp_avg_sq_code)).to(tl.int32)
+                    tl.store(max_exp_avg_sq_ptr + offsets, tl.reshape(max_exp_avg_sq_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                    max_exp_avg_sq_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                    tl.store(max_exp_avg_sq_scale_ptr + max_exp_avg_sq_blocks, max_exp_avg_sq_largest, mask=max_exp_avg_sq_blocks * Q8_BLOCK < end if MASKED else None)
+                elif LOW_STATE:
                     max_exp_avg_sq_bits = max_exp_avg_sq.to(tl.float32).to(tl.uint32, bitcast=True)
                     max_exp_avg_sq_random = offsets.to(tl.uint32) ^ max_exp_avg_sq_key.to(tl.uint32)  # mix32(index ^ key)
                     max_exp_avg_sq_random = (max_exp_avg_sq_random ^ (max_exp_avg_sq_random >> 16)) * 0x21F0AAAD

@@ -23,6 +23,7 @@ def _asgd_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     lambd: tl.float64,
     alpha: tl.float64,
@@ -35,6 +36,7 @@ def _asgd_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
 ):
     """ASGD step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -89,7 +91,10 @@ def _asgd_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        ax_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        ax_scale_ptr = tl.load(state_scales + 0 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         ax_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         ax_key = tl.load(state_keys + 0 * num_tensors + tensor)
     else:
@@ -114,7 +119,12 @@ def _asgd_kernel(
             if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
                 grad = grad * inv_scale
                 tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-            ax = tl.load(ax_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                ax_scale = tl.load(ax_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                ax = tl.load(q8_map + 256 + tl.load(ax_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                ax = (ax * tl.abs(ax_scale)).to(COMPUTE)
+            else:
+                ax = tl.load(ax_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if MAXIMIZE:
                 # grad = -grad
                 grad = -grad
@@ -130,7 +140,30 @@ def _asgd_kernel(
             # ax = param
             ax = tl.where(mu_eq_1, param, ax)
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                ax_x = ax.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    ax_x = tl.where(in_bounds, ax_x, 0.0)
+                ax_x = tl.reshape(ax_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                ax_largest = tl.abs(ax_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    ax_largest_a, ax_largest_b = tl.split(tl.reshape(ax_largest, (ax_largest.shape[0], ax_largest.shape[1] // 2, 2)))
+                    ax_largest = tl.maximum(ax_largest_a, ax_largest_b)
+                ax_largest = tl.reshape(ax_largest, (BLOCK // Q8_BLOCK,))
+                ax_largest = ax_largest.to(tl.float32, bitcast=True)
+                ax_y = tl.math.div_rn(ax_x, tl.where(ax_largest > 0, ax_largest, 1.0)[:, None])
+                ax_map = 1
+                ax_bits = ax_y.to(tl.uint32, bitcast=True)
+                ax_magnitude = ax_bits & 0x7FFFFFFF
+                ax_below = ((ax_bits >> 31) & (ax_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                ax_bucket = (tl.minimum(ax_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                ax_code = tl.load(q8_first + (ax_map + 2 * ax_below) * 65025 + ax_bucket)
+                ax_code += (ax_y > tl.load(q8_map + 512 + ax_map * 256 + ax_code)).to(tl.int32)
+                tl.store(ax_ptr + offsets, tl.reshape(ax_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                ax_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(ax_scale_ptr + ax_blocks, ax_largest, mask=ax_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 ax_bits = ax.to(tl.float32).to(tl.uint32, bitcast=True)
                 ax_random = offsets.to(tl.uint32) ^ ax_key.to(tl.uint32)  # mix32(index ^ key)
                 ax_random = (ax_random ^ (ax_random >> 16)) * 0x21F0AAAD

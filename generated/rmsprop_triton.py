@@ -23,6 +23,7 @@ def _rmsprop_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     alpha: tl.float64,
     eps: tl.float64,
@@ -37,6 +38,7 @@ def _rmsprop_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
 ):
     """RMSprop step, every combination of centered, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -83,19 +85,28 @@ def _rmsprop_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        square_avg_scale_ptr = tl.load(state_scales + 0 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         square_avg_key = tl.load(state_keys + 0 * num_tensors + tensor)
     else:
         square_avg_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_GT_0:
-        if LOW_STATE:
+        if INT8_STATE:
+            momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+            momentum_buffer_scale_ptr = tl.load(state_scales + 1 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+        elif LOW_STATE:
             momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
             momentum_buffer_key = tl.load(state_keys + 1 * num_tensors + tensor)
         else:
             momentum_buffer_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
     if CENTERED:
-        if LOW_STATE:
+        if INT8_STATE:
+            grad_avg_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+            grad_avg_scale_ptr = tl.load(state_scales + 2 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+        elif LOW_STATE:
             grad_avg_ptr = tl.load(addresses + 3 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
             grad_avg_key = tl.load(state_keys + 2 * num_tensors + tensor)
         else:
@@ -124,11 +135,26 @@ def _rmsprop_kernel(
             if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
                 grad = grad * inv_scale
                 tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-            square_avg = tl.load(square_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                square_avg_scale = tl.load(square_avg_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                square_avg = tl.load(q8_map + tl.where(square_avg_scale < 0, 256, 0) + tl.load(square_avg_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                square_avg = (square_avg * tl.abs(square_avg_scale)).to(COMPUTE)
+            else:
+                square_avg = tl.load(square_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if MOMENTUM_GT_0:
-                momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+                if INT8_STATE:
+                    momentum_buffer_scale = tl.load(momentum_buffer_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                    momentum_buffer = tl.load(q8_map + 256 + tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                    momentum_buffer = (momentum_buffer * tl.abs(momentum_buffer_scale)).to(COMPUTE)
+                else:
+                    momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if CENTERED:
-                grad_avg = tl.load(grad_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+                if INT8_STATE:
+                    grad_avg_scale = tl.load(grad_avg_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                    grad_avg = tl.load(q8_map + 256 + tl.load(grad_avg_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                    grad_avg = (grad_avg * tl.abs(grad_avg_scale)).to(COMPUTE)
+                else:
+                    grad_avg = tl.load(grad_avg_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if MAXIMIZE:
                 # grad = -grad
                 grad = -grad
@@ -154,7 +180,36 @@ def _rmsprop_kernel(
                 # param = param - lr * grad / avg
                 param = param - grad * lr / avg
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                square_avg_x = square_avg.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    square_avg_x = tl.where(in_bounds, square_avg_x, 0.0)
+                square_avg_x = tl.reshape(square_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                square_avg_largest = tl.abs(square_avg_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    square_avg_largest_a, square_avg_largest_b = tl.split(tl.reshape(square_avg_largest, (square_avg_largest.shape[0], square_avg_largest.shape[1] // 2, 2)))
+                    square_avg_largest = tl.maximum(square_avg_largest_a, square_avg_largest_b)
+                square_avg_largest = tl.reshape(square_avg_largest, (BLOCK // Q8_BLOCK,))
+                square_avg_largest = square_avg_largest.to(tl.float32, bitcast=True)
+                square_avg_y = tl.math.div_rn(square_avg_x, tl.where(square_avg_largest > 0, square_avg_largest, 1.0)[:, None])
+                square_avg_negative = (square_avg_x < 0).to(tl.int32)
+                for _ in tl.static_range(8):
+                    square_avg_negative_a, square_avg_negative_b = tl.split(tl.reshape(square_avg_negative, (square_avg_negative.shape[0], square_avg_negative.shape[1] // 2, 2)))
+                    square_avg_negative = tl.maximum(square_avg_negative_a, square_avg_negative_b)
+                square_avg_negative = tl.reshape(square_avg_negative, (BLOCK // Q8_BLOCK,))
+                square_avg_map = square_avg_negative[:, None]
+                square_avg_largest = tl.where(square_avg_negative > 0, -square_avg_largest, square_avg_largest)
+                square_avg_bits = square_avg_y.to(tl.uint32, bitcast=True)
+                square_avg_magnitude = square_avg_bits & 0x7FFFFFFF
+                square_avg_below = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                square_avg_bucket = (tl.minimum(square_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                square_avg_code = tl.load(q8_first + (square_avg_map + 2 * square_avg_below) * 65025 + square_avg_bucket)
+                square_avg_code += (square_avg_y > tl.load(q8_map + 512 + square_avg_map * 256 + square_avg_code)).to(tl.int32)
+                tl.store(square_avg_ptr + offsets, tl.reshape(square_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                square_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(square_avg_scale_ptr + square_avg_blocks, square_avg_largest, mask=square_avg_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 square_avg_bits = square_avg.to(tl.float32).to(tl.uint32, bitcast=True)
                 square_avg_random = offsets.to(tl.uint32) ^ square_avg_key.to(tl.uint32)  # mix32(index ^ key)
                 square_avg_random = (square_avg_random ^ (square_avg_random >> 16)) * 0x21F0AAAD
@@ -166,7 +221,30 @@ def _rmsprop_kernel(
             else:
                 tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
             if MOMENTUM_GT_0:
-                if LOW_STATE:
+                if INT8_STATE:
+                    tl.static_assert(Q8_BLOCK == 256)
+                    momentum_buffer_x = momentum_buffer.to(tl.float32)
+                    if MASKED:  # (the lanes past the end count as zeros)
+                        momentum_buffer_x = tl.where(in_bounds, momentum_buffer_x, 0.0)
+                    momentum_buffer_x = tl.reshape(momentum_buffer_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                    momentum_buffer_largest = tl.abs(momentum_buffer_x).to(tl.int32, bitcast=True)
+                    for _ in tl.static_range(8):
+                        momentum_buffer_largest_a, momentum_buffer_largest_b = tl.split(tl.reshape(momentum_buffer_largest, (momentum_buffer_largest.shape[0], momentum_buffer_largest.shape[1] // 2, 2)))
+                        momentum_buffer_largest = tl.maximum(momentum_buffer_largest_a, momentum_buffer_largest_b)
+                    momentum_buffer_largest = tl.reshape(momentum_buffer_largest, (BLOCK // Q8_BLOCK,))
+                    momentum_buffer_largest = momentum_buffer_largest.to(tl.float32, bitcast=True)
+                    momentum_buffer_y = tl.math.div_rn(momentum_buffer_x, tl.where(momentum_buffer_largest > 0, momentum_buffer_largest, 1.0)[:, None])
+                    momentum_buffer_map = 1
+                    momentum_buffer_bits = momentum_buffer_y.to(tl.uint32, bitcast=True)
+                    momentum_buffer_magnitude = momentum_buffer_bits & 0x7FFFFFFF
+                    momentum_buffer_below = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    momentum_buffer_bucket = (tl.minimum(momentum_buffer_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                    momentum_buffer_code = tl.load(q8_first + (momentum_buffer_map + 2 * momentum_buffer_below) * 65025 + momentum_buffer_bucket)
+                    momentum_buffer_code += (momentum_buffer_y > tl.load(q8_map + 512 + momentum_buffer_map * 256 + momentum_buffer_code)).to(tl.int32)
+                    tl.store(momentum_buffer_ptr + offsets, tl.reshape(momentum_buffer_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                    momentum_buffer_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                    tl.store(momentum_buffer_scale_ptr + momentum_buffer_blocks, momentum_buffer_largest, mask=momentum_buffer_blocks * Q8_BLOCK < end if MASKED else None)
+                elif LOW_STATE:
                     momentum_buffer_bits = momentum_buffer.to(tl.float32).to(tl.uint32, bitcast=True)
                     momentum_buffer_random = offsets.to(tl.uint32) ^ momentum_buffer_key.to(tl.uint32)  # mix32(index ^ key)
                     momentum_buffer_random = (momentum_buffer_random ^ (momentum_buffer_random >> 16)) * 0x21F0AAAD
@@ -178,7 +256,30 @@ def _rmsprop_kernel(
                 else:
                     tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
             if CENTERED:
-                if LOW_STATE:
+                if INT8_STATE:
+                    tl.static_assert(Q8_BLOCK == 256)
+                    grad_avg_x = grad_avg.to(tl.float32)
+                    if MASKED:  # (the lanes past the end count as zeros)
+                        grad_avg_x = tl.where(in_bounds, grad_avg_x, 0.0)
+                    grad_avg_x = tl.reshape(grad_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                    grad_avg_largest = tl.abs(grad_avg_x).to(tl.int32, bitcast=True)
+                    for _ in tl.static_range(8):
+                        grad_avg_largest_a, grad_avg_largest_b = tl.split(tl.reshape(grad_avg_largest, (grad_avg_largest.shape[0], grad_avg_largest.shape[1] // 2, 2)))
+                        grad_avg_largest = tl.maximum(grad_avg_largest_a, grad_avg_largest_b)
+                    grad_avg_largest = tl.reshape(grad_avg_largest, (BLOCK // Q8_BLOCK,))
+                    grad_avg_largest = grad_avg_largest.to(tl.float32, bitcast=True)
+                    grad_avg_y = tl.math.div_rn(grad_avg_x, tl.where(grad_avg_largest > 0, grad_avg_largest, 1.0)[:, None])
+                    grad_avg_map = 1
+                    grad_avg_bits = grad_avg_y.to(tl.uint32, bitcast=True)
+                    grad_avg_magnitude = grad_avg_bits & 0x7FFFFFFF
+                    grad_avg_below = ((grad_avg_bits >> 31) & (grad_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    grad_avg_bucket = (tl.minimum(grad_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                    grad_avg_code = tl.load(q8_first + (grad_avg_map + 2 * grad_avg_below) * 65025 + grad_avg_bucket)
+                    grad_avg_code += (grad_avg_y > tl.load(q8_map + 512 + grad_avg_map * 256 + grad_avg_code)).to(tl.int32)
+                    tl.store(grad_avg_ptr + offsets, tl.reshape(grad_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                    grad_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                    tl.store(grad_avg_scale_ptr + grad_avg_blocks, grad_avg_largest, mask=grad_avg_blocks * Q8_BLOCK < end if MASKED else None)
+                elif LOW_STATE:
                     grad_avg_bits = grad_avg.to(tl.float32).to(tl.uint32, bitcast=True)
                     grad_avg_random = offsets.to(tl.uint32) ^ grad_avg_key.to(tl.uint32)  # mix32(index ^ key)
                     grad_avg_random = (grad_avg_random ^ (grad_avg_random >> 16)) * 0x21F0AAAD

@@ -23,6 +23,7 @@ def _rprop_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     etaminus: tl.float64,
     etaplus: tl.float64,
     step_size_min: tl.float64,
@@ -32,6 +33,7 @@ def _rprop_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
 ):
     """Rprop step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -67,12 +69,18 @@ def _rprop_kernel(
     # this program's tensors
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        prev_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        prev_scale_ptr = tl.load(state_scales + 0 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         prev_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         prev_key = tl.load(state_keys + 0 * num_tensors + tensor)
     else:
         prev_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(DTYPE))
-    if LOW_STATE:
+    if INT8_STATE:
+        step_size_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+        step_size_scale_ptr = tl.load(state_scales + 1 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+    elif LOW_STATE:
         step_size_ptr = tl.load(addresses + 2 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
         step_size_key = tl.load(state_keys + 1 * num_tensors + tensor)
     else:
@@ -98,8 +106,18 @@ def _rprop_kernel(
             if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do
                 grad = grad * inv_scale
                 tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
-            prev = tl.load(prev_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
-            step_size = tl.load(step_size_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                prev_scale = tl.load(prev_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                prev = tl.load(q8_map + 256 + tl.load(prev_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                prev = (prev * tl.abs(prev_scale)).to(COMPUTE)
+            else:
+                prev = tl.load(prev_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+            if INT8_STATE:
+                step_size_scale = tl.load(step_size_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                step_size = tl.load(q8_map + tl.where(step_size_scale < 0, 256, 0) + tl.load(step_size_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                step_size = (step_size * tl.abs(step_size_scale)).to(COMPUTE)
+            else:
+                step_size = tl.load(step_size_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             # sign = sign(grad * prev)
             sign = tl.where(grad * prev > 0, 1.0, tl.where(grad * prev < 0, -1.0, 0.0)).to(COMPUTE)
             if MAXIMIZE:
@@ -121,7 +139,30 @@ def _rprop_kernel(
             # param = param - sign(prev) * step_size
             param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0)).to(COMPUTE)
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                prev_x = prev.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    prev_x = tl.where(in_bounds, prev_x, 0.0)
+                prev_x = tl.reshape(prev_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                prev_largest = tl.abs(prev_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    prev_largest_a, prev_largest_b = tl.split(tl.reshape(prev_largest, (prev_largest.shape[0], prev_largest.shape[1] // 2, 2)))
+                    prev_largest = tl.maximum(prev_largest_a, prev_largest_b)
+                prev_largest = tl.reshape(prev_largest, (BLOCK // Q8_BLOCK,))
+                prev_largest = prev_largest.to(tl.float32, bitcast=True)
+                prev_y = tl.math.div_rn(prev_x, tl.where(prev_largest > 0, prev_largest, 1.0)[:, None])
+                prev_map = 1
+                prev_bits = prev_y.to(tl.uint32, bitcast=True)
+                prev_magnitude = prev_bits & 0x7FFFFFFF
+                prev_below = ((prev_bits >> 31) & (prev_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                prev_bucket = (tl.minimum(prev_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                prev_code = tl.load(q8_first + (prev_map + 2 * prev_below) * 65025 + prev_bucket)
+                prev_code += (prev_y > tl.load(q8_map + 512 + prev_map * 256 + prev_code)).to(tl.int32)
+                tl.store(prev_ptr + offsets, tl.reshape(prev_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                prev_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(prev_scale_ptr + prev_blocks, prev_largest, mask=prev_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 prev_bits = prev.to(tl.float32).to(tl.uint32, bitcast=True)
                 prev_random = offsets.to(tl.uint32) ^ prev_key.to(tl.uint32)  # mix32(index ^ key)
                 prev_random = (prev_random ^ (prev_random >> 16)) * 0x21F0AAAD
@@ -132,7 +173,36 @@ def _rprop_kernel(
                 tl.store(prev_ptr + offsets, prev_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)
             else:
                 tl.store(prev_ptr + offsets, prev.to(DTYPE), mask=in_bounds)
-            if LOW_STATE:
+            if INT8_STATE:
+                tl.static_assert(Q8_BLOCK == 256)
+                step_size_x = step_size.to(tl.float32)
+                if MASKED:  # (the lanes past the end count as zeros)
+                    step_size_x = tl.where(in_bounds, step_size_x, 0.0)
+                step_size_x = tl.reshape(step_size_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                step_size_largest = tl.abs(step_size_x).to(tl.int32, bitcast=True)
+                for _ in tl.static_range(8):
+                    step_size_largest_a, step_size_largest_b = tl.split(tl.reshape(step_size_largest, (step_size_largest.shape[0], step_size_largest.shape[1] // 2, 2)))
+                    step_size_largest = tl.maximum(step_size_largest_a, step_size_largest_b)
+                step_size_largest = tl.reshape(step_size_largest, (BLOCK // Q8_BLOCK,))
+                step_size_largest = step_size_largest.to(tl.float32, bitcast=True)
+                step_size_y = tl.math.div_rn(step_size_x, tl.where(step_size_largest > 0, step_size_largest, 1.0)[:, None])
+                step_size_negative = (step_size_x < 0).to(tl.int32)
+                for _ in tl.static_range(8):
+                    step_size_negative_a, step_size_negative_b = tl.split(tl.reshape(step_size_negative, (step_size_negative.shape[0], step_size_negative.shape[1] // 2, 2)))
+                    step_size_negative = tl.maximum(step_size_negative_a, step_size_negative_b)
+                step_size_negative = tl.reshape(step_size_negative, (BLOCK // Q8_BLOCK,))
+                step_size_map = step_size_negative[:, None]
+                step_size_largest = tl.where(step_size_negative > 0, -step_size_largest, step_size_largest)
+                step_size_bits = step_size_y.to(tl.uint32, bitcast=True)
+                step_size_magnitude = step_size_bits & 0x7FFFFFFF
+                step_size_below = ((step_size_bits >> 31) & (step_size_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                step_size_bucket = (tl.minimum(step_size_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                step_size_code = tl.load(q8_first + (step_size_map + 2 * step_size_below) * 65025 + step_size_bucket)
+                step_size_code += (step_size_y > tl.load(q8_map + 512 + step_size_map * 256 + step_size_code)).to(tl.int32)
+                tl.store(step_size_ptr + offsets, tl.reshape(step_size_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                step_size_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                tl.store(step_size_scale_ptr + step_size_blocks, step_size_largest, mask=step_size_blocks * Q8_BLOCK < end if MASKED else None)
+            elif LOW_STATE:
                 step_size_bits = step_size.to(tl.float32).to(tl.uint32, bitcast=True)
                 step_size_random = offsets.to(tl.uint32) ^ step_size_key.to(tl.uint32)  # mix32(index ^ key)
                 step_size_random = (step_size_random ^ (step_size_random >> 16)) * 0x21F0AAAD

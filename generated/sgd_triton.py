@@ -23,6 +23,7 @@ def _sgd_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     momentum: tl.float64,
     dampening: tl.float64,
@@ -36,6 +37,7 @@ def _sgd_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
 ):
     """SGD step, every combination of nesterov, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -72,7 +74,10 @@ def _sgd_kernel(
     param_ptr = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(DTYPE))
     if MOMENTUM_NE_0:
-        if LOW_STATE:
+        if INT8_STATE:
+            momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.uint8))
+            momentum_buffer_scale_ptr = tl.load(state_scales + 0 * num_tensors + tensor).to(tl.pointer_type(tl.float32))
+        elif LOW_STATE:
             momentum_buffer_ptr = tl.load(addresses + 1 * num_tensors + tensor).to(tl.pointer_type(tl.bfloat16))
             momentum_buffer_key = tl.load(state_keys + 0 * num_tensors + tensor)
         else:
@@ -99,7 +104,12 @@ def _sgd_kernel(
                 grad = grad * inv_scale
                 tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=in_bounds)
             if MOMENTUM_NE_0:
-                momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
+                if INT8_STATE:
+                    momentum_buffer_scale = tl.load(momentum_buffer_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)
+                    momentum_buffer = tl.load(q8_map + 256 + tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))
+                    momentum_buffer = (momentum_buffer * tl.abs(momentum_buffer_scale)).to(COMPUTE)
+                else:
+                    momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)
             if MAXIMIZE:
                 # grad = -grad
                 grad = -grad
@@ -119,7 +129,30 @@ def _sgd_kernel(
             param = param - grad * lr
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if MOMENTUM_NE_0:
-                if LOW_STATE:
+                if INT8_STATE:
+                    tl.static_assert(Q8_BLOCK == 256)
+                    momentum_buffer_x = momentum_buffer.to(tl.float32)
+                    if MASKED:  # (the lanes past the end count as zeros)
+                        momentum_buffer_x = tl.where(in_bounds, momentum_buffer_x, 0.0)
+                    momentum_buffer_x = tl.reshape(momentum_buffer_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+                    momentum_buffer_largest = tl.abs(momentum_buffer_x).to(tl.int32, bitcast=True)
+                    for _ in tl.static_range(8):
+                        momentum_buffer_largest_a, momentum_buffer_largest_b = tl.split(tl.reshape(momentum_buffer_largest, (momentum_buffer_largest.shape[0], momentum_buffer_largest.shape[1] // 2, 2)))
+                        momentum_buffer_largest = tl.maximum(momentum_buffer_largest_a, momentum_buffer_largest_b)
+                    momentum_buffer_largest = tl.reshape(momentum_buffer_largest, (BLOCK // Q8_BLOCK,))
+                    momentum_buffer_largest = momentum_buffer_largest.to(tl.float32, bitcast=True)
+                    momentum_buffer_y = tl.math.div_rn(momentum_buffer_x, tl.where(momentum_buffer_largest > 0, momentum_buffer_largest, 1.0)[:, None])
+                    momentum_buffer_map = 1
+                    momentum_buffer_bits = momentum_buffer_y.to(tl.uint32, bitcast=True)
+                    momentum_buffer_magnitude = momentum_buffer_bits & 0x7FFFFFFF
+                    momentum_buffer_below = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    momentum_buffer_bucket = (tl.minimum(momentum_buffer_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                    momentum_buffer_code = tl.load(q8_first + (momentum_buffer_map + 2 * momentum_buffer_below) * 65025 + momentum_buffer_bucket)
+                    momentum_buffer_code += (momentum_buffer_y > tl.load(q8_map + 512 + momentum_buffer_map * 256 + momentum_buffer_code)).to(tl.int32)
+                    tl.store(momentum_buffer_ptr + offsets, tl.reshape(momentum_buffer_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
+                    momentum_buffer_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
+                    tl.store(momentum_buffer_scale_ptr + momentum_buffer_blocks, momentum_buffer_largest, mask=momentum_buffer_blocks * Q8_BLOCK < end if MASKED else None)
+                elif LOW_STATE:
                     momentum_buffer_bits = momentum_buffer.to(tl.float32).to(tl.uint32, bitcast=True)
                     momentum_buffer_random = offsets.to(tl.uint32) ^ momentum_buffer_key.to(tl.uint32)  # mix32(index ^ key)
                     momentum_buffer_random = (momentum_buffer_random ^ (momentum_buffer_random >> 16)) * 0x21F0AAAD

@@ -103,7 +103,8 @@ RESERVED = frozenset({
     "applies", "arrived", "last", "start", "end", "whole_end", "block", "offsets", "in_bounds", "inv_scale",
     "MASKED", "other",
     "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK", "ALIGNED",
-    "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float", "state_keys", "LOW_STATE",
+    "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float", "state_keys", "LOW_STATE", "state_scales", "q8_map", "q8_first",
+    "INT8_STATE", "Q8_BLOCK",
 })
 
 #: state initialisers whose tensor is shaped like the parameter (so a flat chunk covers it)
@@ -305,8 +306,12 @@ class _KernelBuilder:
             k = self.kname(t)
             offset = f"{i} * num_tensors + tensor" if i else "tensor"
             pointer = [f"{k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(DTYPE))"]
-            if t in low:  # Note [Low-precision state in Triton]
-                pointer = ["if LOW_STATE:",
+            if t in low:  # Note [Low-precision state in Triton], Note [Blockwise 8-bit state in Triton]
+                pointer = ["if INT8_STATE:",
+                           f"    {k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(tl.uint8))",
+                           f"    {k}_scale_ptr = tl.load(state_scales + {low.index(t)} * num_tensors + tensor)"
+                           ".to(tl.pointer_type(tl.float32))",
+                           "elif LOW_STATE:",
                            f"    {k}_ptr = tl.load(addresses + {offset}).to(tl.pointer_type(tl.bfloat16))",
                            f"    {k}_key = tl.load(state_keys + {low.index(t)} * num_tensors + tensor)",
                            "else:", f"    {pointer[0]}"]
@@ -328,6 +333,9 @@ class _KernelBuilder:
             k = self.kname(t)
             # (a state created this step holds garbage until the store: tl.where never selects it)
             load = [f"{k} = tl.load({k}_ptr + offsets, mask=in_bounds, other=other).to(COMPUTE)"]
+            if t in low:
+                load = ["if INT8_STATE:", *("    " + line for line in _q8_load(k, self.signed(t))), "else:",
+                        f"    {load[0]}"]
             if t == "grad":
                 load += ["if HAS_GRAD_SCALE:  # GradScaler's unscale, written back as torch's fused kernels do",
                          "    grad = grad * inv_scale",
@@ -340,7 +348,8 @@ class _KernelBuilder:
                 k = self.kname(t)
                 store = [f"tl.store({k}_ptr + offsets, {k}.to(DTYPE), mask=in_bounds)"]
                 if t in low:
-                    store = ["if LOW_STATE:", *("    " + line for line in _stochastic_store(k)),
+                    store = ["if INT8_STATE:", *("    " + line for line in _q8_store(k, self.signed(t))),
+                             "elif LOW_STATE:", *("    " + line for line in _stochastic_store(k)),
                              "else:", f"    {store[0]}"]
                 block += self._guarded(written[t], store)
 
@@ -357,6 +366,10 @@ class _KernelBuilder:
                       block=block)
 
     # -- helpers -------------------------------------------------------------------------------------
+    def signed(self, state: str) -> bool:
+        """Whether an int8 state uses the signed code map (Note [Blockwise 8-bit state])."""
+        return not self.spec.state[state].nonnegative
+
     def _counter_value(self, statement) -> str:
         """A counter's new value, rounded as torch rounds it (:attr:`Statement.rounding`): an update
         that reads the counter runs on its 0-dim tensor, in the counter's dtype (``mu_product *= mu``
@@ -449,6 +462,74 @@ def _stochastic_store(k: str) -> list[str]:
             f"{k}_bits = tl.where(({k}_bits & 0x7FFFFFFF) > 0x7F800000, ({k}_bits >> 16) | 0x40,  # NaN stays NaN",
             f"                    ({k}_bits + ({k}_random & 0xFFFF)) >> 16)",
             f"tl.store({k}_ptr + offsets, {k}_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_bounds)"]
+
+
+# Note [Blockwise 8-bit state in Triton]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Under ``state_dtype="int8"`` (Note [Blockwise 8-bit state] in optgen/runtime/quantized_state.py)
+# a kernel is launched with ``INT8_STATE=True``: each low-precision state is addressed as its codes
+# (uint8) and its blocks' scales (``state_scales``: [low-precision states, T] addresses), and the C
+# kernel's steps (Note [Blockwise 8-bit state in C]) run on the loop's block of BLOCK elements, a
+# whole number of the state's blocks of Q8_BLOCK (the launcher checks): a code loads as its map
+# value (``q8_map``, the unsigned then the signed map) times its block's scale; the new values,
+# seen as [BLOCK // Q8_BLOCK, Q8_BLOCK], give each block its absmax (a max over the bits of the
+# magnitudes: NaN above infinity, as torch's amax), are divided by it (``div_rn``: the reference's
+# IEEE division, not the GPU's approximate one), and find their nearest code by the reference's
+# bit-pattern lookup (``q8_first``, the C prelude's tables).  The lanes past a tensor's end count as
+# zeros, and the scales of blocks past it are not written.
+
+def _q8_load(k: str, signed: bool) -> list[str]:
+    """State ``k``'s values under INT8_STATE: codes times their block's scale."""
+    table = "256" if signed else f"tl.where({k}_scale < 0, 256, 0)"
+    return [f"{k}_scale = tl.load({k}_scale_ptr + offsets // Q8_BLOCK, mask=in_bounds, other=other)",
+            f"{k} = tl.load(q8_map + {table} + tl.load({k}_ptr + offsets, mask=in_bounds, other=other).to(tl.int32))",
+            f"{k} = ({k} * tl.abs({k}_scale)).to(COMPUTE)"]
+
+
+def _block_max(target: str, value: str) -> list[str]:
+    """``target`` = the largest of each row of ``value`` ([blocks, Q8_BLOCK] int32), by halving the
+    rows: tl.max is a @triton.jit function of Triton's standard library, which its interpreter
+    cannot call where the kernel is interpreted without TRITON_INTERPRET=1 (the tests' CPU path)."""
+    return [f"{target} = {value}",
+            f"for _ in tl.static_range({q8_block_bits()}):",
+            f"    {target}_a, {target}_b = tl.split(tl.reshape({target}, "
+            f"({target}.shape[0], {target}.shape[1] // 2, 2)))",
+            f"    {target} = tl.maximum({target}_a, {target}_b)",
+            f"{target} = tl.reshape({target}, (BLOCK // Q8_BLOCK,))"]
+
+
+def q8_block_bits() -> int:
+    from optgen.runtime import quantized_state
+
+    return quantized_state.BLOCK.bit_length() - 1
+
+
+def _q8_store(k: str, signed: bool) -> list[str]:
+    """The store of state ``k`` under INT8_STATE: each block's absmax and each element's nearest code."""
+    out = [f"tl.static_assert(Q8_BLOCK == {1 << q8_block_bits()})",
+           f"{k}_x = {k}.to(tl.float32)",
+           "if MASKED:  # (the lanes past the end count as zeros)",
+           f"    {k}_x = tl.where(in_bounds, {k}_x, 0.0)",
+           f"{k}_x = tl.reshape({k}_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))",
+           *_block_max(f"{k}_largest", f"tl.abs({k}_x).to(tl.int32, bitcast=True)"),
+           f"{k}_largest = {k}_largest.to(tl.float32, bitcast=True)",
+           f"{k}_y = tl.math.div_rn({k}_x, tl.where({k}_largest > 0, {k}_largest, 1.0)[:, None])"]
+    if signed:
+        out.append(f"{k}_map = 1")
+    else:  # a block holding a negative value uses the signed map, its scale stored negated
+        out += [*_block_max(f"{k}_negative", f"({k}_x < 0).to(tl.int32)"),
+                f"{k}_map = {k}_negative[:, None]",
+                f"{k}_largest = tl.where({k}_negative > 0, -{k}_largest, {k}_largest)"]
+    out += [f"{k}_bits = {k}_y.to(tl.uint32, bitcast=True)",
+            f"{k}_magnitude = {k}_bits & 0x7FFFFFFF",
+            f"{k}_below = (({k}_bits >> 31) & ({k}_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)",
+            f"{k}_bucket = (tl.minimum({k}_magnitude, 0x3F800000) >> 14).to(tl.int32)",
+            f"{k}_code = tl.load(q8_first + ({k}_map + 2 * {k}_below) * 65025 + {k}_bucket)",
+            f"{k}_code += ({k}_y > tl.load(q8_map + 512 + {k}_map * 256 + {k}_code)).to(tl.int32)",
+            f"tl.store({k}_ptr + offsets, tl.reshape({k}_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)",
+            f"{k}_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)",
+            f"tl.store({k}_scale_ptr + {k}_blocks, {k}_largest, mask={k}_blocks * Q8_BLOCK < end if MASKED else None)"]
+    return out
 
 
 class TritonBackend(FusedBackend):

@@ -550,22 +550,6 @@ class Kernel:
         return BoundLaunch(self, tensors, counters, self._uses(arguments))
 
 
-def _check_scales(params, tensors, low: Int8State) -> None:
-    """Each int8 state's scales: a contiguous float32 CPU tensor of one per block of its codes
-    (the kernel reads and writes that many: a shorter one would be written past its end)."""
-    for index, scales in zip(low.order, low.scales, strict=True):
-        for i, (codes, s) in enumerate(zip(tensors[index], scales, strict=True)):
-            if codes is None:
-                continue
-            wanted = quantized_state.blocks(params[i].numel())
-            if s is None or s.device.type != "cpu" or s.dtype != torch.float32 or s.numel() != wanted \
-                    or not s.is_contiguous() or outside_storage(s):
-                got = "missing" if s is None else f"{s.dtype} {tuple(s.shape)} on {s.device}"
-                raise RuntimeError(f"optgen's fused CPU kernel needs an int8 state's scales as a contiguous float32 "
-                                   f"CPU tensor of {wanted} elements (one per block of {quantized_state.BLOCK}): "
-                                   f"parameter {i}'s are {got}")
-
-
 def _missing(values) -> bool:
     return any(t is None for t in values)
 
@@ -779,7 +763,8 @@ def _check(params, tensors, grads, counters, reduced=None, low: LowState | Int8S
                            f"parameters, not {params[0].dtype}")
     low_indices = low.indices if low is not None else frozenset()
     if isinstance(low, Int8State) and tensors:
-        _check_scales(params, tensors, low)
+        quantized_state.check_scales(params, [tensors[index] for index in low.order], low.scales,
+                                     torch.device("cpu"), "fused CPU kernel")
     reduced = reduced or {}
     for index, (what, values) in enumerate((("parameter", params), ("gradient", grads),
                                             *(("state", v) for v in tensors[1:]))):

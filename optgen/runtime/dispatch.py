@@ -136,12 +136,13 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
         return forced
     int8 = quantized_state.is_int8(group.get("state_dtype"))
     if int8 and group.get("fused"):
-        reason = c_declines_int8(params, optimizer)
+        fused = "triton" if triton_applies(params) else "c"
+        reason = int8_declines(fused, params, optimizer)
         if reason is not None:
             raise RuntimeError(f"optgen.{type(optimizer).__name__}: state_dtype='int8' has no fused kernel for these "
                                f"parameters ({reason}; Note [Blockwise 8-bit state]); use foreach=True, or "
                                "fused=None to pick automatically")
-        return "c"
+        return fused
     if group.get("fused"):
         if "triton" in optimizer.implementations and triton_applies(params):
             return "triton"
@@ -161,7 +162,8 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     if group.get("foreach") is not None or group.get("differentiable") or not params:
         return "forloop"
     if int8:  # the C kernel where it applies, else the reference (Note [Blockwise 8-bit state])
-        return "c" if defaults_policy() == "fastest" and c_declines_int8(params, optimizer) is None else "foreach"
+        # (CUDA: the Triton kernels' int8 state has run only in Triton's interpreter: the reference)
+        return "c" if defaults_policy() == "fastest" and int8_declines("c", params, optimizer) is None else "foreach"
     # capturable (CUDA graphs) keeps torch's choice, and with it torch's error on CPU parameters
     if group.get("fused") is None and not group.get("capturable") and "c" in optimizer.implementations \
             and defaults_policy() == "fastest" and all(p.device.type == "cpu" for p in params) \
@@ -177,17 +179,24 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     return "forloop"
 
 
-def c_declines_int8(params: list[torch.Tensor], optimizer) -> str | None:
-    """Why the fused C kernel cannot update these parameters' int8 state (None: it can): as
-    c_declines, and it needs float32 CPU parameters (plain tensors) and a spec whose kernel has an
-    int8 version (Note [Blockwise 8-bit state in C] in optgen/backends/c.py)."""
-    if "c" not in optimizer.implementations:
-        return f"{type(optimizer).__name__} has no C kernel"
-    if not getattr(optimizer._kernel("c").step, "int8", False):
-        return f"{type(optimizer).__name__}'s C kernel has no int8 version (a walk over rows stores its state)"
-    if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 or type(p) not in PLAIN_TYPES
-                         for p in params):
-        return "it takes float32 CPU parameters"
+def int8_declines(implementation: str, params: list[torch.Tensor], optimizer) -> str | None:
+    """Why the fused ``implementation`` ("c" or "triton") cannot update these parameters' int8
+    state (None: it can): it needs float32 parameters (plain tensors) where that kernel runs
+    (c_declines; the Triton kernels' CONFIG) and a spec whose kernel has an int8 version (Note [Blockwise
+    8-bit state in C] in optgen/backends/c.py, Note [Blockwise 8-bit state in Triton])."""
+    name = {"c": "C", "triton": "Triton"}[implementation]
+    if implementation not in optimizer.implementations:
+        return f"{type(optimizer).__name__} has no {name} kernel"
+    if not getattr(optimizer._kernel(implementation).step, "int8", False):
+        return f"{type(optimizer).__name__}'s {name} kernel has no int8 version (a walk over rows stores its state)"
+    if not params or any(p.dtype != torch.float32 or type(p) not in PLAIN_TYPES for p in params):
+        return "it takes float32 parameters"
+    if implementation == "triton":  # (chosen where triton_applies; forced, on CPU tensors: interpreted)
+        from optgen.runtime import triton_launch  # (imports triton: only where it runs)
+
+        return triton_launch.int8_unsupported()
+    if any(p.device.type != "cpu" for p in params):
+        return "the C kernel takes CPU parameters"
     return c_declines(params, optimizer)
 
 

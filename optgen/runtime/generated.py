@@ -37,7 +37,7 @@ from optgen.runtime.optimizer import Optimizer
 from optgen.runtime.step_cache import CachedStep
 
 if TYPE_CHECKING:
-    from optgen.runtime import c_launch
+    from optgen.runtime import c_launch, triton_launch
 
 
 def scalar_dtype() -> torch.dtype:
@@ -193,8 +193,8 @@ class GeneratedOptimizer(Optimizer):
         if kernel.counters_on_device:
             _counters_on_device(self, params, states, tensors)
         keys = self._rounding_keys(group, params, states, implementation)
-        if int8 and quantized is None and implementation == "c":  # dequantized, updated, requantized in C
-            self._run_int8_c(kernel, group, params, states, tensors, scalars)
+        if int8 and quantized is None and implementation in ("c", "triton"):  # dequantized, updated, requantized
+            self._run_int8_fused(kernel, group, params, states, tensors, scalars)
         elif int8 and quantized is None:  # the reference, a batch of parameters or chunks at a time
             self._run_int8(kernel, group, params, states, tensors, scalars)
         elif quantized is not None:  # the reference on float32 copies, quantized back below
@@ -234,17 +234,19 @@ class GeneratedOptimizer(Optimizer):
                 for j, i in enumerate(batch):
                     values[i] = part[name][j]
 
-    def _run_int8_c(self, kernel: KernelModule, group: dict, params, states, tensors: dict, scalars: dict) -> None:
-        """The C kernel over int8 state (Note [Blockwise 8-bit state in C] in optgen/backends/c.py),
-        in up to three parts: the parameters whose states are codes, in one launch of the kernel's
-        int8 version, given their scales; those too small to quantize (float32 state), in one
-        launch of the plain kernel; and any whose quantized state this step creates (SGD's momentum
-        buffer on its first step), or that the kernel declines (a non-contiguous gradient), on the
-        reference."""
+    def _run_int8_fused(self, kernel: KernelModule, group: dict, params, states, tensors: dict,
+                        scalars: dict) -> None:
+        """The C or Triton kernel over int8 state (Note [Blockwise 8-bit state in C] in
+        optgen/backends/c.py, Note [Blockwise 8-bit state in Triton] in backends/triton.py), in up
+        to three parts: the parameters whose states are codes, in one launch of the kernel's int8
+        version, given their scales; those too small to quantize (float32 state), in one launch of
+        the plain kernel; and any whose quantized state this step creates (SGD's momentum buffer on
+        its first step), or that the kernel declines (a non-contiguous state), on the reference."""
         names = self._low_precision_lists()
         flags = {f: bool(group[f]) for f in kernel.flags}
-        launch = cast("c_launch.Kernel", kernel.step)
-        lazy = {launch.tensors[index]: when for index, when in launch.lazy.items()}
+        launch = cast("c_launch.Kernel | triton_launch.Kernel", kernel.step)
+        names_in_order = [t if isinstance(t, str) else t[0] for t in launch.tensors]  # (Triton's: (name, used))
+        lazy = {names_in_order[index]: when for index, when in launch.lazy.items()}
         arguments = {**tensors, **scalars, **flags}
         coded, plain, reference = [], [], []
         for i, p in enumerate(params):
@@ -289,11 +291,12 @@ class GeneratedOptimizer(Optimizer):
         if dtype is None:
             return None
         if quantized_state.is_int8(dtype):  # (no rounding keys: rounded to nearest; never bound)
-            reason = dispatch.c_declines_int8(params, self) if implementation == "c" else None
-            if implementation not in ("forloop", "foreach", "c") or reason is not None:
-                raise RuntimeError(f"optgen: state_dtype='int8' runs on the forloop, foreach and C kernels, not the "
-                                   f"{implementation} one{f' ({reason})' if reason else ''} (Note [Blockwise 8-bit "
-                                   "state]); use foreach=True")
+            reason = dispatch.int8_declines(implementation, params, self) \
+                if implementation in ("c", "triton") else None
+            if implementation not in ("forloop", "foreach", "c", "triton") or reason is not None:
+                raise RuntimeError(f"optgen: state_dtype='int8' runs on the forloop, foreach, C and Triton kernels, "
+                                   f"not the {implementation} one{f' ({reason})' if reason else ''} (Note [Blockwise "
+                                   "8-bit state]); use foreach=True")
             return {}
         if implementation not in ("forloop", "foreach", "c", "triton"):
             raise RuntimeError(f"optgen: state_dtype=torch.bfloat16 runs on the forloop, foreach, C and Triton "

@@ -191,6 +191,25 @@ def requantize(value: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, s
     return new_codes, new_absmax
 
 
+def check_scales(params, codes: list, scales: list, device: torch.device, kernel: str) -> None:
+    """Each int8 state's scales, as a fused kernel addresses them: a contiguous float32 tensor on
+    ``device`` of one per block of its codes (the kernel reads and writes that many: a shorter one
+    would be written past its end).  ``codes``, ``scales``: per state, its list over ``params``."""
+    from optgen.runtime.native import outside_storage
+
+    for values, per_tensor in zip(codes, scales, strict=True):
+        for i, (c, s) in enumerate(zip(values, per_tensor, strict=True)):
+            if c is None:
+                continue
+            wanted = blocks(params[i].numel())
+            if s is None or s.device != device or s.dtype != torch.float32 or s.numel() != wanted \
+                    or not s.is_contiguous() or outside_storage(s):
+                got = "missing" if s is None else f"{s.dtype} {tuple(s.shape)} on {s.device}"
+                raise RuntimeError(f"optgen's {kernel} needs an int8 state's scales as a contiguous float32 tensor "
+                                   f"of {wanted} elements (one per block of {BLOCK}) on {device}: parameter {i}'s "
+                                   f"are {got}")
+
+
 def is_quantized(state: dict, key: str) -> bool:
     """Whether ``state[key]`` holds codes: it has scales beside it.  (Not its dtype: torch's
     ``load_state_dict`` casts every non-counter state of a floating parameter to the parameter's

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import triton.language as tl  # the first use of a triton implementation imports triton here
 
+from optgen.runtime import quantized_state
 from optgen.runtime.native import (
     KernelDeclined,
     LaunchPlan,
@@ -101,6 +102,7 @@ class _Plan(LaunchPlan):
         self.num_tensors = num_tensors
         self.programs = programs
         self.aligned = False          # every param and state address a multiple of 16 bytes
+        self.scales: torch.Tensor | None = None  # int8 states' scales' addresses [states, T]
         self.grads_aligned = False
 
 
@@ -124,13 +126,15 @@ class Kernel:
         self.kernel, self.tensors, self.counters, self.lazy = kernel, tensors, counters, lazy
         #: indices into ``tensors`` of the states bfloat16 state_dtype keeps in bfloat16, in key order
         self.low_precision = tuple(low_precision)
+        #: the kernel takes int8 state too (Note [Blockwise 8-bit state in Triton]): any with low-precision states
+        self.int8 = bool(self.low_precision)
         self.hyperparameters, self.tensor_hyperparameters, self.guards = hyperparameters, tensor_hyperparameters, guards
         #: the generated module whose LAUNCH this is: how the custom op finds it again (a string
         #: goes into a graph; the kernel does not)
         self.module = kernel.fn.__module__
         register_launcher(self.module, self)
 
-    def __call__(self, *, grad_scale=None, found_inf=None, state_keys=None, **arguments) -> None:
+    def __call__(self, *, grad_scale=None, found_inf=None, state_keys=None, state_scales=None, **arguments) -> None:
         guards = {name: bool(condition(arguments)) for name, condition in self.guards.items()}
         tensors = [(arguments[name], used is None or bool(used(arguments))) for name, used in self.tensors]
         counters = [arguments[c] for c in self.counters]
@@ -140,11 +144,15 @@ class Kernel:
         if params and traced(params[0]):
             _traced_launch(self, tensors, counters, lazy, hyperparameters, guards, grad_scale, found_inf)
             return
-        low = None
+        low: tuple[frozenset[int], torch.Tensor] | Int8State | None = None
         if state_keys is not None:  # bfloat16 state: [low-precision lists, T] keys (Note [Low-precision state
             # in Triton])
             keys = [state_keys[self.tensors[index][0]] for index in self.low_precision]
             low = (frozenset(self.low_precision), torch.tensor(keys, dtype=torch.int64, device=params[0].device))
+        elif state_scales is not None:  # int8 state: each such list's scales (Note [Blockwise 8-bit state in Triton])
+            if not self.int8:
+                raise RuntimeError(f"optgen: {self.module} has no Triton kernel for int8 state")
+            low = Int8State(self.low_precision, [state_scales[self.tensors[index][0]] for index in self.low_precision])
         launch(self.kernel, tensors=tensors, counters=counters, lazy=lazy, hyperparameters=hyperparameters,
                tensor_hyperparameters=self.tensor_hyperparameters, guards=guards,
                grad_scale=grad_scale, found_inf=found_inf, low=low)
@@ -229,6 +237,55 @@ def _(module, tensors, used, absent, counters, n, first, hyperparameters, tensor
     return None
 
 
+class Int8State:
+    """A launch's int8 states (Note [Blockwise 8-bit state in Triton]): their indices into the
+    lists, and each one's scales per tensor (float32, one per block), tabled on the device."""
+
+    def __init__(self, indices: tuple[int, ...], scales: list[list[torch.Tensor | None]]):
+        self.indices, self.scales = indices, scales
+
+    def __getitem__(self, k: int):  # (as the bfloat16 launch's (indices, keys) pair: which lists)
+        assert k == 0
+        return frozenset(self.indices)
+
+
+def q8_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 code tables on ``device``: the maps then their midpoints (float32, 1024), and the
+    nearest-code lookup's first codes (int32, 4 x 65025): the C prelude's, from quantized_state."""
+    if device not in _Q8_TABLES:
+        q = quantized_state
+        maps = torch.cat([q.code_map(False), q.code_map(True), q._midpoints(False), torch.tensor([math.inf]),
+                          q._midpoints(True), torch.tensor([math.inf])])
+        buckets = (0x3F800000 >> q._BUCKET_SHIFT) + 1
+        bits = torch.arange(buckets, dtype=torch.int64) << q._BUCKET_SHIFT
+        low = (bits | ((1 << q._BUCKET_SHIFT) - 1)).to(torch.int32).view(torch.float32)
+        first = [torch.searchsorted(q._midpoints(signed), value.contiguous(), side="left").clamp_(max=255)
+                 for signed, value in ((False, bits.to(torch.int32).view(torch.float32)),
+                                       (True, bits.to(torch.int32).view(torch.float32)),
+                                       (False, -low), (True, -low))]
+        first[2] = torch.zeros_like(first[2])  # (an unsigned state's negative values: -0 only, code 0)
+        _Q8_TABLES[device] = (maps.to(device), torch.cat(first).to(torch.int32).to(device))
+    return _Q8_TABLES[device]
+
+
+_Q8_TABLES: dict = {}
+
+
+def block_for(dtype: torch.dtype) -> int:
+    """BLOCK, the elements of one loop iteration, for parameters of ``dtype`` (CONFIG)."""
+    return CONFIG["BLOCK"] or 32 * CONFIG["num_warps"] * 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def int8_unsupported() -> str | None:
+    """Why the kernels cannot step int8 state with this CONFIG (None: they can): a loop block
+    must hold whole quantization blocks (Note [Blockwise 8-bit state in Triton])."""
+    block = block_for(torch.float32)
+    if block % quantized_state.BLOCK or CONFIG["CHUNK"] % block:
+        return (f"the Triton kernels step int8 state in loop blocks of whole quantization blocks: BLOCK={block} is not "
+                f"a multiple of {quantized_state.BLOCK} (or CHUNK={CONFIG['CHUNK']} of BLOCK)")
+    return None
+
+
 def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperparameters, guards,
            grad_scale=None, found_inf=None, low=None) -> None:
     """Runs ``kernel`` once over every tensor of one (device, dtype) group.
@@ -244,7 +301,8 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
     guards: the kernel's constexpr conditions, evaluated on the host.
     grad_scale, found_inf: GradScaler's tensors (None when not scaling).
     low: (indices into ``tensors`` of the bfloat16 states, their keys [states, T] on the device), or
-        None: every state in the parameters' dtype (Note [Low-precision state in Triton]).
+        an Int8State, or None: every state in the parameters' dtype (Note [Low-precision state in
+        Triton]).  An int8 launch creates no state (the reference does).
     """
     params = tensors[0][0]
     if not params:
@@ -254,6 +312,9 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
         raise RuntimeError(f"optgen's triton kernels support {', '.join(map(str, DTYPES))} parameters, "
                            f"not {dtype}; use foreach=True")
     lists = [values for values, _ in tensors]
+    if isinstance(low, Int8State) and creates_states(lists, lazy):
+        raise RuntimeError("optgen: the triton kernel's int8 launch creates no state: the step that creates it runs "
+                           "on the reference (Note [Blockwise 8-bit state in Triton])")
     if creates_states(lists, lazy):
         # Checked before the new state exists: a group declined here (KernelDeclined: the caller
         # runs the for-loop instead) leaves nothing allocated behind in the caller's lists.
@@ -294,11 +355,21 @@ def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperpara
     if found_inf is not None:
         found_inf = found_inf.to(device, non_blocking=True)
     counter_dtype = counters[0][0].dtype if counters and counters[0] else torch.float32
+    block = block_for(dtype)
     if "LOW_STATE" in kernel.arg_names:  # a kernel with low-precision states (Note [Low-precision state in Triton])
-        kwargs["state_keys"] = dummy if low is None else low[1]
-        kwargs["LOW_STATE"] = low is not None
+        int8 = isinstance(low, Int8State)
+        kwargs["state_keys"] = dummy if low is None or int8 else low[1]
+        kwargs["LOW_STATE"] = low is not None and not int8
+        kwargs["state_scales"], kwargs["q8_map"], kwargs["q8_first"] = dummy, dummy, dummy
+        kwargs["INT8_STATE"], kwargs["Q8_BLOCK"] = int8, quantized_state.BLOCK
+        if int8:  # Note [Blockwise 8-bit state in Triton]
+            reason = int8_unsupported()
+            if reason is not None:
+                raise RuntimeError(f"optgen: {reason}")
+            kwargs["state_scales"] = plan.scales
+            kwargs["q8_map"], kwargs["q8_first"] = q8_tables(device)
     elif low is not None:
-        raise RuntimeError("optgen: this triton kernel keeps no state in bfloat16")
+        raise RuntimeError("optgen: this triton kernel keeps no low-precision state")
     run = _runner(kernel, device)
     with _on(device), _quiet(device):
         run[(plan.programs,)](
@@ -315,7 +386,7 @@ def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperpara
             COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
             COUNTER_DTYPE=DTYPES.get(counter_dtype, tl.float32),
             CHUNK=CONFIG["CHUNK"],
-            BLOCK=CONFIG["BLOCK"] or 32 * CONFIG["num_warps"] * 16 // params[0].element_size(),
+            BLOCK=block,
             num_warps=CONFIG["num_warps"],
             enable_fp_fusion=True,  # a * b + c as one FMA, as nvcc compiles torch's fused kernels
         )
@@ -333,12 +404,16 @@ def _plan(device, dtype, tensors, counters, new, low=None) -> _Plan:
     key = (device, dtype, CONFIG["CHUNK"], layout((t if used else None for values, used in rows for t in values),
                                                   devices=True),
            layout((c for values in counters for c in values), devices=True), tuple(map(tuple, new)),
-           low is not None and low[0])
+           low is not None and (type(low).__name__, low[0]),
+           isinstance(low, Int8State) and layout((s for per in low.scales for s in per), devices=True))
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
     _check(device, dtype, params, [named for named in _named(tensors) if named[2] != "gradient"], counters,
-           low=_low_lists(tensors, low))
+           low=_low_lists(tensors, low), int8=isinstance(low, Int8State))
+    if isinstance(low, Int8State):
+        quantized_state.check_scales(params, [tensors[index][0] for index in low.indices], low.scales, device,
+                                     "triton kernel")
     addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in rows]
     counter_addresses = [[t.data_ptr() for t in values] for values in counters]
     numels = [p.numel() for p in params]
@@ -360,6 +435,8 @@ def _plan(device, dtype, tensors, counters, new, low=None) -> _Plan:
     table = _to_device(flat, device)
     plan = _Plan(table, tuple(table[a:b] for a, b in bounds), len(params), len(chunk_tensors))
     plan.aligned = all(a % 16 == 0 for row in addresses for a in row)
+    if isinstance(low, Int8State):  # [states, T]: each int8 state's scales (Note [Blockwise 8-bit state in Triton])
+        plan.scales = _to_device([0 if s is None else s.data_ptr() for per in low.scales for s in per] or [0], device)
     return _PLANS.put(key, plan)
 
 
@@ -382,18 +459,20 @@ def _low_lists(tensors, low) -> frozenset[int]:
     return frozenset(id(tensors[index][0]) for index in low[0]) if low is not None else frozenset()
 
 
-def _check(device, dtype, params, lists, counters, allow_missing: bool = False, low=frozenset()) -> None:
+def _check(device, dtype, params, lists, counters, allow_missing: bool = False, low=frozenset(),
+           int8: bool = False) -> None:
     """Every tensor the kernel will address is there, on the group's device and dtype (bfloat16 for
     the lists whose ids are in ``low``), shaped like its parameter and contiguous (the kernel walks
     it as one flat array); every counter is one element on the device, all of one dtype (run only
     when a table is built, not every step).  A tensor that is only not contiguous, or counters of
     two dtypes, raise KernelDeclined."""
     if low and dtype != torch.float32:
-        raise RuntimeError(f"optgen's triton kernel keeps bfloat16 state for float32 parameters, not {dtype}")
+        raise RuntimeError(f"optgen's triton kernel keeps {'int8' if int8 else 'bfloat16'} state for float32 "
+                           f"parameters, not {dtype}")
     for values, used, what in lists:
         if not used:
             continue
-        expected = torch.bfloat16 if id(values) in low else dtype
+        expected = (torch.uint8 if int8 else torch.bfloat16) if id(values) in low else dtype
         for i, t in enumerate(values):
             if t is None:
                 if allow_missing:  # a state this step creates

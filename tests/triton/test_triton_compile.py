@@ -47,7 +47,8 @@ def signature(kernel, dtype, everything_on: bool, flags: dict | None = None):
             types[p.name] = "constexpr"
             constants[p.name] = {"DTYPE": dtype, "COMPUTE": tl.float64 if dtype == tl.float64 else tl.float32,
                                  "COUNTER_DTYPE": tl.float32, "CHUNK": 16384,
-                                 "BLOCK": 32 * 4 * 16 // (dtype.primitive_bitwidth // 8)}.get(p.name, everything_on)
+                                 "BLOCK": 32 * 4 * 16 // (dtype.primitive_bitwidth // 8),
+                                 "INT8_STATE": False, "Q8_BLOCK": 256}.get(p.name, everything_on)
             if p.name in module.LAUNCH.guards:
                 constants[p.name] = bool(module.LAUNCH.guards[p.name](arguments))
         elif p.name == "num_tensors":
@@ -98,3 +99,16 @@ def test_plain_float32_and_float64_kernels_compile():
         for kernel in kernels("adam") + kernels("sgd"):
             types, constants = signature(kernel, dtype, False)
             assert triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS).asm["cubin"]
+
+
+def test_int8_state_kernels_compile():
+    """The int8 state specialisation (Note [Blockwise 8-bit state in Triton]): float32 parameters,
+    codes, the code tables (float32 maps, int32 first codes), every guard on, and off."""
+    for module_name in ("adam", "sgd", "rmsprop", "lion"):
+        for kernel in kernels(module_name):
+            for everything_on in (True, False):
+                types, constants = signature(kernel, tl.float32, everything_on)
+                constants.update(LOW_STATE=False, INT8_STATE=True, Q8_BLOCK=256)
+                types.update(q8_map="*fp32", q8_first="*i32")
+                compiled = triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS)
+                assert compiled.asm["cubin"], (kernel.fn.__name__, everything_on)

@@ -133,3 +133,31 @@ def test_one_launch_per_group_on_cuda():
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len([e for e in kernels if "_adam_" in e.name]) == 1, [e.name for e in kernels]  # AdamW runs Adam's kernels
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adam", dict(lr=0.01, amsgrad=True)), ("SGD", dict(lr=0.1, momentum=0.9)),
+                                         ("RMSprop", dict(lr=0.01, centered=True)), ("Lion", dict(lr=1e-3))],
+                         ids=["Adam", "SGD", "RMSprop", "Lion"])
+def test_int8_state_matches_the_reference(name, kwargs):
+    """int8 state on the GPU (Note [Blockwise 8-bit state in Triton]): ``fused=True`` or the Triton
+    kernel by name against the foreach reference on the same GPU — parameters within float32
+    rounding, codes equal but for a rare element one apart, scales within float32 rounding."""
+    from optgen.runtime import quantized_state as q
+
+    def make(implementation):
+        def build(params):
+            opt = optgen.OPTIMIZERS[name](params, state_dtype="int8", **kwargs)
+            opt.implementation = implementation
+            return opt
+        return build
+
+    reference, ref = _run(make("foreach"))
+    fused, opt = _run(make("triton"))
+    for p, r in zip(fused, reference, strict=True):
+        torch.testing.assert_close(p, r, rtol=2e-5, atol=1e-6)
+        for key, value in ref.state[r].items():
+            if q.is_quantized(ref.state[r], key):
+                apart = (opt.state[p][key].int() - value.int()).abs()
+                assert apart.max() <= 1 and (apart > 0).float().mean() <= 1e-3, key
+                torch.testing.assert_close(opt.state[p][key + q.ABSMAX], ref.state[r][key + q.ABSMAX], rtol=1e-5,
+                                           atol=0)
