@@ -472,11 +472,15 @@ def _stochastic_store(k: str) -> list[str]:
 # kernel's steps (Note [Blockwise 8-bit state in C]) run on the loop's block of BLOCK elements, a
 # whole number of the state's blocks of Q8_BLOCK (the launcher checks): a code loads as its map
 # value (``q8_map``, the unsigned then the signed map) times its block's scale; the new values,
-# seen as [BLOCK // Q8_BLOCK, Q8_BLOCK], give each block its absmax (a max over the bits of the
-# magnitudes: NaN above infinity, as torch's amax), are divided by it (``div_rn``: the reference's
-# IEEE division, not the GPU's approximate one), and find their nearest code by the reference's
-# bit-pattern lookup (``q8_first``, the C prelude's tables).  The lanes past a tensor's end count as
-# zeros, and the scales of blocks past it are not written.
+# seen as [BLOCK // Q8_BLOCK, Q8_BLOCK], give each block its absmax (the largest bits of the
+# magnitudes, NaN above infinity as in torch's amax, found by halving the rows with tl.split and
+# tl.maximum: tl.max is a @triton.jit function, which the interpreter the tests run cannot call),
+# are divided by it (``div_rn``: the reference's IEEE division, not the GPU's approximate one), and
+# find their nearest code by the reference's bit-pattern lookup (``q8_first``: the C prelude's
+# tables, built by triton_launch.q8_tables).  The lanes past a tensor's end count as zeros, and the
+# scales of blocks past it are not written.  It has run in Triton's interpreter and compiles for
+# sm_90 (tests/triton); no GPU has run it yet, so on CUDA ``fused=True`` picks it and the default
+# stays the reference.
 
 def _q8_load(k: str, signed: bool) -> list[str]:
     """State ``k``'s values under INT8_STATE: codes times their block's scale."""
