@@ -29,10 +29,12 @@ too, with the same threshold).
   ``state[p][key + ".absmax"]`` the scales (float32, one per block): ``state_dict()`` carries both
   and loads back bit for bit; loading a float32 or bfloat16 checkpoint into an int8 optimizer
   quantizes it, an int8 checkpoint into another one dequantizes it (:func:`convert_loaded_state`).
-- A block a sparse gradient's step left as it was keeps its codes and scale (:func:`requantize`):
-  quantized again, one whose largest magnitude is negative would shrink 0.7% (the signed map has
-  no -1), step after step, in the rows the gradients do not touch.  (A dense step moves every
-  element of a signed state, a moment decaying: the comparison is not paid for there.)
+- A block a step left as it was keeps its codes and scale (:func:`requantize`): quantized again,
+  one whose largest magnitude is negative would shrink 0.7% (the signed map has no -1), step after
+  step — in the rows a sparse gradient does not touch, or in a state a flag leaves unused
+  (RMSprop's ``grad_avg`` once ``centered`` is off).  The reference compares the blocks of every
+  signed state (an unsigned block requantizes to itself: its map has 1); the fused kernels never
+  store a state their step does not write.
 - A NaN in a block makes the block's absmax NaN, so the whole block's state dequantizes to NaN on
   the next step (as in bitsandbytes and torchao); a float32 state would keep it to the element.
 
@@ -224,7 +226,7 @@ class Quantized:
     ``states``: per entry of the lists, the mapping holding its codes and scales (a parameter's
     state, or a chunk's views of them: :func:`chunked`); ``params``: the parameter of each entry.
     ``partial``: the step updates some elements only (a sparse gradient's rows): the blocks it left
-    as they were keep their codes and scales (:func:`requantize`)."""
+    as they were keep their codes and scales (:func:`requantize`), as a signed state's always do."""
 
     def __init__(self, optimizer, params, states, lists: dict[str, list], names: list[tuple[str, str]],
                  partial: bool = False):
@@ -248,8 +250,9 @@ class Quantized:
                     continue
                 if old is not None and old.dtype == torch.uint8:
                     scales = state[key + ABSMAX]
-                    codes, absmax = requantize(new, old, scales, self.signed[key], key) if self.partial \
-                        else quantize(new, self.signed[key], key)
+                    # (a block left as it was keeps its codes: Note [Blockwise 8-bit state])
+                    codes, absmax = requantize(new, old, scales, self.signed[key], key) \
+                        if self.partial or self.signed[key] else quantize(new, self.signed[key], key)
                     old.copy_(codes)
                     scales.copy_(absmax)
                     values[i] = old

@@ -425,3 +425,26 @@ def test_a_block_left_as_it_was_keeps_its_codes_and_scale():
     assert torch.equal(new_codes[:256], codes[:256]) and torch.equal(new_codes[256:], fresh_codes[256:])
     assert torch.equal(new_absmax, torch.stack([absmax[0], fresh_absmax[1], fresh_absmax[2]]))
     assert torch.equal(fresh_absmax[2], absmax[2])  # (the third: a positive largest magnitude, stable anyway)
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "c"])
+def test_a_state_a_flag_leaves_unused_keeps_its_codes_and_scales(implementation):
+    """RMSprop's grad_avg once ``centered`` is switched off: no step writes it, so it stays as it
+    was, bit for bit.  (The reference quantized every state again after each step: a block whose
+    largest magnitude is negative — the signed map has no -1 — shrank by 0.7% a step.)"""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = optgen.RMSprop([p], lr=1e-2, centered=True, state_dtype="int8")
+    opt.implementation = implementation
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    opt.param_groups[0]["centered"] = False
+    codes, scales = opt.state[p]["grad_avg"].clone(), opt.state[p]["grad_avg.absmax"].clone()
+    blocks = q.dequantize(codes, scales, True).view(-1, q.BLOCK)
+    assert (blocks.amin(1).abs() > blocks.amax(1)).any()  # (a block whose largest magnitude is negative)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    assert torch.equal(opt.state[p]["grad_avg"], codes)
+    assert torch.equal(opt.state[p]["grad_avg.absmax"], scales)
