@@ -37,7 +37,7 @@ def _adabelief_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
-    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
 ):
     """AdaBelief step, every combination of decoupled_weight_decay, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -159,13 +159,12 @@ def _adabelief_kernel(
             param = param - exp_avg * lr / bias_correction1 / denom
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 exp_avg_x = exp_avg.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     exp_avg_x = tl.where(in_bounds, exp_avg_x, 0.0)
                 exp_avg_x = tl.reshape(exp_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 exp_avg_largest = tl.abs(exp_avg_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     exp_avg_largest_a, exp_avg_largest_b = tl.split(tl.reshape(exp_avg_largest, (exp_avg_largest.shape[0], exp_avg_largest.shape[1] // 2, 2)))
                     exp_avg_largest = tl.maximum(exp_avg_largest_a, exp_avg_largest_b)
                 exp_avg_largest = tl.reshape(exp_avg_largest, (BLOCK // Q8_BLOCK,))
@@ -193,20 +192,19 @@ def _adabelief_kernel(
             else:
                 tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 exp_avg_var_x = exp_avg_var.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     exp_avg_var_x = tl.where(in_bounds, exp_avg_var_x, 0.0)
                 exp_avg_var_x = tl.reshape(exp_avg_var_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 exp_avg_var_largest = tl.abs(exp_avg_var_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     exp_avg_var_largest_a, exp_avg_var_largest_b = tl.split(tl.reshape(exp_avg_var_largest, (exp_avg_var_largest.shape[0], exp_avg_var_largest.shape[1] // 2, 2)))
                     exp_avg_var_largest = tl.maximum(exp_avg_var_largest_a, exp_avg_var_largest_b)
                 exp_avg_var_largest = tl.reshape(exp_avg_var_largest, (BLOCK // Q8_BLOCK,))
                 exp_avg_var_largest = exp_avg_var_largest.to(tl.float32, bitcast=True)
                 exp_avg_var_y = tl.math.div_rn(exp_avg_var_x, tl.where(exp_avg_var_largest > 0, exp_avg_var_largest, 1.0)[:, None])
                 exp_avg_var_negative = (exp_avg_var_x < 0).to(tl.int32)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     exp_avg_var_negative_a, exp_avg_var_negative_b = tl.split(tl.reshape(exp_avg_var_negative, (exp_avg_var_negative.shape[0], exp_avg_var_negative.shape[1] // 2, 2)))
                     exp_avg_var_negative = tl.maximum(exp_avg_var_negative_a, exp_avg_var_negative_b)
                 exp_avg_var_negative = tl.reshape(exp_avg_var_negative, (BLOCK // Q8_BLOCK,))

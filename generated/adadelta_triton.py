@@ -35,7 +35,7 @@ def _adadelta_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
-    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
 ):
     """Adadelta step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -145,20 +145,19 @@ def _adadelta_kernel(
             param = param - delta * lr
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 square_avg_x = square_avg.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     square_avg_x = tl.where(in_bounds, square_avg_x, 0.0)
                 square_avg_x = tl.reshape(square_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 square_avg_largest = tl.abs(square_avg_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     square_avg_largest_a, square_avg_largest_b = tl.split(tl.reshape(square_avg_largest, (square_avg_largest.shape[0], square_avg_largest.shape[1] // 2, 2)))
                     square_avg_largest = tl.maximum(square_avg_largest_a, square_avg_largest_b)
                 square_avg_largest = tl.reshape(square_avg_largest, (BLOCK // Q8_BLOCK,))
                 square_avg_largest = square_avg_largest.to(tl.float32, bitcast=True)
                 square_avg_y = tl.math.div_rn(square_avg_x, tl.where(square_avg_largest > 0, square_avg_largest, 1.0)[:, None])
                 square_avg_negative = (square_avg_x < 0).to(tl.int32)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     square_avg_negative_a, square_avg_negative_b = tl.split(tl.reshape(square_avg_negative, (square_avg_negative.shape[0], square_avg_negative.shape[1] // 2, 2)))
                     square_avg_negative = tl.maximum(square_avg_negative_a, square_avg_negative_b)
                 square_avg_negative = tl.reshape(square_avg_negative, (BLOCK // Q8_BLOCK,))
@@ -185,20 +184,19 @@ def _adadelta_kernel(
             else:
                 tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 acc_delta_x = acc_delta.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     acc_delta_x = tl.where(in_bounds, acc_delta_x, 0.0)
                 acc_delta_x = tl.reshape(acc_delta_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 acc_delta_largest = tl.abs(acc_delta_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     acc_delta_largest_a, acc_delta_largest_b = tl.split(tl.reshape(acc_delta_largest, (acc_delta_largest.shape[0], acc_delta_largest.shape[1] // 2, 2)))
                     acc_delta_largest = tl.maximum(acc_delta_largest_a, acc_delta_largest_b)
                 acc_delta_largest = tl.reshape(acc_delta_largest, (BLOCK // Q8_BLOCK,))
                 acc_delta_largest = acc_delta_largest.to(tl.float32, bitcast=True)
                 acc_delta_y = tl.math.div_rn(acc_delta_x, tl.where(acc_delta_largest > 0, acc_delta_largest, 1.0)[:, None])
                 acc_delta_negative = (acc_delta_x < 0).to(tl.int32)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     acc_delta_negative_a, acc_delta_negative_b = tl.split(tl.reshape(acc_delta_negative, (acc_delta_negative.shape[0], acc_delta_negative.shape[1] // 2, 2)))
                     acc_delta_negative = tl.maximum(acc_delta_negative_a, acc_delta_negative_b)
                 acc_delta_negative = tl.reshape(acc_delta_negative, (BLOCK // Q8_BLOCK,))

@@ -35,7 +35,7 @@ def _adagrad_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
-    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
 ):
     """Adagrad step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -123,20 +123,19 @@ def _adagrad_kernel(
             param = param - clr * grad / std
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 state_sum_x = state_sum.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     state_sum_x = tl.where(in_bounds, state_sum_x, 0.0)
                 state_sum_x = tl.reshape(state_sum_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 state_sum_largest = tl.abs(state_sum_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     state_sum_largest_a, state_sum_largest_b = tl.split(tl.reshape(state_sum_largest, (state_sum_largest.shape[0], state_sum_largest.shape[1] // 2, 2)))
                     state_sum_largest = tl.maximum(state_sum_largest_a, state_sum_largest_b)
                 state_sum_largest = tl.reshape(state_sum_largest, (BLOCK // Q8_BLOCK,))
                 state_sum_largest = state_sum_largest.to(tl.float32, bitcast=True)
                 state_sum_y = tl.math.div_rn(state_sum_x, tl.where(state_sum_largest > 0, state_sum_largest, 1.0)[:, None])
                 state_sum_negative = (state_sum_x < 0).to(tl.int32)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     state_sum_negative_a, state_sum_negative_b = tl.split(tl.reshape(state_sum_negative, (state_sum_negative.shape[0], state_sum_negative.shape[1] // 2, 2)))
                     state_sum_negative = tl.maximum(state_sum_negative_a, state_sum_negative_b)
                 state_sum_negative = tl.reshape(state_sum_negative, (BLOCK // Q8_BLOCK,))

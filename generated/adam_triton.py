@@ -39,7 +39,7 @@ def _adam_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
-    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
 ):
     """Adam step, every combination of amsgrad, maximize, decoupled_weight_decay: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -197,13 +197,12 @@ def _adam_kernel(
             param = param - exp_avg * step_size / denom
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 exp_avg_x = exp_avg.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     exp_avg_x = tl.where(in_bounds, exp_avg_x, 0.0)
                 exp_avg_x = tl.reshape(exp_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 exp_avg_largest = tl.abs(exp_avg_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     exp_avg_largest_a, exp_avg_largest_b = tl.split(tl.reshape(exp_avg_largest, (exp_avg_largest.shape[0], exp_avg_largest.shape[1] // 2, 2)))
                     exp_avg_largest = tl.maximum(exp_avg_largest_a, exp_avg_largest_b)
                 exp_avg_largest = tl.reshape(exp_avg_largest, (BLOCK // Q8_BLOCK,))
@@ -231,20 +230,19 @@ def _adam_kernel(
             else:
                 tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 exp_avg_sq_x = exp_avg_sq.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     exp_avg_sq_x = tl.where(in_bounds, exp_avg_sq_x, 0.0)
                 exp_avg_sq_x = tl.reshape(exp_avg_sq_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 exp_avg_sq_largest = tl.abs(exp_avg_sq_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     exp_avg_sq_largest_a, exp_avg_sq_largest_b = tl.split(tl.reshape(exp_avg_sq_largest, (exp_avg_sq_largest.shape[0], exp_avg_sq_largest.shape[1] // 2, 2)))
                     exp_avg_sq_largest = tl.maximum(exp_avg_sq_largest_a, exp_avg_sq_largest_b)
                 exp_avg_sq_largest = tl.reshape(exp_avg_sq_largest, (BLOCK // Q8_BLOCK,))
                 exp_avg_sq_largest = exp_avg_sq_largest.to(tl.float32, bitcast=True)
                 exp_avg_sq_y = tl.math.div_rn(exp_avg_sq_x, tl.where(exp_avg_sq_largest > 0, exp_avg_sq_largest, 1.0)[:, None])
                 exp_avg_sq_negative = (exp_avg_sq_x < 0).to(tl.int32)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     exp_avg_sq_negative_a, exp_avg_sq_negative_b = tl.split(tl.reshape(exp_avg_sq_negative, (exp_avg_sq_negative.shape[0], exp_avg_sq_negative.shape[1] // 2, 2)))
                     exp_avg_sq_negative = tl.maximum(exp_avg_sq_negative_a, exp_avg_sq_negative_b)
                 exp_avg_sq_negative = tl.reshape(exp_avg_sq_negative, (BLOCK // Q8_BLOCK,))
@@ -272,20 +270,19 @@ def _adam_kernel(
                 tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=in_bounds)
             if AMSGRAD:
                 if INT8_STATE:
-                    tl.static_assert(Q8_BLOCK == 256)
                     max_exp_avg_sq_x = max_exp_avg_sq.to(tl.float32)
                     if MASKED:  # (the lanes past the end count as zeros)
                         max_exp_avg_sq_x = tl.where(in_bounds, max_exp_avg_sq_x, 0.0)
                     max_exp_avg_sq_x = tl.reshape(max_exp_avg_sq_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                     max_exp_avg_sq_largest = tl.abs(max_exp_avg_sq_x).to(tl.int32, bitcast=True)
-                    for _ in tl.static_range(8):
+                    for _ in tl.static_range(Q8_BITS):
                         max_exp_avg_sq_largest_a, max_exp_avg_sq_largest_b = tl.split(tl.reshape(max_exp_avg_sq_largest, (max_exp_avg_sq_largest.shape[0], max_exp_avg_sq_largest.shape[1] // 2, 2)))
                         max_exp_avg_sq_largest = tl.maximum(max_exp_avg_sq_largest_a, max_exp_avg_sq_largest_b)
                     max_exp_avg_sq_largest = tl.reshape(max_exp_avg_sq_largest, (BLOCK // Q8_BLOCK,))
                     max_exp_avg_sq_largest = max_exp_avg_sq_largest.to(tl.float32, bitcast=True)
                     max_exp_avg_sq_y = tl.math.div_rn(max_exp_avg_sq_x, tl.where(max_exp_avg_sq_largest > 0, max_exp_avg_sq_largest, 1.0)[:, None])
                     max_exp_avg_sq_negative = (max_exp_avg_sq_x < 0).to(tl.int32)
-                    for _ in tl.static_range(8):
+                    for _ in tl.static_range(Q8_BITS):
                         max_exp_avg_sq_negative_a, max_exp_avg_sq_negative_b = tl.split(tl.reshape(max_exp_avg_sq_negative, (max_exp_avg_sq_negative.shape[0], max_exp_avg_sq_negative.shape[1] // 2, 2)))
                         max_exp_avg_sq_negative = tl.maximum(max_exp_avg_sq_negative_a, max_exp_avg_sq_negative_b)
                     max_exp_avg_sq_negative = tl.reshape(max_exp_avg_sq_negative, (BLOCK // Q8_BLOCK,))

@@ -36,7 +36,7 @@ def _asgd_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
-    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
 ):
     """ASGD step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -141,13 +141,12 @@ def _asgd_kernel(
             ax = tl.where(mu_eq_1, param, ax)
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 ax_x = ax.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     ax_x = tl.where(in_bounds, ax_x, 0.0)
                 ax_x = tl.reshape(ax_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 ax_largest = tl.abs(ax_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     ax_largest_a, ax_largest_b = tl.split(tl.reshape(ax_largest, (ax_largest.shape[0], ax_largest.shape[1] // 2, 2)))
                     ax_largest = tl.maximum(ax_largest_a, ax_largest_b)
                 ax_largest = tl.reshape(ax_largest, (BLOCK // Q8_BLOCK,))

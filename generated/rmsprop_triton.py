@@ -38,7 +38,7 @@ def _rmsprop_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
-    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
 ):
     """RMSprop step, every combination of centered, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -181,20 +181,19 @@ def _rmsprop_kernel(
                 param = param - grad * lr / avg
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 square_avg_x = square_avg.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     square_avg_x = tl.where(in_bounds, square_avg_x, 0.0)
                 square_avg_x = tl.reshape(square_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 square_avg_largest = tl.abs(square_avg_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     square_avg_largest_a, square_avg_largest_b = tl.split(tl.reshape(square_avg_largest, (square_avg_largest.shape[0], square_avg_largest.shape[1] // 2, 2)))
                     square_avg_largest = tl.maximum(square_avg_largest_a, square_avg_largest_b)
                 square_avg_largest = tl.reshape(square_avg_largest, (BLOCK // Q8_BLOCK,))
                 square_avg_largest = square_avg_largest.to(tl.float32, bitcast=True)
                 square_avg_y = tl.math.div_rn(square_avg_x, tl.where(square_avg_largest > 0, square_avg_largest, 1.0)[:, None])
                 square_avg_negative = (square_avg_x < 0).to(tl.int32)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     square_avg_negative_a, square_avg_negative_b = tl.split(tl.reshape(square_avg_negative, (square_avg_negative.shape[0], square_avg_negative.shape[1] // 2, 2)))
                     square_avg_negative = tl.maximum(square_avg_negative_a, square_avg_negative_b)
                 square_avg_negative = tl.reshape(square_avg_negative, (BLOCK // Q8_BLOCK,))
@@ -222,13 +221,12 @@ def _rmsprop_kernel(
                 tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=in_bounds)
             if MOMENTUM_GT_0:
                 if INT8_STATE:
-                    tl.static_assert(Q8_BLOCK == 256)
                     momentum_buffer_x = momentum_buffer.to(tl.float32)
                     if MASKED:  # (the lanes past the end count as zeros)
                         momentum_buffer_x = tl.where(in_bounds, momentum_buffer_x, 0.0)
                     momentum_buffer_x = tl.reshape(momentum_buffer_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                     momentum_buffer_largest = tl.abs(momentum_buffer_x).to(tl.int32, bitcast=True)
-                    for _ in tl.static_range(8):
+                    for _ in tl.static_range(Q8_BITS):
                         momentum_buffer_largest_a, momentum_buffer_largest_b = tl.split(tl.reshape(momentum_buffer_largest, (momentum_buffer_largest.shape[0], momentum_buffer_largest.shape[1] // 2, 2)))
                         momentum_buffer_largest = tl.maximum(momentum_buffer_largest_a, momentum_buffer_largest_b)
                     momentum_buffer_largest = tl.reshape(momentum_buffer_largest, (BLOCK // Q8_BLOCK,))
@@ -257,13 +255,12 @@ def _rmsprop_kernel(
                     tl.store(momentum_buffer_ptr + offsets, momentum_buffer.to(DTYPE), mask=in_bounds)
             if CENTERED:
                 if INT8_STATE:
-                    tl.static_assert(Q8_BLOCK == 256)
                     grad_avg_x = grad_avg.to(tl.float32)
                     if MASKED:  # (the lanes past the end count as zeros)
                         grad_avg_x = tl.where(in_bounds, grad_avg_x, 0.0)
                     grad_avg_x = tl.reshape(grad_avg_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                     grad_avg_largest = tl.abs(grad_avg_x).to(tl.int32, bitcast=True)
-                    for _ in tl.static_range(8):
+                    for _ in tl.static_range(Q8_BITS):
                         grad_avg_largest_a, grad_avg_largest_b = tl.split(tl.reshape(grad_avg_largest, (grad_avg_largest.shape[0], grad_avg_largest.shape[1] // 2, 2)))
                         grad_avg_largest = tl.maximum(grad_avg_largest_a, grad_avg_largest_b)
                     grad_avg_largest = tl.reshape(grad_avg_largest, (BLOCK // Q8_BLOCK,))

@@ -33,7 +33,7 @@ def _rprop_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
-    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
 ):
     """Rprop step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -140,13 +140,12 @@ def _rprop_kernel(
             param = param - step_size * tl.where(prev > 0, 1.0, tl.where(prev < 0, -1.0, 0.0)).to(COMPUTE)
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 prev_x = prev.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     prev_x = tl.where(in_bounds, prev_x, 0.0)
                 prev_x = tl.reshape(prev_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 prev_largest = tl.abs(prev_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     prev_largest_a, prev_largest_b = tl.split(tl.reshape(prev_largest, (prev_largest.shape[0], prev_largest.shape[1] // 2, 2)))
                     prev_largest = tl.maximum(prev_largest_a, prev_largest_b)
                 prev_largest = tl.reshape(prev_largest, (BLOCK // Q8_BLOCK,))
@@ -174,20 +173,19 @@ def _rprop_kernel(
             else:
                 tl.store(prev_ptr + offsets, prev.to(DTYPE), mask=in_bounds)
             if INT8_STATE:
-                tl.static_assert(Q8_BLOCK == 256)
                 step_size_x = step_size.to(tl.float32)
                 if MASKED:  # (the lanes past the end count as zeros)
                     step_size_x = tl.where(in_bounds, step_size_x, 0.0)
                 step_size_x = tl.reshape(step_size_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                 step_size_largest = tl.abs(step_size_x).to(tl.int32, bitcast=True)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     step_size_largest_a, step_size_largest_b = tl.split(tl.reshape(step_size_largest, (step_size_largest.shape[0], step_size_largest.shape[1] // 2, 2)))
                     step_size_largest = tl.maximum(step_size_largest_a, step_size_largest_b)
                 step_size_largest = tl.reshape(step_size_largest, (BLOCK // Q8_BLOCK,))
                 step_size_largest = step_size_largest.to(tl.float32, bitcast=True)
                 step_size_y = tl.math.div_rn(step_size_x, tl.where(step_size_largest > 0, step_size_largest, 1.0)[:, None])
                 step_size_negative = (step_size_x < 0).to(tl.int32)
-                for _ in tl.static_range(8):
+                for _ in tl.static_range(Q8_BITS):
                     step_size_negative_a, step_size_negative_b = tl.split(tl.reshape(step_size_negative, (step_size_negative.shape[0], step_size_negative.shape[1] // 2, 2)))
                     step_size_negative = tl.maximum(step_size_negative_a, step_size_negative_b)
                 step_size_negative = tl.reshape(step_size_negative, (BLOCK // Q8_BLOCK,))

@@ -37,7 +37,7 @@ def _sgd_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
-    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
 ):
     """SGD step, every combination of nesterov, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -130,13 +130,12 @@ def _sgd_kernel(
             tl.store(param_ptr + offsets, param.to(DTYPE), mask=in_bounds)
             if MOMENTUM_NE_0:
                 if INT8_STATE:
-                    tl.static_assert(Q8_BLOCK == 256)
                     momentum_buffer_x = momentum_buffer.to(tl.float32)
                     if MASKED:  # (the lanes past the end count as zeros)
                         momentum_buffer_x = tl.where(in_bounds, momentum_buffer_x, 0.0)
                     momentum_buffer_x = tl.reshape(momentum_buffer_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
                     momentum_buffer_largest = tl.abs(momentum_buffer_x).to(tl.int32, bitcast=True)
-                    for _ in tl.static_range(8):
+                    for _ in tl.static_range(Q8_BITS):
                         momentum_buffer_largest_a, momentum_buffer_largest_b = tl.split(tl.reshape(momentum_buffer_largest, (momentum_buffer_largest.shape[0], momentum_buffer_largest.shape[1] // 2, 2)))
                         momentum_buffer_largest = tl.maximum(momentum_buffer_largest_a, momentum_buffer_largest_b)
                     momentum_buffer_largest = tl.reshape(momentum_buffer_largest, (BLOCK // Q8_BLOCK,))

@@ -104,7 +104,7 @@ RESERVED = frozenset({
     "MASKED", "other",
     "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK", "ALIGNED",
     "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float", "state_keys", "LOW_STATE", "state_scales", "q8_map", "q8_first",
-    "INT8_STATE", "Q8_BLOCK",
+    "INT8_STATE", "Q8_BLOCK", "Q8_BITS",
 })
 
 #: state initialisers whose tensor is shaped like the parameter (so a flat chunk covers it)
@@ -495,23 +495,16 @@ def _block_max(target: str, value: str) -> list[str]:
     rows: tl.max is a @triton.jit function of Triton's standard library, which its interpreter
     cannot call where the kernel is interpreted without TRITON_INTERPRET=1 (the tests' CPU path)."""
     return [f"{target} = {value}",
-            f"for _ in tl.static_range({q8_block_bits()}):",
+            "for _ in tl.static_range(Q8_BITS):",
             f"    {target}_a, {target}_b = tl.split(tl.reshape({target}, "
             f"({target}.shape[0], {target}.shape[1] // 2, 2)))",
             f"    {target} = tl.maximum({target}_a, {target}_b)",
             f"{target} = tl.reshape({target}, (BLOCK // Q8_BLOCK,))"]
 
 
-def q8_block_bits() -> int:
-    from optgen.runtime import quantized_state
-
-    return quantized_state.BLOCK.bit_length() - 1
-
-
 def _q8_store(k: str, signed: bool) -> list[str]:
     """The store of state ``k`` under INT8_STATE: each block's absmax and each element's nearest code."""
-    out = [f"tl.static_assert(Q8_BLOCK == {1 << q8_block_bits()})",
-           f"{k}_x = {k}.to(tl.float32)",
+    out = [f"{k}_x = {k}.to(tl.float32)",
            "if MASKED:  # (the lanes past the end count as zeros)",
            f"    {k}_x = tl.where(in_bounds, {k}_x, 0.0)",
            f"{k}_x = tl.reshape({k}_x, (BLOCK // Q8_BLOCK, Q8_BLOCK))",

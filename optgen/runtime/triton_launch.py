@@ -362,6 +362,7 @@ def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperpara
         kwargs["LOW_STATE"] = low is not None and not int8
         kwargs["state_scales"], kwargs["q8_map"], kwargs["q8_first"] = dummy, dummy, dummy
         kwargs["INT8_STATE"], kwargs["Q8_BLOCK"] = int8, quantized_state.BLOCK
+        kwargs["Q8_BITS"] = quantized_state.BLOCK.bit_length() - 1
         if int8:  # Note [Blockwise 8-bit state in Triton]
             reason = int8_unsupported()
             if reason is not None:
