@@ -135,6 +135,9 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
                              f"available: {', '.join(optimizer.implementations)}")
         return forced
     int8 = quantized_state.is_int8(group.get("state_dtype"))
+    if int8 and torch.compiler.is_compiling():
+        # the int8 launches are no custom ops (Note [C kernels as custom ops]): the reference is traced
+        return "foreach"
     if int8 and group.get("fused"):
         fused = "triton" if triton_applies(params) else "c"
         reason = int8_declines(fused, params, optimizer)
