@@ -15,44 +15,55 @@ from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 #if STATE_INT8
-/* walk 1 of adadelta_step, over one element: each version of the walk calls it with its
+/* walk 1 of adadelta_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adadelta_step_walk1(const int maximize,
-        const int weight_decay_ne_0, const int64_t i, const int64_t slot, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, lowp_t *restrict square_avg_p, lowp_t *restrict acc_delta_p,
-        const float square_avg_block_scale, const float acc_delta_block_scale,
-        scalar_t *restrict square_avg_stage, scalar_t *restrict acc_delta_stage,
-        const scalar_t c_weight_decay, const scalar_t c_rho, const scalar_t c_1_minus_rho,
-        const scalar_t c_eps, const scalar_t c_lr)
+        const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        lowp_t *restrict square_avg_p, lowp_t *restrict acc_delta_p, float *restrict square_avg_scale,
+        float *restrict acc_delta_scale, const scalar_t c_weight_decay, const scalar_t c_rho,
+        const scalar_t c_1_minus_rho, const scalar_t c_eps, const scalar_t c_lr, const int64_t i_begin,
+        const int64_t i_end)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t square_avg = q8_load(square_avg_p[i], square_avg_block_scale, 0);
-    scalar_t std;
-    scalar_t acc_delta = q8_load(acc_delta_p[i], acc_delta_block_scale, 0);
-    scalar_t delta;
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
-    square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
-    /* std = sqrt(square_avg + eps) */
-    std = SQRT(c_eps + square_avg);
-    /* delta = sqrt(acc_delta + eps) / std * grad */
-    delta = grad * SQRT(acc_delta + c_eps) / std;
-    /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
-    acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
-    /* param = param - lr * delta */
-    param = param - c_lr * delta;
-    param_p[i] = from_compute(param);
-    square_avg_stage[slot] = square_avg;
-    acc_delta_stage[slot] = acc_delta;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {
+        const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;
+        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        scalar_t acc_delta_stage[Q8_BLOCK];
+        scalar_t square_avg_stage[Q8_BLOCK];
+        for (int64_t i = i0; i < i1; ++i) {
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t square_avg = q8_load(square_avg_p[i], square_avg_block_scale, 0);
+            scalar_t std;
+            scalar_t acc_delta = q8_load(acc_delta_p[i], acc_delta_block_scale, 0);
+            scalar_t delta;
+            /* grad = -grad */
+            if (maximize) grad = -grad;
+            /* grad = grad + weight_decay * param */
+            if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+            /* square_avg = rho * square_avg + (1 - rho) * grad * grad */
+            square_avg = c_rho * square_avg + c_1_minus_rho * grad * grad;
+            /* std = sqrt(square_avg + eps) */
+            std = SQRT(c_eps + square_avg);
+            /* delta = sqrt(acc_delta + eps) / std * grad */
+            delta = grad * SQRT(acc_delta + c_eps) / std;
+            /* acc_delta = rho * acc_delta + (1 - rho) * delta * delta */
+            acc_delta = c_rho * acc_delta + c_1_minus_rho * delta * delta;
+            /* param = param - lr * delta */
+            param = param - c_lr * delta;
+            param_p[i] = from_compute(param);
+            square_avg_stage[i - i0] = square_avg;
+            acc_delta_stage[i - i0] = acc_delta;
+        }
+        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+        q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
+    }
 }
 
 /* Adadelta step, every combination of maximize: tensor t, split among the threads */
 #define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
 #define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)
 static void adadelta_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -76,83 +87,27 @@ static void adadelta_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS
     const scalar_t c_1_minus_rho = (scalar_t)(1 - rho);
     const scalar_t c_eps = (scalar_t)(eps);
     const scalar_t c_lr = (scalar_t)(lr);
-    if (maximize) {
-        if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t square_avg_stage[OPTGEN_BLOCK];
-                scalar_t acc_delta_stage[OPTGEN_BLOCK];
-                const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adadelta_step_walk1(1, 1, i, i - i0, grad_p, param_p, square_avg_p, acc_delta_p,
-                        square_avg_block_scale, acc_delta_block_scale, square_avg_stage, acc_delta_stage,
-                        c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-                }
-                q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
-            }
-        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t square_avg_stage[OPTGEN_BLOCK];
-                scalar_t acc_delta_stage[OPTGEN_BLOCK];
-                const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adadelta_step_walk1(1, 0, i, i - i0, grad_p, param_p, square_avg_p, acc_delta_p,
-                        square_avg_block_scale, acc_delta_block_scale, square_avg_stage, acc_delta_stage,
-                        c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-                }
-                q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
-            }
-        }
-    } else {
-        if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t square_avg_stage[OPTGEN_BLOCK];
-                scalar_t acc_delta_stage[OPTGEN_BLOCK];
-                const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adadelta_step_walk1(0, 1, i, i - i0, grad_p, param_p, square_avg_p, acc_delta_p,
-                        square_avg_block_scale, acc_delta_block_scale, square_avg_stage, acc_delta_stage,
-                        c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-                }
-                q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
-            }
-        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t square_avg_stage[OPTGEN_BLOCK];
-                scalar_t acc_delta_stage[OPTGEN_BLOCK];
-                const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adadelta_step_walk1(0, 0, i, i - i0, grad_p, param_p, square_avg_p, acc_delta_p,
-                        square_avg_block_scale, acc_delta_block_scale, square_avg_stage, acc_delta_stage,
-                        c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-                }
-                q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADADELTA_STEP_WALK1(...) OPTGEN_WALK_REGION adadelta_step_walk1(__VA_ARGS__, grad_p, \
+        param_p, square_avg_p, acc_delta_p, square_avg_scale, acc_delta_scale, c_weight_decay, c_rho, \
+        c_1_minus_rho, c_eps, c_lr, OPTGEN_WALK_BLOCKS)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: ADADELTA_STEP_WALK1(0, 0); break;
+    case 1: ADADELTA_STEP_WALK1(0, 1); break;
+    case 2: ADADELTA_STEP_WALK1(1, 0); break;
+    case 3: ADADELTA_STEP_WALK1(1, 1); break;
     }
+#undef ADADELTA_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* Adadelta step, every combination of maximize: tensor t, on one thread */
 #define OPTGEN_WALK_REGION
 #define OPTGEN_WALK_SHARE 0, numel
+#define OPTGEN_WALK_BLOCKS 0, numel
 static void adadelta_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -176,75 +131,22 @@ static void adadelta_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_rho = (scalar_t)(1 - rho);
     const scalar_t c_eps = (scalar_t)(eps);
     const scalar_t c_lr = (scalar_t)(lr);
-    if (maximize) {
-        if (weight_decay_ne_0) {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t square_avg_stage[OPTGEN_BLOCK];
-                scalar_t acc_delta_stage[OPTGEN_BLOCK];
-                const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adadelta_step_walk1(1, 1, i, i - i0, grad_p, param_p, square_avg_p, acc_delta_p,
-                        square_avg_block_scale, acc_delta_block_scale, square_avg_stage, acc_delta_stage,
-                        c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-                }
-                q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
-            }
-        } else {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t square_avg_stage[OPTGEN_BLOCK];
-                scalar_t acc_delta_stage[OPTGEN_BLOCK];
-                const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adadelta_step_walk1(1, 0, i, i - i0, grad_p, param_p, square_avg_p, acc_delta_p,
-                        square_avg_block_scale, acc_delta_block_scale, square_avg_stage, acc_delta_stage,
-                        c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-                }
-                q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
-            }
-        }
-    } else {
-        if (weight_decay_ne_0) {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t square_avg_stage[OPTGEN_BLOCK];
-                scalar_t acc_delta_stage[OPTGEN_BLOCK];
-                const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adadelta_step_walk1(0, 1, i, i - i0, grad_p, param_p, square_avg_p, acc_delta_p,
-                        square_avg_block_scale, acc_delta_block_scale, square_avg_stage, acc_delta_stage,
-                        c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-                }
-                q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
-            }
-        } else {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t square_avg_stage[OPTGEN_BLOCK];
-                scalar_t acc_delta_stage[OPTGEN_BLOCK];
-                const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                const float acc_delta_block_scale = acc_delta_scale ? acc_delta_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adadelta_step_walk1(0, 0, i, i - i0, grad_p, param_p, square_avg_p, acc_delta_p,
-                        square_avg_block_scale, acc_delta_block_scale, square_avg_stage, acc_delta_stage,
-                        c_weight_decay, c_rho, c_1_minus_rho, c_eps, c_lr);
-                }
-                q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                q8_store(acc_delta_stage, i0, i1, acc_delta_p, acc_delta_scale, 0);
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADADELTA_STEP_WALK1(...) OPTGEN_WALK_REGION adadelta_step_walk1(__VA_ARGS__, grad_p, \
+        param_p, square_avg_p, acc_delta_p, square_avg_scale, acc_delta_scale, c_weight_decay, c_rho, \
+        c_1_minus_rho, c_eps, c_lr, OPTGEN_WALK_BLOCKS)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: ADADELTA_STEP_WALK1(0, 0); break;
+    case 1: ADADELTA_STEP_WALK1(0, 1); break;
+    case 2: ADADELTA_STEP_WALK1(1, 0); break;
+    case 3: ADADELTA_STEP_WALK1(1, 1); break;
     }
+#undef ADADELTA_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* Adadelta step, every combination of maximize */
 void adadelta_step(OPTGEN_KERNEL_PARAMETERS)

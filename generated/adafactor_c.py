@@ -42,7 +42,7 @@ static inline __attribute__((always_inline)) void adafactor_step_walk2(const int
         const int param_dim_gt_1, const int param_dim_le_1, const int64_t i, const int64_t ir,
         const int64_t ib, const int64_t ic, const int64_t slot, const int64_t dim_c,
         const storage_t *restrict grad_p, storage_t *restrict row_var_p, storage_t *restrict col_var_p,
-        lowp_t *restrict variance_p, const float *restrict variance_scale,
+        lowp_t *restrict variance_p, float *restrict variance_scale,
         const scalar_t *restrict mean_dim2_row_var_s, scalar_t *restrict terms_norm_update,
         const scalar_t c_one_minus_beta2_t, const scalar_t c_epsilon1,
         const scalar_t c_epsilon1_times_epsilon1)

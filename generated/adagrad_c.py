@@ -15,35 +15,43 @@ from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 #if STATE_INT8
-/* walk 1 of adagrad_step, over one element: each version of the walk calls it with its
+/* walk 1 of adagrad_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void adagrad_step_walk1(const int maximize,
-        const int weight_decay_ne_0, const int64_t i, const int64_t slot, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, lowp_t *restrict state_sum_p, const float state_sum_block_scale,
-        scalar_t *restrict state_sum_stage, const scalar_t c_weight_decay, const scalar_t c_eps,
-        const scalar_t c_clr)
+        const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        lowp_t *restrict state_sum_p, float *restrict state_sum_scale, const scalar_t c_weight_decay,
+        const scalar_t c_eps, const scalar_t c_clr, const int64_t i_begin, const int64_t i_end)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t state_sum = q8_load(state_sum_p[i], state_sum_block_scale, 0);
-    scalar_t std;
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* state_sum = state_sum + grad * grad */
-    state_sum = state_sum + grad * grad;
-    /* std = sqrt(state_sum) + eps */
-    std = c_eps + SQRT(state_sum);
-    /* param = param - clr * grad / std */
-    param = param - c_clr * grad / std;
-    param_p[i] = from_compute(param);
-    state_sum_stage[slot] = state_sum;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {
+        const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;
+        const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        scalar_t state_sum_stage[Q8_BLOCK];
+        for (int64_t i = i0; i < i1; ++i) {
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t state_sum = q8_load(state_sum_p[i], state_sum_block_scale, 0);
+            scalar_t std;
+            /* grad = -grad */
+            if (maximize) grad = -grad;
+            /* grad = grad + weight_decay * param */
+            if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+            /* state_sum = state_sum + grad * grad */
+            state_sum = state_sum + grad * grad;
+            /* std = sqrt(state_sum) + eps */
+            std = c_eps + SQRT(state_sum);
+            /* param = param - clr * grad / std */
+            param = param - c_clr * grad / std;
+            param_p[i] = from_compute(param);
+            state_sum_stage[i - i0] = state_sum;
+        }
+        q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
+    }
 }
 
 /* Adagrad step, every combination of maximize: tensor t, split among the threads */
 #define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
 #define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)
 static void adagrad_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -65,67 +73,26 @@ static void adagrad_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const double clr = lr / (lr_decay * (step_1 - 1) + 1);
     const scalar_t c_eps = (scalar_t)(eps);
     const scalar_t c_clr = (scalar_t)(clr);
-    if (maximize) {
-        if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t state_sum_stage[OPTGEN_BLOCK];
-                const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adagrad_step_walk1(1, 1, i, i - i0, grad_p, param_p, state_sum_p, state_sum_block_scale,
-                        state_sum_stage, c_weight_decay, c_eps, c_clr);
-                }
-                q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
-            }
-        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t state_sum_stage[OPTGEN_BLOCK];
-                const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adagrad_step_walk1(1, 0, i, i - i0, grad_p, param_p, state_sum_p, state_sum_block_scale,
-                        state_sum_stage, c_weight_decay, c_eps, c_clr);
-                }
-                q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
-            }
-        }
-    } else {
-        if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t state_sum_stage[OPTGEN_BLOCK];
-                const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adagrad_step_walk1(0, 1, i, i - i0, grad_p, param_p, state_sum_p, state_sum_block_scale,
-                        state_sum_stage, c_weight_decay, c_eps, c_clr);
-                }
-                q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
-            }
-        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t state_sum_stage[OPTGEN_BLOCK];
-                const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adagrad_step_walk1(0, 0, i, i - i0, grad_p, param_p, state_sum_p, state_sum_block_scale,
-                        state_sum_stage, c_weight_decay, c_eps, c_clr);
-                }
-                q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADAGRAD_STEP_WALK1(...) OPTGEN_WALK_REGION adagrad_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        state_sum_p, state_sum_scale, c_weight_decay, c_eps, c_clr, OPTGEN_WALK_BLOCKS)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: ADAGRAD_STEP_WALK1(0, 0); break;
+    case 1: ADAGRAD_STEP_WALK1(0, 1); break;
+    case 2: ADAGRAD_STEP_WALK1(1, 0); break;
+    case 3: ADAGRAD_STEP_WALK1(1, 1); break;
     }
+#undef ADAGRAD_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* Adagrad step, every combination of maximize: tensor t, on one thread */
 #define OPTGEN_WALK_REGION
 #define OPTGEN_WALK_SHARE 0, numel
+#define OPTGEN_WALK_BLOCKS 0, numel
 static void adagrad_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -147,59 +114,21 @@ static void adagrad_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const double clr = lr / (lr_decay * (step_1 - 1) + 1);
     const scalar_t c_eps = (scalar_t)(eps);
     const scalar_t c_clr = (scalar_t)(clr);
-    if (maximize) {
-        if (weight_decay_ne_0) {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t state_sum_stage[OPTGEN_BLOCK];
-                const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adagrad_step_walk1(1, 1, i, i - i0, grad_p, param_p, state_sum_p, state_sum_block_scale,
-                        state_sum_stage, c_weight_decay, c_eps, c_clr);
-                }
-                q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
-            }
-        } else {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t state_sum_stage[OPTGEN_BLOCK];
-                const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adagrad_step_walk1(1, 0, i, i - i0, grad_p, param_p, state_sum_p, state_sum_block_scale,
-                        state_sum_stage, c_weight_decay, c_eps, c_clr);
-                }
-                q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
-            }
-        }
-    } else {
-        if (weight_decay_ne_0) {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t state_sum_stage[OPTGEN_BLOCK];
-                const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adagrad_step_walk1(0, 1, i, i - i0, grad_p, param_p, state_sum_p, state_sum_block_scale,
-                        state_sum_stage, c_weight_decay, c_eps, c_clr);
-                }
-                q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
-            }
-        } else {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t state_sum_stage[OPTGEN_BLOCK];
-                const float state_sum_block_scale = state_sum_scale ? state_sum_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    adagrad_step_walk1(0, 0, i, i - i0, grad_p, param_p, state_sum_p, state_sum_block_scale,
-                        state_sum_stage, c_weight_decay, c_eps, c_clr);
-                }
-                q8_store(state_sum_stage, i0, i1, state_sum_p, state_sum_scale, 0);
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ADAGRAD_STEP_WALK1(...) OPTGEN_WALK_REGION adagrad_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        state_sum_p, state_sum_scale, c_weight_decay, c_eps, c_clr, OPTGEN_WALK_BLOCKS)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: ADAGRAD_STEP_WALK1(0, 0); break;
+    case 1: ADAGRAD_STEP_WALK1(0, 1); break;
+    case 2: ADAGRAD_STEP_WALK1(1, 0); break;
+    case 3: ADAGRAD_STEP_WALK1(1, 1); break;
     }
+#undef ADAGRAD_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* Adagrad step, every combination of maximize */
 void adagrad_step(OPTGEN_KERNEL_PARAMETERS)

@@ -15,37 +15,45 @@ from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 #if STATE_INT8
-/* walk 1 of asgd_step, over one element: each version of the walk calls it with its
+/* walk 1 of asgd_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void asgd_step_walk1(const int maximize,
-        const int weight_decay_ne_0, const int mu_ne_1, const int mu_eq_1, const int64_t i,
-        const int64_t slot, const storage_t *restrict grad_p, storage_t *restrict param_p,
-        lowp_t *restrict ax_p, const float ax_block_scale, scalar_t *restrict ax_stage,
+        const int weight_decay_ne_0, const int mu_ne_1, const int mu_eq_1, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, lowp_t *restrict ax_p, float *restrict ax_scale,
         const scalar_t c_weight_decay, const scalar_t c_1_minus_eta_times_lambd, const scalar_t c_eta,
-        const scalar_t c_mu)
+        const scalar_t c_mu, const int64_t i_begin, const int64_t i_end)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t ax = q8_load(ax_p[i], ax_block_scale, 1);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* param = param * (1 - lambd * eta) */
-    param = c_1_minus_eta_times_lambd * param;
-    /* param = param - eta * grad */
-    param = param - c_eta * grad;
-    /* ax = ax + (param - ax) * mu */
-    if (!mu_eq_1) ax = ax + c_mu * (param - ax);
-    /* ax = param */
-    if (!mu_ne_1) ax = param;
-    param_p[i] = from_compute(param);
-    ax_stage[slot] = ax;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {
+        const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;
+        const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        scalar_t ax_stage[Q8_BLOCK];
+        for (int64_t i = i0; i < i1; ++i) {
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t ax = q8_load(ax_p[i], ax_block_scale, 1);
+            /* grad = -grad */
+            if (maximize) grad = -grad;
+            /* grad = grad + weight_decay * param */
+            if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+            /* param = param * (1 - lambd * eta) */
+            param = c_1_minus_eta_times_lambd * param;
+            /* param = param - eta * grad */
+            param = param - c_eta * grad;
+            /* ax = ax + (param - ax) * mu */
+            if (!mu_eq_1) ax = ax + c_mu * (param - ax);
+            /* ax = param */
+            if (!mu_ne_1) ax = param;
+            param_p[i] = from_compute(param);
+            ax_stage[i - i0] = ax;
+        }
+        q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
+    }
 }
 
 /* ASGD step, every combination of maximize: tensor t, split among the threads */
 #define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
 #define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)
 static void asgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -75,125 +83,32 @@ static void asgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
     /* mu = 1 / maximum(1, step - t0) */
     const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
-    if (maximize) {
-        if (weight_decay_ne_0) {
-            if (mu_ne_1) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(1, 1, 1, 0, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(1, 1, 0, 1, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            }
-        } else {
-            if (mu_ne_1) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(1, 0, 1, 0, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(1, 0, 0, 1, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            }
-        }
-    } else {
-        if (weight_decay_ne_0) {
-            if (mu_ne_1) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(0, 1, 1, 0, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(0, 1, 0, 1, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            }
-        } else {
-            if (mu_ne_1) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(0, 0, 1, 0, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(0, 0, 0, 1, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ASGD_STEP_WALK1(...) OPTGEN_WALK_REGION asgd_step_walk1(__VA_ARGS__, grad_p, param_p, ax_p, \
+        ax_scale, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, OPTGEN_WALK_BLOCKS)
+    switch ((maximize << 2) | (weight_decay_ne_0 << 1) | mu_ne_1) {
+    case 0: ASGD_STEP_WALK1(0, 0, 0, 1); break;
+    case 1: ASGD_STEP_WALK1(0, 0, 1, 0); break;
+    case 2: ASGD_STEP_WALK1(0, 1, 0, 1); break;
+    case 3: ASGD_STEP_WALK1(0, 1, 1, 0); break;
+    case 4: ASGD_STEP_WALK1(1, 0, 0, 1); break;
+    case 5: ASGD_STEP_WALK1(1, 0, 1, 0); break;
+    case 6: ASGD_STEP_WALK1(1, 1, 0, 1); break;
+    case 7: ASGD_STEP_WALK1(1, 1, 1, 0); break;
     }
+#undef ASGD_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
     store_counter(counters[1 * n + t], eta_1, counters_f64);
     store_counter(counters[2 * n + t], mu_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* ASGD step, every combination of maximize: tensor t, on one thread */
 #define OPTGEN_WALK_REGION
 #define OPTGEN_WALK_SHARE 0, numel
+#define OPTGEN_WALK_BLOCKS 0, numel
 static void asgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -223,113 +138,27 @@ static void asgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const double eta_1 = round_counter(lr / pow(lambd * lr * step_1 + 1, alpha), counters_f64);
     /* mu = 1 / maximum(1, step - t0) */
     const double mu_1 = round_counter(1 / fmax(1, step_1 - t0), counters_f64);
-    if (maximize) {
-        if (weight_decay_ne_0) {
-            if (mu_ne_1) {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(1, 1, 1, 0, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            } else {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(1, 1, 0, 1, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            }
-        } else {
-            if (mu_ne_1) {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(1, 0, 1, 0, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            } else {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(1, 0, 0, 1, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            }
-        }
-    } else {
-        if (weight_decay_ne_0) {
-            if (mu_ne_1) {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(0, 1, 1, 0, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            } else {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(0, 1, 0, 1, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            }
-        } else {
-            if (mu_ne_1) {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(0, 0, 1, 0, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            } else {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t ax_stage[OPTGEN_BLOCK];
-                    const float ax_block_scale = ax_scale ? ax_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        asgd_step_walk1(0, 0, 0, 1, i, i - i0, grad_p, param_p, ax_p, ax_block_scale, ax_stage,
-                            c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu);
-                    }
-                    q8_store(ax_stage, i0, i1, ax_p, ax_scale, 1);
-                }
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define ASGD_STEP_WALK1(...) OPTGEN_WALK_REGION asgd_step_walk1(__VA_ARGS__, grad_p, param_p, ax_p, \
+        ax_scale, c_weight_decay, c_1_minus_eta_times_lambd, c_eta, c_mu, OPTGEN_WALK_BLOCKS)
+    switch ((maximize << 2) | (weight_decay_ne_0 << 1) | mu_ne_1) {
+    case 0: ASGD_STEP_WALK1(0, 0, 0, 1); break;
+    case 1: ASGD_STEP_WALK1(0, 0, 1, 0); break;
+    case 2: ASGD_STEP_WALK1(0, 1, 0, 1); break;
+    case 3: ASGD_STEP_WALK1(0, 1, 1, 0); break;
+    case 4: ASGD_STEP_WALK1(1, 0, 0, 1); break;
+    case 5: ASGD_STEP_WALK1(1, 0, 1, 0); break;
+    case 6: ASGD_STEP_WALK1(1, 1, 0, 1); break;
+    case 7: ASGD_STEP_WALK1(1, 1, 1, 0); break;
     }
+#undef ASGD_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
     store_counter(counters[1 * n + t], eta_1, counters_f64);
     store_counter(counters[2 * n + t], mu_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* ASGD step, every combination of maximize */
 void asgd_step(OPTGEN_KERNEL_PARAMETERS)

@@ -15,35 +15,44 @@ from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 #if STATE_INT8
-/* walk 1 of lion_step, over one element: each version of the walk calls it with its
+/* walk 1 of lion_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void lion_step_walk1(const int maximize,
-        const int weight_decay_ne_0, const int64_t i, const int64_t slot, const storage_t *restrict grad_p,
-        storage_t *restrict param_p, lowp_t *restrict exp_avg_p, const float exp_avg_block_scale,
-        scalar_t *restrict exp_avg_stage, const scalar_t c_1_minus_lr_times_weight_decay,
-        const scalar_t c_1_minus_beta1, const scalar_t c_lr, const scalar_t c_1_minus_beta2)
+        const int weight_decay_ne_0, const storage_t *restrict grad_p, storage_t *restrict param_p,
+        lowp_t *restrict exp_avg_p, float *restrict exp_avg_scale,
+        const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1, const scalar_t c_lr,
+        const scalar_t c_1_minus_beta2, const int64_t i_begin, const int64_t i_end)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t exp_avg = q8_load(exp_avg_p[i], exp_avg_block_scale, 1);
-    scalar_t update;
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* param = param * (1 - lr * weight_decay) */
-    if (weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
-    /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
-    update = sign_of(lerp_of(exp_avg, grad, c_1_minus_beta1));
-    /* param = param - lr * update */
-    param = param - c_lr * update;
-    /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
-    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
-    param_p[i] = from_compute(param);
-    exp_avg_stage[slot] = exp_avg;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {
+        const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;
+        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        scalar_t exp_avg_stage[Q8_BLOCK];
+        for (int64_t i = i0; i < i1; ++i) {
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = q8_load(exp_avg_p[i], exp_avg_block_scale, 1);
+            scalar_t update;
+            /* grad = -grad */
+            if (maximize) grad = -grad;
+            /* param = param * (1 - lr * weight_decay) */
+            if (weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
+            /* update = sign(lerp(exp_avg, grad, 1 - beta1)) */
+            update = sign_of(lerp_of(exp_avg, grad, c_1_minus_beta1));
+            /* param = param - lr * update */
+            param = param - c_lr * update;
+            /* exp_avg = lerp(exp_avg, grad, 1 - beta2) */
+            exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta2);
+            param_p[i] = from_compute(param);
+            exp_avg_stage[i - i0] = exp_avg;
+        }
+        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+    }
 }
 
 /* Lion step, every combination of maximize: tensor t, split among the threads */
 #define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
 #define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)
 static void lion_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -61,70 +70,26 @@ static void lion_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
     const scalar_t c_lr = (scalar_t)(lr);
     const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
-    if (maximize) {
-        if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    lion_step_walk1(1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_block_scale,
-                        exp_avg_stage, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2);
-                }
-                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-            }
-        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    lion_step_walk1(1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_block_scale,
-                        exp_avg_stage, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2);
-                }
-                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-            }
-        }
-    } else {
-        if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    lion_step_walk1(0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_block_scale,
-                        exp_avg_stage, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2);
-                }
-                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-            }
-        } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    lion_step_walk1(0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_block_scale,
-                        exp_avg_stage, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2);
-                }
-                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define LION_STEP_WALK1(...) OPTGEN_WALK_REGION lion_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, exp_avg_scale, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, \
+        c_1_minus_beta2, OPTGEN_WALK_BLOCKS)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: LION_STEP_WALK1(0, 0); break;
+    case 1: LION_STEP_WALK1(0, 1); break;
+    case 2: LION_STEP_WALK1(1, 0); break;
+    case 3: LION_STEP_WALK1(1, 1); break;
     }
+#undef LION_STEP_WALK1
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* Lion step, every combination of maximize: tensor t, on one thread */
 #define OPTGEN_WALK_REGION
 #define OPTGEN_WALK_SHARE 0, numel
+#define OPTGEN_WALK_BLOCKS 0, numel
 static void lion_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -142,62 +107,21 @@ static void lion_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_beta1 = (scalar_t)(1 - beta1);
     const scalar_t c_lr = (scalar_t)(lr);
     const scalar_t c_1_minus_beta2 = (scalar_t)(1 - beta2);
-    if (maximize) {
-        if (weight_decay_ne_0) {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    lion_step_walk1(1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_block_scale,
-                        exp_avg_stage, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2);
-                }
-                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-            }
-        } else {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    lion_step_walk1(1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_block_scale,
-                        exp_avg_stage, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2);
-                }
-                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-            }
-        }
-    } else {
-        if (weight_decay_ne_0) {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    lion_step_walk1(0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_block_scale,
-                        exp_avg_stage, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2);
-                }
-                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-            }
-        } else {
-            for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                for (int64_t i = i0; i < i1; ++i) {
-                    lion_step_walk1(0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_block_scale,
-                        exp_avg_stage, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr,
-                        c_1_minus_beta2);
-                }
-                q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define LION_STEP_WALK1(...) OPTGEN_WALK_REGION lion_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, exp_avg_scale, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_lr, \
+        c_1_minus_beta2, OPTGEN_WALK_BLOCKS)
+    switch ((maximize << 1) | weight_decay_ne_0) {
+    case 0: LION_STEP_WALK1(0, 0); break;
+    case 1: LION_STEP_WALK1(0, 1); break;
+    case 2: LION_STEP_WALK1(1, 0); break;
+    case 3: LION_STEP_WALK1(1, 1); break;
     }
+#undef LION_STEP_WALK1
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* Lion step, every combination of maximize */
 void lion_step(OPTGEN_KERNEL_PARAMETERS)

@@ -15,47 +15,59 @@ from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 #if STATE_INT8
-/* walk 1 of nadam_step, over one element: each version of the walk calls it with its
+/* walk 1 of nadam_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void nadam_step_walk1(const int decoupled_weight_decay,
-        const int maximize, const int weight_decay_ne_0, const int64_t i, const int64_t slot,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, lowp_t *restrict exp_avg_p,
-        lowp_t *restrict exp_avg_sq_p, const float exp_avg_block_scale, const float exp_avg_sq_block_scale,
-        scalar_t *restrict exp_avg_stage, scalar_t *restrict exp_avg_sq_stage, const scalar_t c_weight_decay,
+        const int maximize, const int weight_decay_ne_0, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, lowp_t *restrict exp_avg_p, lowp_t *restrict exp_avg_sq_p,
+        float *restrict exp_avg_scale, float *restrict exp_avg_sq_scale, const scalar_t c_weight_decay,
         const scalar_t c_1_minus_lr_times_weight_decay, const scalar_t c_1_minus_beta1,
         const scalar_t c_beta2, const scalar_t c_1_minus_beta2, const scalar_t c_eps,
         const scalar_t c_bias_correction2, const scalar_t c_lr, const scalar_t c_1_minus_mu_product_1,
-        const scalar_t c_1_minus_mu, const scalar_t c_mu_next, const scalar_t c_1_minus_mu_product_next)
+        const scalar_t c_1_minus_mu, const scalar_t c_mu_next, const scalar_t c_1_minus_mu_product_next,
+        const int64_t i_begin, const int64_t i_end)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t exp_avg = q8_load(exp_avg_p[i], exp_avg_block_scale, 1);
-    scalar_t exp_avg_sq = q8_load(exp_avg_sq_p[i], exp_avg_sq_block_scale, 0);
-    scalar_t denom;
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0 && !decoupled_weight_decay) grad = grad + c_weight_decay * param;
-    /* param = param * (1 - lr * weight_decay) */
-    if (decoupled_weight_decay && weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
-    /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
-    exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
-    /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
-    exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
-    /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
-    denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
-    /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
-    param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
-    /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
-    param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
-    param_p[i] = from_compute(param);
-    exp_avg_stage[slot] = exp_avg;
-    exp_avg_sq_stage[slot] = exp_avg_sq;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {
+        const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;
+        const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        scalar_t exp_avg_sq_stage[Q8_BLOCK];
+        scalar_t exp_avg_stage[Q8_BLOCK];
+        for (int64_t i = i0; i < i1; ++i) {
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t exp_avg = q8_load(exp_avg_p[i], exp_avg_block_scale, 1);
+            scalar_t exp_avg_sq = q8_load(exp_avg_sq_p[i], exp_avg_sq_block_scale, 0);
+            scalar_t denom;
+            /* grad = -grad */
+            if (maximize) grad = -grad;
+            /* grad = grad + weight_decay * param */
+            if (weight_decay_ne_0 && !decoupled_weight_decay) grad = grad + c_weight_decay * param;
+            /* param = param * (1 - lr * weight_decay) */
+            if (decoupled_weight_decay && weight_decay_ne_0) param = c_1_minus_lr_times_weight_decay * param;
+            /* exp_avg = lerp(exp_avg, grad, 1 - beta1) */
+            exp_avg = lerp_of(exp_avg, grad, c_1_minus_beta1);
+            /* exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad */
+            exp_avg_sq = c_beta2 * exp_avg_sq + c_1_minus_beta2 * grad * grad;
+            /* denom = sqrt(exp_avg_sq / bias_correction2) + eps */
+            denom = c_eps + SQRT(exp_avg_sq / c_bias_correction2);
+            /* param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom */
+            param = param - c_1_minus_mu * c_lr * grad / c_1_minus_mu_product_1 / denom;
+            /* param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom */
+            param = param - c_lr * c_mu_next * exp_avg / c_1_minus_mu_product_next / denom;
+            param_p[i] = from_compute(param);
+            exp_avg_stage[i - i0] = exp_avg;
+            exp_avg_sq_stage[i - i0] = exp_avg_sq;
+        }
+        q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
+        q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
+    }
 }
 
 /* NAdam step, every combination of decoupled_weight_decay, maximize: tensor t, split among the threads */
 #define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
 #define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)
 static void nadam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -100,172 +112,34 @@ static void nadam_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
     const scalar_t c_mu_next = (scalar_t)(mu_next);
     const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-    if (decoupled_weight_decay) {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(1, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(1, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(1, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(1, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            }
-        }
-    } else {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(0, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(0, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(0, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(0, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define NADAM_STEP_WALK1(...) OPTGEN_WALK_REGION nadam_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, exp_avg_sq_p, exp_avg_scale, exp_avg_sq_scale, c_weight_decay, \
+        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, \
+        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next, \
+        c_1_minus_mu_product_next, OPTGEN_WALK_BLOCKS)
+    switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
+    case 0: NADAM_STEP_WALK1(0, 0, 0); break;
+    case 1: NADAM_STEP_WALK1(0, 0, 1); break;
+    case 2: NADAM_STEP_WALK1(0, 1, 0); break;
+    case 3: NADAM_STEP_WALK1(0, 1, 1); break;
+    case 4: NADAM_STEP_WALK1(1, 0, 0); break;
+    case 5: NADAM_STEP_WALK1(1, 0, 1); break;
+    case 6: NADAM_STEP_WALK1(1, 1, 0); break;
+    case 7: NADAM_STEP_WALK1(1, 1, 1); break;
     }
+#undef NADAM_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
     store_counter(counters[1 * n + t], mu_product_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* NAdam step, every combination of decoupled_weight_decay, maximize: tensor t, on one thread */
 #define OPTGEN_WALK_REGION
 #define OPTGEN_WALK_SHARE 0, numel
+#define OPTGEN_WALK_BLOCKS 0, numel
 static void nadam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -310,160 +184,29 @@ static void nadam_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_mu = (scalar_t)(1 - mu);
     const scalar_t c_mu_next = (scalar_t)(mu_next);
     const scalar_t c_1_minus_mu_product_next = (scalar_t)(1 - mu_product_next);
-    if (decoupled_weight_decay) {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(1, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            } else {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(1, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(1, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            } else {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(1, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            }
-        }
-    } else {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(0, 1, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            } else {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(0, 1, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(0, 0, 1, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            } else {
-                for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                    const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                    scalar_t exp_avg_stage[OPTGEN_BLOCK];
-                    scalar_t exp_avg_sq_stage[OPTGEN_BLOCK];
-                    const float exp_avg_block_scale = exp_avg_scale ? exp_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    const float exp_avg_sq_block_scale = exp_avg_sq_scale ? exp_avg_sq_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                    for (int64_t i = i0; i < i1; ++i) {
-                        nadam_step_walk1(0, 0, 0, i, i - i0, grad_p, param_p, exp_avg_p, exp_avg_sq_p,
-                            exp_avg_block_scale, exp_avg_sq_block_scale, exp_avg_stage, exp_avg_sq_stage,
-                            c_weight_decay, c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2,
-                            c_1_minus_beta2, c_eps, c_bias_correction2, c_lr, c_1_minus_mu_product_1,
-                            c_1_minus_mu, c_mu_next, c_1_minus_mu_product_next);
-                    }
-                    q8_store(exp_avg_stage, i0, i1, exp_avg_p, exp_avg_scale, 1);
-                    q8_store(exp_avg_sq_stage, i0, i1, exp_avg_sq_p, exp_avg_sq_scale, 0);
-                }
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define NADAM_STEP_WALK1(...) OPTGEN_WALK_REGION nadam_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        exp_avg_p, exp_avg_sq_p, exp_avg_scale, exp_avg_sq_scale, c_weight_decay, \
+        c_1_minus_lr_times_weight_decay, c_1_minus_beta1, c_beta2, c_1_minus_beta2, c_eps, \
+        c_bias_correction2, c_lr, c_1_minus_mu_product_1, c_1_minus_mu, c_mu_next, \
+        c_1_minus_mu_product_next, OPTGEN_WALK_BLOCKS)
+    switch ((decoupled_weight_decay << 2) | (maximize << 1) | weight_decay_ne_0) {
+    case 0: NADAM_STEP_WALK1(0, 0, 0); break;
+    case 1: NADAM_STEP_WALK1(0, 0, 1); break;
+    case 2: NADAM_STEP_WALK1(0, 1, 0); break;
+    case 3: NADAM_STEP_WALK1(0, 1, 1); break;
+    case 4: NADAM_STEP_WALK1(1, 0, 0); break;
+    case 5: NADAM_STEP_WALK1(1, 0, 1); break;
+    case 6: NADAM_STEP_WALK1(1, 1, 0); break;
+    case 7: NADAM_STEP_WALK1(1, 1, 1); break;
     }
+#undef NADAM_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
     store_counter(counters[1 * n + t], mu_product_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* NAdam step, every combination of decoupled_weight_decay, maximize */
 void nadam_step(OPTGEN_KERNEL_PARAMETERS)

@@ -15,54 +15,67 @@ from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 #if STATE_INT8
-/* walk 1 of rmsprop_step, over one element: each version of the walk calls it with its
+/* walk 1 of rmsprop_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void rmsprop_step_walk1(const int centered, const int maximize,
-        const int weight_decay_ne_0, const int momentum_gt_0, const int momentum_le_0, const int64_t i,
-        const int64_t slot, const storage_t *restrict grad_p, storage_t *restrict param_p,
-        lowp_t *restrict square_avg_p, lowp_t *restrict momentum_buffer_p, lowp_t *restrict grad_avg_p,
-        const float square_avg_block_scale, const float momentum_buffer_block_scale,
-        const float grad_avg_block_scale, scalar_t *restrict square_avg_stage,
-        scalar_t *restrict momentum_buffer_stage, scalar_t *restrict grad_avg_stage,
-        const scalar_t c_weight_decay, const scalar_t c_alpha, const scalar_t c_1_minus_alpha,
-        const scalar_t c_eps, const scalar_t c_momentum, const scalar_t c_lr)
+        const int weight_decay_ne_0, const int momentum_gt_0, const int momentum_le_0,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, lowp_t *restrict square_avg_p,
+        lowp_t *restrict momentum_buffer_p, lowp_t *restrict grad_avg_p, float *restrict square_avg_scale,
+        float *restrict momentum_buffer_scale, float *restrict grad_avg_scale, const scalar_t c_weight_decay,
+        const scalar_t c_alpha, const scalar_t c_1_minus_alpha, const scalar_t c_eps,
+        const scalar_t c_momentum, const scalar_t c_lr, const int64_t i_begin, const int64_t i_end)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param;
-    scalar_t square_avg = q8_load(square_avg_p[i], square_avg_block_scale, 0);
-    scalar_t grad_avg;
-    scalar_t avg;
-    scalar_t momentum_buffer;
-    if (momentum_gt_0 || momentum_le_0 || weight_decay_ne_0) param = to_compute(param_p[i]);
-    if (centered) grad_avg = q8_load(grad_avg_p[i], grad_avg_block_scale, 1);
-    if (momentum_gt_0) momentum_buffer = q8_load(momentum_buffer_p[i], momentum_buffer_block_scale, 1);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
-    square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
-    /* avg = sqrt(square_avg) + eps */
-    if ((momentum_gt_0 && !centered) || (momentum_le_0 && !centered)) avg = c_eps + SQRT(square_avg);
-    /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
-    if (centered) grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
-    /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
-    if ((centered && momentum_gt_0) || (centered && momentum_le_0)) avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
-    /* momentum_buffer = momentum * momentum_buffer + grad / avg */
-    if (momentum_gt_0) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
-    /* param = param - lr * momentum_buffer */
-    if (momentum_gt_0) param = param - c_lr * momentum_buffer;
-    /* param = param - lr * grad / avg */
-    if (momentum_le_0) param = param - c_lr * grad / avg;
-    if (momentum_gt_0 || momentum_le_0) param_p[i] = from_compute(param);
-    square_avg_stage[slot] = square_avg;
-    if (momentum_gt_0) momentum_buffer_stage[slot] = momentum_buffer;
-    if (centered) grad_avg_stage[slot] = grad_avg;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {
+        const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;
+        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        scalar_t grad_avg_stage[Q8_BLOCK];
+        scalar_t momentum_buffer_stage[Q8_BLOCK];
+        scalar_t square_avg_stage[Q8_BLOCK];
+        for (int64_t i = i0; i < i1; ++i) {
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param;
+            scalar_t square_avg = q8_load(square_avg_p[i], square_avg_block_scale, 0);
+            scalar_t grad_avg;
+            scalar_t avg;
+            scalar_t momentum_buffer;
+            if (momentum_gt_0 || momentum_le_0 || weight_decay_ne_0) param = to_compute(param_p[i]);
+            if (centered) grad_avg = q8_load(grad_avg_p[i], grad_avg_block_scale, 1);
+            if (momentum_gt_0) momentum_buffer = q8_load(momentum_buffer_p[i], momentum_buffer_block_scale, 1);
+            /* grad = -grad */
+            if (maximize) grad = -grad;
+            /* grad = grad + weight_decay * param */
+            if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+            /* square_avg = alpha * square_avg + (1 - alpha) * grad * grad */
+            square_avg = c_alpha * square_avg + c_1_minus_alpha * grad * grad;
+            /* avg = sqrt(square_avg) + eps */
+            if ((momentum_gt_0 && !centered) || (momentum_le_0 && !centered)) avg = c_eps + SQRT(square_avg);
+            /* grad_avg = lerp(grad_avg, grad, 1 - alpha) */
+            if (centered) grad_avg = lerp_of(grad_avg, grad, c_1_minus_alpha);
+            /* avg = sqrt(square_avg - grad_avg * grad_avg) + eps */
+            if ((centered && momentum_gt_0) || (centered && momentum_le_0)) avg = c_eps + SQRT(square_avg - grad_avg * grad_avg);
+            /* momentum_buffer = momentum * momentum_buffer + grad / avg */
+            if (momentum_gt_0) momentum_buffer = grad / avg + c_momentum * momentum_buffer;
+            /* param = param - lr * momentum_buffer */
+            if (momentum_gt_0) param = param - c_lr * momentum_buffer;
+            /* param = param - lr * grad / avg */
+            if (momentum_le_0) param = param - c_lr * grad / avg;
+            if (momentum_gt_0 || momentum_le_0) param_p[i] = from_compute(param);
+            square_avg_stage[i - i0] = square_avg;
+            if (momentum_gt_0) momentum_buffer_stage[i - i0] = momentum_buffer;
+            if (centered) grad_avg_stage[i - i0] = grad_avg;
+        }
+        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
+        if (momentum_gt_0) q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+        if (centered) q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
+    }
 }
 
 /* RMSprop step, every combination of centered, maximize: tensor t, split among the threads */
 #define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
 #define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)
 static void rmsprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -93,447 +106,48 @@ static void rmsprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_momentum = (scalar_t)(momentum);
     const scalar_t c_lr = (scalar_t)(lr);
     const int momentum_le_0 = momentum <= 0;
-    if (centered) {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(1, 1, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
-                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
-                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 1, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 1, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    }
-                }
-            } else {
-                if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(1, 1, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
-                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
-                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 1, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 1, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    }
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(1, 0, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
-                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
-                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 0, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 0, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    }
-                }
-            } else {
-                if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(1, 0, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
-                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
-                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 0, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 0, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    }
-                }
-            }
-        }
-    } else {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(0, 1, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
-                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
-                                c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 1, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 1, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    }
-                }
-            } else {
-                if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(0, 1, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
-                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
-                                c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 1, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 1, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    }
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(0, 0, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
-                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
-                                c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 0, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 0, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    }
-                }
-            } else {
-                if (momentum_gt_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(0, 0, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
-                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
-                                c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 0, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 0, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    }
-                }
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define RMSPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rmsprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        square_avg_p, momentum_buffer_p, grad_avg_p, square_avg_scale, momentum_buffer_scale, \
+        grad_avg_scale, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr, \
+        OPTGEN_WALK_BLOCKS)
+    switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
+    case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
+    case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
+    case 2: case 3: RMSPROP_STEP_WALK1(0, 0, 0, 1, 0); break;
+    case 4: RMSPROP_STEP_WALK1(0, 0, 1, 0, 0); break;
+    case 5: RMSPROP_STEP_WALK1(0, 0, 1, 0, 1); break;
+    case 6: case 7: RMSPROP_STEP_WALK1(0, 0, 1, 1, 0); break;
+    case 8: RMSPROP_STEP_WALK1(0, 1, 0, 0, 0); break;
+    case 9: RMSPROP_STEP_WALK1(0, 1, 0, 0, 1); break;
+    case 10: case 11: RMSPROP_STEP_WALK1(0, 1, 0, 1, 0); break;
+    case 12: RMSPROP_STEP_WALK1(0, 1, 1, 0, 0); break;
+    case 13: RMSPROP_STEP_WALK1(0, 1, 1, 0, 1); break;
+    case 14: case 15: RMSPROP_STEP_WALK1(0, 1, 1, 1, 0); break;
+    case 16: RMSPROP_STEP_WALK1(1, 0, 0, 0, 0); break;
+    case 17: RMSPROP_STEP_WALK1(1, 0, 0, 0, 1); break;
+    case 18: case 19: RMSPROP_STEP_WALK1(1, 0, 0, 1, 0); break;
+    case 20: RMSPROP_STEP_WALK1(1, 0, 1, 0, 0); break;
+    case 21: RMSPROP_STEP_WALK1(1, 0, 1, 0, 1); break;
+    case 22: case 23: RMSPROP_STEP_WALK1(1, 0, 1, 1, 0); break;
+    case 24: RMSPROP_STEP_WALK1(1, 1, 0, 0, 0); break;
+    case 25: RMSPROP_STEP_WALK1(1, 1, 0, 0, 1); break;
+    case 26: case 27: RMSPROP_STEP_WALK1(1, 1, 0, 1, 0); break;
+    case 28: RMSPROP_STEP_WALK1(1, 1, 1, 0, 0); break;
+    case 29: RMSPROP_STEP_WALK1(1, 1, 1, 0, 1); break;
+    case 30: case 31: RMSPROP_STEP_WALK1(1, 1, 1, 1, 0); break;
     }
+#undef RMSPROP_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* RMSprop step, every combination of centered, maximize: tensor t, on one thread */
 #define OPTGEN_WALK_REGION
 #define OPTGEN_WALK_SHARE 0, numel
+#define OPTGEN_WALK_BLOCKS 0, numel
 static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -564,419 +178,43 @@ static void rmsprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_momentum = (scalar_t)(momentum);
     const scalar_t c_lr = (scalar_t)(lr);
     const int momentum_le_0 = momentum <= 0;
-    if (centered) {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (momentum_gt_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(1, 1, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
-                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
-                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 1, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    } else {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 1, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    }
-                }
-            } else {
-                if (momentum_gt_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(1, 1, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
-                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
-                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 1, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    } else {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 1, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    }
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (momentum_gt_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(1, 0, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
-                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
-                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 0, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    } else {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 0, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    }
-                }
-            } else {
-                if (momentum_gt_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(1, 0, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale,
-                                grad_avg_block_scale, square_avg_stage, momentum_buffer_stage, grad_avg_stage,
-                                c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                        q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 0, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    } else {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            scalar_t grad_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            const float grad_avg_block_scale = grad_avg_scale ? grad_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(1, 0, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, grad_avg_block_scale,
-                                    square_avg_stage, 0, grad_avg_stage, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps,
-                                    c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                            q8_store(grad_avg_stage, i0, i1, grad_avg_p, grad_avg_scale, 1);
-                        }
-                    }
-                }
-            }
-        }
-    } else {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (momentum_gt_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(0, 1, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
-                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
-                                c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 1, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    } else {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 1, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    }
-                }
-            } else {
-                if (momentum_gt_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(0, 1, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
-                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
-                                c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 1, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    } else {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 1, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    }
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (momentum_gt_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(0, 0, 1, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
-                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
-                                c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 0, 1, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    } else {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 0, 1, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    }
-                }
-            } else {
-                if (momentum_gt_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t square_avg_stage[OPTGEN_BLOCK];
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            rmsprop_step_walk1(0, 0, 0, 1, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                momentum_buffer_p, grad_avg_p, square_avg_block_scale, momentum_buffer_block_scale, 0,
-                                square_avg_stage, momentum_buffer_stage, 0, c_weight_decay, c_alpha, c_1_minus_alpha,
-                                c_eps, c_momentum, c_lr);
-                        }
-                        q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    if (momentum_le_0) {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 0, 0, 0, 1, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    } else {
-                        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                            scalar_t square_avg_stage[OPTGEN_BLOCK];
-                            const float square_avg_block_scale = square_avg_scale ? square_avg_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                            for (int64_t i = i0; i < i1; ++i) {
-                                rmsprop_step_walk1(0, 0, 0, 0, 0, i, i - i0, grad_p, param_p, square_avg_p,
-                                    momentum_buffer_p, grad_avg_p, square_avg_block_scale, 0, 0, square_avg_stage, 0, 0,
-                                    c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr);
-                            }
-                            q8_store(square_avg_stage, i0, i1, square_avg_p, square_avg_scale, 0);
-                        }
-                    }
-                }
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define RMSPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rmsprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        square_avg_p, momentum_buffer_p, grad_avg_p, square_avg_scale, momentum_buffer_scale, \
+        grad_avg_scale, c_weight_decay, c_alpha, c_1_minus_alpha, c_eps, c_momentum, c_lr, \
+        OPTGEN_WALK_BLOCKS)
+    switch ((centered << 4) | (maximize << 3) | (weight_decay_ne_0 << 2) | (momentum_gt_0 << 1) | momentum_le_0) {
+    case 0: RMSPROP_STEP_WALK1(0, 0, 0, 0, 0); break;
+    case 1: RMSPROP_STEP_WALK1(0, 0, 0, 0, 1); break;
+    case 2: case 3: RMSPROP_STEP_WALK1(0, 0, 0, 1, 0); break;
+    case 4: RMSPROP_STEP_WALK1(0, 0, 1, 0, 0); break;
+    case 5: RMSPROP_STEP_WALK1(0, 0, 1, 0, 1); break;
+    case 6: case 7: RMSPROP_STEP_WALK1(0, 0, 1, 1, 0); break;
+    case 8: RMSPROP_STEP_WALK1(0, 1, 0, 0, 0); break;
+    case 9: RMSPROP_STEP_WALK1(0, 1, 0, 0, 1); break;
+    case 10: case 11: RMSPROP_STEP_WALK1(0, 1, 0, 1, 0); break;
+    case 12: RMSPROP_STEP_WALK1(0, 1, 1, 0, 0); break;
+    case 13: RMSPROP_STEP_WALK1(0, 1, 1, 0, 1); break;
+    case 14: case 15: RMSPROP_STEP_WALK1(0, 1, 1, 1, 0); break;
+    case 16: RMSPROP_STEP_WALK1(1, 0, 0, 0, 0); break;
+    case 17: RMSPROP_STEP_WALK1(1, 0, 0, 0, 1); break;
+    case 18: case 19: RMSPROP_STEP_WALK1(1, 0, 0, 1, 0); break;
+    case 20: RMSPROP_STEP_WALK1(1, 0, 1, 0, 0); break;
+    case 21: RMSPROP_STEP_WALK1(1, 0, 1, 0, 1); break;
+    case 22: case 23: RMSPROP_STEP_WALK1(1, 0, 1, 1, 0); break;
+    case 24: RMSPROP_STEP_WALK1(1, 1, 0, 0, 0); break;
+    case 25: RMSPROP_STEP_WALK1(1, 1, 0, 0, 1); break;
+    case 26: case 27: RMSPROP_STEP_WALK1(1, 1, 0, 1, 0); break;
+    case 28: RMSPROP_STEP_WALK1(1, 1, 1, 0, 0); break;
+    case 29: RMSPROP_STEP_WALK1(1, 1, 1, 0, 1); break;
+    case 30: case 31: RMSPROP_STEP_WALK1(1, 1, 1, 1, 0); break;
     }
+#undef RMSPROP_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* RMSprop step, every combination of centered, maximize */
 void rmsprop_step(OPTGEN_KERNEL_PARAMETERS)

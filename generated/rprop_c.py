@@ -15,46 +15,57 @@ from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 #if STATE_INT8
-/* walk 1 of rprop_step, over one element: each version of the walk calls it with its
+/* walk 1 of rprop_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
-static inline __attribute__((always_inline)) void rprop_step_walk1(const int maximize, const int64_t i,
-        const int64_t slot, const storage_t *restrict grad_p, storage_t *restrict param_p,
-        lowp_t *restrict prev_p, lowp_t *restrict step_size_p, const float prev_block_scale,
-        const float step_size_block_scale, scalar_t *restrict prev_stage, scalar_t *restrict step_size_stage,
+static inline __attribute__((always_inline)) void rprop_step_walk1(const int maximize,
+        const storage_t *restrict grad_p, storage_t *restrict param_p, lowp_t *restrict prev_p,
+        lowp_t *restrict step_size_p, float *restrict prev_scale, float *restrict step_size_scale,
         const scalar_t c_etaplus, const scalar_t c_etaminus, const scalar_t c_step_size_min,
-        const scalar_t c_step_size_max)
+        const scalar_t c_step_size_max, const int64_t i_begin, const int64_t i_end)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t prev = q8_load(prev_p[i], prev_block_scale, 1);
-    scalar_t sign;
-    scalar_t step_size = q8_load(step_size_p[i], step_size_block_scale, 0);
-    scalar_t param = to_compute(param_p[i]);
-    /* sign = sign(grad * prev) */
-    sign = sign_of(grad * prev);
-    /* sign = -sign */
-    if (maximize) sign = -sign;
-    /* sign = where(sign > 0, etaplus, sign) */
-    sign = (sign > 0 ? c_etaplus : sign);
-    /* sign = where(sign < 0, etaminus, sign) */
-    sign = (sign < 0 ? c_etaminus : sign);
-    /* sign = where(sign == 0, 1, sign) */
-    sign = (sign == 0 ? 1 : sign);
-    /* step_size = clamp(step_size * sign, step_size_min, step_size_max) */
-    step_size = min_nan(max_nan(sign * step_size, c_step_size_min), c_step_size_max);
-    /* prev = where(sign == etaminus, 0, grad) */
-    prev = (sign == c_etaminus ? 0 : grad);
-    /* prev = -prev */
-    if (maximize) prev = -prev;
-    /* param = param - sign(prev) * step_size */
-    param = param - step_size * sign_of(prev);
-    param_p[i] = from_compute(param);
-    prev_stage[slot] = prev;
-    step_size_stage[slot] = step_size;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {
+        const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;
+        const float prev_block_scale = prev_scale ? prev_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        const float step_size_block_scale = step_size_scale ? step_size_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        scalar_t prev_stage[Q8_BLOCK];
+        scalar_t step_size_stage[Q8_BLOCK];
+        for (int64_t i = i0; i < i1; ++i) {
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t prev = q8_load(prev_p[i], prev_block_scale, 1);
+            scalar_t sign;
+            scalar_t step_size = q8_load(step_size_p[i], step_size_block_scale, 0);
+            scalar_t param = to_compute(param_p[i]);
+            /* sign = sign(grad * prev) */
+            sign = sign_of(grad * prev);
+            /* sign = -sign */
+            if (maximize) sign = -sign;
+            /* sign = where(sign > 0, etaplus, sign) */
+            sign = (sign > 0 ? c_etaplus : sign);
+            /* sign = where(sign < 0, etaminus, sign) */
+            sign = (sign < 0 ? c_etaminus : sign);
+            /* sign = where(sign == 0, 1, sign) */
+            sign = (sign == 0 ? 1 : sign);
+            /* step_size = clamp(step_size * sign, step_size_min, step_size_max) */
+            step_size = min_nan(max_nan(sign * step_size, c_step_size_min), c_step_size_max);
+            /* prev = where(sign == etaminus, 0, grad) */
+            prev = (sign == c_etaminus ? 0 : grad);
+            /* prev = -prev */
+            if (maximize) prev = -prev;
+            /* param = param - sign(prev) * step_size */
+            param = param - step_size * sign_of(prev);
+            param_p[i] = from_compute(param);
+            prev_stage[i - i0] = prev;
+            step_size_stage[i - i0] = step_size;
+        }
+        q8_store(prev_stage, i0, i1, prev_p, prev_scale, 1);
+        q8_store(step_size_stage, i0, i1, step_size_p, step_size_scale, 0);
+    }
 }
 
 /* Rprop step, every combination of maximize: tensor t, split among the threads */
 #define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
 #define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)
 static void rprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double etaminus = hyper[0];
@@ -76,47 +87,25 @@ static void rprop_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_etaminus = (scalar_t)(etaminus);
     const scalar_t c_step_size_min = (scalar_t)(step_size_min);
     const scalar_t c_step_size_max = (scalar_t)(step_size_max);
-    if (maximize) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-            scalar_t prev_stage[OPTGEN_BLOCK];
-            scalar_t step_size_stage[OPTGEN_BLOCK];
-            const float prev_block_scale = prev_scale ? prev_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-            const float step_size_block_scale = step_size_scale ? step_size_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-            for (int64_t i = i0; i < i1; ++i) {
-                rprop_step_walk1(1, i, i - i0, grad_p, param_p, prev_p, step_size_p, prev_block_scale,
-                    step_size_block_scale, prev_stage, step_size_stage, c_etaplus, c_etaminus,
-                    c_step_size_min, c_step_size_max);
-            }
-            q8_store(prev_stage, i0, i1, prev_p, prev_scale, 1);
-            q8_store(step_size_stage, i0, i1, step_size_p, step_size_scale, 0);
-        }
-    } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-            scalar_t prev_stage[OPTGEN_BLOCK];
-            scalar_t step_size_stage[OPTGEN_BLOCK];
-            const float prev_block_scale = prev_scale ? prev_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-            const float step_size_block_scale = step_size_scale ? step_size_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-            for (int64_t i = i0; i < i1; ++i) {
-                rprop_step_walk1(0, i, i - i0, grad_p, param_p, prev_p, step_size_p, prev_block_scale,
-                    step_size_block_scale, prev_stage, step_size_stage, c_etaplus, c_etaminus,
-                    c_step_size_min, c_step_size_max);
-            }
-            q8_store(prev_stage, i0, i1, prev_p, prev_scale, 1);
-            q8_store(step_size_stage, i0, i1, step_size_p, step_size_scale, 0);
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define RPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        prev_p, step_size_p, prev_scale, step_size_scale, c_etaplus, c_etaminus, c_step_size_min, \
+        c_step_size_max, OPTGEN_WALK_BLOCKS)
+    switch (maximize) {
+    case 0: RPROP_STEP_WALK1(0); break;
+    case 1: RPROP_STEP_WALK1(1); break;
     }
+#undef RPROP_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* Rprop step, every combination of maximize: tensor t, on one thread */
 #define OPTGEN_WALK_REGION
 #define OPTGEN_WALK_SHARE 0, numel
+#define OPTGEN_WALK_BLOCKS 0, numel
 static void rprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double etaminus = hyper[0];
@@ -138,41 +127,20 @@ static void rprop_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_etaminus = (scalar_t)(etaminus);
     const scalar_t c_step_size_min = (scalar_t)(step_size_min);
     const scalar_t c_step_size_max = (scalar_t)(step_size_max);
-    if (maximize) {
-        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-            scalar_t prev_stage[OPTGEN_BLOCK];
-            scalar_t step_size_stage[OPTGEN_BLOCK];
-            const float prev_block_scale = prev_scale ? prev_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-            const float step_size_block_scale = step_size_scale ? step_size_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-            for (int64_t i = i0; i < i1; ++i) {
-                rprop_step_walk1(1, i, i - i0, grad_p, param_p, prev_p, step_size_p, prev_block_scale,
-                    step_size_block_scale, prev_stage, step_size_stage, c_etaplus, c_etaminus,
-                    c_step_size_min, c_step_size_max);
-            }
-            q8_store(prev_stage, i0, i1, prev_p, prev_scale, 1);
-            q8_store(step_size_stage, i0, i1, step_size_p, step_size_scale, 0);
-        }
-    } else {
-        for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-            const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-            scalar_t prev_stage[OPTGEN_BLOCK];
-            scalar_t step_size_stage[OPTGEN_BLOCK];
-            const float prev_block_scale = prev_scale ? prev_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-            const float step_size_block_scale = step_size_scale ? step_size_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-            for (int64_t i = i0; i < i1; ++i) {
-                rprop_step_walk1(0, i, i - i0, grad_p, param_p, prev_p, step_size_p, prev_block_scale,
-                    step_size_block_scale, prev_stage, step_size_stage, c_etaplus, c_etaminus,
-                    c_step_size_min, c_step_size_max);
-            }
-            q8_store(prev_stage, i0, i1, prev_p, prev_scale, 1);
-            q8_store(step_size_stage, i0, i1, step_size_p, step_size_scale, 0);
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define RPROP_STEP_WALK1(...) OPTGEN_WALK_REGION rprop_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        prev_p, step_size_p, prev_scale, step_size_scale, c_etaplus, c_etaminus, c_step_size_min, \
+        c_step_size_max, OPTGEN_WALK_BLOCKS)
+    switch (maximize) {
+    case 0: RPROP_STEP_WALK1(0); break;
+    case 1: RPROP_STEP_WALK1(1); break;
     }
+#undef RPROP_STEP_WALK1
     store_counter(counters[0 * n + t], step_1, counters_f64);
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* Rprop step, every combination of maximize */
 void rprop_step(OPTGEN_KERNEL_PARAMETERS)

@@ -15,38 +15,47 @@ from optgen.runtime.kernels import KernelModule
 
 SOURCE = r"""
 #if STATE_INT8
-/* walk 1 of sgd_step, over one element: each version of the walk calls it with its
+/* walk 1 of sgd_step, over the elements it is passed (its thread's share): each version of the walk calls it with its
    flags and conditions as constants (Note [One loop body per walk] in optgen/backends/c.py) */
 static inline __attribute__((always_inline)) void sgd_step_walk1(const int nesterov, const int maximize,
-        const int weight_decay_ne_0, const int momentum_ne_0, const int64_t i, const int64_t slot,
-        const storage_t *restrict grad_p, storage_t *restrict param_p, lowp_t *restrict momentum_buffer_p,
-        const float momentum_buffer_block_scale, scalar_t *restrict momentum_buffer_stage,
-        const scalar_t c_weight_decay, const scalar_t c_1_minus_dampening, const scalar_t c_momentum,
-        const scalar_t c_lr, const int momentum_buffer_is_new)
+        const int weight_decay_ne_0, const int momentum_ne_0, const storage_t *restrict grad_p,
+        storage_t *restrict param_p, lowp_t *restrict momentum_buffer_p,
+        float *restrict momentum_buffer_scale, const scalar_t c_weight_decay,
+        const scalar_t c_1_minus_dampening, const scalar_t c_momentum, const scalar_t c_lr,
+        const int momentum_buffer_is_new, const int64_t i_begin, const int64_t i_end)
 {
-    scalar_t grad = to_compute(grad_p[i]);
-    scalar_t param = to_compute(param_p[i]);
-    scalar_t momentum_buffer;
-    if (momentum_ne_0) momentum_buffer = q8_load(momentum_buffer_p[i], momentum_buffer_block_scale, 1);
-    /* grad = -grad */
-    if (maximize) grad = -grad;
-    /* grad = grad + weight_decay * param */
-    if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
-    /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
-    if (momentum_ne_0) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
-    /* grad = momentum_buffer */
-    if (momentum_ne_0 && !nesterov) grad = momentum_buffer;
-    /* grad = grad + momentum * momentum_buffer */
-    if (momentum_ne_0 && nesterov) grad = grad + c_momentum * momentum_buffer;
-    /* param = param - lr * grad */
-    param = param - c_lr * grad;
-    param_p[i] = from_compute(param);
-    if (momentum_ne_0) momentum_buffer_stage[slot] = momentum_buffer;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {
+        const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;
+        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
+        scalar_t momentum_buffer_stage[Q8_BLOCK];
+        for (int64_t i = i0; i < i1; ++i) {
+            scalar_t grad = to_compute(grad_p[i]);
+            scalar_t param = to_compute(param_p[i]);
+            scalar_t momentum_buffer;
+            if (momentum_ne_0) momentum_buffer = q8_load(momentum_buffer_p[i], momentum_buffer_block_scale, 1);
+            /* grad = -grad */
+            if (maximize) grad = -grad;
+            /* grad = grad + weight_decay * param */
+            if (weight_decay_ne_0) grad = grad + c_weight_decay * param;
+            /* momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad */
+            if (momentum_ne_0) momentum_buffer = momentum_buffer_is_new ? grad : c_1_minus_dampening * grad + c_momentum * momentum_buffer;
+            /* grad = momentum_buffer */
+            if (momentum_ne_0 && !nesterov) grad = momentum_buffer;
+            /* grad = grad + momentum * momentum_buffer */
+            if (momentum_ne_0 && nesterov) grad = grad + c_momentum * momentum_buffer;
+            /* param = param - lr * grad */
+            param = param - c_lr * grad;
+            param_p[i] = from_compute(param);
+            if (momentum_ne_0) momentum_buffer_stage[i - i0] = momentum_buffer;
+        }
+        if (momentum_ne_0) q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
+    }
 }
 
 /* SGD step, every combination of nesterov, maximize: tensor t, split among the threads */
 #define OPTGEN_WALK_REGION _Pragma("omp parallel if (numel >= PARALLEL_MIN)")
 #define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)
+#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)
 static void sgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -67,194 +76,38 @@ static void sgd_step_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
     const scalar_t c_momentum = (scalar_t)(momentum);
     const scalar_t c_lr = (scalar_t)(lr);
-    if (nesterov) {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(1, 1, 1, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(1, 1, 1, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(1, 1, 0, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(1, 1, 0, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(1, 0, 1, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(1, 0, 1, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(1, 0, 0, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(1, 0, 0, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        }
-    } else {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(0, 1, 1, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(0, 1, 1, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(0, 1, 0, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(0, 1, 0, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(0, 0, 1, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(0, 0, 1, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (momentum_ne_0) {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(0, 0, 0, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-#pragma omp parallel for if (numel >= PARALLEL_MIN) schedule(static)
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(0, 0, 0, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define SGD_STEP_WALK1(...) OPTGEN_WALK_REGION sgd_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        momentum_buffer_p, momentum_buffer_scale, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
+        momentum_buffer_is_new, OPTGEN_WALK_BLOCKS)
+    switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
+    case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
+    case 1: SGD_STEP_WALK1(0, 0, 0, 1); break;
+    case 2: SGD_STEP_WALK1(0, 0, 1, 0); break;
+    case 3: SGD_STEP_WALK1(0, 0, 1, 1); break;
+    case 4: SGD_STEP_WALK1(0, 1, 0, 0); break;
+    case 5: SGD_STEP_WALK1(0, 1, 0, 1); break;
+    case 6: SGD_STEP_WALK1(0, 1, 1, 0); break;
+    case 7: SGD_STEP_WALK1(0, 1, 1, 1); break;
+    case 8: SGD_STEP_WALK1(1, 0, 0, 0); break;
+    case 9: SGD_STEP_WALK1(1, 0, 0, 1); break;
+    case 10: SGD_STEP_WALK1(1, 0, 1, 0); break;
+    case 11: SGD_STEP_WALK1(1, 0, 1, 1); break;
+    case 12: SGD_STEP_WALK1(1, 1, 0, 0); break;
+    case 13: SGD_STEP_WALK1(1, 1, 0, 1); break;
+    case 14: SGD_STEP_WALK1(1, 1, 1, 0); break;
+    case 15: SGD_STEP_WALK1(1, 1, 1, 1); break;
     }
+#undef SGD_STEP_WALK1
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* SGD step, every combination of nesterov, maximize: tensor t, on one thread */
 #define OPTGEN_WALK_REGION
 #define OPTGEN_WALK_SHARE 0, numel
+#define OPTGEN_WALK_BLOCKS 0, numel
 static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
 {
     const double lr = hyper[0];
@@ -275,174 +128,33 @@ static void sgd_step_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)
     const scalar_t c_1_minus_dampening = (scalar_t)(1 - dampening);
     const scalar_t c_momentum = (scalar_t)(momentum);
     const scalar_t c_lr = (scalar_t)(lr);
-    if (nesterov) {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (momentum_ne_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(1, 1, 1, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(1, 1, 1, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (momentum_ne_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(1, 1, 0, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(1, 1, 0, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (momentum_ne_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(1, 0, 1, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(1, 0, 1, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (momentum_ne_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(1, 0, 0, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(1, 0, 0, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        }
-    } else {
-        if (maximize) {
-            if (weight_decay_ne_0) {
-                if (momentum_ne_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(0, 1, 1, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(0, 1, 1, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (momentum_ne_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(0, 1, 0, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(0, 1, 0, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        } else {
-            if (weight_decay_ne_0) {
-                if (momentum_ne_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(0, 0, 1, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(0, 0, 1, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            } else {
-                if (momentum_ne_0) {
-                    for (int64_t i0 = 0; i0 < numel; i0 += Q8_BLOCK) {
-                        const int64_t i1 = i0 + Q8_BLOCK < numel ? i0 + Q8_BLOCK : numel;
-                        scalar_t momentum_buffer_stage[OPTGEN_BLOCK];
-                        const float momentum_buffer_block_scale = momentum_buffer_scale ? momentum_buffer_scale[i0 >> Q8_BLOCK_SHIFT] : 0;
-                        for (int64_t i = i0; i < i1; ++i) {
-                            sgd_step_walk1(0, 0, 0, 1, i, i - i0, grad_p, param_p, momentum_buffer_p,
-                                momentum_buffer_block_scale, momentum_buffer_stage, c_weight_decay,
-                                c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                        }
-                        q8_store(momentum_buffer_stage, i0, i1, momentum_buffer_p, momentum_buffer_scale, 1);
-                    }
-                } else {
-                    for (int64_t i = 0; i < numel; ++i) {
-                        sgd_step_walk1(0, 0, 0, 0, i, 0, grad_p, param_p, momentum_buffer_p, 0, 0, c_weight_decay,
-                            c_1_minus_dampening, c_momentum, c_lr, momentum_buffer_is_new);
-                    }
-                }
-            }
-        }
+    /* each version passes its flags and conditions as literals inside its parallel region */
+#define SGD_STEP_WALK1(...) OPTGEN_WALK_REGION sgd_step_walk1(__VA_ARGS__, grad_p, param_p, \
+        momentum_buffer_p, momentum_buffer_scale, c_weight_decay, c_1_minus_dampening, c_momentum, c_lr, \
+        momentum_buffer_is_new, OPTGEN_WALK_BLOCKS)
+    switch ((nesterov << 3) | (maximize << 2) | (weight_decay_ne_0 << 1) | momentum_ne_0) {
+    case 0: SGD_STEP_WALK1(0, 0, 0, 0); break;
+    case 1: SGD_STEP_WALK1(0, 0, 0, 1); break;
+    case 2: SGD_STEP_WALK1(0, 0, 1, 0); break;
+    case 3: SGD_STEP_WALK1(0, 0, 1, 1); break;
+    case 4: SGD_STEP_WALK1(0, 1, 0, 0); break;
+    case 5: SGD_STEP_WALK1(0, 1, 0, 1); break;
+    case 6: SGD_STEP_WALK1(0, 1, 1, 0); break;
+    case 7: SGD_STEP_WALK1(0, 1, 1, 1); break;
+    case 8: SGD_STEP_WALK1(1, 0, 0, 0); break;
+    case 9: SGD_STEP_WALK1(1, 0, 0, 1); break;
+    case 10: SGD_STEP_WALK1(1, 0, 1, 0); break;
+    case 11: SGD_STEP_WALK1(1, 0, 1, 1); break;
+    case 12: SGD_STEP_WALK1(1, 1, 0, 0); break;
+    case 13: SGD_STEP_WALK1(1, 1, 0, 1); break;
+    case 14: SGD_STEP_WALK1(1, 1, 1, 0); break;
+    case 15: SGD_STEP_WALK1(1, 1, 1, 1); break;
     }
+#undef SGD_STEP_WALK1
 }
 #undef OPTGEN_WALK_REGION
 #undef OPTGEN_WALK_SHARE
+#undef OPTGEN_WALK_BLOCKS
 
 /* SGD step, every combination of nesterov, maximize */
 void sgd_step(OPTGEN_KERNEL_PARAMETERS)

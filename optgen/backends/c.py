@@ -271,16 +271,23 @@ class _CBuilder:
         # two functions per tensor, split among the threads or on one, and the kernel, which runs
         # them over the tensors (for_each_tensor, c_launch.PRELUDE: Note [Small tensors in parallel])
         lines = [*head, *body]
+        # a walk storing int8 state shares its elements out in whole blocks (Note [Blockwise 8-bit state in C])
+        blocks_share = ["#define OPTGEN_WALK_BLOCKS block_share(numel, Q8_BLOCK, 0), block_share(numel, Q8_BLOCK, 1)"] \
+            if any("OPTGEN_WALK_BLOCKS" in line for line in lines) else []
+        undefine = ["#undef OPTGEN_WALK_BLOCKS"] if blocks_share else []
         source = [*self.functions,
                   f"/* {doc}: tensor t, split among the threads */",
                   f"#define OPTGEN_WALK_REGION {_WALK_REGION}",
                   "#define OPTGEN_WALK_SHARE thread_share(numel, 0), thread_share(numel, 1)",
+                  *blocks_share,
                   f"static void {function}_tensor_split(const int64_t t, OPTGEN_KERNEL_PARAMETERS)",
-                  "{", *_indent(lines), "}", "#undef OPTGEN_WALK_REGION", "#undef OPTGEN_WALK_SHARE", "",
+                  "{", *_indent(lines), "}", "#undef OPTGEN_WALK_REGION", "#undef OPTGEN_WALK_SHARE", *undefine, "",
                   f"/* {doc}: tensor t, on one thread */",
                   "#define OPTGEN_WALK_REGION", "#define OPTGEN_WALK_SHARE 0, numel",
+                  *(["#define OPTGEN_WALK_BLOCKS 0, numel"] if blocks_share else []),
                   f"static void {function}_tensor(const int64_t t, OPTGEN_KERNEL_PARAMETERS)",
-                  "{", *_indent(_one_thread(lines)), "}", "#undef OPTGEN_WALK_REGION", "#undef OPTGEN_WALK_SHARE", "",
+                  "{", *_indent(_one_thread(lines)), "}", "#undef OPTGEN_WALK_REGION", "#undef OPTGEN_WALK_SHARE",
+                  *undefine, "",
                   f"/* {doc} */", f"void {function}(OPTGEN_KERNEL_PARAMETERS)",
                   "{", f"    for_each_tensor({function}_tensor, {function}_tensor_split, OPTGEN_KERNEL_ARGUMENTS);",
                   "}"]
@@ -657,6 +664,10 @@ class _CBuilder:
         body += [((3, self.lists.index(t)), guarded(t, f"{self.cname(t)}_stage[slot] = {self.cname(t)};" if t in staged
                                                     else f"{self.cname(t)}_p[i] = {self.stored(t)};"))
                  for t in written]
+        # where the body function holds the loop, in blocks: each block's scales before its elements,
+        # its quantization after them (_BEFORE_BLOCK, _AFTER_BLOCK)
+        body += [((_BEFORE_BLOCK, self.lists.index(t)), self.block_scale(t)) for t in per_block]
+        body += [((_AFTER_BLOCK, self.lists.index(t)), guarded(t, self.quantized(t))) for t in staged]
         # the body as it stands inside the loop when the walk has one version
         inner = [self.load(n, FULL, present, n in per_block) if n in loaded else f"scalar_t {self.cname(n)};"
                  for n in reads]
@@ -666,12 +677,9 @@ class _CBuilder:
                 f"{int(a.reduction.kind == 'norm')});" for a in blocked]
         buffers = [f"scalar_t {terms[a.reduction.name]}[OPTGEN_BLOCK];" for a in blocked]
         buffers += [f"scalar_t {self.cname(t)}_stage[OPTGEN_BLOCK];" for t in staged]
-        buffers += [f"const float {self.cname(t)}_block_scale = {self.cname(t)}_scale ? "
-                    f"{self.cname(t)}_scale[i0 >> Q8_BLOCK_SHIFT] : 0;"
-                    for t in sorted(per_block, key=self.lists.index)]
+        buffers += [self.block_scale(t) for t in sorted(per_block, key=self.lists.index)]
         block = "Q8_BLOCK" if staged else "OPTGEN_BLOCK"  # (Q8_BLOCK divides OPTGEN_BLOCK: the buffers hold one)
-        sums += [guarded(t, f"q8_store({self.cname(t)}_stage, i0, i1, {self.cname(t)}_p, {self.cname(t)}_scale, "
-                            f"{int(self.signed(t))});") for t in staged]
+        sums += [guarded(t, self.quantized(t)) for t in staged]
         scalars = [names[a.reduction.name] for a in accumulate if a.reduction.extent == SCALAR]
         arrays = [a for a in accumulate if a.reduction.extent != SCALAR]
 
@@ -714,8 +722,18 @@ class _CBuilder:
             region += [f"free({private[a.reduction.name]});" for a in col_accs]
             return ["#pragma omp parallel if (numel >= PARALLEL_MIN)", "{", *_indent(region), "}"]
 
-        return _Leaf(flags, tested, skeleton(inner), skeleton([_CALL]), body, local,
-                     plain=not rows and not blocked and not staged)
+        return _Leaf(flags, tested, skeleton(inner), skeleton([_CALL]), body, local, plain=not rows and not blocked,
+                     staged=bool(staged))
+
+    def block_scale(self, t: str) -> str:
+        """The scale of int8 state ``t``'s block, read once per block of Q8_BLOCK elements."""
+        c = self.cname(t)
+        return f"const float {c}_block_scale = {c}_scale ? {c}_scale[i0 >> Q8_BLOCK_SHIFT] : 0;"
+
+    def quantized(self, t: str) -> str:
+        """Int8 state ``t``'s new values of elements i0..i1 (its block buffer) into codes and scales."""
+        c = self.cname(t)
+        return f"q8_store({c}_stage, i0, i1, {c}_p, {c}_scale, {int(self.signed(t))});"
 
     def body_function(self, leaves: list[_Leaf], number: int,
                       whole: bool) -> tuple[str, Callable[[_Leaf], list[str]]]:
@@ -749,6 +767,11 @@ class _CBuilder:
             return _c_condition(sympy.SOPform(symbols, [list(o) for o in sorted(where)], unreachable))
 
         places = sorted(runs, key=lambda line: line[0])  # (stable: declarations and loads as first seen)
+        staged = whole and any(leaf.staged for leaf in leaves)
+        around = {key: [line if key == _BEFORE_BLOCK or (when := guard(runs[place, line])) is None  # (a declaration:
+                        else f"if ({when}) {line}" for place, line in places if place[0] == key]  # NULL-safe)
+                  for key in (_BEFORE_BLOCK, _AFTER_BLOCK)}
+        places = [(place, line) for place, line in places if place[0] not in around]
         loads: dict[str, list] = {}
         for place, line in places:
             if place == (1,):
@@ -768,8 +791,20 @@ class _CBuilder:
             else:
                 when = guard(runs[place, line])
                 lines.append(line if when is None else f"if ({when}) {line}")
+        if staged:  # in blocks of an int8 state's Q8_BLOCK: their shares are whole blocks (OPTGEN_WALK_BLOCKS)
+            buffers = sorted({f"scalar_t {n}[Q8_BLOCK];" for leaf in leaves for n in leaf.local
+                              if n.endswith("_stage")})
+            lines = ["for (int64_t i0 = i_begin; i0 < i_end; i0 += Q8_BLOCK) {",
+                     "    const int64_t i1 = i0 + Q8_BLOCK < i_end ? i0 + Q8_BLOCK : i_end;",
+                     *_indent(around[_BEFORE_BLOCK]), *_indent(buffers),
+                     "    for (int64_t i = i0; i < i1; ++i) {", *_indent([x.replace("[slot]", "[i - i0]")
+                                                                         for x in lines], 2), "    }",
+                     *_indent(around[_AFTER_BLOCK]), "}"]
         used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(lines)))
-        if whole:  # over the elements the caller passes: its thread's share, or all (OPTGEN_WALK_SHARE)
+        if staged:
+            used -= {"i", "i0", "i1"} | {n for leaf in leaves for n in leaf.local
+                                         if n.endswith(("_stage", "_block_scale"))}
+        elif whole:  # over the elements the caller passes: its thread's share, or all (OPTGEN_WALK_SHARE)
             used -= {"i"}
             lines = ["for (int64_t i = i_begin; i < i_end; ++i) {", *_indent(lines), "}"]
         parameters = [(n, t) for n, t in self.parameters(leaves).items() if n in used]
@@ -792,7 +827,8 @@ class _CBuilder:
                     outcome = leaf.tested.get(n, False)
                     return n if outcome is None else str(int(outcome))
                 return leaf.local.get(n, "0") if n in locals_ else n
-            return [*(value(n) for n, _ in parameters), *(("OPTGEN_WALK_SHARE",) if whole else ())]
+            share = "OPTGEN_WALK_BLOCKS" if staged else "OPTGEN_WALK_SHARE"
+            return [*(value(n) for n, _ in parameters), *((share,) if whole else ())]
         return name, arguments
 
     def stored(self, t: str) -> str:
@@ -807,8 +843,8 @@ class _CBuilder:
         out["grad_p"] = "const storage_t *restrict"
         out.update({f"{self.cname(t)}_p": ("lowp_t" if t in self.low else "storage_t") + " *restrict"
                     for t in self.lists})
-        if self.int8:
-            out.update({f"{self.cname(t)}_scale": "const float *restrict" for t in self.low})
+        if self.int8:  # (written by q8_store where a walk's function holds its loop)
+            out.update({f"{self.cname(t)}_scale": "float *restrict" for t in self.low})
             out.update({f"{self.cname(t)}_block_scale": "const float" for t in self.low})
         else:
             out.update({f"{self.cname(t)}_key": "const uint32_t" for t in self.low})
@@ -850,6 +886,9 @@ class _CBuilder:
 
 #: where a version's loop calls its walk's body (Note [One loop body per walk])
 _CALL = "@body@"
+#: the places of a body's lines that run once per block of an int8 state, before and after its
+#: elements (Note [Blockwise 8-bit state in C])
+_BEFORE_BLOCK, _AFTER_BLOCK = -1, 4
 
 
 @dataclass
@@ -863,6 +902,7 @@ class _Leaf:
     body: list[tuple[tuple, str]]       # (place, line): declared names, loads, statements, stores
     local: dict[str, str]               # the loop's names the body reads → their value here
     plain: bool = False                 # a plain loop over the elements (no sums, no rows)
+    staged: bool = False                # it stores int8 state, in blocks (Note [Blockwise 8-bit state in C])
 
 
 @dataclass
@@ -1073,11 +1113,16 @@ class CBackend(FusedBackend):
       array (``X_scale``: the address table's rows after the lists); an element loads as
       ``q8_load``: its code's value times its block's scale;
     - the walk that stores the state (the last: as for bfloat16 none is stored early) runs in
-      blocks of OPTGEN_BLOCK elements (four of the state's blocks of 256, and the threads' shares
-      are whole blocks), each element's new value going into a block buffer on the stack, and
-      ``q8_store`` quantizes the buffer after the block (its absmax, then each element's nearest
-      code: the bit-pattern lookup of quantized_state._lookup, its tables built when the library
-      loads).  The buffer stays in L1: one read and one write of the codes per step.
+      the state's blocks of Q8_BLOCK (256) elements: each block's scales are read once before its
+      elements (``X_block_scale``: a scale read per element is a gather GCC cannot prove free of
+      aliasing with the parameter's store, and the loop stayed scalar), each element's new value
+      goes into a block buffer on the stack, and ``q8_store`` quantizes the buffer after the block
+      (its absmax, then each element's nearest code: the bit-pattern lookup of
+      quantized_state._lookup, its tables built when the library loads).  The buffer stays in
+      L1: one read and one write of the codes per step.  Where the walk's function holds its loop
+      (Note [One loop body per walk]) the blocks are in it, and the threads' shares are whole
+      blocks (``OPTGEN_WALK_BLOCKS``, block_share); a walk that also sums runs its versions'
+      loops in blocks of Q8_BLOCK itself.
     - A walk over rows (Adafactor's factored update) cannot store an int8 state (a block of 256
       crosses its rows): such a spec has no int8 version, and its int8 state runs on the reference.
 

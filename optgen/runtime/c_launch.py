@@ -210,6 +210,13 @@ static inline int64_t thread_share(int64_t numel, int next)
     return t * q + (t < r ? t : r);
 }
 
+/* as thread_share, in whole blocks of `block` elements (the last share ends at numel) */
+static inline int64_t block_share(int64_t numel, int64_t block, int next)
+{
+    const int64_t end = thread_share((numel + block - 1) / block, next) * block;
+    return end < numel ? end : numel;
+}
+
 /* 0-dim counters (torch's `step`) are float32 unless the default dtype is float64 */
 static inline double load_counter(void *p, int f64) { return f64 ? *(double *)p : (double)*(float *)p; }
 static inline void store_counter(void *p, double v, int f64)
