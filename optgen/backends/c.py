@@ -83,6 +83,8 @@ RESERVED = frozenset({
     "counters_f64", "flags", "malloc", "calloc", "free", "isnan", "sum_terms", "lerp_of",
     "scalar_t", "exp", "log", "pow", "sqrt", "fabs", "fmax", "fmin", "max_nan", "min_nan", "sign_of",
     "state_keys", "lowp_t", "lowp_load", "lowp_store", "lowp_key", "q8_load", "q8_store",
+    "q8_code", "q8_block", "q8_init", "q8_float", "q8_map", "q8_mid", "q8_first", "block_share", "Q8_BLOCK",
+    "Q8_BLOCK_SHIFT", "Q8_BUCKET_SHIFT", "Q8_BUCKETS", "OPTGEN_WALK_BLOCKS",
 })
 
 #: per-tensor conditions a walk is specialised on (2 ** MAX_VERSIONS loops at most)

@@ -2,7 +2,7 @@
 
 Each generated module holds its C source (``SOURCE``) and a :class:`Library` for it.  On the first
 call for a parameter dtype (float32, float64, bfloat16, float16) the source is compiled, with
-:data:`PRELUDE` in front, into a shared library under the cache directory (``$OPTGEN_CACHE_DIR``,
+:func:`prelude` in front, into a shared library under the cache directory (``$OPTGEN_CACHE_DIR``,
 else ``~/.cache/optgen``, else the temporary directory when that is not writable), named by a
 hash of everything that goes into it, and loaded with ctypes; later processes load the cached
 file once its digest checks out (Note [Kernel cache] in native_cache.py).  The compiler is ``$CC`` (arguments
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import hashlib
 import logging
 import math
@@ -349,7 +350,17 @@ static inline void q8_store(const float *stage, int64_t i0, int64_t i1, uint8_t 
     }
 }
 #define lowp_key(t, k) 0u"""
-PRELUDE = PRELUDE.replace("@INT8@", _int8_prelude())
+
+
+@functools.cache
+def prelude() -> str:
+    """PRELUDE with its int8 part's tables filled in: computed on first use (the first compile),
+    outside any mode a step is traced under — c_launch may first be imported inside one
+    (FakeTensorMode: make_fx), where the torch ops building the tables would be fake."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return PRELUDE.replace("@INT8@", _int8_prelude())
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 #: flags a compiler may not take (clang on macOS has no -fopenmp): dropped, in this order, after a
@@ -447,7 +458,7 @@ class Library:
         cc = compiler()
         if cc is None:
             raise RuntimeError("optgen's fused CPU kernels need a C compiler (cc, or $CC); none was found")
-        text = PRELUDE + self.source
+        text = prelude() + self.source
         key = hashlib.sha256("\0".join([text, *cc, compiler_identity(cc), *FLAGS, *defines, platform.machine(),
                                         cpu_identity()]).encode()).hexdigest()[:20]
         target = writable(cache_dir()) / f"{self.name.rpartition('.')[2]}_{ctype}_{key}.so"

@@ -67,6 +67,9 @@ GROUPS: dict[str, tuple[str, frozenset[str]]] = {
         "tensor_step_t", "for_each_tensor", "bfloat16_to_float", "thread_share", "OPTGEN_WALK_REGION",
         "OPTGEN_WALK_SHARE",
         "lowp_t", "lowp_load", "lowp_store", "lowp_key", "optgen_mix32", "STATE_BF16", "state_keys",
+        "STATE_INT8", "q8_map", "q8_mid", "q8_first", "q8_init", "q8_float", "q8_load", "q8_code", "q8_block",
+        "q8_store", "Q8_BLOCK", "Q8_BLOCK_SHIFT", "Q8_BUCKET_SHIFT", "Q8_BUCKETS", "block_share",
+        "OPTGEN_WALK_BLOCKS",
     })),
 }
 

@@ -94,7 +94,7 @@ def test_every_version_of_adams_loop_is_vectorised(tmp_path):
     """Each of the 16 outlined parallel regions holds packed float arithmetic: the constants
     reached the loop before the vectoriser did."""
     source = tmp_path / "adam.c"
-    source.write_text(c_launch.PRELUDE + adam_c.SOURCE)
+    source.write_text(c_launch.prelude() + adam_c.SOURCE)
     flags = [f for f in c_launch.FLAGS if f != "-shared"]
     gcc = _gcc()
     assert gcc is not None  # (skipped otherwise)

@@ -170,7 +170,9 @@ def test_c_prelude_names_are_reserved():
     """Every name the C prelude defines at file scope is in the reserved list."""
     import re
 
-    from optgen.runtime.c_launch import PRELUDE
+    from optgen.runtime.c_launch import prelude
+
+    PRELUDE = prelude()
 
     defined = set(re.findall(r"#define (\w+)", PRELUDE)) | set(re.findall(r"typedef [^;(]* (\w+);", PRELUDE)) \
         | set(re.findall(r"typedef [^;]*\(\*(\w+)\)", PRELUDE)) \
