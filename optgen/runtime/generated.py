@@ -280,9 +280,12 @@ class GeneratedOptimizer(Optimizer):
         if reference:
             reference.sort()
             lists = part(reference)
-            self._run_int8(self._kernel("foreach"), group, [params[i] for i in reference],
-                           [states[i] for i in reference], lists, self._kernel_scalars(self._kernel("foreach"), group))
-            stored(reference, lists)
+            # (a kernel that applies GradScaler's grad_scale and found_inf itself left the gradients scaled)
+            if not (kernel.grad_scaler and _unscale_or_skip(self, lists["grads"])):
+                foreach = self._kernel("foreach")
+                self._run_int8(foreach, group, [params[i] for i in reference], [states[i] for i in reference], lists,
+                               self._kernel_scalars(foreach, group))
+                stored(reference, lists)
 
     def _rounding_keys(self, group: dict, params, states, implementation: str) -> dict[str, list[int]] | None:
         """The rounding keys of this step's low-precision lists (Note [Stochastic rounding of

@@ -174,3 +174,23 @@ def test_the_default_on_cpu_is_the_fused_kernel():
         assert dispatch.choose(opt, opt.param_groups[0], ps) == "foreach"
     finally:
         dispatch.set_defaults(with_torch_rule)
+
+
+def test_gradscalers_scale_reaches_the_parts_a_fused_int8_step_runs_on_the_reference():
+    """fused=True hands GradScaler's grad_scale and found_inf to the optimizer; a step whose int8
+    state is created by the reference (SGD's momentum buffer on its first step) unscales those
+    gradients too (they were stepped 1024x too large)."""
+    def run(scale):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(96, 64, generator=g).requires_grad_(), torch.randn(50, generator=g).requires_grad_()]
+        opt = optgen.SGD(ps, lr=0.1, momentum=0.9, fused=True, state_dtype="int8")
+        for k in range(2):
+            g = torch.Generator().manual_seed(100 + k)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) * scale
+            if scale != 1:
+                opt.grad_scale, opt.found_inf = torch.tensor(float(scale)), torch.tensor(0.0)
+            opt.step()
+        return ps
+    for p, r in zip(run(1024), run(1), strict=True):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)

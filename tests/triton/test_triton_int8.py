@@ -76,3 +76,27 @@ def test_the_kernel_divides_as_the_reference_does():
 
     source = open(adam_triton.__file__).read()
     assert source.count("tl.math.div_rn(") == 3 and " / tl.where(" not in source
+
+
+def test_gradscalers_scale_reaches_the_parts_an_int8_step_runs_on_the_reference(int8_chunks):
+    """The Triton kernels apply GradScaler's grad_scale and found_inf themselves; a step whose int8
+    state is created by the reference (SGD's momentum buffer on its first step) must unscale those
+    gradients first (they were stepped 1024x too large), and skip where found_inf says so."""
+    def run(scale, found_inf=0.0):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(96, 64, generator=g).requires_grad_(), torch.randn(50, generator=g).requires_grad_()]
+        opt = optgen.SGD(ps, lr=0.1, momentum=0.9, state_dtype="int8")
+        opt.implementation = "triton"
+        for k in range(2):
+            g = torch.Generator().manual_seed(100 + k)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) * scale
+            opt.grad_scale, opt.found_inf = torch.tensor(float(scale)), torch.tensor(found_inf)
+            opt.step()
+        return ps
+    for p, r in zip(run(1024), run(1), strict=True):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(96, 64, generator=g), torch.randn(50, generator=g)]
+    for p, s in zip(run(1024, found_inf=1.0), start, strict=True):
+        assert torch.equal(p.detach(), s)  # (every step skipped)
