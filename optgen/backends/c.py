@@ -673,7 +673,7 @@ class _CBuilder:
         # the body as it stands inside the loop when the walk has one version
         inner = [self.load(n, FULL, present, n in per_block) if n in loaded else f"scalar_t {self.cname(n)};"
                  for n in reads]
-        inner += [line.replace("[slot]", f"[{position}]") for key, line in body if key[0] > 1]
+        inner += [line.replace("[slot]", f"[{position}]") for key, line in body if 1 < key[0] < _AFTER_BLOCK]
         count = "ic1 - ic0" if rows else "i1 - i0"
         sums = [f"{private[a.reduction.name]} += sum_terms({terms[a.reduction.name]}, {count}, "
                 f"{int(a.reduction.kind == 'norm')});" for a in blocked]

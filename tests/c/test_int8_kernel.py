@@ -194,3 +194,47 @@ def test_gradscalers_scale_reaches_the_parts_a_fused_int8_step_runs_on_the_refer
         return ps
     for p, r in zip(run(1024), run(1), strict=True):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+ONE_VERSION = '''
+[optimizer]
+name = "SignMomentum"
+doc = "Lion without its flags: one version of its walk."
+signature = "lr, beta"
+
+[hyperparameters]
+lr = 1e-4
+beta = 0.9
+
+[state]
+exp_avg = "zeros_like(param)"
+
+[update]
+rule = """
+param = param - lr * sign(exp_avg)
+exp_avg = lerp(exp_avg, grad, 1 - beta)
+"""
+'''
+
+
+def test_a_walk_of_one_version_quantizes_each_block_once(tmp_path):
+    """A walk with one version prints its loop inline (Note [One loop body per walk]): the block's
+    quantization follows the loop over its elements, not inside it (it ran once per element,
+    256x the work, before being overwritten by the last)."""
+    from optgen.backends.c import BACKEND, source_version
+    from optgen.passes import compile_spec
+    from optgen.spec.load import load_spec
+
+    path = tmp_path / "sign_momentum.toml"
+    path.write_text(ONE_VERSION)
+    kernel = BACKEND.kernel(compile_spec(load_spec(path)))
+    assert kernel.int8
+    lines = source_version("\n".join(kernel.source), "STATE_INT8").split("\n")
+    loop = next(k for k, line in enumerate(lines) if "for (int64_t i = i0; i < i1; ++i)" in line)
+    depth, end = 0, loop
+    for end in range(loop, len(lines)):
+        depth += lines[end].count("{") - lines[end].count("}")
+        if depth == 0:
+            break
+    store = next(k for k, line in enumerate(lines) if "q8_store(exp_avg_stage" in line)
+    assert store > end, "\n".join(lines[loop:store + 1])
