@@ -164,16 +164,13 @@ def test_the_step_is_the_same_on_any_number_of_threads():
     assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r, strict=True))
 
 
-def test_the_default_on_cpu_is_the_fused_kernel():
+def test_the_default_on_cpu_is_the_fused_kernel(monkeypatch):
+    """The C kernel, unless torch's rule is asked for (optgen.set_defaults("torch"))."""
     ps = [torch.randn(96, 64, requires_grad=True)]
     opt = optgen.Adam(ps, state_dtype="int8")
     assert dispatch.choose(opt, opt.param_groups[0], ps) == "c"
-    assert dispatch.choose(opt, opt.param_groups[0], ps) == "c"
-    with_torch_rule = dispatch.set_defaults("torch")
-    try:
-        assert dispatch.choose(opt, opt.param_groups[0], ps) == "foreach"
-    finally:
-        dispatch.set_defaults(with_torch_rule)
+    monkeypatch.setattr(dispatch, "_defaults_set", "torch")  # (set_defaults, undone after the test)
+    assert dispatch.choose(opt, opt.param_groups[0], ps) == "foreach"
 
 
 def test_gradscalers_scale_reaches_the_parts_a_fused_int8_step_runs_on_the_reference():
