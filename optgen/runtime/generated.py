@@ -280,6 +280,9 @@ class GeneratedOptimizer(Optimizer):
         if reference:
             reference.sort()
             lists = part(reference)
+            # (GradScaler: the Triton kernel unscales its gradients itself, or skips on an inf; the reference here)
+            if kernel.grad_scaler and _unscale_or_skip(self, lists["grads"]):
+                return
             self._run_int8(self._kernel("foreach"), group, [params[i] for i in reference],
                            [states[i] for i in reference], lists, self._kernel_scalars(self._kernel("foreach"), group))
             stored(reference, lists)
