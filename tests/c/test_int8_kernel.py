@@ -174,3 +174,24 @@ def test_the_default_on_cpu_is_the_fused_kernel():
         assert dispatch.choose(opt, opt.param_groups[0], ps) == "foreach"
     finally:
         dispatch.set_defaults(with_torch_rule)
+
+
+def test_scales_replaced_by_a_wrong_tensor_are_an_error_before_any_parameter_steps():
+    """A quantized state's scales replaced by a tensor of the wrong size: a clear error, raised
+    before the kernel writes anything, for the small parameter (float32 state, its own launch) too:
+    before, it had been stepped already, and a step retried after the fix stepped it twice."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(50, generator=g).requires_grad_(), torch.randn(70000, generator=g).requires_grad_()]
+    opt = optgen.Adam(ps, lr=1e-2, state_dtype="int8")
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        if _ == 1:
+            opt.state[ps[1]]["exp_avg.absmax"] = torch.ones(3)
+            before = [p.detach().clone() for p in ps]
+            with pytest.raises(RuntimeError, match="scales as a contiguous float32 tensor of 274 elements"):
+                opt.step()
+            assert all(torch.equal(p, b) for p, b in zip(ps, before, strict=True))
+            assert [float(opt.state[p]["step"]) for p in ps] == [1.0, 1.0]
+        else:
+            opt.step()
