@@ -206,10 +206,16 @@ def check_scales(params, codes: list, scales: list, device: torch.device, kernel
             wanted = blocks(params[i].numel())
             if s is None or s.device != device or s.dtype != torch.float32 or s.numel() != wanted \
                     or not s.is_contiguous() or outside_storage(s):
-                got = "missing" if s is None else f"{s.dtype} {tuple(s.shape)} on {s.device}"
+                if s is None:
+                    got = "are missing"
+                elif s.is_contiguous() and outside_storage(s):
+                    got = "lie outside their storage (resized or freed in place)"
+                else:
+                    layout = "" if s.is_contiguous() else " (not contiguous)"
+                    got = f"are {s.dtype} {tuple(s.shape)}{layout} on {s.device}"
                 raise RuntimeError(f"optgen's {kernel} needs an int8 state's scales as a contiguous float32 tensor "
                                    f"of {wanted} elements (one per block of {BLOCK}) on {device}: parameter {i}'s "
-                                   f"are {got}")
+                                   f"{got}")
 
 
 def is_quantized(state: dict, key: str) -> bool:

@@ -195,3 +195,18 @@ def test_scales_replaced_by_a_wrong_tensor_are_an_error_before_any_parameter_ste
             assert [float(opt.state[p]["step"]) for p in ps] == [1.0, 1.0]
         else:
             opt.step()
+
+
+def test_scales_whose_storage_was_freed_in_place_are_an_error_that_says_so():
+    """Scales of the right shape whose storage was resized to nothing in place: the error says why
+    (it named the tensor's dtype and shape, which are the ones it asks for)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(70000, generator=g).requires_grad_()
+    opt = optgen.Adam([p], lr=1e-2, state_dtype="int8")
+    p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    opt.state[p]["exp_avg_sq.absmax"].untyped_storage().resize_(0)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"parameter 0's lie outside their storage \(resized or freed in place\)"):
+        opt.step()
+    assert torch.equal(p, before)
