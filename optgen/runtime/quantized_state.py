@@ -44,8 +44,10 @@ quantized states, runs the generated kernel unchanged, and quantizes the results
 :data:`BATCH_ELEMENTS` parameter elements at a time, a larger parameter of an elementwise spec in
 chunks of that size (:func:`chunked`), so a step's float32 copies are a few MiB, not the whole
 group's float32 state.  (Before: 91.6 MiB of temporaries for 8 parameters of 1M elements whose
-float32 state is 61 MiB, 191 MiB for one of 8M; now 27.7 and 25.0 MiB.)  The fused kernels do not
-have int8 state yet: ``fused=True`` is an error naming this, and the default picks foreach.
+float32 state is 61 MiB, 191 MiB for one of 8M; now 27.7 and 25.0 MiB.)  The fused C and Triton
+kernels update the codes in place instead (Note [Blockwise 8-bit state in C] in
+optgen/backends/c.py, Note [Blockwise 8-bit state in Triton] in optgen/backends/triton.py): the
+default on CPU is the C kernel; ``fused=True`` picks a fused kernel, or says why none applies.
 """
 from __future__ import annotations
 
