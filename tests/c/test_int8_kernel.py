@@ -169,6 +169,8 @@ def test_the_default_on_cpu_is_the_fused_kernel():
     opt = optgen.Adam(ps, state_dtype="int8")
     assert dispatch.choose(opt, opt.param_groups[0], ps) == "c"
     assert dispatch.choose(opt, opt.param_groups[0], ps) == "c"
+    explicit = optgen.Adam(ps, state_dtype="int8", fused=False)  # (fused=False: no fused kernel, as for float32)
+    assert dispatch.choose(explicit, explicit.param_groups[0], ps) == "foreach"
     with_torch_rule = dispatch.set_defaults("torch")
     try:
         assert dispatch.choose(opt, opt.param_groups[0], ps) == "foreach"
