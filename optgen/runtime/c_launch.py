@@ -48,6 +48,7 @@ from optgen.runtime.native import (
     lists_from_op,
     outside_storage,
     register_launcher,
+    storage_sizes,
     traced,
 )
 from optgen.runtime.native_cache import (  # noqa: F401 - CacheError, cache_dir: c_launch's API
@@ -743,6 +744,8 @@ def _plan(dtype, tensors, counters, reduced: dict, low: LowState | Int8State | N
     layouts = layout(t for values in table for t in values)
     counter_layouts = layout(c for values in counters for c in values)
     key = (dtype, layouts, counter_layouts, low is not None and (type(low), low.indices))
+    if isinstance(low, Int8State):  # (and their storages' sizes: one shrunk in place may keep its address)
+        key += (storage_sizes(table),)
     plan = _PLANS.get(key)
     if plan is None:
         _check(tensors[0], tensors, [], counters, reduced, low)

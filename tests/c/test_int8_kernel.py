@@ -212,3 +212,37 @@ def test_scales_whose_storage_was_freed_in_place_are_an_error_that_says_so():
     with pytest.raises(RuntimeError, match=r"parameter 0's lie outside their storage \(resized or freed in place\)"):
         opt.step()
     assert torch.equal(p, before)
+
+
+SHRUNK_IN_PLACE = """
+import sys, torch, optgen
+g = torch.Generator().manual_seed(0)
+p = torch.randn(70000, generator=g).requires_grad_()
+opt = optgen.Adam([p], lr=1e-2, state_dtype="int8")
+p.grad = torch.randn(70000, generator=g)
+opt.step()
+scales = opt.state[p]["exp_avg.absmax"]
+address = scales.data_ptr()
+scales.untyped_storage().resize_(0)
+scales.untyped_storage().resize_(512)  # (the allocator hands back the same address: the plan's key)
+print("same address:", scales.data_ptr() == address, flush=True)
+try:
+    opt.step()
+except RuntimeError as e:
+    print("error:", e)
+"""
+
+
+def test_scales_shrunk_in_place_at_the_same_address_are_an_error_not_a_heap_overflow():
+    """A scales storage freed and allocated again smaller in place: the allocator may hand back the
+    same address, and the launch plan, keyed on address, shape, contiguity and dtype, was reused:
+    the kernel wrote 274 scales into 512 bytes (glibc: "double free or corruption").  Now an int8
+    launch's key holds its storages' sizes too, so the plan is checked again: an error."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", SHRUNK_IN_PLACE], capture_output=True, text=True, timeout=120)
+    if "same address: False" in result.stdout:
+        pytest.skip("the allocator put the smaller storage elsewhere (the plan was checked again anyway)")
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "parameter 0's lie outside their storage" in result.stdout
