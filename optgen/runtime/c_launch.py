@@ -49,6 +49,7 @@ from optgen.runtime.native import (
     lists_from_op,
     outside_storage,
     register_launcher,
+    storage_sizes,
     traced,
 )
 from optgen.runtime.native_cache import (  # noqa: F401 - CacheError, cache_dir: c_launch's API
@@ -769,7 +770,10 @@ def _plan(dtype, tensors, counters, reduced: dict, low: LowState | Int8State | N
     table = [*tensors, *low.scales] if isinstance(low, Int8State) else tensors
     layouts = layout(t for values in table for t in values)
     counter_layouts = layout(c for values in counters for c in values)
-    key = (dtype, layouts, counter_layouts, low is not None and (type(low), low.indices))
+    # (int8: the storages' sizes too: scales shrunk in place may keep their address, and the kernel
+    # writes one per block)
+    key = (dtype, layouts, counter_layouts, low is not None and (type(low), low.indices),
+           storage_sizes(table) if isinstance(low, Int8State) else None)
     plan = _PLANS.get(key)
     if plan is None:
         _check(tensors[0], tensors, [], counters, reduced, low)

@@ -165,8 +165,10 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
     if group.get("foreach") is not None or group.get("differentiable") or not params:
         return "forloop"
     if int8:  # the C kernel where it applies, else the reference (Note [Blockwise 8-bit state])
-        # (CUDA: the Triton kernels' int8 state has run only in Triton's interpreter: the reference)
-        return "c" if defaults_policy() == "fastest" and int8_declines("c", params, optimizer) is None else "foreach"
+        # (CUDA: the Triton kernels' int8 state has run only in Triton's interpreter: the reference;
+        # fused=False: no fused kernel, as for float32 state)
+        return "c" if group.get("fused") is None and defaults_policy() == "fastest" \
+            and int8_declines("c", params, optimizer) is None else "foreach"
     # capturable (CUDA graphs) keeps torch's choice, and with it torch's error on CPU parameters
     if group.get("fused") is None and not group.get("capturable") and "c" in optimizer.implementations \
             and defaults_policy() == "fastest" and all(p.device.type == "cpu" for p in params) \

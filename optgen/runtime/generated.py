@@ -239,9 +239,10 @@ class GeneratedOptimizer(Optimizer):
         """The C or Triton kernel over int8 state (Note [Blockwise 8-bit state in C] in
         optgen/backends/c.py, Note [Blockwise 8-bit state in Triton] in backends/triton.py), in up
         to three parts: the parameters whose states are codes, in one launch of the kernel's int8
-        version, given their scales; those too small to quantize (float32 state), in one launch of
-        the plain kernel; and any whose quantized state this step creates (SGD's momentum buffer on
-        its first step), or that the kernel declines (a non-contiguous state), on the reference."""
+        version, given their scales (first: its checks raise before anything is stepped); those too
+        small to quantize (float32 state), in one launch of the plain kernel; and any whose quantized
+        state this step creates (SGD's momentum buffer on its first step), or that the kernel
+        declines (a non-contiguous state), on the reference."""
         names = self._low_precision_lists()
         flags = {f: bool(group[f]) for f in kernel.flags}
         launch = cast("c_launch.Kernel | triton_launch.Kernel", kernel.step)
@@ -265,11 +266,7 @@ class GeneratedOptimizer(Optimizer):
                 for j, i in enumerate(indices):
                     tensors[name][i] = values[j]
 
-        if plain:
-            lists = part(plain)
-            self._run_kernel(kernel, group, lists, scalars)
-            stored(plain, lists)
-        if coded:
+        if coded:  # (first: a user's scales of the wrong size are an error before anything is stepped)
             lists = part(coded)
             scales = {name: [None if t is None else states[i][key + quantized_state.ABSMAX]
                              for i, t in zip(coded, lists[name], strict=True)] for name, key in names}
@@ -277,6 +274,10 @@ class GeneratedOptimizer(Optimizer):
                 kernel.run(group, lists, scalars, state_scales=scales)
             except KernelDeclined:  # raised before the kernel wrote anything
                 reference += coded
+        if plain:
+            lists = part(plain)
+            self._run_kernel(kernel, group, lists, scalars)
+            stored(plain, lists)
         if reference:
             reference.sort()
             lists = part(reference)

@@ -54,6 +54,16 @@ def layout(tensors, devices: bool = False) -> tuple:
     return tuple(key)
 
 
+def storage_sizes(lists) -> tuple:
+    """The sizes in bytes of the storages under these lists of tensors (0: a tensor left absent).
+    Part of an int8 launch's plan key (Note [Plan keys]): a storage freed and allocated again
+    smaller in place (``untyped_storage().resize_(0)``, then ``resize_(n)``) may get its old
+    address back, and the tensor's layout then reads the same while the kernel would write past
+    the storage's end.  (Those launches are of tensors of 4096 elements or more: the cost is small
+    next to the step.)"""
+    return tuple(0 if t is None else t.untyped_storage().nbytes() for values in lists for t in values)
+
+
 #: launch plans kept per launcher (least recently used dropped first): a training run uses one
 #: per (dtype, device) group; more come from reloaded state dicts and new parameters
 MAX_PLANS = 32

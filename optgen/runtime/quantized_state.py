@@ -44,8 +44,10 @@ quantized states, runs the generated kernel unchanged, and quantizes the results
 :data:`BATCH_ELEMENTS` parameter elements at a time, a larger parameter of an elementwise spec in
 chunks of that size (:func:`chunked`), so a step's float32 copies are a few MiB, not the whole
 group's float32 state.  (Before: 91.6 MiB of temporaries for 8 parameters of 1M elements whose
-float32 state is 61 MiB, 191 MiB for one of 8M; now 27.7 and 25.0 MiB.)  The fused kernels do not
-have int8 state yet: ``fused=True`` is an error naming this, and the default picks foreach.
+float32 state is 61 MiB, 191 MiB for one of 8M; now 27.7 and 25.0 MiB.)  The fused C and Triton
+kernels update the codes in place instead (Note [Blockwise 8-bit state in C] in
+optgen/backends/c.py, Note [Blockwise 8-bit state in Triton] in optgen/backends/triton.py): the
+default on CPU is the C kernel; ``fused=True`` picks a fused kernel, or says why none applies.
 """
 from __future__ import annotations
 
@@ -233,10 +235,16 @@ def check_scales(params, codes: list, scales: list, device: torch.device, kernel
             wanted = blocks(params[i].numel())
             if s is None or s.device != device or s.dtype != torch.float32 or s.numel() != wanted \
                     or not s.is_contiguous() or outside_storage(s):
-                got = "missing" if s is None else f"{s.dtype} {tuple(s.shape)} on {s.device}"
+                if s is None:
+                    got = "are missing"
+                elif s.is_contiguous() and outside_storage(s):
+                    got = "lie outside their storage (resized or freed in place)"
+                else:
+                    layout = "" if s.is_contiguous() else " (not contiguous)"
+                    got = f"are {s.dtype} {tuple(s.shape)}{layout} on {s.device}"
                 raise RuntimeError(f"optgen's {kernel} needs an int8 state's scales as a contiguous float32 tensor "
                                    f"of {wanted} elements (one per block of {BLOCK}) on {device}: parameter {i}'s "
-                                   f"are {got}")
+                                   f"{got}")
 
 
 def is_quantized(state: dict, key: str) -> bool:

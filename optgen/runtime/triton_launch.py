@@ -63,6 +63,7 @@ from optgen.runtime.native import (
     lists_from_op,
     outside_storage,
     register_launcher,
+    storage_sizes,
     traced,
 )
 
@@ -397,7 +398,9 @@ def _plan(device, dtype, tensors, counters, new, low=None) -> _Plan:
                                                   devices=True),
            layout((c for values in counters for c in values), devices=True), tuple(map(tuple, new)),
            low is not None and (type(low).__name__, low[0]),
-           isinstance(low, Int8State) and layout((s for per in low.scales for s in per), devices=True))
+           isinstance(low, Int8State) and layout((s for per in low.scales for s in per), devices=True),
+           # (and their storages' sizes: one shrunk in place may keep its address, Note [Plan keys])
+           isinstance(low, Int8State) and storage_sizes([*(values for values, used in rows if used), *low.scales]))
     plan = _PLANS.get(key)
     if plan is not None:
         return plan

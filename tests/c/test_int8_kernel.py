@@ -191,6 +191,8 @@ def test_the_default_on_cpu_is_the_fused_kernel(monkeypatch):
     ps = [torch.randn(96, 64, requires_grad=True)]
     opt = optgen.Adam(ps, state_dtype="int8")
     assert dispatch.choose(opt, opt.param_groups[0], ps) == "c"
+    explicit = optgen.Adam(ps, state_dtype="int8", fused=False)  # (fused=False: no fused kernel, as for float32)
+    assert dispatch.choose(explicit, explicit.param_groups[0], ps) == "foreach"
     monkeypatch.setattr(dispatch, "_defaults_set", "torch")  # (set_defaults, undone after the test)
     assert dispatch.choose(opt, opt.param_groups[0], ps) == "foreach"
 
@@ -257,3 +259,73 @@ def test_a_walk_of_one_version_quantizes_each_block_once(tmp_path):
             break
     store = next(k for k, line in enumerate(lines) if "q8_store(exp_avg_stage" in line)
     assert store > end, "\n".join(lines[loop:store + 1])
+
+
+def test_scales_replaced_by_a_wrong_tensor_are_an_error_before_any_parameter_steps():
+    """A quantized state's scales replaced by a tensor of the wrong size: a clear error, raised
+    before the kernel writes anything, for the small parameter (float32 state, its own launch) too:
+    before, it had been stepped already, and a step retried after the fix stepped it twice."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(50, generator=g).requires_grad_(), torch.randn(70000, generator=g).requires_grad_()]
+    opt = optgen.Adam(ps, lr=1e-2, state_dtype="int8")
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        if _ == 1:
+            opt.state[ps[1]]["exp_avg.absmax"] = torch.ones(3)
+            before = [p.detach().clone() for p in ps]
+            with pytest.raises(RuntimeError, match="scales as a contiguous float32 tensor of 274 elements"):
+                opt.step()
+            assert all(torch.equal(p, b) for p, b in zip(ps, before, strict=True))
+            assert [float(opt.state[p]["step"]) for p in ps] == [1.0, 1.0]
+        else:
+            opt.step()
+
+
+def test_scales_whose_storage_was_freed_in_place_are_an_error_that_says_so():
+    """Scales of the right shape whose storage was resized to nothing in place: the error says why
+    (it named the tensor's dtype and shape, which are the ones it asks for)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(70000, generator=g).requires_grad_()
+    opt = optgen.Adam([p], lr=1e-2, state_dtype="int8")
+    p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    opt.state[p]["exp_avg_sq.absmax"].untyped_storage().resize_(0)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"parameter 0's lie outside their storage \(resized or freed in place\)"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+SHRUNK_IN_PLACE = """
+import sys, torch, optgen
+g = torch.Generator().manual_seed(0)
+p = torch.randn(70000, generator=g).requires_grad_()
+opt = optgen.Adam([p], lr=1e-2, state_dtype="int8")
+p.grad = torch.randn(70000, generator=g)
+opt.step()
+scales = opt.state[p]["exp_avg.absmax"]
+address = scales.data_ptr()
+scales.untyped_storage().resize_(0)
+scales.untyped_storage().resize_(512)  # (the allocator hands back the same address: the plan's key)
+print("same address:", scales.data_ptr() == address, flush=True)
+try:
+    opt.step()
+except RuntimeError as e:
+    print("error:", e)
+"""
+
+
+def test_scales_shrunk_in_place_at_the_same_address_are_an_error_not_a_heap_overflow():
+    """A scales storage freed and allocated again smaller in place: the allocator may hand back the
+    same address, and the launch plan, keyed on address, shape, contiguity and dtype, was reused:
+    the kernel wrote 274 scales into 512 bytes (glibc: "double free or corruption").  Now an int8
+    launch's key holds its storages' sizes too, so the plan is checked again: an error."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", SHRUNK_IN_PLACE], capture_output=True, text=True, timeout=120)
+    if "same address: False" in result.stdout:
+        pytest.skip("the allocator put the smaller storage elsewhere (the plan was checked again anyway)")
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "parameter 0's lie outside their storage" in result.stdout

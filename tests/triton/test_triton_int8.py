@@ -100,3 +100,32 @@ def test_gradscalers_scale_reaches_the_parts_an_int8_step_runs_on_the_reference(
     start = [torch.randn(96, 64, generator=g), torch.randn(50, generator=g)]
     for p, s in zip(run(1024, found_inf=1.0), start, strict=True):
         assert torch.equal(p.detach(), s)  # (every step skipped)
+
+
+@pytest.mark.parametrize("inf_at", [None, 0], ids=["finite", "inf-first-step"])
+def test_gradscaler_unscales_or_skips_the_parameters_the_reference_steps(inf_at, int8_chunks):
+    """Under GradScaler the Triton kernel unscales the gradients itself (or skips the step on an
+    inf); a parameter whose int8 state this step creates (SGD's momentum buffer, on the first step)
+    is stepped by the reference, which must unscale (or skip) too, as the foreach path does:
+    before, it stepped with the gradient 1024 times too large, and on an inf step wrote inf."""
+    def run(implementation):
+        g = torch.Generator().manual_seed(0)
+        # (quantizable only: a float32 state created on an inf step is another matter)
+        ps = [torch.randn(s, generator=g).requires_grad_() for s in ((64, 80), (4100,))]
+        opt = optgen.SGD(ps, lr=0.1, momentum=0.9, state_dtype="int8", fused=True)
+        opt.implementation = implementation
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for k in range(3):
+            g = torch.Generator().manual_seed(100 + k)
+            loss = torch.stack([(p * torch.randn(p.shape, generator=g)).sum() for p in ps]).sum()
+            scaler.scale(loss * float("inf") if k == inf_at else loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        return ps, opt
+
+    ref_params, ref = run("foreach")
+    params, opt = run("triton")
+    for p, r in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, r, rtol=2e-5, atol=1e-6)
+    assert opt.state[params[0]]["momentum_buffer"].dtype == torch.uint8
