@@ -23,7 +23,7 @@ def _adadelta_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
-    state_scales, q8_map, q8_entries,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     rho: tl.float64,
     eps: tl.float64,
@@ -165,11 +165,10 @@ def _adadelta_kernel(
                 square_avg_largest = tl.where(square_avg_negative > 0, -square_avg_largest, square_avg_largest)
                 square_avg_bits = square_avg_y.to(tl.uint32, bitcast=True)
                 square_avg_magnitude = square_avg_bits & 0x7FFFFFFF
-                square_avg_sign = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                square_avg_magnitude = tl.minimum(square_avg_magnitude, 0x3F800000)
-                square_avg_entry = tl.load(q8_entries + (square_avg_map + 2 * square_avg_sign) * 65025 + (square_avg_magnitude >> 14).to(tl.int32))
-                square_avg_low = (square_avg_magnitude & 0x3FFF).to(tl.int32)
-                square_avg_code = (square_avg_entry & 255) + tl.where(square_avg_sign > 0, square_avg_low < (square_avg_entry >> 8), square_avg_low > (square_avg_entry >> 8)).to(tl.int32)
+                square_avg_below = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                square_avg_bucket = (tl.minimum(square_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                square_avg_code = tl.load(q8_first + (square_avg_map + 2 * square_avg_below) * 65025 + square_avg_bucket)
+                square_avg_code += (square_avg_y > tl.load(q8_map + 512 + square_avg_map * 256 + square_avg_code)).to(tl.int32)
                 tl.store(square_avg_ptr + offsets, tl.reshape(square_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 square_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(square_avg_scale_ptr + square_avg_blocks, square_avg_largest, mask=square_avg_blocks * Q8_BLOCK < end if MASKED else None)
@@ -205,11 +204,10 @@ def _adadelta_kernel(
                 acc_delta_largest = tl.where(acc_delta_negative > 0, -acc_delta_largest, acc_delta_largest)
                 acc_delta_bits = acc_delta_y.to(tl.uint32, bitcast=True)
                 acc_delta_magnitude = acc_delta_bits & 0x7FFFFFFF
-                acc_delta_sign = ((acc_delta_bits >> 31) & (acc_delta_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                acc_delta_magnitude = tl.minimum(acc_delta_magnitude, 0x3F800000)
-                acc_delta_entry = tl.load(q8_entries + (acc_delta_map + 2 * acc_delta_sign) * 65025 + (acc_delta_magnitude >> 14).to(tl.int32))
-                acc_delta_low = (acc_delta_magnitude & 0x3FFF).to(tl.int32)
-                acc_delta_code = (acc_delta_entry & 255) + tl.where(acc_delta_sign > 0, acc_delta_low < (acc_delta_entry >> 8), acc_delta_low > (acc_delta_entry >> 8)).to(tl.int32)
+                acc_delta_below = ((acc_delta_bits >> 31) & (acc_delta_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                acc_delta_bucket = (tl.minimum(acc_delta_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                acc_delta_code = tl.load(q8_first + (acc_delta_map + 2 * acc_delta_below) * 65025 + acc_delta_bucket)
+                acc_delta_code += (acc_delta_y > tl.load(q8_map + 512 + acc_delta_map * 256 + acc_delta_code)).to(tl.int32)
                 tl.store(acc_delta_ptr + offsets, tl.reshape(acc_delta_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 acc_delta_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(acc_delta_scale_ptr + acc_delta_blocks, acc_delta_largest, mask=acc_delta_blocks * Q8_BLOCK < end if MASKED else None)

@@ -23,7 +23,7 @@ def _adagrad_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
-    state_scales, q8_map, q8_entries,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     lr_decay: tl.float64,
     weight_decay: tl.float64,
@@ -143,11 +143,10 @@ def _adagrad_kernel(
                 state_sum_largest = tl.where(state_sum_negative > 0, -state_sum_largest, state_sum_largest)
                 state_sum_bits = state_sum_y.to(tl.uint32, bitcast=True)
                 state_sum_magnitude = state_sum_bits & 0x7FFFFFFF
-                state_sum_sign = ((state_sum_bits >> 31) & (state_sum_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                state_sum_magnitude = tl.minimum(state_sum_magnitude, 0x3F800000)
-                state_sum_entry = tl.load(q8_entries + (state_sum_map + 2 * state_sum_sign) * 65025 + (state_sum_magnitude >> 14).to(tl.int32))
-                state_sum_low = (state_sum_magnitude & 0x3FFF).to(tl.int32)
-                state_sum_code = (state_sum_entry & 255) + tl.where(state_sum_sign > 0, state_sum_low < (state_sum_entry >> 8), state_sum_low > (state_sum_entry >> 8)).to(tl.int32)
+                state_sum_below = ((state_sum_bits >> 31) & (state_sum_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                state_sum_bucket = (tl.minimum(state_sum_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                state_sum_code = tl.load(q8_first + (state_sum_map + 2 * state_sum_below) * 65025 + state_sum_bucket)
+                state_sum_code += (state_sum_y > tl.load(q8_map + 512 + state_sum_map * 256 + state_sum_code)).to(tl.int32)
                 tl.store(state_sum_ptr + offsets, tl.reshape(state_sum_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 state_sum_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(state_sum_scale_ptr + state_sum_blocks, state_sum_largest, mask=state_sum_blocks * Q8_BLOCK < end if MASKED else None)

@@ -23,7 +23,7 @@ def _asgd_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
-    state_scales, q8_map, q8_entries,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     lambd: tl.float64,
     alpha: tl.float64,
@@ -155,11 +155,10 @@ def _asgd_kernel(
                 ax_map = 1
                 ax_bits = ax_y.to(tl.uint32, bitcast=True)
                 ax_magnitude = ax_bits & 0x7FFFFFFF
-                ax_sign = ((ax_bits >> 31) & (ax_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                ax_magnitude = tl.minimum(ax_magnitude, 0x3F800000)
-                ax_entry = tl.load(q8_entries + (ax_map + 2 * ax_sign) * 65025 + (ax_magnitude >> 14).to(tl.int32))
-                ax_low = (ax_magnitude & 0x3FFF).to(tl.int32)
-                ax_code = (ax_entry & 255) + tl.where(ax_sign > 0, ax_low < (ax_entry >> 8), ax_low > (ax_entry >> 8)).to(tl.int32)
+                ax_below = ((ax_bits >> 31) & (ax_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                ax_bucket = (tl.minimum(ax_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                ax_code = tl.load(q8_first + (ax_map + 2 * ax_below) * 65025 + ax_bucket)
+                ax_code += (ax_y > tl.load(q8_map + 512 + ax_map * 256 + ax_code)).to(tl.int32)
                 tl.store(ax_ptr + offsets, tl.reshape(ax_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 ax_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(ax_scale_ptr + ax_blocks, ax_largest, mask=ax_blocks * Q8_BLOCK < end if MASKED else None)

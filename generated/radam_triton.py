@@ -23,7 +23,7 @@ def _radam_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
-    state_scales, q8_map, q8_entries,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     beta1: tl.float64,
     beta2: tl.float64,
@@ -185,11 +185,10 @@ def _radam_kernel(
                 exp_avg_map = 1
                 exp_avg_bits = exp_avg_y.to(tl.uint32, bitcast=True)
                 exp_avg_magnitude = exp_avg_bits & 0x7FFFFFFF
-                exp_avg_sign = ((exp_avg_bits >> 31) & (exp_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                exp_avg_magnitude = tl.minimum(exp_avg_magnitude, 0x3F800000)
-                exp_avg_entry = tl.load(q8_entries + (exp_avg_map + 2 * exp_avg_sign) * 65025 + (exp_avg_magnitude >> 14).to(tl.int32))
-                exp_avg_low = (exp_avg_magnitude & 0x3FFF).to(tl.int32)
-                exp_avg_code = (exp_avg_entry & 255) + tl.where(exp_avg_sign > 0, exp_avg_low < (exp_avg_entry >> 8), exp_avg_low > (exp_avg_entry >> 8)).to(tl.int32)
+                exp_avg_below = ((exp_avg_bits >> 31) & (exp_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                exp_avg_bucket = (tl.minimum(exp_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                exp_avg_code = tl.load(q8_first + (exp_avg_map + 2 * exp_avg_below) * 65025 + exp_avg_bucket)
+                exp_avg_code += (exp_avg_y > tl.load(q8_map + 512 + exp_avg_map * 256 + exp_avg_code)).to(tl.int32)
                 tl.store(exp_avg_ptr + offsets, tl.reshape(exp_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 exp_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(exp_avg_scale_ptr + exp_avg_blocks, exp_avg_largest, mask=exp_avg_blocks * Q8_BLOCK < end if MASKED else None)
@@ -225,11 +224,10 @@ def _radam_kernel(
                 exp_avg_sq_largest = tl.where(exp_avg_sq_negative > 0, -exp_avg_sq_largest, exp_avg_sq_largest)
                 exp_avg_sq_bits = exp_avg_sq_y.to(tl.uint32, bitcast=True)
                 exp_avg_sq_magnitude = exp_avg_sq_bits & 0x7FFFFFFF
-                exp_avg_sq_sign = ((exp_avg_sq_bits >> 31) & (exp_avg_sq_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                exp_avg_sq_magnitude = tl.minimum(exp_avg_sq_magnitude, 0x3F800000)
-                exp_avg_sq_entry = tl.load(q8_entries + (exp_avg_sq_map + 2 * exp_avg_sq_sign) * 65025 + (exp_avg_sq_magnitude >> 14).to(tl.int32))
-                exp_avg_sq_low = (exp_avg_sq_magnitude & 0x3FFF).to(tl.int32)
-                exp_avg_sq_code = (exp_avg_sq_entry & 255) + tl.where(exp_avg_sq_sign > 0, exp_avg_sq_low < (exp_avg_sq_entry >> 8), exp_avg_sq_low > (exp_avg_sq_entry >> 8)).to(tl.int32)
+                exp_avg_sq_below = ((exp_avg_sq_bits >> 31) & (exp_avg_sq_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                exp_avg_sq_bucket = (tl.minimum(exp_avg_sq_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                exp_avg_sq_code = tl.load(q8_first + (exp_avg_sq_map + 2 * exp_avg_sq_below) * 65025 + exp_avg_sq_bucket)
+                exp_avg_sq_code += (exp_avg_sq_y > tl.load(q8_map + 512 + exp_avg_sq_map * 256 + exp_avg_sq_code)).to(tl.int32)
                 tl.store(exp_avg_sq_ptr + offsets, tl.reshape(exp_avg_sq_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 exp_avg_sq_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(exp_avg_sq_scale_ptr + exp_avg_sq_blocks, exp_avg_sq_largest, mask=exp_avg_sq_blocks * Q8_BLOCK < end if MASKED else None)

@@ -23,7 +23,7 @@ def _rmsprop_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
-    state_scales, q8_map, q8_entries,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     alpha: tl.float64,
     eps: tl.float64,
@@ -201,11 +201,10 @@ def _rmsprop_kernel(
                 square_avg_largest = tl.where(square_avg_negative > 0, -square_avg_largest, square_avg_largest)
                 square_avg_bits = square_avg_y.to(tl.uint32, bitcast=True)
                 square_avg_magnitude = square_avg_bits & 0x7FFFFFFF
-                square_avg_sign = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                square_avg_magnitude = tl.minimum(square_avg_magnitude, 0x3F800000)
-                square_avg_entry = tl.load(q8_entries + (square_avg_map + 2 * square_avg_sign) * 65025 + (square_avg_magnitude >> 14).to(tl.int32))
-                square_avg_low = (square_avg_magnitude & 0x3FFF).to(tl.int32)
-                square_avg_code = (square_avg_entry & 255) + tl.where(square_avg_sign > 0, square_avg_low < (square_avg_entry >> 8), square_avg_low > (square_avg_entry >> 8)).to(tl.int32)
+                square_avg_below = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                square_avg_bucket = (tl.minimum(square_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                square_avg_code = tl.load(q8_first + (square_avg_map + 2 * square_avg_below) * 65025 + square_avg_bucket)
+                square_avg_code += (square_avg_y > tl.load(q8_map + 512 + square_avg_map * 256 + square_avg_code)).to(tl.int32)
                 tl.store(square_avg_ptr + offsets, tl.reshape(square_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 square_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(square_avg_scale_ptr + square_avg_blocks, square_avg_largest, mask=square_avg_blocks * Q8_BLOCK < end if MASKED else None)
@@ -236,11 +235,10 @@ def _rmsprop_kernel(
                     momentum_buffer_map = 1
                     momentum_buffer_bits = momentum_buffer_y.to(tl.uint32, bitcast=True)
                     momentum_buffer_magnitude = momentum_buffer_bits & 0x7FFFFFFF
-                    momentum_buffer_sign = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                    momentum_buffer_magnitude = tl.minimum(momentum_buffer_magnitude, 0x3F800000)
-                    momentum_buffer_entry = tl.load(q8_entries + (momentum_buffer_map + 2 * momentum_buffer_sign) * 65025 + (momentum_buffer_magnitude >> 14).to(tl.int32))
-                    momentum_buffer_low = (momentum_buffer_magnitude & 0x3FFF).to(tl.int32)
-                    momentum_buffer_code = (momentum_buffer_entry & 255) + tl.where(momentum_buffer_sign > 0, momentum_buffer_low < (momentum_buffer_entry >> 8), momentum_buffer_low > (momentum_buffer_entry >> 8)).to(tl.int32)
+                    momentum_buffer_below = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    momentum_buffer_bucket = (tl.minimum(momentum_buffer_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                    momentum_buffer_code = tl.load(q8_first + (momentum_buffer_map + 2 * momentum_buffer_below) * 65025 + momentum_buffer_bucket)
+                    momentum_buffer_code += (momentum_buffer_y > tl.load(q8_map + 512 + momentum_buffer_map * 256 + momentum_buffer_code)).to(tl.int32)
                     tl.store(momentum_buffer_ptr + offsets, tl.reshape(momentum_buffer_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                     momentum_buffer_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                     tl.store(momentum_buffer_scale_ptr + momentum_buffer_blocks, momentum_buffer_largest, mask=momentum_buffer_blocks * Q8_BLOCK < end if MASKED else None)
@@ -271,11 +269,10 @@ def _rmsprop_kernel(
                     grad_avg_map = 1
                     grad_avg_bits = grad_avg_y.to(tl.uint32, bitcast=True)
                     grad_avg_magnitude = grad_avg_bits & 0x7FFFFFFF
-                    grad_avg_sign = ((grad_avg_bits >> 31) & (grad_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                    grad_avg_magnitude = tl.minimum(grad_avg_magnitude, 0x3F800000)
-                    grad_avg_entry = tl.load(q8_entries + (grad_avg_map + 2 * grad_avg_sign) * 65025 + (grad_avg_magnitude >> 14).to(tl.int32))
-                    grad_avg_low = (grad_avg_magnitude & 0x3FFF).to(tl.int32)
-                    grad_avg_code = (grad_avg_entry & 255) + tl.where(grad_avg_sign > 0, grad_avg_low < (grad_avg_entry >> 8), grad_avg_low > (grad_avg_entry >> 8)).to(tl.int32)
+                    grad_avg_below = ((grad_avg_bits >> 31) & (grad_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    grad_avg_bucket = (tl.minimum(grad_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                    grad_avg_code = tl.load(q8_first + (grad_avg_map + 2 * grad_avg_below) * 65025 + grad_avg_bucket)
+                    grad_avg_code += (grad_avg_y > tl.load(q8_map + 512 + grad_avg_map * 256 + grad_avg_code)).to(tl.int32)
                     tl.store(grad_avg_ptr + offsets, tl.reshape(grad_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                     grad_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                     tl.store(grad_avg_scale_ptr + grad_avg_blocks, grad_avg_largest, mask=grad_avg_blocks * Q8_BLOCK < end if MASKED else None)

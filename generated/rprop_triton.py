@@ -23,7 +23,7 @@ def _rprop_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
-    state_scales, q8_map, q8_entries,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     etaminus: tl.float64,
     etaplus: tl.float64,
     step_size_min: tl.float64,
@@ -154,11 +154,10 @@ def _rprop_kernel(
                 prev_map = 1
                 prev_bits = prev_y.to(tl.uint32, bitcast=True)
                 prev_magnitude = prev_bits & 0x7FFFFFFF
-                prev_sign = ((prev_bits >> 31) & (prev_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                prev_magnitude = tl.minimum(prev_magnitude, 0x3F800000)
-                prev_entry = tl.load(q8_entries + (prev_map + 2 * prev_sign) * 65025 + (prev_magnitude >> 14).to(tl.int32))
-                prev_low = (prev_magnitude & 0x3FFF).to(tl.int32)
-                prev_code = (prev_entry & 255) + tl.where(prev_sign > 0, prev_low < (prev_entry >> 8), prev_low > (prev_entry >> 8)).to(tl.int32)
+                prev_below = ((prev_bits >> 31) & (prev_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                prev_bucket = (tl.minimum(prev_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                prev_code = tl.load(q8_first + (prev_map + 2 * prev_below) * 65025 + prev_bucket)
+                prev_code += (prev_y > tl.load(q8_map + 512 + prev_map * 256 + prev_code)).to(tl.int32)
                 tl.store(prev_ptr + offsets, tl.reshape(prev_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 prev_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(prev_scale_ptr + prev_blocks, prev_largest, mask=prev_blocks * Q8_BLOCK < end if MASKED else None)
@@ -194,11 +193,10 @@ def _rprop_kernel(
                 step_size_largest = tl.where(step_size_negative > 0, -step_size_largest, step_size_largest)
                 step_size_bits = step_size_y.to(tl.uint32, bitcast=True)
                 step_size_magnitude = step_size_bits & 0x7FFFFFFF
-                step_size_sign = ((step_size_bits >> 31) & (step_size_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                step_size_magnitude = tl.minimum(step_size_magnitude, 0x3F800000)
-                step_size_entry = tl.load(q8_entries + (step_size_map + 2 * step_size_sign) * 65025 + (step_size_magnitude >> 14).to(tl.int32))
-                step_size_low = (step_size_magnitude & 0x3FFF).to(tl.int32)
-                step_size_code = (step_size_entry & 255) + tl.where(step_size_sign > 0, step_size_low < (step_size_entry >> 8), step_size_low > (step_size_entry >> 8)).to(tl.int32)
+                step_size_below = ((step_size_bits >> 31) & (step_size_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                step_size_bucket = (tl.minimum(step_size_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                step_size_code = tl.load(q8_first + (step_size_map + 2 * step_size_below) * 65025 + step_size_bucket)
+                step_size_code += (step_size_y > tl.load(q8_map + 512 + step_size_map * 256 + step_size_code)).to(tl.int32)
                 tl.store(step_size_ptr + offsets, tl.reshape(step_size_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 step_size_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                 tl.store(step_size_scale_ptr + step_size_blocks, step_size_largest, mask=step_size_blocks * Q8_BLOCK < end if MASKED else None)

@@ -23,7 +23,7 @@ def _sgd_kernel(
     addresses, grad_addresses, counter_addresses, numels, first_step, chunk_tensors, chunk_indices, arrivals,
     num_tensors,
     state_keys,  # [low-precision states, T] rounding keys, read when LOW_STATE (Note [Low-precision state in Triton])
-    state_scales, q8_map, q8_entries,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
+    state_scales, q8_map, q8_first,  # int8 state's scales [states, T] and code tables, read when INT8_STATE
     lr: tl.float64, lr_ptr,  # or a 1-element tensor on the device, read when LR_IS_TENSOR
     momentum: tl.float64,
     dampening: tl.float64,
@@ -144,11 +144,10 @@ def _sgd_kernel(
                     momentum_buffer_map = 1
                     momentum_buffer_bits = momentum_buffer_y.to(tl.uint32, bitcast=True)
                     momentum_buffer_magnitude = momentum_buffer_bits & 0x7FFFFFFF
-                    momentum_buffer_sign = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                    momentum_buffer_magnitude = tl.minimum(momentum_buffer_magnitude, 0x3F800000)
-                    momentum_buffer_entry = tl.load(q8_entries + (momentum_buffer_map + 2 * momentum_buffer_sign) * 65025 + (momentum_buffer_magnitude >> 14).to(tl.int32))
-                    momentum_buffer_low = (momentum_buffer_magnitude & 0x3FFF).to(tl.int32)
-                    momentum_buffer_code = (momentum_buffer_entry & 255) + tl.where(momentum_buffer_sign > 0, momentum_buffer_low < (momentum_buffer_entry >> 8), momentum_buffer_low > (momentum_buffer_entry >> 8)).to(tl.int32)
+                    momentum_buffer_below = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    momentum_buffer_bucket = (tl.minimum(momentum_buffer_magnitude, 0x3F800000) >> 14).to(tl.int32)
+                    momentum_buffer_code = tl.load(q8_first + (momentum_buffer_map + 2 * momentum_buffer_below) * 65025 + momentum_buffer_bucket)
+                    momentum_buffer_code += (momentum_buffer_y > tl.load(q8_map + 512 + momentum_buffer_map * 256 + momentum_buffer_code)).to(tl.int32)
                     tl.store(momentum_buffer_ptr + offsets, tl.reshape(momentum_buffer_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                     momentum_buffer_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
                     tl.store(momentum_buffer_scale_ptr + momentum_buffer_blocks, momentum_buffer_largest, mask=momentum_buffer_blocks * Q8_BLOCK < end if MASKED else None)

@@ -103,7 +103,7 @@ RESERVED = frozenset({
     "applies", "arrived", "last", "start", "end", "whole_end", "block", "offsets", "in_bounds", "inv_scale",
     "MASKED", "other",
     "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK", "ALIGNED",
-    "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float", "state_keys", "LOW_STATE", "state_scales", "q8_map", "q8_entries",
+    "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float", "state_keys", "LOW_STATE", "state_scales", "q8_map", "q8_first",
     "INT8_STATE", "Q8_BLOCK", "Q8_BITS",
 })
 
@@ -476,9 +476,9 @@ def _stochastic_store(k: str) -> list[str]:
 # magnitudes, NaN above infinity as in torch's amax, found by halving the rows with tl.split and
 # tl.maximum: tl.max is a @triton.jit function, which the interpreter the tests run cannot call),
 # are divided by it (``div_rn``: the reference's IEEE division, not the GPU's approximate one), and
-# find their nearest code by the C kernel's one-read lookup (``q8_entries``:
-# quantized_state.lookup_entries, the reference's nearest code).  The lanes past a tensor's end
-# count as zeros, and the scales of blocks past it are not written.  It has run in Triton's interpreter and compiles for
+# find their nearest code by the reference's bit-pattern lookup (``q8_first``: the C prelude's
+# tables, built by triton_launch.q8_tables).  The lanes past a tensor's end count as zeros, and the
+# scales of blocks past it are not written.  It has run in Triton's interpreter and compiles for
 # sm_90 (tests/triton); no GPU has run it yet, so on CUDA ``fused=True`` picks it and the default
 # stays the reference.
 
@@ -519,12 +519,10 @@ def _q8_store(k: str, signed: bool) -> list[str]:
                 f"{k}_largest = tl.where({k}_negative > 0, -{k}_largest, {k}_largest)"]
     out += [f"{k}_bits = {k}_y.to(tl.uint32, bitcast=True)",
             f"{k}_magnitude = {k}_bits & 0x7FFFFFFF",
-            f"{k}_sign = (({k}_bits >> 31) & ({k}_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)",
-            f"{k}_magnitude = tl.minimum({k}_magnitude, 0x3F800000)",
-            f"{k}_entry = tl.load(q8_entries + ({k}_map + 2 * {k}_sign) * 65025 + ({k}_magnitude >> 14).to(tl.int32))",
-            f"{k}_low = ({k}_magnitude & 0x3FFF).to(tl.int32)",
-            f"{k}_code = ({k}_entry & 255) + tl.where({k}_sign > 0, {k}_low < ({k}_entry >> 8), "
-            f"{k}_low > ({k}_entry >> 8)).to(tl.int32)",
+            f"{k}_below = (({k}_bits >> 31) & ({k}_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)",
+            f"{k}_bucket = (tl.minimum({k}_magnitude, 0x3F800000) >> 14).to(tl.int32)",
+            f"{k}_code = tl.load(q8_first + ({k}_map + 2 * {k}_below) * 65025 + {k}_bucket)",
+            f"{k}_code += ({k}_y > tl.load(q8_map + 512 + {k}_map * 256 + {k}_code)).to(tl.int32)",
             f"tl.store({k}_ptr + offsets, tl.reshape({k}_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)",
             f"{k}_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)",
             f"tl.store({k}_scale_ptr + {k}_blocks, {k}_largest, mask={k}_blocks * Q8_BLOCK < end if MASKED else None)"]

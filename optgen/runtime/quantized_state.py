@@ -116,33 +116,6 @@ def _lookup(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return first, above
 
 
-def lookup_entries() -> torch.Tensor:
-    """The fused kernels' nearest-code table (the C prelude's ``q8_entry``, built again by its
-    ``q8_init``; the Triton kernels read this one): for the magnitude buckets up to 1 of [0]
-    unsigned and [1] signed positive values, [2] unsigned (none: -0 only) and [3] signed negative
-    ones, int32 [4 * buckets], each entry the count of midpoints below the bucket's smallest value
-    (bits 0-7; ``_lookup``'s ``first``) and above that a threshold on a value's low
-    ``_BUCKET_SHIFT`` bits: the next midpoint's, where it lies inside the bucket (a positive value
-    above it, a negative one whose magnitude is below it, passes the midpoint), else one no value
-    passes.  One table read and a comparison per value, where ``_lookup`` reads the midpoint too."""
-    buckets = (0x3F800000 >> _BUCKET_SHIFT) + 1
-    bits = torch.arange(buckets, dtype=torch.int64) << _BUCKET_SHIFT
-    low_bits = (1 << _BUCKET_SHIFT) - 1
-    entries = []
-    for k in range(4):
-        signed, negative = bool(k & 1), k >= 2
-        mid = torch.cat([_midpoints(signed), torch.tensor([float("inf")])])
-        smallest = (bits | low_bits if negative else bits).to(torch.int32).view(torch.float32)
-        smallest = -smallest if negative else smallest
-        below = torch.searchsorted(mid[:-1], smallest.contiguous(), side="left").clamp_(max=255)
-        nxt = mid.index_select(0, below).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        inside = ((nxt >> 31) == int(negative)) & (((nxt & 0x7FFFFFFF) >> _BUCKET_SHIFT) == (bits >> _BUCKET_SHIFT))
-        threshold = torch.where(inside, nxt & low_bits, torch.full_like(nxt, 0 if negative else low_bits + 1))
-        entry = below | (threshold << 8)
-        entries.append(torch.zeros_like(entry) if k == 2 else entry)
-    return torch.cat(entries).to(torch.int32)
-
-
 #: a step's float32 copies of int8 states cover at most this many parameter elements at a time (a
 #: larger parameter in chunks of this many, or alone: :func:`chunked`): Note [Blockwise 8-bit state]
 BATCH_ELEMENTS = 1 << 20

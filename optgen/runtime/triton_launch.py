@@ -251,12 +251,21 @@ class Int8State:
 
 
 def q8_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 tables on ``device``: the code maps, unsigned then signed (float32, 512), and the
-    nearest-code lookup's packed entries (int32: quantized_state.lookup_entries, the C prelude's)."""
+    """The int8 code tables on ``device``: the maps then their midpoints (float32, 1024), and the
+    nearest-code lookup's first codes (int32, 4 x 65025): the C prelude's, from quantized_state."""
     if device not in _Q8_TABLES:
         q = quantized_state
-        maps = torch.cat([q.code_map(False), q.code_map(True)])
-        _Q8_TABLES[device] = (maps.to(device), q.lookup_entries().to(device))
+        maps = torch.cat([q.code_map(False), q.code_map(True), q._midpoints(False), torch.tensor([math.inf]),
+                          q._midpoints(True), torch.tensor([math.inf])])
+        buckets = (0x3F800000 >> q._BUCKET_SHIFT) + 1
+        bits = torch.arange(buckets, dtype=torch.int64) << q._BUCKET_SHIFT
+        low = (bits | ((1 << q._BUCKET_SHIFT) - 1)).to(torch.int32).view(torch.float32)
+        first = [torch.searchsorted(q._midpoints(signed), value.contiguous(), side="left").clamp_(max=255)
+                 for signed, value in ((False, bits.to(torch.int32).view(torch.float32)),
+                                       (True, bits.to(torch.int32).view(torch.float32)),
+                                       (False, -low), (True, -low))]
+        first[2] = torch.zeros_like(first[2])  # (an unsigned state's negative values: -0 only, code 0)
+        _Q8_TABLES[device] = (maps.to(device), torch.cat(first).to(torch.int32).to(device))
     return _Q8_TABLES[device]
 
 
@@ -352,7 +361,7 @@ def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperpara
         int8 = isinstance(low, Int8State)
         kwargs["state_keys"] = dummy if low is None or int8 else low[1]
         kwargs["LOW_STATE"] = low is not None and not int8
-        kwargs["state_scales"], kwargs["q8_map"], kwargs["q8_entries"] = dummy, dummy, dummy
+        kwargs["state_scales"], kwargs["q8_map"], kwargs["q8_first"] = dummy, dummy, dummy
         kwargs["INT8_STATE"], kwargs["Q8_BLOCK"] = int8, quantized_state.BLOCK
         kwargs["Q8_BITS"] = quantized_state.BLOCK.bit_length() - 1
         if int8:  # Note [Blockwise 8-bit state in Triton]
@@ -360,7 +369,7 @@ def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperpara
             if reason is not None:
                 raise RuntimeError(f"optgen: {reason}")
             kwargs["state_scales"] = plan.scales
-            kwargs["q8_map"], kwargs["q8_entries"] = q8_tables(device)
+            kwargs["q8_map"], kwargs["q8_first"] = q8_tables(device)
     elif low is not None:
         raise RuntimeError("optgen: this triton kernel keeps no low-precision state")
     run = _runner(kernel, device)

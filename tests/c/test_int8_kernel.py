@@ -28,28 +28,6 @@ void q8_shim(int64_t n, void **t, void **g, void **c, const int64_t *numels, con
 """
 
 
-#: copies the prelude's nearest-code table (q8_entry, built by q8_init) into t[0]
-ENTRIES = r"""
-void q8_entries(int64_t n, void **t, void **g, void **c, const int64_t *numels, const int64_t *dims,
-                const uint8_t *f, const double *h, int c64, int flags, const uint32_t *k)
-{
-    memcpy(t[0], q8_entry, sizeof(q8_entry));
-}
-"""
-
-
-def test_the_c_lookup_table_is_the_one_the_triton_kernels_read():
-    """q8_init's packed entries (count of midpoints below, threshold on the low bits) equal
-    quantized_state.lookup_entries, which the Triton kernels read: one rule, built twice."""
-    expected = q.lookup_entries()
-    out = torch.zeros_like(expected)
-    table = torch.tensor([out.data_ptr()])
-    c_launch.Library("q8_entries", ENTRIES).function(torch.float32, "q8_entries", "int8")(
-        1, table.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    assert torch.equal(out, expected)
-    assert (expected & 255).max() == 255 and (expected >> 8).max() == (1 << q._BUCKET_SHIFT)
-
-
 def c_quantize(values: torch.Tensor, signed: bool):
     n = values.numel()
     codes, scales = torch.zeros(n, dtype=torch.uint8), torch.zeros(q.blocks(n))

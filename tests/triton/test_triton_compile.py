@@ -109,6 +109,6 @@ def test_int8_state_kernels_compile():
             for everything_on in (True, False):
                 types, constants = signature(kernel, tl.float32, everything_on)
                 constants.update(LOW_STATE=False, INT8_STATE=True, Q8_BLOCK=256, Q8_BITS=8)
-                types.update(q8_map="*fp32", q8_entries="*i32")
+                types.update(q8_map="*fp32", q8_first="*i32")
                 compiled = triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS)
                 assert compiled.asm["cubin"], (kernel.fn.__name__, everything_on)
