@@ -284,31 +284,23 @@ INT8_PRELUDE = r"""typedef uint8_t lowp_t;
 static const float q8_map[512] = @MAPS@;
 /* the midpoints between consecutive values, then infinity, as q8_map */
 static const float q8_mid[512] = @MIDS@;
-/* per magnitude bucket (a float's bits without the sign, over 2**Q8_BUCKET_SHIFT), for [0]
-   unsigned and [1] signed positive values, [2] unsigned (none: -0 only) and [3] signed negative
-   ones: in bits 0-7, how many midpoints lie below the bucket's smallest value
-   (quantized_state._lookup: a bucket holds at most one midpoint); above, where the next midpoint
-   lies inside the bucket, its low Q8_BUCKET_SHIFT bits, else a threshold no value passes */
-static int32_t q8_entry[4 * Q8_BUCKETS];
+/* per magnitude bucket (a float's bits without the sign, over 2**Q8_BUCKET_SHIFT): how many
+   midpoints lie below the bucket's smallest value (quantized_state._lookup: a bucket holds at
+   most one midpoint), for [0] unsigned and [1] signed positive values, [2] unsigned (none: -0
+   only) and [3] signed negative ones */
+static int32_t q8_first[4 * Q8_BUCKETS];
 static float q8_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 __attribute__((constructor)) static void q8_init(void)
 {
     for (int32_t b = 0; b < Q8_BUCKETS; ++b)
         for (int k = 0; k < 4; ++k) {
-            const uint32_t bits = (uint32_t)b << Q8_BUCKET_SHIFT, low_bits = (1u << Q8_BUCKET_SHIFT) - 1;
-            const float low = k < 2 ? q8_float(bits) : -q8_float(bits | low_bits);
+            const uint32_t bits = (uint32_t)b << Q8_BUCKET_SHIFT;
+            const float low = k < 2 ? q8_float(bits) : -q8_float(bits | ((1u << Q8_BUCKET_SHIFT) - 1));
             const float *mid = q8_mid + 256 * (k & 1);
             int32_t below = 0;  /* the midpoints below `low`, by binary search (they ascend) */
             for (int32_t step = 128; step > 0; step >>= 1)
                 if (below + step <= 255 && mid[below + step - 1] < low) below += step;
-            uint32_t next;
-            memcpy(&next, &mid[below], 4);
-            const int inside = (next >> 31) == (uint32_t)(k >= 2) && ((next & 0x7fffffffu) >> Q8_BUCKET_SHIFT) == bits
-                               >> Q8_BUCKET_SHIFT && next != 0x7f800000u;
-            /* a positive value passes the midpoint when its low bits are above the midpoint's, a
-               negative one when its magnitude's are below */
-            const int32_t threshold = inside ? (int32_t)(next & low_bits) : k < 2 ? (int32_t)low_bits + 1 : 0;
-            q8_entry[k * Q8_BUCKETS + b] = k == 2 ? 0 : below | threshold << 8;
+            q8_first[k * Q8_BUCKETS + b] = k == 2 ? 0 : below;
         }
 }
 /* an element's value: its code's, times its block's scale (a negative scale of an unsigned state:
@@ -320,17 +312,16 @@ static inline float q8_load(uint8_t code, float s, int is_signed)
 }
 /* the nearest code of x in [-1, 1] (ties to the lower code: the number of midpoints below x);
    beyond (a NaN block's scale is 1): 255 above, 0 below, 255 for NaN, as quantized_state's.
-   Branch-free, one table read: the magnitude clamped to 1's bucket, NaN counted as positive. */
+   Branch-free: the magnitude clamped to 1's bucket, NaN counted as positive. */
 static inline int32_t q8_code(float x, int32_t map)
 {
     uint32_t u;
     memcpy(&u, &x, 4);
     const uint32_t m = u & 0x7fffffffu;
     const int32_t negative = (int32_t)(u >> 31) & (m <= 0x7f800000u);
-    const uint32_t clamped = m < 0x3f800000u ? m : 0x3f800000u;
-    const int32_t entry = q8_entry[(map + 2 * negative) * Q8_BUCKETS + (int32_t)(clamped >> Q8_BUCKET_SHIFT)];
-    const int32_t low = (int32_t)(clamped & ((1u << Q8_BUCKET_SHIFT) - 1)), threshold = entry >> 8;
-    return (entry & 255) + (negative ? low < threshold : low > threshold);
+    const int32_t bucket = (int32_t)((m < 0x3f800000u ? m : 0x3f800000u) >> Q8_BUCKET_SHIFT);
+    const int32_t first = q8_first[(map + 2 * negative) * Q8_BUCKETS + bucket];
+    return first + (x > q8_mid[(map << 8) | first]);
 }
 /* one block of new values, quantized: its absmax (NaN if it holds one: the largest magnitude's
    bits, as integers, order NaN above infinity), each element's code */
