@@ -761,10 +761,10 @@ def _plan(dtype, tensors, counters, reduced: dict, low: LowState | Int8State | N
     table = [*tensors, *low.scales] if isinstance(low, Int8State) else tensors
     layouts = layout(t for values in table for t in values)
     counter_layouts = layout(c for values in counters for c in values)
-    # (int8: the storages' sizes too: scales shrunk in place may keep their address, and the kernel
-    # writes one per block)
+    # (and the storages' sizes: one freed and allocated again smaller in place may keep its address,
+    # and the kernel would write past its end: Note [Plan keys])
     key = (dtype, layouts, counter_layouts, low is not None and (type(low), low.indices),
-           storage_sizes(table) if isinstance(low, Int8State) else None)
+           storage_sizes(table), storage_sizes(counters))
     plan = _PLANS.get(key)
     if plan is None:
         _check(tensors[0], tensors, [], counters, reduced, low)

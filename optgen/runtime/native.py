@@ -12,7 +12,11 @@ enough: a gradient re-viewed in place (``w.grad = buf.view(4, 4).t()``) or a sta
 smaller tensor the allocator put at the same address would reuse a plan checked for another
 tensor, and the kernel would read in the wrong order or past the end.  Building the key costs
 about 0.4 µs per tensor each step (Adam, 1000 tensors of 100 elements: 2.3 ms a step without it,
-see the session note of issue 11).
+see the session note of issue 11).  The key also holds each tensor's storage size
+(:func:`storage_sizes`): a storage freed and allocated again smaller in place
+(``untyped_storage().resize_(0)``, then ``resize_(n)``, as FSDP frees memory) may get its old
+address back, and the layout then reads the same while the kernel would write past the storage's
+end.  (torch's own optimizers crash the process on such a tensor; optgen's checks refuse it.)
 """
 from __future__ import annotations
 
@@ -55,12 +59,8 @@ def layout(tensors, devices: bool = False) -> tuple:
 
 
 def storage_sizes(lists) -> tuple:
-    """The sizes in bytes of the storages under these lists of tensors (0: a tensor left absent).
-    Part of an int8 launch's plan key (Note [Plan keys]): a storage freed and allocated again
-    smaller in place (``untyped_storage().resize_(0)``, then ``resize_(n)``) may get its old
-    address back, and the tensor's layout then reads the same while the kernel would write past
-    the storage's end.  (Those launches are of tensors of 4096 elements or more: the cost is small
-    next to the step.)"""
+    """The sizes in bytes of the storages under these lists of tensors (0: a tensor left absent):
+    part of a plan's key (Note [Plan keys])."""
     return tuple(0 if t is None else t.untyped_storage().nbytes() for values in lists for t in values)
 
 

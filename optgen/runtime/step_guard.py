@@ -222,13 +222,18 @@ class PythonGuard:
         self.element_size = params[0].element_size()
         self.complex = params[0].is_complex()
         self.grad_bytes = [k * self.element_size for k in self.numels]
+        # the bytes each parameter and state needs of its storage (offset and elements): one resized
+        # in place to less (as FSDP frees storages) may keep its address, and the kernel would write
+        # past its end (the native guard's ``addressable``)
+        self.param_ends = [(p.storage_offset() + p.numel()) * p.element_size() for p in params]
         # key by key (one pass per key: flattening every key's states into one list measured slower):
         # the objects, their addresses, shapes and dtypes
         self.states = []
         for k, key in enumerate(bound.keys):
             objects = [states[k] for states in bound.states]
             self.states.append((key, objects, list(map(_DATA_PTR, objects)), [tuple(t.shape) for t in objects],
-                                list(map(_DTYPE, objects))))
+                                list(map(_DTYPE, objects)),
+                                [(t.storage_offset() + t.numel()) * t.element_size() for t in objects]))
 
     def __call__(self, optimizer, group: dict):
         """The gradients' address table when the group's lists are unchanged, else None."""
@@ -254,8 +259,9 @@ class PythonGuard:
                     or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype))) \
                     or list(map(_DATA_PTR, params)) != self.param_addresses \
                     or not all(map(_IS_CONTIGUOUS, params)) \
-                    or list(map(_SHAPE, params)) != self.shapes:  # (same memory, viewed otherwise: `.data =`)
-                return None
+                    or list(map(_SHAPE, params)) != self.shapes \
+                    or not all(map(le, self.param_ends, map(_NBYTES, map(_STORAGE, params)))):
+                return None  # (same memory, viewed otherwise: `.data =`; a storage shrunk in place)
             if any(map(_IS_NEG, grads)):  # a lazily negated view: the checked path resolves it
                 return None
             if self.complex and any(map(_IS_CONJ, grads)):  # a lazily conjugated view: other values, same memory
@@ -267,11 +273,12 @@ class PythonGuard:
                     return None
             elif not all(map(le, self.grad_bytes, map(_NBYTES, map(_STORAGE, grads)))):
                 return None
-            for (_, objects, addresses, shapes, dtypes), now in zip(self.states, now_states, strict=True):
+            for (_, objects, addresses, shapes, dtypes, ends), now in zip(self.states, now_states, strict=True):
                 if not all(map(is_, now, objects)) or list(map(_DATA_PTR, now)) != addresses \
                         or list(map(_SHAPE, now)) != shapes or list(map(_DTYPE, now)) != dtypes \
-                        or not all(map(_IS_CONTIGUOUS, now)):  # (changed in place: same object, same address)
-                    return None
+                        or not all(map(_IS_CONTIGUOUS, now)) \
+                        or not all(map(le, ends, map(_NBYTES, map(_STORAGE, now)))):
+                    return None  # (changed in place: same object, same address; its storage shrunk in place)
             return array.array("q", map(_DATA_PTR, grads))
         except (RuntimeError, TypeError):
             return None

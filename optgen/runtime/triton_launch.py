@@ -409,7 +409,8 @@ def _plan(device, dtype, tensors, counters, new, low=None) -> _Plan:
            low is not None and (type(low).__name__, low[0]),
            isinstance(low, Int8State) and layout((s for per in low.scales for s in per), devices=True),
            # (and their storages' sizes: one shrunk in place may keep its address, Note [Plan keys])
-           isinstance(low, Int8State) and storage_sizes([*(values for values, used in rows if used), *low.scales]))
+           storage_sizes([*(values for values, used in rows if used), *counters,
+                          *(low.scales if isinstance(low, Int8State) else ())]))
     plan = _PLANS.get(key)
     if plan is not None:
         return plan

@@ -223,3 +223,42 @@ def test_smaller_state_at_the_same_address_is_checked_again(implementation):
     with pytest.raises(RuntimeError, match=r"the state( 1)? of parameter 0 is torch.float32 \(3,\)"):
         ours.step()
     assert torch.equal(before, w)
+
+
+SHRUNK_STORAGE = """
+import torch, optgen
+g = torch.Generator().manual_seed(0)
+p = torch.randn(4000, generator=g).requires_grad_()
+opt = optgen.Adam([p], lr=1e-2)  # float32 state, the C kernel (the cached step, after the first)
+p.grad = torch.randn(4000, generator=g)
+opt.step()
+state = opt.state[p]["exp_avg"]
+address = state.data_ptr()
+state.untyped_storage().resize_(0)
+state.untyped_storage().resize_(15000)  # (glibc hands back the freed chunk: the same address)
+print("same address:", state.data_ptr() == address, flush=True)
+try:
+    opt.step()
+    print("stepped")
+except RuntimeError as e:
+    print("error:", e)
+"""
+
+
+@pytest.mark.skipif(not c_launch.available(), reason="needs a C compiler")
+@pytest.mark.parametrize("guard", ["native", "python"])
+def test_a_state_storage_shrunk_in_place_at_the_same_address_is_an_error_not_a_heap_overflow(guard):
+    """A state's storage freed and allocated again smaller in place: the allocator may hand back its
+    address.  The Python guard of the cached step compared the state's address, shape and dtype,
+    not its storage, and the native guard's fall-back, the checked path, reused a plan keyed on the
+    same: the kernel wrote 16000 bytes into 15000 (heap corruption; the process died later).  Both
+    see the storage now: an error.  (torch.optim.Adam itself crashes the process here.)"""
+    import os
+
+    env = {**os.environ, "OPTGEN_STEP_GUARD": "python" if guard == "python" else ""}
+    result = subprocess.run([sys.executable, "-c", SHRUNK_STORAGE], capture_output=True, text=True, timeout=120,
+                            env=env)
+    if "same address: False" in result.stdout:
+        pytest.skip("the allocator put the smaller storage elsewhere (the plan was checked again anyway)")
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "lies outside its storage" in result.stdout, result.stdout
