@@ -36,6 +36,7 @@ def _adadelta_kernel(
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
     INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
+    Q8_SHIFT: tl.constexpr,  # the float bits below a nearest-code lookup bucket
 ):
     """Adadelta step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -165,9 +166,9 @@ def _adadelta_kernel(
                 square_avg_largest = tl.where(square_avg_negative > 0, -square_avg_largest, square_avg_largest)
                 square_avg_bits = square_avg_y.to(tl.uint32, bitcast=True)
                 square_avg_magnitude = square_avg_bits & 0x7FFFFFFF
-                square_avg_below = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                square_avg_bucket = (tl.minimum(square_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                square_avg_code = tl.load(q8_first + (square_avg_map + 2 * square_avg_below) * 65025 + square_avg_bucket)
+                square_avg_sign = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                square_avg_bucket = (tl.minimum(square_avg_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                square_avg_code = tl.load(q8_first + (square_avg_map + 2 * square_avg_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + square_avg_bucket)
                 square_avg_code += (square_avg_y > tl.load(q8_map + 512 + square_avg_map * 256 + square_avg_code)).to(tl.int32)
                 tl.store(square_avg_ptr + offsets, tl.reshape(square_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 square_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
@@ -204,9 +205,9 @@ def _adadelta_kernel(
                 acc_delta_largest = tl.where(acc_delta_negative > 0, -acc_delta_largest, acc_delta_largest)
                 acc_delta_bits = acc_delta_y.to(tl.uint32, bitcast=True)
                 acc_delta_magnitude = acc_delta_bits & 0x7FFFFFFF
-                acc_delta_below = ((acc_delta_bits >> 31) & (acc_delta_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                acc_delta_bucket = (tl.minimum(acc_delta_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                acc_delta_code = tl.load(q8_first + (acc_delta_map + 2 * acc_delta_below) * 65025 + acc_delta_bucket)
+                acc_delta_sign = ((acc_delta_bits >> 31) & (acc_delta_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                acc_delta_bucket = (tl.minimum(acc_delta_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                acc_delta_code = tl.load(q8_first + (acc_delta_map + 2 * acc_delta_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + acc_delta_bucket)
                 acc_delta_code += (acc_delta_y > tl.load(q8_map + 512 + acc_delta_map * 256 + acc_delta_code)).to(tl.int32)
                 tl.store(acc_delta_ptr + offsets, tl.reshape(acc_delta_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 acc_delta_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)

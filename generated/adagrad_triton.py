@@ -36,6 +36,7 @@ def _adagrad_kernel(
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
     INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
+    Q8_SHIFT: tl.constexpr,  # the float bits below a nearest-code lookup bucket
 ):
     """Adagrad step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -143,9 +144,9 @@ def _adagrad_kernel(
                 state_sum_largest = tl.where(state_sum_negative > 0, -state_sum_largest, state_sum_largest)
                 state_sum_bits = state_sum_y.to(tl.uint32, bitcast=True)
                 state_sum_magnitude = state_sum_bits & 0x7FFFFFFF
-                state_sum_below = ((state_sum_bits >> 31) & (state_sum_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                state_sum_bucket = (tl.minimum(state_sum_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                state_sum_code = tl.load(q8_first + (state_sum_map + 2 * state_sum_below) * 65025 + state_sum_bucket)
+                state_sum_sign = ((state_sum_bits >> 31) & (state_sum_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                state_sum_bucket = (tl.minimum(state_sum_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                state_sum_code = tl.load(q8_first + (state_sum_map + 2 * state_sum_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + state_sum_bucket)
                 state_sum_code += (state_sum_y > tl.load(q8_map + 512 + state_sum_map * 256 + state_sum_code)).to(tl.int32)
                 tl.store(state_sum_ptr + offsets, tl.reshape(state_sum_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 state_sum_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)

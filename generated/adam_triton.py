@@ -40,6 +40,7 @@ def _adam_kernel(
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
     INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
+    Q8_SHIFT: tl.constexpr,  # the float bits below a nearest-code lookup bucket
 ):
     """Adam step, every combination of amsgrad, maximize, decoupled_weight_decay: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -211,9 +212,9 @@ def _adam_kernel(
                 exp_avg_map = 1
                 exp_avg_bits = exp_avg_y.to(tl.uint32, bitcast=True)
                 exp_avg_magnitude = exp_avg_bits & 0x7FFFFFFF
-                exp_avg_below = ((exp_avg_bits >> 31) & (exp_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                exp_avg_bucket = (tl.minimum(exp_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                exp_avg_code = tl.load(q8_first + (exp_avg_map + 2 * exp_avg_below) * 65025 + exp_avg_bucket)
+                exp_avg_sign = ((exp_avg_bits >> 31) & (exp_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                exp_avg_bucket = (tl.minimum(exp_avg_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                exp_avg_code = tl.load(q8_first + (exp_avg_map + 2 * exp_avg_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + exp_avg_bucket)
                 exp_avg_code += (exp_avg_y > tl.load(q8_map + 512 + exp_avg_map * 256 + exp_avg_code)).to(tl.int32)
                 tl.store(exp_avg_ptr + offsets, tl.reshape(exp_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 exp_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
@@ -250,9 +251,9 @@ def _adam_kernel(
                 exp_avg_sq_largest = tl.where(exp_avg_sq_negative > 0, -exp_avg_sq_largest, exp_avg_sq_largest)
                 exp_avg_sq_bits = exp_avg_sq_y.to(tl.uint32, bitcast=True)
                 exp_avg_sq_magnitude = exp_avg_sq_bits & 0x7FFFFFFF
-                exp_avg_sq_below = ((exp_avg_sq_bits >> 31) & (exp_avg_sq_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                exp_avg_sq_bucket = (tl.minimum(exp_avg_sq_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                exp_avg_sq_code = tl.load(q8_first + (exp_avg_sq_map + 2 * exp_avg_sq_below) * 65025 + exp_avg_sq_bucket)
+                exp_avg_sq_sign = ((exp_avg_sq_bits >> 31) & (exp_avg_sq_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                exp_avg_sq_bucket = (tl.minimum(exp_avg_sq_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                exp_avg_sq_code = tl.load(q8_first + (exp_avg_sq_map + 2 * exp_avg_sq_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + exp_avg_sq_bucket)
                 exp_avg_sq_code += (exp_avg_sq_y > tl.load(q8_map + 512 + exp_avg_sq_map * 256 + exp_avg_sq_code)).to(tl.int32)
                 tl.store(exp_avg_sq_ptr + offsets, tl.reshape(exp_avg_sq_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 exp_avg_sq_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
@@ -290,9 +291,9 @@ def _adam_kernel(
                     max_exp_avg_sq_largest = tl.where(max_exp_avg_sq_negative > 0, -max_exp_avg_sq_largest, max_exp_avg_sq_largest)
                     max_exp_avg_sq_bits = max_exp_avg_sq_y.to(tl.uint32, bitcast=True)
                     max_exp_avg_sq_magnitude = max_exp_avg_sq_bits & 0x7FFFFFFF
-                    max_exp_avg_sq_below = ((max_exp_avg_sq_bits >> 31) & (max_exp_avg_sq_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                    max_exp_avg_sq_bucket = (tl.minimum(max_exp_avg_sq_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                    max_exp_avg_sq_code = tl.load(q8_first + (max_exp_avg_sq_map + 2 * max_exp_avg_sq_below) * 65025 + max_exp_avg_sq_bucket)
+                    max_exp_avg_sq_sign = ((max_exp_avg_sq_bits >> 31) & (max_exp_avg_sq_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    max_exp_avg_sq_bucket = (tl.minimum(max_exp_avg_sq_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                    max_exp_avg_sq_code = tl.load(q8_first + (max_exp_avg_sq_map + 2 * max_exp_avg_sq_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + max_exp_avg_sq_bucket)
                     max_exp_avg_sq_code += (max_exp_avg_sq_y > tl.load(q8_map + 512 + max_exp_avg_sq_map * 256 + max_exp_avg_sq_code)).to(tl.int32)
                     tl.store(max_exp_avg_sq_ptr + offsets, tl.reshape(max_exp_avg_sq_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                     max_exp_avg_sq_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)

@@ -37,6 +37,7 @@ def _asgd_kernel(
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
     INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
+    Q8_SHIFT: tl.constexpr,  # the float bits below a nearest-code lookup bucket
 ):
     """ASGD step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -155,9 +156,9 @@ def _asgd_kernel(
                 ax_map = 1
                 ax_bits = ax_y.to(tl.uint32, bitcast=True)
                 ax_magnitude = ax_bits & 0x7FFFFFFF
-                ax_below = ((ax_bits >> 31) & (ax_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                ax_bucket = (tl.minimum(ax_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                ax_code = tl.load(q8_first + (ax_map + 2 * ax_below) * 65025 + ax_bucket)
+                ax_sign = ((ax_bits >> 31) & (ax_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                ax_bucket = (tl.minimum(ax_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                ax_code = tl.load(q8_first + (ax_map + 2 * ax_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + ax_bucket)
                 ax_code += (ax_y > tl.load(q8_map + 512 + ax_map * 256 + ax_code)).to(tl.int32)
                 tl.store(ax_ptr + offsets, tl.reshape(ax_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 ax_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)

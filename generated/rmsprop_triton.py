@@ -39,6 +39,7 @@ def _rmsprop_kernel(
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
     INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
+    Q8_SHIFT: tl.constexpr,  # the float bits below a nearest-code lookup bucket
 ):
     """RMSprop step, every combination of centered, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -201,9 +202,9 @@ def _rmsprop_kernel(
                 square_avg_largest = tl.where(square_avg_negative > 0, -square_avg_largest, square_avg_largest)
                 square_avg_bits = square_avg_y.to(tl.uint32, bitcast=True)
                 square_avg_magnitude = square_avg_bits & 0x7FFFFFFF
-                square_avg_below = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                square_avg_bucket = (tl.minimum(square_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                square_avg_code = tl.load(q8_first + (square_avg_map + 2 * square_avg_below) * 65025 + square_avg_bucket)
+                square_avg_sign = ((square_avg_bits >> 31) & (square_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                square_avg_bucket = (tl.minimum(square_avg_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                square_avg_code = tl.load(q8_first + (square_avg_map + 2 * square_avg_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + square_avg_bucket)
                 square_avg_code += (square_avg_y > tl.load(q8_map + 512 + square_avg_map * 256 + square_avg_code)).to(tl.int32)
                 tl.store(square_avg_ptr + offsets, tl.reshape(square_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 square_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
@@ -235,9 +236,9 @@ def _rmsprop_kernel(
                     momentum_buffer_map = 1
                     momentum_buffer_bits = momentum_buffer_y.to(tl.uint32, bitcast=True)
                     momentum_buffer_magnitude = momentum_buffer_bits & 0x7FFFFFFF
-                    momentum_buffer_below = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                    momentum_buffer_bucket = (tl.minimum(momentum_buffer_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                    momentum_buffer_code = tl.load(q8_first + (momentum_buffer_map + 2 * momentum_buffer_below) * 65025 + momentum_buffer_bucket)
+                    momentum_buffer_sign = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    momentum_buffer_bucket = (tl.minimum(momentum_buffer_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                    momentum_buffer_code = tl.load(q8_first + (momentum_buffer_map + 2 * momentum_buffer_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + momentum_buffer_bucket)
                     momentum_buffer_code += (momentum_buffer_y > tl.load(q8_map + 512 + momentum_buffer_map * 256 + momentum_buffer_code)).to(tl.int32)
                     tl.store(momentum_buffer_ptr + offsets, tl.reshape(momentum_buffer_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                     momentum_buffer_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
@@ -269,9 +270,9 @@ def _rmsprop_kernel(
                     grad_avg_map = 1
                     grad_avg_bits = grad_avg_y.to(tl.uint32, bitcast=True)
                     grad_avg_magnitude = grad_avg_bits & 0x7FFFFFFF
-                    grad_avg_below = ((grad_avg_bits >> 31) & (grad_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                    grad_avg_bucket = (tl.minimum(grad_avg_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                    grad_avg_code = tl.load(q8_first + (grad_avg_map + 2 * grad_avg_below) * 65025 + grad_avg_bucket)
+                    grad_avg_sign = ((grad_avg_bits >> 31) & (grad_avg_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    grad_avg_bucket = (tl.minimum(grad_avg_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                    grad_avg_code = tl.load(q8_first + (grad_avg_map + 2 * grad_avg_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + grad_avg_bucket)
                     grad_avg_code += (grad_avg_y > tl.load(q8_map + 512 + grad_avg_map * 256 + grad_avg_code)).to(tl.int32)
                     tl.store(grad_avg_ptr + offsets, tl.reshape(grad_avg_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                     grad_avg_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)

@@ -34,6 +34,7 @@ def _rprop_kernel(
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
     INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
+    Q8_SHIFT: tl.constexpr,  # the float bits below a nearest-code lookup bucket
 ):
     """Rprop step, every combination of maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -154,9 +155,9 @@ def _rprop_kernel(
                 prev_map = 1
                 prev_bits = prev_y.to(tl.uint32, bitcast=True)
                 prev_magnitude = prev_bits & 0x7FFFFFFF
-                prev_below = ((prev_bits >> 31) & (prev_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                prev_bucket = (tl.minimum(prev_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                prev_code = tl.load(q8_first + (prev_map + 2 * prev_below) * 65025 + prev_bucket)
+                prev_sign = ((prev_bits >> 31) & (prev_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                prev_bucket = (tl.minimum(prev_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                prev_code = tl.load(q8_first + (prev_map + 2 * prev_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + prev_bucket)
                 prev_code += (prev_y > tl.load(q8_map + 512 + prev_map * 256 + prev_code)).to(tl.int32)
                 tl.store(prev_ptr + offsets, tl.reshape(prev_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 prev_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)
@@ -193,9 +194,9 @@ def _rprop_kernel(
                 step_size_largest = tl.where(step_size_negative > 0, -step_size_largest, step_size_largest)
                 step_size_bits = step_size_y.to(tl.uint32, bitcast=True)
                 step_size_magnitude = step_size_bits & 0x7FFFFFFF
-                step_size_below = ((step_size_bits >> 31) & (step_size_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                step_size_bucket = (tl.minimum(step_size_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                step_size_code = tl.load(q8_first + (step_size_map + 2 * step_size_below) * 65025 + step_size_bucket)
+                step_size_sign = ((step_size_bits >> 31) & (step_size_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                step_size_bucket = (tl.minimum(step_size_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                step_size_code = tl.load(q8_first + (step_size_map + 2 * step_size_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + step_size_bucket)
                 step_size_code += (step_size_y > tl.load(q8_map + 512 + step_size_map * 256 + step_size_code)).to(tl.int32)
                 tl.store(step_size_ptr + offsets, tl.reshape(step_size_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                 step_size_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)

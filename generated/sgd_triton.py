@@ -38,6 +38,7 @@ def _sgd_kernel(
     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, COUNTER_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, LOW_STATE: tl.constexpr,
     INT8_STATE: tl.constexpr, Q8_BLOCK: tl.constexpr, Q8_BITS: tl.constexpr,  # (Q8_BLOCK == 1 << Q8_BITS)
+    Q8_SHIFT: tl.constexpr,  # the float bits below a nearest-code lookup bucket
 ):
     """SGD step, every combination of nesterov, maximize: one CHUNK of one tensor."""
     pid = tl.program_id(0)
@@ -144,9 +145,9 @@ def _sgd_kernel(
                     momentum_buffer_map = 1
                     momentum_buffer_bits = momentum_buffer_y.to(tl.uint32, bitcast=True)
                     momentum_buffer_magnitude = momentum_buffer_bits & 0x7FFFFFFF
-                    momentum_buffer_below = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
-                    momentum_buffer_bucket = (tl.minimum(momentum_buffer_magnitude, 0x3F800000) >> 14).to(tl.int32)
-                    momentum_buffer_code = tl.load(q8_first + (momentum_buffer_map + 2 * momentum_buffer_below) * 65025 + momentum_buffer_bucket)
+                    momentum_buffer_sign = ((momentum_buffer_bits >> 31) & (momentum_buffer_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)
+                    momentum_buffer_bucket = (tl.minimum(momentum_buffer_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)
+                    momentum_buffer_code = tl.load(q8_first + (momentum_buffer_map + 2 * momentum_buffer_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + momentum_buffer_bucket)
                     momentum_buffer_code += (momentum_buffer_y > tl.load(q8_map + 512 + momentum_buffer_map * 256 + momentum_buffer_code)).to(tl.int32)
                     tl.store(momentum_buffer_ptr + offsets, tl.reshape(momentum_buffer_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)
                     momentum_buffer_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)

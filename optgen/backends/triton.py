@@ -104,7 +104,7 @@ RESERVED = frozenset({
     "MASKED", "other",
     "tl", "triton", "launch", "COMPUTE", "DTYPE", "COUNTER_DTYPE", "CHUNK", "BLOCK", "ALIGNED",
     "HAS_GRAD_SCALE", "HAS_FOUND_INF", "float", "state_keys", "LOW_STATE", "state_scales", "q8_map", "q8_first",
-    "INT8_STATE", "Q8_BLOCK", "Q8_BITS",
+    "INT8_STATE", "Q8_BLOCK", "Q8_BITS", "Q8_SHIFT",
 })
 
 #: state initialisers whose tensor is shaped like the parameter (so a flat chunk covers it)
@@ -519,9 +519,9 @@ def _q8_store(k: str, signed: bool) -> list[str]:
                 f"{k}_largest = tl.where({k}_negative > 0, -{k}_largest, {k}_largest)"]
     out += [f"{k}_bits = {k}_y.to(tl.uint32, bitcast=True)",
             f"{k}_magnitude = {k}_bits & 0x7FFFFFFF",
-            f"{k}_below = (({k}_bits >> 31) & ({k}_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)",
-            f"{k}_bucket = (tl.minimum({k}_magnitude, 0x3F800000) >> 14).to(tl.int32)",
-            f"{k}_code = tl.load(q8_first + ({k}_map + 2 * {k}_below) * 65025 + {k}_bucket)",
+            f"{k}_sign = (({k}_bits >> 31) & ({k}_magnitude <= 0x7F800000)).to(tl.int32)  # (NaN: positive)",
+            f"{k}_bucket = (tl.minimum({k}_magnitude, 0x3F800000) >> Q8_SHIFT).to(tl.int32)  # (magnitudes to 1)",
+            f"{k}_code = tl.load(q8_first + ({k}_map + 2 * {k}_sign) * ((0x3F800000 >> Q8_SHIFT) + 1) + {k}_bucket)",
             f"{k}_code += ({k}_y > tl.load(q8_map + 512 + {k}_map * 256 + {k}_code)).to(tl.int32)",
             f"tl.store({k}_ptr + offsets, tl.reshape({k}_code, (BLOCK,)).to(tl.uint8), mask=in_bounds)",
             f"{k}_blocks = block // Q8_BLOCK + tl.arange(0, BLOCK // Q8_BLOCK)",

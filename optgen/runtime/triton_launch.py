@@ -364,6 +364,7 @@ def _launch(kernel, *, tensors, counters, new, hyperparameters, tensor_hyperpara
         kwargs["state_scales"], kwargs["q8_map"], kwargs["q8_first"] = dummy, dummy, dummy
         kwargs["INT8_STATE"], kwargs["Q8_BLOCK"] = int8, quantized_state.BLOCK
         kwargs["Q8_BITS"] = quantized_state.BLOCK.bit_length() - 1
+        kwargs["Q8_SHIFT"] = quantized_state._BUCKET_SHIFT
         if int8:  # Note [Blockwise 8-bit state in Triton]
             reason = int8_unsupported()
             if reason is not None:

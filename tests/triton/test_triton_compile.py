@@ -48,7 +48,8 @@ def signature(kernel, dtype, everything_on: bool, flags: dict | None = None):
             constants[p.name] = {"DTYPE": dtype, "COMPUTE": tl.float64 if dtype == tl.float64 else tl.float32,
                                  "COUNTER_DTYPE": tl.float32, "CHUNK": 16384,
                                  "BLOCK": 32 * 4 * 16 // (dtype.primitive_bitwidth // 8),
-                                 "INT8_STATE": False, "Q8_BLOCK": 256, "Q8_BITS": 8}.get(p.name, everything_on)
+                                 "INT8_STATE": False, "Q8_BLOCK": 256, "Q8_BITS": 8,
+                                 "Q8_SHIFT": 14}.get(p.name, everything_on)
             if p.name in module.LAUNCH.guards:
                 constants[p.name] = bool(module.LAUNCH.guards[p.name](arguments))
         elif p.name == "num_tensors":
@@ -108,7 +109,7 @@ def test_int8_state_kernels_compile():
         for kernel in kernels(module_name):
             for everything_on in (True, False):
                 types, constants = signature(kernel, tl.float32, everything_on)
-                constants.update(LOW_STATE=False, INT8_STATE=True, Q8_BLOCK=256, Q8_BITS=8)
+                constants.update(LOW_STATE=False, INT8_STATE=True, Q8_BLOCK=256, Q8_BITS=8, Q8_SHIFT=14)
                 types.update(q8_map="*fp32", q8_first="*i32")
                 compiled = triton.compile(ASTSource(kernel, types, constants), target=TARGET, options=OPTIONS)
                 assert compiled.asm["cubin"], (kernel.fn.__name__, everything_on)
