@@ -264,7 +264,8 @@ class Quantized:
                     old.copy_(codes)
                     scales.copy_(absmax)
                     values[i] = old
-                elif old is None and quantizable(p):  # created by the kernel on this step
+                elif old is None and quantizable(p) and not new.is_sparse:  # created by the kernel on this step
+                    # (a sparse one, SGD's momentum buffer of sparse gradients, has no blocks: kept as torch keeps it)
                     values[i], self.optimizer.state[p][key + ABSMAX] = quantize(new, self.signed[key], key)
 
 
@@ -354,7 +355,7 @@ def convert_state(optimizer, param: torch.Tensor, state: dict, dtype) -> None:
     in place: quantized where int8 asks for it, dequantized (and its scales dropped) elsewhere."""
     for key in optimizer._low_precision_state:
         value = state.get(key)
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.is_sparse:  # (a sparse one stays as torch keeps it)
             continue
         signed = key not in optimizer._nonnegative_state
         int8 = is_int8(dtype) and quantizable(param)

@@ -448,3 +448,29 @@ def test_a_state_a_flag_leaves_unused_keeps_its_codes_and_scales(implementation)
         opt.step()
     assert torch.equal(opt.state[p]["grad_avg"], codes)
     assert torch.equal(opt.state[p]["grad_avg.absmax"], scales)
+
+
+def test_a_sparse_state_a_step_creates_stays_as_torch_keeps_it():
+    """SGD with momentum and sparse gradients makes a sparse momentum buffer (as torch's does): it
+    has no blocks to quantize, so it stays sparse float32, and the run is state_dtype=None's, bit for
+    bit.  (Quantizing it raised "reshape is not implemented for sparse tensors", after the
+    parameter had been stepped.)"""
+    def run(state_dtype):
+        g = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(100, 64, generator=g))
+        opt = optgen.SGD([w], lr=0.1, momentum=0.9, state_dtype=state_dtype)
+        for k in range(3):
+            w.grad = torch.sparse_coo_tensor(torch.tensor([[k, 50 + k]]), torch.randn(2, 64, generator=g), (100, 64))
+            opt.step()
+        return w, opt.state[w]["momentum_buffer"]
+
+    (w, buffer), (ref, ref_buffer) = run("int8"), run(None)
+    assert torch.equal(w, ref)
+    assert buffer.is_sparse and buffer.dtype == torch.float32
+    assert torch.equal(buffer.to_dense(), ref_buffer.to_dense())
+    # and a checkpoint of it loads back into an int8 optimizer as it was
+    opt = optgen.SGD([torch.nn.Parameter(w.detach().clone())], lr=0.1, momentum=0.9, state_dtype="int8")
+    saved = {"state": {0: {"momentum_buffer": buffer}}, "param_groups": [{**opt.state_dict()["param_groups"][0]}]}
+    opt.load_state_dict(saved)
+    loaded = next(iter(opt.state.values()))["momentum_buffer"]
+    assert loaded.is_sparse and torch.equal(loaded.to_dense(), buffer.to_dense())
