@@ -61,6 +61,7 @@ from optgen.runtime.native_cache import (  # noqa: F401 - CacheError, cache_dir:
     cpu_identity,
     writable,
 )
+from optgen.runtime.quantized_state import Int8State
 
 #: the C every kernel source is compiled after: the element type and its math, counter access
 PRELUDE = r"""
@@ -580,15 +581,6 @@ class LowState:
     def __init__(self, indices: tuple[int, ...], keys: list[list[int]]):
         self.indices = frozenset(indices)
         self.table = array.array("I", [k for per_list in keys for k in per_list] or [0])
-
-
-class Int8State:
-    """A launch's int8 states (Note [Blockwise 8-bit state in C]): their indices into the lists,
-    and each one's scales per tensor (float32, one per block of 256), which the kernel finds in the
-    address table's rows after the lists, in the order of ``indices``."""
-
-    def __init__(self, indices: tuple[int, ...], scales: list[list[torch.Tensor | None]]):
-        self.order, self.indices, self.scales = indices, frozenset(indices), scales
 
 
 class BoundLaunch:

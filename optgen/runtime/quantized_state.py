@@ -220,6 +220,16 @@ def check_scales(params, codes: list, scales: list, device: torch.device, kernel
                                    f"{got}")
 
 
+class Int8State:
+    """A fused launch's int8 states: their indices into its lists (``order``, as the kernel reads
+    them; ``indices``, as a set) and each one's scales per tensor (float32, one per block), which
+    the C kernel finds in its address table's rows after the lists and the Triton kernel in its
+    ``state_scales`` table (Note [Blockwise 8-bit state in C] in optgen/backends/c.py)."""
+
+    def __init__(self, order: tuple[int, ...], scales: list[list[torch.Tensor | None]]):
+        self.order, self.indices, self.scales = order, frozenset(order), scales
+
+
 def is_quantized(state: dict, key: str) -> bool:
     """Whether ``state[key]`` holds codes: it has scales beside it.  (Not its dtype: torch's
     ``load_state_dict`` casts every non-counter state of a floating parameter to the parameter's

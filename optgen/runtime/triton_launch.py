@@ -66,6 +66,7 @@ from optgen.runtime.native import (
     storage_sizes,
     traced,
 )
+from optgen.runtime.quantized_state import Int8State
 
 #: Untuned defaults (no GPU was available when they were chosen): CHUNK elements per program,
 #: warps per program, and BLOCK elements per loop iteration — None: 16 bytes per thread and
@@ -238,34 +239,19 @@ def _(module, tensors, used, absent, counters, n, first, hyperparameters, tensor
     return None
 
 
-class Int8State:
-    """A launch's int8 states (Note [Blockwise 8-bit state in Triton]): their indices into the
-    lists, and each one's scales per tensor (float32, one per block), tabled on the device."""
-
-    def __init__(self, indices: tuple[int, ...], scales: list[list[torch.Tensor | None]]):
-        self.indices, self.scales = indices, scales
-
-    def __getitem__(self, k: int):  # (as the bfloat16 launch's (indices, keys) pair: which lists)
-        assert k == 0
-        return frozenset(self.indices)
-
-
 def q8_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 code tables on ``device``: the maps then their midpoints (float32, 1024), and the
-    nearest-code lookup's first codes (int32, 4 x 65025): the C prelude's, from quantized_state."""
+    """The int8 code tables on ``device``: the maps then their midpoints and infinity (float32,
+    1024), and the nearest-code lookup's first codes (int32, 4 x 65025: the C prelude's q8_first),
+    both cut from quantized_state._lookup: the buckets of magnitudes up to 1, unsigned and signed
+    positive values, then unsigned and signed negative ones."""
     if device not in _Q8_TABLES:
         q = quantized_state
-        maps = torch.cat([q.code_map(False), q.code_map(True), q._midpoints(False), torch.tensor([math.inf]),
-                          q._midpoints(True), torch.tensor([math.inf])])
-        buckets = (0x3F800000 >> q._BUCKET_SHIFT) + 1
-        bits = torch.arange(buckets, dtype=torch.int64) << q._BUCKET_SHIFT
-        low = (bits | ((1 << q._BUCKET_SHIFT) - 1)).to(torch.int32).view(torch.float32)
-        first = [torch.searchsorted(q._midpoints(signed), value.contiguous(), side="left").clamp_(max=255)
-                 for signed, value in ((False, bits.to(torch.int32).view(torch.float32)),
-                                       (True, bits.to(torch.int32).view(torch.float32)),
-                                       (False, -low), (True, -low))]
-        first[2] = torch.zeros_like(first[2])  # (an unsigned state's negative values: -0 only, code 0)
-        _Q8_TABLES[device] = (maps.to(device), torch.cat(first).to(torch.int32).to(device))
+        (first_u, above_u), (first_s, above_s) = q._lookup(False), q._lookup(True)
+        buckets, negative = (0x3F800000 >> q._BUCKET_SHIFT) + 1, 1 << (31 - q._BUCKET_SHIFT)
+        maps = torch.cat([q.code_map(False), q.code_map(True), above_u, above_s])
+        first = torch.cat([first_u[:buckets], first_s[:buckets], first_u[negative:negative + buckets],
+                           first_s[negative:negative + buckets]])
+        _Q8_TABLES[device] = (maps.to(device), first.to(device))
     return _Q8_TABLES[device]
 
 
@@ -274,7 +260,7 @@ _Q8_TABLES: dict = {}
 
 def block_for(dtype: torch.dtype) -> int:
     """BLOCK, the elements of one loop iteration, for parameters of ``dtype`` (CONFIG)."""
-    return CONFIG["BLOCK"] or 32 * CONFIG["num_warps"] * 16 // torch.empty((), dtype=dtype).element_size()
+    return CONFIG["BLOCK"] or 32 * CONFIG["num_warps"] * 16 // dtype.itemsize
 
 
 def int8_unsupported() -> str | None:
@@ -320,7 +306,7 @@ def launch(kernel, *, tensors, counters, lazy, hyperparameters, tensor_hyperpara
         # Checked before the new state exists: a group declined here (KernelDeclined: the caller
         # runs the for-loop instead) leaves nothing allocated behind in the caller's lists.
         _check(device, dtype, params, _named(tensors), counters, allow_missing=True, low=_low_lists(tensors, low))
-    new = create_states(params, lists, lazy, low[0] if low else ())
+    new = create_states(params, lists, lazy, _low_indices(low))
     _launch(kernel, tensors=tensors, counters=counters, new=new, hyperparameters=hyperparameters,
             tensor_hyperparameters=tensor_hyperparameters, guards=guards, grad_scale=grad_scale, found_inf=found_inf,
             low=low)
@@ -407,7 +393,7 @@ def _plan(device, dtype, tensors, counters, new, low=None) -> _Plan:
     key = (device, dtype, CONFIG["CHUNK"], layout((t if used else None for values, used in rows for t in values),
                                                   devices=True),
            layout((c for values in counters for c in values), devices=True), tuple(map(tuple, new)),
-           low is not None and (type(low).__name__, low[0]),
+           low is not None and (type(low).__name__, _low_indices(low)),
            isinstance(low, Int8State) and layout((s for per in low.scales for s in per), devices=True),
            # (and their storages' sizes: one shrunk in place may keep its address, Note [Plan keys])
            storage_sizes([*(values for values, used in rows if used), *counters,
@@ -418,7 +404,7 @@ def _plan(device, dtype, tensors, counters, new, low=None) -> _Plan:
     _check(device, dtype, params, [named for named in _named(tensors) if named[2] != "gradient"], counters,
            low=_low_lists(tensors, low), int8=isinstance(low, Int8State))
     if isinstance(low, Int8State):
-        quantized_state.check_scales(params, [tensors[index][0] for index in low.indices], low.scales, device,
+        quantized_state.check_scales(params, [tensors[index][0] for index in low.order], low.scales, device,
                                      "triton kernel")
     addresses = [[t.data_ptr() for t in values] if used else [0] * len(params) for values, used in rows]
     counter_addresses = [[t.data_ptr() for t in values] for values in counters]
@@ -462,7 +448,12 @@ def _named(tensors) -> list[tuple[list, bool, str]]:
 
 def _low_lists(tensors, low) -> frozenset[int]:
     """The ids of the lists a launch keeps in bfloat16 (``low``: see ``launch``)."""
-    return frozenset(id(tensors[index][0]) for index in low[0]) if low is not None else frozenset()
+    return frozenset(id(tensors[index][0]) for index in _low_indices(low))
+
+
+def _low_indices(low) -> frozenset[int]:
+    """The indices of the lists a launch keeps in low precision (``low``: see ``launch``)."""
+    return frozenset() if low is None else low.indices if isinstance(low, Int8State) else low[0]
 
 
 def _check(device, dtype, params, lists, counters, allow_missing: bool = False, low=frozenset(),
