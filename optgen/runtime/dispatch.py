@@ -133,6 +133,10 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
         if forced not in optimizer.implementations:
             raise ValueError(f"unknown implementation {forced!r} for {type(optimizer).__name__}; "
                              f"available: {', '.join(optimizer.implementations)}")
+        if forced in ("c", "triton") and quantized_state.is_int8(group.get("state_dtype")):
+            reason = int8_declines(forced, params, optimizer)
+            if reason is not None:
+                raise int8_refused(forced, reason)
         return forced
     int8 = quantized_state.is_int8(group.get("state_dtype"))
     if int8 and torch.compiler.is_compiling():
@@ -182,6 +186,13 @@ def choose(optimizer, group: dict, params: list[torch.Tensor]) -> str:
             return fastest
         return "foreach"
     return "forloop"
+
+
+def int8_refused(implementation: str, reason: str | None = None) -> RuntimeError:
+    """The error for int8 state on an implementation that does not take it (here, or ``reason``)."""
+    return RuntimeError(f"optgen: state_dtype='int8' runs on the forloop, foreach, C and Triton kernels, not the "
+                        f"{implementation} one{f' ({reason})' if reason else ''} (Note [Blockwise 8-bit state]); "
+                        "use foreach=True")
 
 
 def int8_declines(implementation: str, params: list[torch.Tensor], optimizer) -> str | None:

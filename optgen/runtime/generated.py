@@ -295,12 +295,8 @@ class GeneratedOptimizer(Optimizer):
         if dtype is None:
             return None
         if quantized_state.is_int8(dtype):  # (no rounding keys: rounded to nearest; never bound)
-            reason = dispatch.int8_declines(implementation, params, self) \
-                if implementation in ("c", "triton") else None
-            if implementation not in ("forloop", "foreach", "c", "triton") or reason is not None:
-                raise RuntimeError(f"optgen: state_dtype='int8' runs on the forloop, foreach, C and Triton kernels, "
-                                   f"not the {implementation} one{f' ({reason})' if reason else ''} (Note [Blockwise "
-                                   "8-bit state]); use foreach=True")
+            if implementation not in ("forloop", "foreach", "c", "triton"):  # (a fused one: dispatch.choose checked)
+                raise dispatch.int8_refused(implementation)
             return {}
         if implementation not in ("forloop", "foreach", "c", "triton"):
             raise RuntimeError(f"optgen: state_dtype=torch.bfloat16 runs on the forloop, foreach, C and Triton "
